@@ -1,0 +1,123 @@
+//! Access to the user's storage through OpenDAL. The user's files stay plain
+//! and readable there; the agent's own state lives under a prefix beside them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use opendal::Operator;
+
+use crate::config::StorageConfig;
+use crate::error::{Context, Error, Result};
+
+/// The OpenDAL services this build is compiled with.
+pub const SCHEMES: &[&str] = &[
+    "fs", "memory", "s3", "gcs", "azblob", "gdrive", "dropbox", "onedrive", "webdav",
+];
+
+/// Refuses a scheme this build cannot open, listing the ones it can.
+pub fn check_scheme(scheme: &str) -> Result<()> {
+    if SCHEMES.contains(&scheme) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "unknown storage scheme {scheme:?}; this build supports: {}",
+            SCHEMES.join(", ")
+        )))
+    }
+}
+
+/// Reads secret options: a directory of files (a mounted Kubernetes Secret,
+/// one file per option) or one file of `key=value` lines (`#` comments).
+pub fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::Config(format!("credentials {}: {e}", path.display())))?;
+    if meta.is_dir() {
+        let entries = std::fs::read_dir(path)
+            .map_err(|e| Error::Config(format!("credentials {}: {e}", path.display())))?;
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| Error::Config(format!("credentials {}: {e}", path.display())))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            // Kubernetes secret volumes contain `..data` symlinks and dot-dirs.
+            if name.starts_with('.') || !entry.path().is_file() {
+                continue;
+            }
+            let value = std::fs::read_to_string(entry.path()).map_err(|e| {
+                Error::Config(format!("credentials {}: {e}", entry.path().display()))
+            })?;
+            out.insert(name, value.trim_end_matches(['\n', '\r']).to_string());
+        }
+    } else {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("credentials {}: {e}", path.display())))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').ok_or_else(|| {
+                Error::Config(format!(
+                    "credentials {} line {}: expected key=value",
+                    path.display(),
+                    n + 1
+                ))
+            })?;
+            out.insert(k.trim().to_string(), v.trim().to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// Secret options from `CARAVAN_STORAGE_<OPTION>` environment variables.
+fn env_credentials() -> BTreeMap<String, String> {
+    std::env::vars()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("CARAVAN_STORAGE_")
+                .map(|o| (o.to_ascii_lowercase(), v))
+        })
+        .collect()
+}
+
+/// Opens the user's storage. Options named in the config are merged with the
+/// secret ones (credentials file, then environment), which win.
+pub fn open(cfg: &StorageConfig) -> Result<Operator> {
+    check_scheme(&cfg.scheme)?;
+    opendal::install_default();
+    let mut options = cfg.options.clone();
+    if let Some(path) = &cfg.credentials {
+        options.extend(read_credentials(path)?);
+    }
+    options.extend(env_credentials());
+    if cfg.scheme == "fs" {
+        let root = options
+            .get("root")
+            .ok_or_else(|| Error::Config("fs storage needs a `root` option".into()))?;
+        std::fs::create_dir_all(root).map_err(|e| Error::Config(format!("fs root {root}: {e}")))?;
+    }
+    let keys: Vec<String> = options.keys().cloned().collect();
+    let op = Operator::via_iter(&cfg.scheme, options).map_err(|e| {
+        // Never echo option values: they may be secrets.
+        Error::Config(format!(
+            "cannot open {} storage with options [{}]: {}",
+            cfg.scheme,
+            keys.join(", "),
+            e.kind()
+        ))
+    })?;
+    Ok(op.layer(opendal::layers::RetryLayer::new().with_max_times(4)))
+}
+
+/// Checks that storage answers at all, so a dead bucket is reported at start.
+pub async fn probe(op: &Operator) -> Result<()> {
+    op.list_with("")
+        .limit(1)
+        .await
+        .map(|_| ())
+        .context(|| "probing storage".into())
+}
+
+/// Returns true when the path exists.
+pub async fn exists(op: &Operator, path: &str) -> Result<bool> {
+    op.exists(path).await.context(|| format!("checking {path}"))
+}
