@@ -1,0 +1,408 @@
+//! Shares, manifests and tickets.
+//!
+//! A manifest lists a share's files (size, mode, chunks) and empty
+//! directories. It travels encrypted under the share key and signed by the
+//! publisher; a new version is a new manifest with a higher sequence number.
+//! A ticket is what a recipient needs to fetch: the share id, the publisher,
+//! the share key wrapped for that recipient, and where to look.
+
+use std::fmt;
+use std::str::FromStr;
+
+use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::ChunkRef;
+use crate::crypto::{Key, random_bytes};
+use crate::error::{Error, Result};
+use crate::identity::{AgentId, SecretKey, wrap_key};
+use crate::record::{Kind, Record, SignedRecord};
+
+const TICKET_PREFIX: &str = "caravan-ticket-v1:";
+
+/// Names a share across all its versions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ShareId(pub [u8; 32]);
+
+impl ShareId {
+    /// A fresh random share id.
+    pub fn random() -> Result<Self> {
+        Ok(ShareId(random_bytes()?))
+    }
+
+    /// A filesystem- and URL-safe form used in state paths.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for ShareId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sh1-{}", BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
+    }
+}
+
+impl fmt::Debug for ShareId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ShareId({self})")
+    }
+}
+
+impl FromStr for ShareId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if let Some(b) = s.strip_prefix("sh1-") {
+            let raw = BASE32_NOPAD
+                .decode(b.to_ascii_uppercase().as_bytes())
+                .map_err(|e| Error::parse("share id", e))?;
+            let arr: [u8; 32] = raw
+                .try_into()
+                .map_err(|_| Error::parse("share id", "expected 32 bytes"))?;
+            return Ok(ShareId(arr));
+        }
+        if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut arr = [0u8; 32];
+            for (i, out) in arr.iter_mut().enumerate() {
+                *out = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                    .map_err(|e| Error::parse("share id", e))?;
+            }
+            return Ok(ShareId(arr));
+        }
+        Err(Error::parse("share id", "expected `sh1-…` or 64 hex digits"))
+    }
+}
+
+/// Who may receive a share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Access {
+    /// Agents named explicitly.
+    pub agents: Vec<AgentId>,
+    /// Also every agent the publisher trusts within this many hops.
+    pub trust_depth: Option<u8>,
+}
+
+impl Access {
+    /// True when `who` is named explicitly.
+    pub fn names(&self, who: &AgentId) -> bool {
+        self.agents.contains(who)
+    }
+}
+
+/// One entry of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Relative path with `/` separators; validated by [`check_path`].
+    pub path: String,
+    /// Unix permission bits (informational on object stores).
+    pub mode: u32,
+    /// File or directory.
+    pub kind: EntryKind,
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EntryKind {
+    /// A regular file: its size and chunks in order.
+    File {
+        /// Total size in bytes.
+        size: u64,
+        /// Chunks in file order.
+        chunks: Vec<ChunkRef>,
+    },
+    /// A directory (listed so empty directories survive the trip).
+    Dir,
+}
+
+/// The plaintext content of one share version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The share this version belongs to.
+    pub share_id: ShareId,
+    /// Version number; higher wins.
+    pub seq: u64,
+    /// Unix seconds at publication.
+    pub created_at: u64,
+    /// Who may fetch it.
+    pub access: Access,
+    /// Files and directories, sorted by path.
+    pub entries: Vec<Entry>,
+}
+
+impl Manifest {
+    /// Total bytes of all files.
+    pub fn total_bytes(&self) -> u64 {
+        self.files().map(|(_, size, _)| size).sum()
+    }
+
+    /// Total chunks of all files.
+    pub fn total_chunks(&self) -> u64 {
+        self.files().map(|(_, _, c)| c.len() as u64).sum()
+    }
+
+    /// Iterates over files as (path, size, chunks).
+    pub fn files(&self) -> impl Iterator<Item = (&str, u64, &[ChunkRef])> {
+        self.entries.iter().filter_map(|e| match &e.kind {
+            EntryKind::File { size, chunks } => Some((e.path.as_str(), *size, chunks.as_slice())),
+            EntryKind::Dir => None,
+        })
+    }
+
+    /// Rejects paths that could escape the destination, and sizes that do
+    /// not add up, before anything is written.
+    pub fn validate(&self) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.entries {
+            check_path(&e.path)?;
+            if !seen.insert(e.path.as_str()) {
+                return Err(Error::Record(format!("manifest lists {:?} twice", e.path)));
+            }
+            if let EntryKind::File { size, chunks } = &e.kind {
+                let sum: u64 = chunks.iter().map(|c| c.len as u64).sum();
+                if sum != *size {
+                    return Err(Error::Record(format!(
+                        "{:?}: chunks add up to {sum} bytes, size says {size}",
+                        e.path
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Encrypts and signs this manifest.
+    pub fn seal(&self, publisher: &SecretKey, share_key: &Key) -> Result<SignedRecord> {
+        let plain = postcard::to_stdvec(self).map_err(|e| Error::Record(e.to_string()))?;
+        let nonce: [u8; 12] = random_bytes()?;
+        let mut buf = plain;
+        manifest_key(share_key).seal(nonce, &manifest_aad(&self.share_id, self.seq), &mut buf)?;
+        SignedRecord::seal(
+            publisher,
+            &ManifestRecord {
+                share_id: self.share_id,
+                seq: self.seq,
+                key_check: key_check(share_key),
+                nonce,
+                ciphertext: buf,
+            },
+        )
+    }
+}
+
+fn manifest_key(share_key: &Key) -> Key {
+    share_key.derive("caravan 2026 manifest key v1")
+}
+
+fn manifest_aad(share_id: &ShareId, seq: u64) -> Vec<u8> {
+    let mut aad = b"caravan manifest v1".to_vec();
+    aad.extend_from_slice(&share_id.0);
+    aad.extend_from_slice(&seq.to_be_bytes());
+    aad
+}
+
+/// A short fingerprint of a share key, so a holder of an old key learns it
+/// needs a new one instead of seeing a decryption failure.
+pub fn key_check(share_key: &Key) -> [u8; 8] {
+    let d = share_key.derive("caravan 2026 key check v1");
+    let mut out = [0u8; 8];
+    out.copy_from_slice(&d.0[..8]);
+    out
+}
+
+/// The signed, encrypted form of a manifest; what peers exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    /// The share (in clear so holders can index it).
+    pub share_id: ShareId,
+    /// The version (in clear so peers can compare versions).
+    pub seq: u64,
+    /// Which key it is encrypted under.
+    pub key_check: [u8; 8],
+    /// AEAD nonce.
+    pub nonce: [u8; 12],
+    /// The encrypted [`Manifest`].
+    pub ciphertext: Vec<u8>,
+}
+
+impl Record for ManifestRecord {
+    const KIND: Kind = Kind::Manifest;
+}
+
+impl ManifestRecord {
+    /// Decrypts and validates; the caller has checked the signer.
+    pub fn open(&self, share_key: &Key) -> Result<Manifest> {
+        if self.key_check != key_check(share_key) {
+            return Err(Error::Crypto("manifest is encrypted under a different share key"));
+        }
+        let mut buf = self.ciphertext.clone();
+        manifest_key(share_key).open(self.nonce, &manifest_aad(&self.share_id, self.seq), &mut buf)?;
+        let m: Manifest =
+            postcard::from_bytes(&buf).map_err(|e| Error::Record(format!("manifest body: {e}")))?;
+        if m.share_id != self.share_id || m.seq != self.seq {
+            return Err(Error::Record("manifest header does not match its content".into()));
+        }
+        m.validate()?;
+        Ok(m)
+    }
+}
+
+/// Checks a manifest path: relative, `/`-separated, no `.`/`..`/empty parts,
+/// no backslashes or NULs, not inside the agent's state prefix.
+pub fn check_path(p: &str) -> Result<()> {
+    let bad = |why: &str| Err(Error::Record(format!("unsafe path {p:?} in manifest: {why}")));
+    if p.is_empty() || p.len() > 4096 {
+        return bad("empty or too long");
+    }
+    if p.starts_with('/') || p.contains('\\') || p.contains('\0') {
+        return bad("absolute, backslash or NUL");
+    }
+    for part in p.split('/') {
+        if part.is_empty() || part == "." || part == ".." {
+            return bad("empty, `.` or `..` component");
+        }
+    }
+    if p == ".caravan" || p.starts_with(".caravan/") {
+        return bad("inside the agent's state directory");
+    }
+    Ok(())
+}
+
+/// What a recipient is handed to fetch a share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// The share.
+    pub share_id: ShareId,
+    /// The agent that signs the manifests.
+    pub publisher: AgentId,
+    /// The agent this ticket is for (the key is wrapped for it alone).
+    pub recipient: AgentId,
+    /// The share key, wrapped for `recipient`.
+    pub wrapped_key: Vec<u8>,
+    /// Peer addresses (host:port) known to hold the share.
+    pub addresses: Vec<String>,
+    /// Repository URLs where holders announce themselves.
+    pub repositories: Vec<String>,
+}
+
+impl Record for Ticket {
+    const KIND: Kind = Kind::Ticket;
+}
+
+impl Ticket {
+    /// Makes and signs a ticket for one recipient.
+    pub fn issue(
+        publisher: &SecretKey,
+        share_id: ShareId,
+        recipient: AgentId,
+        share_key: &Key,
+        addresses: Vec<String>,
+        repositories: Vec<String>,
+    ) -> Result<String> {
+        let t = Ticket {
+            share_id,
+            publisher: publisher.agent_id(),
+            recipient,
+            wrapped_key: wrap_key(&recipient, share_key)?,
+            addresses,
+            repositories,
+        };
+        let rec = SignedRecord::seal(publisher, &t)?;
+        Ok(format!("{TICKET_PREFIX}{}", BASE64URL_NOPAD.encode(&rec.to_bytes())))
+    }
+
+    /// Parses and verifies a ticket's text form.
+    pub fn parse(text: &str) -> Result<Ticket> {
+        let body = text
+            .trim()
+            .strip_prefix(TICKET_PREFIX)
+            .ok_or_else(|| Error::parse("ticket", format!("must start with `{TICKET_PREFIX}`")))?;
+        let bytes = BASE64URL_NOPAD
+            .decode(body.as_bytes())
+            .map_err(|e| Error::parse("ticket", e))?;
+        let rec = SignedRecord::from_bytes(&bytes)?;
+        let t: Ticket = rec.open()?;
+        if rec.signer != t.publisher {
+            return Err(Error::Record("ticket is not signed by its publisher".into()));
+        }
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkKeyer;
+    use proptest::prelude::*;
+
+    fn sample(share_id: ShareId, keyer: &ChunkKeyer) -> Manifest {
+        let (r, _) = keyer.seal(b"hello").unwrap();
+        Manifest {
+            share_id,
+            seq: 3,
+            created_at: 1,
+            access: Access::default(),
+            entries: vec![
+                Entry { path: "dir/empty".into(), mode: 0o755, kind: EntryKind::Dir },
+                Entry { path: "empty.txt".into(), mode: 0o644, kind: EntryKind::File { size: 0, chunks: vec![] } },
+                Entry { path: "naïve/日本語.txt".into(), mode: 0o600, kind: EntryKind::File { size: 5, chunks: vec![r] } },
+            ],
+        }
+    }
+
+    #[test]
+    fn manifest_seal_open_roundtrip() {
+        let k = SecretKey::generate().unwrap();
+        let key = Key::random().unwrap();
+        let m = sample(ShareId::random().unwrap(), &ChunkKeyer::new(&key));
+        let rec = m.seal(&k, &key).unwrap();
+        let bytes = rec.to_bytes();
+        let (signer, mr): (_, ManifestRecord) =
+            SignedRecord::open_from(&bytes, Some(&k.agent_id())).unwrap();
+        assert_eq!(signer, k.agent_id());
+        assert_eq!(mr.open(&key).unwrap(), m);
+        assert!(mr.open(&Key::random().unwrap()).is_err());
+    }
+
+    #[test]
+    fn bad_paths_rejected() {
+        for p in ["", "/abs", "a/../b", "..", "a//b", "./a", "a\\b", ".caravan/x", "a/"] {
+            assert!(check_path(p).is_err(), "{p:?} accepted");
+        }
+        for p in ["a", "a/b/c", "naïve/日本語.txt", ".hidden", "..x"] {
+            check_path(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn ticket_roundtrip_and_only_recipient_unwraps() {
+        let alice = SecretKey::generate().unwrap();
+        let bob = SecretKey::generate().unwrap();
+        let key = Key::random().unwrap();
+        let sid = ShareId::random().unwrap();
+        let text = Ticket::issue(&alice, sid, bob.agent_id(), &key, vec!["127.0.0.1:1".into()], vec![]).unwrap();
+        let t = Ticket::parse(&text).unwrap();
+        assert_eq!(t.share_id, sid);
+        assert_eq!(t.publisher, alice.agent_id());
+        assert_eq!(bob.unwrap_key(&t.wrapped_key).unwrap(), key);
+        assert!(alice.unwrap_key(&t.wrapped_key).is_err());
+        let mut chars: Vec<char> = text.chars().collect();
+        let i = chars.len() / 2;
+        chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+        assert!(Ticket::parse(&chars.into_iter().collect::<String>()).is_err());
+    }
+
+    #[test]
+    fn share_id_text_roundtrip() {
+        let s = ShareId::random().unwrap();
+        assert_eq!(s.to_string().parse::<ShareId>().unwrap(), s);
+        assert_eq!(s.hex().parse::<ShareId>().unwrap(), s);
+    }
+
+    proptest! {
+        #[test]
+        fn ticket_parse_never_panics(s in ".{0,200}") {
+            let _ = Ticket::parse(&s);
+            let _ = Ticket::parse(&format!("{TICKET_PREFIX}{s}"));
+        }
+    }
+}
