@@ -82,8 +82,8 @@ impl ChunkKeyer {
     /// Encrypts a plaintext chunk and returns its reference and ciphertext.
     pub fn seal(&self, plaintext: &[u8]) -> Result<(ChunkRef, Vec<u8>)> {
         let key = self.key_for(plaintext);
-        let len = u32::try_from(plaintext.len())
-            .map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
+        let len =
+            u32::try_from(plaintext.len()).map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
         let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
         buf.extend_from_slice(plaintext);
         Key(key).seal([0; 12], CHUNK_AAD, &mut buf)?;
@@ -266,12 +266,18 @@ mod tests {
             *b = !*b;
         }
         let ids = |d: &[u8]| -> std::collections::HashSet<Vec<u8>> {
-            cut_points(d).into_iter().map(|(o, l)| d[o..o + l].to_vec()).collect()
+            cut_points(d)
+                .into_iter()
+                .map(|(o, l)| d[o..o + l].to_vec())
+                .collect()
         };
         let before = ids(&data);
         let after = ids(&edited);
         let changed = after.difference(&before).count();
-        assert!(changed <= 3, "{changed} chunks changed for a 1000-byte edit");
+        assert!(
+            changed <= 3,
+            "{changed} chunks changed for a 1000-byte edit"
+        );
     }
 
     proptest! {

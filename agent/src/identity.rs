@@ -7,7 +7,6 @@ use std::{fmt, str::FromStr};
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use data_encoding::BASE32_NOPAD;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use serde::{Deserialize, Serialize};
 
 use crate::crypto::{Key, random_bytes};
 use crate::error::{Error, Result};
@@ -18,8 +17,10 @@ const CHECKSUM_CONTEXT: &str = "caravan 2026 agent id checksum v1";
 const WRAP_CONTEXT: &str = "caravan 2026 key wrap v1";
 
 /// The public identity of an agent (its ed25519 public key).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AgentId(pub [u8; 32]);
+
+crate::text_serde!(AgentId);
 
 impl AgentId {
     /// The verifying key, or an error when the bytes are not a curve point.

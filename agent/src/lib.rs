@@ -2,13 +2,53 @@
 //! the peer protocol, and the daemon that ties them together.
 #![forbid(unsafe_code)]
 
+/// Serializes a 32-byte id as its text form for humans (JSON, TOML) and as
+/// raw bytes for postcard, so APIs read well and records stay compact.
+#[macro_export]
+macro_rules! text_serde {
+    ($t:ty) => {
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                if s.is_human_readable() {
+                    s.collect_str(self)
+                } else {
+                    serde::Serialize::serialize(&self.0, s)
+                }
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                if d.is_human_readable() {
+                    let s = <String as serde::Deserialize>::deserialize(d)?;
+                    s.parse().map_err(serde::de::Error::custom)
+                } else {
+                    <[u8; 32] as serde::Deserialize>::deserialize(d).map(Self)
+                }
+            }
+        }
+    };
+}
+
 pub mod chunk;
 pub mod config;
 pub mod crypto;
+pub mod daemon;
+pub mod demo;
 pub mod error;
+pub mod fetch;
 pub mod identity;
 pub mod manifest;
+pub mod metrics;
+pub mod node;
+pub mod publish;
 pub mod record;
+pub mod share;
 pub mod store;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -21,8 +21,10 @@ use crate::record::{Kind, Record, SignedRecord};
 const TICKET_PREFIX: &str = "caravan-ticket-v1:";
 
 /// Names a share across all its versions.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ShareId(pub [u8; 32]);
+
+crate::text_serde!(ShareId);
 
 impl ShareId {
     /// A fresh random share id.
@@ -38,7 +40,11 @@ impl ShareId {
 
 impl fmt::Display for ShareId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sh1-{}", BASE32_NOPAD.encode(&self.0).to_ascii_lowercase())
+        write!(
+            f,
+            "sh1-{}",
+            BASE32_NOPAD.encode(&self.0).to_ascii_lowercase()
+        )
     }
 }
 
@@ -69,7 +75,10 @@ impl FromStr for ShareId {
             }
             return Ok(ShareId(arr));
         }
-        Err(Error::parse("share id", "expected `sh1-…` or 64 hex digits"))
+        Err(Error::parse(
+            "share id",
+            "expected `sh1-…` or 64 hex digits",
+        ))
     }
 }
 
@@ -232,14 +241,22 @@ impl ManifestRecord {
     /// Decrypts and validates; the caller has checked the signer.
     pub fn open(&self, share_key: &Key) -> Result<Manifest> {
         if self.key_check != key_check(share_key) {
-            return Err(Error::Crypto("manifest is encrypted under a different share key"));
+            return Err(Error::Crypto(
+                "manifest is encrypted under a different share key",
+            ));
         }
         let mut buf = self.ciphertext.clone();
-        manifest_key(share_key).open(self.nonce, &manifest_aad(&self.share_id, self.seq), &mut buf)?;
+        manifest_key(share_key).open(
+            self.nonce,
+            &manifest_aad(&self.share_id, self.seq),
+            &mut buf,
+        )?;
         let m: Manifest =
             postcard::from_bytes(&buf).map_err(|e| Error::Record(format!("manifest body: {e}")))?;
         if m.share_id != self.share_id || m.seq != self.seq {
-            return Err(Error::Record("manifest header does not match its content".into()));
+            return Err(Error::Record(
+                "manifest header does not match its content".into(),
+            ));
         }
         m.validate()?;
         Ok(m)
@@ -249,7 +266,11 @@ impl ManifestRecord {
 /// Checks a manifest path: relative, `/`-separated, no `.`/`..`/empty parts,
 /// no backslashes or NULs, not inside the agent's state prefix.
 pub fn check_path(p: &str) -> Result<()> {
-    let bad = |why: &str| Err(Error::Record(format!("unsafe path {p:?} in manifest: {why}")));
+    let bad = |why: &str| {
+        Err(Error::Record(format!(
+            "unsafe path {p:?} in manifest: {why}"
+        )))
+    };
     if p.is_empty() || p.len() > 4096 {
         return bad("empty or too long");
     }
@@ -307,7 +328,10 @@ impl Ticket {
             repositories,
         };
         let rec = SignedRecord::seal(publisher, &t)?;
-        Ok(format!("{TICKET_PREFIX}{}", BASE64URL_NOPAD.encode(&rec.to_bytes())))
+        Ok(format!(
+            "{TICKET_PREFIX}{}",
+            BASE64URL_NOPAD.encode(&rec.to_bytes())
+        ))
     }
 
     /// Parses and verifies a ticket's text form.
@@ -322,10 +346,30 @@ impl Ticket {
         let rec = SignedRecord::from_bytes(&bytes)?;
         let t: Ticket = rec.open()?;
         if rec.signer != t.publisher {
-            return Err(Error::Record("ticket is not signed by its publisher".into()));
+            return Err(Error::Record(
+                "ticket is not signed by its publisher".into(),
+            ));
         }
         Ok(t)
     }
+}
+
+/// The share key handed to one requester by the publisher, on request
+/// (after the publisher checked the requester is allowed, every time).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRelease {
+    /// The share.
+    pub share_id: ShareId,
+    /// Who may unwrap it.
+    pub recipient: AgentId,
+    /// The version whose key this is.
+    pub seq: u64,
+    /// The key, wrapped for `recipient`.
+    pub wrapped_key: Vec<u8>,
+}
+
+impl Record for KeyRelease {
+    const KIND: Kind = Kind::KeyRelease;
 }
 
 #[cfg(test)]
@@ -342,9 +386,27 @@ mod tests {
             created_at: 1,
             access: Access::default(),
             entries: vec![
-                Entry { path: "dir/empty".into(), mode: 0o755, kind: EntryKind::Dir },
-                Entry { path: "empty.txt".into(), mode: 0o644, kind: EntryKind::File { size: 0, chunks: vec![] } },
-                Entry { path: "naïve/日本語.txt".into(), mode: 0o600, kind: EntryKind::File { size: 5, chunks: vec![r] } },
+                Entry {
+                    path: "dir/empty".into(),
+                    mode: 0o755,
+                    kind: EntryKind::Dir,
+                },
+                Entry {
+                    path: "empty.txt".into(),
+                    mode: 0o644,
+                    kind: EntryKind::File {
+                        size: 0,
+                        chunks: vec![],
+                    },
+                },
+                Entry {
+                    path: "naïve/日本語.txt".into(),
+                    mode: 0o600,
+                    kind: EntryKind::File {
+                        size: 5,
+                        chunks: vec![r],
+                    },
+                },
             ],
         }
     }
@@ -365,7 +427,17 @@ mod tests {
 
     #[test]
     fn bad_paths_rejected() {
-        for p in ["", "/abs", "a/../b", "..", "a//b", "./a", "a\\b", ".caravan/x", "a/"] {
+        for p in [
+            "",
+            "/abs",
+            "a/../b",
+            "..",
+            "a//b",
+            "./a",
+            "a\\b",
+            ".caravan/x",
+            "a/",
+        ] {
             assert!(check_path(p).is_err(), "{p:?} accepted");
         }
         for p in ["a", "a/b/c", "naïve/日本語.txt", ".hidden", "..x"] {
@@ -379,7 +451,15 @@ mod tests {
         let bob = SecretKey::generate().unwrap();
         let key = Key::random().unwrap();
         let sid = ShareId::random().unwrap();
-        let text = Ticket::issue(&alice, sid, bob.agent_id(), &key, vec!["127.0.0.1:1".into()], vec![]).unwrap();
+        let text = Ticket::issue(
+            &alice,
+            sid,
+            bob.agent_id(),
+            &key,
+            vec!["127.0.0.1:1".into()],
+            vec![],
+        )
+        .unwrap();
         let t = Ticket::parse(&text).unwrap();
         assert_eq!(t.share_id, sid);
         assert_eq!(t.publisher, alice.agent_id());

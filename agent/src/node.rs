@@ -1,0 +1,235 @@
+//! The agent itself: its key, its storage, the shares it holds, and the
+//! answers it gives peers. The daemon, the admin API and the demo all drive
+//! this one type, so the demo exercises exactly what a deployed agent runs.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use opendal::Operator;
+
+use crate::chunk::{self, ChunkId};
+use crate::error::{Context, Error, Result};
+use crate::fetch::FetchProgress;
+use crate::identity::{AgentId, SecretKey, wrap_key};
+use crate::manifest::{KeyRelease, ShareId};
+use crate::metrics::Metrics;
+use crate::record::SignedRecord;
+use crate::share::{self, HeldShare, Role};
+use crate::wire::server::Service;
+
+/// Answers "does `root` trust `who` within `max_hops`?", given the proof
+/// records `who` presented. Plugged in by the trust engine; without one,
+/// only explicitly named recipients are served.
+pub trait TrustPolicy: Send + Sync {
+    /// True when a valid, unrevoked chain exists.
+    fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool;
+}
+
+/// Settings of an agent that are not its key or storage.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Prefix for the agent's own state in its storage (ends in `/`).
+    pub state_prefix: String,
+    /// Addresses peers can dial (put into tickets).
+    pub advertise: Vec<String>,
+    /// Repository URLs (put into tickets).
+    pub repositories: Vec<String>,
+    /// For `fs` storage: the root directory, to read real file modes.
+    pub fs_root: Option<PathBuf>,
+    /// Test-only fault injection: serve corrupted chunks.
+    pub corrupt_chunks: bool,
+}
+
+/// A running agent.
+pub struct Agent {
+    pub(crate) key: SecretKey,
+    /// This agent's id.
+    pub id: AgentId,
+    pub(crate) op: Operator,
+    pub(crate) opts: AgentOptions,
+    pub(crate) shares: RwLock<HashMap<ShareId, Arc<HeldShare>>>,
+    /// Metrics exported on `/metrics`.
+    pub metrics: Metrics,
+    pub(crate) fetches: Mutex<HashMap<ShareId, Arc<FetchProgress>>>,
+    pub(crate) trust: RwLock<Option<Arc<dyn TrustPolicy>>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Agent({})", self.id)
+    }
+}
+
+impl Agent {
+    /// Opens an agent on its storage and loads the shares it held before.
+    pub async fn open(key: SecretKey, op: Operator, mut opts: AgentOptions) -> Result<Arc<Agent>> {
+        if !opts.state_prefix.ends_with('/') {
+            opts.state_prefix.push('/');
+        }
+        let metrics = Metrics::new().map_err(|e| Error::Config(format!("metrics: {e}")))?;
+        let held = share::load_all(&op, &opts.state_prefix, &key).await?;
+        let mut shares = HashMap::new();
+        for s in held {
+            shares.insert(s.id, Arc::new(s));
+        }
+        metrics.shares_held.set(shares.len() as i64);
+        let id = key.agent_id();
+        Ok(Arc::new(Agent {
+            key,
+            id,
+            op,
+            opts,
+            shares: RwLock::new(shares),
+            metrics,
+            fetches: Mutex::new(HashMap::new()),
+            trust: RwLock::new(None),
+        }))
+    }
+
+    /// Installs the trust engine used for trust-depth shares.
+    pub fn set_trust_policy(&self, policy: Arc<dyn TrustPolicy>) {
+        if let Ok(mut t) = self.trust.write() {
+            *t = Some(policy);
+        }
+    }
+
+    /// The storage operator.
+    pub fn storage(&self) -> &Operator {
+        &self.op
+    }
+
+    /// The state prefix (ends in `/`).
+    pub fn state_prefix(&self) -> &str {
+        &self.opts.state_prefix
+    }
+
+    /// The secret key (for signing records in the same process).
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// Addresses this agent advertises.
+    pub fn advertise(&self) -> &[String] {
+        &self.opts.advertise
+    }
+
+    /// A held share.
+    pub fn share(&self, id: &ShareId) -> Option<Arc<HeldShare>> {
+        self.shares.read().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// All held shares.
+    pub fn held_shares(&self) -> Vec<Arc<HeldShare>> {
+        self.shares
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Progress of a fetch started in this process.
+    pub fn fetch_progress(&self, id: &ShareId) -> Option<Arc<FetchProgress>> {
+        self.fetches.lock().ok().and_then(|m| m.get(id).cloned())
+    }
+
+    /// All fetches started in this process.
+    pub fn all_fetches(&self) -> Vec<Arc<FetchProgress>> {
+        self.fetches
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) async fn install_share(&self, s: HeldShare) -> Result<Arc<HeldShare>> {
+        share::save(&self.op, &self.opts.state_prefix, &self.key, &s).await?;
+        let s = Arc::new(s);
+        if let Ok(mut m) = self.shares.write() {
+            m.insert(s.id, s.clone());
+            self.metrics.shares_held.set(m.len() as i64);
+        }
+        Ok(s)
+    }
+
+    /// May `peer` have anything of this share? The answer for a stranger is
+    /// indistinguishable from "no such share".
+    pub fn authorized(&self, s: &HeldShare, peer: &AgentId, proof: &[Vec<u8>]) -> bool {
+        if *peer == s.publisher || *peer == self.id || s.manifest.access.names(peer) {
+            return true;
+        }
+        if let Some(depth) = s.manifest.access.trust_depth
+            && let Ok(guard) = self.trust.read()
+            && let Some(policy) = guard.as_ref()
+        {
+            return policy.trusts(&s.publisher, peer, depth, proof);
+        }
+        false
+    }
+
+    fn authorized_share(&self, peer: &AgentId, id: &ShareId) -> Result<Arc<HeldShare>> {
+        let unknown = || Error::NotFound("unknown share".into());
+        let s = self.share(id).ok_or_else(unknown)?;
+        if self.authorized(&s, peer, &[]) {
+            Ok(s)
+        } else {
+            self.metrics.error("unauthorized");
+            tracing::info!(peer = %peer.short(), share = %id, "refused a peer not authorized for the share");
+            Err(unknown())
+        }
+    }
+}
+
+impl Service for Agent {
+    async fn manifest(&self, peer: AgentId, share: ShareId, _have_seq: u64) -> Result<Vec<u8>> {
+        Ok(self.authorized_share(&peer, &share)?.record.clone())
+    }
+
+    async fn chunk(&self, peer: AgentId, share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
+        let s = self.authorized_share(&peer, &share)?;
+        let loc = s
+            .locate(&id)
+            .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?
+            .clone();
+        let plain = self
+            .op
+            .read_with(&loc.path)
+            .range(loc.offset..loc.offset + loc.chunk.len as u64)
+            .await
+            .context(|| format!("reading {} for chunk {id}", loc.path))?
+            .to_vec();
+        let mut ct = tokio::task::spawn_blocking(move || chunk::encrypt(&loc.chunk, plain))
+            .await
+            .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))??;
+        if self.opts.corrupt_chunks
+            && let Some(b) = ct.first_mut()
+        {
+            *b ^= 0xff;
+        }
+        self.metrics.chunks_sent.inc();
+        self.metrics.bytes_sent.inc_by(ct.len() as u64);
+        Ok(ct)
+    }
+
+    async fn key(&self, peer: AgentId, share: ShareId, proof: Vec<Vec<u8>>) -> Result<Vec<u8>> {
+        let unknown = || Error::NotFound("unknown share".into());
+        let s = self.share(&share).ok_or_else(unknown)?;
+        if s.role != Role::Published || !self.authorized(&s, &peer, &proof) {
+            self.metrics.error("key_refused");
+            return Err(unknown());
+        }
+        let rel = KeyRelease {
+            share_id: share,
+            recipient: peer,
+            seq: s.seq(),
+            wrapped_key: wrap_key(&peer, &s.key)?,
+        };
+        Ok(SignedRecord::seal(&self.key, &rel)?.to_bytes())
+    }
+
+    fn peer_connected(&self, _peer: AgentId, connected: bool) {
+        if connected {
+            self.metrics.peers_connected.inc();
+        } else {
+            self.metrics.peers_connected.dec();
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! Publishing: walk a path in the user's storage, cut and seal every file,
+//! sign the manifest, remember the share, and hand out tickets.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use futures::{StreamExt, TryStreamExt};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::chunk::{ChunkKeyer, ChunkRef, Chunker};
+use crate::crypto::Key;
+use crate::error::{Context, Error, Result};
+use crate::identity::AgentId;
+use crate::manifest::{Access, Entry, EntryKind, Manifest, ShareId, Ticket, check_path};
+use crate::node::Agent;
+use crate::share::{HeldShare, Role};
+
+/// How much of a file is read from storage at a time.
+const READ_BLOCK: u64 = 16 << 20;
+/// Files chunked at once.
+const FILE_CONCURRENCY: usize = 4;
+
+/// What to publish.
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
+pub struct PublishRequest {
+    /// Path in the agent's storage: a directory or a single file.
+    pub path: String,
+    /// Who may fetch it.
+    #[serde(default)]
+    pub access: Access,
+    /// Publish a new version of this share instead of a new share.
+    #[serde(default)]
+    pub share_id: Option<ShareId>,
+    /// Use a fresh share key for this version (after revoking someone).
+    #[serde(default)]
+    pub rotate_key: bool,
+}
+
+/// What publishing produced.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Published {
+    /// The share id (text form).
+    pub share_id: String,
+    /// The version.
+    pub seq: u64,
+    /// Files in the share.
+    pub files: u64,
+    /// Bytes in the share.
+    pub bytes: u64,
+    /// Chunks in the share.
+    pub chunks: u64,
+    /// One ticket per named recipient: (agent id, ticket).
+    pub tickets: Vec<(String, String)>,
+    /// Time spent.
+    pub seconds: f64,
+}
+
+/// Bytes hashed so far, for a progress bar.
+#[derive(Debug, Default)]
+pub struct PublishProgress {
+    /// Plaintext bytes processed.
+    pub bytes: AtomicU64,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Normalizes a user path into OpenDAL form: no leading `/`, `""` = the root.
+pub fn normalize(path: &str) -> String {
+    let p = path.trim().trim_start_matches('/');
+    if p == "." {
+        String::new()
+    } else {
+        p.to_string()
+    }
+}
+
+impl Agent {
+    /// Publishes `req.path` (a new share or a new version of one).
+    pub async fn publish(
+        &self,
+        req: PublishRequest,
+        progress: Option<Arc<PublishProgress>>,
+    ) -> Result<Published> {
+        let started = Instant::now();
+        let path = normalize(&req.path);
+        let (share_id, seq, key) = match req.share_id {
+            Some(id) => {
+                let old = self
+                    .share(&id)
+                    .filter(|s| s.role == Role::Published)
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("share {id} is not published by this agent"))
+                    })?;
+                let key = if req.rotate_key {
+                    Key::random()?
+                } else {
+                    old.key.clone()
+                };
+                (id, old.seq() + 1, key)
+            }
+            None => (ShareId::random()?, 1, Key::random()?),
+        };
+        for a in &req.access.agents {
+            if *a == self.id {
+                return Err(Error::Config(
+                    "a share's recipients cannot include its publisher".into(),
+                ));
+            }
+        }
+        let (root, files, dirs) = self.walk(&path).await?;
+        let keyer = ChunkKeyer::new(&key);
+        let progress = progress.unwrap_or_default();
+        let chunked: Vec<(String, u64, u32, Vec<ChunkRef>)> = futures::stream::iter(files)
+            .map(|(rel, size, mode)| {
+                let keyer = keyer.clone();
+                let progress = progress.clone();
+                let full = format!("{root}{rel}");
+                async move {
+                    let chunks = self.chunk_file(&full, size, &keyer, &progress).await?;
+                    Ok::<_, Error>((rel, size, mode, chunks))
+                }
+            })
+            .buffered(FILE_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut entries: Vec<Entry> = dirs
+            .into_iter()
+            .map(|(p, mode)| Entry {
+                path: p,
+                mode,
+                kind: EntryKind::Dir,
+            })
+            .collect();
+        entries.extend(chunked.into_iter().map(|(p, size, mode, chunks)| Entry {
+            path: p,
+            mode,
+            kind: EntryKind::File { size, chunks },
+        }));
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        let manifest = Manifest {
+            share_id,
+            seq,
+            created_at: now_secs(),
+            access: req.access.clone(),
+            entries,
+        };
+        manifest.validate()?;
+        let record = manifest.seal(&self.key, &key)?.to_bytes();
+        let files_n = manifest.files().count() as u64;
+        let bytes = manifest.total_bytes();
+        let chunks = manifest.total_chunks();
+        let held = HeldShare::new(
+            self.id,
+            key.clone(),
+            Role::Published,
+            root,
+            manifest,
+            record,
+        );
+        self.install_share(held).await?;
+        let mut tickets = Vec::new();
+        for r in &req.access.agents {
+            tickets.push((r.to_string(), self.ticket_for(share_id, *r, &key)?));
+        }
+        tracing::info!(share = %share_id, seq, files = files_n, bytes, chunks, "published");
+        Ok(Published {
+            share_id: share_id.to_string(),
+            seq,
+            files: files_n,
+            bytes,
+            chunks,
+            tickets,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// A ticket for one more recipient of a share we publish.
+    pub fn ticket(&self, share_id: ShareId, recipient: AgentId) -> Result<String> {
+        let s = self
+            .share(&share_id)
+            .filter(|s| s.role == Role::Published)
+            .ok_or_else(|| {
+                Error::NotFound(format!("share {share_id} is not published by this agent"))
+            })?;
+        self.ticket_for(share_id, recipient, &s.key)
+    }
+
+    fn ticket_for(&self, share_id: ShareId, recipient: AgentId, key: &Key) -> Result<String> {
+        Ticket::issue(
+            &self.key,
+            share_id,
+            recipient,
+            key,
+            self.opts.advertise.clone(),
+            self.opts.repositories.clone(),
+        )
+    }
+
+    /// Lists what to publish: (root, files as (relative path, size, mode), dirs as (relative path, mode)).
+    #[allow(clippy::type_complexity)]
+    async fn walk(
+        &self,
+        path: &str,
+    ) -> Result<(String, Vec<(String, u64, u32)>, Vec<(String, u32)>)> {
+        let is_dir = if path.is_empty() {
+            true
+        } else {
+            let meta = self
+                .op
+                .stat(path)
+                .await
+                .context(|| format!("publishing {path:?}"))?;
+            meta.is_dir()
+        };
+        if !is_dir {
+            let (root, name) = match path.rsplit_once('/') {
+                Some((dir, name)) => (format!("{dir}/"), name.to_string()),
+                None => (String::new(), path.to_string()),
+            };
+            let size = self
+                .op
+                .stat(path)
+                .await
+                .context(|| format!("stat {path}"))?
+                .content_length();
+            let mode = self.mode_of(path, 0o644);
+            return Ok((root, vec![(name, size, mode)], Vec::new()));
+        }
+        let root = if path.is_empty() || path.ends_with('/') {
+            path.to_string()
+        } else {
+            format!("{path}/")
+        };
+        let state = self.opts.state_prefix.clone();
+        let mut lister = self
+            .op
+            .lister_with(&root)
+            .recursive(true)
+            .await
+            .context(|| format!("listing {root:?}"))?;
+        let mut files = Vec::new();
+        let mut dirs = Vec::new();
+        while let Some(entry) = lister
+            .try_next()
+            .await
+            .context(|| format!("listing {root:?}"))?
+        {
+            let full = entry.path().to_string();
+            if full == root || full.starts_with(&state) {
+                continue;
+            }
+            let Some(rel) = full.strip_prefix(&root) else {
+                continue;
+            };
+            let rel_clean = rel.trim_end_matches('/').to_string();
+            if rel_clean.is_empty() || check_path(&rel_clean).is_err() {
+                continue;
+            }
+            if entry.metadata().is_dir() {
+                dirs.push((rel_clean, self.mode_of(&full, 0o755)));
+            } else {
+                let size = match entry.metadata().content_length() {
+                    0 => self
+                        .op
+                        .stat(&full)
+                        .await
+                        .context(|| format!("stat {full}"))?
+                        .content_length(),
+                    n => n,
+                };
+                files.push((rel_clean, size, self.mode_of(&full, 0o644)));
+            }
+        }
+        files.sort();
+        dirs.sort();
+        Ok((root, files, dirs))
+    }
+
+    fn mode_of(&self, path: &str, default: u32) -> u32 {
+        #[cfg(unix)]
+        if let Some(root) = &self.opts.fs_root {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(root.join(path.trim_end_matches('/'))) {
+                return m.permissions().mode() & 0o7777;
+            }
+        }
+        default
+    }
+
+    /// Cuts and seals one file, reading the next block while the current one
+    /// is being hashed and encrypted on the blocking pool (both cores busy).
+    async fn chunk_file(
+        &self,
+        path: &str,
+        size: u64,
+        keyer: &ChunkKeyer,
+        progress: &PublishProgress,
+    ) -> Result<Vec<ChunkRef>> {
+        let mut refs = Vec::new();
+        let mut chunker = Chunker::new();
+        let mut offset = 0u64;
+        let mut pending: Option<tokio::task::JoinHandle<Result<Vec<ChunkRef>>>> = None;
+        while offset < size {
+            let end = (offset + READ_BLOCK).min(size);
+            let buf = self
+                .op
+                .read_with(path)
+                .range(offset..end)
+                .await
+                .context(|| format!("reading {path}"))?
+                .to_bytes();
+            if buf.len() as u64 != end - offset {
+                return Err(Error::Config(format!(
+                    "{path} changed size while being published"
+                )));
+            }
+            progress
+                .bytes
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            offset = end;
+            let pieces = chunker.push(&buf);
+            if let Some(p) = pending.take() {
+                refs.extend(join(p).await?);
+            }
+            pending = Some(seal_all(keyer.clone(), pieces));
+        }
+        if let Some(p) = pending.take() {
+            refs.extend(join(p).await?);
+        }
+        refs.extend(join(seal_all(keyer.clone(), chunker.finish())).await?);
+        Ok(refs)
+    }
+}
+
+fn seal_all(
+    keyer: ChunkKeyer,
+    pieces: Vec<Vec<u8>>,
+) -> tokio::task::JoinHandle<Result<Vec<ChunkRef>>> {
+    tokio::task::spawn_blocking(move || {
+        pieces
+            .par_iter()
+            .map(|p| keyer.seal(p).map(|(r, _)| r))
+            .collect::<Result<Vec<_>>>()
+    })
+}
+
+async fn join(h: tokio::task::JoinHandle<Result<Vec<ChunkRef>>>) -> Result<Vec<ChunkRef>> {
+    h.await
+        .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?
+}

@@ -1,0 +1,232 @@
+//! A connection to one peer that many tasks share: each request gets an id,
+//! requests are written back to back (pipelined), and answers are routed to
+//! whoever asked, in whatever order they come back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Frame, FrameType, MAX_RESPONSE, read_frame, tls, write_frame};
+use crate::chunk::ChunkId;
+use crate::error::{Context, Error, Result};
+use crate::identity::{AgentId, SecretKey};
+use crate::manifest::ShareId;
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Vec<u8>>>>>>;
+
+/// A live, authenticated connection to a peer.
+pub struct PeerConn {
+    /// The peer's verified agent id.
+    pub peer: AgentId,
+    /// The address we dialled.
+    pub addr: String,
+    tx: mpsc::Sender<(Frame, oneshot::Sender<Result<Vec<u8>>>)>,
+    next_id: AtomicU32,
+    in_flight: AtomicUsize,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PeerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PeerConn({} at {})", self.peer.short(), self.addr)
+    }
+}
+
+impl PeerConn {
+    /// Dials `addr`, completes TLS with our key, and checks the peer is
+    /// `expected` when given.
+    pub async fn connect(
+        addr: &str,
+        key: &SecretKey,
+        expected: Option<AgentId>,
+    ) -> Result<PeerConn> {
+        let cfg = tls::client_config(key, expected)?;
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Protocol(format!("connecting to {addr} timed out")))?
+            .context(|| format!("connecting to {addr}"))?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from("caravan-agent")
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| Error::Tls(format!("TLS handshake with {addr} timed out")))?
+        .map_err(|e| Error::Tls(format!("TLS handshake with {addr}: {e}")))?;
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| Error::Tls("peer sent no certificate".into()))?;
+        let peer = tls::agent_id_of(cert)?;
+
+        let (mut rd, wr) = tokio::io::split(stream);
+        let pending: Pending = Arc::default();
+        let closed = Arc::new(AtomicBool::new(false));
+        let (tx, mut rx) = mpsc::channel::<(Frame, oneshot::Sender<Result<Vec<u8>>>)>(256);
+
+        let p = pending.clone();
+        let c = closed.clone();
+        tokio::spawn(async move {
+            let mut w = BufWriter::with_capacity(64 << 10, wr);
+            let mut fail = None;
+            'outer: while let Some((f, reply)) = rx.recv().await {
+                let mut batch = vec![(f, reply)];
+                while let Ok(x) = rx.try_recv() {
+                    batch.push(x);
+                }
+                for (f, reply) in batch {
+                    match p.lock() {
+                        Ok(mut m) => {
+                            m.insert(f.id, reply);
+                        }
+                        Err(_) => break 'outer,
+                    }
+                    if let Err(e) = write_frame(&mut w, &f).await {
+                        fail = Some(e);
+                        break 'outer;
+                    }
+                }
+                if let Err(e) = w.flush().await {
+                    fail = Some(Error::Protocol(e.to_string()));
+                    break;
+                }
+            }
+            c.store(true, Ordering::SeqCst);
+            if let Some(e) = fail {
+                tracing::debug!(error = %e, "peer writer stopped");
+            }
+        });
+
+        let p = pending.clone();
+        let c = closed.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                match read_frame(&mut rd, MAX_RESPONSE).await {
+                    Ok(Some(f)) => {
+                        let waiter = match p.lock() {
+                            Ok(mut m) => m.remove(&f.id),
+                            Err(_) => break "state poisoned".to_string(),
+                        };
+                        if let Some(w) = waiter {
+                            let r = match f.typ {
+                                FrameType::Ok => Ok(f.payload),
+                                FrameType::NotFound => {
+                                    Err(Error::NotFound(String::from_utf8_lossy(&f.payload).into()))
+                                }
+                                FrameType::Failed => Err(Error::Protocol(format!(
+                                    "peer refused: {}",
+                                    String::from_utf8_lossy(&f.payload)
+                                ))),
+                                other => {
+                                    Err(Error::Protocol(format!("unexpected {other:?} frame")))
+                                }
+                            };
+                            let _ = w.send(r);
+                        }
+                    }
+                    Ok(None) => break "peer closed the connection".to_string(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            c.store(true, Ordering::SeqCst);
+            if let Ok(mut m) = p.lock() {
+                for (_, w) in m.drain() {
+                    let _ = w.send(Err(Error::Protocol(why.clone())));
+                }
+            }
+        });
+
+        Ok(PeerConn {
+            peer,
+            addr: addr.to_string(),
+            tx,
+            next_id: AtomicU32::new(1),
+            in_flight: AtomicUsize::new(0),
+            closed,
+        })
+    }
+
+    /// True once the connection has failed or closed.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Requests currently waiting for an answer (used to pick the least busy connection).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    async fn request(
+        &self,
+        typ: FrameType,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        if self.is_closed() {
+            return Err(Error::Protocol(format!(
+                "connection to {} is closed",
+                self.addr
+            )));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let res = async {
+            self.tx
+                .send((Frame { typ, id, payload }, tx))
+                .await
+                .map_err(|_| Error::Protocol("connection closed".into()))?;
+            match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(Error::Protocol("connection closed".into())),
+                Err(_) => Err(Error::Protocol(format!(
+                    "{typ:?} to {} timed out",
+                    self.addr
+                ))),
+            }
+        }
+        .await;
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        res
+    }
+
+    /// Fetches the newest manifest record newer than `have_seq`.
+    pub async fn manifest(&self, share: &ShareId, have_seq: u64) -> Result<Vec<u8>> {
+        let mut p = share.0.to_vec();
+        p.extend_from_slice(&have_seq.to_be_bytes());
+        self.request(FrameType::GetManifest, p, Duration::from_secs(60))
+            .await
+    }
+
+    /// Fetches one chunk's ciphertext (unverified: the caller verifies).
+    pub async fn chunk(&self, share: &ShareId, id: &ChunkId) -> Result<Vec<u8>> {
+        let mut p = share.0.to_vec();
+        p.extend_from_slice(&id.0);
+        self.request(FrameType::GetChunk, p, Duration::from_secs(60))
+            .await
+    }
+
+    /// Asks for the share key, presenting proof records (trust chain).
+    pub async fn key(&self, share: &ShareId, proof: &[Vec<u8>]) -> Result<Vec<u8>> {
+        let mut p = share.0.to_vec();
+        p.extend(postcard::to_stdvec(proof).map_err(|e| Error::Protocol(e.to_string()))?);
+        self.request(FrameType::GetKey, p, Duration::from_secs(30))
+            .await
+    }
+
+    /// Round-trips an empty request.
+    pub async fn ping(&self) -> Result<()> {
+        self.request(FrameType::Ping, Vec::new(), Duration::from_secs(10))
+            .await
+            .map(|_| ())
+    }
+}

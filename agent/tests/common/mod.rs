@@ -1,0 +1,258 @@
+//! Helpers for tests that run real `caravan-agent` processes on loopback.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_caravan-agent");
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs the CLI to completion.
+pub fn cli(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("run caravan-agent")
+}
+
+/// Runs the CLI and returns stdout, panicking with stderr on failure.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    assert!(
+        out.status.success(),
+        "caravan-agent {args:?} failed ({:?}):\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// One agent: a directory made by `caravan-agent init` and, when running, its process.
+pub struct TestAgent {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub id: String,
+    pub peer_addr: String,
+    pub metrics_addr: String,
+    pub child: Option<Child>,
+    pub env: Vec<(String, String)>,
+}
+
+impl TestAgent {
+    /// `caravan-agent init` in `dir` with fresh loopback ports.
+    pub fn init(dir: &Path) -> TestAgent {
+        let peer = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let id = cli_ok(&[
+            "init",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &peer,
+            "--admin",
+            &admin,
+            "--metrics",
+            &metrics,
+        ])
+        .trim()
+        .to_string();
+        TestAgent {
+            dir: std::fs::canonicalize(dir).unwrap(),
+            config: std::fs::canonicalize(dir).unwrap().join("agent.toml"),
+            id,
+            peer_addr: peer,
+            metrics_addr: metrics,
+            child: None,
+            env: vec![],
+        }
+    }
+
+    /// Replaces the storage section of the config (e.g. to use S3).
+    pub fn set_storage(&self, toml_section: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let head = text.split("[storage]").next().unwrap().to_string();
+        std::fs::write(&self.config, format!("{head}{toml_section}")).unwrap();
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn cfg(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    /// Starts the daemon and waits until /readyz answers.
+    pub fn start(&mut self) {
+        let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", now_ms()))).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config", self.cfg()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn agent"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(body) = http_get(&self.metrics_addr, "/readyz")
+                && body.contains("ready")
+            {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!(
+                    "agent exited early with {status}; log in {}",
+                    self.dir.display()
+                );
+            }
+            assert!(Instant::now() < deadline, "agent did not become ready");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, no clean-up at all.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(&self.metrics_addr, "/metrics").unwrap_or_default()
+    }
+
+    /// Value of one unlabelled metric.
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// Minimal HTTP/1.0 GET over a plain socket (keeps tests free of an HTTP client).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// Publishes `path` from `publisher` for `recipients`; returns (share id, tickets in order).
+pub fn publish(
+    publisher: &TestAgent,
+    path: &str,
+    recipients: &[&str],
+    extra: &[&str],
+) -> (String, Vec<String>) {
+    let mut args = vec!["publish", "--config", publisher.cfg(), path, "--json"];
+    for r in recipients {
+        args.push("--to");
+        args.push(r);
+    }
+    args.extend_from_slice(extra);
+    let out = cli_ok(&args);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tickets = v["tickets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t[1].as_str().unwrap().to_string())
+        .collect();
+    (v["share_id"].as_str().unwrap().to_string(), tickets)
+}
+
+/// Fetches and returns the final progress JSON.
+pub fn fetch(agent: &TestAgent, ticket: &str, dest: &str, peers: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "fetch",
+        "--config",
+        agent.cfg(),
+        ticket,
+        "--dest",
+        dest,
+        "--json",
+    ];
+    for p in peers {
+        args.push("--peer");
+        args.push(p);
+    }
+    serde_json::from_str(&cli_ok(&args)).unwrap()
+}
+
+/// Writes a tree of files with pseudo-random content, an empty file, an
+/// empty directory, nested and non-ASCII names.
+pub fn make_tree(root: &Path, files: usize, size: usize) {
+    for i in 0..files {
+        let p = root.join(format!("d{}/sub/файл-{i}.bin", i % 3));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let mut buf = vec![0u8; size + i * 1000];
+        caravan_agent::demo::fill_pseudo_random(&mut buf, i as u64 + 1);
+        std::fs::write(p, buf).unwrap();
+    }
+    std::fs::write(root.join("empty.txt"), b"").unwrap();
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+}
+
+/// Every file and directory of `a` is in `b` with the same bytes.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    assert!(
+        caravan_agent::demo::trees_equal(a, b).unwrap(),
+        "{} and {} differ",
+        a.display(),
+        b.display()
+    );
+    // empty directories too
+    for e in walk_dirs(a) {
+        let rel = e.strip_prefix(a).unwrap();
+        assert!(b.join(rel).is_dir(), "directory {} missing", rel.display());
+    }
+}
+
+fn walk_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() && p.file_name().unwrap() != ".caravan" {
+                out.push(p.clone());
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
