@@ -212,12 +212,24 @@ impl Agent {
         let is_dir = if path.is_empty() {
             true
         } else {
-            let meta = self
-                .op
-                .stat(path)
-                .await
-                .context(|| format!("publishing {path:?}"))?;
-            meta.is_dir()
+            match self.op.stat(path).await {
+                Ok(meta) => meta.is_dir(),
+                // Object stores have no directory objects: look for children.
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
+                    let dir = format!("{}/", path.trim_end_matches('/'));
+                    let children = self
+                        .op
+                        .list_with(&dir)
+                        .limit(1)
+                        .await
+                        .context(|| format!("listing {dir:?}"))?;
+                    if children.is_empty() {
+                        return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
+                    }
+                    true
+                }
+                Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
+            }
         };
         if !is_dir {
             let (root, name) = match path.rsplit_once('/') {
