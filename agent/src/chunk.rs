@@ -79,6 +79,26 @@ impl ChunkKeyer {
         *h.finalize().as_bytes()
     }
 
+    /// The reference of a plaintext chunk, encrypting into a per-thread
+    /// scratch buffer (publishing needs only the id, not the ciphertext).
+    pub fn chunk_ref(&self, plaintext: &[u8]) -> Result<ChunkRef> {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let key = self.key_for(plaintext);
+        let len =
+            u32::try_from(plaintext.len()).map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
+        SCRATCH.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.clear();
+            buf.reserve(plaintext.len() + TAG_LEN);
+            buf.extend_from_slice(plaintext);
+            Key(key).seal([0; 12], CHUNK_AAD, &mut buf)?;
+            let id = ChunkId(*blake3::hash(&buf).as_bytes());
+            Ok(ChunkRef { id, key, len })
+        })
+    }
+
     /// Encrypts a plaintext chunk and returns its reference and ciphertext.
     pub fn seal(&self, plaintext: &[u8]) -> Result<(ChunkRef, Vec<u8>)> {
         let key = self.key_for(plaintext);
@@ -102,6 +122,7 @@ impl ChunkKeyer {
 /// Encrypts plaintext already known to belong to `r` (serving a chunk). The
 /// result is byte-identical to what [`ChunkKeyer::seal`] produced.
 pub fn encrypt(r: &ChunkRef, mut plaintext: Vec<u8>) -> Result<Vec<u8>> {
+    plaintext.reserve_exact(TAG_LEN);
     if plaintext.len() != r.len as usize {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
@@ -143,9 +164,10 @@ pub fn open(r: &ChunkRef, mut ciphertext: Vec<u8>) -> Result<Vec<u8>> {
     Ok(ciphertext)
 }
 
-/// A content-defined chunker over a stream delivered in buffers.
+/// A content-defined chunker over a stream delivered in buffers. Chunks are
+/// zero-copy slices of the buffers whenever they do not straddle two.
 pub struct Chunker {
-    carry: Vec<u8>,
+    carry: bytes::Bytes,
 }
 
 impl Default for Chunker {
@@ -157,37 +179,44 @@ impl Default for Chunker {
 impl Chunker {
     /// A chunker with nothing buffered.
     pub fn new() -> Self {
-        Chunker { carry: Vec::new() }
+        Chunker {
+            carry: bytes::Bytes::new(),
+        }
     }
 
     /// Feeds more bytes; returns the complete chunks they finish. The last
     /// (possibly partial) cut is kept until more data or [`Chunker::finish`].
-    pub fn push(&mut self, data: &[u8]) -> Vec<Vec<u8>> {
-        self.carry.extend_from_slice(data);
-        let mut out = Vec::new();
+    pub fn push(&mut self, data: bytes::Bytes) -> Vec<bytes::Bytes> {
+        let buf = if self.carry.is_empty() {
+            data
+        } else {
+            let mut joined = Vec::with_capacity(self.carry.len() + data.len());
+            joined.extend_from_slice(&self.carry);
+            joined.extend_from_slice(&data);
+            bytes::Bytes::from(joined)
+        };
+        let cuts = cut_points(&buf);
+        let mut out = Vec::with_capacity(cuts.len());
         let mut consumed = 0;
-        let cuts: Vec<(usize, usize)> =
-            fastcdc::v2020::FastCDC::new(&self.carry, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
-                .map(|c| (c.offset, c.length))
-                .collect();
-        // The final cut may be an artefact of the buffer end, unless it hit MAX.
         let n = cuts.len();
+        // The final cut may be an artefact of the buffer end, unless it hit MAX.
         for (i, (off, len)) in cuts.into_iter().enumerate() {
             if i + 1 == n && len < MAX_CHUNK {
                 break;
             }
-            out.push(self.carry[off..off + len].to_vec());
+            out.push(buf.slice(off..off + len));
             consumed = off + len;
         }
-        self.carry.drain(..consumed);
+        self.carry = buf.slice(consumed..);
         out
     }
 
     /// Flushes the remaining bytes as the last chunks of the stream.
-    pub fn finish(&mut self) -> Vec<Vec<u8>> {
+    pub fn finish(&mut self) -> Vec<bytes::Bytes> {
         let data = std::mem::take(&mut self.carry);
-        fastcdc::v2020::FastCDC::new(&data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
-            .map(|c| data[c.offset..c.offset + c.length].to_vec())
+        cut_points(&data)
+            .into_iter()
+            .map(|(o, l)| data.slice(o..o + l))
             .collect()
     }
 }
@@ -250,11 +279,15 @@ mod tests {
             .map(|(o, l)| data[o..o + l].to_vec())
             .collect();
         let mut c = Chunker::new();
-        let mut streamed = Vec::new();
+        let mut streamed: Vec<Vec<u8>> = Vec::new();
         for piece in data.chunks(777_777) {
-            streamed.extend(c.push(piece));
+            streamed.extend(
+                c.push(bytes::Bytes::copy_from_slice(piece))
+                    .iter()
+                    .map(|b| b.to_vec()),
+            );
         }
-        streamed.extend(c.finish());
+        streamed.extend(c.finish().iter().map(|b| b.to_vec()));
         assert_eq!(streamed, whole);
     }
 

@@ -189,13 +189,16 @@ impl Service for Agent {
             .locate(&id)
             .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?
             .clone();
-        let plain = self
+        let buf = self
             .op
             .read_with(&loc.path)
             .range(loc.offset..loc.offset + loc.chunk.len as u64)
             .await
-            .context(|| format!("reading {} for chunk {id}", loc.path))?
-            .to_vec();
+            .context(|| format!("reading {} for chunk {id}", loc.path))?;
+        let mut plain = Vec::with_capacity(buf.len() + crate::crypto::TAG_LEN);
+        for part in buf {
+            plain.extend_from_slice(&part);
+        }
         let mut ct = tokio::task::spawn_blocking(move || chunk::encrypt(&loc.chunk, plain))
             .await
             .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))??;

@@ -306,8 +306,8 @@ impl Agent {
         default
     }
 
-    /// Cuts and seals one file, reading the next block while the current one
-    /// is being hashed and encrypted on the blocking pool (both cores busy).
+    /// Cuts and seals one file. The next block is read from storage while
+    /// the current one is cut, hashed and encrypted on the blocking pool.
     async fn chunk_file(
         &self,
         path: &str,
@@ -316,9 +316,9 @@ impl Agent {
         progress: &PublishProgress,
     ) -> Result<Vec<ChunkRef>> {
         let mut refs = Vec::new();
-        let mut chunker = Chunker::new();
+        let mut chunker = Some(Chunker::new());
         let mut offset = 0u64;
-        let mut pending: Option<tokio::task::JoinHandle<Result<Vec<ChunkRef>>>> = None;
+        let mut pending: Option<Work> = None;
         while offset < size {
             let end = (offset + READ_BLOCK).min(size);
             let buf = self
@@ -337,33 +337,47 @@ impl Agent {
                 .bytes
                 .fetch_add(buf.len() as u64, Ordering::Relaxed);
             offset = end;
-            let pieces = chunker.push(&buf);
             if let Some(p) = pending.take() {
-                refs.extend(join(p).await?);
+                let (c, r) = join(p).await?;
+                chunker = Some(c);
+                refs.extend(r);
             }
-            pending = Some(seal_all(keyer.clone(), pieces));
+            let c = chunker
+                .take()
+                .ok_or_else(|| Error::Protocol("chunker lost".into()))?;
+            pending = Some(process(keyer.clone(), c, Some(buf)));
         }
         if let Some(p) = pending.take() {
-            refs.extend(join(p).await?);
+            let (c, r) = join(p).await?;
+            chunker = Some(c);
+            refs.extend(r);
         }
-        refs.extend(join(seal_all(keyer.clone(), chunker.finish())).await?);
+        let c = chunker
+            .take()
+            .ok_or_else(|| Error::Protocol("chunker lost".into()))?;
+        refs.extend(join(process(keyer.clone(), c, None)).await?.1);
         Ok(refs)
     }
 }
 
-fn seal_all(
-    keyer: ChunkKeyer,
-    pieces: Vec<Vec<u8>>,
-) -> tokio::task::JoinHandle<Result<Vec<ChunkRef>>> {
+type Work = tokio::task::JoinHandle<Result<(Chunker, Vec<ChunkRef>)>>;
+
+/// Cuts `block` (or flushes at end of file) and seals the chunks in parallel.
+fn process(keyer: ChunkKeyer, mut chunker: Chunker, block: Option<bytes::Bytes>) -> Work {
     tokio::task::spawn_blocking(move || {
-        pieces
+        let pieces = match block {
+            Some(b) => chunker.push(b),
+            None => chunker.finish(),
+        };
+        let refs = pieces
             .par_iter()
-            .map(|p| keyer.seal(p).map(|(r, _)| r))
-            .collect::<Result<Vec<_>>>()
+            .map(|p| keyer.chunk_ref(p))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((chunker, refs))
     })
 }
 
-async fn join(h: tokio::task::JoinHandle<Result<Vec<ChunkRef>>>) -> Result<Vec<ChunkRef>> {
+async fn join(h: Work) -> Result<(Chunker, Vec<ChunkRef>)> {
     h.await
         .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?
 }

@@ -82,10 +82,18 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
             "frame of {len} bytes exceeds the {max} byte limit"
         )));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)
+    // Room for an AEAD tag: chunk payloads are decrypted in place.
+    let mut payload = Vec::with_capacity(len + 16);
+    let got = (&mut *r)
+        .take(len as u64)
+        .read_to_end(&mut payload)
         .await
         .context(|| format!("reading a {len} byte frame"))?;
+    if got != len {
+        return Err(Error::Protocol(format!(
+            "connection closed inside a {len} byte frame"
+        )));
+    }
     Ok(Some(Frame { typ, id, payload }))
 }
 
