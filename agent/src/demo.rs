@@ -52,12 +52,27 @@ pub struct DemoReport {
     pub verified: bool,
     /// Ciphertext bytes that crossed the wire.
     pub bytes_on_wire: u64,
+    /// CPU seconds (all threads, both agents) spent publishing, on Linux.
+    pub publish_cpu_seconds: Option<f64>,
+    /// CPU seconds (all threads, both agents) spent transferring, on Linux.
+    pub transfer_cpu_seconds: Option<f64>,
     /// The publishing agent.
     pub publisher: String,
     /// The fetching agent.
     pub recipient: String,
     /// Where the storages are (only when kept).
     pub kept_in: Option<String>,
+}
+
+/// CPU time of this process (user + system) from `/proc/self/stat`, so the
+/// demo can report the cost per byte and not only wall-clock time.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// Fills `buf` with fast pseudo-random bytes (xorshift; not for secrets).
@@ -247,6 +262,7 @@ pub async fn run(
     let bob = local_agent(&bob_root, vec![], &shutdown).await?;
 
     let started = Instant::now();
+    let cpu0 = process_cpu_seconds();
     let published = alice
         .publish(
             PublishRequest {
@@ -262,6 +278,7 @@ pub async fn run(
         )
         .await?;
     let publish_seconds = started.elapsed().as_secs_f64();
+    let cpu1 = process_cpu_seconds();
     let ticket = published
         .tickets
         .first()
@@ -289,6 +306,7 @@ pub async fn run(
         }
     };
     let seconds = started.elapsed().as_secs_f64();
+    let cpu2 = process_cpu_seconds();
     shutdown.cancel();
     let received = bob_root.join("received");
     let verified = tokio::task::spawn_blocking(move || trees_equal(&source, &received))
@@ -304,6 +322,8 @@ pub async fn run(
         throughput_mb_s: published.bytes as f64 / seconds / 1e6,
         verified,
         bytes_on_wire: snap.bytes_received,
+        publish_cpu_seconds: cpu0.zip(cpu1).map(|(a, b)| b - a),
+        transfer_cpu_seconds: cpu1.zip(cpu2).map(|(a, b)| b - a),
         publisher: alice.id.to_string(),
         recipient: bob.id.to_string(),
         kept_in: opts.keep.as_ref().map(|p| p.display().to_string()),

@@ -26,11 +26,26 @@ use crate::share::{HeldShare, Role};
 use crate::wire::client::PeerConn;
 
 /// Connections opened to each peer (spreads TLS work over cores).
-const CONNS_PER_PEER: usize = 2;
+fn conns_per_peer() -> usize {
+    tuning("CARAVAN_CONNS_PER_PEER", 2)
+}
 /// Chunks requested ahead within one file.
-const WINDOW: usize = 16;
+fn window() -> usize {
+    tuning("CARAVAN_WINDOW", 16)
+}
 /// Files written at once.
-const FILE_CONCURRENCY: usize = 4;
+fn file_concurrency() -> usize {
+    tuning("CARAVAN_FILE_CONCURRENCY", 4)
+}
+
+/// Reads a positive tuning knob from the environment (for benchmarking).
+fn tuning(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(default)
+}
 /// Corrupt chunks after which a peer is no longer asked.
 const BAN_AFTER: u32 = 8;
 
@@ -205,7 +220,7 @@ impl Swarm {
     ) -> Result<Swarm> {
         let attempts: Vec<_> = addrs
             .iter()
-            .flat_map(|a| std::iter::repeat_n(a.clone(), CONNS_PER_PEER))
+            .flat_map(|a| std::iter::repeat_n(a.clone(), conns_per_peer()))
             .map(|addr| {
                 let key = agent.key.clone();
                 async move {
@@ -510,7 +525,7 @@ impl Agent {
                 let job = job.clone();
                 async move { job.file(i, &path, size, &chunks).await }
             })
-            .buffer_unordered(FILE_CONCURRENCY)
+            .buffer_unordered(file_concurrency())
             .try_collect::<Vec<()>>()
             .await?;
 
@@ -670,10 +685,11 @@ impl Job {
             );
         }
         let same_size = existing == Some(size);
+        let window = window();
         let mut inflight = FuturesOrdered::new();
         let mut next = start;
         while start < chunks.len() {
-            while next < chunks.len() && inflight.len() < WINDOW {
+            while next < chunks.len() && inflight.len() < window {
                 let job = self.clone();
                 let c = chunks[next];
                 let at = same_size.then(|| (final_path.clone(), offsets[next]));
