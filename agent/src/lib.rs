@@ -7,6 +7,8 @@ pub mod crypto;
 pub mod error;
 pub mod identity;
 pub mod record;
+pub mod repository;
 pub mod store;
+pub mod trust;
 
 pub use error::{Error, Result};
