@@ -638,7 +638,7 @@ async fn concurrent_revocations_on_two_replicas_get_distinct_feed_numbers() {
     }
     seqs.sort();
     assert_eq!(seqs, (0..20).collect::<Vec<u64>>());
-    let client = RepositoryClient::new(&[a.url.clone()]).unwrap();
+    let client = RepositoryClient::new(std::slice::from_ref(&a.url)).unwrap();
     assert_eq!(client.sync_revocations().await.unwrap().len(), 20);
     a.stop().await;
     b.stop().await;
@@ -702,7 +702,7 @@ async fn s3_replicas_restart_and_refusals() {
     let (s, j) = post(&b.url, seal(&k, &revocation(&k, &g, 1))).await;
     assert_eq!(s, 200, "{j}");
     assert_eq!(j["feed_seq"], revs.len() as u64);
-    let client = RepositoryClient::new(&[a.url.clone()]).unwrap();
+    let client = RepositoryClient::new(std::slice::from_ref(&a.url)).unwrap();
     assert_eq!(
         client.sync_revocations().await.unwrap().len(),
         revs.len() + 1

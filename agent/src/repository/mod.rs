@@ -32,7 +32,7 @@ pub mod client;
 pub mod server;
 
 pub use client::{PublishReport, RepositoryClient};
-pub use server::{Repository, RepositoryConfig, serve, serve_with};
+pub use server::{Receipt, Repository, RepositoryConfig, serve, serve_with};
 
 /// Content type of a framed list of records.
 pub const FRAMES_CONTENT_TYPE: &str = "application/vnd.caravan.records";

@@ -641,6 +641,18 @@ impl Repository {
         }
     }
 
+    /// Checks and stores one record in-process, exactly as `POST
+    /// /v1/records` would (for embedding a repository, tools and benches).
+    /// Refusals come back as [`Error::Record`] naming the reason.
+    pub async fn submit(&self, bytes: &[u8]) -> Result<Receipt> {
+        self.accept(bytes).await.map_err(|e| match e {
+            ApiError::Refused(inv) => Error::from(inv),
+            ApiError::NotFound(d) => Error::NotFound(d),
+            ApiError::BadRequest(d) => Error::Protocol(d),
+            ApiError::Storage(d) => Error::Protocol(format!("storage: {d}")),
+        })
+    }
+
     fn allow(&self, ip: IpAddr) -> bool {
         let Ok(mut buckets) = self.buckets.lock() else {
             return true;
