@@ -89,7 +89,11 @@ fn build_graph(now: u64) -> (TrustEngine, Vec<TrustGrant>) {
         let c = rng.below(GROUPS as u64) as u32;
         let i = 1 + c * per + rng.below(per as u64) as u32;
         let cross = rng.below(1000) == 0;
-        let sc = if cross { rng.below(GROUPS as u64) as u32 } else { c };
+        let sc = if cross {
+            rng.below(GROUPS as u64) as u32
+        } else {
+            c
+        };
         let s = 1 + sc * per + rng.below(per as u64) as u32;
         if i == s || !seen.insert((i, s)) {
             continue;
@@ -239,8 +243,16 @@ fn bench_engine() {
             .iter()
             .map(|b| SignedRecord::from_bytes(b).expect("decode"))
             .collect();
-        verify_chain(&keys[0].agent_id(), &keys[3].agent_id(), 4, None, &recs, &revs, now)
-            .expect("chain");
+        verify_chain(
+            &keys[0].agent_id(),
+            &keys[3].agent_id(),
+            4,
+            None,
+            &recs,
+            &revs,
+            now,
+        )
+        .expect("chain");
     }
     println!(
         "verify_chain of a presented 3-hop proof (decode + 3 signature checks): {:.0} /s, {:.1} µs each",
@@ -418,7 +430,9 @@ async fn bench_rss() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000);
-    println!("== repository RSS with {total} stored records (memory storage, in-process submit) ==");
+    println!(
+        "== repository RSS with {total} stored records (memory storage, in-process submit) =="
+    );
     opendal::install_default();
     let op = opendal::Operator::via_iter("memory", Vec::<(String, String)>::new()).expect("memory");
     let repo = Repository::open(op, RepositoryConfig::default())

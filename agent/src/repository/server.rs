@@ -316,6 +316,9 @@ impl Repository {
     }
 
     /// The axum router serving the API (with body limit, rate limit, metrics).
+    /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()`:
+    /// the per-client rate limit keys on the peer address (proxy headers are
+    /// deliberately not trusted).
     pub fn router(self: &Arc<Self>) -> Router {
         let api = Router::new()
             .route("/v1/records", post(post_record))
@@ -1083,4 +1086,77 @@ pub async fn serve_with(
     .with_graceful_shutdown(shutdown)
     .await
     .context(|| format!("serving the repository on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SecretKey;
+    use proptest::prelude::*;
+
+    fn repo(rt: &tokio::runtime::Runtime) -> Arc<Repository> {
+        opendal::install_default();
+        let op = Operator::via_iter("memory", Vec::<(String, String)>::new()).unwrap();
+        rt.block_on(Repository::open(op, RepositoryConfig::default()))
+            .unwrap()
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn submit_refuses_each_bit_flip_of_a_grant() {
+        let rt = rt();
+        let r = repo(&rt);
+        let k = SecretKey::from_seed([1; 32]);
+        let now = unix_now();
+        let g = TrustGrant {
+            issuer: k.agent_id(),
+            subject: SecretKey::from_seed([2; 32]).agent_id(),
+            depth: 1,
+            scope: None,
+            not_before: now,
+            not_after: now + 100,
+            seq: 1,
+        };
+        let bytes = SignedRecord::seal(&k, &g).unwrap().to_bytes();
+        for byte in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[byte] ^= 1 << (byte % 8);
+            assert!(
+                rt.block_on(r.submit(&b)).is_err(),
+                "flip in byte {byte} accepted"
+            );
+        }
+        assert!(rt.block_on(r.submit(&bytes)).is_ok());
+    }
+
+    #[test]
+    fn agent_path_parameters() {
+        let id = SecretKey::from_seed([1; 32]).agent_id();
+        assert_eq!(parse_agent(&id.to_string()).unwrap(), id);
+        assert_eq!(parse_agent(&hex(&id.0)).unwrap(), id);
+        assert!(parse_agent("nope").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn submit_never_panics_on_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let rt = rt();
+            let r = repo(&rt);
+            prop_assert!(rt.block_on(r.submit(&b)).is_err());
+        }
+
+        #[test]
+        fn path_parsers_never_panic(s in ".{0,100}") {
+            let _ = parse_agent(&s);
+            let _ = parse_hex32(&s);
+        }
+    }
 }

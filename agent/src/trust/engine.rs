@@ -449,6 +449,34 @@ impl TrustEngine {
             .collect()
     }
 
+    /// Decides whether `requester` may be served under "trusted within
+    /// `max_hops`" (in `scope`): first from this engine's own view, then
+    /// from the proof chain the requester presented (checked with
+    /// [`verify_chain`] against the revocations this engine knows). This is
+    /// the one call the peer protocol needs.
+    pub fn authorize(
+        &self,
+        root: &AgentId,
+        requester: &AgentId,
+        max_hops: u8,
+        scope: Option<&str>,
+        presented: &[SignedRecord],
+        now: u64,
+    ) -> Result<Chain, Invalid> {
+        if let Some(c) = self.chain_in_scope(root, requester, max_hops, now, scope) {
+            return Ok(c);
+        }
+        verify_chain(
+            root,
+            requester,
+            max_hops,
+            scope,
+            presented,
+            &self.revocations,
+            now,
+        )
+    }
+
     /// The signed grant records of a chain, to present to a peer. Hops added
     /// without a record (see [`Self::add_grant`]) are missing from the result,
     /// which the peer will then refuse; callers add grants as records when
@@ -644,6 +672,29 @@ mod tests {
         let proof = vec![signed(1, 2, 5), signed(2, 3, 5)];
         let err = verify_chain(&id(1), &id(3), 5, None, &proof, e.revocations(), 100).unwrap_err();
         assert_eq!(err.reason, Reason::Revoked);
+        // authorize: local view first, then the presented proof
+        let mut fresh = TrustEngine::new();
+        assert!(fresh.authorize(&id(1), &id(3), 5, None, &[], 100).is_err());
+        assert_eq!(
+            fresh
+                .authorize(&id(1), &id(3), 5, None, &proof, 100)
+                .unwrap()
+                .len(),
+            2
+        );
+        fresh.add_revocation(&Revocation {
+            issuer: id(2),
+            grant_id: grant(2, 3, 0).id(),
+            seq: 1,
+            revoked_at: 1,
+        });
+        assert_eq!(
+            fresh
+                .authorize(&id(1), &id(3), 5, None, &proof, 100)
+                .unwrap_err()
+                .reason,
+            Reason::Revoked
+        );
     }
 
     #[test]
@@ -859,6 +910,9 @@ mod tests {
                 if let Some(g) = grants.get(k) {
                     let tg = to_grant(g, &ids);
                     e.add_revocation(&Revocation { issuer: tg.issuer, grant_id: tg.id(), seq: 0, revoked_at: 0 });
+                    // a stranger "revoking" the same grant has no effect
+                    let stranger = ids[((g.i + 1) % 8) as usize];
+                    e.add_revocation(&Revocation { issuer: stranger, grant_id: tg.id(), seq: 0, revoked_at: 0 });
                 }
             }
             for g in &grants {

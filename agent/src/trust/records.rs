@@ -364,6 +364,8 @@ pub struct Announcement {
     /// Share locators (see [`share_locator`]) of the shares it holds.
     pub locators: Vec<[u8; 32]>,
     /// Sequence number; a higher one replaces the previous announcement.
+    /// Repositories refuse anything not newer than what they hold, so use a
+    /// clock-derived value (e.g. unix milliseconds) that survives restarts.
     pub seq: u64,
     /// Unix seconds after which the announcement is ignored.
     pub expires_at: u64,
@@ -762,10 +764,10 @@ mod tests {
             .to_bytes(),
         ];
         for bytes in recs {
-            // One bit per byte (a different bit position each byte) keeps this
+            // One bit in every other byte (a different bit position each time) keeps this
             // fast in debug builds; record.rs flips every bit of its sample.
-            for byte in 0..bytes.len() {
-                let i = byte * 8 + byte % 8;
+            for byte in (0..bytes.len()).step_by(2) {
+                let i = byte * 8 + (byte / 2) % 8;
                 let mut b = bytes.clone();
                 b[i / 8] ^= 1 << (i % 8);
                 let ok = decode_record(&b).ok().and_then(|r| {
