@@ -707,6 +707,30 @@ async fn s3_replicas_restart_and_refusals() {
         client.sync_revocations().await.unwrap().len(),
         revs.len() + 1
     );
+    // concurrent revocations through both replicas get distinct feed numbers
+    let mut tasks = Vec::new();
+    for n in 0..10u8 {
+        let url = if n % 2 == 0 {
+            a.url.clone()
+        } else {
+            b.url.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let k = key(150 + n);
+            let g = grant(&k, &key(1), 0, 1);
+            post(&url, seal(&k, &revocation(&k, &g, 1))).await
+        }));
+    }
+    let mut seqs = Vec::new();
+    for t in tasks {
+        let (s, j) = t.await.unwrap();
+        assert_eq!(s, 200, "{j}");
+        seqs.push(j["feed_seq"].as_u64().unwrap());
+    }
+    seqs.sort();
+    let first = revs.len() as u64 + 1;
+    assert_eq!(seqs, (first..first + 10).collect::<Vec<u64>>());
+    assert_eq!(client.sync_revocations().await.unwrap().len(), 10);
     a.stop().await;
     b.stop().await;
 }

@@ -2,39 +2,43 @@
 # A real S3-compatible server on loopback for tests: moto in server mode.
 #
 #   tests/s3/moto.sh start [PORT]   # prints the export line for the tests
-#   tests/s3/moto.sh stop
+#   tests/s3/moto.sh stop [PORT]
 #
-# The venv lives under ${XDG_CACHE_HOME:-$HOME/.cache}/caravan/venv-moto and is
-# created on first use. The server writes its pid to the state dir; `stop` kills
-# exactly that pid. The bucket (default `caravan-test`, override with
-# CARAVAN_TEST_S3_BUCKET) is created with a plain PUT.
+# PORT defaults to $CARAVAN_MOTO_PORT or 9199. The venv lives under
+# ${XDG_CACHE_HOME:-$HOME/.cache}/caravan/venv-moto and is created on first use
+# (under a lock, so concurrent starts do not corrupt it). Each server writes its
+# pid to a per-port state dir; `stop` kills exactly that pid. The bucket
+# (default `caravan-test`, override with CARAVAN_TEST_S3_BUCKET) is created
+# with a plain PUT.
 set -euo pipefail
 
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/caravan"
 VENV="$CACHE/venv-moto"
-STATE="$CACHE/moto"
+PORT="${2:-${CARAVAN_MOTO_PORT:-9199}}"
+STATE="$CACHE/moto-$PORT"
 PIDFILE="$STATE/moto.pid"
-PORTFILE="$STATE/moto.port"
 BUCKET="${CARAVAN_TEST_S3_BUCKET:-caravan-test}"
 
 ensure_venv() {
-    if [ ! -x "$VENV/bin/moto_server" ]; then
-        mkdir -p "$CACHE"
-        python3 -m venv "$VENV"
-        "$VENV/bin/pip" install --quiet 'moto[server,s3]'
-    fi
+    mkdir -p "$CACHE"
+    (
+        flock -w 600 9
+        if [ ! -x "$VENV/bin/moto_server" ]; then
+            python3 -m venv "$VENV"
+            "$VENV/bin/pip" install --quiet 'moto[server,s3]'
+        fi
+    ) 9>"$CACHE/venv-moto.lock"
 }
 
 start() {
-    local port="${1:-${CARAVAN_MOTO_PORT:-9199}}"
+    local port="$PORT"
     mkdir -p "$STATE"
     if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-        port="$(cat "$PORTFILE")"
+        : # already running on this port
     else
         ensure_venv
         nohup "$VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >"$STATE/moto.log" 2>&1 &
         echo $! >"$PIDFILE"
-        echo "$port" >"$PORTFILE"
         local i=0
         until curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null; do
             i=$((i + 1))
@@ -61,15 +65,15 @@ stop() {
                 i=$((i + 1))
             done
         fi
-        rm -f "$PIDFILE" "$PORTFILE"
+        rm -f "$PIDFILE"
     fi
 }
 
 case "${1:-}" in
-start) start "${2:-}" ;;
+start) start ;;
 stop) stop ;;
 *)
-    echo "usage: $0 start [PORT] | stop" >&2
+    echo "usage: $0 start [PORT] | stop [PORT]" >&2
     exit 2
     ;;
 esac

@@ -167,6 +167,23 @@ impl RepositoryArgs {
     }
 }
 
+/// Runs `caravan-agent repository` as the arguments say until `shutdown`
+/// resolves: opens the storage, binds the listener, serves. The CLI's whole
+/// job is `repository::run(&args, shutdown_signal()).await`.
+pub async fn run(
+    args: &RepositoryArgs,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let op = args.open_storage()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!("binding the repository listener on {}", args.listen),
+            source,
+        })?;
+    serve_with(listener, op, args.config(), shutdown).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

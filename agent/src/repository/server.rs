@@ -556,6 +556,13 @@ impl Repository {
                     return Ok(n);
                 }
                 Err(e) => {
+                    // Some S3 implementations answer a failed precondition
+                    // with another status (moto: 403); if the entry exists
+                    // now, somebody else took this number.
+                    if self.op.exists(&path).await.unwrap_or(false) {
+                        n = self.find_feed_head(n + 1).await?;
+                        continue;
+                    }
                     return Err(Error::Storage {
                         context: format!("appending {path}"),
                         source: e,
