@@ -878,11 +878,12 @@ async fn get_locator(
             Some(c) if matches!(&c.value, Parsed::Announcement(a) if a.expires_at > now && a.locators.contains(&loc)) => {
                 out.push(c)
             }
-            Some(c) if matches!(&c.value, Parsed::Announcement(a) if a.expires_at > now) => {
-                // The agent no longer holds it.
+            _ => {
+                // Expired, gone, or the agent no longer holds it: the marker
+                // is stale. (Markers are written after their announcement,
+                // and a re-announcement writes them again.)
                 repo.delete_quietly(&format!("{prefix}{name}")).await;
             }
-            _ => {}
         }
     }
     Ok(frames_response(out))

@@ -12,14 +12,20 @@
 //! budget. An agent is expanded once, with the best budget any path gives it
 //! (a path that reaches it with less budget can never reach further), which
 //! also makes cycles harmless. Cost is linear in the grants reachable from
-//! the root, and a single check stops as soon as the target is reached.
+//! the root. A search answers every target at once, so it is cached per
+//! (root, max_hops, scope) until the grants change or a grant it looked at
+//! enters or leaves its validity window; repeated checks cost a look-up and
+//! walking the chain back.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use crate::identity::AgentId;
 use crate::record::SignedRecord;
 
-use super::records::{GrantId, Invalid, Reason, Revocation, TrustGrant};
+use super::records::{
+    GrantId, Invalid, MAX_CLOCK_SKEW_SECS, MAX_GRANT_VALIDITY_SECS, Reason, Revocation, TrustGrant,
+};
 
 /// Most grant records a peer may present as its proof chain. A chain is at
 /// most 255 hops, but nobody needs more than a few; this bounds the work an
@@ -89,6 +95,7 @@ impl RevocationSet {
 const NO_SCOPE: u32 = u32::MAX;
 const NO_PARENT: u32 = u32::MAX;
 
+/// Everything about a grant (cold data, looked at when building answers).
 #[derive(Debug, Clone)]
 struct Entry {
     issuer: u32,
@@ -103,20 +110,77 @@ struct Entry {
     record: Option<SignedRecord>,
 }
 
-impl Entry {
-    fn usable(&self, now: u64, scope: u32) -> bool {
-        !self.revoked
-            && (self.scope == NO_SCOPE || self.scope == scope)
-            && self.grant_window_ok(now)
+/// What a search needs of a grant, stored inline in the issuer's adjacency
+/// list so a traversal reads contiguous memory (32 bytes per edge).
+#[derive(Debug, Clone, Copy)]
+struct Edge {
+    not_before: u64,
+    not_after: u64,
+    subject: u32,
+    scope: u32,
+    grant: u32,
+    depth: u8,
+    revoked: bool,
+}
+
+impl Edge {
+    fn of(e: &Entry, grant: u32) -> Self {
+        Edge {
+            not_before: e.not_before,
+            not_after: e.not_after,
+            subject: e.subject,
+            scope: e.scope,
+            grant,
+            depth: e.depth,
+            revoked: e.revoked,
+        }
     }
 
-    fn grant_window_ok(&self, now: u64) -> bool {
-        // Same rule as TrustGrant::is_active, on the compact entry.
-        self.not_before <= now.saturating_add(super::records::MAX_CLOCK_SKEW_SECS)
+    fn in_scope(&self, scope: u32) -> bool {
+        !self.revoked && (self.scope == NO_SCOPE || self.scope == scope)
+    }
+
+    /// Same rule as [`TrustGrant::is_active`], on the compact edge.
+    fn window_ok(&self, now: u64) -> bool {
+        self.not_before <= now.saturating_add(MAX_CLOCK_SKEW_SECS)
             && now < self.not_after
-            && self.not_after <= now.saturating_add(super::records::MAX_GRANT_VALIDITY_SECS)
+            && self.not_after <= now.saturating_add(MAX_GRANT_VALIDITY_SECS)
+    }
+
+    /// The next instant after `now` at which [`Self::window_ok`] changes
+    /// (u64::MAX: never again), so a cached search knows when it goes stale.
+    fn next_flip(&self, now: u64) -> u64 {
+        if now >= self.not_after {
+            return u64::MAX; // expired for good
+        }
+        let starts = self.not_before.saturating_sub(MAX_CLOCK_SKEW_SECS);
+        let close_enough = self.not_after.saturating_sub(MAX_GRANT_VALIDITY_SECS);
+        if self.window_ok(now) {
+            self.not_after
+        } else {
+            // Not yet usable: it becomes usable (or expires) at one of these.
+            [starts, close_enough, self.not_after]
+                .into_iter()
+                .filter(|t| *t > now)
+                .min()
+                .unwrap_or(u64::MAX)
+        }
     }
 }
+
+/// Recent full searches, keyed by (root, max_hops, scope). Any change to
+/// the grants or revocations clears it; an entry also expires at the first
+/// instant a grant it looked at enters or leaves its validity window.
+#[derive(Debug, Default)]
+struct SearchCache(Mutex<HashMap<(u32, u8, u32), Arc<Search>>>);
+
+impl Clone for SearchCache {
+    fn clone(&self) -> Self {
+        SearchCache::default()
+    }
+}
+
+const MAX_CACHED_SEARCHES: usize = 64;
 
 /// The grants and revocations an agent knows, indexed for chain queries.
 /// Only the newest grant (highest `seq`) per (issuer, subject) pair is kept:
@@ -126,19 +190,25 @@ pub struct TrustEngine {
     agents: Vec<AgentId>,
     agent_index: HashMap<AgentId, u32>,
     grants: Vec<Entry>,
-    by_issuer: Vec<Vec<u32>>,
+    by_issuer: Vec<Vec<Edge>>,
     by_pair: HashMap<(u32, u32), u32>,
     by_id: HashMap<GrantId, u32>,
     scopes: Vec<String>,
     scope_index: HashMap<String, u32>,
     revocations: RevocationSet,
+    cache: SearchCache,
 }
 
 /// What a search leaves behind: each reached agent's best remaining budget
 /// (-1: not reached) and the grant that gave it.
+#[derive(Debug)]
 struct Search {
     best: Vec<i16>,
     parent: Vec<u32>,
+    /// The search was done at this time…
+    at: u64,
+    /// …and holds until this time (exclusive).
+    until: u64,
 }
 
 impl TrustEngine {
@@ -231,15 +301,23 @@ impl TrustEngine {
                 self.by_id.remove(&old.id);
                 *old = entry;
                 self.by_id.insert(id, gi);
+                let edge = Edge::of(old, gi);
+                if let Some(slot) = self.by_issuer[issuer as usize]
+                    .iter_mut()
+                    .find(|e| e.grant == gi)
+                {
+                    *slot = edge;
+                }
             }
             None => {
                 let gi = self.grants.len() as u32;
+                self.by_issuer[issuer as usize].push(Edge::of(&entry, gi));
                 self.grants.push(entry);
-                self.by_issuer[issuer as usize].push(gi);
                 self.by_pair.insert((issuer, subject), gi);
                 self.by_id.insert(id, gi);
             }
         }
+        self.invalidate();
         true
     }
 
@@ -256,8 +334,13 @@ impl TrustEngine {
         let new = self.revocations.insert(rev);
         if let Some(&gi) = self.by_id.get(&rev.grant_id) {
             let e = &mut self.grants[gi as usize];
-            if self.agents[e.issuer as usize] == rev.issuer {
+            if self.agents[e.issuer as usize] == rev.issuer && !e.revoked {
                 e.revoked = true;
+                let issuer = e.issuer as usize;
+                if let Some(slot) = self.by_issuer[issuer].iter_mut().find(|e| e.grant == gi) {
+                    slot.revoked = true;
+                }
+                self.invalidate();
             }
         }
         new
@@ -270,7 +353,7 @@ impl TrustEngine {
         };
         self.by_issuer[i as usize]
             .iter()
-            .map(|&gi| self.to_grant(&self.grants[gi as usize]))
+            .map(|e| self.to_grant(&self.grants[e.grant as usize]))
             .collect()
     }
 
@@ -309,11 +392,39 @@ impl TrustEngine {
         }
     }
 
-    fn search(&self, root: u32, max_hops: u8, now: u64, scope: u32, stop: Option<u32>) -> Search {
+    fn invalidate(&mut self) {
+        if let Ok(c) = self.cache.0.get_mut() {
+            c.clear();
+        }
+    }
+
+    /// A full search from `root`, from the cache when one is still valid at
+    /// `now`, otherwise computed and cached.
+    fn search_cached(&self, root: u32, max_hops: u8, now: u64, scope: u32) -> Arc<Search> {
+        let key = (root, max_hops, scope);
+        if let Ok(c) = self.cache.0.lock()
+            && let Some(s) = c.get(&key)
+            && s.at <= now
+            && now < s.until
+        {
+            return s.clone();
+        }
+        let s = Arc::new(self.search(root, max_hops, now, scope));
+        if let Ok(mut c) = self.cache.0.lock() {
+            if c.len() >= MAX_CACHED_SEARCHES {
+                c.clear();
+            }
+            c.insert(key, s.clone());
+        }
+        s
+    }
+
+    fn search(&self, root: u32, max_hops: u8, now: u64, scope: u32) -> Search {
         let n = self.agents.len();
         let mut best = vec![-1i16; n];
         let mut parent = vec![NO_PARENT; n];
         let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); max_hops as usize + 1];
+        let mut until = u64::MAX;
         best[root as usize] = max_hops as i16;
         buckets[max_hops as usize].push(root);
         for b in (1..=max_hops as usize).rev() {
@@ -322,25 +433,30 @@ impl TrustEngine {
                 if best[v as usize] as usize != b {
                     continue; // reached again later with a better budget
                 }
-                for &gi in &self.by_issuer[v as usize] {
-                    let e = &self.grants[gi as usize];
-                    if !e.usable(now, scope) {
+                for e in &self.by_issuer[v as usize] {
+                    if !e.in_scope(scope) {
+                        continue;
+                    }
+                    until = until.min(e.next_flip(now));
+                    if !e.window_ok(now) {
                         continue;
                     }
                     let w = e.subject as usize;
                     let nb = (b - 1).min(e.depth as usize) as i16;
                     if best[w] < nb {
                         best[w] = nb;
-                        parent[w] = gi;
-                        if stop == Some(e.subject) {
-                            return Search { best, parent };
-                        }
+                        parent[w] = e.grant;
                         buckets[nb as usize].push(e.subject);
                     }
                 }
             }
         }
-        Search { best, parent }
+        Search {
+            best,
+            parent,
+            at: now,
+            until,
+        }
     }
 
     fn chain_to(&self, s: &Search, root: u32, target: u32) -> Option<Chain> {
@@ -394,7 +510,7 @@ impl TrustEngine {
         if r == t || max_hops == 0 {
             return None;
         }
-        let s = self.search(r, max_hops, now, self.resolve_scope(scope), Some(t));
+        let s = self.search_cached(r, max_hops, now, self.resolve_scope(scope));
         self.chain_to(&s, r, t)
     }
 
@@ -419,7 +535,7 @@ impl TrustEngine {
         if max_hops == 0 {
             return out;
         }
-        let s = self.search(r, max_hops, now, self.resolve_scope(scope), None);
+        let s = self.search_cached(r, max_hops, now, self.resolve_scope(scope));
         for (i, b) in s.best.iter().enumerate() {
             if *b >= 0
                 && i as u32 != r
@@ -440,7 +556,7 @@ impl TrustEngine {
         if max_hops == 0 {
             return Vec::new();
         }
-        let s = self.search(r, max_hops, now, self.resolve_scope(None), None);
+        let s = self.search_cached(r, max_hops, now, self.resolve_scope(None));
         s.best
             .iter()
             .enumerate()
@@ -901,7 +1017,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(400))]
 
         #[test]
-        fn engine_matches_reference((grants, revoked) in graph(), root in 0u8..8, max_hops in 0u8..6, now in 0u64..100, scoped_query in any::<bool>()) {
+        fn engine_matches_reference((grants, revoked) in graph(), root in 0u8..8, max_hops in 0u8..6, nows in proptest::collection::vec(0u64..130, 1..5), scoped_query in any::<bool>()) {
             let ids = ids();
             let mut e = TrustEngine::new();
             // interleave: revocations before and after the grants they name
@@ -924,6 +1040,9 @@ mod tests {
                     e.add_revocation(&Revocation { issuer: tg.issuer, grant_id: tg.id(), seq: 0, revoked_at: 0 });
                 }
             }
+            // several instants against the same engine: exercises the
+            // time-bounded search cache (including time going backwards)
+            for now in nows {
             let scope = scoped_query.then_some("s");
             let want = reference(&grants, &revoked, root, max_hops, now, scope);
             let set = e.trusted_set_in_scope(&ids[root as usize], max_hops, now, scope);
@@ -940,6 +1059,7 @@ mod tests {
                 let mut only: Vec<u8> = e.trusted_ids(&ids[root as usize], max_hops, now).iter().map(|a| a.0[0]).collect();
                 only.sort();
                 prop_assert_eq!(only, want.keys().copied().collect::<Vec<_>>());
+            }
             }
         }
     }
