@@ -745,6 +745,15 @@ mod tests {
     }
 
     #[test]
+    fn engine_and_client_can_be_shared_across_tasks() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<TrustEngine>();
+        shareable::<RevocationSet>();
+        shareable::<crate::repository::RepositoryClient>();
+        shareable::<crate::repository::Repository>();
+    }
+
+    #[test]
     fn depth_example_from_the_design() {
         // A→B depth 2, B→C depth 1, C→D depth 0, D→E depth 5.
         let mut e = TrustEngine::new();
