@@ -47,8 +47,10 @@ pub mod metrics;
 pub mod node;
 pub mod publish;
 pub mod record;
+pub mod repository;
 pub mod share;
 pub mod store;
+pub mod trust;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -1,0 +1,1170 @@
+//! The repository HTTP server.
+//!
+//! State lives entirely in OpenDAL storage, laid out as:
+//!
+//! | path | content |
+//! |---|---|
+//! | `records/announcement/<agent hex>` | the agent's newest announcement |
+//! | `records/grant/<issuer hex>/<subject hex>` | the newest grant for the pair |
+//! | `records/revocation/<issuer hex>/<grant id hex>` | a revocation |
+//! | `index/locator/<locator hex>/<agent hex>` | empty marker: agent announced locator |
+//! | `index/grant-subject/<subject hex>/<issuer hex>` | empty marker: a grant for subject |
+//! | `feed/<n, 20 digits>` | the n-th revocation of the feed (0-based) |
+//!
+//! **Replicas.** Look-ups read through to storage on every request (a small
+//! in-memory cache only saves re-verifying the signature of bytes already
+//! seen), so every replica on the same storage answers the same, and a
+//! restart loses nothing: the only state "loaded on start" is the feed head.
+//! Index markers are hints: a look-up re-checks the announcement it points
+//! at and deletes markers that went stale.
+//!
+//! **Two writers.** Within one replica, writes to the same key are
+//! serialised, so the "newer sequence number only" rule is exact. Across
+//! replicas the read-check-write is not atomic on plain object stores: two
+//! concurrent writes for one key may leave the older of the two stored. A
+//! writer re-reads after writing and rewrites (bounded) when it finds an
+//! older record, and agents re-announce periodically and readers keep the
+//! highest sequence number across repositories, so this heals. Feed entries
+//! are created with `if_not_exists` (atomic on memory, s3 with conditional
+//! writes, and fs without `atomic_write_dir`; a narrow race with it), and a
+//! writer that loses a number takes the next, so the feed stays gap-free.
+//! A revocation is appended to the feed *before* its record is stored, so a
+//! crash in between leaves a retry possible (a duplicate feed entry is
+//! harmless: revocations are idempotent).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::TryStreamExt;
+use opendal::{ErrorKind, Operator};
+use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::identity::AgentId;
+use crate::record::{Kind, SignedRecord};
+use crate::trust::records::{hex, parse_hex32};
+use crate::trust::{
+    Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record, unix_now,
+};
+
+use super::{FRAMES_CONTENT_TYPE, MAX_FRAMES, MAX_RECORD_BYTES, NEXT_CURSOR_HEADER, encode_frames};
+
+/// Tunables of a repository server.
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    /// Largest request body accepted (bytes).
+    pub max_body_bytes: usize,
+    /// Steady request rate allowed per client IP (requests per second).
+    pub rate_per_second: f64,
+    /// Burst allowed per client IP above the steady rate.
+    pub rate_burst: u32,
+    /// Most records returned by one look-up or feed page.
+    pub max_results: usize,
+    /// Verified-record cache size (entries); it only saves signature checks.
+    pub cache_entries: usize,
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        RepositoryConfig {
+            max_body_bytes: MAX_RECORD_BYTES,
+            rate_per_second: 50.0,
+            rate_burst: 200,
+            max_results: MAX_FRAMES,
+            cache_entries: 100_000,
+        }
+    }
+}
+
+/// A record as the server keeps it after checking: the verified bytes and
+/// the opened value.
+#[derive(Debug, Clone)]
+enum Parsed {
+    Announcement(Announcement),
+    Grant(TrustGrant),
+    Revocation(Revocation),
+}
+
+impl Parsed {
+    fn seq(&self) -> u64 {
+        match self {
+            Parsed::Announcement(a) => a.seq,
+            Parsed::Grant(g) => g.seq,
+            Parsed::Revocation(r) => r.seq,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Cached {
+    bytes: Vec<u8>,
+    value: Parsed,
+}
+
+struct Metrics {
+    registry: Registry,
+    accepted: IntCounterVec,
+    rejected: IntCounterVec,
+    lookups: IntCounterVec,
+    rate_limited: IntCounter,
+    storage_errors: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> Result<Self> {
+        let registry = Registry::new();
+        let m = |e: prometheus::Error| Error::Config(format!("metrics: {e}"));
+        let accepted = IntCounterVec::new(
+            Opts::new(
+                "caravan_repository_records_accepted_total",
+                "Records accepted, by kind",
+            ),
+            &["kind"],
+        )
+        .map_err(m)?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "caravan_repository_records_rejected_total",
+                "Records refused, by reason",
+            ),
+            &["reason"],
+        )
+        .map_err(m)?;
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "caravan_repository_lookups_total",
+                "Look-ups served, by kind",
+            ),
+            &["kind"],
+        )
+        .map_err(m)?;
+        let rate_limited = IntCounter::new(
+            "caravan_repository_rate_limited_total",
+            "Requests refused by the per-client rate limit",
+        )
+        .map_err(m)?;
+        let storage_errors = IntCounter::new(
+            "caravan_repository_storage_errors_total",
+            "Storage operations that failed",
+        )
+        .map_err(m)?;
+        registry.register(Box::new(accepted.clone())).map_err(m)?;
+        registry.register(Box::new(rejected.clone())).map_err(m)?;
+        registry.register(Box::new(lookups.clone())).map_err(m)?;
+        registry
+            .register(Box::new(rate_limited.clone()))
+            .map_err(m)?;
+        registry
+            .register(Box::new(storage_errors.clone()))
+            .map_err(m)?;
+        Ok(Metrics {
+            registry,
+            accepted,
+            rejected,
+            lookups,
+            rate_limited,
+            storage_errors,
+        })
+    }
+}
+
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+const WRITE_STRIPES: usize = 64;
+const MAX_RATE_CLIENTS: usize = 100_000;
+const WRITE_RECHECKS: usize = 3;
+const FEED_ATTEMPTS: usize = 32;
+
+/// A repository: storage, caches, limits and metrics. Cheap to share (`Arc`).
+pub struct Repository {
+    op: Operator,
+    cfg: RepositoryConfig,
+    metrics: Metrics,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    feed_lock: tokio::sync::Mutex<u64>,
+    cache: Mutex<HashMap<String, Arc<Cached>>>,
+    feed_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+/// Why a request failed, as the HTTP answer will say it.
+#[derive(Debug)]
+enum ApiError {
+    Refused(Invalid),
+    NotFound(String),
+    BadRequest(String),
+    Storage(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    detail: &'a str,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, detail) = match &self {
+            ApiError::Refused(inv) => {
+                let status = match inv.reason {
+                    Reason::Oversize => StatusCode::PAYLOAD_TOO_LARGE,
+                    Reason::Stale => StatusCode::CONFLICT,
+                    Reason::Expired | Reason::FarFuture => StatusCode::UNPROCESSABLE_ENTITY,
+                    Reason::WrongKind => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    Reason::Forged | Reason::WrongSigner => StatusCode::FORBIDDEN,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                (status, inv.reason.as_str(), inv.detail.as_str())
+            }
+            ApiError::NotFound(d) => (StatusCode::NOT_FOUND, "not_found", d.as_str()),
+            ApiError::BadRequest(d) => (StatusCode::BAD_REQUEST, "bad_request", d.as_str()),
+            ApiError::Storage(d) => (StatusCode::SERVICE_UNAVAILABLE, "storage", d.as_str()),
+        };
+        let body = serde_json::to_string(&ErrorBody {
+            error: code,
+            detail,
+        })
+        .unwrap_or_else(|_| "{\"error\":\"internal\"}".into());
+        (
+            status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::Refused(e)
+    }
+}
+
+/// The JSON receipt of an accepted record.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Receipt {
+    /// The record kind's tag (`announcement`, `trust-grant`, `revocation`).
+    pub kind: String,
+    /// The storage key the record now lives under.
+    pub key: String,
+    /// For revocations: the feed number it was appended as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feed_seq: Option<u64>,
+}
+
+fn is_not_found(e: &opendal::Error) -> bool {
+    e.kind() == ErrorKind::NotFound
+}
+
+fn announcement_path(agent: &AgentId) -> String {
+    format!("records/announcement/{}", hex(&agent.0))
+}
+fn grant_path(issuer: &AgentId, subject: &AgentId) -> String {
+    format!("records/grant/{}/{}", hex(&issuer.0), hex(&subject.0))
+}
+fn revocation_path(issuer: &AgentId, id: &GrantId) -> String {
+    format!("records/revocation/{}/{}", hex(&issuer.0), id.to_hex())
+}
+fn locator_marker(locator: &[u8; 32], agent: &AgentId) -> String {
+    format!("index/locator/{}/{}", hex(locator), hex(&agent.0))
+}
+fn subject_marker(subject: &AgentId, issuer: &AgentId) -> String {
+    format!("index/grant-subject/{}/{}", hex(&subject.0), hex(&issuer.0))
+}
+fn feed_path(n: u64) -> String {
+    format!("feed/{n:020}")
+}
+
+impl Repository {
+    /// Opens a repository on `op`: checks that storage answers and finds the
+    /// head of the revocation feed. Everything else is read on demand.
+    pub async fn open(op: Operator, cfg: RepositoryConfig) -> Result<Arc<Self>> {
+        let repo = Repository {
+            op,
+            cfg,
+            metrics: Metrics::new()?,
+            stripes: (0..WRITE_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            feed_lock: tokio::sync::Mutex::new(0),
+            cache: Mutex::new(HashMap::new()),
+            feed_cache: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+        };
+        let head = repo.find_feed_head(0).await?;
+        *repo.feed_lock.lock().await = head;
+        tracing::info!(feed_head = head, "repository storage opened");
+        Ok(Arc::new(repo))
+    }
+
+    /// The axum router serving the API (with body limit, rate limit, metrics).
+    /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()`:
+    /// the per-client rate limit keys on the peer address (proxy headers are
+    /// deliberately not trusted).
+    pub fn router(self: &Arc<Self>) -> Router {
+        let api = Router::new()
+            .route("/v1/records", post(post_record))
+            .route("/v1/announcements/{agent}", get(get_announcement))
+            .route("/v1/locators/{locator}", get(get_locator))
+            .route("/v1/grants/by-issuer/{agent}", get(get_grants_by_issuer))
+            .route("/v1/grants/by-subject/{agent}", get(get_grants_by_subject))
+            .route(
+                "/v1/revocations/by-issuer/{agent}",
+                get(get_revocations_by_issuer),
+            )
+            .route("/v1/revocations", get(get_feed))
+            .layer(middleware::from_fn_with_state(self.clone(), rate_limit))
+            .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes));
+        Router::new()
+            .route("/metrics", get(get_metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .merge(api)
+            .with_state(self.clone())
+    }
+
+    fn storage_error(&self, e: Error) -> ApiError {
+        self.metrics.storage_errors.inc();
+        tracing::warn!(error = %e, "repository storage error");
+        ApiError::Storage(e.to_string())
+    }
+
+    fn stripe(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        let h = blake3::hash(key.as_bytes());
+        &self.stripes[h.as_bytes()[0] as usize % WRITE_STRIPES]
+    }
+
+    async fn read_raw(&self, path: &str) -> Result<Option<Vec<u8>>> {
+        match self.op.read(path).await {
+            Ok(buf) => Ok(Some(buf.to_vec())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Error::Storage {
+                context: format!("reading {path}"),
+                source: e,
+            }),
+        }
+    }
+
+    /// Reads and opens the record at `path`; bytes that no longer verify
+    /// (storage tampering, a torn write) count as absent.
+    async fn read_record(&self, path: &str) -> Result<Option<Arc<Cached>>> {
+        let Some(bytes) = self.read_raw(path).await? else {
+            return Ok(None);
+        };
+        if let Ok(cache) = self.cache.lock()
+            && let Some(c) = cache.get(path)
+            && c.bytes == bytes
+        {
+            return Ok(Some(c.clone()));
+        }
+        let Ok(value) = parse_any(&bytes) else {
+            tracing::warn!(path, "stored record does not verify; ignoring it");
+            return Ok(None);
+        };
+        let c = Arc::new(Cached { bytes, value });
+        self.remember(path, c.clone());
+        Ok(Some(c))
+    }
+
+    fn remember(&self, path: &str, c: Arc<Cached>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= self.cfg.cache_entries {
+                cache.clear();
+            }
+            cache.insert(path.to_string(), c);
+        }
+    }
+
+    async fn list_names(&self, prefix: &str, max: usize) -> Result<Vec<String>> {
+        let lister = match self.op.lister(prefix).await {
+            Ok(l) => l,
+            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(Error::Storage {
+                    context: format!("listing {prefix}"),
+                    source: e,
+                });
+            }
+        };
+        let mut names = Vec::new();
+        let mut lister = lister;
+        while names.len() < max {
+            match lister.try_next().await {
+                Ok(Some(entry)) => {
+                    let name = entry.name().trim_end_matches('/');
+                    if !name.is_empty() && entry.path() != prefix {
+                        names.push(name.to_string());
+                    }
+                }
+                Ok(None) => break,
+                Err(e) if is_not_found(&e) => break,
+                Err(e) => {
+                    return Err(Error::Storage {
+                        context: format!("listing {prefix}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Stores `bytes` at `path` unless an equal-or-newer record is there,
+    /// then re-reads to make sure a concurrent writer (another replica) did
+    /// not leave an older record in place.
+    async fn store_if_newer(
+        &self,
+        path: &str,
+        bytes: &[u8],
+        value: &Parsed,
+    ) -> Result<std::result::Result<(), Invalid>> {
+        let _guard = self.stripe(path).lock().await;
+        for _ in 0..WRITE_RECHECKS {
+            if let Some(existing) = self.read_record(path).await? {
+                if existing.bytes == bytes {
+                    return Ok(Ok(()));
+                }
+                if existing.value.seq() >= value.seq() {
+                    return Ok(Err(Invalid::new(
+                        Reason::Stale,
+                        format!(
+                            "sequence number {} is not newer than the stored {}",
+                            value.seq(),
+                            existing.value.seq()
+                        ),
+                    )));
+                }
+            }
+            self.op
+                .write(path, bytes.to_vec())
+                .await
+                .context(|| format!("writing {path}"))?;
+            self.remember(
+                path,
+                Arc::new(Cached {
+                    bytes: bytes.to_vec(),
+                    value: value.clone(),
+                }),
+            );
+            // Loop re-reads: if our bytes are there (or a newer record), done.
+            match self.read_record(path).await? {
+                Some(now) if now.bytes == bytes || now.value.seq() > value.seq() => {
+                    return Ok(Ok(()));
+                }
+                _ => continue,
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    async fn put_marker(&self, path: &str) -> Result<()> {
+        self.op
+            .write(path, Vec::<u8>::new())
+            .await
+            .map(|_| ())
+            .context(|| format!("writing {path}"))
+    }
+
+    async fn delete_quietly(&self, path: &str) {
+        if let Err(e) = self.op.delete(path).await {
+            tracing::debug!(path, error = %e, "could not delete stale index marker");
+        }
+    }
+
+    /// First feed number not yet written, at or after `from` (entries are
+    /// contiguous, so galloping then bisecting on `exists` finds it).
+    async fn find_feed_head(&self, from: u64) -> Result<u64> {
+        let exists = |n: u64| {
+            let p = feed_path(n);
+            async move { self.op.exists(&p).await.context(|| format!("checking {p}")) }
+        };
+        if !exists(from).await? {
+            return Ok(from);
+        }
+        let (mut lo, mut step) = (from, 1u64);
+        // lo exists; find hi = lo + step that does not.
+        for _ in 0..64 {
+            if exists(lo.saturating_add(step)).await? {
+                lo = lo.saturating_add(step);
+                step = step.saturating_mul(2);
+            } else {
+                break;
+            }
+        }
+        let mut hi = lo.saturating_add(step);
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if exists(mid).await? {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Ok(hi)
+    }
+
+    async fn append_feed(&self, bytes: &[u8]) -> Result<u64> {
+        let mut head = self.feed_lock.lock().await;
+        let mut n = self.find_feed_head(*head).await?;
+        for _ in 0..FEED_ATTEMPTS {
+            let path = feed_path(n);
+            match self
+                .op
+                .write_with(&path, bytes.to_vec())
+                .if_not_exists(true)
+                .await
+            {
+                Ok(_) => {
+                    *head = n + 1;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == ErrorKind::ConditionNotMatch => {
+                    n = self.find_feed_head(n + 1).await?;
+                }
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    if self
+                        .op
+                        .exists(&path)
+                        .await
+                        .context(|| format!("checking {path}"))?
+                    {
+                        n = self.find_feed_head(n + 1).await?;
+                        continue;
+                    }
+                    self.op
+                        .write(&path, bytes.to_vec())
+                        .await
+                        .context(|| format!("writing {path}"))?;
+                    *head = n + 1;
+                    return Ok(n);
+                }
+                Err(e) => {
+                    // Some S3 implementations answer a failed precondition
+                    // with another status (moto: 403); if the entry exists
+                    // now, somebody else took this number.
+                    if self.op.exists(&path).await.unwrap_or(false) {
+                        n = self.find_feed_head(n + 1).await?;
+                        continue;
+                    }
+                    return Err(Error::Storage {
+                        context: format!("appending {path}"),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Err(Error::Protocol(format!(
+            "could not append to the revocation feed after {FEED_ATTEMPTS} attempts (contention)"
+        )))
+    }
+
+    /// Checks and stores one record (the body of `POST /v1/records`).
+    async fn accept(&self, bytes: &[u8]) -> std::result::Result<Receipt, ApiError> {
+        let now = unix_now();
+        let rec = decode_record(bytes)?;
+        let value = open_checked(&rec, now)?;
+        let storage = |e| self.storage_error(e);
+        match &value {
+            Parsed::Announcement(a) => {
+                let path = announcement_path(&a.agent);
+                let previous = self.read_record(&path).await.map_err(storage)?;
+                self.store_if_newer(&path, bytes, &value)
+                    .await
+                    .map_err(storage)??;
+                for loc in &a.locators {
+                    self.put_marker(&locator_marker(loc, &a.agent))
+                        .await
+                        .map_err(storage)?;
+                }
+                if let Some(prev) = previous
+                    && let Parsed::Announcement(old) = &prev.value
+                {
+                    for loc in old.locators.iter().filter(|l| !a.locators.contains(l)) {
+                        self.delete_quietly(&locator_marker(loc, &a.agent)).await;
+                    }
+                }
+                Ok(Receipt {
+                    kind: rec.kind.tag().into(),
+                    key: path,
+                    feed_seq: None,
+                })
+            }
+            Parsed::Grant(g) => {
+                let path = grant_path(&g.issuer, &g.subject);
+                self.store_if_newer(&path, bytes, &value)
+                    .await
+                    .map_err(storage)??;
+                self.put_marker(&subject_marker(&g.subject, &g.issuer))
+                    .await
+                    .map_err(storage)?;
+                Ok(Receipt {
+                    kind: rec.kind.tag().into(),
+                    key: path,
+                    feed_seq: None,
+                })
+            }
+            Parsed::Revocation(r) => {
+                let path = revocation_path(&r.issuer, &r.grant_id);
+                let _guard = self.stripe(&path).lock().await;
+                if let Some(existing) = self.read_record(&path).await.map_err(storage)?
+                    && existing.value.seq() >= r.seq
+                {
+                    return Err(Invalid::new(
+                        Reason::Stale,
+                        format!(
+                            "revocation sequence number {} is not newer than the stored {}",
+                            r.seq,
+                            existing.value.seq()
+                        ),
+                    )
+                    .into());
+                }
+                let n = self.append_feed(bytes).await.map_err(storage)?;
+                self.op
+                    .write(&path, bytes.to_vec())
+                    .await
+                    .context(|| format!("writing {path}"))
+                    .map_err(storage)?;
+                Ok(Receipt {
+                    kind: rec.kind.tag().into(),
+                    key: path,
+                    feed_seq: Some(n),
+                })
+            }
+        }
+    }
+
+    /// Checks and stores one record in-process, exactly as `POST
+    /// /v1/records` would (for embedding a repository, tools and benches).
+    /// Refusals come back as [`Error::Record`] naming the reason.
+    pub async fn submit(&self, bytes: &[u8]) -> Result<Receipt> {
+        self.accept(bytes).await.map_err(|e| match e {
+            ApiError::Refused(inv) => Error::from(inv),
+            ApiError::NotFound(d) => Error::NotFound(d),
+            ApiError::BadRequest(d) => Error::Protocol(d),
+            ApiError::Storage(d) => Error::Protocol(format!("storage: {d}")),
+        })
+    }
+
+    fn allow(&self, ip: IpAddr) -> bool {
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return true;
+        };
+        let now = Instant::now();
+        if buckets.len() >= MAX_RATE_CLIENTS {
+            let rate = self.cfg.rate_per_second.max(1e-9);
+            let burst = self.cfg.rate_burst as f64;
+            // Drop clients whose bucket has refilled anyway.
+            buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
+            if buckets.len() >= MAX_RATE_CLIENTS {
+                buckets.clear();
+            }
+        }
+        let burst = self.cfg.rate_burst.max(1) as f64;
+        let b = buckets.entry(ip).or_insert(TokenBucket {
+            tokens: burst,
+            last: now,
+        });
+        let elapsed = now.duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.cfg.rate_per_second).min(burst);
+        b.last = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Opens a verified record of any repository kind, checking signer, bounds
+/// and the clock.
+fn open_checked(rec: &SignedRecord, now: u64) -> std::result::Result<Parsed, Invalid> {
+    Ok(match rec.kind {
+        Kind::Announcement => {
+            let a = Announcement::from_record(rec)?;
+            a.check_window(now)?;
+            Parsed::Announcement(a)
+        }
+        Kind::TrustGrant => {
+            let g = TrustGrant::from_record(rec)?;
+            g.check_window(now)?;
+            Parsed::Grant(g)
+        }
+        Kind::Revocation => {
+            let r = Revocation::from_record(rec)?;
+            r.check_time(now)?;
+            Parsed::Revocation(r)
+        }
+        other => {
+            return Err(Invalid::new(
+                Reason::WrongKind,
+                format!("a repository does not store {} records", other.tag()),
+            ));
+        }
+    })
+}
+
+/// Decodes stored bytes without the clock (expiry is checked at look-up).
+fn parse_any(bytes: &[u8]) -> std::result::Result<Parsed, Invalid> {
+    let rec = decode_record(bytes)?;
+    Ok(match rec.kind {
+        Kind::Announcement => Parsed::Announcement(Announcement::from_record(&rec)?),
+        Kind::TrustGrant => Parsed::Grant(TrustGrant::from_record(&rec)?),
+        Kind::Revocation => Parsed::Revocation(Revocation::from_record(&rec)?),
+        other => {
+            return Err(Invalid::new(
+                Reason::WrongKind,
+                format!("unexpected {} record in storage", other.tag()),
+            ));
+        }
+    })
+}
+
+async fn rate_limit(
+    State(repo): State<Arc<Repository>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if repo.allow(addr.ip()) {
+        next.run(req).await
+    } else {
+        repo.metrics.rate_limited.inc();
+        let body =
+            r#"{"error":"rate_limited","detail":"too many requests from this address; slow down"}"#;
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                ),
+                (header::RETRY_AFTER, HeaderValue::from_static("1")),
+            ],
+            body,
+        )
+            .into_response()
+    }
+}
+
+async fn post_record(
+    State(repo): State<Arc<Repository>>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = match body {
+        Ok(bytes) => repo.accept(&bytes).await,
+        Err(rej) => Err(ApiError::Refused(Invalid::new(
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Reason::Oversize
+            } else {
+                Reason::Malformed
+            },
+            rej.body_text(),
+        ))),
+    };
+    match result {
+        Ok(receipt) => {
+            repo.metrics
+                .accepted
+                .with_label_values(&[receipt.kind.as_str()])
+                .inc();
+            axum::Json(receipt).into_response()
+        }
+        Err(e) => {
+            if let ApiError::Refused(inv) = &e {
+                repo.metrics
+                    .rejected
+                    .with_label_values(&[inv.reason.as_str()])
+                    .inc();
+                tracing::debug!(reason = %inv.reason, detail = %inv.detail, "record refused");
+            }
+            e.into_response()
+        }
+    }
+}
+
+fn parse_agent(s: &str) -> std::result::Result<AgentId, ApiError> {
+    if let Some(raw) = parse_hex32(s) {
+        return Ok(AgentId(raw));
+    }
+    s.parse::<AgentId>()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+fn frames_response(records: Vec<Arc<Cached>>) -> Response {
+    let body = encode_frames(records.iter().map(|c| c.bytes.as_slice()));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(FRAMES_CONTENT_TYPE),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn get_announcement(
+    State(repo): State<Arc<Repository>>,
+    Path(agent): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let agent = parse_agent(&agent)?;
+    repo.metrics
+        .lookups
+        .with_label_values(&["announcement"])
+        .inc();
+    let now = unix_now();
+    match repo
+        .read_record(&announcement_path(&agent))
+        .await
+        .map_err(|e| repo.storage_error(e))?
+    {
+        Some(c) if matches!(&c.value, Parsed::Announcement(a) if a.expires_at > now) => Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            )],
+            c.bytes.clone(),
+        )
+            .into_response()),
+        _ => Err(ApiError::NotFound(format!(
+            "no current announcement for {}",
+            agent.short()
+        ))),
+    }
+}
+
+async fn get_locator(
+    State(repo): State<Arc<Repository>>,
+    Path(locator): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let loc = parse_hex32(&locator)
+        .ok_or_else(|| ApiError::BadRequest("a locator is 64 hex characters".into()))?;
+    repo.metrics.lookups.with_label_values(&["locator"]).inc();
+    let now = unix_now();
+    let prefix = format!("index/locator/{}/", hex(&loc));
+    let names = repo
+        .list_names(&prefix, repo.cfg.max_results)
+        .await
+        .map_err(|e| repo.storage_error(e))?;
+    let mut out = Vec::new();
+    for name in names {
+        let Some(agent) = parse_hex32(&name).map(AgentId) else {
+            continue;
+        };
+        let rec = repo
+            .read_record(&announcement_path(&agent))
+            .await
+            .map_err(|e| repo.storage_error(e))?;
+        match rec {
+            Some(c) if matches!(&c.value, Parsed::Announcement(a) if a.expires_at > now && a.locators.contains(&loc)) => {
+                out.push(c)
+            }
+            _ => {
+                // Expired, gone, or the agent no longer holds it: the marker
+                // is stale. (Markers are written after their announcement,
+                // and a re-announcement writes them again.)
+                repo.delete_quietly(&format!("{prefix}{name}")).await;
+            }
+        }
+    }
+    Ok(frames_response(out))
+}
+
+async fn grants_for(
+    repo: &Repository,
+    paths: Vec<String>,
+) -> std::result::Result<Vec<Arc<Cached>>, ApiError> {
+    let now = unix_now();
+    let mut out = Vec::new();
+    for p in paths {
+        if let Some(c) = repo
+            .read_record(&p)
+            .await
+            .map_err(|e| repo.storage_error(e))?
+            && matches!(&c.value, Parsed::Grant(g) if g.check_window(now).is_ok())
+        {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+async fn get_grants_by_issuer(
+    State(repo): State<Arc<Repository>>,
+    Path(agent): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let issuer = parse_agent(&agent)?;
+    repo.metrics
+        .lookups
+        .with_label_values(&["grants_by_issuer"])
+        .inc();
+    let prefix = format!("records/grant/{}/", hex(&issuer.0));
+    let names = repo
+        .list_names(&prefix, repo.cfg.max_results)
+        .await
+        .map_err(|e| repo.storage_error(e))?;
+    let paths = names.into_iter().map(|n| format!("{prefix}{n}")).collect();
+    Ok(frames_response(grants_for(&repo, paths).await?))
+}
+
+async fn get_grants_by_subject(
+    State(repo): State<Arc<Repository>>,
+    Path(agent): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let subject = parse_agent(&agent)?;
+    repo.metrics
+        .lookups
+        .with_label_values(&["grants_by_subject"])
+        .inc();
+    let prefix = format!("index/grant-subject/{}/", hex(&subject.0));
+    let names = repo
+        .list_names(&prefix, repo.cfg.max_results)
+        .await
+        .map_err(|e| repo.storage_error(e))?;
+    let paths = names
+        .into_iter()
+        .filter_map(|n| parse_hex32(&n).map(|i| grant_path(&AgentId(i), &subject)))
+        .collect();
+    Ok(frames_response(grants_for(&repo, paths).await?))
+}
+
+async fn get_revocations_by_issuer(
+    State(repo): State<Arc<Repository>>,
+    Path(agent): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    let issuer = parse_agent(&agent)?;
+    repo.metrics
+        .lookups
+        .with_label_values(&["revocations_by_issuer"])
+        .inc();
+    let prefix = format!("records/revocation/{}/", hex(&issuer.0));
+    let names = repo
+        .list_names(&prefix, repo.cfg.max_results)
+        .await
+        .map_err(|e| repo.storage_error(e))?;
+    let mut out = Vec::new();
+    for n in names {
+        if let Some(c) = repo
+            .read_record(&format!("{prefix}{n}"))
+            .await
+            .map_err(|e| repo.storage_error(e))?
+        {
+            out.push(c);
+        }
+    }
+    Ok(frames_response(out))
+}
+
+#[derive(Debug, Deserialize)]
+struct FeedQuery {
+    #[serde(default)]
+    cursor: u64,
+    limit: Option<usize>,
+}
+
+async fn get_feed(
+    State(repo): State<Arc<Repository>>,
+    Query(q): Query<FeedQuery>,
+) -> std::result::Result<Response, ApiError> {
+    repo.metrics
+        .lookups
+        .with_label_values(&["revocation_feed"])
+        .inc();
+    let limit = q
+        .limit
+        .unwrap_or(repo.cfg.max_results)
+        .min(repo.cfg.max_results);
+    let mut entries: Vec<Arc<Vec<u8>>> = Vec::new();
+    let mut n = q.cursor;
+    while entries.len() < limit {
+        let cached = repo.feed_cache.lock().ok().and_then(|c| c.get(&n).cloned());
+        let bytes = match cached {
+            Some(b) => b,
+            None => {
+                let Some(raw) = repo
+                    .read_raw(&feed_path(n))
+                    .await
+                    .map_err(|e| repo.storage_error(e))?
+                else {
+                    break;
+                };
+                // An entry that does not verify is being written right now
+                // (or was tampered with): stop before it, the client retries.
+                if decode_record(&raw)
+                    .and_then(|r| Revocation::from_record(&r))
+                    .is_err()
+                {
+                    tracing::warn!(n, "feed entry does not verify; stopping the page before it");
+                    break;
+                }
+                let b = Arc::new(raw);
+                if let Ok(mut c) = repo.feed_cache.lock() {
+                    if c.len() >= repo.cfg.cache_entries {
+                        c.clear();
+                    }
+                    c.insert(n, b.clone());
+                }
+                b
+            }
+        };
+        entries.push(bytes);
+        n += 1;
+    }
+    let body = encode_frames(entries.iter().map(|b| b.as_slice()));
+    let next =
+        HeaderValue::from_str(&n.to_string()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(FRAMES_CONTENT_TYPE),
+            ),
+            (header::HeaderName::from_static(NEXT_CURSOR_HEADER), next),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn get_metrics(State(repo): State<Arc<Repository>>) -> Response {
+    let mut buf = Vec::new();
+    match TextEncoder::new().encode(&repo.metrics.registry.gather(), &mut buf) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            buf,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Serves a repository with default tunables on `addr` until `shutdown`
+/// resolves. This is what `caravan-agent repository` runs.
+pub async fn serve(
+    addr: SocketAddr,
+    op: Operator,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .context(|| format!("binding repository listener on {addr}"))?;
+    serve_with(listener, op, RepositoryConfig::default(), shutdown).await
+}
+
+/// Serves a repository on an already bound listener (tests bind port 0 and
+/// read the address first) with explicit tunables.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    op: Operator,
+    cfg: RepositoryConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let repo = Repository::open(op, cfg).await?;
+    let addr = listener
+        .local_addr()
+        .context(|| "reading the listener address".into())?;
+    tracing::info!(%addr, "repository listening");
+    axum::serve(
+        listener,
+        repo.router()
+            .into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context(|| format!("serving the repository on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SecretKey;
+    use proptest::prelude::*;
+
+    fn repo(rt: &tokio::runtime::Runtime) -> Arc<Repository> {
+        opendal::install_default();
+        let op = Operator::via_iter("memory", Vec::<(String, String)>::new()).unwrap();
+        rt.block_on(Repository::open(op, RepositoryConfig::default()))
+            .unwrap()
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn submit_refuses_each_bit_flip_of_a_grant() {
+        let rt = rt();
+        let r = repo(&rt);
+        let k = SecretKey::from_seed([1; 32]);
+        let now = unix_now();
+        let g = TrustGrant {
+            issuer: k.agent_id(),
+            subject: SecretKey::from_seed([2; 32]).agent_id(),
+            depth: 1,
+            scope: None,
+            not_before: now,
+            not_after: now + 100,
+            seq: 1,
+        };
+        let bytes = SignedRecord::seal(&k, &g).unwrap().to_bytes();
+        for byte in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[byte] ^= 1 << (byte % 8);
+            assert!(
+                rt.block_on(r.submit(&b)).is_err(),
+                "flip in byte {byte} accepted"
+            );
+        }
+        assert!(rt.block_on(r.submit(&bytes)).is_ok());
+    }
+
+    #[test]
+    fn agent_path_parameters() {
+        let id = SecretKey::from_seed([1; 32]).agent_id();
+        assert_eq!(parse_agent(&id.to_string()).unwrap(), id);
+        assert_eq!(parse_agent(&hex(&id.0)).unwrap(), id);
+        assert!(parse_agent("nope").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn submit_never_panics_on_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let rt = rt();
+            let r = repo(&rt);
+            prop_assert!(rt.block_on(r.submit(&b)).is_err());
+        }
+
+        #[test]
+        fn path_parsers_never_panic(s in ".{0,100}") {
+            let _ = parse_agent(&s);
+            let _ = parse_hex32(&s);
+        }
+    }
+}
