@@ -34,9 +34,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 SUMMARY+=("fmt + clippy: clean")
 
 say "S3-compatible server on loopback"
-eval "$(bash tests/s3/moto.sh start)"
+eval "$(bash tests/s3/moto.sh start 9477)"
 export CARAVAN_TEST_S3_ENDPOINT CARAVAN_TEST_S3_BUCKET
-trap 'bash tests/s3/moto.sh stop >/dev/null 2>&1 || true' EXIT
+trap 'bash tests/s3/moto.sh stop 9477 >/dev/null 2>&1 || true' EXIT
 
 say "workspace tests (unit, property, multi-process over loopback, S3, CRD drift)"
 cargo nextest run --workspace --no-fail-fast --failure-output final 2>&1 | tee target/nextest.log
