@@ -16,7 +16,7 @@ use crate::crypto::{Key, TAG_LEN};
 use crate::error::{Error, Result};
 
 /// Smallest chunk the chunker cuts (except at the end of a file).
-pub const MIN_CHUNK: usize = 256 << 10;
+pub const MIN_CHUNK: usize = 512 << 10;
 /// Average chunk size the chunker aims for.
 pub const AVG_CHUNK: usize = 1 << 20;
 /// Largest chunk the chunker cuts.
@@ -164,61 +164,19 @@ pub fn open(r: &ChunkRef, mut ciphertext: Vec<u8>) -> Result<Vec<u8>> {
     Ok(ciphertext)
 }
 
-/// A content-defined chunker over a stream delivered in buffers. Chunks are
-/// zero-copy slices of the buffers whenever they do not straddle two.
-pub struct Chunker {
-    carry: bytes::Bytes,
-}
-
-impl Default for Chunker {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Chunker {
-    /// A chunker with nothing buffered.
-    pub fn new() -> Self {
-        Chunker {
-            carry: bytes::Bytes::new(),
-        }
-    }
-
-    /// Feeds more bytes; returns the complete chunks they finish. The last
-    /// (possibly partial) cut is kept until more data or [`Chunker::finish`].
-    pub fn push(&mut self, data: bytes::Bytes) -> Vec<bytes::Bytes> {
-        let buf = if self.carry.is_empty() {
-            data
-        } else {
-            let mut joined = Vec::with_capacity(self.carry.len() + data.len());
-            joined.extend_from_slice(&self.carry);
-            joined.extend_from_slice(&data);
-            bytes::Bytes::from(joined)
-        };
-        let cuts = cut_points(&buf);
-        let mut out = Vec::with_capacity(cuts.len());
-        let mut consumed = 0;
-        let n = cuts.len();
-        // The final cut may be an artefact of the buffer end, unless it hit MAX.
-        for (i, (off, len)) in cuts.into_iter().enumerate() {
-            if i + 1 == n && len < MAX_CHUNK {
-                break;
-            }
-            out.push(buf.slice(off..off + len));
-            consumed = off + len;
-        }
-        self.carry = buf.slice(consumed..);
-        out
-    }
-
-    /// Flushes the remaining bytes as the last chunks of the stream.
-    pub fn finish(&mut self) -> Vec<bytes::Bytes> {
-        let data = std::mem::take(&mut self.carry);
-        cut_points(&data)
-            .into_iter()
-            .map(|(o, l)| data.slice(o..o + l))
-            .collect()
-    }
+/// The complete chunks at the start of `block`, as zero-copy slices. Unless
+/// `eof`, the last cut is dropped when it may be an artefact of where the
+/// block ends (it did not reach [`MAX_CHUNK`]): the caller reads the next block
+/// from the end of the last returned chunk, so no bytes are ever copied to
+/// stitch two blocks together.
+pub fn cut_block(block: &bytes::Bytes, eof: bool) -> Vec<bytes::Bytes> {
+    let cuts = cut_points(block);
+    let n = cuts.len();
+    cuts.into_iter()
+        .enumerate()
+        .filter(|(i, (_, len))| eof || i + 1 < n || *len >= MAX_CHUNK)
+        .map(|(_, (off, len))| block.slice(off..off + len))
+        .collect()
 }
 
 /// Cut points of a whole in-memory buffer (offset, length).
@@ -272,23 +230,26 @@ mod tests {
     }
 
     #[test]
-    fn streaming_chunker_matches_whole_buffer() {
-        let data = pseudo_random(9 << 20, 7);
+    fn block_by_block_cutting_matches_whole_buffer() {
+        let data = bytes::Bytes::from(pseudo_random(9 << 20, 7));
         let whole: Vec<Vec<u8>> = cut_points(&data)
             .into_iter()
             .map(|(o, l)| data[o..o + l].to_vec())
             .collect();
-        let mut c = Chunker::new();
-        let mut streamed: Vec<Vec<u8>> = Vec::new();
-        for piece in data.chunks(777_777) {
-            streamed.extend(
-                c.push(bytes::Bytes::copy_from_slice(piece))
-                    .iter()
-                    .map(|b| b.to_vec()),
-            );
+        for block in [MAX_CHUNK + 1, 5 << 20, 8 << 20] {
+            let mut pos = 0;
+            let mut streamed: Vec<Vec<u8>> = Vec::new();
+            while pos < data.len() {
+                let end = (pos + block).min(data.len());
+                let pieces = cut_block(&data.slice(pos..end), end == data.len());
+                assert!(!pieces.is_empty());
+                for p in pieces {
+                    pos += p.len();
+                    streamed.push(p.to_vec());
+                }
+            }
+            assert_eq!(streamed, whole, "block size {block}");
         }
-        streamed.extend(c.finish().iter().map(|b| b.to_vec()));
-        assert_eq!(streamed, whole);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::chunk::{ChunkKeyer, ChunkRef, Chunker};
+use crate::chunk::{self, ChunkKeyer, ChunkRef};
 use crate::crypto::Key;
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
@@ -306,8 +306,10 @@ impl Agent {
         default
     }
 
-    /// Cuts and seals one file. The next block is read from storage while
-    /// the current one is cut, hashed and encrypted on the blocking pool.
+    /// Cuts and seals one file as a two-stage pipeline: while the chunks
+    /// of one block are hashed and encrypted in parallel, the next block is
+    /// read and cut. Each block is read from the end of the last complete
+    /// chunk, so nothing is copied to join blocks.
     async fn chunk_file(
         &self,
         path: &str,
@@ -316,68 +318,59 @@ impl Agent {
         progress: &PublishProgress,
     ) -> Result<Vec<ChunkRef>> {
         let mut refs = Vec::new();
-        let mut chunker = Some(Chunker::new());
-        let mut offset = 0u64;
-        let mut pending: Option<Work> = None;
-        while offset < size {
-            let end = (offset + READ_BLOCK).min(size);
-            let buf = self
+        let mut pos = 0u64;
+        let mut sealing: Option<Sealing> = None;
+        while pos < size {
+            let end = (pos + READ_BLOCK).min(size);
+            let block = self
                 .op
                 .read_with(path)
-                .range(offset..end)
+                .range(pos..end)
                 .await
                 .context(|| format!("reading {path}"))?
                 .to_bytes();
-            if buf.len() as u64 != end - offset {
+            if block.len() as u64 != end - pos {
                 return Err(Error::Config(format!(
                     "{path} changed size while being published"
                 )));
             }
-            progress
-                .bytes
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            offset = end;
-            if let Some(p) = pending.take() {
-                let (c, r) = join(p).await?;
-                chunker = Some(c);
-                refs.extend(r);
+            let eof = end == size;
+            let pieces = tokio::task::spawn_blocking(move || chunk::cut_block(&block, eof))
+                .await
+                .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?;
+            let consumed: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+            if consumed == 0 {
+                return Err(Error::Protocol(format!(
+                    "no chunk boundary found in {path}"
+                )));
             }
-            let c = chunker
-                .take()
-                .ok_or_else(|| Error::Protocol("chunker lost".into()))?;
-            pending = Some(process(keyer.clone(), c, Some(buf)));
+            pos += consumed;
+            progress.bytes.fetch_add(consumed, Ordering::Relaxed);
+            if let Some(h) = sealing.take() {
+                refs.extend(join(h).await?);
+            }
+            sealing = Some(seal(keyer.clone(), pieces));
         }
-        if let Some(p) = pending.take() {
-            let (c, r) = join(p).await?;
-            chunker = Some(c);
-            refs.extend(r);
+        if let Some(h) = sealing.take() {
+            refs.extend(join(h).await?);
         }
-        let c = chunker
-            .take()
-            .ok_or_else(|| Error::Protocol("chunker lost".into()))?;
-        refs.extend(join(process(keyer.clone(), c, None)).await?.1);
         Ok(refs)
     }
 }
 
-type Work = tokio::task::JoinHandle<Result<(Chunker, Vec<ChunkRef>)>>;
+type Sealing = tokio::task::JoinHandle<Result<Vec<ChunkRef>>>;
 
-/// Cuts `block` (or flushes at end of file) and seals the chunks in parallel.
-fn process(keyer: ChunkKeyer, mut chunker: Chunker, block: Option<bytes::Bytes>) -> Work {
+/// Hashes and encrypts chunks on all cores.
+fn seal(keyer: ChunkKeyer, pieces: Vec<bytes::Bytes>) -> Sealing {
     tokio::task::spawn_blocking(move || {
-        let pieces = match block {
-            Some(b) => chunker.push(b),
-            None => chunker.finish(),
-        };
-        let refs = pieces
+        pieces
             .par_iter()
             .map(|p| keyer.chunk_ref(p))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((chunker, refs))
+            .collect::<Result<Vec<_>>>()
     })
 }
 
-async fn join(h: Work) -> Result<(Chunker, Vec<ChunkRef>)> {
+async fn join(h: Sealing) -> Result<Vec<ChunkRef>> {
     h.await
-        .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?
+        .map_err(|e| Error::Protocol(format!("sealing task: {e}")))?
 }
