@@ -142,6 +142,21 @@ for c in "${leftovers[@]}"; do
   iptables -t "$table" -X "$c" 2>/dev/null
 done
 
+# The kubelet's and kube-proxy's own chains (KUBE-FIREWALL, KUBE-MARK-*, canaries…):
+# unhook them from the built-in chains, then flush and delete them. Only KUBE-* chains.
+for ipt in iptables ip6tables; do
+  command -v "$ipt" >/dev/null || continue
+  for table in filter nat mangle; do
+    while read -r rule; do
+      eval "$ipt -t $table -D ${rule#-A }" 2>/dev/null || true
+    done < <("$ipt" -t "$table" -S 2>/dev/null |
+      grep -E '^-A (INPUT|OUTPUT|FORWARD|PREROUTING|POSTROUTING) .*-j KUBE-[A-Z0-9-]+( |$)')
+    mapfile -t chains < <("$ipt" -t "$table" -S 2>/dev/null | awk '/^-N KUBE-/ {print $2}')
+    for c in "${chains[@]}"; do "$ipt" -t "$table" -F "$c" 2>/dev/null; done
+    for c in "${chains[@]}"; do "$ipt" -t "$table" -X "$c" 2>/dev/null; done
+  done
+done
+
 # 7. Interfaces we created: the pod bridge (made by the CNI bridge plugin) and the node link.
 ip link show "$POD_BRIDGE" >/dev/null 2>&1 && ip link del "$POD_BRIDGE"
 if [[ -f "$STATE_DIR/created-interfaces" ]]; then

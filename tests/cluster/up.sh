@@ -47,8 +47,9 @@ start() {
   log "starting $name"
   # bash writes its own PID and then execs the daemon, so the PID file is exact.
   # shellcheck disable=SC2016
+  # fd 8 (the up/down lock) is closed so that daemons never hold the lock.
   setsid bash -c 'echo $$ >"$0"; exec "$@"' "$RUN_DIR/$name.pid" "$@" \
-    </dev/null >>"$LOG_DIR/$name.log" 2>&1 &
+    </dev/null >>"$LOG_DIR/$name.log" 2>&1 8>&- &
   local i
   for ((i = 0; i < 50; i++)); do [[ -s "$RUN_DIR/$name.pid" ]] && break; sleep 0.1; done
   [[ -s "$RUN_DIR/$name.pid" ]] || die "$name did not start"
