@@ -57,7 +57,7 @@ stop kube-scheduler
 #    CNI DEL removes each pod's veth, IP lease and NAT rules.
 running_sandboxes() { "${CTR[@]}" tasks ls -q 2>/dev/null | grep -c . ; }
 if alive kube-apiserver && alive kubelet && alive containerd; then
-  if "${KUBECTL[@]}" get pods -A -o name 2>/dev/null | grep -q .; then
+  if "${KUBECTL[@]}" get pods -A -o name 2>/dev/null | grep . >/dev/null; then
     log "deleting all pods through the kubelet"
     "${KUBECTL[@]}" delete pods --all --all-namespaces --grace-period=0 --force --wait=false >/dev/null 2>&1
     for ((i = 0; i < 60; i++)); do
@@ -91,7 +91,7 @@ if alive containerd; then
     "${CTR[@]}" tasks kill --signal SIGKILL "$id" >/dev/null 2>&1 || true
   done < <("${CTR[@]}" tasks ls -q 2>/dev/null)
   for ((i = 0; i < 20; i++)); do
-    "${CTR[@]}" tasks ls 2>/dev/null | awk 'NR>1 && $3!="STOPPED"' | grep -q . || break
+    "${CTR[@]}" tasks ls 2>/dev/null | awk 'NR>1 && $3!="STOPPED"' | grep . >/dev/null || break
     sleep 0.5
   done
   while read -r id; do
@@ -166,7 +166,7 @@ if [[ -f "$STATE_DIR/created-interfaces" ]]; then
 fi
 
 # 8. State. Refuse if anything is still mounted below it.
-if awk '{print $2}' /proc/self/mounts | grep -qE "^($STATE_DIR|$CONTAINERD_STATE)(/|$)"; then
+if awk '{print $2}' /proc/self/mounts | grep -E "^($STATE_DIR|$CONTAINERD_STATE)(/|$)" >/dev/null; then
   log "mounts remain under $STATE_DIR or $CONTAINERD_STATE; not deleting them:"
   awk '{print $2}' /proc/self/mounts | grep -E "^($STATE_DIR|$CONTAINERD_STATE)(/|$)" >&2
   exit 1

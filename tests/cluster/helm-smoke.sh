@@ -24,7 +24,7 @@ trap 'rm -f "$values"; cleanup_namespaces' EXIT
 printf 'greeting: from-file\n' >"$values"
 "$HELM" upgrade --install hi "$CHART" -n "$NS" -f "$values" --wait >&2
 expect "$(cm greeting)" "from-file"
-"$HELM" status hi -n "$NS" | grep -q 'STATUS: deployed' || { tlog "FAIL: status"; exit 1; }
+"$HELM" status hi -n "$NS" | grep 'STATUS: deployed' >/dev/null || { tlog "FAIL: status"; exit 1; }
 
 "$HELM" uninstall hi -n "$NS" >&2
 wait_for 30 "ConfigMap removed by uninstall" bash -c "! kubectl -n '$NS' get configmap hi-hello"

@@ -111,7 +111,7 @@ import_archive() { # REF ARCHIVE
   fi
   "${CTR[@]}" version >/dev/null 2>&1 || die "containerd at $CONTAINERD_SOCK is not running: run tests/cluster/up.sh first"
   "${CTR[@]}" images import --base-name "${ref%:*}" "$archive" >/dev/null
-  "${CTR[@]}" images ls -q | grep -qx "$ref" || die "$ref not found in containerd after importing $archive"
+  "${CTR[@]}" images ls -q | grep -x "$ref" >/dev/null || die "$ref not found in containerd after importing $archive"
   log "$ref: imported into containerd (k8s.io)"
 }
 

@@ -108,7 +108,7 @@ step "pod $POD Ready at $(kc -n "$NS" get pod "$POD" -o jsonpath='{.status.podIP
 step "kubectl logs"
 logs=$(kc -n "$NS" logs "$POD")
 [[ -n "$logs" ]] || fail "kubectl logs returned nothing"
-sed 's/^/    | /' <<<"$logs" | head -n 10 >&2
+sed -n 's/^/    | /; 1,10p' <<<"$logs" >&2
 
 step "kubectl exec: ${EXEC_CMD[*]}"
 out=$(kc -n "$NS" exec "$POD" -- "${EXEC_CMD[@]}") || fail "kubectl exec failed"
@@ -116,8 +116,9 @@ out=$(kc -n "$NS" exec "$POD" -- "${EXEC_CMD[@]}") || fail "kubectl exec failed"
 tlog "    | $out"
 
 step "API server -> pod network: GET /metrics through the pod proxy"
-kc get --raw "/api/v1/namespaces/$NS/pods/$POD:9400/proxy/metrics" | head -n 5 >&2 ||
+metrics=$(kc get --raw "/api/v1/namespaces/$NS/pods/$POD:9400/proxy/metrics") ||
   fail "could not reach the pod's :9400/metrics through the API server"
+sed -n 's/^/    | /; 1,5p' <<<"$metrics" >&2
 
 # The stand-in image has busybox: check from inside that the strict context is real.
 if kc -n "$NS" exec "$POD" -- /bin/busybox true >/dev/null 2>&1; then
@@ -140,7 +141,7 @@ if kc -n "$NS" exec "$POD" -- /bin/busybox true >/dev/null 2>&1; then
   http_from_pod() { # HOST PORT PATH
     kc -n "$NS" exec "$POD" -- /bin/sh -c \
       "printf 'GET $3 HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 $1 $2 | /bin/busybox head -n 1" |
-      grep -q ' 200 '
+      grep ' 200 ' >/dev/null
   }
   wait_for 30 "service $SVC_IP:9400 from the pod" http_from_pod "$SVC_IP" 9400 /readyz ||
     fail "service $SVC_IP:9400 not reachable from the pod"

@@ -80,7 +80,7 @@ if ! ip link show "$NODE_IFACE" >/dev/null 2>&1; then
   ip link add "$NODE_IFACE" type dummy 2>/dev/null || ip link add "$NODE_IFACE" type bridge
   echo "$NODE_IFACE" >"$STATE_DIR/created-interfaces"
 fi
-ip addr show dev "$NODE_IFACE" | grep -q "inet $NODE_IP/" || ip addr add "$NODE_IP/32" dev "$NODE_IFACE"
+ip addr show dev "$NODE_IFACE" | grep "inet $NODE_IP/" >/dev/null || ip addr add "$NODE_IP/32" dev "$NODE_IFACE"
 ip link set "$NODE_IFACE" up
 # Pods reach the outside through the bridge (CNI ipMasq); harmless if already on.
 sysctl -qw net.ipv4.ip_forward=1 2>/dev/null || log "could not enable ip_forward (pods get no egress)"
@@ -236,7 +236,7 @@ CTR=(ctr --address "$CONTAINERD_SOCK" --namespace k8s.io)
 wait_healthy containerd 60 "containerd socket" "${CTR[@]}" version
 
 # The pause image (from the Kubernetes tree's pause.c) must be there before any pod.
-if ! "${CTR[@]}" images ls -q | grep -qx "docker.io/$PAUSE_IMAGE"; then
+if ! "${CTR[@]}" images ls -q | grep -x "docker.io/$PAUSE_IMAGE" >/dev/null; then
   "$CLUSTER_DIR/images.sh" pause
 fi
 
