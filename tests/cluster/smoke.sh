@@ -20,9 +20,22 @@ AGENT_IMAGE="${CARAVAN_AGENT_IMAGE:-caravan/agent:dev}"
 #     caravan-agent run --config /etc/caravan/agent.toml   (metrics/health on :9400)
 # Change AGENT_ARGS / AGENT_CONFIG_TOML when the agent's config format is settled.
 AGENT_ARGS="${CARAVAN_SMOKE_AGENT_ARGS:-[\"run\", \"--config\", \"/etc/caravan/agent.toml\"]}"
-AGENT_CONFIG_TOML="${CARAVAN_SMOKE_AGENT_CONFIG:-# smoke-test agent config (placeholder until the agent config format is settled)
-[metrics]
-listen = \"0.0.0.0:9400\"
+# The agent's identity key is made by an init container (`caravan-agent keygen`) in an
+# emptyDir at /var/lib/caravan, next to the fs storage root; the admin token is a Secret.
+AGENT_CONFIG_TOML="${CARAVAN_SMOKE_AGENT_CONFIG:-identity_file = \"/var/lib/caravan/identity.key\"
+admin_token_file = \"/etc/caravan/admin/admin.token\"
+listen = \"0.0.0.0:7400\"
+admin_listen = \"127.0.0.1:7401\"
+metrics_listen = \"0.0.0.0:9400\"
+advertise = []
+repositories = []
+state_prefix = \".caravan/\"
+
+[storage]
+scheme = \"fs\"
+
+[storage.options]
+root = \"/var/lib/caravan/data\"
 }"
 # A command that must succeed inside the container through `kubectl exec`.
 # shellcheck disable=SC2206
@@ -34,7 +47,15 @@ fail() { tlog "FAIL: $*"; dump_namespace "$NS"; exit 1; }
 
 fresh_namespace NS smoke
 step "applying the agent Deployment in $NS (image $AGENT_IMAGE)"
+ADMIN_TOKEN=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
 kc -n "$NS" apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: caravan-agent-admin
+stringData:
+  admin.token: "$ADMIN_TOKEN"
+---
 apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -65,6 +86,18 @@ spec:
         runAsGroup: 65532
         fsGroup: 65532
         seccompProfile: {type: RuntimeDefault}
+      initContainers:
+      - name: keygen
+        image: $AGENT_IMAGE
+        imagePullPolicy: Never
+        args: ["keygen", "--out", "/var/lib/caravan/identity.key"]
+        securityContext: &strict
+          allowPrivilegeEscalation: false
+          privileged: false
+          readOnlyRootFilesystem: true
+          capabilities: {drop: [ALL]}
+        volumeMounts:
+        - {name: state, mountPath: /var/lib/caravan}
       containers:
       - name: agent
         image: $AGENT_IMAGE
@@ -83,17 +116,19 @@ spec:
         resources:
           requests: {cpu: 10m, memory: 16Mi}
           limits: {memory: 256Mi}
-        securityContext:
-          allowPrivilegeEscalation: false
-          privileged: false
-          readOnlyRootFilesystem: true
-          capabilities: {drop: [ALL]}
+        securityContext: *strict
         volumeMounts:
         - {name: config, mountPath: /etc/caravan, readOnly: true}
+        - {name: admin, mountPath: /etc/caravan/admin, readOnly: true}
+        - {name: state, mountPath: /var/lib/caravan}
         - {name: tmp, mountPath: /tmp}
       volumes:
       - name: config
         configMap: {name: caravan-agent}
+      - name: admin
+        secret: {secretName: caravan-agent-admin, defaultMode: 0440}
+      - name: state
+        emptyDir: {}
       - name: tmp
         emptyDir: {medium: Memory, sizeLimit: 16Mi}
 YAML
@@ -101,8 +136,8 @@ YAML
 step "waiting for the pod to be Ready (readiness: httpGet :9400/readyz)"
 # Bounded (CARAVAN_SMOKE_READY_TIMEOUT, default 300 s: a busy 2-core node can be slow);
 # fails at once when the image is not in the node's containerd.
-ready_timeout="${CARAVAN_SMOKE_READY_TIMEOUT:-300}"
-for ((i = 0; ; i++)); do
+ready_deadline=$((SECONDS + ${CARAVAN_SMOKE_READY_TIMEOUT:-300}))
+while :; do
   if [[ "$(kc -n "$NS" get deployment caravan-agent -o 'jsonpath={.status.availableReplicas}')" == 1 ]]; then
     break
   fi
@@ -111,7 +146,8 @@ for ((i = 0; ; i++)); do
   if [[ "$reasons" == *ErrImageNeverPull* ]]; then
     fail "image $AGENT_IMAGE is not in the node's containerd: run tests/cluster/images.sh first"
   fi
-  ((i < ready_timeout)) || fail "Deployment not available after ${ready_timeout}s (waiting: ${reasons:-none})"
+  ((SECONDS < ready_deadline)) ||
+    fail "Deployment not available after ${CARAVAN_SMOKE_READY_TIMEOUT:-300}s (waiting: ${reasons:-none})"
   sleep 1
 done
 POD=$(kc -n "$NS" get pods -l app.kubernetes.io/name=caravan-agent -o jsonpath='{.items[0].metadata.name}')
