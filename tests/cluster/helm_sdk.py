@@ -8,7 +8,7 @@ Supported (the subset tests and the quickstart use):
   helm upgrade RELEASE CHART [--install] [same flags] [--reuse-values] [--reset-values]
   helm uninstall RELEASE [-n NS] [--wait] [--timeout 5m0s]
   helm status RELEASE [-n NS] [-o json|yaml]
-  helm list [-n NS] [-a] [-o json]
+  helm list [-n NS | -A] [-a] [-o json]
   helm get values RELEASE [-n NS] [-a] [-o json]
   helm history RELEASE [-n NS]      helm rollback RELEASE [REVISION]
   helm test RELEASE [-n NS]         helm lint CHART       helm version
@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 from typing import Any
 
@@ -342,8 +343,21 @@ async def cmd_status(pos: list[str], flags: dict) -> int:
 
 
 async def cmd_list(pos: list[str], flags: dict) -> int:
-    known(flags, {"-a", "--all", "-o", "--output"})
-    rels = await helm.List(configuration(flags)).run(all=bool_flag(flags, "-a", "--all"))
+    known(flags, {"-a", "--all", "-o", "--output", "-A", "--all-namespaces"})
+    show_all = bool_flag(flags, "-a", "--all")
+    if bool_flag(flags, "-A", "--all-namespaces"):
+        # helm-sdkpy lists one namespace at a time: ask kubectl for the namespaces.
+        cmd = ["kubectl", "get", "namespaces", "-o", "jsonpath={.items[*].metadata.name}"]
+        if flag(flags, "--kubeconfig"):
+            cmd[1:1] = ["--kubeconfig", flag(flags, "--kubeconfig")]
+        names = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60).stdout.split()
+        rels = []
+        for ns in names:
+            scoped = dict(flags)
+            scoped["-n"] = [ns]
+            rels.extend(await helm.List(configuration(scoped)).run(all=show_all) or [])
+    else:
+        rels = await helm.List(configuration(flags)).run(all=show_all) or []
     if flag(flags, "-o", "--output") == "json":
         print(json.dumps(rels, indent=2, default=str))
         return 0
