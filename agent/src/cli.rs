@@ -520,7 +520,7 @@ fn bytes_bar(hidden: bool) -> ProgressBar {
     pb
 }
 
-fn keygen(out: &PathBuf, force: bool) -> Result<()> {
+fn keygen(out: &std::path::Path, force: bool) -> Result<()> {
     if out.exists() && !force {
         return Err(Exit::Config(anyhow!(
             "{} already exists; refusing to replace an identity (use --force)",
@@ -534,7 +534,7 @@ fn keygen(out: &PathBuf, force: bool) -> Result<()> {
     Ok(())
 }
 
-fn write_private(path: &PathBuf, data: &[u8]) -> Result<()> {
+fn write_private(path: &std::path::Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -548,7 +548,7 @@ fn write_private(path: &PathBuf, data: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn init(dir: &PathBuf, listen: String, admin: String, metrics: String) -> Result<()> {
+fn init(dir: &std::path::Path, listen: String, admin: String, metrics: String) -> Result<()> {
     if dir.join("agent.toml").exists() {
         return Err(Exit::Config(anyhow!("{} already holds an agent", dir.display())).into());
     }
@@ -588,11 +588,11 @@ fn init(dir: &PathBuf, listen: String, admin: String, metrics: String) -> Result
     Ok(())
 }
 
-fn load_config(path: &PathBuf) -> Result<AgentConfig> {
+fn load_config(path: &std::path::Path) -> Result<AgentConfig> {
     AgentConfig::load(path).map_err(|e| Exit::Config(anyhow!(e)).into())
 }
 
-async fn run(config: &PathBuf) -> Result<()> {
+async fn run(config: &std::path::Path) -> Result<()> {
     let cfg = load_config(config)?;
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
@@ -629,7 +629,7 @@ struct Admin {
 }
 
 impl Admin {
-    fn from_config(path: &PathBuf) -> Result<Admin> {
+    fn from_config(path: &std::path::Path) -> Result<Admin> {
         let cfg = load_config(path)?;
         let token =
             daemon::read_token(&cfg.admin_token_file).map_err(|e| Exit::Config(anyhow!(e)))?;

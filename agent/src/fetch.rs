@@ -611,23 +611,22 @@ impl Agent {
     /// Asks the publisher for the current share key (it re-checks our right to it).
     async fn request_key(&self, swarm: &Swarm, ticket: &Ticket) -> Result<Key> {
         let proof = self.proof_for(&ticket.publisher);
-        for conn in swarm
+        let conn = swarm
             .distinct()
             .into_iter()
-            .filter(|c| c.peer == ticket.publisher)
-        {
-            let bytes = conn.key(&ticket.share_id, &proof).await?;
-            let (_, rel): (_, KeyRelease) =
-                SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
-            if rel.recipient != self.id || rel.share_id != ticket.share_id {
-                return Err(Error::Record("key release is for someone else".into()));
-            }
-            return self.key.unwrap_key(&rel.wrapped_key);
+            .find(|c| c.peer == ticket.publisher)
+            .ok_or_else(|| {
+                Error::NotFound(
+                    "the share key changed and the publisher is not reachable to hand out the new one"
+                        .into(),
+                )
+            })?;
+        let bytes = conn.key(&ticket.share_id, &proof).await?;
+        let (_, rel): (_, KeyRelease) = SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
+        if rel.recipient != self.id || rel.share_id != ticket.share_id {
+            return Err(Error::Record("key release is for someone else".into()));
         }
-        Err(Error::NotFound(
-            "the share key changed and the publisher is not reachable to hand out the new one"
-                .into(),
-        ))
+        self.key.unwrap_key(&rel.wrapped_key)
     }
 
     /// Proof records to present to `publisher` (filled in by the trust engine).
