@@ -62,6 +62,11 @@ for set in big many; do
     rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
     t0=$(now); rsync -a "rsync://127.0.0.1:$RP/src/$set/" "$WORK/dst/"; t1=$(now)
     RES[rsync,$set]=$t0,$t1
+    # Caravan's files are fsynced when reported complete (OpenDAL's fs writer
+    # syncs on close); rsync --fsync is the like-for-like comparison.
+    rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
+    t0=$(now); rsync -a --fsync "rsync://127.0.0.1:$RP/src/$set/" "$WORK/dst/"; t1=$(now)
+    RES[rsync-fsync,$set]=$t0,$t1
 done
 
 # rclone over HTTP
@@ -133,8 +138,8 @@ cmp "$WORK/a/data/share/payload.bin" "$WORK/b/data/share/payload.bin"
 
 echo
 echo "Caravan benchmark, loopback, $(nproc) cores, $(date -u +%FT%TZ)"
-printf '%-28s %14s %14s\n' "tool" "${SIZE_MB} MiB file" "${FILES} x 1 MiB"
-for tool in rsync rclone aria2 caravan; do
+printf '%-30s %14s %14s\n' "tool" "${SIZE_MB} MiB file" "${FILES} x 1 MiB"
+for tool in rsync rsync-fsync rclone aria2 caravan; do
     row=()
     for set in big many; do
         IFS=, read -r t0 t1 <<<"${RES[$tool,$set]}"
@@ -144,11 +149,12 @@ for tool in rsync rclone aria2 caravan; do
     label=$tool
     case $tool in
         rsync) label="rsync daemon (plain)";;
+        rsync-fsync) label="rsync daemon --fsync";;
         rclone) label="rclone http (plain)";;
         aria2) label="aria2 BitTorrent";;
         caravan) label="caravan (TLS+AEAD, verified)";;
     esac
-    printf '%-28s %14s %14s\n' "$label" "${row[0]}" "${row[1]}"
+    printf '%-30s %14s %14s\n' "$label" "${row[0]}" "${row[1]}"
 done
 python3 - "$WORK/v1.json" "$WORK/v2.json" "$rss_kb" "$BIG" <<'PY'
 import json, sys
