@@ -222,7 +222,13 @@ enum Exit {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo prints its own report; keep the agents' info logs out of it.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -251,9 +257,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -343,6 +349,8 @@ async fn dispatch(cmd: Command) -> Result<()> {
             detach,
             json,
         } => {
+            caravan_agent::manifest::Ticket::parse(&ticket)
+                .map_err(|e| Exit::Config(anyhow!(e)))?;
             let client = Admin::from_config(&config)?;
             let started: ProgressSnapshot = client
                 .post(
