@@ -415,3 +415,230 @@ pub fn network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{fs_agent, s3_agent};
+
+    fn build<T>(agent: &Agent, f: impl Fn(&BuildInput<'_>) -> T) -> T {
+        let cfg = OperatorConfig::default();
+        let input = BuildInput {
+            agent,
+            namespace: "tenant-a",
+            config_toml: "listen = \"0.0.0.0:7400\"\n",
+            credentials_version: Some("42"),
+            cfg: &cfg,
+        };
+        f(&input)
+    }
+
+    #[test]
+    fn every_child_is_owned_by_the_agent_and_labelled() {
+        let a = s3_agent("alice", "tenant-a");
+        let metas = [
+            build(&a, |i| identity_secret(i, "k", "t").metadata),
+            build(&a, |i| config_map(i).metadata),
+            build(&a, |i| deployment(i).metadata),
+            build(&a, |i| service(i).metadata),
+            build(&a, |i| network_policy(i).metadata),
+        ];
+        for m in metas {
+            let owners = m.owner_references.unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "Agent");
+            assert_eq!(owners[0].uid, "uid-alice");
+            assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(m.namespace.as_deref(), Some("tenant-a"));
+            let labels = m.labels.unwrap();
+            assert_eq!(labels["app.kubernetes.io/managed-by"], "caravan-operator");
+            assert_eq!(labels["caravan.dev/agent"], "alice");
+        }
+    }
+
+    #[test]
+    fn identity_secret_is_immutable_with_both_keys() {
+        let a = fs_agent("alice", "tenant-a");
+        let s = build(&a, |i| {
+            identity_secret(i, "caravan-secret-key-v1:abc\n", "00ff")
+        });
+        assert_eq!(s.metadata.name.as_deref(), Some("caravan-alice-identity"));
+        assert_eq!(s.immutable, Some(true));
+        let data = s.data.unwrap();
+        assert_eq!(data["identity.key"].0, b"caravan-secret-key-v1:abc\n");
+        assert_eq!(data["admin.token"].0, b"00ff");
+    }
+
+    #[test]
+    fn pod_is_locked_down() {
+        let a = s3_agent("alice", "tenant-a");
+        let d = build(&a, deployment);
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = &pod.containers[0];
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let res = c.resources.clone().unwrap();
+        assert!(res.requests.unwrap().contains_key("memory"));
+        assert!(res.limits.unwrap().contains_key("memory"));
+        assert_eq!(
+            c.command.clone().unwrap(),
+            [
+                "caravan-agent",
+                "run",
+                "--config",
+                "/etc/caravan/agent.toml"
+            ]
+        );
+        assert_eq!(c.image.as_deref(), Some("caravan/agent:dev"));
+        let ready = c.readiness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(ready.port, IntOrString::String("metrics".into()));
+        let live = c.liveness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(live.path.as_deref(), Some("/livez"));
+        let ports: Vec<i32> = c
+            .ports
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [7400, 7401, 9400]);
+    }
+
+    #[test]
+    fn secrets_are_mounted_read_only() {
+        let a = s3_agent("alice", "tenant-a");
+        let pod = build(&a, deployment).spec.unwrap().template.spec.unwrap();
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let find = |n: &str| mounts.iter().find(|m| m.name == n).unwrap().clone();
+        assert_eq!(find("identity").read_only, Some(true));
+        assert_eq!(find("identity").mount_path, "/var/run/caravan/identity");
+        assert_eq!(find("storage-credentials").read_only, Some(true));
+        assert_eq!(
+            find("storage-credentials").mount_path,
+            "/var/run/caravan/storage"
+        );
+        assert_eq!(find("config").read_only, Some(true));
+        assert!(
+            mounts.iter().all(|m| m.name != "data"),
+            "s3 needs no data volume"
+        );
+        let vols = pod.volumes.unwrap();
+        let cred = vols
+            .iter()
+            .find(|v| v.name == "storage-credentials")
+            .unwrap();
+        assert_eq!(
+            cred.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("alice-storage")
+        );
+    }
+
+    #[test]
+    fn fs_agent_gets_an_empty_dir_or_its_claim_at_data() {
+        let mut a = fs_agent("alice", "tenant-a");
+        let pod = build(&a, deployment).spec.unwrap().template.spec.unwrap();
+        let data = pod
+            .volumes
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert!(data.empty_dir.is_some());
+        assert!(
+            pod.volumes
+                .unwrap()
+                .iter()
+                .all(|v| v.name != "storage-credentials")
+        );
+        a.spec.storage.data_volume = Some(crate::crd::agent::DataVolumeSpec {
+            claim_name: Some("alice-data".into()),
+            size_limit: None,
+        });
+        let pod = build(&a, deployment).spec.unwrap().template.spec.unwrap();
+        let data = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert_eq!(
+            data.persistent_volume_claim.unwrap().claim_name,
+            "alice-data"
+        );
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template() {
+        let a = fs_agent("alice", "tenant-a");
+        let cfg = OperatorConfig::default();
+        let tmpl = |toml: &str| {
+            let input = BuildInput {
+                agent: &a,
+                namespace: "tenant-a",
+                config_toml: toml,
+                credentials_version: None,
+                cfg: &cfg,
+            };
+            deployment(&input)
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()
+        };
+        assert_ne!(
+            tmpl("a = 1")[CONFIG_HASH_ANNOTATION],
+            tmpl("a = 2")[CONFIG_HASH_ANNOTATION]
+        );
+        assert_eq!(tmpl("a = 1"), tmpl("a = 1"));
+    }
+
+    #[test]
+    fn service_exposes_only_the_peer_port() {
+        let mut a = s3_agent("alice", "tenant-a");
+        a.spec.exposure.service_type = crate::crd::agent::ServiceType::LoadBalancer;
+        let s = build(&a, service).spec.unwrap();
+        assert_eq!(s.type_.as_deref(), Some("LoadBalancer"));
+        let ports = s.ports.unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].port, 7400);
+        assert_eq!(s.selector.unwrap()["caravan.dev/agent"], "alice");
+    }
+
+    #[test]
+    fn network_policy_limits_admin_and_metrics_to_the_operator_namespace() {
+        let mut a = s3_agent("alice", "tenant-a");
+        let np = build(&a, network_policy).spec.unwrap();
+        assert_eq!(np.policy_types, Some(vec!["Ingress".to_string()]));
+        let rules = np.ingress.unwrap();
+        assert_eq!(rules[0].from, None, "peer port open to all by default");
+        let admin = &rules[1];
+        let ns = admin.from.clone().unwrap()[0]
+            .namespace_selector
+            .clone()
+            .unwrap();
+        assert_eq!(
+            ns.match_labels.unwrap()["kubernetes.io/metadata.name"],
+            "caravan-system"
+        );
+        a.spec.exposure.peer_cidrs = vec!["203.0.113.0/24".into()];
+        let np = build(&a, network_policy).spec.unwrap();
+        let from = np.ingress.unwrap()[0].from.clone().unwrap();
+        assert_eq!(from[0].ip_block.clone().unwrap().cidr, "203.0.113.0/24");
+    }
+}

@@ -210,3 +210,38 @@ impl Elector {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: &str, renewed: i64, dur: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(dur),
+            renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let now = Timestamp::from_second(1000).unwrap();
+        assert_eq!(decide(None, "me", now), Decision::Take);
+        assert_eq!(
+            decide(Some(&spec("me", 990, 15)), "me", now),
+            Decision::Renew
+        );
+        assert_eq!(
+            decide(Some(&spec("other", 990, 15)), "me", now),
+            Decision::Wait {
+                holder: "other".into()
+            }
+        );
+        assert_eq!(
+            decide(Some(&spec("other", 980, 15)), "me", now),
+            Decision::Take
+        );
+        assert_eq!(decide(Some(&spec("", 999, 15)), "me", now), Decision::Take);
+    }
+}

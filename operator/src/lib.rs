@@ -23,3 +23,6 @@ pub fn install_crypto_provider() {
     // An error only means a provider is installed already, which is fine.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
+
+#[doc(hidden)]
+pub mod testutil;

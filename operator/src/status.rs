@@ -260,7 +260,7 @@ pub fn transitions(old: Option<&AgentStatus>, new: &AgentStatus) -> Vec<Transiti
         }
     }
     let (op, np) = (find(old, PROGRESSING), find(Some(new), PROGRESSING));
-    if np.is_some_and(|n| n.status == "True") && !op.is_some_and(|o| o.status == "True") {
+    if np.is_some_and(|n| n.status == "True") && op.is_none_or(|o| o.status != "True") {
         out.push(Transition {
             warning: false,
             reason: "RollingOut".into(),
@@ -271,7 +271,7 @@ pub fn transitions(old: Option<&AgentStatus>, new: &AgentStatus) -> Vec<Transiti
         });
     }
     let (or, nr) = (find(old, READY), find(Some(new), READY));
-    if nr.is_some_and(|n| n.status == "True") && !or.is_some_and(|o| o.status == "True") {
+    if nr.is_some_and(|n| n.status == "True") && or.is_none_or(|o| o.status != "True") {
         out.push(Transition {
             warning: false,
             reason: "AgentReady".into(),
@@ -283,4 +283,239 @@ pub fn transitions(old: Option<&AgentStatus>, new: &AgentStatus) -> Vec<Transiti
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn dep(generation: i64, observed: i64, updated: i32, ready: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                replicas: Some(1),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(ready),
+                available_replicas: Some(ready),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn get<'a>(s: &'a AgentStatus, ty: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == ty).unwrap()
+    }
+
+    #[test]
+    fn rollout_reads_deployment_status() {
+        assert_eq!(rollout(&dep(2, 2, 1, 1)), Rollout::Ready);
+        assert!(matches!(rollout(&dep(2, 1, 1, 1)), Rollout::InProgress(_)));
+        assert!(matches!(rollout(&dep(2, 2, 0, 0)), Rollout::InProgress(_)));
+        assert!(matches!(rollout(&dep(2, 2, 1, 0)), Rollout::InProgress(_)));
+        let mut d = dep(1, 1, 0, 0);
+        d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            ..Default::default()
+        }]);
+        assert!(matches!(rollout(&d), Rollout::Failed { .. }));
+        assert!(matches!(
+            rollout(&Deployment::default()),
+            Rollout::InProgress(_)
+        ));
+    }
+
+    #[test]
+    fn ready_deployment_makes_a_ready_agent() {
+        let d = dep(1, 1, 1, 1);
+        let s = compute(
+            None,
+            Some(3),
+            Some("cv1-x".into()),
+            Some("e:7400".into()),
+            &Observation::Applied(&d),
+            t(0),
+        );
+        assert_eq!(s.phase, Some(AgentPhase::Ready));
+        assert_eq!(get(&s, READY).status, "True");
+        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(get(&s, DEGRADED).status, "False");
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.agent_id.as_deref(), Some("cv1-x"));
+    }
+
+    #[test]
+    fn rolling_out_is_pending_and_progressing() {
+        let d = dep(2, 2, 0, 0);
+        let s = compute(None, Some(2), None, None, &Observation::Applied(&d), t(0));
+        assert_eq!(s.phase, Some(AgentPhase::Pending));
+        assert_eq!(get(&s, PROGRESSING).status, "True");
+        assert_eq!(get(&s, READY).status, "False");
+    }
+
+    #[test]
+    fn bad_input_is_degraded_with_its_reason_and_keeps_the_agent_id() {
+        let prev = compute(
+            None,
+            Some(1),
+            Some("cv1-x".into()),
+            Some("e".into()),
+            &Observation::Applied(&dep(1, 1, 1, 1)),
+            t(0),
+        );
+        let err = InputError::UnknownStorageScheme("unknown storage scheme \"ftp\"".into());
+        let s = compute(
+            Some(&prev),
+            Some(2),
+            None,
+            None,
+            &Observation::BadInput(&err),
+            t(10),
+        );
+        assert_eq!(s.phase, Some(AgentPhase::Degraded));
+        let d = get(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "UnknownStorageScheme")
+        );
+        assert!(d.message.contains("ftp"));
+        assert_eq!(get(&s, READY).reason, "UnknownStorageScheme");
+        assert_eq!(s.agent_id.as_deref(), Some("cv1-x"));
+        assert_eq!(s.endpoint.as_deref(), Some("e"));
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let d = dep(1, 1, 1, 1);
+        let first = compute(
+            None,
+            Some(1),
+            Some("a".into()),
+            None,
+            &Observation::Applied(&d),
+            t(0),
+        );
+        let again = compute(
+            Some(&first),
+            Some(1),
+            Some("a".into()),
+            None,
+            &Observation::Applied(&d),
+            t(60),
+        );
+        assert_eq!(
+            first, again,
+            "a no-op reconcile must compute an identical status"
+        );
+        let rolled = compute(
+            Some(&first),
+            Some(2),
+            Some("a".into()),
+            None,
+            &Observation::Applied(&dep(2, 2, 0, 0)),
+            t(90),
+        );
+        assert_eq!(get(&rolled, READY).last_transition_time, Time(t(90)));
+        assert_eq!(get(&rolled, DEGRADED).last_transition_time, Time(t(0)));
+    }
+
+    #[test]
+    fn transitions_emit_one_event_each() {
+        let d_ready = dep(1, 1, 1, 1);
+        let d_roll = dep(1, 1, 0, 0);
+        let err = InputError::SecretNotFound {
+            namespace: "n".into(),
+            name: "s".into(),
+        };
+        let pending = compute(
+            None,
+            Some(1),
+            None,
+            None,
+            &Observation::Applied(&d_roll),
+            t(0),
+        );
+        let ev = transitions(None, &pending);
+        assert_eq!(
+            ev.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["RollingOut"]
+        );
+        let ready = compute(
+            Some(&pending),
+            Some(1),
+            None,
+            None,
+            &Observation::Applied(&d_ready),
+            t(1),
+        );
+        let ev = transitions(Some(&pending), &ready);
+        assert_eq!(
+            ev.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["AgentReady"]
+        );
+        assert!(transitions(Some(&ready), &ready).is_empty());
+        let bad = compute(
+            Some(&ready),
+            Some(2),
+            None,
+            None,
+            &Observation::BadInput(&err),
+            t(2),
+        );
+        let ev = transitions(Some(&ready), &bad);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].warning);
+        assert_eq!(ev[0].reason, "SecretNotFound");
+        assert!(
+            transitions(Some(&bad), &bad).is_empty(),
+            "no event spam while still broken"
+        );
+        let healed = compute(
+            Some(&bad),
+            Some(2),
+            None,
+            None,
+            &Observation::Applied(&d_ready),
+            t(3),
+        );
+        let reasons: Vec<_> = transitions(Some(&bad), &healed)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert_eq!(reasons, ["Recovered", "AgentReady"]);
+    }
+
+    #[test]
+    fn identity_lost_is_degraded() {
+        let s = compute(
+            None,
+            Some(1),
+            None,
+            None,
+            &Observation::IdentityLost { secret: "x" },
+            t(0),
+        );
+        assert_eq!(get(&s, DEGRADED).reason, "IdentityLost");
+        assert_eq!(s.phase, Some(AgentPhase::Degraded));
+    }
 }

@@ -259,3 +259,201 @@ fn valid_cidr(s: &str) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::agent::SecretReference;
+    use crate::testutil::{fs_agent, s3_agent};
+
+    fn cfg() -> OperatorConfig {
+        OperatorConfig::default()
+    }
+
+    #[test]
+    fn fs_agent_gets_data_root_and_no_credentials() {
+        let a = fs_agent("alice", "tenant-a");
+        let c = agent_config("alice", "tenant-a", &a.spec, &cfg()).unwrap();
+        assert_eq!(
+            c.storage.options.get("root").map(String::as_str),
+            Some("/data")
+        );
+        assert_eq!(c.storage.credentials, None);
+        assert_eq!(c.listen, "0.0.0.0:7400");
+        assert_eq!(c.admin_listen, "0.0.0.0:7401");
+        assert_eq!(c.metrics_listen, "0.0.0.0:9400");
+        assert_eq!(
+            c.advertise,
+            vec!["caravan-alice.tenant-a.svc:7400".to_string()]
+        );
+        assert_eq!(
+            c.identity_file,
+            PathBuf::from("/var/run/caravan/identity/identity.key")
+        );
+        assert_eq!(
+            c.admin_token_file,
+            PathBuf::from("/var/run/caravan/identity/admin.token")
+        );
+        // What the operator renders, the agent parses back.
+        let text = c.to_toml().unwrap();
+        assert_eq!(AgentConfig::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn s3_agent_points_credentials_at_the_mounted_secret() {
+        let a = s3_agent("bob", "tenant-b");
+        let c = agent_config("bob", "tenant-b", &a.spec, &cfg()).unwrap();
+        assert_eq!(
+            c.storage.credentials,
+            Some(PathBuf::from("/var/run/caravan/storage"))
+        );
+        assert_eq!(
+            c.storage.options.get("bucket").map(String::as_str),
+            Some("photos")
+        );
+        assert_eq!(
+            c.repositories,
+            vec!["http://repo.caravan-system.svc:7500".to_string()]
+        );
+    }
+
+    #[test]
+    fn default_repositories_apply_only_when_none_given() {
+        let mut a = fs_agent("alice", "t");
+        let mut cfg = cfg();
+        cfg.default_repositories = vec!["http://default:7500".into()];
+        assert_eq!(
+            agent_config("alice", "t", &a.spec, &cfg)
+                .unwrap()
+                .repositories,
+            vec!["http://repo.caravan-system.svc:7500".to_string()]
+        );
+        a.spec.repositories.clear();
+        assert_eq!(
+            agent_config("alice", "t", &a.spec, &cfg)
+                .unwrap()
+                .repositories,
+            vec!["http://default:7500".to_string()]
+        );
+    }
+
+    #[test]
+    fn secret_ref_into_another_namespace_is_refused() {
+        let mut a = s3_agent("bob", "tenant-b");
+        a.spec.storage.secret_ref = Some(SecretReference {
+            name: "stolen".into(),
+            namespace: Some("tenant-a".into()),
+        });
+        let e = agent_config("bob", "tenant-b", &a.spec, &cfg()).unwrap_err();
+        assert_eq!(e.reason(), "SecretOutsideNamespace");
+        assert!(e.to_string().contains("tenant-a"), "{e}");
+        // Naming its own namespace explicitly is fine.
+        a.spec.storage.secret_ref.as_mut().unwrap().namespace = Some("tenant-b".into());
+        assert!(agent_config("bob", "tenant-b", &a.spec, &cfg()).is_ok());
+    }
+
+    #[test]
+    fn unknown_scheme_lists_the_supported_ones() {
+        let mut a = s3_agent("bob", "t");
+        a.spec.storage.scheme = "ftp".into();
+        let e = agent_config("bob", "t", &a.spec, &cfg()).unwrap_err();
+        assert_eq!(e.reason(), "UnknownStorageScheme");
+        assert!(e.to_string().contains("\"ftp\""), "{e}");
+        assert!(e.to_string().contains("s3"), "{e}");
+    }
+
+    #[test]
+    fn malformed_options_are_refused() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("secret_access_key", "x", "looks like a secret"),
+            ("Bucket", "x", "lower_snake_case"),
+            ("bucket", "a\nb", "one line"),
+        ];
+        for (k, v, want) in cases {
+            let mut a = s3_agent("bob", "t");
+            a.spec.storage.options.insert((*k).into(), (*v).into());
+            let e = agent_config("bob", "t", &a.spec, &cfg()).unwrap_err();
+            assert_eq!(e.reason(), "InvalidOptions", "{k}");
+            assert!(e.to_string().contains(want), "{k}: {e}");
+        }
+    }
+
+    #[test]
+    fn fs_root_outside_data_is_refused() {
+        for root in ["/etc", "/data/../etc", "relative"] {
+            let mut a = fs_agent("alice", "t");
+            a.spec.storage.options.insert("root".into(), root.into());
+            let e = agent_config("alice", "t", &a.spec, &cfg()).unwrap_err();
+            assert_eq!(e.reason(), "InvalidOptions", "{root}");
+        }
+        let mut a = fs_agent("alice", "t");
+        a.spec
+            .storage
+            .options
+            .insert("root".into(), "/data/photos".into());
+        assert!(agent_config("alice", "t", &a.spec, &cfg()).is_ok());
+    }
+
+    #[test]
+    fn other_spec_mistakes_are_invalid_spec() {
+        let mut a = fs_agent("alice", "t");
+        a.spec.repositories = vec!["ftp://x".into()];
+        assert_eq!(
+            agent_config("alice", "t", &a.spec, &cfg())
+                .unwrap_err()
+                .reason(),
+            "InvalidSpec"
+        );
+        let mut a = fs_agent("alice", "t");
+        a.spec.exposure.peer_cidrs = vec!["10.0.0.0/99".into()];
+        assert_eq!(
+            agent_config("alice", "t", &a.spec, &cfg())
+                .unwrap_err()
+                .reason(),
+            "InvalidSpec"
+        );
+        let mut a = fs_agent("alice", "t");
+        a.spec.log_level = "info; rm -rf".into();
+        assert_eq!(
+            agent_config("alice", "t", &a.spec, &cfg())
+                .unwrap_err()
+                .reason(),
+            "InvalidSpec"
+        );
+        let a = fs_agent("x", "t");
+        let long = "a".repeat(MAX_AGENT_NAME + 1);
+        assert_eq!(
+            agent_config(&long, "t", &a.spec, &cfg())
+                .unwrap_err()
+                .reason(),
+            "InvalidSpec"
+        );
+    }
+
+    #[test]
+    fn credentials_keys_are_checked_against_options() {
+        let opts = BTreeMap::from([("bucket".to_string(), "b".to_string())]);
+        let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert!(
+            check_credentials(&opts, "s", &keys(&["access_key_id", "secret_access_key"])).is_ok()
+        );
+        assert_eq!(
+            check_credentials(&opts, "s", &keys(&[]))
+                .unwrap_err()
+                .reason(),
+            "InvalidOptions"
+        );
+        assert_eq!(
+            check_credentials(&opts, "s", &keys(&["bucket"]))
+                .unwrap_err()
+                .reason(),
+            "InvalidOptions"
+        );
+        assert_eq!(
+            check_credentials(&opts, "s", &keys(&["AWS_KEY"]))
+                .unwrap_err()
+                .reason(),
+            "InvalidOptions"
+        );
+    }
+}

@@ -1,4 +1,7 @@
 //! `Agent`: one user's Caravan agent, run by the operator as a one-pod Deployment.
+// kube's `printcolumn(...)` repeats keys like `type_` per column, which
+// clippy mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 

@@ -77,3 +77,87 @@ pub(crate) fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> sc
     );
     schema
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crds_have_status_short_names_and_columns() {
+        for crd in all() {
+            let v = &crd.spec.versions[0];
+            assert_eq!(crd.spec.group, GROUP);
+            assert_eq!(v.name, VERSION);
+            assert_eq!(crd.spec.scope, "Namespaced");
+            assert!(v.subresources.as_ref().unwrap().status.is_some());
+            assert!(!crd.spec.names.short_names.clone().unwrap().is_empty());
+            assert!(v.additional_printer_columns.as_ref().unwrap().len() >= 3);
+            assert_eq!(crd.spec.names.categories, Some(vec!["caravan".to_string()]));
+        }
+    }
+
+    #[test]
+    fn every_spec_field_is_documented() {
+        fn walk(path: &str, v: &serde_json::Value, missing: &mut Vec<String>) {
+            if let Some(props) = v.get("properties").and_then(|p| p.as_object()) {
+                for (k, child) in props {
+                    let p = format!("{path}.{k}");
+                    if child.get("description").is_none() {
+                        missing.push(p.clone());
+                    }
+                    walk(&p, child, missing);
+                }
+            }
+            if let Some(items) = v.get("items") {
+                walk(path, items, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        for crd in all() {
+            let schema = serde_json::to_value(
+                crd.spec.versions[0]
+                    .schema
+                    .as_ref()
+                    .unwrap()
+                    .open_api_v3_schema
+                    .as_ref()
+                    .unwrap(),
+            )
+            .unwrap();
+            for top in ["spec", "status"] {
+                walk(
+                    &format!("{}.{top}", crd.spec.names.kind),
+                    &schema["properties"][top],
+                    &mut missing,
+                );
+            }
+        }
+        assert!(missing.is_empty(), "undocumented fields: {missing:?}");
+    }
+
+    #[test]
+    fn agent_schema_carries_defaults_and_cel_rules() {
+        let json = serde_json::to_string(&agent_crd()).unwrap();
+        assert!(json.contains(r#""default":"info""#));
+        assert!(json.contains("x-kubernetes-validations"));
+        assert!(json.contains("self.metadata.name.size() <= 55"));
+        let share = serde_json::to_string(&Share::crd()).unwrap();
+        assert!(share.contains("has(self.publish) != has(self.subscribe)"));
+    }
+
+    #[test]
+    fn agent_id_pattern_matches_real_ids() {
+        let id = caravan_agent::identity::SecretKey::from_seed([7; 32])
+            .agent_id()
+            .to_string();
+        let body = id.strip_prefix("cv1").unwrap();
+        let groups: Vec<&str> = body.split('-').skip(1).collect();
+        assert_eq!(groups.len(), 7, "{id}");
+        assert!(groups.iter().all(|g| {
+            g.len() == 8
+                && g.chars()
+                    .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
+        }));
+        assert_eq!(AGENT_ID_PATTERN, r"^cv1(-[a-z2-7]{8}){7}$");
+    }
+}

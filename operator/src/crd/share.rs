@@ -1,5 +1,8 @@
 //! `Share`: publish a folder of an Agent's storage, or subscribe to one.
 //! Only the types exist so far; the controller comes with the sharing issue.
+// kube's `printcolumn(...)` repeats keys like `type_` per column, which
+// clippy mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;

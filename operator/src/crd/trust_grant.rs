@@ -1,6 +1,9 @@
 //! `TrustGrant`: an Agent vouches for another agent. Only the types exist so
 //! far; the controller (signing through the agent's admin API, and a finalizer
 //! that publishes the revocation on delete) comes with the trust issue.
+// kube's `printcolumn(...)` repeats keys like `type_` per column, which
+// clippy mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
