@@ -485,6 +485,9 @@ pub struct RunOptions {
     pub concurrency: u16,
     /// Watch one namespace only (all when `None`).
     pub namespace: Option<String>,
+    /// Coalesces triggers for one Agent within this window: applying four
+    /// children fires four owned-object events, which need one reconcile.
+    pub debounce: Duration,
 }
 
 /// Runs the Agent controller until `shutdown` resolves; in-flight reconciles
@@ -517,7 +520,11 @@ pub async fn run(
         .owns(cms, owned.clone())
         .owns(svcs, owned.clone())
         .owns(nps, owned)
-        .with_config(controller::Config::default().concurrency(opts.concurrency))
+        .with_config(
+            controller::Config::default()
+                .concurrency(opts.concurrency)
+                .debounce(opts.debounce),
+        )
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

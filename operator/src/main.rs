@@ -80,6 +80,9 @@ struct RunArgs {
     /// Agents reconciled at the same time, at most.
     #[arg(long, env = "CARAVAN_CONCURRENCY", default_value_t = 8)]
     concurrency: u16,
+    /// Coalesce triggers of one Agent within this many milliseconds.
+    #[arg(long, env = "CARAVAN_DEBOUNCE_MS", default_value_t = 500)]
+    debounce_ms: u64,
     /// Address of /metrics, /livez and /readyz.
     #[arg(long, env = "CARAVAN_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -246,6 +249,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         concurrency: args.concurrency.max(1),
         namespace: args.watch_namespace.clone(),
+        debounce: std::time::Duration::from_millis(args.debounce_ms),
     };
     let mut lost = false;
     {
