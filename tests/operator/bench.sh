@@ -79,7 +79,7 @@ KCFG
 export KUBECONFIG="$WORK/kubeconfig"
 for _ in $(seq 120); do kubectl get --raw /readyz >/dev/null 2>&1 && break; sleep 1; done
 kubectl get --raw /readyz >/dev/null
-kubectl apply --server-side -f "$ROOT/crds/" >/dev/null
+kubectl apply --validate=false -f "$ROOT/crds/" >/dev/null
 kubectl wait --for condition=established --timeout=60s crd/agents.caravan.dev >/dev/null
 
 log "$NAMESPACES namespaces with a storage Secret each"
@@ -87,51 +87,89 @@ for ((n = 0; n < NAMESPACES; n++)); do
   printf -- '---\napiVersion: v1\nkind: Namespace\nmetadata: {name: bench-%02d}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: storage, namespace: bench-%02d}\nstringData: {atomic_write_dir: /data/.tmp}\n' "$n" "$n"
 done >"$WORK/namespaces.yaml"
 kubectl apply -f "$WORK/namespaces.yaml" >/dev/null
-for ((i = 0; i < AGENTS; i++)); do
-  printf -- '---\napiVersion: caravan.dev/v1alpha1\nkind: Agent\nmetadata: {name: a%04d, namespace: bench-%02d}\nspec:\n  storage: {scheme: fs, secretRef: {name: storage}}\n' "$i" "$((i % NAMESPACES))"
-done >"$WORK/agents.yaml"
 
-log "operator (concurrency $CONCURRENCY): $OPERATOR"
-RUST_LOG=warn "$OPERATOR" run --namespace default --pod-name bench --concurrency "$CONCURRENCY" \
-  --http-addr "127.0.0.1:$HTTP_PORT" >"$WORK/operator.log" 2>&1 &
-OP_PID=$!
-PIDS+=($OP_PID)
-for _ in $(seq 60); do curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
-sleep 3 # leader election + initial (empty) list
-rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$OP_PID/status")
-
-log "applying $AGENTS Agents"
-T0=$(date +%s.%N)
-kubectl apply -f "$WORK/agents.yaml" >/dev/null
-T_APPLIED=$(date +%s.%N)
-done_count() {
+start_operator() { # LOGFILE — starts the operator, sets OP_PID
+  RUST_LOG=warn "$OPERATOR" run --namespace default --pod-name "bench-$RANDOM" --concurrency "$CONCURRENCY" \
+    --http-addr "127.0.0.1:$HTTP_PORT" >"$1" 2>&1 &
+  OP_PID=$!
+  PIDS=("$OP_PID" "${PIDS[@]}") # stopped first at exit
+  for _ in $(seq 60); do curl -fsS "http://127.0.0.1:$HTTP_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.5; done
+}
+count() { # → "DEPLOYMENTS IDS"
   local deps ids
   deps=$(kubectl get deployments -A -l app.kubernetes.io/managed-by=caravan-operator --no-headers 2>/dev/null | wc -l)
   ids=$(kubectl get agents -A -o jsonpath='{range .items[*]}{.status.agentId}{"\n"}{end}' 2>/dev/null | grep -c '^cv1-' || true)
   echo "$deps $ids"
 }
-while true; do
-  read -r deps ids < <(done_count)
-  if ((deps >= AGENTS && ids >= AGENTS)); then break; fi
-  if (($(date +%s) - ${T0%.*} > 900)); then log "gave up after 900 s: $deps deployments, $ids ids"; exit 1; fi
-  sleep 1
-done
+wait_all() { # N T0 — until N Deployments and N agent ids
+  local deps ids
+  while true; do
+    read -r deps ids < <(count)
+    if ((deps >= $1 && ids >= $1)); then return 0; fi
+    if (($(date +%s) - ${2%.*} > 900)); then log "gave up after 900 s: $deps deployments, $ids ids"; exit 1; fi
+    sleep 1
+  done
+}
+metric() { awk -v m="$1" '$1 ~ "^"m {s+=$2} END {print s+0}' <<<"$2"; }
+mib() { echo "$1 / 1024" | bc -l; }
+split_agents() { # PREFIX DIR — one file per namespace, for parallel applies
+  local n i
+  mkdir -p "$2"
+  for ((i = 0; i < AGENTS; i++)); do
+    n=$((i % NAMESPACES))
+    printf -- '---\napiVersion: caravan.dev/v1alpha1\nkind: Agent\nmetadata: {name: %s%04d, namespace: bench-%02d}\nspec:\n  storage: {scheme: fs, secretRef: {name: storage}}\n' "$1" "$i" "$n" >>"$2/ns-$n.yaml"
+  done
+}
+apply_parallel() { find "$1" -name '*.yaml' -print0 | xargs -0 -P 8 -I{} kubectl apply -f {} >/dev/null; }
+
+# ---- A: the operator is running; N Agents are applied (8 kubectl in parallel).
+log "A: operator (concurrency $CONCURRENCY) running; applying $AGENTS Agents"
+split_agents a "$WORK/a"
+start_operator "$WORK/operator-a.log"
+sleep 3 # leader election + initial (empty) list
+rss_idle=$(awk '/VmRSS/ {print $2}' "/proc/$OP_PID/status")
+T0=$(date +%s.%N)
+apply_parallel "$WORK/a"
+T_APPLIED=$(date +%s.%N)
+wait_all "$AGENTS" "$T0"
 T1=$(date +%s.%N)
-metrics=$(curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics")
-reconciles=$(awk '/^caravan_operator_reconciles_total/ {s+=$2} END {print s+0}' <<<"$metrics")
-errors=$(awk '/^caravan_operator_reconcile_errors_total/ {s+=$2} END {print s+0}' <<<"$metrics")
-patches=$(awk '/^caravan_operator_status_patches_total/ {s+=$2} END {print s+0}' <<<"$metrics")
-rss_peak=$(awk '/VmHWM/ {print $2}' "/proc/$OP_PID/status")
+m=$(curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics")
+a_rec=$(metric caravan_operator_reconciles_total "$m")
+a_err=$(metric caravan_operator_reconcile_errors_total "$m")
+a_pat=$(metric caravan_operator_status_patches_total "$m")
+a_rss=$(awk '/VmHWM/ {print $2}' "/proc/$OP_PID/status")
+a_el=$(echo "$T1 - $T0" | bc -l)
+a_apply=$(echo "$T_APPLIED - $T0" | bc -l)
+kill -TERM "$OP_PID"
+wait "$OP_PID" || true
+
+# ---- B: operator stopped; N more Agents created; the operator starts cold
+# with 2N Agents (N new) and must converge.
+log "B: operator stopped; $AGENTS more Agents; cold start"
+split_agents b "$WORK/b"
+apply_parallel "$WORK/b"
+T0=$(date +%s.%N)
+start_operator "$WORK/operator-b.log"
+wait_all "$((2 * AGENTS))" "$T0"
+T1=$(date +%s.%N)
+m=$(curl -fsS "http://127.0.0.1:$HTTP_PORT/metrics")
+b_rec=$(metric caravan_operator_reconciles_total "$m")
+b_err=$(metric caravan_operator_reconcile_errors_total "$m")
+b_pat=$(metric caravan_operator_status_patches_total "$m")
+b_rss=$(awk '/VmHWM/ {print $2}' "/proc/$OP_PID/status")
+b_el=$(echo "$T1 - $T0" | bc -l)
 secrets=$(kubectl get secrets -A -l app.kubernetes.io/managed-by=caravan-operator --no-headers | wc -l)
-elapsed=$(echo "$T1 - $T0" | bc -l)
-apply_s=$(echo "$T_APPLIED - $T0" | bc -l)
-printf '\nCaravan operator benchmark (kube-apiserver 1.20.2, no kubelet, %s cores)\n' "$(nproc)"
-printf '  agents / namespaces            %d / %d (concurrency %d)\n' "$AGENTS" "$NAMESPACES" "$CONCURRENCY"
-printf '  kubectl apply of the Agents    %.1f s\n' "$apply_s"
-printf '  apply start → all Deployments + status with agent id   %.1f s\n' "$elapsed"
-printf '  reconciles                     %d (%.1f per second)\n' "$reconciles" "$(echo "$reconciles / $elapsed" | bc -l)"
-printf '  status patches / errors        %d / %d\n' "$patches" "$errors"
-printf '  identity Secrets               %d\n' "$secrets"
-printf '  operator RSS idle / peak       %.1f MiB / %.1f MiB\n' "$(echo "$rss_idle / 1024" | bc -l)" "$(echo "$rss_peak / 1024" | bc -l)"
-((secrets == AGENTS)) || { echo "expected $AGENTS identity Secrets, found $secrets"; exit 1; }
+
+printf '\nCaravan operator benchmark (kube-apiserver 1.20.2 + etcd only, no kubelet; %s cores, load %s)\n' "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '  A. %d Agents applied in %d namespaces to a running operator (concurrency %d)\n' "$AGENTS" "$NAMESPACES" "$CONCURRENCY"
+printf '     kubectl apply (8 in parallel)                %.1f s\n' "$a_apply"
+printf '     apply start -> all Deployments + status      %.1f s\n' "$a_el"
+printf '     reconciles                                   %d (%.1f/s), status patches %d, errors %d\n' "$a_rec" "$(echo "$a_rec / $a_el" | bc -l)" "$a_pat" "$a_err"
+printf '     operator RSS idle / peak                     %.1f / %.1f MiB\n' "$(mib "$rss_idle")" "$(mib "$a_rss")"
+printf '  B. cold start with %d Agents (%d new)\n' "$((2 * AGENTS))" "$AGENTS"
+printf '     start -> all Deployments + status            %.1f s\n' "$b_el"
+printf '     reconciles                                   %d (%.1f/s), status patches %d, errors %d\n' "$b_rec" "$(echo "$b_rec / $b_el" | bc -l)" "$b_pat" "$b_err"
+printf '     operator RSS peak                            %.1f MiB\n' "$(mib "$b_rss")"
+printf '  identity Secrets                                %d (expected %d)\n' "$secrets" "$((2 * AGENTS))"
+((secrets == 2 * AGENTS)) || { echo "0 passed, 1 failed"; exit 1; }
 echo "1 passed, 0 failed"

@@ -86,8 +86,11 @@ trap cleanup EXIT
 log "installing the chart (release $RELEASE in $SYS_NS) with $HELM"
 kc delete namespace tenant-alice tenant-bob "$BAD_NS" "$RESTART_NS" --wait=true --timeout=120s >/dev/null 2>&1 || true
 kc create namespace "$SYS_NS" >/dev/null 2>&1 || true
-# CRDs first and server-side, so a re-run picks up changed CRDs (helm only installs crds/ once).
-kc apply --server-side --force-conflicts -f "$ROOT/charts/caravan/crds/" >/dev/null
+# CRDs first (helm only installs crds/ once, so a re-run picks up changed CRDs).
+# Client-side apply with --validate=false: before 1.25 the API server does not
+# know x-kubernetes-validations, and server-side apply or kubectl's schema check
+# refuse the field that a plain create/update silently drops.
+kc apply --validate=false -f "$ROOT/charts/caravan/crds/" >/dev/null
 "$HELM" upgrade --install "$RELEASE" "$ROOT/charts/caravan" -n "$SYS_NS" \
   -f "$ROOT/examples/provider/values.yaml" >/dev/null
 check "operator Deployment becomes available" \
