@@ -85,6 +85,10 @@ trap cleanup EXIT
 # ------------------------------------------------------------------ install
 log "installing the chart (release $RELEASE in $SYS_NS) with $HELM"
 kc delete namespace tenant-alice tenant-bob "$BAD_NS" "$RESTART_NS" --wait=true --timeout=120s >/dev/null 2>&1 || true
+if [[ "$(kc get ns "$SYS_NS" -o jsonpath='{.status.phase}' 2>/dev/null)" == Terminating ]]; then
+  log "waiting for namespace $SYS_NS to finish terminating"
+  kc wait --for=delete "namespace/$SYS_NS" --timeout=180s >/dev/null 2>&1 || true
+fi
 kc create namespace "$SYS_NS" >/dev/null 2>&1 || true
 # CRDs first (helm only installs crds/ once, so a re-run picks up changed CRDs).
 # Client-side apply with --validate=false: before 1.25 the API server does not
