@@ -1,1 +1,287 @@
-fn main() {}
+//! `caravan-operator`: runs the Agent controller (`run`, the default) or
+//! writes the CRDs (`crdgen`).
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use caravan_operator::config::{OperatorConfig, default_agent_resources};
+use caravan_operator::controller::{self, Context, RunOptions};
+use caravan_operator::http::{self, Health};
+use caravan_operator::leader::{Elector, Timing};
+use caravan_operator::metrics::Metrics;
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "caravan-operator",
+    version,
+    about = "Kubernetes operator for Caravan agents"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controller (the default).
+    Run(Box<RunArgs>),
+    /// Write the CRDs as YAML, one file per CRD.
+    Crdgen {
+        /// Directory to write into.
+        #[arg(long, default_value = "crds")]
+        out: PathBuf,
+        /// Only check that the files are up to date; exit 1 if not.
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+struct RunArgs {
+    /// Image of the agent containers.
+    #[arg(long, env = "CARAVAN_AGENT_IMAGE", default_value = "caravan/agent:dev")]
+    agent_image: String,
+    /// Pull policy of the agent image: Always, IfNotPresent or Never.
+    #[arg(long, env = "CARAVAN_AGENT_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
+          value_parser = ["Always", "IfNotPresent", "Never"])]
+    agent_image_pull_policy: String,
+    /// Default resources of agent containers, as JSON ResourceRequirements.
+    #[arg(long, env = "CARAVAN_AGENT_RESOURCES")]
+    agent_resources: Option<String>,
+    /// Repository URLs given to Agents that list none (comma-separated).
+    #[arg(long, env = "CARAVAN_DEFAULT_REPOSITORIES", value_delimiter = ',')]
+    default_repositories: Vec<String>,
+    /// Namespace the operator runs in (for its Lease and NetworkPolicies).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "caravan-system")]
+    namespace: String,
+    /// Name of this replica (Lease holder, Event reporter).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Watch Agents in this namespace only (default: all namespaces).
+    #[arg(long, env = "CARAVAN_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Run leader election on a Lease (turn off only with one replica).
+    #[arg(long, env = "CARAVAN_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "CARAVAN_LEASE_NAME", default_value = "caravan-operator")]
+    lease_name: String,
+    /// Agents reconciled at the same time, at most.
+    #[arg(long, env = "CARAVAN_CONCURRENCY", default_value_t = 8)]
+    concurrency: u16,
+    /// Coalesce triggers of one Agent within this many milliseconds.
+    #[arg(long, env = "CARAVAN_DEBOUNCE_MS", default_value_t = 500)]
+    debounce_ms: u64,
+    /// Address of /metrics, /livez and /readyz.
+    #[arg(long, env = "CARAVAN_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Log format: text or json.
+    #[arg(long, env = "CARAVAN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Crdgen { out, check }) => crdgen(&out, check),
+        Some(Command::Run(args)) => run(*args),
+        None => run(cli.run),
+    }
+}
+
+fn crdgen(out: &std::path::Path, check: bool) -> anyhow::Result<()> {
+    if check {
+        let drifted = caravan_operator::crdgen::drifted(out)?;
+        if !drifted.is_empty() {
+            for p in &drifted {
+                eprintln!("out of date: {}", p.display());
+            }
+            bail!(
+                "CRDs drifted from the Rust types; run `caravan-operator crdgen --out {}`",
+                out.display()
+            );
+        }
+        println!("CRDs in {} are up to date", out.display());
+    } else {
+        for p in caravan_operator::crdgen::write(out)? {
+            println!("wrote {}", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    // Colours only on a terminal: pod logs are read by log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log_format);
+    caravan_operator::install_crypto_provider();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run_async(args))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+    let default_resources = match &args.agent_resources {
+        Some(json) if !json.trim().is_empty() => serde_json::from_str(json)
+            .context("--agent-resources is not ResourceRequirements JSON")?,
+        _ => default_agent_resources(),
+    };
+    let cfg = OperatorConfig {
+        agent_image: args.agent_image.clone(),
+        agent_image_pull_policy: args.agent_image_pull_policy.clone(),
+        operator_namespace: args.namespace.clone(),
+        default_repositories: args
+            .default_repositories
+            .iter()
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .collect(),
+        default_resources,
+    };
+    let identity = args
+        .pod_name
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("caravan-operator-{}", std::process::id()));
+
+    let metrics = Metrics::new().context("cannot register metrics")?;
+    let health = Health::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    // Health and metrics first, so the kubelet sees a live process at once.
+    let server = tokio::spawn(http::serve(
+        args.http_addr,
+        metrics.clone(),
+        health.clone(),
+        stopped(stop_rx.clone()),
+    ));
+    let signal_tx = stop_tx.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = signal_tx.send(true);
+    });
+
+    let client = Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client")?;
+    let version = client
+        .apiserver_version()
+        .await
+        .context("cannot reach the Kubernetes API server")?;
+    tracing::info!(server = %version.git_version, identity = %identity, "connected");
+    health.set_ready(true);
+
+    let elector = args.leader_elect.then(|| {
+        Elector::new(
+            Api::<Lease>::namespaced(client.clone(), &args.namespace),
+            &args.lease_name,
+            &identity,
+            Timing::default(),
+        )
+    });
+    if let Some(e) = &elector {
+        tokio::select! {
+            _ = e.acquire() => {},
+            _ = stopped(stop_rx.clone()) => {
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+    }
+    metrics.leader.set(1);
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "caravan-operator".into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let ctx = Arc::new(Context::new(client.clone(), cfg, recorder, metrics.clone()));
+    let opts = RunOptions {
+        concurrency: args.concurrency.max(1),
+        namespace: args.watch_namespace.clone(),
+        debounce: std::time::Duration::from_millis(args.debounce_ms),
+    };
+    let mut lost = false;
+    {
+        let ctrl = controller::run(ctx, opts, stopped(stop_rx.clone()));
+        tokio::pin!(ctrl);
+        match &elector {
+            Some(e) => {
+                tokio::select! {
+                    _ = &mut ctrl => {},
+                    _ = e.hold() => {
+                        lost = true;
+                    }
+                }
+            }
+            None => ctrl.await,
+        }
+    }
+    metrics.leader.set(0);
+    if let Some(e) = &elector
+        && !lost
+    {
+        e.release().await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    if lost {
+        bail!("lost leadership; exiting so a fresh start can stand by as a follower");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

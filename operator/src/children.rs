@@ -1,0 +1,644 @@
+//! Pure builders of an Agent's children. No I/O here: the reconciler applies
+//! what these return with server-side apply, and the unit tests check every
+//! security-relevant field without an API server.
+
+use std::collections::BTreeMap;
+
+use caravan_agent::config::{DEFAULT_ADMIN_PORT, DEFAULT_METRICS_PORT, DEFAULT_PEER_PORT};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+
+use crate::config::{OperatorConfig, paths};
+use crate::crd::Agent;
+use crate::names::{self, ChildNames};
+
+/// UID and GID the agent runs as (the conventional "nonroot" of distroless).
+pub const AGENT_UID: i64 = 65532;
+/// Annotation on the pod template carrying the config hash, so a config
+/// change rolls the pod (a mounted ConfigMap alone would not restart it).
+pub const CONFIG_HASH_ANNOTATION: &str = "caravan.dev/config-hash";
+/// Annotation carrying the credentials Secret's resourceVersion, so rotating
+/// credentials restarts the agent with them.
+pub const CREDENTIALS_VERSION_ANNOTATION: &str = "caravan.dev/credentials-version";
+
+/// What the builders need besides the Agent itself.
+#[derive(Clone, Debug)]
+pub struct BuildInput<'a> {
+    /// The Agent (name, namespace, uid and spec are used).
+    pub agent: &'a Agent,
+    /// Its namespace (checked non-empty by the caller).
+    pub namespace: &'a str,
+    /// The rendered `agent.toml`.
+    pub config_toml: &'a str,
+    /// resourceVersion of the credentials Secret, when there is one.
+    pub credentials_version: Option<&'a str>,
+    /// Operator-wide settings.
+    pub cfg: &'a OperatorConfig,
+}
+
+impl BuildInput<'_> {
+    fn name(&self) -> String {
+        self.agent.metadata.name.clone().unwrap_or_default()
+    }
+
+    fn names(&self) -> ChildNames {
+        ChildNames::for_agent(&self.name())
+    }
+
+    fn meta(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.to_string()),
+            labels: Some(names::labels(&self.name())),
+            owner_references: owner_reference(self.agent).map(|o| vec![o]),
+            ..Default::default()
+        }
+    }
+}
+
+/// The controller owner reference that makes Kubernetes garbage-collect a
+/// child when its Agent is deleted. `None` without a uid (never from the API).
+pub fn owner_reference(agent: &Agent) -> Option<OwnerReference> {
+    agent.controller_owner_ref(&())
+}
+
+/// The identity Secret, built once when the agent is first seen. Immutable:
+/// the key must never change under a running agent's id.
+pub fn identity_secret(input: &BuildInput<'_>, identity_text: &str, admin_token: &str) -> Secret {
+    Secret {
+        metadata: input.meta(input.names().identity),
+        immutable: Some(true),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([
+            (
+                paths::IDENTITY_KEY.to_string(),
+                ByteString(identity_text.as_bytes().to_vec()),
+            ),
+            (
+                paths::ADMIN_TOKEN_KEY.to_string(),
+                ByteString(admin_token.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The ConfigMap with `agent.toml`.
+pub fn config_map(input: &BuildInput<'_>) -> ConfigMap {
+    ConfigMap {
+        metadata: input.meta(input.names().config),
+        data: Some(BTreeMap::from([(
+            paths::CONFIG_KEY.to_string(),
+            input.config_toml.to_string(),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, port: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: i32::from(port),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("metrics".into()),
+            scheme: Some("HTTP".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..Default::default()
+    }
+}
+
+/// The agent Deployment: one replica, `Recreate` so two pods never run with
+/// the same identity, locked-down pod and container security contexts.
+pub fn deployment(input: &BuildInput<'_>) -> Deployment {
+    let spec = &input.agent.spec;
+    let names = input.names();
+    let selector = names::selector_labels(&input.name());
+
+    let mut annotations = BTreeMap::from([(
+        CONFIG_HASH_ANNOTATION.to_string(),
+        blake3::hash(input.config_toml.as_bytes()).to_hex()[..16].to_string(),
+    )]);
+    if let Some(v) = input.credentials_version {
+        annotations.insert(CREDENTIALS_VERSION_ANNOTATION.into(), v.to_string());
+    }
+
+    let read_only = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let mut mounts = vec![
+        read_only("identity", paths::IDENTITY_DIR),
+        read_only("config", paths::CONFIG_DIR),
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "identity".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(names.identity.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.config.clone(),
+                default_mode: Some(0o444),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                    "64Mi".into(),
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ];
+    if let Some(sr) = &spec.storage.secret_ref {
+        mounts.push(read_only("storage-credentials", paths::CREDENTIALS_DIR));
+        volumes.push(Volume {
+            name: "storage-credentials".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(sr.name.clone()),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    if spec.storage.scheme == "fs" {
+        mounts.push(VolumeMount {
+            name: "data".into(),
+            mount_path: paths::DATA_DIR.into(),
+            ..Default::default()
+        });
+        let dv = spec.storage.data_volume.clone().unwrap_or_default();
+        volumes.push(match dv.claim_name {
+            Some(claim) => Volume {
+                name: "data".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim,
+                    read_only: Some(false),
+                }),
+                ..Default::default()
+            },
+            None => Volume {
+                name: "data".into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: dv.size_limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        });
+    }
+
+    let container = Container {
+        name: "agent".into(),
+        image: Some(input.cfg.agent_image.clone()),
+        image_pull_policy: Some(input.cfg.agent_image_pull_policy.clone()),
+        command: Some(vec![
+            "caravan-agent".into(),
+            "run".into(),
+            "--config".into(),
+            format!("{}/{}", paths::CONFIG_DIR, paths::CONFIG_KEY),
+        ]),
+        env: Some(vec![EnvVar {
+            name: "RUST_LOG".into(),
+            value: Some(spec.log_level.clone()),
+            ..Default::default()
+        }]),
+        ports: Some(vec![
+            port("peer", DEFAULT_PEER_PORT),
+            port("admin", DEFAULT_ADMIN_PORT),
+            port("metrics", DEFAULT_METRICS_PORT),
+        ]),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(5),
+            ..http_probe("/livez", 10, 6)
+        }),
+        resources: Some(
+            spec.resources
+                .clone()
+                .unwrap_or_else(|| input.cfg.default_resources.clone()),
+        ),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(AGENT_UID),
+            run_as_group: Some(AGENT_UID),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..Default::default()
+        }),
+        volume_mounts: Some(mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Default::default()
+    };
+
+    Deployment {
+        metadata: input.meta(names.workload.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(1),
+            revision_history_limit: Some(3),
+            progress_deadline_seconds: Some(600),
+            selector: LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            },
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(names::labels(&input.name())),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(AGENT_UID),
+                        run_as_group: Some(AGENT_UID),
+                        fs_group: Some(AGENT_UID),
+                        seccomp_profile: Some(runtime_default_seccomp()),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    termination_grace_period_seconds: Some(30),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The Service in front of the peer port (only the peer port: the admin API
+/// is never exposed through it, whatever the Service type).
+pub fn service(input: &BuildInput<'_>) -> Service {
+    let exposure = &input.agent.spec.exposure;
+    let mut metadata = input.meta(input.names().workload);
+    if !exposure.service_annotations.is_empty() {
+        metadata.annotations = Some(exposure.service_annotations.clone());
+    }
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some(exposure.service_type.as_str().into()),
+            selector: Some(names::selector_labels(&input.name())),
+            ports: Some(vec![ServicePort {
+                name: Some("peer".into()),
+                port: i32::from(DEFAULT_PEER_PORT),
+                target_port: Some(IntOrString::String("peer".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The NetworkPolicy: the peer port is open (to `peerCidrs` or everyone:
+/// peers authenticate each other), while the admin and metrics ports accept
+/// only the operator's namespace. Egress stays open: agents must reach
+/// their storage and peers wherever those are.
+pub fn network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
+    let exposure = &input.agent.spec.exposure;
+    let tcp = |p: u16| NetworkPolicyPort {
+        port: Some(IntOrString::Int(i32::from(p))),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    };
+    let peer_from = if exposure.peer_cidrs.is_empty() {
+        None
+    } else {
+        Some(
+            exposure
+                .peer_cidrs
+                .iter()
+                .map(|c| NetworkPolicyPeer {
+                    ip_block: Some(IPBlock {
+                        cidr: c.clone(),
+                        except: None,
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+        )
+    };
+    NetworkPolicy {
+        metadata: input.meta(input.names().workload),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(names::selector_labels(&input.name())),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![tcp(DEFAULT_PEER_PORT)]),
+                    from: peer_from,
+                },
+                NetworkPolicyIngressRule {
+                    ports: Some(vec![tcp(DEFAULT_ADMIN_PORT), tcp(DEFAULT_METRICS_PORT)]),
+                    from: Some(vec![NetworkPolicyPeer {
+                        namespace_selector: Some(LabelSelector {
+                            match_labels: Some(BTreeMap::from([(
+                                "kubernetes.io/metadata.name".to_string(),
+                                input.cfg.operator_namespace.clone(),
+                            )])),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{fs_agent, s3_agent};
+
+    fn build<T>(agent: &Agent, f: impl Fn(&BuildInput<'_>) -> T) -> T {
+        let cfg = OperatorConfig::default();
+        let input = BuildInput {
+            agent,
+            namespace: "tenant-a",
+            config_toml: "listen = \"0.0.0.0:7400\"\n",
+            credentials_version: Some("42"),
+            cfg: &cfg,
+        };
+        f(&input)
+    }
+
+    #[test]
+    fn every_child_is_owned_by_the_agent_and_labelled() {
+        let a = s3_agent("alice", "tenant-a");
+        let metas = [
+            build(&a, |i| identity_secret(i, "k", "t").metadata),
+            build(&a, |i| config_map(i).metadata),
+            build(&a, |i| deployment(i).metadata),
+            build(&a, |i| service(i).metadata),
+            build(&a, |i| network_policy(i).metadata),
+        ];
+        for m in metas {
+            let owners = m.owner_references.unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "Agent");
+            assert_eq!(owners[0].uid, "uid-alice");
+            assert_eq!(owners[0].controller, Some(true));
+            assert_eq!(m.namespace.as_deref(), Some("tenant-a"));
+            let labels = m.labels.unwrap();
+            assert_eq!(labels["app.kubernetes.io/managed-by"], "caravan-operator");
+            assert_eq!(labels["caravan.dev/agent"], "alice");
+        }
+    }
+
+    #[test]
+    fn identity_secret_is_immutable_with_both_keys() {
+        let a = fs_agent("alice", "tenant-a");
+        let s = build(&a, |i| {
+            identity_secret(i, "caravan-secret-key-v1:abc\n", "00ff")
+        });
+        assert_eq!(s.metadata.name.as_deref(), Some("caravan-alice-identity"));
+        assert_eq!(s.immutable, Some(true));
+        let data = s.data.unwrap();
+        assert_eq!(data["identity.key"].0, b"caravan-secret-key-v1:abc\n");
+        assert_eq!(data["admin.token"].0, b"00ff");
+    }
+
+    #[test]
+    fn pod_is_locked_down() {
+        let a = s3_agent("alice", "tenant-a");
+        let d = build(&a, deployment);
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = &pod.containers[0];
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let res = c.resources.clone().unwrap();
+        assert!(res.requests.unwrap().contains_key("memory"));
+        assert!(res.limits.unwrap().contains_key("memory"));
+        assert_eq!(
+            c.command.clone().unwrap(),
+            [
+                "caravan-agent",
+                "run",
+                "--config",
+                "/etc/caravan/agent.toml"
+            ]
+        );
+        assert_eq!(c.image.as_deref(), Some("caravan/agent:dev"));
+        let ready = c.readiness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/readyz"));
+        assert_eq!(ready.port, IntOrString::String("metrics".into()));
+        let live = c.liveness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(live.path.as_deref(), Some("/livez"));
+        let ports: Vec<i32> = c
+            .ports
+            .clone()
+            .unwrap()
+            .iter()
+            .map(|p| p.container_port)
+            .collect();
+        assert_eq!(ports, [7400, 7401, 9400]);
+    }
+
+    #[test]
+    fn secrets_are_mounted_read_only() {
+        let a = s3_agent("alice", "tenant-a");
+        let pod = build(&a, deployment).spec.unwrap().template.spec.unwrap();
+        let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+        let find = |n: &str| mounts.iter().find(|m| m.name == n).unwrap().clone();
+        assert_eq!(find("identity").read_only, Some(true));
+        assert_eq!(find("identity").mount_path, "/var/run/caravan/identity");
+        assert_eq!(find("storage-credentials").read_only, Some(true));
+        assert_eq!(
+            find("storage-credentials").mount_path,
+            "/var/run/caravan/storage"
+        );
+        assert_eq!(find("config").read_only, Some(true));
+        assert!(
+            mounts.iter().all(|m| m.name != "data"),
+            "s3 needs no data volume"
+        );
+        let vols = pod.volumes.unwrap();
+        let cred = vols
+            .iter()
+            .find(|v| v.name == "storage-credentials")
+            .unwrap();
+        assert_eq!(
+            cred.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("alice-storage")
+        );
+    }
+
+    #[test]
+    fn fs_agent_gets_an_empty_dir_or_its_claim_at_data() {
+        let mut a = fs_agent("alice", "tenant-a");
+        let pod = build(&a, deployment).spec.unwrap().template.spec.unwrap();
+        let data = pod
+            .volumes
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert!(data.empty_dir.is_some());
+        assert!(
+            pod.volumes
+                .unwrap()
+                .iter()
+                .all(|v| v.name != "storage-credentials")
+        );
+        a.spec.storage.data_volume = Some(crate::crd::agent::DataVolumeSpec {
+            claim_name: Some("alice-data".into()),
+            size_limit: None,
+        });
+        let pod = build(&a, deployment).spec.unwrap().template.spec.unwrap();
+        let data = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "data")
+            .unwrap();
+        assert_eq!(
+            data.persistent_volume_claim.unwrap().claim_name,
+            "alice-data"
+        );
+    }
+
+    #[test]
+    fn config_change_changes_the_pod_template() {
+        let a = fs_agent("alice", "tenant-a");
+        let cfg = OperatorConfig::default();
+        let tmpl = |toml: &str| {
+            let input = BuildInput {
+                agent: &a,
+                namespace: "tenant-a",
+                config_toml: toml,
+                credentials_version: None,
+                cfg: &cfg,
+            };
+            deployment(&input)
+                .spec
+                .unwrap()
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()
+        };
+        assert_ne!(
+            tmpl("a = 1")[CONFIG_HASH_ANNOTATION],
+            tmpl("a = 2")[CONFIG_HASH_ANNOTATION]
+        );
+        assert_eq!(tmpl("a = 1"), tmpl("a = 1"));
+    }
+
+    #[test]
+    fn service_exposes_only_the_peer_port() {
+        let mut a = s3_agent("alice", "tenant-a");
+        a.spec.exposure.service_type = crate::crd::agent::ServiceType::LoadBalancer;
+        let s = build(&a, service).spec.unwrap();
+        assert_eq!(s.type_.as_deref(), Some("LoadBalancer"));
+        let ports = s.ports.unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].port, 7400);
+        assert_eq!(s.selector.unwrap()["caravan.dev/agent"], "alice");
+    }
+
+    #[test]
+    fn network_policy_limits_admin_and_metrics_to_the_operator_namespace() {
+        let mut a = s3_agent("alice", "tenant-a");
+        let np = build(&a, network_policy).spec.unwrap();
+        assert_eq!(np.policy_types, Some(vec!["Ingress".to_string()]));
+        let rules = np.ingress.unwrap();
+        assert_eq!(rules[0].from, None, "peer port open to all by default");
+        let admin = &rules[1];
+        let ns = admin.from.clone().unwrap()[0]
+            .namespace_selector
+            .clone()
+            .unwrap();
+        assert_eq!(
+            ns.match_labels.unwrap()["kubernetes.io/metadata.name"],
+            "caravan-system"
+        );
+        a.spec.exposure.peer_cidrs = vec!["203.0.113.0/24".into()];
+        let np = build(&a, network_policy).spec.unwrap();
+        let from = np.ingress.unwrap()[0].from.clone().unwrap();
+        assert_eq!(from[0].ip_block.clone().unwrap().cidr, "203.0.113.0/24");
+    }
+}

@@ -1,0 +1,74 @@
+//! Operator-wide settings that come from the chart (flags or environment),
+//! kept apart from the per-Agent spec so the pure builders can be tested
+//! with any combination.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
+/// What every Agent's children share.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OperatorConfig {
+    /// Image of the agent container, e.g. `caravan/agent:dev`.
+    pub agent_image: String,
+    /// `Always`, `IfNotPresent` or `Never`.
+    pub agent_image_pull_policy: String,
+    /// Namespace the operator runs in; its pods may reach the agents' admin
+    /// and metrics ports through the NetworkPolicy.
+    pub operator_namespace: String,
+    /// Repositories used when an Agent lists none.
+    pub default_repositories: Vec<String>,
+    /// Resources of an agent container whose Agent sets none.
+    pub default_resources: ResourceRequirements,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            agent_image: "caravan/agent:dev".into(),
+            agent_image_pull_policy: "IfNotPresent".into(),
+            operator_namespace: "caravan-system".into(),
+            default_repositories: Vec::new(),
+            default_resources: default_agent_resources(),
+        }
+    }
+}
+
+/// Small but bounded: an idle agent needs little, and limits keep one
+/// tenant's agent from starving its neighbours.
+pub fn default_agent_resources() -> ResourceRequirements {
+    let q = |s: &str| Quantity(s.to_string());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), q("50m")),
+            ("memory".to_string(), q("64Mi")),
+        ])),
+        limits: Some(BTreeMap::from([
+            ("cpu".to_string(), q("1")),
+            ("memory".to_string(), q("256Mi")),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "caravan-operator";
+
+/// Names and mount points shared by the builders and the agent config.
+pub mod paths {
+    /// Where the identity Secret is mounted.
+    pub const IDENTITY_DIR: &str = "/var/run/caravan/identity";
+    /// Key of the identity Secret holding `SecretKey::to_text()`.
+    pub const IDENTITY_KEY: &str = "identity.key";
+    /// Key of the identity Secret holding the admin API bearer token.
+    pub const ADMIN_TOKEN_KEY: &str = "admin.token";
+    /// Where the user's storage-credentials Secret is mounted.
+    pub const CREDENTIALS_DIR: &str = "/var/run/caravan/storage";
+    /// Where the config ConfigMap is mounted.
+    pub const CONFIG_DIR: &str = "/etc/caravan";
+    /// Key of the ConfigMap holding the agent's TOML config.
+    pub const CONFIG_KEY: &str = "agent.toml";
+    /// Mount point of the data volume (the `fs` scheme's root).
+    pub const DATA_DIR: &str = "/data";
+}

@@ -1,0 +1,537 @@
+//! The Agent controller: dereference → validate → build → apply → status,
+//! in the style of kube-rs' controller-rs and the Stackable operators.
+//!
+//! Per reconcile, in this order (the mocked-API tests pin it down):
+//! 1. validate the spec (no API calls); a bad spec is reported and nothing
+//!    is touched, so a running agent keeps its last good configuration;
+//! 2. `GET` the credentials Secret (existence and key names only);
+//! 3. `GET` the identity Secret, or `POST` a new one (never `PUT`/apply:
+//!    a create that loses a race gets 409 and re-reads, so a key is never
+//!    replaced);
+//! 4. server-side apply the ConfigMap, Deployment, Service, NetworkPolicy;
+//! 5. compute status from the applied Deployment and patch it only if it
+//!    changed, publishing an Event per transition.
+//!
+//! Secrets are not watched (that would need cluster-wide list/watch on every
+//! tenant's Secrets): an Agent waiting for its credentials Secret is
+//! re-checked every [`SECRET_RECHECK`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caravan_agent::identity::SecretKey;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::children::{self, BuildInput};
+use crate::config::{FIELD_MANAGER, OperatorConfig, paths};
+use crate::crd::{Agent, AgentStatus};
+use crate::metrics::Metrics;
+use crate::names::{self, ChildNames};
+use crate::status::{self, Observation};
+use crate::validate::{self, InputError};
+
+/// How often an Agent waiting for its credentials Secret looks again.
+pub const SECRET_RECHECK: Duration = Duration::from_secs(10);
+/// Periodic resync of a healthy Agent (repairs drift the watches missed).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Resync while the pod rolls out or another Agent's identity is collected.
+pub const SHORT_RESYNC: Duration = Duration::from_secs(5);
+
+/// What a reconcile can fail with (transient: retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or could not be reached.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// An object from the API lacks a field the API always sets.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    /// The operating system's random source failed.
+    #[error("cannot generate an identity: {0}")]
+    Identity(String),
+    /// The agent config could not be rendered.
+    #[error("cannot render agent.toml: {0}")]
+    Render(String),
+}
+
+impl Error {
+    /// Short label for the errors metric.
+    pub fn metric_reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if !s.reason.is_empty() => s.reason.clone(),
+            Error::Kube(kube::Error::Api(s)) => format!("Http{}", s.code),
+            Error::Kube(_) => "ApiUnreachable".into(),
+            Error::MissingField(_) => "MissingField".into(),
+            Error::Identity(_) => "IdentityGeneration".into(),
+            Error::Render(_) => "RenderConfig".into(),
+        }
+    }
+}
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Operator-wide settings.
+    pub cfg: OperatorConfig,
+    /// Publishes Events (events.k8s.io/v1).
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Time source for lastTransitionTime (fixed in tests).
+    pub clock: fn() -> Timestamp,
+    /// Consecutive failures per Agent, for exponential backoff.
+    failures: Mutex<HashMap<ObjectRef<Agent>, u32>>,
+}
+
+impl Context {
+    /// A context with the real clock.
+    pub fn new(client: Client, cfg: OperatorConfig, recorder: Recorder, metrics: Metrics) -> Self {
+        Self {
+            client,
+            cfg,
+            recorder,
+            metrics,
+            clock: Timestamp::now,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn record_failure(&self, key: ObjectRef<Agent>) -> u32 {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn reset_failures(&self, key: &ObjectRef<Agent>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// Exponential backoff after `failures` consecutive errors: 1s, 2s, 4s…
+/// capped at 5 minutes, so a broken API server is not hammered.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(9);
+    Duration::from_secs((1u64 << exp).min(300))
+}
+
+/// Reconciles one Agent; records metrics around [`reconcile_agent`].
+pub async fn reconcile(agent: Arc<Agent>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let result = reconcile_agent(&agent, &ctx).await;
+    ctx.metrics
+        .duration
+        .with_label_values(&["agent"])
+        .observe(start.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(Outcome::Healthy(_)) => "ok",
+        Ok(Outcome::BadInput(_)) => "input_error",
+        Err(_) => "error",
+    };
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["agent", label])
+        .inc();
+    if result.is_ok() {
+        ctx.reset_failures(&ObjectRef::from_obj(agent.as_ref()));
+    }
+    result.map(Outcome::action)
+}
+
+/// How a reconcile ended, before it becomes an [`Action`].
+#[derive(Debug)]
+pub enum Outcome {
+    /// Everything applied; check again after this long.
+    Healthy(Duration),
+    /// The input is wrong and was reported; check again after this long.
+    BadInput(Duration),
+}
+
+impl Outcome {
+    fn action(self) -> Action {
+        match self {
+            Outcome::Healthy(d) | Outcome::BadInput(d) => Action::requeue(d),
+        }
+    }
+}
+
+/// Retries a failed reconcile with per-Agent exponential backoff.
+pub fn error_policy(agent: Arc<Agent>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx.record_failure(ObjectRef::from_obj(agent.as_ref()));
+    ctx.metrics
+        .errors
+        .with_label_values(&["agent", &err.metric_reason()])
+        .inc();
+    let delay = backoff(n);
+    tracing::warn!(
+        agent = %agent.name_any(),
+        namespace = agent.namespace().unwrap_or_default(),
+        error = %err,
+        retry_in = ?delay,
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// The reconcile proper.
+pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Error> {
+    let ns = agent
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = agent.name_any();
+    if agent.metadata.deletion_timestamp.is_some() {
+        // Children carry owner references; the garbage collector removes them.
+        return Ok(Outcome::Healthy(RESYNC));
+    }
+    let names = ChildNames::for_agent(&name);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // 1. Validate and render the agent config (pure).
+    let config = match validate::agent_config(&name, &ns, &agent.spec, &ctx.cfg) {
+        Ok(c) => c,
+        Err(e) => return report_input(agent, ctx, &e, RESYNC).await,
+    };
+    let config_toml = config.to_toml().map_err(|e| Error::Render(e.to_string()))?;
+
+    // 2. The credentials Secret: present, and its keys make sense.
+    let mut credentials_version = None;
+    if let Some(sr) = &agent.spec.storage.secret_ref {
+        match secrets.get_opt(&sr.name).await? {
+            None => {
+                let e = InputError::SecretNotFound {
+                    namespace: ns.clone(),
+                    name: sr.name.clone(),
+                };
+                return report_input(agent, ctx, &e, SECRET_RECHECK).await;
+            }
+            Some(s) => {
+                let keys: BTreeSet<String> = s
+                    .data
+                    .iter()
+                    .flat_map(|d| d.keys())
+                    .chain(s.string_data.iter().flat_map(|d| d.keys()))
+                    .cloned()
+                    .collect();
+                if let Err(e) =
+                    validate::check_credentials(&agent.spec.storage.options, &sr.name, &keys)
+                {
+                    return report_input(agent, ctx, &e, SECRET_RECHECK).await;
+                }
+                credentials_version = s.metadata.resource_version.clone();
+            }
+        }
+    }
+
+    let input = BuildInput {
+        agent,
+        namespace: &ns,
+        config_toml: &config_toml,
+        credentials_version: credentials_version.as_deref(),
+        cfg: &ctx.cfg,
+    };
+
+    // 3. The identity: read it, or create it exactly once.
+    let agent_id = match secrets.get_opt(&names.identity).await? {
+        Some(s) => {
+            if let Some(owner) = foreign_owner(agent, &s) {
+                tracing::info!(agent = %name, namespace = %ns, %owner,
+                    "identity Secret still belongs to a deleted Agent of the same name; waiting for garbage collection");
+                return Ok(Outcome::Healthy(SHORT_RESYNC));
+            }
+            match identity_of(&s) {
+                Ok(id) => id,
+                Err(reason) => {
+                    let obs = Observation::IdentityCorrupt {
+                        secret: &names.identity,
+                        reason,
+                    };
+                    return report(agent, ctx, None, &obs, RESYNC).await;
+                }
+            }
+        }
+        None if agent.status.as_ref().is_some_and(|s| s.agent_id.is_some()) => {
+            let obs = Observation::IdentityLost {
+                secret: &names.identity,
+            };
+            return report(agent, ctx, None, &obs, RESYNC).await;
+        }
+        None => create_identity(agent, ctx, &secrets, &input).await?,
+    };
+
+    // 4. Apply the children, config first so a new pod starts with it.
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let client = ctx.client.clone();
+    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+        .patch(
+            &names.config,
+            &pp,
+            &Patch::Apply(&children::config_map(&input)),
+        )
+        .await?;
+    let dep = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .patch(
+            &names.workload,
+            &pp,
+            &Patch::Apply(&children::deployment(&input)),
+        )
+        .await?;
+    Api::<Service>::namespaced(client.clone(), &ns)
+        .patch(
+            &names.workload,
+            &pp,
+            &Patch::Apply(&children::service(&input)),
+        )
+        .await?;
+    Api::<NetworkPolicy>::namespaced(client, &ns)
+        .patch(
+            &names.workload,
+            &pp,
+            &Patch::Apply(&children::network_policy(&input)),
+        )
+        .await?;
+
+    // 5. Status.
+    let obs = Observation::Applied(&dep);
+    let resync = match status::rollout(&dep) {
+        status::Rollout::Ready => RESYNC,
+        _ => RESYNC.min(Duration::from_secs(60)),
+    };
+    let new = status::compute(
+        agent.status.as_ref(),
+        agent.metadata.generation,
+        Some(agent_id),
+        Some(names.endpoint(&ns)),
+        &obs,
+        (ctx.clock)(),
+    );
+    update_status(agent, ctx, new).await?;
+    Ok(Outcome::Healthy(resync))
+}
+
+/// The uid of a *different* Agent that controls `secret`, if any.
+fn foreign_owner(agent: &Agent, secret: &Secret) -> Option<String> {
+    let mine = agent.metadata.uid.as_deref()?;
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "Agent")
+        .filter(|o| o.uid != mine)
+        .map(|o| o.uid.clone())
+}
+
+/// The agent id stored in an identity Secret (the key itself is dropped
+/// right away and never logged).
+pub fn identity_of(secret: &Secret) -> Result<String, String> {
+    let raw = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(paths::IDENTITY_KEY))
+        .ok_or_else(|| format!("key {} is missing", paths::IDENTITY_KEY))?;
+    let text = std::str::from_utf8(&raw.0).map_err(|_| "key is not UTF-8".to_string())?;
+    let key = SecretKey::from_text(text).map_err(|e| e.to_string())?;
+    Ok(key.agent_id().to_string())
+}
+
+/// 32 random bytes, hex: the agent's admin API bearer token.
+pub fn admin_token() -> Result<String, Error> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| Error::Identity(e.to_string()))?;
+    Ok(data_encoding::HEXLOWER.encode(&b))
+}
+
+async fn create_identity(
+    agent: &Agent,
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    input: &BuildInput<'_>,
+) -> Result<String, Error> {
+    let key = SecretKey::generate().map_err(|e| Error::Identity(e.to_string()))?;
+    let token = admin_token()?;
+    let secret = children::identity_secret(input, &key.to_text(), &token);
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match secrets.create(&pp, &secret).await {
+        Ok(_) => {
+            let id = key.agent_id().to_string();
+            tracing::info!(agent = %agent.name_any(), agent_id = %id, "created identity");
+            publish(
+                ctx,
+                agent,
+                false,
+                "IdentityCreated",
+                format!("generated agent identity {id}"),
+            )
+            .await;
+            Ok(id)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            // Someone (a previous leader) created it first: theirs stands.
+            let existing = secrets
+                .get(&ChildNames::for_agent(&agent.name_any()).identity)
+                .await?;
+            identity_of(&existing).map_err(Error::Identity)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn report_input(
+    agent: &Agent,
+    ctx: &Context,
+    err: &InputError,
+    requeue: Duration,
+) -> Result<Outcome, Error> {
+    ctx.metrics
+        .errors
+        .with_label_values(&["agent", err.reason()])
+        .inc();
+    tracing::info!(agent = %agent.name_any(), namespace = agent.namespace().unwrap_or_default(),
+        reason = err.reason(), "agent input needs fixing: {err}");
+    let obs = Observation::BadInput(err);
+    report(agent, ctx, None, &obs, requeue).await?;
+    Ok(Outcome::BadInput(requeue))
+}
+
+async fn report(
+    agent: &Agent,
+    ctx: &Context,
+    agent_id: Option<String>,
+    obs: &Observation<'_>,
+    requeue: Duration,
+) -> Result<Outcome, Error> {
+    let new = status::compute(
+        agent.status.as_ref(),
+        agent.metadata.generation,
+        agent_id,
+        None,
+        obs,
+        (ctx.clock)(),
+    );
+    update_status(agent, ctx, new).await?;
+    Ok(Outcome::BadInput(requeue))
+}
+
+/// Patches status only when it differs from what is stored, then publishes
+/// one Event per transition.
+async fn update_status(agent: &Agent, ctx: &Context, new: AgentStatus) -> Result<(), Error> {
+    if agent.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let ns = agent
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Agent> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = json!({
+        "apiVersion": Agent::api_version(&()),
+        "kind": Agent::kind(&()),
+        "status": new,
+    });
+    api.patch_status(
+        &agent.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["agent"])
+        .inc();
+    for t in status::transitions(agent.status.as_ref(), &new) {
+        publish(ctx, agent, t.warning, &t.reason, t.note).await;
+    }
+    Ok(())
+}
+
+/// Publishes an Event; a failure is logged, never fails the reconcile.
+async fn publish(ctx: &Context, agent: &Agent, warning: bool, reason: &str, note: String) {
+    let ev = Event {
+        type_: if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &agent.object_ref(&())).await {
+        tracing::warn!(error = %e, reason, "cannot publish event");
+    }
+}
+
+/// Settings of the controller loop.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// At most this many Agents reconcile at once.
+    pub concurrency: u16,
+    /// Watch one namespace only (all when `None`).
+    pub namespace: Option<String>,
+    /// Coalesces triggers for one Agent within this window: applying four
+    /// children fires four owned-object events, which need one reconcile.
+    pub debounce: Duration,
+}
+
+/// Runs the Agent controller until `shutdown` resolves; in-flight reconciles
+/// finish first.
+pub async fn run(
+    ctx: Arc<Context>,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (agents, deps, cms, svcs, nps) = match &opts.namespace {
+        Some(ns) => (
+            Api::<Agent>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<NetworkPolicy>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::<Agent>::all(client.clone()),
+            Api::<Deployment>::all(client.clone()),
+            Api::<ConfigMap>::all(client.clone()),
+            Api::<Service>::all(client.clone()),
+            Api::<NetworkPolicy>::all(client.clone()),
+        ),
+    };
+    let owned = watcher::Config::default().labels(&names::managed_selector());
+    Controller::new(agents, watcher::Config::default())
+        .owns(deps, owned.clone())
+        .owns(cms, owned.clone())
+        .owns(svcs, owned.clone())
+        .owns(nps, owned)
+        .with_config(
+            controller::Config::default()
+                .concurrency(opts.concurrency)
+                .debounce(opts.debounce),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(agent = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile loop"),
+            }
+        })
+        .await;
+}

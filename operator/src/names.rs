@@ -1,0 +1,73 @@
+//! Names and labels of an Agent's children. One place, so the builders, the
+//! reconciler and the tests agree, and so the name-length rule is enforced
+//! where the names are made.
+
+use std::collections::BTreeMap;
+
+/// Prefix of every child object's name; keeps operator-made objects from
+/// colliding with a tenant's own Deployments and Services.
+pub const PREFIX: &str = "caravan-";
+/// Longest Agent name whose children are still valid DNS-1035 labels
+/// (63 characters, Service names) after the prefix.
+pub const MAX_AGENT_NAME: usize = 63 - PREFIX.len();
+
+/// Label every operator-made object carries (`managed-by`).
+pub const MANAGED_BY: &str = "caravan-operator";
+/// Label key naming the Agent a child belongs to.
+pub const AGENT_LABEL: &str = "caravan.dev/agent";
+
+/// Children names of one Agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChildNames {
+    /// Deployment, Service and NetworkPolicy.
+    pub workload: String,
+    /// ConfigMap with `agent.toml`.
+    pub config: String,
+    /// Secret with the agent's key and admin token.
+    pub identity: String,
+}
+
+impl ChildNames {
+    /// Names for the Agent called `agent`.
+    pub fn for_agent(agent: &str) -> Self {
+        Self {
+            workload: format!("{PREFIX}{agent}"),
+            config: format!("{PREFIX}{agent}-config"),
+            identity: format!("{PREFIX}{agent}-identity"),
+        }
+    }
+
+    /// The in-cluster peer address other agents dial.
+    pub fn endpoint(&self, namespace: &str) -> String {
+        format!(
+            "{}.{namespace}.svc:{}",
+            self.workload,
+            caravan_agent::config::DEFAULT_PEER_PORT
+        )
+    }
+}
+
+/// Labels that select an Agent's pod (stable: a Deployment selector is immutable).
+pub fn selector_labels(agent: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "caravan-agent".to_string(),
+        ),
+        (AGENT_LABEL.to_string(), agent.to_string()),
+    ])
+}
+
+/// Labels of every child: the selector labels plus the recommended ones.
+pub fn labels(agent: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(agent);
+    l.insert("app.kubernetes.io/instance".into(), agent.to_string());
+    l.insert("app.kubernetes.io/part-of".into(), "caravan".into());
+    l.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    l
+}
+
+/// Label selector (string form) that matches every child the operator made.
+pub fn managed_selector() -> String {
+    format!("app.kubernetes.io/managed-by={MANAGED_BY}")
+}

@@ -1,0 +1,521 @@
+//! Pure computation of an Agent's status from what the reconciler observed,
+//! and of the Events that mark transitions. Kept free of I/O so every
+//! combination is a unit test.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::crd::{AgentPhase, AgentStatus};
+use crate::validate::InputError;
+
+/// Condition types of an Agent.
+pub const READY: &str = "Ready";
+/// See [`READY`].
+pub const PROGRESSING: &str = "Progressing";
+/// See [`READY`].
+pub const DEGRADED: &str = "Degraded";
+
+/// What the reconciler found, reduced to what status depends on.
+#[derive(Clone, Debug)]
+pub enum Observation<'a> {
+    /// The input is wrong; nothing was applied this time.
+    BadInput(&'a InputError),
+    /// The identity Secret vanished after the agent had an id: the key is
+    /// gone and is not silently replaced (the id is what peers trust).
+    IdentityLost { secret: &'a str },
+    /// The identity Secret exists but does not hold a readable key.
+    IdentityCorrupt { secret: &'a str, reason: String },
+    /// Children applied; this is the Deployment the API server returned.
+    Applied(&'a Deployment),
+}
+
+/// Rollout state of the agent Deployment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// The current pod template is running and ready.
+    Ready,
+    /// Still rolling out (or waiting for the pod to become ready).
+    InProgress(String),
+    /// The Deployment gave up (progress deadline, quota, …).
+    Failed { reason: String, message: String },
+}
+
+/// Reads a Deployment's status the way `kubectl rollout status` does.
+pub fn rollout(dep: &Deployment) -> Rollout {
+    let generation = dep.metadata.generation.unwrap_or(0);
+    let Some(st) = dep.status.as_ref() else {
+        return Rollout::InProgress("waiting for the Deployment controller".into());
+    };
+    for c in st.conditions.iter().flatten() {
+        if c.type_ == "Progressing" && c.status == "False" {
+            return Rollout::Failed {
+                reason: "RolloutFailed".into(),
+                message: format!(
+                    "Deployment {}: {}",
+                    c.reason.as_deref().unwrap_or("not progressing"),
+                    c.message.as_deref().unwrap_or("")
+                ),
+            };
+        }
+        if c.type_ == "ReplicaFailure" && c.status == "True" {
+            return Rollout::Failed {
+                reason: "ReplicaFailure".into(),
+                message: c
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| "pod could not be created".into()),
+            };
+        }
+    }
+    if st.observed_generation.unwrap_or(0) < generation {
+        return Rollout::InProgress("waiting for the Deployment controller".into());
+    }
+    let want = dep.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let updated = st.updated_replicas.unwrap_or(0);
+    let total = st.replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    let ready = st.ready_replicas.unwrap_or(0);
+    if updated < want {
+        return Rollout::InProgress(format!("{updated} of {want} agent pods updated"));
+    }
+    if total > updated {
+        return Rollout::InProgress("old agent pod terminating".into());
+    }
+    if available < want || ready < want {
+        return Rollout::InProgress("waiting for the agent pod to become ready".into());
+    }
+    Rollout::Ready
+}
+
+fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Timestamp,
+) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time: Time(*now),
+    }
+}
+
+/// The whole desired status. `previous` supplies lastTransitionTime for
+/// conditions whose status did not change, so a no-op reconcile computes a
+/// status equal to the stored one and no patch is sent.
+pub fn compute(
+    previous: Option<&AgentStatus>,
+    generation: Option<i64>,
+    agent_id: Option<String>,
+    endpoint: Option<String>,
+    obs: &Observation<'_>,
+    now: Timestamp,
+) -> AgentStatus {
+    let g = generation;
+    let (ready, progressing, degraded) = match obs {
+        Observation::BadInput(err) => (
+            cond(READY, false, err.reason(), err.to_string(), g, &now),
+            cond(
+                PROGRESSING,
+                false,
+                err.reason(),
+                "waiting for the input to be fixed".into(),
+                g,
+                &now,
+            ),
+            cond(DEGRADED, true, err.reason(), err.to_string(), g, &now),
+        ),
+        Observation::IdentityLost { secret } => {
+            let msg = format!(
+                "identity Secret {secret} was deleted; the agent's key is gone and is not \
+                 regenerated. Delete and recreate the Agent to get a new agent id"
+            );
+            (
+                cond(READY, false, "IdentityLost", msg.clone(), g, &now),
+                cond(PROGRESSING, false, "IdentityLost", msg.clone(), g, &now),
+                cond(DEGRADED, true, "IdentityLost", msg, g, &now),
+            )
+        }
+        Observation::IdentityCorrupt { secret, reason } => {
+            let msg = format!("identity Secret {secret} does not hold a valid key: {reason}");
+            (
+                cond(READY, false, "IdentityCorrupt", msg.clone(), g, &now),
+                cond(PROGRESSING, false, "IdentityCorrupt", msg.clone(), g, &now),
+                cond(DEGRADED, true, "IdentityCorrupt", msg, g, &now),
+            )
+        }
+        Observation::Applied(dep) => match rollout(dep) {
+            Rollout::Ready => (
+                cond(
+                    READY,
+                    true,
+                    "AgentReady",
+                    "the agent pod is running and ready".into(),
+                    g,
+                    &now,
+                ),
+                cond(
+                    PROGRESSING,
+                    false,
+                    "RolloutComplete",
+                    "the agent runs the current spec".into(),
+                    g,
+                    &now,
+                ),
+                cond(
+                    DEGRADED,
+                    false,
+                    "AsExpected",
+                    "no problems found".into(),
+                    g,
+                    &now,
+                ),
+            ),
+            Rollout::InProgress(msg) => (
+                cond(READY, false, "RollingOut", msg.clone(), g, &now),
+                cond(PROGRESSING, true, "RollingOut", msg, g, &now),
+                cond(
+                    DEGRADED,
+                    false,
+                    "AsExpected",
+                    "no problems found".into(),
+                    g,
+                    &now,
+                ),
+            ),
+            Rollout::Failed { reason, message } => (
+                cond(READY, false, &reason, message.clone(), g, &now),
+                cond(PROGRESSING, false, &reason, message.clone(), g, &now),
+                cond(DEGRADED, true, &reason, message, g, &now),
+            ),
+        },
+    };
+    let phase = if degraded.status == "True" {
+        AgentPhase::Degraded
+    } else if ready.status == "True" {
+        AgentPhase::Ready
+    } else {
+        AgentPhase::Pending
+    };
+    let mut conditions = vec![ready, progressing, degraded];
+    for c in &mut conditions {
+        if let Some(old) = previous.and_then(|p| p.conditions.iter().find(|o| o.type_ == c.type_))
+            && old.status == c.status
+        {
+            c.last_transition_time = old.last_transition_time.clone();
+        }
+    }
+    // Keep what we knew when this observation could not tell (bad input).
+    let agent_id = agent_id.or_else(|| previous.and_then(|p| p.agent_id.clone()));
+    let endpoint = endpoint.or_else(|| previous.and_then(|p| p.endpoint.clone()));
+    AgentStatus {
+        agent_id,
+        endpoint,
+        phase: Some(phase),
+        conditions,
+        observed_generation: g,
+    }
+}
+
+/// An Event to publish because something changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Warning (needs a human) or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human-readable note.
+    pub note: String,
+}
+
+fn find<'a>(s: Option<&'a AgentStatus>, t: &str) -> Option<&'a Condition> {
+    s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+}
+
+/// The Events that the move from `old` to `new` deserves: one per real
+/// transition, none for a reconcile that changed nothing.
+pub fn transitions(old: Option<&AgentStatus>, new: &AgentStatus) -> Vec<Transition> {
+    let mut out = Vec::new();
+    let (od, nd) = (find(old, DEGRADED), find(Some(new), DEGRADED));
+    if let Some(nd) = nd {
+        let was_degraded = od.is_some_and(|o| o.status == "True");
+        if nd.status == "True" && (!was_degraded || od.is_some_and(|o| o.reason != nd.reason)) {
+            out.push(Transition {
+                warning: true,
+                reason: nd.reason.clone(),
+                note: nd.message.clone(),
+            });
+        } else if nd.status == "False" && was_degraded {
+            out.push(Transition {
+                warning: false,
+                reason: "Recovered".into(),
+                note: "the problem is fixed; reconciling the agent again".into(),
+            });
+        }
+    }
+    let (op, np) = (find(old, PROGRESSING), find(Some(new), PROGRESSING));
+    if np.is_some_and(|n| n.status == "True") && op.is_none_or(|o| o.status != "True") {
+        out.push(Transition {
+            warning: false,
+            reason: "RollingOut".into(),
+            note: format!(
+                "rolling out generation {}",
+                new.observed_generation.unwrap_or_default()
+            ),
+        });
+    }
+    let (or, nr) = (find(old, READY), find(Some(new), READY));
+    if nr.is_some_and(|n| n.status == "True") && or.is_none_or(|o| o.status != "True") {
+        out.push(Transition {
+            warning: false,
+            reason: "AgentReady".into(),
+            note: format!(
+                "agent {} is ready at {}",
+                new.agent_id.as_deref().unwrap_or("?"),
+                new.endpoint.as_deref().unwrap_or("?")
+            ),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentSpec, DeploymentStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn dep(generation: i64, observed: i64, updated: i32, ready: i32) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(generation),
+                ..Default::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(1),
+                ..Default::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(observed),
+                replicas: Some(1),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(ready),
+                available_replicas: Some(ready),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn get<'a>(s: &'a AgentStatus, ty: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == ty).unwrap()
+    }
+
+    #[test]
+    fn rollout_reads_deployment_status() {
+        assert_eq!(rollout(&dep(2, 2, 1, 1)), Rollout::Ready);
+        assert!(matches!(rollout(&dep(2, 1, 1, 1)), Rollout::InProgress(_)));
+        assert!(matches!(rollout(&dep(2, 2, 0, 0)), Rollout::InProgress(_)));
+        assert!(matches!(rollout(&dep(2, 2, 1, 0)), Rollout::InProgress(_)));
+        let mut d = dep(1, 1, 0, 0);
+        d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "False".into(),
+            reason: Some("ProgressDeadlineExceeded".into()),
+            ..Default::default()
+        }]);
+        assert!(matches!(rollout(&d), Rollout::Failed { .. }));
+        assert!(matches!(
+            rollout(&Deployment::default()),
+            Rollout::InProgress(_)
+        ));
+    }
+
+    #[test]
+    fn ready_deployment_makes_a_ready_agent() {
+        let d = dep(1, 1, 1, 1);
+        let s = compute(
+            None,
+            Some(3),
+            Some("cv1-x".into()),
+            Some("e:7400".into()),
+            &Observation::Applied(&d),
+            t(0),
+        );
+        assert_eq!(s.phase, Some(AgentPhase::Ready));
+        assert_eq!(get(&s, READY).status, "True");
+        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(get(&s, DEGRADED).status, "False");
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(3))
+        );
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.agent_id.as_deref(), Some("cv1-x"));
+    }
+
+    #[test]
+    fn rolling_out_is_pending_and_progressing() {
+        let d = dep(2, 2, 0, 0);
+        let s = compute(None, Some(2), None, None, &Observation::Applied(&d), t(0));
+        assert_eq!(s.phase, Some(AgentPhase::Pending));
+        assert_eq!(get(&s, PROGRESSING).status, "True");
+        assert_eq!(get(&s, READY).status, "False");
+    }
+
+    #[test]
+    fn bad_input_is_degraded_with_its_reason_and_keeps_the_agent_id() {
+        let prev = compute(
+            None,
+            Some(1),
+            Some("cv1-x".into()),
+            Some("e".into()),
+            &Observation::Applied(&dep(1, 1, 1, 1)),
+            t(0),
+        );
+        let err = InputError::UnknownStorageScheme("unknown storage scheme \"ftp\"".into());
+        let s = compute(
+            Some(&prev),
+            Some(2),
+            None,
+            None,
+            &Observation::BadInput(&err),
+            t(10),
+        );
+        assert_eq!(s.phase, Some(AgentPhase::Degraded));
+        let d = get(&s, DEGRADED);
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "UnknownStorageScheme")
+        );
+        assert!(d.message.contains("ftp"));
+        assert_eq!(get(&s, READY).reason, "UnknownStorageScheme");
+        assert_eq!(s.agent_id.as_deref(), Some("cv1-x"));
+        assert_eq!(s.endpoint.as_deref(), Some("e"));
+    }
+
+    #[test]
+    fn unchanged_conditions_keep_their_transition_time() {
+        let d = dep(1, 1, 1, 1);
+        let first = compute(
+            None,
+            Some(1),
+            Some("a".into()),
+            None,
+            &Observation::Applied(&d),
+            t(0),
+        );
+        let again = compute(
+            Some(&first),
+            Some(1),
+            Some("a".into()),
+            None,
+            &Observation::Applied(&d),
+            t(60),
+        );
+        assert_eq!(
+            first, again,
+            "a no-op reconcile must compute an identical status"
+        );
+        let rolled = compute(
+            Some(&first),
+            Some(2),
+            Some("a".into()),
+            None,
+            &Observation::Applied(&dep(2, 2, 0, 0)),
+            t(90),
+        );
+        assert_eq!(get(&rolled, READY).last_transition_time, Time(t(90)));
+        assert_eq!(get(&rolled, DEGRADED).last_transition_time, Time(t(0)));
+    }
+
+    #[test]
+    fn transitions_emit_one_event_each() {
+        let d_ready = dep(1, 1, 1, 1);
+        let d_roll = dep(1, 1, 0, 0);
+        let err = InputError::SecretNotFound {
+            namespace: "n".into(),
+            name: "s".into(),
+        };
+        let pending = compute(
+            None,
+            Some(1),
+            None,
+            None,
+            &Observation::Applied(&d_roll),
+            t(0),
+        );
+        let ev = transitions(None, &pending);
+        assert_eq!(
+            ev.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["RollingOut"]
+        );
+        let ready = compute(
+            Some(&pending),
+            Some(1),
+            None,
+            None,
+            &Observation::Applied(&d_ready),
+            t(1),
+        );
+        let ev = transitions(Some(&pending), &ready);
+        assert_eq!(
+            ev.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
+            ["AgentReady"]
+        );
+        assert!(transitions(Some(&ready), &ready).is_empty());
+        let bad = compute(
+            Some(&ready),
+            Some(2),
+            None,
+            None,
+            &Observation::BadInput(&err),
+            t(2),
+        );
+        let ev = transitions(Some(&ready), &bad);
+        assert_eq!(ev.len(), 1);
+        assert!(ev[0].warning);
+        assert_eq!(ev[0].reason, "SecretNotFound");
+        assert!(
+            transitions(Some(&bad), &bad).is_empty(),
+            "no event spam while still broken"
+        );
+        let healed = compute(
+            Some(&bad),
+            Some(2),
+            None,
+            None,
+            &Observation::Applied(&d_ready),
+            t(3),
+        );
+        let reasons: Vec<_> = transitions(Some(&bad), &healed)
+            .into_iter()
+            .map(|e| e.reason)
+            .collect();
+        assert_eq!(reasons, ["Recovered", "AgentReady"]);
+    }
+
+    #[test]
+    fn identity_lost_is_degraded() {
+        let s = compute(
+            None,
+            Some(1),
+            None,
+            None,
+            &Observation::IdentityLost { secret: "x" },
+            t(0),
+        );
+        assert_eq!(get(&s, DEGRADED).reason, "IdentityLost");
+        assert_eq!(s.phase, Some(AgentPhase::Degraded));
+    }
+}
