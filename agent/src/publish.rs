@@ -189,6 +189,15 @@ impl Agent {
             .ok_or_else(|| {
                 Error::NotFound(format!("share {share_id} is not published by this agent"))
             })?;
+        if !s.manifest.access.names(&recipient) && s.manifest.access.trust_depth.is_some() {
+            return Ticket::issue_keyless(
+                &self.key,
+                share_id,
+                recipient,
+                self.opts.advertise.clone(),
+                self.opts.repositories.clone(),
+            );
+        }
         self.ticket_for(share_id, recipient, &s.key)
     }
 
