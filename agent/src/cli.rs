@@ -3,7 +3,7 @@
 //! 0 success, 1 failure, 2 bad usage, 3 bad configuration or input,
 //! 4 daemon unreachable, 5 transfer or verification failed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -893,11 +893,11 @@ fn init(dir: &PathBuf, listen: String, admin: String, metrics: String) -> Result
     Ok(())
 }
 
-fn load_config(path: &PathBuf) -> Result<AgentConfig> {
+fn load_config(path: &Path) -> Result<AgentConfig> {
     AgentConfig::load(path).map_err(|e| Exit::Config(anyhow!(e)).into())
 }
 
-async fn run(config: &PathBuf) -> Result<()> {
+async fn run(config: &Path) -> Result<()> {
     let cfg = load_config(config)?;
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
@@ -934,7 +934,7 @@ struct Admin {
 }
 
 impl Admin {
-    fn from_config(path: &PathBuf) -> Result<Admin> {
+    fn from_config(path: &Path) -> Result<Admin> {
         let cfg = load_config(path)?;
         let token =
             daemon::read_token(&cfg.admin_token_file).map_err(|e| Exit::Config(anyhow!(e)))?;

@@ -630,12 +630,16 @@ impl Agent {
     /// Asks the publisher for the current share key (it re-checks our right to it).
     async fn request_key(&self, swarm: &Swarm, ticket: &Ticket) -> Result<Key> {
         let proof = self.proof_for(&ticket.publisher).await;
-        for conn in swarm
+        if let Some(conn) = swarm
             .distinct()
             .into_iter()
-            .filter(|c| c.peer == ticket.publisher)
+            .find(|c| c.peer == ticket.publisher)
         {
-            let bytes = conn.key(&ticket.share_id, &proof).await?;
+            let bytes = conn.key(&ticket.share_id, &proof).await.map_err(|e| {
+                Error::NotFound(format!(
+                    "the publisher refused the new share key (access withdrawn or no valid trust chain): {e}"
+                ))
+            })?;
             let (_, rel): (_, KeyRelease) =
                 SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
             if rel.recipient != self.id || rel.share_id != ticket.share_id {

@@ -27,6 +27,9 @@ pub trait TrustPolicy: Send + Sync {
     fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool;
 }
 
+/// Grant records a peer presented (each an encoded signed record).
+type Proof = Vec<Vec<u8>>;
+
 /// (share, peer) proofs remembered at most; past it the memory is cleared
 /// and peers simply ask for the key again.
 const MAX_REMEMBERED_PROOFS: usize = 10_000;
@@ -64,7 +67,7 @@ pub struct Agent {
     /// share: manifest and chunk requests carry none, so it is re-checked
     /// against the current engine on every one of them (a revocation then
     /// cuts the peer off at once).
-    presented: Mutex<HashMap<(ShareId, AgentId), Vec<Vec<u8>>>>,
+    presented: Mutex<HashMap<(ShareId, AgentId), Proof>>,
 }
 
 impl std::fmt::Debug for Agent {
