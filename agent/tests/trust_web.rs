@@ -70,16 +70,24 @@ fn agent(base: &Path, name: &str, repos: &[&str]) -> TestAgent {
     let dir = base.join(name);
     std::fs::create_dir_all(&dir).unwrap();
     let mut a = TestAgent::init(&dir);
-    let text = std::fs::read_to_string(&a.config).unwrap();
-    let list: Vec<String> = repos.iter().map(|r| format!("{r:?}")).collect();
-    std::fs::write(
-        &a.config,
-        format!("repositories = [{}]\n{text}", list.join(", ")),
-    )
-    .unwrap();
+    set_repositories(&a, repos);
     a.env.push(("CARAVAN_TRUST_SYNC_SECS".into(), "0.5".into()));
     a.start();
     a
+}
+
+/// Points an agent's config at `repos` (replacing the line `init` wrote).
+fn set_repositories(a: &TestAgent, repos: &[&str]) {
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    let list: Vec<String> = repos.iter().map(|r| format!("{r:?}")).collect();
+    let line = format!("repositories = [{}]", list.join(", "));
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("repositories"))
+        .map(str::to_string)
+        .collect();
+    out.insert(0, line);
+    std::fs::write(&a.config, out.join("\n") + "\n").unwrap();
 }
 
 fn grant(from: &TestAgent, to: &TestAgent, depth: u8, extra: &[&str]) -> serde_json::Value {
@@ -303,8 +311,6 @@ fn forged_repository_is_refused() {
     let base = tmp.path();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mallory = SecretKey::generate().unwrap();
-    let alice_dir = base.join("alice");
-    std::fs::create_dir_all(&alice_dir).unwrap();
     // Start alice without repositories first, to know her id.
     let alice = agent(base, "alice", &[]);
     let alice_id: AgentId = alice.id.parse().unwrap();
@@ -335,12 +341,7 @@ fn forged_repository_is_refused() {
         });
         let _ = axum::serve(listener, app).await;
     });
-    let text = std::fs::read_to_string(&dave.config).unwrap();
-    std::fs::write(
-        &dave.config,
-        format!("repositories = [\"http://{addr}\"]\n{text}"),
-    )
-    .unwrap();
+    set_repositories(&dave, &[&format!("http://{addr}")]);
     dave.env
         .push(("CARAVAN_TRUST_SYNC_SECS".into(), "0.5".into()));
     dave.start();
