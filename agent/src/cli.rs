@@ -566,13 +566,23 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     r.kept.join(", ")
                 );
                 println!(
+                    "version {} uses a fresh share key: {}",
+                    r.second_version,
+                    if r.fresh_key { "yes" } else { "NO" }
+                );
+                println!(
                     "first refusal {:.3}s after the revocation; every fetched byte verified: {}",
                     r.revocation_seconds,
                     if r.verified { "yes" } else { "NO" }
                 );
             }
-            if !r.verified {
-                return Err(Exit::Transfer(anyhow!("verification failed")).into());
+            if !r.verified || !r.fresh_key {
+                return Err(Exit::Transfer(anyhow!(
+                    "verification failed (bytes verified: {}, fresh key: {})",
+                    r.verified,
+                    r.fresh_key
+                ))
+                .into());
             }
             Ok(())
         }

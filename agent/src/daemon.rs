@@ -243,9 +243,7 @@ async fn api_trust_list(
     h: HeaderMap,
 ) -> std::result::Result<Json<TrustListing>, ApiFailure> {
     check_token(&s, &h)?;
-    let w = web(&s)?;
-    w.refresh().await;
-    Ok(Json(w.listing()))
+    Ok(Json(web(&s)?.listing()))
 }
 
 /// `POST /v1/trust/grants` with a [`GrantRequest`]

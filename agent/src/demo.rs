@@ -353,6 +353,8 @@ pub struct TrustDemoReport {
     pub repositories: usize,
     /// Version fetched by the agents that kept access after the revocation.
     pub second_version: u64,
+    /// The version published after the revocation uses a new share key.
+    pub fresh_key: bool,
 }
 
 /// Starts an in-process repository on loopback with memory storage; it
@@ -548,7 +550,12 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
         repo_stops[1].cancel();
         let tree_after = alice.web.tree(&alice.agent.id, 3);
 
-        // The next version, under a fresh key.
+        // The next version: the revocation makes alice rotate the key by
+        // herself (no --rotate-key needed).
+        let key_before = alice
+            .agent
+            .share(&sid)
+            .map(|s| crate::manifest::key_check(&s.key));
         std::fs::write(source.join("after-revocation.txt"), b"version two\n")
             .context(|| "writing the second version".into())?;
         let v2 = alice
@@ -561,11 +568,16 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
                         trust_depth: Some(3),
                     },
                     share_id: Some(sid),
-                    rotate_key: true,
+                    rotate_key: false,
                 },
                 None,
             )
             .await?;
+        let key_after = alice
+            .agent
+            .share(&sid)
+            .map(|s| crate::manifest::key_check(&s.key));
+        let fresh_key = key_before.is_some() && key_before != key_after;
         // The new key gives every chunk a new address: ask for one of v2.
         let chunk_id = alice
             .agent
@@ -625,6 +637,7 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
             refusals,
             repositories: 2,
             second_version: v2.seq,
+            fresh_key,
         })
     }
 }

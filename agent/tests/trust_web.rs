@@ -379,6 +379,7 @@ fn demo_trust_scenario_json() {
     assert_eq!(v["pruned"], serde_json::json!(["bob", "carol"]));
     assert_eq!(v["kept"], serde_json::json!(["dave", "erin"]));
     assert_eq!(v["verified"], true);
+    assert_eq!(v["fresh_key"], true);
     let secs = v["revocation_seconds"].as_f64().unwrap();
     assert!((0.0..5.0).contains(&secs), "{secs}");
     assert!(v["tree_before"].as_str().unwrap().contains("carol"));

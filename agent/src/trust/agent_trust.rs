@@ -378,10 +378,10 @@ impl AgentTrust {
         render_tree(root, &set)
     }
 
-    /// Why this agent trusts `who` (the chain), or why not. Refreshes what
-    /// the repositories know about `who` first.
+    /// Why this agent trusts `who` (the chain), or why not. Looks up the
+    /// grants the repositories hold on paths to `who` first.
     pub async fn why(&self, who: &AgentId) -> WhyAnswer {
-        self.refresh().await;
+        // Revocations come from the background sync; only grants are looked up here.
         self.collect_chain_to(who).await;
         let now = unix_now();
         let Ok(e) = self.engine.read() else {
