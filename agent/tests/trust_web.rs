@@ -170,9 +170,13 @@ fn trust_web_with_processes() {
     let carol = agent(base, "carol", &r);
     let dave = agent(base, "dave", &r);
     let erin = agent(base, "erin", &r);
+    let frank = agent(base, "frank", &r);
 
     grant(&alice, &bob, 1, &[]);
     grant(&bob, &carol, 0, &[]);
+    // A second path to carol, which survives revoking alice→bob.
+    grant(&alice, &frank, 1, &[]);
+    grant(&frank, &carol, 0, &[]);
     // Too deep: carol may not vouch (depth 0), so carol→dave does not count.
     grant(&carol, &dave, 0, &[]);
     // Expires almost at once.
@@ -200,7 +204,7 @@ fn trust_web_with_processes() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("not trusted"));
     let list = cli_ok(&["trust", "list", "--config", alice.cfg(), "--json"]);
     let l: serde_json::Value = serde_json::from_str(&list).unwrap();
-    assert_eq!(l["issued"].as_array().unwrap().len(), 2);
+    assert_eq!(l["issued"].as_array().unwrap().len(), 3);
 
     // bob and carol fetch through their chains.
     for a in [&bob, &carol] {
@@ -267,6 +271,7 @@ fn trust_web_with_processes() {
     let bob_key = key_of(&bob);
     assert!(!key_released(&alice, &bob_key, &share, &[]));
     let revoked_in = started.elapsed();
+    std::fs::write(src.join("v2.txt"), b"second version").unwrap();
     cli_ok(&[
         "publish",
         "--config",
@@ -279,12 +284,17 @@ fn trust_web_with_processes() {
         "--rotate-key",
         "--json",
     ]);
-    for a in [&bob, &carol] {
-        let (code, err) = try_fetch(a, &ticket(&alice, &share, a), "got");
-        assert_eq!(code, Some(5), "{err}");
-    }
-    let why = cli(&["trust", "why", "--config", alice.cfg(), &carol.id]);
+    let (code, err) = try_fetch(&bob, &ticket(&alice, &share, &bob), "got");
+    assert_eq!(code, Some(5), "{err}");
+    let why = cli(&["trust", "why", "--config", alice.cfg(), &bob.id]);
     assert_eq!(why.status.code(), Some(1));
+    // carol survives through frank and gets the new version.
+    let p = fetch(&carol, &ticket(&alice, &share, &carol), "got", &[]);
+    assert_eq!(p["state"], "done");
+    assert_eq!(p["seq"], 2);
+    assert_same_tree(&src, &carol.data().join("got"));
+    let why = cli_ok(&["trust", "why", "--config", alice.cfg(), &carol.id]);
+    assert!(why.contains(&frank.id), "{why}");
     eprintln!("revocation effective after {revoked_in:?}");
     // Clear CLI errors for bad input.
     let out = cli(&[
