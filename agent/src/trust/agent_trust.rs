@@ -581,17 +581,42 @@ impl AgentTrust {
     }
 
     /// Addresses of agents the repositories say hold `share` (union over
-    /// every repository, signatures checked, newest per agent, self excluded).
+    /// every repository, signatures checked, newest per agent, self
+    /// excluded). The answer is kept in storage, so while every repository
+    /// is down (or a restarted agent cannot reach one) the peers learned last
+    /// time are used.
     pub async fn peers_for(&self, share: &[u8; 32]) -> Result<Vec<(AgentId, Vec<String>)>> {
         let Some(r) = &self.repos else {
             return Ok(Vec::new());
         };
-        let holders = r.holders(&share_locator(share)).await?;
-        Ok(holders
-            .into_iter()
-            .filter(|(a, _)| a.agent != self.me)
-            .map(|(a, _)| (a.agent, a.addresses))
-            .collect())
+        let path = format!(
+            "{}peers/{}.json",
+            self.dir.trim_end_matches("records/"),
+            crate::trust::records::hex(share)
+        );
+        match r.holders(&share_locator(share)).await {
+            Ok(holders) => {
+                let peers: Vec<(AgentId, Vec<String>)> = holders
+                    .into_iter()
+                    .filter(|(a, _)| a.agent != self.me)
+                    .map(|(a, _)| (a.agent, a.addresses))
+                    .collect();
+                if let Ok(json) = serde_json::to_vec(&peers)
+                    && let Err(e) = self.op.write(&path, json).await
+                {
+                    tracing::warn!(error = %e, %path, "could not cache the peers of a share");
+                }
+                Ok(peers)
+            }
+            Err(e) => match self.op.read(&path).await {
+                Ok(bytes) => {
+                    tracing::warn!(error = %e, "no repository answered; using the peers learned earlier");
+                    serde_json::from_slice(&bytes.to_vec())
+                        .map_err(|d| Error::Config(format!("{path}: {d}")))
+                }
+                Err(_) => Err(e),
+            },
+        }
     }
 
     /// The background task: every `interval`, sync revocations and renew the
@@ -626,5 +651,118 @@ impl TrustPolicy for AgentTrust {
                     .is_ok()
             })
             .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::node::AgentOptions;
+
+    async fn agent(op: Operator, key: SecretKey) -> Arc<Agent> {
+        Agent::open(
+            key,
+            op,
+            AgentOptions {
+                state_prefix: ".caravan/".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    fn memory() -> Operator {
+        crate::store::open(&StorageConfig {
+            scheme: "memory".into(),
+            options: Default::default(),
+            credentials: None,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn grants_persist_and_revocations_prune() {
+        let op = memory();
+        let alice_key = SecretKey::generate().unwrap();
+        let alice = agent(op.clone(), alice_key.clone()).await;
+        let (bob, carol) = (
+            SecretKey::generate().unwrap().agent_id(),
+            SecretKey::generate().unwrap().agent_id(),
+        );
+        let web = AgentTrust::open(&alice, &[]).await.unwrap();
+        for (s, d) in [(bob, 1), (carol, 0)] {
+            web.grant(&GrantRequest {
+                subject: s,
+                depth: d,
+                expires_secs: None,
+                scope: None,
+            })
+            .await
+            .unwrap();
+        }
+        assert!(web.trusts(&alice.id, &carol, 1, &[]));
+        assert!(web.why(&carol).await.trusted);
+        assert!(
+            web.grant(&GrantRequest {
+                subject: alice.id,
+                depth: 0,
+                expires_secs: None,
+                scope: None,
+            })
+            .await
+            .is_err()
+        );
+        assert_eq!(
+            web.revoke(&RevokeRequest {
+                subject: Some(bob),
+                grant_id: None
+            })
+            .await
+            .unwrap()
+            .len(),
+            1
+        );
+        assert!(web.last_revocation() > 0);
+        assert!(!web.trusts(&alice.id, &bob, 1, &[]));
+        assert!(web.revoke(&RevokeRequest::default()).await.is_err());
+        let why = web.why(&bob).await;
+        assert!(!why.trusted);
+        assert!(why.reason.unwrap().contains("revoked"));
+
+        // A restart keeps all of it.
+        let again = AgentTrust::open(&alice, &[]).await.unwrap();
+        let l = again.listing();
+        assert_eq!(l.issued.len(), 2);
+        assert!(l.issued.iter().any(|g| g.subject == bob && g.revoked));
+        assert!(l.trusted.contains_key(&carol.to_string()));
+        assert!(!l.trusted.contains_key(&bob.to_string()));
+    }
+
+    #[tokio::test]
+    async fn peers_come_from_the_cache_when_repositories_are_down() {
+        let op = memory();
+        let a = agent(op.clone(), SecretKey::generate().unwrap()).await;
+        // Nothing listens on this port: every repository is down.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let web = AgentTrust::open(&a, &[format!("http://127.0.0.1:{port}")])
+            .await
+            .unwrap();
+        let share = [7u8; 32];
+        assert!(web.peers_for(&share).await.is_err());
+        let known = vec![(a.id, vec!["127.0.0.1:1".to_string()])];
+        let path = format!(
+            ".caravan/trust/peers/{}.json",
+            crate::trust::records::hex(&share)
+        );
+        op.write(&path, serde_json::to_vec(&known).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(web.peers_for(&share).await.unwrap(), known);
     }
 }
