@@ -203,10 +203,12 @@ enum Command {
     },
     /// List the peers the repositories know for a share (agent id and addresses).
     Peers {
+        /// Agent configuration file (to find the daemon and its token).
         #[arg(long, short)]
         config: PathBuf,
         /// The share id.
         share: ShareId,
+        /// Print the peers as JSON (`[{"agent_id", "addresses"}]`).
         #[arg(long)]
         json: bool,
     },
@@ -228,6 +230,7 @@ enum TrustCommand {
     ///
     /// Example: `caravan-agent trust grant cv1-… --depth 1 --expires 30d -c agent.toml`
     Grant {
+        /// Agent configuration file (to find the daemon and its token).
         #[arg(long, short)]
         config: PathBuf,
         /// The agent to trust.
@@ -241,6 +244,7 @@ enum TrustCommand {
         /// Limit the grant to one scope.
         #[arg(long)]
         scope: Option<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -248,9 +252,11 @@ enum TrustCommand {
     ///
     /// Takes effect on this agent at once (peers served through the grant are
     /// refused on their next request) and on others as they read the
-    /// repositories' revocation feed. Publish the next version of a share
-    /// with --rotate-key so the revoked agents cannot read it.
+    /// repositories' revocation feed. The next version of a share published
+    /// for a trust depth gets a fresh key by itself, so revoked agents cannot
+    /// read it even with the key they already hold.
     Revoke {
+        /// Agent configuration file (to find the daemon and its token).
         #[arg(long, short)]
         config: PathBuf,
         /// The agent whose grants to revoke.
@@ -259,13 +265,16 @@ enum TrustCommand {
         /// Revoke this one grant (hex id from `trust list`).
         #[arg(long)]
         grant_id: Option<String>,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Show the grants this agent issued and its trust tree.
     List {
+        /// Agent configuration file (to find the daemon and its token).
         #[arg(long, short)]
         config: PathBuf,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -273,9 +282,12 @@ enum TrustCommand {
     /// grants, or why there is none (no grant, expired, revoked, too deep).
     /// Exits 1 when there is no chain.
     Why {
+        /// Agent configuration file (to find the daemon and its token).
         #[arg(long, short)]
         config: PathBuf,
+        /// The agent in question.
         agent: AgentId,
+        /// Print the answer as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -335,7 +347,14 @@ enum Exit {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo reports what happened itself; its logs would only drown it
+    // (e.g. every sync with the repository it stops on purpose).
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "error"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -364,9 +383,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

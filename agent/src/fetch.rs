@@ -694,14 +694,17 @@ impl Agent {
             }
         }
         key.ok_or_else(|| match refusal {
-            Some(e) => Error::NotFound(format!(
-                "the publisher refused the share key (no valid trust chain was accepted{}): {e}",
-                if proof.is_empty() {
-                    "; this agent found no grant chain from the publisher"
+            Some(e) => {
+                tracing::debug!(error = %e, "key refused");
+                Error::NotFound(if proof.is_empty() {
+                    "the publisher refused the share key: this agent found no valid grant chain from the publisher (see `trust why`)".to_string()
                 } else {
-                    ""
-                }
-            )),
+                    format!(
+                        "the publisher refused the share key: the {} grant(s) presented hold no valid chain for it (revoked, expired or too deep)",
+                        proof.len()
+                    )
+                })
+            }
             None => {
                 Error::NotFound("the publisher is not reachable to release the share key".into())
             }
