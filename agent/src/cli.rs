@@ -3,7 +3,7 @@
 //! 0 success, 1 failure, 2 bad usage, 3 bad configuration or input,
 //! 4 daemon unreachable, 5 transfer or verification failed.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,10 +178,135 @@ enum Command {
         /// Keep both agents' storage in this directory.
         #[arg(long)]
         keep: Option<PathBuf>,
-        /// Print one JSON object on stdout (bytes, files, seconds, verified…).
+        /// Print one JSON object on stdout (bytes, files, seconds, verified…;
+        /// for the trust scenario: pruned, kept, revocation_seconds, verified…).
+        #[arg(long)]
+        json: bool,
+        /// `transfer`: two agents move a folder. `trust`: two repositories
+        /// and five agents (alice, bob, carol, dave, erin) with grants
+        /// alice→bob(2), bob→carol(1), carol→dave(0), alice→erin(1),
+        /// erin→dave(0); alice shares with "agents I trust within 3 hops",
+        /// then revokes alice→bob while a repository is down: bob and carol
+        /// are refused, dave (through erin) and erin keep fetching.
+        #[arg(long, value_enum, default_value = "transfer")]
+        scenario: Scenario,
+    },
+    /// Manage whom this agent vouches for (asks the running daemon).
+    ///
+    /// A grant says "I trust AGENT_ID, and let it vouch DEPTH more hops".
+    /// Shares published with --trust-depth N go to every agent reachable
+    /// from this one through at most N grants. Grants and revocations are
+    /// signed by this agent and published to its repositories.
+    Trust {
+        #[command(subcommand)]
+        action: TrustCommand,
+    },
+    /// List the peers the repositories know for a share (agent id and addresses).
+    Peers {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The share id.
+        share: ShareId,
+        /// Print the peers as JSON (`[{"agent_id", "addresses"}]`).
         #[arg(long)]
         json: bool,
     },
+    /// Serve a repository (tracker): stores and serves signed announcements,
+    /// grants and revocations over HTTP. It verifies every record, so it can
+    /// lose data but never forge it.
+    Repository(caravan_agent::repository::RepositoryArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    Transfer,
+    Trust,
+}
+
+#[derive(Subcommand, Debug)]
+enum TrustCommand {
+    /// Vouch for an agent: sign a grant and publish it.
+    ///
+    /// Example: `caravan-agent trust grant cv1-… --depth 1 --expires 30d -c agent.toml`
+    Grant {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The agent to trust.
+        agent: AgentId,
+        /// How many further hops it may vouch (0: trusted, cannot vouch).
+        #[arg(long)]
+        depth: u8,
+        /// Validity from now: seconds, or with a suffix s, m, h, d (default 365d).
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+        /// Limit the grant to one scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw every grant this agent issued to AGENT_ID (or one --grant-id).
+    ///
+    /// Takes effect on this agent at once (peers served through the grant are
+    /// refused on their next request) and on others as they read the
+    /// repositories' revocation feed. The next version of a share published
+    /// for a trust depth gets a fresh key by itself, so revoked agents cannot
+    /// read it even with the key they already hold.
+    Revoke {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The agent whose grants to revoke.
+        #[arg(required_unless_present = "grant_id", conflicts_with = "grant_id")]
+        agent: Option<AgentId>,
+        /// Revoke this one grant (hex id from `trust list`).
+        #[arg(long)]
+        grant_id: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the grants this agent issued and its trust tree.
+    List {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain whether and why this agent trusts AGENT_ID: the chain of
+    /// grants, or why there is none (no grant, expired, revoked, too deep).
+    /// Exits 1 when there is no chain.
+    Why {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The agent in question.
+        agent: AgentId,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 3600, 90m, 12h, 30d)"))
 }
 
 #[derive(clap::Args, Debug)]
@@ -222,9 +347,10 @@ enum Exit {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own report; keep the agents' info logs out of it.
+    // The demo reports what happened itself; its logs would only drown it
+    // (e.g. every sync with the repository it stops on purpose).
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
-        "warn"
+        "error"
     } else {
         "info"
     };
@@ -430,10 +556,93 @@ async fn dispatch(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Demo {
+            keep,
+            json,
+            scenario: Scenario::Trust,
+            ..
+        } => {
+            if !json {
+                eprintln!("starting two repositories and five agents on loopback…");
+            }
+            let r = demo::run_trust(keep)
+                .await
+                .map_err(|e| Exit::Transfer(anyhow!(e)))?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                for (name, id) in &r.agents {
+                    println!("{name:>5} = {id}");
+                }
+                println!(
+                    "\ntrust tree of alice (depth 3) before the revocation:\n{}",
+                    r.tree_before
+                );
+                println!("after alice revoked alice→bob:\n{}", r.tree_after);
+                println!("refused: {}", r.pruned.join(", "));
+                for line in &r.refusals {
+                    println!("  {line}");
+                }
+                println!(
+                    "still fetching version {}: {}",
+                    r.second_version,
+                    r.kept.join(", ")
+                );
+                println!(
+                    "version {} uses a fresh share key: {}",
+                    r.second_version,
+                    if r.fresh_key { "yes" } else { "NO" }
+                );
+                println!(
+                    "first refusal {:.3}s after the revocation; every fetched byte verified: {}",
+                    r.revocation_seconds,
+                    if r.verified { "yes" } else { "NO" }
+                );
+            }
+            if !r.verified || !r.fresh_key {
+                return Err(Exit::Transfer(anyhow!(
+                    "verification failed (bytes verified: {}, fresh key: {})",
+                    r.verified,
+                    r.fresh_key
+                ))
+                .into());
+            }
+            Ok(())
+        }
+        Command::Trust { action } => trust_command(action).await,
+        Command::Peers {
+            config,
+            share,
+            json,
+        } => {
+            let peers: Vec<daemon::PeerInfo> = Admin::from_config(&config)?
+                .get(&format!("/v1/shares/{share}/peers"))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else if peers.is_empty() {
+                println!("no repository knows a peer holding share {share}");
+            } else {
+                for p in &peers {
+                    println!("{}  {}", p.agent_id, p.addresses.join(", "));
+                }
+            }
+            Ok(())
+        }
+        Command::Repository(args) => {
+            let shutdown = async { wait_for_signal().await };
+            caravan_agent::repository::run(&args, shutdown)
+                .await
+                .map_err(|e| match e {
+                    caravan_agent::Error::Config(_) => Exit::Config(anyhow!(e)).into(),
+                    other => anyhow!(other),
+                })
+        }
+        Command::Demo {
             size,
             files,
             keep,
             json,
+            scenario: Scenario::Transfer,
         } => {
             let bar = bytes_bar(json);
             let b2 = bar.clone();
@@ -475,6 +684,125 @@ async fn dispatch(cmd: Command) -> Result<()> {
                     "verification failed: fetched files differ from the source"
                 ))
                 .into());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn trust_command(action: TrustCommand) -> Result<()> {
+    use caravan_agent::trust::agent_trust::{
+        GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer,
+    };
+    match action {
+        TrustCommand::Grant {
+            config,
+            agent,
+            depth,
+            expires,
+            scope,
+            json,
+        } => {
+            let g: GrantInfo = Admin::from_config(&config)?
+                .post(
+                    "/v1/trust/grants",
+                    &GrantRequest {
+                        subject: agent,
+                        depth,
+                        expires_secs: expires,
+                        scope,
+                    },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                println!(
+                    "granted {} depth {} until unix {} (grant {}); published to {}",
+                    g.subject,
+                    g.depth,
+                    g.not_after,
+                    g.grant_id,
+                    if g.published_to.is_empty() {
+                        "no repository (none configured)".to_string()
+                    } else {
+                        g.published_to.join(", ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        TrustCommand::Revoke {
+            config,
+            agent,
+            grant_id,
+            json,
+        } => {
+            let r: daemon::RevokeResponse = Admin::from_config(&config)?
+                .post(
+                    "/v1/trust/revocations",
+                    &RevokeRequest {
+                        subject: agent,
+                        grant_id,
+                    },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for id in &r.revoked {
+                    println!("revoked grant {id}");
+                }
+            }
+            Ok(())
+        }
+        TrustCommand::List { config, json } => {
+            let l: TrustListing = Admin::from_config(&config)?.get("/v1/trust").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                println!("grants issued by {}:", l.agent_id);
+                for g in &l.issued {
+                    println!(
+                        "  {} -> {} depth {}{}{} (grant {})",
+                        g.issuer.short(),
+                        g.subject,
+                        g.depth,
+                        g.scope
+                            .as_ref()
+                            .map(|s| format!(" scope {s}"))
+                            .unwrap_or_default(),
+                        if g.revoked { " REVOKED" } else { "" },
+                        g.grant_id
+                    );
+                }
+                println!("\ntrust tree:\n{}", l.tree);
+            }
+            Ok(())
+        }
+        TrustCommand::Why {
+            config,
+            agent,
+            json,
+        } => {
+            let w: WhyAnswer = Admin::from_config(&config)?
+                .get(&format!("/v1/trust/why/{agent}"))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&w)?);
+            } else if w.trusted {
+                println!("trusted through {} grant(s):", w.chain.len());
+                for hop in &w.chain {
+                    println!("  {hop}");
+                }
+            } else {
+                println!(
+                    "not trusted: {}",
+                    w.reason.clone().unwrap_or_else(|| "no chain".into())
+                );
+            }
+            if !w.trusted {
+                bail!("no trust chain to {agent}");
             }
             Ok(())
         }
@@ -579,6 +907,7 @@ fn init(dir: &std::path::Path, listen: String, admin: String, metrics: String) -
         advertise: vec![],
         repositories: vec![],
         state_prefix: caravan_agent::config::DEFAULT_STATE_PREFIX.into(),
+        sync_interval_secs: None,
         storage: StorageConfig {
             scheme: "fs".into(),
             options,
@@ -596,11 +925,11 @@ fn init(dir: &std::path::Path, listen: String, admin: String, metrics: String) -
     Ok(())
 }
 
-fn load_config(path: &std::path::Path) -> Result<AgentConfig> {
+fn load_config(path: &Path) -> Result<AgentConfig> {
     AgentConfig::load(path).map_err(|e| Exit::Config(anyhow!(e)).into())
 }
 
-async fn run(config: &std::path::Path) -> Result<()> {
+async fn run(config: &Path) -> Result<()> {
     let cfg = load_config(config)?;
     let shutdown = CancellationToken::new();
     let sd = shutdown.clone();
@@ -637,7 +966,7 @@ struct Admin {
 }
 
 impl Admin {
-    fn from_config(path: &std::path::Path) -> Result<Admin> {
+    fn from_config(path: &Path) -> Result<Admin> {
         let cfg = load_config(path)?;
         let token =
             daemon::read_token(&cfg.admin_token_file).map_err(|e| Exit::Config(anyhow!(e)))?;

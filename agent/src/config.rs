@@ -44,9 +44,17 @@ pub struct AgentConfig {
     /// Prefix in the storage for the agent's own state.
     #[serde(default = "default_state_prefix")]
     pub state_prefix: String,
+    /// Seconds between trust syncs (revocation feed, announcement renewal).
+    /// Unset: [`DEFAULT_SYNC_INTERVAL_SECS`]. A revocation reaches this
+    /// agent within about this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_interval_secs: Option<u64>,
     /// The user's storage.
     pub storage: StorageConfig,
 }
+
+/// Default seconds between trust syncs.
+pub const DEFAULT_SYNC_INTERVAL_SECS: u64 = 10;
 
 /// Which OpenDAL service holds the user's files, and how to reach it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

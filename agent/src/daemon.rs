@@ -22,6 +22,9 @@ use crate::manifest::ShareId;
 use crate::node::{Agent, AgentOptions};
 use crate::publish::{PublishRequest, Published};
 use crate::share::Role;
+use crate::trust::agent_trust::{
+    AgentTrust, GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer,
+};
 use crate::{store, wire};
 
 /// Everything the admin API reports about an agent.
@@ -164,6 +167,11 @@ pub fn admin_router(agent: Arc<Agent>, token: String) -> Router {
         .route("/v1/shares/{id}/tickets", post(api_ticket))
         .route("/v1/fetches", post(api_fetch))
         .route("/v1/fetches/{id}", get(api_fetch_status))
+        .route("/v1/trust", get(api_trust_list))
+        .route("/v1/trust/grants", post(api_trust_grant))
+        .route("/v1/trust/revocations", post(api_trust_revoke))
+        .route("/v1/trust/why/{agent}", get(api_trust_why))
+        .route("/v1/shares/{id}/peers", get(api_share_peers))
         .with_state(state)
 }
 
@@ -218,6 +226,103 @@ async fn api_fetch_status(
         .fetch_progress(&id)
         .ok_or_else(|| Error::NotFound(format!("no fetch of {id} since the agent started")))?;
     Ok(Json(p.snapshot()))
+}
+
+fn web(s: &AdminState) -> std::result::Result<Arc<AgentTrust>, ApiFailure> {
+    s.agent.web().ok_or_else(|| {
+        ApiFailure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the trust state is not loaded".into(),
+        )
+    })
+}
+
+/// `GET /v1/trust`: grants issued and the trust tree.
+async fn api_trust_list(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+) -> std::result::Result<Json<TrustListing>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(web(&s)?.listing()))
+}
+
+/// `POST /v1/trust/grants` with a [`GrantRequest`]
+/// (`{"subject": "<agent id>", "depth": N, "expires_secs": S?, "scope": "…"?}`):
+/// signs a grant with this agent's key, keeps it and publishes it to every
+/// configured repository; answers a [`GrantInfo`] (`published_to` lists the
+/// repositories that stored it). 400 on a malformed request (e.g. a grant
+/// to itself), 502 when repositories are configured and none took it.
+async fn api_trust_grant(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Json(req): Json<GrantRequest>,
+) -> std::result::Result<Json<GrantInfo>, ApiFailure> {
+    check_token(&s, &h)?;
+    let w = web(&s)?;
+    w.grant(&req).await.map(Json).map_err(|e| match e {
+        Error::Protocol(m) => ApiFailure(StatusCode::BAD_GATEWAY, m),
+        other => other.into(),
+    })
+}
+
+/// Answer of `POST /v1/trust/revocations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// Revoked grant ids (hex).
+    pub revoked: Vec<String>,
+}
+
+/// `POST /v1/trust/revocations` with a [`RevokeRequest`].
+async fn api_trust_revoke(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Json(req): Json<RevokeRequest>,
+) -> std::result::Result<Json<RevokeResponse>, ApiFailure> {
+    check_token(&s, &h)?;
+    let w = web(&s)?;
+    Ok(Json(RevokeResponse {
+        revoked: w.revoke(&req).await?,
+    }))
+}
+
+/// `GET /v1/trust/why/{agent}`.
+async fn api_trust_why(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(agent): UrlPath<String>,
+) -> std::result::Result<Json<WhyAnswer>, ApiFailure> {
+    check_token(&s, &h)?;
+    let who: AgentId = agent.parse()?;
+    Ok(Json(web(&s)?.why(&who).await))
+}
+
+/// One peer in `GET /v1/shares/{id}/peers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The agent.
+    pub agent_id: String,
+    /// Where to dial it.
+    pub addresses: Vec<String>,
+}
+
+/// `GET /v1/shares/{id}/peers`: agents the repositories say hold the share.
+async fn api_share_peers(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> std::result::Result<Json<Vec<PeerInfo>>, ApiFailure> {
+    check_token(&s, &h)?;
+    let id: ShareId = id.parse()?;
+    let peers = web(&s)?.peers_for(&id.0).await?;
+    Ok(Json(
+        peers
+            .into_iter()
+            .map(|(a, addresses)| PeerInfo {
+                agent_id: a.to_string(),
+                addresses,
+            })
+            .collect(),
+    ))
 }
 
 /// `/metrics`, `/livez` and `/readyz`.
@@ -327,6 +432,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         },
     )
     .await?;
+
+    let web = AgentTrust::open(&agent, &cfg.repositories).await?;
+    agent.set_web(web.clone());
+    let interval = std::env::var("CARAVAN_TRUST_SYNC_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(std::time::Duration::from_secs_f64)
+        .unwrap_or_else(|| {
+            std::time::Duration::from_secs(
+                cfg.sync_interval_secs
+                    .unwrap_or(crate::config::DEFAULT_SYNC_INTERVAL_SECS)
+                    .max(1),
+            )
+        });
+    tokio::spawn(web.run(agent.clone(), interval, shutdown.clone()));
 
     let tls = wire::tls::server_config(agent.secret_key())?;
     tokio::spawn(wire::server::serve(

@@ -329,3 +329,332 @@ pub async fn run(
         kept_in: opts.keep.as_ref().map(|p| p.display().to_string()),
     })
 }
+
+/// What `demo --scenario trust` did (`--json` prints this).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrustDemoReport {
+    /// Agents that lost access after the revocation (names, sorted).
+    pub pruned: Vec<String>,
+    /// Agents that kept access (names, sorted).
+    pub kept: Vec<String>,
+    /// Seconds from alice's revocation until bob's first refused chunk request.
+    pub revocation_seconds: f64,
+    /// Every fetched byte equals the source (both versions).
+    pub verified: bool,
+    /// Agent ids by name.
+    pub agents: std::collections::BTreeMap<String, String>,
+    /// alice's trust tree (depth 3) before the revocation.
+    pub tree_before: String,
+    /// alice's trust tree (depth 3) after it.
+    pub tree_after: String,
+    /// What each pruned agent was told (key and chunk refusals).
+    pub refusals: Vec<String>,
+    /// Repositories started (one is stopped after the revocation).
+    pub repositories: usize,
+    /// Version fetched by the agents that kept access after the revocation.
+    pub second_version: u64,
+    /// The version published after the revocation uses a new share key.
+    pub fresh_key: bool,
+}
+
+/// Starts an in-process repository on loopback with memory storage; it
+/// stops when `stop` is cancelled. Returns its base URL.
+pub async fn local_repository(stop: &CancellationToken) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .context(|| "binding loopback for a repository".into())?;
+    let addr = listener.local_addr().context(|| "local address".into())?;
+    let op = store::open(&StorageConfig {
+        scheme: "memory".into(),
+        options: Default::default(),
+        credentials: None,
+    })?;
+    // Every demo agent shares 127.0.0.1: lift the per-IP rate limit.
+    let cfg = crate::repository::RepositoryConfig {
+        rate_per_second: 100_000.0,
+        rate_burst: 100_000,
+        ..Default::default()
+    };
+    tokio::spawn(crate::repository::serve_with(
+        listener,
+        op,
+        cfg,
+        stop.clone().cancelled_owned(),
+    ));
+    Ok(format!("http://{addr}"))
+}
+
+struct DemoAgent {
+    name: &'static str,
+    root: PathBuf,
+    agent: Arc<Agent>,
+    web: Arc<crate::trust::agent_trust::AgentTrust>,
+}
+
+/// Runs the trust-web scenario (see `caravan-agent demo --help`): two
+/// repositories, five agents, grants alice→bob(2), bob→carol(1),
+/// carol→dave(0), alice→erin(1), erin→dave(0); alice publishes for "trusted
+/// within depth 3", everyone fetches; alice revokes alice→bob, a repository
+/// stops, alice publishes the next version with a fresh key: bob and carol
+/// are refused, dave (through erin) and erin still fetch.
+pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
+    use crate::trust::agent_trust::{AgentTrust, GrantRequest, RevokeRequest};
+    let tmp;
+    let base = match &keep {
+        Some(p) => {
+            std::fs::create_dir_all(p).context(|| format!("creating {}", p.display()))?;
+            p.clone()
+        }
+        None => {
+            tmp = tempfile::tempdir().context(|| "creating a temporary directory".into())?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let result = trust_scenario(&base, &shutdown).await;
+    shutdown.cancel();
+    return result;
+
+    async fn trust_scenario(base: &Path, shutdown: &CancellationToken) -> Result<TrustDemoReport> {
+        let repo_stops = [shutdown.child_token(), shutdown.child_token()];
+        let mut urls = Vec::new();
+        for s in &repo_stops {
+            urls.push(local_repository(s).await?);
+        }
+        let mut agents = Vec::new();
+        for name in ["alice", "bob", "carol", "dave", "erin"] {
+            let root = base.join(name);
+            std::fs::create_dir_all(&root).context(|| format!("creating {}", root.display()))?;
+            let agent = local_agent(&root, urls.clone(), shutdown).await?;
+            let web = AgentTrust::open(&agent, &urls).await?;
+            agent.set_web(web.clone());
+            tokio::spawn(web.clone().run(
+                agent.clone(),
+                std::time::Duration::from_millis(500),
+                shutdown.clone(),
+            ));
+            agents.push(DemoAgent {
+                name,
+                root,
+                agent,
+                web,
+            });
+        }
+        let [alice, bob, carol, dave, erin] = &agents[..] else {
+            return Err(Error::Protocol("five agents expected".into()));
+        };
+        for (from, to, depth) in [
+            (alice, bob, 2),
+            (bob, carol, 1),
+            (carol, dave, 0),
+            (alice, erin, 1),
+            (erin, dave, 0),
+        ] {
+            from.web
+                .grant(&GrantRequest {
+                    subject: to.agent.id,
+                    depth,
+                    expires_secs: Some(3600),
+                    scope: None,
+                })
+                .await?;
+        }
+
+        let source = alice.root.join("share");
+        std::fs::create_dir_all(&source).context(|| format!("creating {}", source.display()))?;
+        tokio::task::spawn_blocking({
+            let source = source.clone();
+            move || generate(&source, 3 << 20, 6)
+        })
+        .await
+        .map_err(|e| Error::Protocol(format!("generator: {e}")))??;
+        let published = alice
+            .agent
+            .publish(
+                PublishRequest {
+                    path: "share".into(),
+                    access: Access {
+                        agents: vec![],
+                        trust_depth: Some(3),
+                    },
+                    share_id: None,
+                    rotate_key: false,
+                },
+                None,
+            )
+            .await?;
+        let sid: crate::manifest::ShareId = published.share_id.parse()?;
+        for who in [bob, carol, dave, erin] {
+            alice.web.learn_about(&who.agent.id).await;
+        }
+        let tree_before = alice.web.tree(&alice.agent.id, 3);
+
+        let mut verified = true;
+        let fetch = |who: &DemoAgent| {
+            let ticket = alice.agent.ticket(sid, who.agent.id);
+            let agent = who.agent.clone();
+            async move {
+                agent
+                    .fetch(FetchRequest {
+                        ticket: ticket?,
+                        dest: "received".into(),
+                        peers: vec![],
+                    })
+                    .await
+            }
+        };
+        for who in [bob, carol, dave, erin] {
+            fetch(who).await?;
+            verified &= same_tree(&source, &who.root.join("received")).await?;
+        }
+
+        // Revoke alice→bob and lose a repository.
+        let chunk_id = alice
+            .agent
+            .share(&sid)
+            .and_then(|s| {
+                s.manifest
+                    .files()
+                    .next()
+                    .and_then(|(_, _, c)| c.first().map(|c| c.id))
+            })
+            .ok_or_else(|| Error::Protocol("the share has no chunk".into()))?;
+        let alice_addr = alice
+            .agent
+            .advertise()
+            .first()
+            .cloned()
+            .ok_or_else(|| Error::Protocol("alice advertises no address".into()))?;
+        let bob_conn =
+            crate::wire::client::PeerConn::connect(&alice_addr, bob.agent.secret_key(), None)
+                .await?;
+        let revoked_at = Instant::now();
+        alice
+            .web
+            .revoke(&RevokeRequest {
+                subject: Some(bob.agent.id),
+                grant_id: None,
+            })
+            .await?;
+        let mut revocation_seconds = None;
+        for _ in 0..200 {
+            if bob_conn.chunk(&sid, &chunk_id).await.is_err() {
+                revocation_seconds = Some(revoked_at.elapsed().as_secs_f64());
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let revocation_seconds = revocation_seconds.ok_or_else(|| {
+            Error::Protocol("bob was still served 2 s after the revocation".into())
+        })?;
+        repo_stops[1].cancel();
+        let tree_after = alice.web.tree(&alice.agent.id, 3);
+
+        // The next version: the revocation makes alice rotate the key by
+        // herself (no --rotate-key needed).
+        let key_before = alice
+            .agent
+            .share(&sid)
+            .map(|s| crate::manifest::key_check(&s.key));
+        std::fs::write(source.join("after-revocation.txt"), b"version two\n")
+            .context(|| "writing the second version".into())?;
+        let v2 = alice
+            .agent
+            .publish(
+                PublishRequest {
+                    path: "share".into(),
+                    access: Access {
+                        agents: vec![],
+                        trust_depth: Some(3),
+                    },
+                    share_id: Some(sid),
+                    rotate_key: false,
+                },
+                None,
+            )
+            .await?;
+        let key_after = alice
+            .agent
+            .share(&sid)
+            .map(|s| crate::manifest::key_check(&s.key));
+        let fresh_key = key_before.is_some() && key_before != key_after;
+        // The new key gives every chunk a new address: ask for one of v2.
+        let chunk_id = alice
+            .agent
+            .share(&sid)
+            .and_then(|s| {
+                s.manifest
+                    .files()
+                    .next()
+                    .and_then(|(_, _, c)| c.first().map(|c| c.id))
+            })
+            .ok_or_else(|| Error::Protocol("the share has no chunk".into()))?;
+        let mut refusals = Vec::new();
+        let (mut pruned, mut kept) = (Vec::new(), Vec::new());
+        for who in [bob, carol, dave, erin] {
+            let conn =
+                crate::wire::client::PeerConn::connect(&alice_addr, who.agent.secret_key(), None)
+                    .await?;
+            let proof = who.web.proof_for(&alice.agent.id).await;
+            let key = conn.key(&sid, &proof).await;
+            let chunk = conn.chunk(&sid, &chunk_id).await;
+            match fetch(who).await {
+                Ok(snap) if key.is_ok() && chunk.is_ok() && snap.seq == v2.seq => {
+                    verified &= same_tree(&source, &who.root.join("received")).await?;
+                    kept.push(who.name.to_string());
+                }
+                Ok(_) => {
+                    return Err(Error::Protocol(format!(
+                        "{} fetched but was refused a key or chunk directly",
+                        who.name
+                    )));
+                }
+                Err(e) => {
+                    if key.is_ok() || chunk.is_ok() {
+                        return Err(Error::Protocol(format!(
+                            "{} was refused the fetch but still given a key or chunk",
+                            who.name
+                        )));
+                    }
+                    refusals.push(format!("{}: {e}", who.name));
+                    pruned.push(who.name.to_string());
+                }
+            }
+        }
+        pruned.sort();
+        kept.sort();
+        Ok(TrustDemoReport {
+            pruned,
+            kept,
+            revocation_seconds,
+            verified,
+            agents: agents
+                .iter()
+                .map(|a| (a.name.to_string(), a.agent.id.to_string()))
+                .collect(),
+            tree_before: name_ids(&tree_before, &agents),
+            tree_after: name_ids(&tree_after, &agents),
+            refusals,
+            repositories: 2,
+            second_version: v2.seq,
+            fresh_key,
+        })
+    }
+}
+
+/// Replaces agent ids (and their short forms) by names in a rendered tree.
+fn name_ids(text: &str, agents: &[DemoAgent]) -> String {
+    let mut out = text.to_string();
+    for a in agents {
+        out = out.replace(&a.agent.id.to_string(), a.name);
+        out = out.replace(&a.agent.id.short(), a.name);
+    }
+    out
+}
+
+async fn same_tree(a: &Path, b: &Path) -> Result<bool> {
+    let (a, b) = (a.to_path_buf(), b.to_path_buf());
+    tokio::task::spawn_blocking(move || trees_equal(&a, &b))
+        .await
+        .map_err(|e| Error::Protocol(format!("verifier: {e}")))?
+}

@@ -452,12 +452,30 @@ impl Agent {
                 "the destination cannot be inside the agent's state prefix".into(),
             ));
         }
-        let key = self.key.unwrap_key(&ticket.wrapped_key)?;
+        // A ticket for "agents the publisher trusts" carries no key: the
+        // publisher releases it after checking our chain (see `present_proof`).
+        let key = if ticket.wrapped_key.is_empty() {
+            None
+        } else {
+            Some(self.key.unwrap_key(&ticket.wrapped_key)?)
+        };
         let mut addrs = ticket.addresses.clone();
         addrs.extend(req.peers.iter().cloned());
+        if let Some(web) = self.web() {
+            // Peers from every repository (union, verified); a repository
+            // that is down answers from the client's cache or is skipped.
+            match web.peers_for(&ticket.share_id.0).await {
+                Ok(found) => addrs.extend(found.into_iter().flat_map(|(_, a)| a)),
+                Err(e) => tracing::warn!(error = %e, "no repository answered; using known peers"),
+            }
+        }
         addrs.sort();
         addrs.dedup();
         let swarm = Swarm::connect(&self, &addrs, ticket.share_id, progress.clone()).await?;
+        let key = match key {
+            Some(k) => Some(k),
+            None => Some(self.present_proof(&swarm, &ticket).await?),
+        };
         let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
         let keyer = ChunkKeyer::new(&key);
         let seq = manifest.seq;
@@ -569,7 +587,7 @@ impl Agent {
         &self,
         swarm: &Swarm,
         ticket: &Ticket,
-        mut key: Key,
+        key: Option<Key>,
     ) -> Result<(Vec<u8>, Manifest, Key)> {
         let mut best: Option<(Vec<u8>, ManifestRecord)> = None;
         let mut errors = Vec::new();
@@ -601,37 +619,96 @@ impl Agent {
                 errors.join("; ")
             ))
         })?;
-        if mr.key_check != crate::manifest::key_check(&key) {
-            key = self.request_key(swarm, ticket).await?;
-        }
+        let key = match key {
+            Some(k) if mr.key_check == crate::manifest::key_check(&k) => k,
+            _ => self.request_key(swarm, ticket).await?,
+        };
         let manifest = mr.open(&key)?;
         Ok((bytes, manifest, key))
     }
 
     /// Asks the publisher for the current share key (it re-checks our right to it).
     async fn request_key(&self, swarm: &Swarm, ticket: &Ticket) -> Result<Key> {
-        let proof = self.proof_for(&ticket.publisher);
-        let conn = swarm
+        let proof = self.proof_for(&ticket.publisher).await;
+        if let Some(conn) = swarm
             .distinct()
             .into_iter()
             .find(|c| c.peer == ticket.publisher)
-            .ok_or_else(|| {
-                Error::NotFound(
-                    "the share key changed and the publisher is not reachable to hand out the new one"
-                        .into(),
-                )
+        {
+            let bytes = conn.key(&ticket.share_id, &proof).await.map_err(|e| {
+                Error::NotFound(format!(
+                    "the publisher refused the new share key (access withdrawn or no valid trust chain): {e}"
+                ))
             })?;
-        let bytes = conn.key(&ticket.share_id, &proof).await?;
-        let (_, rel): (_, KeyRelease) = SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
-        if rel.recipient != self.id || rel.share_id != ticket.share_id {
-            return Err(Error::Record("key release is for someone else".into()));
+            let (_, rel): (_, KeyRelease) =
+                SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
+            if rel.recipient != self.id || rel.share_id != ticket.share_id {
+                return Err(Error::Record("key release is for someone else".into()));
+            }
+            return self.key.unwrap_key(&rel.wrapped_key);
         }
-        self.key.unwrap_key(&rel.wrapped_key)
+        Err(Error::NotFound(
+            "the share key changed and the publisher is not reachable to hand out the new one"
+                .into(),
+        ))
     }
 
-    /// Proof records to present to `publisher` (filled in by the trust engine).
-    fn proof_for(&self, _publisher: &AgentId) -> Vec<Vec<u8>> {
-        Vec::new()
+    /// Proof records to present to `publisher`: the grants linking it to
+    /// this agent, found by the trust state (empty without one).
+    async fn proof_for(&self, publisher: &AgentId) -> Vec<Vec<u8>> {
+        match self.web() {
+            Some(w) => w.proof_for(publisher).await,
+            None => Vec::new(),
+        }
+    }
+
+    /// Presents our proof chain to every peer of the swarm (each remembers
+    /// it and re-checks it on every manifest and chunk request) and returns
+    /// the key the publisher released. Holders other than the publisher
+    /// answer "not found" to the key itself, which is expected.
+    async fn present_proof(&self, swarm: &Swarm, ticket: &Ticket) -> Result<Key> {
+        let proof = self.proof_for(&ticket.publisher).await;
+        let asks = swarm.distinct().into_iter().map(|conn| {
+            let proof = proof.clone();
+            async move {
+                let r = conn.key(&ticket.share_id, &proof).await;
+                (conn.peer, r)
+            }
+        });
+        let mut refusal = None;
+        let mut key = None;
+        for (peer, r) in futures::future::join_all(asks).await {
+            if peer != ticket.publisher {
+                continue;
+            }
+            match r {
+                Ok(bytes) => {
+                    let (_, rel): (_, KeyRelease) =
+                        SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
+                    if rel.recipient != self.id || rel.share_id != ticket.share_id {
+                        return Err(Error::Record("key release is for someone else".into()));
+                    }
+                    key = Some(self.key.unwrap_key(&rel.wrapped_key)?);
+                }
+                Err(e) => refusal = Some(e),
+            }
+        }
+        key.ok_or_else(|| match refusal {
+            Some(e) => {
+                tracing::debug!(error = %e, "key refused");
+                Error::NotFound(if proof.is_empty() {
+                    "the publisher refused the share key: this agent found no valid grant chain from the publisher (see `trust why`)".to_string()
+                } else {
+                    format!(
+                        "the publisher refused the share key: the {} grant(s) presented hold no valid chain for it (revoked, expired or too deep)",
+                        proof.len()
+                    )
+                })
+            }
+            None => {
+                Error::NotFound("the publisher is not reachable to release the share key".into())
+            }
+        })
     }
 }
 

@@ -334,6 +334,32 @@ impl Ticket {
         ))
     }
 
+    /// Makes and signs a ticket without a key, for a share published to
+    /// "agents I trust within depth N": the recipient learns where and what
+    /// to fetch, and gets the key only from the publisher after its trust
+    /// chain is checked.
+    pub fn issue_keyless(
+        publisher: &SecretKey,
+        share_id: ShareId,
+        recipient: AgentId,
+        addresses: Vec<String>,
+        repositories: Vec<String>,
+    ) -> Result<String> {
+        let t = Ticket {
+            share_id,
+            publisher: publisher.agent_id(),
+            recipient,
+            wrapped_key: Vec::new(),
+            addresses,
+            repositories,
+        };
+        let rec = SignedRecord::seal(publisher, &t)?;
+        Ok(format!(
+            "{TICKET_PREFIX}{}",
+            BASE64URL_NOPAD.encode(&rec.to_bytes())
+        ))
+    }
+
     /// Parses and verifies a ticket's text form.
     pub fn parse(text: &str) -> Result<Ticket> {
         let body = text

@@ -16,6 +16,7 @@ use crate::manifest::{KeyRelease, ShareId};
 use crate::metrics::Metrics;
 use crate::record::SignedRecord;
 use crate::share::{self, HeldShare, Role};
+use crate::trust::agent_trust::AgentTrust;
 use crate::wire::server::Service;
 
 /// Answers "does `root` trust `who` within `max_hops`?", given the proof
@@ -25,6 +26,13 @@ pub trait TrustPolicy: Send + Sync {
     /// True when a valid, unrevoked chain exists.
     fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool;
 }
+
+/// Grant records a peer presented (each an encoded signed record).
+type Proof = Vec<Vec<u8>>;
+
+/// (share, peer) proofs remembered at most; past it the memory is cleared
+/// and peers simply ask for the key again.
+const MAX_REMEMBERED_PROOFS: usize = 10_000;
 
 /// Settings of an agent that are not its key or storage.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +61,13 @@ pub struct Agent {
     pub metrics: Metrics,
     pub(crate) fetches: Mutex<HashMap<ShareId, Arc<FetchProgress>>>,
     pub(crate) trust: RwLock<Option<Arc<dyn TrustPolicy>>>,
+    /// The agent's trust state (engine, repositories), when installed.
+    pub(crate) web: RwLock<Option<Arc<AgentTrust>>>,
+    /// The proof each peer presented with its last successful GetKey, per
+    /// share: manifest and chunk requests carry none, so it is re-checked
+    /// against the current engine on every one of them (a revocation then
+    /// cuts the peer off at once).
+    presented: Mutex<HashMap<(ShareId, AgentId), Proof>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -84,6 +99,8 @@ impl Agent {
             metrics,
             fetches: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
+            web: RwLock::new(None),
+            presented: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -92,6 +109,20 @@ impl Agent {
         if let Ok(mut t) = self.trust.write() {
             *t = Some(policy);
         }
+    }
+
+    /// Installs the agent's trust state: it becomes the trust policy, the
+    /// source of proofs this agent presents, and of peers found in repositories.
+    pub fn set_web(&self, web: Arc<AgentTrust>) {
+        self.set_trust_policy(web.clone());
+        if let Ok(mut w) = self.web.write() {
+            *w = Some(web);
+        }
+    }
+
+    /// The agent's trust state, when installed.
+    pub fn web(&self) -> Option<Arc<AgentTrust>> {
+        self.web.read().ok().and_then(|w| w.clone())
     }
 
     /// The storage operator.
@@ -168,7 +199,13 @@ impl Agent {
     fn authorized_share(&self, peer: &AgentId, id: &ShareId) -> Result<Arc<HeldShare>> {
         let unknown = || Error::NotFound("unknown share".into());
         let s = self.share(id).ok_or_else(unknown)?;
-        if self.authorized(&s, peer, &[]) {
+        let proof = self
+            .presented
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(*id, *peer)).cloned())
+            .unwrap_or_default();
+        if self.authorized(&s, peer, &proof) {
             Ok(s)
         } else {
             self.metrics.error("unauthorized");
@@ -215,8 +252,20 @@ impl Service for Agent {
     async fn key(&self, peer: AgentId, share: ShareId, proof: Vec<Vec<u8>>) -> Result<Vec<u8>> {
         let unknown = || Error::NotFound("unknown share".into());
         let s = self.share(&share).ok_or_else(unknown)?;
-        if s.role != Role::Published || !self.authorized(&s, &peer, &proof) {
+        if !self.authorized(&s, &peer, &proof) {
             self.metrics.error("key_refused");
+            tracing::info!(peer = %peer.short(), share = %share, "refused a key to a peer without a valid chain");
+            return Err(unknown());
+        }
+        if !proof.is_empty()
+            && let Ok(mut m) = self.presented.lock()
+        {
+            if m.len() >= MAX_REMEMBERED_PROOFS {
+                m.clear();
+            }
+            m.insert((share, peer), proof);
+        }
+        if s.role != Role::Published {
             return Err(unknown());
         }
         let rel = KeyRelease {

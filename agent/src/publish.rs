@@ -98,7 +98,15 @@ impl Agent {
                     .ok_or_else(|| {
                         Error::NotFound(format!("share {id} is not published by this agent"))
                     })?;
-                let key = if req.rotate_key {
+                // A trust-depth share rotates its key by itself when a
+                // revocation was issued or learned since the last version:
+                // whoever was pruned must not read the next one with the key
+                // it already holds.
+                let pruned_since = old.manifest.access.trust_depth.is_some()
+                    && self
+                        .web()
+                        .is_some_and(|w| w.last_revocation() >= old.manifest.created_at);
+                let key = if req.rotate_key || pruned_since {
                     Key::random()?
                 } else {
                     old.key.clone()
@@ -189,6 +197,15 @@ impl Agent {
             .ok_or_else(|| {
                 Error::NotFound(format!("share {share_id} is not published by this agent"))
             })?;
+        if !s.manifest.access.names(&recipient) && s.manifest.access.trust_depth.is_some() {
+            return Ticket::issue_keyless(
+                &self.key,
+                share_id,
+                recipient,
+                self.opts.advertise.clone(),
+                self.opts.repositories.clone(),
+            );
+        }
         self.ticket_for(share_id, recipient, &s.key)
     }
 

@@ -193,6 +193,7 @@ pub fn agent_config(
         admin_listen: format!("0.0.0.0:{}", caravan_agent::config::DEFAULT_ADMIN_PORT),
         metrics_listen: format!("0.0.0.0:{}", caravan_agent::config::DEFAULT_METRICS_PORT),
         advertise,
+        sync_interval_secs: None,
         repositories,
         state_prefix: caravan_agent::config::DEFAULT_STATE_PREFIX.to_string(),
         storage: StorageConfig {

@@ -357,6 +357,15 @@ impl TrustEngine {
             .collect()
     }
 
+    /// Every grant held as a signed record (to explain a refusal by
+    /// re-checking them as a presented proof would be).
+    pub fn grant_records(&self) -> Vec<SignedRecord> {
+        self.grants
+            .iter()
+            .filter_map(|e| e.record.clone())
+            .collect()
+    }
+
     /// The grant with this id, with its signed record when it was added as one.
     pub fn grant(&self, id: &GrantId) -> Option<(TrustGrant, Option<&SignedRecord>)> {
         let e = &self.grants[*self.by_id.get(id)? as usize];

@@ -2,6 +2,7 @@
 //! announcements that say where an agent is. [`records`] defines the signed
 //! values and their checks; [`engine`] answers "does A trust X, and why".
 
+pub mod agent_trust;
 pub mod engine;
 pub mod records;
 

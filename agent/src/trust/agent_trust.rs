@@ -1,0 +1,768 @@
+//! The agent's side of the web of trust: its [`TrustEngine`], the grants and
+//! revocations it signs, what it learned from repositories, and the
+//! background task that keeps all of that current (announce, revocation
+//! feed). It is the [`crate::node::TrustPolicy`] the peer protocol consults.
+//!
+//! State lives under `<state_prefix>trust/records/` (one signed record per
+//! file), so a restarted agent keeps its grants, revocations and what it
+//! learned even while every repository is down.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use opendal::Operator;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Context, Error, Result};
+use crate::identity::{AgentId, SecretKey};
+use crate::node::{Agent, TrustPolicy};
+use crate::record::{Kind, SignedRecord};
+use crate::repository::RepositoryClient;
+use crate::trust::engine::MAX_PRESENTED_GRANTS;
+use crate::trust::{
+    Announcement, GrantId, Revocation, TrustEngine, TrustGrant, render_tree, share_locator,
+    unix_now,
+};
+
+/// Hops searched when an agent looks for its own chain to a publisher (the
+/// publisher then applies the share's real depth).
+pub const SEARCH_HOPS: u8 = 8;
+/// Default validity of a grant issued without `expires_secs` (one year).
+pub const DEFAULT_GRANT_SECS: u64 = 365 * 24 * 3600;
+/// Lifetime of an announcement; it is renewed at half of it.
+pub const ANNOUNCE_TTL_SECS: u64 = 600;
+
+/// Body of `POST /v1/trust/grants` on the admin API (the operator calls it
+/// to have an agent sign a grant; keep it stable):
+///
+/// ```json
+/// {"subject": "<agent id>", "depth": 1, "expires_secs": 86400, "scope": null}
+/// ```
+///
+/// `expires_secs` (optional, default one year) is the validity from now;
+/// `scope` (optional) restricts the grant. The answer is a [`GrantInfo`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantRequest {
+    /// The agent vouched for.
+    pub subject: AgentId,
+    /// How many further hops the subject may vouch (0: cannot vouch).
+    pub depth: u8,
+    /// Validity from now in seconds (default one year).
+    #[serde(default)]
+    pub expires_secs: Option<u64>,
+    /// What the trust is for (None: everything).
+    #[serde(default)]
+    pub scope: Option<String>,
+}
+
+/// Body of `POST /v1/trust/revocations`: `{"subject": "<agent id>"}` revokes
+/// every grant this agent issued to the subject; `{"grant_id": "<hex>"}` one grant.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    /// Revoke every grant to this agent.
+    #[serde(default)]
+    pub subject: Option<AgentId>,
+    /// Revoke this grant.
+    #[serde(default)]
+    pub grant_id: Option<String>,
+}
+
+/// A grant as the admin API and `trust list` show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// Grant id (hex).
+    pub grant_id: String,
+    /// Issuer.
+    pub issuer: AgentId,
+    /// Subject.
+    pub subject: AgentId,
+    /// Further hops allowed.
+    pub depth: u8,
+    /// Scope, if any.
+    pub scope: Option<String>,
+    /// Validity start (unix seconds).
+    pub not_before: u64,
+    /// Validity end (unix seconds, exclusive).
+    pub not_after: u64,
+    /// Revoked as far as this agent knows.
+    pub revoked: bool,
+    /// Repositories that stored it (only right after issuing).
+    #[serde(default)]
+    pub published_to: Vec<String>,
+}
+
+/// Answer of `GET /v1/trust`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrustListing {
+    /// This agent.
+    pub agent_id: AgentId,
+    /// Grants this agent issued.
+    pub issued: Vec<GrantInfo>,
+    /// Agents trusted within [`SEARCH_HOPS`], with the number of hops.
+    pub trusted: BTreeMap<String, usize>,
+    /// The trust tree, rendered.
+    pub tree: String,
+}
+
+/// Answer of `GET /v1/trust/why/{agent}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhyAnswer {
+    /// Is there a valid chain?
+    pub trusted: bool,
+    /// The chain, root first, as "issuer -> subject (depth d)" lines.
+    pub chain: Vec<String>,
+    /// Why not, when there is no chain.
+    pub reason: Option<String>,
+}
+
+/// The agent's trust state. See the module docs.
+pub struct AgentTrust {
+    me: AgentId,
+    key: SecretKey,
+    engine: RwLock<TrustEngine>,
+    repos: Option<RepositoryClient>,
+    op: Operator,
+    dir: String,
+    /// Unix seconds of the last revocation this agent learned or issued.
+    last_revocation: AtomicU64,
+    /// Locators last announced (re-announce when they change).
+    announced: Mutex<(Vec<[u8; 32]>, u64)>,
+}
+
+impl std::fmt::Debug for AgentTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgentTrust({})", self.me)
+    }
+}
+
+fn millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl AgentTrust {
+    /// Opens the trust state of `agent`, loading persisted records, with a
+    /// client for `repositories` (none: local only).
+    pub async fn open(agent: &Agent, repositories: &[String]) -> Result<Arc<AgentTrust>> {
+        let repos = if repositories.is_empty() {
+            None
+        } else {
+            Some(RepositoryClient::with_timeout(
+                repositories,
+                Duration::from_secs(5),
+            )?)
+        };
+        let t = AgentTrust {
+            me: agent.id,
+            key: agent.secret_key().clone(),
+            engine: RwLock::new(TrustEngine::new()),
+            repos,
+            op: agent.storage().clone(),
+            dir: format!("{}trust/records/", agent.state_prefix()),
+            last_revocation: AtomicU64::new(0),
+            announced: Mutex::new((Vec::new(), 0)),
+        };
+        t.load().await?;
+        Ok(Arc::new(t))
+    }
+
+    async fn load(&self) -> Result<()> {
+        let entries = match self.op.list(&self.dir).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).context(|| format!("listing {}", self.dir)),
+        };
+        for e in entries {
+            if !e.path().ends_with(".rec") {
+                continue;
+            }
+            let bytes = self
+                .op
+                .read(e.path())
+                .await
+                .context(|| format!("reading {}", e.path()))?;
+            match SignedRecord::from_bytes(&bytes.to_vec()) {
+                Ok(rec) => {
+                    self.absorb(&rec);
+                }
+                Err(err) => {
+                    tracing::warn!(path = e.path(), error = %err, "ignoring unreadable trust record")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a verified grant or revocation to the engine; true when new.
+    fn absorb(&self, rec: &SignedRecord) -> bool {
+        let Ok(mut e) = self.engine.write() else {
+            return false;
+        };
+        match rec.kind {
+            Kind::TrustGrant => e.add_grant_record(rec).unwrap_or(false),
+            Kind::Revocation => {
+                let new = e.add_revocation_record(rec).unwrap_or(false);
+                if new {
+                    self.last_revocation.store(unix_now(), Ordering::Relaxed);
+                }
+                new
+            }
+            _ => false,
+        }
+    }
+
+    async fn persist(&self, rec: &SignedRecord) -> Result<()> {
+        let bytes = rec.to_bytes();
+        let path = format!("{}{}.rec", self.dir, blake3::hash(&bytes).to_hex());
+        self.op
+            .write(&path, bytes)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
+    }
+
+    /// Absorbs and persists a record learned from elsewhere.
+    async fn learn(&self, rec: &SignedRecord) -> bool {
+        let new = self.absorb(rec);
+        if new && let Err(e) = self.persist(rec).await {
+            tracing::warn!(error = %e, "could not persist a trust record");
+        }
+        new
+    }
+
+    /// This agent's id.
+    pub fn id(&self) -> AgentId {
+        self.me
+    }
+
+    /// Unix seconds of the last revocation learned or issued (0: none).
+    pub fn last_revocation(&self) -> u64 {
+        self.last_revocation.load(Ordering::Relaxed)
+    }
+
+    /// The repository client, when repositories are configured.
+    pub fn repositories(&self) -> Option<&RepositoryClient> {
+        self.repos.as_ref()
+    }
+
+    /// Signs a grant, keeps it, and publishes it to every repository.
+    pub async fn grant(&self, req: &GrantRequest) -> Result<GrantInfo> {
+        let now = unix_now();
+        let g = TrustGrant {
+            issuer: self.me,
+            subject: req.subject,
+            depth: req.depth,
+            scope: req.scope.clone(),
+            not_before: now,
+            not_after: now + req.expires_secs.unwrap_or(DEFAULT_GRANT_SECS).max(1),
+            seq: millis(),
+        };
+        g.check_well_formed().map_err(Error::from)?;
+        let rec = SignedRecord::seal(&self.key, &g)?;
+        if let Ok(mut e) = self.engine.write() {
+            e.add_grant_record(&rec).map_err(Error::from)?;
+        }
+        self.persist(&rec).await?;
+        let mut info = self.info(&g);
+        if let Some(r) = &self.repos {
+            info.published_to = r.publish(&rec).await?.accepted;
+        }
+        Ok(info)
+    }
+
+    /// Signs revocations of this agent's grants (to a subject, or one grant
+    /// id), applies them at once, and publishes them. Returns the revoked ids.
+    pub async fn revoke(&self, req: &RevokeRequest) -> Result<Vec<String>> {
+        let issued = self.issued();
+        let targets: Vec<GrantId> = match (&req.subject, &req.grant_id) {
+            (Some(s), None) => issued
+                .iter()
+                .filter(|g| g.subject == *s)
+                .map(|g| g.id())
+                .collect(),
+            (None, Some(id)) => {
+                let id = GrantId::from_hex(id)?;
+                if !issued.iter().any(|g| g.id() == id) {
+                    return Err(Error::NotFound(format!(
+                        "this agent issued no grant with id {id}"
+                    )));
+                }
+                vec![id]
+            }
+            _ => {
+                return Err(Error::Config(
+                    "give exactly one of `subject` and `grant_id`".into(),
+                ));
+            }
+        };
+        if targets.is_empty() {
+            return Err(Error::NotFound(
+                "this agent issued no grant to that agent".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for (i, grant_id) in targets.into_iter().enumerate() {
+            let rev = Revocation {
+                issuer: self.me,
+                grant_id,
+                seq: millis() + i as u64,
+                revoked_at: unix_now(),
+            };
+            let rec = SignedRecord::seal(&self.key, &rev)?;
+            self.absorb(&rec);
+            self.last_revocation.store(unix_now(), Ordering::Relaxed);
+            self.persist(&rec).await?;
+            if let Some(r) = &self.repos
+                && let Err(e) = r.publish(&rec).await
+            {
+                tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+            }
+            out.push(grant_id.to_hex());
+        }
+        Ok(out)
+    }
+
+    fn issued(&self) -> Vec<TrustGrant> {
+        self.engine
+            .read()
+            .map(|e| e.grants_issued_by(&self.me))
+            .unwrap_or_default()
+    }
+
+    fn info(&self, g: &TrustGrant) -> GrantInfo {
+        GrantInfo {
+            grant_id: g.id().to_hex(),
+            issuer: g.issuer,
+            subject: g.subject,
+            depth: g.depth,
+            scope: g.scope.clone(),
+            not_before: g.not_before,
+            not_after: g.not_after,
+            revoked: self
+                .engine
+                .read()
+                .map(|e| e.is_revoked(&g.id()))
+                .unwrap_or(false),
+            published_to: Vec::new(),
+        }
+    }
+
+    /// What `trust list` shows.
+    pub fn listing(&self) -> TrustListing {
+        let now = unix_now();
+        let set = self
+            .engine
+            .read()
+            .map(|e| e.trusted_set(&self.me, SEARCH_HOPS, now))
+            .unwrap_or_default();
+        TrustListing {
+            agent_id: self.me,
+            issued: self.issued().iter().map(|g| self.info(g)).collect(),
+            trusted: set.iter().map(|(k, c)| (k.to_string(), c.len())).collect(),
+            tree: render_tree(&self.me, &set),
+        }
+    }
+
+    /// The trust tree of `root` within `hops`, rendered (for the demo).
+    pub fn tree(&self, root: &AgentId, hops: u8) -> String {
+        let set = self
+            .engine
+            .read()
+            .map(|e| e.trusted_set(root, hops, unix_now()))
+            .unwrap_or_default();
+        render_tree(root, &set)
+    }
+
+    /// Why this agent trusts `who` (the chain), or why not. Looks up the
+    /// grants the repositories hold on paths to `who` first.
+    pub async fn why(&self, who: &AgentId) -> WhyAnswer {
+        // Revocations come from the background sync; only grants are looked up here.
+        self.collect_chain_to(who).await;
+        let now = unix_now();
+        let Ok(e) = self.engine.read() else {
+            return WhyAnswer {
+                trusted: false,
+                chain: vec![],
+                reason: Some("trust state unavailable".into()),
+            };
+        };
+        if *who == self.me {
+            return WhyAnswer {
+                trusted: true,
+                chain: vec![],
+                reason: Some("that is this agent".into()),
+            };
+        }
+        match e.chain(&self.me, who, SEARCH_HOPS, now) {
+            Some(c) => WhyAnswer {
+                trusted: true,
+                chain: c
+                    .iter()
+                    .map(|h| {
+                        let depth = e.grant(&h.id).map(|(g, _)| g.depth).unwrap_or(0);
+                        format!("{} -> {} (depth {depth})", h.issuer, h.subject)
+                    })
+                    .collect(),
+                reason: None,
+            },
+            None => {
+                let all = e.grant_records();
+                let naming = all
+                    .iter()
+                    .filter(|r| TrustGrant::from_record(r).is_ok_and(|g| g.subject == *who))
+                    .count();
+                let reason = if naming == 0 {
+                    format!("no grant naming {who} is known (locally or in the repositories)")
+                } else {
+                    let presented: Vec<SignedRecord> =
+                        all.into_iter().take(MAX_PRESENTED_GRANTS).collect();
+                    match crate::trust::verify_chain(
+                        &self.me,
+                        who,
+                        SEARCH_HOPS,
+                        None,
+                        &presented,
+                        e.revocations(),
+                        now,
+                    ) {
+                        Ok(_) => "a chain exists only through grants this agent cannot present"
+                            .to_string(),
+                        Err(inv) => format!(
+                            "{naming} grant(s) name {who}, but no valid chain: {inv} \
+                             (expired, revoked, beyond a hop's depth, or not linked to this agent)"
+                        ),
+                    }
+                };
+                WhyAnswer {
+                    trusted: false,
+                    chain: vec![],
+                    reason: Some(reason),
+                }
+            }
+        }
+    }
+
+    /// Walks grants backwards from `target` (grants by subject) through the
+    /// repositories, up to [`SEARCH_HOPS`] levels and a bounded number of
+    /// agents, learning every verified grant on the way.
+    /// Learns from the repositories every grant on a path to `who` (for
+    /// rendering a fuller tree, or before answering "why").
+    pub async fn learn_about(&self, who: &AgentId) {
+        self.collect_chain_to(who).await;
+    }
+
+    async fn collect_chain_to(&self, target: &AgentId) {
+        let Some(r) = &self.repos else { return };
+        let mut frontier = vec![*target];
+        let mut seen: HashSet<AgentId> = HashSet::new();
+        seen.insert(*target);
+        for _ in 0..SEARCH_HOPS {
+            let mut next = Vec::new();
+            for who in frontier {
+                match r.grants_by_subject(&who).await {
+                    Ok(gs) => {
+                        for (g, rec) in gs {
+                            self.learn(&rec).await;
+                            if seen.len() < 256 && seen.insert(g.issuer) {
+                                next.push(g.issuer);
+                            }
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "grant look-up failed"),
+                }
+            }
+            if next.is_empty() {
+                break;
+            }
+            frontier = next;
+        }
+    }
+
+    /// The grant records to present to `publisher`: every known grant on a
+    /// path from `publisher` to this agent (a small graph, not one chain, so
+    /// the publisher finds another path when one hop was revoked). Empty
+    /// when there is none.
+    pub async fn proof_for(&self, publisher: &AgentId) -> Vec<Vec<u8>> {
+        self.collect_chain_to(&self.me).await;
+        let now = unix_now();
+        let Ok(e) = self.engine.read() else {
+            return Vec::new();
+        };
+        // Agents reachable from the publisher that also reach us: take every
+        // active, unrevoked grant between agents the publisher trusts (plus
+        // the publisher) whose subject is us or another such agent.
+        let mut nodes: BTreeSet<AgentId> = e
+            .trusted_ids(publisher, SEARCH_HOPS, now)
+            .into_iter()
+            .collect();
+        if !nodes.contains(&self.me) {
+            return Vec::new();
+        }
+        nodes.insert(*publisher);
+        let mut out = Vec::new();
+        for issuer in &nodes {
+            for g in e.grants_issued_by(issuer) {
+                if nodes.contains(&g.subject)
+                    && g.is_active(now)
+                    && !e.is_revoked(&g.id())
+                    && let Some((_, Some(rec))) = e.grant(&g.id())
+                {
+                    out.push(rec.to_bytes());
+                }
+                if out.len() >= MAX_PRESENTED_GRANTS {
+                    return out;
+                }
+            }
+        }
+        out
+    }
+
+    /// Brings revocations and this agent's announcement up to date.
+    pub async fn refresh(&self) {
+        let Some(r) = &self.repos else { return };
+        match r.sync_revocations().await {
+            Ok(revs) => {
+                for (_, rec) in revs {
+                    if self.learn(&rec).await {
+                        tracing::info!("learned a revocation from a repository");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "revocation sync failed"),
+        }
+    }
+
+    /// Announces `agent` (addresses and held shares) when the set of shares
+    /// changed or the last announcement is past half its lifetime.
+    pub async fn announce(&self, agent: &Agent) {
+        let Some(r) = &self.repos else { return };
+        let mut locators: Vec<[u8; 32]> = agent
+            .held_shares()
+            .iter()
+            .map(|s| share_locator(&s.id.0))
+            .collect();
+        locators.sort();
+        let now = unix_now();
+        let due = self
+            .announced
+            .lock()
+            .map(|a| a.0 != locators || now >= a.1 + ANNOUNCE_TTL_SECS / 2)
+            .unwrap_or(true);
+        if !due {
+            return;
+        }
+        let a = Announcement {
+            agent: self.me,
+            addresses: agent.advertise().to_vec(),
+            locators: locators.clone(),
+            seq: millis(),
+            expires_at: now + ANNOUNCE_TTL_SECS,
+        };
+        let rec = match SignedRecord::seal(&self.key, &a) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not sign an announcement");
+                return;
+            }
+        };
+        match r.publish(&rec).await {
+            Ok(_) => {
+                if let Ok(mut g) = self.announced.lock() {
+                    *g = (locators, now);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "announcement not stored anywhere; will retry"),
+        }
+    }
+
+    /// Addresses of agents the repositories say hold `share` (union over
+    /// every repository, signatures checked, newest per agent, self
+    /// excluded). The answer is kept in storage, so while every repository
+    /// is down (or a restarted agent cannot reach one) the peers learned last
+    /// time are used.
+    pub async fn peers_for(&self, share: &[u8; 32]) -> Result<Vec<(AgentId, Vec<String>)>> {
+        let Some(r) = &self.repos else {
+            return Ok(Vec::new());
+        };
+        let path = format!(
+            "{}peers/{}.json",
+            self.dir.trim_end_matches("records/"),
+            crate::trust::records::hex(share)
+        );
+        match r.holders(&share_locator(share)).await {
+            Ok(holders) => {
+                let peers: Vec<(AgentId, Vec<String>)> = holders
+                    .into_iter()
+                    .filter(|(a, _)| a.agent != self.me)
+                    .map(|(a, _)| (a.agent, a.addresses))
+                    .collect();
+                if let Ok(json) = serde_json::to_vec(&peers)
+                    && let Err(e) = self.op.write(&path, json).await
+                {
+                    tracing::warn!(error = %e, %path, "could not cache the peers of a share");
+                }
+                Ok(peers)
+            }
+            Err(e) => match self.op.read(&path).await {
+                Ok(bytes) => {
+                    tracing::warn!(error = %e, "no repository answered; using the peers learned earlier");
+                    serde_json::from_slice(&bytes.to_vec())
+                        .map_err(|d| Error::Config(format!("{path}: {d}")))
+                }
+                Err(_) => Err(e),
+            },
+        }
+    }
+
+    /// The background task: every `interval`, sync revocations and renew the
+    /// announcement, until `shutdown`.
+    pub async fn run(
+        self: Arc<Self>,
+        agent: Arc<Agent>,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            self.refresh().await;
+            self.announce(&agent).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+impl TrustPolicy for AgentTrust {
+    fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool {
+        let presented: Vec<SignedRecord> = proof
+            .iter()
+            .filter_map(|b| SignedRecord::from_bytes(b).ok())
+            .collect();
+        self.engine
+            .read()
+            .map(|e| {
+                e.authorize(root, who, max_hops, None, &presented, unix_now())
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::node::AgentOptions;
+
+    async fn agent(op: Operator, key: SecretKey) -> Arc<Agent> {
+        Agent::open(
+            key,
+            op,
+            AgentOptions {
+                state_prefix: ".caravan/".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    fn memory() -> Operator {
+        crate::store::open(&StorageConfig {
+            scheme: "memory".into(),
+            options: Default::default(),
+            credentials: None,
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn grants_persist_and_revocations_prune() {
+        let op = memory();
+        let alice_key = SecretKey::generate().unwrap();
+        let alice = agent(op.clone(), alice_key.clone()).await;
+        let (bob, carol) = (
+            SecretKey::generate().unwrap().agent_id(),
+            SecretKey::generate().unwrap().agent_id(),
+        );
+        let web = AgentTrust::open(&alice, &[]).await.unwrap();
+        for (s, d) in [(bob, 1), (carol, 0)] {
+            web.grant(&GrantRequest {
+                subject: s,
+                depth: d,
+                expires_secs: None,
+                scope: None,
+            })
+            .await
+            .unwrap();
+        }
+        assert!(web.trusts(&alice.id, &carol, 1, &[]));
+        assert!(web.why(&carol).await.trusted);
+        assert!(
+            web.grant(&GrantRequest {
+                subject: alice.id,
+                depth: 0,
+                expires_secs: None,
+                scope: None,
+            })
+            .await
+            .is_err()
+        );
+        assert_eq!(
+            web.revoke(&RevokeRequest {
+                subject: Some(bob),
+                grant_id: None
+            })
+            .await
+            .unwrap()
+            .len(),
+            1
+        );
+        assert!(web.last_revocation() > 0);
+        assert!(!web.trusts(&alice.id, &bob, 1, &[]));
+        assert!(web.revoke(&RevokeRequest::default()).await.is_err());
+        let why = web.why(&bob).await;
+        assert!(!why.trusted);
+        assert!(why.reason.unwrap().contains("revoked"));
+
+        // A restart keeps all of it.
+        let again = AgentTrust::open(&alice, &[]).await.unwrap();
+        let l = again.listing();
+        assert_eq!(l.issued.len(), 2);
+        assert!(l.issued.iter().any(|g| g.subject == bob && g.revoked));
+        assert!(l.trusted.contains_key(&carol.to_string()));
+        assert!(!l.trusted.contains_key(&bob.to_string()));
+    }
+
+    #[tokio::test]
+    async fn peers_come_from_the_cache_when_repositories_are_down() {
+        let op = memory();
+        let a = agent(op.clone(), SecretKey::generate().unwrap()).await;
+        // Nothing listens on this port: every repository is down.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let web = AgentTrust::open(&a, &[format!("http://127.0.0.1:{port}")])
+            .await
+            .unwrap();
+        let share = [7u8; 32];
+        assert!(web.peers_for(&share).await.is_err());
+        let known = vec![(a.id, vec!["127.0.0.1:1".to_string()])];
+        let path = format!(
+            ".caravan/trust/peers/{}.json",
+            crate::trust::records::hex(&share)
+        );
+        op.write(&path, serde_json::to_vec(&known).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(web.peers_for(&share).await.unwrap(), known);
+    }
+}
