@@ -546,6 +546,7 @@ impl Agent {
             .buffer_unordered(file_concurrency())
             .try_collect::<Vec<()>>()
             .await?;
+        self.apply_modes(&dest, &manifest);
 
         // Files the previous version had and this one dropped go away too.
         if let Some(prev) = &previous
@@ -625,6 +626,28 @@ impl Agent {
         };
         let manifest = mr.open(&key)?;
         Ok((bytes, manifest, key))
+    }
+
+    /// Gives files and directories the permission bits the publisher had,
+    /// where the storage is a local filesystem (object stores have none).
+    /// A failure is logged, never fatal: the bytes are what matter.
+    fn apply_modes(&self, dest: &str, manifest: &Manifest) {
+        #[cfg(unix)]
+        if let Some(root) = &self.opts.fs_root {
+            use std::os::unix::fs::PermissionsExt;
+            for e in &manifest.entries {
+                let path = root.join(format!("{dest}{}", e.path));
+                let mode = e.mode & 0o7777;
+                if mode == 0 {
+                    continue;
+                }
+                if let Err(err) =
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                {
+                    tracing::warn!(path = %path.display(), error = %err, "could not set file mode");
+                }
+            }
+        }
     }
 
     /// Asks the publisher for the current share key (it re-checks our right to it).

@@ -22,6 +22,12 @@ fn publish_fetch_and_only_recipients_get_anything() {
     let mut bob = TestAgent::init(&tmp.path().join("bob"));
     let mut carol = TestAgent::init(&tmp.path().join("carol"));
     make_tree(&alice.data().join("photos"), 12, 300_000);
+    let script = alice.data().join("photos/run.sh");
+    std::fs::write(&script, b"#!/bin/sh\necho hi\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o751)).unwrap();
+    }
     alice.start();
     bob.start();
     carol.start();
@@ -30,6 +36,14 @@ fn publish_fetch_and_only_recipients_get_anything() {
     let done = fetch(&bob, &tickets[0], "from-alice", &[]);
     assert_eq!(done["state"], "done");
     assert_same_tree(&alice.data().join("photos"), &bob.data().join("from-alice"));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(bob.data().join("from-alice/run.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o751, "file mode carried over");
+    }
     assert!(bob.metric("caravan_chunks_received_total") >= 12.0);
 
     // carol cannot use bob's ticket…
