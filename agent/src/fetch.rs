@@ -407,11 +407,7 @@ impl Agent {
     /// Restarts fetches that were in progress when the agent stopped.
     pub async fn resume_fetches(self: &Arc<Self>) -> Result<usize> {
         let dir = format!("{}fetches/", self.opts.state_prefix);
-        let entries = match self.op.list(&dir).await {
-            Ok(e) => e,
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(0),
-            Err(e) => return Err(e).context(|| format!("listing {dir}")),
-        };
+        let entries = crate::store::list_or_empty(&self.op, &dir).await?;
         let mut n = 0;
         for e in entries {
             if !e.path().ends_with(".json") {

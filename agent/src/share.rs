@@ -139,11 +139,7 @@ pub async fn save(op: &Operator, state: &str, me: &SecretKey, s: &HeldShare) -> 
 /// reported and skipped, never fatal: one bad file must not stop an agent.
 pub async fn load_all(op: &Operator, state: &str, me: &SecretKey) -> Result<Vec<HeldShare>> {
     let dir = format!("{state}shares/");
-    let entries = match op.list(&dir).await {
-        Ok(e) => e,
-        Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).context(|| format!("listing {dir}")),
-    };
+    let entries = crate::store::list_or_empty(op, &dir).await?;
     let mut out = Vec::new();
     for e in entries {
         let p = e.path().to_string();

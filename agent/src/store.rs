@@ -121,3 +121,13 @@ pub async fn probe(op: &Operator) -> Result<()> {
 pub async fn exists(op: &Operator, path: &str) -> Result<bool> {
     op.exists(path).await.context(|| format!("checking {path}"))
 }
+
+/// Lists a directory of the agent's state; a directory that was never
+/// written is simply empty (object stores have no empty directories).
+pub async fn list_or_empty(op: &Operator, dir: &str) -> Result<Vec<opendal::Entry>> {
+    match op.list(dir).await {
+        Ok(e) => Ok(e),
+        Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).context(|| format!("listing {dir}")),
+    }
+}

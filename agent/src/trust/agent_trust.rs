@@ -172,11 +172,7 @@ impl AgentTrust {
     }
 
     async fn load(&self) -> Result<()> {
-        let entries = match self.op.list(&self.dir).await {
-            Ok(e) => e,
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e).context(|| format!("listing {}", self.dir)),
-        };
+        let entries = crate::store::list_or_empty(&self.op, &self.dir).await?;
         for e in entries {
             if !e.path().ends_with(".rec") {
                 continue;
