@@ -750,7 +750,7 @@ impl Job {
         };
         // An identical file already in place is verified, not re-downloaded.
         if existing == Some(size) && self.verify_in_place(&final_path, chunks).await? {
-            self.file_done(chunks, true);
+            self.file_already_in_place(chunks);
             return Ok(());
         }
         let (write_path, mut start) = if self.append {
@@ -817,18 +817,14 @@ impl Job {
         Ok(())
     }
 
-    fn file_done(&self, chunks: &[ChunkRef], reused: bool) {
+    /// Counts a file found complete and verified at its destination.
+    fn file_already_in_place(&self, chunks: &[ChunkRef]) {
         let bytes: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let n = chunks.len() as u64;
         self.progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
-        self.progress
-            .chunks_done
-            .fetch_add(chunks.len() as u64, Ordering::Relaxed);
-        if reused {
-            self.progress
-                .chunks_reused
-                .fetch_add(chunks.len() as u64, Ordering::Relaxed);
-            self.agent.metrics.chunks_reused.inc_by(chunks.len() as u64);
-        }
+        self.progress.chunks_done.fetch_add(n, Ordering::Relaxed);
+        self.progress.chunks_reused.fetch_add(n, Ordering::Relaxed);
+        self.agent.metrics.chunks_reused.inc_by(n);
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
     }
 

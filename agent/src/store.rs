@@ -117,11 +117,6 @@ pub async fn probe(op: &Operator) -> Result<()> {
         .context(|| "probing storage".into())
 }
 
-/// Returns true when the path exists.
-pub async fn exists(op: &Operator, path: &str) -> Result<bool> {
-    op.exists(path).await.context(|| format!("checking {path}"))
-}
-
 /// Lists a directory of the agent's state; a directory that was never
 /// written is simply empty (object stores have no empty directories).
 pub async fn list_or_empty(op: &Operator, dir: &str) -> Result<Vec<opendal::Entry>> {
