@@ -16,10 +16,10 @@ use tokio_util::sync::CancellationToken;
 use caravan_agent::config::{AgentConfig, StorageConfig};
 use caravan_agent::daemon::{self, Status, TicketRequest, TicketResponse};
 use caravan_agent::demo::{self, DemoOptions, DemoReport};
-use caravan_agent::fetch::{FetchProgress, FetchRequest, FetchState, ProgressSnapshot};
 use caravan_agent::identity::{AgentId, SecretKey};
 use caravan_agent::manifest::{Access, ShareId};
-use caravan_agent::publish::{PublishRequest, Published};
+use caravan_agent::node::{FetchProgress, FetchRequest, FetchState, ProgressSnapshot};
+use caravan_agent::node::{PublishRequest, Published};
 
 const AFTER_HELP: &str = "\
 Quick start (two agents on this machine):
@@ -691,7 +691,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
 }
 
 async fn trust_command(action: TrustCommand) -> Result<()> {
-    use caravan_agent::trust::agent_trust::{
+    use caravan_agent::node::trust::{
         GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer,
     };
     match action {

@@ -16,15 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::error::{Context, Error, Result};
-use crate::fetch::{FetchRequest, ProgressSnapshot};
 use crate::identity::{AgentId, SecretKey};
 use crate::manifest::ShareId;
-use crate::node::{Agent, AgentOptions};
-use crate::publish::{PublishRequest, Published};
-use crate::share::Role;
-use crate::trust::agent_trust::{
+use crate::node::agent::{Agent, AgentOptions};
+use crate::node::publish::{PublishRequest, Published};
+use crate::node::share::Role;
+use crate::node::trust::{
     AgentTrust, GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer,
 };
+use crate::node::tuning;
+use crate::node::{FetchRequest, ProgressSnapshot};
 use crate::{store, wire};
 
 /// Everything the admin API reports about an agent.
@@ -229,7 +230,7 @@ async fn api_fetch_status(
 }
 
 fn web(s: &AdminState) -> std::result::Result<Arc<AgentTrust>, ApiFailure> {
-    s.agent.web().ok_or_else(|| {
+    s.agent.trust().ok_or_else(|| {
         ApiFailure(
             StatusCode::SERVICE_UNAVAILABLE,
             "the trust state is not loaded".into(),
@@ -428,26 +429,27 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             advertise,
             repositories: cfg.repositories.clone(),
             fs_root,
-            corrupt_chunks: std::env::var("CARAVAN_FAULT_CORRUPT_CHUNKS").is_ok_and(|v| v == "1"),
+            corrupt_chunks: tuning::fault_corrupt_chunks(),
         },
     )
     .await?;
 
-    let web = AgentTrust::open(&agent, &cfg.repositories).await?;
-    agent.set_web(web.clone());
-    let interval = std::env::var("CARAVAN_TRUST_SYNC_SECS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(std::time::Duration::from_secs_f64)
-        .unwrap_or_else(|| {
-            std::time::Duration::from_secs(
-                cfg.sync_interval_secs
-                    .unwrap_or(crate::config::DEFAULT_SYNC_INTERVAL_SECS)
-                    .max(1),
-            )
-        });
-    tokio::spawn(web.run(agent.clone(), interval, shutdown.clone()));
+    let trust = AgentTrust::open(
+        agent.secret_key(),
+        agent.storage().clone(),
+        agent.state_prefix(),
+        &cfg.repositories,
+    )
+    .await?;
+    agent.set_trust(trust);
+    let interval = tuning::trust_sync_interval().unwrap_or_else(|| {
+        std::time::Duration::from_secs(
+            cfg.sync_interval_secs
+                .unwrap_or(crate::config::DEFAULT_SYNC_INTERVAL_SECS)
+                .max(1),
+        )
+    });
+    tokio::spawn(agent.clone().run_trust_sync(interval, shutdown.clone()));
 
     let tls = wire::tls::server_config(agent.secret_key())?;
     tokio::spawn(wire::server::serve(

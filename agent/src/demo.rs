@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::StorageConfig;
 use crate::error::{Context, Error, Result};
-use crate::fetch::{FetchProgress, FetchRequest, FetchState};
 use crate::identity::SecretKey;
 use crate::manifest::Access;
-use crate::node::{Agent, AgentOptions};
-use crate::publish::PublishRequest;
+use crate::node::agent::{Agent, AgentOptions};
+use crate::node::fetch::FetchRequest;
+use crate::node::fetch::progress::{FetchProgress, FetchState};
+use crate::node::publish::PublishRequest;
 use crate::{store, wire};
 
 /// What the demo moves.
@@ -388,7 +389,7 @@ struct DemoAgent {
     name: &'static str,
     root: PathBuf,
     agent: Arc<Agent>,
-    web: Arc<crate::trust::agent_trust::AgentTrust>,
+    web: Arc<crate::node::trust::AgentTrust>,
 }
 
 /// Runs the trust-web scenario (see `caravan-agent demo --help`): two
@@ -398,7 +399,7 @@ struct DemoAgent {
 /// stops, alice publishes the next version with a fresh key: bob and carol
 /// are refused, dave (through erin) and erin still fetch.
 pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
-    use crate::trust::agent_trust::{AgentTrust, GrantRequest, RevokeRequest};
+    use crate::node::trust::{AgentTrust, GrantRequest, RevokeRequest};
     let tmp;
     let base = match &keep {
         Some(p) => {
@@ -426,13 +427,19 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
             let root = base.join(name);
             std::fs::create_dir_all(&root).context(|| format!("creating {}", root.display()))?;
             let agent = local_agent(&root, urls.clone(), shutdown).await?;
-            let web = AgentTrust::open(&agent, &urls).await?;
-            agent.set_web(web.clone());
-            tokio::spawn(web.clone().run(
-                agent.clone(),
-                std::time::Duration::from_millis(500),
-                shutdown.clone(),
-            ));
+            let web = AgentTrust::open(
+                agent.secret_key(),
+                agent.storage().clone(),
+                agent.state_prefix(),
+                &urls,
+            )
+            .await?;
+            agent.set_trust(web.clone());
+            tokio::spawn(
+                agent
+                    .clone()
+                    .run_trust_sync(std::time::Duration::from_millis(500), shutdown.clone()),
+            );
             agents.push(DemoAgent {
                 name,
                 root,

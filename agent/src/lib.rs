@@ -34,23 +34,21 @@ macro_rules! text_serde {
     };
 }
 
+// Layers, bottom to top; each imports only those above it in this list.
 pub mod chunk;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
 pub mod demo;
 pub mod error;
-pub mod fetch;
 pub mod identity;
 pub mod manifest;
-pub mod metrics;
 pub mod node;
-pub mod publish;
 pub mod record;
 pub mod repository;
-pub mod share;
 pub mod store;
 pub mod trust;
+pub mod util;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -54,10 +54,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::record::{Kind, SignedRecord};
-use crate::trust::records::{hex, parse_hex32};
-use crate::trust::{
-    Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record, unix_now,
-};
+use crate::trust::{Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record};
+use crate::util::{hex, parse_hex32, unix_now};
 
 use super::{FRAMES_CONTENT_TYPE, MAX_FRAMES, MAX_RECORD_BYTES, NEXT_CURSOR_HEADER, encode_frames};
 
