@@ -39,7 +39,7 @@ pub mod chunk;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
-pub mod demo;
+
 pub mod error;
 pub mod identity;
 pub mod manifest;
