@@ -20,6 +20,7 @@ pub enum Error {
     #[error("chunk {id} failed verification: {reason}")]
     CorruptChunk { id: String, reason: String },
     /// The user's storage (through OpenDAL) failed.
+    #[cfg(feature = "node")]
     #[error("storage error while {context}: {source}")]
     Storage {
         context: String,
@@ -66,6 +67,7 @@ pub trait Context<T> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T>;
 }
 
+#[cfg(feature = "node")]
 impl<T> Context<T> for std::result::Result<T, opendal::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Storage {

@@ -34,21 +34,29 @@ macro_rules! text_serde {
     };
 }
 
-// Layers, bottom to top; each imports only those above it in this list.
+// Layers, bottom to top; each imports only those above it in this list
+// (docs/architecture.md; checked by tests/layers.rs). Without the `node`
+// feature only the light part is built: what the operator uses.
+#[cfg(feature = "node")]
 pub mod chunk;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
-
 pub mod error;
 pub mod identity;
+#[cfg(feature = "node")]
 pub mod manifest;
+#[cfg(feature = "node")]
 pub mod node;
 pub mod record;
+#[cfg(feature = "node")]
 pub mod repository;
+#[cfg(feature = "node")]
 pub mod store;
+#[cfg(feature = "node")]
 pub mod trust;
 pub mod util;
+#[cfg(feature = "node")]
 pub mod wire;
 
 pub use error::{Error, Result};

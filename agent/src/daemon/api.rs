@@ -1,12 +1,17 @@
 //! The admin API as its clients see it: the route paths and the request and
 //! response bodies. The daemon's router ([`super::admin`]), the CLI client
 //! and the operator all use these, so a path or a field is spelled once.
+//! Without the `node` feature, the paths and the bodies that do not carry
+//! the node's own types are available.
 
 use serde::{Deserialize, Serialize};
 
 use crate::identity::AgentId;
+#[cfg(feature = "node")]
 pub use crate::node::share::Role;
+#[cfg(feature = "node")]
 pub use crate::node::trust::{GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer};
+#[cfg(feature = "node")]
 pub use crate::node::{FetchRequest, FetchState, ProgressSnapshot, PublishRequest, Published};
 
 /// `GET`: [`Status`].
@@ -51,6 +56,7 @@ pub fn trust_why(agent: &str) -> String {
 }
 
 /// Everything the admin API reports about an agent.
+#[cfg(feature = "node")]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     /// This agent's id.
@@ -66,6 +72,7 @@ pub struct Status {
 }
 
 /// One held share in [`Status`].
+#[cfg(feature = "node")]
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShareSummary {
     /// Share id.
