@@ -50,7 +50,11 @@ pub fn main() -> ExitCode {
                 Some(Exit::Unreachable(_)) => 4,
                 Some(Exit::Transfer(_)) => 5,
                 None => match e.downcast_ref::<caravan_agent::Error>() {
-                    Some(caravan_agent::Error::Config(_) | caravan_agent::Error::Parse { .. }) => 3,
+                    Some(
+                        caravan_agent::Error::Config(_)
+                        | caravan_agent::Error::Parse { .. }
+                        | caravan_agent::Error::Rejected(_),
+                    ) => 3,
                     _ => 1,
                 },
             };

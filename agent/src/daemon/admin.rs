@@ -50,7 +50,7 @@ impl From<Error> for ApiFailure {
     fn from(e: Error) -> Self {
         let code = match &e {
             Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::Parse { .. } | Error::Config(_) | Error::Record(_) => StatusCode::BAD_REQUEST,
+            e if e.is_bad_input() => StatusCode::BAD_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiFailure(code, e.to_string())

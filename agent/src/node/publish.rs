@@ -111,7 +111,7 @@ impl Agent {
         };
         for a in &req.access.agents {
             if *a == self.id {
-                return Err(Error::Config(
+                return Err(Error::Rejected(
                     "a share's recipients cannot include its publisher".into(),
                 ));
             }

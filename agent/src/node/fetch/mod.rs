@@ -48,7 +48,7 @@ impl Agent {
     pub async fn start_fetch(self: &Arc<Self>, req: FetchRequest) -> Result<Arc<FetchProgress>> {
         let ticket = Ticket::parse(&req.ticket)?;
         if ticket.recipient != self.id {
-            return Err(Error::Config(format!(
+            return Err(Error::Rejected(format!(
                 "this ticket is for agent {}, but this agent is {}",
                 ticket.recipient, self.id
             )));
@@ -123,7 +123,7 @@ impl Agent {
         let ticket = Ticket::parse(&req.ticket)?;
         let dest = normalize_dir(&req.dest);
         if dest.starts_with(&self.opts.state_prefix) {
-            return Err(Error::Config(
+            return Err(Error::Rejected(
                 "the destination cannot be inside the agent's state prefix".into(),
             ));
         }
