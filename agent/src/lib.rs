@@ -53,6 +53,7 @@ pub mod record;
 pub mod repository;
 #[cfg(feature = "node")]
 pub mod store;
+pub mod ticket;
 #[cfg(feature = "node")]
 pub mod trust;
 pub mod util;

@@ -161,7 +161,7 @@ fn subscribe_names_the_share_one_way_and_cel_agrees_with_the_operator() {
     let publisher = caravan_agent::identity::SecretKey::from_seed([1; 32])
         .agent_id()
         .to_string();
-    let share_id = caravan_agent::manifest::ShareId([7; 32]).to_string();
+    let share_id = caravan_agent::ticket::ShareId([7; 32]).to_string();
     let cases = [
         (json!({"ticket": "t"}), true),
         (

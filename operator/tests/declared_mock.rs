@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use caravan_agent::identity::SecretKey;
-use caravan_agent::manifest::{ShareId, Ticket};
+use caravan_agent::ticket::{ShareId, Ticket};
 use caravan_operator::agent_api::{
     AgentApi, AgentEndpoint, CallError, DeclaredGrant, DeclaredGrantStatus, DeclaredShare,
     DeclaredShareStatus, DeclaredState, RecipientTicket, RevocationStatus,

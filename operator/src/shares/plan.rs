@@ -3,7 +3,7 @@
 //! No I/O, so every bad input and every status is a unit test.
 
 use caravan_agent::identity::AgentId;
-use caravan_agent::manifest::{ShareId, Ticket};
+use caravan_agent::ticket::{ShareId, Ticket};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::agent_api::{
