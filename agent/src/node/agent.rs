@@ -174,6 +174,22 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Stops holding a share: it is no longer served and its state under
+    /// the state prefix goes (the files in storage stay).
+    pub async fn forget_share(&self, id: &ShareId) -> Result<()> {
+        if let Ok(mut m) = self.shares.write() {
+            m.remove(id);
+            self.metrics.shares_held.set(m.len() as i64);
+        }
+        let dir = crate::node::state::share_dir(&self.opts.state_prefix, id);
+        self.op
+            .delete_with(&dir)
+            .recursive(true)
+            .await
+            .context(|| format!("removing {dir}"))?;
+        Ok(())
+    }
+
     pub(crate) async fn install_share(&self, s: HeldShare) -> Result<Arc<HeldShare>> {
         share::save(&self.op, &self.opts.state_prefix, &self.key, &s).await?;
         let s = Arc::new(s);
