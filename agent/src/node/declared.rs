@@ -560,6 +560,21 @@ impl Declarations {
             .share(&ticket.share_id)
             .filter(|s| s.role == Role::Fetched)
             .map(|s| s.seq());
+        // A trust-based subscription that held a version and whose chain
+        // from the publisher is gone (a revocation this agent learned) is
+        // cut off: report it at once; the files of that version stay.
+        if ticket.wrapped_key.is_empty()
+            && held_before.is_some()
+            && let Some(trust) = agent.trust()
+            && trust.proof_for(&ticket.publisher).await.is_empty()
+        {
+            let e = Error::NotFound(format!(
+                "no valid trust chain from the publisher {} to this agent any more (revoked or expired); keeping version {}",
+                ticket.publisher,
+                held_before.unwrap_or_default()
+            ));
+            return self.fail(run, reasons::TRUST_REVOKED, &e);
+        }
         let progress = Arc::new(FetchProgress::new(ticket.share_id, sub.destination.clone()));
         if let Ok(mut p) = run.progress.lock() {
             *p = Some(progress.clone());
