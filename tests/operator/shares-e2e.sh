@@ -82,8 +82,16 @@ MOTO_PID=""
 cleanup() {
   [[ "${CARAVAN_KEEP:-0}" == 1 ]] && return
   log "cleaning up"
+  # Shares and TrustGrants carry finalizers: let the operator release them
+  # before it is uninstalled, then strip what is left so no namespace hangs.
   for t in "${TENANTS[@]}"; do
     kc -n "tenant-$t" delete shares,trustgrants --all --wait=false >/dev/null 2>&1 || true
+  done
+  for t in "${TENANTS[@]}"; do
+    kc -n "tenant-$t" wait shares,trustgrants --all --for=delete --timeout=60s >/dev/null 2>&1 || true
+    for o in $(kubectl -n "tenant-$t" get shares,trustgrants -o name 2>/dev/null); do
+      kc -n "tenant-$t" patch "$o" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+    done
   done
   kc delete namespace "${TENANTS[@]/#/tenant-}" --wait=false >/dev/null 2>&1 || true
   "$HELM" uninstall "$RELEASE" -n "$SYS_NS" >/dev/null 2>&1 || true
@@ -301,20 +309,20 @@ for t in bob carol; do
 done
 
 # ------------------------------------------------------------------ bad input
-bad_share() { # NAME YAML-SPEC
+bad_share() { # NAME YAML-SPEC [TENANT]
   kc apply --validate=false -f - >/dev/null <<EOF
 apiVersion: caravan.dev/v1alpha1
 kind: Share
-metadata: {name: $1, namespace: tenant-bob}
+metadata: {name: $1, namespace: tenant-${3:-bob}}
 spec:
 $2
 EOF
 }
 bad_share no-agent "  agent: nobody
-  subscribe: {shareId: \"$SHARE_ID\", publisher: \"${ID[alice]}\", destination: x}"
-check "missing Agent → AgentNotFound" wait_for 60 "AgentNotFound" share_degraded bob no-agent AgentNotFound
-kc -n tenant-bob patch share no-agent --type merge -p '{"spec":{"agent":"bob"}}' >/dev/null
-check "… heals when the Agent is named right" wait_for 120 "healed" share_ready_at bob no-agent 2
+  subscribe: {ticket: \"$DAVE_TICKET\", destination: again}" dave
+check "missing Agent → AgentNotFound" wait_for 60 "AgentNotFound" share_degraded dave no-agent AgentNotFound
+kc -n tenant-dave patch share no-agent --type merge -p '{"spec":{"agent":"dave"}}' >/dev/null
+check "… heals when the Agent is named right" wait_for 180 "healed" share_ready_at dave no-agent 3
 bad_share both "  agent: bob
   publish: {path: x, recipients: {trustedWithinDepth: 1}}
   subscribe: {shareId: \"$SHARE_ID\", publisher: \"${ID[alice]}\", destination: y}"
