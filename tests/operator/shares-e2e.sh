@@ -319,7 +319,7 @@ $2
 EOF
 }
 bad_share no-agent "  agent: nobody
-  subscribe: {ticket: \"$DAVE_TICKET\", destination: again}" dave
+  subscribe: {ticket: \"$DAVE_TICKET\", destination: inbox/alice}" dave
 check "missing Agent → AgentNotFound" wait_for 60 "AgentNotFound" share_degraded dave no-agent AgentNotFound
 kc -n tenant-dave patch share no-agent --type merge -p '{"spec":{"agent":"dave"}}' >/dev/null
 check "… heals when the Agent is named right" wait_for 180 "healed" share_ready_at dave no-agent 3
