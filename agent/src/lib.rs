@@ -42,6 +42,7 @@ pub mod chunk;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod declare;
 pub mod error;
 pub mod identity;
 #[cfg(feature = "node")]

@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("chunk", 2),
     ("record", 3),
     ("ticket", 4),
+    ("declare", 4),
     ("manifest", 4),
     ("store", 5),
     ("wire", 6),

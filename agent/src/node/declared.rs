@@ -23,7 +23,7 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::api::{
+use crate::declare::{
     DeclaredGrant, DeclaredGrantStatus, DeclaredShare, DeclaredShareStatus, DeclaredState,
     RecipientTicket, RevocationStatus, reasons,
 };
