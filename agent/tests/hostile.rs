@@ -30,6 +30,17 @@ use common::*;
 
 // ---------------------------------------------------------------- helpers
 
+/// Deterministic pseudo-random bytes (xorshift).
+fn noise(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
 fn key_of(a: &TestAgent) -> SecretKey {
     SecretKey::from_text(&std::fs::read_to_string(a.dir.join("identity.key")).unwrap()).unwrap()
 }
@@ -411,7 +422,7 @@ fn edited_files_are_never_served_under_an_old_chunk_id() {
     let src = alice.data().join("live");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 700_000];
-    caravan_agent::demo::fill_pseudo_random(&mut data, 5);
+    noise(&mut data, 5);
     std::fs::write(src.join("f.bin"), &data).unwrap();
     alice.start();
     bob.start();
@@ -474,7 +485,7 @@ fn manifest_declaring_a_terabyte_is_refused_before_writing_and_not_retried() {
     let share_key = Key::random().unwrap();
     let keyer = ChunkKeyer::new(&share_key);
     let mut plain = vec![0u8; 4 << 20];
-    caravan_agent::demo::fill_pseudo_random(&mut plain, 9);
+    noise(&mut plain, 9);
     let (r, ct) = keyer.seal(&plain).unwrap();
     let n = (1u64 << 40) / (4 << 20);
     let share_id = ShareId::random().unwrap();
