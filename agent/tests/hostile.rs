@@ -22,7 +22,8 @@ use caravan_agent::manifest::{
     Access, Entry, EntryKind, Manifest, ManifestRecord, ShareId, Ticket,
 };
 use caravan_agent::record::SignedRecord;
-use caravan_agent::trust::{GrantId, Revocation, TrustGrant, unix_now};
+use caravan_agent::trust::{GrantId, Revocation, TrustGrant};
+use caravan_agent::util::unix_now;
 use caravan_agent::wire::client::PeerConn;
 use caravan_agent::wire::server::Service;
 use caravan_agent::{Error, Result};
@@ -337,7 +338,6 @@ fn junk_revocation(seq: u64) -> Vec<u8> {
 /// the same version) while the publisher is offline: the fetcher refuses
 /// both, says why, keeps the newer version and deletes nothing.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn replayed_or_forked_manifest_is_refused_and_nothing_is_deleted() {
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
@@ -414,7 +414,6 @@ fn replayed_or_forked_manifest_is_refused_and_nothing_is_deleted() {
 /// the old chunk key: a holder only serves bytes that hash to the id asked.
 /// Checked on the publisher and on a holder of a fetched share.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn edited_files_are_never_served_under_an_old_chunk_id() {
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
@@ -475,7 +474,6 @@ fn edited_files_are_never_served_under_an_old_chunk_id() {
 /// limit and the free space), forgets the fetch (no re-dial on restart),
 /// and its disk use does not grow.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn manifest_declaring_a_terabyte_is_refused_before_writing_and_not_retried() {
     let tmp = tempfile::tempdir().unwrap();
     let mut bob = TestAgent::init(&tmp.path().join("bob"));
@@ -552,7 +550,6 @@ fn manifest_declaring_a_terabyte_is_refused_before_writing_and_not_retried() {
 /// Revocations of grants that never existed are refused by the repository,
 /// and an agent fed hundreds of them by a lying repository stores none.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn revocations_of_unknown_grants_are_refused_and_agent_storage_stays_bounded() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = RepoProcess::start(tmp.path());
@@ -650,7 +647,6 @@ fn revocations_of_unknown_grants_are_refused_and_agent_storage_stays_bounded() {
 /// cannot hide the honest chain alice→carol→bob: bob still proves it and
 /// fetches alice's share, and stores none of the strangers' grants.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn sybil_grants_cannot_hide_an_honest_grant() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = RepoProcess::start(tmp.path());
@@ -725,7 +721,6 @@ fn sybil_grants_cannot_hide_an_honest_grant() {
 /// signature is checked, with the same answer for an existing share and a
 /// missing one.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn oversize_proofs_are_refused_before_signatures_and_the_same_for_every_share() {
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
@@ -813,7 +808,6 @@ fn closed_within(
 /// half-sent frames are cut, request frames are bounded per type, and a
 /// client refuses a response frame larger than its request type allows.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn connection_flood_idle_and_half_sent_frames_are_cut() {
     use tokio::io::AsyncWriteExt;
     let tmp = tempfile::tempdir().unwrap();
@@ -920,7 +914,6 @@ fn connection_flood_idle_and_half_sent_frames_are_cut() {
 /// The publisher's setuid, setgid, sticky and world-writable bits are not
 /// applied on the fetcher's disk.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn publisher_cannot_set_setuid_or_world_writable_modes() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
@@ -958,7 +951,6 @@ fn publisher_cannot_set_setuid_or_world_writable_modes() {
 /// same answer, the same metrics, and no INFO log line per refusal; metrics
 /// bind to loopback unless configured otherwise.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn refusals_leave_no_existence_oracle_in_metrics_or_logs() {
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
@@ -1041,7 +1033,6 @@ fn refusals_leave_no_existence_oracle_in_metrics_or_logs() {
 
 /// `run` refuses an identity file that others can read.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn identity_file_readable_by_others_is_refused() {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
@@ -1088,7 +1079,6 @@ fn identity_file_readable_by_others_is_refused() {
 /// The admin API checks the token before it parses a body: a request
 /// without the token gets 401 whatever it carries.
 #[test]
-#[ignore = "issue 10: fixed after the agent restructure merges"]
 fn admin_token_is_checked_before_the_body_is_parsed() {
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = TestAgent::init(&tmp.path().join("alice"));

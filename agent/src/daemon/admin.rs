@@ -109,7 +109,24 @@ pub fn admin_router(agent: Arc<Agent>, token: String) -> Router {
         .route(api::TRUST_REVOCATIONS, post(api_trust_revoke))
         .route(api::TRUST_WHY, get(api_trust_why))
         .route(api::SHARE_PEERS, get(api_share_peers))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
+}
+
+/// Checks the bearer token before the request reaches its handler, so no
+/// body is read or parsed for a caller without it.
+async fn require_token(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check_token(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn api_status(
