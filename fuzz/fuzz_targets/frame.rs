@@ -1,5 +1,6 @@
 //! Peer-protocol frames: the header and length checks of `read_frame`, on
-//! arbitrary bytes, with the server's request limit and a small limit.
+//! arbitrary bytes, with the server's request limit and a small limit; and
+//! the request parser every peer request goes through (sizes, ids, proofs).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -10,6 +11,11 @@ fuzz_target!(|data: &[u8]| {
         futures::executor::block_on(async {
             while let Ok(Some(f)) = caravan_agent::wire::read_frame(&mut r, max).await {
                 assert!(f.payload.len() <= max);
+                if let Ok(req) = caravan_agent::wire::parse_request(f.typ, &f.payload)
+                    && let caravan_agent::wire::Request::Key(_, proof) = req
+                {
+                    assert!(proof.len() <= caravan_agent::wire::MAX_PROOF_RECORDS);
+                }
             }
         });
     }
