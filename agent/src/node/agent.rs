@@ -219,7 +219,7 @@ impl Agent {
             .and_then(|m| m.get(&(*id, *peer)).cloned())
             .unwrap_or_default();
         let proof: &[SignedRecord] = &proof;
-        if self.authorized(&s, peer, &proof) {
+        if self.authorized(&s, peer, proof) {
             Ok(s)
         } else {
             // Counted and logged exactly like an unknown share: no oracle.
