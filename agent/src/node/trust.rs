@@ -338,10 +338,21 @@ impl AgentTrust {
             self.absorb(&rec);
             self.last_revocation.store(unix_now(), Ordering::Relaxed);
             self.persist(&rec).await?;
-            if let Some(r) = &self.repos
-                && let Err(e) = r.publish(&rec).await
-            {
-                tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+            if let Some(r) = &self.repos {
+                // Repositories take revocations only of grants they hold:
+                // (re)publish the grant first, in case it never reached them
+                // (a repository that has it answers that it is not newer).
+                let grant = self
+                    .engine
+                    .read()
+                    .ok()
+                    .and_then(|e| e.grant(&grant_id).and_then(|(_, rec)| rec.cloned()));
+                if let Some(g) = grant {
+                    let _ = r.publish(&g).await;
+                }
+                if let Err(e) = r.publish(&rec).await {
+                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+                }
             }
             out.push(grant_id.to_hex());
         }
