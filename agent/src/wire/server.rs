@@ -73,8 +73,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_conns: 1024,
-            max_conns_per_ip: 64,
-            max_conns_per_peer: 16,
+            max_conns_per_ip: 256,
+            max_conns_per_peer: 64,
             handshake: Duration::from_secs(10),
             idle: Duration::from_secs(120),
             read: Duration::from_secs(30),
