@@ -42,6 +42,13 @@ say "workspace tests (unit, property, multi-process over loopback, S3, CRD drift
 cargo nextest run --workspace --no-fail-fast --failure-output final 2>&1 | tee target/nextest.log
 SUMMARY+=("workspace: $(grep -E '^ +Summary' target/nextest.log | tail -1 | sed 's/^ *//')")
 
+say "fuzzing smoke run (every target, bounded time; fuzz/README.md)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    cargo install --locked cargo-fuzz
+fi
+bash fuzz/smoke.sh "${CARAVAN_FUZZ_SECS:-20}" 2>&1 | tee target/fuzz.log
+SUMMARY+=("fuzz smoke: $(grep -c ' ok:' target/fuzz.log) targets clean ($(grep -c CRASH target/fuzz.log) crashed)")
+
 if [ "${CARAVAN_SKIP_CLUSTER:-0}" = 1 ]; then
     SUMMARY+=("kubernetes e2e: skipped (CARAVAN_SKIP_CLUSTER=1)")
 else

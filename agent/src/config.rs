@@ -78,7 +78,7 @@ fn default_admin_listen() -> String {
     format!("127.0.0.1:{DEFAULT_ADMIN_PORT}")
 }
 fn default_metrics_listen() -> String {
-    format!("0.0.0.0:{DEFAULT_METRICS_PORT}")
+    format!("127.0.0.1:{DEFAULT_METRICS_PORT}")
 }
 fn default_state_prefix() -> String {
     DEFAULT_STATE_PREFIX.to_string()

@@ -50,6 +50,10 @@ pub enum Error {
     /// and the CLI exits 3 (bad input).
     #[error("{0}")]
     Rejected(String),
+    /// Data from a peer or a publisher refused for cause (a replayed or
+    /// forked manifest, a share larger than allowed): not retried.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A TLS set-up problem (certificates, handshake).
     #[error("tls error: {0}")]
     Tls(String),

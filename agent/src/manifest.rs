@@ -16,6 +16,11 @@ use crate::record::{Kind, Record, SignedRecord};
 
 pub use crate::ticket::{ShareId, TICKET_PREFIX, Ticket};
 
+/// Most entries (files and directories) one manifest may list.
+pub const MAX_MANIFEST_ENTRIES: usize = 1 << 20;
+/// Most chunks one manifest may list (4 TiB at the average chunk size).
+pub const MAX_MANIFEST_CHUNKS: u64 = 1 << 22;
+
 /// Who may receive a share.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Access {
@@ -94,6 +99,18 @@ impl Manifest {
     /// Rejects paths that could escape the destination, and sizes that do
     /// not add up, before anything is written.
     pub fn validate(&self) -> Result<()> {
+        if self.entries.len() > MAX_MANIFEST_ENTRIES {
+            return Err(Error::Record(format!(
+                "manifest lists {} entries, over the limit of {MAX_MANIFEST_ENTRIES}",
+                self.entries.len()
+            )));
+        }
+        let chunks = self.total_chunks();
+        if chunks > MAX_MANIFEST_CHUNKS {
+            return Err(Error::Record(format!(
+                "manifest lists {chunks} chunks, over the limit of {MAX_MANIFEST_CHUNKS}"
+            )));
+        }
         let mut seen = std::collections::HashSet::new();
         for e in &self.entries {
             check_path(&e.path)?;
@@ -101,6 +118,17 @@ impl Manifest {
                 return Err(Error::Record(format!("manifest lists {:?} twice", e.path)));
             }
             if let EntryKind::File { size, chunks } = &e.kind {
+                if let Some(c) = chunks
+                    .iter()
+                    .find(|c| c.len == 0 || c.len as usize > crate::chunk::MAX_CHUNK)
+                {
+                    return Err(Error::Record(format!(
+                        "{:?}: a chunk of {} bytes (chunks are 1 to {} bytes)",
+                        e.path,
+                        c.len,
+                        crate::chunk::MAX_CHUNK
+                    )));
+                }
                 let sum: u64 = chunks.iter().map(|c| c.len as u64).sum();
                 if sum != *size {
                     return Err(Error::Record(format!(

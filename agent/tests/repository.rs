@@ -588,6 +588,7 @@ async fn fs_restart_loses_nothing_and_replicas_agree() {
     assert_eq!(s, 200);
     assert_eq!(j["feed_seq"], revs.len() as u64);
     let g2 = grant(&k, &key(22), 0, 1);
+    assert_eq!(post(&replica.url, seal(&k, &g2)).await.0, 200);
     let (s, j) = post(&srv.url, seal(&k, &revocation(&k, &g2, 1))).await;
     assert_eq!(s, 200);
     assert_eq!(
@@ -627,6 +628,8 @@ async fn concurrent_revocations_on_two_replicas_get_distinct_feed_numbers() {
         tasks.push(tokio::spawn(async move {
             let k = key(100 + n);
             let g = grant(&k, &key(1), 0, 1);
+            // Only stored grants can be revoked (issue 10).
+            assert_eq!(post(&url, seal(&k, &g)).await.0, 200);
             post(&url, seal(&k, &revocation(&k, &g, 1))).await
         }));
     }
@@ -699,6 +702,7 @@ async fn s3_replicas_restart_and_refusals() {
     assert_eq!(snapshot(&b.url, &loc).await, before);
     let k = key(30);
     let g = grant(&k, &key(31), 0, 1);
+    assert_eq!(post(&a.url, seal(&k, &g)).await.0, 200);
     let (s, j) = post(&b.url, seal(&k, &revocation(&k, &g, 1))).await;
     assert_eq!(s, 200, "{j}");
     assert_eq!(j["feed_seq"], revs.len() as u64);
@@ -718,6 +722,8 @@ async fn s3_replicas_restart_and_refusals() {
         tasks.push(tokio::spawn(async move {
             let k = key(150 + n);
             let g = grant(&k, &key(1), 0, 1);
+            // Only stored grants can be revoked (issue 10).
+            assert_eq!(post(&url, seal(&k, &g)).await.0, 200);
             post(&url, seal(&k, &revocation(&k, &g, 1))).await
         }));
     }

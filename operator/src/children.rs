@@ -14,14 +14,14 @@ use k8s_openapi::api::core::v1::{
     ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
-    IPBlock, NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
-    NetworkPolicySpec,
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::config::{OperatorConfig, paths};
+use crate::config::{METADATA_RANGES, OperatorConfig, paths};
 use crate::crd::Agent;
 use crate::names::{self, ChildNames};
 
@@ -436,7 +436,7 @@ pub fn network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
                 match_labels: Some(names::selector_labels(&input.name())),
                 ..Default::default()
             }),
-            policy_types: Some(vec!["Ingress".into()]),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             ingress: Some(vec![
                 NetworkPolicyIngressRule {
                     ports: Some(vec![tcp(DEFAULT_PEER_PORT)]),
@@ -452,13 +452,102 @@ pub fn network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
                             )])),
                             ..Default::default()
                         }),
+                        pod_selector: operator_pods(input.cfg),
                         ..Default::default()
                     }]),
                 },
             ]),
-            ..Default::default()
+            egress: Some(egress_rules(input.cfg)),
         }),
     }
+}
+
+/// Only the operator's own pods (by label) in its namespace reach the admin
+/// and metrics ports: the public repository runs in that namespace too.
+fn operator_pods(cfg: &OperatorConfig) -> Option<LabelSelector> {
+    (!cfg.operator_pod_labels.is_empty()).then(|| LabelSelector {
+        match_labels: Some(cfg.operator_pod_labels.clone()),
+        ..Default::default()
+    })
+}
+
+/// Egress of an agent pod: DNS, every pod of the cluster (peers, the
+/// repository), and outside the cluster the configured ranges minus the
+/// private ones and — unless node credentials are allowed — the
+/// instance-metadata service, so a tenant's agent never acts with the
+/// node's cloud identity.
+pub fn egress_rules(cfg: &OperatorConfig) -> Vec<NetworkPolicyEgressRule> {
+    let port = |p: i32, proto: &str| NetworkPolicyPort {
+        port: Some(IntOrString::Int(p)),
+        protocol: Some(proto.into()),
+        ..Default::default()
+    };
+    let mut except: Vec<&str> = cfg.egress.except.iter().map(String::as_str).collect();
+    if !cfg.allow_node_credentials {
+        except.extend_from_slice(METADATA_RANGES);
+    }
+    let outside: Vec<NetworkPolicyPeer> = cfg
+        .egress
+        .cidrs
+        .iter()
+        .map(|c| {
+            // The API server requires every `except` strictly inside its `cidr`.
+            let inside: Vec<String> = except
+                .iter()
+                .filter(|e| cidr_strictly_contains(c, e))
+                .map(|e| e.to_string())
+                .collect();
+            NetworkPolicyPeer {
+                ip_block: Some(IPBlock {
+                    cidr: c.clone(),
+                    except: (!inside.is_empty()).then_some(inside),
+                }),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let cluster_pods = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector::default()),
+        ..Default::default()
+    };
+    let mut rules = vec![
+        NetworkPolicyEgressRule {
+            ports: Some(vec![port(53, "UDP"), port(53, "TCP")]),
+            to: Some(vec![cluster_pods.clone()]),
+        },
+        NetworkPolicyEgressRule {
+            ports: None,
+            to: Some(vec![cluster_pods]),
+        },
+    ];
+    if !outside.is_empty() {
+        rules.push(NetworkPolicyEgressRule {
+            ports: None,
+            to: Some(outside),
+        });
+    }
+    rules
+}
+
+/// Is `inner` a strictly smaller range inside `outer` (same address family)?
+pub fn cidr_strictly_contains(outer: &str, inner: &str) -> bool {
+    /// Address as the top bits of a u128, prefix length counted in those bits, family.
+    fn parse(c: &str) -> Option<(u128, u32, bool)> {
+        let (ip, bits) = c.split_once('/')?;
+        let bits: u32 = bits.parse().ok()?;
+        match ip.parse::<std::net::IpAddr>().ok()? {
+            std::net::IpAddr::V4(a) if bits <= 32 => {
+                Some((u128::from(u32::from(a)) << 96, bits, false))
+            }
+            std::net::IpAddr::V6(a) if bits <= 128 => Some((u128::from(a), bits, true)),
+            _ => None,
+        }
+    }
+    let (Some((o, ob, o6)), Some((i, ib, i6))) = (parse(outer), parse(inner)) else {
+        return false;
+    };
+    let mask = if ob == 0 { 0 } else { u128::MAX << (128 - ob) };
+    o6 == i6 && ib > ob && (o & mask) == (i & mask)
 }
 
 #[cfg(test)]
@@ -700,7 +789,10 @@ mod tests {
     fn network_policy_limits_admin_and_metrics_to_the_operator_namespace() {
         let mut a = s3_agent("alice", "tenant-a");
         let np = build(&a, network_policy).spec.unwrap();
-        assert_eq!(np.policy_types, Some(vec!["Ingress".to_string()]));
+        assert_eq!(
+            np.policy_types,
+            Some(vec!["Ingress".to_string(), "Egress".to_string()])
+        );
         let rules = np.ingress.unwrap();
         assert_eq!(rules[0].from, None, "peer port open to all by default");
         let admin = &rules[1];
@@ -712,9 +804,91 @@ mod tests {
             ns.match_labels.unwrap()["kubernetes.io/metadata.name"],
             "caravan-system"
         );
+        // …and within it only the operator's pods, not the public repository.
+        let pods = admin.from.clone().unwrap()[0].pod_selector.clone().unwrap();
+        assert_eq!(
+            pods.match_labels.unwrap()["app.kubernetes.io/name"],
+            "caravan-operator"
+        );
         a.spec.exposure.peer_cidrs = vec!["203.0.113.0/24".into()];
         let np = build(&a, network_policy).spec.unwrap();
         let from = np.ingress.unwrap()[0].from.clone().unwrap();
         assert_eq!(from[0].ip_block.clone().unwrap().cidr, "203.0.113.0/24");
+    }
+
+    #[test]
+    fn egress_allows_dns_cluster_and_internet_but_never_the_metadata_service() {
+        let a = s3_agent("alice", "tenant-a");
+        let np = build(&a, network_policy).spec.unwrap();
+        let rules = np.egress.unwrap();
+        let blocks: Vec<IPBlock> = rules
+            .iter()
+            .flat_map(|r| r.to.clone().unwrap_or_default())
+            .filter_map(|p| p.ip_block)
+            .collect();
+        assert_eq!(blocks.len(), 2, "{blocks:?}");
+        let v4 = blocks.iter().find(|b| b.cidr == "0.0.0.0/0").unwrap();
+        let ex = v4.except.clone().unwrap();
+        for must in [
+            "169.254.0.0/16",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+        ] {
+            assert!(
+                ex.contains(&must.to_string()),
+                "{must} not excepted: {ex:?}"
+            );
+        }
+        let v6 = blocks.iter().find(|b| b.cidr == "::/0").unwrap();
+        let ex6 = v6.except.clone().unwrap();
+        assert!(ex6.contains(&"fd00:ec2::254/128".to_string()));
+        assert!(
+            ex6.iter().all(|e| e.contains(':')),
+            "v4 except in a v6 block"
+        );
+        // DNS is allowed (port 53 to cluster pods).
+        assert!(rules.iter().any(|r| {
+            r.ports
+                .iter()
+                .flatten()
+                .any(|p| p.port == Some(IntOrString::Int(53)))
+        }));
+
+        // A provider that allows node credentials drops only the metadata ranges.
+        let cfg = OperatorConfig {
+            allow_node_credentials: true,
+            ..OperatorConfig::default()
+        };
+        let input = BuildInput {
+            agent: &a,
+            namespace: "tenant-a",
+            config_toml: "",
+            credentials_version: None,
+            cfg: &cfg,
+        };
+        let np = network_policy(&input).spec.unwrap();
+        let ex: Vec<String> = np
+            .egress
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.to.clone().unwrap_or_default())
+            .filter_map(|p| p.ip_block)
+            .flat_map(|b| b.except.unwrap_or_default())
+            .collect();
+        assert!(!ex.contains(&"169.254.0.0/16".to_string()));
+        assert!(ex.contains(&"10.0.0.0/8".to_string()));
+    }
+
+    #[test]
+    fn cidr_containment() {
+        assert!(cidr_strictly_contains("0.0.0.0/0", "169.254.0.0/16"));
+        assert!(cidr_strictly_contains("10.0.0.0/8", "10.1.0.0/16"));
+        assert!(!cidr_strictly_contains("10.0.0.0/8", "10.0.0.0/8"));
+        assert!(!cidr_strictly_contains("10.0.0.0/8", "11.0.0.0/16"));
+        assert!(!cidr_strictly_contains("0.0.0.0/0", "fe80::/10"));
+        assert!(cidr_strictly_contains("::/0", "fd00:ec2::254/128"));
+        assert!(!cidr_strictly_contains("203.0.113.0/24", "169.254.0.0/16"));
+        assert!(!cidr_strictly_contains("garbage", "10.0.0.0/8"));
     }
 }

@@ -21,7 +21,56 @@ pub struct OperatorConfig {
     pub default_repositories: Vec<String>,
     /// Resources of an agent container whose Agent sets none.
     pub default_resources: ResourceRequirements,
+    /// Labels of the operator's pods: only pods with all of them, in the
+    /// operator namespace, reach an agent's admin and metrics ports (the
+    /// public repository runs in that namespace too).
+    pub operator_pod_labels: BTreeMap<String, String>,
+    /// Where agent pods may open connections (see [`EgressConfig`]).
+    pub egress: EgressConfig,
+    /// When false (the default), storage options that reach the node's
+    /// cloud identity (instance metadata, assumed roles, profiles) are
+    /// refused and the metadata credential chain is switched off.
+    pub allow_node_credentials: bool,
 }
+
+/// Egress of agent pods. Pods of the cluster (other agents, the repository)
+/// and DNS are always reachable; outside the cluster only `cidrs`, minus
+/// `except`, minus the instance-metadata ranges unless node credentials are
+/// allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressConfig {
+    /// Destinations outside the cluster: peers, repositories, storage endpoints.
+    pub cidrs: Vec<String>,
+    /// Never reachable even inside `cidrs` (private ranges: nodes, the
+    /// Kubernetes API, cloud-internal services).
+    pub except: Vec<String>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            cidrs: vec!["0.0.0.0/0".into(), "::/0".into()],
+            except: DEFAULT_EGRESS_EXCEPT
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+/// Private and shared address ranges agent pods may not reach by default.
+pub const DEFAULT_EGRESS_EXCEPT: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+];
+
+/// Instance-metadata ranges (link-local, AWS/GCP/Azure 169.254.169.254, AWS
+/// ECS 169.254.170.2, AWS IPv6 fd00:ec2::254): refused to agent pods unless
+/// node credentials are allowed.
+pub const METADATA_RANGES: &[&str] = &["169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128"];
 
 impl Default for OperatorConfig {
     fn default() -> Self {
@@ -31,6 +80,12 @@ impl Default for OperatorConfig {
             operator_namespace: "caravan-system".into(),
             default_repositories: Vec::new(),
             default_resources: default_agent_resources(),
+            operator_pod_labels: BTreeMap::from([(
+                "app.kubernetes.io/name".to_string(),
+                "caravan-operator".to_string(),
+            )]),
+            egress: EgressConfig::default(),
+            allow_node_credentials: false,
         }
     }
 }

@@ -231,6 +231,14 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
                     .collect();
                 if let Err(e) =
                     validate::check_credentials(&agent.spec.storage.options, &sr.name, &keys)
+                        .and_then(|()| {
+                            validate::check_node_credentials(
+                                &agent.spec.storage.scheme,
+                                &keys,
+                                &format!("Secret {}", sr.name),
+                                &ctx.cfg,
+                            )
+                        })
                 {
                     return report_input(agent, ctx, &e, SECRET_RECHECK).await;
                 }

@@ -91,6 +91,34 @@ struct RunArgs {
     /// Log format: text or json.
     #[arg(long, env = "CARAVAN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Destinations outside the cluster agent pods may reach (CIDRs).
+    #[arg(
+        long,
+        env = "CARAVAN_AGENT_EGRESS_CIDRS",
+        value_delimiter = ',',
+        default_value = "0.0.0.0/0,::/0"
+    )]
+    agent_egress_cidrs: Vec<String>,
+    /// Ranges agent pods may never reach (private ranges by default).
+    #[arg(
+        long,
+        env = "CARAVAN_AGENT_EGRESS_EXCEPT",
+        value_delimiter = ',',
+        default_value = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7"
+    )]
+    agent_egress_except: Vec<String>,
+    /// Let agents use the node's cloud identity (instance metadata, assumed
+    /// roles). Off by default: tenants must bring their own credentials.
+    #[arg(long, env = "CARAVAN_ALLOW_NODE_CREDENTIALS", default_value_t = false, action = clap::ArgAction::Set)]
+    allow_node_credentials: bool,
+    /// Labels of the operator's pods (k=v,k=v): only they reach agents' admin and metrics ports.
+    #[arg(
+        long,
+        env = "CARAVAN_OPERATOR_POD_LABELS",
+        value_delimiter = ',',
+        default_value = "app.kubernetes.io/name=caravan-operator"
+    )]
+    operator_pod_labels: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -187,6 +215,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             .cloned()
             .collect(),
         default_resources,
+        operator_pod_labels: parse_labels(&args.operator_pod_labels)?,
+        egress: egress_config(&args.agent_egress_cidrs, &args.agent_egress_except)?,
+        allow_node_credentials: args.allow_node_credentials,
     };
     let identity = args
         .pod_name
@@ -308,4 +339,42 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `k=v` labels (empty entries skipped).
+fn parse_labels(items: &[String]) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for i in items.iter().map(|i| i.trim()).filter(|i| !i.is_empty()) {
+        let (k, v) = i
+            .split_once('=')
+            .with_context(|| format!("--operator-pod-labels entry {i:?} is not key=value"))?;
+        out.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(out)
+}
+
+/// Checks the egress ranges at start, so a typo fails loudly instead of
+/// producing NetworkPolicies the API server refuses.
+fn egress_config(
+    cidrs: &[String],
+    except: &[String],
+) -> anyhow::Result<caravan_operator::config::EgressConfig> {
+    let clean = |v: &[String], what: &str| -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for c in v.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+            if !caravan_operator::children::cidr_strictly_contains("0.0.0.0/0", c)
+                && !caravan_operator::children::cidr_strictly_contains("::/0", c)
+                && c != "0.0.0.0/0"
+                && c != "::/0"
+            {
+                bail!("{what} entry {c:?} is not a CIDR");
+            }
+            out.push(c.to_string());
+        }
+        Ok(out)
+    };
+    Ok(caravan_operator::config::EgressConfig {
+        cidrs: clean(cidrs, "--agent-egress-cidrs")?,
+        except: clean(except, "--agent-egress-except")?,
+    })
 }

@@ -78,6 +78,88 @@ fn looks_secret(key: &str) -> bool {
     SECRET_WORDS.iter().any(|w| key.contains(w))
 }
 
+/// Storage options through which an agent would act with the node's cloud
+/// identity rather than the tenant's own credentials: assumed roles, shared
+/// profiles, the instance-metadata service. Refused in the spec and in the
+/// credentials Secret unless the provider allows node credentials.
+pub fn node_credential_options(scheme: &str) -> &'static [&'static str] {
+    match scheme {
+        "s3" => &[
+            "role_arn",
+            "external_id",
+            "role_session_name",
+            "assume_role_duration_seconds",
+            "assume_role_session_tags",
+            "profile",
+            "disable_ec2_metadata",
+            "disable_config_load",
+        ],
+        "gcs" => &[
+            "service_account",
+            "credential_path",
+            "disable_vm_metadata",
+            "disable_config_load",
+        ],
+        _ => &[],
+    }
+}
+
+/// Options the operator pins so the credential chain never falls back to
+/// the instance-metadata service, the pod's environment or files on disk
+/// (OpenDAL 0.59 option names).
+pub fn pinned_options(scheme: &str) -> &'static [(&'static str, &'static str)] {
+    match scheme {
+        "s3" => &[
+            ("disable_config_load", "true"),
+            ("disable_ec2_metadata", "true"),
+        ],
+        "gcs" => &[
+            ("disable_config_load", "true"),
+            ("disable_vm_metadata", "true"),
+        ],
+        _ => &[],
+    }
+}
+
+/// Refuses options (spec or Secret keys) that reach the node's credentials.
+/// Azure Blob has no switch for its metadata fallback in OpenDAL 0.59, so
+/// there the Secret must hold the tenant's own `account_key` or `sas_token`
+/// (static credentials come first in its chain; then it never asks the node).
+pub fn check_node_credentials<'a>(
+    scheme: &str,
+    keys: impl IntoIterator<Item = &'a String>,
+    where_: &str,
+    cfg: &OperatorConfig,
+) -> Result<(), InputError> {
+    if cfg.allow_node_credentials {
+        return Ok(());
+    }
+    let refused = node_credential_options(scheme);
+    let mut seen = BTreeSet::new();
+    for k in keys {
+        if refused.contains(&k.as_str()) {
+            return Err(InputError::InvalidOptions(format!(
+                "{where_} sets {k:?}, which would let the agent use the node's cloud identity \
+                 (instance metadata, assumed roles or profiles); give the tenant's own \
+                 credentials in the Secret instead (the provider can allow node credentials \
+                 with the chart value agent.allowNodeCredentials)"
+            )));
+        }
+        seen.insert(k.as_str());
+    }
+    if scheme == "azblob"
+        && where_.starts_with("Secret")
+        && !seen.contains("account_key")
+        && !seen.contains("sas_token")
+    {
+        return Err(InputError::InvalidOptions(format!(
+            "{where_} holds neither account_key nor sas_token: without them the azblob \
+             client would fall back to the node's managed identity"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks the Agent's name, spec and the options, and renders the agent
 /// config from them. `secret_ref` is the mounted credentials directory (or
 /// `None` when the Agent has no Secret).
@@ -133,6 +215,24 @@ pub fn agent_config(
             )));
         }
         options.insert(k.clone(), v.clone());
+    }
+    check_node_credentials(
+        &storage.scheme,
+        storage.options.keys(),
+        "spec.storage.options",
+        cfg,
+    )?;
+    if storage.scheme == "azblob" && !cfg.allow_node_credentials && storage.secret_ref.is_none() {
+        return Err(InputError::InvalidOptions(
+            "scheme azblob needs spec.storage.secretRef with account_key or sas_token: \
+             without them the client would fall back to the node's managed identity"
+                .into(),
+        ));
+    }
+    if !cfg.allow_node_credentials {
+        for (k, v) in pinned_options(&storage.scheme) {
+            options.insert(k.to_string(), v.to_string());
+        }
     }
     if storage.scheme == "fs" {
         let root = options
@@ -456,5 +556,54 @@ mod tests {
                 .reason(),
             "InvalidOptions"
         );
+    }
+
+    #[test]
+    fn node_credentials_are_refused_and_metadata_switched_off() {
+        let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        let mut a = s3_agent("bob", "t");
+        let c = agent_config("bob", "t", &a.spec, &cfg()).unwrap();
+        assert_eq!(c.storage.options["disable_ec2_metadata"], "true");
+        assert_eq!(c.storage.options["disable_config_load"], "true");
+        for k in ["role_arn", "profile", "disable_ec2_metadata", "external_id"] {
+            a.spec.storage.options.insert(k.into(), "x".into());
+            let e = agent_config("bob", "t", &a.spec, &cfg()).unwrap_err();
+            assert_eq!(e.reason(), "InvalidOptions");
+            assert!(e.to_string().contains("node's cloud identity"), "{e}");
+            a.spec.storage.options.remove(k);
+        }
+        // …in the Secret too.
+        let secret_keys = keys(&["access_key_id", "secret_access_key", "role_arn"]);
+        let e = check_node_credentials("s3", &secret_keys, "Secret s", &cfg()).unwrap_err();
+        assert!(e.to_string().contains("role_arn"));
+        // gcs: the VM metadata chain is pinned off, service_account refused.
+        a.spec.storage.scheme = "gcs".into();
+        let c = agent_config("bob", "t", &a.spec, &cfg()).unwrap();
+        assert_eq!(c.storage.options["disable_vm_metadata"], "true");
+        a.spec
+            .storage
+            .options
+            .insert("service_account".into(), "x".into());
+        assert!(agent_config("bob", "t", &a.spec, &cfg()).is_err());
+        a.spec.storage.options.remove("service_account");
+        // azblob: the Secret must hold the tenant's own key or SAS token.
+        assert!(
+            check_node_credentials("azblob", &keys(&["account_name"]), "Secret s", &cfg()).is_err()
+        );
+        assert!(
+            check_node_credentials("azblob", &keys(&["sas_token"]), "Secret s", &cfg()).is_ok()
+        );
+        // A provider that allows node credentials gets neither refusal nor pins.
+        let allow = OperatorConfig {
+            allow_node_credentials: true,
+            ..cfg()
+        };
+        a.spec.storage.scheme = "s3".into();
+        a.spec
+            .storage
+            .options
+            .insert("role_arn".into(), "arn:x".into());
+        let c = agent_config("bob", "t", &a.spec, &allow).unwrap();
+        assert!(!c.storage.options.contains_key("disable_ec2_metadata"));
     }
 }

@@ -187,6 +187,26 @@ done
 check "bad Agents made no Deployment" bash -c "[[ \$(kubectl -n $BAD_NS get deploy --no-headers 2>/dev/null | wc -l) == 0 ]]"
 check "the secret option never reached an Event or a status" \
   bash -c "! { kubectl -n $BAD_NS get events.events.k8s.io -o yaml; kubectl -n $BAD_NS get agents -o jsonpath='{.items[*].status}'; } | grep -q oops-in-the-spec"
+# Issue 10: a tenant cannot reach the node's cloud identity.
+kc -n "$BAD_NS" apply -f - >/dev/null <<'YAML'
+apiVersion: caravan.dev/v1alpha1
+kind: Agent
+metadata: {name: node-role}
+spec:
+  storage: {scheme: s3, options: {bucket: b, region: us-east-1, role_arn: "arn:aws:iam::1:role/node"}}
+YAML
+check "role_arn (node credentials) → Degraded/InvalidOptions" wait_for 60 "node-role InvalidOptions" agent_reason "$BAD_NS" node-role InvalidOptions
+kc -n "$BAD_NS" delete agent node-role --wait=false >/dev/null
+check "agent pods' egress excludes the metadata service, admin ports only from operator pods" \
+  python3 - "$(kubectl -n tenant-alice get networkpolicy -l caravan.dev/agent=alice -o json)" <<'PY'
+import json, sys
+np = json.loads(sys.argv[1])["items"][0]["spec"]
+assert "Egress" in np["policyTypes"], np["policyTypes"]
+blocks = [p["ipBlock"] for r in np["egress"] for p in r.get("to", []) if "ipBlock" in p]
+assert blocks and all("169.254.0.0/16" in b.get("except", []) for b in blocks if b["cidr"] == "0.0.0.0/0"), blocks
+admin = np["ingress"][1]["from"][0]
+assert admin["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == "caravan-operator", admin
+PY
 log "fixing the inputs: the Agents must heal"
 kc -n "$BAD_NS" create secret generic not-there-yet --from-literal=atomic_write_dir=/data/.tmp >/dev/null
 kc -n "$BAD_NS" patch agent unknown-scheme --type merge -p '{"spec":{"storage":{"scheme":"fs"}}}' >/dev/null

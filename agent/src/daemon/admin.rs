@@ -137,6 +137,10 @@ pub fn admin_router_with(
         .route(api::TRUST_WHY, get(api_trust_why))
         .route(api::SHARE_PEERS, get(api_share_peers))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
         .with_state(state)
 }
 
@@ -206,6 +210,19 @@ async fn api_grant_delete(
 ) -> std::result::Result<Json<api::RevocationStatus>, ApiFailure> {
     check_token(&s, &h)?;
     Ok(Json(declared(&s)?.delete_grant(&key).await?))
+}
+
+/// Checks the bearer token before the request reaches its handler, so no
+/// body is read or parsed for a caller without it.
+async fn require_token(
+    State(s): State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match check_token(&s, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn api_status(

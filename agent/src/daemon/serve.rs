@@ -46,6 +46,24 @@ pub fn metrics_router(agent: Arc<Agent>, ready: Arc<AtomicBool>) -> Router {
 
 /// Reads the secret key file, refusing files others can read.
 pub fn read_identity(path: &std::path::Path) -> Result<SecretKey> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)
+            .map_err(|e| Error::Config(format!("identity file {}: {e}", path.display())))?;
+        let mode = m.mode() & 0o777;
+        // Group bits are fine only for the agent's own group (a Kubernetes
+        // Secret volume with fsGroup mounts the key 0440).
+        let own_group = m.gid() == rustix::process::getegid().as_raw();
+        if mode & 0o007 != 0 || (mode & 0o070 != 0 && !own_group) {
+            return Err(Error::Config(format!(
+                "identity file {} is readable by others (mode {mode:o}); \
+                 restrict it with `chmod 600 {}`",
+                path.display(),
+                path.display()
+            )));
+        }
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::Config(format!("identity file {}: {e}", path.display())))?;
     SecretKey::from_text(&text)

@@ -19,12 +19,13 @@ use crate::node::trust::AgentTrust;
 use crate::record::SignedRecord;
 use crate::wire::server::Service;
 
-/// Grant records a peer presented (each an encoded signed record).
-type Proof = Vec<Vec<u8>>;
+/// Grant records a peer presented, verified once when presented.
+type Proof = Arc<Vec<SignedRecord>>;
 
-/// (share, peer) proofs remembered at most; past it the memory is cleared
-/// and peers simply ask for the key again.
-const MAX_REMEMBERED_PROOFS: usize = 10_000;
+/// (share, peer) proofs remembered at most (each at most
+/// [`crate::wire::MAX_PROOF_BYTES`], so about 32 MiB in all); past it the
+/// memory is cleared and peers simply present their proof again.
+pub const MAX_REMEMBERED_PROOFS: usize = 1024;
 
 /// Settings of an agent that are not its key or storage.
 #[derive(Debug, Clone, Default)]
@@ -202,7 +203,7 @@ impl Agent {
 
     /// May `peer` have anything of this share? The answer for a stranger is
     /// indistinguishable from "no such share".
-    pub fn authorized(&self, s: &HeldShare, peer: &AgentId, proof: &[Vec<u8>]) -> bool {
+    pub fn authorized(&self, s: &HeldShare, peer: &AgentId, proof: &[SignedRecord]) -> bool {
         if *peer == s.publisher || *peer == self.id || s.manifest.access.names(peer) {
             return true;
         }
@@ -215,21 +216,30 @@ impl Agent {
         false
     }
 
+    /// The one answer to a peer that may not know a share exists: counted
+    /// under one label and logged at debug, whether the share exists or not.
+    fn refused(&self, peer: &AgentId) -> Error {
+        self.metrics.error("refused");
+        tracing::debug!(peer = %peer.short(), "refused a request (unknown share or not authorized)");
+        Error::NotFound("unknown share".into())
+    }
+
     fn authorized_share(&self, peer: &AgentId, id: &ShareId) -> Result<Arc<HeldShare>> {
-        let unknown = || Error::NotFound("unknown share".into());
-        let s = self.share(id).ok_or_else(unknown)?;
+        let Some(s) = self.share(id) else {
+            return Err(self.refused(peer));
+        };
         let proof = self
             .presented
             .lock()
             .ok()
             .and_then(|m| m.get(&(*id, *peer)).cloned())
             .unwrap_or_default();
-        if self.authorized(&s, peer, &proof) {
+        let proof: &[SignedRecord] = &proof;
+        if self.authorized(&s, peer, proof) {
             Ok(s)
         } else {
-            self.metrics.error("unauthorized");
-            tracing::info!(peer = %peer.short(), share = %id, "refused a peer not authorized for the share");
-            Err(unknown())
+            // Counted and logged exactly like an unknown share: no oracle.
+            Err(self.refused(peer))
         }
     }
 }
@@ -240,6 +250,7 @@ impl Service for Agent {
     }
 
     async fn chunk(&self, peer: AgentId, share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
+        let corrupt = self.opts.corrupt_chunks;
         let s = self.authorized_share(&peer, &share)?;
         let loc = s
             .locate(&id)
@@ -255,14 +266,29 @@ impl Service for Agent {
         for part in buf {
             plain.extend_from_slice(&part);
         }
-        let mut ct = tokio::task::spawn_blocking(move || chunk::encrypt(&loc.chunk, plain))
-            .await
-            .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))??;
-        if self.opts.corrupt_chunks
-            && let Some(b) = ct.first_mut()
-        {
-            *b ^= 0xff;
-        }
+        // Verify on serve: the bytes go out only if they hash to the id
+        // asked for. A file edited since publishing (or a fetched path that
+        // now holds other data) is never sealed under a chunk key that past
+        // recipients know.
+        let ct = tokio::task::spawn_blocking(move || {
+            let mut ct = chunk::encrypt(&loc.chunk, plain)?;
+            if blake3::hash(&ct).as_bytes() != &id.0 {
+                return Err(Error::NotFound(format!(
+                    "chunk {id}: {} changed since it was published",
+                    loc.path
+                )));
+            }
+            if corrupt && let Some(b) = ct.first_mut() {
+                *b ^= 0xff;
+            }
+            Ok(ct)
+        })
+        .await
+        .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))?
+        .inspect_err(|e| {
+            self.metrics.error("stale_chunk");
+            tracing::warn!(error = %e, "not serving a chunk whose source changed");
+        })?;
         self.metrics.chunks_sent.inc();
         self.metrics.bytes_sent.inc_by(ct.len() as u64);
         Ok(ct)
@@ -270,11 +296,18 @@ impl Service for Agent {
 
     async fn key(&self, peer: AgentId, share: ShareId, proof: Vec<Vec<u8>>) -> Result<Vec<u8>> {
         let unknown = || Error::NotFound("unknown share".into());
-        let s = self.share(&share).ok_or_else(unknown)?;
+        // The proof (already bounded in size and count by the wire layer) is
+        // verified before the share is looked up: the same work whether the
+        // share exists or not.
+        let proof: Vec<SignedRecord> = proof
+            .iter()
+            .filter_map(|b| SignedRecord::from_bytes(b).ok())
+            .collect();
+        let Some(s) = self.share(&share) else {
+            return Err(self.refused(&peer));
+        };
         if !self.authorized(&s, &peer, &proof) {
-            self.metrics.error("key_refused");
-            tracing::info!(peer = %peer.short(), share = %share, "refused a key to a peer without a valid chain");
-            return Err(unknown());
+            return Err(self.refused(&peer));
         }
         if !proof.is_empty()
             && let Ok(mut m) = self.presented.lock()
@@ -282,7 +315,7 @@ impl Service for Agent {
             if m.len() >= MAX_REMEMBERED_PROOFS {
                 m.clear();
             }
-            m.insert((share, peer), proof);
+            m.insert((share, peer), Arc::new(proof));
         }
         if s.role != Role::Published {
             return Err(unknown());

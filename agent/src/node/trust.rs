@@ -31,6 +31,11 @@ use crate::util::{unix_millis, unix_now};
 /// Hops searched when an agent looks for its own chain to a publisher (the
 /// publisher then applies the share's real depth).
 pub const SEARCH_HOPS: u8 = 8;
+/// Most agents one trust search visits.
+pub const SEARCH_AGENTS: usize = 256;
+/// Revocations of grants this agent does not know, kept in memory at most
+/// (they are not persisted: only revocations of known grants are).
+pub const MAX_UNKNOWN_REVOCATIONS: usize = 100_000;
 /// Default validity of a grant issued without `expires_secs` (one year).
 pub const DEFAULT_GRANT_SECS: u64 = 365 * 24 * 3600;
 /// Lifetime of an announcement; it is renewed at half of it.
@@ -196,6 +201,14 @@ impl AgentTrust {
         match rec.kind {
             Kind::TrustGrant => e.add_grant_record(rec).unwrap_or(false),
             Kind::Revocation => {
+                if e.revocations().len() >= MAX_UNKNOWN_REVOCATIONS
+                    && Revocation::from_record(rec).is_ok_and(|r| e.grant(&r.grant_id).is_none())
+                {
+                    tracing::debug!(
+                        "dropping a revocation of an unknown grant: memory bound reached"
+                    );
+                    return false;
+                }
                 let new = e.add_revocation_record(rec).unwrap_or(false);
                 if new {
                     self.last_revocation.store(unix_now(), Ordering::Relaxed);
@@ -223,7 +236,21 @@ impl AgentTrust {
     /// Absorbs and persists a record learned from elsewhere.
     async fn learn(&self, rec: &SignedRecord) -> bool {
         let new = self.absorb(rec);
-        if new && let Err(e) = self.persist(rec).await {
+        // A revocation is stored only when it revokes a grant this agent
+        // knows: nobody can make the agent's storage grow with revocations
+        // of grants that never existed.
+        let keep = match rec.kind {
+            Kind::Revocation => Revocation::from_record(rec).is_ok_and(|r| {
+                self.engine
+                    .read()
+                    .is_ok_and(|e| e.grant(&r.grant_id).is_some())
+            }),
+            _ => true,
+        };
+        if new
+            && keep
+            && let Err(e) = self.persist(rec).await
+        {
             tracing::warn!(error = %e, "could not persist a trust record");
         }
         new
@@ -311,10 +338,21 @@ impl AgentTrust {
             self.absorb(&rec);
             self.last_revocation.store(unix_now(), Ordering::Relaxed);
             self.persist(&rec).await?;
-            if let Some(r) = &self.repos
-                && let Err(e) = r.publish(&rec).await
-            {
-                tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+            if let Some(r) = &self.repos {
+                // Repositories take revocations only of grants they hold:
+                // (re)publish the grant first, in case it never reached them
+                // (a repository that has it answers that it is not newer).
+                let grant = self
+                    .engine
+                    .read()
+                    .ok()
+                    .and_then(|e| e.grant(&grant_id).and_then(|(_, rec)| rec.cloned()));
+                if let Some(g) = grant {
+                    let _ = r.publish(&g).await;
+                }
+                if let Err(e) = r.publish(&rec).await {
+                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+                }
             }
             out.push(grant_id.to_hex());
         }
@@ -404,7 +442,7 @@ impl AgentTrust {
     /// grants the repositories hold on paths to `who` first.
     pub async fn why(&self, who: &AgentId) -> WhyAnswer {
         // Revocations come from the background sync; only grants are looked up here.
-        self.collect_chain_to(who).await;
+        self.collect_chain(&self.me, who).await;
         let now = unix_now();
         let Ok(e) = self.engine.read() else {
             return WhyAnswer {
@@ -475,24 +513,33 @@ impl AgentTrust {
     /// Learns from the repositories every grant on a path to `who` (for
     /// rendering a fuller tree, or before answering "why").
     pub async fn learn_about(&self, who: &AgentId) {
-        self.collect_chain_to(who).await;
+        self.collect_chain(&self.me, who).await;
     }
 
-    async fn collect_chain_to(&self, target: &AgentId) {
+    /// Walks grants *forward* from `root` (grants by issuer) through the
+    /// repositories, up to [`SEARCH_HOPS`] levels and [`SEARCH_AGENTS`]
+    /// agents, then learns only the grants on a path from `root` to
+    /// `target`. Only agents already reachable from `root` are asked about,
+    /// so grants by strangers (sybil keys naming `target`, which anybody can
+    /// write) can neither hide an honest chain nor fill this agent's storage.
+    async fn collect_chain(&self, root: &AgentId, target: &AgentId) {
         let Some(r) = &self.repos else { return };
-        let mut frontier = vec![*target];
-        let mut seen: HashSet<AgentId> = HashSet::new();
-        seen.insert(*target);
+        let mut frontier = vec![*root];
+        let mut seen: HashSet<AgentId> = HashSet::from([*root]);
+        let mut edges: Vec<(TrustGrant, SignedRecord)> = Vec::new();
         for _ in 0..SEARCH_HOPS {
             let mut next = Vec::new();
             for who in frontier {
-                match r.grants_by_subject(&who).await {
+                match r.grants_by_issuer(&who).await {
                     Ok(gs) => {
                         for (g, rec) in gs {
-                            self.learn(&rec).await;
-                            if seen.len() < 256 && seen.insert(g.issuer) {
-                                next.push(g.issuer);
+                            if g.issuer != who {
+                                continue;
                             }
+                            if seen.len() < SEARCH_AGENTS && seen.insert(g.subject) {
+                                next.push(g.subject);
+                            }
+                            edges.push((g, rec));
                         }
                     }
                     Err(e) => tracing::debug!(error = %e, "grant look-up failed"),
@@ -503,6 +550,24 @@ impl AgentTrust {
             }
             frontier = next;
         }
+        // Agents from which `target` is reachable over the edges found.
+        let mut reaches: HashSet<AgentId> = HashSet::from([*target]);
+        loop {
+            let before = reaches.len();
+            for (g, _) in &edges {
+                if reaches.contains(&g.subject) {
+                    reaches.insert(g.issuer);
+                }
+            }
+            if reaches.len() == before {
+                break;
+            }
+        }
+        for (g, rec) in &edges {
+            if reaches.contains(&g.subject) && reaches.contains(&g.issuer) {
+                self.learn(rec).await;
+            }
+        }
     }
 
     /// The grant records to present to `publisher`: every known grant on a
@@ -510,7 +575,7 @@ impl AgentTrust {
     /// the publisher finds another path when one hop was revoked). Empty
     /// when there is none.
     pub async fn proof_for(&self, publisher: &AgentId) -> Vec<Vec<u8>> {
-        self.collect_chain_to(&self.me).await;
+        self.collect_chain(publisher, &self.me).await;
         let now = unix_now();
         let Ok(e) = self.engine.read() else {
             return Vec::new();
@@ -636,18 +701,36 @@ impl AgentTrust {
 }
 
 impl AgentTrust {
+    /// Addresses `who` announced itself, looked up by its id (which no other
+    /// key can crowd out, unlike a share's list of holders).
+    pub async fn addresses_of(&self, who: &AgentId) -> Vec<String> {
+        let Some(r) = &self.repos else {
+            return Vec::new();
+        };
+        match r.announcement(who).await {
+            Ok(Some((a, _))) => a.addresses,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::debug!(error = %e, "announcement look-up failed");
+                Vec::new()
+            }
+        }
+    }
+
     /// Does `root` trust `who` within `max_hops`, given the proof records
     /// `who` presented (each an encoded signed record)? True when a valid,
     /// unrevoked chain exists.
-    pub fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool {
-        let presented: Vec<SignedRecord> = proof
-            .iter()
-            .filter_map(|b| SignedRecord::from_bytes(b).ok())
-            .collect();
+    pub fn trusts(
+        &self,
+        root: &AgentId,
+        who: &AgentId,
+        max_hops: u8,
+        presented: &[SignedRecord],
+    ) -> bool {
         self.engine
             .read()
             .map(|e| {
-                e.authorize(root, who, max_hops, None, &presented, unix_now())
+                e.authorize(root, who, max_hops, None, presented, unix_now())
                     .is_ok()
             })
             .unwrap_or(false)

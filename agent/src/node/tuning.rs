@@ -35,6 +35,16 @@ pub fn trust_sync_interval() -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
+/// Largest share a fetch accepts, in bytes (`CARAVAN_MAX_SHARE_BYTES`,
+/// default 4 TiB); on a local filesystem the free space bounds it too.
+pub fn max_share_bytes() -> u64 {
+    std::env::var("CARAVAN_MAX_SHARE_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(4 << 40)
+}
+
 /// Reads a positive integer knob from the environment.
 fn positive(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -67,6 +67,10 @@ pub enum Reason {
     Revoked,
     /// No valid chain of grants leads from the root to the target.
     Untrusted,
+    /// A revocation names a grant that is not stored here.
+    UnknownGrant,
+    /// The issuer already has as many records here as allowed.
+    TooMany,
 }
 
 impl Reason {
@@ -83,6 +87,8 @@ impl Reason {
             Reason::Stale => "stale",
             Reason::Revoked => "revoked",
             Reason::Untrusted => "untrusted",
+            Reason::UnknownGrant => "unknown_grant",
+            Reason::TooMany => "too_many",
         }
     }
 }

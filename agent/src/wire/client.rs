@@ -11,13 +11,17 @@ use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Frame, FrameType, MAX_RESPONSE, read_frame, tls, write_frame};
+use super::{
+    Frame, FrameType, MAX_MESSAGE, read_body, read_header, response_limit, tls, write_frame,
+};
 use crate::chunk::ChunkId;
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey};
 use crate::manifest::ShareId;
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Vec<u8>>>>>>;
+/// Waiting requests: the answer's destination and the largest `Ok` payload
+/// the request type may receive.
+type Pending = Arc<Mutex<HashMap<u32, (oneshot::Sender<Result<Vec<u8>>>, usize)>>>;
 
 /// A live, authenticated connection to a peer.
 pub struct PeerConn {
@@ -86,7 +90,7 @@ impl PeerConn {
                 for (f, reply) in batch {
                     match p.lock() {
                         Ok(mut m) => {
-                            m.insert(f.id, reply);
+                            m.insert(f.id, (reply, response_limit(f.typ)));
                         }
                         Err(_) => break 'outer,
                     }
@@ -110,36 +114,53 @@ impl PeerConn {
         let c = closed.clone();
         tokio::spawn(async move {
             let why = loop {
-                match read_frame(&mut rd, MAX_RESPONSE).await {
-                    Ok(Some(f)) => {
-                        let waiter = match p.lock() {
-                            Ok(mut m) => m.remove(&f.id),
-                            Err(_) => break "state poisoned".to_string(),
-                        };
-                        if let Some(w) = waiter {
-                            let r = match f.typ {
-                                FrameType::Ok => Ok(f.payload),
-                                FrameType::NotFound => {
-                                    Err(Error::NotFound(String::from_utf8_lossy(&f.payload).into()))
-                                }
-                                FrameType::Failed => Err(Error::Protocol(format!(
-                                    "peer refused: {}",
-                                    String::from_utf8_lossy(&f.payload)
-                                ))),
-                                other => {
-                                    Err(Error::Protocol(format!("unexpected {other:?} frame")))
-                                }
-                            };
-                            let _ = w.send(r);
-                        }
-                    }
+                let h = match read_header(&mut rd).await {
+                    Ok(Some(h)) => h,
                     Ok(None) => break "peer closed the connection".to_string(),
                     Err(e) => break e.to_string(),
+                };
+                // Each answer is capped by what its request may receive,
+                // before any of it is read.
+                let max = match h.typ {
+                    FrameType::Ok => p
+                        .lock()
+                        .ok()
+                        .and_then(|m| m.get(&h.id).map(|(_, max)| *max))
+                        .unwrap_or(0),
+                    _ => MAX_MESSAGE,
+                };
+                if h.len > max {
+                    break format!(
+                        "{:?} answer of {} bytes exceeds the {max} byte limit for its request",
+                        h.typ, h.len
+                    );
+                }
+                let payload = match read_body(&mut rd, h.len).await {
+                    Ok(b) => b,
+                    Err(e) => break e.to_string(),
+                };
+                let waiter = match p.lock() {
+                    Ok(mut m) => m.remove(&h.id),
+                    Err(_) => break "state poisoned".to_string(),
+                };
+                if let Some((w, _)) = waiter {
+                    let r = match h.typ {
+                        FrameType::Ok => Ok(payload),
+                        FrameType::NotFound => {
+                            Err(Error::NotFound(String::from_utf8_lossy(&payload).into()))
+                        }
+                        FrameType::Failed => Err(Error::Protocol(format!(
+                            "peer refused: {}",
+                            String::from_utf8_lossy(&payload)
+                        ))),
+                        other => Err(Error::Protocol(format!("unexpected {other:?} frame"))),
+                    };
+                    let _ = w.send(r);
                 }
             };
             c.store(true, Ordering::SeqCst);
             if let Ok(mut m) = p.lock() {
-                for (_, w) in m.drain() {
+                for (_, (w, _)) in m.drain() {
                     let _ = w.send(Err(Error::Protocol(why.clone())));
                 }
             }

@@ -10,15 +10,129 @@ pub mod tls;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::chunk::ChunkId;
 use crate::error::{Context, Error, Result};
+use crate::manifest::ShareId;
 
 /// ALPN protocol id; a peer speaking anything else is refused at handshake.
 pub const ALPN: &[u8] = b"caravan/1";
 
-/// Largest request payload a server reads.
-pub const MAX_REQUEST: usize = 1 << 20;
-/// Largest response payload a client reads (a big manifest).
+/// Largest request payload a server reads (any type; see [`request_limit`]).
+pub const MAX_REQUEST: usize = 32 + MAX_PROOF_BYTES;
+/// Largest response payload a client reads (a big manifest); each request
+/// type has its own, smaller limit (see [`response_limit`]).
 pub const MAX_RESPONSE: usize = 256 << 20;
+/// Largest encoded proof (list of grant records) a `GetKey` may carry.
+pub const MAX_PROOF_BYTES: usize = 32 << 10;
+/// Most grant records in one proof.
+pub const MAX_PROOF_RECORDS: usize = 64;
+/// Largest single grant record in a proof.
+pub const MAX_PROOF_RECORD_BYTES: usize = 2 << 10;
+/// Largest `NotFound`/`Failed` message, and a key-release record.
+pub const MAX_MESSAGE: usize = 4 << 10;
+/// Largest manifest record a client reads: the record limit plus envelope.
+pub const MAX_MANIFEST_RESPONSE: usize = (256 << 20) + 256;
+
+/// Exact or largest payload of each request type, checked on the header
+/// before any of the body is read.
+pub fn request_limit(typ: FrameType) -> Option<usize> {
+    match typ {
+        FrameType::GetManifest => Some(40),
+        FrameType::GetChunk => Some(64),
+        FrameType::GetKey => Some(32 + MAX_PROOF_BYTES),
+        FrameType::Ping => Some(0),
+        _ => None,
+    }
+}
+
+/// Largest `Ok` payload answering a request of type `typ`.
+pub fn response_limit(typ: FrameType) -> usize {
+    match typ {
+        FrameType::GetManifest => MAX_MANIFEST_RESPONSE,
+        FrameType::GetChunk => crate::chunk::MAX_CIPHERTEXT,
+        FrameType::GetKey => MAX_MESSAGE,
+        _ => 0,
+    }
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The newest manifest record of a share, given the version the caller has.
+    Manifest(ShareId, u64),
+    /// One chunk's ciphertext.
+    Chunk(ShareId, ChunkId),
+    /// The share key, with the caller's proof records.
+    Key(ShareId, Vec<Vec<u8>>),
+    /// Liveness.
+    Ping,
+}
+
+fn share_at(p: &[u8]) -> ShareId {
+    let mut s = [0u8; 32];
+    s.copy_from_slice(&p[..32]);
+    ShareId(s)
+}
+
+/// Parses a request frame (network input), checking its exact size and the
+/// proof bounds before anything else looks at it. Never panics.
+pub fn parse_request(typ: FrameType, p: &[u8]) -> Result<Request> {
+    let limit =
+        request_limit(typ).ok_or_else(|| Error::Protocol(format!("{typ:?} is not a request")))?;
+    if p.len() > limit {
+        return Err(Error::Protocol(format!(
+            "{typ:?} payload of {} bytes exceeds the {limit} byte limit",
+            p.len()
+        )));
+    }
+    match typ {
+        FrameType::Ping => Ok(Request::Ping),
+        FrameType::GetManifest if p.len() == 40 => {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&p[32..40]);
+            Ok(Request::Manifest(share_at(p), u64::from_be_bytes(v)))
+        }
+        FrameType::GetChunk if p.len() == 64 => {
+            let mut c = [0u8; 32];
+            c.copy_from_slice(&p[32..64]);
+            Ok(Request::Chunk(share_at(p), ChunkId(c)))
+        }
+        FrameType::GetKey if p.len() >= 32 => {
+            Ok(Request::Key(share_at(p), decode_proof(&p[32..])?))
+        }
+        other => Err(Error::Protocol(format!(
+            "{other:?} payload of {} bytes has the wrong size",
+            p.len()
+        ))),
+    }
+}
+
+/// Decodes a proof (postcard list of records), refusing more than
+/// [`MAX_PROOF_RECORDS`] records or a record over [`MAX_PROOF_RECORD_BYTES`]
+/// before any signature is checked.
+pub fn decode_proof(b: &[u8]) -> Result<Vec<Vec<u8>>> {
+    if b.len() > MAX_PROOF_BYTES {
+        return Err(Error::Protocol(format!(
+            "proof of {} bytes exceeds the {MAX_PROOF_BYTES} byte limit",
+            b.len()
+        )));
+    }
+    let proof: Vec<Vec<u8>> =
+        postcard::from_bytes(b).map_err(|e| Error::Protocol(format!("GetKey proof: {e}")))?;
+    if proof.len() > MAX_PROOF_RECORDS {
+        return Err(Error::Protocol(format!(
+            "proof of {} records exceeds the limit of {MAX_PROOF_RECORDS}",
+            proof.len()
+        )));
+    }
+    if let Some(r) = proof.iter().find(|r| r.len() > MAX_PROOF_RECORD_BYTES) {
+        return Err(Error::Protocol(format!(
+            "proof record of {} bytes exceeds the {MAX_PROOF_RECORD_BYTES} byte limit",
+            r.len()
+        )));
+    }
+    Ok(proof)
+}
 
 /// Request and response frame types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +155,8 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    fn from_u8(b: u8) -> Result<Self> {
+    /// The type with wire value `b`.
+    pub fn from_u8(b: u8) -> Result<Self> {
         Ok(match b {
             1 => FrameType::GetManifest,
             2 => FrameType::GetChunk,
@@ -66,22 +181,35 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
-/// Reads one frame, refusing payloads over `max`. `Ok(None)` on clean EOF.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>> {
+/// A frame header: type, request id, payload length.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    /// What it is.
+    pub typ: FrameType,
+    /// Matches a response to its request.
+    pub id: u32,
+    /// Payload length announced.
+    pub len: usize,
+}
+
+/// Reads one frame header. `Ok(None)` on clean EOF.
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Header>> {
     let mut hdr = [0u8; 9];
     match r.read_exact(&mut hdr).await {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e).context(|| "reading a frame header".into()),
     }
-    let typ = FrameType::from_u8(hdr[0])?;
-    let id = u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]);
-    let len = u32::from_be_bytes([hdr[5], hdr[6], hdr[7], hdr[8]]) as usize;
-    if len > max {
-        return Err(Error::Protocol(format!(
-            "frame of {len} bytes exceeds the {max} byte limit"
-        )));
-    }
+    Ok(Some(Header {
+        typ: FrameType::from_u8(hdr[0])?,
+        id: u32::from_be_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]),
+        len: u32::from_be_bytes([hdr[5], hdr[6], hdr[7], hdr[8]]) as usize,
+    }))
+}
+
+/// Reads the `len` byte payload of a frame whose header was read (the
+/// caller has checked `len` against its limit).
+pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> Result<Vec<u8>> {
     // Room for an AEAD tag: chunk payloads are decrypted in place.
     let mut payload = Vec::with_capacity(len + 16);
     let got = (&mut *r)
@@ -94,7 +222,26 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
             "connection closed inside a {len} byte frame"
         )));
     }
-    Ok(Some(Frame { typ, id, payload }))
+    Ok(payload)
+}
+
+/// Reads one frame, refusing payloads over `max`. `Ok(None)` on clean EOF.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>> {
+    let Some(h) = read_header(r).await? else {
+        return Ok(None);
+    };
+    if h.len > max {
+        return Err(Error::Protocol(format!(
+            "frame of {} bytes exceeds the {max} byte limit",
+            h.len
+        )));
+    }
+    let payload = read_body(r, h.len).await?;
+    Ok(Some(Frame {
+        typ: h.typ,
+        id: h.id,
+        payload,
+    }))
 }
 
 /// Writes one frame (not flushed).
@@ -128,6 +275,29 @@ mod tests {
                 let _ = read_frame(&mut r, 32).await;
             });
         }
+    }
+
+    proptest! {
+        #[test]
+        fn parse_request_never_panics(t in 0u8..6, b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(typ) = FrameType::from_u8(t) {
+                let _ = parse_request(typ, &b);
+            }
+        }
+    }
+
+    #[test]
+    fn proofs_are_bounded_before_use() {
+        let rec = vec![1u8; 100];
+        let ok: Vec<Vec<u8>> = vec![rec.clone(); MAX_PROOF_RECORDS];
+        assert!(decode_proof(&postcard::to_stdvec(&ok).unwrap()).is_ok());
+        let many: Vec<Vec<u8>> = vec![rec; MAX_PROOF_RECORDS + 1];
+        let e = decode_proof(&postcard::to_stdvec(&many).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("limit"), "{e}");
+        let big = vec![vec![0u8; MAX_PROOF_RECORD_BYTES + 1]];
+        assert!(decode_proof(&postcard::to_stdvec(&big).unwrap()).is_err());
+        assert!(parse_request(FrameType::GetChunk, &[0u8; 65]).is_err());
+        assert!(parse_request(FrameType::Ok, &[]).is_err());
     }
 
     #[tokio::test]

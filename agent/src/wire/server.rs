@@ -1,15 +1,21 @@
 //! Accepts peer connections and answers pipelined requests concurrently.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{Frame, FrameType, MAX_REQUEST, read_frame, tls, write_frame};
+use super::{
+    Frame, FrameType, Request, parse_request, read_body, read_header, request_limit, tls,
+    write_frame,
+};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
@@ -45,61 +51,139 @@ pub trait Service: Send + Sync + 'static {
     fn peer_connected(&self, _peer: AgentId, _connected: bool) {}
 }
 
-fn parse_ids(p: &[u8]) -> Result<(ShareId, [u8; 32])> {
-    if p.len() < 64 {
-        return Err(Error::Protocol("request payload too short".into()));
+/// Limits of a peer server; defaults, overridable by environment variables
+/// (named in each field) for tests and unusual deployments.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open connections in total, handshakes included (`CARAVAN_MAX_CONNS`).
+    pub max_conns: usize,
+    /// Open connections from one IP address (`CARAVAN_MAX_CONNS_PER_IP`).
+    pub max_conns_per_ip: usize,
+    /// Open connections of one agent id (`CARAVAN_MAX_CONNS_PER_PEER`).
+    pub max_conns_per_peer: usize,
+    /// TLS handshake deadline.
+    pub handshake: Duration,
+    /// A connection with no new request for this long is closed (`CARAVAN_PEER_IDLE_SECS`).
+    pub idle: Duration,
+    /// Deadline for the body of a frame whose header arrived (`CARAVAN_PEER_READ_SECS`).
+    pub read: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns: 1024,
+            max_conns_per_ip: 256,
+            max_conns_per_peer: 64,
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+            read: Duration::from_secs(30),
+        }
     }
-    let mut a = [0u8; 32];
-    let mut b = [0u8; 32];
-    a.copy_from_slice(&p[..32]);
-    b.copy_from_slice(&p[32..64]);
-    Ok((ShareId(a), b))
+}
+
+impl Limits {
+    /// The defaults, with any environment overrides applied.
+    pub fn from_env() -> Self {
+        let d = Limits::default();
+        let n = |k: &str, v: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|s| s.parse::<usize>().ok())
+                .filter(|x| *x > 0)
+                .unwrap_or(v)
+        };
+        let secs = |k: &str, v: Duration| {
+            std::env::var(k)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .filter(|x| *x > 0.0 && x.is_finite())
+                .map(Duration::from_secs_f64)
+                .unwrap_or(v)
+        };
+        Limits {
+            max_conns: n("CARAVAN_MAX_CONNS", d.max_conns),
+            max_conns_per_ip: n("CARAVAN_MAX_CONNS_PER_IP", d.max_conns_per_ip),
+            max_conns_per_peer: n("CARAVAN_MAX_CONNS_PER_PEER", d.max_conns_per_peer),
+            handshake: d.handshake,
+            idle: secs("CARAVAN_PEER_IDLE_SECS", d.idle),
+            read: secs("CARAVAN_PEER_READ_SECS", d.read),
+        }
+    }
+}
+
+/// Counts open connections per key; a slot is given back when dropped.
+struct Counter<K: std::hash::Hash + Eq + Copy> {
+    map: Mutex<HashMap<K, usize>>,
+    max: usize,
+}
+
+struct Slot<K: std::hash::Hash + Eq + Copy + Send + 'static>(Arc<Counter<K>>, K);
+
+impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Counter<K> {
+    fn new(max: usize) -> Arc<Self> {
+        Arc::new(Counter {
+            map: Mutex::new(HashMap::new()),
+            max,
+        })
+    }
+    fn take(self: &Arc<Self>, k: K) -> Option<Slot<K>> {
+        let mut m = self.map.lock().ok()?;
+        let n = m.entry(k).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(self.clone(), k))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Drop for Slot<K> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0.map.lock()
+            && let Some(n) = m.get_mut(&self.1)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
 }
 
 async fn handle<S: Service>(svc: &S, peer: AgentId, f: Frame) -> Result<Vec<u8>> {
-    match f.typ {
-        FrameType::Ping => Ok(Vec::new()),
-        FrameType::GetManifest => {
-            if f.payload.len() != 40 {
-                return Err(Error::Protocol(
-                    "GetManifest payload must be 40 bytes".into(),
-                ));
-            }
-            let mut s = [0u8; 32];
-            s.copy_from_slice(&f.payload[..32]);
-            let mut v = [0u8; 8];
-            v.copy_from_slice(&f.payload[32..]);
-            svc.manifest(peer, ShareId(s), u64::from_be_bytes(v)).await
-        }
-        FrameType::GetChunk => {
-            if f.payload.len() != 64 {
-                return Err(Error::Protocol("GetChunk payload must be 64 bytes".into()));
-            }
-            let (s, c) = parse_ids(&f.payload)?;
-            svc.chunk(peer, s, ChunkId(c)).await
-        }
-        FrameType::GetKey => {
-            if f.payload.len() < 32 {
-                return Err(Error::Protocol("GetKey payload too short".into()));
-            }
-            let mut s = [0u8; 32];
-            s.copy_from_slice(&f.payload[..32]);
-            let proof: Vec<Vec<u8>> = postcard::from_bytes(&f.payload[32..])
-                .map_err(|e| Error::Protocol(format!("GetKey proof: {e}")))?;
-            svc.key(peer, ShareId(s), proof).await
-        }
-        other => Err(Error::Protocol(format!("{other:?} is not a request"))),
+    match parse_request(f.typ, &f.payload)? {
+        Request::Ping => Ok(Vec::new()),
+        Request::Manifest(s, have) => svc.manifest(peer, s, have).await,
+        Request::Chunk(s, c) => svc.chunk(peer, s, c).await,
+        Request::Key(s, proof) => svc.key(peer, s, proof).await,
     }
 }
 
-/// Serves peers on `listener` until `shutdown` is cancelled.
+/// Serves peers on `listener` until `shutdown` is cancelled, with the
+/// limits from the environment (see [`Limits::from_env`]).
 pub async fn serve<S: Service>(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     svc: Arc<S>,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, tls, svc, shutdown, Limits::from_env()).await
+}
+
+/// Serves peers on `listener` until `shutdown` is cancelled.
+pub async fn serve_with<S: Service>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    svc: Arc<S>,
+    shutdown: CancellationToken,
+    limits: Limits,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let total = Arc::new(Semaphore::new(limits.max_conns));
+    let per_ip: Arc<Counter<IpAddr>> = Counter::new(limits.max_conns_per_ip);
+    let per_peer: Arc<Counter<AgentId>> = Counter::new(limits.max_conns_per_peer);
+    let limits = Arc::new(limits);
     loop {
         let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -107,19 +191,29 @@ pub async fn serve<S: Service>(
                 Ok(x) => x,
                 Err(e) => {
                     warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
+        };
+        // Over a cap the socket is simply closed: no handshake, no work.
+        let Ok(conn_slot) = total.clone().try_acquire_owned() else {
+            debug!(%addr, "connection refused: total connection limit reached");
+            continue;
+        };
+        let Some(ip_slot) = per_ip.take(addr.ip()) else {
+            debug!(%addr, "connection refused: per-address limit reached");
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let svc = svc.clone();
         let shutdown = shutdown.clone();
+        let per_peer = per_peer.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
-            let accepted =
-                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
-                    .await;
+            let _slots = (conn_slot, ip_slot);
+            let accepted = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await;
             let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -146,9 +240,13 @@ pub async fn serve<S: Service>(
                 },
                 None => return,
             };
+            let Some(_peer_slot) = per_peer.take(peer) else {
+                debug!(%addr, peer = %peer.short(), "connection refused: per-peer limit reached");
+                return;
+            };
             svc.peer_connected(peer, true);
             debug!(%addr, peer = %peer.short(), "peer connected");
-            if let Err(e) = connection(stream, peer, svc.clone(), shutdown).await {
+            if let Err(e) = connection(stream, peer, svc.clone(), shutdown, &limits).await {
                 debug!(%addr, peer = %peer.short(), error = %e, "peer connection ended");
             }
             svc.peer_connected(peer, false);
@@ -161,6 +259,7 @@ async fn connection<S: Service>(
     peer: AgentId,
     svc: Arc<S>,
     shutdown: CancellationToken,
+    limits: &Limits,
 ) -> Result<()> {
     let (mut rd, wr) = tokio::io::split(stream);
     let (tx, mut rx) = mpsc::channel::<Frame>(PER_CONNECTION_CONCURRENCY);
@@ -179,13 +278,70 @@ async fn connection<S: Service>(
         Ok::<_, Error>(())
     });
     let limit = Arc::new(Semaphore::new(PER_CONNECTION_CONCURRENCY));
+    let mut ended = Ok(());
     loop {
-        let frame = tokio::select! {
+        let header = tokio::select! {
             _ = shutdown.cancelled() => break,
-            f = read_frame(&mut rd, MAX_REQUEST) => match f? {
-                Some(f) => f,
-                None => break,
+            h = tokio::time::timeout(limits.idle, read_header(&mut rd)) => match h {
+                Err(_) => {
+                    ended = Err(Error::Protocol("idle connection closed".into()));
+                    break;
+                }
+                Ok(Err(e)) => {
+                    ended = Err(e);
+                    break;
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(h))) => h,
             },
+        };
+        // The size is checked on the header, per request type, before any
+        // of the body is read; an oversize frame gets a refusal and the
+        // connection is closed.
+        let max = request_limit(header.typ);
+        if max.is_none_or(|m| header.len > m) {
+            let why = match max {
+                Some(m) => format!(
+                    "{:?} frame of {} bytes exceeds the {m} byte limit",
+                    header.typ, header.len
+                ),
+                None => format!("{:?} is not a request", header.typ),
+            };
+            let _ = tx
+                .send(Frame {
+                    typ: FrameType::Failed,
+                    id: header.id,
+                    payload: why.clone().into_bytes(),
+                })
+                .await;
+            // Linger briefly so the refusal is read before the socket closes.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::copy(&mut (&mut rd).take(4 << 20), &mut tokio::io::sink()),
+            )
+            .await;
+            ended = Err(Error::Protocol(why));
+            break;
+        }
+        let payload = match tokio::time::timeout(limits.read, read_body(&mut rd, header.len)).await
+        {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                ended = Err(e);
+                break;
+            }
+            Err(_) => {
+                ended = Err(Error::Protocol(format!(
+                    "a {} byte frame was not delivered within {:?}",
+                    header.len, limits.read
+                )));
+                break;
+            }
+        };
+        let frame = Frame {
+            typ: header.typ,
+            id: header.id,
+            payload,
         };
         let permit = limit
             .clone()
@@ -218,8 +374,9 @@ async fn connection<S: Service>(
         });
     }
     drop(tx);
-    match writer.await {
+    let written = match writer.await {
         Ok(r) => r,
         Err(e) => Err(Error::Protocol(format!("writer task: {e}"))),
-    }
+    };
+    ended.and(written)
 }

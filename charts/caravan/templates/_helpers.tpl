@@ -62,3 +62,12 @@ fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* Namespaces given Secret access by a Role (comma-separated); empty: cluster-wide. */}}
+{{- define "caravan.secretNamespaces" -}}
+{{- $ns := .Values.rbac.secretNamespaces | default list -}}
+{{- if and (not $ns) .Values.operator.watchNamespace -}}
+{{- $ns = list .Values.operator.watchNamespace -}}
+{{- end -}}
+{{- join "," $ns -}}
+{{- end -}}

@@ -74,6 +74,14 @@ impl Agent {
             if let Err(e) = agent.clone().run_fetch(req, p.clone()).await {
                 agent.metrics.error("fetch");
                 tracing::error!(share = %p.share_id, error = %e, "fetch failed");
+                // Refused for cause (hostile or forged data): forgotten, so
+                // a restart does not resume it and dial the attacker again.
+                if matches!(e, Error::Refused(_) | Error::Record(_) | Error::Crypto(_)) {
+                    let pending = agent.pending_path(&p.share_id);
+                    if let Err(err) = agent.op.delete(&pending).await {
+                        tracing::warn!(%pending, error = %err, "could not forget a refused fetch");
+                    }
+                }
                 p.set_state(FetchState::Failed, Some(e.to_string()));
             }
         });
@@ -163,6 +171,8 @@ impl Agent {
                 Ok(found) => addrs.extend(found.into_iter().flat_map(|(_, a)| a)),
                 Err(e) => tracing::warn!(error = %e, "no repository answered; using known peers"),
             }
+            // The publisher's own announcement, which no sybil can crowd out.
+            addrs.extend(web.addresses_of(&ticket.publisher).await);
         }
         addrs.sort();
         addrs.dedup();
@@ -174,23 +184,39 @@ impl Agent {
         let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
         let keyer = ChunkKeyer::new(&key);
         let seq = manifest.seq;
-        if let Some(held) = self.share(&ticket.share_id)
-            && held.role == Role::Fetched
-            && held.root == dest
-            && held.seq() >= seq
-        {
-            progress.seq.store(held.seq(), Ordering::Relaxed);
-            let total = held.manifest.total_bytes();
-            let chunks = held.manifest.total_chunks();
-            let files = held.manifest.files().count() as u64;
-            progress.bytes_total.store(total, Ordering::Relaxed);
-            progress.bytes_done.store(total, Ordering::Relaxed);
-            progress.chunks_total.store(chunks, Ordering::Relaxed);
-            progress.chunks_done.store(chunks, Ordering::Relaxed);
-            progress.files_total.store(files, Ordering::Relaxed);
-            progress.files_done.store(files, Ordering::Relaxed);
-            progress.set_state(FetchState::Done, None);
-            return Ok(());
+        // Versions only move forward: a replayed (older) or forked (same
+        // version, other bytes) manifest is refused before anything changes.
+        if let Some(held) = self.share(&ticket.share_id) {
+            if seq < held.seq() {
+                return Err(Error::Refused(format!(
+                    "version {seq} of share {} is older than version {} already held \
+                     (a replayed manifest); nothing was changed",
+                    ticket.share_id,
+                    held.seq()
+                )));
+            }
+            if seq == held.seq() && record != held.record {
+                return Err(Error::Refused(format!(
+                    "a forked manifest: version {seq} of share {} differs from the version {seq} \
+                     already held; nothing was changed",
+                    ticket.share_id
+                )));
+            }
+            // Already holding exactly this version here: nothing to fetch.
+            if held.role == Role::Fetched && held.root == dest && held.seq() >= seq {
+                progress.seq.store(held.seq(), Ordering::Relaxed);
+                let total = held.manifest.total_bytes();
+                let chunks = held.manifest.total_chunks();
+                let files = held.manifest.files().count() as u64;
+                progress.bytes_total.store(total, Ordering::Relaxed);
+                progress.bytes_done.store(total, Ordering::Relaxed);
+                progress.chunks_total.store(chunks, Ordering::Relaxed);
+                progress.chunks_done.store(chunks, Ordering::Relaxed);
+                progress.files_total.store(files, Ordering::Relaxed);
+                progress.files_done.store(files, Ordering::Relaxed);
+                progress.set_state(FetchState::Done, None);
+                return Ok(());
+            }
         }
         progress.seq.store(seq, Ordering::Relaxed);
         progress
@@ -208,6 +234,12 @@ impl Agent {
         let previous = self
             .share(&ticket.share_id)
             .filter(|s| s.role == Role::Fetched);
+        let already = previous
+            .as_ref()
+            .filter(|p| p.root == dest)
+            .map(|p| p.manifest.total_bytes())
+            .unwrap_or(0);
+        self.check_room(&ticket.share_id, &manifest, already)?;
         let mut local = LocalIndex::new();
         if let Some(prev) = &previous {
             for (path, _, chunks) in prev.manifest.files() {
@@ -260,6 +292,7 @@ impl Agent {
         // Files the previous version had and this one dropped go away too.
         if let Some(prev) = &previous
             && prev.root == dest
+            && prev.seq() < seq
         {
             let now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
             for (p, _, _) in prev.manifest.files() {
@@ -332,8 +365,37 @@ impl Agent {
         Ok((bytes, manifest, key))
     }
 
+    /// Refuses a share whose declared size is over the limit or, on a local
+    /// filesystem, over the free space (less what an earlier version at the
+    /// same destination holds), before anything is written.
+    fn check_room(&self, id: &ShareId, manifest: &Manifest, already: u64) -> Result<()> {
+        let declared = manifest.total_bytes();
+        let limit = tuning::max_share_bytes();
+        let over = if declared > limit {
+            Some(format!(
+                "the limit of {limit} bytes (CARAVAN_MAX_SHARE_BYTES)"
+            ))
+        } else {
+            self.opts
+                .fs_root
+                .as_ref()
+                .and_then(|root| rustix::fs::statvfs(root.as_path()).ok())
+                .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+                .filter(|free| declared.saturating_sub(already) > *free)
+                .map(|free| format!("the free space limit of {free} bytes"))
+        };
+        match over {
+            Some(why) => Err(Error::Refused(format!(
+                "share {id} declares {declared} bytes in {} chunks, over {why}; nothing was written",
+                manifest.total_chunks()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Gives files and directories the permission bits the publisher had,
-    /// where the storage is a local filesystem (object stores have none).
+    /// where the storage is a local filesystem (object stores have none),
+    /// without setuid, setgid, sticky or world-writable bits (`& 0o775`).
     /// A failure is logged, never fatal: the bytes are what matter.
     fn apply_modes(&self, dest: &str, manifest: &Manifest) {
         #[cfg(unix)]
@@ -341,7 +403,7 @@ impl Agent {
             use std::os::unix::fs::PermissionsExt;
             for e in &manifest.entries {
                 let path = root.join(format!("{dest}{}", e.path));
-                let mode = e.mode & 0o7777;
+                let mode = e.mode & 0o775;
                 if mode == 0 {
                     continue;
                 }

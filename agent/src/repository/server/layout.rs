@@ -26,6 +26,16 @@ pub(super) fn locator_marker(locator: &[u8; 32], agent: &AgentId) -> String {
 pub(super) fn subject_marker(subject: &AgentId, issuer: &AgentId) -> String {
     format!("index/grant-subject/{}/{}", hex(&subject.0), hex(&issuer.0))
 }
+/// Empty marker: a grant with this id was stored (revocations must name one).
+pub(super) fn grant_id_marker(issuer: &AgentId, id: &GrantId) -> String {
+    format!("index/grant-id/{}/{}", hex(&issuer.0), id.to_hex())
+}
+pub(super) fn issuer_grants_prefix(issuer: &AgentId) -> String {
+    format!("records/grant/{}/", hex(&issuer.0))
+}
+pub(super) fn subject_index_prefix(subject: &AgentId) -> String {
+    format!("index/grant-subject/{}/", hex(&subject.0))
+}
 pub(super) fn feed_path(n: u64) -> String {
     format!("feed/{n:020}")
 }

@@ -186,6 +186,12 @@ impl Metrics {
 }
 
 const WRITE_STRIPES: usize = 64;
+/// Grants (distinct subjects) one issuer may have stored.
+pub const MAX_GRANTS_PER_ISSUER: usize = 10_000;
+/// Grants indexed per subject for `/v1/grants/by-subject/` (beyond it a
+/// grant is stored and found by issuer, not by subject). Agents find trust
+/// proofs by issuer, forward from the publisher, which strangers cannot fill.
+pub const MAX_INDEXED_PER_SUBJECT: usize = MAX_FRAMES;
 const WRITE_RECHECKS: usize = 3;
 const FEED_ATTEMPTS: usize = 32;
 
@@ -472,12 +478,46 @@ impl Repository {
             }
             Parsed::Grant(g) => {
                 let path = grant_path(&g.issuer, &g.subject);
+                // Per issuer: a bounded number of subjects.
+                if !self
+                    .op
+                    .exists(&path)
+                    .await
+                    .context(|| format!("checking {path}"))
+                    .map_err(storage)?
+                    && self
+                        .list_names(&issuer_grants_prefix(&g.issuer), MAX_GRANTS_PER_ISSUER)
+                        .await
+                        .map_err(storage)?
+                        .len()
+                        >= MAX_GRANTS_PER_ISSUER
+                {
+                    return Err(Invalid::new(
+                        Reason::TooMany,
+                        format!(
+                            "{} already has {MAX_GRANTS_PER_ISSUER} grants stored (the limit)",
+                            g.issuer.short()
+                        ),
+                    )
+                    .into());
+                }
                 self.store_if_newer(&path, bytes, &value)
                     .await
                     .map_err(storage)??;
-                self.put_marker(&subject_marker(&g.subject, &g.issuer))
+                self.put_marker(&grant_id_marker(&g.issuer, &g.id()))
                     .await
                     .map_err(storage)?;
+                let marker = subject_marker(&g.subject, &g.issuer);
+                if self.op.exists(&marker).await.unwrap_or(false)
+                    || self
+                        .list_names(&subject_index_prefix(&g.subject), MAX_INDEXED_PER_SUBJECT)
+                        .await
+                        .map_err(storage)?
+                        .len()
+                        < MAX_INDEXED_PER_SUBJECT
+                {
+                    self.put_marker(&marker).await.map_err(storage)?;
+                }
                 Ok(Receipt {
                     kind: rec.kind.tag().into(),
                     key: path,
@@ -486,6 +526,27 @@ impl Repository {
             }
             Parsed::Revocation(r) => {
                 let path = revocation_path(&r.issuer, &r.grant_id);
+                // Only grants stored here can be revoked here: nobody can
+                // grow the feed (and every agent's trust state) with
+                // revocations of grants that never existed.
+                let known = grant_id_marker(&r.issuer, &r.grant_id);
+                if !self
+                    .op
+                    .exists(&known)
+                    .await
+                    .context(|| format!("checking {known}"))
+                    .map_err(storage)?
+                {
+                    return Err(Invalid::new(
+                        Reason::UnknownGrant,
+                        format!(
+                            "no grant {} by {} is stored here; store the grant before its revocation",
+                            r.grant_id.to_hex(),
+                            r.issuer.short()
+                        ),
+                    )
+                    .into());
+                }
                 let _guard = self.stripe(&path).lock().await;
                 if let Some(existing) = self.read_record(&path).await.map_err(storage)?
                     && existing.value.seq() >= r.seq

@@ -1,0 +1,1104 @@
+//! Attacks on real agent and repository processes over loopback (issue 10):
+//! each test plays a hostile peer, a lying repository or an untrusted
+//! tenant, and checks the attack is refused with a clear error, nothing is
+//! lost, nothing is written outside the destination, and memory and disk
+//! stay bounded. The hostile peer runs in this process on the real wire
+//! protocol (TLS, frames); the victims are `caravan-agent` processes.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caravan_agent::chunk::{ChunkId, ChunkKeyer, ChunkRef};
+use caravan_agent::crypto::Key;
+use caravan_agent::identity::{AgentId, SecretKey};
+use caravan_agent::manifest::{
+    Access, Entry, EntryKind, Manifest, ManifestRecord, ShareId, Ticket,
+};
+use caravan_agent::record::SignedRecord;
+use caravan_agent::trust::{GrantId, Revocation, TrustGrant};
+use caravan_agent::util::unix_now;
+use caravan_agent::wire::client::PeerConn;
+use caravan_agent::wire::server::Service;
+use caravan_agent::{Error, Result};
+use common::*;
+
+// ---------------------------------------------------------------- helpers
+
+/// Deterministic pseudo-random bytes (xorshift).
+fn noise(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for b in buf.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+}
+
+fn key_of(a: &TestAgent) -> SecretKey {
+    SecretKey::from_text(&std::fs::read_to_string(a.dir.join("identity.key")).unwrap()).unwrap()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A hostile peer: serves whatever manifest and chunks it is told to, and
+/// counts the connections it gets.
+#[derive(Default)]
+struct Hostile {
+    manifest: Mutex<Option<Vec<u8>>>,
+    chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
+    /// Answer every chunk request with this many bytes (oversize frames).
+    huge_chunk: Option<usize>,
+    connections: AtomicUsize,
+}
+
+impl Service for Hostile {
+    async fn manifest(&self, _peer: AgentId, _share: ShareId, _have: u64) -> Result<Vec<u8>> {
+        let m = self.manifest.lock().unwrap().clone();
+        m.ok_or_else(|| Error::NotFound("unknown share".into()))
+    }
+    async fn chunk(&self, _peer: AgentId, _share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
+        if let Some(n) = self.huge_chunk {
+            return Ok(vec![7u8; n]);
+        }
+        let c = self.chunks.lock().unwrap().get(&id).cloned();
+        c.ok_or_else(|| Error::NotFound("unknown chunk".into()))
+    }
+    async fn key(&self, _peer: AgentId, _share: ShareId, _proof: Vec<Vec<u8>>) -> Result<Vec<u8>> {
+        Err(Error::NotFound("unknown share".into()))
+    }
+    fn peer_connected(&self, _peer: AgentId, connected: bool) {
+        if connected {
+            self.connections.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Runs `svc` as a peer with key `key` on a loopback port; returns the address.
+fn serve_hostile(rt: &tokio::runtime::Runtime, key: &SecretKey, svc: Arc<Hostile>) -> String {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let tls = caravan_agent::wire::tls::server_config(key).unwrap();
+    rt.spawn(caravan_agent::wire::server::serve(
+        listener,
+        tls,
+        svc,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    addr
+}
+
+/// Runs `fetch` with a bound on its duration (an attack that is not refused
+/// would otherwise run for hours); returns exit code and stderr.
+fn fetch_bounded(a: &TestAgent, ticket: &str, dest: &str, peers: &[&str]) -> (Option<i32>, String) {
+    let mut args = vec![
+        "fetch",
+        "--config",
+        a.cfg(),
+        ticket,
+        "--dest",
+        dest,
+        "--json",
+    ];
+    for p in peers {
+        args.push("--peer");
+        args.push(p);
+    }
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, "fetch still running after 120 s (killed)".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn count_files(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The share key and the current manifest of `share`, as recipient `who`.
+fn open_manifest(
+    rt: &tokio::runtime::Runtime,
+    holder: &TestAgent,
+    who: &SecretKey,
+    ticket: &str,
+) -> (Vec<u8>, Manifest, Key) {
+    let t = Ticket::parse(ticket).unwrap();
+    let key = who.unwrap_key(&t.wrapped_key).unwrap();
+    rt.block_on(async {
+        let c = PeerConn::connect(&holder.peer_addr, who, None)
+            .await
+            .unwrap();
+        let rec = c.manifest(&t.share_id, 0).await.unwrap();
+        let (_, mr): (_, ManifestRecord) = SignedRecord::open_from(&rec, None).unwrap();
+        let m = mr.open(&key).unwrap();
+        (rec, m, key)
+    })
+}
+
+/// Minimal HTTP/1.0 request over a plain socket: (status, body).
+fn http(addr: &str, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: x\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// A repository process, killed on drop.
+struct RepoProcess {
+    addr: String,
+    child: Child,
+}
+
+impl RepoProcess {
+    fn start(dir: &Path) -> RepoProcess {
+        let port = free_port();
+        let log = std::fs::File::create(dir.join(format!("repo-{port}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "repository",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--storage-scheme",
+                "memory",
+                "--rate-per-second",
+                "100000",
+                "--rate-burst",
+                "100000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get(&addr, "/healthz").is_ok_and(|b| b.contains("200")) {
+            assert!(Instant::now() < deadline, "repository did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RepoProcess { addr, child }
+    }
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    fn post(&self, rec: &[u8]) -> (u16, String) {
+        http(&self.addr, "POST", "/v1/records", &[], rec)
+    }
+}
+
+impl Drop for RepoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Points an agent's config at `repos`.
+fn set_repositories(a: &TestAgent, repos: &[&str]) {
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    let list: Vec<String> = repos.iter().map(|r| format!("{r:?}")).collect();
+    let mut out: Vec<String> = text
+        .lines()
+        .filter(|l| !l.starts_with("repositories"))
+        .map(str::to_string)
+        .collect();
+    out.insert(0, format!("repositories = [{}]", list.join(", ")));
+    std::fs::write(&a.config, out.join("\n") + "\n").unwrap();
+}
+
+fn config_value(a: &TestAgent, key: &str) -> String {
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+        .unwrap_or_else(|| panic!("{key} not in config"));
+    line.split_once('=')
+        .unwrap()
+        .1
+        .trim()
+        .trim_matches('"')
+        .to_string()
+}
+
+fn grant_record(issuer: &SecretKey, subject: AgentId, depth: u8, seq: u64) -> Vec<u8> {
+    let now = unix_now();
+    let g = TrustGrant {
+        issuer: issuer.agent_id(),
+        subject,
+        depth,
+        scope: None,
+        not_before: now - 60,
+        not_after: now + 3600,
+        seq,
+    };
+    SignedRecord::seal(issuer, &g).unwrap().to_bytes()
+}
+
+fn junk_revocation(seq: u64) -> Vec<u8> {
+    let k = SecretKey::generate().unwrap();
+    let nobody = SecretKey::generate().unwrap().agent_id();
+    let r = Revocation {
+        issuer: k.agent_id(),
+        grant_id: GrantId::of(&k.agent_id(), &nobody, seq),
+        seq,
+        revoked_at: unix_now(),
+    };
+    SignedRecord::seal(&k, &r).unwrap().to_bytes()
+}
+
+// ------------------------------------------------------------ 1. rollback
+
+/// A peer replays the publisher's older signed manifest (and a forked one of
+/// the same version) while the publisher is offline: the fetcher refuses
+/// both, says why, keeps the newer version and deletes nothing.
+#[test]
+fn replayed_or_forked_manifest_is_refused_and_nothing_is_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"first file").unwrap();
+    std::fs::write(src.join("b.txt"), b"second file").unwrap();
+    alice.start();
+    bob.start();
+    let rt = rt();
+    let (share, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "docs", &[])["state"], "done");
+    let (v1, _, share_key) = open_manifest(&rt, &alice, &key_of(&bob), &tickets[0]);
+
+    std::fs::write(src.join("c.txt"), b"added in version 2").unwrap();
+    publish(&alice, "docs", &[&bob.id], &["--share", &share]);
+    let done = fetch(&bob, &tickets[0], "docs", &[]);
+    assert_eq!(done["seq"], 2);
+    let c = bob.data().join("docs/c.txt");
+    assert!(c.exists());
+    alice.kill9();
+
+    // Mallory replays version 1.
+    let mallory = Arc::new(Hostile::default());
+    *mallory.manifest.lock().unwrap() = Some(v1);
+    let addr = serve_hostile(&rt, &SecretKey::generate().unwrap(), mallory.clone());
+    let (code, err) = fetch_bounded(&bob, &tickets[0], "docs", &[&addr]);
+    assert_ne!(code, Some(0), "an older manifest was accepted");
+    assert!(
+        err.contains("older") && err.contains("version 2"),
+        "unclear refusal: {err}"
+    );
+    assert!(c.exists(), "a replayed manifest deleted a file");
+    assert_eq!(std::fs::read(&c).unwrap(), b"added in version 2");
+
+    // A fork: another version 2 signed by the publisher's key.
+    let alice_key = key_of(&alice);
+    let share_id: ShareId = share.parse().unwrap();
+    let keyer = ChunkKeyer::new(&share_key);
+    let (r, _) = keyer.seal(b"forked").unwrap();
+    let fork = Manifest {
+        share_id,
+        seq: 2,
+        created_at: unix_now(),
+        access: Access {
+            agents: vec![bob.id.parse().unwrap()],
+            trust_depth: None,
+        },
+        entries: vec![Entry {
+            path: "a.txt".into(),
+            mode: 0o644,
+            kind: EntryKind::File {
+                size: 6,
+                chunks: vec![r],
+            },
+        }],
+    };
+    *mallory.manifest.lock().unwrap() = Some(fork.seal(&alice_key, &share_key).unwrap().to_bytes());
+    let (code, err) = fetch_bounded(&bob, &tickets[0], "docs", &[&addr]);
+    assert_ne!(code, Some(0), "a forked manifest was accepted");
+    assert!(err.contains("fork"), "unclear refusal: {err}");
+    assert!(c.exists(), "a forked manifest deleted a file");
+    assert_eq!(
+        std::fs::read(bob.data().join("docs/a.txt")).unwrap(),
+        b"first file"
+    );
+}
+
+// ------------------------------------------------- 2. stale chunk ids
+
+/// After a file is edited in place (same size, not republished), asking for
+/// a chunk id of the old content must not return the new bytes sealed under
+/// the old chunk key: a holder only serves bytes that hash to the id asked.
+/// Checked on the publisher and on a holder of a fetched share.
+#[test]
+fn edited_files_are_never_served_under_an_old_chunk_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("live");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 700_000];
+    noise(&mut data, 5);
+    std::fs::write(src.join("f.bin"), &data).unwrap();
+    alice.start();
+    bob.start();
+    let rt = rt();
+    let (share, tickets) = publish(&alice, "live", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "got", &[])["state"], "done");
+    let (_, m, _) = open_manifest(&rt, &alice, &key_of(&bob), &tickets[0]);
+    let first: ChunkRef = m.files().next().unwrap().2[0];
+    let share_id: ShareId = share.parse().unwrap();
+
+    let secret = vec![0x5au8; data.len()];
+    std::fs::write(src.join("f.bin"), &secret).unwrap();
+    std::fs::write(bob.data().join("got/f.bin"), &secret).unwrap();
+
+    let sent_before = [
+        alice.metric("caravan_chunks_sent_total"),
+        bob.metric("caravan_chunks_sent_total"),
+    ];
+    for (holder, asker) in [(&alice, key_of(&bob)), (&bob, key_of(&alice))] {
+        let got = rt.block_on(async {
+            let c = PeerConn::connect(&holder.peer_addr, &asker, None)
+                .await
+                .unwrap();
+            c.chunk(&share_id, &first.id).await
+        });
+        if let Ok(ct) = got {
+            assert_eq!(
+                blake3::hash(&ct).as_bytes(),
+                &first.id.0,
+                "{} served other bytes under chunk id {}",
+                holder.dir.display(),
+                first.id
+            );
+        }
+    }
+    // Nothing was sent: the edited data never left either holder.
+    assert_eq!(
+        [
+            alice.metric("caravan_chunks_sent_total"),
+            bob.metric("caravan_chunks_sent_total")
+        ],
+        sent_before
+    );
+}
+
+// ------------------------------------------- 3. huge declared manifest
+
+/// A publisher's small signed manifest repeating one real chunk declares
+/// 1 TiB. The fetcher refuses it before writing (declared size over the
+/// limit and the free space), forgets the fetch (no re-dial on restart),
+/// and its disk use does not grow.
+#[test]
+fn manifest_declaring_a_terabyte_is_refused_before_writing_and_not_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    bob.start();
+    let rt = rt();
+    let evil = SecretKey::generate().unwrap();
+    let share_key = Key::random().unwrap();
+    let keyer = ChunkKeyer::new(&share_key);
+    let mut plain = vec![0u8; 4 << 20];
+    noise(&mut plain, 9);
+    let (r, ct) = keyer.seal(&plain).unwrap();
+    let n = (1u64 << 40) / (4 << 20);
+    let share_id = ShareId::random().unwrap();
+    let m = Manifest {
+        share_id,
+        seq: 1,
+        created_at: unix_now(),
+        access: Access {
+            agents: vec![bob.id.parse().unwrap()],
+            trust_depth: None,
+        },
+        entries: vec![Entry {
+            path: "big.bin".into(),
+            mode: 0o644,
+            kind: EntryKind::File {
+                size: n * (4 << 20),
+                chunks: vec![r; n as usize],
+            },
+        }],
+    };
+    let h = Arc::new(Hostile::default());
+    *h.manifest.lock().unwrap() = Some(m.seal(&evil, &share_key).unwrap().to_bytes());
+    h.chunks.lock().unwrap().insert(r.id, ct);
+    let addr = serve_hostile(&rt, &evil, h.clone());
+    let ticket = Ticket::issue(
+        &evil,
+        share_id,
+        bob.id.parse().unwrap(),
+        &share_key,
+        vec![addr.clone()],
+        vec![],
+    )
+    .unwrap();
+    let before = dir_bytes(&bob.data());
+    let (code, err) = fetch_bounded(&bob, &ticket, "huge", &[]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("declares") && err.contains("limit"),
+        "unclear refusal: {err}"
+    );
+    let grown = dir_bytes(&bob.data()).saturating_sub(before);
+    assert!(grown < 1 << 20, "{grown} bytes written for a refused share");
+
+    // Refused for cause: not resumed (and so not re-dialled) on restart.
+    let pending = bob.data().join(".caravan/fetches");
+    assert_eq!(
+        count_files(&pending),
+        0,
+        "the refused fetch is still pending"
+    );
+    let dialled = h.connections.load(Ordering::SeqCst);
+    bob.kill9();
+    bob.start();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        h.connections.load(Ordering::SeqCst),
+        dialled,
+        "the restarted agent dialled the attacker again"
+    );
+}
+
+// ------------------------------------------------ 4. junk revocations
+
+/// Revocations of grants that never existed are refused by the repository,
+/// and an agent fed hundreds of them by a lying repository stores none.
+#[test]
+fn revocations_of_unknown_grants_are_refused_and_agent_storage_stays_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RepoProcess::start(tmp.path());
+    let mut accepted = 0;
+    for i in 0..300 {
+        let (status, body) = repo.post(&junk_revocation(i + 1));
+        if status == 200 {
+            accepted += 1;
+        } else {
+            assert!(body.contains("unknown_grant"), "{status} {body}");
+        }
+    }
+    assert_eq!(accepted, 0, "revocations of non-existent grants stored");
+    // A revocation of a real grant is still taken.
+    let alice = SecretKey::generate().unwrap();
+    let bob = SecretKey::generate().unwrap().agent_id();
+    assert_eq!(repo.post(&grant_record(&alice, bob, 0, 1)).0, 200);
+    let r = Revocation {
+        issuer: alice.agent_id(),
+        grant_id: GrantId::of(&alice.agent_id(), &bob, 1),
+        seq: 1,
+        revoked_at: unix_now(),
+    };
+    let (status, body) = repo.post(&SignedRecord::seal(&alice, &r).unwrap().to_bytes());
+    assert_eq!(status, 200, "{body}");
+
+    // A lying repository serving a feed of 300 junk revocations.
+    let rt = rt();
+    let feed: Arc<Vec<Vec<u8>>> = Arc::new((0..300).map(|i| junk_revocation(i + 1)).collect());
+    let served = Arc::new(AtomicUsize::new(0));
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let liar = format!("http://{}", listener.local_addr().unwrap());
+    {
+        use axum::extract::Query;
+        use axum::routing::get;
+        let feed = feed.clone();
+        let served = served.clone();
+        let app = axum::Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/v1/revocations",
+                get(move |Query(q): Query<HashMap<String, String>>| {
+                    let feed = feed.clone();
+                    let served = served.clone();
+                    async move {
+                        served.fetch_add(1, Ordering::SeqCst);
+                        let cursor: usize =
+                            q.get("cursor").and_then(|c| c.parse().ok()).unwrap_or(0);
+                        let page: Vec<&[u8]> = feed
+                            .iter()
+                            .skip(cursor)
+                            .take(1000)
+                            .map(|v| v.as_slice())
+                            .collect();
+                        let next = cursor + page.len();
+                        (
+                            [
+                                (
+                                    "content-type",
+                                    caravan_agent::repository::FRAMES_CONTENT_TYPE.to_string(),
+                                ),
+                                (
+                                    caravan_agent::repository::NEXT_CURSOR_HEADER,
+                                    next.to_string(),
+                                ),
+                            ],
+                            caravan_agent::repository::encode_frames(page),
+                        )
+                    }
+                }),
+            );
+        rt.spawn(async move { axum::serve(listener, app).await });
+    }
+    let mut carol = TestAgent::init(&tmp.path().join("carol"));
+    set_repositories(&carol, &[&liar]);
+    carol
+        .env
+        .push(("CARAVAN_TRUST_SYNC_SECS".into(), "0.3".into()));
+    carol.start();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served.load(Ordering::SeqCst) < 3 {
+        assert!(Instant::now() < deadline, "the agent never read the feed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stored = count_files(&carol.data().join(".caravan/trust/records"));
+    assert!(stored < 10, "{stored} junk revocations stored by the agent");
+}
+
+// ------------------------------------------------------- 5. sybils
+
+/// 1,000 grants to bob from sybil keys that sort before the honest issuers
+/// cannot hide the honest chain alice→carol→bob: bob still proves it and
+/// fetches alice's share, and stores none of the strangers' grants.
+#[test]
+fn sybil_grants_cannot_hide_an_honest_grant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = RepoProcess::start(tmp.path());
+    let url = repo.url();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    for a in [&alice, &bob] {
+        set_repositories(a, &[&url]);
+    }
+    alice
+        .env
+        .push(("CARAVAN_TRUST_SYNC_SECS".into(), "0.5".into()));
+    bob.env
+        .push(("CARAVAN_TRUST_SYNC_SECS".into(), "0.5".into()));
+    make_tree(&alice.data().join("club"), 2, 10_000);
+    alice.start();
+    bob.start();
+    let bob_id: AgentId = bob.id.parse().unwrap();
+    let alice_id: AgentId = alice.id.parse().unwrap();
+    // carol sorts high, so sybils that sort before her are easy to make.
+    let carol = loop {
+        let k = SecretKey::generate().unwrap();
+        if k.agent_id().0[0] >= 0xc0 {
+            break k;
+        }
+    };
+    let mut sybils = 0;
+    while sybils < 1000 {
+        let k = SecretKey::generate().unwrap();
+        if k.agent_id().0[0] >= 0xc0 || k.agent_id() == alice_id {
+            continue;
+        }
+        let (status, body) = repo.post(&grant_record(&k, bob_id, 3, 1));
+        assert_eq!(status, 200, "{body}");
+        sybils += 1;
+    }
+    let carol_id = carol.agent_id().to_string();
+    cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        alice.cfg(),
+        &carol_id,
+        "--depth",
+        "1",
+    ]);
+    assert_eq!(repo.post(&grant_record(&carol, bob_id, 0, 1)).0, 200);
+    let out = cli_ok(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "club",
+        "--trust-depth",
+        "2",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let share = v["share_id"].as_str().unwrap().to_string();
+    let ticket = cli_ok(&["ticket", "--config", alice.cfg(), &share, "--to", &bob.id])
+        .trim()
+        .to_string();
+    let (code, err) = fetch_bounded(&bob, &ticket, "club", &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_same_tree(&alice.data().join("club"), &bob.data().join("club"));
+    let stored = count_files(&bob.data().join(".caravan/trust/records"));
+    assert!(stored < 50, "bob stored {stored} trust records");
+}
+
+// ------------------------------------------ 6. junk proofs, CPU and oracle
+
+/// A 1 MiB proof and a proof of 65 junk grants are refused before any
+/// signature is checked, with the same answer for an existing share and a
+/// missing one.
+#[test]
+fn oversize_proofs_are_refused_before_signatures_and_the_same_for_every_share() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    make_tree(&alice.data().join("p"), 1, 1000);
+    alice.start();
+    let (share, _) = publish(&alice, "p", &[], &["--trust-depth", "2"]);
+    let real: ShareId = share.parse().unwrap();
+    let missing = ShareId::random().unwrap();
+    let mallory = SecretKey::generate().unwrap();
+    let junk_grant = {
+        let k = SecretKey::generate().unwrap();
+        grant_record(&k, mallory.agent_id(), 9, 1)
+    };
+    let many: Vec<Vec<u8>> = (0..65).map(|_| junk_grant.clone()).collect();
+    let big: Vec<Vec<u8>> = (0..70).map(|_| vec![0xabu8; 15_000]).collect();
+    let rt = rt();
+    for proof in [many, big] {
+        let answers: Vec<String> = [real, missing]
+            .iter()
+            .map(|s| {
+                rt.block_on(async {
+                    let c = PeerConn::connect(&alice.peer_addr, &mallory, None)
+                        .await
+                        .unwrap();
+                    match c.key(s, &proof).await {
+                        Ok(_) => "released".to_string(),
+                        Err(e) => e.to_string(),
+                    }
+                })
+            })
+            .collect();
+        assert_ne!(answers[0], "released");
+        assert_eq!(answers[0], answers[1], "existing vs missing share differ");
+        assert!(
+            answers[0].contains("limit"),
+            "not refused by the size limit: {}",
+            answers[0]
+        );
+    }
+}
+
+// ---------------------------------------------- 7. connections
+
+fn tls_connect(
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    key: &SecretKey,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    rt.block_on(async {
+        let cfg = caravan_agent::wire::tls::client_config(key, None).ok()?;
+        let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let name = rustls::pki_types::ServerName::try_from("caravan-agent").ok()?;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+        )
+        .await
+        .ok()?
+        .ok()
+    })
+}
+
+/// True once the server has closed `s` (EOF or error), waiting up to `secs`.
+fn closed_within(
+    rt: &tokio::runtime::Runtime,
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    secs: u64,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    rt.block_on(async {
+        let mut buf = [0u8; 4096];
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        // A refusal frame may come first; closed means EOF or an error.
+        loop {
+            match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    })
+}
+
+/// Connections are capped per address and per peer, idle connections and
+/// half-sent frames are cut, request frames are bounded per type, and a
+/// client refuses a response frame larger than its request type allows.
+#[test]
+fn connection_flood_idle_and_half_sent_frames_are_cut() {
+    use tokio::io::AsyncWriteExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice
+        .env
+        .push(("CARAVAN_PEER_IDLE_SECS".into(), "2".into()));
+    alice
+        .env
+        .push(("CARAVAN_PEER_READ_SECS".into(), "2".into()));
+    alice
+        .env
+        .push(("CARAVAN_MAX_CONNS_PER_IP".into(), "8".into()));
+    alice
+        .env
+        .push(("CARAVAN_MAX_CONNS_PER_PEER".into(), "3".into()));
+    alice.start();
+    let rt = rt();
+
+    // Per peer: the 4th connection with one key is closed.
+    let k = SecretKey::generate().unwrap();
+    let mut same: Vec<_> = (0..4)
+        .filter_map(|_| tls_connect(&rt, &alice.peer_addr, &k))
+        .collect();
+    let cut = same
+        .iter_mut()
+        .map(|s| closed_within(&rt, s, 1))
+        .filter(|c| *c)
+        .count();
+    assert!(cut >= 1, "4 connections from one peer all stayed open");
+    drop(same);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Per address: fresh keys do not help past the cap.
+    let mut flood: Vec<_> = (0..12)
+        .filter_map(|_| tls_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap()))
+        .collect();
+    let open = flood
+        .iter_mut()
+        .map(|s| closed_within(&rt, s, 1))
+        .filter(|c| !*c)
+        .count();
+    assert!(
+        open <= 8,
+        "{open} connections open from one address (cap 8)"
+    );
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Idle: closed after the idle timeout.
+    let mut idle = tls_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap()).unwrap();
+    assert!(
+        closed_within(&rt, &mut idle, 30),
+        "idle connection kept open"
+    );
+
+    // Half-sent frame: a GetKey header announcing 60,000 bytes, then 10.
+    let mut half = tls_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap()).unwrap();
+    rt.block_on(async {
+        let mut hdr = vec![3u8, 0, 0, 0, 1];
+        hdr.extend_from_slice(&60_000u32.to_be_bytes());
+        hdr.extend_from_slice(&[0u8; 10]);
+        half.write_all(&hdr).await.unwrap();
+        half.flush().await.unwrap();
+    });
+    assert!(
+        closed_within(&rt, &mut half, 30),
+        "half-sent frame held open"
+    );
+
+    // Per type: a GetChunk frame announcing 1 MiB is refused at once.
+    let mut big = tls_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap()).unwrap();
+    rt.block_on(async {
+        let mut hdr = vec![2u8, 0, 0, 0, 1];
+        hdr.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        big.write_all(&hdr).await.unwrap();
+        big.flush().await.unwrap();
+    });
+    assert!(
+        closed_within(&rt, &mut big, 10),
+        "oversize GetChunk frame read"
+    );
+
+    // Client side: a chunk answer over the chunk limit is refused.
+    let evil = SecretKey::generate().unwrap();
+    let h = Arc::new(Hostile {
+        huge_chunk: Some(6 << 20),
+        ..Hostile::default()
+    });
+    let addr = serve_hostile(&rt, &evil, h);
+    let err = rt.block_on(async {
+        let c = PeerConn::connect(&addr, &SecretKey::generate().unwrap(), None)
+            .await
+            .unwrap();
+        c.chunk(&ShareId::random().unwrap(), &ChunkId([1; 32]))
+            .await
+    });
+    let e = err.expect_err("a 6 MiB chunk frame was accepted");
+    assert!(e.to_string().contains("limit"), "{e}");
+}
+
+// ------------------------------------------------------------ 8. modes
+
+/// The publisher's setuid, setgid, sticky and world-writable bits are not
+/// applied on the fetcher's disk.
+#[test]
+fn publisher_cannot_set_setuid_or_world_writable_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("m");
+    std::fs::create_dir_all(src.join("open-dir")).unwrap();
+    std::fs::write(src.join("suid.sh"), b"#!/bin/sh\n").unwrap();
+    std::fs::write(src.join("open.txt"), b"x").unwrap();
+    std::fs::write(src.join("open-dir/x"), b"x").unwrap();
+    let set =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    set(&src.join("suid.sh"), 0o6777);
+    set(&src.join("open.txt"), 0o666);
+    set(&src.join("open-dir"), 0o1777);
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "m", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "m", &[])["state"], "done");
+    let mode = |p: &str| {
+        std::fs::metadata(bob.data().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("m/suid.sh"), 0o775);
+    assert_eq!(mode("m/open.txt"), 0o664);
+    assert_eq!(mode("m/open-dir"), 0o775);
+}
+
+// ------------------------------------------- 9. oracle in metrics and logs
+
+/// A stranger asking for an existing share and for a missing one gets the
+/// same answer, the same metrics, and no INFO log line per refusal; metrics
+/// bind to loopback unless configured otherwise.
+#[test]
+fn refusals_leave_no_existence_oracle_in_metrics_or_logs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    make_tree(&alice.data().join("s"), 1, 1000);
+    alice.start();
+    let friend = SecretKey::generate().unwrap().agent_id().to_string();
+    let (share, _) = publish(&alice, "s", &[&friend], &[]);
+    let real: ShareId = share.parse().unwrap();
+    let missing = ShareId::random().unwrap();
+    let stranger = SecretKey::generate().unwrap();
+    let rt = rt();
+    let mut snapshots = Vec::new();
+    let mut answers = Vec::new();
+    for s in [real, missing] {
+        let before = alice.metrics();
+        let a = rt.block_on(async {
+            let c = PeerConn::connect(&alice.peer_addr, &stranger, None)
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            for _ in 0..20 {
+                out.push(format!("{:?}", c.manifest(&s, 0).await.map(|_| ())));
+                out.push(format!(
+                    "{:?}",
+                    c.chunk(&s, &ChunkId([3; 32])).await.map(|_| ())
+                ));
+                out.push(format!("{:?}", c.key(&s, &[]).await.map(|_| ())));
+            }
+            out
+        });
+        answers.push(a);
+        let after = alice.metrics();
+        let diff: Vec<String> = after
+            .lines()
+            .filter(|l| l.starts_with("caravan_errors_total") && !before.contains(*l))
+            .map(str::to_string)
+            .collect();
+        snapshots.push(diff);
+    }
+    assert_eq!(
+        answers[0], answers[1],
+        "answers differ for an existing share"
+    );
+    // Whatever is counted, it is counted the same way for both.
+    let labels = |d: &Vec<String>| -> Vec<String> {
+        d.iter()
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        labels(&snapshots[0]),
+        labels(&snapshots[1]),
+        "{snapshots:?}"
+    );
+    let logs: String = std::fs::read_dir(&alice.dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    let noisy = logs
+        .lines()
+        .filter(|l| l.contains("INFO") && (l.contains("refused") || l.contains("unauthorized")))
+        .count();
+    assert_eq!(noisy, 0, "refusals logged at INFO:\n{logs}");
+
+    // A config without metrics_listen binds metrics to loopback.
+    let cfg = caravan_agent::config::AgentConfig::parse(
+        "identity_file = \"k\"\nadmin_token_file = \"t\"\n[storage]\nscheme = \"memory\"\n",
+    )
+    .unwrap();
+    assert!(
+        cfg.metrics_listen.starts_with("127.0.0.1:"),
+        "metrics default to {}",
+        cfg.metrics_listen
+    );
+}
+
+// ------------------------------------------------------------ 11. smaller
+
+/// `run` refuses an identity file that others can read.
+#[test]
+fn identity_file_readable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = TestAgent::init(&tmp.path().join("alice"));
+    let key = alice.dir.join("identity.key");
+    for mode in [0o644, 0o604, 0o606] {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["run", "--config", alice.cfg()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "ran with a {mode:o} identity file"
+        );
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            err.contains("readable") || err.contains("permissions"),
+            "{err}"
+        );
+    }
+}
+
+/// The admin API checks the token before it parses a body: a request
+/// without the token gets 401 whatever it carries.
+#[test]
+fn admin_token_is_checked_before_the_body_is_parsed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.start();
+    let admin = config_value(&alice, "admin_listen");
+    for path in [
+        "/v1/shares",
+        "/v1/fetches",
+        "/v1/trust/grants",
+        "/v1/trust/revocations",
+    ] {
+        for body in [&b"{not json"[..], &[0xffu8; 3000][..]] {
+            let (status, text) = http(
+                &admin,
+                "POST",
+                path,
+                &["Content-Type: application/json"],
+                body,
+            );
+            assert_eq!(status, 401, "{path}: {status} {text}");
+        }
+    }
+}
