@@ -229,19 +229,35 @@ impl Service for Agent {
             .locate(&id)
             .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?
             .clone();
-        let buf = self
-            .op
-            .read_with(&loc.path)
-            .range(loc.offset..loc.offset + loc.chunk.len as u64)
-            .await
-            .context(|| format!("reading {} for chunk {id}", loc.path))?;
-        let mut plain = Vec::with_capacity(buf.len() + crate::crypto::TAG_LEN);
-        for part in buf {
-            plain.extend_from_slice(&part);
-        }
-        let mut ct = tokio::task::spawn_blocking(move || chunk::encrypt(&loc.chunk, plain))
-            .await
-            .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))??;
+        let mut ct = match &self.opts.fs_root {
+            // A local file is read straight into the buffer the chunk is
+            // sealed in: no zero-filled read buffer, no copy, one task.
+            Some(root) => {
+                let full = root.join(&loc.path);
+                tokio::task::spawn_blocking(move || {
+                    let plain = read_range(&full, loc.offset, loc.chunk.len as usize)
+                        .context(|| format!("reading {} for chunk {id}", loc.path))?;
+                    chunk::encrypt(&loc.chunk, plain)
+                })
+                .await
+                .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))??
+            }
+            None => {
+                let buf = self
+                    .op
+                    .read_with(&loc.path)
+                    .range(loc.offset..loc.offset + loc.chunk.len as u64)
+                    .await
+                    .context(|| format!("reading {} for chunk {id}", loc.path))?;
+                let mut plain = Vec::with_capacity(buf.len() + crate::crypto::TAG_LEN);
+                for part in buf {
+                    plain.extend_from_slice(&part);
+                }
+                tokio::task::spawn_blocking(move || chunk::encrypt(&loc.chunk, plain))
+                    .await
+                    .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))??
+            }
+        };
         if self.opts.corrupt_chunks
             && let Some(b) = ct.first_mut()
         {
@@ -287,4 +303,16 @@ impl Service for Agent {
             self.metrics.peers_connected.dec();
         }
     }
+}
+
+/// Reads `len` bytes of a local file at `offset` into a buffer with room
+/// for an AEAD tag (fewer bytes when the file is shorter: the caller's
+/// length check reports it).
+fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len + crate::crypto::TAG_LEN);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
 }
