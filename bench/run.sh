@@ -214,7 +214,9 @@ rm -rf "$WORK/b" "$SRC/big" "$SRC/many"
 # Bucket -> agent -> agent -> bucket on a local S3 server, against
 # `rclone copy` between the same two buckets (streamed through rclone:
 # server-side copy disabled).
-if [ "$S3" = 1 ]; then
+run_s3() {
+    # rclone reads AWS_CA_BUNDLE even for a plain-HTTP endpoint and fails.
+    unset AWS_CA_BUNDLE
     eval "$(bash tests/s3/moto.sh start "$MOTO_PORT")"
     MOTO_STARTED=1
     EP=$CARAVAN_TEST_S3_ENDPOINT
@@ -253,7 +255,8 @@ PY
         echo "round $run/$RUNS s3 done" >&2
     done
     rm -rf "$WORK/tree"
-fi
+}
+if [ "$S3" = 1 ]; then run_s3 || echo "the bucket case failed; loopback figures follow" >&2; fi
 
 echo
 echo "Caravan benchmark, loopback, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), $RUNS interleaved rounds"
