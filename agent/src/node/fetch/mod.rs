@@ -263,6 +263,8 @@ impl Agent {
             partial: state::partial_seq_dir(&self.opts.state_prefix, &ticket.share_id, seq),
             append,
             progress: progress.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
+            unsynced: std::sync::Mutex::new(Vec::new()),
         });
 
         for e in &manifest.entries {
@@ -287,6 +289,7 @@ impl Agent {
             .buffer_unordered(tuning::file_concurrency())
             .try_collect::<Vec<()>>()
             .await?;
+        job.sync_written().await?;
         self.apply_modes(&dest, &manifest);
 
         // Files the previous version had and this one dropped go away too.
