@@ -51,6 +51,10 @@ else
     SUMMARY+=("kubernetes e2e: $(grep -E '^E2E SUMMARY' target/e2e.log | tail -1)")
 fi
 
+say "cluster scripts elevate only when needed"
+bash tests/cluster/need-root-test.sh
+SUMMARY+=("need-root: ok")
+
 say "chart tests (installs into a bare API server of their own; SKIP without the Kubernetes binaries)"
 bash tests/chart/run.sh 2>&1 | tee target/chart.log
 SUMMARY+=("chart: $(grep -E '^(chart tests|SKIP)' target/chart.log | tail -1)")
