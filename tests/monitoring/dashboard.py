@@ -132,28 +132,40 @@ class Series:
         self.scrapes = [(s["t"], s["target"], parse_metrics(s["text"])) for s in scrapes]
         self.times = sorted({round(t) for t, _, _ in self.scrapes})
 
+    STALE = 20.0  # seconds: a target not scraped for this long is gone (a deleted pod)
+
     def at(self, t: float) -> dict[str, list[tuple[str, dict, float]]]:
-        """Latest scrape of each target at or before t."""
+        """Latest scrape of each target at or before t, if it is recent."""
         latest: dict[str, tuple[float, list]] = {}
         for st, target, samples in self.scrapes:
             if st <= t and (target not in latest or latest[target][0] < st):
                 latest[target] = (st, samples)
-        return {k: v[1] for k, v in latest.items()}
+        return {k: v[1] for k, v in latest.items() if t - v[0] <= self.STALE}
 
     def instant(self, metric: str, t: float) -> list[tuple[dict, float]]:
         return [({**labels, "_target": target}, v) for target, samples in self.at(t).items()
                 for name, labels, v in samples if name == metric]
 
     def rate(self, metric: str, window: float, t: float) -> list[tuple[dict, float]]:
-        now = {self._key(l): (l, v) for l, v in self.instant(metric, t)}
-        then = {self._key(l): v for l, v in self.instant(metric, t - window)}
+        """Per-second increase over the scrapes of each target inside (t - window, t]
+        (first to last), like Prometheus' rate without extrapolation; a counter
+        that went down (a restart) counts from zero."""
+        per_target: dict[str, list[tuple[float, list]]] = defaultdict(list)
+        for st, target, samples in self.scrapes:
+            if t - window < st <= t:
+                per_target[target].append((st, samples))
         out = []
-        for k, (labels, v) in now.items():
-            if k in then:
-                dv = v - then[k]
-                if dv < 0:  # counter reset (restart): count from zero
-                    dv = v
-                out.append((labels, dv / window))
+        for target, scrapes in per_target.items():
+            scrapes.sort(key=lambda x: x[0])
+            (t1, first), (t2, last) = scrapes[0], scrapes[-1]
+            if t2 - t1 < 1 or t - t2 > self.STALE:
+                continue
+            start = {self._key(l): v for n, l, v in first if n == metric}
+            for n, labels, v in last:
+                if n != metric:
+                    continue
+                v0 = start.get(self._key(labels), 0.0)
+                out.append(({**labels, "_target": target}, (v - v0 if v >= v0 else v) / (t2 - t1)))
         return out
 
     @staticmethod
@@ -234,9 +246,17 @@ def render(scrapes_path: str, out: str) -> None:
             s.set_color("#2c3235")
         if kind == "stat":
             legend, expr = targets[0]
-            v = evaluate(expr.replace("[5m]", "[1m]"), data, times[-1]).get("", math.nan)
+            # Grafana shows the last value; the cluster is gone at the very end
+            # of a test run, so take the last time it had one, and say when.
+            v, at = math.nan, times[-1]
+            for t in times:
+                r = evaluate(expr.replace("[5m]", "[1m]"), data, t).get("")
+                if r is not None:
+                    v, at = r, t
             ax.text(0.5, 0.45, "–" if math.isnan(v) else f"{v:g}", ha="center", va="center",
                     fontsize=40, color="#73bf69", transform=ax.transAxes)
+            ax.text(0.5, 0.1, f"at minute {(at - t0) / 60:.1f}", ha="center", color="#9fa7b3",
+                    fontsize=8, transform=ax.transAxes)
             ax.set_xticks([])
             ax.set_yticks([])
             continue
