@@ -13,9 +13,9 @@ use caravan_agent::identity::{AgentId, SecretKey};
 use caravan_agent::record::SignedRecord;
 use caravan_agent::repository::{Repository, RepositoryConfig};
 use caravan_agent::trust::{
-    Announcement, Revocation, RevocationSet, TrustEngine, TrustGrant, share_locator, unix_now,
-    verify_chain,
+    Announcement, Revocation, RevocationSet, TrustEngine, TrustGrant, share_locator, verify_chain,
 };
+use caravan_agent::util::unix_now;
 use rayon::prelude::*;
 
 struct Rng(u64);
@@ -425,7 +425,7 @@ async fn bench_repository() {
     );
     let n = 2_000;
     let (h, u) = (http.clone(), url.clone());
-    let loc_hex = caravan_agent::trust::records::hex(&loc);
+    let loc_hex = caravan_agent::util::hex(&loc);
     let (dt, ok) = run_load(n, 16, move |_| {
         let (h, u, l) = (h.clone(), u.clone(), loc_hex.clone());
         async move {

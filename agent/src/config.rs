@@ -106,7 +106,7 @@ impl AgentConfig {
 
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<()> {
-        crate::store::check_scheme(&self.storage.scheme)?;
+        check_scheme(&self.storage.scheme)?;
         for (name, addr) in [
             ("listen", &self.listen),
             ("admin_listen", &self.admin_listen),
@@ -137,5 +137,22 @@ impl AgentConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// The OpenDAL services this build is compiled with.
+pub const SCHEMES: &[&str] = &[
+    "fs", "memory", "s3", "gcs", "azblob", "gdrive", "dropbox", "onedrive", "webdav",
+];
+
+/// Refuses a scheme this build cannot open, listing the ones it can.
+pub fn check_scheme(scheme: &str) -> Result<()> {
+    if SCHEMES.contains(&scheme) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "unknown storage scheme {scheme:?}; this build supports: {}",
+            SCHEMES.join(", ")
+        )))
     }
 }

@@ -20,6 +20,7 @@ pub enum Error {
     #[error("chunk {id} failed verification: {reason}")]
     CorruptChunk { id: String, reason: String },
     /// The user's storage (through OpenDAL) failed.
+    #[cfg(feature = "node")]
     #[error("storage error while {context}: {source}")]
     Storage {
         context: String,
@@ -42,6 +43,13 @@ pub enum Error {
     /// Configuration is missing or malformed.
     #[error("configuration error: {0}")]
     Config(String),
+    /// A request the agent understood but will not do as asked, because of
+    /// what was asked (a ticket for another agent, a destination inside the
+    /// state folder, a publisher among its own recipients). Decided by the
+    /// operation that understands the request; the admin API answers 400
+    /// and the CLI exits 3 (bad input).
+    #[error("{0}")]
+    Rejected(String),
     /// A TLS set-up problem (certificates, handshake).
     #[error("tls error: {0}")]
     Tls(String),
@@ -51,6 +59,15 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// True when the caller gave bad input or configuration (admin API 400,
+    /// CLI exit 3), as opposed to a failure along the way.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            Error::Parse { .. } | Error::Config(_) | Error::Record(_) | Error::Rejected(_)
+        )
+    }
+
     /// Builds a parse error, used by every `FromStr` of a textual identifier.
     pub fn parse(what: &'static str, reason: impl fmt::Display) -> Self {
         Error::Parse {
@@ -66,6 +83,7 @@ pub trait Context<T> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T>;
 }
 
+#[cfg(feature = "node")]
 impl<T> Context<T> for std::result::Result<T, opendal::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|source| Error::Storage {

@@ -34,23 +34,29 @@ macro_rules! text_serde {
     };
 }
 
+// Layers, bottom to top; each imports only those above it in this list
+// (docs/architecture.md; checked by tests/layers.rs). Without the `node`
+// feature only the light part is built: what the operator uses.
+#[cfg(feature = "node")]
 pub mod chunk;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
-pub mod demo;
 pub mod error;
-pub mod fetch;
 pub mod identity;
+#[cfg(feature = "node")]
 pub mod manifest;
-pub mod metrics;
+#[cfg(feature = "node")]
 pub mod node;
-pub mod publish;
 pub mod record;
+#[cfg(feature = "node")]
 pub mod repository;
-pub mod share;
+#[cfg(feature = "node")]
 pub mod store;
+#[cfg(feature = "node")]
 pub mod trust;
+pub mod util;
+#[cfg(feature = "node")]
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -6,25 +6,8 @@ use std::path::Path;
 
 use opendal::Operator;
 
-use crate::config::StorageConfig;
+use crate::config::{StorageConfig, check_scheme};
 use crate::error::{Context, Error, Result};
-
-/// The OpenDAL services this build is compiled with.
-pub const SCHEMES: &[&str] = &[
-    "fs", "memory", "s3", "gcs", "azblob", "gdrive", "dropbox", "onedrive", "webdav",
-];
-
-/// Refuses a scheme this build cannot open, listing the ones it can.
-pub fn check_scheme(scheme: &str) -> Result<()> {
-    if SCHEMES.contains(&scheme) {
-        Ok(())
-    } else {
-        Err(Error::Config(format!(
-            "unknown storage scheme {scheme:?}; this build supports: {}",
-            SCHEMES.join(", ")
-        )))
-    }
-}
 
 /// Reads secret options: a directory of files (a mounted Kubernetes Secret,
 /// one file per option) or one file of `key=value` lines (`#` comments).

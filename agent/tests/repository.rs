@@ -10,9 +10,8 @@ use std::time::Duration;
 use caravan_agent::identity::{AgentId, SecretKey};
 use caravan_agent::record::{Kind, Record, SignedRecord};
 use caravan_agent::repository::{RepositoryClient, RepositoryConfig, encode_frames, serve_with};
-use caravan_agent::trust::{
-    Announcement, Revocation, TrustEngine, TrustGrant, share_locator, unix_now,
-};
+use caravan_agent::trust::{Announcement, Revocation, TrustEngine, TrustGrant, share_locator};
+use caravan_agent::util::unix_now;
 use opendal::Operator;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -305,14 +304,14 @@ async fn lookups_feed_and_client() {
     expired.expires_at = unix_now() - 5;
     let path = format!(
         "records/announcement/{}",
-        caravan_agent::trust::records::hex(&d.agent_id().0)
+        caravan_agent::util::hex(&d.agent_id().0)
     );
     op.write(&path, seal(&d, &expired)).await.unwrap();
     op.write(
         &format!(
             "index/locator/{}/{}",
-            caravan_agent::trust::records::hex(&loc),
-            caravan_agent::trust::records::hex(&d.agent_id().0)
+            caravan_agent::util::hex(&loc),
+            caravan_agent::util::hex(&d.agent_id().0)
         ),
         Vec::<u8>::new(),
     )
@@ -335,10 +334,11 @@ async fn lookups_feed_and_client() {
     assert!(client.announcement(&d.agent_id()).await.unwrap().is_none());
     // the repository only ever saw the locator
     let listing = op.list_with("").recursive(true).await.unwrap();
-    assert!(listing.iter().all(|e| {
-        !e.path()
-            .contains(&caravan_agent::trust::records::hex(&share))
-    }));
+    assert!(
+        listing
+            .iter()
+            .all(|e| { !e.path().contains(&caravan_agent::util::hex(&share)) })
+    );
 
     // grants and a revocation, then the engine agrees
     let g_ab = grant(&a, &b, 2, 1);

@@ -113,7 +113,7 @@ fn new_version_sends_only_changed_chunks() {
     let src = alice.data().join("big");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 24 << 20];
-    caravan_agent::demo::fill_pseudo_random(&mut data, 42);
+    fill_pseudo_random(&mut data, 42);
     std::fs::write(src.join("file.bin"), &data).unwrap();
     std::fs::write(src.join("gone.txt"), b"removed in v2").unwrap();
     alice.start();
@@ -152,7 +152,7 @@ fn killed_fetcher_resumes_without_refetching() {
     let src = alice.data().join("payload");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 160 << 20];
-    caravan_agent::demo::fill_pseudo_random(&mut data, 7);
+    fill_pseudo_random(&mut data, 7);
     std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
     drop(data);
     make_tree(&src.join("small"), 20, 100_000);

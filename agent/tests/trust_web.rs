@@ -15,7 +15,8 @@ use caravan_agent::daemon::read_identity;
 use caravan_agent::identity::{AgentId, SecretKey};
 use caravan_agent::manifest::{ShareId, Ticket};
 use caravan_agent::record::SignedRecord;
-use caravan_agent::trust::{TrustGrant, unix_now};
+use caravan_agent::trust::TrustGrant;
+use caravan_agent::util::unix_now;
 use caravan_agent::wire::client::PeerConn;
 use common::*;
 

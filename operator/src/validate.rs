@@ -111,7 +111,7 @@ pub fn agent_config(
             ));
         }
     }
-    caravan_agent::store::check_scheme(&storage.scheme)
+    caravan_agent::config::check_scheme(&storage.scheme)
         .map_err(|e| InputError::UnknownStorageScheme(strip_config_prefix(&e.to_string())))?;
 
     let mut options = BTreeMap::new();

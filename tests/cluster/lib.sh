@@ -16,7 +16,8 @@ _CARAVAN_LIB_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export KUBECONFIG
 CARAVAN_TEST_NAMESPACES=()
 
-tlog() { printf '[test %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+# tlog MESSAGE... — one timestamped line on stderr, tagged $CARAVAN_LOG_TAG (default test).
+tlog() { printf '[%s %s] %s\n' "${CARAVAN_LOG_TAG:-test}" "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 # kc ARGS... — kubectl with a bounded request time.
 kc() { kubectl --request-timeout 30s "$@"; }

@@ -23,8 +23,11 @@ RESTART_NS=caravan-e2e-restart
 PASS=0
 FAIL=0
 
-log() { printf '[e2e %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-kc() { kubectl --request-timeout 30s "$@"; }
+# kc, wait_for and the log line come from the shared cluster helpers.
+CARAVAN_LOG_TAG=e2e
+# shellcheck source=tests/cluster/lib.sh
+source "$ROOT/tests/cluster/lib.sh"
+log() { tlog "$@"; }
 
 if [[ ! -f "$KUBECONFIG" ]] || ! kc version >/dev/null 2>&1; then
   echo "SKIP: operator e2e: no reachable cluster (KUBECONFIG=$KUBECONFIG); run tests/cluster/up.sh first"
@@ -44,17 +47,6 @@ check() { # NAME COMMAND... — runs one check, counts it.
     log "FAIL $name"
     FAIL=$((FAIL + 1))
   fi
-}
-
-wait_for() { # TIMEOUT DESCRIPTION COMMAND...
-  local timeout="$1" what="$2" i
-  shift 2
-  for ((i = 0; i < timeout; i++)); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 1
-  done
-  log "timed out after ${timeout}s: $what"
-  return 1
 }
 
 jp() { kc "$@" 2>/dev/null; }

@@ -17,10 +17,8 @@ use reqwest::header::CONTENT_TYPE;
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
 use crate::record::SignedRecord;
-use crate::trust::records::hex;
-use crate::trust::{
-    Announcement, GrantId, Invalid, Revocation, TrustGrant, decode_record, unix_now,
-};
+use crate::trust::{Announcement, GrantId, Invalid, Revocation, TrustGrant, decode_record};
+use crate::util::{hex, unix_now};
 
 use super::{MAX_FRAMES, NEXT_CURSOR_HEADER, decode_frames};
 

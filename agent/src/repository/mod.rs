@@ -190,6 +190,13 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn client_and_repository_can_be_shared_across_tasks() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<RepositoryClient>();
+        shareable::<Repository>();
+    }
+
+    #[test]
     fn frames_roundtrip() {
         let recs: Vec<Vec<u8>> = vec![vec![1, 2, 3], vec![], vec![9; 300]];
         let enc = encode_frames(recs.iter().map(|r| r.as_slice()));

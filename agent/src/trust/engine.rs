@@ -758,8 +758,6 @@ mod tests {
         fn shareable<T: Send + Sync>() {}
         shareable::<TrustEngine>();
         shareable::<RevocationSet>();
-        shareable::<crate::repository::RepositoryClient>();
-        shareable::<crate::repository::Repository>();
     }
 
     #[test]

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::identity::AgentId;
 use crate::record::{Kind, Record, SignedRecord};
+use crate::util::{hex, parse_hex32};
 
 /// Longest validity we accept for a grant (from now): one year. A longer
 /// claim would outlive any sensible key rotation and is refused outright.
@@ -159,32 +160,6 @@ impl fmt::Debug for GrantId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "GrantId({})", &self.to_hex()[..16])
     }
-}
-
-/// Lowercase hex of some bytes (storage paths and URLs use it).
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Parses exactly 64 hex characters (either case) into 32 bytes.
-pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in b.chunks_exact(2).enumerate() {
-        let hi = (pair[0] as char).to_digit(16)?;
-        let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
-    }
-    Some(out)
 }
 
 /// The locator a repository sees for a share: BLAKE3 derive_key of the share

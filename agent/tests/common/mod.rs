@@ -220,7 +220,7 @@ pub fn make_tree(root: &Path, files: usize, size: usize) {
         let p = root.join(format!("d{}/sub/файл-{i}.bin", i % 3));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         let mut buf = vec![0u8; size + i * 1000];
-        caravan_agent::demo::fill_pseudo_random(&mut buf, i as u64 + 1);
+        fill_pseudo_random(&mut buf, i as u64 + 1);
         std::fs::write(p, buf).unwrap();
     }
     std::fs::write(root.join("empty.txt"), b"").unwrap();
@@ -230,7 +230,7 @@ pub fn make_tree(root: &Path, files: usize, size: usize) {
 /// Every file and directory of `a` is in `b` with the same bytes.
 pub fn assert_same_tree(a: &Path, b: &Path) {
     assert!(
-        caravan_agent::demo::trees_equal(a, b).unwrap(),
+        trees_equal(a, b),
         "{} and {} differ",
         a.display(),
         b.display()
@@ -255,4 +255,44 @@ fn walk_dirs(root: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), the same generator the demo uses.
+pub fn fill_pseudo_random(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for c in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        c.copy_from_slice(&b[..c.len()]);
+    }
+}
+
+/// The same relative file paths with the same bytes under `a` and `b`
+/// (the agent's `.caravan/` state folders left out).
+pub fn trees_equal(a: &Path, b: &Path) -> bool {
+    fn files(root: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    if p.file_name().is_some_and(|n| n != ".caravan") {
+                        stack.push(p);
+                    }
+                } else {
+                    out.push(p.strip_prefix(root).unwrap().to_path_buf());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+    let fa = files(a);
+    fa == files(b)
+        && fa
+            .iter()
+            .all(|r| std::fs::read(a.join(r)).unwrap() == std::fs::read(b.join(r)).unwrap())
 }

@@ -12,6 +12,7 @@ use crate::crypto::Key;
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
 use crate::manifest::{Manifest, ManifestRecord, ShareId};
+use crate::node::state;
 use crate::record::SignedRecord;
 
 /// Why this agent holds a share.
@@ -111,13 +112,9 @@ struct ShareState {
     wrapped_key: String,
 }
 
-fn share_dir(state: &str, id: &ShareId) -> String {
-    format!("{state}shares/{}/", id.hex())
-}
-
 /// Persists a held share (manifest record + metadata).
-pub async fn save(op: &Operator, state: &str, me: &SecretKey, s: &HeldShare) -> Result<()> {
-    let dir = share_dir(state, &s.id);
+pub async fn save(op: &Operator, prefix: &str, me: &SecretKey, s: &HeldShare) -> Result<()> {
+    let dir = state::share_dir(prefix, &s.id);
     let meta = ShareState {
         share_id: s.id.to_string(),
         publisher: s.publisher.to_string(),
@@ -137,15 +134,10 @@ pub async fn save(op: &Operator, state: &str, me: &SecretKey, s: &HeldShare) -> 
 
 /// Loads every held share from the state prefix. A damaged entry is
 /// reported and skipped, never fatal: one bad file must not stop an agent.
-pub async fn load_all(op: &Operator, state: &str, me: &SecretKey) -> Result<Vec<HeldShare>> {
-    let dir = format!("{state}shares/");
-    let entries = crate::store::list_or_empty(op, &dir).await?;
+pub async fn load_all(op: &Operator, prefix: &str, me: &SecretKey) -> Result<Vec<HeldShare>> {
+    let dirs = state::sub_dirs(op, &state::shares_dir(prefix)).await?;
     let mut out = Vec::new();
-    for e in entries {
-        let p = e.path().to_string();
-        if p == dir || !p.ends_with('/') {
-            continue;
-        }
+    for p in dirs {
         match load_one(op, &p, me).await {
             Ok(s) => out.push(s),
             Err(err) => tracing::warn!(path = %p, error = %err, "skipping unreadable share state"),

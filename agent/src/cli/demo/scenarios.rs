@@ -11,14 +11,15 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::StorageConfig;
-use crate::error::{Context, Error, Result};
-use crate::fetch::{FetchProgress, FetchRequest, FetchState};
-use crate::identity::SecretKey;
-use crate::manifest::Access;
-use crate::node::{Agent, AgentOptions};
-use crate::publish::PublishRequest;
-use crate::{store, wire};
+use caravan_agent::config::StorageConfig;
+use caravan_agent::error::{Context, Error, Result};
+use caravan_agent::identity::SecretKey;
+use caravan_agent::manifest::Access;
+use caravan_agent::node::agent::{Agent, AgentOptions};
+use caravan_agent::node::fetch::FetchRequest;
+use caravan_agent::node::fetch::progress::{FetchProgress, FetchState};
+use caravan_agent::node::publish::PublishRequest;
+use caravan_agent::{store, wire};
 
 /// What the demo moves.
 #[derive(Debug, Clone)]
@@ -209,7 +210,7 @@ pub async fn local_agent(
         SecretKey::generate()?,
         op,
         AgentOptions {
-            state_prefix: crate::config::DEFAULT_STATE_PREFIX.into(),
+            state_prefix: caravan_agent::config::DEFAULT_STATE_PREFIX.into(),
             advertise: vec![addr.to_string()],
             repositories,
             fs_root: Some(root.to_path_buf()),
@@ -370,12 +371,12 @@ pub async fn local_repository(stop: &CancellationToken) -> Result<String> {
         credentials: None,
     })?;
     // Every demo agent shares 127.0.0.1: lift the per-IP rate limit.
-    let cfg = crate::repository::RepositoryConfig {
+    let cfg = caravan_agent::repository::RepositoryConfig {
         rate_per_second: 100_000.0,
         rate_burst: 100_000,
         ..Default::default()
     };
-    tokio::spawn(crate::repository::serve_with(
+    tokio::spawn(caravan_agent::repository::serve_with(
         listener,
         op,
         cfg,
@@ -388,7 +389,7 @@ struct DemoAgent {
     name: &'static str,
     root: PathBuf,
     agent: Arc<Agent>,
-    web: Arc<crate::trust::agent_trust::AgentTrust>,
+    web: Arc<caravan_agent::node::trust::AgentTrust>,
 }
 
 /// Runs the trust-web scenario (see `caravan-agent demo --help`): two
@@ -398,7 +399,7 @@ struct DemoAgent {
 /// stops, alice publishes the next version with a fresh key: bob and carol
 /// are refused, dave (through erin) and erin still fetch.
 pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
-    use crate::trust::agent_trust::{AgentTrust, GrantRequest, RevokeRequest};
+    use caravan_agent::node::trust::{AgentTrust, GrantRequest, RevokeRequest};
     let tmp;
     let base = match &keep {
         Some(p) => {
@@ -426,13 +427,19 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
             let root = base.join(name);
             std::fs::create_dir_all(&root).context(|| format!("creating {}", root.display()))?;
             let agent = local_agent(&root, urls.clone(), shutdown).await?;
-            let web = AgentTrust::open(&agent, &urls).await?;
-            agent.set_web(web.clone());
-            tokio::spawn(web.clone().run(
-                agent.clone(),
-                std::time::Duration::from_millis(500),
-                shutdown.clone(),
-            ));
+            let web = AgentTrust::open(
+                agent.secret_key(),
+                agent.storage().clone(),
+                agent.state_prefix(),
+                &urls,
+            )
+            .await?;
+            agent.set_trust(web.clone());
+            tokio::spawn(
+                agent
+                    .clone()
+                    .run_trust_sync(std::time::Duration::from_millis(500), shutdown.clone()),
+            );
             agents.push(DemoAgent {
                 name,
                 root,
@@ -483,7 +490,7 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
                 None,
             )
             .await?;
-        let sid: crate::manifest::ShareId = published.share_id.parse()?;
+        let sid: caravan_agent::manifest::ShareId = published.share_id.parse()?;
         for who in [bob, carol, dave, erin] {
             alice.web.learn_about(&who.agent.id).await;
         }
@@ -525,9 +532,12 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
             .first()
             .cloned()
             .ok_or_else(|| Error::Protocol("alice advertises no address".into()))?;
-        let bob_conn =
-            crate::wire::client::PeerConn::connect(&alice_addr, bob.agent.secret_key(), None)
-                .await?;
+        let bob_conn = caravan_agent::wire::client::PeerConn::connect(
+            &alice_addr,
+            bob.agent.secret_key(),
+            None,
+        )
+        .await?;
         let revoked_at = Instant::now();
         alice
             .web
@@ -555,7 +565,7 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
         let key_before = alice
             .agent
             .share(&sid)
-            .map(|s| crate::manifest::key_check(&s.key));
+            .map(|s| caravan_agent::manifest::key_check(&s.key));
         std::fs::write(source.join("after-revocation.txt"), b"version two\n")
             .context(|| "writing the second version".into())?;
         let v2 = alice
@@ -576,7 +586,7 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
         let key_after = alice
             .agent
             .share(&sid)
-            .map(|s| crate::manifest::key_check(&s.key));
+            .map(|s| caravan_agent::manifest::key_check(&s.key));
         let fresh_key = key_before.is_some() && key_before != key_after;
         // The new key gives every chunk a new address: ask for one of v2.
         let chunk_id = alice
@@ -592,9 +602,12 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
         let mut refusals = Vec::new();
         let (mut pruned, mut kept) = (Vec::new(), Vec::new());
         for who in [bob, carol, dave, erin] {
-            let conn =
-                crate::wire::client::PeerConn::connect(&alice_addr, who.agent.secret_key(), None)
-                    .await?;
+            let conn = caravan_agent::wire::client::PeerConn::connect(
+                &alice_addr,
+                who.agent.secret_key(),
+                None,
+            )
+            .await?;
             let proof = who.web.proof_for(&alice.agent.id).await;
             let key = conn.key(&sid, &proof).await;
             let chunk = conn.chunk(&sid, &chunk_id).await;

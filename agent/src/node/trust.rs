@@ -1,7 +1,8 @@
 //! The agent's side of the web of trust: its [`TrustEngine`], the grants and
 //! revocations it signs, what it learned from repositories, and the
 //! background task that keeps all of that current (announce, revocation
-//! feed). It is the [`crate::node::TrustPolicy`] the peer protocol consults.
+//! feed). [`crate::node::agent::Agent::authorized`] consults it for
+//! trust-depth shares.
 //!
 //! State lives under `<state_prefix>trust/records/` (one signed record per
 //! file), so a restarted agent keeps its grants, revocations and what it
@@ -14,18 +15,18 @@ use std::time::Duration;
 
 use opendal::Operator;
 use serde::{Deserialize, Serialize};
-use tokio_util::sync::CancellationToken;
 
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey};
-use crate::node::{Agent, TrustPolicy};
+use crate::manifest::ShareId;
+use crate::node::state;
 use crate::record::{Kind, SignedRecord};
 use crate::repository::RepositoryClient;
 use crate::trust::engine::MAX_PRESENTED_GRANTS;
 use crate::trust::{
     Announcement, GrantId, Revocation, TrustEngine, TrustGrant, render_tree, share_locator,
-    unix_now,
 };
+use crate::util::{unix_millis, unix_now};
 
 /// Hops searched when an agent looks for its own chain to a publisher (the
 /// publisher then applies the share's real depth).
@@ -125,7 +126,8 @@ pub struct AgentTrust {
     engine: RwLock<TrustEngine>,
     repos: Option<RepositoryClient>,
     op: Operator,
-    dir: String,
+    /// The agent's state prefix (ends in `/`).
+    prefix: String,
     /// Unix seconds of the last revocation this agent learned or issued.
     last_revocation: AtomicU64,
     /// Locators last announced (re-announce when they change).
@@ -138,17 +140,16 @@ impl std::fmt::Debug for AgentTrust {
     }
 }
 
-fn millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl AgentTrust {
-    /// Opens the trust state of `agent`, loading persisted records, with a
-    /// client for `repositories` (none: local only).
-    pub async fn open(agent: &Agent, repositories: &[String]) -> Result<Arc<AgentTrust>> {
+    /// Opens the trust state of the agent holding `key`, loading the records
+    /// persisted under `state_prefix` in `op`, with a client for
+    /// `repositories` (none: local only).
+    pub async fn open(
+        key: &SecretKey,
+        op: Operator,
+        state_prefix: &str,
+        repositories: &[String],
+    ) -> Result<Arc<AgentTrust>> {
         let repos = if repositories.is_empty() {
             None
         } else {
@@ -158,12 +159,12 @@ impl AgentTrust {
             )?)
         };
         let t = AgentTrust {
-            me: agent.id,
-            key: agent.secret_key().clone(),
+            me: key.agent_id(),
+            key: key.clone(),
             engine: RwLock::new(TrustEngine::new()),
             repos,
-            op: agent.storage().clone(),
-            dir: format!("{}trust/records/", agent.state_prefix()),
+            op,
+            prefix: state_prefix.to_string(),
             last_revocation: AtomicU64::new(0),
             announced: Mutex::new((Vec::new(), 0)),
         };
@@ -172,24 +173,17 @@ impl AgentTrust {
     }
 
     async fn load(&self) -> Result<()> {
-        let entries = crate::store::list_or_empty(&self.op, &self.dir).await?;
-        for e in entries {
-            if !e.path().ends_with(".rec") {
-                continue;
-            }
-            let bytes = self
-                .op
-                .read(e.path())
-                .await
-                .context(|| format!("reading {}", e.path()))?;
-            match SignedRecord::from_bytes(&bytes.to_vec()) {
-                Ok(rec) => {
-                    self.absorb(&rec);
-                }
-                Err(err) => {
-                    tracing::warn!(path = e.path(), error = %err, "ignoring unreadable trust record")
-                }
-            }
+        let dir = state::trust_records_dir(&self.prefix);
+        let records = state::read_each(
+            &self.op,
+            &dir,
+            ".rec",
+            "trust record",
+            SignedRecord::from_bytes,
+        )
+        .await?;
+        for (_, rec) in records {
+            self.absorb(&rec);
         }
         Ok(())
     }
@@ -214,7 +208,11 @@ impl AgentTrust {
 
     async fn persist(&self, rec: &SignedRecord) -> Result<()> {
         let bytes = rec.to_bytes();
-        let path = format!("{}{}.rec", self.dir, blake3::hash(&bytes).to_hex());
+        let path = format!(
+            "{}{}.rec",
+            state::trust_records_dir(&self.prefix),
+            blake3::hash(&bytes).to_hex()
+        );
         self.op
             .write(&path, bytes)
             .await
@@ -256,7 +254,7 @@ impl AgentTrust {
             scope: req.scope.clone(),
             not_before: now,
             not_after: now + req.expires_secs.unwrap_or(DEFAULT_GRANT_SECS).max(1),
-            seq: millis(),
+            seq: unix_millis(),
         };
         g.check_well_formed().map_err(Error::from)?;
         let rec = SignedRecord::seal(&self.key, &g)?;
@@ -306,7 +304,7 @@ impl AgentTrust {
             let rev = Revocation {
                 issuer: self.me,
                 grant_id,
-                seq: millis() + i as u64,
+                seq: unix_millis() + i as u64,
                 revoked_at: unix_now(),
             };
             let rec = SignedRecord::seal(&self.key, &rev)?;
@@ -533,15 +531,12 @@ impl AgentTrust {
         }
     }
 
-    /// Announces `agent` (addresses and held shares) when the set of shares
-    /// changed or the last announcement is past half its lifetime.
-    pub async fn announce(&self, agent: &Agent) {
+    /// Announces this agent (reachable at `addresses`, holding `shares`) when
+    /// the set of shares changed or the last announcement is past half its
+    /// lifetime.
+    pub async fn announce(&self, addresses: &[String], shares: &[ShareId]) {
         let Some(r) = &self.repos else { return };
-        let mut locators: Vec<[u8; 32]> = agent
-            .held_shares()
-            .iter()
-            .map(|s| share_locator(&s.id.0))
-            .collect();
+        let mut locators: Vec<[u8; 32]> = shares.iter().map(|s| share_locator(&s.0)).collect();
         locators.sort();
         let now = unix_now();
         let due = self
@@ -554,9 +549,9 @@ impl AgentTrust {
         }
         let a = Announcement {
             agent: self.me,
-            addresses: agent.advertise().to_vec(),
+            addresses: addresses.to_vec(),
             locators: locators.clone(),
-            seq: millis(),
+            seq: unix_millis(),
             expires_at: now + ANNOUNCE_TTL_SECS,
         };
         let rec = match SignedRecord::seal(&self.key, &a) {
@@ -585,11 +580,7 @@ impl AgentTrust {
         let Some(r) = &self.repos else {
             return Ok(Vec::new());
         };
-        let path = format!(
-            "{}peers/{}.json",
-            self.dir.trim_end_matches("records/"),
-            crate::trust::records::hex(share)
-        );
+        let path = state::trust_peers_file(&self.prefix, share);
         match r.holders(&share_locator(share)).await {
             Ok(holders) => {
                 let peers: Vec<(AgentId, Vec<String>)> = holders
@@ -614,28 +605,13 @@ impl AgentTrust {
             },
         }
     }
-
-    /// The background task: every `interval`, sync revocations and renew the
-    /// announcement, until `shutdown`.
-    pub async fn run(
-        self: Arc<Self>,
-        agent: Arc<Agent>,
-        interval: Duration,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            self.refresh().await;
-            self.announce(&agent).await;
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
-            }
-        }
-    }
 }
 
-impl TrustPolicy for AgentTrust {
-    fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool {
+impl AgentTrust {
+    /// Does `root` trust `who` within `max_hops`, given the proof records
+    /// `who` presented (each an encoded signed record)? True when a valid,
+    /// unrevoked chain exists.
+    pub fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool {
         let presented: Vec<SignedRecord> = proof
             .iter()
             .filter_map(|b| SignedRecord::from_bytes(b).ok())
@@ -654,20 +630,6 @@ impl TrustPolicy for AgentTrust {
 mod tests {
     use super::*;
     use crate::config::StorageConfig;
-    use crate::node::AgentOptions;
-
-    async fn agent(op: Operator, key: SecretKey) -> Arc<Agent> {
-        Agent::open(
-            key,
-            op,
-            AgentOptions {
-                state_prefix: ".caravan/".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap()
-    }
 
     fn memory() -> Operator {
         crate::store::open(&StorageConfig {
@@ -682,12 +644,14 @@ mod tests {
     async fn grants_persist_and_revocations_prune() {
         let op = memory();
         let alice_key = SecretKey::generate().unwrap();
-        let alice = agent(op.clone(), alice_key.clone()).await;
+        let alice_id = alice_key.agent_id();
         let (bob, carol) = (
             SecretKey::generate().unwrap().agent_id(),
             SecretKey::generate().unwrap().agent_id(),
         );
-        let web = AgentTrust::open(&alice, &[]).await.unwrap();
+        let web = AgentTrust::open(&alice_key, op.clone(), ".caravan/", &[])
+            .await
+            .unwrap();
         for (s, d) in [(bob, 1), (carol, 0)] {
             web.grant(&GrantRequest {
                 subject: s,
@@ -698,11 +662,11 @@ mod tests {
             .await
             .unwrap();
         }
-        assert!(web.trusts(&alice.id, &carol, 1, &[]));
+        assert!(web.trusts(&alice_id, &carol, 1, &[]));
         assert!(web.why(&carol).await.trusted);
         assert!(
             web.grant(&GrantRequest {
-                subject: alice.id,
+                subject: alice_id,
                 depth: 0,
                 expires_secs: None,
                 scope: None,
@@ -721,14 +685,16 @@ mod tests {
             1
         );
         assert!(web.last_revocation() > 0);
-        assert!(!web.trusts(&alice.id, &bob, 1, &[]));
+        assert!(!web.trusts(&alice_id, &bob, 1, &[]));
         assert!(web.revoke(&RevokeRequest::default()).await.is_err());
         let why = web.why(&bob).await;
         assert!(!why.trusted);
         assert!(why.reason.unwrap().contains("revoked"));
 
         // A restart keeps all of it.
-        let again = AgentTrust::open(&alice, &[]).await.unwrap();
+        let again = AgentTrust::open(&alice_key, op.clone(), ".caravan/", &[])
+            .await
+            .unwrap();
         let l = again.listing();
         assert_eq!(l.issued.len(), 2);
         assert!(l.issued.iter().any(|g| g.subject == bob && g.revoked));
@@ -739,23 +705,25 @@ mod tests {
     #[tokio::test]
     async fn peers_come_from_the_cache_when_repositories_are_down() {
         let op = memory();
-        let a = agent(op.clone(), SecretKey::generate().unwrap()).await;
+        let a_key = SecretKey::generate().unwrap();
         // Nothing listens on this port: every repository is down.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let web = AgentTrust::open(&a, &[format!("http://127.0.0.1:{port}")])
-            .await
-            .unwrap();
+        let web = AgentTrust::open(
+            &a_key,
+            op.clone(),
+            ".caravan/",
+            &[format!("http://127.0.0.1:{port}")],
+        )
+        .await
+        .unwrap();
         let share = [7u8; 32];
         assert!(web.peers_for(&share).await.is_err());
-        let known = vec![(a.id, vec!["127.0.0.1:1".to_string()])];
-        let path = format!(
-            ".caravan/trust/peers/{}.json",
-            crate::trust::records::hex(&share)
-        );
+        let known = vec![(a_key.agent_id(), vec!["127.0.0.1:1".to_string()])];
+        let path = format!(".caravan/trust/peers/{}.json", crate::util::hex(&share));
         op.write(&path, serde_json::to_vec(&known).unwrap())
             .await
             .unwrap();

@@ -36,7 +36,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -54,10 +53,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::record::{Kind, SignedRecord};
-use crate::trust::records::{hex, parse_hex32};
-use crate::trust::{
-    Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record, unix_now,
-};
+use crate::trust::{Announcement, Invalid, Reason, Revocation, TrustGrant, decode_record};
+use crate::util::{hex, parse_hex32, unix_now};
+
+mod feed;
+mod handlers;
+mod layout;
+mod limits;
+
+use layout::*;
+use limits::RateLimiter;
 
 use super::{FRAMES_CONTENT_TYPE, MAX_FRAMES, MAX_RECORD_BYTES, NEXT_CURSOR_HEADER, encode_frames};
 
@@ -180,13 +185,7 @@ impl Metrics {
     }
 }
 
-struct TokenBucket {
-    tokens: f64,
-    last: Instant,
-}
-
 const WRITE_STRIPES: usize = 64;
-const MAX_RATE_CLIENTS: usize = 100_000;
 const WRITE_RECHECKS: usize = 3;
 const FEED_ATTEMPTS: usize = 32;
 
@@ -199,7 +198,7 @@ pub struct Repository {
     feed_lock: tokio::sync::Mutex<u64>,
     cache: Mutex<HashMap<String, Arc<Cached>>>,
     feed_cache: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
-    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    limiter: RateLimiter,
 }
 
 /// Why a request failed, as the HTTP answer will say it.
@@ -270,29 +269,6 @@ pub struct Receipt {
     pub feed_seq: Option<u64>,
 }
 
-fn is_not_found(e: &opendal::Error) -> bool {
-    e.kind() == ErrorKind::NotFound
-}
-
-fn announcement_path(agent: &AgentId) -> String {
-    format!("records/announcement/{}", hex(&agent.0))
-}
-fn grant_path(issuer: &AgentId, subject: &AgentId) -> String {
-    format!("records/grant/{}/{}", hex(&issuer.0), hex(&subject.0))
-}
-fn revocation_path(issuer: &AgentId, id: &GrantId) -> String {
-    format!("records/revocation/{}/{}", hex(&issuer.0), id.to_hex())
-}
-fn locator_marker(locator: &[u8; 32], agent: &AgentId) -> String {
-    format!("index/locator/{}/{}", hex(locator), hex(&agent.0))
-}
-fn subject_marker(subject: &AgentId, issuer: &AgentId) -> String {
-    format!("index/grant-subject/{}/{}", hex(&subject.0), hex(&issuer.0))
-}
-fn feed_path(n: u64) -> String {
-    format!("feed/{n:020}")
-}
-
 impl Repository {
     /// Opens a repository on `op`: checks that storage answers and finds the
     /// head of the revocation feed. Everything else is read on demand.
@@ -307,37 +283,12 @@ impl Repository {
             feed_lock: tokio::sync::Mutex::new(0),
             cache: Mutex::new(HashMap::new()),
             feed_cache: Mutex::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::default(),
         };
         let head = repo.find_feed_head(0).await?;
         *repo.feed_lock.lock().await = head;
         tracing::info!(feed_head = head, "repository storage opened");
         Ok(Arc::new(repo))
-    }
-
-    /// The axum router serving the API (with body limit, rate limit, metrics).
-    /// Serve it with `into_make_service_with_connect_info::<SocketAddr>()`:
-    /// the per-client rate limit keys on the peer address (proxy headers are
-    /// deliberately not trusted).
-    pub fn router(self: &Arc<Self>) -> Router {
-        let api = Router::new()
-            .route("/v1/records", post(post_record))
-            .route("/v1/announcements/{agent}", get(get_announcement))
-            .route("/v1/locators/{locator}", get(get_locator))
-            .route("/v1/grants/by-issuer/{agent}", get(get_grants_by_issuer))
-            .route("/v1/grants/by-subject/{agent}", get(get_grants_by_subject))
-            .route(
-                "/v1/revocations/by-issuer/{agent}",
-                get(get_revocations_by_issuer),
-            )
-            .route("/v1/revocations", get(get_feed))
-            .layer(middleware::from_fn_with_state(self.clone(), rate_limit))
-            .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes));
-        Router::new()
-            .route("/metrics", get(get_metrics))
-            .route("/healthz", get(|| async { "ok\n" }))
-            .merge(api)
-            .with_state(self.clone())
     }
 
     fn storage_error(&self, e: Error) -> ApiError {
@@ -488,93 +439,6 @@ impl Repository {
         }
     }
 
-    /// First feed number not yet written, at or after `from` (entries are
-    /// contiguous, so galloping then bisecting on `exists` finds it).
-    async fn find_feed_head(&self, from: u64) -> Result<u64> {
-        let exists = |n: u64| {
-            let p = feed_path(n);
-            async move { self.op.exists(&p).await.context(|| format!("checking {p}")) }
-        };
-        if !exists(from).await? {
-            return Ok(from);
-        }
-        let (mut lo, mut step) = (from, 1u64);
-        // lo exists; find hi = lo + step that does not.
-        for _ in 0..64 {
-            if exists(lo.saturating_add(step)).await? {
-                lo = lo.saturating_add(step);
-                step = step.saturating_mul(2);
-            } else {
-                break;
-            }
-        }
-        let mut hi = lo.saturating_add(step);
-        while hi - lo > 1 {
-            let mid = lo + (hi - lo) / 2;
-            if exists(mid).await? {
-                lo = mid;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(hi)
-    }
-
-    async fn append_feed(&self, bytes: &[u8]) -> Result<u64> {
-        let mut head = self.feed_lock.lock().await;
-        let mut n = self.find_feed_head(*head).await?;
-        for _ in 0..FEED_ATTEMPTS {
-            let path = feed_path(n);
-            match self
-                .op
-                .write_with(&path, bytes.to_vec())
-                .if_not_exists(true)
-                .await
-            {
-                Ok(_) => {
-                    *head = n + 1;
-                    return Ok(n);
-                }
-                Err(e) if e.kind() == ErrorKind::ConditionNotMatch => {
-                    n = self.find_feed_head(n + 1).await?;
-                }
-                Err(e) if e.kind() == ErrorKind::Unsupported => {
-                    if self
-                        .op
-                        .exists(&path)
-                        .await
-                        .context(|| format!("checking {path}"))?
-                    {
-                        n = self.find_feed_head(n + 1).await?;
-                        continue;
-                    }
-                    self.op
-                        .write(&path, bytes.to_vec())
-                        .await
-                        .context(|| format!("writing {path}"))?;
-                    *head = n + 1;
-                    return Ok(n);
-                }
-                Err(e) => {
-                    // Some S3 implementations answer a failed precondition
-                    // with another status (moto: 403); if the entry exists
-                    // now, somebody else took this number.
-                    if self.op.exists(&path).await.unwrap_or(false) {
-                        n = self.find_feed_head(n + 1).await?;
-                        continue;
-                    }
-                    return Err(Error::Storage {
-                        context: format!("appending {path}"),
-                        source: e,
-                    });
-                }
-            }
-        }
-        Err(Error::Protocol(format!(
-            "could not append to the revocation feed after {FEED_ATTEMPTS} attempts (contention)"
-        )))
-    }
-
     /// Checks and stores one record (the body of `POST /v1/records`).
     async fn accept(&self, bytes: &[u8]) -> std::result::Result<Receipt, ApiError> {
         let now = unix_now();
@@ -664,34 +528,8 @@ impl Repository {
     }
 
     fn allow(&self, ip: IpAddr) -> bool {
-        let Ok(mut buckets) = self.buckets.lock() else {
-            return true;
-        };
-        let now = Instant::now();
-        if buckets.len() >= MAX_RATE_CLIENTS {
-            let rate = self.cfg.rate_per_second.max(1e-9);
-            let burst = self.cfg.rate_burst as f64;
-            // Drop clients whose bucket has refilled anyway.
-            buckets
-                .retain(|_, b| b.tokens + now.duration_since(b.last).as_secs_f64() * rate < burst);
-            if buckets.len() >= MAX_RATE_CLIENTS {
-                buckets.clear();
-            }
-        }
-        let burst = self.cfg.rate_burst.max(1) as f64;
-        let b = buckets.entry(ip).or_insert(TokenBucket {
-            tokens: burst,
-            last: now,
-        });
-        let elapsed = now.duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.cfg.rate_per_second).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.limiter
+            .allow(ip, self.cfg.rate_per_second, self.cfg.rate_burst)
     }
 }
 
@@ -737,327 +575,6 @@ fn parse_any(bytes: &[u8]) -> std::result::Result<Parsed, Invalid> {
             ));
         }
     })
-}
-
-async fn rate_limit(
-    State(repo): State<Arc<Repository>>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if repo.allow(addr.ip()) {
-        next.run(req).await
-    } else {
-        repo.metrics.rate_limited.inc();
-        let body =
-            r#"{"error":"rate_limited","detail":"too many requests from this address; slow down"}"#;
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                ),
-                (header::RETRY_AFTER, HeaderValue::from_static("1")),
-            ],
-            body,
-        )
-            .into_response()
-    }
-}
-
-async fn post_record(
-    State(repo): State<Arc<Repository>>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let result = match body {
-        Ok(bytes) => repo.accept(&bytes).await,
-        Err(rej) => Err(ApiError::Refused(Invalid::new(
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                Reason::Oversize
-            } else {
-                Reason::Malformed
-            },
-            rej.body_text(),
-        ))),
-    };
-    match result {
-        Ok(receipt) => {
-            repo.metrics
-                .accepted
-                .with_label_values(&[receipt.kind.as_str()])
-                .inc();
-            axum::Json(receipt).into_response()
-        }
-        Err(e) => {
-            if let ApiError::Refused(inv) = &e {
-                repo.metrics
-                    .rejected
-                    .with_label_values(&[inv.reason.as_str()])
-                    .inc();
-                tracing::debug!(reason = %inv.reason, detail = %inv.detail, "record refused");
-            }
-            e.into_response()
-        }
-    }
-}
-
-fn parse_agent(s: &str) -> std::result::Result<AgentId, ApiError> {
-    if let Some(raw) = parse_hex32(s) {
-        return Ok(AgentId(raw));
-    }
-    s.parse::<AgentId>()
-        .map_err(|e| ApiError::BadRequest(e.to_string()))
-}
-
-fn frames_response(records: Vec<Arc<Cached>>) -> Response {
-    let body = encode_frames(records.iter().map(|c| c.bytes.as_slice()));
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static(FRAMES_CONTENT_TYPE),
-        )],
-        body,
-    )
-        .into_response()
-}
-
-async fn get_announcement(
-    State(repo): State<Arc<Repository>>,
-    Path(agent): Path<String>,
-) -> std::result::Result<Response, ApiError> {
-    let agent = parse_agent(&agent)?;
-    repo.metrics
-        .lookups
-        .with_label_values(&["announcement"])
-        .inc();
-    let now = unix_now();
-    match repo
-        .read_record(&announcement_path(&agent))
-        .await
-        .map_err(|e| repo.storage_error(e))?
-    {
-        Some(c) if matches!(&c.value, Parsed::Announcement(a) if a.expires_at > now) => Ok((
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            )],
-            c.bytes.clone(),
-        )
-            .into_response()),
-        _ => Err(ApiError::NotFound(format!(
-            "no current announcement for {}",
-            agent.short()
-        ))),
-    }
-}
-
-async fn get_locator(
-    State(repo): State<Arc<Repository>>,
-    Path(locator): Path<String>,
-) -> std::result::Result<Response, ApiError> {
-    let loc = parse_hex32(&locator)
-        .ok_or_else(|| ApiError::BadRequest("a locator is 64 hex characters".into()))?;
-    repo.metrics.lookups.with_label_values(&["locator"]).inc();
-    let now = unix_now();
-    let prefix = format!("index/locator/{}/", hex(&loc));
-    let names = repo
-        .list_names(&prefix, repo.cfg.max_results)
-        .await
-        .map_err(|e| repo.storage_error(e))?;
-    let mut out = Vec::new();
-    for name in names {
-        let Some(agent) = parse_hex32(&name).map(AgentId) else {
-            continue;
-        };
-        let rec = repo
-            .read_record(&announcement_path(&agent))
-            .await
-            .map_err(|e| repo.storage_error(e))?;
-        match rec {
-            Some(c) if matches!(&c.value, Parsed::Announcement(a) if a.expires_at > now && a.locators.contains(&loc)) => {
-                out.push(c)
-            }
-            _ => {
-                // Expired, gone, or the agent no longer holds it: the marker
-                // is stale. (Markers are written after their announcement,
-                // and a re-announcement writes them again.)
-                repo.delete_quietly(&format!("{prefix}{name}")).await;
-            }
-        }
-    }
-    Ok(frames_response(out))
-}
-
-async fn grants_for(
-    repo: &Repository,
-    paths: Vec<String>,
-) -> std::result::Result<Vec<Arc<Cached>>, ApiError> {
-    let now = unix_now();
-    let mut out = Vec::new();
-    for p in paths {
-        if let Some(c) = repo
-            .read_record(&p)
-            .await
-            .map_err(|e| repo.storage_error(e))?
-            && matches!(&c.value, Parsed::Grant(g) if g.check_window(now).is_ok())
-        {
-            out.push(c);
-        }
-    }
-    Ok(out)
-}
-
-async fn get_grants_by_issuer(
-    State(repo): State<Arc<Repository>>,
-    Path(agent): Path<String>,
-) -> std::result::Result<Response, ApiError> {
-    let issuer = parse_agent(&agent)?;
-    repo.metrics
-        .lookups
-        .with_label_values(&["grants_by_issuer"])
-        .inc();
-    let prefix = format!("records/grant/{}/", hex(&issuer.0));
-    let names = repo
-        .list_names(&prefix, repo.cfg.max_results)
-        .await
-        .map_err(|e| repo.storage_error(e))?;
-    let paths = names.into_iter().map(|n| format!("{prefix}{n}")).collect();
-    Ok(frames_response(grants_for(&repo, paths).await?))
-}
-
-async fn get_grants_by_subject(
-    State(repo): State<Arc<Repository>>,
-    Path(agent): Path<String>,
-) -> std::result::Result<Response, ApiError> {
-    let subject = parse_agent(&agent)?;
-    repo.metrics
-        .lookups
-        .with_label_values(&["grants_by_subject"])
-        .inc();
-    let prefix = format!("index/grant-subject/{}/", hex(&subject.0));
-    let names = repo
-        .list_names(&prefix, repo.cfg.max_results)
-        .await
-        .map_err(|e| repo.storage_error(e))?;
-    let paths = names
-        .into_iter()
-        .filter_map(|n| parse_hex32(&n).map(|i| grant_path(&AgentId(i), &subject)))
-        .collect();
-    Ok(frames_response(grants_for(&repo, paths).await?))
-}
-
-async fn get_revocations_by_issuer(
-    State(repo): State<Arc<Repository>>,
-    Path(agent): Path<String>,
-) -> std::result::Result<Response, ApiError> {
-    let issuer = parse_agent(&agent)?;
-    repo.metrics
-        .lookups
-        .with_label_values(&["revocations_by_issuer"])
-        .inc();
-    let prefix = format!("records/revocation/{}/", hex(&issuer.0));
-    let names = repo
-        .list_names(&prefix, repo.cfg.max_results)
-        .await
-        .map_err(|e| repo.storage_error(e))?;
-    let mut out = Vec::new();
-    for n in names {
-        if let Some(c) = repo
-            .read_record(&format!("{prefix}{n}"))
-            .await
-            .map_err(|e| repo.storage_error(e))?
-        {
-            out.push(c);
-        }
-    }
-    Ok(frames_response(out))
-}
-
-#[derive(Debug, Deserialize)]
-struct FeedQuery {
-    #[serde(default)]
-    cursor: u64,
-    limit: Option<usize>,
-}
-
-async fn get_feed(
-    State(repo): State<Arc<Repository>>,
-    Query(q): Query<FeedQuery>,
-) -> std::result::Result<Response, ApiError> {
-    repo.metrics
-        .lookups
-        .with_label_values(&["revocation_feed"])
-        .inc();
-    let limit = q
-        .limit
-        .unwrap_or(repo.cfg.max_results)
-        .min(repo.cfg.max_results);
-    let mut entries: Vec<Arc<Vec<u8>>> = Vec::new();
-    let mut n = q.cursor;
-    while entries.len() < limit {
-        let cached = repo.feed_cache.lock().ok().and_then(|c| c.get(&n).cloned());
-        let bytes = match cached {
-            Some(b) => b,
-            None => {
-                let Some(raw) = repo
-                    .read_raw(&feed_path(n))
-                    .await
-                    .map_err(|e| repo.storage_error(e))?
-                else {
-                    break;
-                };
-                // An entry that does not verify is being written right now
-                // (or was tampered with): stop before it, the client retries.
-                if decode_record(&raw)
-                    .and_then(|r| Revocation::from_record(&r))
-                    .is_err()
-                {
-                    tracing::warn!(n, "feed entry does not verify; stopping the page before it");
-                    break;
-                }
-                let b = Arc::new(raw);
-                if let Ok(mut c) = repo.feed_cache.lock() {
-                    if c.len() >= repo.cfg.cache_entries {
-                        c.clear();
-                    }
-                    c.insert(n, b.clone());
-                }
-                b
-            }
-        };
-        entries.push(bytes);
-        n += 1;
-    }
-    let body = encode_frames(entries.iter().map(|b| b.as_slice()));
-    let next =
-        HeaderValue::from_str(&n.to_string()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok((
-        [
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(FRAMES_CONTENT_TYPE),
-            ),
-            (header::HeaderName::from_static(NEXT_CURSOR_HEADER), next),
-        ],
-        body,
-    )
-        .into_response())
-}
-
-async fn get_metrics(State(repo): State<Arc<Repository>>) -> Response {
-    let mut buf = Vec::new();
-    match TextEncoder::new().encode(&repo.metrics.registry.gather(), &mut buf) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            )],
-            buf,
-        )
-            .into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
 }
 
 /// Serves a repository with default tunables on `addr` until `shutdown`
@@ -1143,14 +660,6 @@ mod tests {
         assert!(rt.block_on(r.submit(&bytes)).is_ok());
     }
 
-    #[test]
-    fn agent_path_parameters() {
-        let id = SecretKey::from_seed([1; 32]).agent_id();
-        assert_eq!(parse_agent(&id.to_string()).unwrap(), id);
-        assert_eq!(parse_agent(&hex(&id.0)).unwrap(), id);
-        assert!(parse_agent("nope").is_err());
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(128))]
 
@@ -1161,10 +670,5 @@ mod tests {
             prop_assert!(rt.block_on(r.submit(&b)).is_err());
         }
 
-        #[test]
-        fn path_parsers_never_panic(s in ".{0,100}") {
-            let _ = parse_agent(&s);
-            let _ = parse_hex32(&s);
-        }
     }
 }

@@ -14,8 +14,9 @@ use crate::crypto::Key;
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{Access, Entry, EntryKind, Manifest, ShareId, Ticket, check_path};
-use crate::node::Agent;
-use crate::share::{HeldShare, Role};
+use crate::node::agent::Agent;
+use crate::node::share::{HeldShare, Role};
+use crate::util::unix_now;
 
 /// How much of a file is read from storage at a time.
 const READ_BLOCK: u64 = 16 << 20;
@@ -64,13 +65,6 @@ pub struct PublishProgress {
     pub bytes: AtomicU64,
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Normalizes a user path into OpenDAL form: no leading `/`, `""` = the root.
 pub fn normalize(path: &str) -> String {
     let p = path.trim().trim_start_matches('/');
@@ -104,7 +98,7 @@ impl Agent {
                 // it already holds.
                 let pruned_since = old.manifest.access.trust_depth.is_some()
                     && self
-                        .web()
+                        .trust()
                         .is_some_and(|w| w.last_revocation() >= old.manifest.created_at);
                 let key = if req.rotate_key || pruned_since {
                     Key::random()?
@@ -117,7 +111,7 @@ impl Agent {
         };
         for a in &req.access.agents {
             if *a == self.id {
-                return Err(Error::Config(
+                return Err(Error::Rejected(
                     "a share's recipients cannot include its publisher".into(),
                 ));
             }
@@ -155,7 +149,7 @@ impl Agent {
         let manifest = Manifest {
             share_id,
             seq,
-            created_at: now_secs(),
+            created_at: unix_now(),
             access: req.access.clone(),
             entries,
         };

@@ -10,22 +10,14 @@ use opendal::Operator;
 
 use crate::chunk::{self, ChunkId};
 use crate::error::{Context, Error, Result};
-use crate::fetch::FetchProgress;
 use crate::identity::{AgentId, SecretKey, wrap_key};
 use crate::manifest::{KeyRelease, ShareId};
-use crate::metrics::Metrics;
+use crate::node::fetch::progress::FetchProgress;
+use crate::node::metrics::Metrics;
+use crate::node::share::{self, HeldShare, Role};
+use crate::node::trust::AgentTrust;
 use crate::record::SignedRecord;
-use crate::share::{self, HeldShare, Role};
-use crate::trust::agent_trust::AgentTrust;
 use crate::wire::server::Service;
-
-/// Answers "does `root` trust `who` within `max_hops`?", given the proof
-/// records `who` presented. Plugged in by the trust engine; without one,
-/// only explicitly named recipients are served.
-pub trait TrustPolicy: Send + Sync {
-    /// True when a valid, unrevoked chain exists.
-    fn trusts(&self, root: &AgentId, who: &AgentId, max_hops: u8, proof: &[Vec<u8>]) -> bool;
-}
 
 /// Grant records a peer presented (each an encoded signed record).
 type Proof = Vec<Vec<u8>>;
@@ -60,9 +52,9 @@ pub struct Agent {
     /// Metrics exported on `/metrics`.
     pub metrics: Metrics,
     pub(crate) fetches: Mutex<HashMap<ShareId, Arc<FetchProgress>>>,
-    pub(crate) trust: RwLock<Option<Arc<dyn TrustPolicy>>>,
-    /// The agent's trust state (engine, repositories), when installed.
-    pub(crate) web: RwLock<Option<Arc<AgentTrust>>>,
+    /// The agent's trust state (engine, repositories), when installed;
+    /// without it only explicitly named recipients are served.
+    pub(crate) trust: RwLock<Option<Arc<AgentTrust>>>,
     /// The proof each peer presented with its last successful GetKey, per
     /// share: manifest and chunk requests carry none, so it is re-checked
     /// against the current engine on every one of them (a revocation then
@@ -99,30 +91,41 @@ impl Agent {
             metrics,
             fetches: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
-            web: RwLock::new(None),
             presented: Mutex::new(HashMap::new()),
         }))
     }
 
-    /// Installs the trust engine used for trust-depth shares.
-    pub fn set_trust_policy(&self, policy: Arc<dyn TrustPolicy>) {
+    /// Installs the agent's trust state: it decides trust-depth shares, and
+    /// is the source of proofs this agent presents and of peers found in
+    /// repositories.
+    pub fn set_trust(&self, trust: Arc<AgentTrust>) {
         if let Ok(mut t) = self.trust.write() {
-            *t = Some(policy);
-        }
-    }
-
-    /// Installs the agent's trust state: it becomes the trust policy, the
-    /// source of proofs this agent presents, and of peers found in repositories.
-    pub fn set_web(&self, web: Arc<AgentTrust>) {
-        self.set_trust_policy(web.clone());
-        if let Ok(mut w) = self.web.write() {
-            *w = Some(web);
+            *t = Some(trust);
         }
     }
 
     /// The agent's trust state, when installed.
-    pub fn web(&self) -> Option<Arc<AgentTrust>> {
-        self.web.read().ok().and_then(|w| w.clone())
+    pub fn trust(&self) -> Option<Arc<AgentTrust>> {
+        self.trust.read().ok().and_then(|t| t.clone())
+    }
+
+    /// Syncs revocations and renews this agent's announcement every
+    /// `interval`, until `shutdown` (nothing to do without trust state).
+    pub async fn run_trust_sync(
+        self: Arc<Self>,
+        interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let Some(trust) = self.trust() else { return };
+        loop {
+            trust.refresh().await;
+            let shares: Vec<ShareId> = self.held_shares().iter().map(|s| s.id).collect();
+            trust.announce(self.advertise(), &shares).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
     }
 
     /// The storage operator.
@@ -189,9 +192,9 @@ impl Agent {
         }
         if let Some(depth) = s.manifest.access.trust_depth
             && let Ok(guard) = self.trust.read()
-            && let Some(policy) = guard.as_ref()
+            && let Some(trust) = guard.as_ref()
         {
-            return policy.trusts(&s.publisher, peer, depth, proof);
+            return trust.trusts(&s.publisher, peer, depth, proof);
         }
         false
     }

@@ -1,0 +1,321 @@
+//! The command line: every subcommand, its flags and their parsers.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use caravan_agent::identity::AgentId;
+use caravan_agent::manifest::ShareId;
+
+pub(crate) const AFTER_HELP: &str = "\
+Quick start (two agents on this machine):
+  caravan-agent demo                              # see it work, nothing to set up
+  caravan-agent init --dir ./alice --listen 127.0.0.1:7400 --admin 127.0.0.1:7401
+  caravan-agent run --config ./alice/agent.toml   # the daemon (keep it running)
+  caravan-agent publish --config ./alice/agent.toml photos --to <BOB'S AGENT ID>
+  caravan-agent fetch --config ./bob/agent.toml <TICKET> --dest photos-from-alice
+
+Exit codes: 0 ok, 1 failure, 2 bad usage, 3 bad configuration or input,
+4 daemon unreachable, 5 transfer or verification failed.
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=caravan_agent=debug) and
+--log-format json for structured logs.";
+
+/// Caravan agent: exchange encrypted, content-addressed chunks between storages.
+///
+/// An agent holds a key pair (its identity) and access to one storage (a local
+/// directory, S3, GCS, Azure Blob, Google Drive, Dropbox, OneDrive, WebDAV…).
+/// It publishes folders from that storage as shares for named agents, and fetches
+/// shares others published for it, verifying every chunk.
+#[derive(Parser, Debug)]
+#[command(name = "caravan-agent", version, after_help = AFTER_HELP, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub(crate) log_format: LogFormat,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Create a new agent key pair and print its agent id.
+    ///
+    /// The key file is written with mode 0600. The agent id (cv1-…) is public:
+    /// give it to people who want to share with you.
+    Keygen {
+        /// Where to write the secret key.
+        #[arg(long, default_value = "identity.key")]
+        out: PathBuf,
+        /// Overwrite an existing key file (the old identity is lost).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Create a ready-to-run agent directory: key, admin token, config, and
+    /// local storage under DIR/data.
+    Init {
+        /// The directory to create.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Peer listen address.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: String,
+        /// Admin API listen address (keep it on loopback).
+        #[arg(long = "admin", default_value = "127.0.0.1:7401")]
+        admin: String,
+        /// Metrics listen address (empty to disable).
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        metrics: String,
+    },
+    /// Print the agent id of a config's identity (or of a key file).
+    Id {
+        #[command(flatten)]
+        target: ConfigOrKey,
+    },
+    /// Run the agent daemon (serves peers, the admin API and /metrics).
+    ///
+    /// Interrupted fetches resume on start. Stops cleanly on SIGINT/SIGTERM.
+    Run {
+        /// Agent configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Publish a path of this agent's storage as a share (asks the running daemon).
+    ///
+    /// Prints one ticket per recipient; send each recipient its ticket. To
+    /// publish a new version of a share, pass --share with its id: only
+    /// changed chunks will travel.
+    Publish {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Directory or file in the agent's storage ("" or "." for everything).
+        path: String,
+        /// Recipient agent id (repeat for several).
+        #[arg(long = "to", value_name = "AGENT_ID")]
+        to: Vec<AgentId>,
+        /// Also allow every agent this agent trusts within N hops.
+        #[arg(long, value_name = "N")]
+        trust_depth: Option<u8>,
+        /// Publish a new version of this share.
+        #[arg(long, value_name = "SHARE_ID")]
+        share: Option<ShareId>,
+        /// Use a fresh share key for this version (after removing someone).
+        #[arg(long, requires = "share")]
+        rotate_key: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a ticket for one more recipient of a share this agent publishes.
+    Ticket {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The share id.
+        share: ShareId,
+        /// The recipient's agent id.
+        #[arg(long = "to", value_name = "AGENT_ID")]
+        to: AgentId,
+    },
+    /// Fetch a share from a ticket into a directory of this agent's storage.
+    ///
+    /// Shows progress until every file is verified and in place. Files appear
+    /// only when complete. If the daemon stops, the fetch resumes when it
+    /// restarts, without downloading verified chunks again.
+    Fetch {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The ticket (caravan-ticket-v1:…).
+        ticket: String,
+        /// Destination directory in the agent's storage.
+        #[arg(long)]
+        dest: String,
+        /// Extra peer address (host:port) that holds the share (repeatable).
+        #[arg(long = "peer", value_name = "ADDR")]
+        peers: Vec<String>,
+        /// Start the fetch and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// Print the final progress as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the running daemon holds and is fetching.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run two agents on loopback with temporary storage, move a generated
+    /// folder from one to the other, verify every byte, and report throughput.
+    Demo {
+        /// Total payload size in bytes (suffixes K, M, G accepted: 1G = 2^30).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        size: u64,
+        /// Number of files the payload is split into.
+        #[arg(long, default_value_t = 16)]
+        files: u64,
+        /// Keep both agents' storage in this directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+        /// Print one JSON object on stdout (bytes, files, seconds, verified…;
+        /// for the trust scenario: pruned, kept, revocation_seconds, verified…).
+        #[arg(long)]
+        json: bool,
+        /// `transfer`: two agents move a folder. `trust`: two repositories
+        /// and five agents (alice, bob, carol, dave, erin) with grants
+        /// alice→bob(2), bob→carol(1), carol→dave(0), alice→erin(1),
+        /// erin→dave(0); alice shares with "agents I trust within 3 hops",
+        /// then revokes alice→bob while a repository is down: bob and carol
+        /// are refused, dave (through erin) and erin keep fetching.
+        #[arg(long, value_enum, default_value = "transfer")]
+        scenario: Scenario,
+    },
+    /// Manage whom this agent vouches for (asks the running daemon).
+    ///
+    /// A grant says "I trust AGENT_ID, and let it vouch DEPTH more hops".
+    /// Shares published with --trust-depth N go to every agent reachable
+    /// from this one through at most N grants. Grants and revocations are
+    /// signed by this agent and published to its repositories.
+    Trust {
+        #[command(subcommand)]
+        action: TrustCommand,
+    },
+    /// List the peers the repositories know for a share (agent id and addresses).
+    Peers {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The share id.
+        share: ShareId,
+        /// Print the peers as JSON (`[{"agent_id", "addresses"}]`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a repository (tracker): stores and serves signed announcements,
+    /// grants and revocations over HTTP. It verifies every record, so it can
+    /// lose data but never forge it.
+    Repository(caravan_agent::repository::RepositoryArgs),
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Scenario {
+    Transfer,
+    Trust,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum TrustCommand {
+    /// Vouch for an agent: sign a grant and publish it.
+    ///
+    /// Example: `caravan-agent trust grant cv1-… --depth 1 --expires 30d -c agent.toml`
+    Grant {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The agent to trust.
+        agent: AgentId,
+        /// How many further hops it may vouch (0: trusted, cannot vouch).
+        #[arg(long)]
+        depth: u8,
+        /// Validity from now: seconds, or with a suffix s, m, h, d (default 365d).
+        #[arg(long, value_parser = parse_duration)]
+        expires: Option<u64>,
+        /// Limit the grant to one scope.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Withdraw every grant this agent issued to AGENT_ID (or one --grant-id).
+    ///
+    /// Takes effect on this agent at once (peers served through the grant are
+    /// refused on their next request) and on others as they read the
+    /// repositories' revocation feed. The next version of a share published
+    /// for a trust depth gets a fresh key by itself, so revoked agents cannot
+    /// read it even with the key they already hold.
+    Revoke {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The agent whose grants to revoke.
+        #[arg(required_unless_present = "grant_id", conflicts_with = "grant_id")]
+        agent: Option<AgentId>,
+        /// Revoke this one grant (hex id from `trust list`).
+        #[arg(long)]
+        grant_id: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the grants this agent issued and its trust tree.
+    List {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain whether and why this agent trusts AGENT_ID: the chain of
+    /// grants, or why there is none (no grant, expired, revoked, too deep).
+    /// Exits 1 when there is no chain.
+    Why {
+        /// Agent configuration file (to find the daemon and its token).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The agent in question.
+        agent: AgentId,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn parse_duration(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('s') => (&s[..s.len() - 1], 1),
+        Some('m') => (&s[..s.len() - 1], 60),
+        Some('h') => (&s[..s.len() - 1], 3600),
+        Some('d') => (&s[..s.len() - 1], 86400),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 3600, 90m, 12h, 30d)"))
+}
+
+#[derive(clap::Args, Debug)]
+#[group(required = true, multiple = false)]
+pub(crate) struct ConfigOrKey {
+    /// Agent configuration file.
+    #[arg(long, short)]
+    pub(crate) config: Option<PathBuf>,
+    /// Secret key file.
+    #[arg(long)]
+    pub(crate) identity: Option<PathBuf>,
+}
+
+pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 1048576, 512K, 64M, 1G)"))
+}

@@ -1,0 +1,75 @@
+//! The client of the local daemon's admin API.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow};
+
+use caravan_agent::daemon::{self, api};
+
+use crate::cli::exit::Exit;
+use crate::cli::setup::load_config;
+
+/// A client of the local daemon's admin API.
+pub(crate) struct Admin {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub(crate) fn from_config(path: &Path) -> Result<Admin> {
+        let cfg = load_config(path)?;
+        let token =
+            daemon::read_token(&cfg.admin_token_file).map_err(|e| Exit::Config(anyhow!(e)))?;
+        let addr = cfg.admin_listen.replace("0.0.0.0", "127.0.0.1");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3600))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Admin {
+            base: format!("http://{addr}"),
+            token,
+            http,
+        })
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T> {
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+            Exit::Unreachable(anyhow!(
+                "cannot reach the agent daemon at {} ({e}); is `caravan-agent run` running?",
+                self.base
+            ))
+        })?;
+        let status = resp.status();
+        let body = resp.bytes().await.context("reading the daemon's answer")?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<api::ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(if status.is_client_error() {
+                Exit::Config(anyhow!("{msg}")).into()
+            } else {
+                anyhow!("the daemon failed: {msg}")
+            });
+        }
+        serde_json::from_slice(&body).context("decoding the daemon's answer")
+    }
+
+    pub(crate) async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
+    }
+
+    pub(crate) async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}

@@ -1,0 +1,116 @@
+//! Command-line interface. Every failure prints one clear line and exits
+//! with a code a script can act on:
+//! 0 success, 1 failure, 2 bad usage, 3 bad configuration or input,
+//! 4 daemon unreachable, 5 transfer or verification failed.
+
+mod args;
+mod client;
+mod demo;
+mod exit;
+mod setup;
+mod shares;
+mod trust;
+
+use std::process::ExitCode;
+
+use anyhow::{Result, anyhow, bail};
+use clap::Parser;
+
+use args::{Cli, Command, LogFormat};
+use exit::Exit;
+use setup::{init, keygen, load_config, run, wait_for_signal};
+
+use caravan_agent::daemon;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo reports what happened itself; its logs would only drown it
+    // (e.g. every sync with the repository it stops on purpose).
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "error"
+    } else {
+        "info"
+    };
+    init_logging(cli.log_format, default_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = match e.downcast_ref::<Exit>() {
+                Some(Exit::Config(_)) => 3,
+                Some(Exit::Unreachable(_)) => 4,
+                Some(Exit::Transfer(_)) => 5,
+                None => match e.downcast_ref::<caravan_agent::Error>() {
+                    Some(
+                        caravan_agent::Error::Config(_)
+                        | caravan_agent::Error::Parse { .. }
+                        | caravan_agent::Error::Rejected(_),
+                    ) => 3,
+                    _ => 1,
+                },
+            };
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn dispatch(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Keygen { out, force } => keygen(&out, force),
+        Command::Init {
+            dir,
+            listen,
+            admin,
+            metrics,
+        } => init(&dir, listen, admin, metrics),
+        Command::Id { target } => {
+            let key = match (target.config, target.identity) {
+                (Some(c), _) => daemon::read_identity(&load_config(&c)?.identity_file)?,
+                (_, Some(k)) => daemon::read_identity(&k)?,
+                _ => bail!("give --config or --identity"),
+            };
+            println!("{}", key.agent_id());
+            Ok(())
+        }
+        Command::Run { config } => run(&config).await,
+        cmd @ (Command::Publish { .. }
+        | Command::Ticket { .. }
+        | Command::Fetch { .. }
+        | Command::Status { .. }
+        | Command::Peers { .. }) => shares::command(cmd).await,
+        cmd @ Command::Demo { .. } => demo::command(cmd).await,
+        Command::Trust { action } => trust::command(action).await,
+        Command::Repository(args) => {
+            let shutdown = async { wait_for_signal().await };
+            caravan_agent::repository::run(&args, shutdown)
+                .await
+                .map_err(|e| match e {
+                    caravan_agent::Error::Config(_) => Exit::Config(anyhow!(e)).into(),
+                    other => anyhow!(other),
+                })
+        }
+    }
+}

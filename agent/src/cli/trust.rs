@@ -1,0 +1,127 @@
+//! `trust`: grants, revocations and questions, through the admin API.
+
+use anyhow::{Result, bail};
+
+use caravan_agent::daemon::api;
+
+use crate::cli::args::TrustCommand;
+use crate::cli::client::Admin;
+
+pub(crate) async fn command(action: TrustCommand) -> Result<()> {
+    use caravan_agent::daemon::api::{
+        GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer,
+    };
+    match action {
+        TrustCommand::Grant {
+            config,
+            agent,
+            depth,
+            expires,
+            scope,
+            json,
+        } => {
+            let g: GrantInfo = Admin::from_config(&config)?
+                .post(
+                    api::TRUST_GRANTS,
+                    &GrantRequest {
+                        subject: agent,
+                        depth,
+                        expires_secs: expires,
+                        scope,
+                    },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                println!(
+                    "granted {} depth {} until unix {} (grant {}); published to {}",
+                    g.subject,
+                    g.depth,
+                    g.not_after,
+                    g.grant_id,
+                    if g.published_to.is_empty() {
+                        "no repository (none configured)".to_string()
+                    } else {
+                        g.published_to.join(", ")
+                    }
+                );
+            }
+            Ok(())
+        }
+        TrustCommand::Revoke {
+            config,
+            agent,
+            grant_id,
+            json,
+        } => {
+            let r: api::RevokeResponse = Admin::from_config(&config)?
+                .post(
+                    api::TRUST_REVOCATIONS,
+                    &RevokeRequest {
+                        subject: agent,
+                        grant_id,
+                    },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                for id in &r.revoked {
+                    println!("revoked grant {id}");
+                }
+            }
+            Ok(())
+        }
+        TrustCommand::List { config, json } => {
+            let l: TrustListing = Admin::from_config(&config)?.get(api::TRUST).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&l)?);
+            } else {
+                println!("grants issued by {}:", l.agent_id);
+                for g in &l.issued {
+                    println!(
+                        "  {} -> {} depth {}{}{} (grant {})",
+                        g.issuer.short(),
+                        g.subject,
+                        g.depth,
+                        g.scope
+                            .as_ref()
+                            .map(|s| format!(" scope {s}"))
+                            .unwrap_or_default(),
+                        if g.revoked { " REVOKED" } else { "" },
+                        g.grant_id
+                    );
+                }
+                println!("\ntrust tree:\n{}", l.tree);
+            }
+            Ok(())
+        }
+        TrustCommand::Why {
+            config,
+            agent,
+            json,
+        } => {
+            let w: WhyAnswer = Admin::from_config(&config)?
+                .get(&api::trust_why(&agent.to_string()))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&w)?);
+            } else if w.trusted {
+                println!("trusted through {} grant(s):", w.chain.len());
+                for hop in &w.chain {
+                    println!("  {hop}");
+                }
+            } else {
+                println!(
+                    "not trusted: {}",
+                    w.reason.clone().unwrap_or_else(|| "no chain".into())
+                );
+            }
+            if !w.trusted {
+                bail!("no trust chain to {agent}");
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The admin API server: bearer-token check, one handler per route of
+//! [`super::api`], and the mapping of library errors to HTTP statuses.
+
+use std::sync::Arc;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::daemon::api::{
+    self, ApiError, FetchRequest, GrantInfo, GrantRequest, PeerInfo, ProgressSnapshot,
+    PublishRequest, Published, RevokeRequest, RevokeResponse, ShareSummary, Status, TicketRequest,
+    TicketResponse, TrustListing, WhyAnswer,
+};
+use crate::error::Error;
+use crate::identity::AgentId;
+use crate::manifest::ShareId;
+use crate::node::{Agent, AgentTrust};
+
+/// Builds [`Status`] for an agent.
+pub fn status(agent: &Agent) -> Status {
+    let mut shares: Vec<ShareSummary> = agent
+        .held_shares()
+        .iter()
+        .map(|s| ShareSummary {
+            share_id: s.id.to_string(),
+            role: s.role,
+            seq: s.seq(),
+            files: s.manifest.files().count() as u64,
+            bytes: s.manifest.total_bytes(),
+            chunks: s.manifest.total_chunks(),
+            root: s.root.clone(),
+        })
+        .collect();
+    shares.sort_by(|a, b| a.share_id.cmp(&b.share_id));
+    Status {
+        agent_id: agent.id.to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        advertise: agent.advertise().to_vec(),
+        shares,
+        fetches: agent.all_fetches().iter().map(|p| p.snapshot()).collect(),
+    }
+}
+
+struct ApiFailure(StatusCode, String);
+
+impl From<Error> for ApiFailure {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            e if e.is_bad_input() => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiFailure(code, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    agent: Arc<Agent>,
+    token: Arc<String>,
+}
+
+fn check_token(state: &AdminState, headers: &HeaderMap) -> std::result::Result<(), ApiFailure> {
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = state.token.as_bytes();
+    let ok = given.len() == want.len()
+        && given
+            .bytes()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiFailure(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token".into(),
+        ))
+    }
+}
+
+/// The admin API router (bearer-token protected).
+pub fn admin_router(agent: Arc<Agent>, token: String) -> Router {
+    let state = AdminState {
+        agent,
+        token: Arc::new(token),
+    };
+    Router::new()
+        .route(api::STATUS, get(api_status))
+        .route(api::SHARES, post(api_publish))
+        .route(api::SHARE_TICKETS, post(api_ticket))
+        .route(api::FETCHES, post(api_fetch))
+        .route(api::FETCH, get(api_fetch_status))
+        .route(api::TRUST, get(api_trust_list))
+        .route(api::TRUST_GRANTS, post(api_trust_grant))
+        .route(api::TRUST_REVOCATIONS, post(api_trust_revoke))
+        .route(api::TRUST_WHY, get(api_trust_why))
+        .route(api::SHARE_PEERS, get(api_share_peers))
+        .with_state(state)
+}
+
+async fn api_status(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+) -> std::result::Result<Json<Status>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(status(&s.agent)))
+}
+
+async fn api_publish(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Json(req): Json<PublishRequest>,
+) -> std::result::Result<Json<Published>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(s.agent.publish(req, None).await?))
+}
+
+async fn api_ticket(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+    Json(req): Json<TicketRequest>,
+) -> std::result::Result<Json<TicketResponse>, ApiFailure> {
+    check_token(&s, &h)?;
+    let id: ShareId = id.parse()?;
+    Ok(Json(TicketResponse {
+        ticket: s.agent.ticket(id, req.recipient)?,
+    }))
+}
+
+async fn api_fetch(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Json(req): Json<FetchRequest>,
+) -> std::result::Result<Json<ProgressSnapshot>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(s.agent.start_fetch(req).await?.snapshot()))
+}
+
+async fn api_fetch_status(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> std::result::Result<Json<ProgressSnapshot>, ApiFailure> {
+    check_token(&s, &h)?;
+    let id: ShareId = id.parse()?;
+    let p = s
+        .agent
+        .fetch_progress(&id)
+        .ok_or_else(|| Error::NotFound(format!("no fetch of {id} since the agent started")))?;
+    Ok(Json(p.snapshot()))
+}
+
+fn trust(s: &AdminState) -> std::result::Result<Arc<AgentTrust>, ApiFailure> {
+    s.agent.trust().ok_or_else(|| {
+        ApiFailure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the trust state is not loaded".into(),
+        )
+    })
+}
+
+/// `GET /v1/trust`: grants issued and the trust tree.
+async fn api_trust_list(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+) -> std::result::Result<Json<TrustListing>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(trust(&s)?.listing()))
+}
+
+/// `POST /v1/trust/grants` with a [`GrantRequest`]
+/// (`{"subject": "<agent id>", "depth": N, "expires_secs": S?, "scope": "…"?}`):
+/// signs a grant with this agent's key, keeps it and publishes it to every
+/// configured repository; answers a [`GrantInfo`] (`published_to` lists the
+/// repositories that stored it). 400 on a malformed request (e.g. a grant
+/// to itself), 502 when repositories are configured and none took it.
+async fn api_trust_grant(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Json(req): Json<GrantRequest>,
+) -> std::result::Result<Json<GrantInfo>, ApiFailure> {
+    check_token(&s, &h)?;
+    let w = trust(&s)?;
+    w.grant(&req).await.map(Json).map_err(|e| match e {
+        Error::Protocol(m) => ApiFailure(StatusCode::BAD_GATEWAY, m),
+        other => other.into(),
+    })
+}
+
+/// `POST /v1/trust/revocations` with a [`RevokeRequest`].
+async fn api_trust_revoke(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Json(req): Json<RevokeRequest>,
+) -> std::result::Result<Json<RevokeResponse>, ApiFailure> {
+    check_token(&s, &h)?;
+    let w = trust(&s)?;
+    Ok(Json(RevokeResponse {
+        revoked: w.revoke(&req).await?,
+    }))
+}
+
+/// `GET /v1/trust/why/{agent}`.
+async fn api_trust_why(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(agent): UrlPath<String>,
+) -> std::result::Result<Json<WhyAnswer>, ApiFailure> {
+    check_token(&s, &h)?;
+    let who: AgentId = agent.parse()?;
+    Ok(Json(trust(&s)?.why(&who).await))
+}
+
+/// `GET /v1/shares/{id}/peers`: agents the repositories say hold the share.
+async fn api_share_peers(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(id): UrlPath<String>,
+) -> std::result::Result<Json<Vec<PeerInfo>>, ApiFailure> {
+    check_token(&s, &h)?;
+    let id: ShareId = id.parse()?;
+    let peers = trust(&s)?.peers_for(&id.0).await?;
+    Ok(Json(
+        peers
+            .into_iter()
+            .map(|(a, addresses)| PeerInfo {
+                agent_id: a.to_string(),
+                addresses,
+            })
+            .collect(),
+    ))
+}

@@ -1,0 +1,129 @@
+//! The admin API as its clients see it: the route paths and the request and
+//! response bodies. The daemon's router ([`super::admin`]), the CLI client
+//! and the operator all use these, so a path or a field is spelled once.
+//! Without the `node` feature, the paths and the bodies that do not carry
+//! the node's own types are available.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::AgentId;
+#[cfg(feature = "node")]
+pub use crate::node::share::Role;
+#[cfg(feature = "node")]
+pub use crate::node::trust::{GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer};
+#[cfg(feature = "node")]
+pub use crate::node::{FetchRequest, FetchState, ProgressSnapshot, PublishRequest, Published};
+
+/// `GET`: [`Status`].
+pub const STATUS: &str = "/v1/status";
+/// `POST` a [`PublishRequest`]: [`Published`].
+pub const SHARES: &str = "/v1/shares";
+/// `POST` a [`TicketRequest`]: [`TicketResponse`].
+pub const SHARE_TICKETS: &str = "/v1/shares/{id}/tickets";
+/// `GET`: the [`PeerInfo`]s the repositories name for a share.
+pub const SHARE_PEERS: &str = "/v1/shares/{id}/peers";
+/// `POST` a [`FetchRequest`]: [`ProgressSnapshot`].
+pub const FETCHES: &str = "/v1/fetches";
+/// `GET`: [`ProgressSnapshot`] of one fetch.
+pub const FETCH: &str = "/v1/fetches/{id}";
+/// `GET`: [`TrustListing`].
+pub const TRUST: &str = "/v1/trust";
+/// `POST` a [`GrantRequest`]: [`GrantInfo`].
+pub const TRUST_GRANTS: &str = "/v1/trust/grants";
+/// `POST` a [`RevokeRequest`]: [`RevokeResponse`].
+pub const TRUST_REVOCATIONS: &str = "/v1/trust/revocations";
+/// `GET`: [`WhyAnswer`].
+pub const TRUST_WHY: &str = "/v1/trust/why/{agent}";
+
+/// [`SHARE_TICKETS`] for one share.
+pub fn share_tickets(share: &str) -> String {
+    SHARE_TICKETS.replace("{id}", share)
+}
+
+/// [`SHARE_PEERS`] for one share.
+pub fn share_peers(share: &str) -> String {
+    SHARE_PEERS.replace("{id}", share)
+}
+
+/// [`FETCH`] for one share.
+pub fn fetch(share: &str) -> String {
+    FETCH.replace("{id}", share)
+}
+
+/// [`TRUST_WHY`] for one agent.
+pub fn trust_why(agent: &str) -> String {
+    TRUST_WHY.replace("{agent}", agent)
+}
+
+/// Everything the admin API reports about an agent.
+#[cfg(feature = "node")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// This agent's id.
+    pub agent_id: String,
+    /// Build version.
+    pub version: String,
+    /// Addresses advertised to peers.
+    pub advertise: Vec<String>,
+    /// Shares held.
+    pub shares: Vec<ShareSummary>,
+    /// Fetches started since the agent started.
+    pub fetches: Vec<ProgressSnapshot>,
+}
+
+/// One held share in [`Status`].
+#[cfg(feature = "node")]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShareSummary {
+    /// Share id.
+    pub share_id: String,
+    /// `published` or `fetched`.
+    pub role: Role,
+    /// Version held.
+    pub seq: u64,
+    /// Files.
+    pub files: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// Chunks.
+    pub chunks: u64,
+    /// Where the files are in storage.
+    pub root: String,
+}
+
+/// Body of `POST /v1/shares/{id}/tickets`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketRequest {
+    /// Recipient agent id.
+    pub recipient: AgentId,
+}
+
+/// Body of the ticket response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TicketResponse {
+    /// The ticket text.
+    pub ticket: String,
+}
+
+/// An error as the admin API returns it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// Answer of `POST /v1/trust/revocations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// Revoked grant ids (hex).
+    pub revoked: Vec<String>,
+}
+
+/// One peer in `GET /v1/shares/{id}/peers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The agent.
+    pub agent_id: String,
+    /// Where to dial it.
+    pub addresses: Vec<String>,
+}

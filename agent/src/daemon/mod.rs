@@ -1,0 +1,13 @@
+//! The long-running agent: peer listener, admin API, metrics endpoint, and
+//! resumption of interrupted fetches.
+
+#[cfg(feature = "node")]
+pub mod admin;
+pub mod api;
+#[cfg(feature = "node")]
+mod serve;
+
+#[cfg(feature = "node")]
+pub use admin::{admin_router, status};
+#[cfg(feature = "node")]
+pub use serve::{metrics_router, read_identity, read_token, run};

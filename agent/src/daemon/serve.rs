@@ -1,0 +1,184 @@
+//! Running the agent: listeners, the metrics and health endpoints, the
+//! key and token files, and the run loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::daemon::admin::admin_router;
+use crate::error::{Context, Error, Result};
+use crate::identity::SecretKey;
+use crate::node::{Agent, AgentOptions, AgentTrust, tuning};
+use crate::{store, wire};
+
+/// `/metrics`, `/livez` and `/readyz`.
+pub fn metrics_router(agent: Arc<Agent>, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let a = agent.clone();
+                async move { a.metrics.render() }
+            }),
+        )
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = ready.clone();
+                async move {
+                    if r.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        )
+}
+
+/// Reads the secret key file, refusing files others can read.
+pub fn read_identity(path: &std::path::Path) -> Result<SecretKey> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("identity file {}: {e}", path.display())))?;
+    SecretKey::from_text(&text)
+        .map_err(|e| Error::Config(format!("identity file {}: {e}", path.display())))
+}
+
+/// Reads the admin token file.
+pub fn read_token(path: &std::path::Path) -> Result<String> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("admin token file {}: {e}", path.display())))?;
+    let t = t.trim().to_string();
+    if t.len() < 16 {
+        return Err(Error::Config(format!(
+            "admin token in {} is too short (at least 16 characters)",
+            path.display()
+        )));
+    }
+    Ok(t)
+}
+
+async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .context(|| format!("binding the {what} on {addr}"))
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    let key = read_identity(&cfg.identity_file)?;
+    let token = read_token(&cfg.admin_token_file)?;
+    let op = store::open(&cfg.storage)?;
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let peer_listener = bind(&cfg.listen, "peer listener").await?;
+    let admin_listener = bind(&cfg.admin_listen, "admin API").await?;
+    let peer_addr: SocketAddr = peer_listener
+        .local_addr()
+        .context(|| "peer address".into())?;
+    let advertise = if cfg.advertise.is_empty() && !peer_addr.ip().is_unspecified() {
+        vec![peer_addr.to_string()]
+    } else {
+        cfg.advertise.clone()
+    };
+    // Storage may be briefly unavailable at start (a bucket being created):
+    // report not-ready and retry with backoff rather than crash-looping.
+    let mut delay = std::time::Duration::from_millis(200);
+    let mut attempt = 0;
+    while let Err(e) = store::probe(&op).await {
+        attempt += 1;
+        tracing::warn!(error = %e, attempt, "storage not reachable yet");
+        if attempt >= 30 {
+            return Err(e);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(10));
+    }
+    let fs_root = (cfg.storage.scheme == "fs")
+        .then(|| {
+            cfg.storage
+                .options
+                .get("root")
+                .map(std::path::PathBuf::from)
+        })
+        .flatten();
+    let agent = Agent::open(
+        key,
+        op,
+        AgentOptions {
+            state_prefix: cfg.state_prefix.clone(),
+            advertise,
+            repositories: cfg.repositories.clone(),
+            fs_root,
+            corrupt_chunks: tuning::fault_corrupt_chunks(),
+        },
+    )
+    .await?;
+
+    let trust = AgentTrust::open(
+        agent.secret_key(),
+        agent.storage().clone(),
+        agent.state_prefix(),
+        &cfg.repositories,
+    )
+    .await?;
+    agent.set_trust(trust);
+    let interval = tuning::trust_sync_interval().unwrap_or_else(|| {
+        std::time::Duration::from_secs(
+            cfg.sync_interval_secs
+                .unwrap_or(crate::config::DEFAULT_SYNC_INTERVAL_SECS)
+                .max(1),
+        )
+    });
+    tokio::spawn(agent.clone().run_trust_sync(interval, shutdown.clone()));
+
+    let tls = wire::tls::server_config(agent.secret_key())?;
+    tokio::spawn(wire::server::serve(
+        peer_listener,
+        tls,
+        agent.clone(),
+        shutdown.clone(),
+    ));
+    let admin = admin_router(agent.clone(), token);
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(sd.cancelled_owned())
+            .await;
+    });
+    if !cfg.metrics_listen.is_empty() {
+        let l = bind(&cfg.metrics_listen, "metrics endpoint").await?;
+        let r = metrics_router(agent.clone(), ready.clone());
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, r)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await;
+        });
+    }
+    let resumed = agent.resume_fetches().await?;
+    ready.store(true, Ordering::SeqCst);
+    tracing::info!(
+        agent_id = %agent.id,
+        listen = %peer_addr,
+        admin = %cfg.admin_listen,
+        metrics = %cfg.metrics_listen,
+        shares = agent.held_shares().len(),
+        resumed,
+        "agent running"
+    );
+    shutdown.cancelled().await;
+    tracing::info!("agent stopping");
+    Ok(())
+}

@@ -1,0 +1,412 @@
+//! Fetching a share: find its newest manifest, then pull every chunk from
+//! every peer that holds it — in parallel, pipelined, each chunk verified —
+//! and write each file into the user's storage so it appears only when
+//! complete. Verified progress is kept in storage, so a fetch interrupted by
+//! a crash picks up where it stopped, and data already present locally (an
+//! earlier version, a finished file) is reused instead of downloaded.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::stream::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkKeyer, ChunkRef};
+use crate::crypto::Key;
+use crate::error::{Context, Error, Result};
+use crate::identity::AgentId;
+use crate::manifest::{EntryKind, KeyRelease, Manifest, ManifestRecord, ShareId, Ticket};
+use crate::node::agent::Agent;
+use crate::node::fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
+use crate::node::fetch::swarm::Swarm;
+use crate::node::fetch::writer::{Job, LocalIndex};
+use crate::node::publish::normalize;
+use crate::node::share::{HeldShare, Role};
+use crate::node::{state, tuning};
+use crate::record::SignedRecord;
+
+pub mod progress;
+pub mod swarm;
+pub mod writer;
+
+/// What to fetch and where to put it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// The ticket text (`caravan-ticket-v1:…`).
+    pub ticket: String,
+    /// Destination directory in this agent's storage.
+    pub dest: String,
+    /// Extra peer addresses (host:port) to pull from.
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+impl Agent {
+    /// Starts a fetch in the background and returns its progress handle.
+    /// The request is persisted first, so a restarted agent resumes it.
+    pub async fn start_fetch(self: &Arc<Self>, req: FetchRequest) -> Result<Arc<FetchProgress>> {
+        let ticket = Ticket::parse(&req.ticket)?;
+        if ticket.recipient != self.id {
+            return Err(Error::Rejected(format!(
+                "this ticket is for agent {}, but this agent is {}",
+                ticket.recipient, self.id
+            )));
+        }
+        let path = self.pending_path(&ticket.share_id);
+        let json = serde_json::to_vec(&req).map_err(|e| Error::Config(e.to_string()))?;
+        self.op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        let progress = Arc::new(FetchProgress::new(
+            ticket.share_id,
+            normalize_dir(&req.dest),
+        ));
+        if let Ok(mut m) = self.fetches.lock() {
+            m.insert(ticket.share_id, progress.clone());
+        }
+        let agent = self.clone();
+        let p = progress.clone();
+        tokio::spawn(async move {
+            if let Err(e) = agent.clone().run_fetch(req, p.clone()).await {
+                agent.metrics.error("fetch");
+                tracing::error!(share = %p.share_id, error = %e, "fetch failed");
+                p.set_state(FetchState::Failed, Some(e.to_string()));
+            }
+        });
+        Ok(progress)
+    }
+
+    /// Fetches and waits for the result.
+    pub async fn fetch(self: &Arc<Self>, req: FetchRequest) -> Result<ProgressSnapshot> {
+        let p = self.start_fetch(req).await?;
+        loop {
+            let s = p.snapshot();
+            match s.state {
+                FetchState::Done => return Ok(s),
+                FetchState::Failed => {
+                    return Err(Error::Protocol(
+                        s.error.unwrap_or_else(|| "fetch failed".into()),
+                    ));
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Restarts fetches that were in progress when the agent stopped.
+    pub async fn resume_fetches(self: &Arc<Self>) -> Result<usize> {
+        let dir = state::fetches_dir(&self.opts.state_prefix);
+        let pending = state::read_each(&self.op, &dir, ".json", "fetch state", |b| {
+            serde_json::from_slice::<FetchRequest>(b)
+        })
+        .await?;
+        let mut n = 0;
+        for (path, req) in pending {
+            tracing::info!(%path, "resuming an interrupted fetch");
+            self.start_fetch(req).await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn pending_path(&self, id: &ShareId) -> String {
+        state::fetch_file(&self.opts.state_prefix, id)
+    }
+
+    async fn run_fetch(
+        self: Arc<Self>,
+        req: FetchRequest,
+        progress: Arc<FetchProgress>,
+    ) -> Result<()> {
+        let ticket = Ticket::parse(&req.ticket)?;
+        let dest = normalize_dir(&req.dest);
+        if dest.starts_with(&self.opts.state_prefix) {
+            return Err(Error::Rejected(
+                "the destination cannot be inside the agent's state prefix".into(),
+            ));
+        }
+        // A ticket for "agents the publisher trusts" carries no key: the
+        // publisher releases it after checking our chain (see `present_proof`).
+        let key = if ticket.wrapped_key.is_empty() {
+            None
+        } else {
+            Some(self.key.unwrap_key(&ticket.wrapped_key)?)
+        };
+        let mut addrs = ticket.addresses.clone();
+        addrs.extend(req.peers.iter().cloned());
+        if let Some(web) = self.trust() {
+            // Peers from every repository (union, verified); a repository
+            // that is down answers from the client's cache or is skipped.
+            match web.peers_for(&ticket.share_id.0).await {
+                Ok(found) => addrs.extend(found.into_iter().flat_map(|(_, a)| a)),
+                Err(e) => tracing::warn!(error = %e, "no repository answered; using known peers"),
+            }
+        }
+        addrs.sort();
+        addrs.dedup();
+        let swarm = Swarm::connect(&self, &addrs, ticket.share_id, progress.clone()).await?;
+        let key = match key {
+            Some(k) => Some(k),
+            None => Some(self.present_proof(&swarm, &ticket).await?),
+        };
+        let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
+        let keyer = ChunkKeyer::new(&key);
+        let seq = manifest.seq;
+        progress.seq.store(seq, Ordering::Relaxed);
+        progress
+            .bytes_total
+            .store(manifest.total_bytes(), Ordering::Relaxed);
+        progress
+            .chunks_total
+            .store(manifest.total_chunks(), Ordering::Relaxed);
+        progress
+            .files_total
+            .store(manifest.files().count() as u64, Ordering::Relaxed);
+        progress.set_state(FetchState::Transferring, None);
+
+        // What an earlier version left locally can be reused.
+        let previous = self
+            .share(&ticket.share_id)
+            .filter(|s| s.role == Role::Fetched);
+        let mut local = LocalIndex::new();
+        if let Some(prev) = &previous {
+            for (path, _, chunks) in prev.manifest.files() {
+                let mut off = 0;
+                for c in chunks {
+                    local
+                        .entry(c.key)
+                        .or_insert_with(|| (format!("{}{path}", prev.root), off));
+                    off += c.len as u64;
+                }
+            }
+        }
+        let cap = self.op.info().capability();
+        let append = cap.write_can_append && cap.rename;
+        let job = Arc::new(Job {
+            agent: self.clone(),
+            swarm,
+            keyer,
+            dest: dest.clone(),
+            local,
+            partial: state::partial_seq_dir(&self.opts.state_prefix, &ticket.share_id, seq),
+            append,
+            progress: progress.clone(),
+        });
+
+        for e in &manifest.entries {
+            if matches!(e.kind, EntryKind::Dir) {
+                let p = format!("{dest}{}/", e.path);
+                self.op
+                    .create_dir(&p)
+                    .await
+                    .context(|| format!("creating {p}"))?;
+            }
+        }
+        let files: Vec<(usize, String, u64, Vec<ChunkRef>)> = manifest
+            .files()
+            .enumerate()
+            .map(|(i, (p, s, c))| (i, p.to_string(), s, c.to_vec()))
+            .collect();
+        futures::stream::iter(files)
+            .map(|(i, path, size, chunks)| {
+                let job = job.clone();
+                async move { job.file(i, &path, size, &chunks).await }
+            })
+            .buffer_unordered(tuning::file_concurrency())
+            .try_collect::<Vec<()>>()
+            .await?;
+        self.apply_modes(&dest, &manifest);
+
+        // Files the previous version had and this one dropped go away too.
+        if let Some(prev) = &previous
+            && prev.root == dest
+        {
+            let now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
+            for (p, _, _) in prev.manifest.files() {
+                if !now.contains(p) {
+                    let path = format!("{dest}{p}");
+                    self.op
+                        .delete(&path)
+                        .await
+                        .context(|| format!("removing {path}"))?;
+                }
+            }
+        }
+        let held = HeldShare::new(ticket.publisher, key, Role::Fetched, dest, manifest, record);
+        self.install_share(held).await?;
+        let partial_root = state::partial_dir(&self.opts.state_prefix, &ticket.share_id);
+        let _ = self.op.delete_with(&partial_root).recursive(true).await;
+        let pending = self.pending_path(&ticket.share_id);
+        self.op
+            .delete(&pending)
+            .await
+            .context(|| format!("removing {pending}"))?;
+        progress.set_state(FetchState::Done, None);
+        let s = progress.snapshot();
+        tracing::info!(share = %ticket.share_id, seq, bytes = s.bytes_total, fetched = s.chunks_fetched, reused = s.chunks_reused, seconds = s.seconds, "fetch complete");
+        Ok(())
+    }
+
+    /// Asks every peer for the manifest and keeps the newest one that the
+    /// publisher signed; fetches a fresh key when the share key was rotated.
+    async fn newest_manifest(
+        &self,
+        swarm: &Swarm,
+        ticket: &Ticket,
+        key: Option<Key>,
+    ) -> Result<(Vec<u8>, Manifest, Key)> {
+        let mut best: Option<(Vec<u8>, ManifestRecord)> = None;
+        let mut errors = Vec::new();
+        for conn in swarm.distinct() {
+            let bytes = match conn.manifest(&ticket.share_id, 0).await {
+                Ok(b) => b,
+                Err(e) => {
+                    errors.push(format!("{}: {e}", conn.addr));
+                    continue;
+                }
+            };
+            match SignedRecord::open_from::<ManifestRecord>(&bytes, Some(&ticket.publisher)) {
+                Ok((_, mr)) if mr.share_id == ticket.share_id => {
+                    if best.as_ref().is_none_or(|(_, b)| mr.seq > b.seq) {
+                        best = Some((bytes, mr));
+                    }
+                }
+                Ok(_) => errors.push(format!("{}: manifest for another share", conn.addr)),
+                Err(e) => {
+                    self.metrics.error("bad_manifest");
+                    errors.push(format!("{}: {e}", conn.addr));
+                }
+            }
+        }
+        let (bytes, mr) = best.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no peer would give the manifest of share {} ({})",
+                ticket.share_id,
+                errors.join("; ")
+            ))
+        })?;
+        let key = match key {
+            Some(k) if mr.key_check == crate::manifest::key_check(&k) => k,
+            _ => self.request_key(swarm, ticket).await?,
+        };
+        let manifest = mr.open(&key)?;
+        Ok((bytes, manifest, key))
+    }
+
+    /// Gives files and directories the permission bits the publisher had,
+    /// where the storage is a local filesystem (object stores have none).
+    /// A failure is logged, never fatal: the bytes are what matter.
+    fn apply_modes(&self, dest: &str, manifest: &Manifest) {
+        #[cfg(unix)]
+        if let Some(root) = &self.opts.fs_root {
+            use std::os::unix::fs::PermissionsExt;
+            for e in &manifest.entries {
+                let path = root.join(format!("{dest}{}", e.path));
+                let mode = e.mode & 0o7777;
+                if mode == 0 {
+                    continue;
+                }
+                if let Err(err) =
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                {
+                    tracing::warn!(path = %path.display(), error = %err, "could not set file mode");
+                }
+            }
+        }
+    }
+
+    /// Asks the publisher for the current share key (it re-checks our right to it).
+    async fn request_key(&self, swarm: &Swarm, ticket: &Ticket) -> Result<Key> {
+        let proof = self.proof_for(&ticket.publisher).await;
+        if let Some(conn) = swarm
+            .distinct()
+            .into_iter()
+            .find(|c| c.peer == ticket.publisher)
+        {
+            let bytes = conn.key(&ticket.share_id, &proof).await.map_err(|e| {
+                Error::NotFound(format!(
+                    "the publisher refused the new share key (access withdrawn or no valid trust chain): {e}"
+                ))
+            })?;
+            let (_, rel): (_, KeyRelease) =
+                SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
+            if rel.recipient != self.id || rel.share_id != ticket.share_id {
+                return Err(Error::Record("key release is for someone else".into()));
+            }
+            return self.key.unwrap_key(&rel.wrapped_key);
+        }
+        Err(Error::NotFound(
+            "the share key changed and the publisher is not reachable to hand out the new one"
+                .into(),
+        ))
+    }
+
+    /// Proof records to present to `publisher`: the grants linking it to
+    /// this agent, found by the trust state (empty without one).
+    async fn proof_for(&self, publisher: &AgentId) -> Vec<Vec<u8>> {
+        match self.trust() {
+            Some(w) => w.proof_for(publisher).await,
+            None => Vec::new(),
+        }
+    }
+
+    /// Presents our proof chain to every peer of the swarm (each remembers
+    /// it and re-checks it on every manifest and chunk request) and returns
+    /// the key the publisher released. Holders other than the publisher
+    /// answer "not found" to the key itself, which is expected.
+    async fn present_proof(&self, swarm: &Swarm, ticket: &Ticket) -> Result<Key> {
+        let proof = self.proof_for(&ticket.publisher).await;
+        let asks = swarm.distinct().into_iter().map(|conn| {
+            let proof = proof.clone();
+            async move {
+                let r = conn.key(&ticket.share_id, &proof).await;
+                (conn.peer, r)
+            }
+        });
+        let mut refusal = None;
+        let mut key = None;
+        for (peer, r) in futures::future::join_all(asks).await {
+            if peer != ticket.publisher {
+                continue;
+            }
+            match r {
+                Ok(bytes) => {
+                    let (_, rel): (_, KeyRelease) =
+                        SignedRecord::open_from(&bytes, Some(&ticket.publisher))?;
+                    if rel.recipient != self.id || rel.share_id != ticket.share_id {
+                        return Err(Error::Record("key release is for someone else".into()));
+                    }
+                    key = Some(self.key.unwrap_key(&rel.wrapped_key)?);
+                }
+                Err(e) => refusal = Some(e),
+            }
+        }
+        key.ok_or_else(|| match refusal {
+            Some(e) => {
+                tracing::debug!(error = %e, "key refused");
+                Error::NotFound(if proof.is_empty() {
+                    "the publisher refused the share key: this agent found no valid grant chain from the publisher (see `trust why`)".to_string()
+                } else {
+                    format!(
+                        "the publisher refused the share key: the {} grant(s) presented hold no valid chain for it (revoked, expired or too deep)",
+                        proof.len()
+                    )
+                })
+            }
+            None => {
+                Error::NotFound("the publisher is not reachable to release the share key".into())
+            }
+        })
+    }
+}
+
+fn normalize_dir(dest: &str) -> String {
+    let d = normalize(dest);
+    if d.is_empty() || d.ends_with('/') {
+        d
+    } else {
+        format!("{d}/")
+    }
+}

@@ -1,0 +1,156 @@
+//! The peers serving one fetch: connections to each, strikes against the
+//! ones that send corrupt chunks, and the verified get of one chunk.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use futures::stream::StreamExt;
+
+use crate::chunk::{self, ChunkRef};
+use crate::error::{Error, Result};
+use crate::identity::AgentId;
+use crate::manifest::ShareId;
+use crate::node::agent::Agent;
+use crate::node::fetch::progress::FetchProgress;
+use crate::node::metrics::Metrics;
+use crate::node::tuning;
+use crate::wire::client::PeerConn;
+
+/// Corrupt chunks after which a peer is no longer asked.
+const BAN_AFTER: u32 = 8;
+
+/// The peers serving one fetch, and what we think of them.
+pub(crate) struct Swarm {
+    share: ShareId,
+    conns: Vec<Arc<PeerConn>>,
+    strikes: Mutex<HashMap<AgentId, u32>>,
+    metrics: Metrics,
+    progress: Arc<FetchProgress>,
+}
+
+impl Swarm {
+    pub(crate) async fn connect(
+        agent: &Agent,
+        addrs: &[String],
+        share: ShareId,
+        progress: Arc<FetchProgress>,
+    ) -> Result<Swarm> {
+        let attempts: Vec<_> = addrs
+            .iter()
+            .flat_map(|a| std::iter::repeat_n(a.clone(), tuning::conns_per_peer()))
+            .map(|addr| {
+                let key = agent.key.clone();
+                async move {
+                    let r = PeerConn::connect(&addr, &key, None).await;
+                    (addr, r)
+                }
+            })
+            .collect();
+        let results: Vec<(String, Result<PeerConn>)> = futures::stream::iter(attempts)
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut conns = Vec::new();
+        let mut errors = Vec::new();
+        for (addr, r) in results {
+            match r {
+                Ok(c) if c.peer == agent.id => {}
+                Ok(c) => conns.push(Arc::new(c)),
+                Err(e) => {
+                    agent.metrics.error("connect");
+                    tracing::warn!(%addr, error = %e, "peer unreachable");
+                    errors.push(format!("{addr}: {e}"));
+                }
+            }
+        }
+        if conns.is_empty() {
+            errors.dedup();
+            return Err(Error::Protocol(format!(
+                "no peer reachable for share {share}{}",
+                if errors.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", errors.join("; "))
+                }
+            )));
+        }
+        let mut ids: Vec<String> = conns.iter().map(|c| c.peer.to_string()).collect();
+        ids.sort();
+        ids.dedup();
+        if let Ok(mut p) = progress.peers.lock() {
+            *p = ids;
+        }
+        Ok(Swarm {
+            share,
+            conns,
+            strikes: Mutex::new(HashMap::new()),
+            metrics: agent.metrics.clone(),
+            progress,
+        })
+    }
+
+    /// One connection per distinct peer.
+    pub(crate) fn distinct(&self) -> Vec<Arc<PeerConn>> {
+        let mut seen = HashSet::new();
+        self.conns
+            .iter()
+            .filter(|c| seen.insert(c.peer))
+            .cloned()
+            .collect()
+    }
+
+    fn banned(&self, peer: &AgentId) -> bool {
+        self.strikes
+            .lock()
+            .map(|s| s.get(peer).copied().unwrap_or(0) >= BAN_AFTER)
+            .unwrap_or(false)
+    }
+
+    fn pick(&self, avoid: &HashSet<AgentId>) -> Option<Arc<PeerConn>> {
+        self.conns
+            .iter()
+            .filter(|c| !c.is_closed() && !avoid.contains(&c.peer) && !self.banned(&c.peer))
+            .min_by_key(|c| c.in_flight())
+            .cloned()
+    }
+
+    /// Gets one chunk, verified, trying other peers when one fails or lies.
+    pub(crate) async fn get(&self, r: ChunkRef) -> Result<Vec<u8>> {
+        let mut avoid = HashSet::new();
+        let mut last = None;
+        for _ in 0..(self.conns.len() + 2) {
+            let Some(conn) = self.pick(&avoid) else { break };
+            match conn.chunk(&self.share, &r.id).await {
+                Ok(ct) => {
+                    let n = ct.len() as u64;
+                    self.metrics.bytes_received.inc_by(n);
+                    self.progress.bytes_received.fetch_add(n, Ordering::Relaxed);
+                    match chunk::open(&r, ct) {
+                        Ok(plain) => {
+                            self.metrics.chunks_received.inc();
+                            self.progress.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                            return Ok(plain);
+                        }
+                        Err(e) => {
+                            self.metrics.chunks_rejected.inc();
+                            tracing::warn!(peer = %conn.peer.short(), error = %e, "rejected a corrupt chunk; asking another peer");
+                            if let Ok(mut s) = self.strikes.lock() {
+                                *s.entry(conn.peer).or_default() += 1;
+                            }
+                            avoid.insert(conn.peer);
+                            last = Some(e);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.error("peer_request");
+                    tracing::debug!(peer = %conn.peer.short(), error = %e, "chunk request failed; asking another peer");
+                    avoid.insert(conn.peer);
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Protocol(format!("no usable peer has chunk {}", r.id))))
+    }
+}

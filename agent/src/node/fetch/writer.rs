@@ -1,0 +1,197 @@
+//! Writing one fetched file into the user's storage: resumable part files
+//! where the storage can append, reuse of data already in place, and a
+//! window of chunk requests in flight.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+
+use crate::chunk::{ChunkKeyer, ChunkRef};
+use crate::error::{Context, Error, Result};
+use crate::node::agent::Agent;
+use crate::node::fetch::progress::FetchProgress;
+use crate::node::fetch::swarm::Swarm;
+use crate::node::tuning;
+/// Local data that may already hold chunks: key → (path, offset).
+pub(crate) type LocalIndex = HashMap<[u8; 32], (String, u64)>;
+
+pub(crate) struct Job {
+    pub(crate) agent: Arc<Agent>,
+    pub(crate) swarm: Swarm,
+    pub(crate) keyer: ChunkKeyer,
+    pub(crate) dest: String,
+    pub(crate) local: LocalIndex,
+    pub(crate) partial: String,
+    pub(crate) append: bool,
+    pub(crate) progress: Arc<FetchProgress>,
+}
+
+impl Job {
+    /// Fetches one file. Writes to a part file in the state prefix when the
+    /// storage can append and rename (resumable per chunk), else streams
+    /// straight to the destination (object stores make it appear atomically).
+    pub(crate) async fn file(
+        self: &Arc<Self>,
+        index: usize,
+        path: &str,
+        size: u64,
+        chunks: &[ChunkRef],
+    ) -> Result<()> {
+        let op = &self.agent.op;
+        let final_path = format!("{}{path}", self.dest);
+        let existing = match op.stat(&final_path).await {
+            Ok(m) if m.is_file() => Some(m.content_length()),
+            _ => None,
+        };
+        // An identical file already in place is verified, not re-downloaded.
+        if existing == Some(size) && self.verify_in_place(&final_path, chunks).await? {
+            self.file_already_in_place(chunks);
+            return Ok(());
+        }
+        let (write_path, mut start) = if self.append {
+            let part = format!("{}{index}", self.partial);
+            (part.clone(), self.resume_point(&part, chunks).await?)
+        } else {
+            (final_path.clone(), 0)
+        };
+        let mut writer = op
+            .writer_with(&write_path)
+            .append(self.append && start > 0)
+            .await
+            .context(|| format!("opening {write_path}"))?;
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut off = 0u64;
+        for c in chunks {
+            offsets.push(off);
+            off += c.len as u64;
+        }
+        if start > 0 {
+            self.progress
+                .chunks_done
+                .fetch_add(start as u64, Ordering::Relaxed);
+            self.progress.bytes_done.fetch_add(
+                offsets.get(start).copied().unwrap_or(size),
+                Ordering::Relaxed,
+            );
+        }
+        let same_size = existing == Some(size);
+        let window = tuning::window();
+        let mut inflight = FuturesOrdered::new();
+        let mut next = start;
+        while start < chunks.len() {
+            while next < chunks.len() && inflight.len() < window {
+                let job = self.clone();
+                let c = chunks[next];
+                let at = same_size.then(|| (final_path.clone(), offsets[next]));
+                inflight.push_back(tokio::spawn(async move { job.chunk(c, at).await }));
+                next += 1;
+            }
+            let Some(res) = inflight.next().await else {
+                break;
+            };
+            let plain = res.map_err(|e| Error::Protocol(format!("chunk task: {e}")))??;
+            let n = plain.len() as u64;
+            writer
+                .write(plain)
+                .await
+                .context(|| format!("writing {write_path}"))?;
+            self.progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+            self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+            start += 1;
+        }
+        writer
+            .close()
+            .await
+            .context(|| format!("finishing {write_path}"))?;
+        if self.append {
+            op.rename(&write_path, &final_path)
+                .await
+                .context(|| format!("moving {write_path} to {final_path}"))?;
+        }
+        self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts a file found complete and verified at its destination.
+    pub(crate) fn file_already_in_place(&self, chunks: &[ChunkRef]) {
+        let bytes: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        let n = chunks.len() as u64;
+        self.progress.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+        self.progress.chunks_done.fetch_add(n, Ordering::Relaxed);
+        self.progress.chunks_reused.fetch_add(n, Ordering::Relaxed);
+        self.agent.metrics.chunks_reused.inc_by(n);
+        self.progress.files_done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many whole chunks an interrupted part file already holds; a part
+    /// file that ends mid-chunk is discarded (it was torn by the crash).
+    async fn resume_point(&self, part: &str, chunks: &[ChunkRef]) -> Result<usize> {
+        let op = &self.agent.op;
+        let have = match op.stat(part).await {
+            Ok(m) => m.content_length(),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e).context(|| format!("stat {part}")),
+        };
+        let mut off = 0u64;
+        for (i, c) in chunks.iter().enumerate() {
+            if off == have {
+                return Ok(i);
+            }
+            off += c.len as u64;
+        }
+        if off == have {
+            return Ok(chunks.len());
+        }
+        op.delete(part)
+            .await
+            .context(|| format!("discarding torn {part}"))?;
+        Ok(0)
+    }
+
+    async fn verify_in_place(&self, path: &str, chunks: &[ChunkRef]) -> Result<bool> {
+        let mut off = 0u64;
+        for c in chunks {
+            let Some(plain) = self.read_local(path, off, c).await else {
+                return Ok(false);
+            };
+            drop(plain);
+            off += c.len as u64;
+        }
+        Ok(true)
+    }
+
+    async fn read_local(&self, path: &str, offset: u64, c: &ChunkRef) -> Option<Vec<u8>> {
+        let buf = self
+            .agent
+            .op
+            .read_with(path)
+            .range(offset..offset + c.len as u64)
+            .await
+            .ok()?
+            .to_vec();
+        let keyer = self.keyer.clone();
+        let c = *c;
+        tokio::task::spawn_blocking(move || keyer.matches(&c, &buf).then_some(buf))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// One chunk's plaintext: from the same place in the old file, from
+    /// anywhere an earlier version had it, or from the swarm.
+    async fn chunk(&self, c: ChunkRef, same_place: Option<(String, u64)>) -> Result<Vec<u8>> {
+        let candidates = same_place
+            .into_iter()
+            .chain(self.local.get(&c.key).cloned());
+        for (path, off) in candidates {
+            if let Some(plain) = self.read_local(&path, off, &c).await {
+                self.progress.chunks_reused.fetch_add(1, Ordering::Relaxed);
+                self.agent.metrics.chunks_reused.inc();
+                return Ok(plain);
+            }
+        }
+        self.swarm.get(c).await
+    }
+}

@@ -1,0 +1,22 @@
+//! The agent and everything it does: publish, serve peers, fetch, its
+//! trust state and its state folders. [`agent`] defines [`Agent`]; each
+//! other file adds one ability to it (`impl Agent` blocks) or holds one
+//! piece of its state, and imports [`agent::Agent`] directly, so no file
+//! of this wing imports this one back.
+
+pub mod agent;
+pub mod fetch;
+pub mod metrics;
+pub mod publish;
+pub mod share;
+pub mod state;
+pub mod trust;
+pub mod tuning;
+
+pub use agent::{Agent, AgentOptions};
+pub use fetch::FetchRequest;
+pub use fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
+pub use metrics::Metrics;
+pub use publish::{PublishRequest, Published};
+pub use share::{HeldShare, Role};
+pub use trust::AgentTrust;

@@ -1,0 +1,96 @@
+//! The one owner of the folders under the agent's state prefix, and the
+//! shared "list a state folder and decode each file" helper. Every other
+//! file asks here for a path instead of spelling one:
+//!
+//! ```text
+//! <prefix>shares/<share hex>/{manifest,share.json}  held shares
+//! <prefix>fetches/<share hex>.json                   fetches to resume
+//! <prefix>partial/<share hex>/<seq>/                 files being fetched
+//! <prefix>trust/records/<blake3>.rec                 grants, revocations
+//! <prefix>trust/peers/<share hex>.json               peers learned last
+//! ```
+
+use opendal::Operator;
+
+use crate::error::{Context, Result};
+use crate::manifest::ShareId;
+use crate::util::hex;
+
+/// `<prefix>shares/`: one folder per held share.
+pub fn shares_dir(prefix: &str) -> String {
+    format!("{prefix}shares/")
+}
+
+/// `<prefix>shares/<id>/`: one held share.
+pub fn share_dir(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}shares/{}/", id.hex())
+}
+
+/// `<prefix>fetches/`: the requests of unfinished fetches.
+pub fn fetches_dir(prefix: &str) -> String {
+    format!("{prefix}fetches/")
+}
+
+/// `<prefix>fetches/<id>.json`: one unfinished fetch.
+pub fn fetch_file(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}fetches/{}.json", id.hex())
+}
+
+/// `<prefix>partial/<id>/`: everything a fetch of `id` has half written.
+pub fn partial_dir(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}partial/{}/", id.hex())
+}
+
+/// `<prefix>partial/<id>/<seq>/`: files of one manifest version being fetched.
+pub fn partial_seq_dir(prefix: &str, id: &ShareId, seq: u64) -> String {
+    format!("{prefix}partial/{}/{seq}/", id.hex())
+}
+
+/// `<prefix>trust/records/`: one signed grant or revocation per file.
+pub fn trust_records_dir(prefix: &str) -> String {
+    format!("{prefix}trust/records/")
+}
+
+/// `<prefix>trust/peers/<share hex>.json`: the peers of a share learned last.
+pub fn trust_peers_file(prefix: &str, share: &[u8; 32]) -> String {
+    format!("{prefix}trust/peers/{}.json", hex(share))
+}
+
+/// Lists `dir`, reads every file whose name ends in `suffix` and decodes it.
+/// A file that does not decode is reported (as `what`) and skipped, never
+/// fatal: one bad file must not stop an agent. A storage failure is an
+/// error. A folder never written is empty.
+pub async fn read_each<T, E: std::fmt::Display>(
+    op: &Operator,
+    dir: &str,
+    suffix: &str,
+    what: &str,
+    decode: impl Fn(&[u8]) -> std::result::Result<T, E>,
+) -> Result<Vec<(String, T)>> {
+    let entries = crate::store::list_or_empty(op, dir).await?;
+    let mut out = Vec::new();
+    for e in entries {
+        if !e.path().ends_with(suffix) {
+            continue;
+        }
+        let bytes = op
+            .read(e.path())
+            .await
+            .context(|| format!("reading {}", e.path()))?;
+        match decode(&bytes.to_vec()) {
+            Ok(v) => out.push((e.path().to_string(), v)),
+            Err(err) => tracing::warn!(path = e.path(), error = %err, "ignoring unreadable {what}"),
+        }
+    }
+    Ok(out)
+}
+
+/// The sub-folders of `dir` (a folder never written has none).
+pub async fn sub_dirs(op: &Operator, dir: &str) -> Result<Vec<String>> {
+    Ok(crate::store::list_or_empty(op, dir)
+        .await?
+        .into_iter()
+        .map(|e| e.path().to_string())
+        .filter(|p| p != dir && p.ends_with('/'))
+        .collect())
+}

@@ -1,0 +1,45 @@
+//! Tuning knobs read from the environment, all in one place (for
+//! benchmarks and fault-injection tests; deployments need none of them).
+
+use std::time::Duration;
+
+/// Connections opened to each peer (`CARAVAN_CONNS_PER_PEER`, default 2):
+/// spreads TLS work over cores.
+pub fn conns_per_peer() -> usize {
+    positive("CARAVAN_CONNS_PER_PEER", 2)
+}
+
+/// Chunks requested ahead within one file (`CARAVAN_WINDOW`, default 16).
+pub fn window() -> usize {
+    positive("CARAVAN_WINDOW", 16)
+}
+
+/// Files written at once (`CARAVAN_FILE_CONCURRENCY`, default 4).
+pub fn file_concurrency() -> usize {
+    positive("CARAVAN_FILE_CONCURRENCY", 4)
+}
+
+/// Test-only fault injection: serve corrupted chunks
+/// (`CARAVAN_FAULT_CORRUPT_CHUNKS=1`).
+pub fn fault_corrupt_chunks() -> bool {
+    std::env::var("CARAVAN_FAULT_CORRUPT_CHUNKS").is_ok_and(|v| v == "1")
+}
+
+/// Overrides the trust sync interval (`CARAVAN_TRUST_SYNC_SECS`, seconds,
+/// fractions allowed), when set to a positive number.
+pub fn trust_sync_interval() -> Option<Duration> {
+    std::env::var("CARAVAN_TRUST_SYNC_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// Reads a positive integer knob from the environment.
+fn positive(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(default)
+}
