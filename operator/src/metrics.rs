@@ -49,6 +49,11 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(status_patches.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        // caravan_operator_process_{resident_memory_bytes,cpu_seconds_total,open_fds,…}
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Self {
             registry,
             reconciles,

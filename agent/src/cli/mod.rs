@@ -7,6 +7,7 @@ mod args;
 mod client;
 mod demo;
 mod exit;
+mod human;
 mod setup;
 mod shares;
 mod trust;
@@ -58,10 +59,25 @@ pub fn main() -> ExitCode {
                     _ => 1,
                 },
             };
-            eprintln!("error: {e:#}");
+            if json_output() {
+                // Under --json the error is JSON too (restic's `exit_error`).
+                let v = serde_json::json!({
+                    "message_type": "exit_error",
+                    "code": code,
+                    "message": format!("{e:#}"),
+                });
+                eprintln!("{v}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(code)
         }
     }
+}
+
+/// Whether the command line asked for `--json` output.
+fn json_output() -> bool {
+    std::env::args_os().any(|a| a == "--json")
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {

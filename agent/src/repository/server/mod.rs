@@ -166,6 +166,13 @@ impl Metrics {
         )
         .map_err(m)?;
         registry.register(Box::new(accepted.clone())).map_err(m)?;
+        // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds…
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .map_err(m)?;
         registry.register(Box::new(rejected.clone())).map_err(m)?;
         registry.register(Box::new(lookups.clone())).map_err(m)?;
         registry
