@@ -44,6 +44,15 @@ pub(crate) enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
+    /// Print a shell completion script.
+    ///
+    /// bash: `caravan-agent completion bash > /etc/bash_completion.d/caravan-agent`;
+    /// zsh: `caravan-agent completion zsh > "${fpath[1]}/_caravan-agent"`;
+    /// fish: `caravan-agent completion fish > ~/.config/fish/completions/caravan-agent.fish`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Create a new agent key pair and print its agent id.
     ///
     /// The key file is written with mode 0600. The agent id (cv1-…) is public:
@@ -379,6 +388,24 @@ mod tests {
         let mut missing = Vec::new();
         walk(&Cli::command(), "caravan-agent", &mut missing);
         assert!(missing.is_empty(), "flags without --help text: {missing:?}");
+    }
+
+    #[test]
+    fn completions_are_generated_for_bash_zsh_and_fish() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "caravan-agent", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("caravan-agent"), "{shell}");
+            assert!(
+                text.contains("fetch") && text.contains("--config"),
+                "{shell}"
+            );
+        }
     }
 
     #[test]

@@ -95,6 +95,16 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "caravan-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Init {
             dir,
