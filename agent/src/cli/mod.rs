@@ -97,13 +97,14 @@ async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
         Command::Completion { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "caravan-agent",
-                &mut std::io::stdout(),
-            );
-            Ok(())
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "caravan-agent", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
         }
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Init {
