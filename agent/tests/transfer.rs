@@ -63,6 +63,47 @@ fn publish_fetch_and_only_recipients_get_anything() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("this ticket is for agent"));
+    // Under --json that error is a JSON exit_error object.
+    let err: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert_eq!(err["message_type"], "exit_error");
+    assert_eq!(err["code"], 3);
+
+    // A ticket for an agent that is not a recipient of this explicit-recipient
+    // share would only fail later with "unknown share": it is refused now, with
+    // what to do instead, and the same exit code as any bad input.
+    let out = cli(&[
+        "ticket",
+        "--config",
+        alice.cfg(),
+        &share,
+        "--to",
+        &carol.id,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let err: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("is not a recipient of share"), "{msg}");
+    assert!(msg.contains("--share"), "{msg}");
+    // A recipient's ticket under --json is JSON too.
+    let t: serde_json::Value = serde_json::from_str(&cli_ok(&[
+        "ticket",
+        "--config",
+        alice.cfg(),
+        &share,
+        "--to",
+        &bob.id,
+        "--json",
+    ]))
+    .unwrap();
+    assert!(
+        t["ticket"]
+            .as_str()
+            .unwrap()
+            .starts_with("caravan-ticket-v1:")
+    );
 
     // …and asking alice directly over the wire yields "not found", for the
     // manifest and for a chunk id she really has.

@@ -15,8 +15,9 @@ Quick start (two agents on this machine):
   caravan-agent publish --config ./alice/agent.toml photos --to <BOB'S AGENT ID>
   caravan-agent fetch --config ./bob/agent.toml <TICKET> --dest photos-from-alice
 
-Exit codes: 0 ok, 1 failure, 2 bad usage, 3 bad configuration or input,
-4 daemon unreachable, 5 transfer or verification failed.
+Exit codes: 0 ok, 1 failure, 2 bad usage, 3 bad configuration or input
+(a malformed agent id, ticket or duration included), 4 daemon unreachable,
+5 transfer or verification failed.
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=caravan_agent=debug) and
 --log-format json for structured logs.";
 
@@ -135,6 +136,9 @@ pub(crate) enum Command {
         /// The recipient's agent id.
         #[arg(long = "to", value_name = "AGENT_ID")]
         to: AgentId,
+        /// Print the ticket as JSON (`{"share_id", "recipient", "ticket"}`).
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch a share from a ticket into a directory of this agent's storage.
     ///
@@ -429,7 +433,8 @@ mod tests {
         if std::env::var_os("CARAVAN_CONFIG").is_none() {
             assert_eq!(config, default_config_path());
             assert!(
-                config.ends_with("caravan/agent.toml") || config == PathBuf::from("agent.toml")
+                config.ends_with("caravan/agent.toml")
+                    || config.as_path() == std::path::Path::new("agent.toml")
             );
         }
     }

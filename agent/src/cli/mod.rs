@@ -24,7 +24,31 @@ use setup::{init, keygen, load_config, run, wait_for_signal};
 use caravan_agent::daemon;
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A malformed agent id, share id, duration… is bad input (3), like a
+        // malformed ticket or config; other usage mistakes stay 2.
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+            ) =>
+        {
+            if json_output() {
+                let v = serde_json::json!({
+                    "message_type": "exit_error",
+                    "code": 3,
+                    "message": e.to_string().lines().next().unwrap_or_default()
+                        .trim_start_matches("error: ").to_string(),
+                });
+                eprintln!("{v}");
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(3);
+        }
+        Err(e) => e.exit(),
+    };
     // The demo reports what happened itself; its logs would only drown it
     // (e.g. every sync with the repository it stops on purpose).
     let default_level = if matches!(cli.command, Command::Demo { .. }) {

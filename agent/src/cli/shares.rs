@@ -65,7 +65,12 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Ticket { config, share, to } => {
+        Command::Ticket {
+            config,
+            share,
+            to,
+            json,
+        } => {
             let client = Admin::from_config(&config)?;
             let res: TicketResponse = client
                 .post(
@@ -73,7 +78,16 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     &TicketRequest { recipient: to },
                 )
                 .await?;
-            println!("{}", res.ticket);
+            if json {
+                let v = serde_json::json!({
+                    "share_id": share.to_string(),
+                    "recipient": to.to_string(),
+                    "ticket": res.ticket,
+                });
+                println!("{v}");
+            } else {
+                println!("{}", res.ticket);
+            }
             Ok(())
         }
         Command::Fetch {

@@ -191,6 +191,15 @@ impl Agent {
             .ok_or_else(|| {
                 Error::NotFound(format!("share {share_id} is not published by this agent"))
             })?;
+        if !s.manifest.access.names(&recipient) && s.manifest.access.trust_depth.is_none() {
+            // A ticket the recipient could never use ("unknown share" on fetch):
+            // refuse, and say how to add the recipient instead.
+            return Err(Error::Rejected(format!(
+                "agent {recipient} is not a recipient of share {share_id}: publish a new \
+                 version that adds it (`caravan-agent publish PATH --share {share_id} --to \
+                 {recipient}` plus the current recipients), then ask for its ticket"
+            )));
+        }
         if !s.manifest.access.names(&recipient) && s.manifest.access.trust_depth.is_some() {
             return Ticket::issue_keyless(
                 &self.key,
