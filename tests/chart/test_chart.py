@@ -184,7 +184,7 @@ def case_provider() -> None:
             },
         },
         "repository": {
-            "enabled": True, "replicas": 2,
+            "enabled": True, "replicas": 2, "trustedProxies": ["10.0.0.0/8"],
             "storage": {"scheme": "s3", "options": {"bucket": "repo", "region": "eu-west-1"},
                         "existingSecret": "repo-s3"},
         },
@@ -228,6 +228,7 @@ def case_provider() -> None:
         assert cmd[cmd.index("--storage-scheme") + 1] == "s3", cmd
         assert "bucket=repo" in cmd and "region=eu-west-1" in cmd, cmd
         assert cmd[cmd.index("--storage-credentials") + 1] == "/var/run/caravan/storage"
+        assert cmd[cmd.index("--trusted-proxy") + 1] == "10.0.0.0/8"
         mounts = {m["name"]: m for m in rc["volumeMounts"]}
         assert mounts["storage-credentials"]["readOnly"] is True
         vols = {v["name"]: v for v in repo["spec"]["template"]["spec"]["volumes"]}
@@ -236,7 +237,7 @@ def case_provider() -> None:
         assert rc["livenessProbe"]["httpGet"]["path"] == "/healthz"
         assert rc["image"] == f"caravan/agent:{APP_VERSION}"
 
-    check("repository on s3: options, credentials Secret read-only, /healthz probes", repo_s3)
+    check("repository on s3: options, trusted proxy, credentials Secret read-only, /healthz probes", repo_s3)
 
     def monitors():
         sms = {m["metadata"]["name"]: m for m in kget("servicemonitors", ns)["items"]}
