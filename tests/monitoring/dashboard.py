@@ -51,6 +51,10 @@ ROWS = [
             ("shares", "sum(caravan_shares_held)")]),
         ("Agent errors by kind", "timeseries", "ops", [
             ("{{kind}}", "sum by (kind) (rate(caravan_errors_total[5m]))")]),
+        ("Fetch duration p95", "timeseries", "s", [
+            ("p95", 'histogram_quantile(0.95, sum by (le) (rate(caravan_fetch_duration_seconds_bucket[5m])))')]),
+        ("Agents' memory (RSS, all agents)", "timeseries", "bytes", [
+            ("rss", "sum(caravan_process_resident_memory_bytes)")]),
     ]),
     ("Trust and repository", [
         ("Records accepted by kind (grants, revocations, announcements)", "timeseries", "ops", [
@@ -275,7 +279,7 @@ def render(scrapes_path: str, out: str) -> None:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", color="#9fa7b3", transform=ax.transAxes)
         ax.set_xlabel("minutes", color="#9fa7b3", fontsize=8)
-        ax.set_ylabel({"Bps": "bytes/s", "ops": "per second", "s": "seconds"}.get(unit, ""), color="#9fa7b3",
+        ax.set_ylabel({"Bps": "bytes/s", "ops": "per second", "s": "seconds", "bytes": "bytes"}.get(unit, ""), color="#9fa7b3",
                       fontsize=8)
         ax.grid(color="#2c3235", linewidth=0.5)
     for ax in list(axes.flat)[len(panels):]:
