@@ -6,7 +6,8 @@
 # 3. starts a real S3-compatible server (moto) on loopback,
 # 4. runs the workspace's unit, property, multi-process and S3 tests,
 # 5. brings up a real single-node Kubernetes, runs the cluster and operator
-#    end-to-end tests, and always tears the cluster down.
+#    end-to-end tests, and always tears the cluster down,
+# 6. installs the chart with many value sets into a bare API server (chart tests).
 # CARAVAN_SKIP_CLUSTER=1 skips step 5 (e.g. on a machine without root).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -56,6 +57,14 @@ else
     bash .ci/cluster.sh run -- bash tests/e2e.sh 2>&1 | tee target/e2e.log
     SUMMARY+=("kubernetes e2e: $(grep -E '^E2E SUMMARY' target/e2e.log | tail -1)")
 fi
+
+say "cluster scripts elevate only when needed"
+bash tests/cluster/need-root-test.sh
+SUMMARY+=("need-root: ok")
+
+say "chart tests (installs into a bare API server of their own; SKIP without the Kubernetes binaries)"
+bash tests/chart/run.sh 2>&1 | tee target/chart.log
+SUMMARY+=("chart: $(grep -E '^(chart tests|SKIP)' target/chart.log | tail -1)")
 
 printf '\n==================== test summary ====================\n'
 printf '%s\n' "${SUMMARY[@]}"

@@ -6,6 +6,10 @@
 #   3. the operator e2e (chart, examples, status, rollout, bad input, restart, GC),
 #   4. the shares e2e (four tenants on S3, grants, publish/subscribe, edits,
 #      revocation, operator killed, bad input).
+#   5. an operator upgrade restarts no agent (pod-template hashes stay),
+#   6. the chart's repository on S3 keeps every record across a restart.
+# With CARAVAN_SCRAPE_OUT=FILE, every Caravan /metrics endpoint is scraped every
+# 5 s meanwhile (tests/monitoring/scrape.py), for the dashboard rendering.
 # Prints "E2E SUMMARY: …" last; exits non-zero when any suite failed.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,10 +25,20 @@ run() { # NAME SCRIPT
         failed+=("$name")
     fi
 }
+if [[ -n "${CARAVAN_SCRAPE_OUT:-}" ]]; then
+    stop_file=$(mktemp -u /tmp/caravan-scrape-stop.XXXXXX)
+    export CARAVAN_SCRAPE_EXTRA="${CARAVAN_SCRAPE_OUT}.extra"
+    : >"$CARAVAN_SCRAPE_EXTRA"
+    python3 tests/monitoring/scrape.py "$CARAVAN_SCRAPE_OUT" "$stop_file" 5 3600 &
+    scraper=$!
+    trap 'touch "$stop_file"; wait "$scraper" 2>/dev/null; rm -f "$stop_file"' EXIT
+fi
 run cluster-smoke tests/cluster/smoke.sh
 run helm-wrapper tests/cluster/helm-smoke.sh
 run operator tests/operator/e2e.sh
 run shares tests/operator/shares-e2e.sh
+run operator-upgrade tests/operator/upgrade.sh
+run repository-s3 tests/chart/repository-s3.sh
 printf '\nE2E SUMMARY: %d passed, %d failed; passed: %s; failed: %s\n' \
     "${#passed[@]}" "${#failed[@]}" "${passed[*]:-none}" "${failed[*]:-none}"
 ((${#failed[@]} == 0))

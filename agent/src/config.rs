@@ -84,12 +84,36 @@ fn default_state_prefix() -> String {
     DEFAULT_STATE_PREFIX.to_string()
 }
 
+/// A listen address is `ip:port`, `[ipv6]:port` or `host:port` (the name is
+/// resolved when the daemon binds, e.g. `localhost:7400`).
+fn check_listen(name: &str, addr: &str) -> Result<()> {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let valid_host = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    };
+    match addr.rsplit_once(':') {
+        Some((host, port)) if valid_host(host) && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(Error::Config(format!(
+            "{name} = {addr:?} is not host:port (e.g. 0.0.0.0:7400, [::]:7400 or localhost:7400)"
+        ))),
+    }
+}
+
 impl AgentConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        Self::parse(&text).map_err(|e| match e {
+            // One "configuration error:" prefix, not one per layer.
+            Error::Config(msg) => Error::Config(format!("{}: {msg}", path.display())),
+            other => Error::Config(format!("{}: {other}", path.display())),
+        })
     }
 
     /// Parses and validates configuration text.
@@ -107,22 +131,10 @@ impl AgentConfig {
     /// Checks what can be checked without touching the network.
     pub fn validate(&self) -> Result<()> {
         check_scheme(&self.storage.scheme)?;
-        for (name, addr) in [
-            ("listen", &self.listen),
-            ("admin_listen", &self.admin_listen),
-        ] {
-            addr.parse::<std::net::SocketAddr>()
-                .map_err(|e| Error::Config(format!("{name} = {addr:?} is not an ip:port ({e})")))?;
-        }
+        check_listen("listen", &self.listen)?;
+        check_listen("admin_listen", &self.admin_listen)?;
         if !self.metrics_listen.is_empty() {
-            self.metrics_listen
-                .parse::<std::net::SocketAddr>()
-                .map_err(|e| {
-                    Error::Config(format!(
-                        "metrics_listen = {:?} is not an ip:port ({e})",
-                        self.metrics_listen
-                    ))
-                })?;
+            check_listen("metrics_listen", &self.metrics_listen)?;
         }
         for r in &self.repositories {
             if !(r.starts_with("http://") || r.starts_with("https://")) {
@@ -154,5 +166,49 @@ pub fn check_scheme(scheme: &str) -> Result<()> {
             "unknown storage scheme {scheme:?}; this build supports: {}",
             SCHEMES.join(", ")
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str =
+        "identity_file = \"k\"\nadmin_token_file = \"t\"\n[storage]\nscheme = \"fs\"\n";
+
+    #[test]
+    fn listen_takes_a_host_name_as_well_as_an_address() {
+        for ok in [
+            "localhost:7400",
+            "0.0.0.0:7400",
+            "[::]:7400",
+            "agent-1.example:7400",
+        ] {
+            let text = format!("listen = {ok:?}\n{BASE}");
+            assert!(AgentConfig::parse(&text).is_ok(), "{ok}");
+        }
+        for bad in [
+            "localhost",
+            "localhost:x",
+            ":7400",
+            "a b:7400",
+            "localhost:99999",
+        ] {
+            let text = format!("listen = {bad:?}\n{BASE}");
+            let e = AgentConfig::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("is not host:port"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_bad_file_says_configuration_error_once() {
+        let dir = std::env::temp_dir().join(format!("caravan-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, format!("listen = \"nowhere\"\n{BASE}")).unwrap();
+        let e = AgentConfig::load(&path).unwrap_err().to_string();
+        assert_eq!(e.matches("configuration error").count(), 1, "{e}");
+        assert!(e.contains("agent.toml: listen"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -78,6 +78,20 @@ pub fn open(cfg: &StorageConfig) -> Result<Operator> {
             .ok_or_else(|| Error::Config("fs storage needs a `root` option".into()))?;
         std::fs::create_dir_all(root).map_err(|e| Error::Config(format!("fs root {root}: {e}")))?;
     }
+    // Say what is missing rather than OpenDAL's bare ConfigInvalid.
+    let required: &[(&str, &str)] = match cfg.scheme.as_str() {
+        "s3" | "gcs" | "oss" | "obs" | "cos" => &[("bucket", "the bucket's name")],
+        "azblob" => &[("container", "the container's name")],
+        _ => &[],
+    };
+    for (key, what) in required {
+        if options.get(*key).is_none_or(|v| v.trim().is_empty()) {
+            return Err(Error::Config(format!(
+                "{} storage needs a `{key}` option ({what})",
+                cfg.scheme
+            )));
+        }
+    }
     let keys: Vec<String> = options.keys().cloned().collect();
     let op = Operator::via_iter(&cfg.scheme, options).map_err(|e| {
         // Never echo option values: they may be secrets.
@@ -107,5 +121,28 @@ pub async fn list_or_empty(op: &Operator, dir: &str) -> Result<Vec<opendal::Entr
         Ok(e) => Ok(e),
         Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e).context(|| format!("listing {dir}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_store_without_its_bucket_says_so() {
+        for (scheme, key) in [("s3", "bucket"), ("gcs", "bucket"), ("azblob", "container")] {
+            let cfg = StorageConfig {
+                scheme: scheme.into(),
+                options: BTreeMap::from([("region".to_string(), "eu-west-1".to_string())]),
+                credentials: None,
+            };
+            match open(&cfg) {
+                Err(Error::Config(msg)) => {
+                    assert!(msg.contains(&format!("needs a `{key}` option")), "{msg}")
+                }
+                Err(other) => panic!("{scheme}: {other}"),
+                Ok(_) => panic!("{scheme}: opened without {key}"),
+            }
+        }
     }
 }

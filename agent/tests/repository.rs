@@ -511,6 +511,62 @@ async fn rate_limit_answers_429() {
     srv.stop().await;
 }
 
+/// Behind an ingress every request comes from one address. With the ingress
+/// as a trusted proxy each client (X-Forwarded-For) gets its own bucket;
+/// without it the header is ignored (anyone can send it) and all share one.
+#[tokio::test]
+async fn rate_limit_keys_on_the_forwarded_client_only_behind_a_trusted_proxy() {
+    async fn codes(trusted: &str) -> Vec<(String, u16)> {
+        let srv = Server::start(
+            memory(),
+            RepositoryConfig {
+                rate_per_second: 0.01,
+                rate_burst: 2,
+                trusted_proxies: if trusted.is_empty() {
+                    vec![]
+                } else {
+                    vec![trusted.parse().unwrap()]
+                },
+                ..RepositoryConfig::default()
+            },
+        )
+        .await;
+        let http = reqwest::Client::new();
+        let mut out = Vec::new();
+        for client in [
+            "198.51.100.1",
+            "198.51.100.1",
+            "198.51.100.2",
+            "198.51.100.2",
+        ] {
+            let r = http
+                .get(format!(
+                    "{}/v1/announcements/{}",
+                    srv.url,
+                    key(1).agent_id()
+                ))
+                .header("x-forwarded-for", format!("203.0.113.9, {client}"))
+                .send()
+                .await
+                .unwrap();
+            out.push((client.to_string(), r.status().as_u16()));
+        }
+        srv.stop().await;
+        out
+    }
+    let trusted = codes("127.0.0.1/32").await;
+    assert!(
+        trusted.iter().all(|(_, c)| *c == 404),
+        "two clients, two requests each, burst 2: none limited: {trusted:?}"
+    );
+    let untrusted = codes("").await;
+    assert_eq!(
+        untrusted.iter().map(|(_, c)| *c).collect::<Vec<_>>(),
+        [404, 404, 429, 429],
+        "one shared bucket when the proxy is not trusted"
+    );
+}
+
 /// Publishes a known set of records and returns what look-ups should say.
 async fn populate(url: &str) -> (Vec<SignedRecord>, [u8; 32]) {
     let client = RepositoryClient::new(&[url.to_string()]).unwrap();

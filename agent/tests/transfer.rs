@@ -63,6 +63,47 @@ fn publish_fetch_and_only_recipients_get_anything() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("this ticket is for agent"));
+    // Under --json that error is a JSON exit_error object.
+    let err: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    assert_eq!(err["message_type"], "exit_error");
+    assert_eq!(err["code"], 3);
+
+    // A ticket for an agent that is not a recipient of this explicit-recipient
+    // share would only fail later with "unknown share": it is refused now, with
+    // what to do instead, and the same exit code as any bad input.
+    let out = cli(&[
+        "ticket",
+        "--config",
+        alice.cfg(),
+        &share,
+        "--to",
+        &carol.id,
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let err: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stderr).trim()).unwrap();
+    let msg = err["message"].as_str().unwrap();
+    assert!(msg.contains("is not a recipient of share"), "{msg}");
+    assert!(msg.contains("--share"), "{msg}");
+    // A recipient's ticket under --json is JSON too.
+    let t: serde_json::Value = serde_json::from_str(&cli_ok(&[
+        "ticket",
+        "--config",
+        alice.cfg(),
+        &share,
+        "--to",
+        &bob.id,
+        "--json",
+    ]))
+    .unwrap();
+    assert!(
+        t["ticket"]
+            .as_str()
+            .unwrap()
+            .starts_with("caravan-ticket-v1:")
+    );
 
     // …and asking alice directly over the wire yields "not found", for the
     // manifest and for a chunk id she really has.
@@ -330,4 +371,40 @@ fn walk_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// Symbolic links: one that stays inside the published folder is published as
+/// a copy of its target; one that leads outside it (a secret elsewhere in the
+/// storage, or /etc), or nowhere, is never followed.
+#[test]
+fn symlinks_outside_the_published_folder_are_not_followed() {
+    use std::os::unix::fs::symlink;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let photos = alice.data().join("photos");
+    make_tree(&photos, 3, 10_000);
+    std::fs::write(alice.data().join("secret.txt"), b"not for bob").unwrap();
+    let first = photos.join("d0/sub/файл-0.bin");
+    symlink(&first, photos.join("inside-link")).unwrap();
+    symlink(alice.data().join("secret.txt"), photos.join("outside-file")).unwrap();
+    // (A link to a directory is not tested here: opendal-core 0.59.5's
+    // CompleteLister hits a debug_assert on it in debug builds; release
+    // builds list it as an entry the check below skips.)
+    symlink("/etc/hostname", photos.join("etc-link")).unwrap();
+    symlink(photos.join("missing"), photos.join("dangling")).unwrap();
+    alice.start();
+    bob.start();
+    let (_share, tickets) = publish(&alice, "photos", &[&bob.id], &[]);
+    let done = fetch(&bob, &tickets[0], "got", &[]);
+    assert_eq!(done["state"], "done");
+    let got = bob.data().join("got");
+    assert_eq!(
+        std::fs::read(got.join("inside-link")).unwrap(),
+        std::fs::read(&first).unwrap(),
+        "a link inside the folder travels as a copy"
+    );
+    for name in ["outside-file", "etc-link", "dangling"] {
+        assert!(!got.join(name).exists(), "{name} must not be published");
+    }
 }

@@ -307,7 +307,8 @@ fn trust_web_with_processes() {
         "--depth",
         "1",
     ]);
-    assert_eq!(out.status.code(), Some(2));
+    // A malformed id is bad input (3), like a malformed ticket.
+    assert_eq!(out.status.code(), Some(3));
     let out = cli(&["trust", "revoke", "--config", alice.cfg(), &dave.id]);
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no grant"));

@@ -9,9 +9,9 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, Secret, SecretVolumeSource, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvVar, HTTPGetAction, LocalObjectReference, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
@@ -21,8 +21,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
-use crate::config::{METADATA_RANGES, OperatorConfig, paths};
+use crate::config::{METADATA_RANGES, OPERATOR_VERSION, OperatorConfig, paths};
 use crate::crd::Agent;
+use crate::crd::agent::LogFormat;
 use crate::names::{self, ChildNames};
 
 /// UID and GID the agent runs as (the conventional "nonroot" of distroless).
@@ -58,11 +59,19 @@ impl BuildInput<'_> {
         ChildNames::for_agent(&self.name())
     }
 
+    /// Metadata of a child object. Its labels add the operator's version to
+    /// the pod's labels; the pod template never gets the version, so an
+    /// operator upgrade alone restarts no agent.
     fn meta(&self, name: String) -> ObjectMeta {
+        let mut labels = names::labels(&self.name());
+        labels.insert(
+            "app.kubernetes.io/version".into(),
+            OPERATOR_VERSION.to_string(),
+        );
         ObjectMeta {
             name: Some(name),
             namespace: Some(self.namespace.to_string()),
-            labels: Some(names::labels(&self.name())),
+            labels: Some(labels),
             owner_references: owner_reference(self.agent).map(|o| vec![o]),
             ..Default::default()
         }
@@ -130,6 +139,11 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
         timeout_seconds: Some(2),
         ..Default::default()
     }
+}
+
+/// `None` for a missing or empty list (so the field stays out of the template).
+fn non_empty<T>(v: Option<Vec<T>>) -> Option<Vec<T>> {
+    v.filter(|v| !v.is_empty())
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {
@@ -238,16 +252,37 @@ pub fn deployment(input: &BuildInput<'_>) -> Deployment {
         });
     }
 
+    let mut command = vec![
+        "caravan-agent".into(),
+        "run".into(),
+        "--config".into(),
+        format!("{}/{}", paths::CONFIG_DIR, paths::CONFIG_KEY),
+    ];
+    // Only a non-default format adds the flag: existing pods keep their
+    // template (and keep running) when this setting is introduced.
+    let log_format = spec.log_format.unwrap_or(input.cfg.default_log_format);
+    if log_format != LogFormat::Text {
+        command.extend(["--log-format".into(), log_format.as_str().into()]);
+    }
+    let scheduling = spec
+        .scheduling
+        .clone()
+        .unwrap_or_default()
+        .over(&input.cfg.default_scheduling);
+    let image_pull_secrets = non_empty(Some(
+        input
+            .cfg
+            .image_pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() })
+            .collect(),
+    ));
+
     let container = Container {
         name: "agent".into(),
         image: Some(input.cfg.agent_image.clone()),
         image_pull_policy: Some(input.cfg.agent_image_pull_policy.clone()),
-        command: Some(vec![
-            "caravan-agent".into(),
-            "run".into(),
-            "--config".into(),
-            format!("{}/{}", paths::CONFIG_DIR, paths::CONFIG_KEY),
-        ]),
+        command: Some(command),
         env: Some(vec![EnvVar {
             name: "RUST_LOG".into(),
             value: Some(spec.log_level.clone()),
@@ -321,6 +356,12 @@ pub fn deployment(input: &BuildInput<'_>) -> Deployment {
                     containers: vec![container],
                     volumes: Some(volumes),
                     termination_grace_period_seconds: Some(30),
+                    image_pull_secrets,
+                    node_selector: scheduling.node_selector.filter(|m| !m.is_empty()),
+                    tolerations: non_empty(scheduling.tolerations),
+                    affinity: scheduling.affinity.filter(|a| *a != Default::default()),
+                    topology_spread_constraints: non_empty(scheduling.topology_spread_constraints),
+                    priority_class_name: scheduling.priority_class_name.filter(|p| !p.is_empty()),
                     ..Default::default()
                 }),
             },
@@ -401,11 +442,40 @@ pub fn advertise_addresses(svc: &Service, dns_endpoint: &str, extra: &[String]) 
     out
 }
 
+/// The NetworkPolicy, plus — when the chart names a Prometheus namespace —
+/// one rule letting that namespace's pods scrape the metrics port, and only
+/// that port. Without the setting no rule is added, so the policies of
+/// existing agents do not change.
+pub fn network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
+    let mut np = base_network_policy(input);
+    if !input.cfg.metrics_namespace_labels.is_empty()
+        && let Some(spec) = np.spec.as_mut()
+    {
+        spec.ingress
+            .get_or_insert_with(Vec::new)
+            .push(NetworkPolicyIngressRule {
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::Int(i32::from(DEFAULT_METRICS_PORT))),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                }]),
+                from: Some(vec![NetworkPolicyPeer {
+                    namespace_selector: Some(LabelSelector {
+                        match_labels: Some(input.cfg.metrics_namespace_labels.clone()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+            });
+    }
+    np
+}
+
 /// The NetworkPolicy: the peer port is open (to `peerCidrs` or everyone:
 /// peers authenticate each other), while the admin and metrics ports accept
 /// only the operator's namespace. Egress stays open: agents must reach
 /// their storage and peers wherever those are.
-pub fn network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
+fn base_network_policy(input: &BuildInput<'_>) -> NetworkPolicy {
     let exposure = &input.agent.spec.exposure;
     let tcp = |p: u16| NetworkPolicyPort {
         port: Some(IntOrString::Int(i32::from(p))),
@@ -890,5 +960,168 @@ mod tests {
         assert!(cidr_strictly_contains("::/0", "fd00:ec2::254/128"));
         assert!(!cidr_strictly_contains("203.0.113.0/24", "169.254.0.0/16"));
         assert!(!cidr_strictly_contains("garbage", "10.0.0.0/8"));
+    }
+
+    fn pod_spec(a: &Agent, cfg: &OperatorConfig) -> PodSpec {
+        let input = BuildInput {
+            agent: a,
+            namespace: "tenant-a",
+            config_toml: "listen = \"0.0.0.0:7400\"\n",
+            credentials_version: Some("42"),
+            cfg,
+        };
+        deployment(&input).spec.unwrap().template.spec.unwrap()
+    }
+
+    /// The pod template an Agent gets from this operator with default
+    /// settings. When it changes, every running agent restarts on the
+    /// operator upgrade that brings the change: update the golden file
+    /// (`CARAVAN_UPDATE_GOLDEN=1`) only on purpose, and say so in the
+    /// release notes.
+    #[test]
+    fn default_pod_template_is_stable_across_operator_versions() {
+        let cfg = OperatorConfig::default();
+        let mut out = String::new();
+        for a in [s3_agent("alice", "tenant-a"), fs_agent("bob", "tenant-a")] {
+            let input = BuildInput {
+                agent: &a,
+                namespace: "tenant-a",
+                config_toml: "listen = \"0.0.0.0:7400\"\n",
+                credentials_version: Some("42"),
+                cfg: &cfg,
+            };
+            let tmpl = deployment(&input).spec.unwrap().template;
+            out.push_str(&serde_json::to_string_pretty(&tmpl).unwrap());
+            out.push('\n');
+        }
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/testdata/agent-pod-templates.json");
+        if std::env::var_os("CARAVAN_UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, &out).unwrap();
+        }
+        let golden = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            golden == out,
+            "the default agent pod template changed: every agent would restart on upgrade. \
+             If intended, rerun with CARAVAN_UPDATE_GOLDEN=1 and note it in the changelog.\n{out}"
+        );
+    }
+
+    #[test]
+    fn version_label_is_on_children_but_never_on_the_pod_template() {
+        let a = s3_agent("alice", "tenant-a");
+        let d = build(&a, deployment);
+        assert_eq!(
+            d.metadata.labels.unwrap()["app.kubernetes.io/version"],
+            OPERATOR_VERSION
+        );
+        let tmpl = d.spec.unwrap().template.metadata.unwrap();
+        assert!(
+            !tmpl
+                .labels
+                .unwrap()
+                .contains_key("app.kubernetes.io/version")
+        );
+        for l in [
+            build(&a, |i| service(i).metadata.labels),
+            build(&a, |i| config_map(i).metadata.labels),
+            build(&a, |i| network_policy(i).metadata.labels),
+        ] {
+            assert_eq!(l.unwrap()["app.kubernetes.io/version"], OPERATOR_VERSION);
+        }
+    }
+
+    #[test]
+    fn scheduling_defaults_apply_field_by_field_and_the_agent_wins() {
+        use crate::crd::agent::SchedulingSpec;
+        use k8s_openapi::api::core::v1::Toleration;
+        let mut cfg = OperatorConfig::default();
+        let pod = pod_spec(&s3_agent("alice", "tenant-a"), &cfg);
+        assert_eq!(pod.node_selector, None);
+        assert_eq!(pod.tolerations, None);
+        assert_eq!(pod.affinity, None);
+        assert_eq!(pod.topology_spread_constraints, None);
+        assert_eq!(pod.priority_class_name, None);
+        assert_eq!(pod.image_pull_secrets, None);
+
+        cfg.default_scheduling = SchedulingSpec {
+            node_selector: Some(BTreeMap::from([("pool".into(), "agents".into())])),
+            tolerations: Some(vec![Toleration {
+                key: Some("dedicated".into()),
+                operator: Some("Equal".into()),
+                value: Some("agents".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }]),
+            priority_class_name: Some("caravan-agents".into()),
+            ..Default::default()
+        };
+        cfg.image_pull_secrets = vec!["regcred".into()];
+        let mut a = s3_agent("alice", "tenant-a");
+        a.spec.scheduling = Some(SchedulingSpec {
+            node_selector: Some(BTreeMap::from([("pool".into(), "gold".into())])),
+            ..Default::default()
+        });
+        let pod = pod_spec(&a, &cfg);
+        assert_eq!(pod.node_selector.unwrap()["pool"], "gold", "the Agent wins");
+        assert_eq!(
+            pod.tolerations.unwrap()[0].key.as_deref(),
+            Some("dedicated"),
+            "the default fills what the Agent left out"
+        );
+        assert_eq!(pod.priority_class_name.as_deref(), Some("caravan-agents"));
+        assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "regcred");
+    }
+
+    #[test]
+    fn json_logs_add_the_flag_and_text_leaves_the_command_alone() {
+        use crate::crd::agent::LogFormat;
+        let mut cfg = OperatorConfig::default();
+        let mut a = s3_agent("alice", "tenant-a");
+        let cmd = |a: &Agent, cfg: &OperatorConfig| {
+            pod_spec(a, cfg).containers[0].command.clone().unwrap()
+        };
+        assert_eq!(cmd(&a, &cfg).len(), 4);
+        cfg.default_log_format = LogFormat::Json;
+        assert_eq!(cmd(&a, &cfg)[4..], ["--log-format", "json"]);
+        a.spec.log_format = Some(LogFormat::Text);
+        assert_eq!(cmd(&a, &cfg).len(), 4, "the Agent's own setting wins");
+    }
+
+    #[test]
+    fn metrics_namespace_selector_opens_only_the_metrics_port() {
+        let a = s3_agent("alice", "tenant-a");
+        let mut cfg = OperatorConfig::default();
+        let np = |cfg: &OperatorConfig| {
+            let input = BuildInput {
+                agent: &a,
+                namespace: "tenant-a",
+                config_toml: "",
+                credentials_version: None,
+                cfg,
+            };
+            network_policy(&input).spec.unwrap().ingress.unwrap()
+        };
+        assert_eq!(np(&cfg).len(), 2);
+        cfg.metrics_namespace_labels =
+            BTreeMap::from([("kubernetes.io/metadata.name".into(), "monitoring".into())]);
+        let rules = np(&cfg);
+        assert_eq!(rules.len(), 3);
+        let ports: Vec<_> = rules[2]
+            .ports
+            .clone()
+            .unwrap()
+            .into_iter()
+            .map(|p| p.port)
+            .collect();
+        assert_eq!(ports, [Some(IntOrString::Int(9400))]);
+        let sel = rules[2].from.clone().unwrap()[0]
+            .namespace_selector
+            .clone()
+            .unwrap();
+        assert_eq!(
+            sel.match_labels.unwrap()["kubernetes.io/metadata.name"],
+            "monitoring"
+        );
     }
 }

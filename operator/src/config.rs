@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use crate::crd::agent::{LogFormat, SchedulingSpec};
+
 /// What every Agent's children share.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OperatorConfig {
@@ -31,6 +33,16 @@ pub struct OperatorConfig {
     /// cloud identity (instance metadata, assumed roles, profiles) are
     /// refused and the metadata credential chain is switched off.
     pub allow_node_credentials: bool,
+    /// Log format of agents whose Agent sets none.
+    pub default_log_format: LogFormat,
+    /// Scheduling of agent pods, field by field, where the Agent sets none.
+    pub default_scheduling: SchedulingSpec,
+    /// Secrets (in each tenant's namespace) used to pull the agent image.
+    pub image_pull_secrets: Vec<String>,
+    /// Labels of namespaces (besides the operator's) whose pods may scrape
+    /// the agents' metrics port through the NetworkPolicy, e.g. Prometheus'.
+    /// Empty: none.
+    pub metrics_namespace_labels: BTreeMap<String, String>,
 }
 
 /// Egress of agent pods. Pods of the cluster (other agents, the repository)
@@ -86,6 +98,10 @@ impl Default for OperatorConfig {
             )]),
             egress: EgressConfig::default(),
             allow_node_credentials: false,
+            default_log_format: LogFormat::Text,
+            default_scheduling: SchedulingSpec::default(),
+            image_pull_secrets: Vec::new(),
+            metrics_namespace_labels: BTreeMap::new(),
         }
     }
 }
@@ -106,6 +122,11 @@ pub fn default_agent_resources() -> ResourceRequirements {
         ..Default::default()
     }
 }
+
+/// Version of the operator, written as `app.kubernetes.io/version` on the
+/// objects it makes (never on pod templates: an operator upgrade alone must
+/// not restart agents).
+pub const OPERATOR_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "caravan-operator";

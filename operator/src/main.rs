@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use caravan_operator::agent_api::HttpAgentApi;
 use caravan_operator::config::{OperatorConfig, default_agent_resources};
 use caravan_operator::controller::{self, Context, RunOptions};
+use caravan_operator::crd::agent::{LogFormat, SchedulingSpec};
 use caravan_operator::http::{self, Health};
 use caravan_operator::leader::{Elector, Timing};
 use caravan_operator::metrics::Metrics;
@@ -61,6 +62,21 @@ struct RunArgs {
     /// Default resources of agent containers, as JSON ResourceRequirements.
     #[arg(long, env = "CARAVAN_AGENT_RESOURCES")]
     agent_resources: Option<String>,
+    /// Log format of agents whose Agent sets none: text or json.
+    #[arg(long, env = "CARAVAN_AGENT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    agent_log_format: String,
+    /// Default scheduling of agent pods, as JSON with any of nodeSelector,
+    /// tolerations, affinity, topologySpreadConstraints, priorityClassName.
+    #[arg(long, env = "CARAVAN_AGENT_SCHEDULING")]
+    agent_scheduling: Option<String>,
+    /// Secrets used to pull the agent image (comma-separated names; each
+    /// must exist in the tenant's namespace).
+    #[arg(long, env = "CARAVAN_AGENT_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    agent_image_pull_secrets: Vec<String>,
+    /// Labels (k=v, comma-separated) of namespaces whose pods may scrape the
+    /// agents' metrics port, e.g. the Prometheus namespace's.
+    #[arg(long, env = "CARAVAN_METRICS_NAMESPACE_LABELS", value_delimiter = ',')]
+    metrics_namespace_labels: Vec<String>,
     /// Repository URLs given to Agents that list none (comma-separated).
     #[arg(long, env = "CARAVAN_DEFAULT_REPOSITORIES", value_delimiter = ',')]
     default_repositories: Vec<String>,
@@ -204,6 +220,22 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             .context("--agent-resources is not ResourceRequirements JSON")?,
         _ => default_agent_resources(),
     };
+    let default_scheduling: SchedulingSpec = match &args.agent_scheduling {
+        Some(json) if !json.trim().is_empty() => serde_json::from_str(json)
+            .context("--agent-scheduling is not JSON with nodeSelector, tolerations, affinity, topologySpreadConstraints, priorityClassName")?,
+        _ => SchedulingSpec::default(),
+    };
+    let mut metrics_namespace_labels = std::collections::BTreeMap::new();
+    for kv in args
+        .metrics_namespace_labels
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+    {
+        let (k, v) = kv.split_once('=').with_context(|| {
+            format!("--metrics-namespace-labels: expected key=value, got {kv:?}")
+        })?;
+        metrics_namespace_labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
     let cfg = OperatorConfig {
         agent_image: args.agent_image.clone(),
         agent_image_pull_policy: args.agent_image_pull_policy.clone(),
@@ -218,6 +250,19 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         operator_pod_labels: parse_labels(&args.operator_pod_labels)?,
         egress: egress_config(&args.agent_egress_cidrs, &args.agent_egress_except)?,
         allow_node_credentials: args.allow_node_credentials,
+        default_log_format: match args.agent_log_format.as_str() {
+            "json" => LogFormat::Json,
+            _ => LogFormat::Text,
+        },
+        default_scheduling,
+        image_pull_secrets: args
+            .agent_image_pull_secrets
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        metrics_namespace_labels,
     };
     let identity = args
         .pod_name

@@ -60,6 +60,11 @@ impl Metrics {
         registry.register(Box::new(status_patches.clone()))?;
         registry.register(Box::new(leader.clone()))?;
         registry.register(Box::new(agent_calls.clone()))?;
+        // caravan_operator_process_{resident_memory_bytes,cpu_seconds_total,open_fds,…}
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Self {
             registry,
             reconciles,

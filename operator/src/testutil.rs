@@ -26,6 +26,8 @@ pub fn s3_agent(name: &str, ns: &str) -> Agent {
             resources: None,
             exposure: ExposureSpec::default(),
             log_level: "info".into(),
+            log_format: None,
+            scheduling: None,
         },
     );
     a.metadata.namespace = Some(ns.into());

@@ -13,13 +13,13 @@ fn committed_crds_match_the_rust_types() {
     assert!(
         drifted.is_empty(),
         "CRDs drifted: {drifted:?}; run `cargo run -p caravan-operator -- crdgen --out crds` \
-         and `cargo run -p caravan-operator -- crdgen --out charts/caravan/crds`"
+         and `cargo run -p caravan-operator -- crdgen --out charts/caravan/files/crds`"
     );
 }
 
 #[test]
 fn chart_crds_match_the_rust_types() {
-    let dir = repo().join("charts/caravan/crds");
+    let dir = repo().join("charts/caravan/files/crds");
     let drifted = caravan_operator::crdgen::drifted(&dir).unwrap();
     assert!(drifted.is_empty(), "chart CRDs drifted: {drifted:?}");
 }

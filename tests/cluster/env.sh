@@ -3,6 +3,8 @@
 # Everything can be overridden from the environment.
 
 CLUSTER_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The sourcing script's arguments (a sourced file sees its caller's "$@"), for need_root.
+_CARAVAN_SCRIPT_ARGS=("$@")
 REPO_ROOT="$(cd "$CLUSTER_DIR/../.." && pwd)"
 
 K8S_VERSION="${CARAVAN_K8S_VERSION:-1.20.2}"
@@ -63,8 +65,15 @@ use_existing_cluster() {
   [[ "${CARAVAN_USE_EXISTING_CLUSTER:-0}" == 1 && -n "${KUBECONFIG:-}" ]]
 }
 
+# need_root — root runs on; a user is re-run through sudo when sudo exists
+# (environment kept: CARAVAN_* settings still apply); otherwise a clear error.
 need_root() {
-  [[ "$(id -u)" == 0 ]] || die "this script must run as root (containerd and kubelet need it)"
+  [[ "$(id -u)" == 0 ]] && return 0
+  if command -v sudo >/dev/null 2>&1 && [[ "${CARAVAN_NO_SUDO:-0}" != 1 && -z "${_CARAVAN_VIA_SUDO:-}" ]]; then
+    log "not root: re-running with sudo"
+    exec sudo --preserve-env _CARAVAN_VIA_SUDO=1 bash "$0" "${_CARAVAN_SCRIPT_ARGS[@]}"
+  fi
+  die "this script must run as root (containerd and the kubelet need it): run it as root, or install sudo"
 }
 
 # apt_install PKG... — installs only the packages that are missing.

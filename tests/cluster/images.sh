@@ -5,6 +5,9 @@
 #   pause     docker.io/caravan/pause:3.2      (Kubernetes tree's pause.c; up.sh needs it)
 #   agent     docker.io/caravan/agent:dev      from target/release/caravan-agent
 #   operator  docker.io/caravan/operator:dev   from target/release/caravan-operator
+# Agent and operator are built from images/NAME/Containerfile (the recipe a
+# provider publishes with) over a context made by images/stage.sh, and are also
+# tagged with the chart's appVersion (the chart's default tag).
 # Usage: images.sh [pause|agent|operator|all]...   (default: all)
 # Overrides: CARAVAN_AGENT_BIN / CARAVAN_OPERATOR_BIN = path to a binary, or `standin`
 #   (a busybox stand-in with the same `run --config FILE` + :9400 /readyz interface).
@@ -20,27 +23,12 @@ export BUILDAH_ISOLATION=chroot
 BUILDAH=(buildah --storage-driver vfs --root "$CACHE_ROOT/buildah/storage"
   --runroot "/run/caravan-buildah")
 CTR=(ctr --address "$CONTAINERD_SOCK" --namespace k8s.io)
-IMAGE_FORMAT_VERSION=1   # bump when the image layout below changes
+IMAGE_FORMAT_VERSION=2   # bump when the image layout below changes
+APP_VERSION=$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$REPO_ROOT/charts/caravan/Chart.yaml")
 cargo_built=0
 
 targets=("$@")
 ((${#targets[@]})) || targets=(all)
-
-# stage_binary ROOTFS BINARY DEST — the binary plus what ldd says it loads.
-stage_binary() {
-  local rootfs="$1" bin="$2" dest="$3" line lib
-  install -D -m 0755 "$bin" "$rootfs$dest"
-  if ! ldd "$bin" >/dev/null 2>&1; then return 0; fi   # static
-  while read -r line; do
-    lib=""
-    case "$line" in
-      *"=> /"*) lib=${line#*=> }; lib=${lib%% (*} ;;
-      /*) lib=${line%% (*} ;;
-    esac
-    [[ -n "$lib" && -e "$lib" ]] || continue
-    install -D -m 0755 "$(readlink -f "$lib")" "$rootfs$lib"
-  done < <(ldd "$bin")
-}
 
 stage_common() { # ROOTFS — passwd/group for the non-root user, CA bundle, /tmp
   local rootfs="$1"
@@ -76,15 +64,26 @@ resolve_binary() {
   die "$path does not exist and could not be built; run 'cargo build --release --bins', set CARAVAN_${name^^}_BIN, or CARAVAN_ALLOW_STANDIN=1 for the busybox stand-in"
 }
 
-# build_archive NAME REF ROOTFS ENTRYPOINT_JSON — caches an OCI archive keyed by content.
+# build_archive NAME REF ROOTFS ENTRYPOINT_JSON [CONTAINERFILE] — caches an OCI
+# archive keyed by content. With CONTAINERFILE, ROOTFS's parent is the build context.
 build_archive() {
-  local name="$1" ref="$2" rootfs="$3" entrypoint="$4" key archive ctr
+  local name="$1" ref="$2" rootfs="$3" entrypoint="$4" containerfile="${5:-}" key archive ctr
   key=$( (cd "$rootfs" && find . -printf '%p %m %l\n' | LC_ALL=C sort && find . -type f -print0 |
-    LC_ALL=C sort -z | xargs -0 sha256sum; echo "$ref $entrypoint v$IMAGE_FORMAT_VERSION") |
+    LC_ALL=C sort -z | xargs -0 sha256sum; echo "$ref $entrypoint v$IMAGE_FORMAT_VERSION $APP_VERSION";
+    [[ -z "$containerfile" ]] || cat "$containerfile") |
     sha256sum | cut -c1-16)
   archive="$IMAGE_CACHE/$name-$key.oci.tar"
   if [[ -f "$archive" ]]; then
     log "$ref: cached $archive"
+  elif [[ -n "$containerfile" ]]; then
+    log "$ref: buildah build -f ${containerfile#"$REPO_ROOT"/}"
+    mkdir -p "$IMAGE_CACHE"
+    "${BUILDAH[@]}" build --quiet --layers=false -f "$containerfile" --build-arg "VERSION=$APP_VERSION" \
+      -t "$ref" "$(dirname "$rootfs")" >/dev/null
+    rm -f "$archive.tmp"
+    "${BUILDAH[@]}" push --quiet "$ref" "oci-archive:$archive.tmp:$ref"
+    "${BUILDAH[@]}" rmi --force "$ref" >/dev/null 2>&1 || true
+    mv "$archive.tmp" "$archive"
   else
     log "$ref: building with buildah"
     mkdir -p "$IMAGE_CACHE"
@@ -112,6 +111,11 @@ import_archive() { # REF ARCHIVE
   "${CTR[@]}" version >/dev/null 2>&1 || die "containerd at $CONTAINERD_SOCK is not running: run tests/cluster/up.sh first"
   "${CTR[@]}" images import --base-name "${ref%:*}" "$archive" >/dev/null
   "${CTR[@]}" images ls -q | grep -x "$ref" >/dev/null || die "$ref not found in containerd after importing $archive"
+  if [[ "$ref" == */caravan/agent:dev || "$ref" == */caravan/operator:dev ]]; then
+    # The chart's default tag is its appVersion: the same image under that tag.
+    "${CTR[@]}" images rm "${ref%:*}:$APP_VERSION" >/dev/null 2>&1 || true
+    "${CTR[@]}" images tag "$ref" "${ref%:*}:$APP_VERSION" >/dev/null
+  fi
   log "$ref: imported into containerd (k8s.io)"
 }
 
@@ -125,11 +129,13 @@ image_pause() {
 }
 
 image_component() { # agent|operator
-  local name="$1" bin rootfs
+  local name="$1" bin ctx rootfs
   bin=$(resolve_binary "$name")
-  rootfs=$(mktemp -d)
-  stage_common "$rootfs"
+  ctx=$(mktemp -d)
+  rootfs="$ctx/rootfs"
   if [[ "$bin" == standin ]]; then
+    mkdir -p "$rootfs"
+    stage_common "$rootfs"
     [[ -x /bin/busybox ]] || apt_install busybox-static
     install -D -m 0755 /bin/busybox "$rootfs/bin/busybox"
     ldd /bin/busybox >/dev/null 2>&1 && die "/bin/busybox is not static (install busybox-static)"
@@ -141,11 +147,11 @@ image_component() { # agent|operator
     printf '# HELP caravan_standin 1 when this is the busybox stand-in\n# TYPE caravan_standin gauge\ncaravan_standin 1\n' \
       >"$rootfs/standin/www/metrics"
   else
-    [[ -x "$bin" ]] || die "$bin is not an executable"
-    stage_binary "$rootfs" "$bin" "/usr/local/bin/caravan-$name"
+    bash "$REPO_ROOT/images/stage.sh" "$name" "$bin" "$ctx"
   fi
-  build_archive "$name" "docker.io/caravan/$name:dev" "$rootfs" "[\"/usr/local/bin/caravan-$name\"]"
-  rm -rf "$rootfs"
+  build_archive "$name" "docker.io/caravan/$name:dev" "$rootfs" "[\"/usr/local/bin/caravan-$name\"]" \
+    "$REPO_ROOT/images/$name/Containerfile"
+  rm -rf "$ctx"
 }
 
 need_root

@@ -82,12 +82,10 @@ if [[ "$(kc get ns "$SYS_NS" -o jsonpath='{.status.phase}' 2>/dev/null)" == Term
   kc wait --for=delete "namespace/$SYS_NS" --timeout=180s >/dev/null 2>&1 || true
 fi
 kc create namespace "$SYS_NS" >/dev/null 2>&1 || true
-# CRDs first (helm only installs crds/ once, so a re-run picks up changed CRDs).
-# Client-side apply with --validate=false: before 1.25 the API server does not
-# know x-kubernetes-validations, and server-side apply or kubectl's schema check
-# refuse the field that a plain create/update silently drops.
-kc apply --validate=false -f "$ROOT/charts/caravan/crds/" >/dev/null
-"$HELM" upgrade --install "$RELEASE" "$ROOT/charts/caravan" -n "$SYS_NS" \
+# The CRDs are templates of the chart (helm upgrade updates them; without CEL
+# rules on API servers before 1.25). CRDs left by an older chart (crds/, no
+# helm ownership) are adopted with --take-ownership.
+"$HELM" upgrade --install --take-ownership "$RELEASE" "$ROOT/charts/caravan" -n "$SYS_NS" \
   -f "$ROOT/examples/provider/values.yaml" >/dev/null
 check "operator Deployment becomes available" \
   kc -n "$SYS_NS" wait deployment/caravan-operator --for=condition=Available --timeout=180s

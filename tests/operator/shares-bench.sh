@@ -58,8 +58,7 @@ for j in range(shares):
 PY
 
 kc create namespace "$SYS_NS" >/dev/null 2>&1 || true
-kc apply --validate=false -f "$ROOT/charts/caravan/crds/" >/dev/null
-"$HELM" upgrade --install caravan "$ROOT/charts/caravan" -n "$SYS_NS" \
+"$HELM" upgrade --install --take-ownership caravan "$ROOT/charts/caravan" -n "$SYS_NS" \
   -f "$ROOT/examples/provider/values.yaml" --set repository.enabled=true \
   --set operator.replicas=1 >/dev/null
 kc -n "$SYS_NS" wait deployment/caravan-operator --for=condition=Available --timeout=180s >/dev/null

@@ -168,8 +168,7 @@ PY
 log "installing the chart with the repository"
 kc delete namespace "${TENANTS[@]/#/tenant-}" --wait=true --timeout=120s >/dev/null 2>&1 || true
 kc create namespace "$SYS_NS" >/dev/null 2>&1 || true
-kc apply --validate=false -f "$ROOT/charts/caravan/crds/" >/dev/null
-"$HELM" upgrade --install "$RELEASE" "$ROOT/charts/caravan" -n "$SYS_NS" \
+"$HELM" upgrade --install --take-ownership "$RELEASE" "$ROOT/charts/caravan" -n "$SYS_NS" \
   -f "$ROOT/examples/provider/values.yaml" --set repository.enabled=true >/dev/null
 check "operator available" kc -n "$SYS_NS" wait deployment/caravan-operator --for=condition=Available --timeout=180s
 check "repository available" kc -n "$SYS_NS" wait deployment/caravan-repository --for=condition=Available --timeout=180s

@@ -15,8 +15,9 @@ Quick start (two agents on this machine):
   caravan-agent publish --config ./alice/agent.toml photos --to <BOB'S AGENT ID>
   caravan-agent fetch --config ./bob/agent.toml <TICKET> --dest photos-from-alice
 
-Exit codes: 0 ok, 1 failure, 2 bad usage, 3 bad configuration or input,
-4 daemon unreachable, 5 transfer or verification failed.
+Exit codes: 0 ok, 1 failure, 2 bad usage, 3 bad configuration or input
+(a malformed agent id, ticket or duration included), 4 daemon unreachable,
+5 transfer or verification failed.
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=caravan_agent=debug) and
 --log-format json for structured logs.";
 
@@ -44,6 +45,15 @@ pub(crate) enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
+    /// Print a shell completion script.
+    ///
+    /// bash: `caravan-agent completion bash > /etc/bash_completion.d/caravan-agent`;
+    /// zsh: `caravan-agent completion zsh > "${fpath[1]}/_caravan-agent"`;
+    /// fish: `caravan-agent completion fish > ~/.config/fish/completions/caravan-agent.fish`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Create a new agent key pair and print its agent id.
     ///
     /// The key file is written with mode 0600. The agent id (cv1-…) is public:
@@ -82,7 +92,9 @@ pub(crate) enum Command {
     /// Interrupted fetches resume on start. Stops cleanly on SIGINT/SIGTERM.
     Run {
         /// Agent configuration file (TOML).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
     },
     /// Publish a path of this agent's storage as a share (asks the running daemon).
@@ -91,8 +103,9 @@ pub(crate) enum Command {
     /// publish a new version of a share, pass --share with its id: only
     /// changed chunks will travel.
     Publish {
-        /// Agent configuration file (to find the daemon and its token).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// Directory or file in the agent's storage ("" or "." for everything).
         path: String,
@@ -114,13 +127,18 @@ pub(crate) enum Command {
     },
     /// Make a ticket for one more recipient of a share this agent publishes.
     Ticket {
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// The share id.
         share: ShareId,
         /// The recipient's agent id.
         #[arg(long = "to", value_name = "AGENT_ID")]
         to: AgentId,
+        /// Print the ticket as JSON (`{"share_id", "recipient", "ticket"}`).
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch a share from a ticket into a directory of this agent's storage.
     ///
@@ -128,7 +146,9 @@ pub(crate) enum Command {
     /// only when complete. If the daemon stops, the fetch resumes when it
     /// restarts, without downloading verified chunks again.
     Fetch {
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// The ticket (caravan-ticket-v1:…).
         ticket: String,
@@ -147,8 +167,11 @@ pub(crate) enum Command {
     },
     /// Show what the running daemon holds and is fetching.
     Status {
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
+        /// Print the status as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -189,8 +212,9 @@ pub(crate) enum Command {
     },
     /// List the peers the repositories know for a share (agent id and addresses).
     Peers {
-        /// Agent configuration file (to find the daemon and its token).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// The share id.
         share: ShareId,
@@ -216,8 +240,9 @@ pub(crate) enum TrustCommand {
     ///
     /// Example: `caravan-agent trust grant cv1-… --depth 1 --expires 30d -c agent.toml`
     Grant {
-        /// Agent configuration file (to find the daemon and its token).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// The agent to trust.
         agent: AgentId,
@@ -242,8 +267,9 @@ pub(crate) enum TrustCommand {
     /// for a trust depth gets a fresh key by itself, so revoked agents cannot
     /// read it even with the key they already hold.
     Revoke {
-        /// Agent configuration file (to find the daemon and its token).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// The agent whose grants to revoke.
         #[arg(required_unless_present = "grant_id", conflicts_with = "grant_id")]
@@ -257,8 +283,9 @@ pub(crate) enum TrustCommand {
     },
     /// Show the grants this agent issued and its trust tree.
     List {
-        /// Agent configuration file (to find the daemon and its token).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// Print the result as JSON.
         #[arg(long)]
@@ -268,8 +295,9 @@ pub(crate) enum TrustCommand {
     /// grants, or why there is none (no grant, expired, revoked, too deep).
     /// Exits 1 when there is no chain.
     Why {
-        /// Agent configuration file (to find the daemon and its token).
-        #[arg(long, short)]
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
         /// The agent in question.
         agent: AgentId,
@@ -286,20 +314,21 @@ pub(crate) fn parse_duration(s: &str) -> std::result::Result<u64, String> {
         Some('m') => (&s[..s.len() - 1], 60),
         Some('h') => (&s[..s.len() - 1], 3600),
         Some('d') => (&s[..s.len() - 1], 86400),
+        Some('w') => (&s[..s.len() - 1], 7 * 86400),
         _ => (s, 1),
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 3600, 90m, 12h, 30d)"))
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 3600, 90m, 12h, 30d, 1w)"))
 }
 
 #[derive(clap::Args, Debug)]
 #[group(required = true, multiple = false)]
 pub(crate) struct ConfigOrKey {
-    /// Agent configuration file.
-    #[arg(long, short)]
+    /// Agent configuration file (or $CARAVAN_CONFIG).
+    #[arg(long, short, env = "CARAVAN_CONFIG")]
     pub(crate) config: Option<PathBuf>,
     /// Secret key file.
     #[arg(long)]
@@ -318,4 +347,95 @@ pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 1048576, 512K, 64M, 1G)"))
+}
+
+/// Where `--config` points when neither the flag nor `CARAVAN_CONFIG` is
+/// given: `$XDG_CONFIG_HOME/caravan/agent.toml`, else
+/// `~/.config/caravan/agent.toml`, else `agent.toml` (no home directory).
+pub(crate) fn default_config_path() -> PathBuf {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".config"))
+        });
+    match base {
+        Some(b) => b.join("caravan").join("agent.toml"),
+        None => PathBuf::from("agent.toml"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--help` covers every flag of every command (and sub-subcommand).
+    #[test]
+    fn every_flag_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "caravan-agent", &mut missing);
+        assert!(missing.is_empty(), "flags without --help text: {missing:?}");
+    }
+
+    #[test]
+    fn completions_are_generated_for_bash_zsh_and_fish() {
+        for shell in [
+            clap_complete::Shell::Bash,
+            clap_complete::Shell::Zsh,
+            clap_complete::Shell::Fish,
+        ] {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "caravan-agent", &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("caravan-agent"), "{shell}");
+            assert!(text.contains("fetch") && text.contains("config"), "{shell}");
+        }
+    }
+
+    #[test]
+    fn durations_take_weeks() {
+        assert_eq!(parse_duration("1w"), Ok(7 * 86_400));
+        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_duration("90m"), Ok(5400));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("0").is_err());
+    }
+
+    #[test]
+    fn config_comes_from_the_flag_the_environment_or_the_default_path() {
+        let cli = Cli::try_parse_from(["caravan-agent", "status", "-c", "/x/agent.toml"]).unwrap();
+        let Command::Status { config, .. } = cli.command else {
+            panic!("not status")
+        };
+        assert_eq!(config, PathBuf::from("/x/agent.toml"));
+        let cli = Cli::try_parse_from(["caravan-agent", "status"]).unwrap();
+        let Command::Status { config, .. } = cli.command else {
+            panic!("not status")
+        };
+        // CARAVAN_CONFIG is not set in the test environment: the default path.
+        if std::env::var_os("CARAVAN_CONFIG").is_none() {
+            assert_eq!(config, default_config_path());
+            assert!(
+                config.ends_with("caravan/agent.toml")
+                    || config.as_path() == std::path::Path::new("agent.toml")
+            );
+        }
+    }
 }

@@ -7,6 +7,7 @@ mod args;
 mod client;
 mod demo;
 mod exit;
+mod human;
 mod setup;
 mod shares;
 mod trust;
@@ -23,7 +24,31 @@ use setup::{init, keygen, load_config, run, wait_for_signal};
 use caravan_agent::daemon;
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A malformed agent id, share id, duration… is bad input (3), like a
+        // malformed ticket or config; other usage mistakes stay 2.
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation
+            ) =>
+        {
+            if json_output() {
+                let v = serde_json::json!({
+                    "message_type": "exit_error",
+                    "code": 3,
+                    "message": e.to_string().lines().next().unwrap_or_default()
+                        .trim_start_matches("error: ").to_string(),
+                });
+                eprintln!("{v}");
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(3);
+        }
+        Err(e) => e.exit(),
+    };
     // The demo reports what happened itself; its logs would only drown it
     // (e.g. every sync with the repository it stops on purpose).
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
@@ -58,10 +83,25 @@ pub fn main() -> ExitCode {
                     _ => 1,
                 },
             };
-            eprintln!("error: {e:#}");
+            if json_output() {
+                // Under --json the error is JSON too (restic's `exit_error`).
+                let v = serde_json::json!({
+                    "message_type": "exit_error",
+                    "code": code,
+                    "message": format!("{e:#}"),
+                });
+                eprintln!("{v}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(code)
         }
     }
+}
+
+/// Whether the command line asked for `--json` output.
+fn json_output() -> bool {
+    std::env::args_os().any(|a| a == "--json")
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -79,6 +119,17 @@ fn init_logging(format: LogFormat, default_level: &str) {
 
 async fn dispatch(cmd: Command) -> Result<()> {
     match cmd {
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "caravan-agent", &mut script);
+            // A closed pipe (`| head`) is not an error worth a panic.
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(()),
+            }
+        }
         Command::Keygen { out, force } => keygen(&out, force),
         Command::Init {
             dir,

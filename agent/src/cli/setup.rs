@@ -86,6 +86,14 @@ pub(crate) fn init(
 }
 
 pub(crate) fn load_config(path: &Path) -> Result<AgentConfig> {
+    if !path.exists() {
+        return Err(Exit::Config(anyhow!(
+            "no agent configuration at {}: give --config FILE, set CARAVAN_CONFIG, \
+             or create one with `caravan-agent init --dir DIR`",
+            path.display()
+        ))
+        .into());
+    }
     AgentConfig::load(path).map_err(|e| Exit::Config(anyhow!(e)).into())
 }
 

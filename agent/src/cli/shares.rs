@@ -15,6 +15,7 @@ use caravan_agent::node::{PublishRequest, Published};
 use crate::cli::args::Command;
 use crate::cli::client::Admin;
 use crate::cli::exit::Exit;
+use crate::cli::human;
 
 pub(crate) async fn command(cmd: Command) -> Result<()> {
     match cmd {
@@ -50,8 +51,13 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&res)?);
             } else {
                 println!(
-                    "published share {} version {}: {} files, {} bytes, {} chunks in {:.2}s",
-                    res.share_id, res.seq, res.files, res.bytes, res.chunks, res.seconds
+                    "published share {} version {}: {} files, {}, {} chunks in {:.2}s",
+                    res.share_id,
+                    res.seq,
+                    res.files,
+                    human::bytes(res.bytes),
+                    res.chunks,
+                    res.seconds
                 );
                 for (who, ticket) in &res.tickets {
                     println!("\nticket for {who}:\n{ticket}");
@@ -59,7 +65,12 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Ticket { config, share, to } => {
+        Command::Ticket {
+            config,
+            share,
+            to,
+            json,
+        } => {
             let client = Admin::from_config(&config)?;
             let res: TicketResponse = client
                 .post(
@@ -67,7 +78,16 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     &TicketRequest { recipient: to },
                 )
                 .await?;
-            println!("{}", res.ticket);
+            if json {
+                let v = serde_json::json!({
+                    "share_id": share.to_string(),
+                    "recipient": to.to_string(),
+                    "ticket": res.ticket,
+                });
+                println!("{v}");
+            } else {
+                println!("{}", res.ticket);
+            }
             Ok(())
         }
         Command::Fetch {
@@ -99,13 +119,28 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 return Ok(());
             }
             let bar = bytes_bar(json);
+            // Off a terminal (and without --json), progress is a plain line
+            // every few seconds instead of a bar nobody sees.
+            let plain = !json && !std::io::IsTerminal::is_terminal(&std::io::stderr());
             let path = api::fetch(&started.share_id);
+            let t0 = std::time::Instant::now();
+            let mut last_report: Option<std::time::Instant> = None;
             let last = loop {
                 let s: ProgressSnapshot = client.get(&path).await?;
                 bar.set_length(s.bytes_total.max(1));
                 bar.set_position(s.bytes_done);
                 bar.set_message(format!("{}/{} chunks", s.chunks_done, s.chunks_total));
-                if matches!(s.state, FetchState::Done | FetchState::Failed) {
+                let finished = matches!(s.state, FetchState::Done | FetchState::Failed);
+                let every = if json { 1 } else { 5 };
+                let due = last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(every));
+                if json && due && !finished {
+                    println!("{}", tagged("status", &s)?);
+                    last_report = Some(std::time::Instant::now());
+                } else if plain && due && !finished {
+                    eprintln!("{}", progress_line(&s, t0.elapsed().as_secs_f64()));
+                    last_report = Some(std::time::Instant::now());
+                }
+                if finished {
                     break s;
                 }
                 // Short: the command's wall clock is what a user measures.
@@ -113,7 +148,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             };
             bar.finish_and_clear();
             if json {
-                println!("{}", serde_json::to_string_pretty(&last)?);
+                println!("{}", tagged("summary", &last)?);
             }
             if last.state == FetchState::Failed {
                 return Err(Exit::Transfer(anyhow!(
@@ -124,15 +159,16 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             }
             if !json {
                 println!(
-                    "fetched share {} version {} into {:?}: {} files, {} bytes ({} chunks downloaded, {} reused locally) in {:.2}s",
+                    "fetched share {} version {} into {:?}: {} files, {} ({} chunks downloaded, {} reused locally) in {:.2}s, {}",
                     last.share_id,
                     last.seq,
                     last.dest,
                     last.files_total,
-                    last.bytes_total,
+                    human::bytes(last.bytes_total),
                     last.chunks_fetched,
                     last.chunks_reused,
-                    last.seconds
+                    last.seconds,
+                    human::rate(last.bytes_total, last.seconds)
                 );
             }
             Ok(())
@@ -203,4 +239,29 @@ pub(crate) fn bytes_bar(hidden: bool) -> ProgressBar {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
+}
+
+/// One line of `--json` output: the value's fields plus `message_type`
+/// (`status` while running, `summary` at the end; errors are `exit_error`),
+/// the shape restic uses.
+fn tagged<T: serde::Serialize>(message_type: &str, value: &T) -> Result<String> {
+    let mut v = serde_json::to_value(value)?;
+    if let Some(map) = v.as_object_mut() {
+        map.insert("message_type".into(), message_type.into());
+    }
+    Ok(serde_json::to_string(&v)?)
+}
+
+/// `fetching sh1-…: 12.0 MiB of 25.0 MiB (48%), 5/12 chunks, 3.1 MiB/s`
+fn progress_line(s: &ProgressSnapshot, elapsed: f64) -> String {
+    let pct = (s.bytes_done as f64 * 100.0 / s.bytes_total.max(1) as f64).min(100.0);
+    format!(
+        "fetching {}: {} of {} ({pct:.0}%), {}/{} chunks, {}",
+        s.share_id,
+        human::bytes(s.bytes_done),
+        human::bytes(s.bytes_total),
+        s.chunks_done,
+        s.chunks_total,
+        human::rate(s.bytes_done, elapsed)
+    )
 }

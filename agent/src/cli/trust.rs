@@ -35,10 +35,10 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&g)?);
             } else {
                 println!(
-                    "granted {} depth {} until unix {} (grant {}); published to {}",
+                    "granted {} depth {} until {} (grant {}); published to {}",
                     g.subject,
                     g.depth,
-                    g.not_after,
+                    crate::cli::human::date(g.not_after),
                     g.grant_id,
                     if g.published_to.is_empty() {
                         "no repository (none configured)".to_string()

@@ -1,7 +1,10 @@
 //! Prometheus metrics of one agent. Each agent owns its registry (the demo
 //! runs several agents in one process, so a global registry would mix them).
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
 
 /// Counters and gauges an agent exports on `/metrics`.
 #[derive(Clone)]
@@ -26,6 +29,15 @@ pub struct Metrics {
     pub shares_held: IntGauge,
     /// Errors by kind.
     pub errors: IntCounterVec,
+    /// Failures talking to one peer, by peer (short agent id) and kind
+    /// (`connect`, `request`, `corrupt_chunk`). One series per peer met.
+    pub peer_errors: IntCounterVec,
+    /// Wall time of completed fetches.
+    pub fetch_duration: Histogram,
+    /// Plaintext bytes per second of completed fetches.
+    pub fetch_throughput: Histogram,
+    /// Fetches running now.
+    pub fetches_active: IntGauge,
 }
 
 impl Metrics {
@@ -44,6 +56,35 @@ impl Metrics {
         };
         let errors = IntCounterVec::new(Opts::new("errors_total", "Errors by kind"), &["kind"])?;
         registry.register(Box::new(errors.clone()))?;
+        let peer_errors = IntCounterVec::new(
+            Opts::new(
+                "peer_errors_total",
+                "Failures talking to a peer, by peer and kind",
+            ),
+            &["peer", "kind"],
+        )?;
+        registry.register(Box::new(peer_errors.clone()))?;
+        let fetch_duration = Histogram::with_opts(
+            HistogramOpts::new("fetch_duration_seconds", "Wall time of completed fetches").buckets(
+                vec![
+                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                ],
+            ),
+        )?;
+        registry.register(Box::new(fetch_duration.clone()))?;
+        let fetch_throughput = Histogram::with_opts(
+            HistogramOpts::new(
+                "fetch_throughput_bytes_per_second",
+                "Plaintext bytes per second of completed fetches",
+            )
+            .buckets(prometheus::exponential_buckets(65_536.0, 4.0, 10)?),
+        )?;
+        registry.register(Box::new(fetch_throughput.clone()))?;
+        // RSS, CPU seconds, open and max file descriptors, start time (Linux).
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Metrics {
             bytes_sent: counter("bytes_sent_total", "Chunk bytes served to peers")?,
             bytes_received: counter("bytes_received_total", "Chunk bytes received from peers")?,
@@ -54,8 +95,25 @@ impl Metrics {
             peers_connected: gauge("peers_connected", "Open inbound peer connections")?,
             shares_held: gauge("shares_held", "Shares held and served")?,
             errors,
+            peer_errors,
+            fetch_duration,
+            fetch_throughput,
+            fetches_active: gauge("fetches_active", "Fetches running now")?,
             registry,
         })
+    }
+
+    /// Counts one failure talking to `peer` (its short id).
+    pub fn peer_error(&self, peer: &str, kind: &str) {
+        self.peer_errors.with_label_values(&[peer, kind]).inc();
+    }
+
+    /// Records a completed fetch.
+    pub fn fetch_done(&self, bytes: u64, seconds: f64) {
+        self.fetch_duration.observe(seconds);
+        if seconds > 0.0 {
+            self.fetch_throughput.observe(bytes as f64 / seconds);
+        }
     }
 
     /// Counts one error of a kind.

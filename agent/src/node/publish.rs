@@ -191,6 +191,15 @@ impl Agent {
             .ok_or_else(|| {
                 Error::NotFound(format!("share {share_id} is not published by this agent"))
             })?;
+        if !s.manifest.access.names(&recipient) && s.manifest.access.trust_depth.is_none() {
+            // A ticket the recipient could never use ("unknown share" on fetch):
+            // refuse, and say how to add the recipient instead.
+            return Err(Error::Rejected(format!(
+                "agent {recipient} is not a recipient of share {share_id}: publish a new \
+                 version that adds it (`caravan-agent publish PATH --share {share_id} --to \
+                 {recipient}` plus the current recipients), then ask for its ticket"
+            )));
+        }
         if !s.manifest.access.names(&recipient) && s.manifest.access.trust_depth.is_some() {
             return Ticket::issue_keyless(
                 &self.key,
@@ -262,6 +271,14 @@ impl Agent {
             format!("{path}/")
         };
         let state = self.opts.state_prefix.clone();
+        // Symbolic links (local filesystems): a link is published as a copy
+        // of what it points to only when that is inside the published folder;
+        // a link leading outside it (or dangling, or looping) is skipped.
+        let inside = self
+            .opts
+            .fs_root
+            .as_ref()
+            .and_then(|r| std::fs::canonicalize(r.join(&root)).ok());
         let mut lister = self
             .op
             .lister_with(&root)
@@ -285,6 +302,13 @@ impl Agent {
             let rel_clean = rel.trim_end_matches('/').to_string();
             if rel_clean.is_empty() || check_path(&rel_clean).is_err() {
                 continue;
+            }
+            if let (Some(fs_root), Some(inside)) = (&self.opts.fs_root, &inside) {
+                let real = std::fs::canonicalize(fs_root.join(full.trim_end_matches('/')));
+                if !real.as_ref().is_ok_and(|p| p.starts_with(inside)) {
+                    tracing::warn!(path = %rel_clean, "not published: a symbolic link that leads outside the published folder (or nowhere)");
+                    continue;
+                }
             }
             if entry.metadata().is_dir() {
                 dirs.push((rel_clean, self.mode_of(&full, 0o755)));

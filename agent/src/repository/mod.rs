@@ -125,6 +125,17 @@ pub struct RepositoryArgs {
     /// Burst of requests allowed per client IP above the steady rate.
     #[arg(long, default_value_t = 200)]
     pub rate_burst: u32,
+
+    /// A proxy (address or CIDR range, repeatable) whose X-Forwarded-For
+    /// names the real client, e.g. the ingress' pod range. Without one,
+    /// every request behind an ingress shares the ingress' rate limit.
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "CIDR",
+        env = "CARAVAN_REPOSITORY_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<server::Cidr>,
 }
 
 fn parse_key_value(s: &str) -> std::result::Result<(String, String), String> {
@@ -143,6 +154,7 @@ impl RepositoryArgs {
         RepositoryConfig {
             rate_per_second: self.rate_per_second,
             rate_burst: self.rate_burst,
+            trusted_proxies: self.trusted_proxies.clone(),
             ..RepositoryConfig::default()
         }
     }

@@ -210,7 +210,12 @@ pub fn fetch(agent: &TestAgent, ticket: &str, dest: &str, peers: &[&str]) -> ser
         args.push("--peer");
         args.push(p);
     }
-    serde_json::from_str(&cli_ok(&args)).unwrap()
+    // `--json` streams `status` lines, then one `summary` line.
+    let out = cli_ok(&args);
+    let last = out.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(v["message_type"], "summary", "{out}");
+    v
 }
 
 /// Writes a tree of files with pseudo-random content, an empty file, an

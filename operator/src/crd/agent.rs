@@ -5,7 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::CustomResource;
@@ -96,6 +98,89 @@ pub struct AgentSpec {
     #[serde(default = "default_log_level")]
     #[schemars(length(min = 1, max = 256))]
     pub log_level: String,
+
+    /// Format of the agent's logs: `text` or `json` (one JSON object per
+    /// line, for log collectors). When omitted, the operator's default (the
+    /// chart value `agent.logFormat`) applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+
+    /// Where the agent pod may run. Each field given here replaces the
+    /// operator's default for that field (chart values under
+    /// `agent.scheduling`); fields left out keep the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduling: Option<SchedulingSpec>,
+}
+
+/// Log format of the agent process.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The value of the agent's `--log-format` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Scheduling constraints of the agent pod (the pod spec fields of the same names).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    /// Node labels the pod's node must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints the pod tolerates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How agent pods spread over zones or nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8))]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+    /// PriorityClass of the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub priority_class_name: Option<String>,
+}
+
+impl SchedulingSpec {
+    /// `self`'s fields where set, `defaults`' elsewhere.
+    pub fn over(&self, defaults: &SchedulingSpec) -> SchedulingSpec {
+        SchedulingSpec {
+            node_selector: self
+                .node_selector
+                .clone()
+                .or_else(|| defaults.node_selector.clone()),
+            tolerations: self
+                .tolerations
+                .clone()
+                .or_else(|| defaults.tolerations.clone()),
+            affinity: self.affinity.clone().or_else(|| defaults.affinity.clone()),
+            topology_spread_constraints: self
+                .topology_spread_constraints
+                .clone()
+                .or_else(|| defaults.topology_spread_constraints.clone()),
+            priority_class_name: self
+                .priority_class_name
+                .clone()
+                .or_else(|| defaults.priority_class_name.clone()),
+        }
+    }
 }
 
 fn default_log_level() -> String {

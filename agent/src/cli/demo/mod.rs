@@ -131,14 +131,19 @@ pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
     println!("publisher {}", r.publisher);
     println!("recipient {}", r.recipient);
     println!(
-        "published {} files ({} bytes, {} chunks) in {:.2}s; transferred over TLS in {:.2}s",
-        r.files, r.bytes, r.chunks, r.publish_seconds, r.transfer_seconds
+        "published {} files ({}, {} chunks) in {:.2}s; transferred over TLS in {:.2}s",
+        r.files,
+        crate::cli::human::bytes(r.bytes),
+        r.chunks,
+        r.publish_seconds,
+        r.transfer_seconds
     );
+    // One rate, one unit: end to end (publish + transfer), in MiB/s.
     println!(
-        "end to end {:.2}s = {:.0} MB/s; {} bytes on the wire; every byte verified: {}",
+        "end to end {:.2}s = {}; {} on the wire; every byte verified: {}",
         r.seconds,
-        r.throughput_mb_s,
-        r.bytes_on_wire,
+        crate::cli::human::rate(r.bytes, r.seconds),
+        crate::cli::human::bytes(r.bytes_on_wire),
         if r.verified { "yes" } else { "NO" }
     );
     if let Some(k) = &r.kept_in {

@@ -71,7 +71,10 @@ impl Agent {
         let agent = self.clone();
         let p = progress.clone();
         tokio::spawn(async move {
-            if let Err(e) = agent.clone().run_fetch(req, p.clone()).await {
+            agent.metrics.fetches_active.inc();
+            let result = agent.clone().run_fetch(req, p.clone()).await;
+            agent.metrics.fetches_active.dec();
+            if let Err(e) = result {
                 agent.metrics.error("fetch");
                 tracing::error!(share = %p.share_id, error = %e, "fetch failed");
                 // Refused for cause (hostile or forged data): forgotten, so
@@ -318,6 +321,7 @@ impl Agent {
         }
         progress.set_state(FetchState::Done, None);
         let s = progress.snapshot();
+        self.metrics.fetch_done(s.bytes_total, s.seconds);
         tracing::info!(share = %ticket.share_id, seq, bytes = s.bytes_total, fetched = s.chunks_fetched, reused = s.chunks_reused, seconds = s.seconds, "fetch complete");
         Ok(())
     }

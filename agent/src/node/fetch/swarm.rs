@@ -134,6 +134,7 @@ impl Swarm {
                         }
                         Err(e) => {
                             self.metrics.chunks_rejected.inc();
+                            self.metrics.peer_error(&conn.peer.short(), "corrupt_chunk");
                             tracing::warn!(peer = %conn.peer.short(), error = %e, "rejected a corrupt chunk; asking another peer");
                             if let Ok(mut s) = self.strikes.lock() {
                                 *s.entry(conn.peer).or_default() += 1;
@@ -145,6 +146,7 @@ impl Swarm {
                 }
                 Err(e) => {
                     self.metrics.error("peer_request");
+                    self.metrics.peer_error(&conn.peer.short(), "request");
                     tracing::debug!(peer = %conn.peer.short(), error = %e, "chunk request failed; asking another peer");
                     avoid.insert(conn.peer);
                     last = Some(e);

@@ -36,7 +36,7 @@ async fn rate_limit(
     req: Request,
     next: Next,
 ) -> Response {
-    if repo.allow(addr.ip()) {
+    if repo.allow(addr.ip(), req.headers()) {
         next.run(req).await
     } else {
         repo.metrics.rate_limited.inc();

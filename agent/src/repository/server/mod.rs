@@ -62,6 +62,7 @@ mod layout;
 mod limits;
 
 use layout::*;
+pub use limits::Cidr;
 use limits::RateLimiter;
 
 use super::{FRAMES_CONTENT_TYPE, MAX_FRAMES, MAX_RECORD_BYTES, NEXT_CURSOR_HEADER, encode_frames};
@@ -75,6 +76,9 @@ pub struct RepositoryConfig {
     pub rate_per_second: f64,
     /// Burst allowed per client IP above the steady rate.
     pub rate_burst: u32,
+    /// Proxies (e.g. the ingress) whose `X-Forwarded-For` names the client;
+    /// requests from anywhere else are accounted to their socket address.
+    pub trusted_proxies: Vec<Cidr>,
     /// Most records returned by one look-up or feed page.
     pub max_results: usize,
     /// Verified-record cache size (entries); it only saves signature checks.
@@ -87,6 +91,7 @@ impl Default for RepositoryConfig {
             max_body_bytes: MAX_RECORD_BYTES,
             rate_per_second: 50.0,
             rate_burst: 200,
+            trusted_proxies: Vec::new(),
             max_results: MAX_FRAMES,
             cache_entries: 100_000,
         }
@@ -166,6 +171,13 @@ impl Metrics {
         )
         .map_err(m)?;
         registry.register(Box::new(accepted.clone())).map_err(m)?;
+        // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds…
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .map_err(m)?;
         registry.register(Box::new(rejected.clone())).map_err(m)?;
         registry.register(Box::new(lookups.clone())).map_err(m)?;
         registry
@@ -279,6 +291,7 @@ impl Repository {
     /// Opens a repository on `op`: checks that storage answers and finds the
     /// head of the revocation feed. Everything else is read on demand.
     pub async fn open(op: Operator, cfg: RepositoryConfig) -> Result<Arc<Self>> {
+        let cfg_rate = (cfg.rate_per_second, cfg.rate_burst);
         let repo = Repository {
             op,
             cfg,
@@ -289,7 +302,7 @@ impl Repository {
             feed_lock: tokio::sync::Mutex::new(0),
             cache: Mutex::new(HashMap::new()),
             feed_cache: Mutex::new(HashMap::new()),
-            limiter: RateLimiter::default(),
+            limiter: RateLimiter::new(cfg_rate.0, cfg_rate.1),
         };
         let head = repo.find_feed_head(0).await?;
         *repo.feed_lock.lock().await = head;
@@ -588,9 +601,9 @@ impl Repository {
         })
     }
 
-    fn allow(&self, ip: IpAddr) -> bool {
+    fn allow(&self, peer: IpAddr, headers: &axum::http::HeaderMap) -> bool {
         self.limiter
-            .allow(ip, self.cfg.rate_per_second, self.cfg.rate_burst)
+            .allow(limits::client_ip(peer, headers, &self.cfg.trusted_proxies))
     }
 }
 
