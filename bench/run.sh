@@ -1,22 +1,40 @@
 #!/usr/bin/env bash
-# Caravan's benchmark: throughput on loopback against rsync (daemon), rclone
-# (HTTP) and aria2 (BitTorrent) in the same run, plus the bytes a second
-# version sends and the fetching agent's peak RSS.
+# Caravan's benchmark: throughput on loopback against rsync (daemon, plain
+# and --fsync), rclone (HTTP) and aria2 (BitTorrent), interleaved in one run
+# (round 1: every tool once, round 2: every tool once, ...), so a machine
+# whose speed drifts slows every tool alike. Prints medians, the ratio of
+# Caravan to the fastest other tool, Caravan's CPU seconds per GiB and peak
+# RSS on each side, the time from `publish` to the first verified byte, the
+# bytes a second version sends, and (with a local S3 server, moto) the
+# bucket -> agent -> agent -> bucket case against `rclone copy` between the
+# same two buckets.
 #
-#   bench/run.sh                 # 1 GiB file and 1000 x 1 MiB files
-#   SIZE_MB=256 FILES=200 bench/run.sh   # smaller, for a quick look
+#   bench/run.sh                           # 1 GiB file, 1000 x 1 MiB, 5 rounds
+#   RUNS=3 SIZE_MB=256 FILES=200 bench/run.sh   # quicker
+#   S3=0 bench/run.sh                      # skip the bucket case
+#   TOOLS="rsync caravan" bench/run.sh     # a subset
 #
-# Prints one table; nothing here asserts a speed (machines are shared).
+# Nothing here asserts a speed (machines are shared); every target is
+# compared with its source after the first round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+RUNS=${RUNS:-5}
 SIZE_MB=${SIZE_MB:-1024}
 FILES=${FILES:-1000}
+S3=${S3:-1}
+S3_MB=${S3_MB:-256}
+S3_FILES=${S3_FILES:-64}
+MOTO_PORT=${MOTO_PORT:-9485}
+TOOLS=${TOOLS:-"rsync rsync-fsync rclone aria2 caravan"}
 WORK=$(mktemp -d /tmp/caravan-bench.XXXXXX)
+RESULTS=$WORK/results.tsv
 PIDS=()
+MOTO_STARTED=0
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [ "$MOTO_STARTED" = 1 ]; then bash tests/s3/moto.sh stop "$MOTO_PORT" >/dev/null 2>&1 || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -29,100 +47,156 @@ need() {
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
 }
-need rsync rclone aria2 mktorrent python3
+need rsync rclone aria2 mktorrent python3 curl
 
-cargo build --release -q -p caravan-agent
-BIN=$ROOT/target/release/caravan-agent
+if [ -z "${CARAVAN_BIN:-}" ]; then cargo build --release -q -p caravan-agent; fi
+BIN=${CARAVAN_BIN:-$ROOT/target/release/caravan-agent}
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
-mbps() { python3 -c "print(f'{$1/($3-$2)/1e6:.0f}')"; }
 wait_port() { for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# CPU seconds (user + system) a live process has used so far.
+cpu_of() { awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$1/stat"; }
+kib_of() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+# record SET TOOL RUN SECONDS [key=value ...]
+record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
+fresh_dst() { rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync; }
+check() { # check SET DIR: the target equals the source
+    if [ "$1" = big ]; then cmp "$WORK/a/data/big/payload.bin" "$2/payload.bin"; else diff -rq "$WORK/a/data/many" "$2" >/dev/null; fi
+}
 
-# payloads
-mkdir -p "$WORK/src/big" "$WORK/src/many"
-head -c $((SIZE_MB << 20)) /dev/urandom >"$WORK/src/big/payload.bin"
-for i in $(seq 1 "$FILES"); do head -c 1048576 /dev/urandom >"$WORK/src/many/f$i.bin"; done
-BIG=$((SIZE_MB << 20))
-MANY=$((FILES << 20))
-declare -A RES
+# Agent A's storage root is the source for every tool.
+"$BIN" init --dir "$WORK/a" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" >/dev/null 2>&1
+SRC=$WORK/a/data
+mkdir -p "$SRC/big" "$SRC/many"
+head -c $((SIZE_MB << 20)) /dev/urandom >"$SRC/big/payload.bin"
+for i in $(seq 1 "$FILES"); do head -c 1048576 /dev/urandom >"$SRC/many/f$i.bin"; done
+declare -A BYTES=([big]=$((SIZE_MB << 20)) [many]=$((FILES << 20)))
 
-# rsync daemon
+# servers for the plain tools
 RP=$(port)
 cat >"$WORK/rsyncd.conf" <<CONF
 use chroot = no
 [src]
-path = $WORK/src
+path = $SRC
 read only = yes
 CONF
 rsync --daemon --no-detach --port "$RP" --config "$WORK/rsyncd.conf" --address 127.0.0.1 &
 PIDS+=($!)
-wait_port "$RP"
-for set in big many; do
-    rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
-    t0=$(now); rsync -a "rsync://127.0.0.1:$RP/src/$set/" "$WORK/dst/"; t1=$(now)
-    RES[rsync,$set]=$t0,$t1
-    # Caravan's files are fsynced when reported complete (OpenDAL's fs writer
-    # syncs on close); rsync --fsync is the like-for-like comparison.
-    rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
-    t0=$(now); rsync -a --fsync "rsync://127.0.0.1:$RP/src/$set/" "$WORK/dst/"; t1=$(now)
-    RES[rsync-fsync,$set]=$t0,$t1
-done
-
-# rclone over HTTP
 HP=$(port)
-rclone serve http "$WORK/src" --addr "127.0.0.1:$HP" --log-level ERROR &
+rclone serve http "$SRC" --addr "127.0.0.1:$HP" --log-level ERROR &
 PIDS+=($!)
-wait_port "$HP"
-for set in big many; do
-    rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
-    t0=$(now); rclone copy --http-url "http://127.0.0.1:$HP/$set/" :http: "$WORK/dst/" --transfers 8 --log-level ERROR; t1=$(now)
-    RES[rclone,$set]=$t0,$t1
-done
-
-# aria2 BitTorrent with a loopback tracker
 TP=$(port)
 python3 bench/tracker.py "$TP" &
 PIDS+=($!)
-wait_port "$TP"
+wait_port "$RP"; wait_port "$HP"; wait_port "$TP"
 for set in big many; do
-    rm -rf "$WORK/dst" "$WORK/t.torrent"; mkdir -p "$WORK/dst"; sync
-    mktorrent -a "http://127.0.0.1:$TP/announce" -l 22 -o "$WORK/t.torrent" "$WORK/src/$set" >/dev/null
-    SP=$(port); LP=$(port)
+    mktorrent -a "http://127.0.0.1:$TP/announce" -l 22 -o "$WORK/$set.torrent" "$SRC/$set" >/dev/null
+done
+
+run_rsync() { # set run [extra rsync flags]
+    local set=$1 run=$2 name=rsync; shift 2
+    [ $# -gt 0 ] && name=rsync-fsync
+    fresh_dst
+    local t0 t1; t0=$(now); rsync -a "$@" "rsync://127.0.0.1:$RP/src/$set/" "$WORK/dst/"; t1=$(now)
+    [ "$run" = 1 ] && check "$set" "$WORK/dst"
+    record "$set" "$name" "$run" "$(python3 -c "print($t1-$t0)")"
+}
+run_rclone() {
+    local set=$1 run=$2; fresh_dst
+    local t0 t1; t0=$(now)
+    rclone copy --http-url "http://127.0.0.1:$HP/$set/" :http: "$WORK/dst/" --transfers 8 --log-level ERROR
+    t1=$(now)
+    [ "$run" = 1 ] && check "$set" "$WORK/dst"
+    record "$set" rclone "$run" "$(python3 -c "print($t1-$t0)")"
+}
+run_aria2() {
+    local set=$1 run=$2; fresh_dst
+    local SP LP seeder t0 t1; SP=$(port); LP=$(port)
     aria2c -q -V --seed-ratio=0.0 --seed-time=60 --enable-dht=false --bt-enable-lpd=false \
-        --enable-peer-exchange=false --listen-port="$SP" --dir "$WORK/src" "$WORK/t.torrent" &
+        --enable-peer-exchange=false --listen-port="$SP" --dir "$SRC" "$WORK/$set.torrent" &
     seeder=$!
     sleep 1
     t0=$(now)
     aria2c -q --seed-time=0 --enable-dht=false --bt-enable-lpd=false --enable-peer-exchange=false \
-        --listen-port="$LP" --file-allocation=none --dir "$WORK/dst" "$WORK/t.torrent"
+        --listen-port="$LP" --file-allocation=none --dir "$WORK/dst" "$WORK/$set.torrent"
     t1=$(now)
     kill "$seeder" 2>/dev/null || true; wait "$seeder" 2>/dev/null || true
-    RES[aria2,$set]=$t0,$t1
-done
+    [ "$run" = 1 ] && check "$set" "$WORK/dst/$set"
+    record "$set" aria2 "$run" "$(python3 -c "print($t1-$t0)")"
+}
 
-# Caravan: encrypted, verified, publish included
-for set in big many; do
-    if [ $set = big ]; then args=(--size $BIG --files 1); else args=(--size $MANY --files "$FILES"); fi
-    json=$(RUST_LOG=warn "$BIN" demo "${args[@]}" --json)
-    secs=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]); assert d['verified']; print(d['seconds'])" "$json")
-    RES[caravan,$set]=0,$secs
-done
+# Starts agent daemon DIR, sets PID_<name>; waits for its admin port.
+start_agent() { # name dir
+    local admin
+    admin=$(sed -n 's/^admin_listen = ".*:\([0-9]*\)"$/\1/p' "$2/agent.toml")
+    RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
+    local pid=$!
+    PIDS+=($pid)
+    wait_port "$admin"
+    eval "PID_$1=$pid"
+}
+stop_agent() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-# A second version of the big file with 1% changed in 10 places, between two
-# daemons, and the fetching daemon's peak RSS.
-"$BIN" init --dir "$WORK/a" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" >/dev/null 2>&1
+# Caravan: two daemons, fresh each run; `publish` then `fetch`, timed from
+# the start of publish (what a user waits for) and fetch alone.
+run_caravan() { # set run [storage-config-hook]
+    local set=$1 run=$2 src=$1 dest=dst
+    rm -rf "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
+    B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
+    if [ "${3:-}" = s3 ]; then s3_config "$WORK/a" "$S3_SRC" /; s3_config "$WORK/b" "$S3_DST" "/run$run/"; src=tree; fi
+    start_agent A "$WORK/a"; start_agent B "$WORK/b"
+    sleep 0.5
+    local idle_a idle_b ca0 cb0 ca1 cb1 t0 t1 t2 pub ticket
+    idle_a=$(kib_of "$PID_A" VmRSS); idle_b=$(kib_of "$PID_B" VmRSS)
+    ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
+    t0=$(now)
+    pub=$("$BIN" publish --config "$WORK/a/agent.toml" "$src" --to "$B_ID" --json)
+    t1=$(now)
+    ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
+    "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest "$dest" --json >"$WORK/fetch.json"
+    t2=$(now)
+    ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
+    local hwm_a hwm_b
+    hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
+    stop_agent "$PID_A"; stop_agent "$PID_B"
+    if [ "${3:-}" != s3 ] && [ "$run" = 1 ]; then check "$set" "$WORK/b/data/dst"; fi
+    local first
+    first=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['state']=='done'; print($t1-$t0+(d.get('first_byte_seconds') or float('nan')))" "$WORK/fetch.json")
+    record "$set" caravan "$run" "$(python3 -c "print($t2-$t0)")" \
+        "fetch=$(python3 -c "print($t2-$t1)")" "publish=$(python3 -c "print($t1-$t0)")" "first=$first" \
+        "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
+        "hwm_a=$hwm_a" "hwm_b=$hwm_b" "idle_a=$idle_a" "idle_b=$idle_b"
+    rm -rf "$WORK/b/data/dst"
+}
+
+ROUND_TOOLS=()
+for t in $TOOLS; do ROUND_TOOLS+=("$t"); done
+for run in $(seq 1 "$RUNS"); do
+    for set in big many; do
+        for tool in "${ROUND_TOOLS[@]}"; do
+            case $tool in
+                rsync) run_rsync "$set" "$run";;
+                rsync-fsync) run_rsync "$set" "$run" --fsync;;
+                rclone) run_rclone "$set" "$run";;
+                aria2) run_aria2 "$set" "$run";;
+                caravan) run_caravan "$set" "$run";;
+            esac
+        done
+        echo "round $run/$RUNS $set done" >&2
+    done
+done
+rm -rf "$WORK/dst"
+
+# A second version of the big file with 1% changed in 10 places.
+rm -rf "$WORK/a/data/.caravan" "$WORK/b"
 B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
-mkdir -p "$WORK/a/data/share"
-cp "$WORK/src/big/payload.bin" "$WORK/a/data/share/"
-RUST_LOG=warn "$BIN" run --config "$WORK/a/agent.toml" 2>>"$WORK/a.log" & PIDS+=($!)
-RUST_LOG=warn "$BIN" run --config "$WORK/b/agent.toml" 2>>"$WORK/b.log" & BPID=$!; PIDS+=($BPID)
-sleep 1
-pub=$("$BIN" publish --config "$WORK/a/agent.toml" share --to "$B_ID" --json)
+start_agent A "$WORK/a"; start_agent B "$WORK/b"
+pub=$("$BIN" publish --config "$WORK/a/agent.toml" big --to "$B_ID" --json)
 share=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['share_id'])" "$pub")
 ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
-"$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest share --json >"$WORK/v1.json"
-python3 - "$WORK/a/data/share/payload.bin" <<'PY'
+"$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest big --json >"$WORK/v1.json"
+python3 - "$SRC/big/payload.bin" <<'PY'
 import os, sys
 path = sys.argv[1]
 size = os.path.getsize(path)
@@ -131,37 +205,114 @@ with open(path, "r+b") as f:
         f.seek(size * i // 10 + 12345)
         f.write(os.urandom(size // 1000))
 PY
-"$BIN" publish --config "$WORK/a/agent.toml" share --share "$share" --to "$B_ID" --json >/dev/null
-"$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest share --json >"$WORK/v2.json"
-rss_kb=$(awk '/VmHWM/ {print $2}' /proc/$BPID/status)
-cmp "$WORK/a/data/share/payload.bin" "$WORK/b/data/share/payload.bin"
+"$BIN" publish --config "$WORK/a/agent.toml" big --share "$share" --to "$B_ID" --json >/dev/null
+"$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest big --json >"$WORK/v2.json"
+cmp "$SRC/big/payload.bin" "$WORK/b/data/big/payload.bin"
+stop_agent "$PID_A"; stop_agent "$PID_B"
+rm -rf "$WORK/b" "$SRC/big" "$SRC/many"
+
+# Bucket -> agent -> agent -> bucket on a local S3 server, against
+# `rclone copy` between the same two buckets (streamed through rclone:
+# server-side copy disabled).
+run_s3() {
+    # rclone reads AWS_CA_BUNDLE even for a plain-HTTP endpoint and fails.
+    unset AWS_CA_BUNDLE
+    eval "$(bash tests/s3/moto.sh start "$MOTO_PORT")"
+    MOTO_STARTED=1
+    EP=$CARAVAN_TEST_S3_ENDPOINT
+    S3_SRC=bench-src-$$; S3_DST=bench-dst-$$
+    curl -fsS -o /dev/null -X PUT "$EP/$S3_SRC"; curl -fsS -o /dev/null -X PUT "$EP/$S3_DST"
+    export RCLONE_S3_PROVIDER=Other RCLONE_S3_ACCESS_KEY_ID=testing RCLONE_S3_SECRET_ACCESS_KEY=testing \
+        RCLONE_S3_ENDPOINT=$EP RCLONE_S3_REGION=us-east-1
+    mkdir -p "$WORK/tree"
+    per=$(((S3_MB << 20) / S3_FILES))
+    for i in $(seq 1 "$S3_FILES"); do head -c "$per" /dev/urandom >"$WORK/tree/f$i.bin"; done
+    rclone copy "$WORK/tree" ":s3:$S3_SRC/tree" --log-level ERROR
+    BYTES[s3]=$((per * S3_FILES))
+    echo "access_key_id=testing" >"$WORK/s3.env"; echo "secret_access_key=testing" >>"$WORK/s3.env"
+    s3_config() { # dir bucket root
+        python3 - "$1/agent.toml" "$2" "$3" "$EP" "$WORK/s3.env" <<'PY'
+import sys
+path, bucket, root, ep, creds = sys.argv[1:]
+head = open(path).read().split("[storage]")[0]
+open(path, "w").write(head + f'[storage]\nscheme = "s3"\ncredentials = "{creds}"\n\n[storage.options]\n'
+                      f'bucket = "{bucket}"\nendpoint = "{ep}"\nregion = "us-east-1"\nroot = "{root}"\n')
+PY
+    }
+    cp "$WORK/a/agent.toml" "$WORK/a/agent.fs.toml"
+    for run in $(seq 1 "$RUNS"); do
+        t0=$(now)
+        rclone copy ":s3:$S3_SRC/tree" ":s3:$S3_DST/rclone$run" --disable Copy --transfers 8 --log-level ERROR
+        t1=$(now)
+        record s3 rclone "$run" "$(python3 -c "print($t1-$t0)")"
+        cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
+        run_caravan s3 "$run" s3
+        if [ "$run" = 1 ]; then
+            rclone check "$WORK/tree" ":s3:$S3_DST/run1/dst" --log-level ERROR --one-way
+        fi
+        rclone purge ":s3:$S3_DST/rclone$run" --log-level ERROR || true
+        rclone purge ":s3:$S3_DST/run$run" --log-level ERROR || true
+        echo "round $run/$RUNS s3 done" >&2
+    done
+    rm -rf "$WORK/tree"
+}
+if [ "$S3" = 1 ]; then run_s3 || echo "the bucket case failed; loopback figures follow" >&2; fi
 
 echo
-echo "Caravan benchmark, loopback, $(nproc) cores, $(date -u +%FT%TZ)"
-printf '%-30s %14s %14s\n' "tool" "${SIZE_MB} MiB file" "${FILES} x 1 MiB"
-for tool in rsync rsync-fsync rclone aria2 caravan; do
-    row=()
-    for set in big many; do
-        IFS=, read -r t0 t1 <<<"${RES[$tool,$set]}"
-        bytes=$BIG; [ $set = many ] && bytes=$MANY
-        row+=("$(mbps $bytes "$t0" "$t1") MB/s")
-    done
-    label=$tool
-    case $tool in
-        rsync) label="rsync daemon (plain)";;
-        rsync-fsync) label="rsync daemon --fsync";;
-        rclone) label="rclone http (plain)";;
-        aria2) label="aria2 BitTorrent";;
-        caravan) label="caravan (TLS+AEAD, verified)";;
-    esac
-    printf '%-30s %14s %14s\n' "$label" "${row[0]}" "${row[1]}"
-done
-python3 - "$WORK/v1.json" "$WORK/v2.json" "$rss_kb" "$BIG" <<'PY'
-import json, sys
-v1, v2 = (json.load(open(p)) for p in sys.argv[1:3])
-rss, big = int(sys.argv[3]), int(sys.argv[4])
+echo "Caravan benchmark, loopback, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), $RUNS interleaved rounds"
+python3 - "$RESULTS" "$WORK/v1.json" "$WORK/v2.json" "$SIZE_MB" "$FILES" "$S3_MB" "$S3_FILES" \
+    "${BYTES[big]}" "${BYTES[many]}" "${BYTES[s3]:-0}" <<'PY'
+import json, statistics, sys
+from collections import defaultdict
+res, v1p, v2p = sys.argv[1:4]
+size_mb, files, s3_mb, s3_files = sys.argv[4:8]
+nbytes = dict(zip(["big", "many", "s3"], map(int, sys.argv[8:11])))
+secs = defaultdict(list)
+extra = defaultdict(lambda: defaultdict(list))
+for line in open(res):
+    f = line.rstrip("\n").split("\t")
+    s, tool, _run, t = f[:4]
+    secs[s, tool].append(float(t))
+    for kv in f[4:]:
+        k, v = kv.split("=")
+        extra[s, tool][k].append(float(v))
+med = lambda xs: statistics.median(xs)
+mbps = lambda s, t: nbytes[s] / t / 1e6
+labels = {"rsync": "rsync daemon (plain)", "rsync-fsync": "rsync daemon --fsync",
+          "rclone": "rclone http (plain)", "aria2": "aria2 BitTorrent",
+          "caravan": "caravan publish+fetch", "caravan-fetch": "caravan fetch only"}
+sets = [s for s in ("big", "many") if any(k[0] == s for k in secs)]
+head = {"big": f"{size_mb} MiB file", "many": f"{files} x 1 MiB"}
+print(f"{'median MB/s (min-max)':28}" + "".join(f"{head[s]:>24}" for s in sets))
+tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "caravan") if any(k[1] == t for k in secs)]
+for t in tools + (["caravan-fetch"] if "caravan" in tools else []):
+    row = ""
+    for s in sets:
+        xs = extra[s, "caravan"]["fetch"] if t == "caravan-fetch" else secs[s, t]
+        row += f"{f'{mbps(s, med(xs)):.0f} ({mbps(s, max(xs)):.0f}-{mbps(s, min(xs)):.0f})':>24}"
+    print(f"{labels[t]:28}" + row)
+if "caravan" in tools and len(tools) > 1:
+    for s in sets:
+        others = [t for t in tools if t != "caravan"]
+        best = min(others, key=lambda t: med(secs[s, t]))
+        e = extra[s, "caravan"]
+        print(f"{head[s]}: caravan / fastest other ({best}) = {med(secs[s, best]) / med(secs[s, 'caravan']):.2f}x "
+              f"publish+fetch, {med(secs[s, best]) / med(e['fetch']):.2f}x fetch only")
+for s in sets + (["s3"] if ("s3", "caravan") in secs else []):
+    e = extra[s, "caravan"]
+    if not e:
+        continue
+    gib = nbytes[s] / 2**30
+    print(f"{s}: caravan CPU-s/GiB publisher {med(e['cpu_a'])/gib:.2f}, recipient {med(e['cpu_b'])/gib:.2f}; "
+          f"peak RSS publisher {max(e['hwm_a'])/1024:.0f} MiB, recipient {max(e['hwm_b'])/1024:.0f} MiB; "
+          f"idle RSS {max(e['idle_a'] + e['idle_b'])/1024:.0f} MiB; "
+          f"publish {med(e['publish']):.2f}s; publish start -> first verified byte {med(e['first']):.2f}s")
+if ("s3", "caravan") in secs:
+    r, c = med(secs["s3", "rclone"]), med(secs["s3", "caravan"])
+    print(f"bucket -> bucket, {s3_files} files, {s3_mb} MiB, moto: rclone copy {mbps('s3', r):.0f} MB/s, "
+          f"caravan {mbps('s3', c):.0f} MB/s (fetch only {mbps('s3', med(extra['s3', 'caravan']['fetch'])):.0f}): {r / c:.2f}x")
+v1, v2 = json.load(open(v1p)), json.load(open(v2p))
+big = nbytes["big"]
 print(f"second version (1% changed in 10 places): {v2['bytes_received']/2**20:.1f} MiB sent "
-      f"({100*v2['bytes_received']/big:.2f}% of the file), {v2['chunks_fetched']} of {v2['chunks_total']} chunks; "
-      f"first version {v1['bytes_received']/2**20:.0f} MiB in {v1['seconds']:.2f}s")
-print(f"fetching agent peak RSS: {rss/1024:.0f} MiB")
+      f"({100*v2['bytes_received']/big:.2f}% of the file), {v2['chunks_fetched']} of {v2['chunks_total']} chunks")
 PY

@@ -42,6 +42,7 @@ pub mod chunk;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod declare;
 pub mod error;
 pub mod identity;
 #[cfg(feature = "node")]
@@ -53,6 +54,7 @@ pub mod record;
 pub mod repository;
 #[cfg(feature = "node")]
 pub mod store;
+pub mod ticket;
 #[cfg(feature = "node")]
 pub mod trust;
 pub mod util;

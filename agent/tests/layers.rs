@@ -16,6 +16,8 @@ const LAYERS: &[(&str, u8)] = &[
     ("config", 2),
     ("chunk", 2),
     ("record", 3),
+    ("ticket", 4),
+    ("declare", 4),
     ("manifest", 4),
     ("store", 5),
     ("wire", 6),

@@ -356,6 +356,51 @@ pub fn service(input: &BuildInput<'_>) -> Service {
     }
 }
 
+/// The addresses an agent advertises, most dialable first: the Service's
+/// ClusterIP (works on every cluster, also without DNS), the Service's DNS
+/// name, a LoadBalancer's ingress IP or hostname (peers outside the
+/// cluster), then the tenant's own `spec.exposure.advertise` entries. For a
+/// NodePort Service, list a node address with the node port in
+/// `spec.exposure.advertise` (the operator does not read Nodes).
+pub fn advertise_addresses(svc: &Service, dns_endpoint: &str, extra: &[String]) -> Vec<String> {
+    let port = DEFAULT_PEER_PORT;
+    let mut out = Vec::new();
+    let host = |h: &str| {
+        if h.contains(':') {
+            format!("[{h}]:{port}")
+        } else {
+            format!("{h}:{port}")
+        }
+    };
+    if let Some(ip) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .filter(|ip| !ip.is_empty() && *ip != "None")
+    {
+        out.push(host(ip));
+    }
+    out.push(dns_endpoint.to_string());
+    for ing in svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(h) = ing.ip.as_deref().or(ing.hostname.as_deref()) {
+            out.push(host(h));
+        }
+    }
+    for a in extra {
+        if !out.contains(a) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 /// The NetworkPolicy: the peer port is open (to `peerCidrs` or everyone:
 /// peers authenticate each other), while the admin and metrics ports accept
 /// only the operator's namespace. Egress stays open: agents must reach
@@ -520,6 +565,37 @@ mod tests {
             cfg: &cfg,
         };
         f(&input)
+    }
+
+    #[test]
+    fn the_cluster_ip_is_advertised_first_then_dns_then_outside_addresses() {
+        use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceStatus};
+        let a = s3_agent("alice", "tenant-a");
+        let mut svc = build(&a, service);
+        let dns = "caravan-alice.tenant-a.svc:7400";
+        assert_eq!(advertise_addresses(&svc, dns, &[]), [dns]);
+        svc.spec.as_mut().unwrap().cluster_ip = Some("10.233.0.17".into());
+        svc.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some("203.0.113.5".into()),
+                    ..Default::default()
+                }]),
+            }),
+            ..Default::default()
+        });
+        let extra = vec!["peer.example.org:443".to_string(), dns.to_string()];
+        assert_eq!(
+            advertise_addresses(&svc, dns, &extra),
+            [
+                "10.233.0.17:7400",
+                dns,
+                "203.0.113.5:7400",
+                "peer.example.org:443"
+            ]
+        );
+        svc.spec.as_mut().unwrap().cluster_ip = Some("fd00::5".into());
+        assert_eq!(advertise_addresses(&svc, dns, &[])[0], "[fd00::5]:7400");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! 3. `GET` the identity Secret, or `POST` a new one (never `PUT`/apply:
 //!    a create that loses a race gets 409 and re-reads, so a key is never
 //!    replaced);
-//! 4. server-side apply the ConfigMap, Deployment, Service, NetworkPolicy;
+//! 4. server-side apply the Service (its ClusterIP joins the advertised
+//!    addresses), the ConfigMap, Deployment and NetworkPolicy;
 //! 5. compute status from the applied Deployment and patch it only if it
 //!    changed, publishing an Event per transition.
 //!
@@ -282,9 +283,27 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         None => create_identity(agent, ctx, &secrets, &input).await?,
     };
 
-    // 4. Apply the children, config first so a new pod starts with it.
+    // 4. Apply the children: the Service first, so the agent can advertise
+    // its ClusterIP beside the DNS name (clusters without DNS, like the
+    // local one, dial the IP); then the config, so a new pod starts with it.
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let client = ctx.client.clone();
+    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+        .patch(
+            &names.workload,
+            &pp,
+            &Patch::Apply(&children::service(&input)),
+        )
+        .await?;
+    let addresses =
+        children::advertise_addresses(&svc, &names.endpoint(&ns), &agent.spec.exposure.advertise);
+    let mut config = config;
+    config.advertise = addresses.clone();
+    let config_toml = config.to_toml().map_err(|e| Error::Render(e.to_string()))?;
+    let input = BuildInput {
+        config_toml: &config_toml,
+        ..input
+    };
     Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(
             &names.config,
@@ -297,13 +316,6 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
             &names.workload,
             &pp,
             &Patch::Apply(&children::deployment(&input)),
-        )
-        .await?;
-    Api::<Service>::namespaced(client.clone(), &ns)
-        .patch(
-            &names.workload,
-            &pp,
-            &Patch::Apply(&children::service(&input)),
         )
         .await?;
     Api::<NetworkPolicy>::namespaced(client, &ns)
@@ -320,7 +332,7 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         status::Rollout::Ready => RESYNC,
         _ => RESYNC.min(Duration::from_secs(60)),
     };
-    let new = status::compute(
+    let mut new = status::compute(
         agent.status.as_ref(),
         agent.metadata.generation,
         Some(agent_id),
@@ -328,6 +340,7 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         &obs,
         (ctx.clock)(),
     );
+    new.addresses = addresses;
     update_status(agent, ctx, new).await?;
     Ok(Outcome::Healthy(resync))
 }

@@ -1,17 +1,25 @@
-//! Caravan's Kubernetes operator: CRD types, the Agent controller and its
-//! pure building blocks (child objects, validation, status), plus the
-//! plumbing (metrics, health, leader election) the binary wires together.
+//! Caravan's Kubernetes operator: CRD types, the Agent, Share and TrustGrant
+//! controllers and their pure building blocks (child objects, validation,
+//! status, declared shares and grants), the client of the agents' admin
+//! API, plus the plumbing (metrics, health, leader election) the binary
+//! wires together.
 #![forbid(unsafe_code)]
 
+pub mod agent_api;
+pub mod agentref;
 pub mod children;
+pub mod conditions;
 pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod crdgen;
+pub mod declared;
+pub mod grants;
 pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod shares;
 pub mod status;
 pub mod validate;
 

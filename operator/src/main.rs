@@ -1,5 +1,5 @@
-//! `caravan-operator`: runs the Agent controller (`run`, the default) or
-//! writes the CRDs (`crdgen`).
+//! `caravan-operator`: runs the Agent, Share and TrustGrant controllers
+//! (`run`, the default) or writes the CRDs (`crdgen`).
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
+use caravan_operator::agent_api::HttpAgentApi;
 use caravan_operator::config::{OperatorConfig, default_agent_resources};
 use caravan_operator::controller::{self, Context, RunOptions};
 use caravan_operator::http::{self, Health};
 use caravan_operator::leader::{Elector, Timing};
 use caravan_operator::metrics::Metrics;
+use caravan_operator::{declared, grants, shares};
 use clap::{Args, Parser, Subcommand};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::events::{Recorder, Reporter};
@@ -22,7 +24,7 @@ use tokio::sync::watch;
 #[command(
     name = "caravan-operator",
     version,
-    about = "Kubernetes operator for Caravan agents"
+    about = "Kubernetes operator for Caravan agents, shares and trust grants"
 )]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
@@ -280,15 +282,37 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             instance: Some(identity.clone()),
         },
     );
+    let agent_api = HttpAgentApi::new().context("cannot build the agent API client")?;
+    let declared_ctx = Arc::new(declared::Context::new(
+        client.clone(),
+        Arc::new(agent_api),
+        recorder.clone(),
+        metrics.clone(),
+    ));
     let ctx = Arc::new(Context::new(client.clone(), cfg, recorder, metrics.clone()));
     let opts = RunOptions {
         concurrency: args.concurrency.max(1),
         namespace: args.watch_namespace.clone(),
         debounce: std::time::Duration::from_millis(args.debounce_ms),
     };
+    let declared_opts = declared::RunOptions {
+        concurrency: args.concurrency.max(1),
+        namespace: args.watch_namespace.clone(),
+        debounce: std::time::Duration::from_millis(args.debounce_ms),
+    };
     let mut lost = false;
     {
-        let ctrl = controller::run(ctx, opts, stopped(stop_rx.clone()));
+        let ctrl = async {
+            tokio::join!(
+                controller::run(ctx, opts, stopped(stop_rx.clone())),
+                shares::run(
+                    declared_ctx.clone(),
+                    declared_opts.clone(),
+                    stopped(stop_rx.clone())
+                ),
+                grants::run(declared_ctx, declared_opts, stopped(stop_rx.clone())),
+            );
+        };
         tokio::pin!(ctrl);
         match &elector {
             Some(e) => {

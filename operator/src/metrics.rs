@@ -19,6 +19,9 @@ pub struct Metrics {
     pub status_patches: IntCounterVec,
     /// 1 while this replica holds the leader Lease.
     pub leader: IntGauge,
+    /// Calls to agents' admin APIs, by call and result (`ok`, `refused`,
+    /// `unreachable`, `error`).
+    pub agent_calls: IntCounterVec,
 }
 
 impl Metrics {
@@ -44,11 +47,19 @@ impl Metrics {
             &["controller"],
         )?;
         let leader = IntGauge::new("leader", "1 while this replica is the leader")?;
+        let agent_calls = IntCounterVec::new(
+            Opts::new(
+                "agent_calls_total",
+                "Calls to agents' admin APIs, by result",
+            ),
+            &["call", "result"],
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(status_patches.clone()))?;
         registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(agent_calls.clone()))?;
         Ok(Self {
             registry,
             reconciles,
@@ -56,6 +67,7 @@ impl Metrics {
             duration,
             status_patches,
             leader,
+            agent_calls,
         })
     }
 

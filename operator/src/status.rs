@@ -217,6 +217,7 @@ pub fn compute(
     AgentStatus {
         agent_id,
         endpoint,
+        addresses: previous.map(|p| p.addresses.clone()).unwrap_or_default(),
         phase: Some(phase),
         conditions,
         observed_generation: g,

@@ -51,8 +51,8 @@ fn every_rule_compiles() {
         assert!(errors.is_empty(), "{}: {errors:?}", crd.spec.names.kind);
     }
     assert_eq!(
-        total, 5,
-        "rules: agent name, repositories, fs root; share mode; grant immutability"
+        total, 6,
+        "rules: agent name, repositories, fs root; share mode, subscribe source; grant immutability"
     );
 }
 
@@ -150,4 +150,46 @@ fn trust_grant_subject_is_immutable() {
         v.validate(&s, &grant(&other, 1), Some(&grant(&id, 1)))
             .is_err()
     );
+}
+
+#[test]
+fn subscribe_names_the_share_one_way_and_cel_agrees_with_the_operator() {
+    use caravan_operator::crd::share::ShareSpec;
+    use caravan_operator::shares::plan;
+    let s = schema(&crd::Share::crd());
+    let v = Validator::new();
+    let publisher = caravan_agent::identity::SecretKey::from_seed([1; 32])
+        .agent_id()
+        .to_string();
+    let share_id = caravan_agent::ticket::ShareId([7; 32]).to_string();
+    let cases = [
+        (json!({"ticket": "t"}), true),
+        (
+            json!({"ticketSecretRef": {"name": "s", "key": "ticket"}}),
+            true,
+        ),
+        (json!({"shareId": share_id, "publisher": publisher}), true),
+        (json!({}), false),
+        (json!({"shareId": share_id}), false),
+        (json!({"publisher": publisher}), false),
+        (
+            json!({"ticket": "t", "shareId": share_id, "publisher": publisher}),
+            false,
+        ),
+        (
+            json!({"ticket": "t", "ticketSecretRef": {"name": "s", "key": "k"}}),
+            false,
+        ),
+    ];
+    for (src, ok) in cases {
+        let mut sub = src.clone();
+        sub["destination"] = json!("inbox/");
+        let spec = json!({"agent": "bob", "subscribe": sub});
+        let obj = json!({"apiVersion":"caravan.dev/v1alpha1","kind":"Share",
+                         "metadata":{"name":"s"},"spec": spec});
+        assert_eq!(v.validate(&s, &obj, None).is_ok(), ok, "CEL on {src}");
+        let parsed: ShareSpec = serde_json::from_value(spec).unwrap();
+        let sub = parsed.subscribe.as_ref().unwrap();
+        assert_eq!(plan::ticket_source(sub).is_ok(), ok, "operator on {src}");
+    }
 }

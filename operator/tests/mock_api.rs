@@ -145,9 +145,21 @@ fn ready_deployment(applied: &Value) -> Value {
     d
 }
 
-/// Serves the four server-side applies; returns the applied bodies.
+/// Serves the four server-side applies (Service first: its ClusterIP is
+/// advertised); returns the applied bodies as ConfigMap, Deployment,
+/// Service, NetworkPolicy.
 async fn expect_children(api: &mut ApiServer, ns: &str, name: &str, ready: bool) -> Vec<Value> {
     let mut out = Vec::new();
+    let svc = api
+        .expect(
+            "PATCH",
+            &format!("/api/v1/namespaces/{ns}/services/caravan-{name}"),
+        )
+        .await;
+    let svc_body = svc.body.clone();
+    let mut answered = svc_body.clone();
+    answered["spec"]["clusterIP"] = json!("10.233.0.44");
+    respond(svc.send, 200, &answered);
     let cm = api
         .expect(
             "PATCH",
@@ -174,14 +186,7 @@ async fn expect_children(api: &mut ApiServer, ns: &str, name: &str, ready: bool)
         dep.echo();
     }
     out.push(body);
-    out.push(
-        api.expect(
-            "PATCH",
-            &format!("/api/v1/namespaces/{ns}/services/caravan-{name}"),
-        )
-        .await
-        .echo(),
-    );
+    out.push(svc_body);
     out.push(
         api.expect(
             "PATCH",
@@ -290,6 +295,12 @@ async fn new_agent_gets_identity_then_children_then_status() {
     let toml = applied[0]["data"]["agent.toml"].as_str().unwrap();
     assert!(toml.contains("scheme = \"s3\""), "{toml}");
     assert!(
+        toml.contains(
+            "advertise = [\n    \"10.233.0.44:7400\",\n    \"caravan-alice.tenant-a.svc:7400\",\n]"
+        ),
+        "the ClusterIP is advertised first, beside the DNS name: {toml}"
+    );
+    assert!(
         toml.contains("credentials = \"/var/run/caravan/storage\""),
         "{toml}"
     );
@@ -325,18 +336,22 @@ fn ready_status(agent: &Agent, agent_id: &str) -> AgentStatus {
         "status":{"observedGeneration":1,"replicas":1,"updatedReplicas":1,"readyReplicas":1,"availableReplicas":1}
     }))
     .unwrap();
-    status::compute(
+    let endpoint = format!(
+        "caravan-{}.{}.svc:7400",
+        agent.metadata.name.as_deref().unwrap(),
+        agent.metadata.namespace.as_deref().unwrap()
+    );
+    let mut st = status::compute(
         None,
         agent.metadata.generation,
         Some(agent_id.into()),
-        Some(format!(
-            "caravan-{}.{}.svc:7400",
-            agent.metadata.name.as_deref().unwrap(),
-            agent.metadata.namespace.as_deref().unwrap()
-        )),
+        Some(endpoint.clone()),
         &Observation::Applied(&dep),
         fixed_now(),
-    )
+    );
+    // What expect_children's Service answer (ClusterIP 10.233.0.44) yields.
+    st.addresses = vec!["10.233.0.44:7400".into(), endpoint];
+    st
 }
 
 #[tokio::test]

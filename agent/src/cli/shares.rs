@@ -108,7 +108,8 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 if matches!(s.state, FetchState::Done | FetchState::Failed) {
                     break s;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                // Short: the command's wall clock is what a user measures.
+                tokio::time::sleep(Duration::from_millis(25)).await;
             };
             bar.finish_and_clear();
             if json {

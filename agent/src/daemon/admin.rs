@@ -3,10 +3,11 @@
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use crate::daemon::api::{
@@ -17,7 +18,7 @@ use crate::daemon::api::{
 use crate::error::Error;
 use crate::identity::AgentId;
 use crate::manifest::ShareId;
-use crate::node::{Agent, AgentTrust};
+use crate::node::{Agent, AgentTrust, Declarations};
 
 /// Builds [`Status`] for an agent.
 pub fn status(agent: &Agent) -> Status {
@@ -67,7 +68,11 @@ impl IntoResponse for ApiFailure {
 struct AdminState {
     agent: Arc<Agent>,
     token: Arc<String>,
+    declared: Option<Arc<Declarations>>,
 }
+
+/// Largest request body the admin API reads (a ticket is at most 64 KiB).
+pub const MAX_BODY: usize = 256 * 1024;
 
 fn check_token(state: &AdminState, headers: &HeaderMap) -> std::result::Result<(), ApiFailure> {
     let given = headers
@@ -92,13 +97,35 @@ fn check_token(state: &AdminState, headers: &HeaderMap) -> std::result::Result<(
     }
 }
 
-/// The admin API router (bearer-token protected).
+/// The admin API router (bearer-token protected), without the declared
+/// routes.
 pub fn admin_router(agent: Arc<Agent>, token: String) -> Router {
+    admin_router_with(agent, token, None)
+}
+
+/// The admin API router with the declared shares and grants the operator
+/// uses (`/v1/declared/…`, answered 503 without `declared`).
+pub fn admin_router_with(
+    agent: Arc<Agent>,
+    token: String,
+    declared: Option<Arc<Declarations>>,
+) -> Router {
     let state = AdminState {
         agent,
         token: Arc::new(token),
+        declared,
     };
+    let share_path = format!("{}/{{name}}", api::DECLARED_SHARES);
+    let grant_path = format!("{}/{{key}}", api::DECLARED_GRANTS);
     Router::new()
+        .route(api::DECLARED_SHARES, get(api_declared_list))
+        .route(
+            &share_path,
+            put(api_declared_put)
+                .get(api_declared_get)
+                .delete(api_declared_delete),
+        )
+        .route(&grant_path, put(api_grant_put).delete(api_grant_delete))
         .route(api::STATUS, get(api_status))
         .route(api::SHARES, post(api_publish))
         .route(api::SHARE_TICKETS, post(api_ticket))
@@ -109,11 +136,80 @@ pub fn admin_router(agent: Arc<Agent>, token: String) -> Router {
         .route(api::TRUST_REVOCATIONS, post(api_trust_revoke))
         .route(api::TRUST_WHY, get(api_trust_why))
         .route(api::SHARE_PEERS, get(api_share_peers))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
         ))
         .with_state(state)
+}
+
+fn declared(s: &AdminState) -> std::result::Result<Arc<Declarations>, ApiFailure> {
+    s.declared.clone().ok_or_else(|| {
+        ApiFailure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "declared shares are not enabled on this agent".into(),
+        )
+    })
+}
+
+async fn api_declared_list(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+) -> std::result::Result<Json<Vec<api::DeclaredShareStatus>>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(declared(&s)?.list_shares()))
+}
+
+async fn api_declared_put(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+    Json(req): Json<api::DeclaredShare>,
+) -> std::result::Result<Json<api::DeclaredShareStatus>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(declared(&s)?.put_share(&name, req).await?))
+}
+
+async fn api_declared_get(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> std::result::Result<Json<api::DeclaredShareStatus>, ApiFailure> {
+    check_token(&s, &h)?;
+    declared(&s)?
+        .get_share(&name)
+        .map(Json)
+        .ok_or_else(|| ApiFailure(StatusCode::NOT_FOUND, format!("no declared share {name:?}")))
+}
+
+async fn api_declared_delete(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> std::result::Result<StatusCode, ApiFailure> {
+    check_token(&s, &h)?;
+    declared(&s)?.delete_share(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn api_grant_put(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(key): UrlPath<String>,
+    Json(req): Json<api::DeclaredGrant>,
+) -> std::result::Result<Json<api::DeclaredGrantStatus>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(declared(&s)?.put_grant(&key, req).await?))
+}
+
+async fn api_grant_delete(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    UrlPath(key): UrlPath<String>,
+) -> std::result::Result<Json<api::RevocationStatus>, ApiFailure> {
+    check_token(&s, &h)?;
+    Ok(Json(declared(&s)?.delete_grant(&key).await?))
 }
 
 /// Checks the bearer token before the request reaches its handler, so no

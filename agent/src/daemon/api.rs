@@ -35,6 +35,13 @@ pub const TRUST_REVOCATIONS: &str = "/v1/trust/revocations";
 /// `GET`: [`WhyAnswer`].
 pub const TRUST_WHY: &str = "/v1/trust/why/{agent}";
 
+/// `PUT` a [`DeclaredShare`], `GET` its [`DeclaredShareStatus`], `DELETE`
+/// to stop serving or following it: `{DECLARED_SHARES}/{name}`.
+pub const DECLARED_SHARES: &str = "/v1/declared/shares";
+/// `PUT` a [`DeclaredGrant`] ([`DeclaredGrantStatus`]), `DELETE` to revoke
+/// it ([`RevocationStatus`]): `{DECLARED_GRANTS}/{key}`.
+pub const DECLARED_GRANTS: &str = "/v1/declared/grants";
+
 /// [`SHARE_TICKETS`] for one share.
 pub fn share_tickets(share: &str) -> String {
     SHARE_TICKETS.replace("{id}", share)
@@ -127,3 +134,10 @@ pub struct PeerInfo {
     /// Where to dial it.
     pub addresses: Vec<String>,
 }
+
+// The declarative part of the admin API (what the operator uses) lives in
+// the light `declare` module, below the node that implements it.
+pub use crate::declare::{
+    DeclaredGrant, DeclaredGrantStatus, DeclaredPublish, DeclaredShare, DeclaredShareStatus,
+    DeclaredState, DeclaredSubscribe, RecipientTicket, RevocationStatus, reasons,
+};

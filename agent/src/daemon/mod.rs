@@ -8,6 +8,6 @@ pub mod api;
 mod serve;
 
 #[cfg(feature = "node")]
-pub use admin::{admin_router, status};
+pub use admin::{admin_router, admin_router_with, status};
 #[cfg(feature = "node")]
 pub use serve::{metrics_router, read_identity, read_token, run};

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
-use crate::daemon::admin::admin_router;
+use crate::daemon::admin::admin_router_with;
 use crate::error::{Context, Error, Result};
 use crate::identity::SecretKey;
 use crate::node::{Agent, AgentOptions, AgentTrust, tuning};
@@ -168,7 +168,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         agent.clone(),
         shutdown.clone(),
     ));
-    let admin = admin_router(agent.clone(), token);
+    let declared = crate::node::Declarations::open(agent.clone(), shutdown.clone()).await?;
+    let admin = admin_router_with(agent.clone(), token, Some(declared));
     let sd = shutdown.clone();
     tokio::spawn(async move {
         let _ = axum::serve(admin_listener, admin)

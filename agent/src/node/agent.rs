@@ -175,6 +175,22 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// Stops holding a share: it is no longer served and its state under
+    /// the state prefix goes (the files in storage stay).
+    pub async fn forget_share(&self, id: &ShareId) -> Result<()> {
+        if let Ok(mut m) = self.shares.write() {
+            m.remove(id);
+            self.metrics.shares_held.set(m.len() as i64);
+        }
+        let dir = crate::node::state::share_dir(&self.opts.state_prefix, id);
+        self.op
+            .delete_with(&dir)
+            .recursive(true)
+            .await
+            .context(|| format!("removing {dir}"))?;
+        Ok(())
+    }
+
     pub(crate) async fn install_share(&self, s: HeldShare) -> Result<Arc<HeldShare>> {
         share::save(&self.op, &self.opts.state_prefix, &self.key, &s).await?;
         let s = Arc::new(s);
@@ -240,39 +256,56 @@ impl Service for Agent {
             .locate(&id)
             .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?
             .clone();
-        let buf = self
-            .op
-            .read_with(&loc.path)
-            .range(loc.offset..loc.offset + loc.chunk.len as u64)
-            .await
-            .context(|| format!("reading {} for chunk {id}", loc.path))?;
-        let mut plain = Vec::with_capacity(buf.len() + crate::crypto::TAG_LEN);
-        for part in buf {
-            plain.extend_from_slice(&part);
-        }
         // Verify on serve: the bytes go out only if they hash to the id
         // asked for. A file edited since publishing (or a fetched path that
         // now holds other data) is never sealed under a chunk key that past
         // recipients know.
-        let ct = tokio::task::spawn_blocking(move || {
+        let source = loc.path.clone();
+        let seal = move |plain: Vec<u8>| -> Result<Vec<u8>> {
             let mut ct = chunk::encrypt(&loc.chunk, plain)?;
             if blake3::hash(&ct).as_bytes() != &id.0 {
                 return Err(Error::NotFound(format!(
-                    "chunk {id}: {} changed since it was published",
-                    loc.path
+                    "chunk {id}: {source} changed since it was published"
                 )));
             }
             if corrupt && let Some(b) = ct.first_mut() {
                 *b ^= 0xff;
             }
             Ok(ct)
-        })
-        .await
-        .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))?
-        .inspect_err(|e| {
-            self.metrics.error("stale_chunk");
-            tracing::warn!(error = %e, "not serving a chunk whose source changed");
-        })?;
+        };
+        let sealed = match &self.opts.fs_root {
+            // A local file is read straight into the buffer the chunk is
+            // sealed in: no zero-filled read buffer, no copy, one task.
+            Some(root) => {
+                let full = root.join(&loc.path);
+                let (offset, len, path) = (loc.offset, loc.chunk.len as usize, loc.path.clone());
+                tokio::task::spawn_blocking(move || {
+                    let plain = read_range(&full, offset, len)
+                        .context(|| format!("reading {path} for chunk {id}"))?;
+                    seal(plain)
+                })
+                .await
+            }
+            None => {
+                let buf = self
+                    .op
+                    .read_with(&loc.path)
+                    .range(loc.offset..loc.offset + loc.chunk.len as u64)
+                    .await
+                    .context(|| format!("reading {} for chunk {id}", loc.path))?;
+                let mut plain = Vec::with_capacity(buf.len() + crate::crypto::TAG_LEN);
+                for part in buf {
+                    plain.extend_from_slice(&part);
+                }
+                tokio::task::spawn_blocking(move || seal(plain)).await
+            }
+        };
+        let ct = sealed
+            .map_err(|e| Error::Protocol(format!("encrypt task: {e}")))?
+            .inspect_err(|e| {
+                self.metrics.error("stale_chunk");
+                tracing::warn!(error = %e, "not serving a chunk whose source changed");
+            })?;
         self.metrics.chunks_sent.inc();
         self.metrics.bytes_sent.inc_by(ct.len() as u64);
         Ok(ct)
@@ -320,4 +353,16 @@ impl Service for Agent {
             self.metrics.peers_connected.dec();
         }
     }
+}
+
+/// Reads `len` bytes of a local file at `offset` into a buffer with room
+/// for an AEAD tag (fewer bytes when the file is shorter: the caller's
+/// length check reports it).
+fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len + crate::crypto::TAG_LEN);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
 }

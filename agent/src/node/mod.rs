@@ -5,6 +5,7 @@
 //! of this wing imports this one back.
 
 pub mod agent;
+pub mod declared;
 pub mod fetch;
 pub mod metrics;
 pub mod publish;
@@ -14,6 +15,7 @@ pub mod trust;
 pub mod tuning;
 
 pub use agent::{Agent, AgentOptions};
+pub use declared::Declarations;
 pub use fetch::FetchRequest;
 pub use fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
 pub use metrics::Metrics;

@@ -359,6 +359,34 @@ impl AgentTrust {
         Ok(out)
     }
 
+    /// Revokes one grant this agent issued, by id (hex): signs the
+    /// revocation, applies it, publishes it. Returns whether a repository
+    /// stored it (true without repositories). A grant already revoked is
+    /// revoked again (revocations are idempotent records).
+    pub async fn revoke_one(&self, grant_id: &str) -> Result<bool> {
+        let id = GrantId::from_hex(grant_id)?;
+        let rev = Revocation {
+            issuer: self.me,
+            grant_id: id,
+            seq: unix_millis(),
+            revoked_at: unix_now(),
+        };
+        let rec = SignedRecord::seal(&self.key, &rev)?;
+        self.absorb(&rec);
+        self.last_revocation.store(unix_now(), Ordering::Relaxed);
+        self.persist(&rec).await?;
+        match &self.repos {
+            None => Ok(true),
+            Some(r) => match r.publish(&rec).await {
+                Ok(res) => Ok(!res.accepted.is_empty()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+                    Ok(false)
+                }
+            },
+        }
+    }
+
     fn issued(&self) -> Vec<TrustGrant> {
         self.engine
             .read()

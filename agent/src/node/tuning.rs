@@ -14,9 +14,17 @@ pub fn window() -> usize {
     positive("CARAVAN_WINDOW", 16)
 }
 
-/// Files written at once (`CARAVAN_FILE_CONCURRENCY`, default 4).
+/// Files written at once (`CARAVAN_FILE_CONCURRENCY`, default 16): many
+/// small files keep the pipe full only when many are written together.
 pub fn file_concurrency() -> usize {
-    positive("CARAVAN_FILE_CONCURRENCY", 4)
+    positive("CARAVAN_FILE_CONCURRENCY", 16)
+}
+
+/// Chunks one fetch holds in memory at once, across all its files
+/// (`CARAVAN_CHUNKS_IN_MEMORY`, default 48): bounds the fetcher's memory
+/// whatever the file count.
+pub fn chunks_in_memory() -> usize {
+    positive("CARAVAN_CHUNKS_IN_MEMORY", 48)
 }
 
 /// Test-only fault injection: serve corrupted chunks

@@ -252,6 +252,11 @@ pub struct AgentStatus {
     /// host:port of the agent's peer Service inside the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Every host:port the agent advertises in tickets and announcements:
+    /// the Service's ClusterIP (dialable even without cluster DNS), its DNS
+    /// name, a LoadBalancer's address, then `spec.exposure.advertise`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
     /// Pending, Ready or Degraded: a summary of the conditions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<AgentPhase>,

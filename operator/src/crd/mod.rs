@@ -10,7 +10,7 @@ pub mod share;
 pub mod trust_grant;
 
 pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus};
-pub use share::{Share, ShareSpec, ShareStatus};
+pub use share::{Share, SharePhase, ShareSpec, ShareStatus};
 pub use trust_grant::{TrustGrant, TrustGrantSpec, TrustGrantStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{

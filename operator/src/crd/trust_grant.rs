@@ -1,6 +1,6 @@
-//! `TrustGrant`: an Agent vouches for another agent. Only the types exist so
-//! far; the controller (signing through the agent's admin API, and a finalizer
-//! that publishes the revocation on delete) comes with the trust issue.
+//! `TrustGrant`: an Agent vouches for another agent. The controller is
+//! `crate::grants`: the issuer's agent signs and publishes the grant, and a
+//! finalizer publishes the revocation on delete.
 // kube's `printcolumn(...)` repeats keys like `type_` per column, which
 // clippy mistakes for duplicated attributes.
 #![allow(clippy::duplicated_attributes)]
@@ -79,6 +79,12 @@ pub struct TrustGrantStatus {
     /// Whether the signed grant has been published to the issuer's repositories.
     #[serde(default)]
     pub published: bool,
+    /// Agent id of the issuer (the key that signed the grant).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_id: Option<String>,
+    /// When the grant stops being valid (unix seconds), as signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<u64>,
     /// Ready, Progressing and Degraded, each with the generation it describes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::conditions_schema")]

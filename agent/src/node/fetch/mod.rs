@@ -47,7 +47,9 @@ impl Agent {
     /// The request is persisted first, so a restarted agent resumes it.
     pub async fn start_fetch(self: &Arc<Self>, req: FetchRequest) -> Result<Arc<FetchProgress>> {
         let ticket = Ticket::parse(&req.ticket)?;
-        if ticket.recipient != self.id {
+        // A keyless ticket carries no secret: whoever the publisher trusts
+        // may use it (the key is released only after checking the chain).
+        if !ticket.wrapped_key.is_empty() && ticket.recipient != self.id {
             return Err(Error::Rejected(format!(
                 "this ticket is for agent {}, but this agent is {}",
                 ticket.recipient, self.id
@@ -129,7 +131,25 @@ impl Agent {
         progress: Arc<FetchProgress>,
     ) -> Result<()> {
         let ticket = Ticket::parse(&req.ticket)?;
-        let dest = normalize_dir(&req.dest);
+        self.fetch_ticket(&ticket, &req.dest, &req.peers, progress)
+            .await
+    }
+
+    /// Fetches the newest version of the share `ticket` names into `dest`,
+    /// reporting into `progress`. A ticket without a key (a share for the
+    /// publisher's trusted agents, or one built from a share id and
+    /// publisher id) makes this agent present its trust chain. When the
+    /// newest version is the one already held at `dest`, nothing is read or
+    /// written. Used by the one-shot fetch and by declared subscriptions.
+    pub async fn fetch_ticket(
+        self: Arc<Self>,
+        ticket: &Ticket,
+        dest: &str,
+        peers: &[String],
+        progress: Arc<FetchProgress>,
+    ) -> Result<()> {
+        let ticket = ticket.clone();
+        let dest = normalize_dir(dest);
         if dest.starts_with(&self.opts.state_prefix) {
             return Err(Error::Rejected(
                 "the destination cannot be inside the agent's state prefix".into(),
@@ -143,7 +163,7 @@ impl Agent {
             Some(self.key.unwrap_key(&ticket.wrapped_key)?)
         };
         let mut addrs = ticket.addresses.clone();
-        addrs.extend(req.peers.iter().cloned());
+        addrs.extend(peers.iter().cloned());
         if let Some(web) = self.trust() {
             // Peers from every repository (union, verified); a repository
             // that is down answers from the client's cache or is skipped.
@@ -181,6 +201,21 @@ impl Agent {
                      already held; nothing was changed",
                     ticket.share_id
                 )));
+            }
+            // Already holding exactly this version here: nothing to fetch.
+            if held.role == Role::Fetched && held.root == dest && held.seq() >= seq {
+                progress.seq.store(held.seq(), Ordering::Relaxed);
+                let total = held.manifest.total_bytes();
+                let chunks = held.manifest.total_chunks();
+                let files = held.manifest.files().count() as u64;
+                progress.bytes_total.store(total, Ordering::Relaxed);
+                progress.bytes_done.store(total, Ordering::Relaxed);
+                progress.chunks_total.store(chunks, Ordering::Relaxed);
+                progress.chunks_done.store(chunks, Ordering::Relaxed);
+                progress.files_total.store(files, Ordering::Relaxed);
+                progress.files_done.store(files, Ordering::Relaxed);
+                progress.set_state(FetchState::Done, None);
+                return Ok(());
             }
         }
         progress.seq.store(seq, Ordering::Relaxed);
@@ -228,6 +263,8 @@ impl Agent {
             partial: state::partial_seq_dir(&self.opts.state_prefix, &ticket.share_id, seq),
             append,
             progress: progress.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
+            unsynced: std::sync::Mutex::new(Vec::new()),
         });
 
         for e in &manifest.entries {
@@ -252,6 +289,7 @@ impl Agent {
             .buffer_unordered(tuning::file_concurrency())
             .try_collect::<Vec<()>>()
             .await?;
+        job.sync_written().await?;
         self.apply_modes(&dest, &manifest);
 
         // Files the previous version had and this one dropped go away too.
@@ -275,10 +313,9 @@ impl Agent {
         let partial_root = state::partial_dir(&self.opts.state_prefix, &ticket.share_id);
         let _ = self.op.delete_with(&partial_root).recursive(true).await;
         let pending = self.pending_path(&ticket.share_id);
-        self.op
-            .delete(&pending)
-            .await
-            .context(|| format!("removing {pending}"))?;
+        if let Err(e) = self.op.delete(&pending).await {
+            tracing::warn!(path = %pending, error = %e, "cannot remove the fetch's pending state");
+        }
         progress.set_state(FetchState::Done, None);
         let s = progress.snapshot();
         tracing::info!(share = %ticket.share_id, seq, bytes = s.bytes_total, fetched = s.chunks_fetched, reused = s.chunks_reused, seconds = s.seconds, "fetch complete");

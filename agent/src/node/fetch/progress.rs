@@ -43,6 +43,7 @@ pub struct FetchProgress {
     pub(crate) bytes_received: AtomicU64,
     pub(crate) peers: Mutex<Vec<String>>,
     pub(crate) finished_secs: Mutex<Option<f64>>,
+    pub(crate) first_byte_secs: std::sync::OnceLock<f64>,
 }
 
 /// A copy of [`FetchProgress`] for the admin API and the CLI.
@@ -80,6 +81,9 @@ pub struct ProgressSnapshot {
     pub peers: Vec<String>,
     /// Seconds since start (or total when finished).
     pub seconds: f64,
+    /// Seconds from the start until the first verified chunk was written.
+    #[serde(default)]
+    pub first_byte_seconds: Option<f64>,
 }
 
 impl FetchProgress {
@@ -101,7 +105,15 @@ impl FetchProgress {
             bytes_received: AtomicU64::new(0),
             peers: Mutex::new(Vec::new()),
             finished_secs: Mutex::new(None),
+            first_byte_secs: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Notes the first verified chunk written (only the first call counts).
+    pub(crate) fn first_byte(&self) {
+        let _ = self
+            .first_byte_secs
+            .set(self.started.elapsed().as_secs_f64());
     }
 
     pub(crate) fn set_state(&self, s: FetchState, err: Option<String>) {
@@ -145,6 +157,7 @@ impl FetchProgress {
                 .ok()
                 .and_then(|f| *f)
                 .unwrap_or_else(|| self.started.elapsed().as_secs_f64()),
+            first_byte_seconds: self.first_byte_secs.get().copied(),
         }
     }
 }

@@ -1,0 +1,789 @@
+//! Declared shares and grants: the operator's desired state, kept by the
+//! agent and converged in the background (docs/operator.md, "Operator ↔
+//! agent").
+//!
+//! A declared share is persisted at `<state>declared/shares/<name>.json`
+//! with what the agent learned while converging it (the share id, a
+//! fingerprint of the published folder), so a restarted agent picks up
+//! where it stopped without a new share or a duplicate version. One task
+//! per share: a publish task rescans its folder every `rescan_secs` and
+//! publishes a new version only when the listing changed; a subscribe task
+//! fetches the newest version every `poll_secs` (a no-op when it already
+//! holds it) and so keeps following the share.
+//!
+//! A declared grant is persisted at `<state>declared/grants/<key>.json`
+//! with the id of the grant signed for it: the same key and spec never
+//! sign twice, and a revocation is signed once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::declare::{
+    DeclaredGrant, DeclaredGrantStatus, DeclaredShare, DeclaredShareStatus, DeclaredState,
+    RecipientTicket, RevocationStatus, reasons,
+};
+use crate::error::{Context, Error, Result};
+use crate::identity::AgentId;
+use crate::manifest::{Access, ShareId, Ticket};
+use crate::node::agent::Agent;
+use crate::node::fetch::progress::{FetchProgress, FetchState};
+use crate::node::publish::PublishRequest;
+use crate::node::share::Role;
+use crate::node::trust::GrantRequest;
+
+/// Declared shares per agent, at most.
+pub const MAX_DECLARED: usize = 4096;
+/// Longest name or key.
+pub const MAX_NAME: usize = 253;
+
+/// What is persisted per declared share.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedShare {
+    spec: DeclaredShare,
+    #[serde(default)]
+    share_id: Option<String>,
+    #[serde(default)]
+    fingerprint: Option<String>,
+}
+
+/// What is persisted per declared grant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedGrant {
+    spec: DeclaredGrant,
+    grant_id: String,
+    not_after: u64,
+    published: bool,
+    #[serde(default)]
+    revoked: bool,
+    #[serde(default)]
+    revocation_published: bool,
+}
+
+struct Running {
+    saved: Mutex<SavedShare>,
+    status: Mutex<DeclaredShareStatus>,
+    progress: Mutex<Option<Arc<FetchProgress>>>,
+    cancel: CancellationToken,
+}
+
+/// The declared shares and grants of one agent.
+pub struct Declarations {
+    agent: Arc<Agent>,
+    shares: Mutex<HashMap<String, Arc<Running>>>,
+    grants: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+}
+
+fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > MAX_NAME
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        || name.starts_with('.')
+    {
+        return Err(Error::Rejected(format!(
+            "{what} must be 1–{MAX_NAME} characters of a-z, 0-9, `-` and `.`"
+        )));
+    }
+    Ok(())
+}
+
+fn check_path(state_prefix: &str, field: &str, p: &str) -> Result<()> {
+    let bad = || {
+        Err(Error::Rejected(format!(
+            "{field} {p:?} leaves the storage root or enters the agent's state"
+        )))
+    };
+    if p.len() > 1024 || p.starts_with('/') || p.contains('\\') || p.chars().any(char::is_control) {
+        return bad();
+    }
+    if p.split('/').any(|c| c == "..") {
+        return bad();
+    }
+    let norm = format!("{}/", p.trim_matches('/'));
+    if norm.starts_with(state_prefix) || p.trim_matches('/') == state_prefix.trim_end_matches('/') {
+        return bad();
+    }
+    Ok(())
+}
+
+fn check_share(state_prefix: &str, d: &DeclaredShare) -> Result<()> {
+    match (&d.publish, &d.subscribe) {
+        (Some(p), None) => {
+            check_path(state_prefix, "publish.path", &p.path)?;
+            if !(1..=86_400).contains(&p.rescan_secs) {
+                return Err(Error::Rejected(
+                    "publish.rescan_secs must be 1–86400".into(),
+                ));
+            }
+            if p.recipients.len() > 1000 {
+                return Err(Error::Rejected("at most 1000 recipients".into()));
+            }
+            for r in &p.recipients {
+                r.parse::<AgentId>()?;
+            }
+            Ok(())
+        }
+        (None, Some(s)) => {
+            check_path(state_prefix, "subscribe.destination", &s.destination)?;
+            if !(1..=86_400).contains(&s.poll_secs) {
+                return Err(Error::Rejected(
+                    "subscribe.poll_secs must be 1–86400".into(),
+                ));
+            }
+            match (&s.ticket, &s.share_id, &s.publisher) {
+                (Some(t), None, None) if t.len() <= 65_536 => Ok(()),
+                (None, Some(id), Some(p)) => {
+                    id.parse::<ShareId>()?;
+                    p.parse::<AgentId>()?;
+                    Ok(())
+                }
+                _ => Err(Error::Rejected(
+                    "subscribe needs a ticket, or share_id with publisher".into(),
+                )),
+            }
+        }
+        _ => Err(Error::Rejected(
+            "declare exactly one of publish or subscribe".into(),
+        )),
+    }
+}
+
+fn pending(name: &str, generation: i64) -> DeclaredShareStatus {
+    DeclaredShareStatus {
+        name: name.to_string(),
+        generation,
+        state: DeclaredState::Pending,
+        reason: None,
+        message: None,
+        share_id: None,
+        publisher: None,
+        version: 0,
+        files_done: 0,
+        files_total: 0,
+        bytes_done: 0,
+        bytes_total: 0,
+        chunks_done: 0,
+        chunks_total: 0,
+        bytes_received: 0,
+        peers: 0,
+        tickets: Vec::new(),
+        keyless_ticket: None,
+    }
+}
+
+/// Maps an error to a reason code of [`reasons`].
+pub fn reason_of(e: &Error, had_version: bool) -> &'static str {
+    let text = e.to_string();
+    match e {
+        Error::Parse { .. } | Error::Record(_) => reasons::TICKET_INVALID,
+        Error::Storage { .. } => reasons::STORAGE_ERROR,
+        Error::Rejected(m) if m.contains("ticket is for agent") => reasons::NOT_A_RECIPIENT,
+        Error::Rejected(_) => reasons::INVALID_SPEC,
+        _ if text.contains("refused") => {
+            if had_version {
+                reasons::TRUST_REVOKED
+            } else {
+                reasons::NOT_A_RECIPIENT
+            }
+        }
+        Error::NotFound(m) if m.contains("nothing to publish") => reasons::PATH_NOT_FOUND,
+        _ if text.contains("reachable") || text.contains("no peer") => {
+            reasons::PUBLISHER_UNREACHABLE
+        }
+        _ => reasons::PUBLISHER_UNREACHABLE,
+    }
+}
+
+impl Declarations {
+    /// Loads the declarations persisted under the agent's state prefix and
+    /// starts converging them; tasks stop when `shutdown` is cancelled.
+    pub async fn open(agent: Arc<Agent>, shutdown: CancellationToken) -> Result<Arc<Self>> {
+        let d = Arc::new(Declarations {
+            agent,
+            shares: Mutex::new(HashMap::new()),
+            grants: tokio::sync::Mutex::new(()),
+            shutdown,
+        });
+        let dir = d.shares_dir();
+        let saved =
+            crate::node::state::read_each(&d.agent.op, &dir, ".json", "declared share", |b| {
+                serde_json::from_slice::<SavedShare>(b)
+            })
+            .await?;
+        for (path, s) in saved {
+            let name = path
+                .rsplit('/')
+                .next()
+                .and_then(|f| f.strip_suffix(".json"))
+                .unwrap_or_default()
+                .to_string();
+            if check_name("name", &name).is_ok() {
+                d.start(name, s);
+            }
+        }
+        Ok(d)
+    }
+
+    fn shares_dir(&self) -> String {
+        format!("{}declared/shares/", self.agent.opts.state_prefix)
+    }
+
+    fn share_file(&self, name: &str) -> String {
+        format!("{}{name}.json", self.shares_dir())
+    }
+
+    fn grant_file(&self, key: &str) -> String {
+        format!("{}declared/grants/{key}.json", self.agent.opts.state_prefix)
+    }
+
+    async fn save_share(&self, name: &str, s: &SavedShare) -> Result<()> {
+        let json = serde_json::to_vec_pretty(s).map_err(|e| Error::Config(e.to_string()))?;
+        let path = self.share_file(name);
+        self.agent
+            .op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
+    }
+
+    fn start(self: &Arc<Self>, name: String, saved: SavedShare) -> Arc<Running> {
+        let run = Arc::new(Running {
+            status: Mutex::new(pending(&name, saved.spec.generation)),
+            saved: Mutex::new(saved),
+            progress: Mutex::new(None),
+            cancel: self.shutdown.child_token(),
+        });
+        if let Ok(mut m) = self.shares.lock()
+            && let Some(old) = m.insert(name.clone(), run.clone())
+        {
+            old.cancel.cancel();
+        }
+        let me = self.clone();
+        let r = run.clone();
+        tokio::spawn(async move { me.converge(name, r).await });
+        run
+    }
+
+    /// `PUT`: declares (or re-declares) a share; idempotent.
+    pub async fn put_share(
+        self: &Arc<Self>,
+        name: &str,
+        spec: DeclaredShare,
+    ) -> Result<DeclaredShareStatus> {
+        check_name("share name", name)?;
+        check_share(&self.agent.opts.state_prefix, &spec)?;
+        let existing = self.shares.lock().ok().and_then(|m| m.get(name).cloned());
+        if let Some(run) = &existing {
+            let same = run.saved.lock().map(|s| {
+                let mut a = s.spec.clone();
+                a.generation = spec.generation;
+                a == spec
+            });
+            if same.unwrap_or(false) {
+                if let Ok(mut s) = run.saved.lock() {
+                    s.spec.generation = spec.generation;
+                }
+                return Ok(self.status_of(run, spec.generation));
+            }
+        } else if self.shares.lock().map(|m| m.len()).unwrap_or(0) >= MAX_DECLARED {
+            return Err(Error::Rejected(format!(
+                "at most {MAX_DECLARED} declared shares"
+            )));
+        }
+        // A changed publish spec keeps its share (a new version follows).
+        let keep_id = existing.as_ref().and_then(|r| {
+            r.saved
+                .lock()
+                .ok()
+                .filter(|s| s.spec.publish.is_some() && spec.publish.is_some())
+                .and_then(|s| s.share_id.clone())
+        });
+        let saved = SavedShare {
+            spec,
+            share_id: keep_id,
+            fingerprint: None,
+        };
+        self.save_share(name, &saved).await?;
+        let g = saved.spec.generation;
+        let run = self.start(name.to_string(), saved);
+        Ok(self.status_of(&run, g))
+    }
+
+    /// `GET`: the status of a declared share.
+    pub fn get_share(&self, name: &str) -> Option<DeclaredShareStatus> {
+        let run = self.shares.lock().ok()?.get(name).cloned()?;
+        let g = run.saved.lock().map(|s| s.spec.generation).unwrap_or(0);
+        Some(self.status_of(&run, g))
+    }
+
+    /// `GET` of the collection: every declared share's status.
+    pub fn list_shares(&self) -> Vec<DeclaredShareStatus> {
+        let names: Vec<String> = self
+            .shares
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        let mut out: Vec<_> = names.iter().filter_map(|n| self.get_share(n)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// `DELETE`: stops converging; a published share is no longer served
+    /// (its files stay), a subscription is no longer followed (the fetched
+    /// files stay). Unknown names succeed.
+    pub async fn delete_share(&self, name: &str) -> Result<()> {
+        check_name("share name", name)?;
+        let run = self.shares.lock().ok().and_then(|mut m| m.remove(name));
+        if let Some(run) = run {
+            run.cancel.cancel();
+            let saved = run.saved.lock().map(|s| s.clone()).ok();
+            if let Some(s) = saved
+                && s.spec.publish.is_some()
+                && let Some(id) = s
+                    .share_id
+                    .as_deref()
+                    .and_then(|i| i.parse::<ShareId>().ok())
+            {
+                self.agent.forget_share(&id).await?;
+            }
+        }
+        let path = self.share_file(name);
+        self.agent
+            .op
+            .delete(&path)
+            .await
+            .context(|| format!("removing {path}"))?;
+        Ok(())
+    }
+
+    fn status_of(&self, run: &Running, generation: i64) -> DeclaredShareStatus {
+        let mut st = run
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|_| pending("", generation));
+        st.generation = generation;
+        let progress = run.progress.lock().ok().and_then(|p| p.clone());
+        if let Some(p) = progress {
+            let snap = p.snapshot();
+            if snap.state == FetchState::Transferring || snap.state == FetchState::Starting {
+                st.state = DeclaredState::Progressing;
+                st.reason = None;
+                st.message = None;
+            }
+            st.bytes_total = snap.bytes_total;
+            st.bytes_done = snap.bytes_done;
+            st.chunks_total = snap.chunks_total;
+            st.chunks_done = snap.chunks_done;
+            st.files_total = snap.files_total;
+            st.files_done = snap.files_done;
+            st.bytes_received = snap.bytes_received;
+            st.peers = u32::try_from(snap.peers.len()).unwrap_or(u32::MAX);
+        }
+        st
+    }
+
+    async fn converge(self: Arc<Self>, name: String, run: Arc<Running>) {
+        loop {
+            let spec = match run.saved.lock() {
+                Ok(s) => s.spec.clone(),
+                Err(_) => return,
+            };
+            let wait = if let Some(p) = &spec.publish {
+                if let Err(e) = self.publish_once(&name, &run).await {
+                    self.fail(&run, reason_of(&e, false), &e);
+                }
+                p.rescan_secs
+            } else if let Some(s) = &spec.subscribe {
+                self.subscribe_once(&run).await;
+                s.poll_secs
+            } else {
+                return;
+            };
+            tokio::select! {
+                _ = run.cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(wait.max(1))) => {}
+            }
+        }
+    }
+
+    fn fail(&self, run: &Running, reason: &str, e: &Error) {
+        tracing::warn!(reason, error = %e, "declared share cannot converge");
+        if let Ok(mut s) = run.status.lock() {
+            s.state = DeclaredState::Failed;
+            s.reason = Some(reason.to_string());
+            s.message = Some(e.to_string());
+        }
+    }
+
+    async fn publish_once(&self, name: &str, run: &Running) -> Result<()> {
+        let (spec, share_id, old_fp) = {
+            let s = run
+                .saved
+                .lock()
+                .map_err(|_| Error::Config("poisoned".into()))?;
+            (s.spec.clone(), s.share_id.clone(), s.fingerprint.clone())
+        };
+        let Some(p) = spec.publish else {
+            return Ok(());
+        };
+        let agent = &self.agent;
+        let fp = fingerprint(agent, &p.path).await?;
+        let held = share_id
+            .as_deref()
+            .and_then(|i| i.parse::<ShareId>().ok())
+            .and_then(|id| agent.share(&id))
+            .filter(|s| s.role == Role::Published);
+        let id = match held {
+            Some(h) if old_fp.as_deref() == Some(fp.as_str()) => h.id,
+            _ => {
+                if let Ok(mut s) = run.status.lock() {
+                    s.state = DeclaredState::Progressing;
+                }
+                let mut agents = Vec::new();
+                for r in &p.recipients {
+                    agents.push(r.parse::<AgentId>()?);
+                }
+                let req = PublishRequest {
+                    path: p.path.clone(),
+                    access: Access {
+                        agents,
+                        trust_depth: p.trust_depth,
+                    },
+                    share_id: share_id
+                        .as_deref()
+                        .and_then(|i| i.parse::<ShareId>().ok())
+                        .filter(|id| agent.share(id).is_some()),
+                    rotate_key: false,
+                };
+                let published = agent.publish(req, None).await?;
+                let id: ShareId = published.share_id.parse()?;
+                let saved = {
+                    let mut s = run
+                        .saved
+                        .lock()
+                        .map_err(|_| Error::Config("poisoned".into()))?;
+                    s.share_id = Some(id.to_string());
+                    s.fingerprint = Some(fp);
+                    s.clone()
+                };
+                self.save_share(name, &saved).await?;
+                id
+            }
+        };
+        let Some(h) = agent.share(&id) else {
+            return Err(Error::NotFound("the published share vanished".into()));
+        };
+        let mut tickets = Vec::new();
+        for r in &p.recipients {
+            let rid: AgentId = r.parse()?;
+            tickets.push(RecipientTicket {
+                agent_id: r.clone(),
+                ticket: agent.ticket(id, rid)?,
+            });
+        }
+        let keyless = match p.trust_depth {
+            Some(_) => Some(Ticket::issue_keyless(
+                &agent.key,
+                id,
+                agent.id,
+                agent.opts.advertise.clone(),
+                agent.opts.repositories.clone(),
+            )?),
+            None => None,
+        };
+        let files = h.manifest.files().count() as u64;
+        if let Ok(mut s) = run.status.lock() {
+            s.state = DeclaredState::Ready;
+            s.reason = None;
+            s.message = None;
+            s.share_id = Some(id.to_string());
+            s.publisher = Some(agent.id.to_string());
+            s.version = h.seq();
+            s.files_done = files;
+            s.files_total = files;
+            s.bytes_done = h.manifest.total_bytes();
+            s.bytes_total = h.manifest.total_bytes();
+            s.chunks_done = h.manifest.total_chunks();
+            s.chunks_total = h.manifest.total_chunks();
+            s.tickets = tickets;
+            s.keyless_ticket = keyless;
+        }
+        Ok(())
+    }
+
+    async fn subscribe_once(&self, run: &Running) {
+        let spec = match run.saved.lock() {
+            Ok(s) => s.spec.clone(),
+            Err(_) => return,
+        };
+        let Some(sub) = spec.subscribe else { return };
+        let agent = &self.agent;
+        let ticket = match (&sub.ticket, &sub.share_id, &sub.publisher) {
+            (Some(t), _, _) => Ticket::parse(t),
+            (None, Some(id), Some(p)) => (|| {
+                Ok(Ticket {
+                    share_id: id.parse()?,
+                    publisher: p.parse()?,
+                    recipient: agent.id,
+                    wrapped_key: Vec::new(),
+                    addresses: Vec::new(),
+                    repositories: Vec::new(),
+                })
+            })(),
+            _ => Err(Error::Rejected("no ticket and no share id".into())),
+        };
+        let ticket = match ticket {
+            Ok(t) => t,
+            Err(e) => return self.fail(run, reasons::TICKET_INVALID, &e),
+        };
+        if !ticket.wrapped_key.is_empty() && ticket.recipient != agent.id {
+            let e = Error::Rejected(format!(
+                "the ticket is for agent {}, but this agent is {}",
+                ticket.recipient, agent.id
+            ));
+            return self.fail(run, reasons::NOT_A_RECIPIENT, &e);
+        }
+        if let Ok(mut s) = run.status.lock() {
+            s.share_id = Some(ticket.share_id.to_string());
+            s.publisher = Some(ticket.publisher.to_string());
+        }
+        let held_before = agent
+            .share(&ticket.share_id)
+            .filter(|s| s.role == Role::Fetched)
+            .map(|s| s.seq());
+        // A trust-based subscription that held a version and whose chain
+        // from the publisher is gone (a revocation this agent learned) is
+        // cut off: report it at once; the files of that version stay.
+        if ticket.wrapped_key.is_empty()
+            && held_before.is_some()
+            && let Some(trust) = agent.trust()
+            && trust.proof_for(&ticket.publisher).await.is_empty()
+        {
+            let e = Error::NotFound(format!(
+                "no valid trust chain from the publisher {} to this agent any more (revoked or expired); keeping version {}",
+                ticket.publisher,
+                held_before.unwrap_or_default()
+            ));
+            return self.fail(run, reasons::TRUST_REVOKED, &e);
+        }
+        let progress = Arc::new(FetchProgress::new(ticket.share_id, sub.destination.clone()));
+        if let Ok(mut p) = run.progress.lock() {
+            *p = Some(progress.clone());
+        }
+        let result = agent
+            .clone()
+            .fetch_ticket(&ticket, &sub.destination, &[], progress.clone())
+            .await;
+        if let Ok(mut p) = run.progress.lock() {
+            *p = None;
+        }
+        let snap = progress.snapshot();
+        let held = agent
+            .share(&ticket.share_id)
+            .filter(|s| s.role == Role::Fetched);
+        if let Ok(mut s) = run.status.lock() {
+            if let Some(h) = &held {
+                s.version = h.seq();
+                let files = h.manifest.files().count() as u64;
+                s.files_total = files;
+                s.files_done = files;
+                s.bytes_total = h.manifest.total_bytes();
+                s.bytes_done = h.manifest.total_bytes();
+                s.chunks_total = h.manifest.total_chunks();
+                s.chunks_done = h.manifest.total_chunks();
+            }
+            s.peers = u32::try_from(snap.peers.len()).unwrap_or(u32::MAX);
+            // Bytes received for the version now held: what this run
+            // moved when it brought a new version, else what the run that
+            // brought it moved.
+            if held.as_ref().map(|h| h.seq()) != held_before {
+                s.bytes_received = snap.bytes_received;
+            }
+            if result.is_ok() {
+                s.state = DeclaredState::Ready;
+                s.reason = None;
+                s.message = None;
+            }
+        }
+        if let Err(e) = result {
+            self.fail(run, reason_of(&e, held.is_some()), &e);
+        }
+    }
+
+    /// `PUT` of a grant: signs once per key and spec, publishes.
+    pub async fn put_grant(&self, key: &str, spec: DeclaredGrant) -> Result<DeclaredGrantStatus> {
+        check_name("grant key", key)?;
+        let _guard = self.grants.lock().await;
+        let trust = self
+            .agent
+            .trust()
+            .ok_or_else(|| Error::Config("the trust state is not loaded".into()))?;
+        let subject: AgentId = spec.subject.parse()?;
+        if spec.depth > 8 {
+            return Err(Error::Rejected("depth must be 0–8".into()));
+        }
+        let path = self.grant_file(key);
+        let old: Option<SavedGrant> = match self.agent.op.read(&path).await {
+            Ok(b) => serde_json::from_slice(&b.to_vec()).ok(),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).context(|| format!("reading {path}")),
+        };
+        if let Some(o) = &old
+            && o.spec == spec
+            && !o.revoked
+        {
+            return Ok(self.grant_status(o, &spec));
+        }
+        if let Some(o) = &old
+            && !o.revoked
+        {
+            trust.revoke_one(&o.grant_id).await?;
+        }
+        let now = crate::util::unix_now();
+        let expires_secs = spec.not_after.map(|n| n.saturating_sub(now).max(1));
+        let info = trust
+            .grant(&GrantRequest {
+                subject,
+                depth: spec.depth,
+                expires_secs,
+                scope: spec.scope.clone(),
+            })
+            .await?;
+        let saved = SavedGrant {
+            spec: spec.clone(),
+            grant_id: info.grant_id.clone(),
+            not_after: info.not_after,
+            published: !info.published_to.is_empty() || trust.repositories().is_none(),
+            revoked: false,
+            revocation_published: false,
+        };
+        let json = serde_json::to_vec_pretty(&saved).map_err(|e| Error::Config(e.to_string()))?;
+        self.agent
+            .op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        let mut st = self.grant_status(&saved, &spec);
+        st.published_to = info.published_to;
+        Ok(st)
+    }
+
+    fn grant_status(&self, s: &SavedGrant, spec: &DeclaredGrant) -> DeclaredGrantStatus {
+        DeclaredGrantStatus {
+            grant_id: s.grant_id.clone(),
+            issuer: self.agent.id.to_string(),
+            subject: spec.subject.clone(),
+            depth: spec.depth,
+            not_after: s.not_after,
+            published: s.published,
+            published_to: Vec::new(),
+        }
+    }
+
+    /// `DELETE` of a grant: signs its revocation once and publishes it;
+    /// repeating it re-publishes. Unknown keys succeed with nothing revoked.
+    pub async fn delete_grant(&self, key: &str) -> Result<RevocationStatus> {
+        check_name("grant key", key)?;
+        let _guard = self.grants.lock().await;
+        let path = self.grant_file(key);
+        let mut saved: SavedGrant = match self.agent.op.read(&path).await {
+            Ok(b) => serde_json::from_slice(&b.to_vec())
+                .map_err(|e| Error::Config(format!("{path}: {e}")))?,
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
+                return Ok(RevocationStatus {
+                    revoked: Vec::new(),
+                    published: true,
+                });
+            }
+            Err(e) => return Err(e).context(|| format!("reading {path}")),
+        };
+        let trust = self
+            .agent
+            .trust()
+            .ok_or_else(|| Error::Config("the trust state is not loaded".into()))?;
+        if !saved.revoked || !saved.revocation_published {
+            let published = trust.revoke_one(&saved.grant_id).await?;
+            saved.revoked = true;
+            saved.revocation_published = published;
+        }
+        if saved.revocation_published {
+            self.agent
+                .op
+                .delete(&path)
+                .await
+                .context(|| format!("removing {path}"))?;
+        } else {
+            let json =
+                serde_json::to_vec_pretty(&saved).map_err(|e| Error::Config(e.to_string()))?;
+            self.agent
+                .op
+                .write(&path, json)
+                .await
+                .context(|| format!("saving {path}"))?;
+        }
+        Ok(RevocationStatus {
+            revoked: vec![saved.grant_id],
+            published: saved.revocation_published,
+        })
+    }
+}
+
+/// A fingerprint of a folder's listing: every path with its size and
+/// modification time or etag. A new version is published only when it
+/// changes.
+async fn fingerprint(agent: &Agent, path: &str) -> Result<String> {
+    let p = crate::node::publish::normalize(path);
+    let root = if p.is_empty() || p.ends_with('/') {
+        p.clone()
+    } else {
+        format!("{p}/")
+    };
+    let mut lister = agent
+        .op
+        .lister_with(&root)
+        .recursive(true)
+        .await
+        .context(|| format!("listing {root:?}"))?;
+    let mut lines = Vec::new();
+    while let Some(e) = lister
+        .try_next()
+        .await
+        .context(|| format!("listing {root:?}"))?
+    {
+        if e.path().starts_with(&agent.opts.state_prefix) {
+            continue;
+        }
+        let m = e.metadata();
+        let mut meta = m.clone();
+        if !m.is_dir() && m.last_modified().is_none() && m.etag().is_none() {
+            meta = agent
+                .op
+                .stat(e.path())
+                .await
+                .context(|| format!("stat {}", e.path()))?;
+        }
+        lines.push(format!(
+            "{}\t{}\t{:?}\t{:?}",
+            e.path(),
+            meta.content_length(),
+            meta.last_modified().map(|t| t.to_string()),
+            meta.etag()
+        ));
+    }
+    if lines.is_empty() {
+        return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
+    }
+    lines.sort();
+    Ok(blake3::hash(lines.join("\n").as_bytes())
+        .to_hex()
+        .to_string())
+}

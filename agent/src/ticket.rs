@@ -1,0 +1,175 @@
+//! Share ids and tickets: the part of sharing that travels between people
+//! (and that the operator checks), light enough to build without the data
+//! plane. `manifest` re-exports both.
+//!
+//! A ticket is what a recipient needs to fetch: the share id, the publisher,
+//! the share key wrapped for that recipient (or no key, for a share published
+//! to the publisher's trusted agents), and where to look.
+
+use std::fmt;
+use std::str::FromStr;
+
+use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{Key, random_bytes};
+use crate::error::{Error, Result};
+use crate::identity::{AgentId, SecretKey, wrap_key};
+use crate::record::{Kind, Record, SignedRecord};
+
+/// Prefix of a ticket's text form.
+pub const TICKET_PREFIX: &str = "caravan-ticket-v1:";
+
+/// Names a share across all its versions.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShareId(pub [u8; 32]);
+
+crate::text_serde!(ShareId);
+
+impl ShareId {
+    /// A fresh random share id.
+    pub fn random() -> Result<Self> {
+        Ok(ShareId(random_bytes()?))
+    }
+
+    /// A filesystem- and URL-safe form used in state paths.
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for ShareId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sh1-{}",
+            BASE32_NOPAD.encode(&self.0).to_ascii_lowercase()
+        )
+    }
+}
+
+impl fmt::Debug for ShareId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ShareId({self})")
+    }
+}
+
+impl FromStr for ShareId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if let Some(b) = s.strip_prefix("sh1-") {
+            let raw = BASE32_NOPAD
+                .decode(b.to_ascii_uppercase().as_bytes())
+                .map_err(|e| Error::parse("share id", e))?;
+            let arr: [u8; 32] = raw
+                .try_into()
+                .map_err(|_| Error::parse("share id", "expected 32 bytes"))?;
+            return Ok(ShareId(arr));
+        }
+        if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+            let mut arr = [0u8; 32];
+            for (i, out) in arr.iter_mut().enumerate() {
+                *out = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
+                    .map_err(|e| Error::parse("share id", e))?;
+            }
+            return Ok(ShareId(arr));
+        }
+        Err(Error::parse(
+            "share id",
+            "expected `sh1-…` or 64 hex digits",
+        ))
+    }
+}
+
+/// What a recipient is handed to fetch a share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    /// The share.
+    pub share_id: ShareId,
+    /// The agent that signs the manifests.
+    pub publisher: AgentId,
+    /// The agent this ticket is for (the key is wrapped for it alone).
+    pub recipient: AgentId,
+    /// The share key, wrapped for `recipient`.
+    pub wrapped_key: Vec<u8>,
+    /// Peer addresses (host:port) known to hold the share.
+    pub addresses: Vec<String>,
+    /// Repository URLs where holders announce themselves.
+    pub repositories: Vec<String>,
+}
+
+impl Record for Ticket {
+    const KIND: Kind = Kind::Ticket;
+}
+
+impl Ticket {
+    /// Makes and signs a ticket for one recipient.
+    pub fn issue(
+        publisher: &SecretKey,
+        share_id: ShareId,
+        recipient: AgentId,
+        share_key: &Key,
+        addresses: Vec<String>,
+        repositories: Vec<String>,
+    ) -> Result<String> {
+        let t = Ticket {
+            share_id,
+            publisher: publisher.agent_id(),
+            recipient,
+            wrapped_key: wrap_key(&recipient, share_key)?,
+            addresses,
+            repositories,
+        };
+        let rec = SignedRecord::seal(publisher, &t)?;
+        Ok(format!(
+            "{TICKET_PREFIX}{}",
+            BASE64URL_NOPAD.encode(&rec.to_bytes())
+        ))
+    }
+
+    /// Makes and signs a ticket without a key, for a share published to
+    /// "agents I trust within depth N": the recipient learns where and what
+    /// to fetch, and gets the key only from the publisher after its trust
+    /// chain is checked.
+    pub fn issue_keyless(
+        publisher: &SecretKey,
+        share_id: ShareId,
+        recipient: AgentId,
+        addresses: Vec<String>,
+        repositories: Vec<String>,
+    ) -> Result<String> {
+        let t = Ticket {
+            share_id,
+            publisher: publisher.agent_id(),
+            recipient,
+            wrapped_key: Vec::new(),
+            addresses,
+            repositories,
+        };
+        let rec = SignedRecord::seal(publisher, &t)?;
+        Ok(format!(
+            "{TICKET_PREFIX}{}",
+            BASE64URL_NOPAD.encode(&rec.to_bytes())
+        ))
+    }
+
+    /// Parses and verifies a ticket's text form.
+    pub fn parse(text: &str) -> Result<Ticket> {
+        let body = text
+            .trim()
+            .strip_prefix(TICKET_PREFIX)
+            .ok_or_else(|| Error::parse("ticket", format!("must start with `{TICKET_PREFIX}`")))?;
+        let bytes = BASE64URL_NOPAD
+            .decode(body.as_bytes())
+            .map_err(|e| Error::parse("ticket", e))?;
+        let rec = SignedRecord::from_bytes(&bytes)?;
+        let t: Ticket = rec.open()?;
+        if rec.signer != t.publisher {
+            return Err(Error::Record(
+                "ticket is not signed by its publisher".into(),
+            ));
+        }
+        Ok(t)
+    }
+}

@@ -1,0 +1,164 @@
+//! What the Share and TrustGrant controllers share: their context (the
+//! Kubernetes client, the agent API client, Events, metrics, a clock and
+//! per-object backoff), their error type, Event publishing and the loop
+//! settings. The reconcilers themselves live in `crate::shares` and
+//! `crate::grants`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer;
+
+use crate::agent_api::AgentApi;
+use crate::metrics::Metrics;
+use crate::status::Transition;
+
+/// Shared state of the Share and TrustGrant reconciles.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Calls agents' admin APIs.
+    pub agents: Arc<dyn AgentApi>,
+    /// Publishes Events (events.k8s.io/v1).
+    pub recorder: Recorder,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Time source for lastTransitionTime (fixed in tests).
+    pub clock: fn() -> Timestamp,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context with the real clock.
+    pub fn new(
+        client: Client,
+        agents: Arc<dyn AgentApi>,
+        recorder: Recorder,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            client,
+            agents,
+            recorder,
+            metrics,
+            clock: Timestamp::now,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts one more consecutive failure of `key`; returns the count.
+    pub fn record_failure(&self, key: String) -> u32 {
+        let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    /// Forgets the failures of `key` after a success.
+    pub fn reset_failures(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    /// Publishes one Event; a failure is logged, never fails the reconcile.
+    pub async fn publish(
+        &self,
+        obj: &k8s_openapi::api::core::v1::ObjectReference,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, obj).await {
+            tracing::warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+
+    /// Publishes the Events of a status change.
+    pub async fn publish_all(
+        &self,
+        obj: &k8s_openapi::api::core::v1::ObjectReference,
+        ts: Vec<Transition>,
+    ) {
+        for t in ts {
+            self.publish(obj, t.warning, &t.reason, t.note).await;
+        }
+    }
+}
+
+/// What a Share or TrustGrant reconcile can fail with (retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API server refused or could not be reached.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// An object from the API lacks a field the API always sets.
+    #[error("object has no {0}")]
+    MissingField(&'static str),
+    /// Cleanup must wait (the agent must first stop serving or revoke).
+    #[error("cleanup waits: {0}")]
+    CleanupPending(String),
+    /// Adding or removing the finalizer failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// Short label for the errors metric.
+    pub fn metric_reason(&self) -> String {
+        match self {
+            Error::Kube(kube::Error::Api(s)) if !s.reason.is_empty() => s.reason.clone(),
+            Error::Kube(kube::Error::Api(s)) => format!("Http{}", s.code),
+            Error::Kube(_) => "ApiUnreachable".into(),
+            Error::MissingField(_) => "MissingField".into(),
+            Error::CleanupPending(_) => "CleanupPending".into(),
+            Error::Finalizer(_) => "Finalizer".into(),
+        }
+    }
+}
+
+impl From<finalizer::Error<Error>> for Error {
+    fn from(e: finalizer::Error<Error>) -> Self {
+        match e {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => {
+                Error::Kube(e)
+            }
+            other => Error::Finalizer(other.to_string()),
+        }
+    }
+}
+
+/// Exponential backoff after `failures` consecutive errors: 1 s, 2 s, 4 s …
+/// capped at 2 minutes (a share or grant waiting on an agent heals fast).
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(7);
+    Duration::from_secs((1u64 << exp).min(120))
+}
+
+/// Settings of the Share and TrustGrant loops.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// At most this many objects reconcile at once (per controller).
+    pub concurrency: u16,
+    /// Watch one namespace only (all when `None`).
+    pub namespace: Option<String>,
+    /// Coalesces triggers within this window.
+    pub debounce: Duration,
+}

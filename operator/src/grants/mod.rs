@@ -1,0 +1,331 @@
+//! The TrustGrant controller: the issuer Agent signs the grant and publishes
+//! it to its repositories; deleting the TrustGrant publishes the revocation
+//! before the finalizer is removed.
+//!
+//! Per reconcile, in this order (the mocked-API tests pin it down):
+//! 0. the finalizer `caravan.dev/revoke` is added first (JSON patch);
+//! 1. validate the spec (no API calls);
+//! 2. `GET` the issuer Agent; refuse a grant to the issuer itself;
+//! 3. `GET` its identity Secret (admin token), `LIST` its pods (admin address);
+//! 4. `PUT /v1/declared/grants/{uid}` on the issuer's agent: it signs once per
+//!    key and spec (a retry returns the same grant; a changed depth, scope or
+//!    expiry revokes the old grant and signs a new one) and publishes;
+//! 5. status (only when changed) and one Event per transition.
+//!
+//! On delete: `DELETE /v1/declared/grants/{uid}` (the agent signs and
+//! publishes the revocation; repeating it is harmless) until the answer says
+//! a repository stored the revocation; then the finalizer goes. An issuer
+//! Agent that is gone cannot sign anything: the finalizer is released with a
+//! Warning Event, and the grant lapses at its expiry.
+
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::agent_api::CallError;
+use crate::agentref::{self, Lookup};
+use crate::conditions;
+use crate::config::FIELD_MANAGER;
+use crate::crd::{Agent, TrustGrant, TrustGrantStatus};
+use crate::declared::{Context, Error, RunOptions, backoff};
+use plan::{GrantInputError, Observation};
+
+/// Finalizer on every TrustGrant: the revocation must be published first.
+pub const FINALIZER: &str = "caravan.dev/revoke";
+/// Requeue of a published grant (repairs a lost grant on the agent side).
+pub const READY_REQUEUE: Duration = Duration::from_secs(120);
+/// Requeue while waiting for the issuer or a repository.
+pub const WAIT_REQUEUE: Duration = Duration::from_secs(5);
+/// Requeue after bad input (edits and Agent changes trigger sooner).
+pub const BAD_INPUT_REQUEUE: Duration = Duration::from_secs(30);
+
+fn key(g: &TrustGrant) -> String {
+    format!(
+        "trustgrant/{}/{}",
+        g.namespace().unwrap_or_default(),
+        g.name_any()
+    )
+}
+
+fn now_secs(ctx: &Context) -> u64 {
+    u64::try_from((ctx.clock)().as_second()).unwrap_or(0)
+}
+
+/// Reconciles one TrustGrant; records metrics.
+pub async fn reconcile(g: Arc<TrustGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let k = key(&g);
+    let result = reconcile_grant(g, &ctx).await;
+    ctx.metrics
+        .duration
+        .with_label_values(&["trustgrant"])
+        .observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["trustgrant", if result.is_ok() { "ok" } else { "error" }])
+        .inc();
+    if result.is_ok() {
+        ctx.reset_failures(&k);
+    }
+    result
+}
+
+/// Retries with per-grant exponential backoff.
+pub fn error_policy(g: Arc<TrustGrant>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx.record_failure(key(&g));
+    ctx.metrics
+        .errors
+        .with_label_values(&["trustgrant", &err.metric_reason()])
+        .inc();
+    let delay = backoff(n);
+    tracing::warn!(trustgrant = %g.name_any(), namespace = g.namespace().unwrap_or_default(),
+        error = %err, retry_in = ?delay, "trust grant reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The finalizer wrapper around [`apply`] and [`cleanup`].
+pub async fn reconcile_grant(g: Arc<TrustGrant>, ctx: &Context) -> Result<Action, Error> {
+    let ns = g
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<TrustGrant> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, g, |ev| async move {
+        match ev {
+            FinalizerEvent::Apply(g) => apply(&g, ctx).await,
+            FinalizerEvent::Cleanup(g) => cleanup(&g, ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// Steps 1–5 of the module docs.
+pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
+    let ns = g
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let uid = g.uid().ok_or(Error::MissingField("metadata.uid"))?;
+
+    // 1. Validate (pure).
+    let decl = match plan::declared(&g.spec, now_secs(ctx)) {
+        Ok(d) => d,
+        Err(e) => return bad_input(g, ctx, &e).await,
+    };
+
+    // 2. The issuer.
+    let Some(issuer) = agentref::agent(&ctx.client, &ns, &g.spec.issuer).await? else {
+        let e = GrantInputError::IssuerNotFound(g.spec.issuer.clone());
+        return bad_input(g, ctx, &e).await;
+    };
+    if let Some(id) = issuer.status.as_ref().and_then(|s| s.agent_id.as_deref())
+        && let Err(e) = plan::check_not_self(&decl.subject, id)
+    {
+        return bad_input(g, ctx, &e).await;
+    }
+
+    // 3. Its admin API.
+    let endpoint = match agentref::endpoint(&ctx.client, &issuer).await? {
+        Lookup::Ready { endpoint, .. } => endpoint,
+        Lookup::NotReady(m) => {
+            update_status(g, ctx, &Observation::IssuerNotReady(&m)).await?;
+            return Ok(Action::requeue(WAIT_REQUEUE));
+        }
+        Lookup::Missing => {
+            let e = GrantInputError::IssuerNotFound(g.spec.issuer.clone());
+            return bad_input(g, ctx, &e).await;
+        }
+    };
+
+    // 4. Sign (once) and publish.
+    let answer = ctx.agents.put_grant(&endpoint, &uid, &decl).await;
+    ctx.metrics
+        .agent_calls
+        .with_label_values(&["put_grant", label(&answer)])
+        .inc();
+    let (obs, requeue) = match &answer {
+        Ok(r) if r.published => (Observation::Reported(r), READY_REQUEUE),
+        Ok(r) => (Observation::Reported(r), WAIT_REQUEUE),
+        Err(CallError::Refused { message, .. }) => {
+            (Observation::AgentRefused(message), BAD_INPUT_REQUEUE)
+        }
+        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => {
+            (Observation::AgentUnreachable(m), WAIT_REQUEUE)
+        }
+    };
+
+    // 5. Status.
+    update_status(g, ctx, &obs).await?;
+    Ok(Action::requeue(requeue))
+}
+
+fn label<T>(r: &Result<T, CallError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(CallError::Refused { .. }) => "refused",
+        Err(CallError::Unreachable(_)) => "unreachable",
+        Err(CallError::Agent(_)) => "error",
+    }
+}
+
+async fn bad_input(g: &TrustGrant, ctx: &Context, e: &GrantInputError) -> Result<Action, Error> {
+    ctx.metrics
+        .errors
+        .with_label_values(&["trustgrant", e.reason()])
+        .inc();
+    tracing::info!(trustgrant = %g.name_any(), namespace = g.namespace().unwrap_or_default(),
+        reason = e.reason(), "trust grant input needs fixing: {e}");
+    update_status(g, ctx, &Observation::BadInput(e)).await?;
+    Ok(Action::requeue(BAD_INPUT_REQUEUE))
+}
+
+async fn update_status(
+    g: &TrustGrant,
+    ctx: &Context,
+    obs: &Observation<'_>,
+) -> Result<TrustGrantStatus, Error> {
+    let new = plan::compute(g.status.as_ref(), g.metadata.generation, obs, (ctx.clock)());
+    if g.status.as_ref() == Some(&new) {
+        return Ok(new);
+    }
+    let ns = g
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let patch = json!({
+        "apiVersion": TrustGrant::api_version(&()),
+        "kind": TrustGrant::kind(&()),
+        "status": new,
+    });
+    Api::<TrustGrant>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &g.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["trustgrant"])
+        .inc();
+    let old = g
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    ctx.publish_all(
+        &g.object_ref(&()),
+        conditions::transitions(old, &new.conditions),
+    )
+    .await;
+    Ok(new)
+}
+
+/// Publishes the revocation, then lets the finalizer go.
+pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
+    let ns = g
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let uid = g.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let issuer = match agentref::agent(&ctx.client, &ns, &g.spec.issuer).await? {
+        Some(a) => a,
+        None => {
+            if g.status.as_ref().is_some_and(|s| s.grant_id.is_some()) {
+                ctx.publish(
+                    &g.object_ref(&()),
+                    true,
+                    "IssuerGone",
+                    format!(
+                        "issuer Agent {} is gone and its key with it: the grant cannot be revoked and stays valid until it expires",
+                        g.spec.issuer
+                    ),
+                )
+                .await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    match agentref::endpoint(&ctx.client, &issuer).await? {
+        Lookup::Ready { endpoint, .. } => {
+            let r = ctx.agents.delete_grant(&endpoint, &uid).await;
+            ctx.metrics
+                .agent_calls
+                .with_label_values(&["delete_grant", label(&r)])
+                .inc();
+            let r = r.map_err(|e| Error::CleanupPending(e.to_string()))?;
+            if !r.published {
+                return Err(Error::CleanupPending(
+                    "revocation signed but no repository stored it yet".into(),
+                ));
+            }
+            if !r.revoked.is_empty() {
+                ctx.publish(
+                    &g.object_ref(&()),
+                    false,
+                    "Revoked",
+                    format!("revocation of grant {} published", r.revoked.join(", ")),
+                )
+                .await;
+            }
+            Ok(Action::await_change())
+        }
+        Lookup::Missing => Ok(Action::await_change()),
+        Lookup::NotReady(m) => Err(Error::CleanupPending(format!(
+            "{m}; the revocation is published once the issuer is Ready"
+        ))),
+    }
+}
+
+/// Runs the TrustGrant controller until `shutdown` resolves; grants are also
+/// reconciled when their issuer Agent changes.
+pub async fn run(
+    ctx: Arc<Context>,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (grants, agents) = match &opts.namespace {
+        Some(ns) => (
+            Api::<TrustGrant>::namespaced(client.clone(), ns),
+            Api::<Agent>::namespaced(client, ns),
+        ),
+        None => (
+            Api::<TrustGrant>::all(client.clone()),
+            Api::<Agent>::all(client),
+        ),
+    };
+    let ctrl = Controller::new(grants, watcher::Config::default());
+    let store = ctrl.store();
+    ctrl.watches(agents, watcher::Config::default(), move |agent: Agent| {
+        let ns = agent.namespace();
+        let name = agent.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|g| g.namespace() == ns && g.spec.issuer == name)
+            .map(|g| ObjectRef::from_obj(g.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .with_config(
+        controller::Config::default()
+            .concurrency(opts.concurrency)
+            .debounce(opts.debounce),
+    )
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        match res {
+            Ok((obj, _)) => tracing::debug!(trustgrant = %obj.name, "reconciled"),
+            Err(e) => tracing::debug!(error = %e, "trust grant reconcile loop"),
+        }
+    })
+    .await;
+}

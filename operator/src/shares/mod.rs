@@ -1,0 +1,405 @@
+//! The Share controller: dereference → validate → build → apply → status,
+//! like the Agent controller, with a finalizer because the agent keeps
+//! serving or following a share until it is told to stop.
+//!
+//! Per reconcile, in this order (the mocked-API tests pin it down):
+//! 0. the finalizer `caravan.dev/share` is added first (JSON patch);
+//! 1. validate the spec (no API calls);
+//! 2. `GET` the Agent named by `spec.agent` (same namespace);
+//! 3. subscribe with `ticketSecretRef`: `GET` that Secret; check the ticket
+//!    (signature, recipient = the Agent's id) without any call;
+//! 4. `GET` the Agent's identity Secret (admin token) and `LIST` its pods
+//!    (the ready pod's IP is where the admin API answers);
+//! 5. `PUT /v1/declared/shares/{name}` on the agent with the whole spec; the
+//!    answer is the agent's status of that share;
+//! 6. status (server-side apply on `/status`, only when it changed) and one
+//!    Event per transition.
+//!
+//! On delete: `DELETE /v1/declared/shares/{name}` on the agent (it stops
+//! serving or following; files in storage stay), then the finalizer goes.
+//! An Agent that is gone releases its Shares at once; one that is not Ready
+//! holds the finalizer until it is (or is deleted).
+
+pub mod plan;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::agent_api::CallError;
+use crate::agentref::{self, Lookup};
+use crate::conditions;
+use crate::config::FIELD_MANAGER;
+use crate::crd::{Agent, Share, ShareStatus};
+use crate::declared::{Context, Error, RunOptions, backoff};
+use plan::{Mode, Observation, ShareInputError, TicketSource};
+
+/// Finalizer on every Share the operator has seen.
+pub const FINALIZER: &str = "caravan.dev/share";
+
+/// Requeue while publishing or fetching (live progress in status).
+pub const PROGRESS_REQUEUE: Duration = Duration::from_secs(3);
+/// Requeue of a Ready share (new versions show up in status this often).
+pub const READY_REQUEUE: Duration = Duration::from_secs(20);
+/// Requeue while the agent reports a failure (it retries by itself).
+pub const DEGRADED_REQUEUE: Duration = Duration::from_secs(15);
+/// Requeue while the Agent is not Ready or did not answer.
+pub const WAIT_REQUEUE: Duration = Duration::from_secs(5);
+/// Requeue after bad input (edits and Agent changes trigger sooner;
+/// Secrets are not watched).
+pub const BAD_INPUT_REQUEUE: Duration = Duration::from_secs(10);
+
+fn key(share: &Share) -> String {
+    format!(
+        "share/{}/{}",
+        share.namespace().unwrap_or_default(),
+        share.name_any()
+    )
+}
+
+/// Reconciles one Share; records metrics around [`reconcile_share`].
+pub async fn reconcile(share: Arc<Share>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let start = Instant::now();
+    let k = key(&share);
+    let result = reconcile_share(share, &ctx).await;
+    ctx.metrics
+        .duration
+        .with_label_values(&["share"])
+        .observe(start.elapsed().as_secs_f64());
+    ctx.metrics
+        .reconciles
+        .with_label_values(&["share", if result.is_ok() { "ok" } else { "error" }])
+        .inc();
+    if result.is_ok() {
+        ctx.reset_failures(&k);
+    }
+    result
+}
+
+/// Retries a failed reconcile with per-Share exponential backoff.
+pub fn error_policy(share: Arc<Share>, err: &Error, ctx: Arc<Context>) -> Action {
+    let n = ctx.record_failure(key(&share));
+    ctx.metrics
+        .errors
+        .with_label_values(&["share", &err.metric_reason()])
+        .inc();
+    let delay = backoff(n);
+    tracing::warn!(share = %share.name_any(), namespace = share.namespace().unwrap_or_default(),
+        error = %err, retry_in = ?delay, "share reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The finalizer wrapper around [`apply`] and [`cleanup`].
+pub async fn reconcile_share(share: Arc<Share>, ctx: &Context) -> Result<Action, Error> {
+    let ns = share
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Share> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, share, |ev| async move {
+        match ev {
+            FinalizerEvent::Apply(s) => apply(&s, ctx).await,
+            FinalizerEvent::Cleanup(s) => cleanup(&s, ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// Steps 1–6 of the module docs.
+pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
+    let ns = share
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = share.name_any();
+    let generation = share.metadata.generation;
+
+    // 1. Validate (pure).
+    let mode = match plan::check_spec(&share.spec) {
+        Ok(m) => m,
+        Err(e) => return bad_input(share, ctx, None, &e).await,
+    };
+
+    // 2. The Agent.
+    let Some(agent) = agentref::agent(&ctx.client, &ns, &share.spec.agent).await? else {
+        let e = ShareInputError::AgentNotFound(share.spec.agent.clone());
+        return bad_input(share, ctx, Some(mode), &e).await;
+    };
+    let my_id = agent.status.as_ref().and_then(|s| s.agent_id.clone());
+
+    // 3. The ticket, when subscribing with one.
+    let mut ticket = None;
+    if let Some(sub) = &share.spec.subscribe {
+        let text = match plan::ticket_source(sub) {
+            Ok(TicketSource::Inline(t)) => Some(t),
+            Ok(TicketSource::Secret { name: sn, key: sk }) => {
+                match read_ticket_secret(ctx, &ns, &sn, &sk).await? {
+                    Ok(t) => Some(t),
+                    Err(e) => return bad_input(share, ctx, Some(mode), &e).await,
+                }
+            }
+            Ok(TicketSource::None) => None,
+            Err(e) => return bad_input(share, ctx, Some(mode), &e).await,
+        };
+        if let Some(t) = &text
+            && let Err(e) = plan::check_ticket(t, my_id.as_deref())
+        {
+            return bad_input(share, ctx, Some(mode), &e).await;
+        }
+        ticket = text.map(|t| t.trim().to_string());
+    }
+
+    // 4. Where the agent's admin API answers.
+    let endpoint = match agentref::endpoint(&ctx.client, &agent).await? {
+        Lookup::Ready { endpoint, .. } => endpoint,
+        Lookup::NotReady(m) => {
+            let obs = Observation::AgentNotReady(&m);
+            update_status(share, ctx, Some(mode), &obs).await?;
+            return Ok(Action::requeue(WAIT_REQUEUE));
+        }
+        Lookup::Missing => {
+            let e = ShareInputError::AgentNotFound(share.spec.agent.clone());
+            return bad_input(share, ctx, Some(mode), &e).await;
+        }
+    };
+
+    // 5. Declare it on the agent.
+    let decl = match plan::declared(&share.spec, ticket, generation.unwrap_or(0)) {
+        Ok(d) => d,
+        Err(e) => return bad_input(share, ctx, Some(mode), &e).await,
+    };
+    let answer = ctx.agents.put_share(&endpoint, &name, &decl).await;
+    ctx.metrics
+        .agent_calls
+        .with_label_values(&["put_share", call_label(&answer)])
+        .inc();
+
+    // 6. Status.
+    let (obs, requeue) = match &answer {
+        Ok(r) => (
+            Observation::Reported(r),
+            match r.state {
+                crate::agent_api::DeclaredState::Ready => READY_REQUEUE,
+                crate::agent_api::DeclaredState::Failed => DEGRADED_REQUEUE,
+                _ => PROGRESS_REQUEUE,
+            },
+        ),
+        Err(CallError::Refused { message, .. }) => {
+            (Observation::AgentRefused(message), DEGRADED_REQUEUE)
+        }
+        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => {
+            (Observation::AgentUnreachable(m), WAIT_REQUEUE)
+        }
+    };
+    let before = share.status.as_ref().and_then(|s| s.version);
+    let new = update_status(share, ctx, Some(mode), &obs).await?;
+    if let Some(v) = new.version
+        && before.is_some_and(|b| b != v)
+    {
+        let verb = if mode == Mode::Publish {
+            "published"
+        } else {
+            "fetched"
+        };
+        ctx.publish(
+            &share.object_ref(&()),
+            false,
+            "NewVersion",
+            format!("version {v} {verb}"),
+        )
+        .await;
+    }
+    Ok(Action::requeue(requeue))
+}
+
+fn call_label<T>(r: &Result<T, CallError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(CallError::Refused { .. }) => "refused",
+        Err(CallError::Unreachable(_)) => "unreachable",
+        Err(CallError::Agent(_)) => "error",
+    }
+}
+
+/// Reads the ticket from a Secret key: `Ok(Err(..))` is bad input.
+async fn read_ticket_secret(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    key: &str,
+) -> Result<Result<String, ShareInputError>, Error> {
+    let Some(s) = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(name)
+        .await?
+    else {
+        return Ok(Err(ShareInputError::SecretNotFound(format!(
+            "ticket Secret {ns}/{name} not found; create it or fix spec.subscribe.ticketSecretRef"
+        ))));
+    };
+    let Some(bytes) = s.data.as_ref().and_then(|d| d.get(key)) else {
+        return Ok(Err(ShareInputError::SecretNotFound(format!(
+            "ticket Secret {ns}/{name} has no key {key:?}"
+        ))));
+    };
+    Ok(String::from_utf8(bytes.0.clone()).map_err(|_| {
+        ShareInputError::TicketInvalid(format!("Secret {name} key {key} is not text"))
+    }))
+}
+
+async fn bad_input(
+    share: &Share,
+    ctx: &Context,
+    mode: Option<Mode>,
+    e: &ShareInputError,
+) -> Result<Action, Error> {
+    ctx.metrics
+        .errors
+        .with_label_values(&["share", e.reason()])
+        .inc();
+    tracing::info!(share = %share.name_any(), namespace = share.namespace().unwrap_or_default(),
+        reason = e.reason(), "share input needs fixing: {e}");
+    update_status(share, ctx, mode, &Observation::BadInput(e)).await?;
+    Ok(Action::requeue(BAD_INPUT_REQUEUE))
+}
+
+/// Computes the status, patches it only when it changed, publishes Events.
+async fn update_status(
+    share: &Share,
+    ctx: &Context,
+    mode: Option<Mode>,
+    obs: &Observation<'_>,
+) -> Result<ShareStatus, Error> {
+    let new = plan::compute(
+        share.status.as_ref(),
+        share.metadata.generation,
+        mode,
+        obs,
+        (ctx.clock)(),
+    );
+    if share.status.as_ref() == Some(&new) {
+        return Ok(new);
+    }
+    let ns = share
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let patch = json!({
+        "apiVersion": Share::api_version(&()),
+        "kind": Share::kind(&()),
+        "status": new,
+    });
+    Api::<Share>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &share.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["share"])
+        .inc();
+    let old = share
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
+    ctx.publish_all(
+        &share.object_ref(&()),
+        conditions::transitions(old, &new.conditions),
+    )
+    .await;
+    Ok(new)
+}
+
+/// The agent stops serving or following the share; then the finalizer goes.
+pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
+    let ns = share
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let name = share.name_any();
+    let Some(agent) = agentref::agent(&ctx.client, &ns, &share.spec.agent).await? else {
+        tracing::info!(share = %name, namespace = %ns, "Agent gone; nothing to stop");
+        return Ok(Action::await_change());
+    };
+    match agentref::endpoint(&ctx.client, &agent).await? {
+        Lookup::Ready { endpoint, .. } => {
+            let r = ctx.agents.delete_share(&endpoint, &name).await;
+            ctx.metrics
+                .agent_calls
+                .with_label_values(&["delete_share", call_label(&r)])
+                .inc();
+            r.map_err(|e| Error::CleanupPending(e.to_string()))?;
+            ctx.publish(
+                &share.object_ref(&()),
+                false,
+                "Stopped",
+                format!(
+                    "Agent {} stopped {} the share",
+                    share.spec.agent,
+                    if share.spec.publish.is_some() {
+                        "serving"
+                    } else {
+                        "following"
+                    }
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        Lookup::Missing => Ok(Action::await_change()),
+        Lookup::NotReady(m) => Err(Error::CleanupPending(format!(
+            "{m}; the share is released once the Agent is Ready (or deleted)"
+        ))),
+    }
+}
+
+/// Runs the Share controller until `shutdown` resolves. Shares are also
+/// reconciled when their Agent changes (becomes Ready, gets an id, goes).
+pub async fn run(
+    ctx: Arc<Context>,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (shares, agents) = match &opts.namespace {
+        Some(ns) => (
+            Api::<Share>::namespaced(client.clone(), ns),
+            Api::<Agent>::namespaced(client, ns),
+        ),
+        None => (Api::<Share>::all(client.clone()), Api::<Agent>::all(client)),
+    };
+    let ctrl = Controller::new(shares, watcher::Config::default());
+    let store = ctrl.store();
+    ctrl.watches(agents, watcher::Config::default(), move |agent: Agent| {
+        let ns = agent.namespace();
+        let name = agent.name_any();
+        store
+            .state()
+            .into_iter()
+            .filter(|s| s.namespace() == ns && s.spec.agent == name)
+            .map(|s| ObjectRef::from_obj(s.as_ref()))
+            .collect::<Vec<_>>()
+    })
+    .with_config(
+        controller::Config::default()
+            .concurrency(opts.concurrency)
+            .debounce(opts.debounce),
+    )
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        match res {
+            Ok((obj, _)) => tracing::debug!(share = %obj.name, "reconciled"),
+            Err(e) => tracing::debug!(error = %e, "share reconcile loop"),
+        }
+    })
+    .await;
+}
