@@ -796,3 +796,62 @@ async fn s3_replicas_restart_and_refusals() {
     a.stop().await;
     b.stop().await;
 }
+
+/// Guarantee: an issuer's grants and revocations are listed in pages
+/// (`?after=` + the next-cursor header), so an issuer with more records
+/// than one answer holds is still seen whole; a malformed cursor is a 400.
+#[tokio::test]
+async fn issuer_listings_are_paged() {
+    let cfg = RepositoryConfig {
+        max_results: 3,
+        ..cfg()
+    };
+    let server = Server::start(memory(), cfg).await;
+    let client = RepositoryClient::new(std::slice::from_ref(&server.url)).unwrap();
+    let issuer = key(200);
+    let mut grants = Vec::new();
+    for n in 0..8u8 {
+        let g = grant(&issuer, &key(n + 1), 1, 1);
+        client
+            .publish(&SignedRecord::seal(&issuer, &g).unwrap())
+            .await
+            .unwrap();
+        grants.push(g);
+    }
+    let got = client.grants_by_issuer(&issuer.agent_id()).await.unwrap();
+    assert_eq!(got.len(), 8, "every page of grants was read");
+    for g in grants.iter().take(7) {
+        client
+            .publish(&SignedRecord::seal(&issuer, &revocation(&issuer, g, 1)).unwrap())
+            .await
+            .unwrap();
+    }
+    let revs = client
+        .revocations_by_issuer(&issuer.agent_id())
+        .await
+        .unwrap();
+    assert_eq!(revs.len(), 7, "every page of revocations was read");
+
+    let http = reqwest::Client::new();
+    let base = format!(
+        "{}/v1/grants/by-issuer/{}",
+        server.url,
+        caravan_agent::util::hex(&issuer.agent_id().0)
+    );
+    let first = http.get(&base).send().await.unwrap();
+    let next = first
+        .headers()
+        .get("x-caravan-next-cursor")
+        .expect("a first page of 3 out of 8 names the next")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(next.len(), 64);
+    let bad = http
+        .get(format!("{base}?after=../../etc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), reqwest::StatusCode::BAD_REQUEST);
+    server.stop().await;
+}

@@ -26,6 +26,9 @@ use super::{MAX_FRAMES, NEXT_CURSOR_HEADER, decode_frames};
 pub const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// Most cached answers kept (per repository and question).
 const MAX_CACHED_ANSWERS: usize = 10_000;
+/// Most pages of one listing read from one repository (an issuer holds at
+/// most `MAX_GRANTS_PER_ISSUER` = 10,000 records, i.e. 10 pages of 1,000).
+const MAX_LISTING_PAGES: usize = 16;
 /// Most feed pages read from one repository in one sync.
 const MAX_FEED_PAGES: usize = 1_000;
 
@@ -174,31 +177,11 @@ impl RepositoryClient {
     }
 
     async fn get_one(&self, repo: usize, path: &str, framed: bool) -> Fetched {
-        let url = format!("{}{path}", self.urls[repo]);
-        let fresh = async {
-            let resp = self
-                .http
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = resp.status();
-            if status == reqwest::StatusCode::NOT_FOUND {
-                return Ok(Vec::new());
-            }
-            if !status.is_success() {
-                return Err(format!("HTTP {status}"));
-            }
-            let body = read_limited(resp).await.map_err(|e| e.to_string())?;
-            if framed {
-                decode_frames(&body, MAX_FRAMES)
-                    .map(|f| f.into_iter().map(<[u8]>::to_vec).collect())
-                    .map_err(|e| e.to_string())
-            } else {
-                Ok(vec![body])
-            }
-        }
-        .await;
+        let fresh = if framed {
+            self.get_pages(repo, path).await
+        } else {
+            self.get_page(repo, path, false).await.map(|(r, _)| r)
+        };
         match fresh {
             Ok(records) => {
                 self.store(repo, path, &records);
@@ -212,6 +195,72 @@ impl RepositoryClient {
                 }
             }
         }
+    }
+
+    /// One GET: the records and, for a paged listing, the cursor of the
+    /// next page.
+    async fn get_page(
+        &self,
+        repo: usize,
+        path: &str,
+        framed: bool,
+    ) -> std::result::Result<(Vec<Vec<u8>>, Option<String>), String> {
+        let url = format!("{}{path}", self.urls[repo]);
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok((Vec::new(), None));
+        }
+        if !status.is_success() {
+            return Err(format!("HTTP {status}"));
+        }
+        let next = resp
+            .headers()
+            .get(NEXT_CURSOR_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::util::parse_hex32(v).is_some())
+            .map(str::to_string);
+        let body = read_limited(resp).await.map_err(|e| e.to_string())?;
+        if framed {
+            decode_frames(&body, MAX_FRAMES)
+                .map(|f| (f.into_iter().map(<[u8]>::to_vec).collect(), next))
+                .map_err(|e| e.to_string())
+        } else {
+            Ok((vec![body], None))
+        }
+    }
+
+    /// Every page of a framed listing, following the `after` cursor. Bounded:
+    /// at most [`MAX_LISTING_PAGES`] pages, and a cursor must move forward
+    /// (a repository cannot keep the client looping).
+    async fn get_pages(
+        &self,
+        repo: usize,
+        path: &str,
+    ) -> std::result::Result<Vec<Vec<u8>>, String> {
+        let (mut out, mut next) = self.get_page(repo, path, true).await?;
+        let mut pages = 1;
+        while let Some(after) = next.take() {
+            if pages >= MAX_LISTING_PAGES {
+                tracing::warn!(repository = %self.urls[repo], path, pages, "listing has more pages than the client reads; using what it has");
+                break;
+            }
+            let (more, n) = self
+                .get_page(repo, &format!("{path}?after={after}"), true)
+                .await?;
+            if more.is_empty() {
+                break;
+            }
+            out.extend(more);
+            next = n.filter(|n| *n > after);
+            pages += 1;
+        }
+        Ok(out)
     }
 
     /// Asks every repository the same question; the union of answers (from

@@ -199,22 +199,56 @@ async fn grants_for(
     Ok(out)
 }
 
+/// `?after=<64 hex>`: continue a paged listing after that name.
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    after: Option<String>,
+}
+
+impl PageQuery {
+    fn after(&self) -> std::result::Result<Option<&str>, ApiError> {
+        match self.after.as_deref() {
+            None => Ok(None),
+            Some(a) if parse_hex32(a).is_some() => Ok(Some(a)),
+            Some(_) => Err(ApiError::BadRequest(
+                "`after` is a name from the previous page (64 hex characters)".into(),
+            )),
+        }
+    }
+}
+
+/// Frames plus, when the listing goes on, the cursor for `?after=`.
+fn paged_response(records: Vec<Arc<Cached>>, next: Option<String>) -> Response {
+    let mut resp = frames_response(records);
+    if let Some(v) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+        resp.headers_mut()
+            .insert(header::HeaderName::from_static(NEXT_CURSOR_HEADER), v);
+    }
+    resp
+}
+
+/// Most names read from one issuer's folder: its record cap, plus slack for
+/// records being replaced.
+const ISSUER_SCAN_CAP: usize = MAX_GRANTS_PER_ISSUER + MAX_FRAMES;
+
 async fn get_grants_by_issuer(
     State(repo): State<Arc<Repository>>,
     Path(agent): Path<String>,
+    Query(q): Query<PageQuery>,
 ) -> std::result::Result<Response, ApiError> {
     let issuer = parse_agent(&agent)?;
+    let after = q.after()?;
     repo.metrics
         .lookups
         .with_label_values(&["grants_by_issuer"])
         .inc();
     let prefix = format!("records/grant/{}/", hex(&issuer.0));
-    let names = repo
-        .list_names(&prefix, repo.cfg.max_results)
+    let (names, next) = repo
+        .list_page(&prefix, after, repo.cfg.max_results, ISSUER_SCAN_CAP)
         .await
         .map_err(|e| repo.storage_error(e))?;
     let paths = names.into_iter().map(|n| format!("{prefix}{n}")).collect();
-    Ok(frames_response(grants_for(&repo, paths).await?))
+    Ok(paged_response(grants_for(&repo, paths).await?, next))
 }
 
 async fn get_grants_by_subject(
@@ -241,15 +275,17 @@ async fn get_grants_by_subject(
 async fn get_revocations_by_issuer(
     State(repo): State<Arc<Repository>>,
     Path(agent): Path<String>,
+    Query(q): Query<PageQuery>,
 ) -> std::result::Result<Response, ApiError> {
     let issuer = parse_agent(&agent)?;
+    let after = q.after()?;
     repo.metrics
         .lookups
         .with_label_values(&["revocations_by_issuer"])
         .inc();
     let prefix = format!("records/revocation/{}/", hex(&issuer.0));
-    let names = repo
-        .list_names(&prefix, repo.cfg.max_results)
+    let (names, next) = repo
+        .list_page(&prefix, after, repo.cfg.max_results, ISSUER_SCAN_CAP)
         .await
         .map_err(|e| repo.storage_error(e))?;
     let mut out = Vec::new();
@@ -262,7 +298,7 @@ async fn get_revocations_by_issuer(
             out.push(c);
         }
     }
-    Ok(frames_response(out))
+    Ok(paged_response(out, next))
 }
 
 #[derive(Debug, Deserialize)]

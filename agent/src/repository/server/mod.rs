@@ -396,6 +396,28 @@ impl Repository {
         Ok(names)
     }
 
+    /// One page of the names under `prefix`, in name order: at most `page`
+    /// names greater than `after`, and the cursor to continue from when more
+    /// remain. Listings are unordered on most services, so the folder is
+    /// read whole, but never beyond `scan_cap` names (the per-issuer record
+    /// cap bounds what a folder may hold).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        page: usize,
+        scan_cap: usize,
+    ) -> Result<(Vec<String>, Option<String>)> {
+        let mut names = self.list_names(prefix, scan_cap).await?;
+        names.sort_unstable();
+        if let Some(a) = after {
+            names.retain(|n| n.as_str() > a);
+        }
+        let next = (names.len() > page).then(|| names[page - 1].clone());
+        names.truncate(page);
+        Ok((names, next))
+    }
+
     /// Stores `bytes` at `path` unless an equal-or-newer record is there,
     /// then re-reads to make sure a concurrent writer (another replica) did
     /// not leave an older record in place.
