@@ -338,3 +338,61 @@ async fn assert_holds(scheme: &str, op: &opendal::Operator, dir: &str, tree: &Tr
         assert!(meta.is_dir(), "{scheme}: {d} is not a folder");
     }
 }
+
+/// WebDAV takes a file in one request, so the recipient holds it in memory:
+/// a file over `CARAVAN_ONE_SHOT_MAX_BYTES` is refused before anything is
+/// written, with a message that names the limit.
+#[test]
+fn webdav_refuses_a_file_over_the_one_shot_limit() {
+    let Some(service) = webdav() else {
+        eprintln!(
+            "SKIP webdav_refuses_a_file_over_the_one_shot_limit: its server is not configured (tests/storage/webdav.sh)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    configure(&alice, "webdav", &service.alice);
+    configure(&bob, "webdav", &service.bob);
+    let alice_cfg = caravan_agent::config::AgentConfig::load(&alice.config).unwrap();
+    let bob_cfg = caravan_agent::config::AgentConfig::load(&bob.config).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let alice_op = caravan_agent::store::open(&alice_cfg.storage).unwrap();
+    let bob_op = caravan_agent::store::open(&bob_cfg.storage).unwrap();
+    let mut big = vec![0u8; 3 << 20];
+    fill_pseudo_random(&mut big, 3);
+    rt.block_on(async {
+        alice_op
+            .write("movies/small.txt", b"fits".to_vec())
+            .await
+            .unwrap();
+        alice_op.write("movies/big.bin", big).await.unwrap();
+    });
+    bob.env
+        .push(("CARAVAN_ONE_SHOT_MAX_BYTES".into(), (2 << 20).to_string()));
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "movies", &[&bob.id], &[]);
+    let out = cli(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "inbox",
+        "--json",
+    ]);
+    assert!(!out.status.success(), "a file over the limit was fetched");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("big.bin") && err.contains("CARAVAN_ONE_SHOT_MAX_BYTES"),
+        "{err}"
+    );
+    rt.block_on(async {
+        assert!(
+            !bob_op.exists("inbox/small.txt").await.unwrap(),
+            "nothing may be written"
+        );
+    });
+}
