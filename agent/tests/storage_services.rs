@@ -42,6 +42,14 @@ struct Service {
 /// Over 8 MiB: several chunks, and several parts of a multipart upload.
 const BIG: usize = (9 << 20) + 12_345;
 
+/// A name no other test (thread or process) of this run uses: tests share
+/// the servers, each in folders of its own.
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{}-{n}", now_ms(), std::process::id())
+}
+
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -56,7 +64,7 @@ fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 fn s3() -> Option<Service> {
     let endpoint = env("CARAVAN_TEST_S3_ENDPOINT")?;
     let bucket = env("CARAVAN_TEST_S3_BUCKET").unwrap_or_else(|| "caravan-test".into());
-    let run = now_ms();
+    let run = unique();
     let side = |who: &str| Side {
         options: opts(&[
             ("bucket", &bucket),
@@ -86,7 +94,7 @@ fn azblob() -> Option<Service> {
         "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
             .into()
     });
-    let run = now_ms();
+    let run = unique();
     let side = |container: &str, who: &str| Side {
         options: opts(&[
             ("container", container),
@@ -106,7 +114,7 @@ fn azblob() -> Option<Service> {
 fn gcs() -> Option<Service> {
     let endpoint = env("CARAVAN_TEST_GCS_ENDPOINT")?;
     let bucket = env("CARAVAN_TEST_GCS_BUCKET").unwrap_or_else(|| "caravan-test".into());
-    let run = now_ms();
+    let run = unique();
     // The emulator does not check OAuth tokens: run anonymously rather than
     // look for Google credentials or a VM metadata server.
     let side = |bucket: &str, who: &str| Side {
@@ -133,7 +141,7 @@ fn webdav() -> Option<Service> {
     let endpoint = env("CARAVAN_TEST_WEBDAV_ENDPOINT")?;
     let user = env("CARAVAN_TEST_WEBDAV_USER").unwrap_or_default();
     let password = env("CARAVAN_TEST_WEBDAV_PASSWORD").unwrap_or_default();
-    let run = now_ms();
+    let run = unique();
     let side = |who: &str| Side {
         options: opts(&[("endpoint", &endpoint), ("root", &format!("/{who}-{run}/"))]),
         secrets: opts(&[("username", &user), ("password", &password)]),
