@@ -3,8 +3,9 @@
 #   bash tests/all.sh
 # 1. installs what the tests need (apt, pip in a venv, cargo-nextest),
 # 2. checks formatting, clippy and CRD drift,
-# 3. starts a real S3-compatible server (moto) on loopback,
-# 4. runs the workspace's unit, property, multi-process and S3 tests,
+# 3. starts real storage servers on loopback: S3 (moto), Azure Blob (Azurite),
+#    GCS (fake-gcs-server) and WebDAV (rclone serve webdav), tests/storage/,
+# 4. runs the workspace's unit, property, multi-process and storage tests,
 # 5. brings up a real single-node Kubernetes, runs the cluster and operator
 #    end-to-end tests, and always tears the cluster down,
 # 6. installs the chart with many value sets into a bare API server (chart tests).
@@ -17,13 +18,16 @@ SUMMARY=()
 
 say "prerequisites"
 missing=()
-for pkg in python3-venv curl; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+for pkg in python3-venv curl rclone; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+# Azurite (tests/storage/azurite.sh) runs on node; any node with npm will do.
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if ((${#missing[@]})); then
-    if [ "$(id -u)" = 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    else
-        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    as_root=()
+    [ "$(id -u)" = 0 ] || as_root=(sudo)
+    apt_install() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }
+    # A fresh machine may have no package lists yet.
+    apt_install || { "${as_root[@]}" apt-get update -qq && apt_install; }
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
@@ -34,12 +38,33 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 SUMMARY+=("fmt + clippy: clean")
 
-say "S3-compatible server on loopback"
-eval "$(bash tests/s3/moto.sh start 9477)"
+say "storage servers on loopback: S3 (moto), Azure Blob (Azurite), GCS (fake-gcs-server), WebDAV (rclone)"
+# Started side by side (each installs itself into the cache on first use);
+# each prints the exports its tests read. Stopped by pid on any exit.
+STORAGE_SERVERS=("s3/moto.sh 9477" "storage/azurite.sh 9478" "storage/gcs.sh 9479" "storage/webdav.sh 9480")
+stop_storage() {
+    for s in "${STORAGE_SERVERS[@]}"; do
+        # shellcheck disable=SC2086
+        bash tests/${s% *} stop ${s#* } >/dev/null 2>&1 || true
+    done
+}
+trap stop_storage EXIT
+mkdir -p target/storage-servers
+started=$(date +%s)
+pids=()
+for s in "${STORAGE_SERVERS[@]}"; do
+    # shellcheck disable=SC2086
+    bash tests/${s% *} start ${s#* } >"target/storage-servers/$(basename "${s% *}" .sh).env" &
+    pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+for s in "${STORAGE_SERVERS[@]}"; do
+    eval "$(cat "target/storage-servers/$(basename "${s% *}" .sh).env")"
+done
 export CARAVAN_TEST_S3_ENDPOINT CARAVAN_TEST_S3_BUCKET
-trap 'bash tests/s3/moto.sh stop 9477 >/dev/null 2>&1 || true' EXIT
+SUMMARY+=("storage servers: s3, azblob, gcs, webdav up in $(($(date +%s) - started)) s")
 
-say "workspace tests (unit, property, multi-process over loopback, S3, CRD drift)"
+say "workspace tests (unit, property, multi-process over loopback, storage services, CRD drift)"
 cargo nextest run --workspace --no-fail-fast --failure-output final 2>&1 | tee target/nextest.log
 SUMMARY+=("workspace: $(grep -E '^ +Summary' target/nextest.log | tail -1 | sed 's/^ *//')")
 

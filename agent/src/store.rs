@@ -82,15 +82,25 @@ pub fn open(cfg: &StorageConfig) -> Result<Operator> {
     let required: &[(&str, &str)] = match cfg.scheme.as_str() {
         "s3" | "gcs" | "oss" | "obs" | "cos" => &[("bucket", "the bucket's name")],
         "azblob" => &[("container", "the container's name")],
+        "webdav" => &[("endpoint", "the server's URL, e.g. https://dav.example/")],
         _ => &[],
     };
+    let set = |key: &str| options.get(key).is_some_and(|v| !v.trim().is_empty());
     for (key, what) in required {
-        if options.get(*key).is_none_or(|v| v.trim().is_empty()) {
+        if !set(key) {
+            let a = if key.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "an"
+            } else {
+                "a"
+            };
             return Err(Error::Config(format!(
-                "{} storage needs a `{key}` option ({what})",
+                "{} storage needs {a} `{key}` option ({what})",
                 cfg.scheme
             )));
         }
+    }
+    if matches!(cfg.scheme.as_str(), "gdrive" | "dropbox" | "onedrive") {
+        check_oauth(&cfg.scheme, &set)?;
     }
     let keys: Vec<String> = options.keys().cloned().collect();
     let op = Operator::via_iter(&cfg.scheme, options).map_err(|e| {
@@ -103,6 +113,25 @@ pub fn open(cfg: &StorageConfig) -> Result<Operator> {
         ))
     })?;
     Ok(op.layer(opendal::layers::RetryLayer::new().with_max_times(4)))
+}
+
+/// Google Drive, Dropbox and OneDrive take an OAuth access token, or a
+/// refresh token with the app's client id and secret (never both kinds):
+/// say which, instead of OpenDAL's bare ConfigInvalid.
+fn check_oauth(scheme: &str, set: &dyn Fn(&str) -> bool) -> Result<()> {
+    let hint = "a secret `access_token`, or `refresh_token` with `client_id` and `client_secret`";
+    match (set("access_token"), set("refresh_token")) {
+        (true, true) => Err(Error::Config(format!(
+            "{scheme} storage takes either `access_token` or `refresh_token`, not both"
+        ))),
+        (false, false) => Err(Error::Config(format!("{scheme} storage needs {hint}"))),
+        (false, true) if !(set("client_id") && set("client_secret")) => {
+            Err(Error::Config(format!(
+                "{scheme} storage with `refresh_token` needs `client_id` and `client_secret` too"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks that storage answers at all, so a dead bucket is reported at start.
@@ -127,6 +156,67 @@ pub async fn list_or_empty(op: &Operator, dir: &str) -> Result<Vec<opendal::Entr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cfg(scheme: &str, options: &[(&str, &str)]) -> StorageConfig {
+        StorageConfig {
+            scheme: scheme.into(),
+            options: options
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            credentials: None,
+        }
+    }
+
+    fn config_error(c: &StorageConfig) -> String {
+        match open(c) {
+            Err(Error::Config(msg)) => msg,
+            Err(other) => panic!("{}: {other}", c.scheme),
+            Ok(_) => panic!("{}: opened with options {:?}", c.scheme, c.options.keys()),
+        }
+    }
+
+    /// The services with no server that can run here (Google Drive,
+    /// Dropbox, OneDrive): the agent's checks and OpenDAL's builder accept
+    /// each way of giving credentials that the README documents, and a
+    /// missing or half-given one is named. No network is touched.
+    #[test]
+    fn oauth_services_accept_their_documented_options() {
+        for scheme in ["gdrive", "dropbox", "onedrive"] {
+            let ok = [
+                vec![("root", "/caravan/"), ("access_token", "t")],
+                vec![
+                    ("root", "/caravan/"),
+                    ("refresh_token", "r"),
+                    ("client_id", "i"),
+                    ("client_secret", "s"),
+                ],
+            ];
+            for options in ok {
+                let op = open(&cfg(scheme, &options))
+                    .unwrap_or_else(|e| panic!("{scheme} {options:?}: {e}"));
+                assert_eq!(op.info().scheme().to_string(), scheme);
+                assert!(op.info().capability().write, "{scheme} cannot write");
+            }
+            let e = config_error(&cfg(scheme, &[("root", "/caravan/")]));
+            assert!(e.contains("needs a secret `access_token`"), "{e}");
+            let e = config_error(&cfg(scheme, &[("refresh_token", "r"), ("client_id", "i")]));
+            assert!(e.contains("needs `client_id` and `client_secret`"), "{e}");
+            let e = config_error(&cfg(
+                scheme,
+                &[("refresh_token", "r"), ("access_token", "t")],
+            ));
+            assert!(e.contains("not both"), "{e}");
+            assert!(!e.contains("\"t\""), "a secret leaked: {e}");
+        }
+    }
+
+    #[test]
+    fn webdav_without_its_endpoint_says_so() {
+        let e = config_error(&cfg("webdav", &[("root", "/caravan/")]));
+        assert!(e.contains("needs an `endpoint` option"), "{e}");
+        assert!(open(&cfg("webdav", &[("endpoint", "http://127.0.0.1:1/")])).is_ok());
+    }
 
     #[test]
     fn a_bucket_store_without_its_bucket_says_so() {

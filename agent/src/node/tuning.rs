@@ -53,6 +53,19 @@ pub fn max_share_bytes() -> u64 {
         .unwrap_or(4 << 40)
 }
 
+/// Largest file a fetch writes into storage that takes each file in one
+/// request (OpenDAL 0.59's WebDAV, Google Drive, Dropbox and OneDrive
+/// writers), in bytes (`CARAVAN_ONE_SHOT_MAX_BYTES`, default 1 GiB). Such a
+/// file is held in memory until it is sent, so this is also the memory the
+/// files being written at once may hold together.
+pub fn one_shot_max_bytes() -> u64 {
+    std::env::var("CARAVAN_ONE_SHOT_MAX_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(1 << 30)
+}
+
 /// Reads a positive integer knob from the environment.
 fn positive(name: &str, default: usize) -> usize {
     std::env::var(name)

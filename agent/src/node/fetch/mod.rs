@@ -257,6 +257,15 @@ impl Agent {
         }
         let cap = self.op.info().capability();
         let append = cap.write_can_append && cap.rename;
+        // WebDAV, Google Drive, Dropbox, OneDrive (OpenDAL 0.59): one PUT per
+        // file. Refuse a file over the memory limit before anything is written.
+        let one_shot = (!append && !cap.write_can_multi)
+            .then(|| writer::OneShot::new(tuning::one_shot_max_bytes()));
+        if let Some(one) = &one_shot
+            && let Some((path, size, _)) = manifest.files().find(|(_, s, _)| *s > one.max_bytes)
+        {
+            return Err(writer::one_shot_refusal(path, size, one.max_bytes));
+        }
         let job = Arc::new(Job {
             agent: self.clone(),
             swarm,
@@ -265,6 +274,7 @@ impl Agent {
             local,
             partial: state::partial_seq_dir(&self.opts.state_prefix, &ticket.share_id, seq),
             append,
+            one_shot,
             progress: progress.clone(),
             slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
             unsynced: std::sync::Mutex::new(Vec::new()),

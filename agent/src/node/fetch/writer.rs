@@ -31,6 +31,10 @@ pub(crate) struct Job {
     pub(crate) local: LocalIndex,
     pub(crate) partial: String,
     pub(crate) append: bool,
+    /// Storage that takes a whole file in one request (no multipart, no
+    /// append): each file is gathered in memory and sent on close. The
+    /// budget, in KiB, bounds what the files being written hold together.
+    pub(crate) one_shot: Option<OneShot>,
     pub(crate) progress: Arc<FetchProgress>,
     /// Chunks held in memory at once across every file of the fetch
     /// (requested, in flight, or waiting to be written).
@@ -38,6 +42,28 @@ pub(crate) struct Job {
     /// On a local filesystem: files written without a sync of their own,
     /// synced together by [`Job::sync_written`] before the fetch is done.
     pub(crate) unsynced: Mutex<Vec<PathBuf>>,
+}
+
+/// The memory budget of files gathered whole before one write.
+pub(crate) struct OneShot {
+    /// Largest file, in bytes ([`tuning::one_shot_max_bytes`]).
+    pub(crate) max_bytes: u64,
+    /// KiB of the budget still free.
+    pub(crate) budget: Arc<Semaphore>,
+}
+
+impl OneShot {
+    pub(crate) fn new(max_bytes: u64) -> OneShot {
+        OneShot {
+            max_bytes,
+            budget: Arc::new(Semaphore::new(kib(max_bytes) as usize)),
+        }
+    }
+}
+
+/// Whole KiB covering `bytes`, at least one (an empty file still takes a slot).
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
 }
 
 /// Where one file's bytes go: OpenDAL's writer (object stores, or any
@@ -102,6 +128,8 @@ impl Job {
             (final_path.clone(), 0)
         };
         let local_root = self.agent.opts.fs_root.clone().filter(|_| self.append);
+        // Held until the file is written: its share of the one-shot budget.
+        let mut _one_shot_permit: Option<OwnedSemaphorePermit> = None;
         let mut writer = match &local_root {
             Some(root) => {
                 let full = root.join(&write_path);
@@ -122,12 +150,28 @@ impl Job {
                 .context(|| format!("opening {write_path}"))?;
                 Sink::Local(Some(file))
             }
-            None => Sink::Dal(
-                op.writer_with(&write_path)
-                    .append(self.append && start > 0)
-                    .await
-                    .context(|| format!("opening {write_path}"))?,
-            ),
+            None => {
+                let mut w = op.writer_with(&write_path);
+                if let Some(one) = &self.one_shot {
+                    if size > one.max_bytes {
+                        return Err(one_shot_refusal(path, size, one.max_bytes));
+                    }
+                    let permit = one
+                        .budget
+                        .clone()
+                        .acquire_many_owned(kib(size))
+                        .await
+                        .map_err(|_| Error::Protocol("fetch closing".into()))?;
+                    _one_shot_permit = Some(permit);
+                    // OpenDAL gathers exactly `size` bytes, then sends them at once.
+                    w = w.chunk(usize::try_from(size.max(1)).unwrap_or(usize::MAX));
+                }
+                Sink::Dal(
+                    w.append(self.append && start > 0)
+                        .await
+                        .context(|| format!("opening {write_path}"))?,
+                )
+            }
         };
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut off = 0u64;
@@ -331,4 +375,12 @@ impl Job {
         }
         self.swarm.get(c).await
     }
+}
+
+/// Why a file cannot be fetched into storage that takes a file in one request.
+pub(crate) fn one_shot_refusal(path: &str, size: u64, max: u64) -> Error {
+    Error::Refused(format!(
+        "{path} is {size} bytes; this storage takes a file in one request, held in memory, \
+         and the limit is {max} bytes (CARAVAN_ONE_SHOT_MAX_BYTES)"
+    ))
 }

@@ -1,0 +1,406 @@
+//! Every storage service that can run on this machine, exercised for real:
+//! two `caravan-agent` daemons on loopback, the publisher's files in one
+//! container / bucket / folder of the service, the recipient's in another.
+//! A tree with nested folders, an empty file, an empty folder, unicode and
+//! space-containing names and a multi-chunk file travels; every object the
+//! recipient wrote is compared byte for byte (and nothing else may be there);
+//! then a second version with a small edit, a removed and an added file.
+//!
+//! Each service is enabled by the environment its server script prints
+//! (tests/all.sh starts them all):
+//! * s3 — `tests/s3/moto.sh start PORT` (`CARAVAN_TEST_S3_ENDPOINT`, `…_BUCKET`)
+//! * azblob — `tests/storage/azurite.sh start PORT` (`CARAVAN_TEST_AZBLOB_*`)
+//! * gcs — `tests/storage/gcs.sh start PORT` (`CARAVAN_TEST_GCS_*`)
+//! * webdav — `tests/storage/webdav.sh start PORT` (`CARAVAN_TEST_WEBDAV_*`)
+//!
+//! Without its variables a test prints SKIP and passes, so `cargo test`
+//! works anywhere; CI sets them all.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+
+/// How one agent reaches its part of the service.
+struct Side {
+    /// `[storage.options]` lines (no secrets).
+    options: Vec<(String, String)>,
+    /// Secret options, written to a credentials file.
+    secrets: Vec<(String, String)>,
+}
+
+/// One service under test: the scheme and the two agents' sides.
+struct Service {
+    scheme: &'static str,
+    alice: Side,
+    bob: Side,
+    /// Size of the multi-chunk file (chunks are 512 KiB to 4 MiB).
+    big_file: usize,
+}
+
+/// Over 8 MiB: several chunks, and several parts of a multipart upload.
+const BIG: usize = (9 << 20) + 12_345;
+
+/// A name no other test (thread or process) of this run uses: tests share
+/// the servers, each in folders of its own.
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{}-{n}", now_ms(), std::process::id())
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn s3() -> Option<Service> {
+    let endpoint = env("CARAVAN_TEST_S3_ENDPOINT")?;
+    let bucket = env("CARAVAN_TEST_S3_BUCKET").unwrap_or_else(|| "caravan-test".into());
+    let run = unique();
+    let side = |who: &str| Side {
+        options: opts(&[
+            ("bucket", &bucket),
+            ("endpoint", &endpoint),
+            ("region", "us-east-1"),
+            ("root", &format!("/{who}-{run}/")),
+        ]),
+        secrets: opts(&[
+            ("access_key_id", "testing"),
+            ("secret_access_key", "testing"),
+        ]),
+    };
+    Some(Service {
+        scheme: "s3",
+        big_file: BIG,
+        alice: side("alice"),
+        bob: side("bob"),
+    })
+}
+
+fn azblob() -> Option<Service> {
+    let endpoint = env("CARAVAN_TEST_AZBLOB_ENDPOINT")?;
+    let container = env("CARAVAN_TEST_AZBLOB_CONTAINER").unwrap_or_else(|| "caravan-test".into());
+    // Azurite's published development account, unless the script says otherwise.
+    let account = env("CARAVAN_TEST_AZBLOB_ACCOUNT").unwrap_or_else(|| "devstoreaccount1".into());
+    let key = env("CARAVAN_TEST_AZBLOB_KEY").unwrap_or_else(|| {
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+            .into()
+    });
+    let run = unique();
+    let side = |container: &str, who: &str| Side {
+        options: opts(&[
+            ("container", container),
+            ("endpoint", &endpoint),
+            ("root", &format!("/{who}-{run}/")),
+        ]),
+        secrets: opts(&[("account_name", &account), ("account_key", &key)]),
+    };
+    Some(Service {
+        scheme: "azblob",
+        big_file: BIG,
+        alice: side(&container, "alice"),
+        bob: side(&format!("{container}-2"), "bob"),
+    })
+}
+
+fn gcs() -> Option<Service> {
+    let endpoint = env("CARAVAN_TEST_GCS_ENDPOINT")?;
+    let bucket = env("CARAVAN_TEST_GCS_BUCKET").unwrap_or_else(|| "caravan-test".into());
+    let run = unique();
+    // The emulator does not check OAuth tokens: run anonymously rather than
+    // look for Google credentials or a VM metadata server.
+    let side = |bucket: &str, who: &str| Side {
+        options: opts(&[
+            ("bucket", bucket),
+            ("endpoint", &endpoint),
+            ("skip_signature", "true"),
+            ("root", &format!("/{who}-{run}/")),
+        ]),
+        secrets: vec![],
+    };
+    Some(Service {
+        scheme: "gcs",
+        // Still several chunks, but under the 5 MiB at which OpenDAL's gcs
+        // writer switches to the XML multipart API, which fake-gcs-server
+        // does not implement (fsouza/fake-gcs-server#852).
+        big_file: (4 << 20) + 500_000,
+        alice: side(&bucket, "alice"),
+        bob: side(&format!("{bucket}-2"), "bob"),
+    })
+}
+
+fn webdav() -> Option<Service> {
+    let endpoint = env("CARAVAN_TEST_WEBDAV_ENDPOINT")?;
+    let user = env("CARAVAN_TEST_WEBDAV_USER").unwrap_or_default();
+    let password = env("CARAVAN_TEST_WEBDAV_PASSWORD").unwrap_or_default();
+    let run = unique();
+    let side = |who: &str| Side {
+        options: opts(&[("endpoint", &endpoint), ("root", &format!("/{who}-{run}/"))]),
+        secrets: opts(&[("username", &user), ("password", &password)]),
+    };
+    Some(Service {
+        scheme: "webdav",
+        big_file: BIG,
+        alice: side("alice"),
+        bob: side("bob"),
+    })
+}
+
+#[test]
+fn s3_publish_and_fetch() {
+    run("s3", s3(), "tests/s3/moto.sh");
+}
+
+#[test]
+fn azblob_publish_and_fetch() {
+    run("azblob", azblob(), "tests/storage/azurite.sh");
+}
+
+#[test]
+fn gcs_publish_and_fetch() {
+    run("gcs", gcs(), "tests/storage/gcs.sh");
+}
+
+#[test]
+fn webdav_publish_and_fetch() {
+    run("webdav", webdav(), "tests/storage/webdav.sh");
+}
+
+/// Writes `side` into `agent`'s config: options inline, secrets in a
+/// credentials file (as a user would, never on a command line).
+fn configure(agent: &TestAgent, scheme: &str, side: &Side) {
+    let mut section = format!("[storage]\nscheme = \"{scheme}\"\n");
+    if !side.secrets.is_empty() {
+        let creds = agent.dir.join("storage.env");
+        let text: String = side
+            .secrets
+            .iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        std::fs::write(&creds, text).unwrap();
+        section.push_str(&format!("credentials = \"{}\"\n", creds.display()));
+    }
+    section.push_str("\n[storage.options]\n");
+    for (k, v) in &side.options {
+        section.push_str(&format!("{k} = \"{v}\"\n"));
+    }
+    agent.set_storage(&section);
+}
+
+/// The published tree: relative path → bytes, plus its empty folders.
+struct Tree {
+    files: BTreeMap<String, Vec<u8>>,
+    empty_dirs: Vec<String>,
+}
+
+/// Nested folders, an empty file, an empty folder, names with non-ASCII
+/// letters, spaces and a plus sign, small files and one file of several
+/// chunks.
+fn first_version(big_file: usize) -> Tree {
+    let mut files = BTreeMap::new();
+    let mut big = vec![0u8; big_file];
+    fill_pseudo_random(&mut big, 42);
+    files.insert("big/multi-chunk.bin".to_string(), big);
+    for (i, name) in [
+        "a/b/c/deep.txt",
+        "фото/зима 2024/снег.bin",
+        "日本語/ファイル.dat",
+        "spaces and + signs/file (1).txt",
+        "émojis/😀 smile.bin",
+        "top.txt",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut data = vec![0u8; 1000 + i * 37_001];
+        fill_pseudo_random(&mut data, i as u64 + 7);
+        files.insert(name.to_string(), data);
+    }
+    files.insert("empty.txt".to_string(), Vec::new());
+    files.insert("a/also-empty".to_string(), Vec::new());
+    Tree {
+        files,
+        empty_dirs: vec!["empty-dir".to_string()],
+    }
+}
+
+fn run(scheme: &str, service: Option<Service>, script: &str) {
+    let Some(service) = service else {
+        eprintln!(
+            "SKIP {scheme}_publish_and_fetch: its server is not configured (`eval \"$(bash {script} start PORT)\"` sets it up; tests/all.sh does)"
+        );
+        return;
+    };
+    assert_eq!(service.scheme, scheme);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    configure(&alice, scheme, &service.alice);
+    configure(&bob, scheme, &service.bob);
+    let alice_cfg = caravan_agent::config::AgentConfig::load(&alice.config).unwrap();
+    let bob_cfg = caravan_agent::config::AgentConfig::load(&bob.config).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let alice_op = caravan_agent::store::open(&alice_cfg.storage).unwrap();
+    let bob_op = caravan_agent::store::open(&bob_cfg.storage).unwrap();
+
+    // Alice's files go into her storage directly, as any other tool would put them.
+    let mut tree = first_version(service.big_file);
+    rt.block_on(async {
+        for (rel, data) in &tree.files {
+            alice_op
+                .write(&format!("reports/{rel}"), data.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{scheme}: writing {rel}: {e}"));
+        }
+        for d in &tree.empty_dirs {
+            alice_op.create_dir(&format!("reports/{d}/")).await.unwrap();
+        }
+    });
+
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "reports", &[&bob.id], &[]);
+    let v1 = fetch(&bob, &tickets[0], "inbox", &[]);
+    assert_eq!(v1["state"], "done", "{scheme}: {v1}");
+    rt.block_on(assert_holds(scheme, &bob_op, "inbox/", &tree));
+
+    // Version 2: 100 bytes changed in the middle of the big file, one file
+    // removed, one added. Only the touched chunks travel.
+    let big = tree.files.get_mut("big/multi-chunk.bin").unwrap();
+    for b in &mut big[3_000_000..3_000_100] {
+        *b ^= 0x5a;
+    }
+    tree.files.remove("top.txt");
+    tree.files
+        .insert("a/b/new in v2.txt".to_string(), b"added in v2".to_vec());
+    rt.block_on(async {
+        for rel in ["big/multi-chunk.bin", "a/b/new in v2.txt"] {
+            alice_op
+                .write(&format!("reports/{rel}"), tree.files[rel].clone())
+                .await
+                .unwrap();
+        }
+        alice_op.delete("reports/top.txt").await.unwrap();
+    });
+    publish(&alice, "reports", &[&bob.id], &["--share", &share]);
+    let v2 = fetch(&bob, &tickets[0], "inbox", &[]);
+    assert_eq!(v2["state"], "done", "{scheme}: {v2}");
+    assert_eq!(v2["seq"], 2, "{scheme}: {v2}");
+    let fetched = v2["chunks_fetched"].as_u64().unwrap();
+    let total = v2["chunks_total"].as_u64().unwrap();
+    assert!(
+        fetched <= 3,
+        "{scheme}: fetched {fetched} of {total} chunks for one small edit and one new file"
+    );
+    rt.block_on(assert_holds(scheme, &bob_op, "inbox/", &tree));
+    eprintln!(
+        "{scheme}: v1 {} chunks, v2 fetched {fetched} of {total}",
+        v1["chunks_total"]
+    );
+}
+
+/// `op` holds exactly `tree` under `dir`: every file with the same bytes,
+/// no extra objects (no leftover part files), the empty folders present.
+async fn assert_holds(scheme: &str, op: &opendal::Operator, dir: &str, tree: &Tree) {
+    let mut got = BTreeMap::new();
+    for entry in op.list_with(dir).recursive(true).await.unwrap() {
+        let Some(rel) = entry.path().strip_prefix(dir) else {
+            continue;
+        };
+        if rel.is_empty() {
+            continue;
+        }
+        if !entry.metadata().is_dir() {
+            let data = op
+                .read(entry.path())
+                .await
+                .unwrap_or_else(|e| panic!("{scheme}: reading {}: {e}", entry.path()))
+                .to_vec();
+            got.insert(rel.to_string(), data);
+        }
+    }
+    let want: Vec<&String> = tree.files.keys().collect();
+    let have: Vec<&String> = got.keys().collect();
+    assert_eq!(have, want, "{scheme}: the recipient's files differ");
+    for (rel, data) in &tree.files {
+        assert!(
+            got[rel] == *data,
+            "{scheme}: {rel} differs ({} bytes, want {})",
+            got[rel].len(),
+            data.len()
+        );
+    }
+    for d in &tree.empty_dirs {
+        let meta = op
+            .stat(&format!("{dir}{d}/"))
+            .await
+            .unwrap_or_else(|e| panic!("{scheme}: empty folder {d} missing: {e}"));
+        assert!(meta.is_dir(), "{scheme}: {d} is not a folder");
+    }
+}
+
+/// WebDAV takes a file in one request, so the recipient holds it in memory:
+/// a file over `CARAVAN_ONE_SHOT_MAX_BYTES` is refused before anything is
+/// written, with a message that names the limit.
+#[test]
+fn webdav_refuses_a_file_over_the_one_shot_limit() {
+    let Some(service) = webdav() else {
+        eprintln!(
+            "SKIP webdav_refuses_a_file_over_the_one_shot_limit: its server is not configured (tests/storage/webdav.sh)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    configure(&alice, "webdav", &service.alice);
+    configure(&bob, "webdav", &service.bob);
+    let alice_cfg = caravan_agent::config::AgentConfig::load(&alice.config).unwrap();
+    let bob_cfg = caravan_agent::config::AgentConfig::load(&bob.config).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let alice_op = caravan_agent::store::open(&alice_cfg.storage).unwrap();
+    let bob_op = caravan_agent::store::open(&bob_cfg.storage).unwrap();
+    let mut big = vec![0u8; 3 << 20];
+    fill_pseudo_random(&mut big, 3);
+    rt.block_on(async {
+        alice_op
+            .write("movies/small.txt", b"fits".to_vec())
+            .await
+            .unwrap();
+        alice_op.write("movies/big.bin", big).await.unwrap();
+    });
+    bob.env
+        .push(("CARAVAN_ONE_SHOT_MAX_BYTES".into(), (2 << 20).to_string()));
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "movies", &[&bob.id], &[]);
+    let out = cli(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "inbox",
+        "--json",
+    ]);
+    assert!(!out.status.success(), "a file over the limit was fetched");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("big.bin") && err.contains("CARAVAN_ONE_SHOT_MAX_BYTES"),
+        "{err}"
+    );
+    rt.block_on(async {
+        assert!(
+            !bob_op.exists("inbox/small.txt").await.unwrap(),
+            "nothing may be written"
+        );
+    });
+}
