@@ -189,7 +189,7 @@ pub fn subscription(spec: &ShareSpec, s: &Share) -> Option<(Option<String>, Opti
 /// (publisher unreachable, e.g. asleep) misses nothing, and waking anyone
 /// for it would be wasted. Unknown publishers (outside the cluster): false.
 pub fn up_to_date(s: &Share, shares: &[Share]) -> bool {
-    let Some(st) = s.status.as_ref() else {
+    let Some(st) = s.status.as_ref().filter(|_| s.spec.subscribe.is_some()) else {
         return false;
     };
     if st.observed_generation != s.metadata.generation
