@@ -186,7 +186,7 @@ fn activity_reports_idle_time_pending_and_scheduled_work() {
         |v| {
             v["pending"]
                 .as_array()
-                .is_some_and(|p| p.iter().any(|l| l.as_str().unwrap().contains("due in")))
+                .is_some_and(|p| p.iter().any(|l| l.as_str().unwrap().contains("due within")))
         },
         "/v1/activity",
     );

@@ -245,7 +245,7 @@ async fn api_activity(
         .as_ref()
         .map(|d| d.schedule())
         .unwrap_or_default();
-    Ok(Json(crate::node::activity::report(&s.agent, schedule)))
+    Ok(Json(s.agent.activity_report(schedule)))
 }
 
 async fn api_publish(

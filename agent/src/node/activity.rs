@@ -5,14 +5,15 @@
 //!
 //! Activity is recorded where it happens (serving a peer, a declared change,
 //! a new version published or fetched) with one cheap call; running fetches
-//! are read from the fetch registry, so the data plane needs no hooks.
+//! are read from the fetch registry, so the data plane needs no hooks. The
+//! report itself is `activity_report.rs` (it needs the whole agent, which
+//! holds this clock).
 
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::declare::{ActivityReport, DUE_SOON_SECS, MAX_PENDING, activity};
-use crate::node::agent::Agent;
-use crate::node::fetch::progress::FetchState;
+#[cfg(test)]
+use crate::declare::activity;
 
 /// The activity clock of one agent.
 #[derive(Debug)]
@@ -93,56 +94,6 @@ impl Schedule {
         if self.next.as_ref().is_none_or(|(t, _)| at < *t) {
             self.next = Some((at, what));
         }
-    }
-}
-
-/// The report `GET /v1/activity` answers: the agent's activity clock, its
-/// fetches, and `schedule` (the declared shares' work, when there are any).
-pub fn report(agent: &Agent, schedule: Schedule) -> ActivityReport {
-    let now = Instant::now();
-    let mut pending = schedule.pending;
-    // Fetches: running ones are pending work; finished ones were activity
-    // when they finished (their bytes moved until then).
-    for f in agent.all_fetches() {
-        let state = f.state.lock().map(|s| s.0).unwrap_or(FetchState::Failed);
-        match state {
-            FetchState::Starting | FetchState::Transferring => {
-                pending.push(format!("fetch of share {} running", f.share_id));
-            }
-            FetchState::Done | FetchState::Failed => {
-                let fin = f.finished_secs.lock().ok().and_then(|s| *s);
-                if let Some(secs) = fin
-                    && f.bytes_received.load(std::sync::atomic::Ordering::Relaxed) > 0
-                {
-                    let at = f.started + std::time::Duration::from_secs_f64(secs.max(0.0));
-                    agent.activity.touch_at(at.min(now), activity::FETCH);
-                }
-            }
-        }
-    }
-    let mut next = schedule.next;
-    let refresh = agent.activity.next_url_refresh();
-    if let Some(r) = refresh
-        && next.as_ref().is_none_or(|(t, _)| r < *t)
-    {
-        next = Some((r, "refresh of offline-seeding URLs".to_string()));
-    }
-    let unix = crate::util::unix_now();
-    if let Some((at, what)) = &next
-        && at.saturating_sub(unix) <= DUE_SOON_SECS
-    {
-        pending.push(format!("{what} due in {} s", at.saturating_sub(unix)));
-    }
-    pending.truncate(MAX_PENDING);
-    let last = agent.activity.last();
-    ActivityReport {
-        uptime_secs: agent.activity.uptime_secs(),
-        idle_secs: last.map(|(t, _)| now.saturating_duration_since(t).as_secs()),
-        last_activity: last.map(|(_, k)| k.to_string()),
-        pending,
-        next_wake_unix: next.as_ref().map(|(t, _)| *t),
-        next_wake_reason: next.map(|(_, w)| w),
-        next_url_refresh_unix: refresh,
     }
 }
 

@@ -5,6 +5,7 @@
 //! of this wing imports this one back.
 
 pub mod activity;
+pub mod activity_report;
 pub mod agent;
 pub mod declared;
 pub mod fetch;
