@@ -189,6 +189,11 @@ pub fn reason_of(e: &Error, had_version: bool) -> &'static str {
         Error::Storage { .. } => reasons::STORAGE_ERROR,
         Error::Rejected(m) if m.contains("ticket is for agent") => reasons::NOT_A_RECIPIENT,
         Error::Rejected(_) => reasons::INVALID_SPEC,
+        // "no peer reachable … Connection refused" is a closed port (a
+        // publisher that stopped or sleeps), not a refusal by the publisher.
+        _ if text.contains("no peer reachable") || text.contains("not reachable") => {
+            reasons::PUBLISHER_UNREACHABLE
+        }
         _ if text.contains("refused") => {
             if had_version {
                 reasons::TRUST_REVOKED
@@ -834,4 +839,23 @@ async fn fingerprint(agent: &Agent, path: &str) -> Result<String> {
     Ok(blake3::hash(lines.join("\n").as_bytes())
         .to_hex()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_port_is_unreachable_not_revoked() {
+        let closed = Error::Protocol(
+            "no peer reachable for share x (10.0.0.1:7400: Connection refused (os error 111))"
+                .into(),
+        );
+        assert_eq!(reason_of(&closed, true), reasons::PUBLISHER_UNREACHABLE);
+        let refused = Error::NotFound(
+            "the publisher refused the share key: this agent found no valid grant chain".into(),
+        );
+        assert_eq!(reason_of(&refused, true), reasons::TRUST_REVOKED);
+        assert_eq!(reason_of(&refused, false), reasons::NOT_A_RECIPIENT);
+    }
 }
