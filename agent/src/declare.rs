@@ -253,7 +253,8 @@ pub const MAX_PENDING: usize = 16;
 
 /// Names of the kinds of activity in [`ActivityReport::last_activity`].
 pub mod activity {
-    /// Served a manifest, key or chunk to a peer.
+    /// Served a chunk to a peer (manifest and key requests, which every
+    /// subscriber's poll makes, are not activity).
     pub const SERVE: &str = "serve";
     /// Fetched (received) chunks.
     pub const FETCH: &str = "fetch";

@@ -252,9 +252,9 @@ impl Agent {
 
 impl Service for Agent {
     async fn manifest(&self, peer: AgentId, share: ShareId, _have_seq: u64) -> Result<Vec<u8>> {
-        let record = self.authorized_share(&peer, &share)?.record.clone();
-        self.activity.touch(activity::SERVE);
-        Ok(record)
+        // Not activity: subscribers poll the manifest for new versions, and
+        // a publisher they only poll may sleep (they wake it when behind).
+        Ok(self.authorized_share(&peer, &share)?.record.clone())
     }
 
     async fn chunk(&self, peer: AgentId, share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
@@ -316,6 +316,8 @@ impl Service for Agent {
             })?;
         self.metrics.chunks_sent.inc();
         self.metrics.bytes_sent.inc_by(ct.len() as u64);
+        // Serving chunks is activity (manifest and key requests are part of
+        // every subscriber's poll and are not).
         self.activity.touch(activity::SERVE);
         Ok(ct)
     }
@@ -346,7 +348,6 @@ impl Service for Agent {
         if s.role != Role::Published {
             return Err(unknown());
         }
-        self.activity.touch(activity::SERVE);
         let rel = KeyRelease {
             share_id: share,
             recipient: peer,
