@@ -29,7 +29,10 @@ impl Agent {
                     if let Some(secs) = fin
                         && f.bytes_received.load(std::sync::atomic::Ordering::Relaxed) > 0
                     {
-                        let at = f.started + std::time::Duration::from_secs_f64(secs.max(0.0));
+                        let at = std::time::Duration::try_from_secs_f64(secs)
+                            .ok()
+                            .and_then(|d| f.started.checked_add(d))
+                            .unwrap_or(now);
                         agent.activity.touch_at(at.min(now), activity::FETCH);
                     }
                 }
