@@ -7,7 +7,9 @@
 #   4. the shares e2e (four tenants on S3, grants, publish/subscribe, edits,
 #      revocation, operator killed, bad input).
 #   5. an operator upgrade restarts no agent (pod-template hashes stay),
-#   6. the chart's repository on S3 keeps every record across a restart.
+#   6. the chart's repository on S3 keeps every record across a restart,
+#   7. scale to zero: an idle Agent sleeps (0 pods), a Share change or a
+#      subscriber wakes it, it publishes, and sleeps again.
 # With CARAVAN_SCRAPE_OUT=FILE, every Caravan /metrics endpoint is scraped every
 # 5 s meanwhile (tests/monitoring/scrape.py), for the dashboard rendering.
 # Prints "E2E SUMMARY: …" last; exits non-zero when any suite failed.
@@ -39,6 +41,7 @@ run operator tests/operator/e2e.sh
 run shares tests/operator/shares-e2e.sh
 run operator-upgrade tests/operator/upgrade.sh
 run repository-s3 tests/chart/repository-s3.sh
+run scale-to-zero tests/operator/scale-to-zero.sh
 printf '\nE2E SUMMARY: %d passed, %d failed; passed: %s; failed: %s\n' \
     "${#passed[@]}" "${#failed[@]}" "${passed[*]:-none}" "${failed[*]:-none}"
 ((${#failed[@]} == 0))

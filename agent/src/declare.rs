@@ -201,3 +201,65 @@ pub struct RevocationStatus {
     /// The revocation reached at least one repository (or there are none).
     pub published: bool,
 }
+
+/// Answer of `GET /v1/activity` (`daemon::api::ACTIVITY`): what the
+/// operator needs to decide whether the agent may sleep (scale to zero) and
+/// when it must be woken again. Cheap to compute: no storage or network
+/// access, only counters the agent keeps anyway.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ActivityReport {
+    /// Seconds since the agent process started.
+    #[serde(default)]
+    pub uptime_secs: u64,
+    /// Seconds since the last fetch, serve, publish or declared change;
+    /// `None` when there was none since the process started (a pod woken
+    /// only for a rescan that found nothing new may sleep again at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_secs: Option<u64>,
+    /// What that last activity was (see [`activity`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity: Option<String>,
+    /// Work in progress or due within [`DUE_SOON_SECS`] (a fetch running,
+    /// a declared share not settled, a rescan due soon): one line each,
+    /// at most [`MAX_PENDING`]. Empty: nothing keeps the agent awake.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+    /// The earliest time (unix seconds) the agent must be awake again for
+    /// scheduled work: the next rescan of a published share, or the next
+    /// refresh of offline-seeding URLs. `None`: nothing scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_wake_unix: Option<u64>,
+    /// What is due at `next_wake_unix`, for people (`rescan of share …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_wake_reason: Option<String>,
+    /// The next refresh of presigned offline-seeding URLs (unix seconds),
+    /// when offline seeding is on; already folded into `next_wake_unix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_url_refresh_unix: Option<u64>,
+}
+
+impl ActivityReport {
+    /// Whether something keeps the agent awake right now.
+    pub fn busy(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+/// Scheduled work due within this many seconds counts as pending: waking a
+/// pod takes seconds, so sleeping just before a rescan saves nothing.
+pub const DUE_SOON_SECS: u64 = 30;
+/// Most pending-work lines in an [`ActivityReport`].
+pub const MAX_PENDING: usize = 16;
+
+/// Names of the kinds of activity in [`ActivityReport::last_activity`].
+pub mod activity {
+    /// Served a chunk to a peer (manifest and key requests, which every
+    /// subscriber's poll makes, are not activity).
+    pub const SERVE: &str = "serve";
+    /// Fetched (received) chunks.
+    pub const FETCH: &str = "fetch";
+    /// Published a new version.
+    pub const PUBLISH: &str = "publish";
+    /// A declared share or grant was added, changed or removed.
+    pub const DECLARED: &str = "declared";
+}

@@ -26,9 +26,9 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub const MAX_MESSAGE_CHARS: usize = 1024;
 
 pub use caravan_agent::daemon::api::{
-    DECLARED_GRANTS, DECLARED_SHARES, DeclaredGrant, DeclaredGrantStatus, DeclaredPublish,
-    DeclaredShare, DeclaredShareStatus, DeclaredState, DeclaredSubscribe, RecipientTicket,
-    RevocationStatus, reasons,
+    ACTIVITY, ActivityReport, DECLARED_GRANTS, DECLARED_SHARES, DeclaredGrant, DeclaredGrantStatus,
+    DeclaredPublish, DeclaredShare, DeclaredShareStatus, DeclaredState, DeclaredSubscribe,
+    RecipientTicket, RevocationStatus, reasons,
 };
 
 /// Where an agent's admin API is and the token it wants.
@@ -91,6 +91,14 @@ pub trait AgentApi: Send + Sync {
         ep: &'a AgentEndpoint,
         key: &'a str,
     ) -> BoxFuture<'a, Result<RevocationStatus, CallError>>;
+    /// `GET /v1/activity` (scale to zero). The default answers
+    /// "unreachable", so an agent that cannot tell is never put to sleep.
+    fn activity<'a>(
+        &'a self,
+        _ep: &'a AgentEndpoint,
+    ) -> BoxFuture<'a, Result<ActivityReport, CallError>> {
+        Box::pin(async { Err(CallError::Unreachable("activity is not supported".into())) })
+    }
 }
 
 /// Percent-encodes one path segment (names are DNS subdomains and uids, so
@@ -265,6 +273,16 @@ impl AgentApi for HttpAgentApi {
         Box::pin(async move {
             let path = format!("{DECLARED_GRANTS}/{}", segment(key));
             self.json(reqwest::Method::DELETE, ep, path, None).await
+        })
+    }
+
+    fn activity<'a>(
+        &'a self,
+        ep: &'a AgentEndpoint,
+    ) -> BoxFuture<'a, Result<ActivityReport, CallError>> {
+        Box::pin(async move {
+            self.json(reqwest::Method::GET, ep, ACTIVITY.to_string(), None)
+                .await
         })
     }
 }

@@ -18,6 +18,9 @@ pub enum Lookup {
     Missing,
     /// The Agent exists but cannot take calls yet; the text says why.
     NotReady(String),
+    /// The Agent is scaled to zero (`spec.scaleToZero`); the operator wakes
+    /// it when a Share or TrustGrant of it needs it.
+    Sleeping(String),
     /// The Agent's id and where its admin API answers.
     Ready {
         /// The agent id (`cv1-…`).
@@ -46,6 +49,11 @@ pub async fn endpoint(client: &Client, agent: &Agent) -> Result<Lookup, kube::Er
             "Agent {name} has no identity yet"
         )));
     };
+    if st.and_then(|s| s.phase) == Some(AgentPhase::Sleeping) {
+        return Ok(Lookup::Sleeping(format!(
+            "Agent {name} is asleep (scaled to zero); the operator wakes it for this"
+        )));
+    }
     if st.and_then(|s| s.phase) != Some(AgentPhase::Ready) {
         return Ok(Lookup::NotReady(format!("Agent {name} is not Ready")));
     }
@@ -59,24 +67,14 @@ pub async fn endpoint(client: &Client, agent: &Agent) -> Result<Lookup, kube::Er
             names.identity
         )));
     };
-    let Some(token) = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(paths::ADMIN_TOKEN_KEY))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok())
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-    else {
+    let Some(token) = admin_token(&secret) else {
         return Ok(Lookup::NotReady(format!(
             "identity Secret {} has no {}",
             names.identity,
             paths::ADMIN_TOKEN_KEY
         )));
     };
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns)
-        .list(&ListParams::default().labels(&format!("{AGENT_LABEL}={name}")))
-        .await?;
-    match pod_ip(&pods.items) {
+    match ready_pod_ip(client, &ns, &name).await? {
         Some(ip) => Ok(Lookup::Ready {
             agent_id,
             endpoint: AgentEndpoint {
@@ -88,6 +86,29 @@ pub async fn endpoint(client: &Client, agent: &Agent) -> Result<Lookup, kube::Er
             "Agent {name} has no ready pod yet"
         ))),
     }
+}
+
+/// The IP of the Agent's ready pod (a label-selected `LIST pods`).
+pub async fn ready_pod_ip(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Option<String>, kube::Error> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("{AGENT_LABEL}={name}")))
+        .await?;
+    Ok(pod_ip(&pods.items))
+}
+
+/// The admin token stored in an identity Secret.
+pub fn admin_token(secret: &Secret) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(paths::ADMIN_TOKEN_KEY))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// `http://IP:7401`, with brackets for IPv6.

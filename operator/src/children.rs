@@ -153,6 +153,17 @@ fn runtime_default_seccomp() -> SeccompProfile {
     }
 }
 
+/// The Deployment with `replicas` pods: 1, or 0 while the agent sleeps
+/// (`spec.scaleToZero`). Only `spec.replicas` differs, so waking or
+/// sleeping never changes the pod template (and never rolls a pod).
+pub fn scaled_deployment(input: &BuildInput<'_>, replicas: i32) -> Deployment {
+    let mut d = deployment(input);
+    if let Some(spec) = d.spec.as_mut() {
+        spec.replicas = Some(replicas);
+    }
+    d
+}
+
 /// The agent Deployment: one replica, `Recreate` so two pods never run with
 /// the same identity, locked-down pod and container security contexts.
 pub fn deployment(input: &BuildInput<'_>) -> Deployment {

@@ -35,11 +35,14 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
+use crate::agent_api::{AgentApi, AgentEndpoint};
+use crate::agentref;
 use crate::children::{self, BuildInput};
 use crate::config::{FIELD_MANAGER, OperatorConfig, paths};
-use crate::crd::{Agent, AgentStatus};
+use crate::crd::{Agent, AgentStatus, ScaleToZeroSpec, Share, TrustGrant};
 use crate::metrics::Metrics;
 use crate::names::{self, ChildNames};
+use crate::sleep::{self, Decision};
 use crate::status::{self, Observation};
 use crate::validate::{self, InputError};
 
@@ -93,6 +96,12 @@ pub struct Context {
     pub metrics: Metrics,
     /// Time source for lastTransitionTime (fixed in tests).
     pub clock: fn() -> Timestamp,
+    /// The agents' admin API, asked for activity (scale to zero); without
+    /// it an agent is never put to sleep.
+    pub agents: Option<Arc<dyn AgentApi>>,
+    /// The one namespace watched (all when `None`): where Shares that may
+    /// need a sleeping publisher are looked for.
+    pub watch_namespace: Option<String>,
     /// Consecutive failures per Agent, for exponential backoff.
     failures: Mutex<HashMap<ObjectRef<Agent>, u32>>,
 }
@@ -106,8 +115,18 @@ impl Context {
             recorder,
             metrics,
             clock: Timestamp::now,
+            agents: None,
+            watch_namespace: None,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Enables scale to zero: the agents' admin API for their activity, and
+    /// the namespace watched (`None`: all).
+    pub fn with_agent_api(mut self, agents: Arc<dyn AgentApi>, namespace: Option<String>) -> Self {
+        self.agents = Some(agents);
+        self.watch_namespace = namespace;
+        self
     }
 
     fn record_failure(&self, key: ObjectRef<Agent>) -> u32 {
@@ -256,8 +275,10 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
     };
 
     // 3. The identity: read it, or create it exactly once.
+    let mut admin_token = None;
     let agent_id = match secrets.get_opt(&names.identity).await? {
         Some(s) => {
+            admin_token = agentref::admin_token(&s);
             if let Some(owner) = foreign_owner(agent, &s) {
                 tracing::info!(agent = %name, namespace = %ns, %owner,
                     "identity Secret still belongs to a deleted Agent of the same name; waiting for garbage collection");
@@ -281,6 +302,13 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
             return report(agent, ctx, None, &obs, RESYNC).await;
         }
         None => create_identity(agent, ctx, &secrets, &input).await?,
+    };
+
+    // 3b. Scale to zero: should the pod run? (Only with spec.scaleToZero,
+    // so Agents without it make exactly the calls they always made.)
+    let sleep = match &agent.spec.scale_to_zero {
+        Some(stz) => Some(plan_sleep(agent, ctx, &ns, &name, &agent_id, admin_token, stz).await?),
+        None => None,
     };
 
     // 4. Apply the children: the Service first, so the agent can advertise
@@ -315,7 +343,10 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         .patch(
             &names.workload,
             &pp,
-            &Patch::Apply(&children::deployment(&input)),
+            &Patch::Apply(&children::scaled_deployment(
+                &input,
+                sleep.as_ref().map_or(1, Decision::replicas),
+            )),
         )
         .await?;
     Api::<NetworkPolicy>::namespaced(client, &ns)
@@ -327,11 +358,22 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         .await?;
 
     // 5. Status.
-    let obs = Observation::Applied(&dep);
-    let resync = match status::rollout(&dep) {
+    let obs = match &sleep {
+        Some(d) if !d.awake => Observation::Sleeping(&d.message),
+        _ => Observation::Applied(&dep),
+    };
+    let mut resync = match status::rollout(&dep) {
         status::Rollout::Ready => RESYNC,
         _ => RESYNC.min(Duration::from_secs(60)),
     };
+    if let Some(d) = &sleep {
+        // Asleep, the (empty) rollout says nothing: wake when work is due.
+        resync = if d.awake {
+            resync.min(d.requeue)
+        } else {
+            d.requeue
+        };
+    }
     let mut new = status::compute(
         agent.status.as_ref(),
         agent.metadata.generation,
@@ -341,8 +383,75 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         (ctx.clock)(),
     );
     new.addresses = addresses;
+    if let Some(d) = &sleep {
+        sleep::apply(
+            &mut new,
+            agent.status.as_ref(),
+            d,
+            agent.metadata.generation,
+            (ctx.clock)(),
+        );
+    }
     update_status(agent, ctx, new).await?;
     Ok(Outcome::Healthy(resync))
+}
+
+/// Gathers the inputs of the scale-to-zero decision: `LIST` Shares (the
+/// watched namespaces: subscribers anywhere may need this publisher),
+/// `LIST` TrustGrants of the namespace, and, while the agent is awake and
+/// nothing in the cluster already needs it, `LIST` its pods and `GET
+/// /v1/activity` from the ready one.
+async fn plan_sleep(
+    agent: &Agent,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    agent_id: &str,
+    token: Option<String>,
+    stz: &ScaleToZeroSpec,
+) -> Result<Decision, Error> {
+    let idle_after = sleep::idle_after(stz).unwrap_or(Duration::from_secs(900));
+    let client = ctx.client.clone();
+    let shares = match &ctx.watch_namespace {
+        Some(w) => Api::<Share>::namespaced(client.clone(), w),
+        None => Api::<Share>::all(client.clone()),
+    }
+    .list(&Default::default())
+    .await?
+    .items;
+    let grants = Api::<TrustGrant>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await?
+        .items;
+    let work = sleep::cluster_work(ns, name, Some(agent_id), &shares, &grants);
+    let mut report = None;
+    if work.is_none()
+        && !sleep::sleeping(agent.status.as_ref())
+        && let (Some(token), Some(api)) = (token, ctx.agents.as_ref())
+        && let Some(ip) = agentref::ready_pod_ip(&client, ns, name).await?
+    {
+        let ep = AgentEndpoint {
+            base: agentref::admin_base(&ip),
+            token,
+        };
+        let answer = api.activity(&ep).await;
+        ctx.metrics
+            .agent_calls
+            .with_label_values(&["activity", if answer.is_ok() { "ok" } else { "error" }])
+            .inc();
+        match answer {
+            Ok(r) => report = Some(r),
+            Err(e) => tracing::info!(agent = %name, namespace = %ns, error = %e,
+                "no activity report; the agent stays awake"),
+        }
+    }
+    Ok(sleep::decide(&sleep::Inputs {
+        now: (ctx.clock)(),
+        idle_after,
+        previous: agent.status.as_ref(),
+        work: work.as_ref(),
+        report: report.as_ref(),
+    }))
 }
 
 /// The uid of a *different* Agent that controls `secret`, if any.
@@ -499,6 +608,23 @@ async fn publish(ctx: &Context, agent: &Agent, warning: bool, reason: &str, note
     }
 }
 
+/// The Agents with `spec.scaleToZero` a Share concerns: its own Agent, and
+/// the publisher it subscribes to when that is an Agent of this cluster.
+pub fn sleepers_for_share(agents: &[Arc<Agent>], s: &Share) -> Vec<ObjectRef<Agent>> {
+    let ns = s.namespace();
+    let publisher = sleep::subscription(&s.spec, s).and_then(|(p, _)| p);
+    agents
+        .iter()
+        .filter(|a| a.spec.scale_to_zero.is_some())
+        .filter(|a| {
+            (a.namespace() == ns && a.name_any() == s.spec.agent)
+                || publisher.is_some()
+                    && a.status.as_ref().and_then(|st| st.agent_id.as_ref()) == publisher.as_ref()
+        })
+        .map(|a| ObjectRef::from_obj(a.as_ref()))
+        .collect()
+}
+
 /// Settings of the controller loop.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -535,12 +661,41 @@ pub async fn run(
             Api::<NetworkPolicy>::all(client.clone()),
         ),
     };
+    let (shares, grants) = match &opts.namespace {
+        Some(ns) => (
+            Api::<Share>::namespaced(client.clone(), ns),
+            Api::<TrustGrant>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::<Share>::all(client.clone()),
+            Api::<TrustGrant>::all(client.clone()),
+        ),
+    };
     let owned = watcher::Config::default().labels(&names::managed_selector());
-    Controller::new(agents, watcher::Config::default())
-        .owns(deps, owned.clone())
+    let ctrl = Controller::new(agents, watcher::Config::default());
+    let (by_share, by_grant) = (ctrl.store(), ctrl.store());
+    ctrl.owns(deps, owned.clone())
         .owns(cms, owned.clone())
         .owns(svcs, owned.clone())
         .owns(nps, owned)
+        // Scale to zero: a Share or TrustGrant change wakes the Agents it
+        // concerns (only those with spec.scaleToZero are triggered).
+        .watches(shares, watcher::Config::default(), move |s: Share| {
+            sleepers_for_share(&by_share.state(), &s)
+        })
+        .watches(grants, watcher::Config::default(), move |g: TrustGrant| {
+            let ns = g.namespace();
+            by_grant
+                .state()
+                .into_iter()
+                .filter(|a| {
+                    a.spec.scale_to_zero.is_some()
+                        && a.namespace() == ns
+                        && a.name_any() == g.spec.issuer
+                })
+                .map(|a| ObjectRef::from_obj(a.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .with_config(
             controller::Config::default()
                 .concurrency(opts.concurrency)

@@ -20,6 +20,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod shares;
+pub mod sleep;
 pub mod status;
 pub mod validate;
 

@@ -334,7 +334,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         recorder.clone(),
         metrics.clone(),
     ));
-    let ctx = Arc::new(Context::new(client.clone(), cfg, recorder, metrics.clone()));
+    let ctx = Arc::new(
+        Context::new(client.clone(), cfg, recorder, metrics.clone()).with_agent_api(
+            Arc::new(HttpAgentApi::new().context("cannot build the agent API client")?),
+            args.watch_namespace.clone(),
+        ),
+    );
     let opts = RunOptions {
         concurrency: args.concurrency.max(1),
         namespace: args.watch_namespace.clone(),

@@ -28,6 +28,9 @@ pub enum Observation<'a> {
     IdentityCorrupt { secret: &'a str, reason: String },
     /// Children applied; this is the Deployment the API server returned.
     Applied(&'a Deployment),
+    /// Children applied with zero replicas (`spec.scaleToZero`): the agent
+    /// sleeps; the text says why.
+    Sleeping(&'a str),
 }
 
 /// Rollout state of the agent Deployment.
@@ -195,8 +198,36 @@ pub fn compute(
                 cond(DEGRADED, true, &reason, message, g, &now),
             ),
         },
+        Observation::Sleeping(why) => (
+            cond(
+                READY,
+                false,
+                "Sleeping",
+                format!("scaled to zero: {why}"),
+                g,
+                &now,
+            ),
+            cond(
+                PROGRESSING,
+                false,
+                "Sleeping",
+                "no pod runs until there is work".into(),
+                g,
+                &now,
+            ),
+            cond(
+                DEGRADED,
+                false,
+                "AsExpected",
+                "no problems found".into(),
+                g,
+                &now,
+            ),
+        ),
     };
-    let phase = if degraded.status == "True" {
+    let phase = if matches!(obs, Observation::Sleeping(_)) {
+        AgentPhase::Sleeping
+    } else if degraded.status == "True" {
         AgentPhase::Degraded
     } else if ready.status == "True" {
         AgentPhase::Ready
@@ -219,6 +250,7 @@ pub fn compute(
         endpoint,
         addresses: previous.map(|p| p.addresses.clone()).unwrap_or_default(),
         phase: Some(phase),
+        wake_at: None,
         conditions,
         observed_generation: g,
     }
@@ -269,6 +301,25 @@ pub fn transitions(old: Option<&AgentStatus>, new: &AgentStatus) -> Vec<Transiti
                 "rolling out generation {}",
                 new.observed_generation.unwrap_or_default()
             ),
+        });
+    }
+    let (oa, na) = (
+        find(old, crate::sleep::AWAKE),
+        find(Some(new), crate::sleep::AWAKE),
+    );
+    if let Some(na) = na
+        && oa.is_none_or(|o| o.status != na.status)
+        && (na.status == "False" || oa.is_some())
+    {
+        out.push(Transition {
+            warning: false,
+            reason: if na.status == "False" {
+                "Sleeping"
+            } else {
+                "WokenUp"
+            }
+            .into(),
+            note: format!("{}: {}", na.reason, na.message),
         });
     }
     let (or, nr) = (find(old, READY), find(Some(new), READY));

@@ -28,6 +28,7 @@ pub fn s3_agent(name: &str, ns: &str) -> Agent {
             log_level: "info".into(),
             log_format: None,
             scheduling: None,
+            scale_to_zero: None,
         },
     );
     a.metadata.namespace = Some(ns.into());

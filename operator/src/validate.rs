@@ -278,6 +278,30 @@ pub fn agent_config(
         )));
     }
 
+    if let Some(s) = &spec.scale_to_zero {
+        crate::sleep::idle_after(s).map_err(InputError::InvalidSpec)?;
+        let lost_on_sleep = storage.scheme == "memory"
+            || storage.scheme == "fs"
+                && storage
+                    .data_volume
+                    .as_ref()
+                    .and_then(|v| v.claim_name.as_ref())
+                    .is_none();
+        if lost_on_sleep {
+            return Err(InputError::InvalidSpec(format!(
+                "spec.scaleToZero needs storage that outlives the pod, and scheme {} {} \
+                 would lose every file when the agent sleeps: use an object store or \
+                 spec.storage.dataVolume.claimName",
+                storage.scheme,
+                if storage.scheme == "fs" {
+                    "on an emptyDir"
+                } else {
+                    "in memory"
+                }
+            )));
+        }
+    }
+
     let names = ChildNames::for_agent(name);
     let mut advertise = vec![names.endpoint(namespace)];
     advertise.extend(spec.exposure.advertise.iter().cloned());

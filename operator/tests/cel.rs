@@ -51,8 +51,8 @@ fn every_rule_compiles() {
         assert!(errors.is_empty(), "{}: {errors:?}", crd.spec.names.kind);
     }
     assert_eq!(
-        total, 6,
-        "rules: agent name, repositories, fs root; share mode, subscribe source; grant immutability"
+        total, 7,
+        "rules: agent name, repositories, fs root, idleAfter; share mode, subscribe source; grant immutability"
     );
 }
 
@@ -93,6 +93,19 @@ fn operator_refuses_what_the_agent_rules_refuse() {
     let long = "a".repeat(caravan_operator::names::MAX_AGENT_NAME + 1);
     cases.push(("name too long", fs_agent(&long, "t"), false));
     cases.push(("name with a dot", fs_agent("a.b", "t"), false));
+    for (what, idle, valid) in [
+        ("idleAfter 15m", "15m", true),
+        ("idleAfter 10s", "10s", true),
+        ("idleAfter 24h", "24h", true),
+        ("idleAfter 5s", "5s", false),
+        ("idleAfter 25h", "25h", false),
+    ] {
+        let mut a = s3_agent("alice", "t");
+        a.spec.scale_to_zero = Some(caravan_operator::crd::ScaleToZeroSpec {
+            idle_after: idle.into(),
+        });
+        cases.push((what, a, valid));
+    }
     for (what, agent, valid) in cases {
         assert_eq!(cel_accepts(&agent), valid, "CEL on {what}");
         assert_eq!(operator_accepts(&agent), valid, "operator on {what}");

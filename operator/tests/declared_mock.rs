@@ -903,3 +903,91 @@ async fn deleting_a_grant_whose_issuer_is_gone_warns_and_releases() {
     api.done().await;
     assert!(fake.calls().is_empty());
 }
+
+fn sleeping_agent_json(name: &str, agent_id: &str) -> Value {
+    let mut a = agent_json(name, agent_id, true);
+    a["status"]["phase"] = json!("Sleeping");
+    a
+}
+
+#[tokio::test]
+async fn a_settled_share_of_a_sleeping_agent_keeps_its_status() {
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let mut share = publish_share();
+    share.status = Some(caravan_operator::crd::ShareStatus {
+        phase: Some(caravan_operator::crd::SharePhase::Ready),
+        version: Some(1),
+        observed_generation: Some(1),
+        ..Default::default()
+    });
+    let task = tokio::spawn(run_share(share, ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/alice"),
+        )
+        .await;
+    respond(a.send, 200, &sleeping_agent_json("alice", &id(1)));
+    // No identity, no pods, no agent call, no status patch: it stays Ready.
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(shares::READY_REQUEUE)
+    );
+    api.done().await;
+    assert!(fake.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_subscription_whose_publisher_sleeps_stays_ready() {
+    let publisher = SecretKey::from_seed([1; 32]);
+    let bob = SecretKey::from_seed([2; 32]).agent_id();
+    let key = caravan_agent::crypto::Key::random().unwrap();
+    let ticket = Ticket::issue(&publisher, ShareId([5; 32]), bob, &key, vec![], vec![]).unwrap();
+    let fake = Arc::new(FakeAgent::default());
+    let mut r = published_report();
+    r.name = "from-alice".into();
+    r.state = DeclaredState::Failed;
+    r.reason = Some("PublisherUnreachable".into());
+    r.message = Some("no peer reachable for share x (Connection refused)".into());
+    r.tickets = vec![];
+    r.keyless_ticket = None;
+    fake.shares.lock().unwrap().push_back(Ok(r));
+    let (ctx, mut api) = context(fake.clone());
+    let share = subscribe_share(ticket);
+    let task = tokio::spawn(run_share(share.clone(), ctx));
+    expect_ready_agent(&mut api, "bob", &bob.to_string()).await;
+    // The publisher is looked up among the cluster's Agents: asleep.
+    let list = api.expect("GET", "/apis/caravan.dev/v1alpha1/agents").await;
+    respond(
+        list.send,
+        200,
+        &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
+                "items":[agent_json("bob", &bob.to_string(), true),
+                         sleeping_agent_json("alice", &id(1))]}),
+    );
+    let status = expect_status(
+        &mut api,
+        "shares",
+        "from-alice",
+        serde_json::to_value(&share).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "PublisherAsleep", "Normal").await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(shares::READY_REQUEUE)
+    );
+    api.done().await;
+    assert_eq!(status["phase"], "Ready");
+    let ready = condition(&status, "Ready");
+    assert_eq!(ready["reason"], "PublisherAsleep");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant-a/alice"),
+        "{ready}"
+    );
+    assert_eq!(condition(&status, "Degraded")["status"], "False");
+}

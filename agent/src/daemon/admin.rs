@@ -127,6 +127,7 @@ pub fn admin_router_with(
         )
         .route(&grant_path, put(api_grant_put).delete(api_grant_delete))
         .route(api::STATUS, get(api_status))
+        .route(api::ACTIVITY, get(api_activity))
         .route(api::SHARES, post(api_publish))
         .route(api::SHARE_TICKETS, post(api_ticket))
         .route(api::FETCHES, post(api_fetch))
@@ -233,13 +234,29 @@ async fn api_status(
     Ok(Json(status(&s.agent)))
 }
 
+/// `GET /v1/activity`: idle time, pending and scheduled work (scale to zero).
+async fn api_activity(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+) -> std::result::Result<Json<api::ActivityReport>, ApiFailure> {
+    check_token(&s, &h)?;
+    let schedule = s
+        .declared
+        .as_ref()
+        .map(|d| d.schedule())
+        .unwrap_or_default();
+    Ok(Json(s.agent.activity_report(schedule)))
+}
+
 async fn api_publish(
     State(s): State<AdminState>,
     h: HeaderMap,
     Json(req): Json<PublishRequest>,
 ) -> std::result::Result<Json<Published>, ApiFailure> {
     check_token(&s, &h)?;
-    Ok(Json(s.agent.publish(req, None).await?))
+    let published = s.agent.publish(req, None).await?;
+    s.agent.activity.touch(api::activity::PUBLISH);
+    Ok(Json(published))
 }
 
 async fn api_ticket(
@@ -261,6 +278,7 @@ async fn api_fetch(
     Json(req): Json<FetchRequest>,
 ) -> std::result::Result<Json<ProgressSnapshot>, ApiFailure> {
     check_token(&s, &h)?;
+    s.agent.activity.touch(api::activity::FETCH);
     Ok(Json(s.agent.start_fetch(req).await?.snapshot()))
 }
 

@@ -41,6 +41,8 @@ pub const DECLARED_SHARES: &str = "/v1/declared/shares";
 /// `PUT` a [`DeclaredGrant`] ([`DeclaredGrantStatus`]), `DELETE` to revoke
 /// it ([`RevocationStatus`]): `{DECLARED_GRANTS}/{key}`.
 pub const DECLARED_GRANTS: &str = "/v1/declared/grants";
+/// `GET`: [`ActivityReport`], polled by the operator for scale to zero.
+pub const ACTIVITY: &str = "/v1/activity";
 
 /// [`SHARE_TICKETS`] for one share.
 pub fn share_tickets(share: &str) -> String {
@@ -138,6 +140,7 @@ pub struct PeerInfo {
 // The declarative part of the admin API (what the operator uses) lives in
 // the light `declare` module, below the node that implements it.
 pub use crate::declare::{
-    DeclaredGrant, DeclaredGrantStatus, DeclaredPublish, DeclaredShare, DeclaredShareStatus,
-    DeclaredState, DeclaredSubscribe, RecipientTicket, RevocationStatus, reasons,
+    ActivityReport, DUE_SOON_SECS, DeclaredGrant, DeclaredGrantStatus, DeclaredPublish,
+    DeclaredShare, DeclaredShareStatus, DeclaredState, DeclaredSubscribe, RecipientTicket,
+    RevocationStatus, activity, reasons,
 };

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use opendal::Operator;
 
 use crate::chunk::{self, ChunkId};
+use crate::declare::activity;
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
 use crate::manifest::{KeyRelease, ShareId};
+use crate::node::activity::Activity;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::metrics::Metrics;
 use crate::node::share::{self, HeldShare, Role};
@@ -52,6 +54,9 @@ pub struct Agent {
     pub(crate) shares: RwLock<HashMap<ShareId, Arc<HeldShare>>>,
     /// Metrics exported on `/metrics`.
     pub metrics: Metrics,
+    /// When it last served, fetched, published or was told something new
+    /// (the operator's scale-to-zero decision reads it).
+    pub activity: Activity,
     pub(crate) fetches: Mutex<HashMap<ShareId, Arc<FetchProgress>>>,
     /// The agent's trust state (engine, repositories), when installed;
     /// without it only explicitly named recipients are served.
@@ -90,6 +95,7 @@ impl Agent {
             opts,
             shares: RwLock::new(shares),
             metrics,
+            activity: Activity::new(),
             fetches: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
             presented: Mutex::new(HashMap::new()),
@@ -246,6 +252,8 @@ impl Agent {
 
 impl Service for Agent {
     async fn manifest(&self, peer: AgentId, share: ShareId, _have_seq: u64) -> Result<Vec<u8>> {
+        // Not activity: subscribers poll the manifest for new versions, and
+        // a publisher they only poll may sleep (they wake it when behind).
         Ok(self.authorized_share(&peer, &share)?.record.clone())
     }
 
@@ -308,6 +316,9 @@ impl Service for Agent {
             })?;
         self.metrics.chunks_sent.inc();
         self.metrics.bytes_sent.inc_by(ct.len() as u64);
+        // Serving chunks is activity (manifest and key requests are part of
+        // every subscriber's poll and are not).
+        self.activity.touch(activity::SERVE);
         Ok(ct)
     }
 

@@ -25,11 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::declare::{
     DeclaredGrant, DeclaredGrantStatus, DeclaredShare, DeclaredShareStatus, DeclaredState,
-    RecipientTicket, RevocationStatus, reasons,
+    RecipientTicket, RevocationStatus, activity, reasons,
 };
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{Access, ShareId, Ticket};
+use crate::node::activity::Schedule;
 use crate::node::agent::Agent;
 use crate::node::fetch::progress::{FetchProgress, FetchState};
 use crate::node::publish::PublishRequest;
@@ -68,6 +69,8 @@ struct Running {
     saved: Mutex<SavedShare>,
     status: Mutex<DeclaredShareStatus>,
     progress: Mutex<Option<Arc<FetchProgress>>>,
+    /// When a publish share rescans next (unix seconds).
+    next_run: Mutex<Option<u64>>,
     cancel: CancellationToken,
 }
 
@@ -186,6 +189,11 @@ pub fn reason_of(e: &Error, had_version: bool) -> &'static str {
         Error::Storage { .. } => reasons::STORAGE_ERROR,
         Error::Rejected(m) if m.contains("ticket is for agent") => reasons::NOT_A_RECIPIENT,
         Error::Rejected(_) => reasons::INVALID_SPEC,
+        // "no peer reachable … Connection refused" is a closed port (a
+        // publisher that stopped or sleeps), not a refusal by the publisher.
+        _ if text.contains("no peer reachable") || text.contains("not reachable") => {
+            reasons::PUBLISHER_UNREACHABLE
+        }
         _ if text.contains("refused") => {
             if had_version {
                 reasons::TRUST_REVOKED
@@ -259,6 +267,7 @@ impl Declarations {
             status: Mutex::new(pending(&name, saved.spec.generation)),
             saved: Mutex::new(saved),
             progress: Mutex::new(None),
+            next_run: Mutex::new(None),
             cancel: self.shutdown.child_token(),
         });
         if let Ok(mut m) = self.shares.lock()
@@ -312,6 +321,7 @@ impl Declarations {
             fingerprint: None,
         };
         self.save_share(name, &saved).await?;
+        self.agent.activity.touch(activity::DECLARED);
         let g = saved.spec.generation;
         let run = self.start(name.to_string(), saved);
         Ok(self.status_of(&run, g))
@@ -343,6 +353,7 @@ impl Declarations {
         check_name("share name", name)?;
         let run = self.shares.lock().ok().and_then(|mut m| m.remove(name));
         if let Some(run) = run {
+            self.agent.activity.touch(activity::DECLARED);
             run.cancel.cancel();
             let saved = run.saved.lock().map(|s| s.clone()).ok();
             if let Some(s) = saved
@@ -362,6 +373,37 @@ impl Declarations {
             .await
             .context(|| format!("removing {path}"))?;
         Ok(())
+    }
+
+    /// Work of the declared shares for the activity report: shares not
+    /// settled yet (accepted, publishing, fetching) are pending; each
+    /// publish share's next rescan is scheduled work.
+    pub fn schedule(&self) -> Schedule {
+        let mut out = Schedule::default();
+        let runs: Vec<(String, Arc<Running>)> = self
+            .shares
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for (name, run) in runs {
+            let fetching = run.progress.lock().map(|p| p.is_some()).unwrap_or(false);
+            let state = run.status.lock().map(|s| s.state).ok();
+            if fetching {
+                out.pending
+                    .push(format!("declared share {name}: fetch running"));
+            } else if matches!(
+                state,
+                Some(DeclaredState::Pending | DeclaredState::Progressing)
+            ) {
+                out.pending
+                    .push(format!("declared share {name} is not settled yet"));
+            }
+            if let Some(at) = run.next_run.lock().ok().and_then(|n| *n) {
+                out.due(at, format!("rescan of share {name}"));
+            }
+        }
+        out.pending.sort();
+        out
     }
 
     fn status_of(&self, run: &Running, generation: i64) -> DeclaredShareStatus {
@@ -408,6 +450,11 @@ impl Declarations {
             } else {
                 return;
             };
+            if spec.publish.is_some()
+                && let Ok(mut n) = run.next_run.lock()
+            {
+                *n = Some(crate::util::unix_now().saturating_add(wait.max(1)));
+            }
             tokio::select! {
                 _ = run.cancel.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(wait.max(1))) => {}
@@ -465,6 +512,7 @@ impl Declarations {
                     rotate_key: false,
                 };
                 let published = agent.publish(req, None).await?;
+                agent.activity.touch(activity::PUBLISH);
                 let id: ShareId = published.share_id.parse()?;
                 let saved = {
                     let mut s = run
@@ -608,6 +656,9 @@ impl Declarations {
             if held.as_ref().map(|h| h.seq()) != held_before {
                 s.bytes_received = snap.bytes_received;
             }
+            if held.as_ref().map(|h| h.seq()) != held_before || snap.bytes_received > 0 {
+                agent.activity.touch(activity::FETCH);
+            }
             if result.is_ok() {
                 s.state = DeclaredState::Ready;
                 s.reason = None;
@@ -672,6 +723,7 @@ impl Declarations {
             .write(&path, json)
             .await
             .context(|| format!("saving {path}"))?;
+        self.agent.activity.touch(activity::DECLARED);
         let mut st = self.grant_status(&saved, &spec);
         st.published_to = info.published_to;
         Ok(st)
@@ -711,6 +763,7 @@ impl Declarations {
             .trust()
             .ok_or_else(|| Error::Config("the trust state is not loaded".into()))?;
         if !saved.revoked || !saved.revocation_published {
+            self.agent.activity.touch(activity::DECLARED);
             let published = trust.revoke_one(&saved.grant_id).await?;
             saved.revoked = true;
             saved.revocation_published = published;
@@ -786,4 +839,23 @@ async fn fingerprint(agent: &Agent, path: &str) -> Result<String> {
     Ok(blake3::hash(lines.join("\n").as_bytes())
         .to_hex()
         .to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_port_is_unreachable_not_revoked() {
+        let closed = Error::Protocol(
+            "no peer reachable for share x (10.0.0.1:7400: Connection refused (os error 111))"
+                .into(),
+        );
+        assert_eq!(reason_of(&closed, true), reasons::PUBLISHER_UNREACHABLE);
+        let refused = Error::NotFound(
+            "the publisher refused the share key: this agent found no valid grant chain".into(),
+        );
+        assert_eq!(reason_of(&refused, true), reasons::TRUST_REVOKED);
+        assert_eq!(reason_of(&refused, false), reasons::NOT_A_RECIPIENT);
+    }
 }

@@ -4,6 +4,8 @@
 //! piece of its state, and imports [`agent::Agent`] directly, so no file
 //! of this wing imports this one back.
 
+pub mod activity;
+pub mod activity_report;
 pub mod agent;
 pub mod declared;
 pub mod fetch;
@@ -14,6 +16,7 @@ pub mod state;
 pub mod trust;
 pub mod tuning;
 
+pub use activity::Activity;
 pub use agent::{Agent, AgentOptions};
 pub use declared::Declarations;
 pub use fetch::FetchRequest;

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
     Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
         name = "Phase",
         type_ = "string",
         json_path = ".status.phase",
-        description = "Pending, Ready or Degraded"
+        description = "Pending, Ready, Degraded or Sleeping"
     ),
     printcolumn(
         name = "Agent ID",
@@ -53,6 +53,13 @@ use serde::{Deserialize, Serialize};
         json_path = ".status.endpoint",
         priority = "1",
         description = "host:port other agents dial"
+    ),
+    printcolumn(
+        name = "Awake",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Awake\")].reason",
+        priority = "1",
+        description = "Scale to zero: why the agent sleeps or is awake"
     ),
     printcolumn(
         name = "Reason",
@@ -110,6 +117,42 @@ pub struct AgentSpec {
     /// `agent.scheduling`); fields left out keep the default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduling: Option<SchedulingSpec>,
+
+    /// Scale the agent to zero pods while it has nothing to do, and back to
+    /// one when it has: a Share or TrustGrant of this Agent changes, a
+    /// rescan or an offline-seeding URL refresh is due, or a subscribe Share
+    /// in the cluster needs this agent as its publisher (unless that share
+    /// is offline-seeded). Omitted: the agent always runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero: Option<ScaleToZeroSpec>,
+}
+
+/// When an idle agent is scaled to zero.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "duration(self.idleAfter) >= duration('10s') && duration(self.idleAfter) <= duration('24h')",
+    "message": "idleAfter must be between 10s and 24h"
+}]))]
+pub struct ScaleToZeroSpec {
+    /// How long the agent must have had no fetch, serve or pending work
+    /// before its pod is stopped (a duration such as `20s`, `15m`, `1h`;
+    /// 10s to 24h).
+    #[serde(default = "default_idle_after")]
+    #[schemars(regex(pattern = r"^[0-9]+(s|m|h)$"))]
+    pub idle_after: String,
+}
+
+impl Default for ScaleToZeroSpec {
+    fn default() -> Self {
+        Self {
+            idle_after: default_idle_after(),
+        }
+    }
+}
+
+fn default_idle_after() -> String {
+    "15m".to_string()
 }
 
 /// Log format of the agent process.
@@ -313,6 +356,9 @@ pub enum AgentPhase {
     Ready,
     /// Something needs a human: see the Degraded condition.
     Degraded,
+    /// Scaled to zero while idle (`spec.scaleToZero`): no pod runs; the
+    /// Awake condition says why and `wakeAt` when it is woken next.
+    Sleeping,
 }
 
 impl AgentPhase {
@@ -322,6 +368,7 @@ impl AgentPhase {
             AgentPhase::Pending => "Pending",
             AgentPhase::Ready => "Ready",
             AgentPhase::Degraded => "Degraded",
+            AgentPhase::Sleeping => "Sleeping",
         }
     }
 }
@@ -342,10 +389,17 @@ pub struct AgentStatus {
     /// name, a LoadBalancer's address, then `spec.exposure.advertise`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
-    /// Pending, Ready or Degraded: a summary of the conditions.
+    /// Pending, Ready, Degraded or Sleeping: a summary of the conditions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<AgentPhase>,
-    /// Ready, Progressing and Degraded, each with the generation it describes.
+    /// With `spec.scaleToZero`: while Sleeping, when the operator wakes the
+    /// agent for scheduled work (a rescan, a URL refresh); while awake, the
+    /// scheduled time it was woken for, if that is why it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_at: Option<Time>,
+    /// Ready, Progressing and Degraded (and Awake with `spec.scaleToZero`:
+    /// False while scaled to zero; its reason says why it sleeps or wakes),
+    /// each with the generation it describes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::conditions_schema")]
     pub conditions: Vec<Condition>,

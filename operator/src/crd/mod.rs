@@ -9,7 +9,7 @@ pub mod agent;
 pub mod share;
 pub mod trust_grant;
 
-pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus};
+pub use agent::{Agent, AgentPhase, AgentSpec, AgentStatus, ScaleToZeroSpec};
 pub use share::{Share, SharePhase, ShareSpec, ShareStatus};
 pub use trust_grant::{TrustGrant, TrustGrantSpec, TrustGrantStatus};
 

@@ -136,7 +136,12 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
     // 3. Its admin API.
     let endpoint = match agentref::endpoint(&ctx.client, &issuer).await? {
         Lookup::Ready { endpoint, .. } => endpoint,
-        Lookup::NotReady(m) => {
+        Lookup::Sleeping(_) if plan::settled(g) => {
+            // The issuer is scaled to zero and the grant is signed and
+            // published: nothing to do, the status stays.
+            return Ok(Action::requeue(READY_REQUEUE));
+        }
+        Lookup::NotReady(m) | Lookup::Sleeping(m) => {
             update_status(g, ctx, &Observation::IssuerNotReady(&m)).await?;
             return Ok(Action::requeue(WAIT_REQUEUE));
         }
@@ -278,7 +283,7 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
         Lookup::Missing => Ok(Action::await_change()),
-        Lookup::NotReady(m) => Err(Error::CleanupPending(format!(
+        Lookup::NotReady(m) | Lookup::Sleeping(m) => Err(Error::CleanupPending(format!(
             "{m}; the revocation is published once the issuer is Ready"
         ))),
     }

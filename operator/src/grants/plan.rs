@@ -88,6 +88,19 @@ pub fn declared(spec: &TrustGrantSpec, now: u64) -> Result<DeclaredGrant, GrantI
     })
 }
 
+/// Whether the grant is signed, published and describes its current spec:
+/// its issuer need not be awake for it (scale to zero).
+pub fn settled(g: &crate::crd::TrustGrant) -> bool {
+    g.status.as_ref().is_some_and(|st| {
+        st.observed_generation == g.metadata.generation
+            && st.published
+            && st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == crate::status::READY && c.status == "True")
+    })
+}
+
 /// Refuses a grant from an agent to itself.
 pub fn check_not_self(subject: &str, issuer_id: &str) -> Result<(), GrantInputError> {
     if subject == issuer_id {

@@ -35,11 +35,11 @@ use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::agent_api::CallError;
+use crate::agent_api::{CallError, DeclaredState, reasons};
 use crate::agentref::{self, Lookup};
 use crate::conditions;
 use crate::config::FIELD_MANAGER;
-use crate::crd::{Agent, Share, ShareStatus};
+use crate::crd::{Agent, AgentPhase, Share, ShareStatus};
 use crate::declared::{Context, Error, RunOptions, backoff};
 use plan::{Mode, Observation, ShareInputError, TicketSource};
 
@@ -160,7 +160,13 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
     // 4. Where the agent's admin API answers.
     let endpoint = match agentref::endpoint(&ctx.client, &agent).await? {
         Lookup::Ready { endpoint, .. } => endpoint,
-        Lookup::NotReady(m) => {
+        Lookup::Sleeping(_) if plan::settled(share) => {
+            // Scaled to zero with nothing new to declare: the status stays
+            // as it was (a published share stays Ready while its publisher
+            // sleeps); a change of the Share wakes the Agent.
+            return Ok(Action::requeue(READY_REQUEUE));
+        }
+        Lookup::NotReady(m) | Lookup::Sleeping(m) => {
             let obs = Observation::AgentNotReady(&m);
             update_status(share, ctx, Some(mode), &obs).await?;
             return Ok(Action::requeue(WAIT_REQUEUE));
@@ -182,8 +188,27 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         .with_label_values(&["put_share", call_label(&answer)])
         .inc();
 
-    // 6. Status.
+    // 6. Status. A subscription that failed only because its publisher,
+    // an Agent of this cluster, sleeps (scale to zero) is not a failure.
+    let asleep = match &answer {
+        Ok(r)
+            if mode == Mode::Subscribe
+                && r.state == DeclaredState::Failed
+                && r.version > 0
+                && r.reason.as_deref() == Some(reasons::PUBLISHER_UNREACHABLE) =>
+        {
+            match r.publisher.as_deref() {
+                Some(p) => sleeping_publisher(ctx, p).await?,
+                None => None,
+            }
+        }
+        _ => None,
+    };
     let (obs, requeue) = match &answer {
+        Ok(r) if asleep.is_some() => (
+            Observation::PublisherAsleep(r, asleep.as_deref().unwrap_or_default()),
+            READY_REQUEUE,
+        ),
         Ok(r) => (
             Observation::Reported(r),
             match r.state {
@@ -218,6 +243,24 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     Ok(Action::requeue(requeue))
+}
+
+/// `namespace/name` of the Agent of this cluster with agent id `id`, when
+/// it is asleep (scaled to zero). One `LIST` of Agents, made only for a
+/// subscription that could not reach its publisher.
+async fn sleeping_publisher(ctx: &Context, id: &str) -> Result<Option<String>, Error> {
+    let agents = Api::<Agent>::all(ctx.client.clone())
+        .list(&Default::default())
+        .await?;
+    Ok(agents
+        .items
+        .iter()
+        .find(|a| {
+            a.status.as_ref().is_some_and(|s| {
+                s.agent_id.as_deref() == Some(id) && s.phase == Some(AgentPhase::Sleeping)
+            })
+        })
+        .map(|a| format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any())))
 }
 
 fn call_label<T>(r: &Result<T, CallError>) -> &'static str {
@@ -355,7 +398,7 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
         Lookup::Missing => Ok(Action::await_change()),
-        Lookup::NotReady(m) => Err(Error::CleanupPending(format!(
+        Lookup::NotReady(m) | Lookup::Sleeping(m) => Err(Error::CleanupPending(format!(
             "{m}; the share is released once the Agent is Ready (or deleted)"
         ))),
     }

@@ -268,6 +268,17 @@ pub fn declared(
     })
 }
 
+/// Whether the Share's status describes its current spec and the agent has
+/// nothing left to do for it (Ready, or Degraded until a human acts): such
+/// a share needs no awake agent, and its status is kept while the Agent
+/// sleeps (scale to zero).
+pub fn settled(share: &crate::crd::Share) -> bool {
+    share.status.as_ref().is_some_and(|st| {
+        st.observed_generation == share.metadata.generation
+            && matches!(st.phase, Some(SharePhase::Ready | SharePhase::Degraded))
+    })
+}
+
 /// What the reconciler found, reduced to what status depends on.
 #[derive(Clone, Debug)]
 pub enum Observation<'a> {
@@ -281,6 +292,10 @@ pub enum Observation<'a> {
     AgentRefused(&'a str),
     /// The agent's report.
     Reported(&'a DeclaredShareStatus),
+    /// Subscribe: the agent could not reach the publisher, which is an
+    /// Agent of this cluster scaled to zero (named here); the version held
+    /// is the newest it published, so this is not a failure.
+    PublisherAsleep(&'a DeclaredShareStatus, &'a str),
 }
 
 fn reason_code(r: Option<&str>) -> String {
@@ -333,7 +348,7 @@ pub fn compute(
             bounded(m),
         ),
         Observation::AgentRefused(m) => (Summary::Degraded, "AgentRefused".to_string(), bounded(m)),
-        Observation::Reported(r) => {
+        Observation::Reported(r) | Observation::PublisherAsleep(r, _) => {
             st.share_id = r.share_id.clone().map(|s| bounded(&s)).or(st.share_id);
             st.publisher = r.publisher.clone().map(|s| bounded(&s)).or(st.publisher);
             if r.version > 0 {
@@ -400,6 +415,18 @@ pub fn compute(
                 ),
             }
         }
+    };
+    let (summary, reason, message) = match obs {
+        Observation::PublisherAsleep(r, who) => (
+            Summary::Ready,
+            "PublisherAsleep".to_string(),
+            format!(
+                "holding version {}: the publisher, Agent {who}, is scaled to zero and \
+                 published nothing newer; it is woken when a fetch needs it",
+                r.version
+            ),
+        ),
+        _ => (summary, reason, message),
     };
     st.conditions = conditions::triple(prev_conds, summary, &reason, &message, generation, now);
     st.phase = Some(match (summary, obs) {
@@ -652,6 +679,24 @@ mod tests {
             t(10),
         );
         assert_eq!(cond(&d, "Degraded").reason, "AgentError");
+    }
+
+    #[test]
+    fn a_sleeping_publisher_is_not_a_failure() {
+        let mut f = reported(DeclaredState::Failed);
+        f.reason = Some("PublisherUnreachable".into());
+        let s = compute(
+            None,
+            Some(1),
+            Some(Mode::Subscribe),
+            &Observation::PublisherAsleep(&f, "tenant-a/alice"),
+            t(0),
+        );
+        assert_eq!(s.phase, Some(SharePhase::Ready));
+        let c = cond(&s, "Ready");
+        assert_eq!(c.reason, "PublisherAsleep");
+        assert!(c.message.contains("version 2") && c.message.contains("tenant-a/alice"));
+        assert_eq!(cond(&s, "Degraded").status, "False");
     }
 
     #[test]
