@@ -673,7 +673,18 @@ pub async fn run(
     };
     let owned = watcher::Config::default().labels(&names::managed_selector());
     let ctrl = Controller::new(agents, watcher::Config::default());
-    let (by_share, by_grant) = (ctrl.store(), ctrl.store());
+    let (by_share, by_grant, all) = (ctrl.store(), ctrl.store(), ctrl.store());
+    // The `agents{phase}` gauge, recounted from the cache (deleted Agents
+    // drop out by themselves).
+    let metrics = ctx.metrics.clone();
+    let counter = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(15));
+        loop {
+            tick.tick().await;
+            let state = all.state();
+            metrics.count_agents(state.iter().map(|a| a.as_ref()));
+        }
+    });
     ctrl.owns(deps, owned.clone())
         .owns(cms, owned.clone())
         .owns(svcs, owned.clone())
@@ -710,4 +721,5 @@ pub async fn run(
             }
         })
         .await;
+    counter.abort();
 }

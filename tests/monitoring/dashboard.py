@@ -30,6 +30,8 @@ ROWS = [
     ("Fleet", [
         ("Agents reporting", "stat", "none", [("agents", "count(caravan_shares_held)")]),
         ("Operator replicas leading", "stat", "none", [("leader", "sum(caravan_operator_leader)")]),
+        ("Agents by phase (Ready, Sleeping, Pending, Degraded)", "timeseries", "none", [
+            ("{{phase}}", "max by (phase) (caravan_operator_agents)")]),
         ("Reconciles by result", "timeseries", "ops", [
             ("{{result}}", 'sum by (result) (rate(caravan_operator_reconciles_total[5m]))')]),
         ("Reconcile errors by reason", "timeseries", "ops", [
