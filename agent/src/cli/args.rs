@@ -121,6 +121,15 @@ pub(crate) enum Command {
         /// Use a fresh share key for this version (after removing someone).
         #[arg(long, requires = "share")]
         rotate_key: bool,
+        /// Also seed it offline: stage the sealed chunks in this agent's own
+        /// bucket (s3, gcs, azblob) and publish presigned URLs through the
+        /// repositories, so recipients can fetch while this agent is stopped.
+        #[arg(long)]
+        offline_seeding: bool,
+        /// How long each presigned URL stays valid (e.g. 90s, 30m, 12h, 7d);
+        /// the running daemon renews them before they expire.
+        #[arg(long, value_name = "DURATION", requires = "offline_seeding", value_parser = parse_validity)]
+        url_validity: Option<u64>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -438,4 +447,8 @@ mod tests {
             );
         }
     }
+}
+
+fn parse_validity(s: &str) -> Result<u64, String> {
+    caravan_agent::node::seed::parse_validity(s)
 }
