@@ -7,7 +7,7 @@ pub mod records;
 pub mod seed;
 
 pub use engine::{Chain, GrantRef, RevocationSet, TrustEngine, render_tree, verify_chain};
-pub use seed::{SeedIndex, SeedRecord};
 pub use records::{
     Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record, share_locator,
 };
+pub use seed::{SeedIndex, SeedRecord};

@@ -170,8 +170,7 @@ impl SeedIndex {
 
     /// Decodes index bytes already checked against the record's hash.
     pub fn from_bytes(bytes: &[u8], rec: &SeedRecord) -> Result<Self> {
-        if bytes.len() as u64 != rec.index_len
-            || blake3::hash(bytes).as_bytes() != &rec.index_hash
+        if bytes.len() as u64 != rec.index_len || blake3::hash(bytes).as_bytes() != &rec.index_hash
         {
             return Err(Error::Record(
                 "the seed index does not match its signed hash (replaced or refreshed)".into(),
@@ -180,7 +179,9 @@ impl SeedIndex {
         let idx: SeedIndex =
             postcard::from_bytes(bytes).map_err(|e| Error::Record(format!("seed index: {e}")))?;
         if idx.share_id != rec.share_id || idx.manifest_seq != rec.manifest_seq {
-            return Err(Error::Record("the seed index is for another share or version".into()));
+            return Err(Error::Record(
+                "the seed index is for another share or version".into(),
+            ));
         }
         Ok(idx)
     }
@@ -214,8 +215,8 @@ mod tests {
         assert_eq!(r.open_url(&share_key).unwrap(), "http://127.0.0.1/x?sig=1");
         assert!(r.open_url(&Key([2; 32])).is_err());
         let rec = SignedRecord::seal(&sk, &r).unwrap();
-        let back = SeedRecord::from_record(&SignedRecord::from_bytes(&rec.to_bytes()).unwrap())
-            .unwrap();
+        let back =
+            SeedRecord::from_record(&SignedRecord::from_bytes(&rec.to_bytes()).unwrap()).unwrap();
         assert_eq!(back, r);
         back.check_window(crate::util::unix_now()).unwrap();
         // Moving the URL to another version breaks it (bound by the AAD).

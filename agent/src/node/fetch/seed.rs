@@ -153,7 +153,15 @@ impl SeedSource {
         if self.loaded.read().await.seq != seen {
             return Ok(()); // another request already refreshed it
         }
-        match load(&self.http, &self.repos, &self.publisher, &self.share, &self.key).await? {
+        match load(
+            &self.http,
+            &self.repos,
+            &self.publisher,
+            &self.share,
+            &self.key,
+        )
+        .await?
+        {
             Some(new) if new.seq > seen => {
                 tracing::info!(seq = new.seq, "fresh presigned URLs from the seed record");
                 *self.loaded.write().await = new;
@@ -169,8 +177,14 @@ impl SeedSource {
 
     async fn download(&self, url: &str, r: &ChunkRef) -> std::result::Result<Vec<u8>, Refusal> {
         let want = r.len as usize + crate::crypto::TAG_LEN;
-        let body = get_bounded(&self.http, url, want.min(MAX_CIPHERTEXT) as u64).await?;
-        Ok(body)
+        match get_bounded(&self.http, url, want.min(MAX_CIPHERTEXT) as u64).await {
+            // Longer than the chunk: not the chunk (replaced), like a bad hash.
+            Err(Refusal::TooBig(max)) => Err(Refusal::Failed(Error::CorruptChunk {
+                id: r.id.to_string(),
+                reason: format!("the bucket sent more than the {max} bytes of the chunk"),
+            })),
+            other => other,
+        }
     }
 }
 
@@ -178,6 +192,8 @@ impl SeedSource {
 enum Refusal {
     /// 403 or 400: an expired or no longer valid URL; worth a refresh.
     Denied(reqwest::StatusCode),
+    /// A body longer than the bound (not read further).
+    TooBig(u64),
     /// Anything else.
     Failed(Error),
 }
@@ -187,6 +203,9 @@ impl Refusal {
         match self {
             Refusal::Denied(s) => Error::Protocol(format!(
                 "the publisher's bucket refused the presigned URL (HTTP {s})"
+            )),
+            Refusal::TooBig(max) => Error::Protocol(format!(
+                "the publisher's bucket sent more than the {max} bytes expected"
             )),
             Refusal::Failed(e) => e,
         }
@@ -213,13 +232,8 @@ async fn get_bounded(
             "the publisher's bucket answered HTTP {status} (object deleted?)"
         ))));
     }
-    let too_big = || {
-        Refusal::Failed(Error::Protocol(format!(
-            "the publisher's bucket sent more than the {max} bytes expected"
-        )))
-    };
     if resp.content_length().is_some_and(|n| n > max) {
-        return Err(too_big());
+        return Err(Refusal::TooBig(max));
     }
     let mut out = Vec::with_capacity(max.min(MAX_CIPHERTEXT as u64) as usize);
     while let Some(part) = resp
@@ -228,7 +242,7 @@ async fn get_bounded(
         .map_err(|e| Refusal::Failed(Error::Protocol(format!("bucket read: {e}"))))?
     {
         if (out.len() + part.len()) as u64 > max {
-            return Err(too_big());
+            return Err(Refusal::TooBig(max));
         }
         out.extend_from_slice(&part);
     }

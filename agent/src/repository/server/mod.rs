@@ -621,7 +621,10 @@ impl Repository {
             .context(|| format!("checking {path}"))
             .map_err(storage)?
             && self
-                .list_names(&publisher_seeds_prefix(&s.publisher), MAX_SEEDS_PER_PUBLISHER)
+                .list_names(
+                    &publisher_seeds_prefix(&s.publisher),
+                    MAX_SEEDS_PER_PUBLISHER,
+                )
                 .await
                 .map_err(storage)?
                 .len()
