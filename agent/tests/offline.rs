@@ -259,7 +259,7 @@ impl World {
             .await
             .unwrap()
             .to_vec();
-        let repos = RepositoryClient::new(&[self.repo.clone()]).unwrap();
+        let repos = RepositoryClient::new(std::slice::from_ref(&self.repo)).unwrap();
         let (rec, _) = repos.seed(&self.publisher.id, &id).await.unwrap().unwrap();
         SeedIndex::from_bytes(&bytes, &rec).unwrap()
     }

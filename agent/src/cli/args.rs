@@ -128,7 +128,7 @@ pub(crate) enum Command {
         offline_seeding: bool,
         /// How long each presigned URL stays valid (e.g. 90s, 30m, 12h, 7d);
         /// the running daemon renews them before they expire.
-        #[arg(long, value_name = "DURATION", requires = "offline_seeding", value_parser = parse_validity)]
+        #[arg(long, value_name = "DURATION", requires = "offline_seeding", value_parser = caravan_agent::node::seed::parse_validity)]
         url_validity: Option<u64>,
         /// Print the result as JSON.
         #[arg(long)]
@@ -206,8 +206,18 @@ pub(crate) enum Command {
         /// erin→dave(0); alice shares with "agents I trust within 3 hops",
         /// then revokes alice→bob while a repository is down: bob and carol
         /// are refused, dave (through erin) and erin keep fetching.
+        /// `offline`: the publisher keeps the folder in an S3 bucket,
+        /// publishes it with offline seeding and is stopped; the recipient
+        /// fetches everything from presigned URLs (needs --s3-endpoint).
         #[arg(long, value_enum, default_value = "transfer")]
         scenario: Scenario,
+        /// S3-compatible endpoint for the offline scenario (e.g. what
+        /// `tests/s3/moto.sh start` or `tests/s3/s3s.sh start` prints).
+        #[arg(long, env = "CARAVAN_DEMO_S3_ENDPOINT", value_name = "URL")]
+        s3_endpoint: Option<String>,
+        /// Bucket for the offline scenario (must exist).
+        #[arg(long, env = "CARAVAN_DEMO_S3_BUCKET", default_value = "caravan-test")]
+        s3_bucket: String,
     },
     /// Manage whom this agent vouches for (asks the running daemon).
     ///
@@ -241,6 +251,7 @@ pub(crate) enum Command {
 pub(crate) enum Scenario {
     Transfer,
     Trust,
+    Offline,
 }
 
 #[derive(Subcommand, Debug)]
@@ -447,8 +458,4 @@ mod tests {
             );
         }
     }
-}
-
-fn parse_validity(s: &str) -> Result<u64, String> {
-    caravan_agent::node::seed::parse_validity(s)
 }
