@@ -3,7 +3,8 @@
 #   bash tests/all.sh
 # 1. installs what the tests need (apt, pip in a venv, cargo-nextest),
 # 2. checks formatting, clippy and CRD drift,
-# 3. starts a real S3-compatible server (moto) on loopback,
+# 3. starts real S3-compatible servers on loopback (moto; s3s-fs, which
+#    checks SigV4 signatures and presigned URLs, for offline seeding),
 # 4. runs the workspace's unit, property, multi-process and S3 tests,
 # 5. brings up a real single-node Kubernetes, runs the cluster and operator
 #    end-to-end tests, and always tears the cluster down,
@@ -34,10 +35,13 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 SUMMARY+=("fmt + clippy: clean")
 
-say "S3-compatible server on loopback"
+say "S3-compatible servers on loopback (moto; s3s-fs, which checks signatures and presigned URLs)"
 eval "$(bash tests/s3/moto.sh start 9477)"
 export CARAVAN_TEST_S3_ENDPOINT CARAVAN_TEST_S3_BUCKET
-trap 'bash tests/s3/moto.sh stop 9477 >/dev/null 2>&1 || true' EXIT
+trap 'bash tests/s3/moto.sh stop 9477 >/dev/null 2>&1 || true; bash tests/s3/s3s.sh stop 9478 >/dev/null 2>&1 || true' EXIT
+# s3s-fs is installed once with `cargo install` (cached under ~/.cache/caravan).
+eval "$(bash tests/s3/s3s.sh start 9478)"
+export CARAVAN_TEST_S3S_ENDPOINT CARAVAN_TEST_S3S_BUCKET CARAVAN_TEST_S3S_ACCESS_KEY CARAVAN_TEST_S3S_SECRET_KEY
 
 say "workspace tests (unit, property, multi-process over loopback, S3, CRD drift)"
 cargo nextest run --workspace --no-fail-fast --failure-output final 2>&1 | tee target/nextest.log

@@ -511,3 +511,49 @@ async fn unreferenced_staged_chunks_are_collected() {
     assert!(w.staged().await.is_empty());
     assert!(w.publisher.seed_policy(&id).await.is_none());
 }
+
+#[test]
+fn the_offline_demo_fetches_from_the_bucket_with_the_publisher_stopped() {
+    let bin = env!("CARGO_BIN_EXE_caravan-agent");
+    // Without an endpoint it says what it needs (exit 3, bad config).
+    let out = std::process::Command::new(bin)
+        .args(["demo", "--scenario", "offline", "--json", "--size", "1M"])
+        .env_remove("CARAVAN_DEMO_S3_ENDPOINT")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("--s3-endpoint"), "{said}");
+    let Some(s3) = s3s() else { return };
+    let out = std::process::Command::new(bin)
+        .args([
+            "demo",
+            "--scenario",
+            "offline",
+            "--json",
+            "--size",
+            "24M",
+            "--files",
+            "6",
+        ])
+        .args(["--s3-endpoint", &s3.endpoint, "--s3-bucket", &s3.bucket])
+        .env("CARAVAN_DEMO_S3_ACCESS_KEY", &s3.access)
+        .env("CARAVAN_DEMO_S3_SECRET_KEY", &s3.secret)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["publisher_running"], false);
+    assert_eq!(r["verified"], true);
+    assert_eq!(r["bytes"], 24 << 20);
+    assert_eq!(r["chunks_from_bucket"], r["chunks"]);
+    assert_eq!(r["peers"].as_array().unwrap().len(), 0);
+}
