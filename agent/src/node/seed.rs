@@ -123,8 +123,23 @@ impl Agent {
             .share(id)
             .filter(|s| s.role == Role::Published)
             .ok_or_else(|| Error::NotFound(format!("share {id} is not published by this agent")))?;
-        let (staged, reused) = self.stage_chunks(&s).await?;
         let previous = self.seed_policy(id).await;
+        if previous.is_none() {
+            // Claimed before staging, so a collection run by another
+            // share's publish meanwhile keeps this share's chunks.
+            self.save_seed_policy(
+                id,
+                &SeedPolicy {
+                    validity_secs,
+                    manifest_seq: s.seq(),
+                    expires_at: 0,
+                    seq: 0,
+                    record: String::new(),
+                },
+            )
+            .await?;
+        }
+        let (staged, reused) = self.stage_chunks(&s).await?;
         let mut report = self
             .presign_seed(&s, validity_secs, previous.as_ref().map(|p| p.seq))
             .await?;
@@ -198,7 +213,9 @@ impl Agent {
 
     /// Deletes staged chunks that no offline-seeded share's current version
     /// references, and indexes of shares no longer seeded. Returns how many
-    /// objects were deleted.
+    /// objects were deleted. A recipient still fetching an older version
+    /// from the bucket then gets its missing chunks from live peers (or
+    /// reads the newer seed record when it refreshes).
     pub async fn gc_seed(&self) -> Result<u64> {
         let prefix = &self.opts.state_prefix;
         let dir = state::seed_shares_dir(prefix);
@@ -373,12 +390,7 @@ impl Agent {
             seq: rec.seq,
             record: hex(&signed.to_bytes()),
         };
-        let path = state::seed_share_file(prefix, &s.id);
-        let json = serde_json::to_vec(&policy).map_err(|e| Error::Config(e.to_string()))?;
-        self.op
-            .write(&path, json)
-            .await
-            .context(|| format!("saving {path}"))?;
+        self.save_seed_policy(&s.id, &policy).await?;
         Ok(SeedReport {
             staged: 0,
             reused: 0,
@@ -387,6 +399,16 @@ impl Agent {
             seq: rec.seq,
             repositories: report.accepted,
         })
+    }
+
+    async fn save_seed_policy(&self, id: &ShareId, policy: &SeedPolicy) -> Result<()> {
+        let path = state::seed_share_file(&self.opts.state_prefix, id);
+        let json = serde_json::to_vec(policy).map_err(|e| Error::Config(e.to_string()))?;
+        self.op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
     }
 
     async fn presign(&self, path: &str, validity: Duration) -> Result<String> {
