@@ -181,10 +181,17 @@ impl Agent {
         }
         addrs.sort();
         addrs.dedup();
-        let seed = self.find_seed(&ticket, key.as_ref()).await;
+        // A keyless ticket (trusted agents, declared subscriptions) of a
+        // share already held: its key opens the offline seed of the same
+        // key's versions while the publisher sleeps (a rotated key does not).
+        let held_key = self.share(&ticket.share_id).map(|s| s.key.clone());
+        let seed = self
+            .find_seed(&ticket, key.as_ref().or(held_key.as_ref()))
+            .await;
         let swarm = Swarm::connect(&self, &addrs, ticket.share_id, progress.clone(), seed).await?;
         let key = match key {
             Some(k) => Some(k),
+            None if swarm.distinct().is_empty() && held_key.is_some() => held_key,
             None => Some(self.present_proof(&swarm, &ticket).await?),
         };
         let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
