@@ -82,16 +82,21 @@ start_agent() { # name dir
 stop_agent() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 setup "$WORK/a" s3 >/dev/null
+# The same files on a local disk, for a live publisher that does not read
+# through s3s-fs (whose ranged reads are slow and CPU-hungry on its side).
+setup "$WORK/l" fs >/dev/null
+cp -r "$BUCKET_DIR/pub/data" "$WORK/l/data/data"
 RESULTS=()
 for run in $(seq 1 "$RUNS"); do
-    for mode in peer bucket; do
+    for mode in peer-local peer bucket; do
         rm -rf "$WORK/b"
         B_ID=$(setup "$WORK/b" fs)
-        start_agent A "$WORK/a"; start_agent B "$WORK/b"
+        pubdir="$WORK/a"; [ "$mode" = peer-local ] && pubdir="$WORK/l"
+        start_agent A "$pubdir"; start_agent B "$WORK/b"
         extra=()
         [ "$mode" = bucket ] && extra=(--offline-seeding --url-validity 1h)
         ca0=$(cpu_of "$PID_A")
-        pub=$("$BIN" publish --config "$WORK/a/agent.toml" "" --to "$B_ID" "${extra[@]}" --json)
+        pub=$("$BIN" publish --config "$pubdir/agent.toml" "" --to "$B_ID" "${extra[@]}" --json)
         ca1=$(cpu_of "$PID_A")
         ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
         if [ "$mode" = bucket ]; then stop_agent "$PID_A"; fi
@@ -100,16 +105,16 @@ for run in $(seq 1 "$RUNS"); do
         "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest got --json >"$WORK/fetch.json"
         t1=$(now)
         cb1=$(cpu_of "$PID_B"); cs1=$(cpu_of "$S3S_PID")
-        if [ "$mode" = peer ]; then ca2=$(cpu_of "$PID_A"); else ca2=$ca1; fi
+        if [ "$mode" != bucket ]; then ca2=$(cpu_of "$PID_A"); else ca2=$ca1; fi
         cmp <(cat "$BUCKET_DIR"/pub/data/file-*.bin | sha256sum) <(cat "$WORK"/b/data/got/data/file-*.bin | sha256sum) >/dev/null \
             || { echo "fetched files differ ($mode)" >&2; exit 1; }
-        [ "$mode" = peer ] && stop_agent "$PID_A"
+        [ "$mode" != bucket ] && stop_agent "$PID_A"
         stop_agent "$PID_B"
         gib=$(calc "$BYTES / 2**30")
-        RESULTS+=("$(printf '%-7s run %s  fetch %7.2f s  %7.1f MB/s  publisher CPU-s/GiB served %6.3f  recipient CPU-s/GiB %6.2f  bucket server CPU-s/GiB %6.2f  publish+stage CPU-s %6.2f  publisher running: %s' \
+        RESULTS+=("$(printf '%-10s run %s  fetch %7.2f s  %7.1f MB/s  publisher CPU-s/GiB served %6.3f  recipient CPU-s/GiB %6.2f  bucket server CPU-s/GiB %6.2f  publish+stage CPU-s %6.2f  publisher running: %s' \
             "$mode" "$run" "$(calc "$t1 - $t0")" "$(calc "$BYTES / ($t1 - $t0) / 1e6")" \
             "$(calc "($ca2 - $ca1) / $gib")" "$(calc "($cb1 - $cb0) / $gib")" "$(calc "($cs1 - $cs0) / $gib")" \
-            "$(calc "$ca1 - $ca0")" "$([ "$mode" = peer ] && echo yes || echo no)")")
+            "$(calc "$ca1 - $ca0")" "$([ "$mode" != bucket ] && echo yes || echo no)")")
         echo "${RESULTS[-1]}" >&2
     done
 done
