@@ -4,7 +4,8 @@
 # 1. installs what the tests need (apt, pip in a venv, cargo-nextest),
 # 2. checks formatting, clippy and CRD drift,
 # 3. starts real storage servers on loopback: S3 (moto), Azure Blob (Azurite),
-#    GCS (fake-gcs-server) and WebDAV (rclone serve webdav), tests/storage/,
+#    GCS (fake-gcs-server) and WebDAV (rclone serve webdav), tests/storage/, and s3s-fs, which
+#    checks SigV4 signatures and presigned URLs (offline seeding),
 # 4. runs the workspace's unit, property, multi-process and storage tests,
 # 5. brings up a real single-node Kubernetes, runs the cluster and operator
 #    end-to-end tests, and always tears the cluster down,
@@ -38,10 +39,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 SUMMARY+=("fmt + clippy: clean")
 
-say "storage servers on loopback: S3 (moto), Azure Blob (Azurite), GCS (fake-gcs-server), WebDAV (rclone)"
+say "storage servers on loopback: S3 (moto; s3s-fs, which checks signatures), Azure Blob (Azurite), GCS (fake-gcs-server), WebDAV (rclone)"
 # Started side by side (each installs itself into the cache on first use);
 # each prints the exports its tests read. Stopped by pid on any exit.
-STORAGE_SERVERS=("s3/moto.sh 9477" "storage/azurite.sh 9478" "storage/gcs.sh 9479" "storage/webdav.sh 9480")
+STORAGE_SERVERS=("s3/moto.sh 9477" "s3/s3s.sh 9481" "storage/azurite.sh 9478" "storage/gcs.sh 9479" "storage/webdav.sh 9480")
 stop_storage() {
     for s in "${STORAGE_SERVERS[@]}"; do
         # shellcheck disable=SC2086
@@ -62,7 +63,8 @@ for s in "${STORAGE_SERVERS[@]}"; do
     eval "$(cat "target/storage-servers/$(basename "${s% *}" .sh).env")"
 done
 export CARAVAN_TEST_S3_ENDPOINT CARAVAN_TEST_S3_BUCKET
-SUMMARY+=("storage servers: s3, azblob, gcs, webdav up in $(($(date +%s) - started)) s")
+export CARAVAN_TEST_S3S_ENDPOINT CARAVAN_TEST_S3S_BUCKET CARAVAN_TEST_S3S_ACCESS_KEY CARAVAN_TEST_S3S_SECRET_KEY
+SUMMARY+=("storage servers: s3 (moto, s3s-fs), azblob, gcs, webdav up in $(($(date +%s) - started)) s")
 
 say "workspace tests (unit, property, multi-process over loopback, storage services, CRD drift)"
 cargo nextest run --workspace --no-fail-fast --failure-output final 2>&1 | tee target/nextest.log

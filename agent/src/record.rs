@@ -35,6 +35,9 @@ pub enum Kind {
     Revocation = 5,
     /// A share key handed to a peer on request.
     KeyRelease = 6,
+    /// Where a share's sealed chunks can be fetched while its publisher
+    /// sleeps (offline seeding): refreshed without a new manifest version.
+    Seed = 7,
 }
 
 impl Kind {
@@ -46,6 +49,7 @@ impl Kind {
             4 => Kind::TrustGrant,
             5 => Kind::Revocation,
             6 => Kind::KeyRelease,
+            7 => Kind::Seed,
             other => return Err(Error::Record(format!("unknown record kind {other}"))),
         })
     }
@@ -59,6 +63,7 @@ impl Kind {
             Kind::TrustGrant => "trust-grant",
             Kind::Revocation => "revocation",
             Kind::KeyRelease => "key-release",
+            Kind::Seed => "seed",
         }
     }
 

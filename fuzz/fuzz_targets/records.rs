@@ -4,7 +4,9 @@
 
 use caravan_agent::manifest::{KeyRelease, ManifestRecord, Ticket};
 use caravan_agent::record::SignedRecord;
-use caravan_agent::trust::{Announcement, Revocation, TrustGrant, decode_record};
+use caravan_agent::trust::{
+    Announcement, Revocation, SeedIndex, SeedRecord, TrustGrant, decode_record,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -15,6 +17,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = TrustGrant::from_record(&rec);
         let _ = Revocation::from_record(&rec);
         let _ = Announcement::from_record(&rec);
+        let _ = SeedRecord::from_record(&rec);
         // Re-encoding what decoded gives the same bytes back.
         assert_eq!(rec.to_bytes(), data);
     }
@@ -26,5 +29,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = postcard::from_bytes::<Announcement>(data);
     let _ = postcard::from_bytes::<ManifestRecord>(data);
     let _ = postcard::from_bytes::<KeyRelease>(data);
+    let _ = postcard::from_bytes::<SeedRecord>(data);
+    let _ = postcard::from_bytes::<SeedIndex>(data);
     let _ = postcard::from_bytes::<Vec<Vec<u8>>>(data);
 });

@@ -121,6 +121,15 @@ pub(crate) enum Command {
         /// Use a fresh share key for this version (after removing someone).
         #[arg(long, requires = "share")]
         rotate_key: bool,
+        /// Also seed it offline: stage the sealed chunks in this agent's own
+        /// bucket (s3, gcs, azblob) and publish presigned URLs through the
+        /// repositories, so recipients can fetch while this agent is stopped.
+        #[arg(long)]
+        offline_seeding: bool,
+        /// How long each presigned URL stays valid (e.g. 90s, 30m, 12h, 7d);
+        /// the running daemon renews them before they expire.
+        #[arg(long, value_name = "DURATION", requires = "offline_seeding", value_parser = caravan_agent::node::seed::parse_validity)]
+        url_validity: Option<u64>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -197,8 +206,18 @@ pub(crate) enum Command {
         /// erin→dave(0); alice shares with "agents I trust within 3 hops",
         /// then revokes alice→bob while a repository is down: bob and carol
         /// are refused, dave (through erin) and erin keep fetching.
+        /// `offline`: the publisher keeps the folder in an S3 bucket,
+        /// publishes it with offline seeding and is stopped; the recipient
+        /// fetches everything from presigned URLs (needs --s3-endpoint).
         #[arg(long, value_enum, default_value = "transfer")]
         scenario: Scenario,
+        /// S3-compatible endpoint for the offline scenario (e.g. what
+        /// `tests/s3/moto.sh start` or `tests/s3/s3s.sh start` prints).
+        #[arg(long, env = "CARAVAN_DEMO_S3_ENDPOINT", value_name = "URL")]
+        s3_endpoint: Option<String>,
+        /// Bucket for the offline scenario (must exist).
+        #[arg(long, env = "CARAVAN_DEMO_S3_BUCKET", default_value = "caravan-test")]
+        s3_bucket: String,
     },
     /// Manage whom this agent vouches for (asks the running daemon).
     ///
@@ -232,6 +251,7 @@ pub(crate) enum Command {
 pub(crate) enum Scenario {
     Transfer,
     Trust,
+    Offline,
 }
 
 #[derive(Subcommand, Debug)]

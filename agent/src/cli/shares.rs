@@ -26,6 +26,8 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             trust_depth,
             share,
             rotate_key,
+            offline_seeding,
+            url_validity,
             json,
         } => {
             if to.is_empty() && trust_depth.is_none() {
@@ -43,6 +45,8 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 },
                 share_id: share,
                 rotate_key,
+                offline_seeding,
+                url_validity_secs: url_validity,
             };
             let spinner = spinner("publishing (chunking, hashing, encrypting)…", json);
             let res: Published = client.post(api::SHARES, &req).await?;
@@ -59,6 +63,16 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     res.chunks,
                     res.seconds
                 );
+                if let Some(seed) = &res.seed {
+                    println!(
+                        "seeded offline: {} chunks staged, {} already there, {} URLs valid until unix {} (record in {} repositories)",
+                        seed.staged,
+                        seed.reused,
+                        seed.urls,
+                        seed.expires_at,
+                        seed.repositories.len()
+                    );
+                }
                 for (who, ticket) in &res.tickets {
                     println!("\nticket for {who}:\n{ticket}");
                 }

@@ -160,6 +160,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         )
     });
     tokio::spawn(agent.clone().run_trust_sync(interval, shutdown.clone()));
+    tokio::spawn(run_seed_refresh(agent.clone(), shutdown.clone()));
 
     let tls = wire::tls::server_config(agent.secret_key())?;
     tokio::spawn(wire::server::serve(
@@ -200,4 +201,25 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     shutdown.cancelled().await;
     tracing::info!("agent stopping");
     Ok(())
+}
+
+/// Renews the presigned URLs of offline-seeded shares before they expire
+/// (and restages a share whose version changed). Presigning is local
+/// computation; a failed round is retried at the next tick.
+async fn run_seed_refresh(agent: Arc<crate::node::Agent>, shutdown: CancellationToken) {
+    let every = crate::node::tuning::seed_refresh_interval();
+    loop {
+        match agent.refresh_seeds().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(renewed = n, "offline seeds refreshed"),
+            Err(e) => {
+                agent.metrics.error("seed_refresh");
+                tracing::warn!(error = %e, "refreshing offline seeds failed; retrying later");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }

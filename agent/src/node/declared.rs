@@ -490,7 +490,18 @@ impl Declarations {
             .and_then(|id| agent.share(&id))
             .filter(|s| s.role == Role::Published);
         let id = match held {
-            Some(h) if old_fp.as_deref() == Some(fp.as_str()) => h.id,
+            Some(h) if old_fp.as_deref() == Some(fp.as_str()) => {
+                // Same files: only offline seeding may have been switched.
+                let seeded = agent.seed_policy(&h.id).await.is_some();
+                if p.offline_seeding && !seeded {
+                    agent
+                        .seed_share(&h.id, crate::node::seed::DEFAULT_URL_VALIDITY_SECS)
+                        .await?;
+                } else if !p.offline_seeding && seeded {
+                    agent.stop_seeding(&h.id).await?;
+                }
+                h.id
+            }
             _ => {
                 if let Ok(mut s) = run.status.lock() {
                     s.state = DeclaredState::Progressing;
@@ -510,6 +521,8 @@ impl Declarations {
                         .and_then(|i| i.parse::<ShareId>().ok())
                         .filter(|id| agent.share(id).is_some()),
                     rotate_key: false,
+                    offline_seeding: p.offline_seeding,
+                    url_validity_secs: None,
                 };
                 let published = agent.publish(req, None).await?;
                 agent.activity.touch(activity::PUBLISH);

@@ -37,6 +37,14 @@ pub struct PublishRequest {
     /// Use a fresh share key for this version (after revoking someone).
     #[serde(default)]
     pub rotate_key: bool,
+    /// Seed this version offline from the agent's own bucket (presigned
+    /// URLs, see `node/seed.rs`); a version published without it stops
+    /// the share's offline seeding.
+    #[serde(default)]
+    pub offline_seeding: bool,
+    /// Validity of each presigned URL (seconds; default 7 days).
+    #[serde(default)]
+    pub url_validity_secs: Option<u64>,
 }
 
 /// What publishing produced.
@@ -56,6 +64,9 @@ pub struct Published {
     pub tickets: Vec<(String, String)>,
     /// Time spent.
     pub seconds: f64,
+    /// What offline seeding staged and presigned, when asked for.
+    #[serde(default)]
+    pub seed: Option<crate::node::seed::SeedReport>,
 }
 
 /// Bytes hashed so far, for a progress bar.
@@ -167,6 +178,17 @@ impl Agent {
             record,
         );
         self.install_share(held).await?;
+        let seed = if req.offline_seeding {
+            let validity = req
+                .url_validity_secs
+                .unwrap_or(crate::node::seed::DEFAULT_URL_VALIDITY_SECS);
+            Some(self.seed_share(&share_id, validity).await?)
+        } else {
+            if self.seed_policy(&share_id).await.is_some() {
+                self.stop_seeding(&share_id).await?;
+            }
+            None
+        };
         let mut tickets = Vec::new();
         for r in &req.access.agents {
             tickets.push((r.to_string(), self.ticket_for(share_id, *r, &key)?));
@@ -180,6 +202,7 @@ impl Agent {
             chunks,
             tickets,
             seconds: started.elapsed().as_secs_f64(),
+            seed,
         })
     }
 

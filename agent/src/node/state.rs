@@ -8,6 +8,9 @@
 //! <prefix>partial/<share hex>/<seq>/                 files being fetched
 //! <prefix>trust/records/<blake3>.rec                 grants, revocations
 //! <prefix>trust/peers/<share hex>.json               peers learned last
+//! <prefix>seed/chunks/<chunk hex>                     sealed chunks staged for offline seeding
+//! <prefix>seed/index/<share hex>                      a share's seed index (presigned URLs)
+//! <prefix>seed/shares/<share hex>.json                a share's seeding policy and last record
 //! ```
 
 use opendal::Operator;
@@ -54,6 +57,37 @@ pub fn trust_records_dir(prefix: &str) -> String {
 /// `<prefix>trust/peers/<share hex>.json`: the peers of a share learned last.
 pub fn trust_peers_file(prefix: &str, share: &[u8; 32]) -> String {
     format!("{prefix}trust/peers/{}.json", hex(share))
+}
+
+/// `<prefix>seed/chunks/`: sealed chunks staged in the bucket, by id only
+/// (no file name, no plaintext size beyond the chunk's own length).
+pub fn seed_chunks_dir(prefix: &str) -> String {
+    format!("{prefix}seed/chunks/")
+}
+
+/// `<prefix>seed/chunks/<chunk hex>`: one staged sealed chunk.
+pub fn seed_chunk(prefix: &str, id: &[u8; 32]) -> String {
+    format!("{prefix}seed/chunks/{}", hex(id))
+}
+
+/// `<prefix>seed/index/<share hex>`: the seed index of one share.
+pub fn seed_index(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}seed/index/{}", id.hex())
+}
+
+/// `<prefix>seed/index/`: every seed index.
+pub fn seed_index_dir(prefix: &str) -> String {
+    format!("{prefix}seed/index/")
+}
+
+/// `<prefix>seed/shares/`: the seeding policy of each offline-seeded share.
+pub fn seed_shares_dir(prefix: &str) -> String {
+    format!("{prefix}seed/shares/")
+}
+
+/// `<prefix>seed/shares/<share hex>.json`: one share's seeding policy.
+pub fn seed_share_file(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}seed/shares/{}.json", id.hex())
 }
 
 /// Lists `dir`, reads every file whose name ends in `suffix` and decodes it.

@@ -43,6 +43,18 @@ pub fn trust_sync_interval() -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
+/// How often the daemon checks offline seeds for URLs to renew
+/// (`CARAVAN_SEED_REFRESH_SECS`, seconds, fractions allowed; default 60).
+/// A seed is renewed once half of its URL validity has passed.
+pub fn seed_refresh_interval() -> Duration {
+    std::env::var("CARAVAN_SEED_REFRESH_SECS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
+
 /// Largest share a fetch accepts, in bytes (`CARAVAN_MAX_SHARE_BYTES`,
 /// default 4 TiB); on a local filesystem the free space bounds it too.
 pub fn max_share_bytes() -> u64 {

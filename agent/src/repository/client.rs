@@ -289,6 +289,38 @@ impl RepositoryClient {
         Ok(out)
     }
 
+    /// The newest current offline seed record of `share` by `publisher`
+    /// across all repositories (verified, signed by the publisher, unexpired).
+    pub async fn seed(
+        &self,
+        publisher: &AgentId,
+        share: &crate::ticket::ShareId,
+    ) -> Result<Option<(crate::trust::SeedRecord, SignedRecord)>> {
+        let raw = self
+            .ask_all(
+                &format!("/v1/seeds/{}/{}", hex(&publisher.0), share.hex()),
+                false,
+            )
+            .await?;
+        let now = unix_now();
+        let mut best: Option<(crate::trust::SeedRecord, SignedRecord)> = None;
+        for bytes in raw {
+            let Ok(rec) = SignedRecord::from_bytes(&bytes) else {
+                continue;
+            };
+            let Ok(s) = crate::trust::SeedRecord::from_record(&rec) else {
+                continue;
+            };
+            if s.publisher != *publisher || s.share_id != *share || s.check_window(now).is_err() {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(b, _)| s.seq > b.seq) {
+                best = Some((s, rec));
+            }
+        }
+        Ok(best)
+    }
+
     /// The agent's newest current announcement across all repositories.
     pub async fn announcement(
         &self,

@@ -4,8 +4,10 @@
 
 pub mod engine;
 pub mod records;
+pub mod seed;
 
 pub use engine::{Chain, GrantRef, RevocationSet, TrustEngine, render_tree, verify_chain};
 pub use records::{
     Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record, share_locator,
 };
+pub use seed::{SeedIndex, SeedRecord};

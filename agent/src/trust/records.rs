@@ -426,7 +426,7 @@ impl Announcement {
     }
 }
 
-fn open_kind<T: Record>(rec: &SignedRecord) -> Result<T, Invalid> {
+pub(crate) fn open_kind<T: Record>(rec: &SignedRecord) -> Result<T, Invalid> {
     if rec.kind != T::KIND {
         return Err(Invalid::new(
             Reason::WrongKind,

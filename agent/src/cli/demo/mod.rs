@@ -10,6 +10,7 @@ use caravan_agent::node::{FetchProgress, FetchState};
 use crate::cli::args::{Command, Scenario};
 use crate::cli::shares::bytes_bar;
 
+mod offline;
 mod scenarios;
 use crate::cli::exit::Exit;
 use scenarios::{DemoOptions, DemoReport};
@@ -74,7 +75,17 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             files,
             keep,
             json,
+            scenario: Scenario::Offline,
+            s3_endpoint,
+            s3_bucket,
+        } => run_offline(size, files, keep, json, s3_endpoint, s3_bucket).await,
+        Command::Demo {
+            size,
+            files,
+            keep,
+            json,
             scenario: Scenario::Transfer,
+            ..
         } => {
             let bar = bytes_bar(json);
             let b2 = bar.clone();
@@ -121,6 +132,90 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
         }
         _ => unreachable!("not a demo command"),
     }
+}
+
+async fn run_offline(
+    size: u64,
+    files: u64,
+    keep: Option<std::path::PathBuf>,
+    json: bool,
+    endpoint: Option<String>,
+    bucket: String,
+) -> Result<()> {
+    let Some(endpoint) = endpoint.filter(|e| !e.trim().is_empty()) else {
+        return Err(Exit::Config(anyhow!(
+            "the offline scenario needs an S3-compatible endpoint that can presign URLs: \
+             --s3-endpoint URL or CARAVAN_DEMO_S3_ENDPOINT (credentials from \
+             CARAVAN_DEMO_S3_ACCESS_KEY / CARAVAN_DEMO_S3_SECRET_KEY, default `testing`); \
+             e.g. `eval \"$(bash tests/s3/moto.sh start 9199)\"` then \
+             `--s3-endpoint $CARAVAN_TEST_S3_ENDPOINT`"
+        ))
+        .into());
+    };
+    let env_or = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let opts = offline::BucketOptions {
+        endpoint,
+        bucket,
+        access_key: env_or("CARAVAN_DEMO_S3_ACCESS_KEY", "testing"),
+        secret_key: env_or("CARAVAN_DEMO_S3_SECRET_KEY", "testing"),
+    };
+    if !json {
+        eprintln!(
+            "generating {files} file(s), {size} bytes, uploading them to {} and publishing with offline seeding…",
+            opts.endpoint
+        );
+    }
+    let bar = bytes_bar(json);
+    let b2 = bar.clone();
+    let r = offline::run(size, files, keep, opts, move |p: Arc<FetchProgress>| {
+        tokio::spawn(async move {
+            loop {
+                let s = p.snapshot();
+                b2.set_length(s.bytes_total.max(1));
+                b2.set_position(s.bytes_done);
+                if matches!(s.state, FetchState::Done | FetchState::Failed) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    })
+    .await
+    .map_err(|e| match e {
+        caravan_agent::Error::Config(_) => Exit::Config(anyhow!(e)),
+        other => Exit::Transfer(anyhow!(other)),
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("publisher {} (stopped before the fetch)", r.publisher);
+        println!("recipient {}", r.recipient);
+        println!(
+            "published {} files ({}, {} chunks staged in the bucket) in {:.2}s",
+            r.files,
+            crate::cli::human::bytes(r.bytes),
+            r.chunks,
+            r.publish_seconds
+        );
+        println!(
+            "fetched from presigned URLs in {:.2}s = {}; publisher running: {}; live peers: {}; every byte verified: {}",
+            r.seconds,
+            crate::cli::human::rate(r.bytes, r.seconds),
+            r.publisher_running,
+            r.peers.len(),
+            if r.verified { "yes" } else { "NO" }
+        );
+    }
+    if !r.verified || r.publisher_running {
+        return Err(Exit::Transfer(anyhow!(
+            "verification failed (bytes verified: {}, publisher running: {})",
+            r.verified,
+            r.publisher_running
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {

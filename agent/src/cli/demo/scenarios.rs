@@ -274,6 +274,7 @@ pub async fn run(
                 },
                 share_id: None,
                 rotate_key: false,
+                ..Default::default()
             },
             None,
         )
@@ -486,6 +487,7 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
                     },
                     share_id: None,
                     rotate_key: false,
+                    ..Default::default()
                 },
                 None,
             )
@@ -579,6 +581,7 @@ pub async fn run_trust(keep: Option<PathBuf>) -> Result<TrustDemoReport> {
                     },
                     share_id: Some(sid),
                     rotate_key: false,
+                    ..Default::default()
                 },
                 None,
             )

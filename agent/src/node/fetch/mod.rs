@@ -19,6 +19,7 @@ use crate::identity::AgentId;
 use crate::manifest::{EntryKind, KeyRelease, Manifest, ManifestRecord, ShareId, Ticket};
 use crate::node::agent::Agent;
 use crate::node::fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
+use crate::node::fetch::seed::SeedSource;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::fetch::writer::{Job, LocalIndex};
 use crate::node::publish::normalize;
@@ -27,6 +28,7 @@ use crate::node::{state, tuning};
 use crate::record::SignedRecord;
 
 pub mod progress;
+pub mod seed;
 pub mod swarm;
 pub mod writer;
 
@@ -179,9 +181,17 @@ impl Agent {
         }
         addrs.sort();
         addrs.dedup();
-        let swarm = Swarm::connect(&self, &addrs, ticket.share_id, progress.clone()).await?;
+        // A keyless ticket (trusted agents, declared subscriptions) of a
+        // share already held: its key opens the offline seed of the same
+        // key's versions while the publisher sleeps (a rotated key does not).
+        let held_key = self.share(&ticket.share_id).map(|s| s.key.clone());
+        let seed = self
+            .find_seed(&ticket, key.as_ref().or(held_key.as_ref()))
+            .await;
+        let swarm = Swarm::connect(&self, &addrs, ticket.share_id, progress.clone(), seed).await?;
         let key = match key {
             Some(k) => Some(k),
+            None if swarm.distinct().is_empty() && held_key.is_some() => held_key,
             None => Some(self.present_proof(&swarm, &ticket).await?),
         };
         let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
@@ -346,6 +356,16 @@ impl Agent {
     ) -> Result<(Vec<u8>, Manifest, Key)> {
         let mut best: Option<(Vec<u8>, ManifestRecord)> = None;
         let mut errors = Vec::new();
+        // The manifest in the publisher's bucket (offline seeding) counts
+        // like one more peer's: verified the same way, the newest wins.
+        if let Some(seed) = &swarm.seed {
+            let (bytes, _) = seed.manifest().await;
+            match SignedRecord::open_from::<ManifestRecord>(&bytes, Some(&ticket.publisher)) {
+                Ok((_, mr)) if mr.share_id == ticket.share_id => best = Some((bytes, mr)),
+                Ok(_) => errors.push("bucket: manifest for another share".into()),
+                Err(e) => errors.push(format!("bucket: {e}")),
+            }
+        }
         for conn in swarm.distinct() {
             let bytes = match conn.manifest(&ticket.share_id, 0).await {
                 Ok(b) => b,
@@ -380,6 +400,28 @@ impl Agent {
         };
         let manifest = mr.open(&key)?;
         Ok((bytes, manifest, key))
+    }
+
+    /// The publisher's bucket as a source, when the share is seeded offline
+    /// and a repository (the ticket's or ours) has its seed record. Needs the
+    /// share key (a keyed ticket); a failure only means "peers only".
+    async fn find_seed(&self, ticket: &Ticket, key: Option<&Key>) -> Option<Arc<SeedSource>> {
+        let key = key?;
+        let mut repos = ticket.repositories.clone();
+        repos.extend(self.opts.repositories.iter().cloned());
+        repos.sort();
+        repos.dedup();
+        match SeedSource::discover(&repos, ticket.publisher, ticket.share_id, key).await {
+            Ok(Some(s)) => {
+                tracing::info!(share = %ticket.share_id, "the share is seeded offline: fetching from the publisher's bucket too");
+                Some(Arc::new(s))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(share = %ticket.share_id, error = %e, "the share's offline seed is unusable; peers only");
+                None
+            }
+        }
     }
 
     /// Refuses a share whose declared size is over the limit or, on a local

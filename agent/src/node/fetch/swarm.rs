@@ -1,5 +1,6 @@
 //! The peers serving one fetch: connections to each, strikes against the
-//! ones that send corrupt chunks, and the verified get of one chunk.
+//! ones that send corrupt chunks, and the verified get of one chunk. The
+//! publisher's bucket (offline seeding, `seed.rs`) is one more source.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -13,6 +14,7 @@ use crate::identity::AgentId;
 use crate::manifest::ShareId;
 use crate::node::agent::Agent;
 use crate::node::fetch::progress::FetchProgress;
+use crate::node::fetch::seed::{SEED_WINDOW, SeedSource};
 use crate::node::metrics::Metrics;
 use crate::node::tuning;
 use crate::wire::client::PeerConn;
@@ -27,6 +29,8 @@ pub(crate) struct Swarm {
     strikes: Mutex<HashMap<AgentId, u32>>,
     metrics: Metrics,
     progress: Arc<FetchProgress>,
+    /// The publisher's bucket, when the share is seeded offline.
+    pub(crate) seed: Option<Arc<SeedSource>>,
 }
 
 impl Swarm {
@@ -35,6 +39,7 @@ impl Swarm {
         addrs: &[String],
         share: ShareId,
         progress: Arc<FetchProgress>,
+        seed: Option<Arc<SeedSource>>,
     ) -> Result<Swarm> {
         let attempts: Vec<_> = addrs
             .iter()
@@ -64,7 +69,7 @@ impl Swarm {
                 }
             }
         }
-        if conns.is_empty() {
+        if conns.is_empty() && seed.is_none() {
             errors.dedup();
             return Err(Error::Protocol(format!(
                 "no peer reachable for share {share}{}",
@@ -87,6 +92,7 @@ impl Swarm {
             strikes: Mutex::new(HashMap::new()),
             metrics: agent.metrics.clone(),
             progress,
+            seed,
         })
     }
 
@@ -119,6 +125,19 @@ impl Swarm {
     pub(crate) async fn get(&self, r: ChunkRef) -> Result<Vec<u8>> {
         let mut avoid = HashSet::new();
         let mut last = None;
+        if let Some(seed) = &self.seed {
+            match self.get_seeded(seed, &r).await {
+                Some(Ok(plain)) => return Ok(plain),
+                Some(Err(e)) if self.conns.is_empty() => {
+                    return Err(Error::Protocol(format!(
+                        "chunk {}: the publisher's bucket failed ({e}) and no live peer holds the share",
+                        r.id
+                    )));
+                }
+                Some(Err(e)) => last = Some(e),
+                None => {}
+            }
+        }
         for _ in 0..(self.conns.len() + 2) {
             let Some(conn) = self.pick(&avoid) else { break };
             match conn.chunk(&self.share, &r.id).await {
@@ -154,5 +173,42 @@ impl Swarm {
             }
         }
         Err(last.unwrap_or_else(|| Error::Protocol(format!("no usable peer has chunk {}", r.id))))
+    }
+
+    /// Asks the bucket for a chunk when it is the better source: always
+    /// without live peers, else while its window has room. `None`: not
+    /// asked. A failure is a strike against the bucket.
+    async fn get_seeded(&self, seed: &SeedSource, r: &ChunkRef) -> Option<Result<Vec<u8>>> {
+        let peers = !self.conns.is_empty();
+        if peers && (!seed.usable() || seed.in_flight() >= SEED_WINDOW) {
+            return None;
+        }
+        if !seed.has(r).await {
+            if peers {
+                return None;
+            }
+            return Some(Err(Error::NotFound(format!(
+                "chunk {} is not in the publisher's bucket",
+                r.id
+            ))));
+        }
+        match seed.get(r).await {
+            Ok((plain, n)) => {
+                self.metrics.bytes_received.inc_by(n);
+                self.metrics.chunks_received.inc();
+                self.progress.bytes_received.fetch_add(n, Ordering::Relaxed);
+                self.progress.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+                Some(Ok(plain))
+            }
+            Err(e) => {
+                seed.strike();
+                if matches!(e, Error::CorruptChunk { .. }) {
+                    self.metrics.chunks_rejected.inc();
+                }
+                self.metrics.peer_error("bucket", "seed");
+                tracing::warn!(chunk = %r.id, error = %e, "the publisher's bucket failed a chunk; asking a live peer");
+                Some(Err(e))
+            }
+        }
     }
 }

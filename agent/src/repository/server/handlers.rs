@@ -20,6 +20,7 @@ impl Repository {
                 get(get_revocations_by_issuer),
             )
             .route("/v1/revocations", get(get_feed))
+            .route("/v1/seeds/{agent}/{share}", get(get_seed))
             .layer(middleware::from_fn_with_state(self.clone(), rate_limit))
             .layer(DefaultBodyLimit::max(self.cfg.max_body_bytes));
         Router::new()
@@ -138,6 +139,35 @@ async fn get_announcement(
             .into_response()),
         _ => Err(ApiError::NotFound(format!(
             "no current announcement for {}",
+            agent.short()
+        ))),
+    }
+}
+
+async fn get_seed(
+    State(repo): State<Arc<Repository>>,
+    Path((agent, share)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    let agent = parse_agent(&agent)?;
+    let share = parse_hex32(&share)
+        .ok_or_else(|| ApiError::BadRequest("a share id is 64 hex digits".into()))?;
+    repo.metrics.lookups.with_label_values(&["seed"]).inc();
+    let now = unix_now();
+    match repo
+        .read_record(&seed_path(&agent, &share))
+        .await
+        .map_err(|e| repo.storage_error(e))?
+    {
+        Some(c) if matches!(&c.value, Parsed::Seed(s) if s.expires_at > now) => Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            )],
+            c.bytes.clone(),
+        )
+            .into_response()),
+        _ => Err(ApiError::NotFound(format!(
+            "no current seed record of {} for that share",
             agent.short()
         ))),
     }

@@ -39,3 +39,9 @@ pub(super) fn subject_index_prefix(subject: &AgentId) -> String {
 pub(super) fn feed_path(n: u64) -> String {
     format!("feed/{n:020}")
 }
+pub(super) fn seed_path(publisher: &AgentId, share: &[u8; 32]) -> String {
+    format!("records/seed/{}/{}", hex(&publisher.0), hex(share))
+}
+pub(super) fn publisher_seeds_prefix(publisher: &AgentId) -> String {
+    format!("records/seed/{}/", hex(&publisher.0))
+}

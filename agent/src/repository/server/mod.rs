@@ -10,6 +10,7 @@
 //! | `index/locator/<locator hex>/<agent hex>` | empty marker: agent announced locator |
 //! | `index/grant-subject/<subject hex>/<issuer hex>` | empty marker: a grant for subject |
 //! | `feed/<n, 20 digits>` | the n-th revocation of the feed (0-based) |
+//! | `records/seed/<publisher hex>/<share hex>` | the newest offline seed record of a share |
 //!
 //! **Replicas.** Look-ups read through to storage on every request (a small
 //! in-memory cache only saves re-verifying the signature of bytes already
@@ -53,7 +54,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::record::{Kind, SignedRecord};
-use crate::trust::{Announcement, Invalid, Reason, Revocation, TrustGrant, decode_record};
+use crate::trust::{
+    Announcement, Invalid, Reason, Revocation, SeedRecord, TrustGrant, decode_record,
+};
 use crate::util::{hex, parse_hex32, unix_now};
 
 mod feed;
@@ -105,6 +108,7 @@ enum Parsed {
     Announcement(Announcement),
     Grant(TrustGrant),
     Revocation(Revocation),
+    Seed(SeedRecord),
 }
 
 impl Parsed {
@@ -113,6 +117,7 @@ impl Parsed {
             Parsed::Announcement(a) => a.seq,
             Parsed::Grant(g) => g.seq,
             Parsed::Revocation(r) => r.seq,
+            Parsed::Seed(s) => s.seq,
         }
     }
 }
@@ -200,6 +205,8 @@ impl Metrics {
 const WRITE_STRIPES: usize = 64;
 /// Grants (distinct subjects) one issuer may have stored.
 pub const MAX_GRANTS_PER_ISSUER: usize = 10_000;
+/// Most shares with an offline seed record stored per publisher.
+pub const MAX_SEEDS_PER_PUBLISHER: usize = 10_000;
 /// Grants indexed per subject for `/v1/grants/by-subject/` (beyond it a
 /// grant is stored and found by issuer, not by subject). Agents find trust
 /// proofs by issuer, forward from the publisher, which strangers cannot fill.
@@ -487,6 +494,14 @@ impl Repository {
         let value = open_checked(&rec, now)?;
         let storage = |e| self.storage_error(e);
         match &value {
+            Parsed::Seed(sr) => {
+                let path = self.accept_seed(bytes, &value, sr).await?;
+                Ok(Receipt {
+                    kind: rec.kind.tag().into(),
+                    key: path,
+                    feed_seq: None,
+                })
+            }
             Parsed::Announcement(a) => {
                 let path = announcement_path(&a.agent);
                 let previous = self.read_record(&path).await.map_err(storage)?;
@@ -611,6 +626,47 @@ impl Repository {
         }
     }
 
+    /// Stores a seed record if it is newer than the one held for its share,
+    /// within a bounded number of shares per publisher.
+    async fn accept_seed(
+        &self,
+        bytes: &[u8],
+        value: &Parsed,
+        s: &SeedRecord,
+    ) -> std::result::Result<String, ApiError> {
+        let storage = |e| self.storage_error(e);
+        let path = seed_path(&s.publisher, &s.share_id.0);
+        if !self
+            .op
+            .exists(&path)
+            .await
+            .context(|| format!("checking {path}"))
+            .map_err(storage)?
+            && self
+                .list_names(
+                    &publisher_seeds_prefix(&s.publisher),
+                    MAX_SEEDS_PER_PUBLISHER,
+                )
+                .await
+                .map_err(storage)?
+                .len()
+                >= MAX_SEEDS_PER_PUBLISHER
+        {
+            return Err(Invalid::new(
+                Reason::Oversize,
+                format!(
+                    "{} already has {MAX_SEEDS_PER_PUBLISHER} seed records stored (the limit)",
+                    s.publisher.short()
+                ),
+            )
+            .into());
+        }
+        self.store_if_newer(&path, bytes, value)
+            .await
+            .map_err(storage)??;
+        Ok(path)
+    }
+
     /// Checks and stores one record in-process, exactly as `POST
     /// /v1/records` would (for embedding a repository, tools and benches).
     /// Refusals come back as [`Error::Record`] naming the reason.
@@ -648,6 +704,11 @@ fn open_checked(rec: &SignedRecord, now: u64) -> std::result::Result<Parsed, Inv
             r.check_time(now)?;
             Parsed::Revocation(r)
         }
+        Kind::Seed => {
+            let s = SeedRecord::from_record(rec)?;
+            s.check_window(now)?;
+            Parsed::Seed(s)
+        }
         other => {
             return Err(Invalid::new(
                 Reason::WrongKind,
@@ -664,6 +725,7 @@ fn parse_any(bytes: &[u8]) -> std::result::Result<Parsed, Invalid> {
         Kind::Announcement => Parsed::Announcement(Announcement::from_record(&rec)?),
         Kind::TrustGrant => Parsed::Grant(TrustGrant::from_record(&rec)?),
         Kind::Revocation => Parsed::Revocation(Revocation::from_record(&rec)?),
+        Kind::Seed => Parsed::Seed(SeedRecord::from_record(&rec)?),
         other => {
             return Err(Invalid::new(
                 Reason::WrongKind,
