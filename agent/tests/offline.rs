@@ -372,6 +372,12 @@ async fn expired_urls_are_refreshed_without_restarting_the_fetch() {
     assert_eq!(w.publisher.refresh_seeds().await.unwrap(), 1);
     let policy = w.publisher.seed_policy(&id).await.unwrap();
     assert!(policy.seq > first.seq);
+    // The activity report names the next refresh: half way through the
+    // renewed URLs' validity (what the operator wakes a sleeping agent for).
+    assert_eq!(
+        w.publisher.activity.next_url_refresh(),
+        Some(policy.expires_at - policy.validity_secs / 2)
+    );
     // Renewal moved no data.
     assert_eq!(w.staged().await.len() as u64, p.chunks);
     // Those renewed URLs last 2 s again; renew for an hour so they outlive

@@ -208,7 +208,26 @@ impl Agent {
                 renewed += 1;
             }
         }
+        self.note_next_refresh().await?;
         Ok(renewed)
+    }
+
+    /// Tells the activity report when the next URL refresh is due (half
+    /// way through the soonest-expiring seed), so an operator that scales
+    /// this agent to zero wakes it in time.
+    async fn note_next_refresh(&self) -> Result<()> {
+        let dir = state::seed_shares_dir(&self.opts.state_prefix);
+        let policies = state::read_each(&self.op, &dir, ".json", "seed policy", |b| {
+            serde_json::from_slice::<SeedPolicy>(b)
+        })
+        .await?;
+        let next = policies
+            .iter()
+            .filter(|(_, p)| p.expires_at > 0)
+            .map(|(_, p)| p.expires_at.saturating_sub(p.validity_secs / 2))
+            .min();
+        self.activity.set_next_url_refresh(next);
+        Ok(())
     }
 
     /// Deletes staged chunks that no offline-seeded share's current version
