@@ -137,8 +137,53 @@ pub fn encrypt(r: &ChunkRef, mut plaintext: Vec<u8>) -> Result<Vec<u8>> {
     Ok(plaintext)
 }
 
+/// A chunk's ciphertext as received, with its BLAKE3 hash when the code
+/// that received it already computed it (the peer channel does, to check
+/// the frame's MAC), so verifying it costs no second pass.
+#[derive(Debug)]
+pub struct Sealed {
+    bytes: Vec<u8>,
+    hash: Option<blake3::Hash>,
+}
+
+impl Sealed {
+    /// Ciphertext whose hash was computed on exactly these bytes.
+    pub(crate) fn hashed(bytes: Vec<u8>, hash: blake3::Hash) -> Self {
+        Sealed {
+            bytes,
+            hash: Some(hash),
+        }
+    }
+
+    /// The BLAKE3 hash of the bytes (computed now if it was not known).
+    pub fn hash(&self) -> blake3::Hash {
+        self.hash.unwrap_or_else(|| blake3::hash(&self.bytes))
+    }
+
+    /// The ciphertext.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+impl From<Vec<u8>> for Sealed {
+    fn from(bytes: Vec<u8>) -> Self {
+        Sealed { bytes, hash: None }
+    }
+}
+
+impl std::ops::Deref for Sealed {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// Verifies a ciphertext from a peer against its id, then decrypts it.
-pub fn open(r: &ChunkRef, mut ciphertext: Vec<u8>) -> Result<Vec<u8>> {
+pub fn open(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Vec<u8>> {
+    let sealed = ciphertext.into();
+    let hash = (sealed.bytes.len() == r.len as usize + TAG_LEN).then(|| sealed.hash());
+    let mut ciphertext = sealed.bytes;
     if ciphertext.len() != r.len as usize + TAG_LEN {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
@@ -149,7 +194,7 @@ pub fn open(r: &ChunkRef, mut ciphertext: Vec<u8>) -> Result<Vec<u8>> {
             ),
         });
     }
-    if blake3::hash(&ciphertext).as_bytes() != &r.id.0 {
+    if hash.is_none_or(|h| h != blake3::Hash::from(r.id.0)) {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
             reason: "BLAKE3 hash does not match the chunk id".into(),

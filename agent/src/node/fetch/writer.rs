@@ -125,6 +125,10 @@ impl Job {
             None => Sink::Dal(
                 op.writer_with(&write_path)
                     .append(self.append && start > 0)
+                    // Object stores: parts of whole chunks, at least the S3
+                    // minimum part size, so a big file is one multipart
+                    // upload of few parts and a small one a single PUT.
+                    .chunk(tuning::object_part_bytes())
                     .await
                     .context(|| format!("opening {write_path}"))?,
             ),
