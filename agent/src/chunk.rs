@@ -99,6 +99,20 @@ impl ChunkKeyer {
         })
     }
 
+    /// The reference of a plaintext chunk, encrypting it in place: the
+    /// buffer holds the ciphertext (without its tag) afterwards. For a
+    /// publish pass that reads each block only to learn the chunk ids.
+    pub fn chunk_ref_in_place(&self, buf: &mut [u8]) -> Result<ChunkRef> {
+        let key = self.key_for(buf);
+        let len = u32::try_from(buf.len()).map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
+        let tag = Key(key).seal_detached([0; 12], CHUNK_AAD, buf)?;
+        let mut h = blake3::Hasher::new();
+        h.update(buf);
+        h.update(&tag);
+        let id = ChunkId(*h.finalize().as_bytes());
+        Ok(ChunkRef { id, key, len })
+    }
+
     /// Encrypts a plaintext chunk and returns its reference and ciphertext.
     pub fn seal(&self, plaintext: &[u8]) -> Result<(ChunkRef, Vec<u8>)> {
         let key = self.key_for(plaintext);
@@ -224,6 +238,18 @@ pub fn cut_block(block: &bytes::Bytes, eof: bool) -> Vec<bytes::Bytes> {
         .collect()
 }
 
+/// The lengths of the complete chunks at the start of `block`, by the same
+/// rule as [`cut_block`].
+pub fn cut_lengths(block: &[u8], eof: bool) -> Vec<usize> {
+    let cuts = cut_points(block);
+    let n = cuts.len();
+    cuts.into_iter()
+        .enumerate()
+        .filter(|(i, (_, len))| eof || i + 1 < n || *len >= MAX_CHUNK)
+        .map(|(_, (_, len))| len)
+        .collect()
+}
+
 /// Cut points of a whole in-memory buffer (offset, length).
 pub fn cut_points(data: &[u8]) -> Vec<(usize, usize)> {
     fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
@@ -256,6 +282,9 @@ mod tests {
         let (r, ct) = keyer.seal(&data).unwrap();
         assert_eq!(open(&r, ct.clone()).unwrap(), data);
         assert_eq!(encrypt(&r, data.clone()).unwrap(), ct);
+        let mut in_place = data.clone();
+        assert_eq!(keyer.chunk_ref_in_place(&mut in_place).unwrap(), r);
+        assert_eq!(keyer.chunk_ref(&data).unwrap(), r);
         assert!(keyer.matches(&r, &data));
         for i in [0, 1, ct.len() / 2, ct.len() - 1] {
             let mut bad = ct.clone();

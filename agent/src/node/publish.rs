@@ -345,9 +345,10 @@ impl Agent {
     }
 
     /// Cuts and seals one file as a two-stage pipeline: while the chunks
-    /// of one block are hashed and encrypted in parallel, the next block is
-    /// read and cut. Each block is read from the end of the last complete
-    /// chunk, so nothing is copied to join blocks.
+    /// of one block are hashed and encrypted in parallel (in place: the
+    /// block is discarded afterwards), the next block is read and cut. Each
+    /// block is read from the end of the last complete chunk, so nothing is
+    /// copied to join blocks.
     async fn chunk_file(
         &self,
         path: &str,
@@ -377,7 +378,8 @@ impl Agent {
                                 "{shown} changed size while being published"
                             )));
                         }
-                        Ok(chunk::cut_block(&bytes::Bytes::from(block), eof))
+                        let cuts = chunk::cut_lengths(&block, eof);
+                        Ok((block, cuts))
                     })
                     .await
                     .map_err(|e| Error::Protocol(format!("chunking task: {e}")))??
@@ -389,18 +391,21 @@ impl Agent {
                         .range(pos..end)
                         .await
                         .context(|| format!("reading {path}"))?
-                        .to_bytes();
+                        .to_vec();
                     if block.len() as u64 != end - pos {
                         return Err(Error::Config(format!(
                             "{path} changed size while being published"
                         )));
                     }
-                    tokio::task::spawn_blocking(move || chunk::cut_block(&block, eof))
-                        .await
-                        .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?
+                    tokio::task::spawn_blocking(move || {
+                        let cuts = chunk::cut_lengths(&block, eof);
+                        (block, cuts)
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?
                 }
             };
-            let consumed: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+            let consumed: u64 = pieces.1.iter().map(|n| *n as u64).sum();
             if consumed == 0 {
                 return Err(Error::Protocol(format!(
                     "no chunk boundary found in {path}"
@@ -433,12 +438,20 @@ fn read_block(path: &std::path::Path, offset: u64, len: usize) -> std::io::Resul
 
 type Sealing = tokio::task::JoinHandle<Result<Vec<ChunkRef>>>;
 
-/// Hashes and encrypts chunks on all cores.
-fn seal(keyer: ChunkKeyer, pieces: Vec<bytes::Bytes>) -> Sealing {
+/// Hashes and encrypts the chunks of a block on all cores, in place: the
+/// block was read for this alone, so nothing is copied.
+fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing {
     tokio::task::spawn_blocking(move || {
+        let mut pieces = Vec::with_capacity(cuts.len());
+        let mut rest = &mut block[..];
+        for n in cuts {
+            let (piece, tail) = rest.split_at_mut(n);
+            pieces.push(piece);
+            rest = tail;
+        }
         pieces
-            .par_iter()
-            .map(|p| keyer.chunk_ref(p))
+            .into_par_iter()
+            .map(|p| keyer.chunk_ref_in_place(p))
             .collect::<Result<Vec<_>>>()
     })
 }
