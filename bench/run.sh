@@ -130,7 +130,9 @@ run_aria2() {
 start_agent() { # name dir
     local admin
     admin=$(sed -n 's/^admin_listen = ".*:\([0-9]*\)"$/\1/p' "$2/agent.toml")
-    RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
+    # MALLOC_ARENA_MAX=2: what the operator sets in agent pods (glibc's
+    # per-thread arenas otherwise pin about twice the chunk buffers in use).
+    MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2} RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
     local pid=$!
     PIDS+=($pid)
     wait_port "$admin"
