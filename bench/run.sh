@@ -130,7 +130,9 @@ run_aria2() {
 start_agent() { # name dir
     local admin
     admin=$(sed -n 's/^admin_listen = ".*:\([0-9]*\)"$/\1/p' "$2/agent.toml")
-    RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
+    # MALLOC_ARENA_MAX=2: what the operator sets in agent pods (glibc's
+    # per-thread arenas otherwise pin about twice the chunk buffers in use).
+    MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2} RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
     local pid=$!
     PIDS+=($pid)
     wait_port "$admin"
@@ -162,7 +164,7 @@ run_caravan() { # set run [storage-config-hook]
     stop_agent "$PID_A"; stop_agent "$PID_B"
     if [ "${3:-}" != s3 ] && [ "$run" = 1 ]; then check "$set" "$WORK/b/data/dst"; fi
     local first
-    first=$(python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['state']=='done'; print($t1-$t0+(d.get('first_byte_seconds') or float('nan')))" "$WORK/fetch.json")
+    first=$(python3 -c "import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); assert d['state']=='done'; print($t1-$t0+(d.get('first_byte_seconds') or float('nan')))" "$WORK/fetch.json")
     record "$set" caravan "$run" "$(python3 -c "print($t2-$t0)")" \
         "fetch=$(python3 -c "print($t2-$t1)")" "publish=$(python3 -c "print($t1-$t0)")" "first=$first" \
         "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
@@ -311,7 +313,9 @@ if ("s3", "caravan") in secs:
     r, c = med(secs["s3", "rclone"]), med(secs["s3", "caravan"])
     print(f"bucket -> bucket, {s3_files} files, {s3_mb} MiB, moto: rclone copy {mbps('s3', r):.0f} MB/s, "
           f"caravan {mbps('s3', c):.0f} MB/s (fetch only {mbps('s3', med(extra['s3', 'caravan']['fetch'])):.0f}): {r / c:.2f}x")
-v1, v2 = json.load(open(v1p)), json.load(open(v2p))
+# `fetch --json` prints JSON lines; the last one is the summary.
+last = lambda p: json.loads(open(p).read().splitlines()[-1])
+v1, v2 = last(v1p), last(v2p)
 big = nbytes["big"]
 print(f"second version (1% changed in 10 places): {v2['bytes_received']/2**20:.1f} MiB sent "
       f"({100*v2['bytes_received']/big:.2f}% of the file), {v2['chunks_fetched']} of {v2['chunks_total']} chunks")

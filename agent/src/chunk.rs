@@ -99,6 +99,20 @@ impl ChunkKeyer {
         })
     }
 
+    /// The reference of a plaintext chunk, encrypting it in place: the
+    /// buffer holds the ciphertext (without its tag) afterwards. For a
+    /// publish pass that reads each block only to learn the chunk ids.
+    pub fn chunk_ref_in_place(&self, buf: &mut [u8]) -> Result<ChunkRef> {
+        let key = self.key_for(buf);
+        let len = u32::try_from(buf.len()).map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
+        let tag = Key(key).seal_detached([0; 12], CHUNK_AAD, buf)?;
+        let mut h = blake3::Hasher::new();
+        h.update(buf);
+        h.update(&tag);
+        let id = ChunkId(*h.finalize().as_bytes());
+        Ok(ChunkRef { id, key, len })
+    }
+
     /// Encrypts a plaintext chunk and returns its reference and ciphertext.
     pub fn seal(&self, plaintext: &[u8]) -> Result<(ChunkRef, Vec<u8>)> {
         let key = self.key_for(plaintext);
@@ -137,8 +151,53 @@ pub fn encrypt(r: &ChunkRef, mut plaintext: Vec<u8>) -> Result<Vec<u8>> {
     Ok(plaintext)
 }
 
+/// A chunk's ciphertext as received, with its BLAKE3 hash when the code
+/// that received it already computed it (the peer channel does, to check
+/// the frame's MAC), so verifying it costs no second pass.
+#[derive(Debug)]
+pub struct Sealed {
+    bytes: Vec<u8>,
+    hash: Option<blake3::Hash>,
+}
+
+impl Sealed {
+    /// Ciphertext whose hash was computed on exactly these bytes.
+    pub(crate) fn hashed(bytes: Vec<u8>, hash: blake3::Hash) -> Self {
+        Sealed {
+            bytes,
+            hash: Some(hash),
+        }
+    }
+
+    /// The BLAKE3 hash of the bytes (computed now if it was not known).
+    pub fn hash(&self) -> blake3::Hash {
+        self.hash.unwrap_or_else(|| blake3::hash(&self.bytes))
+    }
+
+    /// The ciphertext.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+impl From<Vec<u8>> for Sealed {
+    fn from(bytes: Vec<u8>) -> Self {
+        Sealed { bytes, hash: None }
+    }
+}
+
+impl std::ops::Deref for Sealed {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
 /// Verifies a ciphertext from a peer against its id, then decrypts it.
-pub fn open(r: &ChunkRef, mut ciphertext: Vec<u8>) -> Result<Vec<u8>> {
+pub fn open(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Vec<u8>> {
+    let sealed = ciphertext.into();
+    let hash = (sealed.bytes.len() == r.len as usize + TAG_LEN).then(|| sealed.hash());
+    let mut ciphertext = sealed.bytes;
     if ciphertext.len() != r.len as usize + TAG_LEN {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
@@ -149,7 +208,7 @@ pub fn open(r: &ChunkRef, mut ciphertext: Vec<u8>) -> Result<Vec<u8>> {
             ),
         });
     }
-    if blake3::hash(&ciphertext).as_bytes() != &r.id.0 {
+    if hash.is_none_or(|h| h != blake3::Hash::from(r.id.0)) {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
             reason: "BLAKE3 hash does not match the chunk id".into(),
@@ -176,6 +235,18 @@ pub fn cut_block(block: &bytes::Bytes, eof: bool) -> Vec<bytes::Bytes> {
         .enumerate()
         .filter(|(i, (_, len))| eof || i + 1 < n || *len >= MAX_CHUNK)
         .map(|(_, (off, len))| block.slice(off..off + len))
+        .collect()
+}
+
+/// The lengths of the complete chunks at the start of `block`, by the same
+/// rule as [`cut_block`].
+pub fn cut_lengths(block: &[u8], eof: bool) -> Vec<usize> {
+    let cuts = cut_points(block);
+    let n = cuts.len();
+    cuts.into_iter()
+        .enumerate()
+        .filter(|(i, (_, len))| eof || i + 1 < n || *len >= MAX_CHUNK)
+        .map(|(_, (_, len))| len)
         .collect()
 }
 
@@ -211,6 +282,9 @@ mod tests {
         let (r, ct) = keyer.seal(&data).unwrap();
         assert_eq!(open(&r, ct.clone()).unwrap(), data);
         assert_eq!(encrypt(&r, data.clone()).unwrap(), ct);
+        let mut in_place = data.clone();
+        assert_eq!(keyer.chunk_ref_in_place(&mut in_place).unwrap(), r);
+        assert_eq!(keyer.chunk_ref(&data).unwrap(), r);
         assert!(keyer.matches(&r, &data));
         for i in [0, 1, ct.len() / 2, ct.len() - 1] {
             let mut bad = ct.clone();

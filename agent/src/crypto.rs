@@ -46,6 +46,22 @@ impl Key {
             .map_err(|_| Error::Crypto("seal failed"))
     }
 
+    /// Encrypts `buf` in place and returns the tag separately.
+    pub fn seal_detached(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<[u8; TAG_LEN]> {
+        let tag = self
+            .aead()?
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+            .map_err(|_| Error::Crypto("seal failed"))?;
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        Ok(t)
+    }
+
     /// Decrypts `buf` (ciphertext followed by tag) in place and truncates the tag.
     pub fn open(&self, nonce: [u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>) -> Result<()> {
         let len = self

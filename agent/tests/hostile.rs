@@ -24,6 +24,7 @@ use caravan_agent::manifest::{
 use caravan_agent::record::SignedRecord;
 use caravan_agent::trust::{GrantId, Revocation, TrustGrant};
 use caravan_agent::util::unix_now;
+use caravan_agent::wire::FrameType;
 use caravan_agent::wire::client::PeerConn;
 use caravan_agent::wire::server::Service;
 use caravan_agent::{Error, Result};
@@ -783,10 +784,24 @@ fn tls_connect(
     })
 }
 
-/// True once the server has closed `s` (EOF or error), waiting up to `secs`.
-fn closed_within(
+/// A connection past the TLS handshake, switched to the peer channel: the
+/// bare socket and the sending keys, to write malformed or half frames.
+fn channel_connect(
     rt: &tokio::runtime::Runtime,
-    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    addr: &str,
+    key: &SecretKey,
+) -> (tokio::net::TcpStream, caravan_agent::wire::channel::Sealer) {
+    let tls = tls_connect(rt, addr, key).unwrap();
+    let (tcp, sealer, _) = rt
+        .block_on(caravan_agent::wire::channel::client_switch(tls))
+        .unwrap();
+    (tcp, sealer)
+}
+
+/// True once the server has closed `s` (EOF or error), waiting up to `secs`.
+fn closed_within<S: tokio::io::AsyncRead + Unpin>(
+    rt: &tokio::runtime::Runtime,
+    s: &mut S,
     secs: u64,
 ) -> bool {
     use tokio::io::AsyncReadExt;
@@ -865,10 +880,10 @@ fn connection_flood_idle_and_half_sent_frames_are_cut() {
     );
 
     // Half-sent frame: a GetKey header announcing 60,000 bytes, then 10.
-    let mut half = tls_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap()).unwrap();
+    let (mut half, mut sealer) =
+        channel_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap());
     rt.block_on(async {
-        let mut hdr = vec![3u8, 0, 0, 0, 1];
-        hdr.extend_from_slice(&60_000u32.to_be_bytes());
+        let mut hdr = sealer.header(FrameType::GetKey, 1, 60_000, false).unwrap();
         hdr.extend_from_slice(&[0u8; 10]);
         half.write_all(&hdr).await.unwrap();
         half.flush().await.unwrap();
@@ -879,10 +894,12 @@ fn connection_flood_idle_and_half_sent_frames_are_cut() {
     );
 
     // Per type: a GetChunk frame announcing 1 MiB is refused at once.
-    let mut big = tls_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap()).unwrap();
+    let (mut big, mut sealer) =
+        channel_connect(&rt, &alice.peer_addr, &SecretKey::generate().unwrap());
     rt.block_on(async {
-        let mut hdr = vec![2u8, 0, 0, 0, 1];
-        hdr.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        let hdr = sealer
+            .header(FrameType::GetChunk, 1, 1 << 20, false)
+            .unwrap();
         big.write_all(&hdr).await.unwrap();
         big.flush().await.unwrap();
     });

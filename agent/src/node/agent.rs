@@ -258,6 +258,15 @@ impl Service for Agent {
     }
 
     async fn chunk(&self, peer: AgentId, share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
+        self.chunk_hashed(peer, share, id).await.map(|(ct, _)| ct)
+    }
+
+    async fn chunk_hashed(
+        &self,
+        peer: AgentId,
+        share: ShareId,
+        id: ChunkId,
+    ) -> Result<(Vec<u8>, [u8; 32])> {
         let corrupt = self.opts.corrupt_chunks;
         let s = self.authorized_share(&peer, &share)?;
         let loc = s
@@ -269,17 +278,21 @@ impl Service for Agent {
         // now holds other data) is never sealed under a chunk key that past
         // recipients know.
         let source = loc.path.clone();
-        let seal = move |plain: Vec<u8>| -> Result<Vec<u8>> {
+        // The hash is handed to the channel, which MACs it instead of
+        // encrypting the chunk a second time.
+        let seal = move |plain: Vec<u8>| -> Result<(Vec<u8>, [u8; 32])> {
             let mut ct = chunk::encrypt(&loc.chunk, plain)?;
-            if blake3::hash(&ct).as_bytes() != &id.0 {
+            let mut hash = *blake3::hash(&ct).as_bytes();
+            if hash != id.0 {
                 return Err(Error::NotFound(format!(
                     "chunk {id}: {source} changed since it was published"
                 )));
             }
             if corrupt && let Some(b) = ct.first_mut() {
                 *b ^= 0xff;
+                hash = *blake3::hash(&ct).as_bytes();
             }
-            Ok(ct)
+            Ok((ct, hash))
         };
         let sealed = match &self.opts.fs_root {
             // A local file is read straight into the buffer the chunk is
@@ -315,7 +328,7 @@ impl Service for Agent {
                 tracing::warn!(error = %e, "not serving a chunk whose source changed");
             })?;
         self.metrics.chunks_sent.inc();
-        self.metrics.bytes_sent.inc_by(ct.len() as u64);
+        self.metrics.bytes_sent.inc_by(ct.0.len() as u64);
         // Serving chunks is activity (manifest and key requests are part of
         // every subscriber's poll and are not).
         self.activity.touch(activity::SERVE);

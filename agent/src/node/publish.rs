@@ -18,8 +18,11 @@ use crate::node::agent::Agent;
 use crate::node::share::{HeldShare, Role};
 use crate::util::unix_now;
 
-/// How much of a file is read from storage at a time.
-const READ_BLOCK: u64 = 16 << 20;
+/// How much of a file is read from storage at a time (at least two of the
+/// largest chunks, so every block yields a chunk; small enough that the
+/// blocks of [`FILE_CONCURRENCY`] files in the pipeline stay well inside the
+/// publisher's memory budget).
+const READ_BLOCK: u64 = 8 << 20;
 /// Files chunked at once.
 const FILE_CONCURRENCY: usize = 4;
 
@@ -365,9 +368,10 @@ impl Agent {
     }
 
     /// Cuts and seals one file as a two-stage pipeline: while the chunks
-    /// of one block are hashed and encrypted in parallel, the next block is
-    /// read and cut. Each block is read from the end of the last complete
-    /// chunk, so nothing is copied to join blocks.
+    /// of one block are hashed and encrypted in parallel (in place: the
+    /// block is discarded afterwards), the next block is read and cut. Each
+    /// block is read from the end of the last complete chunk, so nothing is
+    /// copied to join blocks.
     async fn chunk_file(
         &self,
         path: &str,
@@ -380,23 +384,51 @@ impl Agent {
         let mut sealing: Option<Sealing> = None;
         while pos < size {
             let end = (pos + READ_BLOCK).min(size);
-            let block = self
-                .op
-                .read_with(path)
-                .range(pos..end)
-                .await
-                .context(|| format!("reading {path}"))?
-                .to_bytes();
-            if block.len() as u64 != end - pos {
-                return Err(Error::Config(format!(
-                    "{path} changed size while being published"
-                )));
-            }
             let eof = end == size;
-            let pieces = tokio::task::spawn_blocking(move || chunk::cut_block(&block, eof))
-                .await
-                .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?;
-            let consumed: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+            let pieces = match &self.opts.fs_root {
+                // A local file is read straight into the block buffer (no
+                // zero-filled buffer, no copy out of OpenDAL's buffers), and
+                // cut in the same blocking task.
+                Some(root) => {
+                    let full = root.join(path);
+                    let want = (end - pos) as usize;
+                    let shown = path.to_string();
+                    tokio::task::spawn_blocking(move || {
+                        let block =
+                            read_block(&full, pos, want).context(|| format!("reading {shown}"))?;
+                        if block.len() != want {
+                            return Err(Error::Config(format!(
+                                "{shown} changed size while being published"
+                            )));
+                        }
+                        let cuts = chunk::cut_lengths(&block, eof);
+                        Ok((block, cuts))
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("chunking task: {e}")))??
+                }
+                None => {
+                    let block = self
+                        .op
+                        .read_with(path)
+                        .range(pos..end)
+                        .await
+                        .context(|| format!("reading {path}"))?
+                        .to_vec();
+                    if block.len() as u64 != end - pos {
+                        return Err(Error::Config(format!(
+                            "{path} changed size while being published"
+                        )));
+                    }
+                    tokio::task::spawn_blocking(move || {
+                        let cuts = chunk::cut_lengths(&block, eof);
+                        (block, cuts)
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("chunking task: {e}")))?
+                }
+            };
+            let consumed: u64 = pieces.1.iter().map(|n| *n as u64).sum();
             if consumed == 0 {
                 return Err(Error::Protocol(format!(
                     "no chunk boundary found in {path}"
@@ -416,14 +448,33 @@ impl Agent {
     }
 }
 
+/// Reads `len` bytes of a local file at `offset` into a fresh buffer
+/// (fewer when the file is shorter: the caller checks).
+fn read_block(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
 type Sealing = tokio::task::JoinHandle<Result<Vec<ChunkRef>>>;
 
-/// Hashes and encrypts chunks on all cores.
-fn seal(keyer: ChunkKeyer, pieces: Vec<bytes::Bytes>) -> Sealing {
+/// Hashes and encrypts the chunks of a block on all cores, in place: the
+/// block was read for this alone, so nothing is copied.
+fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing {
     tokio::task::spawn_blocking(move || {
+        let mut pieces = Vec::with_capacity(cuts.len());
+        let mut rest = &mut block[..];
+        for n in cuts {
+            let (piece, tail) = rest.split_at_mut(n);
+            pieces.push(piece);
+            rest = tail;
+        }
         pieces
-            .par_iter()
-            .map(|p| keyer.chunk_ref(p))
+            .into_par_iter()
+            .map(|p| keyer.chunk_ref_in_place(p))
             .collect::<Result<Vec<_>>>()
     })
 }

@@ -27,6 +27,14 @@ pub fn chunks_in_memory() -> usize {
     positive("CARAVAN_CHUNKS_IN_MEMORY", 48)
 }
 
+/// Bytes buffered per part when a fetched file is written to an object
+/// store (`CARAVAN_OBJECT_PART_BYTES`, default 5 MiB, the smallest part S3
+/// accepts but the last): every file being written holds at most one part,
+/// so 16 files at once stay inside the fetcher's memory budget.
+pub fn object_part_bytes() -> usize {
+    positive("CARAVAN_OBJECT_PART_BYTES", 5 << 20)
+}
+
 /// Test-only fault injection: serve corrupted chunks
 /// (`CARAVAN_FAULT_CORRUPT_CHUNKS=1`).
 pub fn fault_corrupt_chunks() -> bool {

@@ -7,21 +7,23 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{
-    Frame, FrameType, MAX_MESSAGE, read_body, read_header, response_limit, tls, write_frame,
-};
-use crate::chunk::ChunkId;
+use super::channel::{self, Incoming, Outgoing};
+use super::{Frame, FrameType, MAX_MESSAGE, response_limit, tls};
+use crate::chunk::{ChunkId, Sealed};
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey};
 use crate::manifest::ShareId;
 
-/// Waiting requests: the answer's destination and the largest `Ok` payload
-/// the request type may receive.
-type Pending = Arc<Mutex<HashMap<u32, (oneshot::Sender<Result<Vec<u8>>>, usize)>>>;
+/// Where an answer goes.
+type Reply = oneshot::Sender<Result<Incoming>>;
+
+/// Waiting requests: the answer's destination, the largest `Ok` payload
+/// the request type may receive, and whether it may come raw (a chunk).
+type Pending = Arc<Mutex<HashMap<u32, (Reply, usize, bool)>>>;
 
 /// A live, authenticated connection to a peer.
 pub struct PeerConn {
@@ -29,7 +31,7 @@ pub struct PeerConn {
     pub peer: AgentId,
     /// The address we dialled.
     pub addr: String,
-    tx: mpsc::Sender<(Frame, oneshot::Sender<Result<Vec<u8>>>)>,
+    tx: mpsc::Sender<(Frame, Reply)>,
     next_id: AtomicU32,
     in_flight: AtomicUsize,
     closed: Arc<AtomicBool>,
@@ -72,10 +74,11 @@ impl PeerConn {
             .ok_or_else(|| Error::Tls("peer sent no certificate".into()))?;
         let peer = tls::agent_id_of(cert)?;
 
-        let (mut rd, wr) = tokio::io::split(stream);
+        let (tcp, mut sealer, mut opener) = channel::client_switch(stream).await?;
+        let (rd, wr) = tcp.into_split();
         let pending: Pending = Arc::default();
         let closed = Arc::new(AtomicBool::new(false));
-        let (tx, mut rx) = mpsc::channel::<(Frame, oneshot::Sender<Result<Vec<u8>>>)>(256);
+        let (tx, mut rx) = mpsc::channel::<(Frame, Reply)>(256);
 
         let p = pending.clone();
         let c = closed.clone();
@@ -90,11 +93,18 @@ impl PeerConn {
                 for (f, reply) in batch {
                     match p.lock() {
                         Ok(mut m) => {
-                            m.insert(f.id, (reply, response_limit(f.typ)));
+                            let raw_ok = f.typ == FrameType::GetChunk;
+                            m.insert(f.id, (reply, response_limit(f.typ), raw_ok));
                         }
                         Err(_) => break 'outer,
                     }
-                    if let Err(e) = write_frame(&mut w, &f).await {
+                    let out = Outgoing {
+                        typ: f.typ,
+                        id: f.id,
+                        payload: f.payload,
+                        raw_hash: None,
+                    };
+                    if let Err(e) = sealer.write(&mut w, out).await {
                         fail = Some(e);
                         break 'outer;
                     }
@@ -113,45 +123,49 @@ impl PeerConn {
         let p = pending.clone();
         let c = closed.clone();
         tokio::spawn(async move {
+            let mut rd = BufReader::with_capacity(64 << 10, rd);
             let why = loop {
-                let h = match read_header(&mut rd).await {
+                let h = match opener.read_header(&mut rd).await {
                     Ok(Some(h)) => h,
                     Ok(None) => break "peer closed the connection".to_string(),
                     Err(e) => break e.to_string(),
                 };
                 // Each answer is capped by what its request may receive,
-                // before any of it is read.
-                let max = match h.typ {
+                // before any of it is read; only a chunk comes raw.
+                let (max, raw_ok) = match h.header.typ {
                     FrameType::Ok => p
                         .lock()
                         .ok()
-                        .and_then(|m| m.get(&h.id).map(|(_, max)| *max))
-                        .unwrap_or(0),
-                    _ => MAX_MESSAGE,
+                        .and_then(|m| m.get(&h.header.id).map(|(_, max, raw)| (*max, *raw)))
+                        .unwrap_or((0, false)),
+                    _ => (MAX_MESSAGE, false),
                 };
-                if h.len > max {
+                if h.header.len > max {
                     break format!(
                         "{:?} answer of {} bytes exceeds the {max} byte limit for its request",
-                        h.typ, h.len
+                        h.header.typ, h.header.len
                     );
                 }
-                let payload = match read_body(&mut rd, h.len).await {
+                if h.raw && !raw_ok {
+                    break format!("{:?} answer sent unsealed", h.header.typ);
+                }
+                let body = match opener.read_body(&mut rd, &h).await {
                     Ok(b) => b,
                     Err(e) => break e.to_string(),
                 };
                 let waiter = match p.lock() {
-                    Ok(mut m) => m.remove(&h.id),
+                    Ok(mut m) => m.remove(&h.header.id),
                     Err(_) => break "state poisoned".to_string(),
                 };
-                if let Some((w, _)) = waiter {
-                    let r = match h.typ {
-                        FrameType::Ok => Ok(payload),
-                        FrameType::NotFound => {
-                            Err(Error::NotFound(String::from_utf8_lossy(&payload).into()))
-                        }
+                if let Some((w, _, _)) = waiter {
+                    let r = match h.header.typ {
+                        FrameType::Ok => Ok(body),
+                        FrameType::NotFound => Err(Error::NotFound(
+                            String::from_utf8_lossy(&body.payload).into(),
+                        )),
                         FrameType::Failed => Err(Error::Protocol(format!(
                             "peer refused: {}",
-                            String::from_utf8_lossy(&payload)
+                            String::from_utf8_lossy(&body.payload)
                         ))),
                         other => Err(Error::Protocol(format!("unexpected {other:?} frame"))),
                     };
@@ -160,7 +174,7 @@ impl PeerConn {
             };
             c.store(true, Ordering::SeqCst);
             if let Ok(mut m) = p.lock() {
-                for (_, (w, _)) in m.drain() {
+                for (_, (w, _, _)) in m.drain() {
                     let _ = w.send(Err(Error::Protocol(why.clone())));
                 }
             }
@@ -191,7 +205,7 @@ impl PeerConn {
         typ: FrameType,
         payload: Vec<u8>,
         timeout: Duration,
-    ) -> Result<Vec<u8>> {
+    ) -> Result<Incoming> {
         if self.is_closed() {
             return Err(Error::Protocol(format!(
                 "connection to {} is closed",
@@ -226,14 +240,21 @@ impl PeerConn {
         p.extend_from_slice(&have_seq.to_be_bytes());
         self.request(FrameType::GetManifest, p, Duration::from_secs(60))
             .await
+            .map(|b| b.payload)
     }
 
-    /// Fetches one chunk's ciphertext (unverified: the caller verifies).
-    pub async fn chunk(&self, share: &ShareId, id: &ChunkId) -> Result<Vec<u8>> {
+    /// Fetches one chunk's ciphertext (unverified: the caller verifies,
+    /// with the BLAKE3 hash the channel computed on the received bytes).
+    pub async fn chunk(&self, share: &ShareId, id: &ChunkId) -> Result<Sealed> {
         let mut p = share.0.to_vec();
         p.extend_from_slice(&id.0);
-        self.request(FrameType::GetChunk, p, Duration::from_secs(60))
-            .await
+        let b = self
+            .request(FrameType::GetChunk, p, Duration::from_secs(60))
+            .await?;
+        Ok(match b.hash {
+            Some(h) => Sealed::hashed(b.payload, h),
+            None => Sealed::from(b.payload),
+        })
     }
 
     /// Asks for the share key, presenting proof records (trust chain).
@@ -242,6 +263,7 @@ impl PeerConn {
         p.extend(postcard::to_stdvec(proof).map_err(|e| Error::Protocol(e.to_string()))?);
         self.request(FrameType::GetKey, p, Duration::from_secs(30))
             .await
+            .map(|b| b.payload)
     }
 
     /// Round-trips an empty request.

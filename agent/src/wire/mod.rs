@@ -1,9 +1,15 @@
-//! The peer protocol: length-prefixed request/response frames over mutually
-//! authenticated TLS 1.3. Requests carry an id, so a client pipelines many
-//! requests on one connection and the server answers them as they complete.
+//! The peer protocol: length-prefixed request/response frames between agents
+//! that authenticated each other with TLS 1.3. Requests carry an id, so a
+//! client pipelines many requests on one connection and the server answers
+//! them as they complete. Frames travel on the channel of [`channel`]: keyed
+//! from the TLS exporter, every frame authenticated, everything but sealed
+//! chunk bodies encrypted.
 //!
-//! Frame: type (u8), request id (u32 BE), payload length (u32 BE), payload.
+//! Frame: type (u8), request id (u32 BE), payload length (u32 BE), payload
+//! (the plain framing below is what the channel carries inside its sealed
+//! headers; `read_frame` parses it for the fuzzer).
 
+pub mod channel;
 pub mod client;
 pub mod server;
 pub mod tls;
@@ -14,8 +20,9 @@ use crate::chunk::ChunkId;
 use crate::error::{Context, Error, Result};
 use crate::manifest::ShareId;
 
-/// ALPN protocol id; a peer speaking anything else is refused at handshake.
-pub const ALPN: &[u8] = b"caravan/1";
+/// ALPN protocol id; a peer speaking anything else (such as `caravan/1`,
+/// frames inside TLS records) is refused at handshake.
+pub const ALPN: &[u8] = b"caravan/2";
 
 /// Largest request payload a server reads (any type; see [`request_limit`]).
 pub const MAX_REQUEST: usize = 32 + MAX_PROOF_BYTES;

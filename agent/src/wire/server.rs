@@ -6,16 +6,14 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{
-    Frame, FrameType, Request, parse_request, read_body, read_header, request_limit, tls,
-    write_frame,
-};
+use super::channel::{self, Outgoing};
+use super::{Frame, FrameType, Request, parse_request, request_limit, tls};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
@@ -40,6 +38,22 @@ pub trait Service: Send + Sync + 'static {
         share: ShareId,
         chunk: ChunkId,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// The ciphertext of one chunk with its BLAKE3 hash, which the channel
+    /// MACs instead of encrypting the chunk again. The default hashes what
+    /// [`Service::chunk`] returns; an implementation that verified the chunk
+    /// before serving it already has the hash.
+    fn chunk_hashed(
+        &self,
+        peer: AgentId,
+        share: ShareId,
+        chunk: ChunkId,
+    ) -> impl Future<Output = Result<(Vec<u8>, [u8; 32])>> + Send {
+        async move {
+            let ct = self.chunk(peer, share, chunk).await?;
+            let h = *blake3::hash(&ct).as_bytes();
+            Ok((ct, h))
+        }
+    }
     /// The share key wrapped for the caller (a signed key-release record).
     fn key(
         &self,
@@ -151,12 +165,20 @@ impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Drop for Slot<K> {
     }
 }
 
-async fn handle<S: Service>(svc: &S, peer: AgentId, f: Frame) -> Result<Vec<u8>> {
+/// Answers one request: the payload, and its hash when it goes raw (a chunk).
+async fn handle<S: Service>(
+    svc: &S,
+    peer: AgentId,
+    f: Frame,
+) -> Result<(Vec<u8>, Option<[u8; 32]>)> {
     match parse_request(f.typ, &f.payload)? {
-        Request::Ping => Ok(Vec::new()),
-        Request::Manifest(s, have) => svc.manifest(peer, s, have).await,
-        Request::Chunk(s, c) => svc.chunk(peer, s, c).await,
-        Request::Key(s, proof) => svc.key(peer, s, proof).await,
+        Request::Ping => Ok((Vec::new(), None)),
+        Request::Manifest(s, have) => Ok((svc.manifest(peer, s, have).await?, None)),
+        Request::Chunk(s, c) => svc
+            .chunk_hashed(peer, s, c)
+            .await
+            .map(|(ct, h)| (ct, Some(h))),
+        Request::Key(s, proof) => Ok((svc.key(peer, s, proof).await?, None)),
     }
 }
 
@@ -261,14 +283,16 @@ async fn connection<S: Service>(
     shutdown: CancellationToken,
     limits: &Limits,
 ) -> Result<()> {
-    let (mut rd, wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::channel::<Frame>(PER_CONNECTION_CONCURRENCY);
+    let (tcp, mut sealer, mut opener) = channel::server_switch(stream).await?;
+    let (rd, wr) = tcp.into_split();
+    let mut rd = BufReader::with_capacity(16 << 10, rd);
+    let (tx, mut rx) = mpsc::channel::<Outgoing>(PER_CONNECTION_CONCURRENCY);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);
         while let Some(f) = rx.recv().await {
-            write_frame(&mut w, &f).await?;
+            sealer.write(&mut w, f).await?;
             while let Ok(f) = rx.try_recv() {
-                write_frame(&mut w, &f).await?;
+                sealer.write(&mut w, f).await?;
             }
             w.flush()
                 .await
@@ -280,9 +304,9 @@ async fn connection<S: Service>(
     let limit = Arc::new(Semaphore::new(PER_CONNECTION_CONCURRENCY));
     let mut ended = Ok(());
     loop {
-        let header = tokio::select! {
+        let inh = tokio::select! {
             _ = shutdown.cancelled() => break,
-            h = tokio::time::timeout(limits.idle, read_header(&mut rd)) => match h {
+            h = tokio::time::timeout(limits.idle, opener.read_header(&mut rd)) => match h {
                 Err(_) => {
                     ended = Err(Error::Protocol("idle connection closed".into()));
                     break;
@@ -295,23 +319,26 @@ async fn connection<S: Service>(
                 Ok(Ok(Some(h))) => h,
             },
         };
+        let header = inh.header;
         // The size is checked on the header, per request type, before any
-        // of the body is read; an oversize frame gets a refusal and the
-        // connection is closed.
-        let max = request_limit(header.typ);
+        // of the body is read; an oversize (or unsealed) frame gets a
+        // refusal and the connection is closed.
+        let max = request_limit(header.typ).filter(|_| !inh.raw);
         if max.is_none_or(|m| header.len > m) {
             let why = match max {
                 Some(m) => format!(
                     "{:?} frame of {} bytes exceeds the {m} byte limit",
                     header.typ, header.len
                 ),
+                None if inh.raw => format!("{:?} request sent unsealed", header.typ),
                 None => format!("{:?} is not a request", header.typ),
             };
             let _ = tx
-                .send(Frame {
+                .send(Outgoing {
                     typ: FrameType::Failed,
                     id: header.id,
                     payload: why.clone().into_bytes(),
+                    raw_hash: None,
                 })
                 .await;
             // Linger briefly so the refusal is read before the socket closes.
@@ -323,9 +350,9 @@ async fn connection<S: Service>(
             ended = Err(Error::Protocol(why));
             break;
         }
-        let payload = match tokio::time::timeout(limits.read, read_body(&mut rd, header.len)).await
+        let payload = match tokio::time::timeout(limits.read, opener.read_body(&mut rd, &inh)).await
         {
-            Ok(Ok(p)) => p,
+            Ok(Ok(p)) => p.payload,
             Ok(Err(e)) => {
                 ended = Err(e);
                 break;
@@ -353,20 +380,23 @@ async fn connection<S: Service>(
         tokio::spawn(async move {
             let id = frame.id;
             let reply = match handle(&*svc, peer, frame).await {
-                Ok(payload) => Frame {
+                Ok((payload, raw_hash)) => Outgoing {
                     typ: FrameType::Ok,
                     id,
                     payload,
+                    raw_hash,
                 },
-                Err(Error::NotFound(m)) => Frame {
+                Err(Error::NotFound(m)) => Outgoing {
                     typ: FrameType::NotFound,
                     id,
                     payload: m.into_bytes(),
+                    raw_hash: None,
                 },
-                Err(e) => Frame {
+                Err(e) => Outgoing {
                     typ: FrameType::Failed,
                     id,
                     payload: e.to_string().into_bytes(),
+                    raw_hash: None,
                 },
             };
             let _ = tx.send(reply).await;

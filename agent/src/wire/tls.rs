@@ -183,6 +183,10 @@ pub fn server_config(key: &SecretKey) -> Result<Arc<rustls::ServerConfig>> {
         .with_single_cert(vec![cert], pk)
         .map_err(|e| Error::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![crate::wire::ALPN.to_vec()];
+    // Nothing may follow the handshake on the TLS layer but the channel's
+    // ready byte (see `channel::server_switch`); sessions are never resumed.
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(cfg))
 }
 
@@ -201,5 +205,6 @@ pub fn client_config(
         .with_client_auth_cert(vec![cert], pk)
         .map_err(|e| Error::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![crate::wire::ALPN.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
 }

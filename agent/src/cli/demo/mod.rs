@@ -226,7 +226,7 @@ pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
     println!("publisher {}", r.publisher);
     println!("recipient {}", r.recipient);
     println!(
-        "published {} files ({}, {} chunks) in {:.2}s; transferred over TLS in {:.2}s",
+        "published {} files ({}, {} chunks) in {:.2}s; transferred in {:.2}s",
         r.files,
         crate::cli::human::bytes(r.bytes),
         r.chunks,

@@ -1,6 +1,6 @@
 //! `caravan-agent demo`: two real agents in one process, on loopback, with
 //! temporary local storage. One publishes a generated folder for the other,
-//! which fetches it over TLS; every byte is then compared with the source.
+//! which fetches it over the authenticated peer channel; every byte is then compared with the source.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

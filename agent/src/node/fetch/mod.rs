@@ -288,6 +288,8 @@ impl Agent {
             progress: progress.clone(),
             slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
             unsynced: std::sync::Mutex::new(Vec::new()),
+            syncing: std::sync::Mutex::new(Vec::new()),
+            sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
         });
 
         for e in &manifest.entries {

@@ -17,8 +17,8 @@ use crate::node::agent::Agent;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
-/// Files synced at once in the final sync pass.
-const SYNC_CONCURRENCY: usize = 16;
+/// Files synced at once.
+pub(crate) const SYNC_CONCURRENCY: usize = 16;
 
 /// Local data that may already hold chunks: key → (path, offset).
 pub(crate) type LocalIndex = HashMap<[u8; 32], (String, u64)>;
@@ -42,6 +42,55 @@ pub(crate) struct Job {
     /// On a local filesystem: files written without a sync of their own,
     /// synced together by [`Job::sync_written`] before the fetch is done.
     pub(crate) unsynced: Mutex<Vec<PathBuf>>,
+    /// Syncs of finished files started while the fetch goes on (at most
+    /// [`SYNC_CONCURRENCY`] running), awaited by [`Job::sync_written`].
+    pub(crate) syncing: Mutex<Vec<tokio::task::JoinHandle<Result<()>>>>,
+    /// Bounds the syncs running at once.
+    pub(crate) sync_slots: Arc<Semaphore>,
+}
+
+/// Bytes written to a local file after which its writeback is started in
+/// the background (a data sync on a duplicate descriptor), so the disk
+/// works while the network does and the final sync finds little to do.
+const WRITEBACK_EVERY: u64 = 64 << 20;
+
+/// A local file being written, and the background sync of what it holds so far.
+struct LocalFile {
+    file: Option<std::fs::File>,
+    since_sync: u64,
+    syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl LocalFile {
+    async fn write(&mut self, plain: Vec<u8>) -> std::io::Result<()> {
+        let Some(mut f) = self.file.take() else {
+            return Err(std::io::Error::other("file already failed"));
+        };
+        let n = plain.len() as u64;
+        let f = tokio::task::spawn_blocking(move || f.write_all(&plain).map(|_| f))
+            .await
+            .map_err(std::io::Error::other)??;
+        self.since_sync += n;
+        if self.since_sync >= WRITEBACK_EVERY
+            && self.syncing.as_ref().is_none_or(|h| h.is_finished())
+        {
+            if let Some(h) = self.syncing.take() {
+                h.await.map_err(std::io::Error::other)??;
+            }
+            let dup = f.try_clone()?;
+            self.syncing = Some(tokio::task::spawn_blocking(move || dup.sync_data()));
+            self.since_sync = 0;
+        }
+        self.file = Some(f);
+        Ok(())
+    }
+
+    async fn close(mut self) -> std::io::Result<()> {
+        if let Some(h) = self.syncing.take() {
+            h.await.map_err(std::io::Error::other)??;
+        }
+        Ok(())
+    }
 }
 
 /// The memory budget of files gathered whole before one write.
@@ -71,32 +120,35 @@ fn kib(bytes: u64) -> u32 {
 /// written without a per-file fsync (one sync pass covers the whole fetch).
 enum Sink {
     Dal(opendal::Writer),
-    Local(Option<std::fs::File>),
+    Local(LocalFile),
 }
 
 impl Sink {
     async fn write(&mut self, plain: Vec<u8>) -> std::io::Result<()> {
         match self {
             Sink::Dal(w) => w.write(plain).await.map_err(std::io::Error::other),
-            Sink::Local(slot) => {
-                let Some(mut f) = slot.take() else {
-                    return Err(std::io::Error::other("file already failed"));
-                };
-                let f = tokio::task::spawn_blocking(move || f.write_all(&plain).map(|_| f))
-                    .await
-                    .map_err(std::io::Error::other)??;
-                *slot = Some(f);
-                Ok(())
-            }
+            Sink::Local(f) => f.write(plain).await,
         }
     }
 
     async fn close(self) -> std::io::Result<()> {
         match self {
             Sink::Dal(mut w) => w.close().await.map(|_| ()).map_err(std::io::Error::other),
-            Sink::Local(_) => Ok(()),
+            Sink::Local(f) => f.close().await,
         }
     }
+}
+
+/// Syncs a file's data, or a directory (its entries), on the blocking pool.
+async fn sync_path(path: PathBuf, dir: bool) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&path)?;
+        if dir { f.sync_all() } else { f.sync_data() }
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| Error::Protocol(format!("sync task: {e}")))?
+    .context(|| "syncing fetched files".into())
 }
 
 impl Job {
@@ -148,10 +200,19 @@ impl Job {
                 .await
                 .map_err(|e| Error::Protocol(format!("open task: {e}")))?
                 .context(|| format!("opening {write_path}"))?;
-                Sink::Local(Some(file))
+                Sink::Local(LocalFile {
+                    file: Some(file),
+                    since_sync: 0,
+                    syncing: None,
+                })
             }
             None => {
-                let mut w = op.writer_with(&write_path);
+                // Object stores: parts of whole chunks, at least the S3
+                // minimum part size, so a big file is one multipart upload
+                // of few parts and a small one a single PUT.
+                let mut w = op
+                    .writer_with(&write_path)
+                    .chunk(tuning::object_part_bytes());
                 if let Some(one) = &self.one_shot {
                     if size > one.max_bytes {
                         return Err(one_shot_refusal(path, size, one.max_bytes));
@@ -241,52 +302,58 @@ impl Job {
                 .await
                 .context(|| format!("moving {write_path} to {final_path}"))?;
         }
-        if let Some(root) = local_root
-            && let Ok(mut u) = self.unsynced.lock()
-        {
-            u.push(root.join(&final_path));
+        if let Some(root) = local_root {
+            // The file's sync starts now, while other files are still
+            // coming; "done" waits for it (`sync_written`).
+            let full = root.join(&final_path);
+            if let Ok(mut u) = self.unsynced.lock() {
+                u.push(full.clone());
+            }
+            let slots = self.sync_slots.clone();
+            let h = tokio::spawn(async move {
+                let _slot = slots
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Error::Protocol("fetch closing".into()))?;
+                sync_path(full, false).await
+            });
+            if let Ok(mut s) = self.syncing.lock() {
+                s.push(h);
+            }
         }
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
     /// Makes every file written on a local filesystem durable, with its
-    /// directory entry, before the fetch reports "done": one pass of
-    /// parallel syncs instead of a sync per file on the write path. A crash
-    /// before it leaves the fetch pending; the resumed fetch verifies every
-    /// chunk already in place and refetches only what fails.
+    /// directory entry, before the fetch reports "done": each file's sync
+    /// was started in the background when the file was complete (and its
+    /// writeback while it was written), so this waits for those, then syncs
+    /// the directories. A crash before it leaves the fetch pending; the
+    /// resumed fetch verifies every chunk already in place and refetches
+    /// only what fails.
     pub(crate) async fn sync_written(&self) -> Result<()> {
+        let running = self
+            .syncing
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default();
+        for h in running {
+            h.await
+                .map_err(|e| Error::Protocol(format!("sync task: {e}")))??;
+        }
         let files = self
             .unsynced
             .lock()
             .map(|mut u| std::mem::take(&mut *u))
             .unwrap_or_default();
-        if files.is_empty() {
-            return Ok(());
-        }
         let mut dirs: Vec<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(|d| d.to_path_buf()))
             .collect();
         dirs.sort();
         dirs.dedup();
-        let sync = |path: PathBuf, dir: bool| async move {
-            tokio::task::spawn_blocking(move || {
-                let f = std::fs::File::open(&path)?;
-                if dir { f.sync_all() } else { f.sync_data() }
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
-            })
-            .await
-            .map_err(|e| Error::Protocol(format!("sync task: {e}")))?
-            .context(|| "syncing fetched files".into())
-        };
-        futures::stream::iter(files.into_iter().map(|f| sync(f, false)))
-            .buffer_unordered(SYNC_CONCURRENCY)
-            .collect::<Vec<Result<()>>>()
-            .await
-            .into_iter()
-            .collect::<Result<Vec<()>>>()?;
-        futures::stream::iter(dirs.into_iter().map(|d| sync(d, true)))
+        futures::stream::iter(dirs.into_iter().map(|d| sync_path(d, true)))
             .buffer_unordered(SYNC_CONCURRENCY)
             .collect::<Vec<Result<()>>>()
             .await
