@@ -61,6 +61,17 @@ delete_namespace() {
 }
 _caravan_ns_gone() { ! kc get namespace "$1" >/dev/null 2>&1; }
 
+# clear_namespaces NS... — deletes these fixed-name namespaces if they exist
+# (a previous suite may still be terminating them) and waits, bounded, until
+# each is gone, so the caller can create them afresh.
+clear_namespaces() {
+  local ns
+  kc delete namespace "$@" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  for ns in "$@"; do
+    wait_for 180 "namespace $ns gone" _caravan_ns_gone "$ns" || tlog "namespace $ns still terminating"
+  done
+}
+
 cleanup_namespaces() {
   local ns
   for ns in "${CARAVAN_TEST_NAMESPACES[@]}"; do delete_namespace "$ns"; done

@@ -76,7 +76,7 @@ trap cleanup EXIT
 
 # ------------------------------------------------------------------ install
 log "installing the chart (release $RELEASE in $SYS_NS) with $HELM"
-kc delete namespace tenant-alice tenant-bob "$BAD_NS" "$RESTART_NS" --wait=true --timeout=120s >/dev/null 2>&1 || true
+clear_namespaces tenant-alice tenant-bob "$BAD_NS" "$RESTART_NS"
 if [[ "$(kc get ns "$SYS_NS" -o jsonpath='{.status.phase}' 2>/dev/null)" == Terminating ]]; then
   log "waiting for namespace $SYS_NS to finish terminating"
   kc wait --for=delete "namespace/$SYS_NS" --timeout=180s >/dev/null 2>&1 || true
@@ -213,7 +213,8 @@ kc -n "$BAD_NS" patch agent malformed-options --type merge -p '{"spec":{"storage
 for a in missing-secret other-namespace unknown-scheme malformed-options; do
   check "$a heals to Ready" wait_for 180 "$a Ready" agent_ready "$BAD_NS" "$a"
 done
-check "Recovered Event" has_event "$BAD_NS" Recovered
+# Events are written just after the status that causes them: wait (bounded).
+check "Recovered Event" wait_for 30 "a Recovered Event" has_event "$BAD_NS" Recovered
 restarts=$(operator_restarts)
 check "operator never restarted (no crash loop; restarts=$restarts)" test "$restarts" == 0
 

@@ -166,7 +166,7 @@ PY
 
 # ------------------------------------------------------------------ install
 log "installing the chart with the repository"
-kc delete namespace "${TENANTS[@]/#/tenant-}" --wait=true --timeout=120s >/dev/null 2>&1 || true
+clear_namespaces "${TENANTS[@]/#/tenant-}"
 kc create namespace "$SYS_NS" >/dev/null 2>&1 || true
 "$HELM" upgrade --install --take-ownership "$RELEASE" "$ROOT/charts/caravan" -n "$SYS_NS" \
   -f "$ROOT/examples/provider/values.yaml" --set repository.enabled=true >/dev/null
