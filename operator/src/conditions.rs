@@ -5,7 +5,26 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::status::{DEGRADED, PROGRESSING, READY, Transition};
+/// Condition types (Agents, Shares and TrustGrants).
+pub const READY: &str = "Ready";
+/// See [`READY`].
+pub const PROGRESSING: &str = "Progressing";
+/// See [`READY`].
+pub const DEGRADED: &str = "Degraded";
+/// An Agent with `spec.scaleToZero`: True while the pod runs, False while
+/// scaled to zero.
+pub const AWAKE: &str = "Awake";
+
+/// An Event to publish because something changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Warning (needs a human) or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human-readable note.
+    pub note: String,
+}
 
 /// One condition.
 pub fn make(

@@ -6,15 +6,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+pub use crate::conditions::{DEGRADED, PROGRESSING, READY, Transition};
 use crate::crd::{AgentPhase, AgentStatus};
 use crate::validate::InputError;
-
-/// Condition types of an Agent.
-pub const READY: &str = "Ready";
-/// See [`READY`].
-pub const PROGRESSING: &str = "Progressing";
-/// See [`READY`].
-pub const DEGRADED: &str = "Degraded";
 
 /// What the reconciler found, reduced to what status depends on.
 #[derive(Clone, Debug)]
@@ -256,17 +250,6 @@ pub fn compute(
     }
 }
 
-/// An Event to publish because something changed.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    /// Warning (needs a human) or Normal.
-    pub warning: bool,
-    /// PascalCase reason.
-    pub reason: String,
-    /// Human-readable note.
-    pub note: String,
-}
-
 fn find<'a>(s: Option<&'a AgentStatus>, t: &str) -> Option<&'a Condition> {
     s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
 }
@@ -304,8 +287,8 @@ pub fn transitions(old: Option<&AgentStatus>, new: &AgentStatus) -> Vec<Transiti
         });
     }
     let (oa, na) = (
-        find(old, crate::sleep::AWAKE),
-        find(Some(new), crate::sleep::AWAKE),
+        find(old, crate::conditions::AWAKE),
+        find(Some(new), crate::conditions::AWAKE),
     );
     if let Some(na) = na
         && oa.is_none_or(|o| o.status != na.status)

@@ -31,8 +31,7 @@ use crate::crd::{AgentStatus, ScaleToZeroSpec};
 mod work;
 pub use work::{Work, cluster_work, subscription, up_to_date};
 
-/// The condition type: True while the pod runs, False while scaled to zero.
-pub const AWAKE: &str = "Awake";
+pub use crate::conditions::AWAKE;
 /// Shortest `idleAfter`.
 pub const MIN_IDLE_SECS: u64 = 10;
 /// Longest `idleAfter` (a day).
