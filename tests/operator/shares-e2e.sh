@@ -324,7 +324,7 @@ kc -n tenant-dave patch share no-agent --type merge -p '{"spec":{"agent":"dave"}
 check "… heals when the Agent is named right" wait_for 180 "healed" share_ready_at dave no-agent 3
 bad_share both "  agent: bob
   publish: {path: x, recipients: {trustedWithinDepth: 1}}
-  subscribe: {shareId: \"$SHARE_ID\", publisher: \"${ID[alice]}\", destination: y}"
+  subscribe: {shareId: \"$SHARE_ID\", publisher: \"${ID[alice]}\", destination: \"out\"}"
 check "publish and subscribe → InvalidSpec" wait_for 60 "InvalidSpec" share_degraded bob both InvalidSpec
 bad_share garbage "  agent: bob
   subscribe: {ticket: \"caravan-ticket-v1:AAAA\", destination: g}"
