@@ -451,7 +451,18 @@ async fn black_hole() -> String {
 
 #[tokio::test]
 async fn expired_urls_are_refreshed_without_restarting_the_fetch() {
-    let Some(w) = world().await else { return };
+    refresh_expired_urls(Bucket::S3s).await;
+}
+
+#[tokio::test]
+async fn azblob_expired_urls_are_refreshed_without_restarting_the_fetch() {
+    refresh_expired_urls(Bucket::Azurite).await;
+}
+
+async fn refresh_expired_urls(bucket: Bucket) {
+    let Some(w) = world_on(bucket).await else {
+        return;
+    };
     let p = w.publish(None, Some(2)).await;
     let first = p.seed.clone().unwrap();
     w.pub_stop.cancel();
