@@ -9,6 +9,8 @@ use opendal::Operator;
 use crate::config::{StorageConfig, check_scheme};
 use crate::error::{Context, Error, Result};
 
+pub mod sas;
+
 /// Reads secret options: a directory of files (a mounted Kubernetes Secret,
 /// one file per option) or one file of `key=value` lines (`#` comments).
 pub fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>> {
@@ -62,16 +64,23 @@ fn env_credentials() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Opens the user's storage. Options named in the config are merged with the
-/// secret ones (credentials file, then environment), which win.
-pub fn open(cfg: &StorageConfig) -> Result<Operator> {
-    check_scheme(&cfg.scheme)?;
-    opendal::install_default();
+/// The config's options merged with the secret ones (credentials file,
+/// then environment), which win.
+fn merged_options(cfg: &StorageConfig) -> Result<BTreeMap<String, String>> {
     let mut options = cfg.options.clone();
     if let Some(path) = &cfg.credentials {
         options.extend(read_credentials(path)?);
     }
     options.extend(env_credentials());
+    Ok(options)
+}
+
+/// Opens the user's storage. Options named in the config are merged with the
+/// secret ones (credentials file, then environment), which win.
+pub fn open(cfg: &StorageConfig) -> Result<Operator> {
+    check_scheme(&cfg.scheme)?;
+    opendal::install_default();
+    let options = merged_options(cfg)?;
     if cfg.scheme == "fs" {
         let root = options
             .get("root")

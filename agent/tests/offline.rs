@@ -1,7 +1,14 @@
-//! Offline seeding against a real S3-compatible server that checks
-//! signatures, presigned URLs and their expiry (s3s-fs; start it with
-//! `eval "$(bash tests/s3/s3s.sh start PORT)"`, which sets
-//! `CARAVAN_TEST_S3S_*`). Without it each test prints SKIPPED.
+//! Offline seeding against real storage servers that check signatures,
+//! presigned URLs and their expiry:
+//! * s3 — s3s-fs (`eval "$(bash tests/s3/s3s.sh start PORT)"` sets
+//!   `CARAVAN_TEST_S3S_*`);
+//! * azblob — Azurite, which checks SAS signatures
+//!   (`tests/storage/azurite.sh start PORT` sets `CARAVAN_TEST_AZBLOB_*`);
+//! * gcs — fake-gcs-server (`tests/storage/gcs.sh start PORT` sets
+//!   `CARAVAN_TEST_GCS_*`): anonymous, so offline seeding must be refused
+//!   with the reason (it also serves objects whatever the signature).
+//!
+//! Without its server a test prints SKIPPED and passes.
 //!
 //! The publisher keeps its files in the bucket and stages sealed chunks
 //! there; the recipient is an `fs` agent; the repository runs in process.
@@ -19,6 +26,7 @@ use caravan_agent::identity::SecretKey;
 use caravan_agent::manifest::{Access, ShareId};
 use caravan_agent::node::{Agent, AgentOptions, FetchRequest, PublishRequest, Published};
 use caravan_agent::repository::{RepositoryClient, RepositoryConfig, serve_with};
+use caravan_agent::store::sas::AzblobSigner;
 use caravan_agent::trust::SeedIndex;
 use caravan_agent::{store, wire};
 use opendal::Operator;
@@ -51,26 +59,97 @@ fn s3s() -> Option<S3s> {
 
 static N: AtomicU64 = AtomicU64::new(0);
 
-fn bucket_op(s: &S3s, root: &str) -> Operator {
-    let mut options = std::collections::BTreeMap::new();
-    for (k, v) in [
-        ("bucket", s.bucket.as_str()),
-        ("endpoint", s.endpoint.as_str()),
-        ("region", "us-east-1"),
-        ("access_key_id", s.access.as_str()),
-        ("secret_access_key", s.secret.as_str()),
-        ("root", root),
-        ("disable_config_load", "true"),
-        ("disable_ec2_metadata", "true"),
-    ] {
-        options.insert(k.to_string(), v.to_string());
-    }
-    store::open(&StorageConfig {
-        scheme: "s3".into(),
-        options,
+/// Where the publisher keeps its files and stages its chunks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bucket {
+    S3s,
+    Azurite,
+    FakeGcs,
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn storage_config(scheme: &str, pairs: &[(&str, &str)]) -> StorageConfig {
+    StorageConfig {
+        scheme: scheme.into(),
+        options: pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         credentials: None,
-    })
-    .unwrap()
+    }
+}
+
+/// The publisher's storage under `root`, or None (SKIPPED printed) when
+/// that server is not running.
+fn bucket_config(bucket: Bucket, root: &str) -> Option<StorageConfig> {
+    match bucket {
+        Bucket::S3s => {
+            let s = s3s()?;
+            Some(storage_config(
+                "s3",
+                &[
+                    ("bucket", s.bucket.as_str()),
+                    ("endpoint", s.endpoint.as_str()),
+                    ("region", "us-east-1"),
+                    ("access_key_id", s.access.as_str()),
+                    ("secret_access_key", s.secret.as_str()),
+                    ("root", root),
+                    ("disable_config_load", "true"),
+                    ("disable_ec2_metadata", "true"),
+                ],
+            ))
+        }
+        Bucket::Azurite => {
+            let Some(endpoint) = env("CARAVAN_TEST_AZBLOB_ENDPOINT") else {
+                eprintln!(
+                    "SKIPPED: CARAVAN_TEST_AZBLOB_ENDPOINT is not set (run `eval \"$(bash tests/storage/azurite.sh start PORT)\"`)"
+                );
+                return None;
+            };
+            let container =
+                env("CARAVAN_TEST_AZBLOB_CONTAINER").unwrap_or_else(|| "caravan-test".into());
+            let account =
+                env("CARAVAN_TEST_AZBLOB_ACCOUNT").unwrap_or_else(|| "devstoreaccount1".into());
+            let key = env("CARAVAN_TEST_AZBLOB_KEY").unwrap_or_else(|| {
+                "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+                    .into()
+            });
+            Some(storage_config(
+                "azblob",
+                &[
+                    ("container", container.as_str()),
+                    ("endpoint", endpoint.as_str()),
+                    ("account_name", account.as_str()),
+                    ("account_key", key.as_str()),
+                    ("root", root),
+                ],
+            ))
+        }
+        Bucket::FakeGcs => {
+            let Some(endpoint) = env("CARAVAN_TEST_GCS_ENDPOINT") else {
+                eprintln!(
+                    "SKIPPED: CARAVAN_TEST_GCS_ENDPOINT is not set (run `eval \"$(bash tests/storage/gcs.sh start PORT)\"`)"
+                );
+                return None;
+            };
+            let bucket = env("CARAVAN_TEST_GCS_BUCKET").unwrap_or_else(|| "caravan-test".into());
+            // The emulator checks no OAuth token; a service-account key
+            // would make OpenDAL exchange it at Google's token endpoint
+            // for every request, so the agent runs anonymously.
+            Some(storage_config(
+                "gcs",
+                &[
+                    ("bucket", bucket.as_str()),
+                    ("endpoint", endpoint.as_str()),
+                    ("skip_signature", "true"),
+                    ("root", root),
+                ],
+            ))
+        }
+    }
 }
 
 async fn repository() -> String {
@@ -95,6 +174,7 @@ async fn agent_on(
     op: Operator,
     repo: &str,
     fs_root: Option<&Path>,
+    azblob_signer: Option<AzblobSigner>,
     stop: &CancellationToken,
 ) -> Arc<Agent> {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -108,6 +188,7 @@ async fn agent_on(
             repositories: vec![repo.to_string()],
             fs_root: fs_root.map(Path::to_path_buf),
             corrupt_chunks: false,
+            azblob_signer,
         },
     )
     .await
@@ -155,21 +236,34 @@ struct World {
     files: Vec<(String, Vec<u8>)>,
 }
 
-/// A publisher with three files in its bucket, a recipient on `fs`. The
-/// share is the bucket root: s3s-fs answers a HEAD of a "folder" key with
-/// a 500 (its files are real folders), where S3 says 404.
+/// A publisher with three files in its s3s-fs bucket, a recipient on
+/// `fs`. The share is the bucket root: s3s-fs answers a HEAD of a "folder"
+/// key with a 500 (its files are real folders), where S3 says 404.
 async fn world() -> Option<World> {
-    let s3 = s3s()?;
+    world_on(Bucket::S3s).await
+}
+
+/// A publisher with three files in `bucket`, a recipient on `fs`.
+async fn world_on(bucket: Bucket) -> Option<World> {
     let root = format!(
         "/offline-{}-{}-{}/",
         std::process::id(),
         caravan_agent::util::unix_millis(),
         N.fetch_add(1, Ordering::Relaxed)
     );
-    let pub_op = bucket_op(&s3, &root);
+    let cfg = bucket_config(bucket, &root)?;
+    let pub_op = store::open(&cfg).unwrap();
+    let signer = AzblobSigner::from_config(&cfg).unwrap();
+    // Under 5 MiB on gcs: fake-gcs-server lacks the XML multipart upload
+    // OpenDAL's gcs writer switches to there (fsouza/fake-gcs-server#852).
+    let b_len = if bucket == Bucket::FakeGcs {
+        4 << 20
+    } else {
+        5 << 20
+    };
     let files: Vec<(String, Vec<u8>)> = vec![
         ("a.bin".into(), pseudo_random(3 << 20, 1)),
-        ("b.bin".into(), pseudo_random(5 << 20, 2)),
+        ("b.bin".into(), pseudo_random(b_len, 2)),
         ("sub/c.txt".into(), b"hello, offline world\n".to_vec()),
     ];
     for (p, b) in &files {
@@ -177,12 +271,13 @@ async fn world() -> Option<World> {
     }
     let repo = repository().await;
     let pub_stop = CancellationToken::new();
-    let publisher = agent_on(pub_op.clone(), &repo, None, &pub_stop).await;
+    let publisher = agent_on(pub_op.clone(), &repo, None, signer, &pub_stop).await;
     let rec_dir = tempfile::tempdir().unwrap();
     let recipient = agent_on(
         fs_op(rec_dir.path()),
         &repo,
         Some(rec_dir.path()),
+        None,
         &CancellationToken::new(),
     )
     .await;
@@ -199,6 +294,14 @@ async fn world() -> Option<World> {
 
 impl World {
     async fn publish(&self, share: Option<ShareId>, validity: Option<u64>) -> Published {
+        self.try_publish(share, validity).await.unwrap()
+    }
+
+    async fn try_publish(
+        &self,
+        share: Option<ShareId>,
+        validity: Option<u64>,
+    ) -> caravan_agent::Result<Published> {
         self.publisher
             .publish(
                 PublishRequest {
@@ -215,7 +318,6 @@ impl World {
                 None,
             )
             .await
-            .unwrap()
     }
 
     async fn fetch(&self, p: &Published, peers: &[String]) -> caravan_agent::Result<()> {
@@ -349,7 +451,18 @@ async fn black_hole() -> String {
 
 #[tokio::test]
 async fn expired_urls_are_refreshed_without_restarting_the_fetch() {
-    let Some(w) = world().await else { return };
+    refresh_expired_urls(Bucket::S3s).await;
+}
+
+#[tokio::test]
+async fn azblob_expired_urls_are_refreshed_without_restarting_the_fetch() {
+    refresh_expired_urls(Bucket::Azurite).await;
+}
+
+async fn refresh_expired_urls(bucket: Bucket) {
+    let Some(w) = world_on(bucket).await else {
+        return;
+    };
     let p = w.publish(None, Some(2)).await;
     let first = p.seed.clone().unwrap();
     w.pub_stop.cancel();
@@ -562,4 +675,263 @@ fn the_offline_demo_fetches_from_the_bucket_with_the_publisher_stopped() {
     assert_eq!(r["bytes"], 24 << 20);
     assert_eq!(r["chunks_from_bucket"], r["chunks"]);
     assert_eq!(r["peers"].as_array().unwrap().len(), 0);
+}
+
+/// The same round trip on Azure Blob (Azurite): the publisher stops, the
+/// recipient reads every chunk through read-only SAS URLs Caravan signed.
+#[tokio::test]
+async fn azblob_fetch_from_the_container_while_the_publisher_is_stopped() {
+    let Some(w) = world_on(Bucket::Azurite).await else {
+        return;
+    };
+    let p = w.publish(None, None).await;
+    let seed = p.seed.clone().unwrap();
+    assert_eq!(seed.staged, p.chunks);
+    assert_eq!(seed.urls, p.chunks);
+    let staged = w.staged().await;
+    assert_eq!(staged.len() as u64, p.chunks);
+    let index = w.index(&p).await;
+    assert_eq!(index.urls.len() as u64, p.chunks);
+    for (_, url) in &index.urls {
+        // One blob, read only, no file name.
+        assert!(url.contains("sp=r&") && url.contains("sr=b&"), "{url}");
+        assert!(!url.contains("a.bin") && !url.contains("c.txt"), "{url}");
+    }
+    w.pub_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    w.fetch(&p, &[]).await.unwrap();
+    w.assert_fetched();
+    let snap = w.recipient.all_fetches()[0].snapshot();
+    assert!(
+        snap.peers.is_empty(),
+        "a live peer served: {:?}",
+        snap.peers
+    );
+    assert_eq!(snap.chunks_fetched, p.chunks);
+    eprintln!(
+        "azblob: {} chunks, {} bytes fetched from Azurite with the publisher stopped",
+        p.chunks,
+        w.files.iter().map(|(_, b)| b.len()).sum::<usize>()
+    );
+}
+
+/// Azurite checks SAS signatures: a changed signature, permission, expiry
+/// or blob, or no SAS at all, is refused; the read-only URL cannot write.
+#[tokio::test]
+async fn azurite_refuses_a_tampered_moved_or_widened_sas_url() {
+    let Some(w) = world_on(Bucket::Azurite).await else {
+        return;
+    };
+    let p = w.publish(None, None).await;
+    let index = w.index(&p).await;
+    let http = reqwest::Client::new();
+    let (id0, url0) = index.urls[0].clone();
+    let (_, url1) = index.urls[1].clone();
+    let ok = http.get(&url0).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let body = ok.bytes().await.unwrap();
+    assert_eq!(blake3::hash(&body).as_bytes(), &id0);
+    let refused = |s: reqwest::StatusCode| s == 403;
+    // A changed signature character.
+    let i = url0.find("sig=").unwrap() + "sig=".len();
+    let mut bad = url0.clone().into_bytes();
+    bad[i] = if bad[i] == b'A' { b'B' } else { b'A' };
+    let bad = String::from_utf8(bad).unwrap();
+    let s = http.get(&bad).send().await.unwrap().status();
+    assert!(refused(s), "tampered signature: {s}");
+    eprintln!("azurite: tampered signature -> HTTP {s}");
+    // One URL's SAS on another blob.
+    let sas0 = &url0[url0.find('?').unwrap()..];
+    let moved = format!("{}{}", &url1[..url1.find('?').unwrap()], sas0);
+    let s = http.get(&moved).send().await.unwrap().status();
+    assert!(refused(s), "moved SAS: {s}");
+    eprintln!("azurite: moved SAS -> HTTP {s}");
+    // No SAS at all (the container is private).
+    let bare = &url0[..url0.find('?').unwrap()];
+    let s = http.get(bare).send().await.unwrap().status();
+    assert!(refused(s), "no SAS: {s}");
+    eprintln!("azurite: no SAS -> HTTP {s}");
+    // Wider permissions than signed.
+    let widened = url0.replace("sp=r&", "sp=rwd&");
+    assert_ne!(widened, url0);
+    let s = http.get(&widened).send().await.unwrap().status();
+    assert!(refused(s), "widened permission: {s}");
+    eprintln!("azurite: widened permission -> HTTP {s}");
+    // A later expiry than signed.
+    let i = url0.find("se=").unwrap() + "se=".len();
+    let year: u32 = url0[i..i + 4].parse().unwrap();
+    let later = format!("{}{}{}", &url0[..i], year + 1, &url0[i + 4..]);
+    let s = http.get(&later).send().await.unwrap().status();
+    assert!(refused(s), "later expiry: {s}");
+    eprintln!("azurite: later expiry -> HTTP {s}");
+    // The read-only URL cannot overwrite or delete the chunk.
+    let s = http
+        .put(&url0)
+        .header("x-ms-blob-type", "BlockBlob")
+        .body(b"spoiled".to_vec())
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert!(refused(s), "write through a read URL: {s}");
+    eprintln!("azurite: write through a read URL -> HTTP {s}");
+    let s = http.delete(&url0).send().await.unwrap().status();
+    assert!(refused(s), "delete through a read URL: {s}");
+    eprintln!("azurite: delete through a read URL -> HTTP {s}");
+    let again = http.get(&url0).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(again, body);
+}
+
+/// Azurite checks the SAS expiry too: a URL signed for 2 s is refused
+/// once they are past.
+#[tokio::test]
+async fn azurite_refuses_an_expired_sas_url() {
+    let Some(w) = world_on(Bucket::Azurite).await else {
+        return;
+    };
+    let p = w.publish(None, Some(2)).await;
+    let index = w.index(&p).await;
+    let http = reqwest::Client::new();
+    let (_, url) = index.urls[0].clone();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let s = http.get(&url).send().await.unwrap().status();
+    eprintln!("azurite: expired SAS -> HTTP {s}");
+    assert_eq!(s, 403);
+}
+
+/// azblob storage without its account key cannot sign read-only URLs:
+/// offline seeding says what it needs before any chunk is staged.
+#[tokio::test]
+async fn azblob_without_an_account_key_says_what_offline_seeding_needs() {
+    let Some(w) = world_on(Bucket::Azurite).await else {
+        return;
+    };
+    let repo = repository().await;
+    let publisher = agent_on(
+        w.pub_op.clone(),
+        &repo,
+        None,
+        None,
+        &CancellationToken::new(),
+    )
+    .await;
+    let err = publisher
+        .publish(
+            PublishRequest {
+                path: "".into(),
+                access: Access {
+                    agents: vec![w.recipient.id],
+                    trust_depth: None,
+                },
+                offline_seeding: true,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .expect_err("offline seeding without the account key");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("account_key") && msg.contains("sas_token"),
+        "{msg}"
+    );
+    assert!(w.staged().await.is_empty());
+}
+
+/// GCS signed URLs (V4) need a service-account private key. The emulator
+/// runs anonymously (`skip_signature`), with which OpenDAL's presign
+/// returns the bare object URL: the agent refuses to publish that as a
+/// presigned URL and says why, before any chunk is staged.
+#[tokio::test]
+async fn gcs_without_a_service_account_says_why_offline_seeding_cannot_run() {
+    let Some(w) = world_on(Bucket::FakeGcs).await else {
+        return;
+    };
+    let err = w
+        .try_publish(None, None)
+        .await
+        .expect_err("offline seeding with unsigned URLs");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("service-account") && msg.contains("credential_path"),
+        "{msg}"
+    );
+    assert!(msg.contains("unsigned"), "{msg}");
+    assert!(w.staged().await.is_empty(), "chunks were staged");
+    // Publishing without offline seeding still works on it.
+    w.publisher
+        .publish(
+            PublishRequest {
+                path: "".into(),
+                access: Access {
+                    agents: vec![w.recipient.id],
+                    trust_depth: None,
+                },
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+}
+
+/// With a service-account key (a throwaway one: presigning is local RSA),
+/// OpenDAL's gcs presign gives a V4 signed URL: the agent's check accepts
+/// it. Only the presign is exercised: every other request would exchange
+/// the key at Google's token endpoint, which the emulator does not stand in
+/// for.
+#[tokio::test]
+async fn gcs_with_a_service_account_key_signs_v4_urls() {
+    let Some(endpoint) = env("CARAVAN_TEST_GCS_ENDPOINT") else {
+        eprintln!("SKIPPED: CARAVAN_TEST_GCS_ENDPOINT is not set (tests/storage/gcs.sh)");
+        return;
+    };
+    let Some(pem) = throwaway_rsa_key() else {
+        eprintln!("SKIPPED: no `openssl` to make a throwaway service-account key");
+        return;
+    };
+    let sa = serde_json::json!({
+        "type": "service_account",
+        "client_email": "caravan-test@example.iam.gserviceaccount.com",
+        "private_key": pem,
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sa.json");
+    std::fs::write(&path, sa.to_string()).unwrap();
+    let op = store::open(&storage_config(
+        "gcs",
+        &[
+            ("bucket", "caravan-test"),
+            ("endpoint", endpoint.as_str()),
+            ("credential_path", &path.display().to_string()),
+            ("disable_vm_metadata", "true"),
+            ("disable_config_load", "true"),
+        ],
+    ))
+    .unwrap();
+    let url = op
+        .presign_read(".caravan/seed/chunks/00", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .uri()
+        .to_string();
+    assert!(url.contains("X-Goog-Signature="), "{url}");
+    assert!(url.contains("X-Goog-Expires=600"), "{url}");
+}
+
+/// A PKCS#8 RSA key in PEM from `openssl`, or None without it.
+fn throwaway_rsa_key() -> Option<String> {
+    let out = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }

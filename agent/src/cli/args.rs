@@ -122,8 +122,10 @@ pub(crate) enum Command {
         #[arg(long, requires = "share")]
         rotate_key: bool,
         /// Also seed it offline: stage the sealed chunks in this agent's own
-        /// bucket (s3, gcs, azblob) and publish presigned URLs through the
-        /// repositories, so recipients can fetch while this agent is stopped.
+        /// bucket (s3 with access keys, gcs with a service-account key,
+        /// azblob with the account key) and publish presigned URLs through
+        /// the repositories, so recipients can fetch while this agent is
+        /// stopped.
         #[arg(long)]
         offline_seeding: bool,
         /// How long each presigned URL stays valid (e.g. 90s, 30m, 12h, 7d);

@@ -140,6 +140,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             repositories: cfg.repositories.clone(),
             fs_root,
             corrupt_chunks: tuning::fault_corrupt_chunks(),
+            azblob_signer: store::sas::AzblobSigner::from_config(&cfg.storage)?,
         },
     )
     .await?;

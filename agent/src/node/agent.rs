@@ -42,6 +42,9 @@ pub struct AgentOptions {
     pub fs_root: Option<PathBuf>,
     /// Test-only fault injection: serve corrupted chunks.
     pub corrupt_chunks: bool,
+    /// For azblob storage with an account key: signs the read-only URLs of
+    /// offline seeding (OpenDAL's azblob presign grants write and delete).
+    pub azblob_signer: Option<crate::store::sas::AzblobSigner>,
 }
 
 /// A running agent.

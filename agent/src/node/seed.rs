@@ -105,13 +105,13 @@ impl Agent {
                 "URL validity must be between 1 s and 7 days".into(),
             ));
         }
-        let cap = self.op.info().capability();
-        if !cap.presign_read {
-            return Err(Error::Config(format!(
-                "offline seeding needs storage that presigns URLs (s3, gcs, azblob); {} cannot",
-                self.op.info().scheme()
-            )));
-        }
+        // Presigning is local: a probe says before any data moves whether
+        // this storage can sign URLs with its current credentials.
+        self.presign(
+            &state::seed_index(&self.opts.state_prefix, id),
+            Duration::from_secs(validity_secs),
+        )
+        .await?;
         if self.seed_repositories().is_empty() {
             return Err(Error::Config(
                 "offline seeding needs at least one repository: recipients find the seed record \
@@ -430,19 +430,83 @@ impl Agent {
         Ok(())
     }
 
+    /// A GET URL for `path` that a stranger can use until `validity` ends,
+    /// or a configuration error that says why this storage cannot give one.
     async fn presign(&self, path: &str, validity: Duration) -> Result<String> {
-        let req = self
-            .op
-            .presign_read(path, validity)
-            .await
-            .context(|| format!("presigning {path}"))?;
-        Ok(req.uri().to_string())
+        let scheme = self.op.info().scheme();
+        if scheme == "azblob" {
+            let signer = self
+                .opts
+                .azblob_signer
+                .as_ref()
+                .ok_or_else(|| Error::Config(crate::store::sas::AZBLOB_NEEDS_KEY.into()))?;
+            return signer.presign_read(path, validity);
+        }
+        if !self.op.info().capability().presign_read {
+            return Err(Error::Config(format!(
+                "offline seeding needs storage that presigns URLs (s3, gcs, azblob); {scheme} cannot"
+            )));
+        }
+        let url = match self.op.presign_read(path, validity).await {
+            Ok(req) => req.uri().to_string(),
+            Err(e) if scheme == "gcs" => {
+                return Err(Error::Config(format!("{GCS_NEEDS_SERVICE_ACCOUNT} ({e})")));
+            }
+            Err(e) => return Err(e).context(|| format!("presigning {path}")),
+        };
+        check_signed(scheme, &url)?;
+        Ok(url)
     }
+}
+
+/// What gcs storage needs for offline seeding.
+const GCS_NEEDS_SERVICE_ACCOUNT: &str = "offline seeding on gcs needs a service-account key \
+     (`credential` or `credential_path` in the storage credentials): GCS signed URLs (V4) are \
+     signed with its private key. An access token, VM metadata credentials or `skip_signature` \
+     cannot sign them";
+
+/// Refuses a "presigned" URL that carries no signature: OpenDAL returns the
+/// bare object URL when signing is skipped (gcs and s3 `skip_signature`,
+/// s3 `allow_anonymous`). Such a URL works only on a public bucket and
+/// never expires, so it must not be published as if it did.
+fn check_signed(scheme: &str, url: &str) -> Result<()> {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let has = |name: &str| query.split('&').any(|kv| kv.starts_with(name));
+    let signed = match scheme {
+        "s3" => has("X-Amz-Signature="),
+        "gcs" => has("X-Goog-Signature="),
+        _ => !query.is_empty(),
+    };
+    if signed {
+        return Ok(());
+    }
+    Err(Error::Config(match scheme {
+        "gcs" => format!(
+            "{GCS_NEEDS_SERVICE_ACCOUNT}; with the current credentials the URL would be unsigned"
+        ),
+        _ => format!(
+            "offline seeding needs signed URLs, but {scheme} storage with its current credentials \
+             (anonymous or `skip_signature`) gives unsigned ones: configure its access keys"
+        ),
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unsigned_urls_are_refused_with_the_reason() {
+        check_signed("s3", "http://h/b/k?X-Amz-Date=1&X-Amz-Signature=ab").unwrap();
+        check_signed("gcs", "http://h/b/k?X-Goog-Signature=ab&X-Goog-Date=1").unwrap();
+        let e = check_signed("gcs", "http://h/b/k").unwrap_err().to_string();
+        assert!(
+            e.contains("service-account") && e.contains("unsigned"),
+            "{e}"
+        );
+        let e = check_signed("s3", "http://h/b/k").unwrap_err().to_string();
+        assert!(e.contains("unsigned"), "{e}");
+    }
 
     #[test]
     fn validity_parses_units_and_bounds() {

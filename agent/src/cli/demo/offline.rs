@@ -171,6 +171,7 @@ pub async fn run(
             repositories: vec![repo_url.clone()],
             fs_root: None,
             corrupt_chunks: false,
+            azblob_signer: None,
         },
     )
     .await?;

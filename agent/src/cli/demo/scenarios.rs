@@ -215,6 +215,7 @@ pub async fn local_agent(
             repositories,
             fs_root: Some(root.to_path_buf()),
             corrupt_chunks: false,
+            azblob_signer: None,
         },
     )
     .await?;
