@@ -153,6 +153,19 @@ fn declared_shares_and_grants_converge_follow_and_prune() {
     let (_, again) = admin(&alice, "PUT", "/v1/declared/shares/photos", Some(&spec));
     assert_eq!(again["share_id"], published["share_id"]);
     assert_eq!(again["version"], 1, "a repeated PUT publishes nothing new");
+    // A new rescan interval (generation 2) is a changed spec, but nothing a
+    // version carries: still version 1.
+    let slower = json!({"generation": 2, "publish": {"path": "photos", "recipients": [dave.id],
+                        "trust_depth": 1, "rescan_secs": 2}});
+    let (code, _) = admin(&alice, "PUT", "/v1/declared/shares/photos", Some(&slower));
+    assert_eq!(code, 200);
+    let settled = wait_share(&alice, "photos", "alice settles generation 2", |v| {
+        v["state"] == "ready" && v["generation"] == 2
+    });
+    assert_eq!(
+        settled["version"], 1,
+        "a rescan-interval change publishes nothing new"
+    );
     let share_id = published["share_id"].as_str().unwrap().to_string();
     let dave_ticket = published["tickets"][0]["ticket"]
         .as_str()

@@ -315,10 +315,29 @@ impl Declarations {
                 .filter(|s| s.spec.publish.is_some() && spec.publish.is_some())
                 .and_then(|s| s.share_id.clone())
         });
+        // Only what a version carries (folder, recipients, trust depth)
+        // calls for a new version; a new rescan interval or an offline
+        // seeding switch keeps the fingerprint, so unchanged files publish
+        // nothing new (the switch is applied to the held version).
+        let keep_fp = existing.as_ref().and_then(|r| {
+            r.saved
+                .lock()
+                .ok()
+                .and_then(|s| match (&s.spec.publish, &spec.publish) {
+                    (Some(a), Some(b))
+                        if a.path == b.path
+                            && a.recipients == b.recipients
+                            && a.trust_depth == b.trust_depth =>
+                    {
+                        s.fingerprint.clone()
+                    }
+                    _ => None,
+                })
+        });
         let saved = SavedShare {
             spec,
             share_id: keep_id,
-            fingerprint: None,
+            fingerprint: keep_fp,
         };
         self.save_share(name, &saved).await?;
         self.agent.activity.touch(activity::DECLARED);
