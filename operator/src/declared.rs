@@ -66,6 +66,42 @@ impl Context {
             .remove(key);
     }
 
+    /// Runs one reconcile of `controller` (`share`, `trustgrant`) for the
+    /// object `key`: records its duration and result, and forgets the
+    /// object's failures when it succeeded.
+    pub async fn measured(
+        &self,
+        controller: &str,
+        key: &str,
+        reconcile: impl std::future::Future<Output = Result<kube::runtime::controller::Action, Error>>,
+    ) -> Result<kube::runtime::controller::Action, Error> {
+        let start = std::time::Instant::now();
+        let result = reconcile.await;
+        self.metrics
+            .duration
+            .with_label_values(&[controller])
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .reconciles
+            .with_label_values(&[controller, if result.is_ok() { "ok" } else { "error" }])
+            .inc();
+        if result.is_ok() {
+            self.reset_failures(key);
+        }
+        result
+    }
+
+    /// After a failed reconcile of `controller` for `key`: counts the error
+    /// and returns how long to wait (per-object exponential [`backoff`]).
+    pub fn retry_delay(&self, controller: &str, key: String, err: &Error) -> Duration {
+        let n = self.record_failure(key);
+        self.metrics
+            .errors
+            .with_label_values(&[controller, &err.metric_reason()])
+            .inc();
+        backoff(n)
+    }
+
     /// Publishes one Event; a failure is logged, never fails the reconcile.
     pub async fn publish(
         &self,

@@ -21,7 +21,7 @@
 pub mod plan;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
@@ -37,7 +37,7 @@ use crate::agentref::{self, Lookup};
 use crate::conditions;
 use crate::config::FIELD_MANAGER;
 use crate::crd::{Agent, TrustGrant, TrustGrantStatus};
-use crate::declared::{Context, Error, RunOptions, backoff};
+use crate::declared::{Context, Error, RunOptions};
 use plan::{GrantInputError, Observation};
 
 /// Finalizer on every TrustGrant: the revocation must be published first.
@@ -63,31 +63,14 @@ fn now_secs(ctx: &Context) -> u64 {
 
 /// Reconciles one TrustGrant; records metrics.
 pub async fn reconcile(g: Arc<TrustGrant>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let start = Instant::now();
     let k = key(&g);
-    let result = reconcile_grant(g, &ctx).await;
-    ctx.metrics
-        .duration
-        .with_label_values(&["trustgrant"])
-        .observe(start.elapsed().as_secs_f64());
-    ctx.metrics
-        .reconciles
-        .with_label_values(&["trustgrant", if result.is_ok() { "ok" } else { "error" }])
-        .inc();
-    if result.is_ok() {
-        ctx.reset_failures(&k);
-    }
-    result
+    ctx.measured("trustgrant", &k, reconcile_grant(g, &ctx))
+        .await
 }
 
-/// Retries with per-grant exponential backoff.
+/// Retries a failed reconcile with per-object exponential backoff.
 pub fn error_policy(g: Arc<TrustGrant>, err: &Error, ctx: Arc<Context>) -> Action {
-    let n = ctx.record_failure(key(&g));
-    ctx.metrics
-        .errors
-        .with_label_values(&["trustgrant", &err.metric_reason()])
-        .inc();
-    let delay = backoff(n);
+    let delay = ctx.retry_delay("trustgrant", key(&g), err);
     tracing::warn!(trustgrant = %g.name_any(), namespace = g.namespace().unwrap_or_default(),
         error = %err, retry_in = ?delay, "trust grant reconcile failed");
     Action::requeue(delay)

@@ -23,7 +23,7 @@
 pub mod plan;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -40,7 +40,7 @@ use crate::agentref::{self, Lookup};
 use crate::conditions;
 use crate::config::FIELD_MANAGER;
 use crate::crd::{Agent, AgentPhase, Share, ShareStatus};
-use crate::declared::{Context, Error, RunOptions, backoff};
+use crate::declared::{Context, Error, RunOptions};
 use plan::{Mode, Observation, ShareInputError, TicketSource};
 
 /// Finalizer on every Share the operator has seen.
@@ -68,31 +68,14 @@ fn key(share: &Share) -> String {
 
 /// Reconciles one Share; records metrics around [`reconcile_share`].
 pub async fn reconcile(share: Arc<Share>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let start = Instant::now();
     let k = key(&share);
-    let result = reconcile_share(share, &ctx).await;
-    ctx.metrics
-        .duration
-        .with_label_values(&["share"])
-        .observe(start.elapsed().as_secs_f64());
-    ctx.metrics
-        .reconciles
-        .with_label_values(&["share", if result.is_ok() { "ok" } else { "error" }])
-        .inc();
-    if result.is_ok() {
-        ctx.reset_failures(&k);
-    }
-    result
+    ctx.measured("share", &k, reconcile_share(share, &ctx))
+        .await
 }
 
-/// Retries a failed reconcile with per-Share exponential backoff.
+/// Retries a failed reconcile with per-object exponential backoff.
 pub fn error_policy(share: Arc<Share>, err: &Error, ctx: Arc<Context>) -> Action {
-    let n = ctx.record_failure(key(&share));
-    ctx.metrics
-        .errors
-        .with_label_values(&["share", &err.metric_reason()])
-        .inc();
-    let delay = backoff(n);
+    let delay = ctx.retry_delay("share", key(&share), err);
     tracing::warn!(share = %share.name_any(), namespace = share.namespace().unwrap_or_default(),
         error = %err, retry_in = ?delay, "share reconcile failed");
     Action::requeue(delay)
