@@ -19,11 +19,11 @@ use caravan_agent::identity::SecretKey;
 use caravan_agent::manifest::Access;
 use caravan_agent::node::agent::{Agent, AgentOptions};
 use caravan_agent::node::fetch::FetchRequest;
-use caravan_agent::node::fetch::progress::{FetchProgress, FetchState};
+use caravan_agent::node::fetch::progress::FetchProgress;
 use caravan_agent::node::publish::PublishRequest;
 use caravan_agent::{repository, store, wire};
 
-use super::scenarios::{generate, local_agent, process_cpu_seconds, trees_equal};
+use super::scenarios::{finished, generate, local_agent, process_cpu_seconds, trees_equal};
 
 /// Where the publisher's bucket is.
 #[derive(Debug, Clone)]
@@ -226,18 +226,12 @@ pub async fn run(
         })
         .await?;
     on_progress(progress.clone());
-    let snap = loop {
-        let s = progress.snapshot();
-        match s.state {
-            FetchState::Done => break s,
-            FetchState::Failed => {
-                bob_stop.cancel();
-                repo_stop.cancel();
-                return Err(Error::Protocol(
-                    s.error.unwrap_or_else(|| "fetch failed".into()),
-                ));
-            }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+    let snap = match finished(&progress).await {
+        Ok(s) => s,
+        Err(e) => {
+            bob_stop.cancel();
+            repo_stop.cancel();
+            return Err(e);
         }
     };
     let seconds = t0.elapsed().as_secs_f64();

@@ -17,7 +17,7 @@ use caravan_agent::identity::SecretKey;
 use caravan_agent::manifest::Access;
 use caravan_agent::node::agent::{Agent, AgentOptions};
 use caravan_agent::node::fetch::FetchRequest;
-use caravan_agent::node::fetch::progress::{FetchProgress, FetchState};
+use caravan_agent::node::fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
 use caravan_agent::node::publish::PublishRequest;
 use caravan_agent::{store, wire};
 
@@ -295,17 +295,11 @@ pub async fn run(
         })
         .await?;
     on_progress(progress.clone());
-    let snap = loop {
-        let s = progress.snapshot();
-        match s.state {
-            FetchState::Done => break s,
-            FetchState::Failed => {
-                shutdown.cancel();
-                return Err(Error::Protocol(
-                    s.error.unwrap_or_else(|| "fetch failed".into()),
-                ));
-            }
-            _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+    let snap = match finished(&progress).await {
+        Ok(s) => s,
+        Err(e) => {
+            shutdown.cancel();
+            return Err(e);
         }
     };
     let seconds = started.elapsed().as_secs_f64();
@@ -674,4 +668,20 @@ async fn same_tree(a: &Path, b: &Path) -> Result<bool> {
     tokio::task::spawn_blocking(move || trees_equal(&a, &b))
         .await
         .map_err(|e| Error::Protocol(format!("verifier: {e}")))?
+}
+
+/// Polls a fetch until it is done: its last snapshot, or its error.
+pub(super) async fn finished(progress: &FetchProgress) -> Result<ProgressSnapshot> {
+    loop {
+        let s = progress.snapshot();
+        match s.state {
+            FetchState::Done => return Ok(s),
+            FetchState::Failed => {
+                return Err(Error::Protocol(
+                    s.error.unwrap_or_else(|| "fetch failed".into()),
+                ));
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+        }
+    }
 }
