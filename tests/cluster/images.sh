@@ -48,9 +48,11 @@ resolve_binary() {
   path="${!var:-}"
   if [[ -n "$path" ]]; then echo "$path"; return 0; fi
   path="$REPO_ROOT/target/release/caravan-$name"
-  if [[ ! -x "$path" && "${CARAVAN_NO_CARGO_BUILD:-0}" != 1 && $cargo_built == 0 ]] &&
+  # Always through cargo (a no-op when fresh): a binary left over from an
+  # older tree must never be packed as if it were this one.
+  if [[ "${CARAVAN_NO_CARGO_BUILD:-0}" != 1 && $cargo_built == 0 ]] &&
     [[ -f "$REPO_ROOT/Cargo.toml" ]] && command -v cargo >/dev/null; then
-    log "$path missing: cargo build --release --bins"
+    log "cargo build --release --bins (for $path)"
     cargo_built=1
     (cd "$REPO_ROOT" && timeout 3600 cargo build --release --bins) >&2 ||
       log "cargo build --release --bins failed"
