@@ -35,6 +35,13 @@ pub fn object_part_bytes() -> usize {
     positive("CARAVAN_OBJECT_PART_BYTES", 5 << 20)
 }
 
+/// Whether fetched files on a local filesystem are written with `O_DIRECT`
+/// (`CARAVAN_DIRECT_IO`, default on; `0` writes through the page cache,
+/// for comparison): see `node/fetch/direct.rs`.
+pub fn direct_io() -> bool {
+    std::env::var("CARAVAN_DIRECT_IO").map_or(true, |v| v != "0")
+}
+
 /// Test-only fault injection: serve corrupted chunks
 /// (`CARAVAN_FAULT_CORRUPT_CHUNKS=1`).
 pub fn fault_corrupt_chunks() -> bool {

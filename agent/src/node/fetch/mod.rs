@@ -27,6 +27,7 @@ use crate::node::share::{HeldShare, Role};
 use crate::node::{state, tuning};
 use crate::record::SignedRecord;
 
+mod direct;
 pub mod progress;
 pub mod seed;
 pub mod swarm;

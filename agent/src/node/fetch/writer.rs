@@ -3,7 +3,6 @@
 //! window of chunk requests in flight.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -14,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::chunk::{ChunkKeyer, ChunkRef};
 use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
+use crate::node::fetch::direct::DirectFile;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
@@ -49,14 +49,17 @@ pub(crate) struct Job {
     pub(crate) sync_slots: Arc<Semaphore>,
 }
 
-/// Bytes written to a local file after which its writeback is started in
-/// the background (a data sync on a duplicate descriptor), so the disk
-/// works while the network does and the final sync finds little to do.
+/// Bytes written through the page cache (where the filesystem refuses
+/// direct I/O) after which the file's writeback is started in the
+/// background (a data sync on a duplicate descriptor), so the disk works
+/// while the network does and the final sync finds little to do.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
-/// A local file being written, and the background sync of what it holds so far.
+/// A local file being written (straight to the disk where the filesystem
+/// allows it, see `direct.rs`), and the background sync of what it holds
+/// so far when it goes through the page cache.
 struct LocalFile {
-    file: Option<std::fs::File>,
+    file: Option<DirectFile>,
     since_sync: u64,
     syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
@@ -67,25 +70,32 @@ impl LocalFile {
             return Err(std::io::Error::other("file already failed"));
         };
         let n = plain.len() as u64;
-        let f = tokio::task::spawn_blocking(move || f.write_all(&plain).map(|_| f))
+        let f = tokio::task::spawn_blocking(move || f.write(&plain).map(|_| f))
             .await
             .map_err(std::io::Error::other)??;
-        self.since_sync += n;
-        if self.since_sync >= WRITEBACK_EVERY
-            && self.syncing.as_ref().is_none_or(|h| h.is_finished())
-        {
-            if let Some(h) = self.syncing.take() {
-                h.await.map_err(std::io::Error::other)??;
+        if !f.is_direct() {
+            self.since_sync += n;
+            if self.since_sync >= WRITEBACK_EVERY
+                && self.syncing.as_ref().is_none_or(|h| h.is_finished())
+            {
+                if let Some(h) = self.syncing.take() {
+                    h.await.map_err(std::io::Error::other)??;
+                }
+                let dup = f.try_clone()?;
+                self.syncing = Some(tokio::task::spawn_blocking(move || dup.sync_data()));
+                self.since_sync = 0;
             }
-            let dup = f.try_clone()?;
-            self.syncing = Some(tokio::task::spawn_blocking(move || dup.sync_data()));
-            self.since_sync = 0;
         }
         self.file = Some(f);
         Ok(())
     }
 
     async fn close(mut self) -> std::io::Result<()> {
+        if let Some(f) = self.file.take() {
+            tokio::task::spawn_blocking(move || f.finish())
+                .await
+                .map_err(std::io::Error::other)??;
+        }
         if let Some(h) = self.syncing.take() {
             h.await.map_err(std::io::Error::other)??;
         }
@@ -185,17 +195,13 @@ impl Job {
         let mut writer = match &local_root {
             Some(root) => {
                 let full = root.join(&write_path);
-                let resume = start > 0;
+                let from: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
+                let direct = tuning::direct_io();
                 let file = tokio::task::spawn_blocking(move || {
                     if let Some(dir) = full.parent() {
                         std::fs::create_dir_all(dir)?;
                     }
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .write(true)
-                        .append(resume)
-                        .truncate(!resume)
-                        .open(&full)
+                    DirectFile::open(&full, from, direct)
                 })
                 .await
                 .map_err(|e| Error::Protocol(format!("open task: {e}")))?
@@ -382,15 +388,43 @@ impl Job {
             Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e).context(|| format!("stat {part}")),
         };
+        // The last whole chunk the part holds: a part that ends mid-chunk
+        // was torn by a crash (or holds the padding of a direct write's last
+        // block); a local one is cut back to that chunk, anything else is
+        // discarded.
+        let mut whole = 0usize;
+        let mut at = 0u64;
+        for c in chunks {
+            if at + c.len as u64 > have {
+                break;
+            }
+            at += c.len as u64;
+            whole += 1;
+        }
+        // What the part holds was verified before it was written, but the
+        // crash may have torn more than the tail: check it again (a local
+        // read, no refetch) and keep only the verified prefix.
         let mut off = 0u64;
-        for (i, c) in chunks.iter().enumerate() {
-            if off == have {
-                return Ok(i);
+        for (i, c) in chunks[..whole].iter().enumerate() {
+            if self.read_local(part, off, c).await.is_none() {
+                whole = i;
+                at = off;
+                break;
             }
             off += c.len as u64;
         }
-        if off == have {
-            return Ok(chunks.len());
+        if at == have {
+            return Ok(whole);
+        }
+        if let Some(root) = &self.agent.opts.fs_root {
+            let full = root.join(part);
+            tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new().write(true).open(&full)?.set_len(at)
+            })
+            .await
+            .map_err(|e| Error::Protocol(format!("truncate task: {e}")))?
+            .context(|| format!("cutting torn {part} back to its last whole chunk"))?;
+            return Ok(whole);
         }
         op.delete(part)
             .await
