@@ -419,7 +419,10 @@ impl Job {
         if let Some(root) = &self.agent.opts.fs_root {
             let full = root.join(part);
             tokio::task::spawn_blocking(move || {
-                std::fs::OpenOptions::new().write(true).open(&full)?.set_len(at)
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&full)?
+                    .set_len(at)
             })
             .await
             .map_err(|e| Error::Protocol(format!("truncate task: {e}")))?
