@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 SECS=${1:-30}
 shift || true
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(frame records manifest ticket repository)
+((${#TARGETS[@]})) || TARGETS=(frame records manifest ticket repository channel)
 export RUSTC_BOOTSTRAP=1
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
