@@ -243,6 +243,16 @@ impl PeerConn {
             .map(|b| b.payload)
     }
 
+    /// Asks the publisher what its running publish pass sealed from
+    /// position `from` of the chunk log on (waits a little for news).
+    pub async fn live(&self, share: &ShareId, from: u64) -> Result<Vec<u8>> {
+        let mut p = share.0.to_vec();
+        p.extend_from_slice(&from.to_be_bytes());
+        self.request(FrameType::GetLive, p, Duration::from_secs(60))
+            .await
+            .map(|b| b.payload)
+    }
+
     /// Fetches one chunk's ciphertext (unverified: the caller verifies,
     /// with the BLAKE3 hash the channel computed on the received bytes).
     pub async fn chunk(&self, share: &ShareId, id: &ChunkId) -> Result<Sealed> {

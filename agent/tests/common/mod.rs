@@ -171,6 +171,13 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// The last line of a JSON-lines output (`publish --json` prints the share
+/// id and tickets first, then its summary).
+pub fn last_json(out: &str) -> serde_json::Value {
+    let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(line).unwrap()
+}
+
 /// Publishes `path` from `publisher` for `recipients`; returns (share id, tickets in order).
 pub fn publish(
     publisher: &TestAgent,
@@ -185,7 +192,7 @@ pub fn publish(
     }
     args.extend_from_slice(extra);
     let out = cli_ok(&args);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = last_json(&out);
     let tickets = v["tickets"]
         .as_array()
         .unwrap()

@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::chunk::{ChunkKeyer, ChunkRef};
 use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
+use crate::node::fetch::live::ChunkSource;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
@@ -25,7 +26,7 @@ pub(crate) type LocalIndex = HashMap<[u8; 32], (String, u64)>;
 
 pub(crate) struct Job {
     pub(crate) agent: Arc<Agent>,
-    pub(crate) swarm: Swarm,
+    pub(crate) swarm: Arc<Swarm>,
     pub(crate) keyer: ChunkKeyer,
     pub(crate) dest: String,
     pub(crate) local: LocalIndex,
@@ -160,22 +161,35 @@ impl Job {
         index: usize,
         path: &str,
         size: u64,
-        chunks: &[ChunkRef],
+        source: ChunkSource<'_>,
     ) -> Result<()> {
         let op = &self.agent.op;
+        // The chunk list known so far (all of it, unless the publisher's
+        // pass is still running: then it grows below).
+        let (mut chunks, mut complete) = source.more(0, false).await?;
         let final_path = format!("{}{path}", self.dest);
         let existing = match op.stat(&final_path).await {
             Ok(m) if m.is_file() => Some(m.content_length()),
             _ => None,
         };
         // An identical file already in place is verified, not re-downloaded.
-        if existing == Some(size) && self.verify_in_place(&final_path, chunks).await? {
-            self.file_already_in_place(chunks);
+        if complete && existing == Some(size) && self.verify_in_place(&final_path, &chunks).await? {
+            self.file_already_in_place(&chunks);
             return Ok(());
         }
         let (write_path, mut start) = if self.append {
             let part = format!("{}{index}", self.partial);
-            (part.clone(), self.resume_point(&part, chunks).await?)
+            let at = loop {
+                match self.resume_point(&part, &chunks, complete).await? {
+                    Some(at) => break at,
+                    None => {
+                        let (more, c) = source.more(chunks.len(), true).await?;
+                        chunks.extend(more);
+                        complete = c;
+                    }
+                }
+            };
+            (part.clone(), at)
         } else {
             (final_path.clone(), 0)
         };
@@ -236,7 +250,7 @@ impl Job {
         };
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut off = 0u64;
-        for c in chunks {
+        for c in &chunks {
             offsets.push(off);
             off += c.len as u64;
         }
@@ -244,16 +258,27 @@ impl Job {
             self.progress
                 .chunks_done
                 .fetch_add(start as u64, Ordering::Relaxed);
-            self.progress.bytes_done.fetch_add(
-                offsets.get(start).copied().unwrap_or(size),
-                Ordering::Relaxed,
-            );
+            let resumed: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
+            self.progress
+                .bytes_done
+                .fetch_add(resumed, Ordering::Relaxed);
         }
         let same_size = existing == Some(size);
         let window = tuning::window();
         let mut inflight = FuturesOrdered::new();
         let mut next = start;
-        while start < chunks.len() {
+        while start < chunks.len() || !complete {
+            if next == chunks.len() && !complete {
+                // A live list: take what was sealed since, waiting for it
+                // only with nothing of our own in flight.
+                let (more, c) = source.more(chunks.len(), inflight.is_empty()).await?;
+                for m in more {
+                    offsets.push(off);
+                    off += m.len as u64;
+                    chunks.push(m);
+                }
+                complete = c;
+            }
             while next < chunks.len() && inflight.len() < window {
                 // Wait for a slot only with nothing of our own in flight:
                 // slots held by finished chunks are freed by writing them.
@@ -279,7 +304,7 @@ impl Job {
                 next += 1;
             }
             let Some(res) = inflight.next().await else {
-                break;
+                continue;
             };
             let (plain, _permit) =
                 res.map_err(|e| Error::Protocol(format!("chunk task: {e}")))??;
@@ -375,27 +400,40 @@ impl Job {
 
     /// How many whole chunks an interrupted part file already holds; a part
     /// file that ends mid-chunk is discarded (it was torn by the crash).
-    async fn resume_point(&self, part: &str, chunks: &[ChunkRef]) -> Result<usize> {
+    /// `None`: the part file reaches past the chunks listed so far of an
+    /// incomplete list (ask again when it grew).
+    async fn resume_point(
+        &self,
+        part: &str,
+        chunks: &[ChunkRef],
+        complete: bool,
+    ) -> Result<Option<usize>> {
         let op = &self.agent.op;
         let have = match op.stat(part).await {
             Ok(m) => m.content_length(),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Some(0)),
             Err(e) => return Err(e).context(|| format!("stat {part}")),
         };
         let mut off = 0u64;
         for (i, c) in chunks.iter().enumerate() {
             if off == have {
-                return Ok(i);
+                return Ok(Some(i));
+            }
+            if off > have {
+                break;
             }
             off += c.len as u64;
         }
         if off == have {
-            return Ok(chunks.len());
+            return Ok(Some(chunks.len()));
+        }
+        if off < have && !complete {
+            return Ok(None);
         }
         op.delete(part)
             .await
             .context(|| format!("discarding torn {part}"))?;
-        Ok(0)
+        Ok(Some(0))
     }
 
     async fn verify_in_place(&self, path: &str, chunks: &[ChunkRef]) -> Result<bool> {
