@@ -366,6 +366,7 @@ impl Service for Agent {
                 hash = *blake3::hash(&ct).as_bytes();
             }
             self.metrics.chunks_sent.inc();
+            self.metrics.chunks_sent_sealed.inc();
             self.metrics.bytes_sent.inc_by(ct.len() as u64);
             self.activity.touch(activity::SERVE);
             return Ok((ct, hash));

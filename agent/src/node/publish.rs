@@ -271,7 +271,7 @@ impl Agent {
             entries,
         };
         manifest.validate()?;
-        let record = manifest.seal(&self.key, &key)?.to_bytes();
+        let record = manifest.seal(&self.key, key)?.to_bytes();
         let files_n = manifest.files().count() as u64;
         let bytes = manifest.total_bytes();
         let chunks = manifest.total_chunks();
@@ -540,6 +540,11 @@ impl Agent {
             self.sealed.insert(out.live.id, r.id, ct);
         }
         out.live.add_chunks(out.index, &refs);
+        if let Some(gate) = crate::node::tuning::fault_publish_gate() {
+            while !gate.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
         refs
     }
 }

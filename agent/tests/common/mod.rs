@@ -174,7 +174,11 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
 /// The last line of a JSON-lines output (`publish --json` prints the share
 /// id and tickets first, then its summary).
 pub fn last_json(out: &str) -> serde_json::Value {
-    let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     serde_json::from_str(line).unwrap()
 }
 
