@@ -202,29 +202,35 @@ impl LiveShare {
         self.state.lock().ok()?.index.get(id).cloned()
     }
 
-    fn answer_now(&self, from: u64) -> Option<LiveAnswer> {
+    fn answer_now(&self, at: u64) -> Option<LiveAnswer> {
         let s = self.state.lock().ok()?;
+        let (listing, from) = match at.checked_sub(1) {
+            None => (true, 0),
+            Some(from) => (false, from),
+        };
         let start = usize::try_from(from).unwrap_or(usize::MAX).min(s.log.len());
         let end = (start + MAX_LIVE_CHUNKS).min(s.log.len());
-        let news = end > start || s.end != LiveEnd::Running || (from == 0 && s.listing.is_some());
+        let news = end > start || s.end != LiveEnd::Running || (listing && s.listing.is_some());
         news.then(|| LiveAnswer {
             seq: self.seq,
             key_check: self.key_check,
-            listing: if from == 0 { s.listing.clone() } else { None },
+            listing: if listing { s.listing.clone() } else { None },
             from: start as u64,
             chunks: s.log[start..end].to_vec(),
             end: s.end.clone(),
         })
     }
 
-    /// What was sealed from position `from` on, waiting up to `wait` for
-    /// news when there is none yet (a long poll of bounded length).
-    pub async fn answer(&self, from: u64, wait: Duration) -> LiveAnswer {
+    /// What was sealed so far, waiting up to `wait` for news when there is
+    /// none yet (a long poll of bounded length). `at` 0 asks for the
+    /// listing and the log from its start; `at` n + 1 for the log from
+    /// entry n on (the asker has the listing).
+    pub async fn answer(&self, at: u64, wait: Duration) -> LiveAnswer {
         let mut rx = self.news.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             rx.borrow_and_update();
-            if let Some(a) = self.answer_now(from) {
+            if let Some(a) = self.answer_now(at) {
                 return a;
             }
             if tokio::time::timeout_at(deadline, rx.changed())
@@ -243,7 +249,7 @@ impl LiveShare {
             seq: self.seq,
             key_check: self.key_check,
             listing: None,
-            from,
+            from: at.saturating_sub(1),
             chunks: Vec::new(),
             end,
         }

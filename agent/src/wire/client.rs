@@ -243,11 +243,12 @@ impl PeerConn {
             .map(|b| b.payload)
     }
 
-    /// Asks the publisher what its running publish pass sealed from
-    /// position `from` of the chunk log on (waits a little for news).
-    pub async fn live(&self, share: &ShareId, from: u64) -> Result<Vec<u8>> {
+    /// Asks the publisher what its running publish pass sealed (waits a
+    /// little for news): at `at` 0 the file list and the chunk log from its
+    /// start, at n + 1 the log from entry n on.
+    pub async fn live(&self, share: &ShareId, at: u64) -> Result<Vec<u8>> {
         let mut p = share.0.to_vec();
-        p.extend_from_slice(&from.to_be_bytes());
+        p.extend_from_slice(&at.to_be_bytes());
         self.request(FrameType::GetLive, p, Duration::from_secs(60))
             .await
             .map(|b| b.payload)

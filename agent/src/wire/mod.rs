@@ -162,7 +162,8 @@ pub enum FrameType {
     GetKey = 3,
     /// Liveness check; empty payload.
     Ping = 4,
-    /// share id (32) + position in the chunk log (u64): a live answer
+    /// share id (32) + position (u64: 0 = the file list and the chunk log
+    /// from its start, n + 1 = the log from entry n on): a live answer
     /// (`node::live::LiveAnswer`), long-polled; answered only by the publisher.
     GetLive = 5,
     /// Success; payload depends on the request.

@@ -72,7 +72,8 @@ impl LiveFeed {
                     Ok(s) if s.end == FeedEnd::Running => s.cursor,
                     _ => break,
                 };
-                let r = match conn.live(&share, from).await {
+                // Position n + 1: the log from entry n on, without the listing.
+                let r = match conn.live(&share, from + 1).await {
                     Ok(b) => LiveAnswer::from_bytes(&b).and_then(|a| f.apply(a)),
                     // No longer live (it ended a while ago): the manifest decides.
                     Err(Error::NotFound(_)) => {
