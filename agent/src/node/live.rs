@@ -386,6 +386,51 @@ impl SealedCache {
 mod tests {
     use super::*;
 
+    fn r(n: u8, len: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId([n; 32]),
+            key: [n; 32],
+            len,
+        }
+    }
+
+    #[tokio::test]
+    async fn live_answers_list_first_then_the_log_and_are_capped() {
+        let id = ShareId([2; 32]);
+        let live = LiveShare::new(id, 3, AgentId([0; 32]), Access::default(), [1; 8]);
+        // Nothing yet: the long poll ends empty.
+        let a = live.answer(0, Duration::from_millis(10)).await;
+        assert!(a.listing.is_none() && a.chunks.is_empty() && a.end == LiveEnd::Running);
+        live.set_listing(
+            "root/",
+            LiveListing {
+                files: vec![("a".into(), 10, 0o644)],
+                dirs: vec![],
+            },
+        );
+        let a = live.answer(0, Duration::from_millis(10)).await;
+        assert_eq!(a.listing.unwrap().files.len(), 1);
+        // Position 1 (listing known, log from 0): waits for news.
+        let a = live.answer(1, Duration::from_millis(10)).await;
+        assert!(a.listing.is_none() && a.chunks.is_empty());
+        let many: Vec<ChunkRef> = (0..MAX_LIVE_CHUNKS + 5).map(|i| r(i as u8, 1)).collect();
+        live.add_chunks(0, &many);
+        let a = live.answer(1, Duration::from_millis(10)).await;
+        assert_eq!((a.from, a.chunks.len()), (0, MAX_LIVE_CHUNKS));
+        let a = live
+            .answer(1 + MAX_LIVE_CHUNKS as u64, Duration::ZERO)
+            .await;
+        assert_eq!((a.from, a.chunks.len()), (MAX_LIVE_CHUNKS as u64, 5));
+        assert_eq!(live.locate(&ChunkId([1; 32])).unwrap().path, "root/a");
+        live.end(LiveEnd::Done);
+        let a = live
+            .answer(1 + many.len() as u64, Duration::from_secs(5))
+            .await;
+        assert_eq!(a.end, LiveEnd::Done);
+        let b = LiveAnswer::from_bytes(&a.to_bytes().unwrap()).unwrap();
+        assert_eq!(b.seq, 3);
+    }
+
     #[test]
     fn cache_stays_within_budget_and_serves_once() {
         let c = SealedCache::new(100);
