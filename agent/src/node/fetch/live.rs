@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::chunk::{ChunkRef, MAX_CHUNK};
 use crate::error::{Error, Result};
-use crate::manifest::ShareId;
+use crate::manifest::{MAX_MANIFEST_CHUNKS, MAX_MANIFEST_ENTRIES, ShareId, check_path};
 use crate::node::live::{LiveAnswer, LiveEnd, LiveListing};
 use crate::wire::client::PeerConn;
 
@@ -52,6 +52,7 @@ impl LiveFeed {
             .listing
             .clone()
             .ok_or_else(|| Error::Protocol("live answer without the file list".into()))?;
+        check_listing(&listing)?;
         let n = listing.files.len();
         let feed = Arc::new(LiveFeed {
             seq: first.seq,
@@ -139,6 +140,11 @@ impl LiveFeed {
                 s.chunks[i].push(*r);
             }
             s.cursor += a.chunks.len() as u64;
+            if s.cursor > MAX_MANIFEST_CHUNKS {
+                return Err(Error::Record(format!(
+                    "the live listing has over {MAX_MANIFEST_CHUNKS} chunks"
+                )));
+            }
             match a.end {
                 LiveEnd::Running => {}
                 LiveEnd::Done => {
@@ -229,6 +235,30 @@ impl LiveFeed {
             .map(|s| s.chunks.clone())
             .unwrap_or_default()
     }
+}
+
+/// The same checks as a manifest's (`Manifest::validate`): bounded, safe
+/// paths, each once. Nothing is written under a path before this.
+fn check_listing(l: &LiveListing) -> Result<()> {
+    let n = l.files.len() + l.dirs.len();
+    if n > MAX_MANIFEST_ENTRIES {
+        return Err(Error::Record(format!(
+            "the live listing has {n} entries, over the limit of {MAX_MANIFEST_ENTRIES}"
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in l
+        .files
+        .iter()
+        .map(|f| &f.0)
+        .chain(l.dirs.iter().map(|d| &d.0))
+    {
+        check_path(p)?;
+        if !seen.insert(p.as_str()) {
+            return Err(Error::Record(format!("the live listing has {p:?} twice")));
+        }
+    }
+    Ok(())
 }
 
 /// Where the writer takes a file's chunk list from: the manifest (fixed),
