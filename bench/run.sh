@@ -154,16 +154,20 @@ run_caravan() { # set run [storage-config-hook]
     ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
     # `publish --json` prints the share id and tickets before its pass:
     # the fetch starts at once and follows the running pass.
-    local first_line last_line
+    local first_line last_line pub_pid pub_fd
+    rm -f "$WORK/pub.fifo"; mkfifo "$WORK/pub.fifo"
     t0=$(now)
-    coproc PUB { "$BIN" publish --config "$WORK/a/agent.toml" "$src" --to "$B_ID" --json; }
-    read -r first_line <&"${PUB[0]}"
+    "$BIN" publish --config "$WORK/a/agent.toml" "$src" --to "$B_ID" --json >"$WORK/pub.fifo" &
+    pub_pid=$!
+    exec {pub_fd}<"$WORK/pub.fifo"
+    read -r first_line <&"$pub_fd"
     t1=$(now)
     ticket=$(sed -E 's/.*"tickets":\[\["[^"]*","([^"]*)".*/\1/' <<<"$first_line")
     "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest "$dest" --json >"$WORK/fetch.json"
     t2=$(now)
-    read -r last_line <&"${PUB[0]}"
-    wait "$PUB_PID"
+    read -r last_line <&"$pub_fd"
+    exec {pub_fd}<&-
+    wait "$pub_pid"
     ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
     local hwm_a hwm_b
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
