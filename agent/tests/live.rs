@@ -75,6 +75,24 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// The log of the agent's latest start.
+fn newest_log(a: &TestAgent) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(&a.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("agent-")
+        })
+        .collect();
+    logs.sort();
+    logs.last()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .unwrap_or_default()
+}
+
 fn big_file(dir: &Path, name: &str, mib: usize, seed: u64) -> Vec<u8> {
     std::fs::create_dir_all(dir).unwrap();
     let mut data = vec![0u8; mib << 20];
@@ -215,4 +233,67 @@ fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
     );
     assert!(said.contains("changed size"), "{said}");
     assert!(!bob.data().join("got2/big.bin").exists());
+}
+
+#[test]
+fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.env.push((
+        "CARAVAN_FAULT_PUBLISH_GATE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("resume");
+    big_file(&src, "big.bin", 40, 13);
+    alice.start();
+    bob.start();
+    let (mut publishing, _out, first) = start_publish(&alice, "resume", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    cli_ok(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &ticket,
+        "--dest",
+        "got",
+        "--detach",
+    ]);
+    let status = |bob: &TestAgent| -> serde_json::Value {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
+        st["fetches"][0].clone()
+    };
+    // Some chunks of the first sealed block are verified and written while
+    // the pass is held: kill the fetcher there.
+    let mut done_at_kill = 0;
+    wait_for("written chunks", || {
+        done_at_kill = status(&bob)["chunks_done"].as_u64().unwrap_or(0);
+        done_at_kill >= 2
+    });
+    bob.kill9();
+    assert!(publishing.try_wait().unwrap().is_none());
+    assert!(!bob.data().join("got/big.bin").exists());
+
+    // Restarted, the fetch resumes on its own, still following the pass.
+    bob.start();
+    wait_for("the resumed fetch to follow the pass", || {
+        newest_log(&bob).contains("fetching while the publisher's pass runs")
+    });
+    std::fs::write(&gate, b"go").unwrap();
+    assert!(publishing.wait().unwrap().success());
+    let mut after = serde_json::Value::Null;
+    wait_for("the resumed fetch", || {
+        after = status(&bob);
+        assert_ne!(after["state"], "failed", "{after}");
+        after["state"] == "done"
+    });
+    let total = after["chunks_total"].as_u64().unwrap();
+    let refetched = after["chunks_fetched"].as_u64().unwrap();
+    assert!(
+        refetched + done_at_kill <= total,
+        "re-downloaded verified chunks: {refetched} fetched after restart, {done_at_kill} were done of {total}"
+    );
+    assert_same_tree(&src, &bob.data().join("got"));
 }
