@@ -98,7 +98,7 @@ for run in $(seq 1 "$RUNS"); do
         ca0=$(cpu_of "$PID_A")
         pub=$("$BIN" publish --config "$pubdir/agent.toml" "" --to "$B_ID" "${extra[@]}" --json)
         ca1=$(cpu_of "$PID_A")
-        ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
+        ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1].splitlines()[-1])['tickets'][0][1])" "$pub")
         if [ "$mode" = bucket ]; then stop_agent "$PID_A"; fi
         cb0=$(cpu_of "$PID_B"); cs0=$(cpu_of "$S3S_PID")
         t0=$(now)

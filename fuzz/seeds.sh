@@ -62,7 +62,7 @@ put("frame", bytes([1]) + struct.pack(">II", 7, 40) + bytes(40))
 put("frame", bytes([2]) + struct.pack(">II", 8, 64) + bytes(64))
 put("frame", bytes([4]) + struct.pack(">II", 9, 0))
 put("frame", bytes([0x81]) + struct.pack(">II", 9, 3) + b"abc")
-pub = json.load(open(os.path.join(w, "pub.json")))
+pub = json.loads(open(os.path.join(w, "pub.json")).read().splitlines()[-1])
 for t in pub["tickets"]:
     put("ticket", t[1].encode())
 put("ticket", open(os.path.join(w, "b.id")).read().strip().encode())

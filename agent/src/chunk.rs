@@ -108,6 +108,13 @@ impl ChunkKeyer {
     /// buffer holds the ciphertext (without its tag) afterwards. For a
     /// publish pass that reads each block only to learn the chunk ids.
     pub fn chunk_ref_in_place(&self, buf: &mut [u8]) -> Result<ChunkRef> {
+        self.seal_in_place(buf).map(|(r, _)| r)
+    }
+
+    /// Like [`ChunkKeyer::chunk_ref_in_place`], and also returns the AEAD
+    /// tag: the buffer followed by the tag is the sealed chunk as served
+    /// (its BLAKE3 hash is the chunk id), so a publisher can keep it.
+    pub fn seal_in_place(&self, buf: &mut [u8]) -> Result<(ChunkRef, [u8; TAG_LEN])> {
         let key = self.key_for(buf);
         let len = u32::try_from(buf.len()).map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
         let tag = Key(key).seal_detached([0; 12], CHUNK_AAD, buf)?;
@@ -115,7 +122,7 @@ impl ChunkKeyer {
         h.update(buf);
         h.update(&tag);
         let id = ChunkId(*h.finalize().as_bytes());
-        Ok(ChunkRef { id, key, len })
+        Ok((ChunkRef { id, key, len }, tag))
     }
 
     /// Encrypts a plaintext chunk and returns its reference and ciphertext.

@@ -704,7 +704,7 @@ fn sybil_grants_cannot_hide_an_honest_grant() {
         "2",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = last_json(&out);
     let share = v["share_id"].as_str().unwrap().to_string();
     let ticket = cli_ok(&["ticket", "--config", alice.cfg(), &share, "--to", &bob.id])
         .trim()

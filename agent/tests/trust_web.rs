@@ -194,7 +194,7 @@ fn trust_web_with_processes() {
         "3",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = last_json(&out);
     let share = v["share_id"].as_str().unwrap().to_string();
 
     // `trust why` explains the chain, and the absence of one.
@@ -369,7 +369,7 @@ fn forged_repository_is_refused() {
         "2",
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = last_json(&out);
     let share = v["share_id"].as_str().unwrap().to_string();
     let t = ticket(&alice, &share, &dave);
     assert!(Ticket::parse(&t).unwrap().wrapped_key.is_empty());

@@ -112,8 +112,8 @@ for ((r = 1; r <= rounds; r++)); do
   mkdir -p "$WORK/alice/data/photos"
   head -c $((6 << 20)) /dev/urandom >"$WORK/alice/data/photos/round-$r.bin"
   out=$("$BIN" publish -c "$WORK/alice/agent.toml" photos --to "$BOB" ${share:+--share "$share"} --json)
-  share=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["share_id"])' <<<"$out")
-  ticket=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["tickets"][0][1])' <<<"$out")
+  share=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])["share_id"])' <<<"$out")
+  ticket=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])["tickets"][0][1])' <<<"$out")
   timeout 120 "$BIN" fetch -c "$WORK/bob/agent.toml" "$ticket" --dest photos >/dev/null 2>&1 ||
     tlog "round $r: fetch failed"
   tlog "round $r: $(du -sh "$WORK/bob/data/photos" 2>/dev/null | cut -f1) at bob"

@@ -64,6 +64,53 @@ impl Admin {
             .await
     }
 
+    /// Posts and hands each line of a JSON-lines answer to `each` as it
+    /// arrives (an error answer is reported like [`Admin::post`]'s).
+    pub(crate) async fn post_lines<B: serde::Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        mut each: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| {
+                Exit::Unreachable(anyhow!(
+                    "cannot reach the agent daemon at {} ({e}); is `caravan-agent run` running?",
+                    self.base
+                ))
+            })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.bytes().await.context("reading the daemon's answer")?;
+            let msg = serde_json::from_slice::<api::ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            return Err(if status.is_client_error() {
+                Exit::Config(anyhow!("{msg}")).into()
+            } else {
+                anyhow!("the daemon failed: {msg}")
+            });
+        }
+        let mut buf = Vec::new();
+        while let Some(part) = resp.chunk().await.context("reading the daemon's answer")? {
+            buf.extend_from_slice(&part);
+            while let Some(at) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=at).collect();
+                each(&line[..at])?;
+            }
+        }
+        if !buf.is_empty() {
+            each(&buf)?;
+        }
+        Ok(())
+    }
+
     pub(crate) async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,
         path: &str,

@@ -48,6 +48,30 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 offline_seeding,
                 url_validity_secs: url_validity,
             };
+            if json {
+                // One line with the share id and tickets as soon as they
+                // exist (a script may start `fetch` at once: recipients
+                // follow the running pass), then the summary line.
+                let path = format!("{}?{}", api::SHARES, api::STREAM_QUERY);
+                let mut failed = None;
+                client
+                    .post_lines(&path, &req, |line| {
+                        if let Ok(e) = serde_json::from_slice::<api::ApiError>(line) {
+                            failed = Some(e.error);
+                            return Ok(());
+                        }
+                        let v: serde_json::Value = serde_json::from_slice(line)?;
+                        println!("{}", serde_json::to_string(&v)?);
+                        use std::io::Write as _;
+                        std::io::stdout().flush()?;
+                        Ok(())
+                    })
+                    .await?;
+                if let Some(e) = failed {
+                    return Err(anyhow!("the daemon failed: {e}"));
+                }
+                return Ok(());
+            }
             let spinner = spinner("publishing (chunking, hashing, encrypting)…", json);
             let res: Published = client.post(api::SHARES, &req).await?;
             spinner.finish_and_clear();

@@ -9,10 +9,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use futures::StreamExt;
 
 use crate::daemon::api::{
     self, ApiError, FetchRequest, GrantInfo, GrantRequest, PeerInfo, ProgressSnapshot,
-    PublishRequest, Published, RevokeRequest, RevokeResponse, ShareSummary, Status, TicketRequest,
+    PublishRequest, RevokeRequest, RevokeResponse, ShareSummary, Status, TicketRequest,
     TicketResponse, TrustListing, WhyAnswer,
 };
 use crate::error::Error;
@@ -251,12 +252,69 @@ async fn api_activity(
 async fn api_publish(
     State(s): State<AdminState>,
     h: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     Json(req): Json<PublishRequest>,
-) -> std::result::Result<Json<Published>, ApiFailure> {
+) -> std::result::Result<Response, ApiFailure> {
     check_token(&s, &h)?;
+    if query.as_deref() == Some(api::STREAM_QUERY) {
+        return publish_streamed(s, req).await;
+    }
     let published = s.agent.publish(req, None).await?;
     s.agent.activity.touch(api::activity::PUBLISH);
-    Ok(Json(published))
+    Ok(Json(published).into_response())
+}
+
+/// A publish answered in JSON lines: the share id and tickets as soon as
+/// they exist (recipients may start fetching while the pass runs), then
+/// the [`Published`] summary, or an [`ApiError`] if the pass failed. An
+/// error before the pass is an ordinary error answer.
+async fn publish_streamed(
+    s: AdminState,
+    req: PublishRequest,
+) -> std::result::Result<Response, ApiFailure> {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let agent = s.agent.clone();
+    let task = tokio::spawn(async move { agent.publish_with(req, None, Some(started_tx)).await });
+    let started = match started_rx.await {
+        Ok(started) => started,
+        // Failed before it started: the task has the error.
+        Err(_) => {
+            return Err(match task.await {
+                Ok(Err(e)) => e.into(),
+                Ok(Ok(_)) => ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, "publish".into()),
+                Err(e) => ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            });
+        }
+    };
+    let line = |v: serde_json::Result<Vec<u8>>| {
+        let mut b = v.unwrap_or_default();
+        b.push(b'\n');
+        bytes::Bytes::from(b)
+    };
+    let first = line(serde_json::to_vec(&started));
+    let agent = s.agent.clone();
+    let last = async move {
+        let out = match task.await {
+            Ok(Ok(p)) => {
+                agent.activity.touch(api::activity::PUBLISH);
+                serde_json::to_vec(&p)
+            }
+            Ok(Err(e)) => serde_json::to_vec(&ApiError {
+                error: e.to_string(),
+            }),
+            Err(e) => serde_json::to_vec(&ApiError {
+                error: e.to_string(),
+            }),
+        };
+        Ok::<_, std::io::Error>(line(out))
+    };
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+        .chain(futures::stream::once(last));
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 async fn api_ticket(

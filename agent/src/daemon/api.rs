@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::AgentId;
 #[cfg(feature = "node")]
+pub use crate::node::publish::PublishStarted;
+#[cfg(feature = "node")]
 pub use crate::node::share::Role;
 #[cfg(feature = "node")]
 pub use crate::node::trust::{GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer};
@@ -16,8 +18,12 @@ pub use crate::node::{FetchRequest, FetchState, ProgressSnapshot, PublishRequest
 
 /// `GET`: [`Status`].
 pub const STATUS: &str = "/v1/status";
-/// `POST` a [`PublishRequest`]: [`Published`].
+/// `POST` a [`PublishRequest`]: [`Published`]. With the query
+/// [`STREAM_QUERY`]: JSON lines, a [`PublishStarted`] as soon as the
+/// tickets exist, then the [`Published`] (or an [`ApiError`]).
 pub const SHARES: &str = "/v1/shares";
+/// Query of [`SHARES`] asking for the answer in JSON lines.
+pub const STREAM_QUERY: &str = "stream=1";
 /// `POST` a [`TicketRequest`]: [`TicketResponse`].
 pub const SHARE_TICKETS: &str = "/v1/shares/{id}/tickets";
 /// `GET`: the [`PeerInfo`]s the repositories name for a share.

@@ -12,11 +12,12 @@ use crate::chunk::{self, ChunkId};
 use crate::declare::activity;
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
-use crate::manifest::{KeyRelease, ShareId};
+use crate::manifest::{Access, KeyRelease, ShareId};
 use crate::node::activity::Activity;
 use crate::node::fetch::progress::FetchProgress;
+use crate::node::live::{LIVE_POLL, LiveShare, SealedCache};
 use crate::node::metrics::Metrics;
-use crate::node::share::{self, HeldShare, Role};
+use crate::node::share::{self, ChunkLocation, HeldShare, Role};
 use crate::node::trust::AgentTrust;
 use crate::record::SignedRecord;
 use crate::wire::server::Service;
@@ -69,6 +70,11 @@ pub struct Agent {
     /// against the current engine on every one of them (a revocation then
     /// cuts the peer off at once).
     presented: Mutex<HashMap<(ShareId, AgentId), Proof>>,
+    /// Shares whose publish pass is running (or ended less than
+    /// [`crate::node::live::LIVE_LINGER`] ago): recipients may start on them.
+    pub(crate) live: Arc<RwLock<HashMap<ShareId, Arc<LiveShare>>>>,
+    /// Chunks the publish pass sealed, served from memory once.
+    pub(crate) sealed: Arc<SealedCache>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -102,6 +108,8 @@ impl Agent {
             fetches: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
             presented: Mutex::new(HashMap::new()),
+            live: Arc::default(),
+            sealed: Arc::default(),
         }))
     }
 
@@ -213,16 +221,98 @@ impl Agent {
     /// May `peer` have anything of this share? The answer for a stranger is
     /// indistinguishable from "no such share".
     pub fn authorized(&self, s: &HeldShare, peer: &AgentId, proof: &[SignedRecord]) -> bool {
-        if *peer == s.publisher || *peer == self.id || s.manifest.access.names(peer) {
+        self.allowed(&s.publisher, &s.manifest.access, peer, proof)
+    }
+
+    /// The one access rule, for held and live shares alike.
+    fn allowed(
+        &self,
+        publisher: &AgentId,
+        access: &Access,
+        peer: &AgentId,
+        proof: &[SignedRecord],
+    ) -> bool {
+        if *peer == *publisher || *peer == self.id || access.names(peer) {
             return true;
         }
-        if let Some(depth) = s.manifest.access.trust_depth
+        if let Some(depth) = access.trust_depth
             && let Ok(guard) = self.trust.read()
             && let Some(trust) = guard.as_ref()
         {
-            return trust.trusts(&s.publisher, peer, depth, proof);
+            return trust.trusts(publisher, peer, depth, proof);
         }
         false
+    }
+
+    /// The proof `peer` last presented for a share (empty if none).
+    fn proof_of(&self, peer: &AgentId, id: &ShareId) -> Proof {
+        self.presented
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(*id, *peer)).cloned())
+            .unwrap_or_default()
+    }
+
+    /// A live share `peer` may read (the same rule as for a held share).
+    fn authorized_live(&self, peer: &AgentId, id: &ShareId) -> Option<Arc<LiveShare>> {
+        let live = self.live.read().ok()?.get(id).cloned()?;
+        let proof = self.proof_of(peer, id);
+        self.allowed(&live.publisher, &live.access, peer, &proof)
+            .then_some(live)
+    }
+
+    /// Where a chunk `peer` may have lives: in a held share, or in one
+    /// whose publish pass is running.
+    fn locate_for(&self, peer: &AgentId, share: &ShareId, id: &ChunkId) -> Result<ChunkLocation> {
+        if let Some(live) = self.authorized_live(peer, share) {
+            if let Some(s) = self.share(share)
+                && self.authorized(&s, peer, &self.proof_of(peer, share))
+                && let Some(loc) = s.locate(id)
+            {
+                return Ok(loc.clone());
+            }
+            return live
+                .locate(id)
+                .ok_or_else(|| Error::NotFound(format!("chunk {id}")));
+        }
+        let s = self.authorized_share(peer, share)?;
+        s.locate(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("chunk {id}")))
+    }
+
+    /// Registers a live share (replacing an earlier one of the same id).
+    pub(crate) fn set_live(&self, live: Arc<LiveShare>) {
+        if let Ok(mut m) = self.live.write() {
+            m.insert(live.id, live);
+        }
+    }
+
+    /// After a pass: the live share still answers a while (recipients learn
+    /// it ended), its sealed chunks stay cached a while (recipients right
+    /// behind the pass), then both go, unless a newer pass replaced it. A
+    /// failed pass drops its cached chunks at once.
+    pub(crate) fn linger(&self, live: Arc<LiveShare>, ok: bool) {
+        use crate::node::live::{LIVE_LINGER, SEALED_LINGER};
+        if !ok {
+            self.sealed.clear_share(&live.id);
+        }
+        let (sealed, all) = (self.sealed.clone(), self.live.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(SEALED_LINGER).await;
+            let current = |m: &HashMap<ShareId, Arc<LiveShare>>| {
+                m.get(&live.id).is_some_and(|l| Arc::ptr_eq(l, &live))
+            };
+            if all.read().is_ok_and(|m| current(&m)) {
+                sealed.clear_share(&live.id);
+            }
+            tokio::time::sleep(LIVE_LINGER.saturating_sub(SEALED_LINGER)).await;
+            if let Ok(mut m) = all.write()
+                && current(&m)
+            {
+                m.remove(&live.id);
+            }
+        });
     }
 
     /// The one answer to a peer that may not know a share exists: counted
@@ -237,12 +327,7 @@ impl Agent {
         let Some(s) = self.share(id) else {
             return Err(self.refused(peer));
         };
-        let proof = self
-            .presented
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&(*id, *peer)).cloned())
-            .unwrap_or_default();
+        let proof = self.proof_of(peer, id);
         let proof: &[SignedRecord] = &proof;
         if self.authorized(&s, peer, proof) {
             Ok(s)
@@ -271,11 +356,21 @@ impl Service for Agent {
         id: ChunkId,
     ) -> Result<(Vec<u8>, [u8; 32])> {
         let corrupt = self.opts.corrupt_chunks;
-        let s = self.authorized_share(&peer, &share)?;
-        let loc = s
-            .locate(&id)
-            .ok_or_else(|| Error::NotFound(format!("chunk {id}")))?
-            .clone();
+        let loc = self.locate_for(&peer, &share, &id)?;
+        // Sealed by the publish pass moments ago: served as sealed then
+        // (its hash is the id by construction), no second read or seal.
+        if let Some(mut ct) = self.sealed.take(&share, &id) {
+            let mut hash = id.0;
+            if corrupt && let Some(b) = ct.first_mut() {
+                *b ^= 0xff;
+                hash = *blake3::hash(&ct).as_bytes();
+            }
+            self.metrics.chunks_sent.inc();
+            self.metrics.chunks_sent_sealed.inc();
+            self.metrics.bytes_sent.inc_by(ct.len() as u64);
+            self.activity.touch(activity::SERVE);
+            return Ok((ct, hash));
+        }
         // Verify on serve: the bytes go out only if they hash to the id
         // asked for. A file edited since publishing (or a fetched path that
         // now holds other data) is never sealed under a chunk key that past
@@ -371,6 +466,16 @@ impl Service for Agent {
             wrapped_key: wrap_key(&peer, &s.key)?,
         };
         Ok(SignedRecord::seal(&self.key, &rel)?.to_bytes())
+    }
+
+    async fn live(&self, peer: AgentId, share: ShareId, from: u64) -> Result<Vec<u8>> {
+        // Authorized first (the same answer as an unknown share), then at
+        // most [`crate::node::live::MAX_LIVE_CHUNKS`] entries after a wait
+        // of at most [`LIVE_POLL`].
+        let Some(live) = self.authorized_live(&peer, &share) else {
+            return Err(self.refused(&peer));
+        };
+        live.answer(from, LIVE_POLL).await.to_bytes()
     }
 
     fn peer_connected(&self, _peer: AgentId, connected: bool) {

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub bytes_received: IntCounter,
     /// Chunks served to peers.
     pub chunks_sent: IntCounter,
+    /// Of those, chunks served as the publish pass sealed them (no second
+    /// read, encryption and hash).
+    pub chunks_sent_sealed: IntCounter,
     /// Chunks received and verified.
     pub chunks_received: IntCounter,
     /// Chunks that failed verification (corrupt peer or bad data).
@@ -89,6 +92,10 @@ impl Metrics {
             bytes_sent: counter("bytes_sent_total", "Chunk bytes served to peers")?,
             bytes_received: counter("bytes_received_total", "Chunk bytes received from peers")?,
             chunks_sent: counter("chunks_sent_total", "Chunks served to peers")?,
+            chunks_sent_sealed: counter(
+                "chunks_sent_sealed_total",
+                "Chunks served from the publish pass's cache of sealed chunks",
+            )?,
             chunks_received: counter("chunks_received_total", "Chunks received and verified")?,
             chunks_rejected: counter("chunks_rejected_total", "Chunks that failed verification")?,
             chunks_reused: counter("chunks_reused_total", "Chunks reused from local storage")?,

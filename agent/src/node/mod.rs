@@ -9,6 +9,7 @@ pub mod activity_report;
 pub mod agent;
 pub mod declared;
 pub mod fetch;
+pub mod live;
 pub mod metrics;
 pub mod publish;
 pub mod seed;

@@ -15,6 +15,7 @@ use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{Access, Entry, EntryKind, Manifest, ShareId, Ticket, check_path};
 use crate::node::agent::Agent;
+use crate::node::live::{LiveEnd, LiveListing, LiveShare};
 use crate::node::share::{HeldShare, Role};
 use crate::util::unix_now;
 
@@ -72,6 +73,18 @@ pub struct Published {
     pub seed: Option<crate::node::seed::SeedReport>,
 }
 
+/// What a publish hands out before its pass: enough for recipients to start
+/// fetching while it runs.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct PublishStarted {
+    /// The share id (text form).
+    pub share_id: String,
+    /// The version being published.
+    pub seq: u64,
+    /// One ticket per named recipient: (agent id, ticket).
+    pub tickets: Vec<(String, String)>,
+}
+
 /// Bytes hashed so far, for a progress bar.
 #[derive(Debug, Default)]
 pub struct PublishProgress {
@@ -95,6 +108,17 @@ impl Agent {
         &self,
         req: PublishRequest,
         progress: Option<Arc<PublishProgress>>,
+    ) -> Result<Published> {
+        self.publish_with(req, progress, None).await
+    }
+
+    /// Publishes, telling `started` the share id and tickets as soon as they
+    /// exist (before the pass): recipients may fetch while it runs.
+    pub async fn publish_with(
+        &self,
+        req: PublishRequest,
+        progress: Option<Arc<PublishProgress>>,
+        started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
         let started = Instant::now();
         let path = normalize(&req.path);
@@ -130,22 +154,101 @@ impl Agent {
                 ));
             }
         }
-        let (root, files, dirs) = self.walk(&path).await?;
-        let keyer = ChunkKeyer::new(&key);
+        let mut tickets = Vec::new();
+        for r in &req.access.agents {
+            tickets.push((r.to_string(), self.ticket_for(share_id, *r, &key)?));
+        }
+        // Live from here on: recipients holding a ticket may ask what is
+        // sealed so far, and fetch it while the pass goes on.
+        let live = Arc::new(LiveShare::new(
+            share_id,
+            seq,
+            self.id,
+            req.access.clone(),
+            crate::manifest::key_check(&key),
+        ));
+        self.set_live(live.clone());
+        if let Some(tx) = started_tx {
+            let _ = tx.send(PublishStarted {
+                share_id: share_id.to_string(),
+                seq,
+                tickets: tickets.clone(),
+            });
+        }
+        let pass = self
+            .publish_pass(&req, &path, share_id, seq, &key, &live, progress)
+            .await;
+        let end = match &pass {
+            Ok(_) => LiveEnd::Done,
+            Err(e) => LiveEnd::Failed(e.to_string()),
+        };
+        live.end(end);
+        self.linger(live, pass.is_ok());
+        let (files_n, bytes, chunks) = pass?;
+        let seed = if req.offline_seeding {
+            let validity = req
+                .url_validity_secs
+                .unwrap_or(crate::node::seed::DEFAULT_URL_VALIDITY_SECS);
+            Some(self.seed_share(&share_id, validity).await?)
+        } else {
+            if self.seed_policy(&share_id).await.is_some() {
+                self.stop_seeding(&share_id).await?;
+            }
+            None
+        };
+        tracing::info!(share = %share_id, seq, files = files_n, bytes, chunks, "published");
+        Ok(Published {
+            share_id: share_id.to_string(),
+            seq,
+            files: files_n,
+            bytes,
+            chunks,
+            tickets,
+            seconds: started.elapsed().as_secs_f64(),
+            seed,
+        })
+    }
+
+    /// Walks, cuts and seals, signs and installs the manifest; reports
+    /// every step into `live`. Returns (files, bytes, chunks).
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_pass(
+        &self,
+        req: &PublishRequest,
+        path: &str,
+        share_id: ShareId,
+        seq: u64,
+        key: &Key,
+        live: &Arc<LiveShare>,
+        progress: Option<Arc<PublishProgress>>,
+    ) -> Result<(u64, u64, u64)> {
+        let (root, files, dirs) = self.walk(path).await?;
+        live.set_listing(
+            &root,
+            LiveListing {
+                files: files.clone(),
+                dirs: dirs.clone(),
+            },
+        );
+        let keyer = ChunkKeyer::new(key);
         let progress = progress.unwrap_or_default();
-        let chunked: Vec<(String, u64, u32, Vec<ChunkRef>)> = futures::stream::iter(files)
-            .map(|(rel, size, mode)| {
-                let keyer = keyer.clone();
-                let progress = progress.clone();
-                let full = format!("{root}{rel}");
-                async move {
-                    let chunks = self.chunk_file(&full, size, &keyer, &progress).await?;
-                    Ok::<_, Error>((rel, size, mode, chunks))
-                }
-            })
-            .buffered(FILE_CONCURRENCY)
-            .try_collect()
-            .await?;
+        let chunked: Vec<(String, u64, u32, Vec<ChunkRef>)> =
+            futures::stream::iter(files.into_iter().enumerate())
+                .map(|(i, (rel, size, mode))| {
+                    let keyer = keyer.clone();
+                    let progress = progress.clone();
+                    let full = format!("{root}{rel}");
+                    async move {
+                        let out = FileOut { live, index: i };
+                        let chunks = self
+                            .chunk_file(&full, size, &keyer, &progress, &out)
+                            .await?;
+                        Ok::<_, Error>((rel, size, mode, chunks))
+                    }
+                })
+                .buffered(FILE_CONCURRENCY)
+                .try_collect()
+                .await?;
         let mut entries: Vec<Entry> = dirs
             .into_iter()
             .map(|(p, mode)| Entry {
@@ -168,7 +271,7 @@ impl Agent {
             entries,
         };
         manifest.validate()?;
-        let record = manifest.seal(&self.key, &key)?.to_bytes();
+        let record = manifest.seal(&self.key, key)?.to_bytes();
         let files_n = manifest.files().count() as u64;
         let bytes = manifest.total_bytes();
         let chunks = manifest.total_chunks();
@@ -181,32 +284,7 @@ impl Agent {
             record,
         );
         self.install_share(held).await?;
-        let seed = if req.offline_seeding {
-            let validity = req
-                .url_validity_secs
-                .unwrap_or(crate::node::seed::DEFAULT_URL_VALIDITY_SECS);
-            Some(self.seed_share(&share_id, validity).await?)
-        } else {
-            if self.seed_policy(&share_id).await.is_some() {
-                self.stop_seeding(&share_id).await?;
-            }
-            None
-        };
-        let mut tickets = Vec::new();
-        for r in &req.access.agents {
-            tickets.push((r.to_string(), self.ticket_for(share_id, *r, &key)?));
-        }
-        tracing::info!(share = %share_id, seq, files = files_n, bytes, chunks, "published");
-        Ok(Published {
-            share_id: share_id.to_string(),
-            seq,
-            files: files_n,
-            bytes,
-            chunks,
-            tickets,
-            seconds: started.elapsed().as_secs_f64(),
-            seed,
-        })
+        Ok((files_n, bytes, chunks))
     }
 
     /// A ticket for one more recipient of a share we publish.
@@ -378,6 +456,7 @@ impl Agent {
         size: u64,
         keyer: &ChunkKeyer,
         progress: &PublishProgress,
+        out: &FileOut<'_>,
     ) -> Result<Vec<ChunkRef>> {
         let mut refs = Vec::new();
         let mut pos = 0u64;
@@ -437,14 +516,36 @@ impl Agent {
             pos += consumed;
             progress.bytes.fetch_add(consumed, Ordering::Relaxed);
             if let Some(h) = sealing.take() {
-                refs.extend(join(h).await?);
+                refs.extend(self.sealed_block(join(h).await?, out).await);
             }
             sealing = Some(seal(keyer.clone(), pieces));
         }
         if let Some(h) = sealing.take() {
-            refs.extend(join(h).await?);
+            refs.extend(self.sealed_block(join(h).await?, out).await);
         }
         Ok(refs)
+    }
+
+    /// Keeps a block's sealed chunks in the cache (waiting a little for
+    /// room while recipients follow the pass), then lists them live.
+    async fn sealed_block(
+        &self,
+        block: Vec<(ChunkRef, Vec<u8>)>,
+        out: &FileOut<'_>,
+    ) -> Vec<ChunkRef> {
+        let bytes: usize = block.iter().map(|(_, ct)| ct.len()).sum();
+        self.sealed.wait_for_room(bytes).await;
+        let refs: Vec<ChunkRef> = block.iter().map(|(r, _)| *r).collect();
+        for (r, ct) in block {
+            self.sealed.insert(out.live.id, r.id, ct);
+        }
+        out.live.add_chunks(out.index, &refs);
+        if let Some(gate) = crate::node::tuning::fault_publish_gate() {
+            while !gate.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        refs
     }
 }
 
@@ -459,10 +560,17 @@ fn read_block(path: &std::path::Path, offset: u64, len: usize) -> std::io::Resul
     Ok(buf)
 }
 
-type Sealing = tokio::task::JoinHandle<Result<Vec<ChunkRef>>>;
+/// Where the sealed chunks of one file go besides the manifest.
+struct FileOut<'a> {
+    live: &'a Arc<LiveShare>,
+    index: usize,
+}
 
-/// Hashes and encrypts the chunks of a block on all cores, in place: the
-/// block was read for this alone, so nothing is copied.
+type Sealing = tokio::task::JoinHandle<Result<Vec<(ChunkRef, Vec<u8>)>>>;
+
+/// Hashes and encrypts the chunks of a block on all cores, in place (the
+/// block was read for this alone), and copies each sealed chunk out
+/// (ciphertext || tag) for the cache the recipients are served from.
 fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing {
     tokio::task::spawn_blocking(move || {
         let mut pieces = Vec::with_capacity(cuts.len());
@@ -474,12 +582,18 @@ fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing 
         }
         pieces
             .into_par_iter()
-            .map(|p| keyer.chunk_ref_in_place(p))
+            .map(|p| {
+                let (r, tag) = keyer.seal_in_place(p)?;
+                let mut sealed = Vec::with_capacity(p.len() + tag.len());
+                sealed.extend_from_slice(p);
+                sealed.extend_from_slice(&tag);
+                Ok((r, sealed))
+            })
             .collect::<Result<Vec<_>>>()
     })
 }
 
-async fn join(h: Sealing) -> Result<Vec<ChunkRef>> {
+async fn join(h: Sealing) -> Result<Vec<(ChunkRef, Vec<u8>)>> {
     h.await
         .map_err(|e| Error::Protocol(format!("sealing task: {e}")))?
 }

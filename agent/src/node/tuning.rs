@@ -48,6 +48,13 @@ pub fn fault_corrupt_chunks() -> bool {
     std::env::var("CARAVAN_FAULT_CORRUPT_CHUNKS").is_ok_and(|v| v == "1")
 }
 
+/// Test-only: the publish pass holds after each sealed block until this
+/// file exists (`CARAVAN_FAULT_PUBLISH_GATE=PATH`), so a test sees a fetch
+/// run while the pass is unfinished without timing anything.
+pub fn fault_publish_gate() -> Option<std::path::PathBuf> {
+    std::env::var_os("CARAVAN_FAULT_PUBLISH_GATE").map(std::path::PathBuf::from)
+}
+
 /// Overrides the trust sync interval (`CARAVAN_TRUST_SYNC_SECS`, seconds,
 /// fractions allowed), when set to a positive number.
 pub fn trust_sync_interval() -> Option<Duration> {

@@ -243,6 +243,17 @@ impl PeerConn {
             .map(|b| b.payload)
     }
 
+    /// Asks the publisher what its running publish pass sealed (waits a
+    /// little for news): at `at` 0 the file list and the chunk log from its
+    /// start, at n + 1 the log from entry n on.
+    pub async fn live(&self, share: &ShareId, at: u64) -> Result<Vec<u8>> {
+        let mut p = share.0.to_vec();
+        p.extend_from_slice(&at.to_be_bytes());
+        self.request(FrameType::GetLive, p, Duration::from_secs(60))
+            .await
+            .map(|b| b.payload)
+    }
+
     /// Fetches one chunk's ciphertext (unverified: the caller verifies,
     /// with the BLAKE3 hash the channel computed on the received bytes).
     pub async fn chunk(&self, share: &ShareId, id: &ChunkId) -> Result<Sealed> {

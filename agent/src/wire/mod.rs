@@ -48,6 +48,7 @@ pub fn request_limit(typ: FrameType) -> Option<usize> {
         FrameType::GetChunk => Some(64),
         FrameType::GetKey => Some(32 + MAX_PROOF_BYTES),
         FrameType::Ping => Some(0),
+        FrameType::GetLive => Some(40),
         _ => None,
     }
 }
@@ -58,6 +59,7 @@ pub fn response_limit(typ: FrameType) -> usize {
         FrameType::GetManifest => MAX_MANIFEST_RESPONSE,
         FrameType::GetChunk => crate::chunk::MAX_CIPHERTEXT,
         FrameType::GetKey => MAX_MESSAGE,
+        FrameType::GetLive => MAX_MANIFEST_RESPONSE,
         _ => 0,
     }
 }
@@ -73,6 +75,8 @@ pub enum Request {
     Key(ShareId, Vec<Vec<u8>>),
     /// Liveness.
     Ping,
+    /// What a running publish pass sealed from this position of its chunk log on.
+    Live(ShareId, u64),
 }
 
 fn share_at(p: &[u8]) -> ShareId {
@@ -98,6 +102,11 @@ pub fn parse_request(typ: FrameType, p: &[u8]) -> Result<Request> {
             let mut v = [0u8; 8];
             v.copy_from_slice(&p[32..40]);
             Ok(Request::Manifest(share_at(p), u64::from_be_bytes(v)))
+        }
+        FrameType::GetLive if p.len() == 40 => {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&p[32..40]);
+            Ok(Request::Live(share_at(p), u64::from_be_bytes(v)))
         }
         FrameType::GetChunk if p.len() == 64 => {
             let mut c = [0u8; 32];
@@ -153,6 +162,10 @@ pub enum FrameType {
     GetKey = 3,
     /// Liveness check; empty payload.
     Ping = 4,
+    /// share id (32) + position (u64: 0 = the file list and the chunk log
+    /// from its start, n + 1 = the log from entry n on): a live answer
+    /// (`node::live::LiveAnswer`), long-polled; answered only by the publisher.
+    GetLive = 5,
     /// Success; payload depends on the request.
     Ok = 0x81,
     /// The share or chunk is unknown — or the caller may not know it exists.
@@ -169,6 +182,7 @@ impl FrameType {
             2 => FrameType::GetChunk,
             3 => FrameType::GetKey,
             4 => FrameType::Ping,
+            5 => FrameType::GetLive,
             0x81 => FrameType::Ok,
             0x82 => FrameType::NotFound,
             0x83 => FrameType::Failed,

@@ -61,6 +61,17 @@ pub trait Service: Send + Sync + 'static {
         share: ShareId,
         proof: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// What a running publish pass of a share sealed from position `from`
+    /// of its chunk log on (a long poll of bounded length). Only the
+    /// publisher answers; the default knows no live share.
+    fn live(
+        &self,
+        _peer: AgentId,
+        _share: ShareId,
+        _from: u64,
+    ) -> impl Future<Output = Result<Vec<u8>>> + Send {
+        async { Err(Error::NotFound("unknown share".into())) }
+    }
     /// Called when a peer connects or disconnects (for metrics).
     fn peer_connected(&self, _peer: AgentId, _connected: bool) {}
 }
@@ -179,6 +190,7 @@ async fn handle<S: Service>(
             .await
             .map(|(ct, h)| (ct, Some(h))),
         Request::Key(s, proof) => Ok((svc.key(peer, s, proof).await?, None)),
+        Request::Live(s, from) => Ok((svc.live(peer, s, from).await?, None)),
     }
 }
 

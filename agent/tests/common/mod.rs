@@ -92,8 +92,55 @@ impl TestAgent {
         self.config.to_str().unwrap()
     }
 
-    /// Starts the daemon and waits until /readyz answers.
+    /// Starts the daemon and waits until it answers as itself: /readyz,
+    /// then `status` naming this agent (a port taken by another test's
+    /// agent in the meantime would answer for that one). On a first start
+    /// whose ports were taken, retries on fresh ports.
     pub fn start(&mut self) {
+        let first = !self.dir.read_dir().unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("agent-")
+        });
+        for attempt in 0..3 {
+            if attempt > 0 {
+                self.new_ports();
+            }
+            if self.try_start() {
+                return;
+            }
+            assert!(
+                first,
+                "agent exited early on restart; log in {}",
+                self.dir.display()
+            );
+        }
+        panic!("agent did not start; logs in {}", self.dir.display());
+    }
+
+    /// Moves the agent to fresh loopback ports (before it was ever reachable).
+    fn new_ports(&mut self) {
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        let admin = text
+            .lines()
+            .find_map(|l| l.strip_prefix("admin_listen = \""))
+            .map(|l| l.trim_end_matches('"').to_string())
+            .unwrap();
+        let peer = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let new_admin = format!("127.0.0.1:{}", free_port());
+        text = text
+            .replace(&self.peer_addr, &peer)
+            .replace(&self.metrics_addr, &metrics)
+            .replace(&admin, &new_admin);
+        std::fs::write(&self.config, text).unwrap();
+        self.peer_addr = peer;
+        self.metrics_addr = metrics;
+    }
+
+    /// One start; false when the daemon exited (its ports were taken).
+    fn try_start(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.join(format!("agent-{}.log", now_ms()))).unwrap();
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "--config", self.cfg()])
@@ -106,18 +153,21 @@ impl TestAgent {
         self.child = Some(cmd.spawn().expect("spawn agent"));
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return false;
+            }
             if let Ok(body) = http_get(&self.metrics_addr, "/readyz")
                 && body.contains("ready")
             {
-                return;
-            }
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                panic!(
-                    "agent exited early with {status}; log in {}",
-                    self.dir.display()
-                );
+                let out = cli(&["status", "--config", self.cfg(), "--json"]);
+                let me = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                    .is_ok_and(|v| v["agent_id"] == self.id.as_str());
+                if me {
+                    return true;
+                }
             }
             assert!(Instant::now() < deadline, "agent did not become ready");
             std::thread::sleep(Duration::from_millis(50));
@@ -171,6 +221,17 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<String> {
     Ok(out)
 }
 
+/// The last line of a JSON-lines output (`publish --json` prints the share
+/// id and tickets first, then its summary).
+pub fn last_json(out: &str) -> serde_json::Value {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(line).unwrap()
+}
+
 /// Publishes `path` from `publisher` for `recipients`; returns (share id, tickets in order).
 pub fn publish(
     publisher: &TestAgent,
@@ -185,7 +246,7 @@ pub fn publish(
     }
     args.extend_from_slice(extra);
     let out = cli_ok(&args);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = last_json(&out);
     let tickets = v["tickets"]
         .as_array()
         .unwrap()

@@ -104,6 +104,11 @@ impl DirectFile {
         self.direct
     }
 
+    /// Bytes at the start of the file that are in it (not held back).
+    pub(crate) fn stored(&self) -> u64 {
+        self.pos
+    }
+
     /// A second descriptor of the file (for a background data sync).
     pub(crate) fn try_clone(&self) -> io::Result<File> {
         self.file.try_clone()

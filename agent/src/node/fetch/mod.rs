@@ -18,16 +18,19 @@ use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{EntryKind, KeyRelease, Manifest, ManifestRecord, ShareId, Ticket};
 use crate::node::agent::Agent;
+use crate::node::fetch::live::{ChunkSource, LiveFeed};
 use crate::node::fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
 use crate::node::fetch::seed::SeedSource;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::fetch::writer::{Job, LocalIndex};
+use crate::node::live::{LiveAnswer, LiveEnd};
 use crate::node::publish::normalize;
 use crate::node::share::{HeldShare, Role};
 use crate::node::{state, tuning};
 use crate::record::SignedRecord;
 
 mod direct;
+pub mod live;
 pub mod progress;
 pub mod seed;
 pub mod swarm;
@@ -189,13 +192,40 @@ impl Agent {
         let seed = self
             .find_seed(&ticket, key.as_ref().or(held_key.as_ref()))
             .await;
-        let swarm = Swarm::connect(&self, &addrs, ticket.share_id, progress.clone(), seed).await?;
+        let swarm =
+            Arc::new(Swarm::connect(&self, &addrs, ticket.share_id, progress.clone(), seed).await?);
         let key = match key {
             Some(k) => Some(k),
             None if swarm.distinct().is_empty() && held_key.is_some() => held_key,
             None => Some(self.present_proof(&swarm, &ticket).await?),
         };
+        // The publisher's pass may still be running: start on what it
+        // sealed so far.
+        if let Some(k) = &key
+            && let Some(feed) = self.open_live(&swarm, &ticket, k).await
+        {
+            return self
+                .fetch_live(&ticket, dest, swarm, k.clone(), feed, progress)
+                .await;
+        }
         let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
+        self.fetch_manifest(&ticket, dest, swarm, record, manifest, key, progress)
+            .await
+    }
+
+    /// Fetches one signed version of a share into `dest` (the manifest was
+    /// verified: signed by the publisher, for this share, opened with `key`).
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_manifest(
+        self: &Arc<Self>,
+        ticket: &Ticket,
+        dest: String,
+        swarm: Arc<Swarm>,
+        record: Vec<u8>,
+        manifest: Manifest,
+        key: Key,
+        progress: Arc<FetchProgress>,
+    ) -> Result<()> {
         let keyer = ChunkKeyer::new(&key);
         let seq = manifest.seq;
         // Versions only move forward: a replayed (older) or forked (same
@@ -244,55 +274,28 @@ impl Agent {
             .store(manifest.files().count() as u64, Ordering::Relaxed);
         progress.set_state(FetchState::Transferring, None);
 
-        // What an earlier version left locally can be reused.
-        let previous = self
-            .share(&ticket.share_id)
-            .filter(|s| s.role == Role::Fetched);
+        let previous = self.previous_version(&ticket.share_id);
         let already = previous
             .as_ref()
             .filter(|p| p.root == dest)
             .map(|p| p.manifest.total_bytes())
             .unwrap_or(0);
-        self.check_room(&ticket.share_id, &manifest, already)?;
-        let mut local = LocalIndex::new();
-        if let Some(prev) = &previous {
-            for (path, _, chunks) in prev.manifest.files() {
-                let mut off = 0;
-                for c in chunks {
-                    local
-                        .entry(c.key)
-                        .or_insert_with(|| (format!("{}{path}", prev.root), off));
-                    off += c.len as u64;
-                }
-            }
-        }
-        let cap = self.op.info().capability();
-        let append = cap.write_can_append && cap.rename;
-        // WebDAV, Google Drive, Dropbox, OneDrive (OpenDAL 0.59): one PUT per
-        // file. Refuse a file over the memory limit before anything is written.
-        let one_shot = (!append && !cap.write_can_multi)
-            .then(|| writer::OneShot::new(tuning::one_shot_max_bytes()));
-        if let Some(one) = &one_shot
-            && let Some((path, size, _)) = manifest.files().find(|(_, s, _)| *s > one.max_bytes)
-        {
-            return Err(writer::one_shot_refusal(path, size, one.max_bytes));
-        }
-        let job = Arc::new(Job {
-            agent: self.clone(),
+        self.check_room(
+            &ticket.share_id,
+            manifest.total_bytes(),
+            Some(manifest.total_chunks()),
+            already,
+        )?;
+        let job = self.new_job(
             swarm,
             keyer,
-            dest: dest.clone(),
-            local,
-            partial: state::partial_seq_dir(&self.opts.state_prefix, &ticket.share_id, seq),
-            append,
-            one_shot,
-            progress: progress.clone(),
-            slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
-            unsynced: std::sync::Mutex::new(Vec::new()),
-            syncing: std::sync::Mutex::new(Vec::new()),
-            sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
-        });
-
+            &dest,
+            previous.as_deref(),
+            &ticket.share_id,
+            seq,
+            &progress,
+            manifest.files().map(|(p, s, _)| (p, s)),
+        )?;
         for e in &manifest.entries {
             if matches!(e.kind, EntryKind::Dir) {
                 let p = format!("{dest}{}/", e.path);
@@ -310,16 +313,44 @@ impl Agent {
         futures::stream::iter(files)
             .map(|(i, path, size, chunks)| {
                 let job = job.clone();
-                async move { job.file(i, &path, size, &chunks).await }
+                async move { job.file(i, &path, size, ChunkSource::Fixed(&chunks)).await }
             })
             .buffer_unordered(tuning::file_concurrency())
             .try_collect::<Vec<()>>()
             .await?;
+        self.finish_fetch(
+            &job,
+            ticket,
+            &dest,
+            previous.as_deref(),
+            record,
+            manifest,
+            key,
+            &progress,
+        )
+        .await
+    }
+
+    /// What follows writing every file: durability, modes, files the new
+    /// version dropped, the share installed and the fetch's state cleared.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_fetch(
+        &self,
+        job: &Job,
+        ticket: &Ticket,
+        dest: &str,
+        previous: Option<&HeldShare>,
+        record: Vec<u8>,
+        manifest: Manifest,
+        key: Key,
+        progress: &FetchProgress,
+    ) -> Result<()> {
+        let seq = manifest.seq;
         job.sync_written().await?;
-        self.apply_modes(&dest, &manifest);
+        self.apply_modes(dest, &manifest);
 
         // Files the previous version had and this one dropped go away too.
-        if let Some(prev) = &previous
+        if let Some(prev) = previous
             && prev.root == dest
             && prev.seq() < seq
         {
@@ -334,7 +365,14 @@ impl Agent {
                 }
             }
         }
-        let held = HeldShare::new(ticket.publisher, key, Role::Fetched, dest, manifest, record);
+        let held = HeldShare::new(
+            ticket.publisher,
+            key,
+            Role::Fetched,
+            dest.to_string(),
+            manifest,
+            record,
+        );
         self.install_share(held).await?;
         let partial_root = state::partial_dir(&self.opts.state_prefix, &ticket.share_id);
         let _ = self.op.delete_with(&partial_root).recursive(true).await;
@@ -347,6 +385,198 @@ impl Agent {
         self.metrics.fetch_done(s.bytes_total, s.seconds);
         tracing::info!(share = %ticket.share_id, seq, bytes = s.bytes_total, fetched = s.chunks_fetched, reused = s.chunks_reused, seconds = s.seconds, "fetch complete");
         Ok(())
+    }
+
+    /// The version of a share this agent fetched before, if any.
+    fn previous_version(&self, id: &ShareId) -> Option<Arc<HeldShare>> {
+        self.share(id).filter(|s| s.role == Role::Fetched)
+    }
+
+    /// The writing side of a fetch: what an earlier version left locally
+    /// (reusable), how the storage takes files, the memory budget. Refuses
+    /// a file over the one-shot limit before anything is written.
+    #[allow(clippy::too_many_arguments)]
+    fn new_job<'a>(
+        self: &Arc<Self>,
+        swarm: Arc<Swarm>,
+        keyer: ChunkKeyer,
+        dest: &str,
+        previous: Option<&HeldShare>,
+        share: &ShareId,
+        seq: u64,
+        progress: &Arc<FetchProgress>,
+        mut files: impl Iterator<Item = (&'a str, u64)>,
+    ) -> Result<Arc<Job>> {
+        let mut local = LocalIndex::new();
+        if let Some(prev) = previous {
+            for (path, _, chunks) in prev.manifest.files() {
+                let mut off = 0;
+                for c in chunks {
+                    local
+                        .entry(c.key)
+                        .or_insert_with(|| (format!("{}{path}", prev.root), off));
+                    off += c.len as u64;
+                }
+            }
+        }
+        let cap = self.op.info().capability();
+        let append = cap.write_can_append && cap.rename;
+        // WebDAV, Google Drive, Dropbox, OneDrive (OpenDAL 0.59): one PUT per
+        // file. Refuse a file over the memory limit before anything is written.
+        let one_shot = (!append && !cap.write_can_multi)
+            .then(|| writer::OneShot::new(tuning::one_shot_max_bytes()));
+        if let Some(one) = &one_shot
+            && let Some((path, size)) = files.find(|(_, s)| *s > one.max_bytes)
+        {
+            return Err(writer::one_shot_refusal(path, size, one.max_bytes));
+        }
+        Ok(Arc::new(Job {
+            agent: self.clone(),
+            swarm,
+            keyer,
+            dest: dest.to_string(),
+            local,
+            partial: state::partial_seq_dir(&self.opts.state_prefix, share, seq),
+            append,
+            one_shot,
+            progress: progress.clone(),
+            slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
+            unsynced: std::sync::Mutex::new(Vec::new()),
+            syncing: std::sync::Mutex::new(Vec::new()),
+            sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
+        }))
+    }
+
+    /// Asks the publisher whether its pass for this share is running; if
+    /// so (a newer version than held, under the key we hold), follows it.
+    /// `None`: fetch the signed manifest as usual.
+    async fn open_live(&self, swarm: &Swarm, ticket: &Ticket, key: &Key) -> Option<Arc<LiveFeed>> {
+        let conn = swarm
+            .distinct()
+            .into_iter()
+            .find(|c| c.peer == ticket.publisher)?;
+        let held = self.share(&ticket.share_id).map(|s| s.seq()).unwrap_or(0);
+        loop {
+            let bytes = conn.live(&ticket.share_id, 0).await.ok()?;
+            let a = match LiveAnswer::from_bytes(&bytes) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable live answer; fetching the manifest");
+                    return None;
+                }
+            };
+            if a.end != LiveEnd::Running
+                || a.seq <= held
+                || a.key_check != crate::manifest::key_check(key)
+            {
+                return None;
+            }
+            // The walk is still going: ask again (each ask waits a while).
+            if a.listing.is_none() {
+                continue;
+            }
+            return match LiveFeed::start(conn.clone(), ticket.share_id, a) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad live answer; fetching the manifest");
+                    None
+                }
+            };
+        }
+    }
+
+    /// Fetches a share whose publish pass is running: each file is written
+    /// as its chunks are listed (every chunk verified against its id); at
+    /// the end the signed manifest must list exactly what was written, or
+    /// the manifest is fetched as usual (reusing what is in place).
+    async fn fetch_live(
+        self: &Arc<Self>,
+        ticket: &Ticket,
+        dest: String,
+        swarm: Arc<Swarm>,
+        key: Key,
+        feed: Arc<LiveFeed>,
+        progress: Arc<FetchProgress>,
+    ) -> Result<()> {
+        let seq = feed.seq;
+        let files = &feed.listing.files;
+        let total: u64 = files.iter().map(|f| f.1).sum();
+        tracing::info!(share = %ticket.share_id, seq, files = files.len(), bytes = total, "fetching while the publisher's pass runs");
+        progress.seq.store(seq, Ordering::Relaxed);
+        progress.bytes_total.store(total, Ordering::Relaxed);
+        progress
+            .files_total
+            .store(files.len() as u64, Ordering::Relaxed);
+        progress.set_state(FetchState::Transferring, None);
+        let previous = self.previous_version(&ticket.share_id);
+        let already = previous
+            .as_ref()
+            .filter(|p| p.root == dest)
+            .map(|p| p.manifest.total_bytes())
+            .unwrap_or(0);
+        self.check_room(&ticket.share_id, total, None, already)?;
+        let job = self.new_job(
+            swarm.clone(),
+            ChunkKeyer::new(&key),
+            &dest,
+            previous.as_deref(),
+            &ticket.share_id,
+            seq,
+            &progress,
+            files.iter().map(|f| (f.0.as_str(), f.1)),
+        )?;
+        for (d, _) in &feed.listing.dirs {
+            let p = format!("{dest}{d}/");
+            self.op
+                .create_dir(&p)
+                .await
+                .context(|| format!("creating {p}"))?;
+        }
+        let list: Vec<(usize, String, u64)> = files
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i, f.0.clone(), f.1))
+            .collect();
+        futures::stream::iter(list)
+            .map(|(i, path, size)| {
+                let job = job.clone();
+                let feed = feed.clone();
+                async move { job.file(i, &path, size, ChunkSource::Live(&feed, i)).await }
+            })
+            .buffer_unordered(tuning::file_concurrency())
+            .try_collect::<Vec<()>>()
+            .await?;
+        feed.ended().await?;
+        // The signed manifest decides: it must list exactly what was written.
+        let (record, manifest, key) = self.newest_manifest(&swarm, ticket, Some(key)).await?;
+        let listed = feed.chunks();
+        let same = manifest.seq == seq
+            && manifest.files().count() == files.len()
+            && manifest
+                .files()
+                .zip(files.iter().zip(&listed))
+                .all(|((p, s, c), ((lp, ls, _), lc))| p == lp && s == *ls && c == &lc[..]);
+        if !same {
+            tracing::warn!(share = %ticket.share_id, seq, signed = manifest.seq, "the signed manifest differs from the live listing; fetching it as usual");
+            drop(job);
+            return self
+                .fetch_manifest(ticket, dest, swarm, record, manifest, key, progress)
+                .await;
+        }
+        progress
+            .chunks_total
+            .store(manifest.total_chunks(), Ordering::Relaxed);
+        self.finish_fetch(
+            &job,
+            ticket,
+            &dest,
+            previous.as_deref(),
+            record,
+            manifest,
+            key,
+            &progress,
+        )
+        .await
     }
 
     /// Asks every peer for the manifest and keeps the newest one that the
@@ -430,8 +660,13 @@ impl Agent {
     /// Refuses a share whose declared size is over the limit or, on a local
     /// filesystem, over the free space (less what an earlier version at the
     /// same destination holds), before anything is written.
-    fn check_room(&self, id: &ShareId, manifest: &Manifest, already: u64) -> Result<()> {
-        let declared = manifest.total_bytes();
+    fn check_room(
+        &self,
+        id: &ShareId,
+        declared: u64,
+        chunks: Option<u64>,
+        already: u64,
+    ) -> Result<()> {
         let limit = tuning::max_share_bytes();
         let over = if declared > limit {
             Some(format!(
@@ -448,8 +683,10 @@ impl Agent {
         };
         match over {
             Some(why) => Err(Error::Refused(format!(
-                "share {id} declares {declared} bytes in {} chunks, over {why}; nothing was written",
-                manifest.total_chunks()
+                "share {id} declares {declared} bytes{}, over {why}; nothing was written",
+                chunks
+                    .map(|n| format!(" in {n} chunks"))
+                    .unwrap_or_default()
             ))),
             None => Ok(()),
         }

@@ -14,6 +14,7 @@ use crate::chunk::{ChunkKeyer, ChunkRef};
 use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
 use crate::node::fetch::direct::DirectFile;
+use crate::node::fetch::live::ChunkSource;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
@@ -25,7 +26,7 @@ pub(crate) type LocalIndex = HashMap<[u8; 32], (String, u64)>;
 
 pub(crate) struct Job {
     pub(crate) agent: Arc<Agent>,
-    pub(crate) swarm: Swarm,
+    pub(crate) swarm: Arc<Swarm>,
     pub(crate) keyer: ChunkKeyer,
     pub(crate) dest: String,
     pub(crate) local: LocalIndex,
@@ -141,6 +142,15 @@ impl Sink {
         }
     }
 
+    /// Bytes of the file already in storage (everything written so far,
+    /// but for a direct write's held-back partial block).
+    fn stored(&self) -> u64 {
+        match self {
+            Sink::Dal(_) => u64::MAX,
+            Sink::Local(f) => f.file.as_ref().map_or(0, DirectFile::stored),
+        }
+    }
+
     async fn close(self) -> std::io::Result<()> {
         match self {
             Sink::Dal(mut w) => w.close().await.map(|_| ()).map_err(std::io::Error::other),
@@ -170,22 +180,35 @@ impl Job {
         index: usize,
         path: &str,
         size: u64,
-        chunks: &[ChunkRef],
+        source: ChunkSource<'_>,
     ) -> Result<()> {
         let op = &self.agent.op;
+        // The chunk list known so far (all of it, unless the publisher's
+        // pass is still running: then it grows below).
+        let (mut chunks, mut complete) = source.more(0, false).await?;
         let final_path = format!("{}{path}", self.dest);
         let existing = match op.stat(&final_path).await {
             Ok(m) if m.is_file() => Some(m.content_length()),
             _ => None,
         };
         // An identical file already in place is verified, not re-downloaded.
-        if existing == Some(size) && self.verify_in_place(&final_path, chunks).await? {
-            self.file_already_in_place(chunks);
+        if complete && existing == Some(size) && self.verify_in_place(&final_path, &chunks).await? {
+            self.file_already_in_place(&chunks);
             return Ok(());
         }
         let (write_path, mut start) = if self.append {
             let part = format!("{}{index}", self.partial);
-            (part.clone(), self.resume_point(&part, chunks).await?)
+            let at = loop {
+                match self.resume_point(&part, &chunks, complete).await? {
+                    Some(at) => break at,
+                    None => {
+                        let (more, c) = source.more(chunks.len(), true).await?;
+                        chunks.extend(more);
+                        complete = c;
+                    }
+                }
+            };
+            (part.clone(), at)
         } else {
             (final_path.clone(), 0)
         };
@@ -242,7 +265,7 @@ impl Job {
         };
         let mut offsets = Vec::with_capacity(chunks.len());
         let mut off = 0u64;
-        for c in chunks {
+        for c in &chunks {
             offsets.push(off);
             off += c.len as u64;
         }
@@ -250,16 +273,28 @@ impl Job {
             self.progress
                 .chunks_done
                 .fetch_add(start as u64, Ordering::Relaxed);
-            self.progress.bytes_done.fetch_add(
-                offsets.get(start).copied().unwrap_or(size),
-                Ordering::Relaxed,
-            );
+            let resumed: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
+            self.progress
+                .bytes_done
+                .fetch_add(resumed, Ordering::Relaxed);
         }
         let same_size = existing == Some(size);
         let window = tuning::window();
         let mut inflight = FuturesOrdered::new();
         let mut next = start;
-        while start < chunks.len() {
+        let mut counted = start;
+        while start < chunks.len() || !complete {
+            if next == chunks.len() && !complete {
+                // A live list: take what was sealed since, waiting for it
+                // only with nothing of our own in flight.
+                let (more, c) = source.more(chunks.len(), inflight.is_empty()).await?;
+                for m in more {
+                    offsets.push(off);
+                    off += m.len as u64;
+                    chunks.push(m);
+                }
+                complete = c;
+            }
             while next < chunks.len() && inflight.len() < window {
                 // Wait for a slot only with nothing of our own in flight:
                 // slots held by finished chunks are freed by writing them.
@@ -285,24 +320,32 @@ impl Job {
                 next += 1;
             }
             let Some(res) = inflight.next().await else {
-                break;
+                continue;
             };
             let (plain, _permit) =
                 res.map_err(|e| Error::Protocol(format!("chunk task: {e}")))??;
-            let n = plain.len() as u64;
             writer
                 .write(plain)
                 .await
                 .context(|| format!("writing {write_path}"))?;
             self.progress.first_byte();
-            self.progress.chunks_done.fetch_add(1, Ordering::Relaxed);
-            self.progress.bytes_done.fetch_add(n, Ordering::Relaxed);
             start += 1;
+            // A chunk counts as done once all of it is in the file: a direct
+            // write holds the last partial block back until more comes, and a
+            // crash loses what is held (the resumed fetch refetches it).
+            let stored = writer.stored();
+            while counted < start && offsets[counted] + chunks[counted].len as u64 <= stored {
+                self.count_done(chunks[counted].len);
+                counted += 1;
+            }
         }
         writer
             .close()
             .await
             .context(|| format!("finishing {write_path}"))?;
+        for c in &chunks[counted..start] {
+            self.count_done(c.len);
+        }
         if self.append {
             op.rename(&write_path, &final_path)
                 .await
@@ -368,6 +411,14 @@ impl Job {
         Ok(())
     }
 
+    /// Counts one chunk written.
+    fn count_done(&self, len: u32) {
+        self.progress.chunks_done.fetch_add(1, Ordering::Relaxed);
+        self.progress
+            .bytes_done
+            .fetch_add(len as u64, Ordering::Relaxed);
+    }
+
     /// Counts a file found complete and verified at its destination.
     pub(crate) fn file_already_in_place(&self, chunks: &[ChunkRef]) {
         let bytes: u64 = chunks.iter().map(|c| c.len as u64).sum();
@@ -379,15 +430,25 @@ impl Job {
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// How many whole chunks an interrupted part file already holds; a part
-    /// file that ends mid-chunk is discarded (it was torn by the crash).
-    async fn resume_point(&self, part: &str, chunks: &[ChunkRef]) -> Result<usize> {
+    /// How many whole chunks an interrupted part file already holds.
+    /// `None`: the part file reaches past the chunks listed so far of an
+    /// incomplete list (ask again when it grew).
+    async fn resume_point(
+        &self,
+        part: &str,
+        chunks: &[ChunkRef],
+        complete: bool,
+    ) -> Result<Option<usize>> {
         let op = &self.agent.op;
         let have = match op.stat(part).await {
             Ok(m) => m.content_length(),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Some(0)),
             Err(e) => return Err(e).context(|| format!("stat {part}")),
         };
+        let listed: u64 = chunks.iter().map(|c| c.len as u64).sum();
+        if have > listed && !complete {
+            return Ok(None);
+        }
         // The last whole chunk the part holds: a part that ends mid-chunk
         // was torn by a crash (or holds the padding of a direct write's last
         // block); a local one is cut back to that chunk, anything else is
@@ -414,7 +475,7 @@ impl Job {
             off += c.len as u64;
         }
         if at == have {
-            return Ok(whole);
+            return Ok(Some(whole));
         }
         if let Some(root) = &self.agent.opts.fs_root {
             let full = root.join(part);
@@ -427,12 +488,12 @@ impl Job {
             .await
             .map_err(|e| Error::Protocol(format!("truncate task: {e}")))?
             .context(|| format!("cutting torn {part} back to its last whole chunk"))?;
-            return Ok(whole);
+            return Ok(Some(whole));
         }
         op.delete(part)
             .await
             .context(|| format!("discarding torn {part}"))?;
-        Ok(0)
+        Ok(Some(0))
     }
 
     async fn verify_in_place(&self, path: &str, chunks: &[ChunkRef]) -> Result<bool> {

@@ -1,0 +1,282 @@
+//! The recipient's side of a live share (see `node/live.rs`): the
+//! publisher's listing of what its running pass sealed so far, followed by
+//! long polls, kept as a growing chunk list per file for the writer. Only
+//! the publisher is asked, over the authenticated channel; every chunk is
+//! still verified against its id when fetched, and at the end the signed
+//! manifest must list exactly these chunks.
+
+use std::sync::{Arc, Mutex};
+
+use crate::chunk::{ChunkRef, MAX_CHUNK};
+use crate::error::{Error, Result};
+use crate::manifest::{MAX_MANIFEST_CHUNKS, MAX_MANIFEST_ENTRIES, ShareId, check_path};
+use crate::node::live::{LiveAnswer, LiveEnd, LiveListing};
+use crate::wire::client::PeerConn;
+
+/// How a feed stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FeedEnd {
+    Running,
+    /// The pass ended (or the publisher no longer lists it): the signed
+    /// manifest decides.
+    Ended,
+    Failed(String),
+}
+
+struct FeedState {
+    chunks: Vec<Vec<ChunkRef>>,
+    bytes: Vec<u64>,
+    cursor: u64,
+    end: FeedEnd,
+}
+
+/// What the publisher listed of a live share, growing as its pass goes on.
+pub(crate) struct LiveFeed {
+    /// The version being published.
+    pub(crate) seq: u64,
+    /// Files and directories of the walk.
+    pub(crate) listing: LiveListing,
+    state: Mutex<FeedState>,
+    news: tokio::sync::watch::Sender<u64>,
+}
+
+impl LiveFeed {
+    /// Starts from the publisher's first answer (which holds the listing)
+    /// and follows the pass in the background on `conn`.
+    pub(crate) fn start(
+        conn: Arc<PeerConn>,
+        share: ShareId,
+        first: LiveAnswer,
+    ) -> Result<Arc<LiveFeed>> {
+        let listing = first
+            .listing
+            .clone()
+            .ok_or_else(|| Error::Protocol("live answer without the file list".into()))?;
+        check_listing(&listing)?;
+        let n = listing.files.len();
+        let feed = Arc::new(LiveFeed {
+            seq: first.seq,
+            listing,
+            state: Mutex::new(FeedState {
+                chunks: vec![Vec::new(); n],
+                bytes: vec![0; n],
+                cursor: 0,
+                end: FeedEnd::Running,
+            }),
+            news: tokio::sync::watch::Sender::new(0),
+        });
+        feed.apply(first)?;
+        let f = feed.clone();
+        tokio::spawn(async move {
+            loop {
+                let from = match f.state.lock() {
+                    Ok(s) if s.end == FeedEnd::Running => s.cursor,
+                    _ => break,
+                };
+                // Position n + 1: the log from entry n on, without the listing.
+                let r = match conn.live(&share, from + 1).await {
+                    Ok(b) => LiveAnswer::from_bytes(&b).and_then(|a| f.apply(a)),
+                    // No longer live (it ended a while ago): the manifest decides.
+                    Err(Error::NotFound(_)) => {
+                        f.set_end(FeedEnd::Ended);
+                        break;
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    f.set_end(FeedEnd::Failed(format!(
+                        "following the publisher's pass: {e}"
+                    )));
+                    break;
+                }
+            }
+        });
+        Ok(feed)
+    }
+
+    fn set_end(&self, end: FeedEnd) {
+        if let Ok(mut s) = self.state.lock()
+            && s.end == FeedEnd::Running
+        {
+            s.end = end;
+        }
+        self.news.send_modify(|n| *n += 1);
+    }
+
+    /// Takes one answer in, checking it continues the log and stays
+    /// within each file's declared size.
+    fn apply(&self, a: LiveAnswer) -> Result<()> {
+        if a.seq != self.seq {
+            return Err(Error::Protocol(format!(
+                "the publisher moved on to version {} while version {} was being fetched",
+                a.seq, self.seq
+            )));
+        }
+        {
+            let mut s = self
+                .state
+                .lock()
+                .map_err(|_| Error::Protocol("live feed poisoned".into()))?;
+            if a.from != s.cursor {
+                return Err(Error::Protocol(format!(
+                    "live answer from position {} where {} was asked",
+                    a.from, s.cursor
+                )));
+            }
+            for (file, r) in &a.chunks {
+                let i = *file as usize;
+                let Some(size) = self.listing.files.get(i).map(|f| f.1) else {
+                    return Err(Error::Protocol(format!(
+                        "live chunk for unknown file {file}"
+                    )));
+                };
+                if r.len == 0 || r.len as usize > MAX_CHUNK || s.bytes[i] + r.len as u64 > size {
+                    return Err(Error::Protocol(format!(
+                        "live chunk {} does not fit file {}",
+                        r.id, self.listing.files[i].0
+                    )));
+                }
+                s.bytes[i] += r.len as u64;
+                s.chunks[i].push(*r);
+            }
+            s.cursor += a.chunks.len() as u64;
+            if s.cursor > MAX_MANIFEST_CHUNKS {
+                return Err(Error::Record(format!(
+                    "the live listing has over {MAX_MANIFEST_CHUNKS} chunks"
+                )));
+            }
+            match a.end {
+                LiveEnd::Running => {}
+                LiveEnd::Done => {
+                    // Done is final once the whole log was read (an answer
+                    // is capped: more may be left to ask for).
+                    let complete = self
+                        .listing
+                        .files
+                        .iter()
+                        .zip(&s.bytes)
+                        .all(|(f, b)| f.1 == *b);
+                    if complete {
+                        s.end = FeedEnd::Ended;
+                    } else if a.chunks.is_empty() {
+                        s.end = FeedEnd::Failed(
+                            "the publisher's pass ended with files listed in part".into(),
+                        );
+                    }
+                }
+                LiveEnd::Failed(m) => s.end = FeedEnd::Failed(format!("the publish failed: {m}")),
+            }
+        }
+        self.news.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Chunks of file `file` from position `have` on, and whether its list
+    /// is complete; with `wait`, waits until there is something new.
+    pub(crate) async fn more(
+        &self,
+        file: usize,
+        have: usize,
+        wait: bool,
+    ) -> Result<(Vec<ChunkRef>, bool)> {
+        let size = self.listing.files.get(file).map(|f| f.1).unwrap_or(0);
+        let mut rx = self.news.subscribe();
+        loop {
+            rx.borrow_and_update();
+            {
+                let s = self
+                    .state
+                    .lock()
+                    .map_err(|_| Error::Protocol("live feed poisoned".into()))?;
+                let list = &s.chunks[file];
+                let complete = s.bytes[file] == size;
+                let new = list.get(have..).unwrap_or_default().to_vec();
+                if !new.is_empty() || complete || !wait {
+                    return Ok((new, complete));
+                }
+                match &s.end {
+                    FeedEnd::Running => {}
+                    FeedEnd::Failed(m) => return Err(Error::Protocol(m.clone())),
+                    FeedEnd::Ended => {
+                        return Err(Error::Protocol(format!(
+                            "the publisher's pass ended before {} was listed whole",
+                            self.listing.files[file].0
+                        )));
+                    }
+                }
+            }
+            rx.changed()
+                .await
+                .map_err(|_| Error::Protocol("live feed closed".into()))?;
+        }
+    }
+
+    /// Waits for the pass to end: `Err` if it failed.
+    pub(crate) async fn ended(&self) -> Result<()> {
+        let mut rx = self.news.subscribe();
+        loop {
+            rx.borrow_and_update();
+            match self.state.lock().map(|s| s.end.clone()) {
+                Ok(FeedEnd::Running) => {}
+                Ok(FeedEnd::Ended) => return Ok(()),
+                Ok(FeedEnd::Failed(m)) => return Err(Error::Protocol(m)),
+                Err(_) => return Err(Error::Protocol("live feed poisoned".into())),
+            }
+            rx.changed()
+                .await
+                .map_err(|_| Error::Protocol("live feed closed".into()))?;
+        }
+    }
+
+    /// The chunk lists as listed (complete once [`LiveFeed::ended`]).
+    pub(crate) fn chunks(&self) -> Vec<Vec<ChunkRef>> {
+        self.state
+            .lock()
+            .map(|s| s.chunks.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The same checks as a manifest's (`Manifest::validate`): bounded, safe
+/// paths, each once. Nothing is written under a path before this.
+fn check_listing(l: &LiveListing) -> Result<()> {
+    let n = l.files.len() + l.dirs.len();
+    if n > MAX_MANIFEST_ENTRIES {
+        return Err(Error::Record(format!(
+            "the live listing has {n} entries, over the limit of {MAX_MANIFEST_ENTRIES}"
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for p in l
+        .files
+        .iter()
+        .map(|f| &f.0)
+        .chain(l.dirs.iter().map(|d| &d.0))
+    {
+        check_path(p)?;
+        if !seen.insert(p.as_str()) {
+            return Err(Error::Record(format!("the live listing has {p:?} twice")));
+        }
+    }
+    Ok(())
+}
+
+/// Where the writer takes a file's chunk list from: the manifest (fixed),
+/// or a live share's listing that grows while the publisher's pass runs.
+pub(crate) enum ChunkSource<'a> {
+    /// Every chunk known.
+    Fixed(&'a [ChunkRef]),
+    /// File `.1` of a live feed.
+    Live(&'a LiveFeed, usize),
+}
+
+impl ChunkSource<'_> {
+    /// Chunks from position `have` on and whether the list is complete;
+    /// with `wait`, waits for news when there is none.
+    pub(crate) async fn more(&self, have: usize, wait: bool) -> Result<(Vec<ChunkRef>, bool)> {
+        match self {
+            ChunkSource::Fixed(c) => Ok((c.get(have..).unwrap_or_default().to_vec(), true)),
+            ChunkSource::Live(feed, file) => feed.more(*file, have, wait).await,
+        }
+    }
+}

@@ -1,0 +1,449 @@
+//! Live shares: a share whose publish pass is still running. Its id, key
+//! and tickets are fixed before the pass, so recipients may start at once:
+//! the publisher answers `GetLive` requests (only its own, over the
+//! authenticated channel, so the entries need no signature of their own)
+//! with the walk's file list first, then each file's chunk references as
+//! its blocks are sealed. At the end the recipient still takes the signed
+//! manifest and checks it lists exactly the chunks it wrote.
+//!
+//! Also the publisher's cache of sealed chunks: the publish pass keeps the
+//! ciphertexts it sealed (bounded), so serving a chunk a recipient asks for
+//! right behind the pass costs no second read, encryption and hash.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::chunk::{ChunkId, ChunkRef};
+use crate::error::{Error, Result};
+use crate::identity::AgentId;
+use crate::manifest::{Access, ShareId};
+use crate::node::share::ChunkLocation;
+
+/// Chunk references in one live answer at most (about 1.2 MiB encoded).
+pub const MAX_LIVE_CHUNKS: usize = 16 << 10;
+/// How long a live request waits for news before answering with none.
+pub const LIVE_POLL: Duration = Duration::from_secs(2);
+/// How long a finished live share still answers (a recipient learns it is
+/// done, then takes the signed manifest).
+pub const LIVE_LINGER: Duration = Duration::from_secs(60);
+/// Sealed chunks the publisher keeps, in bytes, across all shares.
+pub const SEALED_CACHE_BYTES: usize = 64 << 20;
+/// How long the publish pass waits for room in a full cache while a
+/// recipient is taking chunks from it (then it evicts the oldest).
+const ROOM_WAIT: Duration = Duration::from_millis(500);
+/// How long after a chunk was taken a recipient counts as following the pass.
+const FOLLOWING: Duration = Duration::from_millis(500);
+/// How long a finished share's sealed chunks stay cached.
+pub const SEALED_LINGER: Duration = Duration::from_secs(30);
+
+/// How a live publish stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LiveEnd {
+    /// Still running.
+    Running,
+    /// Done: the signed manifest of this version is served.
+    Done,
+    /// Failed (a file changed size, storage error): no manifest of this version.
+    Failed(String),
+}
+
+/// The walk's result: files (path, size, mode) and directories (path, mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveListing {
+    /// Files in manifest order (sorted by path).
+    pub files: Vec<(String, u64, u32)>,
+    /// Directories.
+    pub dirs: Vec<(String, u32)>,
+}
+
+/// One answer to a `GetLive` request (postcard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveAnswer {
+    /// The version being published.
+    pub seq: u64,
+    /// Fingerprint of the share key of this version.
+    pub key_check: [u8; 8],
+    /// The listing, in the answer to a request from position 0 once known.
+    pub listing: Option<LiveListing>,
+    /// Position of the first entry of `chunks` in the share's chunk log.
+    pub from: u64,
+    /// (file index, chunk) in the order sealed; each file's chunks in file order.
+    pub chunks: Vec<(u32, ChunkRef)>,
+    /// Whether the pass is over.
+    pub end: LiveEnd,
+}
+
+impl LiveAnswer {
+    /// Encodes for the wire.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        postcard::to_stdvec(self).map_err(|e| Error::Protocol(format!("live answer: {e}")))
+    }
+
+    /// Decodes (network input: the size was bounded by the wire layer).
+    pub fn from_bytes(b: &[u8]) -> Result<Self> {
+        postcard::from_bytes(b).map_err(|e| Error::Protocol(format!("live answer: {e}")))
+    }
+}
+
+struct LiveState {
+    listing: Option<LiveListing>,
+    log: Vec<(u32, ChunkRef)>,
+    index: HashMap<ChunkId, ChunkLocation>,
+    /// Next plaintext offset of each file (for the index).
+    offsets: Vec<u64>,
+    end: LiveEnd,
+}
+
+/// A share whose publish pass is running (or just ended).
+pub struct LiveShare {
+    /// The share.
+    pub id: ShareId,
+    /// The version being published.
+    pub seq: u64,
+    /// This agent (the publisher).
+    pub publisher: AgentId,
+    /// Who may read it.
+    pub access: Access,
+    /// Fingerprint of the version's key.
+    pub key_check: [u8; 8],
+    /// Storage directory of the files (`""` or ends in `/`).
+    pub root: std::sync::OnceLock<String>,
+    state: Mutex<LiveState>,
+    news: tokio::sync::watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for LiveShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LiveShare({} v{})", self.id, self.seq)
+    }
+}
+
+impl LiveShare {
+    /// A live share with nothing listed yet.
+    pub fn new(
+        id: ShareId,
+        seq: u64,
+        publisher: AgentId,
+        access: Access,
+        key_check: [u8; 8],
+    ) -> Self {
+        LiveShare {
+            id,
+            seq,
+            publisher,
+            access,
+            key_check,
+            root: std::sync::OnceLock::new(),
+            state: Mutex::new(LiveState {
+                listing: None,
+                log: Vec::new(),
+                index: HashMap::new(),
+                offsets: Vec::new(),
+                end: LiveEnd::Running,
+            }),
+            news: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn changed(&self) {
+        self.news.send_modify(|n| *n += 1);
+    }
+
+    /// The walk is done: its files and directories.
+    pub fn set_listing(&self, root: &str, listing: LiveListing) {
+        let _ = self.root.set(root.to_string());
+        if let Ok(mut s) = self.state.lock() {
+            s.offsets = vec![0; listing.files.len()];
+            s.listing = Some(listing);
+        }
+        self.changed();
+    }
+
+    /// Chunks of file `file` sealed, in file order.
+    pub fn add_chunks(&self, file: usize, refs: &[ChunkRef]) {
+        let root = self.root.get().cloned().unwrap_or_default();
+        if let Ok(mut s) = self.state.lock() {
+            let Some(path) = s
+                .listing
+                .as_ref()
+                .and_then(|l| l.files.get(file))
+                .map(|f| format!("{root}{}", f.0))
+            else {
+                return;
+            };
+            let Ok(idx) = u32::try_from(file) else { return };
+            for r in refs {
+                let offset = s.offsets[file];
+                s.offsets[file] += r.len as u64;
+                s.index.entry(r.id).or_insert_with(|| ChunkLocation {
+                    path: path.clone(),
+                    offset,
+                    chunk: *r,
+                });
+                s.log.push((idx, *r));
+            }
+        }
+        self.changed();
+    }
+
+    /// The pass ended.
+    pub fn end(&self, end: LiveEnd) {
+        if let Ok(mut s) = self.state.lock() {
+            s.end = end;
+        }
+        self.changed();
+    }
+
+    /// Where a chunk sealed so far lives.
+    pub fn locate(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        self.state.lock().ok()?.index.get(id).cloned()
+    }
+
+    fn answer_now(&self, at: u64) -> Option<LiveAnswer> {
+        let s = self.state.lock().ok()?;
+        let (listing, from) = match at.checked_sub(1) {
+            None => (true, 0),
+            Some(from) => (false, from),
+        };
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(s.log.len());
+        let end = (start + MAX_LIVE_CHUNKS).min(s.log.len());
+        let news = end > start || s.end != LiveEnd::Running || (listing && s.listing.is_some());
+        news.then(|| LiveAnswer {
+            seq: self.seq,
+            key_check: self.key_check,
+            listing: if listing { s.listing.clone() } else { None },
+            from: start as u64,
+            chunks: s.log[start..end].to_vec(),
+            end: s.end.clone(),
+        })
+    }
+
+    /// What was sealed so far, waiting up to `wait` for news when there is
+    /// none yet (a long poll of bounded length). `at` 0 asks for the
+    /// listing and the log from its start; `at` n + 1 for the log from
+    /// entry n on (the asker has the listing).
+    pub async fn answer(&self, at: u64, wait: Duration) -> LiveAnswer {
+        let mut rx = self.news.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            rx.borrow_and_update();
+            if let Some(a) = self.answer_now(at) {
+                return a;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let end = self
+            .state
+            .lock()
+            .map(|s| s.end.clone())
+            .unwrap_or(LiveEnd::Running);
+        LiveAnswer {
+            seq: self.seq,
+            key_check: self.key_check,
+            listing: None,
+            from: at.saturating_sub(1),
+            chunks: Vec::new(),
+            end,
+        }
+    }
+}
+
+struct CacheInner {
+    map: HashMap<(ShareId, ChunkId), Vec<u8>>,
+    order: VecDeque<(ShareId, ChunkId)>,
+    bytes: usize,
+    last_take: Option<Instant>,
+}
+
+/// Sealed chunks (ciphertext || tag) the publish pass produced, kept until
+/// served once or evicted (oldest first) to stay within a byte budget.
+pub struct SealedCache {
+    inner: Mutex<CacheInner>,
+    room: tokio::sync::Notify,
+    max: usize,
+}
+
+impl std::fmt::Debug for SealedCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SealedCache({} bytes max)", self.max)
+    }
+}
+
+impl Default for SealedCache {
+    fn default() -> Self {
+        SealedCache::new(SEALED_CACHE_BYTES)
+    }
+}
+
+impl SealedCache {
+    /// A cache of at most `max` bytes.
+    pub fn new(max: usize) -> Self {
+        SealedCache {
+            inner: Mutex::new(CacheInner {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                bytes: 0,
+                last_take: None,
+            }),
+            room: tokio::sync::Notify::new(),
+            max,
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().map(|c| c.bytes).unwrap_or(0)
+    }
+
+    /// Waits (bounded) until `need` bytes fit while a recipient is taking
+    /// chunks: the pass then runs at the pace of the recipients that
+    /// follow it, and they are served from memory.
+    pub async fn wait_for_room(&self, need: usize) {
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        loop {
+            let notified = self.room.notified();
+            let wait = match self.inner.lock() {
+                Ok(c) => {
+                    c.bytes + need > self.max
+                        && c.last_take.is_some_and(|t| t.elapsed() < FOLLOWING)
+                }
+                Err(_) => false,
+            };
+            if !wait || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Keeps a sealed chunk, evicting the oldest past the budget.
+    pub fn insert(&self, share: ShareId, id: ChunkId, sealed: Vec<u8>) {
+        if sealed.len() > self.max {
+            return;
+        }
+        let Ok(mut c) = self.inner.lock() else { return };
+        while c.bytes + sealed.len() > self.max {
+            let Some(k) = c.order.pop_front() else { break };
+            if let Some(v) = c.map.remove(&k) {
+                c.bytes -= v.len();
+            }
+        }
+        c.bytes += sealed.len();
+        if let Some(old) = c.map.insert((share, id), sealed) {
+            c.bytes -= old.len();
+        } else {
+            c.order.push_back((share, id));
+        }
+    }
+
+    /// Takes a sealed chunk out (it is served once from memory; a second
+    /// recipient gets it from storage).
+    pub fn take(&self, share: &ShareId, id: &ChunkId) -> Option<Vec<u8>> {
+        let v = {
+            let mut c = self.inner.lock().ok()?;
+            let v = c.map.remove(&(*share, *id))?;
+            c.bytes -= v.len();
+            c.last_take = Some(Instant::now());
+            if c.map.is_empty() {
+                c.order.clear();
+            }
+            v
+        };
+        self.room.notify_waiters();
+        Some(v)
+    }
+
+    /// Drops every chunk of a share.
+    pub fn clear_share(&self, share: &ShareId) {
+        if let Ok(mut c) = self.inner.lock() {
+            let mut freed = 0;
+            c.map.retain(|k, v| {
+                let keep = k.0 != *share;
+                if !keep {
+                    freed += v.len();
+                }
+                keep
+            });
+            c.bytes -= freed;
+            c.order.retain(|k| k.0 != *share);
+            if c.map.is_empty() {
+                c.map.shrink_to_fit();
+                c.order.shrink_to_fit();
+            }
+        }
+        self.room.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(n: u8, len: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId([n; 32]),
+            key: [n; 32],
+            len,
+        }
+    }
+
+    #[tokio::test]
+    async fn live_answers_list_first_then_the_log_and_are_capped() {
+        let id = ShareId([2; 32]);
+        let live = LiveShare::new(id, 3, AgentId([0; 32]), Access::default(), [1; 8]);
+        // Nothing yet: the long poll ends empty.
+        let a = live.answer(0, Duration::from_millis(10)).await;
+        assert!(a.listing.is_none() && a.chunks.is_empty() && a.end == LiveEnd::Running);
+        live.set_listing(
+            "root/",
+            LiveListing {
+                files: vec![("a".into(), 10, 0o644)],
+                dirs: vec![],
+            },
+        );
+        let a = live.answer(0, Duration::from_millis(10)).await;
+        assert_eq!(a.listing.unwrap().files.len(), 1);
+        // Position 1 (listing known, log from 0): waits for news.
+        let a = live.answer(1, Duration::from_millis(10)).await;
+        assert!(a.listing.is_none() && a.chunks.is_empty());
+        let many: Vec<ChunkRef> = (0..MAX_LIVE_CHUNKS + 5).map(|i| r(i as u8, 1)).collect();
+        live.add_chunks(0, &many);
+        let a = live.answer(1, Duration::from_millis(10)).await;
+        assert_eq!((a.from, a.chunks.len()), (0, MAX_LIVE_CHUNKS));
+        let a = live
+            .answer(1 + MAX_LIVE_CHUNKS as u64, Duration::ZERO)
+            .await;
+        assert_eq!((a.from, a.chunks.len()), (MAX_LIVE_CHUNKS as u64, 5));
+        assert_eq!(live.locate(&ChunkId([1; 32])).unwrap().path, "root/a");
+        live.end(LiveEnd::Done);
+        let a = live
+            .answer(1 + many.len() as u64, Duration::from_secs(5))
+            .await;
+        assert_eq!(a.end, LiveEnd::Done);
+        let b = LiveAnswer::from_bytes(&a.to_bytes().unwrap()).unwrap();
+        assert_eq!(b.seq, 3);
+    }
+
+    #[test]
+    fn cache_stays_within_budget_and_serves_once() {
+        let c = SealedCache::new(100);
+        let s = ShareId([1; 32]);
+        c.insert(s, ChunkId([1; 32]), vec![0; 60]);
+        c.insert(s, ChunkId([2; 32]), vec![0; 60]);
+        assert_eq!(c.bytes(), 60);
+        assert!(c.take(&s, &ChunkId([1; 32])).is_none());
+        assert_eq!(c.take(&s, &ChunkId([2; 32])).map(|v| v.len()), Some(60));
+        assert!(c.take(&s, &ChunkId([2; 32])).is_none());
+        assert_eq!(c.bytes(), 0);
+        c.insert(s, ChunkId([3; 32]), vec![0; 10]);
+        c.clear_share(&s);
+        assert_eq!(c.bytes(), 0);
+    }
+}

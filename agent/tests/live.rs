@@ -1,0 +1,299 @@
+//! Fetching while the publisher's pass still runs (live shares), over real
+//! processes on loopback. The publisher's pass is held after each sealed
+//! block by a gate file (`CARAVAN_FAULT_PUBLISH_GATE`), so nothing here
+//! depends on timing: the fetch provably runs while the pass is unfinished.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use caravan_agent::identity::SecretKey;
+use caravan_agent::manifest::ShareId;
+use caravan_agent::node::live::{LiveAnswer, LiveEnd};
+use caravan_agent::wire::client::PeerConn;
+use common::*;
+
+fn key_of(a: &TestAgent) -> SecretKey {
+    SecretKey::from_text(&std::fs::read_to_string(a.dir.join("identity.key")).unwrap()).unwrap()
+}
+
+/// `publish --json` in the background; returns the child, its output, and
+/// the first line (share id and tickets, printed before the pass).
+fn start_publish(
+    alice: &TestAgent,
+    path: &str,
+    to: &str,
+) -> (Child, BufReader<ChildStdout>, serde_json::Value) {
+    let mut child = Command::new(BIN)
+        .args([
+            "publish",
+            "--config",
+            alice.cfg(),
+            path,
+            "--to",
+            to,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let first: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (child, out, first)
+}
+
+fn start_fetch(bob: &TestAgent, ticket: &str, dest: &str) -> Child {
+    Command::new(BIN)
+        .args([
+            "fetch",
+            "--config",
+            bob.cfg(),
+            ticket,
+            "--dest",
+            dest,
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `cond` (a liveness guard, not a timed assertion: the deadline
+/// only turns a hang into a failure).
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !cond() {
+        assert!(Instant::now() < deadline, "waited too long for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The log of the agent's latest start.
+fn newest_log(a: &TestAgent) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(&a.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("agent-")
+        })
+        .collect();
+    logs.sort();
+    logs.last()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .unwrap_or_default()
+}
+
+fn big_file(dir: &Path, name: &str, mib: usize, seed: u64) -> Vec<u8> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut data = vec![0u8; mib << 20];
+    fill_pseudo_random(&mut data, seed);
+    std::fs::write(dir.join(name), &data).unwrap();
+    data
+}
+
+#[test]
+fn fetch_of_a_live_share_starts_before_publish_ends_and_only_recipients_list_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.env.push((
+        "CARAVAN_FAULT_PUBLISH_GATE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let carol = TestAgent::init(&tmp.path().join("carol"));
+    let src = alice.data().join("live");
+    big_file(&src, "big.bin", 40, 7);
+    make_tree(&src.join("tree"), 6, 100_000);
+    alice.start();
+    bob.start();
+
+    let (mut publishing, mut out, first) = start_publish(&alice, "live", &bob.id);
+    let share = first["share_id"].as_str().unwrap().to_string();
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let mut fetching = start_fetch(&bob, &ticket, "got");
+
+    // Bob receives verified chunks while the pass is held at its gate.
+    wait_for("the first verified chunk", || {
+        bob.metric("caravan_chunks_received_total") >= 1.0
+    });
+    assert!(
+        publishing.try_wait().unwrap().is_none(),
+        "publish is still running"
+    );
+    assert!(fetching.try_wait().unwrap().is_none(), "fetch is waiting");
+
+    // Only the publisher's authorized recipients may read the listing; a
+    // stranger's answer is exactly that of an unknown share.
+    let share_id: ShareId = share.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let as_bob = PeerConn::connect(&alice.peer_addr, &key_of(&bob), None)
+            .await
+            .unwrap();
+        let a = LiveAnswer::from_bytes(&as_bob.live(&share_id, 0).await.unwrap()).unwrap();
+        assert_eq!(a.end, LiveEnd::Running);
+        assert!(a.listing.unwrap().files.iter().any(|f| f.0 == "big.bin"));
+        let as_carol = PeerConn::connect(&alice.peer_addr, &key_of(&carol), None)
+            .await
+            .unwrap();
+        let e = as_carol.live(&share_id, 0).await.unwrap_err();
+        assert!(matches!(e, caravan_agent::Error::NotFound(_)), "{e}");
+        let e2 = as_carol.live(&ShareId([9; 32]), 0).await.unwrap_err();
+        assert_eq!(e.to_string(), e2.to_string());
+    });
+
+    std::fs::write(&gate, b"go").unwrap();
+    let mut last = String::new();
+    out.read_line(&mut last).unwrap();
+    assert!(publishing.wait().unwrap().success());
+    let summary: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(summary["share_id"], share.as_str());
+    let done = fetching.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let v = last_json(&String::from_utf8_lossy(&done.stdout));
+    assert_eq!(v["state"], "done", "{v}");
+    assert_same_tree(&src, &bob.data().join("got"));
+    // Chunks sealed by the pass were served from memory, not read again.
+    assert!(alice.metric("caravan_chunks_sent_sealed_total") >= 1.0);
+}
+
+#[test]
+fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.env.push((
+        "CARAVAN_FAULT_PUBLISH_GATE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("edit");
+    let mut data = big_file(&src, "big.bin", 40, 11);
+    alice.start();
+    bob.start();
+
+    // Same size, changed past what the pass has read: the signed manifest
+    // lists what the pass read, and the fetch ends with exactly that.
+    let (mut publishing, mut out, first) = start_publish(&alice, "edit", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let fetching = start_fetch(&bob, &ticket, "got");
+    wait_for("the first verified chunk", || {
+        bob.metric("caravan_chunks_received_total") >= 1.0
+    });
+    let at = data.len() - (4 << 20);
+    data[at..at + 4096].fill(0xAB);
+    std::fs::write(src.join("big.bin"), &data).unwrap();
+    std::fs::write(&gate, b"go").unwrap();
+    let mut last = String::new();
+    out.read_line(&mut last).unwrap();
+    assert!(publishing.wait().unwrap().success());
+    let done = fetching.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert_eq!(std::fs::read(bob.data().join("got/big.bin")).unwrap(), data);
+
+    // Shrunk under the pass: the publish fails and so does the fetch, with
+    // a reason; nothing unverified is written in place of the file.
+    std::fs::remove_file(&gate).unwrap();
+    std::fs::write(src.join("big.bin"), &data).unwrap();
+    let before = bob.metric("caravan_chunks_received_total");
+    let (mut publishing, _out, first) = start_publish(&alice, "edit", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let fetching = start_fetch(&bob, &ticket, "got2");
+    wait_for("the first verified chunk of the second share", || {
+        bob.metric("caravan_chunks_received_total") > before
+    });
+    std::fs::write(src.join("big.bin"), &data[..(20 << 20)]).unwrap();
+    std::fs::write(&gate, b"go").unwrap();
+    assert!(!publishing.wait().unwrap().success());
+    let done = fetching.wait_with_output().unwrap();
+    assert!(!done.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(said.contains("changed size"), "{said}");
+    assert!(!bob.data().join("got2/big.bin").exists());
+}
+
+#[test]
+fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.env.push((
+        "CARAVAN_FAULT_PUBLISH_GATE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("resume");
+    big_file(&src, "big.bin", 40, 13);
+    alice.start();
+    bob.start();
+    let (mut publishing, _out, first) = start_publish(&alice, "resume", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    cli_ok(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &ticket,
+        "--dest",
+        "got",
+        "--detach",
+    ]);
+    let status = |bob: &TestAgent| -> serde_json::Value {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
+        st["fetches"][0].clone()
+    };
+    // Some chunks of the first sealed block are verified and written while
+    // the pass is held: kill the fetcher there.
+    let mut done_at_kill = 0;
+    wait_for("written chunks", || {
+        done_at_kill = status(&bob)["chunks_done"].as_u64().unwrap_or(0);
+        done_at_kill >= 2
+    });
+    bob.kill9();
+    assert!(publishing.try_wait().unwrap().is_none());
+    assert!(!bob.data().join("got/big.bin").exists());
+
+    // Restarted, the fetch resumes on its own, still following the pass.
+    bob.start();
+    wait_for("the resumed fetch to follow the pass", || {
+        newest_log(&bob).contains("fetching while the publisher's pass runs")
+    });
+    std::fs::write(&gate, b"go").unwrap();
+    assert!(publishing.wait().unwrap().success());
+    let mut after = serde_json::Value::Null;
+    wait_for("the resumed fetch", || {
+        after = status(&bob);
+        assert_ne!(after["state"], "failed", "{after}");
+        after["state"] == "done"
+    });
+    let total = after["chunks_total"].as_u64().unwrap();
+    let refetched = after["chunks_fetched"].as_u64().unwrap();
+    assert!(
+        refetched + done_at_kill <= total,
+        "re-downloaded verified chunks: {refetched} fetched after restart, {done_at_kill} were done of {total}"
+    );
+    assert_same_tree(&src, &bob.data().join("got"));
+}
