@@ -30,7 +30,7 @@ pub const LIVE_POLL: Duration = Duration::from_secs(2);
 /// done, then takes the signed manifest).
 pub const LIVE_LINGER: Duration = Duration::from_secs(60);
 /// Sealed chunks the publisher keeps, in bytes, across all shares.
-pub const SEALED_CACHE_BYTES: usize = 64 << 20;
+pub const SEALED_CACHE_BYTES: usize = 32 << 20;
 /// How long the publish pass waits for room in a full cache while a
 /// recipient is taking chunks from it (then it evicts the oldest).
 const ROOM_WAIT: Duration = Duration::from_millis(500);
@@ -348,9 +348,11 @@ impl SealedCache {
     pub fn take(&self, share: &ShareId, id: &ChunkId) -> Option<Vec<u8>> {
         let v = {
             let mut c = self.inner.lock().ok()?;
+            // A miss counts too: a recipient that fell behind the cache is
+            // still following the pass, which should now wait for it.
+            c.last_take = Some(Instant::now());
             let v = c.map.remove(&(*share, *id))?;
             c.bytes -= v.len();
-            c.last_take = Some(Instant::now());
             if c.map.is_empty() {
                 c.order.clear();
             }
