@@ -29,8 +29,6 @@ pub const LIVE_POLL: Duration = Duration::from_secs(2);
 /// How long a finished live share still answers (a recipient learns it is
 /// done, then takes the signed manifest).
 pub const LIVE_LINGER: Duration = Duration::from_secs(60);
-/// Sealed chunks the publisher keeps, in bytes, across all shares.
-pub const SEALED_CACHE_BYTES: usize = 32 << 20;
 /// How long the publish pass waits for room in a full cache while a
 /// recipient is taking chunks from it (then it evicts the oldest).
 const ROOM_WAIT: Duration = Duration::from_millis(500);
@@ -279,7 +277,7 @@ impl std::fmt::Debug for SealedCache {
 
 impl Default for SealedCache {
     fn default() -> Self {
-        SealedCache::new(SEALED_CACHE_BYTES)
+        SealedCache::new(crate::node::tuning::sealed_cache_bytes())
     }
 }
 

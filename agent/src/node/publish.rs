@@ -21,11 +21,9 @@ use crate::util::unix_now;
 
 /// How much of a file is read from storage at a time (at least two of the
 /// largest chunks, so every block yields a chunk; small enough that the
-/// blocks of [`FILE_CONCURRENCY`] files in the pipeline stay well inside the
+/// blocks of the files chunked at once (`tuning::publish_files`) stay well inside the
 /// publisher's memory budget).
 const READ_BLOCK: u64 = 8 << 20;
-/// Files chunked at once.
-const FILE_CONCURRENCY: usize = 4;
 
 /// What to publish.
 #[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
@@ -246,7 +244,7 @@ impl Agent {
                         Ok::<_, Error>((rel, size, mode, chunks))
                     }
                 })
-                .buffered(FILE_CONCURRENCY)
+                .buffered(crate::node::tuning::publish_files())
                 .try_collect()
                 .await?;
         let mut entries: Vec<Entry> = dirs

@@ -20,6 +20,18 @@ pub fn file_concurrency() -> usize {
     positive("CARAVAN_FILE_CONCURRENCY", 16)
 }
 
+/// Files the publish pass reads and seals at once
+/// (`CARAVAN_PUBLISH_FILES`, default 4): each holds up to two 8 MiB blocks.
+pub fn publish_files() -> usize {
+    positive("CARAVAN_PUBLISH_FILES", 4)
+}
+
+/// Sealed chunks the publisher keeps for recipients following its publish
+/// pass, in MiB across all shares (`CARAVAN_SEALED_CACHE_MIB`, default 32).
+pub fn sealed_cache_bytes() -> usize {
+    positive("CARAVAN_SEALED_CACHE_MIB", 32) << 20
+}
+
 /// Chunks one fetch holds in memory at once, across all its files
 /// (`CARAVAN_CHUNKS_IN_MEMORY`, default 48): bounds the fetcher's memory
 /// whatever the file count.
