@@ -351,8 +351,19 @@ impl SealedCache {
             c.last_take = Some(Instant::now());
             let v = c.map.remove(&(*share, *id))?;
             c.bytes -= v.len();
-            if c.map.is_empty() {
-                c.order.clear();
+            // The eviction order forgets what was taken: from its front
+            // (chunks are taken roughly in the order they were sealed), and
+            // wholesale when stale keys pile up behind one never asked for,
+            // so it stays about as long as the map however long the pass.
+            while let Some(k) = c.order.front() {
+                if c.map.contains_key(k) {
+                    break;
+                }
+                c.order.pop_front();
+            }
+            if c.order.len() > 2 * c.map.len() + 64 {
+                let CacheInner { map, order, .. } = &mut *c;
+                order.retain(|k| map.contains_key(k));
             }
             v
         };
@@ -445,5 +456,21 @@ mod tests {
         c.insert(s, ChunkId([3; 32]), vec![0; 10]);
         c.clear_share(&s);
         assert_eq!(c.bytes(), 0);
+    }
+
+    #[test]
+    fn the_eviction_order_does_not_grow_with_the_pass() {
+        let c = SealedCache::new(1 << 20);
+        let s = ShareId([1; 32]);
+        // One chunk nobody asks for, then a long pass taken in order.
+        c.insert(s, ChunkId([0; 32]), vec![0; 10]);
+        for i in 1..10_000u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            c.insert(s, ChunkId(id), vec![0; 10]);
+            assert!(c.take(&s, &ChunkId(id)).is_some());
+        }
+        let len = c.inner.lock().unwrap().order.len();
+        assert!(len <= 2 + 64, "eviction order holds {len} keys for 1 chunk");
     }
 }
