@@ -34,10 +34,9 @@ impl Admin {
         })
     }
 
-    async fn send<T: serde::de::DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<T> {
+    /// Sends a request with the admin token and returns a successful
+    /// answer; an unreachable daemon and a refusal get their exit codes.
+    async fn start(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
             Exit::Unreachable(anyhow!(
                 "cannot reach the agent daemon at {} ({e}); is `caravan-agent run` running?",
@@ -45,17 +44,30 @@ impl Admin {
             ))
         })?;
         let status = resp.status();
-        let body = resp.bytes().await.context("reading the daemon's answer")?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<api::ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(if status.is_client_error() {
-                Exit::Config(anyhow!("{msg}")).into()
-            } else {
-                anyhow!("the daemon failed: {msg}")
-            });
+        if status.is_success() {
+            return Ok(resp);
         }
+        let body = resp.bytes().await.context("reading the daemon's answer")?;
+        let msg = serde_json::from_slice::<api::ApiError>(&body)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(if status.is_client_error() {
+            Exit::Config(anyhow!("{msg}")).into()
+        } else {
+            anyhow!("the daemon failed: {msg}")
+        })
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T> {
+        let body = self
+            .start(req)
+            .await?
+            .bytes()
+            .await
+            .context("reading the daemon's answer")?;
         serde_json::from_slice(&body).context("decoding the daemon's answer")
     }
 
@@ -73,30 +85,8 @@ impl Admin {
         mut each: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut resp = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(body)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| {
-                Exit::Unreachable(anyhow!(
-                    "cannot reach the agent daemon at {} ({e}); is `caravan-agent run` running?",
-                    self.base
-                ))
-            })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body = resp.bytes().await.context("reading the daemon's answer")?;
-            let msg = serde_json::from_slice::<api::ApiError>(&body)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            return Err(if status.is_client_error() {
-                Exit::Config(anyhow!("{msg}")).into()
-            } else {
-                anyhow!("the daemon failed: {msg}")
-            });
-        }
+            .start(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await?;
         let mut buf = Vec::new();
         while let Some(part) = resp.chunk().await.context("reading the daemon's answer")? {
             buf.extend_from_slice(&part);

@@ -105,18 +105,43 @@ impl TestAgent {
         });
         for attempt in 0..3 {
             if attempt > 0 {
+                std::thread::sleep(Duration::from_millis(200 * attempt));
                 self.new_ports();
             }
             if self.try_start() {
                 return;
             }
-            assert!(
-                first,
-                "agent exited early on restart; log in {}",
-                self.dir.display()
-            );
+            assert!(first, "agent exited early on restart:\n{}", self.log_tail());
         }
-        panic!("agent did not start; logs in {}", self.dir.display());
+        panic!("agent did not start:\n{}", self.log_tail());
+    }
+
+    /// The end of the newest agent log (the temporary folder is gone by
+    /// the time anyone reads a failed test's output).
+    pub fn log_tail(&self) -> String {
+        let mut logs: Vec<PathBuf> = self
+            .dir
+            .read_dir()
+            .unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("agent-"))
+            })
+            .collect();
+        logs.sort();
+        let Some(newest) = logs.last() else {
+            return format!("no agent log in {}", self.dir.display());
+        };
+        let text = std::fs::read_to_string(newest).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(20);
+        format!(
+            "{} ({} starts):\n{}",
+            newest.display(),
+            logs.len(),
+            lines[from..].join("\n")
+        )
     }
 
     /// Moves the agent to fresh loopback ports (before it was ever reachable).
