@@ -93,6 +93,19 @@ fn newest_log(a: &TestAgent) -> String {
         .unwrap_or_default()
 }
 
+/// A publisher whose pass holds after each sealed block until `gate`
+/// exists, and a recipient.
+fn gated_pair(dir: &Path) -> (std::path::PathBuf, TestAgent, TestAgent) {
+    let gate = dir.join("gate");
+    let mut alice = TestAgent::init(&dir.join("alice"));
+    alice.env.push((
+        "CARAVAN_FAULT_PUBLISH_GATE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    let bob = TestAgent::init(&dir.join("bob"));
+    (gate, alice, bob)
+}
+
 fn big_file(dir: &Path, name: &str, mib: usize, seed: u64) -> Vec<u8> {
     std::fs::create_dir_all(dir).unwrap();
     let mut data = vec![0u8; mib << 20];
@@ -104,13 +117,7 @@ fn big_file(dir: &Path, name: &str, mib: usize, seed: u64) -> Vec<u8> {
 #[test]
 fn fetch_of_a_live_share_starts_before_publish_ends_and_only_recipients_list_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let gate = tmp.path().join("gate");
-    let mut alice = TestAgent::init(&tmp.path().join("alice"));
-    alice.env.push((
-        "CARAVAN_FAULT_PUBLISH_GATE".into(),
-        gate.to_str().unwrap().into(),
-    ));
-    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
     let carol = TestAgent::init(&tmp.path().join("carol"));
     let src = alice.data().join("live");
     big_file(&src, "big.bin", 40, 7);
@@ -175,13 +182,7 @@ fn fetch_of_a_live_share_starts_before_publish_ends_and_only_recipients_list_it(
 #[test]
 fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let gate = tmp.path().join("gate");
-    let mut alice = TestAgent::init(&tmp.path().join("alice"));
-    alice.env.push((
-        "CARAVAN_FAULT_PUBLISH_GATE".into(),
-        gate.to_str().unwrap().into(),
-    ));
-    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
     let src = alice.data().join("edit");
     let mut data = big_file(&src, "big.bin", 40, 11);
     alice.start();
@@ -238,13 +239,7 @@ fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
 #[test]
 fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_files() {
     let tmp = tempfile::tempdir().unwrap();
-    let gate = tmp.path().join("gate");
-    let mut alice = TestAgent::init(&tmp.path().join("alice"));
-    alice.env.push((
-        "CARAVAN_FAULT_PUBLISH_GATE".into(),
-        gate.to_str().unwrap().into(),
-    ));
-    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
     let src = alice.data().join("resume");
     big_file(&src, "big.bin", 40, 13);
     alice.start();
