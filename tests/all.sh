@@ -18,6 +18,14 @@ say() { printf '\n[tests %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 SUMMARY=()
 
 say "prerequisites"
+# A clean clone builds everything once: incremental caches would only cost
+# disk (several GB) and time.
+[ -n "${CI:-}" ] && export CARGO_INCREMENTAL=0
+free_gb=$(df -Pk . | awk 'NR==2 {print int($4 / 1048576)}')
+if [ "${free_gb:-0}" -lt 8 ]; then
+    echo "tests/all.sh: only ${free_gb} GB free here; a clean test build needs about 8 GB (target/ and the cluster's images)" >&2
+    exit 1
+fi
 missing=()
 for pkg in python3-venv curl rclone; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
 # Azurite (tests/storage/azurite.sh) runs on node; any node with npm will do.
