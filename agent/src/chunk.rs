@@ -264,9 +264,10 @@ pub fn cut_lengths(block: &[u8], eof: bool) -> Vec<usize> {
 
 /// Cut points of a whole in-memory buffer (offset, length).
 pub fn cut_points(data: &[u8]) -> Vec<(usize, usize)> {
-    fastcdc::v2020::FastCDC::new(data, MIN_CHUNK, AVG_CHUNK, MAX_CUT)
-        .map(|c| (c.offset, c.length))
-        .collect()
+    static CUTTER: std::sync::OnceLock<crate::cdc::Cutter> = std::sync::OnceLock::new();
+    CUTTER
+        .get_or_init(|| crate::cdc::Cutter::new(MIN_CHUNK, AVG_CHUNK, MAX_CUT))
+        .cut_points(data)
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ macro_rules! text_serde {
 // (docs/architecture.md; checked by tests/layers.rs). Without the `node`
 // feature only the light part is built: what the operator uses.
 #[cfg(feature = "node")]
+pub mod cdc;
 pub mod chunk;
 pub mod config;
 pub mod crypto;
