@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("crypto", 1),
     ("identity", 2),
     ("config", 2),
+    ("cdc", 1),
     ("chunk", 2),
     ("record", 3),
     ("ticket", 4),

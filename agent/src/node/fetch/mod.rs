@@ -444,6 +444,8 @@ impl Agent {
             unsynced: std::sync::Mutex::new(Vec::new()),
             syncing: std::sync::Mutex::new(Vec::new()),
             sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
+            buffers: Default::default(),
+            write_slots: Arc::new(tokio::sync::Semaphore::new(writer::WRITE_SLOTS)),
         }))
     }
 

@@ -2,7 +2,7 @@
 //! where the storage can append, reuse of data already in place, and a
 //! window of chunk requests in flight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::chunk::{ChunkKeyer, ChunkRef};
 use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
-use crate::node::fetch::direct::DirectFile;
+use crate::node::fetch::direct::{Aligned, DirectFile, Pool, Segment};
 use crate::node::fetch::live::ChunkSource;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
@@ -48,7 +48,15 @@ pub(crate) struct Job {
     pub(crate) syncing: Mutex<Vec<tokio::task::JoinHandle<Result<()>>>>,
     /// Bounds the syncs running at once.
     pub(crate) sync_slots: Arc<Semaphore>,
+    /// Staging buffers of local files, reused across files.
+    pub(crate) buffers: Arc<Pool>,
+    /// Segment writes running at once across the fetch's files (each holds
+    /// a 2 MiB buffer): [`WRITE_SLOTS`].
+    pub(crate) write_slots: Arc<Semaphore>,
 }
+
+/// Segment writes of one fetch running at once.
+pub(crate) const WRITE_SLOTS: usize = 8;
 
 /// Bytes written through the page cache (where the filesystem refuses
 /// direct I/O) after which the file's writeback is started in the
@@ -56,24 +64,71 @@ pub(crate) struct Job {
 /// while the network does and the final sync finds little to do.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
+/// Segment writes one file keeps going at once.
+const WRITES_PER_FILE: usize = 3;
+
 /// A local file being written (straight to the disk where the filesystem
-/// allows it, see `direct.rs`), and the background sync of what it holds
-/// so far when it goes through the page cache.
+/// allows it, see `direct.rs`): its full segments are written on the
+/// blocking pool, a few at once (each holding one of the fetch's write
+/// slots), and the bytes written so far are synced in the background when
+/// they go through the page cache.
 struct LocalFile {
     file: Option<DirectFile>,
+    pool: Arc<Pool>,
+    slots: Arc<Semaphore>,
+    /// Segment writes in the order they were started: (end offset, task,
+    /// write slot).
+    writes: VecDeque<(u64, SegmentWrite, OwnedSemaphorePermit)>,
+    /// Bytes at the start of the file known to be in it: the end of the
+    /// last segment whose write, and every earlier one, finished.
+    stored: u64,
     since_sync: u64,
     syncing: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
+type SegmentWrite = tokio::task::JoinHandle<std::io::Result<Aligned>>;
+
 impl LocalFile {
     async fn write(&mut self, plain: Vec<u8>) -> std::io::Result<()> {
-        let Some(mut f) = self.file.take() else {
+        let Some(f) = self.file.as_mut() else {
             return Err(std::io::Error::other("file already failed"));
         };
-        let n = plain.len() as u64;
-        let f = tokio::task::spawn_blocking(move || f.write(&plain).map(|_| f))
-            .await
-            .map_err(std::io::Error::other)??;
+        let segments = f.stage(&plain, &self.pool);
+        drop(plain);
+        for seg in segments {
+            self.start(seg).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts writing a segment, once this file and the fetch have room.
+    async fn start(&mut self, seg: Segment) -> std::io::Result<()> {
+        while self.writes.len() >= WRITES_PER_FILE {
+            self.finish_oldest().await?;
+        }
+        let permit = loop {
+            match self.slots.clone().try_acquire_owned() {
+                Ok(p) => break p,
+                Err(_) if !self.writes.is_empty() => self.finish_oldest().await?,
+                Err(_) => {
+                    break self
+                        .slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(std::io::Error::other)?;
+                }
+            }
+        };
+        let (end, n) = (seg.end(), seg.len() as u64);
+        self.writes.push_back((
+            end,
+            tokio::task::spawn_blocking(move || seg.write()),
+            permit,
+        ));
+        let Some(f) = self.file.as_ref() else {
+            return Ok(());
+        };
         if !f.is_direct() {
             self.since_sync += n;
             if self.since_sync >= WRITEBACK_EVERY
@@ -87,15 +142,26 @@ impl LocalFile {
                 self.since_sync = 0;
             }
         }
-        self.file = Some(f);
+        Ok(())
+    }
+
+    async fn finish_oldest(&mut self) -> std::io::Result<()> {
+        if let Some((end, h, _slot)) = self.writes.pop_front() {
+            let buf = h.await.map_err(std::io::Error::other)??;
+            self.pool.put(buf);
+            self.stored = end;
+        }
         Ok(())
     }
 
     async fn close(mut self) -> std::io::Result<()> {
-        if let Some(f) = self.file.take() {
-            tokio::task::spawn_blocking(move || f.finish())
-                .await
-                .map_err(std::io::Error::other)??;
+        if let Some(f) = self.file.take()
+            && let Some(last) = f.finish(&self.pool)
+        {
+            self.start(last).await?;
+        }
+        while !self.writes.is_empty() {
+            self.finish_oldest().await?;
         }
         if let Some(h) = self.syncing.take() {
             h.await.map_err(std::io::Error::other)??;
@@ -147,8 +213,18 @@ impl Sink {
     fn stored(&self) -> u64 {
         match self {
             Sink::Dal(_) => u64::MAX,
-            Sink::Local(f) => f.file.as_ref().map_or(0, DirectFile::stored),
+            Sink::Local(f) => f.stored,
         }
+    }
+
+    /// Waits for the writes already started (a local file's segments).
+    async fn settle(&mut self) -> std::io::Result<()> {
+        if let Sink::Local(f) = self {
+            while !f.writes.is_empty() {
+                f.finish_oldest().await?;
+            }
+        }
+        Ok(())
     }
 
     async fn close(self) -> std::io::Result<()> {
@@ -220,17 +296,22 @@ impl Job {
                 let full = root.join(&write_path);
                 let from: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
                 let direct = tuning::direct_io();
+                let pool = self.buffers.clone();
                 let file = tokio::task::spawn_blocking(move || {
                     if let Some(dir) = full.parent() {
                         std::fs::create_dir_all(dir)?;
                     }
-                    DirectFile::open(&full, from, direct)
+                    DirectFile::open(&full, from, direct, &pool)
                 })
                 .await
                 .map_err(|e| Error::Protocol(format!("open task: {e}")))?
                 .context(|| format!("opening {write_path}"))?;
                 Sink::Local(LocalFile {
                     file: Some(file),
+                    pool: self.buffers.clone(),
+                    slots: self.write_slots.clone(),
+                    writes: VecDeque::new(),
+                    stored: from,
                     since_sync: 0,
                     syncing: None,
                 })
@@ -286,8 +367,23 @@ impl Job {
         while start < chunks.len() || !complete {
             if next == chunks.len() && !complete {
                 // A live list: take what was sealed since, waiting for it
-                // only with nothing of our own in flight.
-                let (more, c) = source.more(chunks.len(), inflight.is_empty()).await?;
+                // only with nothing of our own in flight (and then with
+                // every segment written, so what is done counts as done
+                // while the pass is slower than us).
+                let idle = inflight.is_empty();
+                if idle {
+                    writer
+                        .settle()
+                        .await
+                        .context(|| format!("writing {write_path}"))?;
+                    let stored = writer.stored();
+                    while counted < start && offsets[counted] + chunks[counted].len as u64 <= stored
+                    {
+                        self.count_done(chunks[counted].len);
+                        counted += 1;
+                    }
+                }
+                let (more, c) = source.more(chunks.len(), idle).await?;
                 for m in more {
                     offsets.push(off);
                     off += m.len as u64;
