@@ -205,34 +205,94 @@ impl std::ops::Deref for Sealed {
     }
 }
 
-/// Verifies a ciphertext from a peer against its id, then decrypts it.
-pub fn open(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Vec<u8>> {
+/// A chunk's ciphertext that hashed to its id: the bytes the publisher
+/// sealed (the signed manifest names them), so it may be kept, served or
+/// decrypted; not opened yet, so the plaintext can be written straight to
+/// where it goes ([`Verified::open_into`]).
+#[derive(Debug)]
+pub struct Verified {
+    r: ChunkRef,
+    bytes: Vec<u8>,
+}
+
+/// Checks a ciphertext from a peer or a bucket against its id: its length,
+/// then its BLAKE3 hash. A mismatch is the sender's fault (ask another).
+pub fn verify(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Verified> {
     let sealed = ciphertext.into();
-    let hash = (sealed.bytes.len() == r.len as usize + TAG_LEN).then(|| sealed.hash());
-    let mut ciphertext = sealed.bytes;
-    if ciphertext.len() != r.len as usize + TAG_LEN {
+    if sealed.bytes.len() != r.len as usize + TAG_LEN {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
             reason: format!(
                 "{} bytes received, {} expected",
-                ciphertext.len(),
+                sealed.bytes.len(),
                 r.len as usize + TAG_LEN
             ),
         });
     }
-    if hash.is_none_or(|h| h != blake3::Hash::from(r.id.0)) {
+    if sealed.hash() != blake3::Hash::from(r.id.0) {
         return Err(Error::CorruptChunk {
             id: r.id.to_string(),
             reason: "BLAKE3 hash does not match the chunk id".into(),
         });
     }
-    Key(r.key)
-        .open([0; 12], CHUNK_AAD, &mut ciphertext)
-        .map_err(|_| Error::CorruptChunk {
-            id: r.id.to_string(),
-            reason: "authentication tag does not verify".into(),
-        })?;
-    Ok(ciphertext)
+    Ok(Verified {
+        r: *r,
+        bytes: sealed.bytes,
+    })
+}
+
+impl Verified {
+    /// The chunk it holds.
+    pub fn chunk(&self) -> &ChunkRef {
+        &self.r
+    }
+
+    /// Plaintext bytes.
+    pub fn len(&self) -> usize {
+        self.r.len as usize
+    }
+
+    /// Whether the chunk is empty.
+    pub fn is_empty(&self) -> bool {
+        self.r.len == 0
+    }
+
+    /// Decrypts in place; the plaintext.
+    pub fn open(self) -> Result<Vec<u8>> {
+        let Verified { r, mut bytes } = self;
+        Key(r.key)
+            .open([0; 12], CHUNK_AAD, &mut bytes)
+            .map_err(|_| tag_failed(&r))?;
+        Ok(bytes)
+    }
+
+    /// Decrypts into `out` (exactly [`Verified::len`] bytes). On an error
+    /// `out` holds garbage and must not be used.
+    pub fn open_into(&self, out: &mut [u8]) -> Result<()> {
+        let n = self.len();
+        Key(self.r.key)
+            .open_to([0; 12], CHUNK_AAD, &self.bytes[..n], &self.bytes[n..], out)
+            .map_err(|_| tag_failed(&self.r))
+    }
+
+    /// The buffer, for reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
+/// A verified ciphertext that does not open: the publisher sealed it so
+/// (no other peer can have better bytes under the same id).
+fn tag_failed(r: &ChunkRef) -> Error {
+    Error::CorruptChunk {
+        id: r.id.to_string(),
+        reason: "authentication tag does not verify".into(),
+    }
+}
+
+/// Verifies a ciphertext from a peer against its id, then decrypts it.
+pub fn open(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Vec<u8>> {
+    verify(r, ciphertext)?.open()
 }
 
 /// The complete chunks at the start of `block`, as zero-copy slices. Unless

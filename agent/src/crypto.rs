@@ -62,6 +62,28 @@ impl Key {
         Ok(t)
     }
 
+    /// Decrypts `ciphertext` (its tag given apart) into `out`, which has its
+    /// length: one pass from the received buffer to where the plaintext is
+    /// wanted, instead of decrypting in place and copying.
+    pub fn open_to(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.aead()?
+            .open_separate_gather(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad),
+                ciphertext,
+                tag,
+                out,
+            )
+            .map_err(|_| Error::Crypto("authentication tag mismatch"))
+    }
+
     /// Decrypts `buf` (ciphertext followed by tag) in place and truncates the tag.
     pub fn open(&self, nonce: [u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>) -> Result<()> {
         let len = self

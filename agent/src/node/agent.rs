@@ -20,6 +20,7 @@ use crate::node::metrics::Metrics;
 use crate::node::share::{self, ChunkLocation, HeldShare, Role};
 use crate::node::trust::AgentTrust;
 use crate::record::SignedRecord;
+use crate::wire::channel::Body;
 use crate::wire::server::Service;
 
 /// Grant records a peer presented, verified once when presented.
@@ -346,7 +347,9 @@ impl Service for Agent {
     }
 
     async fn chunk(&self, peer: AgentId, share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
-        self.chunk_hashed(peer, share, id).await.map(|(ct, _)| ct)
+        self.chunk_hashed(peer, share, id)
+            .await
+            .map(|(ct, _)| ct.into_vec())
     }
 
     async fn chunk_hashed(
@@ -354,16 +357,20 @@ impl Service for Agent {
         peer: AgentId,
         share: ShareId,
         id: ChunkId,
-    ) -> Result<(Vec<u8>, [u8; 32])> {
+    ) -> Result<(Body, [u8; 32])> {
         let corrupt = self.opts.corrupt_chunks;
         let loc = self.locate_for(&peer, &share, &id)?;
         // Sealed by the publish pass moments ago: served as sealed then
         // (its hash is the id by construction), no second read or seal.
         if let Some(mut ct) = self.sealed.take(&share, &id) {
             let mut hash = id.0;
-            if corrupt && let Some(b) = ct.first_mut() {
-                *b ^= 0xff;
-                hash = *blake3::hash(&ct).as_bytes();
+            if corrupt {
+                let mut v = ct.into_vec();
+                if let Some(b) = v.first_mut() {
+                    *b ^= 0xff;
+                }
+                hash = *blake3::hash(&v).as_bytes();
+                ct = v.into();
             }
             self.metrics.chunks_sent.inc();
             self.metrics.chunks_sent_sealed.inc();
@@ -430,7 +437,7 @@ impl Service for Agent {
         // Serving chunks is activity (manifest and key requests are part of
         // every subscriber's poll and are not).
         self.activity.touch(activity::SERVE);
-        Ok(ct)
+        Ok((ct.0.into(), ct.1))
     }
 
     async fn key(&self, peer: AgentId, share: ShareId, proof: Vec<Vec<u8>>) -> Result<Vec<u8>> {

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{Access, ShareId};
 use crate::node::share::ChunkLocation;
+use crate::wire::channel::Body;
 
 /// Chunk references in one live answer at most (about 1.2 MiB encoded).
 pub const MAX_LIVE_CHUNKS: usize = 16 << 10;
@@ -255,7 +256,7 @@ impl LiveShare {
 }
 
 struct CacheInner {
-    map: HashMap<(ShareId, ChunkId), Vec<u8>>,
+    map: HashMap<(ShareId, ChunkId), Body>,
     order: VecDeque<(ShareId, ChunkId)>,
     bytes: usize,
     last_take: Option<Instant>,
@@ -322,7 +323,7 @@ impl SealedCache {
     }
 
     /// Keeps a sealed chunk, evicting the oldest past the budget.
-    pub fn insert(&self, share: ShareId, id: ChunkId, sealed: Vec<u8>) {
+    pub fn insert(&self, share: ShareId, id: ChunkId, sealed: Body) {
         if sealed.len() > self.max {
             return;
         }
@@ -343,7 +344,7 @@ impl SealedCache {
 
     /// Takes a sealed chunk out (it is served once from memory; a second
     /// recipient gets it from storage).
-    pub fn take(&self, share: &ShareId, id: &ChunkId) -> Option<Vec<u8>> {
+    pub fn take(&self, share: &ShareId, id: &ChunkId) -> Option<Body> {
         let v = {
             let mut c = self.inner.lock().ok()?;
             // A miss counts too: a recipient that fell behind the cache is
@@ -446,14 +447,14 @@ mod tests {
     fn cache_stays_within_budget_and_serves_once() {
         let c = SealedCache::new(100);
         let s = ShareId([1; 32]);
-        c.insert(s, ChunkId([1; 32]), vec![0; 60]);
-        c.insert(s, ChunkId([2; 32]), vec![0; 60]);
+        c.insert(s, ChunkId([1; 32]), vec![0; 60].into());
+        c.insert(s, ChunkId([2; 32]), vec![0; 60].into());
         assert_eq!(c.bytes(), 60);
         assert!(c.take(&s, &ChunkId([1; 32])).is_none());
         assert_eq!(c.take(&s, &ChunkId([2; 32])).map(|v| v.len()), Some(60));
         assert!(c.take(&s, &ChunkId([2; 32])).is_none());
         assert_eq!(c.bytes(), 0);
-        c.insert(s, ChunkId([3; 32]), vec![0; 10]);
+        c.insert(s, ChunkId([3; 32]), vec![0; 10].into());
         c.clear_share(&s);
         assert_eq!(c.bytes(), 0);
     }
@@ -463,11 +464,11 @@ mod tests {
         let c = SealedCache::new(1 << 20);
         let s = ShareId([1; 32]);
         // One chunk nobody asks for, then a long pass taken in order.
-        c.insert(s, ChunkId([0; 32]), vec![0; 10]);
+        c.insert(s, ChunkId([0; 32]), vec![0; 10].into());
         for i in 1..10_000u32 {
             let mut id = [0u8; 32];
             id[..4].copy_from_slice(&i.to_be_bytes());
-            c.insert(s, ChunkId(id), vec![0; 10]);
+            c.insert(s, ChunkId(id), vec![0; 10].into());
             assert!(c.take(&s, &ChunkId(id)).is_some());
         }
         let len = c.inner.lock().unwrap().order.len();

@@ -18,6 +18,7 @@ use crate::node::agent::Agent;
 use crate::node::live::{LiveEnd, LiveListing, LiveShare};
 use crate::node::share::{HeldShare, Role};
 use crate::util::unix_now;
+use crate::wire::channel::Body;
 
 /// How much of a file is read from storage at a time (at least two of the
 /// largest chunks, so every block yields a chunk; small enough that the
@@ -526,11 +527,7 @@ impl Agent {
 
     /// Keeps a block's sealed chunks in the cache (waiting a little for
     /// room while recipients follow the pass), then lists them live.
-    async fn sealed_block(
-        &self,
-        block: Vec<(ChunkRef, Vec<u8>)>,
-        out: &FileOut<'_>,
-    ) -> Vec<ChunkRef> {
+    async fn sealed_block(&self, block: Vec<(ChunkRef, Body)>, out: &FileOut<'_>) -> Vec<ChunkRef> {
         let bytes: usize = block.iter().map(|(_, ct)| ct.len()).sum();
         self.sealed.wait_for_room(bytes).await;
         let refs: Vec<ChunkRef> = block.iter().map(|(r, _)| *r).collect();
@@ -564,34 +561,40 @@ struct FileOut<'a> {
     index: usize,
 }
 
-type Sealing = tokio::task::JoinHandle<Result<Vec<(ChunkRef, Vec<u8>)>>>;
+type Sealing = tokio::task::JoinHandle<Result<Vec<(ChunkRef, Body)>>>;
 
 /// Hashes and encrypts the chunks of a block on all cores, in place (the
-/// block was read for this alone), and copies each sealed chunk out
-/// (ciphertext || tag) for the cache the recipients are served from.
+/// block was read for this alone). The cache the recipients are served from
+/// keeps each sealed chunk as a slice of the block and its tag: no copy
+/// (the block is freed when its last chunk is served or evicted).
 fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing {
     tokio::task::spawn_blocking(move || {
         let mut pieces = Vec::with_capacity(cuts.len());
         let mut rest = &mut block[..];
-        for n in cuts {
-            let (piece, tail) = rest.split_at_mut(n);
+        for n in &cuts {
+            let (piece, tail) = rest.split_at_mut(*n);
             pieces.push(piece);
             rest = tail;
         }
-        pieces
+        let sealed = pieces
             .into_par_iter()
-            .map(|p| {
-                let (r, tag) = keyer.seal_in_place(p)?;
-                let mut sealed = Vec::with_capacity(p.len() + tag.len());
-                sealed.extend_from_slice(p);
-                sealed.extend_from_slice(&tag);
-                Ok((r, sealed))
+            .map(|p| keyer.seal_in_place(p))
+            .collect::<Result<Vec<_>>>()?;
+        let block = bytes::Bytes::from(block);
+        let mut off = 0;
+        Ok(sealed
+            .into_iter()
+            .zip(cuts)
+            .map(|((r, tag), n)| {
+                let body = Body::Sealed(block.slice(off..off + n), tag);
+                off += n;
+                (r, body)
             })
-            .collect::<Result<Vec<_>>>()
+            .collect())
     })
 }
 
-async fn join(h: Sealing) -> Result<Vec<(ChunkRef, Vec<u8>)>> {
+async fn join(h: Sealing) -> Result<Vec<(ChunkRef, Body)>> {
     h.await
         .map_err(|e| Error::Protocol(format!("sealing task: {e}")))?
 }

@@ -46,6 +46,53 @@ pub const MAC_LEN: usize = 32;
 /// can be swallowed by the TLS layer.
 pub const READY: u8 = 0xca;
 
+/// Bodies at least this big are read into pooled buffers ([`recycle`]).
+const POOLED_MIN: usize = 64 << 10;
+/// Capacity of a pooled receive buffer: the largest chunk the chunker cuts,
+/// sealed, and its MAC.
+const POOLED_CAPACITY: usize = crate::chunk::MAX_CUT + TAG_LEN + MAC_LEN;
+/// Receive buffers kept for reuse (at most this many).
+const POOLED_KEPT: usize = 12;
+
+/// Receive buffers for chunk bodies, reused: a fresh allocation of a chunk's
+/// size is fresh pages from the kernel, each faulted in and zeroed as the
+/// socket fills it (a tenth of a recipient's CPU before this pool).
+static RECEIVE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+
+/// An empty buffer with room for `n` bytes (a pooled one when `n` is a
+/// chunk's size).
+fn receive_buffer(n: usize) -> Vec<u8> {
+    if !(POOLED_MIN..=POOLED_CAPACITY).contains(&n) {
+        return Vec::with_capacity(n);
+    }
+    RECEIVE_BUFFERS
+        .lock()
+        .ok()
+        .and_then(|mut v| v.pop())
+        .unwrap_or_else(|| Vec::with_capacity(POOLED_CAPACITY))
+}
+
+/// Gives a chunk's buffer back once its bytes are used (a buffer that did
+/// not come from the pool is kept too when it has the pooled capacity).
+pub fn recycle(mut buf: Vec<u8>) {
+    if buf.capacity() != POOLED_CAPACITY {
+        return;
+    }
+    buf.clear();
+    if let Ok(mut v) = RECEIVE_BUFFERS.lock()
+        && v.len() < POOLED_KEPT
+    {
+        v.push(buf);
+    }
+}
+
+/// Frees the pooled buffers (a fetch ended: an idle agent holds none).
+pub fn release_buffers() {
+    if let Ok(mut v) = RECEIVE_BUFFERS.lock() {
+        *v = Vec::new();
+    }
+}
+
 /// Body kinds.
 const SEALED: u8 = 0;
 const RAW: u8 = 1;
@@ -104,6 +151,51 @@ pub fn keys(master: &[u8; 32], side: Side) -> Result<(Sealer, Opener)> {
     })
 }
 
+/// A frame's payload as it is sent.
+#[derive(Debug, Clone)]
+pub enum Body {
+    /// Bytes of its own.
+    Owned(Vec<u8>),
+    /// A sealed chunk where the publish pass left it: its ciphertext, a
+    /// slice of the block it was sealed in, then its tag. Sent as it
+    /// lies: never copied into a buffer of its own.
+    Sealed(bytes::Bytes, [u8; TAG_LEN]),
+}
+
+impl Body {
+    /// Bytes on the wire.
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Owned(v) => v.len(),
+            Body::Sealed(b, t) => b.len() + t.len(),
+        }
+    }
+
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes in one buffer (a copy for a sealed chunk).
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Body::Owned(v) => v,
+            Body::Sealed(b, t) => {
+                let mut v = Vec::with_capacity(b.len() + t.len());
+                v.extend_from_slice(&b);
+                v.extend_from_slice(&t);
+                v
+            }
+        }
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Body {
+        Body::Owned(v)
+    }
+}
+
 /// A frame to send: a kind-1 frame carries the BLAKE3 hash of its payload.
 #[derive(Debug)]
 pub struct Outgoing {
@@ -112,7 +204,7 @@ pub struct Outgoing {
     /// Matches a response to its request.
     pub id: u32,
     /// The body.
-    pub payload: Vec<u8>,
+    pub payload: Body,
     /// `Some(BLAKE3(payload))`: send the payload as it is, MACed (a sealed
     /// chunk); `None`: encrypt it.
     pub raw_hash: Option<[u8; 32]>,
@@ -147,15 +239,20 @@ impl Sealer {
         match f.raw_hash {
             Some(hash) => {
                 let mac = self.0.mac(&plain, &hash);
-                w.write_all(&f.payload)
-                    .await
-                    .context(|| "writing a frame".into())?;
+                match &f.payload {
+                    Body::Owned(v) => w.write_all(v).await,
+                    Body::Sealed(b, t) => match w.write_all(b).await {
+                        Ok(()) => w.write_all(t).await,
+                        e => e,
+                    },
+                }
+                .context(|| "writing a frame".into())?;
                 w.write_all(mac.as_bytes())
                     .await
                     .context(|| "writing a frame".into())?;
             }
             None => {
-                let mut body = f.payload;
+                let mut body = f.payload.into_vec();
                 self.0
                     .aead
                     .seal_in_place_append_tag(self.0.nonce(1), Aad::from(&plain[..]), &mut body)
@@ -240,7 +337,7 @@ impl Opener {
         let len = h.header.len;
         let wire = len + if h.raw { MAC_LEN } else { TAG_LEN };
         // Room for an AEAD tag: chunk payloads are decrypted in place.
-        let mut buf = Vec::with_capacity(wire.max(len + TAG_LEN));
+        let mut buf = receive_buffer(wire.max(len + TAG_LEN));
         let got = (&mut *r)
             .take(wire as u64)
             .read_to_end(&mut buf)
@@ -366,7 +463,7 @@ mod tests {
             Outgoing {
                 typ: FrameType::GetChunk,
                 id: 1,
-                payload: b"secret request".to_vec(),
+                payload: b"secret request".to_vec().into(),
                 raw_hash: None,
             },
         )
@@ -378,7 +475,7 @@ mod tests {
             Outgoing {
                 typ: FrameType::Ok,
                 id: 2,
-                payload: body.clone(),
+                payload: body.clone().into(),
                 raw_hash: Some(*blake3::hash(&body).as_bytes()),
             },
         )

@@ -101,7 +101,7 @@ impl PeerConn {
                     let out = Outgoing {
                         typ: f.typ,
                         id: f.id,
-                        payload: f.payload,
+                        payload: f.payload.into(),
                         raw_hash: None,
                     };
                     if let Err(e) = sealer.write(&mut w, out).await {

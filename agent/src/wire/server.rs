@@ -12,7 +12,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::channel::{self, Outgoing};
+use super::channel::{self, Body, Outgoing};
 use super::{Frame, FrameType, Request, parse_request, request_limit, tls};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
@@ -47,11 +47,11 @@ pub trait Service: Send + Sync + 'static {
         peer: AgentId,
         share: ShareId,
         chunk: ChunkId,
-    ) -> impl Future<Output = Result<(Vec<u8>, [u8; 32])>> + Send {
+    ) -> impl Future<Output = Result<(Body, [u8; 32])>> + Send {
         async move {
             let ct = self.chunk(peer, share, chunk).await?;
             let h = *blake3::hash(&ct).as_bytes();
-            Ok((ct, h))
+            Ok((ct.into(), h))
         }
     }
     /// The share key wrapped for the caller (a signed key-release record).
@@ -177,20 +177,16 @@ impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Drop for Slot<K> {
 }
 
 /// Answers one request: the payload, and its hash when it goes raw (a chunk).
-async fn handle<S: Service>(
-    svc: &S,
-    peer: AgentId,
-    f: Frame,
-) -> Result<(Vec<u8>, Option<[u8; 32]>)> {
+async fn handle<S: Service>(svc: &S, peer: AgentId, f: Frame) -> Result<(Body, Option<[u8; 32]>)> {
     match parse_request(f.typ, &f.payload)? {
-        Request::Ping => Ok((Vec::new(), None)),
-        Request::Manifest(s, have) => Ok((svc.manifest(peer, s, have).await?, None)),
+        Request::Ping => Ok((Vec::new().into(), None)),
+        Request::Manifest(s, have) => Ok((svc.manifest(peer, s, have).await?.into(), None)),
         Request::Chunk(s, c) => svc
             .chunk_hashed(peer, s, c)
             .await
             .map(|(ct, h)| (ct, Some(h))),
-        Request::Key(s, proof) => Ok((svc.key(peer, s, proof).await?, None)),
-        Request::Live(s, from) => Ok((svc.live(peer, s, from).await?, None)),
+        Request::Key(s, proof) => Ok((svc.key(peer, s, proof).await?.into(), None)),
+        Request::Live(s, from) => Ok((svc.live(peer, s, from).await?.into(), None)),
     }
 }
 
@@ -349,7 +345,7 @@ async fn connection<S: Service>(
                 .send(Outgoing {
                     typ: FrameType::Failed,
                     id: header.id,
-                    payload: why.clone().into_bytes(),
+                    payload: why.clone().into_bytes().into(),
                     raw_hash: None,
                 })
                 .await;
@@ -401,13 +397,13 @@ async fn connection<S: Service>(
                 Err(Error::NotFound(m)) => Outgoing {
                     typ: FrameType::NotFound,
                     id,
-                    payload: m.into_bytes(),
+                    payload: m.into_bytes().into(),
                     raw_hash: None,
                 },
                 Err(e) => Outgoing {
                     typ: FrameType::Failed,
                     id,
-                    payload: e.to_string().into_bytes(),
+                    payload: e.to_string().into_bytes().into(),
                     raw_hash: None,
                 },
             };

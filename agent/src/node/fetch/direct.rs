@@ -43,7 +43,12 @@ pub(crate) const SEGMENT: usize = 2 << 20;
 /// Staging buffers kept for reuse by one fetch (a fresh one is zeroed).
 const POOLED: usize = 16;
 
-/// An aligned buffer of [`SEGMENT`] bytes: storage over-allocated by
+/// Bytes a staging buffer holds: a segment and one block more, so a piece
+/// of up to [`SEGMENT`] bytes always fits whole in a buffer that starts
+/// with the unaligned tail of the previous one ([`DirectFile::stage_with`]).
+const CAPACITY: usize = SEGMENT + ALIGN;
+
+/// An aligned buffer of [`CAPACITY`] bytes: storage over-allocated by
 /// [`ALIGN`], the aligned region found with `align_offset` (no unsafe code).
 pub(crate) struct Aligned {
     buf: Vec<u8>,
@@ -52,17 +57,17 @@ pub(crate) struct Aligned {
 
 impl Aligned {
     fn new() -> Aligned {
-        let buf = vec![0u8; SEGMENT + ALIGN];
+        let buf = vec![0u8; CAPACITY + ALIGN];
         let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
         Aligned { buf, start }
     }
 
     fn region(&self) -> &[u8] {
-        &self.buf[self.start..self.start + SEGMENT]
+        &self.buf[self.start..self.start + CAPACITY]
     }
 
     fn region_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + SEGMENT]
+        &mut self.buf[self.start..self.start + CAPACITY]
     }
 }
 
@@ -241,6 +246,57 @@ impl DirectFile {
         full
     }
 
+    /// Whether [`DirectFile::stage_with`] takes a piece of `len` bytes.
+    pub(crate) fn fits(len: usize) -> bool {
+        len <= SEGMENT
+    }
+
+    /// Appends a piece of `len` bytes (at most [`SEGMENT`], see
+    /// [`DirectFile::fits`]) that `fill` writes straight into the staging
+    /// buffer (a chunk decrypted into place: no copy). A piece that does not
+    /// fit in what is left of the buffer starts the next one: the full
+    /// blocks staged so far become a segment, the partial last block moves
+    /// along. Returns the segments ready to write. On an error from `fill`
+    /// nothing staged counts: the caller abandons the file.
+    pub(crate) fn stage_with<E>(
+        &mut self,
+        len: usize,
+        pool: &Pool,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Vec<Segment>, E> {
+        let mut full = Vec::new();
+        if self.held + len > CAPACITY {
+            full.extend(self.flush_blocks(pool));
+        }
+        fill(&mut self.stage.region_mut()[self.held..self.held + len])?;
+        self.held += len;
+        if self.held >= SEGMENT {
+            full.extend(self.flush_blocks(pool));
+        }
+        Ok(full)
+    }
+
+    /// The whole blocks staged (everything, through the page cache) as a
+    /// segment; the rest is carried to a fresh buffer.
+    fn flush_blocks(&mut self, pool: &Pool) -> Option<Segment> {
+        let n = if self.aligned {
+            self.held / ALIGN * ALIGN
+        } else {
+            self.held
+        };
+        if n == 0 {
+            return None;
+        }
+        let tail = self.held - n;
+        let mut next = pool.get();
+        next.region_mut()[..tail].copy_from_slice(&self.stage.region()[n..self.held]);
+        let buf = std::mem::replace(&mut self.stage, next);
+        let seg = self.segment(buf, n, None);
+        self.pos += n as u64;
+        self.held = tail;
+        Some(seg)
+    }
+
     fn segment(&self, buf: Aligned, len: usize, cut_to: Option<u64>) -> Segment {
         Segment {
             shared: self.shared.clone(),
@@ -333,6 +389,57 @@ mod tests {
             write_all(f.finish(&pool));
             assert_eq!(std::fs::read(&path).unwrap(), want, "direct={direct}");
         }
+    }
+
+    #[test]
+    fn pieces_filled_in_place_and_copied_mix_into_the_exact_file() {
+        let pool = Pool::default();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let sizes = [
+            1,
+            5000,
+            SEGMENT,
+            700_000,
+            3,
+            SEGMENT - 1,
+            1_500_000,
+            4096,
+            SEGMENT,
+            SEGMENT,
+            12_345,
+        ];
+        let pieces: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| pattern(*n, i as u8))
+            .collect();
+        let want: Vec<u8> = pieces.concat();
+        for direct in [true, false] {
+            let mut f = DirectFile::open(&path, 0, direct, &pool).unwrap();
+            for (i, p) in pieces.iter().enumerate() {
+                let segs = if i % 3 == 1 {
+                    f.stage(p, &pool)
+                } else {
+                    assert!(DirectFile::fits(p.len()));
+                    f.stage_with(p.len(), &pool, |out| {
+                        out.copy_from_slice(p);
+                        Ok::<(), ()>(())
+                    })
+                    .unwrap()
+                };
+                for s in &segs {
+                    assert!(
+                        !direct
+                            || (s.at.is_multiple_of(ALIGN as u64) && s.len.is_multiple_of(ALIGN))
+                    );
+                }
+                write_all(segs);
+            }
+            write_all(f.finish(&pool));
+            assert_eq!(std::fs::read(&path).unwrap(), want, "direct={direct}");
+        }
+        assert!(!DirectFile::fits(SEGMENT + 1));
     }
 
     #[test]

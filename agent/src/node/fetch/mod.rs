@@ -140,8 +140,12 @@ impl Agent {
         progress: Arc<FetchProgress>,
     ) -> Result<()> {
         let ticket = Ticket::parse(&req.ticket)?;
-        self.fetch_ticket(&ticket, &req.dest, &req.peers, progress)
-            .await
+        let res = self
+            .fetch_ticket(&ticket, &req.dest, &req.peers, progress)
+            .await;
+        // An agent between fetches holds no receive buffers.
+        crate::wire::channel::release_buffers();
+        res
     }
 
     /// Fetches the newest version of the share `ticket` names into `dest`,

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::chunk::{self, ChunkRef, MAX_CIPHERTEXT};
+use crate::chunk::{self, ChunkRef, MAX_CIPHERTEXT, Verified};
 use crate::crypto::Key;
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
@@ -119,9 +119,9 @@ impl SeedSource {
     }
 
     /// Gets one chunk from the bucket: its ciphertext bounded, then
-    /// verified and opened. A refusal by the bucket (an expired URL, most
+    /// verified (the writer opens it). A refusal by the bucket (an expired URL, most
     /// likely) re-reads the refreshed record once and retries.
-    pub(crate) async fn get(&self, r: &ChunkRef) -> Result<(Vec<u8>, u64)> {
+    pub(crate) async fn get(&self, r: &ChunkRef) -> Result<(Verified, u64)> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&self.in_flight);
         let (url, seq) = self.url_of(r).await?;
@@ -135,8 +135,7 @@ impl SeedSource {
             other => other.map_err(Refusal::into_error)?,
         };
         let n = ct.len() as u64;
-        let plain = chunk::open(r, ct)?;
-        Ok((plain, n))
+        Ok((chunk::verify(r, ct)?, n))
     }
 
     async fn url_of(&self, r: &ChunkRef) -> Result<(String, u64)> {

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::stream::StreamExt;
 
-use crate::chunk::{self, ChunkRef};
+use crate::chunk::{self, ChunkRef, Verified};
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::ShareId;
@@ -121,8 +121,9 @@ impl Swarm {
             .cloned()
     }
 
-    /// Gets one chunk, verified, trying other peers when one fails or lies.
-    pub(crate) async fn get(&self, r: ChunkRef) -> Result<Vec<u8>> {
+    /// Gets one chunk, verified (not yet opened: the writer decrypts it
+    /// where it goes), trying other peers when one fails or lies.
+    pub(crate) async fn get(&self, r: ChunkRef) -> Result<Verified> {
         let mut avoid = HashSet::new();
         let mut last = None;
         if let Some(seed) = &self.seed {
@@ -145,11 +146,11 @@ impl Swarm {
                     let n = ct.len() as u64;
                     self.metrics.bytes_received.inc_by(n);
                     self.progress.bytes_received.fetch_add(n, Ordering::Relaxed);
-                    match chunk::open(&r, ct) {
-                        Ok(plain) => {
+                    match chunk::verify(&r, ct) {
+                        Ok(v) => {
                             self.metrics.chunks_received.inc();
                             self.progress.chunks_fetched.fetch_add(1, Ordering::Relaxed);
-                            return Ok(plain);
+                            return Ok(v);
                         }
                         Err(e) => {
                             self.metrics.chunks_rejected.inc();
@@ -178,7 +179,7 @@ impl Swarm {
     /// Asks the bucket for a chunk when it is the better source: always
     /// without live peers, else while its window has room. `None`: not
     /// asked. A failure is a strike against the bucket.
-    async fn get_seeded(&self, seed: &SeedSource, r: &ChunkRef) -> Option<Result<Vec<u8>>> {
+    async fn get_seeded(&self, seed: &SeedSource, r: &ChunkRef) -> Option<Result<Verified>> {
         let peers = !self.conns.is_empty();
         if peers && (!seed.usable() || seed.in_flight() >= SEED_WINDOW) {
             return None;

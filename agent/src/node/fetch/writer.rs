@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::chunk::{ChunkKeyer, ChunkRef};
+use crate::chunk::{ChunkKeyer, ChunkRef, Verified};
 use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
 use crate::node::fetch::direct::{Aligned, DirectFile, Pool, Segment};
@@ -18,6 +18,8 @@ use crate::node::fetch::live::ChunkSource;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
+use crate::wire::channel;
+
 /// Files synced at once.
 pub(crate) const SYNC_CONCURRENCY: usize = 16;
 
@@ -88,15 +90,53 @@ struct LocalFile {
 
 type SegmentWrite = tokio::task::JoinHandle<std::io::Result<Aligned>>;
 
+/// One chunk on its way into a file.
+pub(crate) enum Piece {
+    /// Plaintext: read back from data already here, or opened early for a
+    /// sink that takes owned buffers.
+    Plain(Vec<u8>),
+    /// Verified ciphertext: a local file's writer decrypts it straight
+    /// into its staging buffer.
+    Sealed(Verified),
+}
+
+impl Piece {
+    /// The plaintext (decrypting in place).
+    fn into_plain(self) -> Result<Vec<u8>> {
+        match self {
+            Piece::Plain(p) => Ok(p),
+            Piece::Sealed(v) => v.open(),
+        }
+    }
+}
+
 impl LocalFile {
-    async fn write(&mut self, plain: Vec<u8>) -> std::io::Result<()> {
+    async fn write(&mut self, piece: Piece, path: &str) -> Result<()> {
         let Some(f) = self.file.as_mut() else {
-            return Err(std::io::Error::other("file already failed"));
+            return Err(Error::Protocol(format!("{path}: file already failed")));
         };
-        let segments = f.stage(&plain, &self.pool);
-        drop(plain);
+        let segments = match piece {
+            Piece::Sealed(v) if DirectFile::fits(v.len()) => {
+                let staged = f.stage_with(v.len(), &self.pool, |out| v.open_into(out));
+                if staged.is_err() {
+                    // What was staged is garbage: nothing more is written.
+                    self.file = None;
+                }
+                let segments = staged?;
+                channel::recycle(v.into_buffer());
+                segments
+            }
+            other => {
+                let plain = other.into_plain()?;
+                let segments = f.stage(&plain, &self.pool);
+                channel::recycle(plain);
+                segments
+            }
+        };
         for seg in segments {
-            self.start(seg).await?;
+            self.start(seg)
+                .await
+                .context(|| format!("writing {path}"))?;
         }
         Ok(())
     }
@@ -201,10 +241,13 @@ enum Sink {
 }
 
 impl Sink {
-    async fn write(&mut self, plain: Vec<u8>) -> std::io::Result<()> {
+    async fn write(&mut self, piece: Piece, path: &str) -> Result<()> {
         match self {
-            Sink::Dal(w) => w.write(plain).await.map_err(std::io::Error::other),
-            Sink::Local(f) => f.write(plain).await,
+            Sink::Dal(w) => w
+                .write(piece.into_plain()?)
+                .await
+                .context(|| format!("writing {path}")),
+            Sink::Local(f) => f.write(piece, path).await,
         }
     }
 
@@ -360,6 +403,7 @@ impl Job {
                 .fetch_add(resumed, Ordering::Relaxed);
         }
         let same_size = existing == Some(size);
+        let local = matches!(writer, Sink::Local(_));
         let window = tuning::window();
         let mut inflight = FuturesOrdered::new();
         let mut next = start;
@@ -410,20 +454,22 @@ impl Job {
                 let c = chunks[next];
                 let at = same_size.then(|| (final_path.clone(), offsets[next]));
                 inflight.push_back(tokio::spawn(async move {
-                    let plain = job.chunk(c, at).await?;
-                    Ok::<(Vec<u8>, OwnedSemaphorePermit), Error>((plain, permit))
+                    let mut piece = job.chunk(c, at).await?;
+                    if !local {
+                        // Decrypted here, in parallel, for a sink that
+                        // takes owned buffers.
+                        piece = Piece::Plain(piece.into_plain()?);
+                    }
+                    Ok::<(Piece, OwnedSemaphorePermit), Error>((piece, permit))
                 }));
                 next += 1;
             }
             let Some(res) = inflight.next().await else {
                 continue;
             };
-            let (plain, _permit) =
+            let (piece, _permit) =
                 res.map_err(|e| Error::Protocol(format!("chunk task: {e}")))??;
-            writer
-                .write(plain)
-                .await
-                .context(|| format!("writing {write_path}"))?;
+            writer.write(piece, &write_path).await?;
             self.progress.first_byte();
             start += 1;
             // A chunk counts as done once all of it is in the file: a direct
@@ -621,9 +667,9 @@ impl Job {
             .flatten()
     }
 
-    /// One chunk's plaintext: from the same place in the old file, from
-    /// anywhere an earlier version had it, or from the swarm.
-    async fn chunk(&self, c: ChunkRef, same_place: Option<(String, u64)>) -> Result<Vec<u8>> {
+    /// One chunk: its plaintext from the same place in the old file or
+    /// from anywhere an earlier version had it, else verified from the swarm.
+    async fn chunk(&self, c: ChunkRef, same_place: Option<(String, u64)>) -> Result<Piece> {
         let candidates = same_place
             .into_iter()
             .chain(self.local.get(&c.key).cloned());
@@ -631,10 +677,10 @@ impl Job {
             if let Some(plain) = self.read_local(&path, off, &c).await {
                 self.progress.chunks_reused.fetch_add(1, Ordering::Relaxed);
                 self.agent.metrics.chunks_reused.inc();
-                return Ok(plain);
+                return Ok(Piece::Plain(plain));
             }
         }
-        self.swarm.get(c).await
+        self.swarm.get(c).await.map(Piece::Sealed)
     }
 }
 
