@@ -13,6 +13,7 @@
 #   RUNS=3 SIZE_MB=256 FILES=200 bench/run.sh   # quicker
 #   S3=0 bench/run.sh                      # skip the bucket case
 #   TOOLS="rsync caravan" bench/run.sh     # a subset
+#   KEEP=/tmp/raw.tsv bench/run.sh         # also keep the raw timings
 #
 # Nothing here asserts a speed (machines are shared); every target is
 # compared with its source after the first round.
@@ -32,6 +33,8 @@ RESULTS=$WORK/results.tsv
 PIDS=()
 MOTO_STARTED=0
 cleanup() {
+    # KEEP=file keeps the raw timings (tab-separated: set, tool, run, seconds, extras).
+    if [ -n "${KEEP:-}" ] && [ -f "$RESULTS" ]; then cp "$RESULTS" "$KEEP"; fi
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ "$MOTO_STARTED" = 1 ]; then bash tests/s3/moto.sh stop "$MOTO_PORT" >/dev/null 2>&1 || true; fi

@@ -145,11 +145,20 @@ fn check_oauth(scheme: &str, set: &dyn Fn(&str) -> bool) -> Result<()> {
 
 /// Checks that storage answers at all, so a dead bucket is reported at start.
 pub async fn probe(op: &Operator) -> Result<()> {
-    op.list_with("")
-        .limit(1)
+    first_entry(op, "")
         .await
         .map(|_| ())
         .context(|| "probing storage".into())
+}
+
+/// The first entry listed under `dir`, with one request: a `list` with a
+/// page size of one would page through every entry, a request each.
+pub async fn first_entry(
+    op: &Operator,
+    dir: &str,
+) -> std::result::Result<Option<opendal::Entry>, opendal::Error> {
+    use futures::TryStreamExt;
+    op.lister_with(dir).limit(1).await?.try_next().await
 }
 
 /// Lists a directory of the agent's state; a directory that was never

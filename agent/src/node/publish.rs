@@ -231,6 +231,8 @@ impl Agent {
         );
         let keyer = ChunkKeyer::new(key);
         let progress = progress.unwrap_or_default();
+        let block = files.iter().map(|f| f.1).max().unwrap_or(0).min(READ_BLOCK);
+        let at_once = crate::node::tuning::publish_files(self.opts.fs_root.is_some(), block);
         let chunked: Vec<(String, u64, u32, Vec<ChunkRef>)> =
             futures::stream::iter(files.into_iter().enumerate())
                 .map(|(i, (rel, size, mode))| {
@@ -245,7 +247,7 @@ impl Agent {
                         Ok::<_, Error>((rel, size, mode, chunks))
                     }
                 })
-                .buffered(crate::node::tuning::publish_files())
+                .buffered(at_once)
                 .try_collect()
                 .await?;
         let mut entries: Vec<Entry> = dirs
@@ -340,13 +342,10 @@ impl Agent {
                 // Object stores have no directory objects: look for children.
                 Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
                     let dir = format!("{}/", path.trim_end_matches('/'));
-                    let children = self
-                        .op
-                        .list_with(&dir)
-                        .limit(1)
+                    let child = crate::store::first_entry(&self.op, &dir)
                         .await
                         .context(|| format!("listing {dir:?}"))?;
-                    if children.is_empty() {
+                    if child.is_none() {
                         return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
                     }
                     true

@@ -20,10 +20,14 @@ pub fn file_concurrency() -> usize {
     positive("CARAVAN_FILE_CONCURRENCY", 16)
 }
 
-/// Files the publish pass reads and seals at once
-/// (`CARAVAN_PUBLISH_FILES`, default 4): each holds up to two 8 MiB blocks.
-pub fn publish_files() -> usize {
-    positive("CARAVAN_PUBLISH_FILES", 4)
+/// Files the publish pass reads and seals at once (`CARAVAN_PUBLISH_FILES`).
+/// Each holds up to two blocks of `block` bytes (the largest a file of this
+/// pass reads at a time). Default: 4 on a local filesystem; on remote
+/// storage, where each read waits on a round trip, as many as fit 64 MiB of
+/// blocks (16 files of 2 MiB, 4 of 8 MiB or more), at least 4.
+pub fn publish_files(local: bool, block: u64) -> usize {
+    let remote = ((64u64 << 20) / (2 * block.max(1))).clamp(4, 16) as usize;
+    positive("CARAVAN_PUBLISH_FILES", if local { 4 } else { remote })
 }
 
 /// Sealed chunks the publisher keeps for recipients following its publish

@@ -450,6 +450,7 @@ impl Agent {
             sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
             buffers: Default::default(),
             write_slots: Arc::new(tokio::sync::Semaphore::new(writer::WRITE_SLOTS)),
+            listed: Default::default(),
         }))
     }
 

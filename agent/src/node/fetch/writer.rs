@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use futures::TryStreamExt;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -55,7 +56,15 @@ pub(crate) struct Job {
     /// Segment writes running at once across the fetch's files (each holds
     /// a 2 MiB buffer): [`WRITE_SLOTS`].
     pub(crate) write_slots: Arc<Semaphore>,
+    /// Object storage: the sizes of the files already at the destination,
+    /// listed once (a HEAD per file is a request per file, which object
+    /// stores bill and serve slowly); `None` inside when the listing failed
+    /// or was too long, and each file is asked about alone.
+    pub(crate) listed: tokio::sync::OnceCell<Option<HashMap<String, u64>>>,
 }
+
+/// Most destination entries kept from one listing (past it: a stat per file).
+const LISTED_MAX: usize = 1 << 20;
 
 /// Segment writes of one fetch running at once.
 pub(crate) const WRITE_SLOTS: usize = 8;
@@ -306,10 +315,7 @@ impl Job {
         // pass is still running: then it grows below).
         let (mut chunks, mut complete) = source.more(0, false).await?;
         let final_path = format!("{}{path}", self.dest);
-        let existing = match op.stat(&final_path).await {
-            Ok(m) if m.is_file() => Some(m.content_length()),
-            _ => None,
-        };
+        let existing = self.existing_size(&final_path).await;
         // An identical file already in place is verified, not re-downloaded.
         if complete && existing == Some(size) && self.verify_in_place(&final_path, &chunks).await? {
             self.file_already_in_place(&chunks);
@@ -648,6 +654,39 @@ impl Job {
             off += c.len as u64;
         }
         Ok(true)
+    }
+
+    /// The size of the file at `path` in the destination, if there is one.
+    async fn existing_size(&self, path: &str) -> Option<u64> {
+        let op = &self.agent.op;
+        if self.agent.opts.fs_root.is_none() {
+            let listed = self
+                .listed
+                .get_or_init(|| async {
+                    let mut l = op.lister_with(&self.dest).recursive(true).await.ok()?;
+                    let mut out = HashMap::new();
+                    while let Some(e) = l.try_next().await.ok()? {
+                        if out.len() >= LISTED_MAX {
+                            return None;
+                        }
+                        if e.metadata().is_file() {
+                            out.insert(e.path().to_string(), e.metadata().content_length());
+                        }
+                    }
+                    Some(out)
+                })
+                .await;
+            match listed.as_ref().map(|l| l.get(path)) {
+                Some(None) => return None,
+                // A listing may leave sizes out (0): asked alone then.
+                Some(Some(n)) if *n > 0 => return Some(*n),
+                _ => {}
+            }
+        }
+        match op.stat(path).await {
+            Ok(m) if m.is_file() => Some(m.content_length()),
+            _ => None,
+        }
     }
 
     async fn read_local(&self, path: &str, offset: u64, c: &ChunkRef) -> Option<Vec<u8>> {
