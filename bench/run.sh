@@ -27,7 +27,7 @@ S3=${S3:-1}
 S3_MB=${S3_MB:-256}
 S3_FILES=${S3_FILES:-64}
 MOTO_PORT=${MOTO_PORT:-9485}
-TOOLS=${TOOLS:-"rsync rsync-fsync rclone aria2 caravan"}
+TOOLS=${TOOLS:-"rsync rsync-fsync rclone aria2 caravan caravan-published"}
 WORK=$(mktemp -d /tmp/caravan-bench.XXXXXX)
 RESULTS=$WORK/results.tsv
 PIDS=()
@@ -186,6 +186,32 @@ run_caravan() { # set run [storage-config-hook]
     rm -rf "$WORK/b/data/dst"
 }
 
+# Caravan, a share published beforehand (untimed, like making the torrent
+# for aria2): `fetch` alone, the publisher serving from its storage.
+run_published() { # set run
+    local set=$1 run=$2
+    rm -rf "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
+    B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
+    start_agent A "$WORK/a"; start_agent B "$WORK/b"
+    local pub ticket t0 t1 ca0 cb0 ca1 cb1
+    pub=$("$BIN" publish --config "$WORK/a/agent.toml" "$set" --to "$B_ID" --json | tail -n 1)
+    ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
+    sleep 0.5
+    ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
+    t0=$(now)
+    "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest dst --json >"$WORK/fetch.json"
+    t1=$(now)
+    ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
+    local hwm_a hwm_b
+    hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
+    stop_agent "$PID_A"; stop_agent "$PID_B"
+    [ "$run" = 1 ] && check "$set" "$WORK/b/data/dst"
+    record "$set" caravan-published "$run" "$(python3 -c "print($t1-$t0)")" \
+        "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
+        "hwm_a=$hwm_a" "hwm_b=$hwm_b"
+    rm -rf "$WORK/b/data/dst"
+}
+
 ROUND_TOOLS=()
 for t in $TOOLS; do ROUND_TOOLS+=("$t"); done
 for run in $(seq 1 "$RUNS"); do
@@ -197,6 +223,7 @@ for run in $(seq 1 "$RUNS"); do
                 rclone) run_rclone "$set" "$run";;
                 aria2) run_aria2 "$set" "$run";;
                 caravan) run_caravan "$set" "$run";;
+                caravan-published) run_published "$set" "$run";;
             esac
         done
         echo "round $run/$RUNS $set done" >&2
@@ -296,24 +323,34 @@ med = lambda xs: statistics.median(xs)
 mbps = lambda s, t: nbytes[s] / t / 1e6
 labels = {"rsync": "rsync daemon (plain)", "rsync-fsync": "rsync daemon --fsync",
           "rclone": "rclone http (plain)", "aria2": "aria2 BitTorrent",
-          "caravan": "caravan publish+fetch", "caravan-fetch": "caravan fetch (from tickets)"}
+          "caravan": "caravan publish+fetch", "caravan-fetch": "caravan fetch (from tickets)",
+          "caravan-published": "caravan fetch, published"}
 sets = [s for s in ("big", "many") if any(k[0] == s for k in secs)]
 head = {"big": f"{size_mb} MiB file", "many": f"{files} x 1 MiB"}
 print(f"{'median MB/s (min-max)':28}" + "".join(f"{head[s]:>24}" for s in sets))
-tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "caravan") if any(k[1] == t for k in secs)]
+tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "caravan", "caravan-published") if any(k[1] == t for k in secs)]
 for t in tools + (["caravan-fetch"] if "caravan" in tools else []):
     row = ""
     for s in sets:
         xs = extra[s, "caravan"]["fetch"] if t == "caravan-fetch" else secs[s, t]
         row += f"{f'{mbps(s, med(xs)):.0f} ({mbps(s, max(xs)):.0f}-{mbps(s, min(xs)):.0f})':>24}"
     print(f"{labels[t]:28}" + row)
-if "caravan" in tools and len(tools) > 1:
+others = [t for t in tools if not t.startswith("caravan")]
+if others:
     for s in sets:
-        others = [t for t in tools if t != "caravan"]
         best = min(others, key=lambda t: med(secs[s, t]))
-        e = extra[s, "caravan"]
-        print(f"{head[s]}: caravan / fastest other ({best}) = {med(secs[s, best]) / med(secs[s, 'caravan']):.2f}x "
-              f"publish+fetch, {med(secs[s, best]) / med(e['fetch']):.2f}x fetch only")
+        parts = []
+        if "caravan" in tools:
+            parts.append(f"{med(secs[s, best]) / med(secs[s, 'caravan']):.2f}x publish+fetch (live)")
+        if "caravan-published" in tools:
+            parts.append(f"{med(secs[s, best]) / med(secs[s, 'caravan-published']):.2f}x fetch of a published share")
+        print(f"{head[s]}: caravan / fastest other ({best}) = " + ", ".join(parts))
+for s in sets:
+    e = extra[s, "caravan-published"]
+    if e:
+        gib = nbytes[s] / 2**30
+        print(f"{s}, published: caravan CPU-s/GiB publisher {med(e['cpu_a'])/gib:.2f}, recipient {med(e['cpu_b'])/gib:.2f}; "
+              f"peak RSS publisher {max(e['hwm_a'])/1024:.0f} MiB, recipient {max(e['hwm_b'])/1024:.0f} MiB")
 for s in sets + (["s3"] if ("s3", "caravan") in secs else []):
     e = extra[s, "caravan"]
     if not e:

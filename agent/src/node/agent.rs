@@ -501,7 +501,7 @@ fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Resul
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path)?;
     f.seek(SeekFrom::Start(offset))?;
-    let mut buf = Vec::with_capacity(len + crate::crypto::TAG_LEN);
+    let mut buf = crate::wire::channel::chunk_buffer(len + crate::crypto::TAG_LEN);
     f.take(len as u64).read_to_end(&mut buf)?;
     Ok(buf)
 }

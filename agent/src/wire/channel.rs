@@ -54,14 +54,14 @@ const POOLED_CAPACITY: usize = crate::chunk::MAX_CUT + TAG_LEN + MAC_LEN;
 /// Receive buffers kept for reuse (at most this many).
 const POOLED_KEPT: usize = 12;
 
-/// Receive buffers for chunk bodies, reused: a fresh allocation of a chunk's
-/// size is fresh pages from the kernel, each faulted in and zeroed as the
-/// socket fills it (a tenth of a recipient's CPU before this pool).
+/// Buffers for chunk bodies, reused: a fresh allocation of a chunk's size
+/// is fresh pages from the kernel, each faulted in and zeroed as the socket
+/// (or a file read) fills it (a tenth of a recipient's CPU before this pool).
 static RECEIVE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 /// An empty buffer with room for `n` bytes (a pooled one when `n` is a
-/// chunk's size).
-fn receive_buffer(n: usize) -> Vec<u8> {
+/// chunk's size): chunk bodies received, and chunks read to be served.
+pub fn chunk_buffer(n: usize) -> Vec<u8> {
     if !(POOLED_MIN..=POOLED_CAPACITY).contains(&n) {
         return Vec::with_capacity(n);
     }
@@ -86,7 +86,8 @@ pub fn recycle(mut buf: Vec<u8>) {
     }
 }
 
-/// Frees the pooled buffers (a fetch ended: an idle agent holds none).
+/// Frees the pooled buffers (a fetch or a peer's connection ended: an idle
+/// agent holds none).
 pub fn release_buffers() {
     if let Ok(mut v) = RECEIVE_BUFFERS.lock() {
         *v = Vec::new();
@@ -250,6 +251,9 @@ impl Sealer {
                 w.write_all(mac.as_bytes())
                     .await
                     .context(|| "writing a frame".into())?;
+                if let Body::Owned(v) = f.payload {
+                    recycle(v);
+                }
             }
             None => {
                 let mut body = f.payload.into_vec();
@@ -337,7 +341,7 @@ impl Opener {
         let len = h.header.len;
         let wire = len + if h.raw { MAC_LEN } else { TAG_LEN };
         // Room for an AEAD tag: chunk payloads are decrypted in place.
-        let mut buf = receive_buffer(wire.max(len + TAG_LEN));
+        let mut buf = chunk_buffer(wire.max(len + TAG_LEN));
         let got = (&mut *r)
             .take(wire as u64)
             .read_to_end(&mut buf)

@@ -416,5 +416,6 @@ async fn connection<S: Service>(
         Ok(r) => r,
         Err(e) => Err(Error::Protocol(format!("writer task: {e}"))),
     };
+    channel::release_buffers();
     ended.and(written)
 }
