@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             let f = Outgoing {
                 typ: if raw { FrameType::Ok } else { FrameType::GetChunk },
                 id: i as u32,
-                payload: p.to_vec(),
+                payload: p.to_vec().into(),
                 raw_hash: raw.then(|| *blake3::hash(p).as_bytes()),
             };
             if sealer.write(&mut wire, f).await.is_err() {

@@ -459,6 +459,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sealed_slice_and_its_tag_go_out_as_one_owned_body_would() {
+        let body: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        let hash = *blake3::hash(&body).as_bytes();
+        let split = body.len() - TAG_LEN;
+        let mut tag = [0u8; TAG_LEN];
+        tag.copy_from_slice(&body[split..]);
+        let mut wires = Vec::new();
+        for payload in [
+            Body::Owned(body.clone()),
+            Body::Sealed(bytes::Bytes::copy_from_slice(&body[..split]), tag),
+        ] {
+            assert_eq!(payload.len(), body.len());
+            let ((mut cs, _), (_, mut so)) = pair();
+            let mut wire = Vec::new();
+            cs.write(
+                &mut wire,
+                Outgoing {
+                    typ: FrameType::Ok,
+                    id: 9,
+                    payload,
+                    raw_hash: Some(hash),
+                },
+            )
+            .await
+            .unwrap();
+            let mut r = &wire[..];
+            let h = so.read_header(&mut r).await.unwrap().unwrap();
+            assert_eq!(so.read_body(&mut r, &h).await.unwrap().payload, body);
+            wires.push(wire);
+        }
+        assert_eq!(wires[0], wires[1]);
+    }
+
+    #[tokio::test]
     async fn frames_roundtrip_both_kinds_and_tampering_is_caught() {
         let ((mut cs, _), (_, mut so)) = pair();
         let mut wire = Vec::new();

@@ -63,8 +63,10 @@ pub(crate) struct Job {
     pub(crate) listed: tokio::sync::OnceCell<Option<HashMap<String, u64>>>,
 }
 
-/// Most destination entries kept from one listing (past it: a stat per file).
-const LISTED_MAX: usize = 1 << 20;
+/// Most destination entries kept from one listing (past it, a stat per
+/// file: a destination shared with many other objects is not held in
+/// memory whole; 64 Ki entries are a few MiB).
+const LISTED_MAX: usize = 64 << 10;
 
 /// Segment writes of one fetch running at once.
 pub(crate) const WRITE_SLOTS: usize = 8;
