@@ -242,11 +242,6 @@ pub fn verify(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Verified> {
 }
 
 impl Verified {
-    /// The chunk it holds.
-    pub fn chunk(&self) -> &ChunkRef {
-        &self.r
-    }
-
     /// Plaintext bytes.
     pub fn len(&self) -> usize {
         self.r.len as usize
