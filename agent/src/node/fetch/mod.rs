@@ -31,6 +31,7 @@ use crate::record::SignedRecord;
 
 mod direct;
 pub mod live;
+mod local;
 pub mod progress;
 pub mod seed;
 pub mod swarm;

@@ -16,6 +16,7 @@ use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
 use crate::node::fetch::direct::{Aligned, DirectFile, Pool, Segment};
 use crate::node::fetch::live::ChunkSource;
+use crate::node::fetch::local;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
@@ -317,16 +318,31 @@ impl Job {
         // pass is still running: then it grows below).
         let (mut chunks, mut complete) = source.more(0, false).await?;
         let final_path = format!("{}{path}", self.dest);
-        let existing = self.existing_size(&final_path).await;
+        let part = format!("{}{index}", self.partial);
+        let local_root = self.agent.opts.fs_root.clone().filter(|_| self.append);
+        // On a local disk both sizes come from one blocking call
+        // (`local.rs`); elsewhere from the storage, the part's only if needed.
+        let (existing, part_size) = match &local_root {
+            Some(root) => {
+                let (e, p) = local::sizes(root, &final_path, &part)
+                    .await
+                    .context(|| format!("stat {final_path}"))?;
+                (e, Some(p))
+            }
+            None => (self.existing_size(&final_path).await, None),
+        };
         // An identical file already in place is verified, not re-downloaded.
         if complete && existing == Some(size) && self.verify_in_place(&final_path, &chunks).await? {
             self.file_already_in_place(&chunks);
             return Ok(());
         }
         let (write_path, mut start) = if self.append {
-            let part = format!("{}{index}", self.partial);
+            let have = match part_size {
+                Some(known) => known,
+                None => self.part_size(&part).await?,
+            };
             let at = loop {
-                match self.resume_point(&part, &chunks, complete).await? {
+                match self.resume_point(&part, have, &chunks, complete).await? {
                     Some(at) => break at,
                     None => {
                         let (more, c) = source.more(chunks.len(), true).await?;
@@ -339,7 +355,6 @@ impl Job {
         } else {
             (final_path.clone(), 0)
         };
-        let local_root = self.agent.opts.fs_root.clone().filter(|_| self.append);
         // Held until the file is written: its share of the one-shot budget.
         let mut _one_shot_permit: Option<OwnedSemaphorePermit> = None;
         let mut writer = match &local_root {
@@ -496,17 +511,12 @@ impl Job {
         for c in &chunks[counted..start] {
             self.count_done(c.len);
         }
-        if self.append {
-            op.rename(&write_path, &final_path)
-                .await
-                .context(|| format!("moving {write_path} to {final_path}"))?;
-        }
         if let Some(root) = local_root {
-            // The file's sync starts now, while other files are still
-            // coming; "done" waits for it (`sync_written`).
-            let full = root.join(&final_path);
+            // Moved into place and synced now, while other files are still
+            // coming; "done" waits for it (`sync_written`), and a crash
+            // before leaves the part file to resume from.
             if let Ok(mut u) = self.unsynced.lock() {
-                u.push(full.clone());
+                u.push(root.join(&final_path));
             }
             let slots = self.sync_slots.clone();
             let h = tokio::spawn(async move {
@@ -514,11 +524,18 @@ impl Job {
                     .acquire_owned()
                     .await
                     .map_err(|_| Error::Protocol("fetch closing".into()))?;
-                sync_path(full, false).await
+                local::place(&root, &write_path, &final_path)
+                    .await
+                    .context(|| format!("moving {write_path} to {final_path}"))?;
+                Ok(())
             });
             if let Ok(mut s) = self.syncing.lock() {
                 s.push(h);
             }
+        } else if self.append {
+            op.rename(&write_path, &final_path)
+                .await
+                .context(|| format!("moving {write_path} to {final_path}"))?;
         }
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -580,20 +597,28 @@ impl Job {
         self.progress.files_done.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The size of a part file left by an interrupted fetch, if any.
+    async fn part_size(&self, part: &str) -> Result<Option<u64>> {
+        match self.agent.op.stat(part).await {
+            Ok(m) => Ok(Some(m.content_length())),
+            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).context(|| format!("stat {part}")),
+        }
+    }
+
     /// How many whole chunks an interrupted part file already holds.
     /// `None`: the part file reaches past the chunks listed so far of an
     /// incomplete list (ask again when it grew).
     async fn resume_point(
         &self,
         part: &str,
+        have: Option<u64>,
         chunks: &[ChunkRef],
         complete: bool,
     ) -> Result<Option<usize>> {
         let op = &self.agent.op;
-        let have = match op.stat(part).await {
-            Ok(m) => m.content_length(),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Some(0)),
-            Err(e) => return Err(e).context(|| format!("stat {part}")),
+        let Some(have) = have else {
+            return Ok(Some(0));
         };
         let listed: u64 = chunks.iter().map(|c| c.len as u64).sum();
         if have > listed && !complete {
