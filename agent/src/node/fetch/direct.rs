@@ -339,6 +339,39 @@ impl DirectFile {
             cut_to,
         })
     }
+
+    /// The file's last write and its data sync, to be done together on the
+    /// blocking pool ([`Closing::complete`]) once every earlier segment is
+    /// written.
+    pub(crate) fn close(self, pool: &Pool) -> Closing {
+        let shared = self.shared.clone();
+        Closing {
+            last: self.finish(pool),
+            shared,
+        }
+    }
+}
+
+/// A file whose bytes are all staged: its last segment and its sync.
+pub(crate) struct Closing {
+    last: Option<Segment>,
+    shared: Arc<Shared>,
+}
+
+impl Closing {
+    /// Whether a last segment is still to be written (it holds a buffer).
+    pub(crate) fn writes(&self) -> bool {
+        self.last.is_some()
+    }
+
+    /// Writes the last segment and makes the file's data and length durable
+    /// (`fdatasync` on the descriptor already open: no second open by path).
+    /// Blocking. Returns the segment's buffer for reuse.
+    pub(crate) fn complete(self) -> io::Result<Option<Aligned>> {
+        let buf = self.last.map(Segment::write).transpose()?;
+        self.shared.file.sync_data()?;
+        Ok(buf)
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +382,29 @@ mod tests {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    #[test]
+    fn closing_writes_the_last_segment_and_cuts_the_file_to_length() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pool = Pool::default();
+        for direct in [true, false] {
+            let path = tmp.path().join(format!("c{direct}"));
+            let data = pattern(SEGMENT + 5000, 9);
+            let mut f = DirectFile::open(&path, 0, direct, &pool).unwrap();
+            write_all(f.stage(&data, &pool));
+            let closing = f.close(&pool);
+            assert!(closing.writes());
+            assert!(closing.complete().unwrap().is_some());
+            assert_eq!(std::fs::read(&path).unwrap(), data);
+            // Nothing staged: only the sync.
+            let mut f = DirectFile::open(&path, 0, direct, &pool).unwrap();
+            write_all(f.stage(&data[..SEGMENT], &pool));
+            let closing = f.close(&pool);
+            assert!(!closing.writes());
+            assert!(closing.complete().unwrap().is_none());
+            assert_eq!(std::fs::read(&path).unwrap(), &data[..SEGMENT]);
+        }
     }
 
     /// Writes segments in reverse order, as concurrent writes may land.

@@ -7,7 +7,7 @@
 //! captures a backtrace when `RUST_BACKTRACE` is set (2.4% of a 1,000-file
 //! fetch here), and a rename is three hops (stat, create the parent,
 //! rename). Per file that was eight hops; here it is three (the two sizes,
-//! the writes, then rename + sync together).
+//! the writes, then the last write, sync and rename together).
 //!
 //! Paths are the fetch's own (destination prefix + a manifest path checked
 //! by `manifest::check_path`, or the state prefix's part files) and are
@@ -59,29 +59,24 @@ pub(crate) async fn sizes(
         .map_err(io::Error::other)?
 }
 
-/// Moves a complete part file to its destination (creating the
-/// destination's directories when missing) and syncs its data, in one hop.
-/// Its directory entry is synced later with the others (`Job::sync_written`).
-pub(crate) async fn place(root: &Path, part: &str, dest: &str) -> io::Result<PathBuf> {
+/// Moves a complete (and synced) part file to its destination, creating
+/// the destination's directories when missing. Blocking: called on the
+/// blocking pool right after the file's last write and sync, in the same
+/// hop. Its directory entry is synced later with the others
+/// (`Job::sync_written`).
+pub(crate) fn place(root: &Path, part: &str, dest: &str) -> io::Result<PathBuf> {
     let (from, to) = (confined(root, part)?, confined(root, dest)?);
-    tokio::task::spawn_blocking(move || {
-        let with_path =
-            |e: io::Error, p: &Path| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
-        if let Err(e) = std::fs::rename(&from, &to) {
-            let parent = to.parent().filter(|_| e.kind() == io::ErrorKind::NotFound);
-            let Some(parent) = parent else {
-                return Err(with_path(e, &to));
-            };
-            std::fs::create_dir_all(parent).map_err(|e| with_path(e, parent))?;
-            std::fs::rename(&from, &to).map_err(|e| with_path(e, &to))?;
-        }
-        std::fs::File::open(&to)
-            .and_then(|f| f.sync_data())
-            .map_err(|e| with_path(e, &to))?;
-        Ok(to)
-    })
-    .await
-    .map_err(io::Error::other)?
+    let with_path =
+        |e: io::Error, p: &Path| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
+    if let Err(e) = std::fs::rename(&from, &to) {
+        let parent = to.parent().filter(|_| e.kind() == io::ErrorKind::NotFound);
+        let Some(parent) = parent else {
+            return Err(with_path(e, &to));
+        };
+        std::fs::create_dir_all(parent).map_err(|e| with_path(e, parent))?;
+        std::fs::rename(&from, &to).map_err(|e| with_path(e, &to))?;
+    }
+    Ok(to)
 }
 
 #[cfg(test)]
@@ -113,9 +108,7 @@ mod tests {
                 .unwrap(),
             (None, Some(5))
         );
-        let placed = place(root, ".caravan/partial/7", "dst/x/y.txt")
-            .await
-            .unwrap();
+        let placed = place(root, ".caravan/partial/7", "dst/x/y.txt").unwrap();
         assert_eq!(placed, root.join("dst/x/y.txt"));
         assert_eq!(std::fs::read(&placed).unwrap(), b"hello");
         assert_eq!(
@@ -132,9 +125,7 @@ mod tests {
             sizes(root, "dst/d", ".caravan/partial/8").await.unwrap().0,
             None
         );
-        let e = place(root, ".caravan/partial/8", "dst/d")
-            .await
-            .unwrap_err();
+        let e = place(root, ".caravan/partial/8", "dst/d").unwrap_err();
         assert!(e.to_string().contains("dst/d"), "{e}");
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::chunk::{ChunkKeyer, ChunkRef, Verified};
 use crate::error::{Context, Error, Result};
 use crate::node::agent::Agent;
-use crate::node::fetch::direct::{Aligned, DirectFile, Pool, Segment};
+use crate::node::fetch::direct::{Aligned, Closing, DirectFile, Pool, Segment};
 use crate::node::fetch::live::ChunkSource;
 use crate::node::fetch::local;
 use crate::node::fetch::progress::FetchProgress;
@@ -206,19 +206,21 @@ impl LocalFile {
         Ok(())
     }
 
-    async fn close(mut self) -> std::io::Result<()> {
-        if let Some(f) = self.file.take()
-            && let Some(last) = f.finish(&self.pool)
-        {
-            self.start(last).await?;
-        }
+    /// Waits for every segment written so far (and any background
+    /// writeback), then hands over what is left to do: the last segment
+    /// and the sync, done together by the caller ([`Closing::complete`]).
+    async fn closing(mut self) -> std::io::Result<(Closing, Arc<Pool>, Arc<Semaphore>)> {
         while !self.writes.is_empty() {
             self.finish_oldest().await?;
         }
         if let Some(h) = self.syncing.take() {
             h.await.map_err(std::io::Error::other)??;
         }
-        Ok(())
+        let f = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("file already failed"))?;
+        Ok((f.close(&self.pool), self.pool, self.slots))
     }
 }
 
@@ -282,10 +284,15 @@ impl Sink {
         Ok(())
     }
 
-    async fn close(self) -> std::io::Result<()> {
+    /// Finishes the file: an object store's upload is completed; a local
+    /// file's last write and sync are returned for the caller to run.
+    async fn close(self) -> std::io::Result<Option<(Closing, Arc<Pool>, Arc<Semaphore>)>> {
         match self {
-            Sink::Dal(mut w) => w.close().await.map(|_| ()).map_err(std::io::Error::other),
-            Sink::Local(f) => f.close().await,
+            Sink::Dal(mut w) => {
+                w.close().await.map_err(std::io::Error::other)?;
+                Ok(None)
+            }
+            Sink::Local(f) => f.closing().await.map(Some),
         }
     }
 }
@@ -504,29 +511,49 @@ impl Job {
                 counted += 1;
             }
         }
-        writer
+        let closing = writer
             .close()
             .await
             .context(|| format!("finishing {write_path}"))?;
         for c in &chunks[counted..start] {
             self.count_done(c.len);
         }
-        if let Some(root) = local_root {
-            // Moved into place and synced now, while other files are still
-            // coming; "done" waits for it (`sync_written`), and a crash
-            // before leaves the part file to resume from.
+        if let (Some((closing, pool, write_slots)), Some(root)) = (closing, local_root) {
+            // The last write, the sync and the move into place run now, in
+            // one blocking call, while other files are still coming; "done"
+            // waits for them (`sync_written`), and a crash before leaves
+            // the part file to resume from. The slots are taken here, so
+            // files that finish faster than the disk wait (and their
+            // buffers stay bounded).
+            let closed = |_| Error::Protocol("fetch closing".into());
+            let write_slot = match closing.writes() {
+                true => Some(write_slots.acquire_owned().await.map_err(closed)?),
+                false => None,
+            };
+            let sync_slot = self
+                .sync_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(closed)?;
             if let Ok(mut u) = self.unsynced.lock() {
                 u.push(root.join(&final_path));
             }
-            let slots = self.sync_slots.clone();
             let h = tokio::spawn(async move {
-                let _slot = slots
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Error::Protocol("fetch closing".into()))?;
-                local::place(&root, &write_path, &final_path)
-                    .await
-                    .context(|| format!("moving {write_path} to {final_path}"))?;
+                let _slots = (write_slot, sync_slot);
+                let buf = tokio::task::spawn_blocking(move || {
+                    let buf = closing
+                        .complete()
+                        .context(|| format!("finishing {write_path}"))?;
+                    local::place(&root, &write_path, &final_path)
+                        .context(|| format!("moving {write_path} to {final_path}"))?;
+                    Ok::<_, Error>(buf)
+                })
+                .await
+                .map_err(|e| Error::Protocol(format!("finishing task: {e}")))??;
+                if let Some(buf) = buf {
+                    pool.put(buf);
+                }
                 Ok(())
             });
             if let Ok(mut s) = self.syncing.lock() {
