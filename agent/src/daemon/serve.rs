@@ -99,7 +99,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // aws-lc seeds its random generator on first use, from a CPU-jitter
     // entropy source that takes about 25 ms of CPU: done now, in the
     // background, rather than in the first fetch's TLS handshake.
-    tokio::task::spawn_blocking(|| crate::crypto::random_bytes::<16>().map(|_| ()));
+    tokio::task::spawn_blocking(|| {
+        let mut seed = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut seed)
+    });
 
     let peer_listener = bind(&cfg.listen, "peer listener").await?;
     let admin_listener = bind(&cfg.admin_listen, "admin API").await?;

@@ -27,9 +27,9 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// Block alignment for direct I/O: the page size, a multiple of every
 /// logical block size in use (512 or 4096).
@@ -95,11 +95,60 @@ impl Pool {
 }
 
 /// The descriptor of a file being written, shared with its segment writes.
+/// A new file is opened by its first write (on the blocking pool): a small
+/// file is then created, written, synced and moved in one blocking call.
 struct Shared {
-    file: File,
+    path: PathBuf,
+    file: OnceLock<File>,
+    /// Held while the file is being opened by a first write.
+    opening: Mutex<()>,
     /// `O_DIRECT` is set on the descriptor (cleared for good when the
     /// filesystem refuses a direct write).
     direct: AtomicBool,
+}
+
+impl Shared {
+    /// The open descriptor, creating the file (and its directory) first
+    /// if no write has yet.
+    fn file(&self) -> io::Result<&File> {
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        let _opening = self
+            .opening
+            .lock()
+            .map_err(|_| io::Error::other("open lock poisoned"))?;
+        if let Some(f) = self.file.get() {
+            return Ok(f);
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let (file, direct) = open_for_writing(&self.path, 0, self.direct.load(Ordering::Relaxed))?;
+        self.direct.store(direct, Ordering::Relaxed);
+        Ok(self.file.get_or_init(|| file))
+    }
+}
+
+/// Opens `path` for writing (truncated when `offset` is 0), with
+/// `O_DIRECT` when `direct` and the filesystem accepts it; tells which.
+fn open_for_writing(path: &Path, offset: u64, direct: bool) -> io::Result<(File, bool)> {
+    let open = |flags: i32| {
+        OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(offset == 0)
+            .custom_flags(flags)
+            .open(path)
+    };
+    if direct {
+        match open(rustix::fs::OFlags::DIRECT.bits() as i32) {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if is_einval(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((open(0)?, false))
 }
 
 fn is_einval(e: &io::Error) -> bool {
@@ -146,7 +195,7 @@ impl Segment {
     /// good when the filesystem refuses direct I/O. Returns the buffer.
     pub(crate) fn write(self) -> io::Result<Aligned> {
         let bytes = &self.buf.region()[..self.len];
-        let file = &self.shared.file;
+        let file = self.shared.file()?;
         match file.write_all_at(bytes, self.at) {
             Err(e) if self.shared.direct.load(Ordering::Relaxed) && is_einval(&e) => {
                 let flags = rustix::fs::fcntl_getfl(file)?;
@@ -164,38 +213,42 @@ impl Segment {
 }
 
 impl DirectFile {
+    /// A new file at `path` (its directory created too), opened by its
+    /// first write; direct when `direct` and the filesystem accepts it. No
+    /// I/O happens here.
+    pub(crate) fn create(path: PathBuf, direct: bool, pool: &Pool) -> DirectFile {
+        DirectFile {
+            shared: Arc::new(Shared {
+                path,
+                file: OnceLock::new(),
+                opening: Mutex::new(()),
+                direct: AtomicBool::new(direct),
+            }),
+            aligned: direct,
+            pos: 0,
+            stage: pool.get(),
+            held: 0,
+        }
+    }
+
     /// Opens `path` for writing from byte `offset` (a resume point: what is
     /// before it stays; `0` truncates), with `O_DIRECT` when `direct` and
-    /// the filesystem accepts it.
+    /// the filesystem accepts it. Blocking.
     pub(crate) fn open(
         path: &Path,
         offset: u64,
         direct: bool,
         pool: &Pool,
     ) -> io::Result<DirectFile> {
-        let open = |flags: i32| {
-            OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(offset == 0)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let (file, direct) = if direct {
-            match open(rustix::fs::OFlags::DIRECT.bits() as i32) {
-                Ok(f) => (f, true),
-                Err(e) if is_einval(&e) => (open(0)?, false),
-                Err(e) => return Err(e),
-            }
-        } else {
-            (open(0)?, false)
-        };
+        let (file, direct) = open_for_writing(path, offset, direct)?;
         if offset > 0 {
             file.set_len(offset)?;
         }
         let mut me = DirectFile {
             shared: Arc::new(Shared {
-                file,
+                path: path.to_path_buf(),
+                file: OnceLock::from(file),
+                opening: Mutex::new(()),
                 direct: AtomicBool::new(direct),
             }),
             aligned: direct,
@@ -224,7 +277,7 @@ impl DirectFile {
 
     /// A second descriptor of the file (for a background data sync).
     pub(crate) fn try_clone(&self) -> io::Result<File> {
-        self.shared.file.try_clone()
+        self.shared.file()?.try_clone()
     }
 
     /// Appends `plain` to the staged bytes; returns the segments that are
@@ -369,7 +422,7 @@ impl Closing {
     /// Blocking. Returns the segment's buffer for reuse.
     pub(crate) fn complete(self) -> io::Result<Option<Aligned>> {
         let buf = self.last.map(Segment::write).transpose()?;
-        self.shared.file.sync_data()?;
+        self.shared.file()?.sync_data()?;
         Ok(buf)
     }
 }
@@ -389,9 +442,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pool = Pool::default();
         for direct in [true, false] {
-            let path = tmp.path().join(format!("c{direct}"));
+            // Created by its first write, directory and all.
+            let path = tmp.path().join(format!("new/c{direct}"));
             let data = pattern(SEGMENT + 5000, 9);
-            let mut f = DirectFile::open(&path, 0, direct, &pool).unwrap();
+            let mut f = DirectFile::create(path.clone(), direct, &pool);
+            assert!(!path.exists());
             write_all(f.stage(&data, &pool));
             let closing = f.close(&pool);
             assert!(closing.writes());
@@ -404,6 +459,11 @@ mod tests {
             assert!(!closing.writes());
             assert!(closing.complete().unwrap().is_none());
             assert_eq!(std::fs::read(&path).unwrap(), &data[..SEGMENT]);
+            // An empty file is created by its closing.
+            let empty = tmp.path().join(format!("new/e{direct}"));
+            let f = DirectFile::create(empty.clone(), direct, &pool);
+            assert!(f.close(&pool).complete().unwrap().is_none());
+            assert_eq!(std::fs::read(&empty).unwrap(), b"");
         }
     }
 

@@ -14,6 +14,7 @@
 //! joined under the configured root with the same confinement OpenDAL
 //! applies: no parent, root or prefix components.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
@@ -57,6 +58,85 @@ pub(crate) async fn sizes(
     tokio::task::spawn_blocking(move || Ok((file_size(&dest)?, file_size(&part)?)))
         .await
         .map_err(io::Error::other)?
+}
+
+/// The regular files under `prefix` (a storage path ending in `/`) with
+/// their sizes, keyed by storage path; `Ok(None)` past `max` entries.
+/// Nothing there is an empty listing. Symbolic links are not followed nor
+/// listed: a fetched file replaces one rather than writing through it.
+fn list_files(root: &Path, prefix: &str, max: usize) -> io::Result<Option<HashMap<String, u64>>> {
+    let mut out = HashMap::new();
+    let mut dirs = vec![(
+        confined(root, prefix)?,
+        prefix.trim_end_matches('/').to_string(),
+    )];
+    let mut seen = 0usize;
+    while let Some((dir, key)) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", dir.display()))),
+        };
+        for entry in entries {
+            seen += 1;
+            if seen > max {
+                return Ok(None);
+            }
+            let entry = entry?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            let path = if key.is_empty() {
+                name
+            } else {
+                format!("{key}/{name}")
+            };
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                dirs.push((entry.path(), path));
+            } else if kind.is_file() {
+                out.insert(path, entry.metadata()?.len());
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// What a fetch's destination and part files already hold, listed once at
+/// its start (one blocking call, instead of two stats per file).
+pub(crate) struct Listing {
+    dest: HashMap<String, u64>,
+    parts: HashMap<String, u64>,
+}
+
+impl Listing {
+    /// Lists `dest` and `partial` (both storage prefixes); `None` when
+    /// either holds more than `max` entries (then each file is asked about
+    /// alone, [`sizes`]).
+    pub(crate) async fn read(
+        root: &Path,
+        dest: &str,
+        partial: &str,
+        max: usize,
+    ) -> io::Result<Option<Listing>> {
+        let (root, dest, partial) = (root.to_path_buf(), dest.to_string(), partial.to_string());
+        tokio::task::spawn_blocking(move || {
+            let Some(dest) = list_files(&root, &dest, max)? else {
+                return Ok(None);
+            };
+            let Some(parts) = list_files(&root, &partial, max)? else {
+                return Ok(None);
+            };
+            Ok(Some(Listing { dest, parts }))
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+
+    /// Sizes of a destination file and of its part file, as listed.
+    pub(crate) fn sizes(&self, dest: &str, part: &str) -> (Option<u64>, Option<u64>) {
+        (self.dest.get(dest).copied(), self.parts.get(part).copied())
+    }
 }
 
 /// Moves a complete (and synced) part file to its destination, creating
@@ -116,6 +196,35 @@ mod tests {
                 .await
                 .unwrap(),
             (Some(5), None)
+        );
+        // One listing tells the same, for every file at once.
+        std::fs::create_dir_all(root.join("dst/x/z")).unwrap();
+        std::fs::write(root.join("dst/x/z/w"), b"abc").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", root.join("dst/link")).unwrap();
+        let l = Listing::read(root, "dst/", ".caravan/partial/", 100)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            l.sizes("dst/x/y.txt", ".caravan/partial/7"),
+            (Some(5), None)
+        );
+        assert_eq!(
+            l.sizes("dst/x/z/w", ".caravan/partial/nope"),
+            (Some(3), None)
+        );
+        assert_eq!(l.sizes("dst/link", "x").0, None, "links are not followed");
+        assert!(
+            Listing::read(root, "dst/", ".caravan/partial/", 2)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            Listing::read(root, "nothing/", ".caravan/none/", 2)
+                .await
+                .unwrap()
+                .is_some()
         );
         // A directory where the file would go is not a file of any size,
         // and placing onto it fails with the path named.

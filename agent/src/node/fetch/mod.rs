@@ -452,6 +452,7 @@ impl Agent {
             buffers: Default::default(),
             write_slots: Arc::new(tokio::sync::Semaphore::new(writer::WRITE_SLOTS)),
             listed: Default::default(),
+            local_listing: Default::default(),
         }))
     }
 

@@ -62,6 +62,9 @@ pub(crate) struct Job {
     /// stores bill and serve slowly); `None` inside when the listing failed
     /// or was too long, and each file is asked about alone.
     pub(crate) listed: tokio::sync::OnceCell<Option<HashMap<String, u64>>>,
+    /// A local disk: the destination's files and the part files, listed
+    /// once (`None` inside when too long or unreadable: a stat per file).
+    pub(crate) local_listing: tokio::sync::OnceCell<Option<local::Listing>>,
 }
 
 /// Most destination entries kept from one listing (past it, a stat per
@@ -331,9 +334,21 @@ impl Job {
         // (`local.rs`); elsewhere from the storage, the part's only if needed.
         let (existing, part_size) = match &local_root {
             Some(root) => {
-                let (e, p) = local::sizes(root, &final_path, &part)
-                    .await
-                    .context(|| format!("stat {final_path}"))?;
+                let listing = self
+                    .local_listing
+                    .get_or_init(|| async {
+                        local::Listing::read(root, &self.dest, &self.partial, LISTED_MAX)
+                            .await
+                            .ok()
+                            .flatten()
+                    })
+                    .await;
+                let (e, p) = match listing {
+                    Some(l) => l.sizes(&final_path, &part),
+                    None => local::sizes(root, &final_path, &part)
+                        .await
+                        .context(|| format!("stat {final_path}"))?,
+                };
                 (e, Some(p))
             }
             None => (self.existing_size(&final_path).await, None),
@@ -370,15 +385,19 @@ impl Job {
                 let from: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
                 let direct = tuning::direct_io();
                 let pool = self.buffers.clone();
-                let file = tokio::task::spawn_blocking(move || {
-                    if let Some(dir) = full.parent() {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    DirectFile::open(&full, from, direct, &pool)
-                })
-                .await
-                .map_err(|e| Error::Protocol(format!("open task: {e}")))?
-                .context(|| format!("opening {write_path}"))?;
+                // A new part file is created by its first write (for a
+                // small file, the one blocking call that also syncs and
+                // moves it); a resumed one is opened now, at its offset.
+                let file = if from == 0 {
+                    DirectFile::create(full, direct, &pool)
+                } else {
+                    tokio::task::spawn_blocking(move || {
+                        DirectFile::open(&full, from, direct, &pool)
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("open task: {e}")))?
+                    .context(|| format!("opening {write_path}"))?
+                };
                 Sink::Local(LocalFile {
                     file: Some(file),
                     pool: self.buffers.clone(),
