@@ -63,7 +63,23 @@ cpu_of() { awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$1/sta
 kib_of() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
 # record SET TOOL RUN SECONDS [key=value ...]
 record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
-fresh_dst() { rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync; }
+# Destinations are not deleted between runs but moved aside, and deleted
+# together after each set's round (the other set runs next). Why: ext4
+# without a journal (this machine's root) will not reuse an inode freed in
+# the last 5 seconds, and scans past every such inode each time it
+# allocates one; 1,000 files deleted just before a run made the next tool's
+# 1,000 creations scan past 1,000 each (`recently_deleted` in `perf`), up to
+# doubling its CPU, for whichever tool came next. No user deletes a tree and
+# fetches it again within 5 seconds.
+TRASH=0
+discard() { # paths moved out of the way, deleted by empty_trash
+    mkdir -p "$WORK/trash"
+    for p in "$@"; do
+        if [ -e "$p" ]; then TRASH=$((TRASH + 1)); mv "$p" "$WORK/trash/$TRASH"; fi
+    done
+}
+empty_trash() { rm -rf "$WORK/trash"; sync; }
+fresh_dst() { discard "$WORK/dst"; mkdir -p "$WORK/dst"; sync; }
 check() { # check SET DIR: the target equals the source
     if [ "$1" = big ]; then cmp "$WORK/a/data/big/payload.bin" "$2/payload.bin"; else diff -rq "$WORK/a/data/many" "$2" >/dev/null; fi
 }
@@ -147,7 +163,7 @@ stop_agent() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 # the start of publish (what a user waits for) and fetch alone.
 run_caravan() { # set run [storage-config-hook]
     local set=$1 run=$2 src=$1 dest=dst
-    rm -rf "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
+    discard "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
     B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
     if [ "${3:-}" = s3 ]; then s3_config "$WORK/a" "$S3_SRC" /; s3_config "$WORK/b" "$S3_DST" "/run$run/"; src=tree; fi
     start_agent A "$WORK/a"; start_agent B "$WORK/b"
@@ -183,14 +199,14 @@ run_caravan() { # set run [storage-config-hook]
         "fetch=$(python3 -c "print($t2-$t1)")" "publish=$pub" "first=$first" \
         "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
         "hwm_a=$hwm_a" "hwm_b=$hwm_b" "idle_a=$idle_a" "idle_b=$idle_b"
-    rm -rf "$WORK/b/data/dst"
+    discard "$WORK/b/data/dst"
 }
 
 # Caravan, a share published beforehand (untimed, like making the torrent
 # for aria2): `fetch` alone, the publisher serving from its storage.
 run_published() { # set run
     local set=$1 run=$2
-    rm -rf "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
+    discard "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
     B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
     start_agent A "$WORK/a"; start_agent B "$WORK/b"
     local pub ticket t0 t1 ca0 cb0 ca1 cb1
@@ -209,7 +225,7 @@ run_published() { # set run
     record "$set" caravan-published "$run" "$(python3 -c "print($t1-$t0)")" \
         "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
         "hwm_a=$hwm_a" "hwm_b=$hwm_b"
-    rm -rf "$WORK/b/data/dst"
+    discard "$WORK/b/data/dst"
 }
 
 ROUND_TOOLS=()
@@ -226,6 +242,7 @@ for run in $(seq 1 "$RUNS"); do
                 caravan-published) run_published "$set" "$run";;
             esac
         done
+        empty_trash
         echo "round $run/$RUNS $set done" >&2
     done
 done
