@@ -212,7 +212,7 @@ impl LocalFile {
     /// Waits for every segment written so far (and any background
     /// writeback), then hands over what is left to do: the last segment
     /// and the sync, done together by the caller ([`Closing::complete`]).
-    async fn closing(mut self) -> std::io::Result<(Closing, Arc<Pool>, Arc<Semaphore>)> {
+    async fn closing(mut self) -> std::io::Result<Closing> {
         while !self.writes.is_empty() {
             self.finish_oldest().await?;
         }
@@ -223,7 +223,7 @@ impl LocalFile {
             .file
             .take()
             .ok_or_else(|| std::io::Error::other("file already failed"))?;
-        Ok((f.close(&self.pool), self.pool, self.slots))
+        Ok(f.close(&self.pool))
     }
 }
 
@@ -289,7 +289,7 @@ impl Sink {
 
     /// Finishes the file: an object store's upload is completed; a local
     /// file's last write and sync are returned for the caller to run.
-    async fn close(self) -> std::io::Result<Option<(Closing, Arc<Pool>, Arc<Semaphore>)>> {
+    async fn close(self) -> std::io::Result<Option<Closing>> {
         match self {
             Sink::Dal(mut w) => {
                 w.close().await.map_err(std::io::Error::other)?;
@@ -330,7 +330,7 @@ impl Job {
         let final_path = format!("{}{path}", self.dest);
         let part = format!("{}{index}", self.partial);
         let local_root = self.agent.opts.fs_root.clone().filter(|_| self.append);
-        // On a local disk both sizes come from one blocking call
+        // On a local disk both sizes come from the fetch's one listing
         // (`local.rs`); elsewhere from the storage, the part's only if needed.
         let (existing, part_size) = match &local_root {
             Some(root) => {
@@ -537,7 +537,7 @@ impl Job {
         for c in &chunks[counted..start] {
             self.count_done(c.len);
         }
-        if let (Some((closing, pool, write_slots)), Some(root)) = (closing, local_root) {
+        if let (Some(closing), Some(root)) = (closing, local_root) {
             // The last write, the sync and the move into place run now, in
             // one blocking call, while other files are still coming; "done"
             // waits for them (`sync_written`), and a crash before leaves
@@ -546,7 +546,13 @@ impl Job {
             // buffers stay bounded).
             let closed = |_| Error::Protocol("fetch closing".into());
             let write_slot = match closing.writes() {
-                true => Some(write_slots.acquire_owned().await.map_err(closed)?),
+                true => Some(
+                    self.write_slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(closed)?,
+                ),
                 false => None,
             };
             let sync_slot = self
@@ -558,6 +564,7 @@ impl Job {
             if let Ok(mut u) = self.unsynced.lock() {
                 u.push(root.join(&final_path));
             }
+            let pool = self.buffers.clone();
             let h = tokio::spawn(async move {
                 let _slots = (write_slot, sync_slot);
                 let buf = tokio::task::spawn_blocking(move || {
