@@ -1,13 +1,17 @@
 //! The few filesystem calls a fetched file needs on a local disk, made with
-//! `std::fs` in one blocking-pool hop each instead of through OpenDAL.
+//! `std::fs` and folded into as few blocking-pool hops as possible instead
+//! of going through OpenDAL.
 //!
 //! Why: a tree of small files pays these calls once per file. Through
 //! OpenDAL's fs service a `stat` is a blocking-pool hop plus an extended
 //! attribute listing, a missing file comes back as an error value that
 //! captures a backtrace when `RUST_BACKTRACE` is set (2.4% of a 1,000-file
 //! fetch here), and a rename is three hops (stat, create the parent,
-//! rename). Per file that was eight hops; here it is three (the two sizes,
-//! the writes, then the last write, sync and rename together).
+//! rename). Per file that was eight hops. Here the destination and the part
+//! files are listed once per fetch ([`Listing`]), a new part file is created
+//! by its first write (`direct.rs`), and the last write, the sync and the
+//! rename run together ([`place`] after `Closing::complete`): a small file
+//! is one hop.
 //!
 //! Paths are the fetch's own (destination prefix + a manifest path checked
 //! by `manifest::check_path`, or the state prefix's part files) and are
@@ -38,9 +42,10 @@ pub(crate) fn confined(root: &Path, path: &str) -> io::Result<PathBuf> {
 
 /// The size of a regular file, `None` if nothing is there (or something
 /// that is not a file: a fetched file never replaces a directory silently,
-/// the write fails later with the path in its error).
+/// the write fails later with the path in its error). A symbolic link is
+/// not followed, as in [`Listing`]: the fetched file replaces the link.
 fn file_size(path: &Path) -> io::Result<Option<u64>> {
-    match std::fs::metadata(path) {
+    match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_file() => Ok(Some(m.len())),
         Ok(_) => Ok(None),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -214,6 +219,7 @@ mod tests {
             (Some(3), None)
         );
         assert_eq!(l.sizes("dst/link", "x").0, None, "links are not followed");
+        assert_eq!(sizes(root, "dst/link", "x").await.unwrap().0, None);
         assert!(
             Listing::read(root, "dst/", ".caravan/partial/", 2)
                 .await
