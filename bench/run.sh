@@ -7,7 +7,10 @@
 # RSS on each side, the time from `publish` to the first verified byte, the
 # bytes a second version sends, and (with a local S3 server, moto) the
 # bucket -> agent -> agent -> bucket case against `rclone copy` between the
-# same two buckets.
+# same two buckets. Beside the tools it times the disk's durable-write
+# ceiling (bench/durable_copy.py: a local O_DIRECT + fdatasync copy), for
+# scale: "done" means durable, and that copy is about as fast as one stream
+# of durable writes lands on this disk.
 #
 #   bench/run.sh                           # 1 GiB file, 1000 x 1 MiB, 5 rounds
 #   RUNS=3 SIZE_MB=256 FILES=200 bench/run.sh   # quicker
@@ -27,7 +30,7 @@ S3=${S3:-1}
 S3_MB=${S3_MB:-256}
 S3_FILES=${S3_FILES:-64}
 MOTO_PORT=${MOTO_PORT:-9485}
-TOOLS=${TOOLS:-"rsync rsync-fsync rclone aria2 caravan caravan-published"}
+TOOLS=${TOOLS:-"rsync rsync-fsync rclone aria2 disk caravan caravan-published"}
 WORK=$(mktemp -d /tmp/caravan-bench.XXXXXX)
 RESULTS=$WORK/results.tsv
 PIDS=()
@@ -120,6 +123,15 @@ run_rsync() { # set run [extra rsync flags]
     local t0 t1; t0=$(now); rsync -a "$@" "rsync://127.0.0.1:$RP/src/$set/" "$WORK/dst/"; t1=$(now)
     [ "$run" = 1 ] && check "$set" "$WORK/dst"
     record "$set" "$name" "$run" "$(python3 -c "print($t1-$t0)")"
+}
+# Not a competitor: the disk's durable-write ceiling (bench/durable_copy.py,
+# a local copy with O_DIRECT and fdatasync per file, no network, no crypto),
+# so a reader sees how close a durable transfer can get on this disk.
+run_disk() {
+    local set=$1 run=$2; fresh_dst
+    local secs; secs=$(python3 bench/durable_copy.py "$SRC/$set" "$WORK/dst")
+    [ "$run" = 1 ] && check "$set" "$WORK/dst"
+    record "$set" disk "$run" "$secs"
 }
 run_rclone() {
     local set=$1 run=$2; fresh_dst
@@ -237,6 +249,7 @@ for run in $(seq 1 "$RUNS"); do
                 rsync) run_rsync "$set" "$run";;
                 rsync-fsync) run_rsync "$set" "$run" --fsync;;
                 rclone) run_rclone "$set" "$run";;
+                disk) run_disk "$set" "$run";;
                 aria2) run_aria2 "$set" "$run";;
                 caravan) run_caravan "$set" "$run";;
                 caravan-published) run_published "$set" "$run";;
@@ -340,19 +353,21 @@ med = lambda xs: statistics.median(xs)
 mbps = lambda s, t: nbytes[s] / t / 1e6
 labels = {"rsync": "rsync daemon (plain)", "rsync-fsync": "rsync daemon --fsync",
           "rclone": "rclone http (plain)", "aria2": "aria2 BitTorrent",
+          "disk": "disk ceiling (durable cp)",
           "caravan": "caravan publish+fetch", "caravan-fetch": "caravan fetch (from tickets)",
           "caravan-published": "caravan fetch, published"}
 sets = [s for s in ("big", "many") if any(k[0] == s for k in secs)]
 head = {"big": f"{size_mb} MiB file", "many": f"{files} x 1 MiB"}
 print(f"{'median MB/s (min-max)':28}" + "".join(f"{head[s]:>24}" for s in sets))
-tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "caravan", "caravan-published") if any(k[1] == t for k in secs)]
+tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "disk", "caravan", "caravan-published") if any(k[1] == t for k in secs)]
 for t in tools + (["caravan-fetch"] if "caravan" in tools else []):
     row = ""
     for s in sets:
         xs = extra[s, "caravan"]["fetch"] if t == "caravan-fetch" else secs[s, t]
         row += f"{f'{mbps(s, med(xs)):.0f} ({mbps(s, max(xs)):.0f}-{mbps(s, min(xs)):.0f})':>24}"
     print(f"{labels[t]:28}" + row)
-others = [t for t in tools if not t.startswith("caravan")]
+# The disk ceiling is scale, not a competitor.
+others = [t for t in tools if not t.startswith("caravan") and t != "disk"]
 if others:
     for s in sets:
         best = min(others, key=lambda t: med(secs[s, t]))
@@ -362,6 +377,10 @@ if others:
         if "caravan-published" in tools:
             parts.append(f"{med(secs[s, best]) / med(secs[s, 'caravan-published']):.2f}x fetch of a published share")
         print(f"{head[s]}: caravan / fastest other ({best}) = " + ", ".join(parts))
+if "disk" in tools:
+    for s in sets:
+        parts = [f"{med(secs[s, 'disk']) / med(secs[s, t]):.2f}x {labels[t]}" for t in others + [t for t in tools if t.startswith("caravan")]]
+        print(f"{head[s]}: speed relative to the disk's durable-write ceiling: " + ", ".join(parts))
 for s in sets:
     e = extra[s, "caravan-published"]
     if e:
