@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
-use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::chunk::{self, ChunkKeyer, ChunkRef};
@@ -562,8 +561,11 @@ struct FileOut<'a> {
 
 type Sealing = tokio::task::JoinHandle<Result<Vec<(ChunkRef, Body)>>>;
 
-/// Hashes and encrypts the chunks of a block on all cores, in place (the
-/// block was read for this alone). The cache the recipients are served from
+/// Hashes and encrypts the chunks of a block, in place (the block was read
+/// for this alone), one chunk after the other on one blocking thread: the
+/// pass already overlaps cutting, sealing and other files' blocks, and a
+/// thread pool inside each block (rayon, before) only added idle workers
+/// spinning in `sched_yield`, 4–5% of a publisher's CPU while it serves. The cache the recipients are served from
 /// keeps each sealed chunk as a slice of the block and its tag: no copy
 /// (the block is freed when its last chunk is served or evicted).
 fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing {
@@ -576,7 +578,7 @@ fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing 
             rest = tail;
         }
         let sealed = pieces
-            .into_par_iter()
+            .into_iter()
             .map(|p| keyer.seal_in_place(p))
             .collect::<Result<Vec<_>>>()?;
         let block = bytes::Bytes::from(block);
