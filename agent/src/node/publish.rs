@@ -443,8 +443,8 @@ impl Agent {
     }
 
     /// Cuts and seals one file as a two-stage pipeline: while the chunks
-    /// of one block are hashed and encrypted in parallel (in place: the
-    /// block is discarded afterwards), the next block is read and cut. Each
+    /// of one block are hashed and encrypted (in place: the block is
+    /// discarded afterwards), the next block is read and cut. Each
     /// block is read from the end of the last complete chunk, so nothing is
     /// copied to join blocks.
     async fn chunk_file(
