@@ -565,9 +565,10 @@ type Sealing = tokio::task::JoinHandle<Result<Vec<(ChunkRef, Body)>>>;
 /// for this alone), one chunk after the other on one blocking thread: the
 /// pass already overlaps cutting, sealing and other files' blocks, and a
 /// thread pool inside each block (rayon, before) only added idle workers
-/// spinning in `sched_yield`, 4–5% of a publisher's CPU while it serves. The cache the recipients are served from
-/// keeps each sealed chunk as a slice of the block and its tag: no copy
-/// (the block is freed when its last chunk is served or evicted).
+/// spinning in `sched_yield`, 4–5% of a publisher's CPU while it serves.
+/// The cache the recipients are served from keeps each sealed chunk as a
+/// slice of the block and its tag: no copy (the block is freed when its
+/// last chunk is served or evicted).
 fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing {
     tokio::task::spawn_blocking(move || {
         let mut pieces = Vec::with_capacity(cuts.len());
