@@ -91,6 +91,7 @@ impl Agent {
             opts.state_prefix.push('/');
         }
         let metrics = Metrics::new().map_err(|e| Error::Config(format!("metrics: {e}")))?;
+        crate::wire::channel::keep_buffers(crate::node::tuning::chunks_in_memory());
         let held = share::load_all(&op, &opts.state_prefix, &key).await?;
         let mut shares = HashMap::new();
         for s in held {

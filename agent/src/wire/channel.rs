@@ -51,15 +51,21 @@ const POOLED_MIN: usize = 64 << 10;
 /// Capacity of a pooled receive buffer: the largest chunk the chunker cuts,
 /// sealed, and its MAC.
 const POOLED_CAPACITY: usize = crate::chunk::MAX_CUT + TAG_LEN + MAC_LEN;
-/// Receive buffers kept for reuse (at most this many): as many as one fetch
-/// holds chunks at once by default (`node::tuning::chunks_in_memory`), so
-/// a buffer freed while others are in flight is not dropped only to be
-/// faulted in again. With 12, a fetch of 1,000 small files (16 written at
-/// once) kept dropping and reallocating them: zeroing fresh pages was 15%
-/// of the recipient's CPU (`clear_page_erms` under its `recv`), 3% after.
-/// Bound: 48 x 2 MiB, never more than the chunks in flight at a peak, and
-/// freed when the fetch or the peer's connection ends.
-const POOLED_KEPT: usize = 48;
+/// Receive buffers kept for reuse (at most this many), set by the node
+/// with [`keep_buffers`] to as many chunks as one fetch holds at once
+/// (`node::tuning::chunks_in_memory`), so a buffer freed while others are
+/// in flight is not dropped only to be faulted in again. With 12, a fetch
+/// of 1,000 small files (16 written at once) kept dropping and
+/// reallocating them: zeroing fresh pages was 15% of the recipient's CPU
+/// (`clear_page_erms` under its `recv`), 3% with 48. Bound: that many x
+/// 2 MiB, never more than the chunks in flight at a peak, and freed when
+/// the fetch or the peer's connection ends. None are kept until it is set.
+static POOLED_KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets how many receive buffers are kept for reuse (see [`POOLED_KEPT`]).
+pub fn keep_buffers(n: usize) {
+    POOLED_KEPT.store(n, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Buffers for chunk bodies, reused: a fresh allocation of a chunk's size
 /// is fresh pages from the kernel, each faulted in and zeroed as the socket
@@ -87,7 +93,7 @@ pub fn recycle(mut buf: Vec<u8>) {
     }
     buf.clear();
     if let Ok(mut v) = RECEIVE_BUFFERS.lock()
-        && v.len() < POOLED_KEPT
+        && v.len() < POOLED_KEPT.load(std::sync::atomic::Ordering::Relaxed)
     {
         v.push(buf);
     }

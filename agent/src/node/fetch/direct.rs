@@ -41,12 +41,14 @@ pub(crate) const ALIGN: usize = 4096;
 pub(crate) const SEGMENT: usize = 2 << 20;
 
 /// Staging buffers kept for reuse by one fetch (a fresh one is zeroed, its
-/// pages faulted in as it fills): one per file written at once (16 by
-/// default, `tuning::file_concurrency`) and one per segment write in
-/// flight (`writer::WRITE_SLOTS`, 8), so none is dropped only to be
-/// allocated again while a tree is written (with 16, zeroing pages was 3%
-/// of a tree recipient's CPU). Freed with the fetch.
-const POOLED: usize = 24;
+/// pages faulted in as it fills): one per file written at once
+/// (`tuning::file_concurrency`) and one per segment write in flight
+/// (`writer::WRITE_SLOTS`), so none is dropped only to be allocated again
+/// while a tree is written (with 16 where 24 were in use, zeroing pages was
+/// 3% of a tree recipient's CPU). Freed with the fetch.
+pub(crate) fn pool_size() -> usize {
+    crate::node::tuning::file_concurrency() + crate::node::fetch::writer::WRITE_SLOTS
+}
 
 /// Bytes a staging buffer holds: a segment and one block more, so a piece
 /// of up to [`SEGMENT`] bytes always fits whole in a buffer that starts
@@ -76,13 +78,23 @@ impl Aligned {
     }
 }
 
-/// Staging buffers shared by the files of one fetch.
-#[derive(Default)]
-pub(crate) struct Pool(Mutex<Vec<Aligned>>);
+/// Staging buffers shared by the files of one fetch, at most `keep` kept.
+pub(crate) struct Pool {
+    free: Mutex<Vec<Aligned>>,
+    keep: usize,
+}
 
 impl Pool {
+    /// A pool keeping at most `keep` buffers ([`pool_size`] for a fetch).
+    pub(crate) fn new(keep: usize) -> Pool {
+        Pool {
+            free: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
     fn get(&self) -> Aligned {
-        self.0
+        self.free
             .lock()
             .ok()
             .and_then(|mut v| v.pop())
@@ -91,8 +103,8 @@ impl Pool {
 
     /// Gives a buffer back for reuse.
     pub(crate) fn put(&self, a: Aligned) {
-        if let Ok(mut v) = self.0.lock()
-            && v.len() < POOLED
+        if let Ok(mut v) = self.free.lock()
+            && v.len() < self.keep
         {
             v.push(a);
         }
@@ -445,7 +457,7 @@ mod tests {
     #[test]
     fn closing_writes_the_last_segment_and_cuts_the_file_to_length() {
         let tmp = tempfile::tempdir().unwrap();
-        let pool = Pool::default();
+        let pool = Pool::new(pool_size());
         for direct in [true, false] {
             // Created by its first write, directory and all.
             let path = tmp.path().join(format!("new/c{direct}"));
@@ -483,7 +495,7 @@ mod tests {
 
     #[test]
     fn unaligned_pieces_make_the_exact_file_and_resume_mid_block() {
-        let pool = Pool::default();
+        let pool = Pool::new(pool_size());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let pieces = [
@@ -514,7 +526,7 @@ mod tests {
 
     #[test]
     fn pieces_filled_in_place_and_copied_mix_into_the_exact_file() {
-        let pool = Pool::default();
+        let pool = Pool::new(pool_size());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let sizes = [
@@ -568,7 +580,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, pattern(10_000, 9)).unwrap();
-        let pool = Pool::default();
+        let pool = Pool::new(pool_size());
         let mut f = DirectFile::open(&path, 6000, true, &pool).unwrap();
         write_all(f.stage(&pattern(10, 7), &pool));
         write_all(f.finish(&pool));

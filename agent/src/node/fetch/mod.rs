@@ -449,7 +449,7 @@ impl Agent {
             unsynced: std::sync::Mutex::new(Vec::new()),
             syncing: std::sync::Mutex::new(Vec::new()),
             sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
-            buffers: Default::default(),
+            buffers: Arc::new(direct::Pool::new(direct::pool_size())),
             write_slots: Arc::new(tokio::sync::Semaphore::new(writer::WRITE_SLOTS)),
             listed: Default::default(),
             local_listing: Default::default(),
