@@ -468,6 +468,101 @@ fn edited_files_are_never_served_under_an_old_chunk_id() {
     );
 }
 
+/// Serving checks a chunk by the AEAD tag the publish pass recorded
+/// (`<state>/shares/<id>/tags`) instead of hashing it again. The tags
+/// persist: a restarted publisher serves exact chunks; a damaged tags
+/// file (wrong size) is ignored and wrong tags fall back to the hash, so
+/// either way only bytes that hash to the id asked for leave; an edited
+/// file is still refused.
+#[test]
+fn recorded_chunk_tags_serve_exact_chunks_and_damaged_tags_fall_back_to_the_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("tagged");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 6 << 20];
+    noise(&mut data, 11);
+    std::fs::write(src.join("f.bin"), &data).unwrap();
+    alice.start();
+    let rt = rt();
+    let (share, tickets) = publish(&alice, "tagged", &[&bob.id], &[]);
+    let share_id: ShareId = share.parse().unwrap();
+    let (_, m, _) = open_manifest(&rt, &alice, &key_of(&bob), &tickets[0]);
+    let chunks: Vec<ChunkRef> = m.files().next().unwrap().2.to_vec();
+    assert!(
+        chunks.len() > 1,
+        "want several chunks, got {}",
+        chunks.len()
+    );
+    let tags = alice
+        .data()
+        .join(".caravan/shares")
+        .join(share_id.hex())
+        .join("tags");
+    let distinct: std::collections::HashSet<_> = chunks.iter().map(|c| c.id).collect();
+    assert_eq!(
+        std::fs::metadata(&tags).unwrap().len() as usize,
+        48 * distinct.len(),
+        "one record (id, tag) per chunk"
+    );
+    let good = std::fs::read(&tags).unwrap();
+    let ask = |holder: &TestAgent| -> Vec<Result<caravan_agent::chunk::Sealed>> {
+        rt.block_on(async {
+            let c = PeerConn::connect(&holder.peer_addr, &key_of(&bob), None)
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            for r in &chunks {
+                out.push(c.chunk(&share_id, &r.id).await);
+            }
+            out
+        })
+    };
+    let mut wrong = good.clone();
+    for rec in wrong.chunks_mut(48) {
+        rec[40] ^= 1;
+    }
+    for (case, file) in [
+        ("restarted", good.clone()),
+        (
+            "tags file of the wrong size",
+            good[..good.len() - 1].to_vec(),
+        ),
+        ("wrong tags", wrong),
+    ] {
+        alice.kill9();
+        std::fs::write(&tags, &file).unwrap();
+        alice.start();
+        for (r, got) in chunks.iter().zip(ask(&alice)) {
+            let ct = got.unwrap_or_else(|e| panic!("{case}: chunk {} refused: {e}", r.id));
+            assert_eq!(
+                blake3::hash(&ct).as_bytes(),
+                &r.id.0,
+                "{case}: other bytes served"
+            );
+        }
+    }
+    // Edited in place (same size): refused whether the tags are right or not.
+    std::fs::write(src.join("f.bin"), vec![0x5au8; data.len()]).unwrap();
+    for file in [good.clone(), Vec::new()] {
+        alice.kill9();
+        std::fs::write(&tags, &file).unwrap();
+        alice.start();
+        let sent = alice.metric("caravan_chunks_sent_total");
+        for (r, got) in chunks.iter().zip(ask(&alice)) {
+            if let Ok(ct) = got {
+                assert_eq!(blake3::hash(&ct).as_bytes(), &r.id.0, "edited bytes served");
+            }
+        }
+        assert_eq!(
+            alice.metric("caravan_chunks_sent_total"),
+            sent,
+            "edited data left"
+        );
+    }
+}
+
 // ------------------------------------------- 3. huge declared manifest
 
 /// A publisher's small signed manifest repeating one real chunk declares

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::chunk::{ChunkId, ChunkRef};
+use crate::crypto::TAG_LEN;
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{Access, ShareId};
@@ -161,8 +162,8 @@ impl LiveShare {
         self.changed();
     }
 
-    /// Chunks of file `file` sealed, in file order.
-    pub fn add_chunks(&self, file: usize, refs: &[ChunkRef]) {
+    /// Chunks of file `file` sealed, in file order, with their AEAD tags.
+    pub fn add_chunks(&self, file: usize, refs: &[(ChunkRef, [u8; TAG_LEN])]) {
         let root = self.root.get().cloned().unwrap_or_default();
         if let Ok(mut s) = self.state.lock() {
             let Some(path) = s
@@ -174,13 +175,14 @@ impl LiveShare {
                 return;
             };
             let Ok(idx) = u32::try_from(file) else { return };
-            for r in refs {
+            for (r, tag) in refs {
                 let offset = s.offsets[file];
                 s.offsets[file] += r.len as u64;
                 s.index.entry(r.id).or_insert_with(|| ChunkLocation {
                     path: path.clone(),
                     offset,
                     chunk: *r,
+                    tag: Some(*tag),
                 });
                 s.log.push((idx, *r));
             }
@@ -194,6 +196,19 @@ impl LiveShare {
             s.end = end;
         }
         self.changed();
+    }
+
+    /// The AEAD tags of the chunks sealed so far, by chunk id.
+    pub fn tags(&self) -> HashMap<ChunkId, [u8; TAG_LEN]> {
+        self.state
+            .lock()
+            .map(|s| {
+                s.index
+                    .iter()
+                    .filter_map(|(id, l)| l.tag.map(|t| (*id, t)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Where a chunk sealed so far lives.
@@ -425,8 +440,12 @@ mod tests {
         // Position 1 (listing known, log from 0): waits for news.
         let a = live.answer(1, Duration::from_millis(10)).await;
         assert!(a.listing.is_none() && a.chunks.is_empty());
-        let many: Vec<ChunkRef> = (0..MAX_LIVE_CHUNKS + 5).map(|i| r(i as u8, 1)).collect();
+        let many: Vec<(ChunkRef, [u8; TAG_LEN])> = (0..MAX_LIVE_CHUNKS + 5)
+            .map(|i| (r(i as u8, 1), [i as u8; TAG_LEN]))
+            .collect();
         live.add_chunks(0, &many);
+        // The tags are kept by chunk id (for serving after the pass).
+        assert_eq!(live.tags().get(&r(7, 1).id), Some(&[7; TAG_LEN]));
         let a = live.answer(1, Duration::from_millis(10)).await;
         assert_eq!((a.from, a.chunks.len()), (0, MAX_LIVE_CHUNKS));
         let a = live

@@ -9,7 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use crate::chunk::{self, ChunkKeyer, ChunkRef};
-use crate::crypto::Key;
+use crate::crypto::{Key, TAG_LEN};
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::{Access, Entry, EntryKind, Manifest, ShareId, Ticket, check_path};
@@ -282,7 +282,8 @@ impl Agent {
             root,
             manifest,
             record,
-        );
+        )
+        .with_tags(&live.tags());
         self.install_share(held).await?;
         Ok((files_n, bytes, chunks))
     }
@@ -525,14 +526,16 @@ impl Agent {
 
     /// Keeps a block's sealed chunks in the cache (waiting a little for
     /// room while recipients follow the pass), then lists them live.
-    async fn sealed_block(&self, block: Vec<(ChunkRef, Body)>, out: &FileOut<'_>) -> Vec<ChunkRef> {
-        let bytes: usize = block.iter().map(|(_, ct)| ct.len()).sum();
+    async fn sealed_block(&self, block: Vec<Sealed>, out: &FileOut<'_>) -> Vec<ChunkRef> {
+        let bytes: usize = block.iter().map(|(_, _, ct)| ct.len()).sum();
         self.sealed.wait_for_room(bytes).await;
-        let refs: Vec<ChunkRef> = block.iter().map(|(r, _)| *r).collect();
-        for (r, ct) in block {
+        let tagged: Vec<(ChunkRef, [u8; TAG_LEN])> =
+            block.iter().map(|(r, tag, _)| (*r, *tag)).collect();
+        for (r, _, ct) in block {
             self.sealed.insert(out.live.id, r.id, ct);
         }
-        out.live.add_chunks(out.index, &refs);
+        out.live.add_chunks(out.index, &tagged);
+        let refs: Vec<ChunkRef> = tagged.into_iter().map(|(r, _)| r).collect();
         if let Some(gate) = crate::node::tuning::fault_publish_gate() {
             while !gate.exists() {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -559,7 +562,11 @@ struct FileOut<'a> {
     index: usize,
 }
 
-type Sealing = tokio::task::JoinHandle<Result<Vec<(ChunkRef, Body)>>>;
+/// A chunk sealed by the pass: its reference, its AEAD tag, and its
+/// ciphertext with that tag (for the cache recipients are served from).
+type Sealed = (ChunkRef, [u8; TAG_LEN], Body);
+
+type Sealing = tokio::task::JoinHandle<Result<Vec<Sealed>>>;
 
 /// Hashes and encrypts the chunks of a block, in place (the block was read
 /// for this alone), one chunk after the other on one blocking thread: the
@@ -590,13 +597,13 @@ fn seal(keyer: ChunkKeyer, (mut block, cuts): (Vec<u8>, Vec<usize>)) -> Sealing 
             .map(|((r, tag), n)| {
                 let body = Body::Sealed(block.slice(off..off + n), tag);
                 off += n;
-                (r, body)
+                (r, tag, body)
             })
             .collect())
     })
 }
 
-async fn join(h: Sealing) -> Result<Vec<(ChunkRef, Body)>> {
+async fn join(h: Sealing) -> Result<Vec<Sealed>> {
     h.await
         .map_err(|e| Error::Protocol(format!("sealing task: {e}")))?
 }
