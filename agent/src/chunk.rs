@@ -242,6 +242,16 @@ pub fn verify(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Verified> {
 }
 
 impl Verified {
+    /// The chunk's AEAD tag (its last bytes), kept by a holder to verify
+    /// the chunk cheaply when it serves it ([`crate::node::share::HeldShare::with_tags`]).
+    pub fn tag(&self) -> [u8; TAG_LEN] {
+        let mut t = [0u8; TAG_LEN];
+        let at = self.bytes.len().saturating_sub(TAG_LEN);
+        let tail = &self.bytes[at..];
+        t[TAG_LEN - tail.len()..].copy_from_slice(tail);
+        t
+    }
+
     /// Plaintext bytes.
     pub fn len(&self) -> usize {
         self.r.len as usize

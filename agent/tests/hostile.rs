@@ -478,7 +478,7 @@ fn edited_files_are_never_served_under_an_old_chunk_id() {
 fn recorded_chunk_tags_serve_exact_chunks_and_damaged_tags_fall_back_to_the_hash() {
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
-    let bob = TestAgent::init(&tmp.path().join("bob"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
     let src = alice.data().join("tagged");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 6 << 20];
@@ -506,6 +506,15 @@ fn recorded_chunk_tags_serve_exact_chunks_and_damaged_tags_fall_back_to_the_hash
         48 * distinct.len(),
         "one record (id, tag) per chunk"
     );
+    // A recipient keeps the tags of the chunks it received, too.
+    bob.start();
+    assert_eq!(fetch(&bob, &tickets[0], "got", &[])["state"], "done");
+    let bob_tags = bob
+        .data()
+        .join(".caravan/shares")
+        .join(share_id.hex())
+        .join("tags");
+    assert_eq!(std::fs::read(&bob_tags).unwrap().len(), 48 * distinct.len());
     let good = std::fs::read(&tags).unwrap();
     let ask = |holder: &TestAgent| -> Vec<Result<caravan_agent::chunk::Sealed>> {
         rt.block_on(async {

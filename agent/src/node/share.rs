@@ -110,7 +110,7 @@ impl HeldShare {
     }
 
     /// The tags known, by chunk id.
-    fn tags(&self) -> impl Iterator<Item = (&ChunkId, &[u8; TAG_LEN])> {
+    pub fn tags(&self) -> impl Iterator<Item = (&ChunkId, &[u8; TAG_LEN])> {
         self.index
             .iter()
             .filter_map(|(id, l)| l.tag.as_ref().map(|t| (id, t)))

@@ -40,16 +40,6 @@ pub(crate) const ALIGN: usize = 4096;
 /// 512 KiB write at a time).
 pub(crate) const SEGMENT: usize = 2 << 20;
 
-/// Staging buffers kept for reuse by one fetch (a fresh one is zeroed, its
-/// pages faulted in as it fills): one per file written at once
-/// (`tuning::file_concurrency`) and one per segment write in flight
-/// (`writer::WRITE_SLOTS`), so none is dropped only to be allocated again
-/// while a tree is written (with 16 where 24 were in use, zeroing pages was
-/// 3% of a tree recipient's CPU). Freed with the fetch.
-pub(crate) fn pool_size() -> usize {
-    crate::node::tuning::file_concurrency() + crate::node::fetch::writer::WRITE_SLOTS
-}
-
 /// Bytes a staging buffer holds: a segment and one block more, so a piece
 /// of up to [`SEGMENT`] bytes always fits whole in a buffer that starts
 /// with the unaligned tail of the previous one ([`DirectFile::stage_with`]).
@@ -85,7 +75,7 @@ pub(crate) struct Pool {
 }
 
 impl Pool {
-    /// A pool keeping at most `keep` buffers ([`pool_size`] for a fetch).
+    /// A pool keeping at most `keep` buffers (`writer::staging_kept` for a fetch).
     pub(crate) fn new(keep: usize) -> Pool {
         Pool {
             free: Mutex::new(Vec::new()),
@@ -457,7 +447,7 @@ mod tests {
     #[test]
     fn closing_writes_the_last_segment_and_cuts_the_file_to_length() {
         let tmp = tempfile::tempdir().unwrap();
-        let pool = Pool::new(pool_size());
+        let pool = Pool::new(4);
         for direct in [true, false] {
             // Created by its first write, directory and all.
             let path = tmp.path().join(format!("new/c{direct}"));
@@ -495,7 +485,7 @@ mod tests {
 
     #[test]
     fn unaligned_pieces_make_the_exact_file_and_resume_mid_block() {
-        let pool = Pool::new(pool_size());
+        let pool = Pool::new(4);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let pieces = [
@@ -526,7 +516,7 @@ mod tests {
 
     #[test]
     fn pieces_filled_in_place_and_copied_mix_into_the_exact_file() {
-        let pool = Pool::new(pool_size());
+        let pool = Pool::new(4);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let sizes = [
@@ -580,7 +570,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         std::fs::write(&path, pattern(10_000, 9)).unwrap();
-        let pool = Pool::new(pool_size());
+        let pool = Pool::new(4);
         let mut f = DirectFile::open(&path, 6000, true, &pool).unwrap();
         write_all(f.stage(&pattern(10, 7), &pool));
         write_all(f.finish(&pool));

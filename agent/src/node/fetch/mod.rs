@@ -370,6 +370,14 @@ impl Agent {
                 }
             }
         }
+        // Tags of the chunks received now and of those an earlier version
+        // held (reused chunks were not received again).
+        let mut tags = job.tags.lock().map(|t| t.clone()).unwrap_or_default();
+        if let Some(prev) = previous {
+            for (id, t) in prev.tags() {
+                tags.entry(*id).or_insert(*t);
+            }
+        }
         let held = HeldShare::new(
             ticket.publisher,
             key,
@@ -377,7 +385,8 @@ impl Agent {
             dest.to_string(),
             manifest,
             record,
-        );
+        )
+        .with_tags(&tags);
         self.install_share(held).await?;
         let partial_root = state::partial_dir(&self.opts.state_prefix, &ticket.share_id);
         let _ = self.op.delete_with(&partial_root).recursive(true).await;
@@ -449,9 +458,10 @@ impl Agent {
             unsynced: std::sync::Mutex::new(Vec::new()),
             syncing: std::sync::Mutex::new(Vec::new()),
             sync_slots: Arc::new(tokio::sync::Semaphore::new(writer::SYNC_CONCURRENCY)),
-            buffers: Arc::new(direct::Pool::new(direct::pool_size())),
+            buffers: Arc::new(direct::Pool::new(writer::staging_kept())),
             write_slots: Arc::new(tokio::sync::Semaphore::new(writer::WRITE_SLOTS)),
             listed: Default::default(),
+            tags: Default::default(),
             local_listing: Default::default(),
         }))
     }
