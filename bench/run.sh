@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Caravan's benchmark: throughput on loopback against rsync (daemon, plain
 # and --fsync), rclone (HTTP) and aria2 (BitTorrent), interleaved in one run
-# (round 1: every tool once, round 2: every tool once, ...), so a machine
-# whose speed drifts slows every tool alike. Prints medians, the ratio of
+# (round 1: every tool once, round 2: every tool once in an order rotated
+# by one, ...), so a machine whose speed drifts slows every tool alike. Prints medians, the ratio of
 # Caravan to the fastest other tool, Caravan's CPU seconds per GiB and peak
 # RSS on each side, the time from `publish` to the first verified byte, the
 # bytes a second version sends, and (with a local S3 server, moto) the
@@ -243,8 +243,12 @@ run_published() { # set run
 ROUND_TOOLS=()
 for t in $TOOLS; do ROUND_TOOLS+=("$t"); done
 for run in $(seq 1 "$RUNS"); do
+    # Each round starts one tool later (round 2: the second tool first, ...),
+    # so no tool always runs right after the same one.
+    off=$(((run - 1) % ${#ROUND_TOOLS[@]}))
+    ORDER=("${ROUND_TOOLS[@]:off}" "${ROUND_TOOLS[@]:0:off}")
     for set in big many; do
-        for tool in "${ROUND_TOOLS[@]}"; do
+        for tool in "${ORDER[@]}"; do
             case $tool in
                 rsync) run_rsync "$set" "$run";;
                 rsync-fsync) run_rsync "$set" "$run" --fsync;;
