@@ -103,7 +103,11 @@ impl TestAgent {
                 .to_string_lossy()
                 .starts_with("agent-")
         });
-        for attempt in 0..3 {
+        // Ports are picked free but bound later by the daemon: another
+        // test's process may take one in between, so a first start moves to
+        // fresh ports and tries again (each failed start's error is kept).
+        let mut failures = Vec::new();
+        for attempt in 0..5 {
             if attempt > 0 {
                 std::thread::sleep(Duration::from_millis(200 * attempt));
                 self.new_ports();
@@ -112,8 +116,9 @@ impl TestAgent {
                 return;
             }
             assert!(first, "agent exited early on restart:\n{}", self.log_tail());
+            failures.push(self.log_tail());
         }
-        panic!("agent did not start:\n{}", self.log_tail());
+        panic!("agent did not start:\n{}", failures.join("\n---\n"));
     }
 
     /// The end of the newest agent log (the temporary folder is gone by
