@@ -382,12 +382,12 @@ impl Service for Agent {
         // Verify on serve: the bytes go out only if they are the chunk
         // asked for. A file edited since publishing (or a fetched path that
         // now holds other data) is never sealed under a chunk key that past
-        // recipients know. With the chunk's tag recorded (the publish pass
-        // saw it), the fresh encryption's tag is compared with it: the id
+        // recipients know. With the chunk's tag recorded (when it was sealed
+        // or received), the fresh encryption's tag is compared with it: the id
         // is the hash of ciphertext and tag, and the tag of a changed
         // plaintext under a key only the share's members know matches
         // with negligible odds, so the ciphertext is not hashed again (a
-        // fifth of a serving publisher's CPU). Without a tag, or when it
+        // fifth of a serving holder's CPU). Without a tag, or when it
         // differs, the ciphertext is hashed and compared with the id.
         let source = loc.path.clone();
         // The hash is handed to the channel, which MACs it instead of

@@ -372,7 +372,11 @@ impl Agent {
         }
         // Tags of the chunks received now and of those an earlier version
         // held (reused chunks were not received again).
-        let mut tags = job.tags.lock().map(|t| t.clone()).unwrap_or_default();
+        let mut tags = job
+            .tags
+            .lock()
+            .map(|mut t| std::mem::take(&mut *t))
+            .unwrap_or_default();
         if let Some(prev) = previous {
             for (id, t) in prev.tags() {
                 tags.entry(*id).or_insert(*t);
