@@ -143,6 +143,20 @@ fn check_oauth(scheme: &str, set: &dyn Fn(&str) -> bool) -> Result<()> {
     }
 }
 
+/// Reads `range` of `path` into `buf`, appending each piece as it arrives
+/// (a publish block, a chunk to seal): OpenDAL's buffers are let go at once,
+/// so its HTTP client reads the next piece into the same memory instead of
+/// fresh pages, and `buf` ends up one slice, as cutting and sealing want.
+/// Returns the bytes read (fewer than asked when the object is shorter).
+pub async fn read_into(
+    op: &Operator,
+    path: &str,
+    range: std::ops::Range<u64>,
+    buf: &mut Vec<u8>,
+) -> std::result::Result<usize, opendal::Error> {
+    op.reader_with(path).await?.read_into(buf, range).await
+}
+
 /// Checks that storage answers at all, so a dead bucket is reported at start.
 pub async fn probe(op: &Operator) -> Result<()> {
     first_entry(op, "")

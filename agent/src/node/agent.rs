@@ -428,16 +428,12 @@ impl Service for Agent {
                 .await
             }
             None => {
-                let buf = self
-                    .op
-                    .read_with(&loc.path)
-                    .range(loc.offset..loc.offset + loc.chunk.len as u64)
+                let len = loc.chunk.len as usize;
+                let mut plain = crate::wire::channel::chunk_buffer(len + crate::crypto::TAG_LEN);
+                let range = loc.offset..loc.offset + len as u64;
+                crate::store::read_into(&self.op, &loc.path, range, &mut plain)
                     .await
                     .context(|| format!("reading {} for chunk {id}", loc.path))?;
-                let mut plain = Vec::with_capacity(buf.len() + crate::crypto::TAG_LEN);
-                for part in buf {
-                    plain.extend_from_slice(&part);
-                }
                 tokio::task::spawn_blocking(move || seal(plain)).await
             }
         };

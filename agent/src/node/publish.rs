@@ -343,12 +343,25 @@ impl Agent {
         &self,
         path: &str,
     ) -> Result<(String, Vec<(String, u64, u32)>, Vec<(String, u32)>)> {
-        let is_dir = if path.is_empty() {
-            true
+        // Object stores have no folders, only keys under a prefix: a path
+        // with keys under it is a folder, asked first with one LIST. A HEAD
+        // of such a prefix is not only a wasted request: some servers answer
+        // it with 500 (s3s-fs), which the retry layer retries for seconds
+        // before the publish fails.
+        let remote_dir = self.opts.fs_root.is_none()
+            && !path.is_empty()
+            && !path.ends_with('/')
+            && crate::store::first_entry(&self.op, &format!("{path}/"))
+                .await
+                .context(|| format!("listing {path}/"))?
+                .is_some();
+        let file_size = if path.is_empty() || remote_dir {
+            None
         } else {
             match self.op.stat(path).await {
-                Ok(meta) => meta.is_dir(),
-                // Object stores have no directory objects: look for children.
+                Ok(meta) if meta.is_dir() => None,
+                Ok(meta) => Some(meta.content_length()),
+                // A folder named with its slash, on an object store.
                 Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
                     let dir = format!("{}/", path.trim_end_matches('/'));
                     let child = crate::store::first_entry(&self.op, &dir)
@@ -357,22 +370,16 @@ impl Agent {
                     if child.is_none() {
                         return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
                     }
-                    true
+                    None
                 }
                 Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
             }
         };
-        if !is_dir {
+        if let Some(size) = file_size {
             let (root, name) = match path.rsplit_once('/') {
                 Some((dir, name)) => (format!("{dir}/"), name.to_string()),
                 None => (String::new(), path.to_string()),
             };
-            let size = self
-                .op
-                .stat(path)
-                .await
-                .context(|| format!("stat {path}"))?
-                .content_length();
             let mode = self.mode_of(path, 0o644);
             return Ok((root, vec![(name, size, mode)], Vec::new()));
         }
@@ -495,18 +502,10 @@ impl Agent {
                     .map_err(|e| Error::Protocol(format!("chunking task: {e}")))??
                 }
                 None => {
-                    let read = self
-                        .op
-                        .read_with(path)
-                        .range(pos..end)
+                    let mut block = out.blocks.get();
+                    crate::store::read_into(&self.op, path, pos..end, &mut block)
                         .await
                         .context(|| format!("reading {path}"))?;
-                    // Gathered into a pooled block: the pieces OpenDAL
-                    // received are not one slice, and the cutter wants one.
-                    let mut block = out.blocks.get();
-                    for piece in read {
-                        block.extend_from_slice(&piece);
-                    }
                     if block.len() as u64 != end - pos {
                         return Err(Error::Config(format!(
                             "{path} changed size while being published"

@@ -314,13 +314,10 @@ impl Agent {
         let staged = todo.len() as u64;
         futures::stream::iter(todo)
             .map(|(path, off, c)| async move {
-                let buf = self
-                    .op
-                    .read_with(&path)
-                    .range(off..off + c.len as u64)
+                let mut plain = Vec::with_capacity(c.len as usize + crate::crypto::TAG_LEN);
+                crate::store::read_into(&self.op, &path, off..off + c.len as u64, &mut plain)
                     .await
                     .context(|| format!("reading {path} to stage chunk {}", c.id))?;
-                let plain = buf.to_vec();
                 let ct = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
                     let ct = chunk::encrypt(&c, plain)?;
                     if blake3::hash(&ct).as_bytes() != &c.id.0 {
