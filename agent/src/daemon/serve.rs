@@ -106,6 +106,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
 
     let peer_listener = bind(&cfg.listen, "peer listener").await?;
     let admin_listener = bind(&cfg.admin_listen, "admin API").await?;
+    // Bound now with the others, though served only once the agent is open:
+    // a port taken is reported at once, and no connection this daemon opens
+    // while it starts (to its storage, its repositories) can be given the
+    // port as its local one in between.
+    let metrics_listener = match cfg.metrics_listen.is_empty() {
+        true => None,
+        false => Some(bind(&cfg.metrics_listen, "metrics endpoint").await?),
+    };
     let peer_addr: SocketAddr = peer_listener
         .local_addr()
         .context(|| "peer address".into())?;
@@ -185,8 +193,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             .with_graceful_shutdown(sd.cancelled_owned())
             .await;
     });
-    if !cfg.metrics_listen.is_empty() {
-        let l = bind(&cfg.metrics_listen, "metrics endpoint").await?;
+    if let Some(l) = metrics_listener {
         let r = metrics_router(agent.clone(), ready.clone());
         let sd = shutdown.clone();
         tokio::spawn(async move {
