@@ -65,29 +65,11 @@ fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// moto: S3 as most clients see it (it does not check signatures).
 fn s3() -> Option<Service> {
     let endpoint = env("CARAVAN_TEST_S3_ENDPOINT")?;
     let bucket = env("CARAVAN_TEST_S3_BUCKET").unwrap_or_else(|| "caravan-test".into());
-    let run = unique();
-    let side = |who: &str| Side {
-        options: opts(&[
-            ("bucket", &bucket),
-            ("endpoint", &endpoint),
-            ("region", "us-east-1"),
-            ("root", &format!("/{who}-{run}/")),
-        ]),
-        secrets: opts(&[
-            ("access_key_id", "testing"),
-            ("secret_access_key", "testing"),
-        ]),
-    };
-    Some(Service {
-        scheme: "s3",
-        big_file: BIG,
-        empty_folders: true,
-        alice: side("alice"),
-        bob: side("bob"),
-    })
+    Some(s3_service(&endpoint, &bucket, ("testing", "testing"), true))
 }
 
 /// s3s-fs: an S3 server that checks every request's signature (moto does
@@ -99,23 +81,33 @@ fn s3s() -> Option<Service> {
     let bucket = env("CARAVAN_TEST_S3S_BUCKET").unwrap_or_else(|| "caravan-seed".into());
     let access = env("CARAVAN_TEST_S3S_ACCESS_KEY")?;
     let secret = env("CARAVAN_TEST_S3S_SECRET_KEY")?;
+    Some(s3_service(&endpoint, &bucket, (&access, &secret), false))
+}
+
+/// Alice and Bob in folders of their own in one S3 bucket.
+fn s3_service(
+    endpoint: &str,
+    bucket: &str,
+    (access, secret): (&str, &str),
+    empty_folders: bool,
+) -> Service {
     let run = unique();
     let side = |who: &str| Side {
         options: opts(&[
-            ("bucket", &bucket),
-            ("endpoint", &endpoint),
+            ("bucket", bucket),
+            ("endpoint", endpoint),
             ("region", "us-east-1"),
             ("root", &format!("/{who}-{run}/")),
         ]),
-        secrets: opts(&[("access_key_id", &access), ("secret_access_key", &secret)]),
+        secrets: opts(&[("access_key_id", access), ("secret_access_key", secret)]),
     };
-    Some(Service {
+    Service {
         scheme: "s3",
         big_file: BIG,
-        empty_folders: false,
+        empty_folders,
         alice: side("alice"),
         bob: side("bob"),
-    })
+    }
 }
 
 fn azblob() -> Option<Service> {
