@@ -87,6 +87,18 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     res.chunks,
                     res.seconds
                 );
+                if res.skipped.total > 0 {
+                    println!(
+                        "left out {} entries (a share carries regular files and folders with UTF-8 names):",
+                        res.skipped.total
+                    );
+                    for s in &res.skipped.first {
+                        println!("  {:?}: {}", s.path, s.reason.says());
+                    }
+                    if res.skipped.total > res.skipped.first.len() as u64 {
+                        println!("  … the agent's log names every one");
+                    }
+                }
                 if let Some(seed) = &res.seed {
                     println!(
                         "seeded offline: {} chunks staged, {} already there, {} URLs valid until unix {} (record in {} repositories)",

@@ -17,6 +17,7 @@ pub mod share;
 pub mod state;
 pub mod trust;
 pub mod tuning;
+pub mod walk;
 
 pub use activity::Activity;
 pub use agent::{Agent, AgentOptions};
@@ -28,3 +29,4 @@ pub use publish::{PublishRequest, Published};
 pub use seed::{SeedPolicy, SeedReport};
 pub use share::{HeldShare, Role};
 pub use trust::AgentTrust;
+pub use walk::{SkipReason, Skipped, SkippedEntry};

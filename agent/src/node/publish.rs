@@ -12,10 +12,11 @@ use crate::chunk::{self, ChunkKeyer, ChunkRef};
 use crate::crypto::{Key, TAG_LEN};
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
-use crate::manifest::{Access, Entry, EntryKind, Manifest, ShareId, Ticket, check_path};
+use crate::manifest::{Access, Entry, EntryKind, Manifest, ShareId, Ticket};
 use crate::node::agent::Agent;
 use crate::node::live::{LiveEnd, LiveListing, LiveShare};
 use crate::node::share::{HeldShare, Role};
+use crate::node::walk::{Listing, Skipped};
 use crate::util::unix_now;
 use crate::wire::channel::Body;
 
@@ -69,6 +70,10 @@ pub struct Published {
     /// What offline seeding staged and presigned, when asked for.
     #[serde(default)]
     pub seed: Option<crate::node::seed::SeedReport>,
+    /// What the walk left out of the share (FIFOs, sockets, links leading
+    /// outside, names that are not UTF-8…), and why.
+    #[serde(default)]
+    pub skipped: Skipped,
 }
 
 /// What a publish hands out before its pass: enough for recipients to start
@@ -182,7 +187,7 @@ impl Agent {
         };
         live.end(end);
         self.linger(live, pass.is_ok());
-        let (files_n, bytes, chunks) = pass?;
+        let (files_n, bytes, chunks, skipped) = pass?;
         let seed = if req.offline_seeding {
             let validity = req
                 .url_validity_secs
@@ -194,7 +199,7 @@ impl Agent {
             }
             None
         };
-        tracing::info!(share = %share_id, seq, files = files_n, bytes, chunks, "published");
+        tracing::info!(share = %share_id, seq, files = files_n, bytes, chunks, skipped = skipped.total, "published");
         Ok(Published {
             share_id: share_id.to_string(),
             seq,
@@ -204,11 +209,13 @@ impl Agent {
             tickets,
             seconds: started.elapsed().as_secs_f64(),
             seed,
+            skipped,
         })
     }
 
     /// Walks, cuts and seals, signs and installs the manifest; reports
-    /// every step into `live`. Returns (files, bytes, chunks).
+    /// every step into `live`. Returns (files, bytes, chunks, what the
+    /// walk left out).
     #[allow(clippy::too_many_arguments)]
     async fn publish_pass(
         &self,
@@ -219,8 +226,13 @@ impl Agent {
         key: &Key,
         live: &Arc<LiveShare>,
         progress: Option<Arc<PublishProgress>>,
-    ) -> Result<(u64, u64, u64)> {
-        let (root, files, dirs) = self.walk(path).await?;
+    ) -> Result<(u64, u64, u64, Skipped)> {
+        let Listing {
+            root,
+            files,
+            dirs,
+            skipped,
+        } = self.walk(path).await?;
         live.set_listing(
             &root,
             LiveListing {
@@ -294,7 +306,7 @@ impl Agent {
         )
         .with_tags(&live.tags());
         self.install_share(held).await?;
-        Ok((files_n, bytes, chunks))
+        Ok((files_n, bytes, chunks, skipped))
     }
 
     /// A ticket for one more recipient of a share we publish.
@@ -335,128 +347,6 @@ impl Agent {
             self.opts.advertise.clone(),
             self.opts.repositories.clone(),
         )
-    }
-
-    /// Lists what to publish: (root, files as (relative path, size, mode), dirs as (relative path, mode)).
-    #[allow(clippy::type_complexity)]
-    async fn walk(
-        &self,
-        path: &str,
-    ) -> Result<(String, Vec<(String, u64, u32)>, Vec<(String, u32)>)> {
-        // Object stores have no folders, only keys under a prefix: a path
-        // with keys under it is a folder, asked first with one LIST. A HEAD
-        // of such a prefix is not only a wasted request: some servers answer
-        // it with 500 (s3s-fs), which the retry layer retries for seconds
-        // before the publish fails.
-        let remote_dir = self.opts.fs_root.is_none()
-            && !path.is_empty()
-            && !path.ends_with('/')
-            && crate::store::first_entry(&self.op, &format!("{path}/"))
-                .await
-                .context(|| format!("listing {path}/"))?
-                .is_some();
-        let file_size = if path.is_empty() || remote_dir {
-            None
-        } else {
-            match self.op.stat(path).await {
-                Ok(meta) if meta.is_dir() => None,
-                Ok(meta) => Some(meta.content_length()),
-                // A folder named with its slash, on an object store.
-                Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
-                    let dir = format!("{}/", path.trim_end_matches('/'));
-                    let child = crate::store::first_entry(&self.op, &dir)
-                        .await
-                        .context(|| format!("listing {dir:?}"))?;
-                    if child.is_none() {
-                        return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
-                    }
-                    None
-                }
-                Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
-            }
-        };
-        if let Some(size) = file_size {
-            let (root, name) = match path.rsplit_once('/') {
-                Some((dir, name)) => (format!("{dir}/"), name.to_string()),
-                None => (String::new(), path.to_string()),
-            };
-            let mode = self.mode_of(path, 0o644);
-            return Ok((root, vec![(name, size, mode)], Vec::new()));
-        }
-        let root = if path.is_empty() || path.ends_with('/') {
-            path.to_string()
-        } else {
-            format!("{path}/")
-        };
-        let state = self.opts.state_prefix.clone();
-        // Symbolic links (local filesystems): a link is published as a copy
-        // of what it points to only when that is inside the published folder;
-        // a link leading outside it (or dangling, or looping) is skipped.
-        let inside = self
-            .opts
-            .fs_root
-            .as_ref()
-            .and_then(|r| std::fs::canonicalize(r.join(&root)).ok());
-        let mut lister = self
-            .op
-            .lister_with(&root)
-            .recursive(true)
-            .await
-            .context(|| format!("listing {root:?}"))?;
-        let mut files = Vec::new();
-        let mut dirs = Vec::new();
-        while let Some(entry) = lister
-            .try_next()
-            .await
-            .context(|| format!("listing {root:?}"))?
-        {
-            let full = entry.path().to_string();
-            if full == root || full.starts_with(&state) {
-                continue;
-            }
-            let Some(rel) = full.strip_prefix(&root) else {
-                continue;
-            };
-            let rel_clean = rel.trim_end_matches('/').to_string();
-            if rel_clean.is_empty() || check_path(&rel_clean).is_err() {
-                continue;
-            }
-            if let (Some(fs_root), Some(inside)) = (&self.opts.fs_root, &inside) {
-                let real = std::fs::canonicalize(fs_root.join(full.trim_end_matches('/')));
-                if !real.as_ref().is_ok_and(|p| p.starts_with(inside)) {
-                    tracing::warn!(path = %rel_clean, "not published: a symbolic link that leads outside the published folder (or nowhere)");
-                    continue;
-                }
-            }
-            if entry.metadata().is_dir() {
-                dirs.push((rel_clean, self.mode_of(&full, 0o755)));
-            } else {
-                let size = match entry.metadata().content_length() {
-                    0 => self
-                        .op
-                        .stat(&full)
-                        .await
-                        .context(|| format!("stat {full}"))?
-                        .content_length(),
-                    n => n,
-                };
-                files.push((rel_clean, size, self.mode_of(&full, 0o644)));
-            }
-        }
-        files.sort();
-        dirs.sort();
-        Ok((root, files, dirs))
-    }
-
-    fn mode_of(&self, path: &str, default: u32) -> u32 {
-        #[cfg(unix)]
-        if let Some(root) = &self.opts.fs_root {
-            use std::os::unix::fs::PermissionsExt;
-            if let Ok(m) = std::fs::metadata(root.join(path.trim_end_matches('/'))) {
-                return m.permissions().mode() & 0o7777;
-            }
-        }
-        default
     }
 
     /// Cuts and seals one file as a two-stage pipeline: while the chunks

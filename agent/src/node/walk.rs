@@ -1,0 +1,452 @@
+//! What a publish carries: the walk of a path in the agent's storage into
+//! the files and folders of a share, and what it leaves out, and why.
+//!
+//! A share carries regular files (with their permission bits) and folders,
+//! named by UTF-8 paths every recipient can write safely
+//! ([`check_path`]). Everything else a folder may hold is left out and
+//! reported (in the daemon's log and the publish summary), never turned
+//! into something else: a FIFO or a socket is not an empty file, a name
+//! that is not UTF-8 is not the same name with replacement characters.
+//!
+//! Local folders are walked with `std::fs` (one `read_dir` per folder, the
+//! entry's own type without following links): OpenDAL's lister follows
+//! every link to stat it, retries a looping link as a temporary error
+//! (seconds of back-off per loop) and shows a non-UTF-8 name lossily.
+//! Symbolic links are published as a copy of their target only when that
+//! is a regular file inside the published folder (inside the storage, for
+//! a link published by its own path); a link to a folder is left out (a
+//! link to an ancestor would be an endless tree).
+
+use std::path::{Path, PathBuf};
+
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::manifest::check_path;
+use crate::node::agent::Agent;
+
+/// How many left-out entries a publish summary names (all are counted,
+/// and each is logged).
+const SKIPPED_SHOWN: usize = 32;
+
+/// The files and folders a publish carries.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The folder the share's paths are relative to (`""` or ending `/`).
+    pub root: String,
+    /// Files: (path under `root`, size, permission bits), sorted by path.
+    pub files: Vec<(String, u64, u32)>,
+    /// Folders: (path under `root`, permission bits), sorted by path.
+    pub dirs: Vec<(String, u32)>,
+    /// What was left out.
+    pub skipped: Skipped,
+}
+
+/// Why an entry was left out of a share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    /// Its name is not valid UTF-8 (shares carry UTF-8 paths).
+    NotUtf8,
+    /// Its path cannot be written safely everywhere (a backslash, an empty,
+    /// `.` or `..` component, too long).
+    UnsafeName,
+    /// Neither a regular file nor a folder (a FIFO, socket or device).
+    NotRegular,
+    /// A symbolic link leading outside the published folder.
+    LinkOutside,
+    /// A symbolic link leading nowhere, or around in a loop.
+    LinkBroken,
+    /// A symbolic link to a folder (not followed).
+    LinkToFolder,
+}
+
+impl SkipReason {
+    /// The reason in words, for logs and the CLI.
+    pub fn says(self) -> &'static str {
+        match self {
+            SkipReason::NotUtf8 => "its name is not valid UTF-8",
+            SkipReason::UnsafeName => {
+                "its path cannot be written safely (backslash, empty, `.` or `..` component, or too long)"
+            }
+            SkipReason::NotRegular => "not a regular file or folder (a FIFO, socket or device)",
+            SkipReason::LinkOutside => "a symbolic link leading outside the published folder",
+            SkipReason::LinkBroken => "a symbolic link leading nowhere (dangling or looping)",
+            SkipReason::LinkToFolder => {
+                "a symbolic link to a folder (links to folders are not followed)"
+            }
+        }
+    }
+}
+
+/// One entry left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedEntry {
+    /// Its path under the published folder (lossy when not UTF-8).
+    pub path: String,
+    /// Why.
+    pub reason: SkipReason,
+}
+
+/// What a publish left out: all counted, the first few named.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// Entries left out.
+    pub total: u64,
+    /// The first of them (at most 32), in walk order.
+    pub first: Vec<SkippedEntry>,
+}
+
+impl Skipped {
+    fn add(&mut self, path: String, reason: SkipReason) {
+        tracing::warn!(path = %path, reason = reason.says(), "not published");
+        self.total += 1;
+        if self.first.len() < SKIPPED_SHOWN {
+            self.first.push(SkippedEntry { path, reason });
+        }
+    }
+}
+
+impl Agent {
+    /// Walks `path` (a folder or one file of the agent's storage; `""` =
+    /// all of it, the agent's state folder excepted).
+    pub(crate) async fn walk(&self, path: &str) -> Result<Listing> {
+        let state = self.opts.state_prefix.clone();
+        if let Some(fs_root) = &self.opts.fs_root {
+            let (fs_root, path) = (fs_root.clone(), path.to_string());
+            return tokio::task::spawn_blocking(move || walk_local(&fs_root, &path, &state))
+                .await
+                .map_err(|e| Error::Protocol(format!("walking task: {e}")))?;
+        }
+        self.walk_remote(path, &state).await
+    }
+
+    /// The walk of an object store: keys under a prefix.
+    async fn walk_remote(&self, path: &str, state: &str) -> Result<Listing> {
+        // Object stores have no folders, only keys under a prefix: a path
+        // with keys under it is a folder, asked first with one LIST. A HEAD
+        // of such a prefix is not only a wasted request: some servers answer
+        // it with 500 (s3s-fs), which the retry layer retries for seconds
+        // before the publish fails.
+        let is_dir = path.is_empty()
+            || path.ends_with('/')
+            || crate::store::first_entry(&self.op, &format!("{path}/"))
+                .await
+                .context(|| format!("listing {path}/"))?
+                .is_some();
+        if !is_dir {
+            let meta = match self.op.stat(path).await {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
+                    return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
+                }
+                Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
+            };
+            let (root, name) = split_file(path);
+            return Ok(Listing {
+                root,
+                files: vec![(name, meta.content_length(), 0o644)],
+                ..Listing::default()
+            });
+        }
+        let root = folder_root(path);
+        let mut lister = self
+            .op
+            .lister_with(&root)
+            .recursive(true)
+            .await
+            .context(|| format!("listing {root:?}"))?;
+        let mut out = Listing {
+            root: root.clone(),
+            ..Listing::default()
+        };
+        while let Some(entry) = lister
+            .try_next()
+            .await
+            .context(|| format!("listing {root:?}"))?
+        {
+            let full = entry.path().to_string();
+            if full == root || full.starts_with(state) {
+                continue;
+            }
+            let Some(rel) = full.strip_prefix(&root) else {
+                continue;
+            };
+            let rel = rel.trim_end_matches('/').to_string();
+            if rel.is_empty() {
+                continue;
+            }
+            if check_path(&rel).is_err() {
+                out.skipped.add(rel, SkipReason::UnsafeName);
+                continue;
+            }
+            if entry.metadata().is_dir() {
+                out.dirs.push((rel, 0o755));
+            } else {
+                let size = match entry.metadata().content_length() {
+                    0 => self
+                        .op
+                        .stat(&full)
+                        .await
+                        .context(|| format!("stat {full}"))?
+                        .content_length(),
+                    n => n,
+                };
+                out.files.push((rel, size, 0o644));
+            }
+        }
+        out.files.sort();
+        out.dirs.sort();
+        Ok(out)
+    }
+}
+
+/// `dir/name` -> (`dir/`, `name`).
+fn split_file(path: &str) -> (String, String) {
+    match path.rsplit_once('/') {
+        Some((dir, name)) => (format!("{dir}/"), name.to_string()),
+        None => (String::new(), path.to_string()),
+    }
+}
+
+/// A folder's path as a listing root: `""` or ending with `/`.
+fn folder_root(path: &str) -> String {
+    if path.is_empty() || path.ends_with('/') {
+        path.to_string()
+    } else {
+        format!("{path}/")
+    }
+}
+
+#[cfg(unix)]
+fn mode_bits(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o7777
+}
+
+#[cfg(not(unix))]
+fn mode_bits(meta: &std::fs::Metadata) -> u32 {
+    if meta.is_dir() { 0o755 } else { 0o644 }
+}
+
+/// The walk of a local folder (or file) `path` under `fs_root`.
+fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
+    let target = fs_root.join(path.trim_end_matches('/'));
+    let own = std::fs::symlink_metadata(&target);
+    let own = match own {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
+        }
+        Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
+    };
+    // The published path itself may be a link: followed only when it
+    // stays inside the storage.
+    let meta = if own.file_type().is_symlink() {
+        let storage = std::fs::canonicalize(fs_root).context(|| "resolving the storage".into())?;
+        let real = std::fs::canonicalize(&target).map_err(|_| {
+            Error::Rejected(format!(
+                "{path:?} is a symbolic link leading nowhere (dangling or looping)"
+            ))
+        })?;
+        if !real.starts_with(&storage) {
+            return Err(Error::Rejected(format!(
+                "{path:?} is a symbolic link leading outside the agent's storage"
+            )));
+        }
+        std::fs::metadata(&target).context(|| format!("publishing {path:?}"))?
+    } else {
+        own
+    };
+    if meta.is_file() && !path.is_empty() {
+        let (root, name) = split_file(path.trim_end_matches('/'));
+        return Ok(Listing {
+            root,
+            files: vec![(name, meta.len(), mode_bits(&meta))],
+            ..Listing::default()
+        });
+    }
+    if !meta.is_dir() {
+        return Err(Error::Rejected(format!(
+            "{path:?} is neither a regular file nor a folder (a FIFO, socket or device)"
+        )));
+    }
+    let root = folder_root(path);
+    let inside = std::fs::canonicalize(&target).context(|| format!("resolving {path:?}"))?;
+    let mut out = Listing {
+        root: root.clone(),
+        ..Listing::default()
+    };
+    // Folders still to read: (where, path under the published folder).
+    let mut todo: Vec<(PathBuf, String)> = vec![(target, String::new())];
+    while let Some((dir, prefix)) = todo.pop() {
+        let shown = format!("{root}{prefix}");
+        let entries =
+            std::fs::read_dir(&dir).context(|| format!("reading the folder {shown:?}"))?;
+        for entry in entries {
+            let entry = entry.context(|| format!("reading the folder {shown:?}"))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                let lossy = name.to_string_lossy();
+                out.skipped
+                    .add(format!("{prefix}{lossy}"), SkipReason::NotUtf8);
+                continue;
+            };
+            let rel = format!("{prefix}{name}");
+            let full = format!("{root}{rel}");
+            if full.starts_with(state) || format!("{full}/") == state {
+                continue;
+            }
+            if check_path(&rel).is_err() {
+                out.skipped.add(rel, SkipReason::UnsafeName);
+                continue;
+            }
+            let kind = entry
+                .file_type()
+                .context(|| format!("reading the type of {full:?}"))?;
+            let at = entry.path();
+            let meta = if kind.is_symlink() {
+                let Ok(real) = std::fs::canonicalize(&at) else {
+                    out.skipped.add(rel, SkipReason::LinkBroken);
+                    continue;
+                };
+                if !real.starts_with(&inside) {
+                    out.skipped.add(rel, SkipReason::LinkOutside);
+                    continue;
+                }
+                let meta = std::fs::metadata(&at).context(|| format!("stat {full:?}"))?;
+                if meta.is_dir() {
+                    out.skipped.add(rel, SkipReason::LinkToFolder);
+                    continue;
+                }
+                meta
+            } else {
+                entry.metadata().context(|| format!("stat {full:?}"))?
+            };
+            if meta.is_dir() {
+                out.dirs.push((rel.clone(), mode_bits(&meta)));
+                todo.push((at, format!("{rel}/")));
+            } else if meta.is_file() {
+                out.files.push((rel, meta.len(), mode_bits(&meta)));
+            } else {
+                out.skipped.add(rel, SkipReason::NotRegular);
+            }
+        }
+    }
+    out.files.sort();
+    out.dirs.sort();
+    Ok(out)
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    fn reasons(l: &Listing) -> Vec<(String, SkipReason)> {
+        let mut v: Vec<_> = l
+            .skipped
+            .first
+            .iter()
+            .map(|s| (s.path.clone(), s.reason))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn a_folder_carries_files_and_folders_and_names_what_it_leaves_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let t = root.join("t");
+        std::fs::create_dir_all(t.join("sub/deeper")).unwrap();
+        std::fs::create_dir_all(t.join("empty")).unwrap();
+        std::fs::write(t.join("a.txt"), b"a").unwrap();
+        std::fs::write(t.join("sub/deeper/b"), b"bb").unwrap();
+        std::fs::write(t.join("back\\slash"), b"x").unwrap();
+        std::fs::write(t.join(std::ffi::OsStr::from_bytes(b"\xff-latin1")), b"x").unwrap();
+        std::fs::write(root.join("outside"), b"secret").unwrap();
+        std::os::unix::fs::symlink("a.txt", t.join("link-in")).unwrap();
+        std::os::unix::fs::symlink("../outside", t.join("link-out")).unwrap();
+        std::os::unix::fs::symlink("nowhere", t.join("dangling")).unwrap();
+        std::os::unix::fs::symlink("loop2", t.join("loop1")).unwrap();
+        std::os::unix::fs::symlink("loop1", t.join("loop2")).unwrap();
+        std::os::unix::fs::symlink(".", t.join("self")).unwrap();
+        mkfifo(&t.join("fifo"));
+        let _sock = std::os::unix::net::UnixListener::bind(t.join("sock")).unwrap();
+        std::fs::create_dir_all(root.join(".caravan")).unwrap();
+
+        let l = walk_local(root, "t", ".caravan/").unwrap();
+        assert_eq!(l.root, "t/");
+        let files: Vec<_> = l.files.iter().map(|f| (f.0.as_str(), f.1)).collect();
+        assert_eq!(files, [("a.txt", 1), ("link-in", 1), ("sub/deeper/b", 2)]);
+        let dirs: Vec<_> = l.dirs.iter().map(|d| d.0.as_str()).collect();
+        assert_eq!(dirs, ["empty", "sub", "sub/deeper"]);
+        assert_eq!(
+            reasons(&l),
+            [
+                ("back\\slash".to_string(), SkipReason::UnsafeName),
+                ("dangling".into(), SkipReason::LinkBroken),
+                ("fifo".into(), SkipReason::NotRegular),
+                ("link-out".into(), SkipReason::LinkOutside),
+                ("loop1".into(), SkipReason::LinkBroken),
+                ("loop2".into(), SkipReason::LinkBroken),
+                ("self".into(), SkipReason::LinkToFolder),
+                ("sock".into(), SkipReason::NotRegular),
+                ("\u{fffd}-latin1".into(), SkipReason::NotUtf8),
+            ]
+        );
+        assert_eq!(l.skipped.total, 9);
+
+        // The whole storage: the state folder is not part of it.
+        let all = walk_local(root, "", ".caravan/").unwrap();
+        assert!(all.dirs.iter().all(|d| !d.0.starts_with(".caravan")));
+        assert!(all.files.iter().any(|f| f.0 == "outside"));
+    }
+
+    #[test]
+    fn a_published_path_that_is_not_a_file_or_folder_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("storage");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(tmp.path().join("secret"), b"s").unwrap();
+        std::fs::write(root.join("f"), b"ff").unwrap();
+        mkfifo(&root.join("fifo"));
+        std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
+        std::os::unix::fs::symlink("f", root.join("in")).unwrap();
+        std::os::unix::fs::symlink("in-loop", root.join("in-loop")).unwrap();
+
+        let one = walk_local(&root, "in", ".caravan/").unwrap();
+        assert_eq!(one.files, [("in".to_string(), 2, one.files[0].2)]);
+        for (path, says) in [
+            ("fifo", "neither a regular file nor a folder"),
+            ("out", "outside the agent's storage"),
+            ("in-loop", "leading nowhere"),
+        ] {
+            let e = walk_local(&root, path, ".caravan/").unwrap_err();
+            assert!(e.is_bad_input(), "{path}: {e}");
+            assert!(e.to_string().contains(says), "{path}: {e}");
+        }
+        let e = walk_local(&root, "missing", ".caravan/").unwrap_err();
+        assert!(matches!(e, Error::NotFound(_)), "{e}");
+    }
+
+    #[test]
+    fn a_summary_names_the_first_few_and_counts_all() {
+        let mut s = Skipped::default();
+        for i in 0..100 {
+            s.add(format!("f{i}"), SkipReason::NotRegular);
+        }
+        assert_eq!(s.total, 100);
+        assert_eq!(s.first.len(), SKIPPED_SHOWN);
+    }
+
+    fn mkfifo(p: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(p)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
