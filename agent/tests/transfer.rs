@@ -261,6 +261,82 @@ fn killed_fetcher_resumes_without_refetching() {
     assert_eq!(after["share_id"].as_str().unwrap(), share);
 }
 
+/// Guarantee: a fetch outlives its only peer's restart (a redeployed pod,
+/// a crashed daemon): the fetcher dials the same agent at the same address
+/// again (a few rounds, growing pauses) and completes, re-asking only for
+/// the chunks that were in flight.
+#[test]
+fn fetch_survives_its_only_peer_restarting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 160 << 20];
+    fill_pseudo_random(&mut data, 11);
+    std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
+    drop(data);
+    alice.start();
+    bob.start();
+    let (_share, tickets) = publish(&alice, "payload", &[&bob.id], &[]);
+    cli_ok(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "got",
+        "--detach",
+    ]);
+    let status = |bob: &TestAgent| -> serde_json::Value {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
+        st["fetches"][0].clone()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let f = status(&bob);
+        let (done, total) = (
+            f["chunks_done"].as_u64().unwrap_or(0),
+            f["chunks_total"].as_u64().unwrap_or(0),
+        );
+        if total > 0 && done >= 10 && done < total {
+            break;
+        }
+        assert_ne!(
+            f["state"], "done",
+            "transfer finished before the peer could restart"
+        );
+        assert!(Instant::now() < deadline, "transfer never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    alice.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    alice.start();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let after = loop {
+        let f = status(&bob);
+        if f["state"] == "done" {
+            break f;
+        }
+        assert_ne!(f["state"], "failed", "{f}\n{}", bob.log_tail());
+        assert!(Instant::now() < deadline, "the fetch did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let total = after["chunks_total"].as_u64().unwrap();
+    let fetched = after["chunks_fetched"].as_u64().unwrap();
+    assert!(
+        fetched <= total + 64,
+        "asked again for more than the chunks in flight: {fetched} of {total}"
+    );
+    assert_same_tree(&src, &bob.data().join("got"));
+    assert!(
+        bob.log_tail().contains("reconnected to a lost peer"),
+        "{}",
+        bob.log_tail()
+    );
+}
+
 #[test]
 fn corrupt_peer_is_detected_and_honest_peer_completes() {
     let tmp = tempfile::tempdir().unwrap();

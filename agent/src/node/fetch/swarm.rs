@@ -1,16 +1,23 @@
 //! The peers serving one fetch: connections to each, strikes against the
 //! ones that send corrupt chunks, and the verified get of one chunk. The
 //! publisher's bucket (offline seeding, `seed.rs`) is one more source.
+//!
+//! A peer that goes away (a restarted daemon, a rescheduled pod, a dropped
+//! connection) is dialled again, the same agent at the same address, when
+//! no connection is left to ask: a few times per fetch with growing pauses
+//! ([`REVIVALS`], about 20 s in all), then the fetch fails as before, and
+//! keeps what it verified for the next attempt.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::stream::StreamExt;
 
 use crate::chunk::{self, ChunkRef, Verified};
 use crate::error::{Error, Result};
-use crate::identity::AgentId;
+use crate::identity::{AgentId, SecretKey};
 use crate::manifest::ShareId;
 use crate::node::agent::Agent;
 use crate::node::fetch::progress::FetchProgress;
@@ -22,10 +29,22 @@ use crate::wire::client::PeerConn;
 /// Corrupt chunks after which a peer is no longer asked.
 const BAN_AFTER: u32 = 8;
 
+/// Rounds of dialling lost peers again, per fetch; round `n` waits
+/// `500 ms * 2^n` (at most 8 s) first.
+const REVIVALS: u32 = 5;
+
 /// The peers serving one fetch, and what we think of them.
 pub(crate) struct Swarm {
     share: ShareId,
-    conns: Vec<Arc<PeerConn>>,
+    /// Open (or lately closed) connections; revived ones replace closed ones.
+    conns: Mutex<Vec<Arc<PeerConn>>>,
+    /// Whether any peer answered at the start (else the bucket is the source).
+    had_peers: bool,
+    /// Who was reached where: what a revival dials again.
+    reached: Vec<(String, AgentId)>,
+    key: SecretKey,
+    /// Revival rounds spent; one revival at a time.
+    revivals: tokio::sync::Mutex<u32>,
     strikes: Mutex<HashMap<AgentId, u32>>,
     metrics: Metrics,
     progress: Arc<FetchProgress>,
@@ -86,9 +105,17 @@ impl Swarm {
         if let Ok(mut p) = progress.peers.lock() {
             *p = ids;
         }
+        let mut reached: Vec<(String, AgentId)> =
+            conns.iter().map(|c| (c.addr.clone(), c.peer)).collect();
+        reached.sort();
+        reached.dedup();
         Ok(Swarm {
             share,
-            conns,
+            had_peers: !conns.is_empty(),
+            conns: Mutex::new(conns),
+            reached,
+            key: agent.key.clone(),
+            revivals: tokio::sync::Mutex::new(0),
             strikes: Mutex::new(HashMap::new()),
             metrics: agent.metrics.clone(),
             progress,
@@ -96,14 +123,59 @@ impl Swarm {
         })
     }
 
+    fn conns(&self) -> Vec<Arc<PeerConn>> {
+        self.conns.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
     /// One connection per distinct peer.
     pub(crate) fn distinct(&self) -> Vec<Arc<PeerConn>> {
         let mut seen = HashSet::new();
-        self.conns
-            .iter()
+        self.conns()
+            .into_iter()
             .filter(|c| seen.insert(c.peer))
-            .cloned()
             .collect()
+    }
+
+    /// Dials the peers whose connections all closed again, when none is
+    /// open: true when one is (or another caller revived one meanwhile).
+    /// Bounded by [`REVIVALS`] rounds per fetch.
+    async fn revive(&self) -> bool {
+        let mut rounds = self.revivals.lock().await;
+        loop {
+            if self.conns().iter().any(|c| !c.is_closed()) {
+                return true;
+            }
+            if *rounds >= REVIVALS {
+                return false;
+            }
+            let pause = Duration::from_millis(500 << (*rounds).min(4));
+            *rounds += 1;
+            tokio::time::sleep(pause).await;
+            for (addr, peer) in &self.reached {
+                if self.banned(peer) {
+                    continue;
+                }
+                let mut fresh = Vec::new();
+                for _ in 0..tuning::conns_per_peer() {
+                    match PeerConn::connect(addr, &self.key, Some(*peer)).await {
+                        Ok(c) => fresh.push(Arc::new(c)),
+                        Err(e) => {
+                            self.metrics.error("connect");
+                            tracing::info!(%addr, peer = %peer.short(), round = *rounds, error = %e, "a lost peer is still unreachable");
+                            break;
+                        }
+                    }
+                }
+                if fresh.is_empty() {
+                    continue;
+                }
+                tracing::info!(%addr, peer = %peer.short(), round = *rounds, "reconnected to a lost peer");
+                if let Ok(mut conns) = self.conns.lock() {
+                    conns.retain(|c| !c.is_closed());
+                    conns.extend(fresh);
+                }
+            }
+        }
     }
 
     fn banned(&self, peer: &AgentId) -> bool {
@@ -114,11 +186,10 @@ impl Swarm {
     }
 
     fn pick(&self, avoid: &HashSet<AgentId>) -> Option<Arc<PeerConn>> {
-        self.conns
-            .iter()
+        self.conns()
+            .into_iter()
             .filter(|c| !c.is_closed() && !avoid.contains(&c.peer) && !self.banned(&c.peer))
             .min_by_key(|c| c.in_flight())
-            .cloned()
     }
 
     /// Gets one chunk, verified (not yet opened: the writer decrypts it
@@ -129,7 +200,7 @@ impl Swarm {
         if let Some(seed) = &self.seed {
             match self.get_seeded(seed, &r).await {
                 Some(Ok(plain)) => return Ok(plain),
-                Some(Err(e)) if self.conns.is_empty() => {
+                Some(Err(e)) if !self.had_peers => {
                     return Err(Error::Protocol(format!(
                         "chunk {}: the publisher's bucket failed ({e}) and no live peer holds the share",
                         r.id
@@ -139,8 +210,32 @@ impl Swarm {
                 None => {}
             }
         }
-        for _ in 0..(self.conns.len() + 2) {
-            let Some(conn) = self.pick(&avoid) else { break };
+        // Peers that sent this chunk corrupt: never asked for it again,
+        // even after a revival (which forgets the ones that merely failed).
+        let mut lied = HashSet::new();
+        let mut asks = self.conns().len() + 2;
+        let mut revivals = 0;
+        let mut lost = false;
+        loop {
+            if asks == 0 {
+                // No connection left to ask. When one we asked closed
+                // (not merely failed, stalled or lied), dial the lost peers
+                // again (bounded per fetch); else give up.
+                revivals += 1;
+                if !lost || revivals > REVIVALS + 1 || !self.had_peers || !self.revive().await {
+                    break;
+                }
+                avoid.retain(|p| lied.contains(p));
+                asks = self.conns().len() + 2;
+            }
+            asks -= 1;
+            let Some(conn) = self.pick(&avoid) else {
+                // Nothing to ask: some connection may have closed before
+                // this chunk asked it.
+                lost |= self.conns().iter().any(|c| c.is_closed());
+                asks = 0;
+                continue;
+            };
             match conn.chunk(&self.share, &r.id).await {
                 Ok(ct) => {
                     let n = ct.len() as u64;
@@ -160,11 +255,13 @@ impl Swarm {
                                 *s.entry(conn.peer).or_default() += 1;
                             }
                             avoid.insert(conn.peer);
+                            lied.insert(conn.peer);
                             last = Some(e);
                         }
                     }
                 }
                 Err(e) => {
+                    lost |= conn.is_closed();
                     self.metrics.error("peer_request");
                     self.metrics.peer_error(&conn.peer.short(), "request");
                     tracing::debug!(peer = %conn.peer.short(), error = %e, "chunk request failed; asking another peer");
@@ -180,7 +277,7 @@ impl Swarm {
     /// without live peers, else while its window has room. `None`: not
     /// asked. A failure is a strike against the bucket.
     async fn get_seeded(&self, seed: &SeedSource, r: &ChunkRef) -> Option<Result<Verified>> {
-        let peers = !self.conns.is_empty();
+        let peers = self.had_peers;
         if peers && (!seed.usable() || seed.in_flight() >= SEED_WINDOW) {
             return None;
         }
