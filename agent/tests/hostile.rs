@@ -923,6 +923,55 @@ fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     })
 }
 
+/// Guarantee: sockets that never finish (or never start) a TLS handshake
+/// cannot keep honest peers out. At a cap, the oldest connection still
+/// handshaking gives its slot to the newcomer, both for the per-address
+/// cap (a flood from the honest peer's own address) and for the total cap
+/// (a flood from another address); established connections keep theirs.
+#[test]
+fn a_handshake_flood_does_not_keep_honest_peers_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    alice.env.push(("CARAVAN_MAX_CONNS".into(), "12".into()));
+    alice
+        .env
+        .push(("CARAVAN_MAX_CONNS_PER_IP".into(), "8".into()));
+    let src = alice.data().join("payload");
+    make_tree(&src, 4, 300_000);
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "payload", &[&bob.id], &[]);
+    let rt = rt();
+    let addr: std::net::SocketAddr = alice.peer_addr.parse().unwrap();
+    // 8 silent sockets from bob's own address (its cap), 8 from another
+    // loopback address sending half a ClientHello (the total cap).
+    let flood: Vec<tokio::net::TcpStream> = rt.block_on(async {
+        let mut out = Vec::new();
+        for i in 0..16 {
+            let from = if i < 8 { "127.0.0.1:0" } else { "127.0.0.2:0" };
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(from.parse().unwrap()).unwrap();
+            let mut s = sock.connect(addr).await.unwrap();
+            if i >= 8 {
+                use tokio::io::AsyncWriteExt;
+                s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+                    .await
+                    .unwrap();
+            }
+            out.push(s);
+        }
+        out
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    for round in 0..2 {
+        let v = fetch(&bob, &tickets[0], &format!("got{round}"), &[]);
+        assert_eq!(v["state"], "done", "round {round}: {v}");
+        assert_same_tree(&src, &bob.data().join(format!("got{round}")));
+    }
+    drop(flood);
+}
+
 /// Connections are capped per address and per peer, idle connections and
 /// half-sent frames are cut, request frames are bounded per type, and a
 /// client refuses a response frame larger than its request type allows.

@@ -1,6 +1,6 @@
 //! Accepts peer connections and answers pipelined requests concurrently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -176,6 +176,103 @@ impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Drop for Slot<K> {
     }
 }
 
+/// The slots a connection holds: one of the total, one of its address's.
+struct Slots {
+    _conn: Option<OwnedSemaphorePermit>,
+    ip: Option<Slot<IpAddr>>,
+}
+
+/// One connection still in its TLS handshake.
+struct Pending {
+    id: u64,
+    ip: IpAddr,
+    slots: Slots,
+    evicted: CancellationToken,
+}
+
+/// Connections still in their TLS handshake, oldest first.
+///
+/// Anyone can open sockets and never finish a handshake (or finish it
+/// slowly, up to [`Limits::handshake`]). Were those to hold their slots
+/// like established connections, a flood of them would keep every honest
+/// peer out. So when a cap is reached, the oldest connection still
+/// handshaking (from the newcomer's address, when that address is at its
+/// cap) gives its slots to the newcomer and is closed. An honest handshake
+/// takes milliseconds: a flood would have to push it out within that time,
+/// with a fresh connection for every one it evicts. Established
+/// connections are never evicted (their caps: per address, per agent id,
+/// and the idle timeout).
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    queue: VecDeque<Pending>,
+}
+
+impl Handshakes {
+    /// Slots for a newcomer from `ip` taken from the oldest handshake that
+    /// can give them: `need_conn` (the total is full) and/or `need_ip` (its
+    /// address is full; then only a handshake from `ip` can give).
+    fn evict_for(&mut self, ip: IpAddr, need_conn: bool, need_ip: bool) -> Option<Slots> {
+        let at = self.queue.iter().position(|p| !need_ip || p.ip == ip)?;
+        let old = self.queue.remove(at)?;
+        old.evicted.cancel();
+        Some(Slots {
+            _conn: if need_conn { old.slots._conn } else { None },
+            ip: if need_ip { old.slots.ip } else { None },
+        })
+    }
+}
+
+/// Registers a connection as handshaking; gives its slots back (or drops
+/// them, when it failed) once it leaves, however it leaves.
+struct HandshakeGuard {
+    all: Arc<Mutex<Handshakes>>,
+    id: u64,
+}
+
+impl HandshakeGuard {
+    fn enter(
+        all: &Arc<Mutex<Handshakes>>,
+        ip: IpAddr,
+        slots: Slots,
+    ) -> Option<(Self, CancellationToken)> {
+        let mut h = all.lock().ok()?;
+        h.next += 1;
+        let id = h.next;
+        let evicted = CancellationToken::new();
+        h.queue.push_back(Pending {
+            id,
+            ip,
+            slots,
+            evicted: evicted.clone(),
+        });
+        Some((
+            HandshakeGuard {
+                all: all.clone(),
+                id,
+            },
+            evicted,
+        ))
+    }
+
+    /// The slots, for the established connection; `None` when evicted.
+    fn finish(self) -> Option<Slots> {
+        let mut h = self.all.lock().ok()?;
+        let at = h.queue.iter().position(|p| p.id == self.id)?;
+        h.queue.remove(at).map(|p| p.slots)
+    }
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.all.lock()
+            && let Some(at) = h.queue.iter().position(|p| p.id == self.id)
+        {
+            h.queue.remove(at);
+        }
+    }
+}
+
 /// Answers one request: the payload, and its hash when it goes raw (a chunk).
 async fn handle<S: Service>(svc: &S, peer: AgentId, f: Frame) -> Result<(Body, Option<[u8; 32]>)> {
     match parse_request(f.typ, &f.payload)? {
@@ -213,6 +310,7 @@ pub async fn serve_with<S: Service>(
     let total = Arc::new(Semaphore::new(limits.max_conns));
     let per_ip: Arc<Counter<IpAddr>> = Counter::new(limits.max_conns_per_ip);
     let per_peer: Arc<Counter<AgentId>> = Counter::new(limits.max_conns_per_peer);
+    let handshakes: Arc<Mutex<Handshakes>> = Arc::default();
     let limits = Arc::new(limits);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -226,13 +324,33 @@ pub async fn serve_with<S: Service>(
                 }
             },
         };
-        // Over a cap the socket is simply closed: no handshake, no work.
-        let Ok(conn_slot) = total.clone().try_acquire_owned() else {
-            debug!(%addr, "connection refused: total connection limit reached");
+        // Over a cap, the oldest connection still handshaking gives way
+        // (see `Handshakes`); with none, the socket is simply closed: no
+        // handshake, no work.
+        let conn_slot = total.clone().try_acquire_owned().ok();
+        let ip_slot = per_ip.take(addr.ip());
+        let slots = match (conn_slot, ip_slot) {
+            (Some(c), Some(i)) => Some(Slots {
+                _conn: Some(c),
+                ip: Some(i),
+            }),
+            (c, i) => {
+                let (need_conn, need_ip) = (c.is_none(), i.is_none());
+                let given = handshakes
+                    .lock()
+                    .ok()
+                    .and_then(|mut h| h.evict_for(addr.ip(), need_conn, need_ip));
+                given.map(|g| Slots {
+                    _conn: c.or(g._conn),
+                    ip: i.or(g.ip),
+                })
+            }
+        };
+        let Some(slots) = slots else {
+            debug!(%addr, "connection refused: connection limit reached, no handshake to evict");
             continue;
         };
-        let Some(ip_slot) = per_ip.take(addr.ip()) else {
-            debug!(%addr, "connection refused: per-address limit reached");
+        let Some((guard, evicted)) = HandshakeGuard::enter(&handshakes, addr.ip(), slots) else {
             continue;
         };
         let _ = tcp.set_nodelay(true);
@@ -242,8 +360,16 @@ pub async fn serve_with<S: Service>(
         let per_peer = per_peer.clone();
         let limits = limits.clone();
         tokio::spawn(async move {
-            let _slots = (conn_slot, ip_slot);
-            let accepted = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await;
+            let accepted = tokio::select! {
+                _ = evicted.cancelled() => {
+                    debug!(%addr, "handshake evicted: a newcomer needed its slot");
+                    return;
+                }
+                r = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)) => r,
+            };
+            let Some(_slots) = guard.finish() else {
+                return;
+            };
             let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
