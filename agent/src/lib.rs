@@ -41,6 +41,8 @@ macro_rules! text_serde {
 pub mod cdc;
 pub mod chunk;
 pub mod config;
+#[cfg(feature = "node")]
+pub mod conn_limits;
 pub mod crypto;
 pub mod daemon;
 pub mod declare;

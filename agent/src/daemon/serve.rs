@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
+use crate::conn_limits::{CappedListener, HttpLimits};
 use crate::daemon::admin::admin_router_with;
 use crate::error::{Context, Error, Result};
 use crate::identity::SecretKey;
@@ -189,7 +190,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let admin = admin_router_with(agent.clone(), token, Some(declared));
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        let _ = axum::serve(admin_listener, admin)
+        // Caps, but no idle cut: a publish is answered when its pass ends.
+        let limits = HttpLimits {
+            idle: None,
+            ..HttpLimits::from_env()
+        };
+        let capped = CappedListener::new(admin_listener, limits);
+        let _ = axum::serve(capped, admin)
             .with_graceful_shutdown(sd.cancelled_owned())
             .await;
     });
@@ -197,7 +204,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         let r = metrics_router(agent.clone(), ready.clone());
         let sd = shutdown.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(l, r)
+            let _ = axum::serve(CappedListener::new(l, HttpLimits::from_env()), r)
                 .with_graceful_shutdown(sd.cancelled_owned())
                 .await;
         });

@@ -1,6 +1,6 @@
 //! Accepts peer connections and answers pipelined requests concurrently.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 use super::channel::{self, Body, Outgoing};
 use super::{Frame, FrameType, Request, parse_request, request_limit, tls};
 use crate::chunk::ChunkId;
+use crate::conn_limits::{Counter, Slot};
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
 use crate::manifest::ShareId;
@@ -133,45 +134,6 @@ impl Limits {
             handshake: d.handshake,
             idle: secs("CARAVAN_PEER_IDLE_SECS", d.idle),
             read: secs("CARAVAN_PEER_READ_SECS", d.read),
-        }
-    }
-}
-
-/// Counts open connections per key; a slot is given back when dropped.
-struct Counter<K: std::hash::Hash + Eq + Copy> {
-    map: Mutex<HashMap<K, usize>>,
-    max: usize,
-}
-
-struct Slot<K: std::hash::Hash + Eq + Copy + Send + 'static>(Arc<Counter<K>>, K);
-
-impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Counter<K> {
-    fn new(max: usize) -> Arc<Self> {
-        Arc::new(Counter {
-            map: Mutex::new(HashMap::new()),
-            max,
-        })
-    }
-    fn take(self: &Arc<Self>, k: K) -> Option<Slot<K>> {
-        let mut m = self.map.lock().ok()?;
-        let n = m.entry(k).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(Slot(self.clone(), k))
-    }
-}
-
-impl<K: std::hash::Hash + Eq + Copy + Send + 'static> Drop for Slot<K> {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.0.map.lock()
-            && let Some(n) = m.get_mut(&self.1)
-        {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.1);
-            }
         }
     }
 }

@@ -46,6 +46,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use futures::TryStreamExt;
 use opendal::{ErrorKind, Operator};
 use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
@@ -86,6 +87,9 @@ pub struct RepositoryConfig {
     pub max_results: usize,
     /// Verified-record cache size (entries); it only saves signature checks.
     pub cache_entries: usize,
+    /// Connection caps and idle cut of the listener (the trusted proxies
+    /// are exempt from its per-address cap).
+    pub connections: crate::conn_limits::HttpLimits,
 }
 
 impl Default for RepositoryConfig {
@@ -97,6 +101,7 @@ impl Default for RepositoryConfig {
             trusted_proxies: Vec::new(),
             max_results: MAX_FRAMES,
             cache_entries: 100_000,
+            connections: crate::conn_limits::HttpLimits::from_env(),
         }
     }
 }
@@ -761,6 +766,13 @@ pub async fn serve_with(
         .local_addr()
         .context(|| "reading the listener address".into())?;
     tracing::info!(%addr, "repository listening");
+    let mut limits = repo.cfg.connections.clone();
+    limits
+        .exempt
+        .extend(repo.cfg.trusted_proxies.iter().cloned());
+    // `tap_io` does nothing to the connections: it is how axum lends
+    // `ConnectInfo<SocketAddr>` (the rate limit's key) to any listener.
+    let listener = crate::conn_limits::CappedListener::new(listener, limits).tap_io(|_| {});
     axum::serve(
         listener,
         repo.router()
