@@ -65,8 +65,8 @@ mod handlers;
 mod layout;
 mod limits;
 
+pub use crate::conn_limits::Cidr;
 use layout::*;
-pub use limits::Cidr;
 use limits::RateLimiter;
 
 use super::{FRAMES_CONTENT_TYPE, MAX_FRAMES, MAX_RECORD_BYTES, NEXT_CURSOR_HEADER, encode_frames};
