@@ -1272,3 +1272,37 @@ fn admin_token_is_checked_before_the_body_is_parsed() {
         }
     }
 }
+
+/// Guarantee: what to publish and where to fetch to stay inside the
+/// agent's storage and out of its state folder, refused as bad input
+/// before anything is read or written. On a local disk the storage's
+/// parent is the agent's own folder (its key, its admin token), and the
+/// publish walk and the fetch's direct writes use the disk directly, not
+/// through OpenDAL's root check.
+#[test]
+fn publish_and_fetch_paths_cannot_leave_the_storage_or_enter_the_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    make_tree(&alice.data().join("t"), 2, 1000);
+    alice.start();
+    bob.start();
+    for path in ["..", "../", "t/../..", ".caravan", "./.caravan/shares"] {
+        let out = cli(&["publish", "--config", alice.cfg(), path, "--to", &bob.id]);
+        assert_eq!(out.status.code(), Some(3), "publish {path:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("leaves the agent's storage") || err.contains("state folder"),
+            "{err}"
+        );
+    }
+    let (_, tickets) = publish(&alice, "t", &[&bob.id], &[]);
+    for dest in ["../x", "got/../../y", ".caravan/z", "./.caravan"] {
+        let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", dest]);
+        assert_eq!(out.status.code(), Some(3), "fetch --dest {dest:?}: {out:?}");
+    }
+    assert!(!bob.dir.join("x").exists() && !tmp.path().join("y").exists());
+    let v = fetch(&bob, &tickets[0], "./got//", &[]);
+    assert_eq!(v["state"], "done", "{v}");
+    assert_same_tree(&alice.data().join("t"), &bob.data().join("got"));
+}

@@ -103,14 +103,12 @@ fn check_path(state_prefix: &str, field: &str, p: &str) -> Result<()> {
             "{field} {p:?} leaves the storage root or enters the agent's state"
         )))
     };
-    if p.len() > 1024 || p.starts_with('/') || p.contains('\\') || p.chars().any(char::is_control) {
+    // Stricter than the CLI (no leading `/`, no backslash, shorter), then
+    // the rules every user path follows (`state::user_path`).
+    if p.len() > 1024 || p.starts_with('/') || p.contains('\\') {
         return bad();
     }
-    if p.split('/').any(|c| c == "..") {
-        return bad();
-    }
-    let norm = format!("{}/", p.trim_matches('/'));
-    if norm.starts_with(state_prefix) || p.trim_matches('/') == state_prefix.trim_end_matches('/') {
+    if crate::node::state::user_path(state_prefix, p).is_err() {
         return bad();
     }
     Ok(())
@@ -826,7 +824,7 @@ impl Declarations {
 /// modification time or etag. A new version is published only when it
 /// changes.
 async fn fingerprint(agent: &Agent, path: &str) -> Result<String> {
-    let p = crate::node::publish::normalize(path);
+    let p = crate::node::state::user_path(&agent.opts.state_prefix, path)?;
     let root = if p.is_empty() || p.ends_with('/') {
         p.clone()
     } else {

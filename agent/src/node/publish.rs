@@ -95,16 +95,6 @@ pub struct PublishProgress {
     pub bytes: AtomicU64,
 }
 
-/// Normalizes a user path into OpenDAL form: no leading `/`, `""` = the root.
-pub fn normalize(path: &str) -> String {
-    let p = path.trim().trim_start_matches('/');
-    if p == "." {
-        String::new()
-    } else {
-        p.to_string()
-    }
-}
-
 impl Agent {
     /// Publishes `req.path` (a new share or a new version of one).
     pub async fn publish(
@@ -124,7 +114,7 @@ impl Agent {
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
         let started = Instant::now();
-        let path = normalize(&req.path);
+        let path = crate::node::state::user_path(&self.opts.state_prefix, &req.path)?;
         let (share_id, seq, key) = match req.share_id {
             Some(id) => {
                 let old = self

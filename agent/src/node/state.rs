@@ -15,9 +15,41 @@
 
 use opendal::Operator;
 
-use crate::error::{Context, Result};
+use crate::error::{Context, Error, Result};
 use crate::manifest::ShareId;
 use crate::util::hex;
+
+/// A path the user names in the agent's storage (what to publish, where to
+/// fetch to), in OpenDAL form: no leading `/` (`/` and `""` are the root),
+/// `.` and empty components dropped, a trailing `/` kept. Refused (bad
+/// input, nothing touched) when it would leave the storage (a `..`
+/// component: on a local disk that is the agent's own folder, its key
+/// and admin token), holds a control character, or lies inside the
+/// agent's state folder `prefix`.
+pub fn user_path(prefix: &str, path: &str) -> Result<String> {
+    let p = path.trim();
+    let refuse = |why: &str| Err(Error::Rejected(format!("the path {p:?} {why}")));
+    if p.len() > 4096 || p.chars().any(char::is_control) {
+        return refuse("is too long or holds a control character");
+    }
+    let mut parts = Vec::new();
+    for c in p.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return refuse("leaves the agent's storage (`..`)"),
+            c => parts.push(c),
+        }
+    }
+    let mut norm = parts.join("/");
+    let state = prefix.trim_end_matches('/');
+    if !state.is_empty() && (norm == state || norm.starts_with(&format!("{state}/"))) {
+        return refuse("is inside the agent's state folder");
+    }
+    if !norm.is_empty() && p.ends_with('/') {
+        norm.push('/');
+    }
+    Ok(norm)
+}
 
 /// `<prefix>shares/`: one folder per held share.
 pub fn shares_dir(prefix: &str) -> String {
@@ -127,4 +159,37 @@ pub async fn sub_dirs(op: &Operator, dir: &str) -> Result<Vec<String>> {
         .map(|e| e.path().to_string())
         .filter(|p| p != dir && p.ends_with('/'))
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_paths_stay_in_the_storage_and_out_of_the_state() {
+        let ok = |p: &str| user_path(".caravan/", p).unwrap();
+        assert_eq!(ok(""), "");
+        assert_eq!(ok("/"), "");
+        assert_eq!(ok("."), "");
+        assert_eq!(ok("./photos//2024/"), "photos/2024/");
+        assert_eq!(ok("/photos/a.jpg"), "photos/a.jpg");
+        assert_eq!(ok("x/.caravan"), "x/.caravan");
+        assert_eq!(ok(".caravanx"), ".caravanx");
+        for bad in [
+            "..",
+            "../",
+            "../etc",
+            "t/../..",
+            "t/../.caravan",
+            "a/b/../../..",
+            ".caravan",
+            "./.caravan/shares",
+            "/.caravan/",
+            "a\nb",
+            "a\0b",
+        ] {
+            let e = user_path(".caravan/", bad).unwrap_err();
+            assert!(e.is_bad_input(), "{bad:?}: {e}");
+        }
+    }
 }

@@ -24,7 +24,6 @@ use crate::node::fetch::seed::SeedSource;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::fetch::writer::{Job, LocalIndex};
 use crate::node::live::{LiveAnswer, LiveEnd};
-use crate::node::publish::normalize;
 use crate::node::share::{HeldShare, Role};
 use crate::node::{state, tuning};
 use crate::record::SignedRecord;
@@ -62,16 +61,14 @@ impl Agent {
                 ticket.recipient, self.id
             )));
         }
+        let dest = normalize_dir(&self.opts.state_prefix, &req.dest)?;
         let path = self.pending_path(&ticket.share_id);
         let json = serde_json::to_vec(&req).map_err(|e| Error::Config(e.to_string()))?;
         self.op
             .write(&path, json)
             .await
             .context(|| format!("saving {path}"))?;
-        let progress = Arc::new(FetchProgress::new(
-            ticket.share_id,
-            normalize_dir(&req.dest),
-        ));
+        let progress = Arc::new(FetchProgress::new(ticket.share_id, dest));
         if let Ok(mut m) = self.fetches.lock() {
             m.insert(ticket.share_id, progress.clone());
         }
@@ -163,12 +160,7 @@ impl Agent {
         progress: Arc<FetchProgress>,
     ) -> Result<()> {
         let ticket = ticket.clone();
-        let dest = normalize_dir(dest);
-        if dest.starts_with(&self.opts.state_prefix) {
-            return Err(Error::Rejected(
-                "the destination cannot be inside the agent's state prefix".into(),
-            ));
-        }
+        let dest = normalize_dir(&self.opts.state_prefix, dest)?;
         // A ticket for "agents the publisher trusts" carries no key: the
         // publisher releases it after checking our chain (see `present_proof`).
         let key = if ticket.wrapped_key.is_empty() {
@@ -823,11 +815,13 @@ impl Agent {
     }
 }
 
-fn normalize_dir(dest: &str) -> String {
-    let d = normalize(dest);
-    if d.is_empty() || d.ends_with('/') {
+/// A destination folder: a checked user path ([`state::user_path`]),
+/// ending with `/` unless it is the root.
+fn normalize_dir(state_prefix: &str, dest: &str) -> Result<String> {
+    let d = state::user_path(state_prefix, dest)?;
+    Ok(if d.is_empty() || d.ends_with('/') {
         d
     } else {
         format!("{d}/")
-    }
+    })
 }
