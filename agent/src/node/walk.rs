@@ -241,20 +241,20 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
         }
         Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
     };
-    // The published path itself may be a link: followed only when it
-    // stays inside the storage.
+    // The published path may be a link, or pass through one: followed only
+    // when where it really is stays inside the storage.
+    let storage = std::fs::canonicalize(fs_root).context(|| "resolving the storage".into())?;
+    let real = std::fs::canonicalize(&target).map_err(|_| {
+        Error::Rejected(format!(
+            "{path:?} is a symbolic link leading nowhere (dangling or looping)"
+        ))
+    })?;
+    if !real.starts_with(&storage) {
+        return Err(Error::Rejected(format!(
+            "{path:?} is (or passes through) a symbolic link leading outside the agent's storage"
+        )));
+    }
     let meta = if own.file_type().is_symlink() {
-        let storage = std::fs::canonicalize(fs_root).context(|| "resolving the storage".into())?;
-        let real = std::fs::canonicalize(&target).map_err(|_| {
-            Error::Rejected(format!(
-                "{path:?} is a symbolic link leading nowhere (dangling or looping)"
-            ))
-        })?;
-        if !real.starts_with(&storage) {
-            return Err(Error::Rejected(format!(
-                "{path:?} is a symbolic link leading outside the agent's storage"
-            )));
-        }
         std::fs::metadata(&target).context(|| format!("publishing {path:?}"))?
     } else {
         own
@@ -416,12 +416,17 @@ mod tests {
         std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
         std::os::unix::fs::symlink("f", root.join("in")).unwrap();
         std::os::unix::fs::symlink("in-loop", root.join("in-loop")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("elsewhere")).unwrap();
+        std::fs::write(tmp.path().join("elsewhere/passwd"), b"p").unwrap();
+        std::os::unix::fs::symlink("../elsewhere", root.join("dirlink")).unwrap();
 
         let one = walk_local(&root, "in", ".caravan/").unwrap();
         assert_eq!(one.files, [("in".to_string(), 2, one.files[0].2)]);
         for (path, says) in [
             ("fifo", "neither a regular file nor a folder"),
             ("out", "outside the agent's storage"),
+            ("dirlink", "outside the agent's storage"),
+            ("dirlink/passwd", "outside the agent's storage"),
             ("in-loop", "leading nowhere"),
         ] {
             let e = walk_local(&root, path, ".caravan/").unwrap_err();
