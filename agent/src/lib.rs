@@ -52,6 +52,7 @@ pub mod identity;
 pub mod manifest;
 #[cfg(feature = "node")]
 pub mod node;
+pub mod pool;
 pub mod record;
 #[cfg(feature = "node")]
 pub mod repository;

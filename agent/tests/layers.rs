@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("util", 0),
+    ("pool", 0),
     ("crypto", 1),
     ("conn_limits", 1),
     ("identity", 2),

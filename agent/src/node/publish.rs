@@ -1,8 +1,8 @@
 //! Publishing: walk a path in the user's storage, cut and seal every file,
 //! sign the manifest, remember the share, and hand out tickets.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
@@ -17,6 +17,7 @@ use crate::node::agent::Agent;
 use crate::node::live::{LiveEnd, LiveListing, LiveShare};
 use crate::node::share::{HeldShare, Role};
 use crate::node::walk::{Listing, Skipped};
+use crate::pool::FreeList;
 use crate::util::unix_now;
 use crate::wire::channel::Body;
 
@@ -470,55 +471,42 @@ struct FileOut<'a> {
 /// `keep` free blocks, no more than were alive at once anyway (two per file
 /// read at once, and the cache's worth); none once the pass has ended.
 struct BlockPool {
-    free: Mutex<Vec<Vec<u8>>>,
+    free: FreeList<Vec<u8>>,
     /// The size every block is allocated with (the largest a read asks).
     capacity: usize,
-    keep: usize,
-    /// Cleared when the pass ends: blocks coming back later are freed.
-    open: AtomicBool,
 }
 
 impl BlockPool {
     fn new(capacity: usize, keep: usize) -> Arc<BlockPool> {
         Arc::new(BlockPool {
-            free: Mutex::new(Vec::new()),
+            free: FreeList::new(keep),
             capacity,
-            keep,
-            open: AtomicBool::new(true),
         })
     }
 
     /// An empty block with room for `capacity` bytes.
     fn get(&self) -> Vec<u8> {
         self.free
-            .lock()
-            .ok()
-            .and_then(|mut v| v.pop())
+            .take()
             .unwrap_or_else(|| Vec::with_capacity(self.capacity))
     }
 
     fn put(&self, mut block: Vec<u8>) {
-        if block.capacity() != self.capacity || !self.open.load(Ordering::Relaxed) {
+        if block.capacity() != self.capacity {
             return;
         }
         block.clear();
-        if let Ok(mut v) = self.free.lock()
-            && v.len() < self.keep
-        {
-            v.push(block);
-        }
+        self.free.give(block);
     }
 }
 
-/// Ends a pass's pool when the pass ends, however it ends.
+/// Closes a pass's pool when the pass ends, however it ends: blocks coming
+/// back later (from the sealed cache) are freed.
 struct PassBlocks(Arc<BlockPool>);
 
 impl Drop for PassBlocks {
     fn drop(&mut self) {
-        self.0.open.store(false, Ordering::Relaxed);
-        if let Ok(mut v) = self.0.free.lock() {
-            *v = Vec::new();
-        }
+        self.0.free.close();
     }
 }
 

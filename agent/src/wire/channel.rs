@@ -28,6 +28,7 @@
 //! receiver needs to check the chunk id, so the MAC costs no extra pass.
 //! See docs/security.md ("Transport") for the argument.
 
+use crate::pool::FreeList;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -51,26 +52,25 @@ const POOLED_MIN: usize = 64 << 10;
 /// Capacity of a pooled receive buffer: the largest chunk the chunker cuts,
 /// sealed, and its MAC.
 const POOLED_CAPACITY: usize = crate::chunk::MAX_CUT + TAG_LEN + MAC_LEN;
-/// Receive buffers kept for reuse (at most this many), set by the node
-/// with [`keep_buffers`] to as many chunks as one fetch holds at once
-/// (`node::tuning::chunks_in_memory`), so a buffer freed while others are
-/// in flight is not dropped only to be faulted in again. With 12, a fetch
-/// of 1,000 small files (16 written at once) kept dropping and
-/// reallocating them: zeroing fresh pages was 15% of the recipient's CPU
-/// (`clear_page_erms` under its `recv`), 3% with 48. Bound: that many x
-/// 2 MiB, never more than the chunks in flight at a peak, and freed when
-/// the fetch or the peer's connection ends. None are kept until it is set.
-static POOLED_KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Sets how many receive buffers are kept for reuse (see [`POOLED_KEPT`]).
-pub fn keep_buffers(n: usize) {
-    POOLED_KEPT.store(n, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// Buffers for chunk bodies, reused: a fresh allocation of a chunk's size
 /// is fresh pages from the kernel, each faulted in and zeroed as the socket
 /// (or a file read) fills it (a tenth of a recipient's CPU before this pool).
-static RECEIVE_BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+///
+/// How many are kept is set by the node with [`keep_buffers`] to as many
+/// chunks as one fetch holds at once (`node::tuning::chunks_in_memory`), so
+/// a buffer freed while others are in flight is not dropped only to be
+/// faulted in again. With 12, a fetch of 1,000 small files (16 written at
+/// once) kept dropping and reallocating them: zeroing fresh pages was 15%
+/// of the recipient's CPU (`clear_page_erms` under its `recv`), 3% with 48.
+/// Bound: that many x 2 MiB, never more than the chunks in flight at a
+/// peak, and freed when the fetch or the peer's connection ends. None are
+/// kept until it is set.
+static RECEIVE_BUFFERS: FreeList<Vec<u8>> = FreeList::new(0);
+
+/// Sets how many receive buffers are kept for reuse (see [`RECEIVE_BUFFERS`]).
+pub fn keep_buffers(n: usize) {
+    RECEIVE_BUFFERS.set_keep(n);
+}
 
 /// An empty buffer with room for `n` bytes (a pooled one when `n` is a
 /// chunk's size): chunk bodies received, and chunks read to be served.
@@ -79,9 +79,7 @@ pub fn chunk_buffer(n: usize) -> Vec<u8> {
         return Vec::with_capacity(n);
     }
     RECEIVE_BUFFERS
-        .lock()
-        .ok()
-        .and_then(|mut v| v.pop())
+        .take()
         .unwrap_or_else(|| Vec::with_capacity(POOLED_CAPACITY))
 }
 
@@ -92,19 +90,13 @@ pub fn recycle(mut buf: Vec<u8>) {
         return;
     }
     buf.clear();
-    if let Ok(mut v) = RECEIVE_BUFFERS.lock()
-        && v.len() < POOLED_KEPT.load(std::sync::atomic::Ordering::Relaxed)
-    {
-        v.push(buf);
-    }
+    RECEIVE_BUFFERS.give(buf);
 }
 
 /// Frees the pooled buffers (a fetch or a peer's connection ended: an idle
 /// agent holds none).
 pub fn release_buffers() {
-    if let Ok(mut v) = RECEIVE_BUFFERS.lock() {
-        *v = Vec::new();
-    }
+    RECEIVE_BUFFERS.clear();
 }
 
 /// Body kinds.

@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::pool::FreeList;
+
 /// Block alignment for direct I/O: the page size, a multiple of every
 /// logical block size in use (512 or 4096).
 pub(crate) const ALIGN: usize = 4096;
@@ -69,35 +71,21 @@ impl Aligned {
 }
 
 /// Staging buffers shared by the files of one fetch, at most `keep` kept.
-pub(crate) struct Pool {
-    free: Mutex<Vec<Aligned>>,
-    keep: usize,
-}
+pub(crate) struct Pool(FreeList<Aligned>);
 
 impl Pool {
     /// A pool keeping at most `keep` buffers (`writer::staging_kept` for a fetch).
     pub(crate) fn new(keep: usize) -> Pool {
-        Pool {
-            free: Mutex::new(Vec::new()),
-            keep,
-        }
+        Pool(FreeList::new(keep))
     }
 
     fn get(&self) -> Aligned {
-        self.free
-            .lock()
-            .ok()
-            .and_then(|mut v| v.pop())
-            .unwrap_or_else(Aligned::new)
+        self.0.take().unwrap_or_else(Aligned::new)
     }
 
     /// Gives a buffer back for reuse.
     pub(crate) fn put(&self, a: Aligned) {
-        if let Ok(mut v) = self.free.lock()
-            && v.len() < self.keep
-        {
-            v.push(a);
-        }
+        self.0.give(a);
     }
 }
 
