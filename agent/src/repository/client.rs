@@ -88,6 +88,9 @@ impl RepositoryClient {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
+            // Repositories close connections idle for 30 s (conn_limits):
+            // let them go first rather than reuse one being closed.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| Error::Config(format!("building the HTTP client: {e}")))?;
         let n = clean.len();

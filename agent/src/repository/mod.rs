@@ -128,7 +128,9 @@ pub struct RepositoryArgs {
 
     /// A proxy (address or CIDR range, repeatable) whose X-Forwarded-For
     /// names the real client, e.g. the ingress' pod range. Without one,
-    /// every request behind an ingress shares the ingress' rate limit.
+    /// every request behind an ingress shares the ingress' rate limit and
+    /// its cap of 64 open connections per address (a trusted proxy is held
+    /// only to the total of 1024).
     #[arg(
         long = "trusted-proxy",
         value_name = "CIDR",
