@@ -154,20 +154,9 @@ impl Default for HttpLimits {
 impl HttpLimits {
     /// The defaults, with any environment overrides applied.
     pub fn from_env() -> Self {
+        use crate::util::{env_positive as n, env_secs};
         let d = HttpLimits::default();
-        let n = |k: &str, v: usize| {
-            std::env::var(k)
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok())
-                .filter(|x| *x > 0)
-                .unwrap_or(v)
-        };
-        let idle = std::env::var("CARAVAN_HTTP_IDLE_SECS")
-            .ok()
-            .and_then(|s| s.parse::<f64>().ok())
-            .filter(|x| *x > 0.0 && x.is_finite())
-            .map(Duration::from_secs_f64)
-            .or(d.idle);
+        let idle = env_secs("CARAVAN_HTTP_IDLE_SECS").or(d.idle);
         HttpLimits {
             max_conns: n("CARAVAN_HTTP_MAX_CONNS", d.max_conns),
             max_conns_per_ip: n("CARAVAN_HTTP_MAX_CONNS_PER_IP", d.max_conns_per_ip),

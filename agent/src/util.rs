@@ -1,5 +1,26 @@
-//! Small helpers every layer uses: the clock and hex text. One place each,
-//! so every record, path and URL spells time and bytes the same way.
+//! Small helpers every layer uses: the clock, hex text, and numbers from
+//! the environment. One place each, so every record, path and URL spells
+//! time and bytes the same way, and every `CARAVAN_*` knob is read alike.
+
+/// A positive whole number from the environment variable `name` (tuning
+/// knobs and limits), else `default` (unset, not a number, or zero).
+pub fn env_positive(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(default)
+}
+
+/// A positive duration in seconds (fractions allowed) from the environment
+/// variable `name`, if set to one a `Duration` can hold.
+pub fn env_secs(name: &str) -> Option<std::time::Duration> {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| *v > 0.0)
+        .and_then(|v| std::time::Duration::try_from_secs_f64(v).ok())
+}
 
 /// Seconds since the Unix epoch (0 if the clock is before 1970), the time
 /// base of every validity window.

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::util::{env_positive as positive, env_secs};
+
 /// Connections opened to each peer (`CARAVAN_CONNS_PER_PEER`, default 2):
 /// spreads TLS work over cores.
 pub fn conns_per_peer() -> usize {
@@ -74,23 +76,14 @@ pub fn fault_publish_gate() -> Option<std::path::PathBuf> {
 /// Overrides the trust sync interval (`CARAVAN_TRUST_SYNC_SECS`, seconds,
 /// fractions allowed), when set to a positive number.
 pub fn trust_sync_interval() -> Option<Duration> {
-    std::env::var("CARAVAN_TRUST_SYNC_SECS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
+    env_secs("CARAVAN_TRUST_SYNC_SECS")
 }
 
 /// How often the daemon checks offline seeds for URLs to renew
 /// (`CARAVAN_SEED_REFRESH_SECS`, seconds, fractions allowed; default 60).
 /// A seed is renewed once half of its URL validity has passed.
 pub fn seed_refresh_interval() -> Duration {
-    std::env::var("CARAVAN_SEED_REFRESH_SECS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|v| *v > 0.0)
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(60))
+    env_secs("CARAVAN_SEED_REFRESH_SECS").unwrap_or(Duration::from_secs(60))
 }
 
 /// Largest share a fetch accepts, in bytes (`CARAVAN_MAX_SHARE_BYTES`,
@@ -114,13 +107,4 @@ pub fn one_shot_max_bytes() -> u64 {
         .and_then(|v| v.parse().ok())
         .filter(|v| *v > 0)
         .unwrap_or(1 << 30)
-}
-
-/// Reads a positive integer knob from the environment.
-fn positive(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|v| *v > 0)
-        .unwrap_or(default)
 }

@@ -111,22 +111,9 @@ impl Default for Limits {
 impl Limits {
     /// The defaults, with any environment overrides applied.
     pub fn from_env() -> Self {
+        use crate::util::{env_positive as n, env_secs};
         let d = Limits::default();
-        let n = |k: &str, v: usize| {
-            std::env::var(k)
-                .ok()
-                .and_then(|s| s.parse::<usize>().ok())
-                .filter(|x| *x > 0)
-                .unwrap_or(v)
-        };
-        let secs = |k: &str, v: Duration| {
-            std::env::var(k)
-                .ok()
-                .and_then(|s| s.parse::<f64>().ok())
-                .filter(|x| *x > 0.0 && x.is_finite())
-                .map(Duration::from_secs_f64)
-                .unwrap_or(v)
-        };
+        let secs = |k: &str, v: Duration| env_secs(k).unwrap_or(v);
         Limits {
             max_conns: n("CARAVAN_MAX_CONNS", d.max_conns),
             max_conns_per_ip: n("CARAVAN_MAX_CONNS_PER_IP", d.max_conns_per_ip),

@@ -5,7 +5,7 @@
 //! A peer that goes away (a restarted daemon, a rescheduled pod, a dropped
 //! connection) is dialled again, the same agent at the same address, when
 //! no connection is left to ask: a few times per fetch with growing pauses
-//! ([`REVIVALS`], about 20 s in all), then the fetch fails as before, and
+//! ([`REVIVALS`], 15.5 s of pauses in all), then the fetch fails as before, and
 //! keeps what it verified for the next attempt.
 
 use std::collections::{HashMap, HashSet};
