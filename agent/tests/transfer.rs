@@ -185,18 +185,24 @@ fn new_version_sends_only_changed_chunks() {
     assert_same_tree(&src, &bob.data().join("big"));
 }
 
-#[test]
-fn killed_fetcher_resumes_without_refetching() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut alice = TestAgent::init(&tmp.path().join("alice"));
-    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+/// Two agents, alice publishing `payload/` with one 160 MiB file of
+/// pseudo-random bytes (long enough to interrupt a fetch of it midway)
+/// for bob, both started, bob's fetch of it into `got/` detached.
+/// Returns (alice, bob, the source folder, the share id).
+fn start_big_fetch(
+    tmp: &std::path::Path,
+    seed: u64,
+    extra: impl FnOnce(&std::path::Path),
+) -> (TestAgent, TestAgent, std::path::PathBuf, String) {
+    let mut alice = TestAgent::init(&tmp.join("alice"));
+    let mut bob = TestAgent::init(&tmp.join("bob"));
     let src = alice.data().join("payload");
     std::fs::create_dir_all(&src).unwrap();
     let mut data = vec![0u8; 160 << 20];
-    fill_pseudo_random(&mut data, 7);
+    fill_pseudo_random(&mut data, seed);
     std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
     drop(data);
-    make_tree(&src.join("small"), 20, 100_000);
+    extra(&src);
     alice.start();
     bob.start();
     let (share, tickets) = publish(&alice, "payload", &[&bob.id], &[]);
@@ -209,18 +215,26 @@ fn killed_fetcher_resumes_without_refetching() {
         "got",
         "--detach",
     ]);
+    (alice, bob, src, share)
+}
 
-    // wait until some, but not all, chunks are verified and written, then SIGKILL
+/// The first fetch in the agent's `status --json`.
+fn first_fetch(agent: &TestAgent) -> serde_json::Value {
+    let st: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["status", "--config", agent.cfg(), "--json"])).unwrap();
+    st["fetches"][0].clone()
+}
+
+/// Waits until at least `min` chunks of the first fetch are verified and
+/// written, but not all; returns how many are.
+fn wait_partly_fetched(agent: &TestAgent, min: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut done_at_kill;
     loop {
-        let st: serde_json::Value =
-            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
-        let f = &st["fetches"][0];
-        done_at_kill = f["chunks_done"].as_u64().unwrap_or(0);
+        let f = first_fetch(agent);
+        let done = f["chunks_done"].as_u64().unwrap_or(0);
         let total = f["chunks_total"].as_u64().unwrap_or(0);
-        if total > 0 && done_at_kill >= 20 && done_at_kill < total {
-            break;
+        if total > 0 && done >= min && done < total {
+            return done;
         }
         assert_ne!(
             f["state"], "done",
@@ -229,6 +243,31 @@ fn killed_fetcher_resumes_without_refetching() {
         assert!(Instant::now() < deadline, "transfer never got going");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits until the first fetch is done (never failed); returns its status.
+fn wait_fetched(agent: &TestAgent) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let f = first_fetch(agent);
+        if f["state"] == "done" {
+            return f;
+        }
+        assert_ne!(f["state"], "failed", "{f}\n{}", agent.log_tail());
+        assert!(Instant::now() < deadline, "the fetch did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn killed_fetcher_resumes_without_refetching() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_alice, mut bob, src, share) = start_big_fetch(tmp.path(), 7, |src| {
+        make_tree(&src.join("small"), 20, 100_000)
+    });
+
+    // wait until some, but not all, chunks are verified and written, then SIGKILL
+    let done_at_kill = wait_partly_fetched(&bob, 20);
     bob.kill9();
     assert!(
         !bob.data().join("got/one-big-file.bin").exists(),
@@ -237,18 +276,7 @@ fn killed_fetcher_resumes_without_refetching() {
 
     // restart: the fetch resumes on its own
     bob.start();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let after = loop {
-        let st: serde_json::Value =
-            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
-        let f = st["fetches"][0].clone();
-        if f["state"] == "done" {
-            break f;
-        }
-        assert_ne!(f["state"], "failed", "{f}");
-        assert!(Instant::now() < deadline, "resumed fetch did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let after = wait_fetched(&bob);
     let total = after["chunks_total"].as_u64().unwrap();
     let refetched = after["chunks_fetched"].as_u64().unwrap();
     eprintln!("killed at {done_at_kill}/{total} chunks; after restart fetched {refetched}");
@@ -268,61 +296,12 @@ fn killed_fetcher_resumes_without_refetching() {
 #[test]
 fn fetch_survives_its_only_peer_restarting() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut alice = TestAgent::init(&tmp.path().join("alice"));
-    let mut bob = TestAgent::init(&tmp.path().join("bob"));
-    let src = alice.data().join("payload");
-    std::fs::create_dir_all(&src).unwrap();
-    let mut data = vec![0u8; 160 << 20];
-    fill_pseudo_random(&mut data, 11);
-    std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
-    drop(data);
-    alice.start();
-    bob.start();
-    let (_share, tickets) = publish(&alice, "payload", &[&bob.id], &[]);
-    cli_ok(&[
-        "fetch",
-        "--config",
-        bob.cfg(),
-        &tickets[0],
-        "--dest",
-        "got",
-        "--detach",
-    ]);
-    let status = |bob: &TestAgent| -> serde_json::Value {
-        let st: serde_json::Value =
-            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
-        st["fetches"][0].clone()
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let f = status(&bob);
-        let (done, total) = (
-            f["chunks_done"].as_u64().unwrap_or(0),
-            f["chunks_total"].as_u64().unwrap_or(0),
-        );
-        if total > 0 && done >= 10 && done < total {
-            break;
-        }
-        assert_ne!(
-            f["state"], "done",
-            "transfer finished before the peer could restart"
-        );
-        assert!(Instant::now() < deadline, "transfer never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut alice, bob, src, _share) = start_big_fetch(tmp.path(), 11, |_| {});
+    wait_partly_fetched(&bob, 10);
     alice.kill9();
     std::thread::sleep(Duration::from_millis(300));
     alice.start();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let after = loop {
-        let f = status(&bob);
-        if f["state"] == "done" {
-            break f;
-        }
-        assert_ne!(f["state"], "failed", "{f}\n{}", bob.log_tail());
-        assert!(Instant::now() < deadline, "the fetch did not finish");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let after = wait_fetched(&bob);
     let total = after["chunks_total"].as_u64().unwrap();
     let fetched = after["chunks_fetched"].as_u64().unwrap();
     assert!(

@@ -824,12 +824,7 @@ impl Declarations {
 /// modification time or etag. A new version is published only when it
 /// changes.
 async fn fingerprint(agent: &Agent, path: &str) -> Result<String> {
-    let p = crate::node::state::user_path(&agent.opts.state_prefix, path)?;
-    let root = if p.is_empty() || p.ends_with('/') {
-        p.clone()
-    } else {
-        format!("{p}/")
-    };
+    let root = crate::node::state::user_folder(&agent.opts.state_prefix, path)?;
     let mut lister = agent
         .op
         .lister_with(&root)

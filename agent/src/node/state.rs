@@ -51,6 +51,20 @@ pub fn user_path(prefix: &str, path: &str) -> Result<String> {
     Ok(norm)
 }
 
+/// `p` as a folder prefix: `""` (the root) or ending with `/`.
+pub fn as_folder(p: &str) -> String {
+    if p.is_empty() || p.ends_with('/') {
+        p.to_string()
+    } else {
+        format!("{p}/")
+    }
+}
+
+/// A checked user path ([`user_path`]) naming a folder, as a folder prefix.
+pub fn user_folder(prefix: &str, path: &str) -> Result<String> {
+    Ok(as_folder(&user_path(prefix, path)?))
+}
+
 /// `<prefix>shares/`: one folder per held share.
 pub fn shares_dir(prefix: &str) -> String {
     format!("{prefix}shares/")
@@ -175,6 +189,8 @@ mod tests {
         assert_eq!(ok("/photos/a.jpg"), "photos/a.jpg");
         assert_eq!(ok("x/.caravan"), "x/.caravan");
         assert_eq!(ok(".caravanx"), ".caravanx");
+        assert_eq!(user_folder(".caravan/", "./in//box").unwrap(), "in/box/");
+        assert_eq!(user_folder(".caravan/", "/").unwrap(), "");
         for bad in [
             "..",
             "../",

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Context, Error, Result};
 use crate::manifest::check_path;
 use crate::node::agent::Agent;
+use crate::node::state::as_folder;
 
 /// How many left-out entries a publish summary names (all are counted,
 /// and each is logged).
@@ -150,7 +151,7 @@ impl Agent {
                 ..Listing::default()
             });
         }
-        let root = folder_root(path);
+        let root = as_folder(path);
         let mut lister = self
             .op
             .lister_with(&root)
@@ -210,15 +211,6 @@ fn split_file(path: &str) -> (String, String) {
     }
 }
 
-/// A folder's path as a listing root: `""` or ending with `/`.
-fn folder_root(path: &str) -> String {
-    if path.is_empty() || path.ends_with('/') {
-        path.to_string()
-    } else {
-        format!("{path}/")
-    }
-}
-
 #[cfg(unix)]
 fn mode_bits(meta: &std::fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
@@ -272,7 +264,7 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
             "{path:?} is neither a regular file nor a folder (a FIFO, socket or device)"
         )));
     }
-    let root = folder_root(path);
+    let root = as_folder(path);
     let inside = std::fs::canonicalize(&target).context(|| format!("resolving {path:?}"))?;
     let mut out = Listing {
         root: root.clone(),

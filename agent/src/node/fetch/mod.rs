@@ -61,7 +61,7 @@ impl Agent {
                 ticket.recipient, self.id
             )));
         }
-        let dest = normalize_dir(&self.opts.state_prefix, &req.dest)?;
+        let dest = state::user_folder(&self.opts.state_prefix, &req.dest)?;
         let path = self.pending_path(&ticket.share_id);
         let json = serde_json::to_vec(&req).map_err(|e| Error::Config(e.to_string()))?;
         self.op
@@ -160,7 +160,7 @@ impl Agent {
         progress: Arc<FetchProgress>,
     ) -> Result<()> {
         let ticket = ticket.clone();
-        let dest = normalize_dir(&self.opts.state_prefix, dest)?;
+        let dest = state::user_folder(&self.opts.state_prefix, dest)?;
         // A ticket for "agents the publisher trusts" carries no key: the
         // publisher releases it after checking our chain (see `present_proof`).
         let key = if ticket.wrapped_key.is_empty() {
@@ -813,15 +813,4 @@ impl Agent {
             }
         })
     }
-}
-
-/// A destination folder: a checked user path ([`state::user_path`]),
-/// ending with `/` unless it is the root.
-fn normalize_dir(state_prefix: &str, dest: &str) -> Result<String> {
-    let d = state::user_path(state_prefix, dest)?;
-    Ok(if d.is_empty() || d.ends_with('/') {
-        d
-    } else {
-        format!("{d}/")
-    })
 }
