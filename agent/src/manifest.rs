@@ -111,12 +111,13 @@ impl Manifest {
                 "manifest lists {chunks} chunks, over the limit of {MAX_MANIFEST_CHUNKS}"
             )));
         }
-        let mut seen = std::collections::HashSet::new();
+        check_tree(
+            "manifest",
+            self.entries
+                .iter()
+                .map(|e| (e.path.as_str(), matches!(e.kind, EntryKind::File { .. }))),
+        )?;
         for e in &self.entries {
-            check_path(&e.path)?;
-            if !seen.insert(e.path.as_str()) {
-                return Err(Error::Record(format!("manifest lists {:?} twice", e.path)));
-            }
             if let EntryKind::File { size, chunks } = &e.kind {
                 if let Some(c) = chunks
                     .iter()
@@ -225,8 +226,44 @@ impl ManifestRecord {
     }
 }
 
+/// Checks the paths of a listing (a manifest's, or a live share's) as a
+/// tree a destination can hold: each path safe ([`check_path`]), listed
+/// once, and none inside another that is listed as a file (`a` a file and
+/// `a/b` anything). A hostile publisher's listing is refused here, before
+/// anything is written, instead of failing halfway through the writes.
+/// `what` names the listing in the error; `entries` gives each path and
+/// whether it is a file.
+pub fn check_tree<'a>(
+    what: &str,
+    entries: impl Iterator<Item = (&'a str, bool)> + Clone,
+) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    let mut files = std::collections::HashSet::new();
+    for (p, is_file) in entries.clone() {
+        check_path(p)?;
+        if !seen.insert(p) {
+            return Err(Error::Record(format!("{what} lists {p:?} twice")));
+        }
+        if is_file {
+            files.insert(p);
+        }
+    }
+    for (p, _) in entries {
+        for (i, _) in p.match_indices('/') {
+            let parent = &p[..i];
+            if files.contains(parent) {
+                return Err(Error::Record(format!(
+                    "{what} lists {p:?} inside {parent:?}, which it lists as a file"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks a manifest path: relative, `/`-separated, no `.`/`..`/empty parts,
-/// no backslashes or NULs, not inside the agent's state prefix.
+/// no backslashes, NULs or other control characters (names a terminal or a
+/// log would act on), not inside the agent's state prefix.
 pub fn check_path(p: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(Error::Record(format!(
@@ -236,8 +273,11 @@ pub fn check_path(p: &str) -> Result<()> {
     if p.is_empty() || p.len() > 4096 {
         return bad("empty or too long");
     }
-    if p.starts_with('/') || p.contains('\\') || p.contains('\0') {
-        return bad("absolute, backslash or NUL");
+    if p.starts_with('/') || p.contains('\\') {
+        return bad("absolute or backslash");
+    }
+    if p.chars().any(char::is_control) {
+        return bad("control character");
     }
     for part in p.split('/') {
         if part.is_empty() || part == "." || part == ".." {
@@ -379,6 +419,23 @@ mod tests {
         fn ticket_parse_never_panics(s in ".{0,200}") {
             let _ = Ticket::parse(&s);
             let _ = Ticket::parse(&format!("{TICKET_PREFIX}{s}"));
+        }
+    }
+
+    #[test]
+    fn a_tree_no_folder_can_hold_is_refused() {
+        let ok = [("a/b", true), ("a/c", false), ("a", false), ("d", true)];
+        check_tree("manifest", ok.iter().copied()).unwrap();
+        for (bad, says) in [
+            (vec![("a", true), ("a/b", true)], "inside \"a\""),
+            (vec![("a", true), ("a/b/c", false)], "inside \"a\""),
+            (vec![("x/a", true), ("x/a/b/c", true)], "inside \"x/a\""),
+            (vec![("a", true), ("a", false)], "twice"),
+            (vec![("a\u{1b}[2J", true)], "control character"),
+            (vec![("new\nline", true)], "control character"),
+        ] {
+            let e = check_tree("manifest", bad.iter().copied()).unwrap_err();
+            assert!(e.to_string().contains(says), "{e}");
         }
     }
 }

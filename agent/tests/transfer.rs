@@ -289,6 +289,64 @@ fn killed_fetcher_resumes_without_refetching() {
     assert_eq!(after["share_id"].as_str().unwrap(), share);
 }
 
+/// Guarantee: what unfinished fetches leave in the state does not stay
+/// forever. A fetch not finished within `CARAVAN_FETCH_GIVE_UP_SECS` of
+/// its first request is forgotten at the next start (its request and its
+/// half-written files removed, not resumed), and half-written files no
+/// fetch owns (a crash between a fetch's last two deletes) are removed.
+#[test]
+fn an_abandoned_fetch_and_orphaned_partial_files_are_cleared() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (alice, mut bob, _src, _share) = start_big_fetch(tmp.path(), 13, |_| {});
+    wait_partly_fetched(&bob, 10);
+    bob.kill9();
+    drop(alice);
+    let state = bob.data().join(".caravan");
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(state.join(dir))
+            .map(|d| {
+                d.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (pending, partial) = (names("fetches"), names("partial"));
+    assert_eq!(
+        pending.len(),
+        1,
+        "one request kept for resuming: {pending:?}"
+    );
+    assert_eq!(
+        partial.len(),
+        1,
+        "one fetch's half-written files: {partial:?}"
+    );
+    assert_eq!(pending[0], format!("{}.json", partial[0]));
+    let orphan = state.join("partial/00ff00ff/3");
+    std::fs::create_dir_all(&orphan).unwrap();
+    std::fs::write(orphan.join("x.part"), b"half").unwrap();
+
+    std::thread::sleep(Duration::from_millis(2100));
+    bob.env
+        .push(("CARAVAN_FETCH_GIVE_UP_SECS".into(), "1".into()));
+    bob.start();
+    assert_eq!(
+        names("fetches"),
+        Vec::<String>::new(),
+        "an abandoned fetch was kept"
+    );
+    assert_eq!(
+        names("partial"),
+        Vec::<String>::new(),
+        "half-written files stayed"
+    );
+    let st: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
+    assert_eq!(st["fetches"].as_array().map_or(0, Vec::len), 0, "{st}");
+    assert!(bob.metric("caravan_errors_total{kind=\"fetch_given_up\"}") >= 1.0);
+    assert!(!bob.data().join("got/one-big-file.bin").exists());
+}
+
 /// Guarantee: a fetch outlives its only peer's restart (a redeployed pod,
 /// a crashed daemon): the fetcher dials the same agent at the same address
 /// again (a few rounds, growing pauses) and completes, re-asking only for

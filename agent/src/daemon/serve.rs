@@ -178,6 +178,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     });
     tokio::spawn(agent.clone().run_trust_sync(interval, shutdown.clone()));
     tokio::spawn(run_seed_refresh(agent.clone(), shutdown.clone()));
+    tokio::spawn(crate::node::fetch::leftovers::run_sweeps(
+        agent.clone(),
+        shutdown.clone(),
+    ));
 
     let tls = wire::tls::server_config(agent.secret_key())?;
     tokio::spawn(wire::server::serve(

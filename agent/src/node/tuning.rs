@@ -86,6 +86,19 @@ pub fn seed_refresh_interval() -> Duration {
     env_secs("CARAVAN_SEED_REFRESH_SECS").unwrap_or(Duration::from_secs(60))
 }
 
+/// How long an unfinished fetch is kept for resuming, from its first
+/// request (`CARAVAN_FETCH_GIVE_UP_SECS`, default 7 days): then its request
+/// and half-written files are removed (see `node/fetch/leftovers.rs`).
+pub fn fetch_give_up_after() -> Duration {
+    env_secs("CARAVAN_FETCH_GIVE_UP_SECS").unwrap_or(Duration::from_secs(7 * 86_400))
+}
+
+/// How often a running daemon sweeps unfinished fetches
+/// (`CARAVAN_FETCH_SWEEP_SECS`, default a day).
+pub fn fetch_sweep_interval() -> Duration {
+    env_secs("CARAVAN_FETCH_SWEEP_SECS").unwrap_or(Duration::from_secs(86_400))
+}
+
 /// Largest share a fetch accepts, in bytes (`CARAVAN_MAX_SHARE_BYTES`,
 /// default 4 TiB); on a local filesystem the free space bounds it too.
 pub fn max_share_bytes() -> u64 {

@@ -17,6 +17,7 @@
 //! a link published by its own path); a link to a folder is left out (a
 //! link to an ancestor would be an endless tree).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
@@ -61,6 +62,10 @@ pub enum SkipReason {
     LinkBroken,
     /// A symbolic link to a folder (not followed).
     LinkToFolder,
+    /// A key under a key that is also a file (`a` and `a/b`, or `a` and the
+    /// folder marker `a/`): object stores allow both, a folder tree cannot
+    /// hold them, so the file is kept and what is under it left out.
+    UnderAFile,
 }
 
 impl SkipReason {
@@ -69,7 +74,7 @@ impl SkipReason {
         match self {
             SkipReason::NotUtf8 => "its name is not valid UTF-8",
             SkipReason::UnsafeName => {
-                "its path cannot be written safely (backslash, empty, `.` or `..` component, or too long)"
+                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, or too long)"
             }
             SkipReason::NotRegular => "not a regular file or folder (a FIFO, socket or device)",
             SkipReason::LinkOutside => "a symbolic link leading outside the published folder",
@@ -77,6 +82,7 @@ impl SkipReason {
             SkipReason::LinkToFolder => {
                 "a symbolic link to a folder (links to folders are not followed)"
             }
+            SkipReason::UnderAFile => "inside a path that is also a file (`a` and `a/b`)",
         }
     }
 }
@@ -199,6 +205,25 @@ impl Agent {
         }
         out.files.sort();
         out.dirs.sort();
+        // What no folder tree can hold, left out as the manifest check
+        // (`manifest::check_tree`) would refuse it whole.
+        let files: HashSet<String> = out.files.iter().map(|f| f.0.clone()).collect();
+        let under_a_file = |p: &str| p.match_indices('/').any(|(i, _)| files.contains(&p[..i]));
+        let skipped = &mut out.skipped;
+        out.files.retain(|(p, _, _)| {
+            let keep = !under_a_file(p);
+            if !keep {
+                skipped.add(p.clone(), SkipReason::UnderAFile);
+            }
+            keep
+        });
+        out.dirs.retain(|(p, _)| {
+            let keep = !files.contains(p) && !under_a_file(p);
+            if !keep {
+                skipped.add(format!("{p}/"), SkipReason::UnderAFile);
+            }
+            keep
+        });
         Ok(out)
     }
 }
@@ -445,5 +470,54 @@ mod tests {
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// Object stores hold `a` and `a/b` side by side; a folder tree cannot.
+    /// The walk keeps the file and names what it leaves out, so the
+    /// manifest it builds passes `manifest::check_tree`.
+    #[tokio::test]
+    async fn keys_under_a_file_key_are_left_out_of_an_object_store_walk() {
+        let op = crate::store::open(&crate::config::StorageConfig {
+            scheme: "memory".into(),
+            options: Default::default(),
+            credentials: None,
+        })
+        .unwrap();
+        for k in ["t/a", "t/a/b", "t/a/c/d", "t/e/f", "t/e", "t/g/h"] {
+            op.write(k, b"x".to_vec()).await.unwrap();
+        }
+        let agent = Agent::open(
+            crate::identity::SecretKey::generate().unwrap(),
+            op,
+            crate::node::agent::AgentOptions {
+                state_prefix: ".caravan/".into(),
+                advertise: vec![],
+                repositories: vec![],
+                fs_root: None,
+                corrupt_chunks: false,
+                azblob_signer: None,
+            },
+        )
+        .await
+        .unwrap();
+        let l = agent.walk("t").await.unwrap();
+        let files: Vec<_> = l.files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(files, ["a", "e", "g/h"]);
+        let mut left: Vec<_> = reasons(&l);
+        left.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            left,
+            [
+                ("a/b".to_string(), SkipReason::UnderAFile),
+                ("a/c/d".to_string(), SkipReason::UnderAFile),
+                ("e/f".to_string(), SkipReason::UnderAFile),
+            ]
+        );
+        let paths = l
+            .files
+            .iter()
+            .map(|f| (f.0.as_str(), true))
+            .chain(l.dirs.iter().map(|d| (d.0.as_str(), false)));
+        crate::manifest::check_tree("walk", paths).unwrap();
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::chunk::{ChunkRef, MAX_CHUNK};
 use crate::error::{Error, Result};
-use crate::manifest::{MAX_MANIFEST_CHUNKS, MAX_MANIFEST_ENTRIES, ShareId, check_path};
+use crate::manifest::{MAX_MANIFEST_CHUNKS, MAX_MANIFEST_ENTRIES, ShareId, check_tree};
 use crate::node::live::{LiveAnswer, LiveEnd, LiveListing};
 use crate::wire::client::PeerConn;
 
@@ -246,18 +246,13 @@ fn check_listing(l: &LiveListing) -> Result<()> {
             "the live listing has {n} entries, over the limit of {MAX_MANIFEST_ENTRIES}"
         )));
     }
-    let mut seen = std::collections::HashSet::new();
-    for p in l
-        .files
-        .iter()
-        .map(|f| &f.0)
-        .chain(l.dirs.iter().map(|d| &d.0))
-    {
-        check_path(p)?;
-        if !seen.insert(p.as_str()) {
-            return Err(Error::Record(format!("the live listing has {p:?} twice")));
-        }
-    }
+    check_tree(
+        "the live listing",
+        l.files
+            .iter()
+            .map(|f| (f.0.as_str(), true))
+            .chain(l.dirs.iter().map(|d| (d.0.as_str(), false))),
+    )?;
     Ok(())
 }
 

@@ -29,6 +29,7 @@ use crate::node::{state, tuning};
 use crate::record::SignedRecord;
 
 mod direct;
+pub mod leftovers;
 pub mod live;
 mod local;
 pub mod progress;
@@ -52,6 +53,16 @@ impl Agent {
     /// Starts a fetch in the background and returns its progress handle.
     /// The request is persisted first, so a restarted agent resumes it.
     pub async fn start_fetch(self: &Arc<Self>, req: FetchRequest) -> Result<Arc<FetchProgress>> {
+        self.start_fetch_since(req, crate::util::unix_now()).await
+    }
+
+    /// [`Agent::start_fetch`] of a fetch first asked for at `since` (unix
+    /// seconds): a resumed one keeps its age (see `leftovers`).
+    pub(crate) async fn start_fetch_since(
+        self: &Arc<Self>,
+        req: FetchRequest,
+        since: u64,
+    ) -> Result<Arc<FetchProgress>> {
         let ticket = Ticket::parse(&req.ticket)?;
         // A keyless ticket carries no secret: whoever the publisher trusts
         // may use it (the key is released only after checking the chain).
@@ -63,7 +74,11 @@ impl Agent {
         }
         let dest = state::user_folder(&self.opts.state_prefix, &req.dest)?;
         let path = self.pending_path(&ticket.share_id);
-        let json = serde_json::to_vec(&req).map_err(|e| Error::Config(e.to_string()))?;
+        let record = leftovers::PendingFetch {
+            request: req.clone(),
+            since: Some(since),
+        };
+        let json = serde_json::to_vec(&record).map_err(|e| Error::Config(e.to_string()))?;
         self.op
             .write(&path, json)
             .await
@@ -81,13 +96,11 @@ impl Agent {
             if let Err(e) = result {
                 agent.metrics.error("fetch");
                 tracing::error!(share = %p.share_id, error = %e, "fetch failed");
-                // Refused for cause (hostile or forged data): forgotten, so
-                // a restart does not resume it and dial the attacker again.
+                // Refused for cause (hostile or forged data): forgotten with
+                // its half-written files, so a restart does not resume it
+                // and dial the attacker again.
                 if matches!(e, Error::Refused(_) | Error::Record(_) | Error::Crypto(_)) {
-                    let pending = agent.pending_path(&p.share_id);
-                    if let Err(err) = agent.op.delete(&pending).await {
-                        tracing::warn!(%pending, error = %err, "could not forget a refused fetch");
-                    }
+                    agent.forget_fetch(&p.share_id).await;
                 }
                 p.set_state(FetchState::Failed, Some(e.to_string()));
             }
@@ -112,20 +125,10 @@ impl Agent {
         }
     }
 
-    /// Restarts fetches that were in progress when the agent stopped.
+    /// Restarts fetches that were in progress when the agent stopped
+    /// (and clears what unfinished fetches left: see `leftovers`).
     pub async fn resume_fetches(self: &Arc<Self>) -> Result<usize> {
-        let dir = state::fetches_dir(&self.opts.state_prefix);
-        let pending = state::read_each(&self.op, &dir, ".json", "fetch state", |b| {
-            serde_json::from_slice::<FetchRequest>(b)
-        })
-        .await?;
-        let mut n = 0;
-        for (path, req) in pending {
-            tracing::info!(%path, "resuming an interrupted fetch");
-            self.start_fetch(req).await?;
-            n += 1;
-        }
-        Ok(n)
+        Ok(self.sweep_fetches(true).await?.resumed)
     }
 
     fn pending_path(&self, id: &ShareId) -> String {

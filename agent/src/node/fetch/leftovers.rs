@@ -1,0 +1,166 @@
+//! What unfinished fetches leave in the agent's state, and when it goes.
+//!
+//! A fetch writes its request to `fetches/<id>.json` before it starts and
+//! its half-written files under `partial/<id>/`; both go when it ends well.
+//! A fetch that fails keeps them, so a restart resumes it and refetches
+//! nothing verified. Kept forever, that is a leak anyone can cause in a
+//! recipient's storage: a publisher that never comes back, a live share
+//! whose pass died with its publisher (a new publish is a new share, so
+//! nothing ever finishes it), a fetch a user gave up on. So:
+//!
+//! - a fetch refused for cause (forged or hostile data) forgets its request
+//!   and its half-written files at once (`forget`);
+//! - half-written files with no request (a crash between the two deletes
+//!   at the end of a fetch) go at the next start;
+//! - a fetch not finished [`tuning::fetch_give_up_after`] (7 days) after it
+//!   was first asked for is forgotten, at the next start or at the daily
+//!   sweep when it is not running, with a WARN and
+//!   `caravan_errors_total{kind="fetch_given_up"}`. Asking for it again
+//!   starts the clock again (and reuses nothing: its files are gone).
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::manifest::{ShareId, Ticket};
+use crate::node::agent::Agent;
+use crate::node::fetch::FetchRequest;
+use crate::node::fetch::progress::FetchState;
+use crate::node::{state, tuning};
+use crate::util::unix_now;
+
+/// The record of an unfinished fetch: the request, and when it was first
+/// made (records written before this field existed read as "now").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PendingFetch {
+    #[serde(flatten)]
+    pub(crate) request: FetchRequest,
+    /// Unix seconds of the first request of this fetch.
+    #[serde(default)]
+    pub(crate) since: Option<u64>,
+}
+
+/// What a sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Fetches resumed (at start only).
+    pub resumed: usize,
+    /// Fetches forgotten for their age.
+    pub given_up: usize,
+    /// Folders of half-written files without a fetch, removed.
+    pub orphans: usize,
+}
+
+impl Agent {
+    /// Forgets a fetch: its request and its half-written files.
+    pub(crate) async fn forget_fetch(&self, id: &ShareId) {
+        let pending = state::fetch_file(&self.opts.state_prefix, id);
+        if let Err(e) = self.op.delete(&pending).await {
+            tracing::warn!(%pending, error = %e, "could not forget a fetch's request");
+        }
+        let partial = state::partial_dir(&self.opts.state_prefix, id);
+        if let Err(e) = self.op.delete_with(&partial).recursive(true).await {
+            tracing::warn!(%partial, error = %e, "could not remove a fetch's half-written files");
+        }
+    }
+
+    /// True while a fetch of `id` runs in this process.
+    fn fetch_running(&self, id: &ShareId) -> bool {
+        self.fetches.lock().is_ok_and(|m| {
+            m.get(id).is_some_and(|p| {
+                matches!(
+                    p.snapshot().state,
+                    FetchState::Starting | FetchState::Transferring
+                )
+            })
+        })
+    }
+
+    /// Goes through the records of unfinished fetches and the half-written
+    /// files: forgets what is too old, removes what has no fetch, and (with
+    /// `resume`, at start) restarts the rest.
+    pub async fn sweep_fetches(self: &Arc<Self>, resume: bool) -> Result<Swept> {
+        let prefix = &self.opts.state_prefix;
+        let pending = state::read_each(
+            &self.op,
+            &state::fetches_dir(prefix),
+            ".json",
+            "fetch state",
+            |b| serde_json::from_slice::<PendingFetch>(b),
+        )
+        .await?;
+        let give_up = tuning::fetch_give_up_after().as_secs();
+        let now = unix_now();
+        let mut out = Swept::default();
+        let mut kept = std::collections::HashSet::new();
+        for (path, p) in pending {
+            let id = match Ticket::parse(&p.request.ticket) {
+                Ok(t) => t.share_id,
+                Err(e) => {
+                    tracing::warn!(%path, error = %e, "ignoring an unreadable fetch record");
+                    continue;
+                }
+            };
+            kept.insert(id.hex());
+            if self.fetch_running(&id) {
+                continue;
+            }
+            let since = p.since.unwrap_or(now);
+            let age = now.saturating_sub(since);
+            if age > give_up {
+                tracing::warn!(share = %id, dest = %p.request.dest, days = age / 86_400, "giving up an unfinished fetch: forgetting it and its half-written files");
+                self.metrics.error("fetch_given_up");
+                self.forget_fetch(&id).await;
+                kept.remove(&id.hex());
+                out.given_up += 1;
+            } else if resume {
+                tracing::info!(%path, "resuming an interrupted fetch");
+                self.start_fetch_since(p.request, since).await?;
+                out.resumed += 1;
+            }
+        }
+        let partials = format!("{prefix}partial/");
+        for dir in state::sub_dirs(&self.op, &partials).await? {
+            let name = dir
+                .strip_prefix(&partials)
+                .unwrap_or_default()
+                .trim_end_matches('/');
+            if kept.contains(name) {
+                continue;
+            }
+            tracing::info!(%dir, "removing half-written files no fetch will finish");
+            if let Err(e) = self.op.delete_with(&dir).recursive(true).await {
+                tracing::warn!(%dir, error = %e, "could not remove half-written files");
+                continue;
+            }
+            out.orphans += 1;
+        }
+        Ok(out)
+    }
+}
+
+/// The daily sweep (after the one at start), until shutdown.
+pub async fn run_sweeps(agent: Arc<Agent>, shutdown: tokio_util::sync::CancellationToken) {
+    let every = tuning::fetch_sweep_interval();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match agent.sweep_fetches(false).await {
+            Ok(s) if s.given_up + s.orphans > 0 => {
+                tracing::info!(
+                    given_up = s.given_up,
+                    orphans = s.orphans,
+                    "swept unfinished fetches"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                agent.metrics.error("fetch_sweep");
+                tracing::warn!(error = %e, "sweeping unfinished fetches failed; retrying later");
+            }
+        }
+    }
+}
