@@ -10,8 +10,10 @@
 //!
 //! - a fetch refused for cause (forged or hostile data) forgets its request
 //!   and its half-written files at once (`forget`);
-//! - half-written files with no request (a crash between the two deletes
-//!   at the end of a fetch) go at the next start;
+//! - half-written files with no request (a fetch refused before this rule,
+//!   a declared subscription removed mid-fetch) go once none of them was
+//!   written within the same time (a declared subscription keeps no
+//!   request: its declaration is one, and its recent files stay);
 //! - a fetch not finished [`tuning::fetch_give_up_after`] (7 days) after it
 //!   was first asked for is forgotten, at the next start or at the daily
 //!   sweep when it is not running, with a WARN and
@@ -48,7 +50,8 @@ pub struct Swept {
     pub resumed: usize,
     /// Fetches forgotten for their age.
     pub given_up: usize,
-    /// Folders of half-written files without a fetch, removed.
+    /// Folders of half-written files without a request, untouched for the
+    /// give-up time, removed.
     pub orphans: usize,
 }
 
@@ -75,6 +78,36 @@ impl Agent {
                 )
             })
         })
+    }
+
+    /// True when `dir` holds files and none was modified after `cutoff`
+    /// (unix seconds). Unknown times (a listing error, a service that
+    /// reports none) count as recent: nothing is removed on a guess.
+    async fn untouched_since(&self, dir: &str, cutoff: u64) -> bool {
+        let Ok(mut lister) = self.op.lister_with(dir).recursive(true).await else {
+            return false;
+        };
+        let mut files = 0;
+        while let Ok(Some(entry)) = futures::TryStreamExt::try_next(&mut lister).await {
+            if entry.metadata().is_dir() {
+                continue;
+            }
+            let modified = match entry.metadata().last_modified() {
+                Some(t) => Some(t),
+                None => self
+                    .op
+                    .stat(entry.path())
+                    .await
+                    .ok()
+                    .and_then(|m| m.last_modified()),
+            };
+            let Some(t) = modified else { return false };
+            if u64::try_from(t.into_inner().as_second()).unwrap_or(u64::MAX) > cutoff {
+                return false;
+            }
+            files += 1;
+        }
+        files > 0
     }
 
     /// Goes through the records of unfinished fetches and the half-written
@@ -120,16 +153,20 @@ impl Agent {
                 out.resumed += 1;
             }
         }
+        // Half-written files with no request: a declared subscription's
+        // fetch keeps none (its declaration is its request), so files
+        // written within the give-up time are theirs to resume, and stay.
         let partials = format!("{prefix}partial/");
+        let cutoff = now.saturating_sub(give_up);
         for dir in state::sub_dirs(&self.op, &partials).await? {
             let name = dir
                 .strip_prefix(&partials)
                 .unwrap_or_default()
                 .trim_end_matches('/');
-            if kept.contains(name) {
+            if kept.contains(name) || !self.untouched_since(&dir, cutoff).await {
                 continue;
             }
-            tracing::info!(%dir, "removing half-written files no fetch will finish");
+            tracing::warn!(%dir, "removing half-written files no fetch has touched within the give-up time");
             if let Err(e) = self.op.delete_with(&dir).recursive(true).await {
                 tracing::warn!(%dir, error = %e, "could not remove half-written files");
                 continue;
@@ -162,5 +199,63 @@ pub async fn run_sweeps(agent: Arc<Agent>, shutdown: tokio_util::sync::Cancellat
                 tracing::warn!(error = %e, "sweeping unfinished fetches failed; retrying later");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Part files without a request stay while recent (a declared
+    /// subscription's, resumable) and go once untouched for the give-up
+    /// time.
+    #[tokio::test]
+    async fn part_files_without_a_request_go_only_when_old() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("root".to_string(), root.display().to_string());
+        let op = crate::store::open(&crate::config::StorageConfig {
+            scheme: "fs".into(),
+            options,
+            credentials: None,
+        })
+        .unwrap();
+        for (share, age_days) in [("recent", 0u64), ("old", 8), ("mixed", 8), ("mixed", 0)] {
+            let dir = root.join(format!(".caravan/partial/{share}/1"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let f = dir.join(format!("f{age_days}.part"));
+            std::fs::write(&f, b"half").unwrap();
+            let when =
+                std::time::SystemTime::now() - std::time::Duration::from_secs(age_days * 86_400);
+            std::fs::File::options()
+                .write(true)
+                .open(&f)
+                .unwrap()
+                .set_modified(when)
+                .unwrap();
+        }
+        let agent = Agent::open(
+            crate::identity::SecretKey::generate().unwrap(),
+            op,
+            crate::node::agent::AgentOptions {
+                state_prefix: ".caravan/".into(),
+                advertise: vec![],
+                repositories: vec![],
+                fs_root: Some(root.to_path_buf()),
+                corrupt_chunks: false,
+                azblob_signer: None,
+            },
+        )
+        .await
+        .unwrap();
+        let swept = agent.sweep_fetches(false).await.unwrap();
+        assert_eq!(swept.orphans, 1);
+        let mut left: Vec<_> = std::fs::read_dir(root.join(".caravan/partial"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["mixed", "recent"]);
     }
 }
