@@ -148,9 +148,9 @@ impl Manifest {
         let nonce: [u8; 12] = random_bytes()?;
         let mut buf = plain;
         manifest_key(share_key).seal(nonce, &manifest_aad(&self.share_id, self.seq), &mut buf)?;
-        SignedRecord::seal(
+        SignedRecord::seal_owned(
             publisher,
-            &ManifestRecord {
+            ManifestRecord {
                 share_id: self.share_id,
                 seq: self.seq,
                 key_check: key_check(share_key),

@@ -113,6 +113,10 @@ pub struct LiveShare {
     pub root: std::sync::OnceLock<String>,
     state: Mutex<LiveState>,
     news: tokio::sync::watch::Sender<u64>,
+    /// A recipient asked for the log: sealed chunks are worth keeping for
+    /// it (`SealedCache`); until then they are not (a publish nobody
+    /// follows kept 32 MiB of them for nothing).
+    followed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LiveShare {
@@ -145,7 +149,13 @@ impl LiveShare {
                 end: LiveEnd::Running,
             }),
             news: tokio::sync::watch::Sender::new(0),
+            followed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a recipient has asked for the log of this pass.
+    pub fn followed(&self) -> bool {
+        self.followed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn changed(&self) {
@@ -240,6 +250,8 @@ impl LiveShare {
     /// listing and the log from its start; `at` n + 1 for the log from
     /// entry n on (the asker has the listing).
     pub async fn answer(&self, at: u64, wait: Duration) -> LiveAnswer {
+        self.followed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut rx = self.news.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         loop {

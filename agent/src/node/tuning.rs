@@ -53,6 +53,14 @@ pub fn object_part_bytes() -> usize {
     positive("CARAVAN_OBJECT_PART_BYTES", 5 << 20)
 }
 
+/// Fetched files smaller than this (`CARAVAN_SMALL_FILE_BYTES`, default
+/// 256 KiB) are written on a local filesystem through the page cache with
+/// no sync of their own; one `syncfs` before the fetch is done makes them
+/// durable together (`node/fetch/writer.rs`).
+pub fn small_file_bytes() -> u64 {
+    positive("CARAVAN_SMALL_FILE_BYTES", 256 << 10) as u64
+}
+
 /// Whether fetched files on a local filesystem are written with `O_DIRECT`
 /// (`CARAVAN_DIRECT_IO`, default on; `0` writes through the page cache,
 /// for comparison): see `node/fetch/direct.rs`.

@@ -412,12 +412,18 @@ impl Closing {
         self.last.is_some()
     }
 
-    /// Writes the last segment and makes the file's data and length durable
-    /// (`fdatasync` on the descriptor already open: no second open by path).
+    /// Writes the last segment and, with `sync`, makes the file's data and
+    /// length durable (`fdatasync` on the descriptor already open: no second
+    /// open by path). Without: a small file, made durable with the others by
+    /// one sync of its filesystem before the fetch is done (`writer.rs`).
+    /// The file is created by this call when nothing was written before.
     /// Blocking. Returns the segment's buffer for reuse.
-    pub(crate) fn complete(self) -> io::Result<Option<Aligned>> {
+    pub(crate) fn complete_with(self, sync: bool) -> io::Result<Option<Aligned>> {
         let buf = self.last.map(Segment::write).transpose()?;
-        self.shared.file()?.sync_data()?;
+        let file = self.shared.file()?;
+        if sync {
+            file.sync_data()?;
+        }
         Ok(buf)
     }
 }
@@ -445,19 +451,19 @@ mod tests {
             write_all(f.stage(&data, &pool));
             let closing = f.close(&pool);
             assert!(closing.writes());
-            assert!(closing.complete().unwrap().is_some());
+            assert!(closing.complete_with(true).unwrap().is_some());
             assert_eq!(std::fs::read(&path).unwrap(), data);
             // Nothing staged: only the sync.
             let mut f = DirectFile::open(&path, 0, direct, &pool).unwrap();
             write_all(f.stage(&data[..SEGMENT], &pool));
             let closing = f.close(&pool);
             assert!(!closing.writes());
-            assert!(closing.complete().unwrap().is_none());
+            assert!(closing.complete_with(true).unwrap().is_none());
             assert_eq!(std::fs::read(&path).unwrap(), &data[..SEGMENT]);
             // An empty file is created by its closing.
             let empty = tmp.path().join(format!("new/e{direct}"));
             let f = DirectFile::create(empty.clone(), direct, &pool);
-            assert!(f.close(&pool).complete().unwrap().is_none());
+            assert!(f.close(&pool).complete_with(true).unwrap().is_none());
             assert_eq!(std::fs::read(&empty).unwrap(), b"");
         }
     }
