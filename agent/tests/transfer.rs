@@ -293,7 +293,7 @@ fn killed_fetcher_resumes_without_refetching() {
 /// forever. A fetch not finished within `CARAVAN_FETCH_GIVE_UP_SECS` of
 /// its first request is forgotten at the next start (its request and its
 /// half-written files removed, not resumed), and half-written files no
-/// fetch owns (a crash between a fetch's last two deletes) are removed.
+/// request owns go once none was written within that time.
 #[test]
 fn an_abandoned_fetch_and_orphaned_partial_files_are_cleared() {
     let tmp = tempfile::tempdir().unwrap();
