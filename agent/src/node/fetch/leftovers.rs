@@ -149,8 +149,16 @@ impl Agent {
                 out.given_up += 1;
             } else if resume {
                 tracing::info!(%path, "resuming an interrupted fetch");
-                self.start_fetch_since(p.request, since).await?;
-                out.resumed += 1;
+                // One record that cannot start (a destination no longer
+                // valid, a storage error) does not keep the others, or the
+                // daemon, from starting.
+                match self.start_fetch_since(p.request, since).await {
+                    Ok(_) => out.resumed += 1,
+                    Err(e) => {
+                        self.metrics.error("fetch");
+                        tracing::warn!(%path, error = %e, "cannot resume an interrupted fetch; it stays for the next start");
+                    }
+                }
             }
         }
         // Half-written files with no request: a declared subscription's
