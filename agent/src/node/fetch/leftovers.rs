@@ -9,7 +9,7 @@
 //! nothing ever finishes it), a fetch a user gave up on. So:
 //!
 //! - a fetch refused for cause (forged or hostile data) forgets its request
-//!   and its half-written files at once (`forget`);
+//!   and its half-written files at once (`Agent::forget_fetch`);
 //! - half-written files with no request (a fetch refused before this rule,
 //!   a declared subscription removed mid-fetch) go once none of them was
 //!   written within the same time (a declared subscription keeps no
