@@ -516,3 +516,24 @@ fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Resul
     f.take(len as u64).read_to_end(&mut buf)?;
     Ok(buf)
 }
+
+#[cfg(test)]
+impl Agent {
+    /// An agent over `op` for unit tests: a fresh identity, no peers or
+    /// repositories, state under `.caravan/`; `fs_root` when `op` is a
+    /// local folder.
+    pub(crate) async fn for_test(op: Operator, fs_root: Option<PathBuf>) -> Arc<Agent> {
+        let key = SecretKey::generate().expect("a fresh key");
+        let opts = AgentOptions {
+            state_prefix: ".caravan/".into(),
+            advertise: vec![],
+            repositories: vec![],
+            fs_root,
+            corrupt_chunks: false,
+            azblob_signer: None,
+        };
+        Agent::open(key, op, opts)
+            .await
+            .expect("an agent over the test storage")
+    }
+}

@@ -486,20 +486,7 @@ mod tests {
         for k in ["t/a", "t/a/b", "t/a/c/d", "t/e/f", "t/e", "t/g/h"] {
             op.write(k, b"x".to_vec()).await.unwrap();
         }
-        let agent = Agent::open(
-            crate::identity::SecretKey::generate().unwrap(),
-            op,
-            crate::node::agent::AgentOptions {
-                state_prefix: ".caravan/".into(),
-                advertise: vec![],
-                repositories: vec![],
-                fs_root: None,
-                corrupt_chunks: false,
-                azblob_signer: None,
-            },
-        )
-        .await
-        .unwrap();
+        let agent = Agent::for_test(op, None).await;
         let l = agent.walk("t").await.unwrap();
         let files: Vec<_> = l.files.iter().map(|f| f.0.as_str()).collect();
         assert_eq!(files, ["a", "e", "g/h"]);

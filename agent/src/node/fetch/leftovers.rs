@@ -243,20 +243,7 @@ mod tests {
                 .set_modified(when)
                 .unwrap();
         }
-        let agent = Agent::open(
-            crate::identity::SecretKey::generate().unwrap(),
-            op,
-            crate::node::agent::AgentOptions {
-                state_prefix: ".caravan/".into(),
-                advertise: vec![],
-                repositories: vec![],
-                fs_root: Some(root.to_path_buf()),
-                corrupt_chunks: false,
-                azblob_signer: None,
-            },
-        )
-        .await
-        .unwrap();
+        let agent = Agent::for_test(op, Some(root.to_path_buf())).await;
         let swept = agent.sweep_fetches(false).await.unwrap();
         assert_eq!(swept.orphans, 1);
         let mut left: Vec<_> = std::fs::read_dir(root.join(".caravan/partial"))
