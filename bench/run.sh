@@ -179,7 +179,7 @@ run_caravan() { # set run [storage-config-hook]
     B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
     if [ "${3:-}" = s3 ]; then s3_config "$WORK/a" "$S3_SRC" /; s3_config "$WORK/b" "$S3_DST" "/run$run/"; src=tree; fi
     start_agent A "$WORK/a"; start_agent B "$WORK/b"
-    sleep 0.5
+    sync; sleep 0.5
     local idle_a idle_b ca0 cb0 ca1 cb1 t0 t1 t2 pub ticket
     idle_a=$(kib_of "$PID_A" VmRSS); idle_b=$(kib_of "$PID_B" VmRSS)
     ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
@@ -224,7 +224,9 @@ run_published() { # set run
     local pub ticket t0 t1 ca0 cb0 ca1 cb1
     pub=$("$BIN" publish --config "$WORK/a/agent.toml" "$set" --to "$B_ID" --json | tail -n 1)
     ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
-    sleep 0.5
+    # Like fresh_dst before every other tool: the last tool's unwritten
+    # pages go to disk now, not during this run.
+    sync; sleep 0.5
     ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
     t0=$(now)
     "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest dst --json >"$WORK/fetch.json"
