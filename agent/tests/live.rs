@@ -198,7 +198,18 @@ fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
     });
     let at = data.len() - (4 << 20);
     data[at..at + 4096].fill(0xAB);
-    std::fs::write(src.join("big.bin"), &data).unwrap();
+    {
+        // In place, as an editor saving over it would (`fs::write` would
+        // truncate first: a moment when the file is empty, which a chunk
+        // served from it then rightly refuses).
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(src.join("big.bin"))
+            .unwrap();
+        f.seek(SeekFrom::Start(at as u64)).unwrap();
+        f.write_all(&data[at..at + 4096]).unwrap();
+    }
     std::fs::write(&gate, b"go").unwrap();
     let mut last = String::new();
     out.read_line(&mut last).unwrap();
@@ -291,4 +302,79 @@ fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_
         "re-downloaded verified chunks: {refetched} fetched after restart, {done_at_kill} were done of {total}"
     );
     assert_same_tree(&src, &bob.data().join("got"));
+}
+
+#[test]
+fn a_publisher_killed_during_its_pass_resumes_it_and_its_recipient_follows_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
+    let src = alice.data().join("crash");
+    big_file(&src, "big.bin", 40, 17);
+    make_tree(&src.join("tree"), 5, 70_000);
+    alice.start();
+    bob.start();
+    let (mut publishing, _out, first) = start_publish(&alice, "crash", &bob.id);
+    let share = first["share_id"].as_str().unwrap().to_string();
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let fetching = start_fetch(&bob, &ticket, "got");
+    // Bob has written verified chunks of the first sealed block and has
+    // nothing left to ask (the pass is held at its gate): the publisher's
+    // daemon dies there.
+    let status = |bob: &TestAgent| -> (u64, u64) {
+        let st: serde_json::Value =
+            serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
+        let f = &st["fetches"][0];
+        (
+            f["chunks_done"].as_u64().unwrap_or(0),
+            f["chunks_fetched"].as_u64().unwrap_or(0),
+        )
+    };
+    let mut at_kill = (0, 0);
+    wait_for("written chunks, and a fetch waiting for the pass", || {
+        let now = status(&bob);
+        let settled = now == at_kill && now.0 >= 2;
+        at_kill = now;
+        if !settled {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        settled
+    });
+    let (done_at_kill, fetched_at_kill) = at_kill;
+    alice.kill9();
+    assert!(!publishing.wait().unwrap().success());
+    let hex = share.parse::<ShareId>().unwrap().hex();
+    let record = alice.data().join(format!(".caravan/publishes/{hex}.json"));
+    assert!(record.exists(), "the unfinished publish is recorded");
+
+    // Restarted, the daemon resumes the same share (same id, key and
+    // tickets); the recipient, still fetching, dials it again and follows.
+    alice.start();
+    wait_for("the resumed pass", || {
+        newest_log(&alice).contains("resuming a publish")
+    });
+    std::fs::write(&gate, b"go").unwrap();
+    let done = fetching.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(
+        done.status.success(),
+        "{said}{}\nrecipient's log:\n{}",
+        String::from_utf8_lossy(&done.stderr),
+        newest_log(&bob)
+    );
+    let summary: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["share_id"], share.as_str());
+    assert_eq!(summary["state"], "done");
+    let total = summary["chunks_total"].as_u64().unwrap();
+    assert_eq!(summary["chunks_done"].as_u64().unwrap(), total, "{summary}");
+    let fetched_after = summary["chunks_fetched"].as_u64().unwrap() - fetched_at_kill;
+    assert!(
+        fetched_after + done_at_kill <= total,
+        "written chunks were fetched again: {fetched_after} fetched after the restart, \
+         {done_at_kill} were written before, of {total}: {summary}"
+    );
+    assert_same_tree(&src, &bob.data().join("got"));
+    wait_for("the record to go", || !record.exists());
+    let shares: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["status", "--config", alice.cfg(), "--json"])).unwrap();
+    assert!(shares.to_string().contains(&share), "{shares}");
 }

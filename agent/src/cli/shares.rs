@@ -54,6 +54,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 // follow the running pass), then the summary line.
                 let path = format!("{}?{}", api::SHARES, api::STREAM_QUERY);
                 let mut failed = None;
+                let mut started = None;
                 client
                     .post_lines(&path, &req, |line| {
                         if let Ok(e) = serde_json::from_slice::<api::ApiError>(line) {
@@ -61,19 +62,32 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                             return Ok(());
                         }
                         let v: serde_json::Value = serde_json::from_slice(line)?;
+                        if started.is_none() {
+                            started = v["share_id"].as_str().map(String::from);
+                        }
                         println!("{}", serde_json::to_string(&v)?);
                         use std::io::Write as _;
                         std::io::stdout().flush()?;
                         Ok(())
                     })
-                    .await?;
+                    .await
+                    .map_err(|e| match &started {
+                        Some(id) => e.context(interrupted(id)),
+                        None => e,
+                    })?;
                 if let Some(e) = failed {
                     return Err(anyhow!("the daemon failed: {e}"));
                 }
                 return Ok(());
             }
             let spinner = spinner("publishing (chunking, hashing, encrypting)…", json);
-            let res: Published = client.post(api::SHARES, &req).await?;
+            let res: Published = client.post(api::SHARES, &req).await.map_err(|e| {
+                if format!("{e:#}").contains("reading the daemon's answer") {
+                    e.context(interrupted("it"))
+                } else {
+                    e
+                }
+            })?;
             spinner.finish_and_clear();
             if json {
                 println!("{}", serde_json::to_string_pretty(&res)?);
@@ -313,5 +327,14 @@ fn progress_line(s: &ProgressSnapshot, elapsed: f64) -> String {
         s.chunks_done,
         s.chunks_total,
         human::rate(s.bytes_done, elapsed)
+    )
+}
+
+/// What a publish whose answer broke off says: the daemon went away during
+/// the pass, and finishes it when it starts again (`publish_intent`).
+fn interrupted(share: &str) -> String {
+    format!(
+        "the daemon stopped before the publish finished; when it starts again it resumes \
+         publishing {share} (same share id and tickets: recipients' fetches continue)"
     )
 }

@@ -259,7 +259,12 @@ async fn api_publish(
     if query.as_deref() == Some(api::STREAM_QUERY) {
         return publish_streamed(s, req).await;
     }
-    let published = s.agent.publish(req, None).await?;
+    // The pass runs on its own task: a client that hangs up does not stop
+    // it halfway (it is recorded until it ends: `publish_intent`).
+    let agent = s.agent.clone();
+    let published = tokio::spawn(async move { agent.publish_resumable(req, None).await })
+        .await
+        .map_err(|e| ApiFailure(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     s.agent.activity.touch(api::activity::PUBLISH);
     Ok(Json(published).into_response())
 }
@@ -274,7 +279,7 @@ async fn publish_streamed(
 ) -> std::result::Result<Response, ApiFailure> {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let agent = s.agent.clone();
-    let task = tokio::spawn(async move { agent.publish_with(req, None, Some(started_tx)).await });
+    let task = tokio::spawn(async move { agent.publish_resumable(req, Some(started_tx)).await });
     let started = match started_rx.await {
         Ok(started) => started,
         // Failed before it started: the task has the error.

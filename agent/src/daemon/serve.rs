@@ -183,6 +183,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     ));
 
+    // Before peers are served: a recipient reconnecting finds the pass.
+    match agent.resume_publishes().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(publishes = n, "resumed unfinished publishes"),
+        Err(e) => tracing::warn!(error = %e, "could not read unfinished publishes"),
+    }
     let tls = wire::tls::server_config(agent.secret_key())?;
     tokio::spawn(wire::server::serve(
         peer_listener,

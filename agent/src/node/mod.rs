@@ -12,6 +12,7 @@ pub mod fetch;
 pub mod live;
 pub mod metrics;
 pub mod publish;
+pub mod publish_intent;
 pub mod seed;
 pub mod share;
 pub mod state;

@@ -96,6 +96,20 @@ pub struct PublishProgress {
     pub bytes: AtomicU64,
 }
 
+/// The version a publish makes, fixed before its pass (so it can be
+/// recorded, and resumed by a restarted daemon: `publish_intent`).
+#[derive(Clone)]
+pub(crate) struct NewVersion {
+    /// The share.
+    pub(crate) share_id: ShareId,
+    /// The version number.
+    pub(crate) seq: u64,
+    /// The share key of this version.
+    pub(crate) key: Key,
+    /// The checked path in the agent's storage ([`crate::node::state::user_path`]).
+    pub(crate) path: String,
+}
+
 impl Agent {
     /// Publishes `req.path` (a new share or a new version of one).
     pub async fn publish(
@@ -114,7 +128,16 @@ impl Agent {
         progress: Option<Arc<PublishProgress>>,
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
-        let started = Instant::now();
+        let v = self.new_version(&req)?;
+        let live = self.go_live(&req, &v);
+        self.publish_version(&req, &v, live, progress, started_tx)
+            .await
+    }
+
+    /// Checks a request and picks the version it makes: a new share (id
+    /// and key), or the next version of one we publish (its key, or a
+    /// fresh one when asked or after a revocation).
+    pub(crate) fn new_version(&self, req: &PublishRequest) -> Result<NewVersion> {
         let path = crate::node::state::user_path(&self.opts.state_prefix, &req.path)?;
         let (share_id, seq, key) = match req.share_id {
             Some(id) => {
@@ -148,20 +171,54 @@ impl Agent {
                 ));
             }
         }
-        let mut tickets = Vec::new();
-        for r in &req.access.agents {
-            tickets.push((r.to_string(), self.ticket_for(share_id, *r, &key)?));
-        }
-        // Live from here on: recipients holding a ticket may ask what is
-        // sealed so far, and fetch it while the pass goes on.
-        let live = Arc::new(LiveShare::new(
+        Ok(NewVersion {
             share_id,
             seq,
+            key,
+            path,
+        })
+    }
+
+    /// Makes version `v` live: from here on, recipients holding a ticket
+    /// may ask what is sealed so far, and fetch it while the pass goes on.
+    pub(crate) fn go_live(&self, req: &PublishRequest, v: &NewVersion) -> Arc<LiveShare> {
+        let live = Arc::new(LiveShare::new(
+            v.share_id,
+            v.seq,
             self.id,
             req.access.clone(),
-            crate::manifest::key_check(&key),
+            crate::manifest::key_check(&v.key),
         ));
         self.set_live(live.clone());
+        live
+    }
+
+    /// Runs the pass of version `v` (made live by [`Agent::go_live`]):
+    /// tickets, walk, cut and seal, sign, install, offline seeding.
+    pub(crate) async fn publish_version(
+        &self,
+        req: &PublishRequest,
+        v: &NewVersion,
+        live: Arc<LiveShare>,
+        progress: Option<Arc<PublishProgress>>,
+        started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
+    ) -> Result<Published> {
+        let started = Instant::now();
+        let (share_id, seq) = (v.share_id, v.seq);
+        let tickets: Result<Vec<(String, String)>> = req
+            .access
+            .agents
+            .iter()
+            .map(|r| Ok((r.to_string(), self.ticket_for(share_id, *r, &v.key)?)))
+            .collect();
+        let tickets = match tickets {
+            Ok(t) => t,
+            Err(e) => {
+                live.end(LiveEnd::Failed(e.to_string()));
+                self.linger(live, false);
+                return Err(e);
+            }
+        };
         if let Some(tx) = started_tx {
             let _ = tx.send(PublishStarted {
                 share_id: share_id.to_string(),
@@ -170,7 +227,7 @@ impl Agent {
             });
         }
         let pass = self
-            .publish_pass(&req, &path, share_id, seq, &key, &live, progress)
+            .publish_pass(req, &v.path, share_id, seq, &v.key, &live, progress)
             .await;
         let end = match &pass {
             Ok(_) => LiveEnd::Done,

@@ -5,6 +5,7 @@
 //! ```text
 //! <prefix>shares/<share hex>/{manifest,share.json}  held shares
 //! <prefix>fetches/<share hex>.json                   fetches to resume
+//! <prefix>publishes/<share hex>.json                 publishes to resume
 //! <prefix>partial/<share hex>/<seq>/                 files being fetched
 //! <prefix>trust/records/<blake3>.rec                 grants, revocations
 //! <prefix>trust/peers/<share hex>.json               peers learned last
@@ -83,6 +84,16 @@ pub fn fetches_dir(prefix: &str) -> String {
 /// `<prefix>fetches/<id>.json`: one unfinished fetch.
 pub fn fetch_file(prefix: &str, id: &ShareId) -> String {
     format!("{prefix}fetches/{}.json", id.hex())
+}
+
+/// `<prefix>publishes/`: the records of publishes whose pass is running.
+pub fn publishes_dir(prefix: &str) -> String {
+    format!("{prefix}publishes/")
+}
+
+/// `<prefix>publishes/<id>.json`: one publish whose pass is running.
+pub fn publish_file(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}publishes/{}.json", id.hex())
 }
 
 /// `<prefix>partial/<id>/`: everything a fetch of `id` has half written.

@@ -105,11 +105,15 @@ impl PeerConn {
                         raw_hash: None,
                     };
                     if let Err(e) = sealer.write(&mut w, out).await {
+                        // Closed before the batch's other replies drop: a
+                        // request that learns of the failure sees it closed.
+                        c.store(true, Ordering::SeqCst);
                         fail = Some(e);
                         break 'outer;
                     }
                 }
                 if let Err(e) = w.flush().await {
+                    c.store(true, Ordering::SeqCst);
                     fail = Some(Error::Protocol(e.to_string()));
                     break;
                 }

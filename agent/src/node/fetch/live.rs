@@ -21,6 +21,9 @@ enum FeedEnd {
     /// manifest decides.
     Ended,
     Failed(String),
+    /// The connection to the publisher closed (its daemon stopped?): the
+    /// fetch may follow the pass again once it is back.
+    Lost(String),
 }
 
 struct FeedState {
@@ -84,9 +87,12 @@ impl LiveFeed {
                     Err(e) => Err(e),
                 };
                 if let Err(e) = r {
-                    f.set_end(FeedEnd::Failed(format!(
-                        "following the publisher's pass: {e}"
-                    )));
+                    let why = format!("following the publisher's pass: {e}");
+                    f.set_end(if conn.is_closed() {
+                        FeedEnd::Lost(why)
+                    } else {
+                        FeedEnd::Failed(why)
+                    });
                     break;
                 }
             }
@@ -196,7 +202,9 @@ impl LiveFeed {
                 }
                 match &s.end {
                     FeedEnd::Running => {}
-                    FeedEnd::Failed(m) => return Err(Error::Protocol(m.clone())),
+                    FeedEnd::Failed(m) | FeedEnd::Lost(m) => {
+                        return Err(Error::Protocol(m.clone()));
+                    }
                     FeedEnd::Ended => {
                         return Err(Error::Protocol(format!(
                             "the publisher's pass ended before {} was listed whole",
@@ -219,13 +227,21 @@ impl LiveFeed {
             match self.state.lock().map(|s| s.end.clone()) {
                 Ok(FeedEnd::Running) => {}
                 Ok(FeedEnd::Ended) => return Ok(()),
-                Ok(FeedEnd::Failed(m)) => return Err(Error::Protocol(m)),
+                Ok(FeedEnd::Failed(m) | FeedEnd::Lost(m)) => return Err(Error::Protocol(m)),
                 Err(_) => return Err(Error::Protocol("live feed poisoned".into())),
             }
             rx.changed()
                 .await
                 .map_err(|_| Error::Protocol("live feed closed".into()))?;
         }
+    }
+
+    /// Whether following ended because the connection to the publisher
+    /// closed (not because of anything it said).
+    pub(crate) fn lost(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|s| matches!(s.end, FeedEnd::Lost(_)))
     }
 
     /// The chunk lists as listed (complete once [`LiveFeed::ended`]).

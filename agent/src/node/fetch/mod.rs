@@ -49,6 +49,22 @@ pub struct FetchRequest {
     pub peers: Vec<String>,
 }
 
+/// Times a fetch follows its publisher's pass again after losing it (each
+/// waits for the publisher to be dialled again, within the swarm's rounds).
+const REFOLLOWS: u32 = 16;
+
+/// What asking the publisher about its running pass found.
+enum Live {
+    /// The pass runs: follow it.
+    Following(Arc<LiveFeed>),
+    /// The publisher's connection closed: it may come back (a restarted
+    /// daemon resumes its pass).
+    Lost,
+    /// No pass of a newer version runs (it finished, or never ran, or the
+    /// answer was unusable): take the signed manifest.
+    Finished,
+}
+
 impl Agent {
     /// Starts a fetch in the background and returns its progress handle.
     /// The request is persisted first, so a restarted agent resumes it.
@@ -200,13 +216,46 @@ impl Agent {
             None => Some(self.present_proof(&swarm, &ticket).await?),
         };
         // The publisher's pass may still be running: start on what it
-        // sealed so far.
-        if let Some(k) = &key
-            && let Some(feed) = self.open_live(&swarm, &ticket, k).await
-        {
-            return self
-                .fetch_live(&ticket, dest, swarm, k.clone(), feed, progress)
-                .await;
+        // sealed so far. When the publisher goes away meanwhile (its daemon
+        // stopped: a restarted one resumes the pass, `publish_intent`), its
+        // connection is dialled again like any lost peer's (bounded per
+        // fetch) and the pass followed again from what is in place.
+        if let Some(k) = &key {
+            let mut tries = 0;
+            loop {
+                let lost = match self.open_live(&swarm, &ticket, k).await {
+                    Live::Finished => break,
+                    Live::Lost => {
+                        tracing::info!(share = %ticket.share_id, "the publisher is unreachable; dialling it again");
+                        None
+                    }
+                    Live::Following(feed) => {
+                        let r = self
+                            .fetch_live(
+                                &ticket,
+                                dest.clone(),
+                                swarm.clone(),
+                                k.clone(),
+                                feed.clone(),
+                                progress.clone(),
+                            )
+                            .await;
+                        match r {
+                            Err(e) if feed.lost() => Some(e),
+                            r => return r,
+                        }
+                    }
+                };
+                tries += 1;
+                if tries > REFOLLOWS || !swarm.revive_peer(ticket.publisher).await {
+                    match lost {
+                        Some(e) => return Err(e),
+                        None => break,
+                    }
+                }
+                tracing::info!(share = %ticket.share_id, "lost the publisher during its pass; following it again");
+                progress.recount();
+            }
         }
         let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
         self.fetch_manifest(&ticket, dest, swarm, record, manifest, key, progress)
@@ -468,37 +517,43 @@ impl Agent {
 
     /// Asks the publisher whether its pass for this share is running; if
     /// so (a newer version than held, under the key we hold), follows it.
-    /// `None`: fetch the signed manifest as usual.
-    async fn open_live(&self, swarm: &Swarm, ticket: &Ticket, key: &Key) -> Option<Arc<LiveFeed>> {
-        let conn = swarm
-            .distinct()
-            .into_iter()
-            .find(|c| c.peer == ticket.publisher)?;
+    async fn open_live(&self, swarm: &Swarm, ticket: &Ticket, key: &Key) -> Live {
+        let Some(conn) = swarm.open_to(&ticket.publisher) else {
+            return if swarm.reached(&ticket.publisher) {
+                Live::Lost
+            } else {
+                Live::Finished
+            };
+        };
         let held = self.share(&ticket.share_id).map(|s| s.seq()).unwrap_or(0);
         loop {
-            let bytes = conn.live(&ticket.share_id, 0).await.ok()?;
+            let bytes = match conn.live(&ticket.share_id, 0).await {
+                Ok(b) => b,
+                Err(_) if conn.is_closed() => return Live::Lost,
+                Err(_) => return Live::Finished,
+            };
             let a = match LiveAnswer::from_bytes(&bytes) {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "unreadable live answer; fetching the manifest");
-                    return None;
+                    return Live::Finished;
                 }
             };
             if a.end != LiveEnd::Running
                 || a.seq <= held
                 || a.key_check != crate::manifest::key_check(key)
             {
-                return None;
+                return Live::Finished;
             }
             // The walk is still going: ask again (each ask waits a while).
             if a.listing.is_none() {
                 continue;
             }
             return match LiveFeed::start(conn.clone(), ticket.share_id, a) {
-                Ok(f) => Some(f),
+                Ok(f) => Live::Following(f),
                 Err(e) => {
                     tracing::warn!(error = %e, "bad live answer; fetching the manifest");
-                    None
+                    Live::Finished
                 }
             };
         }
@@ -578,6 +633,7 @@ impl Agent {
         if !same {
             tracing::warn!(share = %ticket.share_id, seq, signed = manifest.seq, "the signed manifest differs from the live listing; fetching it as usual");
             drop(job);
+            progress.recount();
             return self
                 .fetch_manifest(ticket, dest, swarm, record, manifest, key, progress)
                 .await;

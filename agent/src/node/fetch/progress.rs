@@ -87,6 +87,21 @@ pub struct ProgressSnapshot {
 }
 
 impl FetchProgress {
+    /// Forgets what was counted done, before a new pass over the same
+    /// destination (following a live share again, or its signed manifest
+    /// after all) counts again what is in place. Bytes and chunks received
+    /// stay: they were received.
+    pub(crate) fn recount(&self) {
+        for c in [
+            &self.bytes_done,
+            &self.chunks_done,
+            &self.chunks_reused,
+            &self.files_done,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn new(share_id: ShareId, dest: String) -> Self {
         FetchProgress {
             share_id,

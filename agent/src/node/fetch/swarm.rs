@@ -140,9 +140,24 @@ impl Swarm {
     /// open: true when one is (or another caller revived one meanwhile).
     /// Bounded by [`REVIVALS`] rounds per fetch.
     async fn revive(&self) -> bool {
+        self.revive_where(|_| true).await
+    }
+
+    /// [`Swarm::revive`] of one peer (the publisher, whose running pass a
+    /// live fetch follows): true when a connection to it is open or was
+    /// dialled again. The same rounds, counted with the others.
+    pub(crate) async fn revive_peer(&self, peer: AgentId) -> bool {
+        self.revive_where(|p| *p == peer).await
+    }
+
+    async fn revive_where(&self, wanted: impl Fn(&AgentId) -> bool) -> bool {
         let mut rounds = self.revivals.lock().await;
         loop {
-            if self.conns().iter().any(|c| !c.is_closed()) {
+            if self
+                .conns()
+                .iter()
+                .any(|c| !c.is_closed() && wanted(&c.peer))
+            {
                 return true;
             }
             if *rounds >= REVIVALS {
@@ -152,7 +167,7 @@ impl Swarm {
             *rounds += 1;
             tokio::time::sleep(pause).await;
             for (addr, peer) in &self.reached {
-                if self.banned(peer) {
+                if self.banned(peer) || !wanted(peer) {
                     continue;
                 }
                 let mut fresh = Vec::new();
@@ -176,6 +191,19 @@ impl Swarm {
                 }
             }
         }
+    }
+
+    /// An open connection to `peer`, if any.
+    pub(crate) fn open_to(&self, peer: &AgentId) -> Option<Arc<PeerConn>> {
+        self.conns()
+            .into_iter()
+            .find(|c| c.peer == *peer && !c.is_closed())
+    }
+
+    /// Whether `peer` answered when the fetch started (so it may be
+    /// dialled again).
+    pub(crate) fn reached(&self, peer: &AgentId) -> bool {
+        self.reached.iter().any(|(_, p)| p == peer)
     }
 
     fn banned(&self, peer: &AgentId) -> bool {

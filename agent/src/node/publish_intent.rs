@@ -1,0 +1,256 @@
+//! Publishes in progress, recorded so that a daemon stopped during a pass
+//! (a crash, a rescheduled pod, an upgrade) finishes them when it starts
+//! again: the same share, version and key. Why it matters: a publish hands
+//! out its share id and tickets before its pass, and recipients may be
+//! following the pass (live shares). Without the record the pass was simply
+//! gone: the tickets named a share that would never exist, and the
+//! recipients' half-written files waited for nothing. With it, the resumed
+//! pass is the same live share (the tickets stay valid, a follower picks it
+//! up again and keeps every chunk it verified: content-defined cuts and
+//! convergent keys make the same chunks of the same data).
+//!
+//! Only publishes asked for through the admin API are recorded; declared
+//! shares have their own record (the declaration) and publish again anyway.
+//! A publish that keeps stopping its daemon is not resumed for ever: after
+//! [`MAX_RESUMPTIONS`] it is dropped with a warning
+//! (`caravan_errors_total{kind="publish_given_up"}`). The record holds the
+//! share key only wrapped for the agent itself, like a held share's state.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Context, Error, Result};
+use crate::identity::wrap_key;
+use crate::manifest::ShareId;
+use crate::node::agent::Agent;
+use crate::node::publish::{NewVersion, PublishRequest, PublishStarted, Published};
+use crate::node::state;
+use crate::util::unix_now;
+
+/// Starts of a recorded publish (the first included) after which it is
+/// dropped instead of resumed again.
+pub const MAX_RESUMPTIONS: u32 = 3;
+
+/// `<prefix>publishes/<share hex>.json`: one publish whose pass is running.
+#[derive(Debug, Serialize, Deserialize)]
+struct PublishIntent {
+    /// The request as asked (its `share_id` as asked, too).
+    request: PublishRequest,
+    /// The version being made.
+    share_id: ShareId,
+    seq: u64,
+    /// The share key of this version, wrapped for this agent (base64).
+    wrapped_key: String,
+    /// When it was first asked for (unix seconds).
+    since: u64,
+    /// Times a starting daemon resumed it.
+    resumed: u32,
+}
+
+impl Agent {
+    /// Publishes like [`Agent::publish_with`], with the publish recorded
+    /// until its pass ends, so a daemon that stops meanwhile finishes it.
+    pub async fn publish_resumable(
+        &self,
+        req: PublishRequest,
+        started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
+    ) -> Result<Published> {
+        let v = self.new_version(&req)?;
+        let intent = PublishIntent {
+            request: req.clone(),
+            share_id: v.share_id,
+            seq: v.seq,
+            wrapped_key: data_encoding::BASE64.encode(&wrap_key(&self.id, &v.key)?),
+            since: unix_now(),
+            resumed: 0,
+        };
+        self.save_intent(&intent).await?;
+        let live = self.go_live(&req, &v);
+        let out = self.publish_version(&req, &v, live, None, started_tx).await;
+        self.forget_publish(&v.share_id).await;
+        out
+    }
+
+    async fn save_intent(&self, intent: &PublishIntent) -> Result<()> {
+        let path = state::publish_file(&self.opts.state_prefix, &intent.share_id);
+        let json = serde_json::to_vec(intent).map_err(|e| Error::Config(e.to_string()))?;
+        self.op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
+    }
+
+    /// Drops the record of a publish whose pass ended (either way).
+    async fn forget_publish(&self, id: &ShareId) {
+        let path = state::publish_file(&self.opts.state_prefix, id);
+        if let Err(e) = self.op.delete(&path).await {
+            tracing::warn!(%path, error = %e, "could not drop a finished publish's record");
+        }
+    }
+
+    /// Resumes, in the background, every publish whose pass a stopped
+    /// daemon left unfinished; returns how many. Each is live again when
+    /// this returns (recipients asking get its pass, not "unknown share").
+    pub async fn resume_publishes(self: &Arc<Self>) -> Result<usize> {
+        let dir = state::publishes_dir(&self.opts.state_prefix);
+        let found = state::read_each(&self.op, &dir, ".json", "publish record", |b| {
+            serde_json::from_slice::<PublishIntent>(b)
+        })
+        .await?;
+        let mut resumed = 0;
+        for (path, mut intent) in found {
+            let id = intent.share_id;
+            // The record is named after its share: one read under another
+            // name is not ours to act on.
+            if path != state::publish_file(&self.opts.state_prefix, &id) {
+                tracing::warn!(%path, "ignoring a publish record under another share's name");
+                continue;
+            }
+            if self.share(&id).is_some_and(|s| s.seq() >= intent.seq) {
+                // Its manifest was installed; only the record's removal was lost.
+                self.forget_publish(&id).await;
+                continue;
+            }
+            if intent.resumed + 1 >= MAX_RESUMPTIONS {
+                self.metrics.error("publish_given_up");
+                tracing::warn!(share = %id, seq = intent.seq, path = %intent.request.path, starts = intent.resumed + 1,
+                    "a publish interrupted at every start is not resumed again; publish it anew");
+                self.forget_publish(&id).await;
+                continue;
+            }
+            let key = match data_encoding::BASE64
+                .decode(intent.wrapped_key.as_bytes())
+                .map_err(|e| Error::parse("wrapped key", e))
+                .and_then(|w| self.key.unwrap_key(&w))
+            {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!(share = %id, error = %e, "dropping a publish record whose key does not open");
+                    self.forget_publish(&id).await;
+                    continue;
+                }
+            };
+            let v = match crate::node::state::user_path(
+                &self.opts.state_prefix,
+                &intent.request.path,
+            ) {
+                Ok(path) => NewVersion {
+                    share_id: id,
+                    seq: intent.seq,
+                    key,
+                    path,
+                },
+                Err(e) => {
+                    tracing::warn!(share = %id, error = %e, "dropping a publish record with a bad path");
+                    self.forget_publish(&id).await;
+                    continue;
+                }
+            };
+            intent.resumed += 1;
+            self.save_intent(&intent).await?;
+            let req = intent.request;
+            let live = self.go_live(&req, &v);
+            tracing::info!(share = %id, seq = v.seq, path = %req.path, "resuming a publish a stopped daemon left unfinished");
+            let agent = self.clone();
+            tokio::spawn(async move {
+                match agent.publish_version(&req, &v, live, None, None).await {
+                    Ok(p) => {
+                        tracing::info!(share = %id, seq = p.seq, files = p.files, "resumed publish done")
+                    }
+                    Err(e) => {
+                        agent.metrics.error("publish");
+                        tracing::error!(share = %id, error = %e, "resumed publish failed");
+                    }
+                }
+                agent.forget_publish(&id).await;
+            });
+            resumed += 1;
+        }
+        Ok(resumed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn write_intent(
+        agent: &Agent,
+        path: &str,
+        resumed: u32,
+    ) -> (ShareId, std::path::PathBuf) {
+        let v = agent
+            .new_version(&PublishRequest {
+                path: path.into(),
+                ..Default::default()
+            })
+            .unwrap();
+        let intent = PublishIntent {
+            request: PublishRequest {
+                path: path.into(),
+                ..Default::default()
+            },
+            share_id: v.share_id,
+            seq: v.seq,
+            wrapped_key: data_encoding::BASE64.encode(&wrap_key(&agent.id, &v.key).unwrap()),
+            since: unix_now(),
+            resumed,
+        };
+        agent.save_intent(&intent).await.unwrap();
+        let file = agent
+            .opts
+            .fs_root
+            .clone()
+            .unwrap()
+            .join(state::publish_file(&agent.opts.state_prefix, &v.share_id));
+        (v.share_id, file)
+    }
+
+    /// A recorded publish is resumed under its own share id and version;
+    /// one that was already resumed up to the bound is dropped instead (a
+    /// publish that kills its daemon must not do so at every start); a
+    /// record whose key does not open is dropped.
+    #[tokio::test]
+    async fn recorded_publishes_resume_a_bounded_number_of_times() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("docs")).unwrap();
+        std::fs::write(root.join("docs/a.txt"), b"hello").unwrap();
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("root".to_string(), root.display().to_string());
+        let op = crate::store::open(&crate::config::StorageConfig {
+            scheme: "fs".into(),
+            options,
+            credentials: None,
+        })
+        .unwrap();
+        let agent = Agent::for_test(op, Some(root.to_path_buf())).await;
+        let (fresh, fresh_file) = write_intent(&agent, "docs", 0).await;
+        let (tired, tired_file) = write_intent(&agent, "docs", MAX_RESUMPTIONS - 1).await;
+        let (bad, bad_file) = write_intent(&agent, "docs", 0).await;
+        let mut broken: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&bad_file).unwrap()).unwrap();
+        broken["wrapped_key"] = "AAAA".into();
+        std::fs::write(&bad_file, serde_json::to_vec(&broken).unwrap()).unwrap();
+
+        assert_eq!(agent.resume_publishes().await.unwrap(), 1);
+        assert!(!tired_file.exists() && !bad_file.exists());
+        for _ in 0..500 {
+            if agent.share(&fresh).is_some() && !fresh_file.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let held = agent
+            .share(&fresh)
+            .expect("the resumed publish installed its share");
+        assert_eq!(held.seq(), 1);
+        assert!(
+            !fresh_file.exists(),
+            "a finished publish's record is dropped"
+        );
+        assert!(agent.share(&tired).is_none() && agent.share(&bad).is_none());
+    }
+}
