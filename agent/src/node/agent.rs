@@ -283,11 +283,26 @@ impl Agent {
             .ok_or_else(|| Error::NotFound(format!("chunk {id}")))
     }
 
-    /// Registers a live share (replacing an earlier one of the same id).
-    pub(crate) fn set_live(&self, live: Arc<LiveShare>) {
-        if let Ok(mut m) = self.live.write() {
-            m.insert(live.id, live);
+    /// The version whose pass is running for share `id`, if one is.
+    pub(crate) fn pass_running(&self, id: &ShareId) -> Option<u64> {
+        let live = self.live.read().ok()?.get(id).cloned()?;
+        live.running().then_some(live.seq)
+    }
+
+    /// Installs `live` unless a pass of its share is still running; the
+    /// error is the running pass's version.
+    pub(crate) fn set_live_unless_running(
+        &self,
+        live: Arc<LiveShare>,
+    ) -> std::result::Result<(), u64> {
+        let Ok(mut m) = self.live.write() else {
+            return Ok(());
+        };
+        if let Some(old) = m.get(&live.id).filter(|old| old.running()) {
+            return Err(old.seq);
         }
+        m.insert(live.id, live);
+        Ok(())
     }
 
     /// After a pass: the live share still answers a while (recipients learn

@@ -200,6 +200,11 @@ impl LiveShare {
         self.changed();
     }
 
+    /// Whether the pass is still running.
+    pub fn running(&self) -> bool {
+        self.state.lock().is_ok_and(|s| s.end == LiveEnd::Running)
+    }
+
     /// The pass ended.
     pub fn end(&self, end: LiveEnd) {
         if let Ok(mut s) = self.state.lock() {

@@ -96,6 +96,15 @@ pub struct PublishProgress {
     pub bytes: AtomicU64,
 }
 
+/// The refusal of a publish while version `running` of share `id` is
+/// being published.
+fn running_pass(running: u64, id: &ShareId) -> Error {
+    Error::Rejected(format!(
+        "version {running} of share {id} is being published (or resumed after a restart); \
+         publish again when that pass ends"
+    ))
+}
+
 /// The version a publish makes, fixed before its pass (so it can be
 /// recorded, and resumed by a restarted daemon: `publish_intent`).
 #[derive(Clone)]
@@ -129,7 +138,7 @@ impl Agent {
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
         let v = self.new_version(&req)?;
-        let live = self.go_live(&req, &v);
+        let live = self.go_live(&req, &v)?;
         self.publish_version(&req, &v, live, progress, started_tx)
             .await
     }
@@ -141,6 +150,11 @@ impl Agent {
         let path = crate::node::state::user_path(&self.opts.state_prefix, &req.path)?;
         let (share_id, seq, key) = match req.share_id {
             Some(id) => {
+                // Said early (a first version being resumed is not a
+                // share yet); `go_live` checks it again under the lock.
+                if let Some(running) = self.pass_running(&id) {
+                    return Err(running_pass(running, &id));
+                }
                 let old = self
                     .share(&id)
                     .filter(|s| s.role == Role::Published)
@@ -181,7 +195,12 @@ impl Agent {
 
     /// Makes version `v` live: from here on, recipients holding a ticket
     /// may ask what is sealed so far, and fetch it while the pass goes on.
-    pub(crate) fn go_live(&self, req: &PublishRequest, v: &NewVersion) -> Arc<LiveShare> {
+    /// Refused while another pass of the share runs (a resumed one
+    /// included): two passes of one version would sign two different
+    /// manifests, a fork every recipient refuses. The check and the
+    /// insertion are one step under the live map's lock, so two publishes
+    /// racing for one share cannot both start.
+    pub(crate) fn go_live(&self, req: &PublishRequest, v: &NewVersion) -> Result<Arc<LiveShare>> {
         let live = Arc::new(LiveShare::new(
             v.share_id,
             v.seq,
@@ -189,8 +208,9 @@ impl Agent {
             req.access.clone(),
             crate::manifest::key_check(&v.key),
         ));
-        self.set_live(live.clone());
-        live
+        self.set_live_unless_running(live.clone())
+            .map_err(|running| running_pass(running, &v.share_id))?;
+        Ok(live)
     }
 
     /// Runs the pass of version `v` (made live by [`Agent::go_live`]):

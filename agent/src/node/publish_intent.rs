@@ -65,8 +65,14 @@ impl Agent {
             since: unix_now(),
             resumed: 0,
         };
-        self.save_intent(&intent).await?;
-        let live = self.go_live(&req, &v);
+        // Live first: that is where a second pass of the share is refused,
+        // before its record could replace the running one's.
+        let live = self.go_live(&req, &v)?;
+        if let Err(e) = self.save_intent(&intent).await {
+            live.end(crate::node::live::LiveEnd::Failed(e.to_string()));
+            self.linger(live, false);
+            return Err(e);
+        }
         let out = self.publish_version(&req, &v, live, None, started_tx).await;
         self.forget_publish(&v.share_id).await;
         out
@@ -151,7 +157,13 @@ impl Agent {
             intent.resumed += 1;
             self.save_intent(&intent).await?;
             let req = intent.request;
-            let live = self.go_live(&req, &v);
+            let live = match self.go_live(&req, &v) {
+                Ok(live) => live,
+                Err(e) => {
+                    tracing::warn!(share = %id, error = %e, "not resuming a publish");
+                    continue;
+                }
+            };
             tracing::info!(share = %id, seq = v.seq, path = %req.path, "resuming a publish a stopped daemon left unfinished");
             let agent = self.clone();
             tokio::spawn(async move {
@@ -208,8 +220,9 @@ mod tests {
         (v.share_id, file)
     }
 
-    /// A recorded publish is resumed under its own share id and version;
-    /// one that was already resumed up to the bound is dropped instead (a
+    /// A recorded publish is resumed under its own share id and version
+    /// (and no other pass of the share starts meanwhile); one that was
+    /// already resumed up to the bound is dropped instead (a
     /// publish that kills its daemon must not do so at every start); a
     /// record whose key does not open is dropped.
     #[tokio::test]
@@ -237,6 +250,20 @@ mod tests {
 
         assert_eq!(agent.resume_publishes().await.unwrap(), 1);
         assert!(!tired_file.exists() && !bad_file.exists());
+        // While the resumed pass runs, no second pass of the share starts
+        // (it would sign another manifest of the same version).
+        let again = agent
+            .publish(
+                PublishRequest {
+                    path: "docs".into(),
+                    share_id: Some(fresh),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await;
+        let again = again.err().map(|e| (e.is_bad_input(), e.to_string()));
+        assert!(again.as_ref().is_some_and(|(bad, _)| *bad), "{again:?}");
         for _ in 0..500 {
             if agent.share(&fresh).is_some() && !fresh_file.exists() {
                 break;
@@ -252,5 +279,51 @@ mod tests {
             "a finished publish's record is dropped"
         );
         assert!(agent.share(&tired).is_none() && agent.share(&bad).is_none());
+    }
+
+    /// Two publishes of one share racing: exactly one runs, the other is
+    /// refused as bad input, and the share ends at the next version (never
+    /// two manifests of one version).
+    #[tokio::test]
+    async fn two_publishes_of_one_share_at_once_run_one_pass() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("docs")).unwrap();
+        std::fs::write(root.join("docs/a.txt"), b"hello").unwrap();
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("root".to_string(), root.display().to_string());
+        let op = crate::store::open(&crate::config::StorageConfig {
+            scheme: "fs".into(),
+            options,
+            credentials: None,
+        })
+        .unwrap();
+        let agent = Agent::for_test(op, Some(root.to_path_buf())).await;
+        let first = agent
+            .publish(
+                PublishRequest {
+                    path: "docs".into(),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let id: ShareId = first.share_id.parse().unwrap();
+        let again = || PublishRequest {
+            path: "docs".into(),
+            share_id: Some(id),
+            ..Default::default()
+        };
+        let (a, b) = tokio::join!(
+            agent.publish_resumable(again(), None),
+            agent.publish_resumable(again(), None)
+        );
+        let refused = [&a, &b]
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(|e| e.is_bad_input()))
+            .count();
+        assert_eq!((a.is_ok() as u8 + b.is_ok() as u8, refused), (1, 1));
+        assert_eq!(agent.share(&id).unwrap().seq(), 2);
     }
 }
