@@ -1115,6 +1115,102 @@ fn publisher_cannot_set_setuid_or_world_writable_modes() {
     assert_eq!(mode("m/open-dir"), 0o775);
 }
 
+/// An agent runs as an ordinary user (the operator's pods run as uid
+/// 65532): what it may not read is left out of a publish and named, not a
+/// pass failing halfway; a read-only folder it received still takes the
+/// next version's new, changed and deleted files (it keeps its own owner
+/// bits: `u+rwx` on folders, `u+r` on files).
+#[test]
+fn unreadable_entries_are_left_out_and_read_only_folders_take_the_next_version() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    alice.unprivileged();
+    bob.unprivileged();
+    let src = alice.data().join("t");
+    std::fs::create_dir_all(src.join("ro/deep")).unwrap();
+    std::fs::create_dir_all(src.join("locked")).unwrap();
+    std::fs::write(src.join("ro/a.txt"), b"one").unwrap();
+    std::fs::write(src.join("ro/deep/b.txt"), b"two").unwrap();
+    std::fs::write(src.join("locked/x"), b"hidden").unwrap();
+    std::fs::write(src.join("secret.txt"), b"hidden").unwrap();
+    std::fs::write(src.join("ok.txt"), b"yes").unwrap();
+    alice.hand_over();
+    let set =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    set(&src.join("ro/a.txt"), 0o444);
+    set(&src.join("ro/deep"), 0o555);
+    set(&src.join("ro"), 0o555);
+    set(&src.join("locked"), 0o000);
+    set(&src.join("secret.txt"), 0o000);
+    alice.start();
+    bob.start();
+
+    let out = cli_ok(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "t",
+        "--to",
+        &bob.id,
+        "--json",
+    ]);
+    let v = last_json(&out);
+    let mut skipped: Vec<(String, String)> = v["skipped"]["first"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["path"].as_str().unwrap().into(),
+                e["reason"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    skipped.sort();
+    assert_eq!(
+        skipped,
+        [
+            ("locked".into(), "unreadable".into()),
+            ("secret.txt".into(), "unreadable".into())
+        ],
+        "{out}"
+    );
+    let share = v["share_id"].as_str().unwrap().to_string();
+    let ticket = v["tickets"][0][1].as_str().unwrap().to_string();
+    assert_eq!(fetch(&bob, &ticket, "t", &[])["state"], "done");
+    let got = bob.data().join("t");
+    assert_eq!(std::fs::read(got.join("ro/deep/b.txt")).unwrap(), b"two");
+    assert!(!got.join("locked").exists() && !got.join("secret.txt").exists());
+    let mode = |p: &str| std::fs::metadata(got.join(p)).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        (mode("ro"), mode("ro/deep"), mode("ro/a.txt")),
+        (0o755, 0o755, 0o444)
+    );
+
+    // Version 2 adds to, changes and deletes from the read-only folders.
+    std::fs::write(src.join("ro/a.txt"), b"one, changed").unwrap();
+    std::fs::write(src.join("ro/c.txt"), b"three").unwrap();
+    std::fs::remove_file(src.join("ro/deep/b.txt")).unwrap();
+    std::fs::write(src.join("ro/deep/d.txt"), b"four").unwrap();
+    alice.hand_over();
+    set(&src.join("locked"), 0o000);
+    set(&src.join("secret.txt"), 0o000);
+    publish(&alice, "t", &[&bob.id], &["--share", &share]);
+    assert_eq!(fetch(&bob, &ticket, "t", &[])["state"], "done");
+    assert_eq!(
+        std::fs::read(got.join("ro/a.txt")).unwrap(),
+        b"one, changed"
+    );
+    assert_eq!(std::fs::read(got.join("ro/c.txt")).unwrap(), b"three");
+    assert_eq!(std::fs::read(got.join("ro/deep/d.txt")).unwrap(), b"four");
+    assert!(!got.join("ro/deep/b.txt").exists());
+    // (A test run as an ordinary user could not delete these otherwise.)
+    set(&src.join("locked"), 0o755);
+    set(&src.join("secret.txt"), 0o644);
+}
+
 // ------------------------------------------- 9. oracle in metrics and logs
 
 /// A stranger asking for an existing share and for a missing one gets the

@@ -527,3 +527,99 @@ fn symlinks_outside_the_published_folder_are_not_followed() {
         assert!(!got.join(name).exists(), "{name} must not be published");
     }
 }
+
+/// A new version may change the shape of the tree: a file becomes a folder
+/// (`x`, then `x/y`), a folder a file (`d/…`, then `d`), a folder goes.
+/// The recipient's copy follows each way and back, and a folder holding
+/// the recipient's own files is never emptied to make room: that fetch is
+/// refused (exit 5, as any failed fetch), naming it, with the files left
+/// as they were; once they are moved away the same fetch goes through.
+#[test]
+fn files_turned_into_folders_and_back_reach_the_recipient() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("t");
+    let write = |p: &str, body: &str| {
+        let at = src.join(p);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::write(at, body).unwrap();
+    };
+    write("x", "x is a file");
+    write("d/a", "a in d");
+    write("d/e/b", "b in d/e");
+    write("keep/k", "kept");
+    std::fs::create_dir_all(src.join("empty/deeper")).unwrap();
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "t", &[&bob.id], &[]);
+    let got = bob.data().join("t");
+    let version = |n: u32| {
+        if n > 1 {
+            publish(&alice, "t", &[&bob.id], &["--share", &share]);
+        }
+        let done = fetch(&bob, &tickets[0], "t", &[]);
+        assert_eq!(
+            (done["state"].as_str(), done["seq"].as_u64()),
+            (Some("done"), Some(n as u64))
+        );
+    };
+    version(1);
+    assert!(got.join("x").is_file() && got.join("empty/deeper").is_dir());
+
+    std::fs::remove_file(src.join("x")).unwrap();
+    write("x/y", "y in the folder x");
+    std::fs::remove_dir_all(src.join("d")).unwrap();
+    write("d", "d is a file");
+    std::fs::remove_dir_all(src.join("empty")).unwrap();
+    version(2);
+    assert_eq!(
+        std::fs::read_to_string(got.join("x/y")).unwrap(),
+        "y in the folder x"
+    );
+    assert_eq!(
+        std::fs::read_to_string(got.join("d")).unwrap(),
+        "d is a file"
+    );
+    assert_eq!(std::fs::read_to_string(got.join("keep/k")).unwrap(), "kept");
+    assert!(!got.join("empty").exists(), "a dropped folder goes");
+
+    std::fs::remove_dir_all(src.join("x")).unwrap();
+    write("x", "x is a file again");
+    std::fs::remove_file(src.join("d")).unwrap();
+    write("d/a", "a in d again");
+    version(3);
+    assert_eq!(
+        std::fs::read_to_string(got.join("x")).unwrap(),
+        "x is a file again"
+    );
+    assert_eq!(
+        std::fs::read_to_string(got.join("d/a")).unwrap(),
+        "a in d again"
+    );
+
+    // The recipient keeps a file of its own in d/; version 4 makes d a file.
+    std::fs::write(got.join("d/mine.txt"), "bob's own").unwrap();
+    std::fs::remove_dir_all(src.join("d")).unwrap();
+    write("d", "d is a file again");
+    publish(&alice, "t", &[&bob.id], &["--share", &share]);
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "t"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(
+        said.contains("t/d") && said.contains("not the share's"),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(got.join("d/mine.txt")).unwrap(),
+        "bob's own"
+    );
+    // Moved away, the same fetch goes through.
+    std::fs::remove_file(got.join("d/mine.txt")).unwrap();
+    let done = fetch(&bob, &tickets[0], "t", &[]);
+    assert_eq!(done["state"], "done");
+    assert_eq!(
+        std::fs::read_to_string(got.join("d")).unwrap(),
+        "d is a file again"
+    );
+}

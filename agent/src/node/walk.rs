@@ -66,6 +66,10 @@ pub enum SkipReason {
     /// folder marker `a/`): object stores allow both, a folder tree cannot
     /// hold them, so the file is kept and what is under it left out.
     UnderAFile,
+    /// A file or folder the agent may not read (its permission bits or
+    /// owner: an agent runs as an ordinary user). Left out and named
+    /// instead of failing the whole publish halfway through its pass.
+    Unreadable,
 }
 
 impl SkipReason {
@@ -83,6 +87,7 @@ impl SkipReason {
                 "a symbolic link to a folder (links to folders are not followed)"
             }
             SkipReason::UnderAFile => "inside a path that is also a file (`a` and `a/b`)",
+            SkipReason::Unreadable => "the agent may not read it (permission denied)",
         }
     }
 }
@@ -247,6 +252,29 @@ fn mode_bits(meta: &std::fs::Metadata) -> u32 {
     if meta.is_dir() { 0o755 } else { 0o644 }
 }
 
+/// Whether the agent may read a file (or list and enter a folder) at
+/// `path`: said by the bits alone when it owns it (or is root), else by
+/// asking the kernel (groups, ACLs), so the common case costs no syscall.
+#[cfg(unix)]
+fn readable(path: &Path, meta: &std::fs::Metadata) -> bool {
+    use rustix::fs::Access;
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid();
+    let (need, ask) = if meta.is_dir() {
+        (0o500, Access::READ_OK | Access::EXEC_OK)
+    } else {
+        (0o400, Access::READ_OK)
+    };
+    me.is_root()
+        || (meta.uid() == me.as_raw() && meta.mode() & need == need)
+        || rustix::fs::access(path, ask).is_ok()
+}
+
+#[cfg(not(unix))]
+fn readable(_: &Path, _: &std::fs::Metadata) -> bool {
+    true
+}
+
 /// The walk of a local folder (or file) `path` under `fs_root`.
 fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
     let target = fs_root.join(path.trim_end_matches('/'));
@@ -341,6 +369,10 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
             } else {
                 entry.metadata().context(|| format!("stat {full:?}"))?
             };
+            if (meta.is_dir() || meta.is_file()) && !readable(&at, &meta) {
+                out.skipped.add(rel, SkipReason::Unreadable);
+                continue;
+            }
             if meta.is_dir() {
                 out.dirs.push((rel.clone(), mode_bits(&meta)));
                 todo.push((at, format!("{rel}/")));

@@ -45,7 +45,14 @@ pub struct TestAgent {
     pub metrics_addr: String,
     pub child: Option<Child>,
     pub env: Vec<(String, String)>,
+    /// The uid (and gid) the daemon runs as, when the tests run as root
+    /// and an ordinary user was asked for ([`TestAgent::unprivileged`]).
+    pub run_as: Option<u32>,
 }
+
+/// The uid an unprivileged daemon runs as when the tests run as root
+/// (`nobody`; the operator's pods run as 65532, any non-root uid will do).
+pub const UNPRIVILEGED_UID: u32 = 65534;
 
 impl TestAgent {
     /// `caravan-agent init` in `dir` with fresh loopback ports.
@@ -74,6 +81,47 @@ impl TestAgent {
             metrics_addr: metrics,
             child: None,
             env: vec![],
+            run_as: None,
+        }
+    }
+
+    /// From now on the daemon runs as an ordinary user: as
+    /// [`UNPRIVILEGED_UID`] when the tests run as root (its folder handed
+    /// to it, the folders above made enterable), else as the tests' own
+    /// user, which is one already. Files the test writes later into the
+    /// folder are handed over by [`TestAgent::hand_over`].
+    pub fn unprivileged(&mut self) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        self.run_as = Some(UNPRIVILEGED_UID);
+        for up in self.dir.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(up) else {
+                continue;
+            };
+            if meta.mode() & 0o001 == 0 {
+                let mode = (meta.mode() & 0o7777) | 0o011;
+                std::fs::set_permissions(up, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+        }
+        self.hand_over();
+    }
+
+    /// Gives everything under the agent's folder to the user its daemon
+    /// runs as (nothing to do unless [`TestAgent::unprivileged`] as root).
+    pub fn hand_over(&self) {
+        fn chown_tree(p: &Path, uid: u32) {
+            std::os::unix::fs::lchown(p, Some(uid), Some(uid)).unwrap();
+            let meta = std::fs::symlink_metadata(p).unwrap();
+            if meta.is_dir() {
+                for e in std::fs::read_dir(p).unwrap() {
+                    chown_tree(&e.unwrap().path(), uid);
+                }
+            }
+        }
+        if let Some(uid) = self.run_as {
+            chown_tree(&self.dir, uid);
         }
     }
 
@@ -179,6 +227,11 @@ impl TestAgent {
             .env("RUST_LOG", "info");
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(uid) = self.run_as {
+            // std drops the supplementary groups too when root sets a uid.
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, uid);
         }
         self.child = Some(cmd.spawn().expect("spawn agent"));
         let deadline = Instant::now() + Duration::from_secs(60);

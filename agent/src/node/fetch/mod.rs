@@ -35,6 +35,7 @@ mod local;
 pub mod progress;
 pub mod seed;
 pub mod swarm;
+mod tree;
 pub mod writer;
 
 /// What to fetch and where to put it.
@@ -345,6 +346,14 @@ impl Agent {
             &progress,
             manifest.files().map(|(p, s, _)| (p, s)),
         )?;
+        self.make_room(
+            &dest,
+            previous.as_deref(),
+            seq,
+            manifest.files().map(|f| f.0),
+            manifest_dirs(&manifest),
+        )
+        .await?;
         for e in &manifest.entries {
             if matches!(e.kind, EntryKind::Dir) {
                 let p = format!("{dest}{}/", e.path);
@@ -403,7 +412,21 @@ impl Agent {
             && prev.root == dest
             && prev.seq() < seq
         {
-            let now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
+            let reshape = reshape(prev, &manifest);
+            // On a local disk, a dropped file where the new version has a
+            // folder, or under a folder that is a file now, is gone already
+            // (`make_room`): what is at its path now is the new version's.
+            let mut now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
+            if self.opts.fs_root.is_some() {
+                now.extend(reshape.files_to_folders.iter().map(String::as_str));
+                now.extend(
+                    reshape
+                        .folders_to_files
+                        .iter()
+                        .flat_map(|f| f.1.iter())
+                        .map(String::as_str),
+                );
+            }
             for (p, _, _) in prev.manifest.files() {
                 if !now.contains(p) {
                     let path = format!("{dest}{p}");
@@ -412,6 +435,12 @@ impl Agent {
                         .await
                         .context(|| format!("removing {path}"))?;
                 }
+            }
+            // And its folders, those left empty.
+            if let Some(root) = self.opts.fs_root.clone() {
+                let dest = dest.to_string();
+                let _ =
+                    tokio::task::spawn_blocking(move || reshape.drop_folders(&root, &dest)).await;
             }
         }
         // Tags of the chunks received now and of those an earlier version
@@ -447,6 +476,37 @@ impl Agent {
         self.metrics.fetch_done(s.bytes_total, s.seconds);
         tracing::info!(share = %ticket.share_id, seq, bytes = s.bytes_total, fetched = s.chunks_fetched, reused = s.chunks_reused, seconds = s.seconds, "fetch complete");
         Ok(())
+    }
+
+    /// Before a new version is written over the previous one on a local
+    /// disk: removes the previous version's files where folders go and its
+    /// folders where files go (`tree.rs`); refused, with nothing written,
+    /// if such a folder holds files that are not the share's.
+    async fn make_room<'a>(
+        &self,
+        dest: &str,
+        previous: Option<&HeldShare>,
+        seq: u64,
+        files: impl Iterator<Item = &'a str>,
+        dirs: impl Iterator<Item = &'a str>,
+    ) -> Result<()> {
+        let (Some(root), Some(prev)) = (self.opts.fs_root.clone(), previous) else {
+            return Ok(());
+        };
+        if prev.root != dest || prev.seq() >= seq {
+            return Ok(());
+        }
+        let old_files: Vec<&str> = prev.manifest.files().map(|f| f.0).collect();
+        let new_files: Vec<&str> = files.collect();
+        let reshape =
+            tree::Reshape::between(&old_files, manifest_dirs(&prev.manifest), &new_files, dirs);
+        if reshape.before_is_empty() {
+            return Ok(());
+        }
+        let dest = dest.to_string();
+        tokio::task::spawn_blocking(move || reshape.make_room(&root, &dest, seq))
+            .await
+            .map_err(|e| Error::Protocol(format!("making room task: {e}")))?
     }
 
     /// The version of a share this agent fetched before, if any.
@@ -599,6 +659,14 @@ impl Agent {
             &progress,
             files.iter().map(|f| (f.0.as_str(), f.1)),
         )?;
+        self.make_room(
+            &dest,
+            previous.as_deref(),
+            seq,
+            files.iter().map(|f| f.0.as_str()),
+            feed.listing.dirs.iter().map(|d| d.0.as_str()),
+        )
+        .await?;
         for (d, _) in &feed.listing.dirs {
             let p = format!("{dest}{d}/");
             self.op
@@ -769,18 +837,26 @@ impl Agent {
 
     /// Gives files and directories the permission bits the publisher had,
     /// where the storage is a local filesystem (object stores have none),
-    /// without setuid, setgid, sticky or world-writable bits (`& 0o775`).
-    /// A failure is logged, never fatal: the bytes are what matter.
+    /// without setuid, setgid, sticky or world-writable bits (`& 0o775`),
+    /// and with what the agent itself needs kept: a folder stays readable,
+    /// enterable and writable by its owner (`| 0o700`: the next version
+    /// adds, replaces and deletes files in it, as an ordinary user), a file
+    /// readable (`| 0o400`: it is served to other recipients and reused by
+    /// the next version; files are replaced by rename, never written in
+    /// place). A failure is logged, never fatal: the bytes are what matter.
     fn apply_modes(&self, dest: &str, manifest: &Manifest) {
         #[cfg(unix)]
         if let Some(root) = &self.opts.fs_root {
             use std::os::unix::fs::PermissionsExt;
             for e in &manifest.entries {
                 let path = root.join(format!("{dest}{}", e.path));
-                let mode = e.mode & 0o775;
-                if mode == 0 {
+                if e.mode == 0 {
                     continue;
                 }
+                let mode = match e.kind {
+                    EntryKind::Dir => (e.mode & 0o775) | 0o700,
+                    EntryKind::File { .. } => (e.mode & 0o775) | 0o400,
+                };
                 if let Err(err) =
                     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                 {
@@ -873,4 +949,24 @@ impl Agent {
             }
         })
     }
+}
+
+/// The folders a manifest lists.
+fn manifest_dirs(m: &Manifest) -> impl Iterator<Item = &str> {
+    m.entries.iter().filter_map(|e| match e.kind {
+        EntryKind::Dir => Some(e.path.as_str()),
+        EntryKind::File { .. } => None,
+    })
+}
+
+/// The shape changes from the version `prev` holds to `next`.
+fn reshape(prev: &HeldShare, next: &Manifest) -> tree::Reshape {
+    let old_files: Vec<&str> = prev.manifest.files().map(|f| f.0).collect();
+    let new_files: Vec<&str> = next.files().map(|f| f.0).collect();
+    tree::Reshape::between(
+        &old_files,
+        manifest_dirs(&prev.manifest),
+        &new_files,
+        manifest_dirs(next),
+    )
 }

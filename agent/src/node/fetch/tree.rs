@@ -1,0 +1,272 @@
+//! What a new version changes in the shape of the folder tree a recipient
+//! holds from the previous one, on a local disk: a file that became a
+//! folder (`x`, then `x/y`), a folder that became a file (the reverse), and
+//! folders the new version dropped.
+//!
+//! Why: a fetch creates the new version's folders and moves each finished
+//! file into place. A file where a folder must go makes creating the folder
+//! fail; a folder where a file must go makes the move fail; both halfway
+//! through the fetch, every time it is resumed. So before anything is
+//! written the old entry is removed: a file the previous version had, or a
+//! folder once the previous version's files under it are gone and it holds
+//! nothing else (a folder holding files that are not the share's is never
+//! emptied: the fetch is refused, naming it). After the fetch, folders the
+//! new version dropped are removed when empty, as its dropped files are.
+//!
+//! Object stores need none of this: keys `x` and `x/y` can coexist there,
+//! and a folder is only a prefix. Every step looks at what is really on
+//! disk (`symlink_metadata`, links never followed), so a resumed fetch that
+//! already did part of it does the rest.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::Path;
+
+use crate::error::{Context, Error, Result};
+use crate::node::fetch::local::confined;
+
+/// The changes of shape between two versions, as paths under the
+/// destination.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Reshape {
+    /// Files of the previous version where the new one has a folder.
+    pub files_to_folders: Vec<String>,
+    /// Folders of the previous version where the new one has a file, each
+    /// with the previous version's files under it.
+    pub folders_to_files: Vec<(String, Vec<String>)>,
+    /// Folders of the previous version the new one does not have, deepest
+    /// first (removed after the fetch, when empty).
+    pub dropped_folders: Vec<String>,
+}
+
+/// The paths of `sorted` under the folder `p` (`p/…`): one range, found
+/// by binary search, so no path's parents are ever listed (a 4 KiB path
+/// of one-letter folders has two thousand of them).
+fn under<'a, 's>(sorted: &'s [&'a str], p: &str) -> impl Iterator<Item = &'a str> + 's {
+    let prefix = format!("{p}/");
+    let start = sorted.partition_point(|s| *s < prefix.as_str());
+    sorted[start..]
+        .iter()
+        .copied()
+        .take_while(move |s| s.starts_with(&prefix))
+}
+
+impl Reshape {
+    /// Compares the previous version (its files and folders) with the new
+    /// one. A path is a folder of a version if the version lists it as
+    /// one or has a file under it. Every lookup is a hash or a binary
+    /// search: what a hostile publisher's manifests can make this cost is
+    /// bounded by their size (n log n), never their shape.
+    pub(crate) fn between<'o, 'n>(
+        old_files: &[&'o str],
+        old_dirs: impl Iterator<Item = &'o str>,
+        new_files: &[&'n str],
+        new_dirs: impl Iterator<Item = &'n str>,
+    ) -> Reshape {
+        let mut old_sorted = old_files.to_vec();
+        old_sorted.sort_unstable();
+        let mut new_sorted = new_files.to_vec();
+        new_sorted.sort_unstable();
+        let old_dirs: HashSet<&str> = old_dirs.collect();
+        let new_dirs: HashSet<&str> = new_dirs.collect();
+        let new_set: HashSet<&str> = new_files.iter().copied().collect();
+        let is_new_folder =
+            |p: &str| new_dirs.contains(p) || under(&new_sorted, p).next().is_some();
+        let is_old_folder =
+            |p: &str| old_dirs.contains(p) || under(&old_sorted, p).next().is_some();
+        let files_to_folders = old_sorted
+            .iter()
+            .filter(|o| is_new_folder(o))
+            .map(|o| o.to_string())
+            .collect();
+        let folders_to_files = new_sorted
+            .iter()
+            .filter(|f| is_old_folder(f))
+            .map(|f| {
+                (
+                    f.to_string(),
+                    under(&old_sorted, f).map(String::from).collect(),
+                )
+            })
+            .collect();
+        let mut dropped: Vec<&str> = old_dirs
+            .iter()
+            .copied()
+            .filter(|d| !is_new_folder(d) && !new_set.contains(d))
+            .collect();
+        // Deepest first: a folder is empty only once those below are gone.
+        dropped.sort_by_cached_key(|d| (std::cmp::Reverse(d.matches('/').count()), *d));
+        Reshape {
+            files_to_folders,
+            folders_to_files,
+            dropped_folders: dropped.into_iter().map(String::from).collect(),
+        }
+    }
+
+    /// Whether anything must change before the new version is written.
+    pub(crate) fn before_is_empty(&self) -> bool {
+        self.files_to_folders.is_empty() && self.folders_to_files.is_empty()
+    }
+
+    /// Before the fetch writes: removes the files where folders go, and the
+    /// folders where files go (the previous version's files in them first;
+    /// refused if anything else is left in one). Blocking.
+    pub(crate) fn make_room(&self, root: &Path, dest: &str, seq: u64) -> Result<()> {
+        let at = |p: &str| confined(root, &format!("{dest}{p}")).context(|| format!("{dest}{p}"));
+        for p in &self.files_to_folders {
+            let path = at(p)?;
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if !m.is_dir() => remove_file(&path)?,
+                _ => {}
+            }
+        }
+        for (f, held) in &self.folders_to_files {
+            let path = at(f)?;
+            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            for h in held {
+                let file = at(h)?;
+                if std::fs::symlink_metadata(&file).is_ok_and(|m| !m.is_dir()) {
+                    remove_file(&file)?;
+                }
+            }
+            if !remove_empty_folders(&path)? {
+                return Err(Error::Rejected(format!(
+                    "version {seq} makes {dest}{f} a file, and the folder there holds files that \
+                     are not the share's: move them away and fetch again (nothing was written)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// After the fetch: removes the folders the new version dropped, those
+    /// left empty (a folder holding anything else stays). Blocking; never
+    /// fails the fetch.
+    pub(crate) fn drop_folders(&self, root: &Path, dest: &str) {
+        for d in &self.dropped_folders {
+            let Ok(path) = confined(root, &format!("{dest}{d}")) else {
+                continue;
+            };
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                let _ = std::fs::remove_dir(&path);
+            }
+        }
+    }
+}
+
+fn remove_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            Err(e).context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes the folder at `path` and the folders in it that hold no files;
+/// `false` if any holds something that is not a folder (a file, a link:
+/// links are never followed), which stays with the folders above it.
+fn remove_empty_folders(path: &Path) -> Result<bool> {
+    let shown = || path.display().to_string();
+    let mut empty = true;
+    for entry in std::fs::read_dir(path).context(shown)? {
+        let entry = entry.context(shown)?;
+        if entry.file_type().context(shown)?.is_dir() {
+            empty &= remove_empty_folders(&entry.path())?;
+        } else {
+            empty = false;
+        }
+    }
+    if empty {
+        std::fs::remove_dir(path).context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn between(old: (&[&str], &[&str]), new: (&[&str], &[&str])) -> Reshape {
+        Reshape::between(old.0, old.1.iter().copied(), new.0, new.1.iter().copied())
+    }
+
+    #[test]
+    fn kind_changes_and_dropped_folders_are_found() {
+        let r = between(
+            (&["x", "d/a", "d/e/b", "keep/k"], &["empty", "d", "d/e"]),
+            (&["x/y", "d", "keep/k"], &["new"]),
+        );
+        assert_eq!(r.files_to_folders, ["x"]);
+        assert_eq!(
+            r.folders_to_files,
+            [(
+                "d".to_string(),
+                vec!["d/a".to_string(), "d/e/b".to_string()]
+            )]
+        );
+        // `d` is a file now (not dropped as a folder); `d/e` goes first.
+        assert_eq!(r.dropped_folders, ["d/e", "empty"]);
+        assert!(between((&["a/b"], &[]), (&["a/b", "c"], &[])).before_is_empty());
+    }
+
+    #[test]
+    fn room_is_made_and_a_folder_holding_foreign_files_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("dst/d/e")).unwrap();
+        std::fs::write(root.join("dst/x"), b"old file").unwrap();
+        std::fs::write(root.join("dst/d/a"), b"old").unwrap();
+        std::fs::write(root.join("dst/d/e/b"), b"old").unwrap();
+        let r = between((&["x", "d/a", "d/e/b"], &[]), (&["x/y", "d"], &[]));
+        r.make_room(root, "dst/", 2).unwrap();
+        assert!(!root.join("dst/x").exists() && !root.join("dst/d").exists());
+        // Done already: nothing to do, no error (a resumed fetch).
+        std::fs::create_dir_all(root.join("dst/x")).unwrap();
+        std::fs::write(root.join("dst/d"), b"new file").unwrap();
+        r.make_room(root, "dst/", 2).unwrap();
+        assert!(root.join("dst/x").is_dir() && root.join("dst/d").is_file());
+
+        std::fs::remove_file(root.join("dst/d")).unwrap();
+        std::fs::create_dir_all(root.join("dst/d/e")).unwrap();
+        std::fs::write(root.join("dst/d/e/b"), b"old").unwrap();
+        std::fs::write(root.join("dst/d/mine.txt"), b"the user's").unwrap();
+        let e = r.make_room(root, "dst/", 2).unwrap_err();
+        assert!(e.to_string().contains("dst/d"), "{e}");
+        assert_eq!(
+            std::fs::read(root.join("dst/d/mine.txt")).unwrap(),
+            b"the user's"
+        );
+
+        std::fs::create_dir_all(root.join("dst/gone/deeper")).unwrap();
+        std::fs::create_dir_all(root.join("dst/kept")).unwrap();
+        std::fs::write(root.join("dst/kept/mine"), b"x").unwrap();
+        let r = between((&[], &["gone", "gone/deeper", "kept"]), (&[], &[]));
+        r.drop_folders(root, "dst/");
+        assert!(!root.join("dst/gone").exists() && root.join("dst/kept/mine").exists());
+    }
+
+    /// A publisher's manifests shaped to make the comparison expensive:
+    /// a thousand files each 2,000 folders deep, every one of them turned
+    /// into a folder, and back. Listing every parent of every path would
+    /// hash gigabytes here; one sort and binary searches do not.
+    #[test]
+    fn deep_paths_cost_their_size_not_their_depth() {
+        let deep = "a/".repeat(1_999);
+        let files: Vec<String> = (0..1_000).map(|i| format!("{deep}f{i}")).collect();
+        let nested: Vec<String> = files.iter().map(|f| format!("{f}/x")).collect();
+        let files: Vec<&str> = files.iter().map(String::as_str).collect();
+        let nested: Vec<&str> = nested.iter().map(String::as_str).collect();
+        let r = Reshape::between(&files, std::iter::empty(), &nested, std::iter::empty());
+        assert_eq!(r.files_to_folders.len(), 1_000);
+        let back = Reshape::between(&nested, std::iter::empty(), &files, std::iter::empty());
+        assert_eq!(back.folders_to_files.len(), 1_000);
+        assert!(
+            back.folders_to_files
+                .iter()
+                .all(|(_, held)| held.len() == 1)
+        );
+    }
+}
