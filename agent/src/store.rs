@@ -75,6 +75,18 @@ fn merged_options(cfg: &StorageConfig) -> Result<BTreeMap<String, String>> {
     Ok(options)
 }
 
+/// Opens a local folder as storage (`fs` rooted at `root`): the demo's
+/// agents and tests.
+pub fn open_local(root: &Path) -> Result<Operator> {
+    let mut options = BTreeMap::new();
+    options.insert("root".to_string(), root.display().to_string());
+    open(&StorageConfig {
+        scheme: "fs".into(),
+        options,
+        credentials: None,
+    })
+}
+
 /// Opens the user's storage. Options named in the config are merged with the
 /// secret ones (credentials file, then environment), which win.
 pub fn open(cfg: &StorageConfig) -> Result<Operator> {

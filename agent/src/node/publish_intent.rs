@@ -188,6 +188,17 @@ impl Agent {
 mod tests {
     use super::*;
 
+    /// An agent over a temporary folder holding `docs/a.txt`.
+    async fn agent_with_docs() -> (tempfile::TempDir, Arc<Agent>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("docs")).unwrap();
+        std::fs::write(root.join("docs/a.txt"), b"hello").unwrap();
+        let op = crate::store::open_local(root).unwrap();
+        let agent = Agent::for_test(op, Some(root.to_path_buf())).await;
+        (tmp, agent)
+    }
+
     async fn write_intent(
         agent: &Agent,
         path: &str,
@@ -226,19 +237,7 @@ mod tests {
     /// record whose key does not open is dropped.
     #[tokio::test]
     async fn recorded_publishes_resume_a_bounded_number_of_times() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path();
-        std::fs::create_dir_all(root.join("docs")).unwrap();
-        std::fs::write(root.join("docs/a.txt"), b"hello").unwrap();
-        let mut options = std::collections::BTreeMap::new();
-        options.insert("root".to_string(), root.display().to_string());
-        let op = crate::store::open(&crate::config::StorageConfig {
-            scheme: "fs".into(),
-            options,
-            credentials: None,
-        })
-        .unwrap();
-        let agent = Agent::for_test(op, Some(root.to_path_buf())).await;
+        let (_tmp, agent) = agent_with_docs().await;
         let (fresh, fresh_file) = write_intent(&agent, "docs", 0).await;
         let (tired, tired_file) = write_intent(&agent, "docs", MAX_RESUMPTIONS - 1).await;
         let (bad, bad_file) = write_intent(&agent, "docs", 0).await;
@@ -272,19 +271,7 @@ mod tests {
     /// its share even before the share exists.
     #[tokio::test]
     async fn two_publishes_of_one_share_at_once_run_one_pass() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path();
-        std::fs::create_dir_all(root.join("docs")).unwrap();
-        std::fs::write(root.join("docs/a.txt"), b"hello").unwrap();
-        let mut options = std::collections::BTreeMap::new();
-        options.insert("root".to_string(), root.display().to_string());
-        let op = crate::store::open(&crate::config::StorageConfig {
-            scheme: "fs".into(),
-            options,
-            credentials: None,
-        })
-        .unwrap();
-        let agent = Agent::for_test(op, Some(root.to_path_buf())).await;
+        let (_tmp, agent) = agent_with_docs().await;
         let first = agent
             .publish(
                 PublishRequest {

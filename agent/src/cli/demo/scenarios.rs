@@ -195,13 +195,7 @@ pub async fn local_agent(
     repositories: Vec<String>,
     shutdown: &CancellationToken,
 ) -> Result<Arc<Agent>> {
-    let mut options = std::collections::BTreeMap::new();
-    options.insert("root".to_string(), root.display().to_string());
-    let op = store::open(&StorageConfig {
-        scheme: "fs".into(),
-        options,
-        credentials: None,
-    })?;
+    let op = store::open_local(root)?;
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .context(|| "binding loopback".into())?;

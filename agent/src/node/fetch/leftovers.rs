@@ -221,14 +221,7 @@ mod tests {
     async fn part_files_without_a_request_go_only_when_old() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
-        let mut options = std::collections::BTreeMap::new();
-        options.insert("root".to_string(), root.display().to_string());
-        let op = crate::store::open(&crate::config::StorageConfig {
-            scheme: "fs".into(),
-            options,
-            credentials: None,
-        })
-        .unwrap();
+        let op = crate::store::open_local(root).unwrap();
         for (share, age_days) in [("recent", 0u64), ("old", 8), ("mixed", 8), ("mixed", 0)] {
             let dir = root.join(format!(".caravan/partial/{share}/1"));
             std::fs::create_dir_all(&dir).unwrap();
