@@ -408,10 +408,7 @@ impl Agent {
         self.apply_modes(dest, &manifest);
 
         // Files the previous version had and this one dropped go away too.
-        if let Some(prev) = previous
-            && prev.root == dest
-            && prev.seq() < seq
-        {
+        if let Some(prev) = written_over(previous, dest, seq) {
             let reshape = reshape(prev, &manifest);
             // On a local disk, a dropped file where the new version has a
             // folder, or under a folder that is a file now, is gone already
@@ -490,12 +487,11 @@ impl Agent {
         files: impl Iterator<Item = &'a str>,
         dirs: impl Iterator<Item = &'a str>,
     ) -> Result<()> {
-        let (Some(root), Some(prev)) = (self.opts.fs_root.clone(), previous) else {
+        let (Some(root), Some(prev)) =
+            (self.opts.fs_root.clone(), written_over(previous, dest, seq))
+        else {
             return Ok(());
         };
-        if prev.root != dest || prev.seq() >= seq {
-            return Ok(());
-        }
         let old_files: Vec<&str> = prev.manifest.files().map(|f| f.0).collect();
         let new_files: Vec<&str> = files.collect();
         let reshape =
@@ -957,6 +953,18 @@ fn manifest_dirs(m: &Manifest) -> impl Iterator<Item = &str> {
         EntryKind::Dir => Some(e.path.as_str()),
         EntryKind::File { .. } => None,
     })
+}
+
+/// The earlier version a fetch of version `seq` into `dest` replaces: the
+/// one fetched there before, if older. Its files where this version has
+/// none, and its folders where this one has files, are this fetch's to
+/// remove; nothing else is.
+fn written_over<'a>(
+    previous: Option<&'a HeldShare>,
+    dest: &str,
+    seq: u64,
+) -> Option<&'a HeldShare> {
+    previous.filter(|p| p.root == dest && p.seq() < seq)
 }
 
 /// The shape changes from the version `prev` holds to `next`.
