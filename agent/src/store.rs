@@ -169,6 +169,112 @@ pub async fn read_into(
     op.reader_with(path).await?.read_into(buf, range).await
 }
 
+/// One object read front to back as a single streamed request, handed out
+/// a block at a time (the publish pass): one GET per file instead of one
+/// ranged GET per block. Why: a ranged GET waits a round trip before its
+/// first byte, and some servers read the whole object to answer any range
+/// (moto does: a 256 MiB object read in 8 MiB blocks cost it 32 whole
+/// reads, 7 CPU-seconds where one stream costs it 2–3). A stream that fails
+/// with a temporary error is opened again where it stopped, a few times.
+pub struct Sequential<'a> {
+    open: Opener<'a>,
+    /// The offset of the next byte handed out.
+    at: u64,
+    end: u64,
+    stream: Option<Pieces>,
+    /// What the stream gave beyond the last block asked.
+    pending: opendal::Buffer,
+    reopened: u32,
+}
+
+/// The pieces of one streamed read, as they arrive.
+type Pieces =
+    futures::stream::BoxStream<'static, std::result::Result<opendal::Buffer, opendal::Error>>;
+/// Opens a streamed read of a byte range.
+type Opener<'a> = Box<
+    dyn FnMut(
+            std::ops::Range<u64>,
+        )
+            -> futures::future::BoxFuture<'a, std::result::Result<Pieces, opendal::Error>>
+        + Send
+        + 'a,
+>;
+
+/// Times a failed stream is opened again before its error is returned.
+const STREAM_REOPENS: u32 = 3;
+
+impl<'a> Sequential<'a> {
+    /// A reader of `path` from `start` to `end` (no request until the first read).
+    pub fn new(op: &'a Operator, path: &'a str, start: u64, end: u64) -> Sequential<'a> {
+        use futures::StreamExt;
+        Sequential::with_opener(
+            start,
+            end,
+            Box::new(move |range| {
+                Box::pin(async move {
+                    Ok(op
+                        .reader_with(path)
+                        .await?
+                        .into_stream(range)
+                        .await?
+                        .boxed())
+                })
+            }),
+        )
+    }
+
+    fn with_opener(start: u64, end: u64, open: Opener<'a>) -> Sequential<'a> {
+        Sequential {
+            open,
+            at: start,
+            end,
+            stream: None,
+            pending: opendal::Buffer::new(),
+            reopened: 0,
+        }
+    }
+
+    /// Appends the next `n` bytes to `buf` (fewer when the object ends
+    /// first: the caller checks); returns how many.
+    pub async fn read_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        n: usize,
+    ) -> std::result::Result<usize, opendal::Error> {
+        use bytes::{Buf, BufMut};
+        use futures::TryStreamExt;
+        let goal = buf.len() + n;
+        let before = buf.len();
+        while buf.len() < goal {
+            if self.pending.has_remaining() {
+                let take = (goal - buf.len()).min(self.pending.remaining());
+                buf.put(Buf::take(&mut self.pending, take));
+                self.at += take as u64;
+                continue;
+            }
+            if self.at >= self.end {
+                break;
+            }
+            let stream = match &mut self.stream {
+                Some(s) => s,
+                None => self.stream.insert((self.open)(self.at..self.end).await?),
+            };
+            match stream.try_next().await {
+                Ok(Some(b)) => self.pending = b,
+                // The object is shorter than it was listed.
+                Ok(None) => break,
+                Err(e) if e.is_temporary() && self.reopened < STREAM_REOPENS => {
+                    tracing::debug!(at = self.at, error = %e, "reading again from where the stream failed");
+                    self.reopened += 1;
+                    self.stream = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(buf.len() - before)
+    }
+}
+
 /// Checks that storage answers at all, so a dead bucket is reported at start.
 pub async fn probe(op: &Operator) -> Result<()> {
     first_entry(op, "")
@@ -278,5 +384,112 @@ mod tests {
                 Ok(_) => panic!("{scheme}: opened without {key}"),
             }
         }
+    }
+
+    fn pseudo_random(n: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Reads `obj` through `r` in blocks of `block` bytes until it ends.
+    async fn read_all(r: &mut Sequential<'_>, block: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let mut b = Vec::new();
+            let n = r.read_into(&mut b, block).await.unwrap();
+            assert_eq!(n, b.len());
+            out.extend_from_slice(&b);
+            if n < block {
+                return out;
+            }
+        }
+    }
+
+    /// One stream per object, handed out in blocks of any size, from any
+    /// start: the bytes are the object's, in order.
+    #[tokio::test]
+    async fn a_sequential_read_gives_the_object_in_blocks() {
+        let op = Operator::via_iter("memory", Vec::<(String, String)>::new()).unwrap();
+        let data = pseudo_random(3 * 1024 * 1024 + 17);
+        op.write("o/big", data.clone()).await.unwrap();
+        let len = data.len() as u64;
+        for block in [1usize, 4095, 65536, 1 << 20, 5 << 20] {
+            let mut r = Sequential::new(&op, "o/big", 0, len);
+            if block == 1 {
+                // A byte at a time over a slice only: the loop is the same.
+                let mut r = Sequential::new(&op, "o/big", len - 300, len);
+                assert_eq!(read_all(&mut r, block).await, data[data.len() - 300..]);
+                continue;
+            }
+            assert_eq!(read_all(&mut r, block).await, data, "blocks of {block}");
+        }
+        let mut r = Sequential::new(&op, "o/big", 1000, len);
+        assert_eq!(read_all(&mut r, 1 << 20).await, data[1000..]);
+        // Listed longer than it is: an error (this service refuses the
+        // range) or the bytes there are, never more.
+        let mut r = Sequential::new(&op, "o/big", 0, len + 500);
+        let mut b = Vec::new();
+        if let Ok(n) = r.read_into(&mut b, 4 << 20).await {
+            assert_eq!((n, &b), (data.len(), &data));
+        }
+    }
+
+    /// A stream that fails with a temporary error is opened again where it
+    /// stopped (the bytes come out once each, in order), at most three
+    /// times; a fourth failure, or a permanent one, is returned.
+    #[tokio::test]
+    async fn a_failed_stream_is_opened_again_where_it_stopped() {
+        use futures::StreamExt;
+        let data = std::sync::Arc::new(pseudo_random(100_000));
+        // Each opening serves 10,000 bytes from where it is asked, in
+        // pieces of 3,000, then fails (temporary unless `permanent`).
+        let opener = |opens: std::sync::Arc<std::sync::atomic::AtomicU32>, permanent: bool| {
+            let data = data.clone();
+            Box::new(move |range: std::ops::Range<u64>| {
+                opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let data = data.clone();
+                Box::pin(async move {
+                    let from = range.start as usize;
+                    let to = (from + 10_000).min(range.end as usize);
+                    let mut items: Vec<std::result::Result<opendal::Buffer, opendal::Error>> = data
+                        [from..to]
+                        .chunks(3000)
+                        .map(|c| Ok(opendal::Buffer::from(c.to_vec())))
+                        .collect();
+                    if to < range.end as usize {
+                        let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "reset");
+                        items.push(Err(if permanent { e } else { e.set_temporary() }));
+                    }
+                    Ok(futures::stream::iter(items).boxed())
+                }) as futures::future::BoxFuture<'static, _>
+            }) as Opener<'static>
+        };
+        let opens = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut r = Sequential::with_opener(60_000, 100_000, opener(opens.clone(), false));
+        let mut b = Vec::new();
+        assert_eq!(r.read_into(&mut b, 40_000).await.unwrap(), 40_000);
+        assert_eq!(b, data[60_000..]);
+        assert_eq!(opens.load(std::sync::atomic::Ordering::Relaxed), 4);
+
+        let opens = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut r = Sequential::with_opener(0, 100_000, opener(opens.clone(), false));
+        let mut b = Vec::new();
+        let e = r.read_into(&mut b, 100_000).await.unwrap_err();
+        assert!(e.is_temporary(), "{e}");
+        assert_eq!(b, data[..40_000], "what came before the failures is kept");
+        assert_eq!(opens.load(std::sync::atomic::Ordering::Relaxed), 4);
+
+        let opens = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut r = Sequential::with_opener(0, 100_000, opener(opens.clone(), true));
+        let mut b = Vec::new();
+        assert!(r.read_into(&mut b, 100_000).await.is_err());
+        assert_eq!(opens.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 }

@@ -306,6 +306,15 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
     let (share, tickets) = publish(&alice, "reports", &[&bob.id], &[]);
     let v1 = fetch(&bob, &tickets[0], "inbox", &[]);
     assert_eq!(v1["state"], "done", "{scheme}: {v1}");
+    // Read as one stream per file, in blocks, the files are cut exactly
+    // where a cut of each whole file falls (a block starts with the bytes
+    // the last one left past its last cut).
+    let cuts: usize = tree
+        .files
+        .values()
+        .map(|d| caravan_agent::chunk::cut_points(d).len())
+        .sum();
+    assert_eq!(v1["chunks_total"], cuts as u64, "{scheme}: {v1}");
     rt.block_on(assert_holds(scheme, &bob_op, "inbox/", &tree));
 
     // Version 2: 100 bytes changed in the middle of the big file, one file

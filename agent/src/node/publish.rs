@@ -419,9 +419,12 @@ impl Agent {
 
     /// Cuts and seals one file as a two-stage pipeline: while the chunks
     /// of one block are hashed and encrypted (in place: the block is
-    /// discarded afterwards), the next block is read and cut. Each
-    /// block is read from the end of the last complete chunk, so nothing is
-    /// copied to join blocks.
+    /// discarded afterwards), the next block is read and cut. Each block
+    /// starts at the end of the last complete chunk: a local file's is read
+    /// from there (nothing copied to join blocks); remote storage is read
+    /// as one stream per file (`store::Sequential`), so the bytes past the
+    /// last cut are carried into the next block (on average half a chunk
+    /// per 8 MiB block).
     async fn chunk_file(
         &self,
         path: &str,
@@ -433,6 +436,8 @@ impl Agent {
         let mut refs = Vec::new();
         let mut pos = 0u64;
         let mut sealing: Option<Sealing> = None;
+        let mut remote = crate::store::Sequential::new(&self.op, path, 0, size);
+        let mut carried: Option<Vec<u8>> = None;
         while pos < size {
             let end = (pos + READ_BLOCK).min(size);
             let eof = end == size;
@@ -460,11 +465,14 @@ impl Agent {
                     .map_err(|e| Error::Protocol(format!("chunking task: {e}")))??
                 }
                 None => {
-                    let mut block = out.blocks.get();
-                    crate::store::read_into(&self.op, path, pos..end, &mut block)
+                    let mut block = carried.take().unwrap_or_else(|| out.blocks.get());
+                    let want = (end - pos) as usize;
+                    let more = want.saturating_sub(block.len());
+                    remote
+                        .read_into(&mut block, more)
                         .await
                         .context(|| format!("reading {path}"))?;
-                    if block.len() as u64 != end - pos {
+                    if block.len() != want {
                         return Err(Error::Config(format!(
                             "{path} changed size while being published"
                         )));
@@ -487,6 +495,13 @@ impl Agent {
             progress.bytes.fetch_add(consumed, Ordering::Relaxed);
             if let Some(h) = sealing.take() {
                 append(&mut refs, self.sealed_block(join(h).await?, out).await);
+            }
+            if self.opts.fs_root.is_none() && pos < size {
+                // The bytes past the last cut start the next block (the
+                // stream does not go back).
+                let mut next = out.blocks.get();
+                next.extend_from_slice(pieces.0.get(consumed as usize..).unwrap_or_default());
+                carried = Some(next);
             }
             sealing = Some(seal(keyer.clone(), out.blocks.clone(), pieces));
         }

@@ -523,7 +523,7 @@ impl Agent {
         share: &ShareId,
         seq: u64,
         progress: &Arc<FetchProgress>,
-        mut files: impl Iterator<Item = (&'a str, u64)>,
+        files: impl Iterator<Item = (&'a str, u64)>,
     ) -> Result<Arc<Job>> {
         let mut local = LocalIndex::new();
         if let Some(prev) = previous {
@@ -543,10 +543,16 @@ impl Agent {
         // file. Refuse a file over the memory limit before anything is written.
         let one_shot = (!append && !cap.write_can_multi)
             .then(|| writer::OneShot::new(tuning::one_shot_max_bytes()));
-        if let Some(one) = &one_shot
-            && let Some((path, size)) = files.find(|(_, s)| *s > one.max_bytes)
-        {
-            return Err(writer::one_shot_refusal(path, size, one.max_bytes));
+        let mut big_files = 0;
+        for (path, size) in files {
+            if let Some(one) = &one_shot
+                && size > one.max_bytes
+            {
+                return Err(writer::one_shot_refusal(path, size, one.max_bytes));
+            }
+            if size > tuning::object_part_bytes() as u64 {
+                big_files += 1;
+            }
         }
         Ok(Arc::new(Job {
             agent: self.clone(),
@@ -557,6 +563,7 @@ impl Agent {
             partial: state::partial_seq_dir(&self.opts.state_prefix, share, seq),
             append,
             one_shot,
+            part_uploads: writer::part_uploads(big_files),
             progress: progress.clone(),
             slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
             unsynced: Default::default(),
