@@ -365,7 +365,8 @@ labels = {"rsync": "rsync daemon (plain)", "rsync-fsync": "rsync daemon --fsync"
 sets = [s for s in ("big", "many") if any(k[0] == s for k in secs)]
 head = {"big": f"{size_mb} MiB file", "many": f"{files} x 1 MiB"}
 print(f"{'median MB/s (min-max)':28}" + "".join(f"{head[s]:>24}" for s in sets))
-tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "disk", "caravan", "caravan-published") if any(k[1] == t for k in secs)]
+# The tools run on the loopback sets (the bucket case's rclone is not one).
+tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "disk", "caravan", "caravan-published") if any(k[1] == t and k[0] in sets for k in secs)]
 for t in tools + (["caravan-fetch"] if "caravan" in tools else []):
     row = ""
     for s in sets:
