@@ -336,11 +336,12 @@ pub fn cut_points(data: &[u8]) -> Vec<(usize, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    /// Reproducible incompressible bytes (xorshift), for tests of this crate.
+    pub(crate) fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(n);
         let mut x = seed | 1;
         while out.len() < n {

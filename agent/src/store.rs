@@ -386,18 +386,6 @@ mod tests {
         }
     }
 
-    fn pseudo_random(n: usize) -> Vec<u8> {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     /// Reads `obj` through `r` in blocks of `block` bytes until it ends.
     async fn read_all(r: &mut Sequential<'_>, block: usize) -> Vec<u8> {
         let mut out = Vec::new();
@@ -417,7 +405,7 @@ mod tests {
     #[tokio::test]
     async fn a_sequential_read_gives_the_object_in_blocks() {
         let op = Operator::via_iter("memory", Vec::<(String, String)>::new()).unwrap();
-        let data = pseudo_random(3 * 1024 * 1024 + 17);
+        let data = crate::chunk::tests::pseudo_random(3 * 1024 * 1024 + 17, 5);
         op.write("o/big", data.clone()).await.unwrap();
         let len = data.len() as u64;
         for block in [1usize, 4095, 65536, 1 << 20, 5 << 20] {
@@ -447,7 +435,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_stream_is_opened_again_where_it_stopped() {
         use futures::StreamExt;
-        let data = std::sync::Arc::new(pseudo_random(100_000));
+        let data = std::sync::Arc::new(crate::chunk::tests::pseudo_random(100_000, 6));
         // Each opening serves 10,000 bytes from where it is asked, in
         // pieces of 3,000, then fails (temporary unless `permanent`).
         let opener = |opens: std::sync::Arc<std::sync::atomic::AtomicU32>, permanent: bool| {
