@@ -4,7 +4,7 @@
 # (round 1: every tool once, round 2: every tool once in an order rotated
 # by one, ...), so a machine whose speed drifts slows every tool alike. Prints medians, the ratio of
 # Caravan to the fastest other tool, Caravan's CPU seconds per GiB and peak
-# RSS on each side, the time from `publish` to the first verified byte, the
+# RSS on each side (and, after round 1, once idle again), the time from `publish` to the first verified byte, the
 # bytes a second version sends, and (with a local S3 server, moto) the
 # bucket -> agent -> agent -> bucket case against `rclone copy` between the
 # same two buckets. Beside the tools it times the disk's durable-write
@@ -17,6 +17,7 @@
 #   S3=0 bench/run.sh                      # skip the bucket case
 #   TOOLS="rsync caravan" bench/run.sh     # a subset
 #   KEEP=/tmp/raw.tsv bench/run.sh         # also keep the raw timings
+#   AFTER_SECS=0 bench/run.sh              # skip the idle-RSS wait after round 1
 #
 # Nothing here asserts a speed (machines are shared); every target is
 # compared with its source after the first round.
@@ -161,9 +162,7 @@ run_aria2() {
 start_agent() { # name dir
     local admin
     admin=$(sed -n 's/^admin_listen = ".*:\([0-9]*\)"$/\1/p' "$2/agent.toml")
-    # MALLOC_ARENA_MAX=2: what the operator sets in agent pods (glibc's
-    # per-thread arenas otherwise pin about twice the chunk buffers in use).
-    MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2} RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
+    RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
     local pid=$!
     PIDS+=($pid)
     wait_port "$admin"
@@ -200,8 +199,14 @@ run_caravan() { # set run [storage-config-hook]
     exec {pub_fd}<&-
     wait "$pub_pid"
     ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
-    local hwm_a hwm_b
+    local hwm_a hwm_b after=()
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
+    # Round 1: what both daemons hold once idle again (AFTER_SECS after
+    # the fetch; the allocator returns freed buffers about 10 s after use).
+    if [ "$run" = 1 ] && [ "${AFTER_SECS:-20}" != 0 ]; then
+        sleep "${AFTER_SECS:-20}"
+        after=("after_a=$(kib_of "$PID_A" VmRSS)" "after_b=$(kib_of "$PID_B" VmRSS)")
+    fi
     stop_agent "$PID_A"; stop_agent "$PID_B"
     if [ "${3:-}" != s3 ] && [ "$run" = 1 ]; then check "$set" "$WORK/b/data/dst"; fi
     local first
@@ -210,7 +215,7 @@ run_caravan() { # set run [storage-config-hook]
     record "$set" caravan "$run" "$(python3 -c "print($t2-$t0)")" \
         "fetch=$(python3 -c "print($t2-$t1)")" "publish=$pub" "first=$first" \
         "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
-        "hwm_a=$hwm_a" "hwm_b=$hwm_b" "idle_a=$idle_a" "idle_b=$idle_b"
+        "hwm_a=$hwm_a" "hwm_b=$hwm_b" "idle_a=$idle_a" "idle_b=$idle_b" "${after[@]}"
     discard "$WORK/b/data/dst"
 }
 
@@ -341,9 +346,10 @@ echo
 echo "Caravan benchmark, loopback, $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%FT%TZ), $RUNS interleaved rounds"
 python3 - "$RESULTS" "$WORK/v1.json" "$WORK/v2.json" "$SIZE_MB" "$FILES" "$S3_MB" "$S3_FILES" \
     "${BYTES[big]}" "${BYTES[many]}" "${BYTES[s3]:-0}" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 from collections import defaultdict
 res, v1p, v2p = sys.argv[1:4]
+after_secs = os.environ.get("AFTER_SECS", "20")
 size_mb, files, s3_mb, s3_files = sys.argv[4:8]
 nbytes = dict(zip(["big", "many", "s3"], map(int, sys.argv[8:11])))
 secs = defaultdict(list)
@@ -401,7 +407,9 @@ for s in sets + (["s3"] if ("s3", "caravan") in secs else []):
     gib = nbytes[s] / 2**30
     print(f"{s}: caravan CPU-s/GiB publisher {med(e['cpu_a'])/gib:.2f}, recipient {med(e['cpu_b'])/gib:.2f}; "
           f"peak RSS publisher {max(e['hwm_a'])/1024:.0f} MiB, recipient {max(e['hwm_b'])/1024:.0f} MiB; "
-          f"idle RSS {max(e['idle_a'] + e['idle_b'])/1024:.0f} MiB; "
+          f"idle RSS {max(e['idle_a'] + e['idle_b'])/1024:.0f} MiB before"
+          + (f", {max(e['after_a'] + e['after_b'])/1024:.0f} MiB {after_secs} s after" if e.get('after_a') else "")
+          + "; "
           f"publish pass {med(e['publish']):.2f}s (fetch runs alongside); publish start -> first verified byte "
           f"{med(e['first']):.3f}s (max {max(e['first']):.3f}s); publish+fetch end to end {med(secs[s, 'caravan']):.2f}s")
 if ("s3", "caravan") in secs:

@@ -300,10 +300,11 @@ pub fn deployment(input: &BuildInput<'_>) -> Deployment {
                 value: Some(spec.log_level.clone()),
                 ..Default::default()
             },
-            // glibc keeps one malloc arena per thread that allocated; the
-            // agent's many short-lived 1 MiB chunk buffers on the blocking
-            // pool then pin twice the memory they use (a 1 GiB transfer:
-            // publisher peak 135 MiB with the default, 65 MiB with 2).
+            // For agent images built before the agent took jemalloc as its
+            // allocator (glibc kept one arena per allocating thread: a 1 GiB
+            // transfer's publisher peaked at 135 MiB with the default, 65
+            // MiB with 2). jemalloc ignores it; it stays because removing
+            // it changes the pod template, which restarts every agent.
             EnvVar {
                 name: "MALLOC_ARENA_MAX".into(),
                 value: Some("2".into()),
