@@ -8,9 +8,8 @@ mod cli;
 /// afterwards, but glibc's heaps kept 30–60 MiB of them resident for as long
 /// as the daemon ran (an agent idle after fetching 1,000 files sat at
 /// 53 MiB); jemalloc's background thread returns freed pages to the OS about
-/// 10 s after they were last used (the same daemon idles at 24 MiB), and
-/// reuses them meanwhile, so a busy agent does not fault in fresh pages for
-/// every buffer.
+/// 10 s after they were last used (the same daemon idles at 24 MiB) and
+/// reuses them until then, so back-to-back transfers keep their pages.
 #[cfg(all(unix, not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
