@@ -139,6 +139,13 @@ fn fetch_of_a_live_share_starts_before_publish_ends_and_only_recipients_list_it(
         "publish is still running"
     );
     assert!(fetching.try_wait().unwrap().is_none(), "fetch is waiting");
+    // What the pass sealed before Bob's first request was kept for him
+    // too (he was named, so expected): every chunk he got came from
+    // memory, none was read and sealed a second time.
+    wait_for("every chunk served from the sealed cache", || {
+        let sealed = alice.metric("caravan_chunks_sent_sealed_total");
+        sealed >= 1.0 && sealed == alice.metric("caravan_chunks_sent_total")
+    });
 
     // Only the publisher's authorized recipients may read the listing; a
     // stranger's answer is exactly that of an unknown share.

@@ -246,6 +246,10 @@ impl Agent {
                 tickets: tickets.clone(),
             });
         }
+        if !req.access.agents.is_empty() {
+            live.expect_follower();
+            self.sealed.expect_take();
+        }
         let pass = self
             .publish_pass(req, &v.path, share_id, seq, &v.key, &live, progress)
             .await;
