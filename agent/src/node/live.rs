@@ -113,8 +113,9 @@ pub struct LiveShare {
     pub root: std::sync::OnceLock<String>,
     state: Mutex<LiveState>,
     news: tokio::sync::watch::Sender<u64>,
-    /// A recipient asked for the log: sealed chunks are worth keeping for
-    /// it (`SealedCache`); until then they are not (a publish nobody
+    /// A recipient asked for the log, or was named and so is expected
+    /// (`expect_follower`): sealed chunks are worth keeping for it
+    /// (`SealedCache`); until then they are not (a publish nobody
     /// follows kept 32 MiB of them for nothing).
     followed: std::sync::atomic::AtomicBool,
 }
