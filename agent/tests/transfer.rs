@@ -36,6 +36,24 @@ fn publish_fetch_and_only_recipients_get_anything() {
     let done = fetch(&bob, &tickets[0], "from-alice", &[]);
     assert_eq!(done["state"], "done");
     assert_same_tree(&alice.data().join("photos"), &bob.data().join("from-alice"));
+    // Off a terminal, a short fetch prints its result and no progress line
+    // (the first comes after 5 s, never a "0 B of 0 B" before the manifest).
+    let out = cli(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "again",
+    ]);
+    let (said, printed) = (
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(printed.starts_with("fetched share "), "{printed}");
+    assert!(!said.contains("fetching "), "{said}");
+    assert_same_tree(&alice.data().join("photos"), &bob.data().join("again"));
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(bob.data().join("from-alice/run.sh"))

@@ -195,8 +195,14 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 bar.set_position(s.bytes_done);
                 bar.set_message(format!("{}/{} chunks", s.chunks_done, s.chunks_total));
                 let finished = matches!(s.state, FetchState::Done | FetchState::Failed);
-                let every = if json { 1 } else { 5 };
-                let due = last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(every));
+                let every = Duration::from_secs(if json { 1 } else { 5 });
+                // `--json` reports from the first poll; a plain line waits
+                // its first 5 s, so a short fetch prints only its result
+                // (not a line of "0 B of 0 B" before the manifest is in).
+                let due = match last_report {
+                    Some(t) => t.elapsed() >= every,
+                    None => json || t0.elapsed() >= every,
+                };
                 if json && due && !finished {
                     println!("{}", tagged("status", &s)?);
                     last_report = Some(std::time::Instant::now());
