@@ -641,3 +641,28 @@ fn files_turned_into_folders_and_back_reach_the_recipient() {
         "d is a file again"
     );
 }
+
+/// README's first command: `demo` moves a generated folder between two
+/// agents (the fetch following the publish pass) and checks every byte.
+#[test]
+fn the_transfer_demo_moves_and_verifies_its_folder() {
+    let out = cli_ok(&["demo", "--size", "3M", "--files", "5", "--json"]);
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["files"], 5, "{r}");
+    assert_eq!(r["bytes"], 3 << 20, "{r}");
+    assert!(r["bytes_on_wire"].as_u64().unwrap() >= 3 << 20, "{r}");
+    assert!(
+        r["publish_seconds"].as_f64().unwrap() <= r["seconds"].as_f64().unwrap(),
+        "{r}"
+    );
+    let out = cli(&["demo", "--size", "1M", "--files", "1"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("published 1 file ("), "{printed}");
+    assert!(printed.contains("every byte verified: yes"), "{printed}");
+}

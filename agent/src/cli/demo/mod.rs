@@ -226,14 +226,15 @@ pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
     println!("publisher {}", r.publisher);
     println!("recipient {}", r.recipient);
     println!(
-        "published {} files ({}, {} chunks) in {:.2}s; transferred in {:.2}s",
+        "published {} {} ({}, {} chunks): the pass took {:.2}s, the fetch following it",
         r.files,
+        if r.files == 1 { "file" } else { "files" },
         crate::cli::human::bytes(r.bytes),
         r.chunks,
         r.publish_seconds,
-        r.transfer_seconds
     );
-    // One rate, one unit: end to end (publish + transfer), in MiB/s.
+    // One rate, one unit: end to end (publish start to the last file in
+    // place), in MiB/s.
     println!(
         "end to end {:.2}s = {}; {} on the wire; every byte verified: {}",
         r.seconds,
@@ -241,6 +242,15 @@ pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
         crate::cli::human::bytes(r.bytes_on_wire),
         if r.verified { "yes" } else { "NO" }
     );
+    if let Some(cpu) = r.cpu_seconds {
+        // Per GiB only where the payload, not the set-up, is the cost.
+        let gib = r.bytes as f64 / (1u64 << 30) as f64;
+        if r.bytes >= 64 << 20 {
+            println!("CPU, both agents: {cpu:.2} s ({:.2} s per GiB)", cpu / gib);
+        } else {
+            println!("CPU, both agents: {cpu:.2} s");
+        }
+    }
     if let Some(k) = &r.kept_in {
         println!("storages kept in {k}");
     }
