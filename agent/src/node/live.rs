@@ -155,7 +155,7 @@ impl LiveShare {
     }
 
     /// A recipient is expected to follow this pass (it was published to
-    /// named agents, who are told at once): its first blocks are kept for
+    /// named agents, whose tickets went out before the pass): its first blocks are kept for
     /// them too, not only those sealed after their first request. Without
     /// this, the blocks sealed while the recipient was still connecting
     /// were read from storage a second time (13 extra ranged GETs of a
@@ -367,13 +367,19 @@ impl SealedCache {
     }
 
     /// Counts as a take now: a recipient is about to start taking (a pass
-    /// to named agents began), so a full cache makes the pass wait for it
+    /// to named agents began, their tickets handed out before it), so a full cache makes the pass wait for it
     /// (each wait bounded by `ROOM_WAIT`, and only for `FOLLOWING` unless
     /// a real take follows) instead of evicting what it has not taken yet.
     pub fn expect_take(&self) {
         if let Ok(mut c) = self.inner.lock() {
             c.last_take = Some(Instant::now());
         }
+    }
+
+    /// When a chunk was last taken (or a take expected).
+    #[cfg(test)]
+    pub(crate) fn last_take(&self) -> Option<Instant> {
+        self.inner.lock().ok().and_then(|c| c.last_take)
     }
 
     /// Keeps a sealed chunk, evicting the oldest past the budget.

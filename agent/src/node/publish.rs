@@ -239,16 +239,24 @@ impl Agent {
                 return Err(e);
             }
         };
+        // A recipient is expected to follow the pass only when its ticket
+        // is out before the pass (a streamed publish: `publish --json`, the
+        // demo): then the first sealed blocks are kept for it, the pass
+        // waiting for it at most `ROOM_WAIT`. A publish that hands out
+        // tickets at its end (plain `publish`, declared shares, whose
+        // subscribers poll) tells nobody now, and must not wait.
         if let Some(tx) = started_tx {
-            let _ = tx.send(PublishStarted {
-                share_id: share_id.to_string(),
-                seq,
-                tickets: tickets.clone(),
-            });
-        }
-        if !req.access.agents.is_empty() {
-            live.expect_follower();
-            self.sealed.expect_take();
+            let told = tx
+                .send(PublishStarted {
+                    share_id: share_id.to_string(),
+                    seq,
+                    tickets: tickets.clone(),
+                })
+                .is_ok();
+            if told && !req.access.agents.is_empty() {
+                live.expect_follower();
+                self.sealed.expect_take();
+            }
         }
         let pass = self
             .publish_pass(req, &v.path, share_id, seq, &v.key, &live, progress)
@@ -688,4 +696,43 @@ fn seal(
 async fn join(h: Sealing) -> Result<Vec<Sealed>> {
     h.await
         .map_err(|e| Error::Protocol(format!("sealing task: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SecretKey;
+
+    /// Only a publish whose caller gets the tickets before the pass
+    /// expects a recipient to follow it (and so may wait for one, at most
+    /// `ROOM_WAIT`, when its sealed cache fills); one that hands them out
+    /// at its end told nobody, and never waits.
+    #[tokio::test]
+    async fn only_a_publish_that_hands_out_tickets_first_expects_a_follower() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("docs")).unwrap();
+        std::fs::write(tmp.path().join("docs/a.txt"), b"hello").unwrap();
+        let op = crate::store::open_local(tmp.path()).unwrap();
+        let agent = Agent::for_test(op, Some(tmp.path().to_path_buf())).await;
+        let bob = SecretKey::generate().unwrap().agent_id();
+        let req = |share_id| PublishRequest {
+            path: "docs".into(),
+            access: Access {
+                agents: vec![bob],
+                trust_depth: None,
+            },
+            share_id,
+            ..Default::default()
+        };
+        let first = agent.publish(req(None), None).await.unwrap();
+        assert!(agent.sealed.last_take().is_none(), "nobody was told");
+        let id: ShareId = first.share_id.parse().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        agent
+            .publish_with(req(Some(id)), None, Some(tx))
+            .await
+            .unwrap();
+        assert_eq!(rx.await.unwrap().tickets.len(), 1);
+        assert!(agent.sealed.last_take().is_some(), "bob was told first");
+    }
 }
