@@ -15,6 +15,7 @@
 #   bench/run.sh                           # 1 GiB file, 1000 x 1 MiB, 5 rounds
 #   RUNS=3 SIZE_MB=256 FILES=200 bench/run.sh   # quicker
 #   S3=0 bench/run.sh                      # skip the bucket case
+#   SETS= bench/run.sh                     # only the bucket case (SETS="big" etc.)
 #   TOOLS="rsync caravan" bench/run.sh     # a subset
 #   KEEP=/tmp/raw.tsv bench/run.sh         # also keep the raw timings
 #   AFTER_SECS=0 bench/run.sh              # skip the idle-RSS wait after round 1
@@ -28,6 +29,8 @@ RUNS=${RUNS:-5}
 SIZE_MB=${SIZE_MB:-1024}
 FILES=${FILES:-1000}
 S3=${S3:-1}
+# The loopback sets: big (one file) and many (FILES x 1 MiB); empty skips both.
+SETS=${SETS-big many}
 S3_MB=${S3_MB:-256}
 S3_FILES=${S3_FILES:-64}
 MOTO_PORT=${MOTO_PORT:-9485}
@@ -254,7 +257,7 @@ for run in $(seq 1 "$RUNS"); do
     # so no tool always runs right after the same one.
     off=$(((run - 1) % ${#ROUND_TOOLS[@]}))
     ORDER=("${ROUND_TOOLS[@]:off}" "${ROUND_TOOLS[@]:0:off}")
-    for set in big many; do
+    for set in $SETS; do
         for tool in "${ORDER[@]}"; do
             case $tool in
                 rsync) run_rsync "$set" "$run";;
@@ -273,14 +276,15 @@ done
 rm -rf "$WORK/dst"
 
 # A second version of the big file with 1% changed in 10 places.
-rm -rf "$WORK/a/data/.caravan" "$WORK/b"
-B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
-start_agent A "$WORK/a"; start_agent B "$WORK/b"
-pub=$("$BIN" publish --config "$WORK/a/agent.toml" big --to "$B_ID" --json | tail -n 1)
-share=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['share_id'])" "$pub")
-ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
-"$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest big --json >"$WORK/v1.json"
-python3 - "$SRC/big/payload.bin" <<'PY'
+if [[ " $SETS " == *" big "* ]]; then
+    rm -rf "$WORK/a/data/.caravan" "$WORK/b"
+    B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
+    start_agent A "$WORK/a"; start_agent B "$WORK/b"
+    pub=$("$BIN" publish --config "$WORK/a/agent.toml" big --to "$B_ID" --json | tail -n 1)
+    share=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['share_id'])" "$pub")
+    ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
+    "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest big --json >"$WORK/v1.json"
+    python3 - "$SRC/big/payload.bin" <<'PY'
 import os, sys
 path = sys.argv[1]
 size = os.path.getsize(path)
@@ -289,10 +293,11 @@ with open(path, "r+b") as f:
         f.seek(size * i // 10 + 12345)
         f.write(os.urandom(size // 1000))
 PY
-"$BIN" publish --config "$WORK/a/agent.toml" big --share "$share" --to "$B_ID" --json >/dev/null
-"$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest big --json >"$WORK/v2.json"
-cmp "$SRC/big/payload.bin" "$WORK/b/data/big/payload.bin"
-stop_agent "$PID_A"; stop_agent "$PID_B"
+    "$BIN" publish --config "$WORK/a/agent.toml" big --share "$share" --to "$B_ID" --json >/dev/null
+    "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest big --json >"$WORK/v2.json"
+    cmp "$SRC/big/payload.bin" "$WORK/b/data/big/payload.bin"
+    stop_agent "$PID_A"; stop_agent "$PID_B"
+fi
 rm -rf "$WORK/b" "$SRC/big" "$SRC/many"
 
 # Bucket -> agent -> agent -> bucket on a local S3 server, against
@@ -370,7 +375,8 @@ labels = {"rsync": "rsync daemon (plain)", "rsync-fsync": "rsync daemon --fsync"
           "caravan-published": "caravan fetch, published"}
 sets = [s for s in ("big", "many") if any(k[0] == s for k in secs)]
 head = {"big": f"{size_mb} MiB file", "many": f"{files} x 1 MiB"}
-print(f"{'median MB/s (min-max)':28}" + "".join(f"{head[s]:>24}" for s in sets))
+if sets:
+    print(f"{'median MB/s (min-max)':28}" + "".join(f"{head[s]:>24}" for s in sets))
 # The tools run on the loopback sets (the bucket case's rclone is not one).
 tools = [t for t in ("rsync", "rsync-fsync", "rclone", "aria2", "disk", "caravan", "caravan-published") if any(k[1] == t and k[0] in sets for k in secs)]
 for t in tools + (["caravan-fetch"] if "caravan" in tools else []):
@@ -418,8 +424,9 @@ if ("s3", "caravan") in secs:
           f"caravan {mbps('s3', c):.0f} MB/s (fetch only {mbps('s3', med(extra['s3', 'caravan']['fetch'])):.0f}): {r / c:.2f}x")
 # `fetch --json` prints JSON lines; the last one is the summary.
 last = lambda p: json.loads(open(p).read().splitlines()[-1])
-v1, v2 = last(v1p), last(v2p)
-big = nbytes["big"]
-print(f"second version (1% changed in 10 places): {v2['bytes_received']/2**20:.1f} MiB sent "
-      f"({100*v2['bytes_received']/big:.2f}% of the file), {v2['chunks_fetched']} of {v2['chunks_total']} chunks")
+if os.path.exists(v2p):
+    v2 = last(v2p)
+    big = nbytes["big"]
+    print(f"second version (1% changed in 10 places): {v2['bytes_received']/2**20:.1f} MiB sent "
+          f"({100*v2['bytes_received']/big:.2f}% of the file), {v2['chunks_fetched']} of {v2['chunks_total']} chunks")
 PY
