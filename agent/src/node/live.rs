@@ -113,8 +113,8 @@ pub struct LiveShare {
     pub root: std::sync::OnceLock<String>,
     state: Mutex<LiveState>,
     news: tokio::sync::watch::Sender<u64>,
-    /// A recipient asked for the log, or was named and so is expected
-    /// (`expect_follower`): sealed chunks are worth keeping for it
+    /// A recipient asked for the log, or was handed its ticket before the
+    /// pass and so is expected (`expect_follower`): sealed chunks are worth keeping for it
     /// (`SealedCache`); until then they are not (a publish nobody
     /// follows kept 32 MiB of them for nothing).
     followed: std::sync::atomic::AtomicBool,
@@ -155,11 +155,11 @@ impl LiveShare {
     }
 
     /// A recipient is expected to follow this pass (it was published to
-    /// named agents, whose tickets went out before the pass): its first blocks are kept for
-    /// them too, not only those sealed after their first request. Without
-    /// this, the blocks sealed while the recipient was still connecting
-    /// were read from storage a second time (13 extra ranged GETs of a
-    /// 64-object bucket pass in one of three runs).
+    /// named agents, whose tickets went out before the pass): its first
+    /// blocks are kept for them too, not only those sealed after their
+    /// first request. Without this, the blocks sealed while the recipient
+    /// was still connecting were read from storage a second time (13 extra
+    /// ranged GETs of a 64-object bucket pass in one of three runs).
     pub fn expect_follower(&self) {
         self.followed
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -367,9 +367,10 @@ impl SealedCache {
     }
 
     /// Counts as a take now: a recipient is about to start taking (a pass
-    /// to named agents began, their tickets handed out before it), so a full cache makes the pass wait for it
-    /// (each wait bounded by `ROOM_WAIT`, and only for `FOLLOWING` unless
-    /// a real take follows) instead of evicting what it has not taken yet.
+    /// to named agents began, their tickets handed out before it), so a
+    /// full cache makes the pass wait for it (each wait bounded by
+    /// `ROOM_WAIT`, and only for `FOLLOWING` unless a real take follows)
+    /// instead of evicting what it has not taken yet.
     pub fn expect_take(&self) {
         if let Ok(mut c) = self.inner.lock() {
             c.last_take = Some(Instant::now());
