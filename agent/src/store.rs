@@ -9,7 +9,10 @@ use opendal::Operator;
 use crate::config::{StorageConfig, check_scheme};
 use crate::error::{Context, Error, Result};
 
+pub mod readahead;
 pub mod sas;
+
+pub use readahead::ReadAhead;
 
 /// Reads secret options: a directory of files (a mounted Kubernetes Secret,
 /// one file per option) or one file of `key=value` lines (`#` comments).
@@ -221,6 +224,32 @@ impl<'a> Sequential<'a> {
                 })
             }),
         )
+    }
+
+    /// [`Sequential::new`] owning its operator and path (a stream kept
+    /// between requests).
+    pub fn owned(op: Operator, path: String, start: u64, end: u64) -> Sequential<'static> {
+        use futures::StreamExt;
+        Sequential::with_opener(
+            start,
+            end,
+            Box::new(move |range| {
+                let (op, path) = (op.clone(), path.clone());
+                Box::pin(async move {
+                    Ok(op
+                        .reader_with(&path)
+                        .await?
+                        .into_stream(range)
+                        .await?
+                        .boxed())
+                })
+            }),
+        )
+    }
+
+    /// The offset of the next byte it hands out.
+    pub fn at(&self) -> u64 {
+        self.at
     }
 
     fn with_opener(start: u64, end: u64, open: Opener<'a>) -> Sequential<'a> {

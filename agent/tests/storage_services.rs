@@ -303,7 +303,10 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
 
     alice.start();
     bob.start();
-    let (share, tickets) = publish(&alice, "reports", &[&bob.id], &[]);
+    // Carol (local disk) is served from Alice's storage later on.
+    let mut carol = TestAgent::init(&tmp.path().join("carol"));
+    carol.start();
+    let (share, tickets) = publish(&alice, "reports", &[&bob.id, &carol.id], &[]);
     let v1 = fetch(&bob, &tickets[0], "inbox", &[]);
     assert_eq!(v1["state"], "done", "{scheme}: {v1}");
     // Read as one stream per file, in blocks, the files are cut exactly
@@ -316,6 +319,31 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
         .sum();
     assert_eq!(v1["chunks_total"], cuts as u64, "{scheme}: {v1}");
     rt.block_on(assert_holds(scheme, &bob_op, "inbox/", &tree));
+
+    // Served from storage again, by a restarted publisher (nothing sealed
+    // in its memory): the big file's chunks are cut from streamed reads of
+    // it (`store/readahead.rs`), not one ranged read each, and every byte
+    // still arrives as published.
+    alice.kill9();
+    alice.start();
+    let again = fetch(&carol, &tickets[1], "again", &[]);
+    assert_eq!(again["state"], "done", "{scheme}: {again}");
+    assert_eq!(
+        again["chunks_fetched"], v1["chunks_total"],
+        "{scheme}: {again}"
+    );
+    let carol_cfg = caravan_agent::config::AgentConfig::load(&carol.config).unwrap();
+    let carol_op = caravan_agent::store::open(&carol_cfg.storage).unwrap();
+    rt.block_on(assert_holds(scheme, &carol_op, "again/", &tree));
+    let streamed = alice.metric("caravan_chunks_sent_streamed_total");
+    assert!(
+        streamed >= 1.0,
+        "{scheme}: no chunk of the big file came from a stream of it"
+    );
+    eprintln!(
+        "{scheme}: served from storage, {streamed} of {} chunks cut from streams",
+        alice.metric("caravan_chunks_sent_total")
+    );
 
     // Version 2: 100 bytes changed in the middle of the big file, one file
     // removed, one added. Only the touched chunks travel.

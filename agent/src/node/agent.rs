@@ -76,6 +76,8 @@ pub struct Agent {
     pub(crate) live: Arc<RwLock<HashMap<ShareId, Arc<LiveShare>>>>,
     /// Chunks the publish pass sealed, served from memory once.
     pub(crate) sealed: Arc<SealedCache>,
+    /// Streams of files in object storage that chunks are served from.
+    readahead: crate::store::ReadAhead,
 }
 
 impl std::fmt::Debug for Agent {
@@ -99,6 +101,7 @@ impl Agent {
         }
         metrics.shares_held.set(shares.len() as i64);
         let id = key.agent_id();
+        let readahead = crate::store::ReadAhead::new(op.clone());
         Ok(Arc::new(Agent {
             key,
             id,
@@ -112,6 +115,7 @@ impl Agent {
             presented: Mutex::new(HashMap::new()),
             live: Arc::default(),
             sealed: Arc::default(),
+            readahead,
         }))
     }
 
@@ -266,6 +270,20 @@ impl Agent {
     /// Where a chunk `peer` may have lives: in a held share, or in one
     /// whose publish pass is running.
     fn locate_for(&self, peer: &AgentId, share: &ShareId, id: &ChunkId) -> Result<ChunkLocation> {
+        match self.find_for(peer, share, id) {
+            Ok(loc) => Ok(loc),
+            Err(Miss::Refused) => Err(self.refused(peer)),
+            Err(Miss::NoChunk) => Err(Error::NotFound(format!("chunk {id}"))),
+        }
+    }
+
+    /// [`Agent::locate_for`] without counting or logging a refusal.
+    fn find_for(
+        &self,
+        peer: &AgentId,
+        share: &ShareId,
+        id: &ChunkId,
+    ) -> std::result::Result<ChunkLocation, Miss> {
         if let Some(live) = self.authorized_live(peer, share) {
             if let Some(s) = self.share(share)
                 && self.authorized(&s, peer, &self.proof_of(peer, share))
@@ -273,14 +291,13 @@ impl Agent {
             {
                 return Ok(loc.clone());
             }
-            return live
-                .locate(id)
-                .ok_or_else(|| Error::NotFound(format!("chunk {id}")));
+            return live.locate(id).ok_or(Miss::NoChunk);
         }
-        let s = self.authorized_share(peer, share)?;
-        s.locate(id)
-            .cloned()
-            .ok_or_else(|| Error::NotFound(format!("chunk {id}")))
+        let s = self
+            .share(share)
+            .filter(|s| self.authorized(s, peer, &self.proof_of(peer, share)))
+            .ok_or(Miss::Refused)?;
+        s.locate(id).cloned().ok_or(Miss::NoChunk)
     }
 
     /// The version whose pass is running for share `id`, if one is.
@@ -355,11 +372,31 @@ impl Agent {
     }
 }
 
+/// Why a chunk is not found for a peer.
+enum Miss {
+    /// The share is unknown or the peer may not have it.
+    Refused,
+    /// The share has no such chunk.
+    NoChunk,
+}
+
 impl Service for Agent {
     async fn manifest(&self, peer: AgentId, share: ShareId, _have_seq: u64) -> Result<Vec<u8>> {
         // Not activity: subscribers poll the manifest for new versions, and
         // a publisher they only poll may sleep (they wake it when behind).
         Ok(self.authorized_share(&peer, &share)?.record.clone())
+    }
+
+    fn chunk_asked(&self, peer: AgentId, share: ShareId, id: ChunkId) {
+        // Only storage read over the network streams files; a local disk
+        // is read where each chunk is. An unauthorized request notes
+        // nothing (and is refused when answered).
+        if self.opts.fs_root.is_some() || self.sealed.contains(&share, &id) {
+            return;
+        }
+        if let Ok(loc) = self.find_for(&peer, &share, &id) {
+            self.readahead.expect(&loc.path, loc.offset);
+        }
     }
 
     async fn chunk(&self, peer: AgentId, share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
@@ -446,9 +483,14 @@ impl Service for Agent {
                 let len = loc.chunk.len as usize;
                 let mut plain = crate::wire::channel::chunk_buffer(len + crate::crypto::TAG_LEN);
                 let range = loc.offset..loc.offset + len as u64;
-                crate::store::read_into(&self.op, &loc.path, range, &mut plain)
+                let (_, streamed) = self
+                    .readahead
+                    .read_into(&loc.path, loc.file_len, range, &mut plain)
                     .await
                     .context(|| format!("reading {} for chunk {id}", loc.path))?;
+                if streamed {
+                    self.metrics.chunks_sent_streamed.inc();
+                }
                 tokio::task::spawn_blocking(move || seal(plain)).await
             }
         };

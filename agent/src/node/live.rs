@@ -188,11 +188,11 @@ impl LiveShare {
     pub fn add_chunks(&self, file: usize, refs: &[(ChunkRef, [u8; TAG_LEN])]) {
         let root = self.root.get().cloned().unwrap_or_default();
         if let Ok(mut s) = self.state.lock() {
-            let Some(path) = s
+            let Some((path, file_len)) = s
                 .listing
                 .as_ref()
                 .and_then(|l| l.files.get(file))
-                .map(|f| format!("{root}{}", f.0))
+                .map(|f| (format!("{root}{}", f.0), f.1))
             else {
                 return;
             };
@@ -203,6 +203,7 @@ impl LiveShare {
                 s.index.entry(r.id).or_insert_with(|| ChunkLocation {
                     path: path.clone(),
                     offset,
+                    file_len,
                     chunk: *r,
                     tag: Some(*tag),
                 });
@@ -401,6 +402,13 @@ impl SealedCache {
         } else {
             c.order.push_back((share, id));
         }
+    }
+
+    /// Whether a sealed chunk is held (it will be served from memory).
+    pub fn contains(&self, share: &ShareId, id: &ChunkId) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|c| c.map.contains_key(&(*share, *id)))
     }
 
     /// Takes a sealed chunk out (it is served once from memory; a second

@@ -20,6 +20,9 @@ pub struct Metrics {
     /// Of those, chunks served as the publish pass sealed them (no second
     /// read, encryption and hash).
     pub chunks_sent_sealed: IntCounter,
+    /// Of those, chunks cut from a stream of their file in object storage
+    /// (one GET for a run of chunks instead of one each).
+    pub chunks_sent_streamed: IntCounter,
     /// Chunks received and verified.
     pub chunks_received: IntCounter,
     /// Chunks that failed verification (corrupt peer or bad data).
@@ -95,6 +98,10 @@ impl Metrics {
             chunks_sent_sealed: counter(
                 "chunks_sent_sealed_total",
                 "Chunks served from the publish pass's cache of sealed chunks",
+            )?,
+            chunks_sent_streamed: counter(
+                "chunks_sent_streamed_total",
+                "Chunks served from a stream of their file in object storage",
             )?,
             chunks_received: counter("chunks_received_total", "Chunks received and verified")?,
             chunks_rejected: counter("chunks_rejected_total", "Chunks that failed verification")?,

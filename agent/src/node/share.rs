@@ -32,6 +32,8 @@ pub struct ChunkLocation {
     pub path: String,
     /// Byte offset in the file.
     pub offset: u64,
+    /// The file's size (a stream of it reads to there).
+    pub file_len: u64,
     /// What the chunk is.
     pub chunk: ChunkRef,
     /// The chunk's AEAD tag, when known (see [`HeldShare::with_tags`]).
@@ -69,12 +71,13 @@ impl HeldShare {
         record: Vec<u8>,
     ) -> Self {
         let mut index = HashMap::new();
-        for (path, _, chunks) in manifest.files() {
+        for (path, file_len, chunks) in manifest.files() {
             let mut offset = 0u64;
             for c in chunks {
                 index.entry(c.id).or_insert_with(|| ChunkLocation {
                     path: format!("{root}{path}"),
                     offset,
+                    file_len,
                     chunk: *c,
                     tag: None,
                 });

@@ -73,6 +73,10 @@ pub trait Service: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<u8>>> + Send {
         async { Err(Error::NotFound("unknown share".into())) }
     }
+    /// A chunk request read off a connection, called in the order the peer
+    /// sent them, before requests are answered concurrently (in any order):
+    /// a holder reading object storage opens one stream per file from it.
+    fn chunk_asked(&self, _peer: AgentId, _share: ShareId, _chunk: ChunkId) {}
     /// Called when a peer connects or disconnects (for metrics).
     fn peer_connected(&self, _peer: AgentId, _connected: bool) {}
 }
@@ -453,6 +457,9 @@ async fn connection<S: Service>(
             id: header.id,
             payload,
         };
+        if let Ok(Request::Chunk(share, chunk)) = parse_request(frame.typ, &frame.payload) {
+            svc.chunk_asked(peer, share, chunk);
+        }
         let permit = limit
             .clone()
             .acquire_owned()
