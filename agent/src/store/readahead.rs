@@ -51,6 +51,8 @@ pub const KEPT_MAX: usize = 32 << 20;
 pub const IDLE: Duration = Duration::from_secs(5);
 /// Requests noted as waiting, remembered at most (the oldest is forgotten).
 pub const PENDING_MAX: usize = 512;
+/// Bytes read at a time through bytes a stream skips and cannot keep.
+const DISCARD_PIECE: usize = 256 << 10;
 /// Ends of recent reads remembered: a read starting where one ended opens a
 /// stream (it is sequential), a lone read elsewhere does not.
 const RECENT: usize = 64;
@@ -90,6 +92,7 @@ struct Entry {
 }
 
 struct Stream {
+    path: String,
     reader: Sequential<'static>,
     /// Bytes read past for requests not yet served, by start offset.
     kept: BTreeMap<u64, Piece>,
@@ -124,17 +127,37 @@ impl Stream {
             return None;
         }
         if offset > at {
-            // Kept for the requests in flight that asked for them (or
-            // dropped when the budget is spent: read again if asked).
+            // Kept for the requests in flight that asked for them, or,
+            // with the budget spent, read through a small buffer and
+            // dropped (read again if asked).
             let skip = (offset - at) as usize;
-            let mut between = Vec::with_capacity(skip);
-            match self.reader.read_into(&mut between, skip).await {
-                Ok(n) if n == skip => self.keep(at, between),
-                Ok(_) => return self.fail(),
-                Err(e) => {
-                    tracing::debug!(error = %e, "a storage stream failed");
-                    return self.fail();
+            let kept = self.reserve(skip);
+            let mut between = Vec::with_capacity(if kept { skip } else { DISCARD_PIECE });
+            let mut left = skip;
+            while left > 0 {
+                let want = if kept { left } else { left.min(DISCARD_PIECE) };
+                match self.reader.read_into(&mut between, want).await {
+                    Ok(n) if n == want => left -= n,
+                    Ok(_) | Err(_) => {
+                        if kept {
+                            self.budget.fetch_sub(skip, Ordering::Relaxed);
+                        }
+                        tracing::debug!(path = %self.path, "a storage stream ended early or failed");
+                        return self.fail();
+                    }
                 }
+                if !kept {
+                    between.clear();
+                }
+            }
+            if kept {
+                self.kept.insert(
+                    at,
+                    Piece {
+                        bytes: between,
+                        left: skip,
+                    },
+                );
             }
         }
         match self.reader.read_into(buf, len).await {
@@ -143,7 +166,7 @@ impl Stream {
                 Some(n)
             }
             Err(e) => {
-                tracing::debug!(error = %e, "a storage stream failed");
+                tracing::debug!(path = %self.path, error = %e, "a storage stream failed");
                 self.fail()
             }
         }
@@ -154,17 +177,13 @@ impl Stream {
         None
     }
 
-    fn keep(&mut self, at: u64, bytes: Vec<u8>) {
-        let n = bytes.len();
-        let fits = self
-            .budget
+    /// Counts `n` bytes against the budget of kept bytes, if they fit.
+    fn reserve(&self, n: usize) -> bool {
+        self.budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |k| {
                 (k + n <= KEPT_MAX).then_some(k + n)
             })
-            .is_ok();
-        if fits {
-            self.kept.insert(at, Piece { bytes, left: n });
-        }
+            .is_ok()
     }
 
     /// Copies `[offset, offset + len)` out of a kept piece.
@@ -328,6 +347,7 @@ impl ReadAhead {
             st.streams.swap_remove(oldest);
         }
         let stream = Arc::new(tokio::sync::Mutex::new(Stream {
+            path: path.to_string(),
             reader: Sequential::owned(self.shared.op.clone(), path.to_string(), offset, end),
             kept: BTreeMap::new(),
             budget: self.shared.kept.clone(),
