@@ -93,6 +93,11 @@ pub fn open_local(root: &Path) -> Result<Operator> {
 /// Opens the user's storage. Options named in the config are merged with the
 /// secret ones (credentials file, then environment), which win.
 pub fn open(cfg: &StorageConfig) -> Result<Operator> {
+    open_with_timeout(cfg, timeout())
+}
+
+/// [`open`] with requests bounded by `timeout` instead of [`timeout()`].
+fn open_with_timeout(cfg: &StorageConfig, timeout: std::time::Duration) -> Result<Operator> {
     check_scheme(&cfg.scheme)?;
     opendal::install_default();
     let options = merged_options(cfg)?;
@@ -136,7 +141,31 @@ pub fn open(cfg: &StorageConfig) -> Result<Operator> {
             e.kind()
         ))
     })?;
+    // A server that accepts and then says nothing (a hung proxy, a stalled
+    // endpoint) would hold a request for ever: each request and each read
+    // or write of a body gets `timeout()` (a timed-out one is temporary, so
+    // it is retried like any other). The local disk is left alone.
+    let op = match cfg.scheme.as_str() {
+        "fs" | "memory" => op,
+        _ => op.layer(
+            opendal::layers::TimeoutLayer::new()
+                .with_timeout(timeout)
+                .with_io_timeout(timeout),
+        ),
+    };
     Ok(op.layer(opendal::layers::RetryLayer::new().with_max_times(4)))
+}
+
+/// How long one storage request, or one read or write of its body, may
+/// take (`CARAVAN_STORAGE_TIMEOUT_SECS`, default 120: generous for a
+/// multipart upload's completion, bounded for a server that stalls).
+pub fn timeout() -> std::time::Duration {
+    let secs = std::env::var("CARAVAN_STORAGE_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .unwrap_or(120);
+    std::time::Duration::from_secs(secs)
 }
 
 /// Google Drive, Dropbox and OneDrive take an OAuth access token, or a
@@ -345,6 +374,39 @@ mod tests {
                 .collect(),
             credentials: None,
         }
+    }
+
+    /// A server that accepts connections and never answers: every request
+    /// ends in a timeout error (after the retries), not a hang.
+    #[tokio::test]
+    async fn a_storage_server_that_stalls_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for c in listener.incoming().take(64) {
+                held.push(c);
+            }
+        });
+        let endpoint = format!("http://{addr}");
+        let c = cfg(
+            "s3",
+            &[
+                ("bucket", "b"),
+                ("endpoint", &endpoint),
+                ("region", "us-east-1"),
+                ("access_key_id", "k"),
+                ("secret_access_key", "s"),
+            ],
+        );
+        let op = open_with_timeout(&c, std::time::Duration::from_millis(300)).unwrap();
+        let started = std::time::Instant::now();
+        let e = tokio::time::timeout(std::time::Duration::from_secs(60), op.stat("x"))
+            .await
+            .expect("a stalled request was not bounded")
+            .unwrap_err();
+        assert!(e.to_string().contains("timeout"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
     fn config_error(c: &StorageConfig) -> String {
