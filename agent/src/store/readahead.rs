@@ -82,6 +82,16 @@ struct State {
     reaping: bool,
 }
 
+impl State {
+    /// Remembers where a read not served by a stream ended.
+    fn note_read(&mut self, path: &str, end: u64) {
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((path.to_string(), end));
+    }
+}
+
 /// A stream as seen without locking it: the bytes `[start, end)` of `path`.
 struct Entry {
     path: String,
@@ -97,7 +107,11 @@ struct Stream {
     /// Bytes read past for requests not yet served, by start offset.
     kept: BTreeMap<u64, Piece>,
     budget: Arc<AtomicUsize>,
+    /// Where the stream ends (the file's end or the next stream's start).
+    end: u64,
     failed: bool,
+    /// Asked for bytes far behind it: dropped, like a failed one.
+    stale: bool,
 }
 
 /// Bytes read past, and how many of them were not asked for yet (each
@@ -123,6 +137,15 @@ impl Stream {
             return Some(n);
         }
         let at = self.reader.at();
+        if offset < at && !self.failed {
+            // Behind it and not kept: another reader of the file (a second
+            // recipient, a fetch again). Far behind, or with the stream at
+            // its end and nothing kept, the stream serves this reader no
+            // more: it goes, so the reader's next requests can open a
+            // stream of their own.
+            self.stale =
+                offset.saturating_add(SKIP_MAX) < at || (at >= self.end && self.kept.is_empty());
+        }
         if self.failed || offset < at || offset - at > SKIP_MAX {
             return None;
         }
@@ -285,6 +308,7 @@ impl ReadAhead {
             }
             buf.truncate(before);
             self.drop_failed(&stream);
+            self.note_read(path, range.end);
         }
         Ok((
             super::read_into(&self.shared.op, path, range, buf).await?,
@@ -335,10 +359,7 @@ impl ReadAhead {
                 .any(|(p, o)| *o > offset && *o < end && *o - offset <= SKIP_MAX && p == path);
         // A run of one request's worth has nothing to stream.
         if !run || range.end >= end {
-            if st.recent.len() == RECENT {
-                st.recent.pop_front();
-            }
-            st.recent.push_back((path.to_string(), range.end));
+            st.note_read(path, range.end);
             return None;
         }
         if st.streams.len() >= MAX_STREAMS
@@ -351,7 +372,9 @@ impl ReadAhead {
             reader: Sequential::owned(self.shared.op.clone(), path.to_string(), offset, end),
             kept: BTreeMap::new(),
             budget: self.shared.kept.clone(),
+            end,
             failed: false,
+            stale: false,
         }));
         st.streams.push(Entry {
             path: path.to_string(),
@@ -375,8 +398,17 @@ impl ReadAhead {
         Some(stream)
     }
 
+    fn note_read(&self, path: &str, end: u64) {
+        if let Ok(mut st) = self.shared.state.lock() {
+            st.note_read(path, end);
+        }
+    }
+
     fn drop_failed(&self, stream: &Arc<tokio::sync::Mutex<Stream>>) {
-        let failed = stream.try_lock().map(|s| s.failed).unwrap_or(false);
+        let failed = stream
+            .try_lock()
+            .map(|s| s.failed || s.stale)
+            .unwrap_or(false);
         if failed && let Ok(mut st) = self.shared.state.lock() {
             st.streams.retain(|e| !Arc::ptr_eq(&e.stream, stream));
         }
@@ -491,6 +523,22 @@ mod tests {
         // one for the chunks before it; the rest are cut from the first.
         assert_eq!(ra.opened(), 2);
         assert_eq!(ra.kept(), 0, "every kept byte was asked for and let go");
+    }
+
+    #[tokio::test]
+    async fn a_second_reader_of_a_file_gets_a_stream_of_its_own() {
+        let bytes = data(3_000_000);
+        let op = memory_with("f", &bytes).await;
+        let ra = ReadAhead::new(op);
+        for round in 1..=2 {
+            for p in pieces(bytes.len(), 300_000) {
+                let got = read(&ra, "f", bytes.len(), p).await;
+                assert_eq!(got, bytes[p.0 as usize..p.0 as usize + p.1]);
+            }
+            // The first read of round 2 finds the first stream at its end,
+            // is read on its own and retires it; the next opens a stream.
+            assert_eq!(ra.opened(), round);
+        }
     }
 
     #[tokio::test]
