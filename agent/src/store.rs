@@ -143,7 +143,7 @@ fn open_with_timeout(cfg: &StorageConfig, timeout: std::time::Duration) -> Resul
     })?;
     // A server that accepts and then says nothing (a hung proxy, a stalled
     // endpoint) would hold a request for ever: each request and each read
-    // or write of a body gets `timeout()` (a timed-out one is temporary, so
+    // or write of a body gets `timeout` (a timed-out one is temporary, so
     // it is retried like any other). The local disk is left alone.
     let op = match cfg.scheme.as_str() {
         "fs" | "memory" => op,

@@ -293,10 +293,7 @@ impl Agent {
             }
             return live.locate(id).ok_or(Miss::NoChunk);
         }
-        let s = self
-            .share(share)
-            .filter(|s| self.authorized(s, peer, &self.proof_of(peer, share)))
-            .ok_or(Miss::Refused)?;
+        let s = self.share_for(peer, share).ok_or(Miss::Refused)?;
         s.locate(id).cloned().ok_or(Miss::NoChunk)
     }
 
@@ -358,17 +355,17 @@ impl Agent {
     }
 
     fn authorized_share(&self, peer: &AgentId, id: &ShareId) -> Result<Arc<HeldShare>> {
-        let Some(s) = self.share(id) else {
-            return Err(self.refused(peer));
-        };
+        // An unauthorized peer is counted and logged exactly like one
+        // asking for an unknown share: no oracle.
+        self.share_for(peer, id).ok_or_else(|| self.refused(peer))
+    }
+
+    /// A held share `peer` may read, without counting a refusal.
+    fn share_for(&self, peer: &AgentId, id: &ShareId) -> Option<Arc<HeldShare>> {
+        let s = self.share(id)?;
         let proof = self.proof_of(peer, id);
         let proof: &[SignedRecord] = &proof;
-        if self.authorized(&s, peer, proof) {
-            Ok(s)
-        } else {
-            // Counted and logged exactly like an unknown share: no oracle.
-            Err(self.refused(peer))
-        }
+        self.authorized(&s, peer, proof).then_some(s)
     }
 }
 
