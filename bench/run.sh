@@ -185,6 +185,8 @@ run_caravan() { # set run [storage-config-hook]
     local idle_a idle_b ca0 cb0 ca1 cb1 t0 t1 t2 pub ticket
     idle_a=$(kib_of "$PID_A" VmRSS); idle_b=$(kib_of "$PID_B" VmRSS)
     ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
+    local cs0=0 server=()
+    if [ "${3:-}" = s3 ]; then cs0=$(cpu_of "$MOTO_PID"); fi
     # `publish --json` prints the share id and tickets before its pass:
     # the fetch starts at once and follows the running pass.
     local first_line last_line pub_pid pub_fd
@@ -202,6 +204,7 @@ run_caravan() { # set run [storage-config-hook]
     exec {pub_fd}<&-
     wait "$pub_pid"
     ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
+    if [ "${3:-}" = s3 ]; then server=("cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$cs0)")"); fi
     local hwm_a hwm_b after=()
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
     # Round 1: what both daemons hold once idle again (AFTER_SECS after
@@ -218,7 +221,7 @@ run_caravan() { # set run [storage-config-hook]
     record "$set" caravan "$run" "$(python3 -c "print($t2-$t0)")" \
         "fetch=$(python3 -c "print($t2-$t1)")" "publish=$pub" "first=$first" \
         "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
-        "hwm_a=$hwm_a" "hwm_b=$hwm_b" "idle_a=$idle_a" "idle_b=$idle_b" "${after[@]}"
+        "hwm_a=$hwm_a" "hwm_b=$hwm_b" "idle_a=$idle_a" "idle_b=$idle_b" "${after[@]}" "${server[@]}"
     discard "$WORK/b/data/dst"
 }
 
@@ -308,6 +311,7 @@ run_s3() {
     unset AWS_CA_BUNDLE
     eval "$(bash tests/s3/moto.sh start "$MOTO_PORT")"
     MOTO_STARTED=1
+    MOTO_PID=$(cat "${XDG_CACHE_HOME:-$HOME/.cache}/caravan/moto-$MOTO_PORT/moto.pid")
     EP=$CARAVAN_TEST_S3_ENDPOINT
     S3_SRC=bench-src-$$; S3_DST=bench-dst-$$
     curl -fsS -o /dev/null -X PUT "$EP/$S3_SRC"; curl -fsS -o /dev/null -X PUT "$EP/$S3_DST"
@@ -330,10 +334,10 @@ PY
     }
     cp "$WORK/a/agent.toml" "$WORK/a/agent.fs.toml"
     for run in $(seq 1 "$RUNS"); do
-        t0=$(now)
+        m0=$(cpu_of "$MOTO_PID"); t0=$(now)
         rclone copy ":s3:$S3_SRC/tree" ":s3:$S3_DST/rclone$run" --disable Copy --transfers 8 --log-level ERROR
         t1=$(now)
-        record s3 rclone "$run" "$(python3 -c "print($t1-$t0)")"
+        record s3 rclone "$run" "$(python3 -c "print($t1-$t0)")" "cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$m0)")"
         cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
         run_caravan s3 "$run" s3
         if [ "$run" = 1 ]; then
@@ -421,7 +425,8 @@ for s in sets + (["s3"] if ("s3", "caravan") in secs else []):
 if ("s3", "caravan") in secs:
     r, c = med(secs["s3", "rclone"]), med(secs["s3", "caravan"])
     print(f"bucket -> bucket, {s3_files} files, {s3_mb} MiB, moto: rclone copy {mbps('s3', r):.0f} MB/s, "
-          f"caravan {mbps('s3', c):.0f} MB/s (fetch only {mbps('s3', med(extra['s3', 'caravan']['fetch'])):.0f}): {r / c:.2f}x")
+          f"caravan {mbps('s3', c):.0f} MB/s (fetch only {mbps('s3', med(extra['s3', 'caravan']['fetch'])):.0f}): {r / c:.2f}x; "
+          f"moto's CPU-s per run: rclone {med(extra['s3', 'rclone']['cpu_server']):.2f}, caravan {med(extra['s3', 'caravan']['cpu_server']):.2f}")
 # `fetch --json` prints JSON lines; the last one is the summary.
 last = lambda p: json.loads(open(p).read().splitlines()[-1])
 if os.path.exists(v2p):

@@ -11,6 +11,7 @@ use crate::error::{Context, Error, Result};
 
 pub mod readahead;
 pub mod sas;
+pub mod streamed_put;
 
 pub use readahead::ReadAhead;
 
@@ -217,6 +218,9 @@ pub struct Sequential<'a> {
     /// What the stream gave beyond the last block asked.
     pending: opendal::Buffer,
     reopened: u32,
+    /// `end` is the object's length: a read from its start asks for the
+    /// whole object, without a range ([`Sequential::whole_object`]).
+    whole: bool,
 }
 
 /// The pieces of one streamed read, as they arrive.
@@ -226,6 +230,7 @@ type Pieces =
 type Opener<'a> = Box<
     dyn FnMut(
             std::ops::Range<u64>,
+            bool,
         )
             -> futures::future::BoxFuture<'a, std::result::Result<Pieces, opendal::Error>>
         + Send
@@ -242,14 +247,13 @@ impl<'a> Sequential<'a> {
         Sequential::with_opener(
             start,
             end,
-            Box::new(move |range| {
+            Box::new(move |range, whole| {
                 Box::pin(async move {
-                    Ok(op
-                        .reader_with(path)
-                        .await?
-                        .into_stream(range)
-                        .await?
-                        .boxed())
+                    let reader = op.reader_with(path).await?;
+                    Ok(match whole {
+                        true => reader.into_stream(..).await?.boxed(),
+                        false => reader.into_stream(range).await?.boxed(),
+                    })
                 })
             }),
         )
@@ -262,18 +266,28 @@ impl<'a> Sequential<'a> {
         Sequential::with_opener(
             start,
             end,
-            Box::new(move |range| {
+            Box::new(move |range, whole| {
                 let (op, path) = (op.clone(), path.clone());
                 Box::pin(async move {
-                    Ok(op
-                        .reader_with(&path)
-                        .await?
-                        .into_stream(range)
-                        .await?
-                        .boxed())
+                    let reader = op.reader_with(&path).await?;
+                    Ok(match whole {
+                        true => reader.into_stream(..).await?.boxed(),
+                        false => reader.into_stream(range).await?.boxed(),
+                    })
                 })
             }),
         )
+    }
+
+    /// Says that `end` is the object's length, so a read from its start is
+    /// asked for as the whole object, without a `Range` header: some
+    /// servers copy the object once more to cut any range out of it (moto
+    /// does: a ranged read of every byte of 256 MiB in 4 objects cost it
+    /// about 0.1 CPU-second more than a plain one, per run). A stream
+    /// opened again after an error, or from further in, asks for its range.
+    pub fn whole_object(mut self) -> Self {
+        self.whole = true;
+        self
     }
 
     /// The offset of the next byte it hands out.
@@ -289,6 +303,7 @@ impl<'a> Sequential<'a> {
             stream: None,
             pending: opendal::Buffer::new(),
             reopened: 0,
+            whole: false,
         }
     }
 
@@ -304,18 +319,25 @@ impl<'a> Sequential<'a> {
         let goal = buf.len() + n;
         let before = buf.len();
         while buf.len() < goal {
+            // Never past `end`: a whole-object stream of an object that
+            // grew since it was listed goes on beyond it.
+            if self.at >= self.end {
+                break;
+            }
             if self.pending.has_remaining() {
-                let take = (goal - buf.len()).min(self.pending.remaining());
+                let left = usize::try_from(self.end - self.at).unwrap_or(usize::MAX);
+                let take = (goal - buf.len()).min(self.pending.remaining()).min(left);
                 buf.put(Buf::take(&mut self.pending, take));
                 self.at += take as u64;
                 continue;
             }
-            if self.at >= self.end {
-                break;
-            }
             let stream = match &mut self.stream {
                 Some(s) => s,
-                None => self.stream.insert((self.open)(self.at..self.end).await?),
+                None => {
+                    let whole = self.whole && self.at == 0;
+                    self.stream
+                        .insert((self.open)(self.at..self.end, whole).await?)
+                }
             };
             match stream.try_next().await {
                 Ok(Some(b)) => self.pending = b,
@@ -511,6 +533,13 @@ mod tests {
         }
         let mut r = Sequential::new(&op, "o/big", 1000, len);
         assert_eq!(read_all(&mut r, 1 << 20).await, data[1000..]);
+        // The whole object asked for without a range: the same bytes; an
+        // object longer than listed (it grew) still gives only what was
+        // listed.
+        let mut r = Sequential::new(&op, "o/big", 0, len).whole_object();
+        assert_eq!(read_all(&mut r, 1 << 20).await, data);
+        let mut r = Sequential::new(&op, "o/big", 0, len - 100).whole_object();
+        assert_eq!(read_all(&mut r, 1 << 20).await, data[..data.len() - 100]);
         // Listed longer than it is: an error (this service refuses the
         // range) or the bytes there are, never more.
         let mut r = Sequential::new(&op, "o/big", 0, len + 500);
@@ -531,7 +560,7 @@ mod tests {
         // pieces of 3,000, then fails (temporary unless `permanent`).
         let opener = |opens: std::sync::Arc<std::sync::atomic::AtomicU32>, permanent: bool| {
             let data = data.clone();
-            Box::new(move |range: std::ops::Range<u64>| {
+            Box::new(move |range: std::ops::Range<u64>, _whole: bool| {
                 opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let data = data.clone();
                 Box::pin(async move {

@@ -301,6 +301,13 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
         }
     });
 
+    // On S3 Bob writes each file with one streamed PUT; the first is cut
+    // off half way (as an outage would), and that file is fetched again
+    // as a multipart upload.
+    if scheme == "s3" {
+        bob.env
+            .push(("CARAVAN_FAULT_PUT_CUT".to_string(), "1".to_string()));
+    }
     alice.start();
     bob.start();
     // Carol (local disk) is served from Alice's storage later on.
@@ -319,6 +326,19 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
         .sum();
     assert_eq!(v1["chunks_total"], cuts as u64, "{scheme}: {v1}");
     rt.block_on(assert_holds(scheme, &bob_op, "inbox/", &tree));
+    if scheme == "s3" {
+        let non_empty = tree.files.values().filter(|d| !d.is_empty()).count() as f64;
+        assert_eq!(
+            bob.metric("caravan_files_put_retried_total"),
+            1.0,
+            "{scheme}"
+        );
+        assert_eq!(
+            bob.metric("caravan_files_put_streamed_total"),
+            non_empty - 1.0,
+            "{scheme}: every other file in one streamed PUT"
+        );
+    }
 
     // Served from storage again, by a restarted publisher (nothing sealed
     // in its memory): the big file's chunks are cut from streamed reads of

@@ -23,6 +23,12 @@ pub struct Metrics {
     /// Of those, chunks cut from a stream of their file in object storage
     /// (one GET for a run of chunks instead of one each).
     pub chunks_sent_streamed: IntCounter,
+    /// Fetched files written to S3 by one streamed PUT each
+    /// (`store/streamed_put.rs`) instead of a multipart upload.
+    pub files_put_streamed: IntCounter,
+    /// Streamed PUTs that failed with a temporary error, whose file was
+    /// fetched again as a multipart upload.
+    pub files_put_retried: IntCounter,
     /// Chunks received and verified.
     pub chunks_received: IntCounter,
     /// Chunks that failed verification (corrupt peer or bad data).
@@ -102,6 +108,14 @@ impl Metrics {
             chunks_sent_streamed: counter(
                 "chunks_sent_streamed_total",
                 "Chunks served from a stream of their file in object storage",
+            )?,
+            files_put_streamed: counter(
+                "files_put_streamed_total",
+                "Fetched files written to S3 by one streamed PUT each",
+            )?,
+            files_put_retried: counter(
+                "files_put_retried_total",
+                "Streamed PUTs that failed, their file fetched again as a multipart upload",
             )?,
             chunks_received: counter("chunks_received_total", "Chunks received and verified")?,
             chunks_rejected: counter("chunks_rejected_total", "Chunks that failed verification")?,

@@ -448,7 +448,7 @@ impl Agent {
         let mut refs = Vec::new();
         let mut pos = 0u64;
         let mut sealing: Option<Sealing> = None;
-        let mut remote = crate::store::Sequential::new(&self.op, path, 0, size);
+        let mut remote = crate::store::Sequential::new(&self.op, path, 0, size).whole_object();
         let mut carried: Option<Vec<u8>> = None;
         while pos < size {
             let end = (pos + READ_BLOCK).min(size);

@@ -53,6 +53,19 @@ pub fn object_part_bytes() -> usize {
     positive("CARAVAN_OBJECT_PART_BYTES", 5 << 20)
 }
 
+/// Largest fetched file written to S3 as one streamed PUT instead of a
+/// multipart upload (`CARAVAN_STREAMED_PUT_MAX_BYTES`, default 64 MiB; `0`
+/// turns streamed PUTs off): see `store/streamed_put.rs`. Bigger files keep
+/// multipart uploads, whose parts go out several at once and are retried
+/// one by one; at this size a failed PUT costs at most 64 MiB fetched
+/// again, and the fetch's progress moves at least every 64 MiB.
+pub fn streamed_put_max_bytes() -> u64 {
+    std::env::var("CARAVAN_STREAMED_PUT_MAX_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64 << 20)
+}
+
 /// Fetched files smaller than this (`CARAVAN_SMALL_FILE_BYTES`, default
 /// 256 KiB) are written on a local filesystem through the page cache with
 /// no sync of their own; one `syncfs` before the fetch is done makes them
@@ -72,6 +85,25 @@ pub fn direct_io() -> bool {
 /// (`CARAVAN_FAULT_CORRUPT_CHUNKS=1`).
 pub fn fault_corrupt_chunks() -> bool {
     std::env::var("CARAVAN_FAULT_CORRUPT_CHUNKS").is_ok_and(|v| v == "1")
+}
+
+/// Test-only fault injection: the first N streamed PUTs of the process
+/// (`CARAVAN_FAULT_PUT_CUT=N`) are cut off after their first piece with a
+/// temporary error, as a storage outage mid-body would, so a test sees the
+/// file fetched again as a multipart upload. True when this PUT is one.
+pub fn fault_put_cut() -> bool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CUT: AtomicU32 = AtomicU32::new(0);
+    let Some(n) = std::env::var("CARAVAN_FAULT_PUT_CUT")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    CUT.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+        (c < n).then_some(c + 1)
+    })
+    .is_ok()
 }
 
 /// Test-only: the publish pass holds after each sealed block until this

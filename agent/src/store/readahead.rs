@@ -367,9 +367,13 @@ impl ReadAhead {
         {
             st.streams.swap_remove(oldest);
         }
+        let op = self.shared.op.clone();
         let stream = Arc::new(tokio::sync::Mutex::new(Stream {
             path: path.to_string(),
-            reader: Sequential::owned(self.shared.op.clone(), path.to_string(), offset, end),
+            reader: match end == size {
+                true => Sequential::owned(op, path.to_string(), offset, end).whole_object(),
+                false => Sequential::owned(op, path.to_string(), offset, end),
+            },
             kept: BTreeMap::new(),
             budget: self.shared.kept.clone(),
             end,

@@ -543,6 +543,10 @@ impl Agent {
         // file. Refuse a file over the memory limit before anything is written.
         let one_shot = (!append && !cap.write_can_multi)
             .then(|| writer::OneShot::new(tuning::one_shot_max_bytes()));
+        let streamed_puts = !append
+            && one_shot.is_none()
+            && tuning::streamed_put_max_bytes() > 0
+            && crate::store::streamed_put::supported(&self.op);
         let mut big_files = 0;
         for (path, size) in files {
             if let Some(one) = &one_shot
@@ -550,7 +554,8 @@ impl Agent {
             {
                 return Err(writer::one_shot_refusal(path, size, one.max_bytes));
             }
-            if size > tuning::object_part_bytes() as u64 {
+            let streamed = streamed_puts && size <= tuning::streamed_put_max_bytes();
+            if size > tuning::object_part_bytes() as u64 && !streamed {
                 big_files += 1;
             }
         }
@@ -564,6 +569,7 @@ impl Agent {
             append,
             one_shot,
             part_uploads: writer::part_uploads(big_files),
+            streamed_puts,
             progress: progress.clone(),
             slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
             unsynced: Default::default(),

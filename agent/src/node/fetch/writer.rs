@@ -21,6 +21,7 @@ use crate::node::fetch::local;
 use crate::node::fetch::progress::FetchProgress;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
+use crate::store::streamed_put::StreamedPut;
 use crate::wire::channel;
 
 /// Files synced at once.
@@ -87,6 +88,9 @@ pub(crate) struct Job {
     /// Object storage: parts of one file's multipart upload sent at once
     /// ([`part_uploads`]).
     pub(crate) part_uploads: usize,
+    /// S3: files up to [`tuning::streamed_put_max_bytes`] are written by
+    /// one streamed PUT each (`store/streamed_put.rs`), not multipart.
+    pub(crate) streamed_puts: bool,
     pub(crate) progress: Arc<FetchProgress>,
     /// Chunks held in memory at once across every file of the fetch
     /// (requested, in flight, or waiting to be written).
@@ -353,6 +357,7 @@ impl Drop for Recycled {
 /// written without a per-file fsync (one sync pass covers the whole fetch).
 enum Sink {
     Dal(opendal::Writer),
+    Put(StreamedPut),
     Local(LocalFile),
 }
 
@@ -360,6 +365,10 @@ impl Sink {
     async fn write(&mut self, piece: Piece, path: &str) -> Result<()> {
         match self {
             Sink::Dal(w) => w
+                .write(bytes::Bytes::from_owner(Recycled(piece.into_plain()?)))
+                .await
+                .context(|| format!("writing {path}")),
+            Sink::Put(p) => p
                 .write(bytes::Bytes::from_owner(Recycled(piece.into_plain()?)))
                 .await
                 .context(|| format!("writing {path}")),
@@ -372,6 +381,9 @@ impl Sink {
     fn stored(&self) -> u64 {
         match self {
             Sink::Dal(_) => u64::MAX,
+            // Nothing is in storage before the server answers the PUT (and
+            // a failed one is fetched again: nothing may count twice).
+            Sink::Put(_) => 0,
             Sink::Local(f) => f.stored,
         }
     }
@@ -392,6 +404,10 @@ impl Sink {
         match self {
             Sink::Dal(mut w) => {
                 w.close().await.map_err(std::io::Error::other)?;
+                Ok(None)
+            }
+            Sink::Put(p) => {
+                p.close().await.map_err(std::io::Error::other)?;
                 Ok(None)
             }
             Sink::Local(f) => f.closing().await.map(Some),
@@ -435,6 +451,35 @@ impl Job {
         path: &str,
         size: u64,
         source: ChunkSource<'_>,
+    ) -> Result<()> {
+        if self.streamed_puts && size > 0 && size <= tuning::streamed_put_max_bytes() {
+            match self.file_as(index, path, size, &source, true).await {
+                // A streamed PUT cannot be retried (its bytes are gone):
+                // the file is fetched again, as a multipart upload whose
+                // parts are retried one by one.
+                Err(Error::Storage { context, source: e }) if e.is_temporary() => {
+                    self.agent.metrics.files_put_retried.inc();
+                    tracing::warn!(
+                        path,
+                        error = %e,
+                        "{context}: fetching the file again as a multipart upload"
+                    );
+                }
+                other => return other,
+            }
+        }
+        self.file_as(index, path, size, &source, false).await
+    }
+
+    /// [`Job::file`], by a streamed PUT when `streamed` (and the storage
+    /// can presign it).
+    async fn file_as(
+        self: &Arc<Self>,
+        index: usize,
+        path: &str,
+        size: u64,
+        source: &ChunkSource<'_>,
+        streamed: bool,
     ) -> Result<()> {
         let op = &self.agent.op;
         let small = size < tuning::small_file_bytes();
@@ -493,6 +538,15 @@ impl Job {
         };
         // Held until the file is written: its share of the one-shot budget.
         let mut _one_shot_permit: Option<OwnedSemaphorePermit> = None;
+        let mut put = match streamed && local_root.is_none() {
+            true => StreamedPut::begin(op, &write_path, size, crate::store::timeout())
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(path = %write_path, error = %e, "cannot presign a PUT: multipart upload");
+                    None
+                }),
+            false => None,
+        };
         let mut writer = match &local_root {
             Some(root) => {
                 let full = root.join(&write_path);
@@ -526,6 +580,10 @@ impl Job {
                     syncing: None,
                 })
             }
+            None if put.is_some() => match put.take() {
+                Some(put) => Sink::Put(put),
+                None => return Err(Error::Protocol("streamed PUT vanished".into())),
+            },
             None => {
                 // Object stores: parts of whole chunks, at least the S3
                 // minimum part size, so a big file is one multipart upload
@@ -638,6 +696,16 @@ impl Job {
             let (piece, _permit) =
                 res.map_err(|e| Error::Protocol(format!("chunk task: {e}")))??;
             writer.write(piece, &write_path).await?;
+            if matches!(writer, Sink::Put(_)) && start == 0 && tuning::fault_put_cut() {
+                return Err(Error::Storage {
+                    context: format!("writing {write_path}"),
+                    source: opendal::Error::new(
+                        opendal::ErrorKind::Unexpected,
+                        "test fault: PUT cut off",
+                    )
+                    .set_temporary(),
+                });
+            }
             self.progress.first_byte();
             start += 1;
             // A chunk counts as done once all of it is in the file: a direct
@@ -649,10 +717,20 @@ impl Job {
                 counted += 1;
             }
         }
-        let closing = writer
-            .close()
-            .await
-            .context(|| format!("finishing {write_path}"))?;
+        let closing = match writer {
+            // A storage error (a temporary one makes `file` fetch it again).
+            Sink::Put(p) => {
+                p.close()
+                    .await
+                    .context(|| format!("finishing {write_path}"))?;
+                self.agent.metrics.files_put_streamed.inc();
+                None
+            }
+            w => w
+                .close()
+                .await
+                .context(|| format!("finishing {write_path}"))?,
+        };
         for c in &chunks[counted..start] {
             self.count_done(c.len);
         }
