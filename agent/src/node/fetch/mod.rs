@@ -570,6 +570,7 @@ impl Agent {
             one_shot,
             part_uploads: writer::part_uploads(big_files),
             streamed_puts,
+            multipart_files: Arc::new(tokio::sync::Semaphore::new(writer::MULTIPART_FILES)),
             progress: progress.clone(),
             slots: Arc::new(tokio::sync::Semaphore::new(tuning::chunks_in_memory())),
             unsynced: Default::default(),

@@ -88,6 +88,9 @@ pub(crate) struct Job {
     /// Object storage: parts of one file's multipart upload sent at once
     /// ([`part_uploads`]).
     pub(crate) part_uploads: usize,
+    /// Object storage: turns of the files written as multipart uploads
+    /// ([`MULTIPART_FILES`]).
+    pub(crate) multipart_files: Arc<Semaphore>,
     /// S3: files up to [`tuning::streamed_put_max_bytes`] are written by
     /// one streamed PUT each (`store/streamed_put.rs`), not multipart.
     pub(crate) streamed_puts: bool,
@@ -318,13 +321,21 @@ impl OneShot {
 /// fetch that are written as several parts: see [`part_uploads`].
 const PARTS_IN_FLIGHT: usize = 8;
 
+/// Files of one fetch written as multipart uploads at once. Each holds the
+/// part it gathers besides the ones in flight: 12 files of 85 MiB written
+/// together (all 16 file slots would be) held 12 parts gathering, and the
+/// recipient peaked at 173 MiB; the other files of the fetch wait for a
+/// turn, holding nothing.
+pub(crate) const MULTIPART_FILES: usize = 4;
+
 /// Parts of one file's multipart upload sent at once, given how many files
 /// of the fetch are big enough for several parts: up to 4 when one or two
 /// are (a big file sent one part at a time waits a round trip per 5 MiB
 /// part: a 256 MiB object to moto went at 89 MB/s one part at a time, 113
 /// with four, medians of five), fewer as more are, so the parts held in
 /// memory (5 MiB each, until sent) stay about [`PARTS_IN_FLIGHT`], and one
-/// at a time from five such files on, as before.
+/// at a time from five such files on (of which at most [`MULTIPART_FILES`]
+/// are written at once).
 pub(crate) fn part_uploads(big_files: usize) -> usize {
     (PARTS_IN_FLIGHT / big_files.clamp(1, tuning::file_concurrency())).clamp(1, 4)
 }
@@ -364,10 +375,20 @@ enum Sink {
 impl Sink {
     async fn write(&mut self, piece: Piece, path: &str) -> Result<()> {
         match self {
-            Sink::Dal(w) => w
-                .write(bytes::Bytes::from_owner(Recycled(piece.into_plain()?)))
-                .await
-                .context(|| format!("writing {path}")),
+            Sink::Dal(w) => {
+                let plain = piece.into_plain()?;
+                // A part holds its chunks until it is sent: a chunk much
+                // smaller than its pooled buffer is copied out, so a 5 MiB
+                // part does not pin ten 2 MiB buffers.
+                let bytes = if plain.len() < plain.capacity() / 2 {
+                    let b = bytes::Bytes::copy_from_slice(&plain);
+                    channel::recycle(plain);
+                    b
+                } else {
+                    bytes::Bytes::from_owner(Recycled(plain))
+                };
+                w.write(bytes).await.context(|| format!("writing {path}"))
+            }
             Sink::Put(p) => p
                 .write(bytes::Bytes::from_owner(Recycled(piece.into_plain()?)))
                 .await
@@ -536,8 +557,10 @@ impl Job {
         } else {
             (final_path.clone(), 0)
         };
-        // Held until the file is written: its share of the one-shot budget.
+        // Held until the file is written: its share of the one-shot budget,
+        // or its turn among the multipart uploads.
         let mut _one_shot_permit: Option<OwnedSemaphorePermit> = None;
+        let mut _multipart_turn: Option<OwnedSemaphorePermit> = None;
         let mut put = match streamed && local_root.is_none() {
             true => StreamedPut::begin(op, &write_path, size, crate::store::timeout())
                 .await
@@ -592,6 +615,15 @@ impl Job {
                     .writer_with(&write_path)
                     .chunk(tuning::object_part_bytes())
                     .concurrent(self.part_uploads);
+                if self.one_shot.is_none() && size > tuning::object_part_bytes() as u64 {
+                    _multipart_turn = Some(
+                        self.multipart_files
+                            .clone()
+                            .acquire_owned()
+                            .await
+                            .map_err(|_| Error::Protocol("fetch closing".into()))?,
+                    );
+                }
                 if let Some(one) = &self.one_shot {
                     if size > one.max_bytes {
                         return Err(one_shot_refusal(path, size, one.max_bytes));
@@ -1027,8 +1059,8 @@ mod tests {
     use super::*;
 
     /// Parts sent at once per file: four for one or two big files, fewer
-    /// as more are written, never none; the parts in flight across the
-    /// fetch stay within the budget from three big files on.
+    /// as more are written, never none; with at most [`MULTIPART_FILES`]
+    /// written at once, the parts in flight stay within the budget.
     #[test]
     fn part_uploads_shrink_as_big_files_grow() {
         assert_eq!(part_uploads(0), 4);
@@ -1038,7 +1070,8 @@ mod tests {
         assert_eq!(part_uploads(5), 1);
         assert_eq!(part_uploads(10_000), 1);
         for n in 3..=tuning::file_concurrency() {
-            assert!(n * part_uploads(n) <= PARTS_IN_FLIGHT.max(n), "{n}");
+            let at_once = n.min(MULTIPART_FILES);
+            assert!(at_once * part_uploads(n) <= PARTS_IN_FLIGHT, "{n}");
         }
     }
 }
