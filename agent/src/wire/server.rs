@@ -373,12 +373,18 @@ async fn connection<S: Service>(
     let (tcp, mut sealer, mut opener) = channel::server_switch(stream).await?;
     let (rd, wr) = tcp.into_split();
     let mut rd = BufReader::with_capacity(16 << 10, rd);
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(PER_CONNECTION_CONCURRENCY);
+    // Each answer travels with its request's turn (`limit` below), given
+    // back once the answer is written: a peer that reads its answers
+    // slowly (or not at all) holds at most PER_CONNECTION_CONCURRENCY of
+    // them in this agent. When the turn went back as soon as an answer was
+    // queued, that many more were read and sealed behind the queued ones.
+    let (tx, mut rx) =
+        mpsc::channel::<(Outgoing, Option<OwnedSemaphorePermit>)>(PER_CONNECTION_CONCURRENCY);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);
-        while let Some(f) = rx.recv().await {
+        while let Some((f, _turn)) = rx.recv().await {
             sealer.write(&mut w, f).await?;
-            while let Ok(f) = rx.try_recv() {
+            while let Ok((f, _turn)) = rx.try_recv() {
                 sealer.write(&mut w, f).await?;
             }
             w.flush()
@@ -421,12 +427,15 @@ async fn connection<S: Service>(
                 None => format!("{:?} is not a request", header.typ),
             };
             let _ = tx
-                .send(Outgoing {
-                    typ: FrameType::Failed,
-                    id: header.id,
-                    payload: why.clone().into_bytes().into(),
-                    raw_hash: None,
-                })
+                .send((
+                    Outgoing {
+                        typ: FrameType::Failed,
+                        id: header.id,
+                        payload: why.clone().into_bytes().into(),
+                        raw_hash: None,
+                    },
+                    None,
+                ))
                 .await;
             // Linger briefly so the refusal is read before the socket closes.
             let _ = tokio::time::timeout(
@@ -489,8 +498,7 @@ async fn connection<S: Service>(
                     raw_hash: None,
                 },
             };
-            let _ = tx.send(reply).await;
-            drop(permit);
+            let _ = tx.send((reply, Some(permit))).await;
         });
     }
     drop(tx);
