@@ -64,6 +64,8 @@ struct Hostile {
     /// Answer every chunk request with this many bytes (oversize frames).
     huge_chunk: Option<usize>,
     connections: AtomicUsize,
+    /// Chunk requests answered.
+    chunk_calls: AtomicUsize,
 }
 
 impl Service for Hostile {
@@ -72,6 +74,7 @@ impl Service for Hostile {
         m.ok_or_else(|| Error::NotFound("unknown share".into()))
     }
     async fn chunk(&self, _peer: AgentId, _share: ShareId, id: ChunkId) -> Result<Vec<u8>> {
+        self.chunk_calls.fetch_add(1, Ordering::SeqCst);
         if let Some(n) = self.huge_chunk {
             return Ok(vec![7u8; n]);
         }
@@ -900,6 +903,54 @@ fn channel_connect(
         .block_on(caravan_agent::wire::channel::client_switch(tls))
         .unwrap();
     (tcp, sealer)
+}
+
+/// Guarantee: a peer that sends requests and never reads the answers makes
+/// the server prepare at most 32 answers per connection (each holds a
+/// chunk in memory until written): a request's turn is given back only
+/// once its answer is written. Before, 32 answers queued for the socket
+/// and 32 more prepared behind them (about 64 here).
+#[test]
+fn a_peer_that_reads_no_answers_gets_at_most_32_prepared() {
+    use tokio::io::AsyncWriteExt;
+    let rt = rt();
+    let server_key = SecretKey::generate().unwrap();
+    let svc = Arc::new(Hostile {
+        huge_chunk: Some(4 << 20),
+        ..Default::default()
+    });
+    let addr = serve_hostile(&rt, &server_key, svc.clone());
+    let (mut tcp, mut sealer) = channel_connect(&rt, &addr, &SecretKey::generate().unwrap());
+    rt.block_on(async {
+        for id in 1..=200u32 {
+            let f = caravan_agent::wire::channel::Outgoing {
+                typ: FrameType::GetChunk,
+                id,
+                payload: vec![0u8; 64].into(),
+                raw_hash: None,
+            };
+            sealer.write(&mut tcp, f).await.unwrap();
+        }
+        tcp.flush().await.unwrap();
+        // The connection serves (up to its 32 turns), then a second more
+        // for any answer prepared beyond them.
+        for _ in 0..200 {
+            if svc.chunk_calls.load(Ordering::SeqCst) >= 32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    let calls = svc.chunk_calls.load(Ordering::SeqCst);
+    assert!(calls >= 32, "{calls}: the connection still serves");
+    // 32, plus the few 4 MiB answers the kernel's socket buffers took.
+    assert!(
+        calls <= 40,
+        "{calls} answers prepared for a peer reading none"
+    );
+    eprintln!("{calls} answers prepared for a peer reading none of 200 asked");
+    drop(tcp);
 }
 
 /// True once the server has closed `s` (EOF or error), waiting up to `secs`.
