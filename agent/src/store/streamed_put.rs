@@ -103,9 +103,11 @@ impl StreamedPut {
             .body(reqwest::Body::wrap_stream(body));
         let what = path.to_string();
         let request = tokio::spawn(async move {
+            // The error without its URL: the URL carries the signature
+            // (a bearer credential for this PUT) and the access key id.
             let resp = req.send().await.map_err(|e| {
                 opendal::Error::new(ErrorKind::Unexpected, format!("PUT {what}"))
-                    .set_source(e)
+                    .set_source(e.without_url())
                     .set_temporary()
             })?;
             answer(resp, &what).await
@@ -157,7 +159,10 @@ impl StreamedPut {
                 .failed("no answer within the storage timeout")
                 .set_temporary()),
         };
-        self.request = None;
+        // A request that timed out is not left running.
+        if let Some(r) = self.request.take() {
+            r.abort();
+        }
         res
     }
 
@@ -338,6 +343,27 @@ mod tests {
             assert!(e.to_string().contains("SlowDownOrDenied"), "{e}");
             server.await.unwrap();
         }
+    }
+
+    /// A server that cannot be reached is a temporary error, and no error
+    /// carries the presigned URL (its signature is a credential).
+    #[tokio::test]
+    async fn an_unreachable_server_is_a_temporary_error_without_the_url() {
+        let (l, url) = listener().await;
+        drop(l);
+        let op = s3(&url);
+        let mut put = StreamedPut::begin(&op, "f", 1000, Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        let e = match put.write(Bytes::from(vec![1u8; 1000])).await {
+            Err(e) => e,
+            Ok(()) => put.close().await.unwrap_err(),
+        };
+        assert!(e.is_temporary(), "{e}");
+        let all = format!("{e} {e:?}").to_lowercase();
+        assert!(!all.contains("signature"), "{all}");
+        assert!(!all.contains("credential"), "{all}");
     }
 
     /// A PUT given up half way (its file's fetch failed) is cut off: the

@@ -561,7 +561,7 @@ impl Job {
         // or its turn among the multipart uploads.
         let mut _one_shot_permit: Option<OwnedSemaphorePermit> = None;
         let mut _multipart_turn: Option<OwnedSemaphorePermit> = None;
-        let mut put = match streamed && local_root.is_none() {
+        let put = match streamed && local_root.is_none() {
             true => StreamedPut::begin(op, &write_path, size, crate::store::timeout())
                 .await
                 .unwrap_or_else(|e| {
@@ -570,8 +570,8 @@ impl Job {
                 }),
             false => None,
         };
-        let mut writer = match &local_root {
-            Some(root) => {
+        let mut writer = match (&local_root, put) {
+            (Some(root), _) => {
                 let full = root.join(&write_path);
                 let from: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
                 // A small file goes through the page cache without a sync
@@ -603,11 +603,8 @@ impl Job {
                     syncing: None,
                 })
             }
-            None if put.is_some() => match put.take() {
-                Some(put) => Sink::Put(put),
-                None => return Err(Error::Protocol("streamed PUT vanished".into())),
-            },
-            None => {
+            (None, Some(put)) => Sink::Put(put),
+            (None, None) => {
                 // Object stores: parts of whole chunks, at least the S3
                 // minimum part size, so a big file is one multipart upload
                 // of few parts and a small one a single PUT.
