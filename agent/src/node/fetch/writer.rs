@@ -419,19 +419,16 @@ impl Sink {
         Ok(())
     }
 
-    /// Finishes the file: an object store's upload is completed; a local
-    /// file's last write and sync are returned for the caller to run.
-    async fn close(self) -> std::io::Result<Option<Closing>> {
+    /// Finishes the file: an object store's upload is completed (a failure
+    /// is a storage error: a temporary one makes [`Job::file`] fetch a
+    /// streamed file again); a local file's last write and sync are
+    /// returned for the caller to run.
+    async fn close(self, path: &str) -> Result<Option<Closing>> {
+        let what = || format!("finishing {path}");
         match self {
-            Sink::Dal(mut w) => {
-                w.close().await.map_err(std::io::Error::other)?;
-                Ok(None)
-            }
-            Sink::Put(p) => {
-                p.close().await.map_err(std::io::Error::other)?;
-                Ok(None)
-            }
-            Sink::Local(f) => f.closing().await.map(Some),
+            Sink::Dal(mut w) => w.close().await.map(|_| None).context(what),
+            Sink::Put(p) => p.close().await.map(|()| None).context(what),
+            Sink::Local(f) => f.closing().await.map(Some).context(what),
         }
     }
 }
@@ -746,20 +743,11 @@ impl Job {
                 counted += 1;
             }
         }
-        let closing = match writer {
-            // A storage error (a temporary one makes `file` fetch it again).
-            Sink::Put(p) => {
-                p.close()
-                    .await
-                    .context(|| format!("finishing {write_path}"))?;
-                self.agent.metrics.files_put_streamed.inc();
-                None
-            }
-            w => w
-                .close()
-                .await
-                .context(|| format!("finishing {write_path}"))?,
-        };
+        let streamed = matches!(writer, Sink::Put(_));
+        let closing = writer.close(&write_path).await?;
+        if streamed {
+            self.agent.metrics.files_put_streamed.inc();
+        }
         for c in &chunks[counted..start] {
             self.count_done(c.len);
         }
