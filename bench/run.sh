@@ -19,6 +19,7 @@
 #   TOOLS="rsync caravan" bench/run.sh     # a subset
 #   KEEP=/tmp/raw.tsv bench/run.sh         # also keep the raw timings
 #   AFTER_SECS=0 bench/run.sh              # skip the idle-RSS wait after round 1
+#   PERF=/tmp/prof bench/run.sh            # perf record both daemons during each live transfer
 #
 # Nothing here asserts a speed (machines are shared); every target is
 # compared with its source after the first round.
@@ -191,6 +192,14 @@ run_caravan() { # set run [storage-config-hook]
     # the fetch starts at once and follows the running pass.
     local first_line last_line pub_pid pub_fd
     rm -f "$WORK/pub.fifo"; mkfifo "$WORK/pub.fifo"
+    # PERF=prefix: a `perf record -g` of both daemons over the transfer,
+    # into prefix.set.run (read with `perf report -i`).
+    local perf_pid=
+    if [ -n "${PERF:-}" ]; then
+        perf record -q -F 999 -g -p "$PID_A,$PID_B" -o "$PERF.$set.$run" >/dev/null 2>&1 &
+        perf_pid=$!
+        sleep 0.3
+    fi
     t0=$(now)
     "$BIN" publish --config "$WORK/a/agent.toml" "$src" --to "$B_ID" --json >"$WORK/pub.fifo" &
     pub_pid=$!
@@ -204,6 +213,7 @@ run_caravan() { # set run [storage-config-hook]
     exec {pub_fd}<&-
     wait "$pub_pid"
     ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
+    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
     if [ "${3:-}" = s3 ]; then server=("cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$cs0)")"); fi
     local hwm_a hwm_b after=()
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
@@ -227,29 +237,32 @@ run_caravan() { # set run [storage-config-hook]
 
 # Caravan, a share published beforehand (untimed, like making the torrent
 # for aria2): `fetch` alone, the publisher serving from its storage.
-run_published() { # set run
-    local set=$1 run=$2
+run_published() { # set run [s3]
+    local set=$1 run=$2 src=$1
     discard "$WORK/a/data/.caravan" "$WORK/b" "$WORK/dst"
     B_ID=$("$BIN" init --dir "$WORK/b" --listen 127.0.0.1:$(port) --admin 127.0.0.1:$(port) --metrics "" 2>/dev/null)
+    if [ "${3:-}" = s3 ]; then s3_config "$WORK/a" "$S3_SRC" /; s3_config "$WORK/b" "$S3_DST" "/pub$run/"; src=tree; fi
     start_agent A "$WORK/a"; start_agent B "$WORK/b"
-    local pub ticket t0 t1 ca0 cb0 ca1 cb1
-    pub=$("$BIN" publish --config "$WORK/a/agent.toml" "$set" --to "$B_ID" --json | tail -n 1)
+    local pub ticket t0 t1 ca0 cb0 ca1 cb1 cs0=0 server=()
+    pub=$("$BIN" publish --config "$WORK/a/agent.toml" "$src" --to "$B_ID" --json | tail -n 1)
     ticket=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['tickets'][0][1])" "$pub")
     # Like fresh_dst before every other tool: the last tool's unwritten
     # pages go to disk now, not during this run.
     sync; sleep 0.5
     ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
+    if [ "${3:-}" = s3 ]; then cs0=$(cpu_of "$MOTO_PID"); fi
     t0=$(now)
     "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest dst --json >"$WORK/fetch.json"
     t1=$(now)
     ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
+    if [ "${3:-}" = s3 ]; then server=("cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$cs0)")"); fi
     local hwm_a hwm_b
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
     stop_agent "$PID_A"; stop_agent "$PID_B"
-    [ "$run" = 1 ] && check "$set" "$WORK/b/data/dst"
+    if [ "${3:-}" != s3 ] && [ "$run" = 1 ]; then check "$set" "$WORK/b/data/dst"; fi
     record "$set" caravan-published "$run" "$(python3 -c "print($t1-$t0)")" \
         "cpu_a=$(python3 -c "print($ca1-$ca0)")" "cpu_b=$(python3 -c "print($cb1-$cb0)")" \
-        "hwm_a=$hwm_a" "hwm_b=$hwm_b"
+        "hwm_a=$hwm_a" "hwm_b=$hwm_b" "${server[@]}"
     discard "$WORK/b/data/dst"
 }
 
@@ -340,11 +353,14 @@ PY
         record s3 rclone "$run" "$(python3 -c "print($t1-$t0)")" "cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$m0)")"
         cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
         run_caravan s3 "$run" s3
+        cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
+        run_published s3 "$run" s3
+        cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
         if [ "$run" = 1 ]; then
             rclone check "$WORK/tree" ":s3:$S3_DST/run1/dst" --log-level ERROR --one-way
+            rclone check "$WORK/tree" ":s3:$S3_DST/pub1/dst" --log-level ERROR --one-way
         fi
-        rclone purge ":s3:$S3_DST/rclone$run" --log-level ERROR || true
-        rclone purge ":s3:$S3_DST/run$run" --log-level ERROR || true
+        for d in rclone run pub; do rclone purge ":s3:$S3_DST/$d$run" --log-level ERROR || true; done
         echo "round $run/$RUNS s3 done" >&2
     done
     rm -rf "$WORK/tree"
@@ -427,6 +443,13 @@ if ("s3", "caravan") in secs:
     print(f"bucket -> bucket, {s3_files} files, {s3_mb} MiB, moto: rclone copy {mbps('s3', r):.0f} MB/s, "
           f"caravan {mbps('s3', c):.0f} MB/s (fetch only {mbps('s3', med(extra['s3', 'caravan']['fetch'])):.0f}): {r / c:.2f}x; "
           f"moto's CPU-s per run: rclone {med(extra['s3', 'rclone']['cpu_server']):.2f}, caravan {med(extra['s3', 'caravan']['cpu_server']):.2f}")
+    if ("s3", "caravan-published") in secs:
+        p, e = med(secs["s3", "caravan-published"]), extra["s3", "caravan-published"]
+        gib = nbytes["s3"] / 2**30
+        print(f"bucket -> bucket, fetch of a published share: caravan {mbps('s3', p):.0f} MB/s: {r / p:.2f}x; "
+              f"moto's CPU-s per run {med(e['cpu_server']):.2f}; caravan CPU-s/GiB publisher {med(e['cpu_a'])/gib:.2f}, "
+              f"recipient {med(e['cpu_b'])/gib:.2f}; peak RSS publisher {max(e['hwm_a'])/1024:.0f} MiB, "
+              f"recipient {max(e['hwm_b'])/1024:.0f} MiB")
 # `fetch --json` prints JSON lines; the last one is the summary.
 last = lambda p: json.loads(open(p).read().splitlines()[-1])
 if os.path.exists(v2p):

@@ -33,6 +33,21 @@ impl<T> FreeList<T> {
         self.free.lock().ok()?.as_mut()?.pop()
     }
 
+    /// The kept value with the smallest `fit` among those that fit
+    /// (`fit` gives `None` for a value that does not): buffers of several
+    /// sizes in one list, each request taking the smallest big enough.
+    /// A linear scan: a list keeps tens of values, not thousands.
+    pub fn take_best<K: Ord>(&self, fit: impl Fn(&T) -> Option<K>) -> Option<T> {
+        let mut guard = self.free.lock().ok()?;
+        let free = guard.as_mut()?;
+        let (at, _) = free
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| fit(v).map(|k| (i, k)))
+            .min_by(|a, b| a.1.cmp(&b.1))?;
+        Some(free.swap_remove(at))
+    }
+
     /// Keeps `value` for reuse while the list is open and has room (the
     /// check and the push happen under one lock, so nothing is kept by a
     /// list closed meanwhile); else it is dropped.
@@ -92,5 +107,20 @@ mod tests {
         assert_eq!(l.take(), None);
         l.give(9);
         assert_eq!(l.take(), None, "a closed list took a value back");
+    }
+
+    #[test]
+    fn take_best_gives_the_smallest_that_fits() {
+        let l = FreeList::new(8);
+        for v in [5u32, 9, 2, 7] {
+            l.give(v);
+        }
+        let fits = |need: u32| move |v: &u32| (*v >= need).then_some(*v);
+        assert_eq!(l.take_best(fits(6)), Some(7));
+        assert_eq!(l.take_best(fits(6)), Some(9));
+        assert_eq!(l.take_best(fits(6)), None, "nothing kept is big enough");
+        assert_eq!(l.take_best(fits(1)), Some(2));
+        assert_eq!(l.take_best(fits(1)), Some(5));
+        assert_eq!(l.take_best(fits(1)), None);
     }
 }

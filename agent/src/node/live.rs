@@ -378,6 +378,14 @@ impl SealedCache {
         }
     }
 
+    /// Whether a recipient took a chunk (or was expected to) within the
+    /// last [`FOLLOWING`]: someone follows a pass right now.
+    pub fn followed(&self) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|c| c.last_take.is_some_and(|t| t.elapsed() < FOLLOWING))
+    }
+
     /// When a chunk was last taken (or a take expected).
     #[cfg(test)]
     pub(crate) fn last_take(&self) -> Option<Instant> {
@@ -530,6 +538,22 @@ mod tests {
         c.insert(s, ChunkId([3; 32]), vec![0; 10].into());
         c.clear_share(&s);
         assert_eq!(c.bytes(), 0);
+    }
+
+    /// `Agent::linger` drops a finished pass's chunks at once unless a
+    /// recipient follows it right now.
+    #[test]
+    fn a_cache_is_followed_only_shortly_after_a_take() {
+        let c = SealedCache::new(100);
+        let s = ShareId([1; 32]);
+        c.insert(s, ChunkId([1; 32]), vec![0; 10].into());
+        assert!(!c.followed(), "nobody took anything yet");
+        assert!(c.take(&s, &ChunkId([1; 32])).is_some());
+        assert!(c.followed());
+        std::thread::sleep(FOLLOWING + Duration::from_millis(50));
+        assert!(!c.followed(), "a take long ago is not following");
+        c.expect_take();
+        assert!(c.followed(), "an expected recipient follows");
     }
 
     #[tokio::test(start_paused = true)]

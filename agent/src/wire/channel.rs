@@ -49,12 +49,22 @@ pub const READY: u8 = 0xca;
 
 /// Bodies at least this big are read into pooled buffers ([`recycle`]).
 const POOLED_MIN: usize = 64 << 10;
-/// Capacity of a pooled receive buffer: the largest chunk the chunker cuts,
+/// The largest pooled receive buffer: the largest chunk the chunker cuts,
 /// sealed, and its MAC.
 const POOLED_CAPACITY: usize = crate::chunk::MAX_CUT + TAG_LEN + MAC_LEN;
+/// A fresh pooled buffer's capacity is its first body's length rounded up
+/// to this, so buffers of about the same size serve each other.
+const POOLED_STEP: usize = 64 << 10;
 /// Buffers for chunk bodies, reused: a fresh allocation of a chunk's size
 /// is fresh pages from the kernel, each faulted in and zeroed as the socket
 /// (or a file read) fills it (a tenth of a recipient's CPU before this pool).
+///
+/// Each buffer is sized to the chunk it was made for (chunks are 256 KiB
+/// to 2 MiB, about 680 KiB on average) and a body takes the smallest kept
+/// buffer it fits in: when every buffer had the largest chunk's capacity,
+/// a buffer reused for a while was resident up to 2 MiB, and a publisher
+/// serving a share from S3 held 48 of them (96 MiB) besides its readahead
+/// and cache, peaking at 218–228 MiB.
 ///
 /// How many are kept is set by the node with [`keep_buffers`] to as many
 /// chunks as one fetch holds at once (`node::tuning::chunks_in_memory`), so
@@ -78,15 +88,19 @@ pub fn chunk_buffer(n: usize) -> Vec<u8> {
     if !(POOLED_MIN..=POOLED_CAPACITY).contains(&n) {
         return Vec::with_capacity(n);
     }
-    RECEIVE_BUFFERS
-        .take()
-        .unwrap_or_else(|| Vec::with_capacity(POOLED_CAPACITY))
+    if let Some(b) = RECEIVE_BUFFERS.take_best(|b| (b.capacity() >= n).then_some(b.capacity())) {
+        return b;
+    }
+    // None kept is big enough: one kept (too small) goes, so there are
+    // never more buffers than were ever in use at once.
+    drop(RECEIVE_BUFFERS.take());
+    Vec::with_capacity(n.next_multiple_of(POOLED_STEP).min(POOLED_CAPACITY))
 }
 
-/// Gives a chunk's buffer back once its bytes are used (a buffer that did
-/// not come from the pool is kept too when it has the pooled capacity).
+/// Gives a chunk's buffer back once its bytes are used (any buffer of a
+/// pooled size is kept, wherever it came from).
 pub fn recycle(mut buf: Vec<u8>) {
-    if buf.capacity() != POOLED_CAPACITY {
+    if !(POOLED_MIN..=POOLED_CAPACITY).contains(&buf.capacity()) {
         return;
     }
     buf.clear();
@@ -461,6 +475,41 @@ mod tests {
             keys(&m, Side::Client).unwrap(),
             keys(&m, Side::Server).unwrap(),
         )
+    }
+
+    /// A chunk's buffer is about the chunk's size, and a kept buffer serves
+    /// the next chunk it fits (nextest runs each test in its own process:
+    /// nothing else uses the pool meanwhile).
+    #[test]
+    fn chunk_buffers_fit_their_chunk_and_are_reused_when_they_fit() {
+        keep_buffers(2);
+        let b = chunk_buffer(300 << 10);
+        assert_eq!(
+            b.capacity(),
+            320 << 10,
+            "a 300 KiB chunk got a 2 MiB buffer"
+        );
+        let ptr = b.as_ptr();
+        recycle(b);
+        let again = chunk_buffer(200 << 10);
+        assert_eq!(
+            again.as_ptr(),
+            ptr,
+            "a kept buffer that fits was not reused"
+        );
+        recycle(again);
+        let big = chunk_buffer(1 << 20);
+        assert_eq!(big.capacity(), 1 << 20);
+        recycle(big);
+        // The too-small kept buffer went when the big one was made.
+        let small = chunk_buffer(100 << 10);
+        assert_eq!(small.capacity(), 1 << 20, "only the big buffer is kept");
+        assert_eq!(chunk_buffer(POOLED_CAPACITY).capacity(), POOLED_CAPACITY);
+        assert_eq!(
+            chunk_buffer(POOLED_CAPACITY + 1).capacity(),
+            POOLED_CAPACITY + 1
+        );
+        release_buffers();
     }
 
     #[tokio::test]
