@@ -20,6 +20,8 @@
 #   KEEP=/tmp/raw.tsv bench/run.sh         # also keep the raw timings
 #   AFTER_SECS=0 bench/run.sh              # skip the idle-RSS wait after round 1
 #   PERF=/tmp/prof bench/run.sh            # perf record both daemons during each live transfer
+#   PYSPY=/tmp/spy bench/run.sh           # py-spy of moto while it serves each tool (bucket case)
+#   AGENT_LOG=debug LOGS=/tmp/logs bench/run.sh  # keep both daemons' logs at that level
 #
 # Nothing here asserts a speed (machines are shared); every target is
 # compared with its source after the first round.
@@ -46,6 +48,8 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ "$MOTO_STARTED" = 1 ]; then bash tests/s3/moto.sh stop "$MOTO_PORT" >/dev/null 2>&1 || true; fi
+    # LOGS=dir keeps both daemons' logs (AGENT_LOG sets their RUST_LOG).
+    if [ -n "${LOGS:-}" ]; then mkdir -p "$LOGS" && cp "$WORK"/*.log "$LOGS"/ 2>/dev/null || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -166,7 +170,7 @@ run_aria2() {
 start_agent() { # name dir
     local admin
     admin=$(sed -n 's/^admin_listen = ".*:\([0-9]*\)"$/\1/p' "$2/agent.toml")
-    RUST_LOG=warn "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
+    RUST_LOG=${AGENT_LOG:-warn} "$BIN" run --config "$2/agent.toml" 2>>"$WORK/$1.log" &
     local pid=$!
     PIDS+=($pid)
     wait_port "$admin"
@@ -346,15 +350,30 @@ open(path, "w").write(head + f'[storage]\nscheme = "s3"\ncredentials = "{creds}"
 PY
     }
     cp "$WORK/a/agent.toml" "$WORK/a/agent.fs.toml"
+    # PYSPY=prefix (a py-spy binary on PATH): moto's profile while serving
+    # each tool, into prefix.{rclone,caravan,published}.run (collapsed stacks).
+    local spy_pid=
+    spy() { # name run | stop
+        if [ -z "${PYSPY:-}" ]; then return; fi
+        if [ "$1" = stop ]; then kill -INT "$spy_pid"; wait "$spy_pid" || true; return; fi
+        py-spy record --nonblocking -r 250 -p "$MOTO_PID" -f raw -o "$PYSPY.$1.$2" >/dev/null 2>&1 &
+        spy_pid=$!; sleep 0.5
+    }
     for run in $(seq 1 "$RUNS"); do
+        spy rclone "$run"
         m0=$(cpu_of "$MOTO_PID"); t0=$(now)
         rclone copy ":s3:$S3_SRC/tree" ":s3:$S3_DST/rclone$run" --disable Copy --transfers 8 --log-level ERROR
         t1=$(now)
         record s3 rclone "$run" "$(python3 -c "print($t1-$t0)")" "cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$m0)")"
+        spy stop
         cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
+        spy caravan "$run"
         run_caravan s3 "$run" s3
+        spy stop
         cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
+        spy published "$run"
         run_published s3 "$run" s3
+        spy stop
         cp "$WORK/a/agent.fs.toml" "$WORK/a/agent.toml"
         if [ "$run" = 1 ]; then
             rclone check "$WORK/tree" ":s3:$S3_DST/run1/dst" --log-level ERROR --one-way

@@ -10,14 +10,19 @@
 //!
 //! A request that looks like part of a run (a file's first bytes, bytes
 //! right after a recent request's, or other requests of the same file
-//! waiting just after it) opens a stream from its offset to the file's end
-//! or to the next stream of the file; the chunks asked for next are cut
+//! waiting just before or after it) opens a stream to the file's end or to
+//! the next stream of the file, from the first request of the file waiting
+//! before it (else from its own offset); the chunks asked for next are cut
 //! from it. The recipient's window arrives in any order (its requests and
 //! our answers are concurrent tasks), so bytes a stream reads past are
 //! kept for the requests that asked for them, and a request for bytes
-//! before a stream opens a stream of its own that ends where that one
-//! begins. Which requests are waiting is told by [`ReadAhead::expect`],
-//! called in the order requests come off the wire.
+//! before a stream that was not waiting when it opened opens a stream of
+//! its own that ends where that one begins. Which requests are waiting is
+//! told by [`ReadAhead::expect`], called in the order requests come off the
+//! wire. A stream read to its end with nothing kept is let go at once, so
+//! its slot and connection serve the next file (serving a published 64 ×
+//! 4 MiB share from moto took 178 GETs before this and the start at the
+//! first waiting request, about 90 after; moto's CPU per run 1.9 → 1.3 s).
 //!
 //! Bounds, since any authorized peer chooses what it asks for: at most
 //! [`MAX_STREAMS`] streams at once (the least recently used one goes), a
@@ -195,6 +200,11 @@ impl Stream {
         }
     }
 
+    /// Read to its end with nothing kept: it has nothing more to give.
+    fn done(&self) -> bool {
+        self.reader.at() >= self.end && self.kept.is_empty()
+    }
+
     fn fail(&mut self) -> Option<usize> {
         self.failed = true;
         None
@@ -302,14 +312,28 @@ impl ReadAhead {
         let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
         if let Some(stream) = self.stream_for(path, size, &range) {
             let before = buf.len();
-            let got = stream.lock().await.give(range.start, len, buf).await;
+            let mut locked = stream.lock().await;
+            let got = locked.give(range.start, len, buf).await;
+            let done = locked.done();
+            drop(locked);
             if let Some(n) = got {
+                if done {
+                    // Read to its end, nothing kept: its connection and
+                    // slot go now, not when it has idled.
+                    self.forget(&stream);
+                }
                 return Ok((n, true));
             }
             buf.truncate(before);
             self.drop_failed(&stream);
             self.note_read(path, range.end);
         }
+        tracing::debug!(
+            path,
+            offset = range.start,
+            end = range.end,
+            "a plain ranged read"
+        );
         Ok((
             super::read_into(&self.shared.op, path, range, buf).await?,
             false,
@@ -351,14 +375,32 @@ impl ReadAhead {
             .min()
             .unwrap_or(size)
             .min(size);
+        // Requests of the file waiting just before this one (answered
+        // later, as concurrent answers go): the stream starts at the first
+        // of them, so the file is still one read, not one per answer order.
+        let floor = st
+            .streams
+            .iter()
+            .filter(|e| e.path == path && e.end <= offset)
+            .map(|e| e.end)
+            .max()
+            .unwrap_or(0);
+        let start = st
+            .pending
+            .iter()
+            .filter(|(p, o)| *o >= floor && *o < offset && offset - *o <= SKIP_MAX && p == path)
+            .map(|(_, o)| *o)
+            .min()
+            .unwrap_or(offset);
         let run = offset == 0
+            || start < offset
             || st.recent.iter().any(|(p, e)| *e == offset && p == path)
             || st
                 .pending
                 .iter()
                 .any(|(p, o)| *o > offset && *o < end && *o - offset <= SKIP_MAX && p == path);
         // A run of one request's worth has nothing to stream.
-        if !run || range.end >= end {
+        if !run || (start == offset && range.end >= end) {
             st.note_read(path, range.end);
             return None;
         }
@@ -371,8 +413,8 @@ impl ReadAhead {
         let stream = Arc::new(tokio::sync::Mutex::new(Stream {
             path: path.to_string(),
             reader: match end == size {
-                true => Sequential::owned(op, path.to_string(), offset, end).whole_object(),
-                false => Sequential::owned(op, path.to_string(), offset, end),
+                true => Sequential::owned(op, path.to_string(), start, end).whole_object(),
+                false => Sequential::owned(op, path.to_string(), start, end),
             },
             kept: BTreeMap::new(),
             budget: self.shared.kept.clone(),
@@ -382,7 +424,7 @@ impl ReadAhead {
         }));
         st.streams.push(Entry {
             path: path.to_string(),
-            start: offset,
+            start,
             end,
             last_used: now,
             stream: stream.clone(),
@@ -390,6 +432,7 @@ impl ReadAhead {
         self.shared.opened.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(
             path,
+            start,
             offset,
             end,
             streams = st.streams.len(),
@@ -413,7 +456,13 @@ impl ReadAhead {
             .try_lock()
             .map(|s| s.failed || s.stale)
             .unwrap_or(false);
-        if failed && let Ok(mut st) = self.shared.state.lock() {
+        if failed {
+            self.forget(stream);
+        }
+    }
+
+    fn forget(&self, stream: &Arc<tokio::sync::Mutex<Stream>>) {
+        if let Ok(mut st) = self.shared.state.lock() {
             st.streams.retain(|e| !Arc::ptr_eq(&e.stream, stream));
         }
     }
@@ -523,9 +572,9 @@ mod tests {
                 assert_eq!(g, bytes[p.0 as usize..p.0 as usize + p.1], "at {}", p.0);
             }
         }
-        // The first window opens one stream at the first chunk answered and
-        // one for the chunks before it; the rest are cut from the first.
-        assert_eq!(ra.opened(), 2);
+        // The first chunk answered opens one stream from the first chunk
+        // waiting before it; every other chunk is cut from it.
+        assert_eq!(ra.opened(), 1);
         assert_eq!(ra.kept(), 0, "every kept byte was asked for and let go");
     }
 
@@ -539,10 +588,55 @@ mod tests {
                 let got = read(&ra, "f", bytes.len(), p).await;
                 assert_eq!(got, bytes[p.0 as usize..p.0 as usize + p.1]);
             }
-            // The first read of round 2 finds the first stream at its end,
-            // is read on its own and retires it; the next opens a stream.
+            // The first stream went when read to its end; round 2 opens
+            // its own.
             assert_eq!(ra.opened(), round);
+            assert_eq!(ra.streams(), 0);
         }
+    }
+
+    #[tokio::test]
+    async fn a_stream_read_to_its_end_frees_its_slot() {
+        // More files than streams, each read front to back in turn: one
+        // stream each, none left open, none evicted early.
+        let bytes = data(1_000_000);
+        let op = Operator::via_iter("memory", Vec::<(String, String)>::new()).unwrap();
+        let files = MAX_STREAMS + 4;
+        for f in 0..files {
+            op.write(&format!("f{f}"), bytes.clone()).await.unwrap();
+        }
+        let ra = ReadAhead::new(op);
+        for f in 0..files {
+            for p in pieces(bytes.len(), 300_000) {
+                let got = read(&ra, &format!("f{f}"), bytes.len(), p).await;
+                assert_eq!(got, bytes[p.0 as usize..p.0 as usize + p.1]);
+            }
+            assert_eq!(ra.streams(), 0, "file {f}");
+        }
+        assert_eq!(ra.opened(), files as u64);
+    }
+
+    #[tokio::test]
+    async fn a_stream_starts_at_the_first_request_waiting_before_it() {
+        // A file's later chunk answered first, its earlier ones noted as
+        // waiting (not its very first: another source gave that one).
+        let bytes = data(3_000_000);
+        let size = bytes.len();
+        let op = memory_with("f", &bytes).await;
+        let ra = ReadAhead::new(op);
+        let ps = pieces(size, 500_000);
+        for p in &ps[1..] {
+            ra.expect("f", p.0);
+        }
+        for &p in [ps[4], ps[1], ps[2], ps[3], ps[5]].iter() {
+            assert_eq!(
+                read_expected(&ra, "f", size, p).await,
+                bytes[p.0 as usize..p.0 as usize + p.1]
+            );
+        }
+        assert_eq!(ra.opened(), 1);
+        assert_eq!(ra.kept(), 0);
+        assert_eq!(ra.streams(), 0);
     }
 
     #[tokio::test]
