@@ -19,7 +19,7 @@
 #   TOOLS="rsync caravan" bench/run.sh     # a subset
 #   KEEP=/tmp/raw.tsv bench/run.sh         # also keep the raw timings
 #   AFTER_SECS=0 bench/run.sh              # skip the idle-RSS wait after round 1
-#   PERF=/tmp/prof bench/run.sh            # perf record both daemons during each live transfer
+#   PERF=/tmp/prof bench/run.sh            # perf record both daemons during each Caravan transfer
 #   PYSPY=/tmp/spy bench/run.sh           # py-spy of moto while it serves each tool (bucket case)
 #   AGENT_LOG=debug LOGS=/tmp/logs bench/run.sh  # keep both daemons' logs at that level
 #
@@ -255,10 +255,17 @@ run_published() { # set run [s3]
     sync; sleep 0.5
     ca0=$(cpu_of "$PID_A"); cb0=$(cpu_of "$PID_B")
     if [ "${3:-}" = s3 ]; then cs0=$(cpu_of "$MOTO_PID"); fi
+    local perf_pid=
+    if [ -n "${PERF:-}" ]; then
+        perf record -q -F 999 -g -p "$PID_A,$PID_B" -o "$PERF.$set.published.$run" >/dev/null 2>&1 &
+        perf_pid=$!
+        sleep 0.3
+    fi
     t0=$(now)
     "$BIN" fetch --config "$WORK/b/agent.toml" "$ticket" --dest dst --json >"$WORK/fetch.json"
     t1=$(now)
     ca1=$(cpu_of "$PID_A"); cb1=$(cpu_of "$PID_B")
+    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
     if [ "${3:-}" = s3 ]; then server=("cpu_server=$(python3 -c "print($(cpu_of "$MOTO_PID")-$cs0)")"); fi
     local hwm_a hwm_b
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)

@@ -280,6 +280,16 @@ impl Verified {
             .map_err(|_| tag_failed(&self.r))
     }
 
+    /// A copy, for a chunk a share lists more than once
+    /// (`node/fetch/repeats.rs`): still exactly the bytes that hashed to
+    /// the id.
+    pub(crate) fn duplicate(&self) -> Verified {
+        Verified {
+            r: self.r,
+            bytes: self.bytes.clone(),
+        }
+    }
+
     /// The buffer, for reuse.
     pub fn into_buffer(self) -> Vec<u8> {
         self.bytes

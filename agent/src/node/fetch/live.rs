@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use crate::chunk::{ChunkRef, MAX_CHUNK};
 use crate::error::{Error, Result};
 use crate::manifest::{MAX_MANIFEST_CHUNKS, MAX_MANIFEST_ENTRIES, ShareId, check_tree};
+use crate::node::fetch::repeats::Repeats;
 use crate::node::live::{LiveAnswer, LiveEnd, LiveListing};
 use crate::wire::client::PeerConn;
 
@@ -41,6 +42,8 @@ pub(crate) struct LiveFeed {
     pub(crate) listing: LiveListing,
     state: Mutex<FeedState>,
     news: tokio::sync::watch::Sender<u64>,
+    /// The listed chunks counted, so repeats are fetched once.
+    pub(crate) repeats: Arc<Repeats>,
 }
 
 impl LiveFeed {
@@ -67,6 +70,7 @@ impl LiveFeed {
                 end: FeedEnd::Running,
             }),
             news: tokio::sync::watch::Sender::new(0),
+            repeats: Arc::default(),
         });
         feed.apply(first)?;
         let f = feed.clone();
@@ -145,6 +149,7 @@ impl LiveFeed {
                 s.bytes[i] += r.len as u64;
                 s.chunks[i].push(*r);
             }
+            self.repeats.listed(a.chunks.iter().map(|(_, r)| r));
             s.cursor += a.chunks.len() as u64;
             if s.cursor > MAX_MANIFEST_CHUNKS {
                 return Err(Error::Record(format!(
@@ -164,6 +169,7 @@ impl LiveFeed {
                         .all(|(f, b)| f.1 == *b);
                     if complete {
                         s.end = FeedEnd::Ended;
+                        self.repeats.complete();
                     } else if a.chunks.is_empty() {
                         s.end = FeedEnd::Failed(
                             "the publisher's pass ended with files listed in part".into(),

@@ -20,6 +20,7 @@ use crate::manifest::{EntryKind, KeyRelease, Manifest, ManifestRecord, ShareId, 
 use crate::node::agent::Agent;
 use crate::node::fetch::live::{ChunkSource, LiveFeed};
 use crate::node::fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
+use crate::node::fetch::repeats::Repeats;
 use crate::node::fetch::seed::SeedSource;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::fetch::writer::{Job, LocalIndex};
@@ -33,6 +34,7 @@ pub mod leftovers;
 pub mod live;
 mod local;
 pub mod progress;
+mod repeats;
 pub mod seed;
 pub mod swarm;
 mod tree;
@@ -336,6 +338,9 @@ impl Agent {
             Some(manifest.total_chunks()),
             already,
         )?;
+        let repeats = Repeats::default();
+        repeats.listed(manifest.files().flat_map(|(_, _, c)| c));
+        repeats.complete();
         let job = self.new_job(
             swarm,
             keyer,
@@ -345,6 +350,7 @@ impl Agent {
             seq,
             &progress,
             manifest.files().map(|(p, s, _)| (p, s)),
+            Arc::new(repeats),
         )?;
         self.make_room(
             &dest,
@@ -524,6 +530,7 @@ impl Agent {
         seq: u64,
         progress: &Arc<FetchProgress>,
         files: impl Iterator<Item = (&'a str, u64)>,
+        repeats: Arc<Repeats>,
     ) -> Result<Arc<Job>> {
         let mut local = LocalIndex::new();
         if let Some(prev) = previous {
@@ -565,6 +572,7 @@ impl Agent {
             keyer,
             dest: dest.to_string(),
             local,
+            repeats,
             partial: state::partial_seq_dir(&self.opts.state_prefix, share, seq),
             append,
             one_shot,
@@ -668,6 +676,7 @@ impl Agent {
             seq,
             &progress,
             files.iter().map(|f| (f.0.as_str(), f.1)),
+            feed.repeats.clone(),
         )?;
         self.make_room(
             &dest,

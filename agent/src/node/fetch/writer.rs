@@ -19,6 +19,7 @@ use crate::node::fetch::direct::{Aligned, Closing, DirectFile, Pool, Segment};
 use crate::node::fetch::live::ChunkSource;
 use crate::node::fetch::local;
 use crate::node::fetch::progress::FetchProgress;
+use crate::node::fetch::repeats::Repeats;
 use crate::node::fetch::swarm::Swarm;
 use crate::node::tuning;
 use crate::store::streamed_put::StreamedPut;
@@ -79,6 +80,8 @@ pub(crate) struct Job {
     pub(crate) keyer: ChunkKeyer,
     pub(crate) dest: String,
     pub(crate) local: LocalIndex,
+    /// Chunks listed more than once: fetched once, copied for the rest.
+    pub(crate) repeats: Arc<Repeats>,
     pub(crate) partial: String,
     pub(crate) append: bool,
     /// Storage that takes a whole file in one request (no multipart, no
@@ -1023,7 +1026,12 @@ impl Job {
                 return Ok(Piece::Plain(plain));
             }
         }
-        let v = self.swarm.get(c).await?;
+        let (v, copy) = self.repeats.get(c, || self.swarm.get(c)).await?;
+        if copy {
+            self.progress.chunks_reused.fetch_add(1, Ordering::Relaxed);
+            self.agent.metrics.chunks_reused.inc();
+            return Ok(Piece::Sealed(v));
+        }
         if let Ok(mut t) = self.tags.lock() {
             t.insert(c.id, v.tag());
         }
