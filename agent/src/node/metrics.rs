@@ -119,7 +119,10 @@ impl Metrics {
             )?,
             chunks_received: counter("chunks_received_total", "Chunks received and verified")?,
             chunks_rejected: counter("chunks_rejected_total", "Chunks that failed verification")?,
-            chunks_reused: counter("chunks_reused_total", "Chunks reused from local storage or copied from a repeat in the same share")?,
+            chunks_reused: counter(
+                "chunks_reused_total",
+                "Chunks reused from local storage or copied from a repeat in the same share",
+            )?,
             peers_connected: gauge("peers_connected", "Open inbound peer connections")?,
             shares_held: gauge("shares_held", "Shares held and served")?,
             errors,

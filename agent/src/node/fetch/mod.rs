@@ -338,9 +338,7 @@ impl Agent {
             Some(manifest.total_chunks()),
             already,
         )?;
-        let repeats = Repeats::default();
-        repeats.listed(manifest.files().flat_map(|(_, _, c)| c));
-        repeats.complete();
+        let repeats = Repeats::of_whole(|| manifest.files().flat_map(|(_, _, c)| c));
         let job = self.new_job(
             swarm,
             keyer,

@@ -97,6 +97,44 @@ impl Repeats {
         }
     }
 
+    /// The repeats of a whole listing (a signed manifest), complete: found
+    /// by sorting short fingerprints (8 bytes per chunk for the moment),
+    /// so a manifest of distinct chunks costs no table of them.
+    pub(crate) fn of_whole<'a, I>(chunks: impl Fn() -> I) -> Repeats
+    where
+        I: Iterator<Item = &'a ChunkRef>,
+    {
+        let mut fps: Vec<u64> = chunks().map(|c| fingerprint(&c.id)).collect();
+        fps.sort_unstable();
+        let twice: std::collections::HashSet<u64> = fps
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        drop(fps);
+        let mut repeats: HashMap<ChunkId, Repeat> = HashMap::new();
+        for c in chunks().filter(|c| twice.contains(&fingerprint(&c.id))) {
+            repeats
+                .entry(c.id)
+                .and_modify(|rep| rep.listed = rep.listed.saturating_add(1))
+                .or_insert(Repeat {
+                    r: *c,
+                    listed: 1,
+                    asked: 0,
+                    held: None,
+                });
+        }
+        // Fingerprints shared by distinct ids: each listed once.
+        repeats.retain(|_, rep| rep.listed > 1);
+        Repeats {
+            inner: Mutex::new(Inner {
+                repeats,
+                complete: true,
+                ..Inner::default()
+            }),
+        }
+    }
+
     /// Nothing more will be listed: what has no use left is let go, and
     /// the ids listed once are forgotten.
     pub(crate) fn complete(&self) {
@@ -224,9 +262,7 @@ mod tests {
     async fn a_chunk_listed_many_times_is_fetched_once_and_let_go_after_its_last_use() {
         let (a, ca) = sealed(&[0u8; 5000]);
         let (b, cb) = sealed(b"listed once");
-        let rep = Repeats::default();
-        rep.listed([&a, &b, &a, &a]);
-        rep.complete();
+        let rep = Repeats::of_whole(|| [&a, &b, &a, &a].into_iter());
         let calls = AtomicUsize::new(0);
         let (v, copy) = get(&rep, a, &ca, &calls).await;
         assert!(!copy);
@@ -247,9 +283,7 @@ mod tests {
     #[tokio::test]
     async fn asks_made_while_the_first_is_in_flight_wait_for_it() {
         let (a, ca) = sealed(&[1u8; 3000]);
-        let rep = Repeats::default();
-        rep.listed(std::iter::repeat_n(&a, 8));
-        rep.complete();
+        let rep = Repeats::of_whole(|| std::iter::repeat_n(&a, 8));
         let calls = AtomicUsize::new(0);
         let asks = (0..8).map(|_| get(&rep, a, &ca, &calls));
         let got = futures::future::join_all(asks).await;
@@ -261,9 +295,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_fetch_is_tried_again_by_the_next_ask() {
         let (a, ca) = sealed(&[2u8; 100]);
-        let rep = Repeats::default();
-        rep.listed([&a, &a]);
-        rep.complete();
+        let rep = Repeats::of_whole(|| [&a, &a].into_iter());
         let failed = rep
             .get(a, || async { Err(Error::Protocol("peer gone".into())) })
             .await;
@@ -280,9 +312,7 @@ mod tests {
         let (a, ca) = sealed(&[4u8; 64]);
         let mut forged = a;
         forged.key = [9; 32];
-        let rep = Repeats::default();
-        rep.listed([&a, &forged, &a]);
-        rep.complete();
+        let rep = Repeats::of_whole(|| [&a, &forged, &a].into_iter());
         let calls = AtomicUsize::new(0);
         get(&rep, a, &ca, &calls).await;
         let (_, copy) = get(&rep, forged, &ca, &calls).await;
@@ -296,10 +326,7 @@ mod tests {
         // held set fills to its bound, the rest are fetched twice.
         let size = 4 << 20;
         let chunks: Vec<_> = (0..12u8).map(|n| sealed(&vec![n; size])).collect();
-        let rep = Repeats::default();
-        rep.listed(chunks.iter().map(|(r, _)| r));
-        rep.listed(chunks.iter().map(|(r, _)| r));
-        rep.complete();
+        let rep = Repeats::of_whole(|| chunks.iter().chain(&chunks).map(|(r, _)| r));
         let calls = AtomicUsize::new(0);
         for (r, ct) in &chunks {
             get(&rep, *r, ct, &calls).await;
@@ -313,6 +340,29 @@ mod tests {
         assert_eq!(copies, HELD_MAX_BYTES / size);
         assert_eq!(calls.load(Ordering::SeqCst), 24 - copies);
         assert_eq!(rep.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_whole_listing_counts_as_one_listed_piece_by_piece() {
+        let chunks: Vec<_> = (0..40u8).map(|n| sealed(&[n % 7; 10]).0).collect();
+        let whole = Repeats::of_whole(|| chunks.iter());
+        let grown = Repeats::default();
+        for c in &chunks {
+            grown.listed([c]);
+        }
+        grown.complete();
+        let counts = |r: &Repeats| {
+            let i = r.inner.lock().unwrap();
+            let mut v: Vec<_> = i
+                .repeats
+                .iter()
+                .map(|(id, rep)| (*id, rep.listed))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(counts(&whole).len(), 7);
+        assert_eq!(counts(&whole), counts(&grown));
     }
 
     #[tokio::test]
