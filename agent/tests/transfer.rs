@@ -205,7 +205,8 @@ fn new_version_sends_only_changed_chunks() {
 
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
-/// on the recipient, and every file still matches the source.
+/// on the recipient, and every file still matches the source. Zeros are
+/// left as holes on the recipient's disk.
 #[test]
 fn repeated_chunks_cross_the_wire_once() {
     let tmp = tempfile::tempdir().unwrap();
@@ -249,6 +250,15 @@ fn repeated_chunks_cross_the_wire_once() {
     );
     assert!(got["chunks_reused"].as_u64().unwrap() > got["chunks_fetched"].as_u64().unwrap());
     assert_same_tree(&src, &bob.data().join("images"));
+    // The run of zeros was left as a hole on the recipient's disk.
+    use std::os::unix::fs::MetadataExt;
+    let img = std::fs::metadata(bob.data().join("images/disk.img")).unwrap();
+    assert!(
+        img.blocks() * 512 < 8 << 20,
+        "{} bytes allocated for a {}-byte image of mostly zeros",
+        img.blocks() * 512,
+        img.len()
+    );
 }
 
 /// Two agents, alice publishing `payload/` with one 160 MiB file of

@@ -19,6 +19,12 @@
 //! 1.3 s). Segments are therefore written by the caller on the blocking
 //! pool, several at once (`writer.rs`), while the next chunks arrive.
 //!
+//! A segment of zeros is not written at all: the file is left sparse there
+//! (a hole reads as zeros), and its length is set when it closes. A disk
+//! image or a sparse file fetched takes the disk space and the write time
+//! of its data, not of its apparent size; a check for zeros stops at the
+//! first 4 KiB that holds anything else, so other data pays nothing.
+//!
 //! Where the filesystem refuses `O_DIRECT` (tmpfs on older kernels, some
 //! FUSE filesystems) the file is written through the page cache as before:
 //! [`DirectFile::is_direct`] tells the caller, which then starts background
@@ -100,6 +106,9 @@ struct Shared {
     /// `O_DIRECT` is set on the descriptor (cleared for good when the
     /// filesystem refuses a direct write).
     direct: AtomicBool,
+    /// A segment of zeros was left unwritten: the file's length is set
+    /// when it closes, in case nothing after it was written.
+    holes: AtomicBool,
 }
 
 impl Shared {
@@ -144,6 +153,14 @@ fn open_for_writing(path: &Path, offset: u64, direct: bool) -> io::Result<(File,
         }
     }
     Ok((open(0)?, false))
+}
+
+/// Whether `bytes` are all zeros; stops at the first 4 KiB block that is
+/// not (each block's bytes are or-ed together, which vectorizes).
+fn all_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(ALIGN)
+        .all(|b| b.iter().fold(0u8, |acc, x| acc | x) == 0)
 }
 
 fn is_einval(e: &io::Error) -> bool {
@@ -191,6 +208,14 @@ impl Segment {
     pub(crate) fn write(self) -> io::Result<Aligned> {
         let bytes = &self.buf.region()[..self.len];
         let file = self.shared.file()?;
+        if all_zero(bytes) {
+            match self.cut_to {
+                // The last segment, written after every other: the length.
+                Some(len) => file.set_len(len)?,
+                None => self.shared.holes.store(true, Ordering::Relaxed),
+            }
+            return Ok(self.buf);
+        }
         match file.write_all_at(bytes, self.at) {
             Err(e) if self.shared.direct.load(Ordering::Relaxed) && is_einval(&e) => {
                 let flags = rustix::fs::fcntl_getfl(file)?;
@@ -218,6 +243,7 @@ impl DirectFile {
                 file: OnceLock::new(),
                 opening: Mutex::new(()),
                 direct: AtomicBool::new(direct),
+                holes: AtomicBool::new(false),
             }),
             aligned: direct,
             pos: 0,
@@ -245,6 +271,7 @@ impl DirectFile {
                 file: OnceLock::from(file),
                 opening: Mutex::new(()),
                 direct: AtomicBool::new(direct),
+                holes: AtomicBool::new(false),
             }),
             aligned: direct,
             pos: offset,
@@ -393,9 +420,11 @@ impl DirectFile {
     /// written.
     pub(crate) fn close(self, pool: &Pool) -> Closing {
         let shared = self.shared.clone();
+        let length = self.pos + self.held as u64;
         Closing {
             last: self.finish(pool),
             shared,
+            length,
         }
     }
 }
@@ -404,6 +433,8 @@ impl DirectFile {
 pub(crate) struct Closing {
     last: Option<Segment>,
     shared: Arc<Shared>,
+    /// The file's length once complete.
+    length: u64,
 }
 
 impl Closing {
@@ -421,6 +452,10 @@ impl Closing {
     pub(crate) fn complete_with(self, sync: bool) -> io::Result<Option<Aligned>> {
         let buf = self.last.map(Segment::write).transpose()?;
         let file = self.shared.file()?;
+        // Zeros left unwritten at the end (every write is done now).
+        if self.shared.holes.load(Ordering::Relaxed) && file.metadata()?.len() < self.length {
+            file.set_len(self.length)?;
+        }
         if sync {
             file.sync_data()?;
         }
@@ -557,6 +592,49 @@ mod tests {
             assert_eq!(std::fs::read(&path).unwrap(), want, "direct={direct}");
         }
         assert!(!DirectFile::fits(SEGMENT + 1));
+    }
+
+    #[test]
+    fn segments_of_zeros_are_left_as_holes_and_the_file_keeps_its_length() {
+        use std::os::unix::fs::MetadataExt;
+        let pool = Pool::new(4);
+        let dir = tempfile::tempdir().unwrap();
+        let zeros = vec![0u8; 8 * SEGMENT];
+        let data = pattern(5000, 3);
+        // Zeros between data, zeros at the end on a segment boundary, and
+        // zeros ending mid-block.
+        let cases: [Vec<&[u8]>; 3] = [
+            vec![&data, &zeros, &data],
+            vec![&data[..4096], &zeros],
+            vec![&zeros, &zeros[..1000]],
+        ];
+        for (i, pieces) in cases.iter().enumerate() {
+            for direct in [true, false] {
+                let path = dir.path().join(format!("s{i}{direct}"));
+                let mut f = DirectFile::create(path.clone(), direct, &pool);
+                for p in pieces {
+                    write_all(f.stage(p, &pool));
+                }
+                f.close(&pool).complete_with(true).unwrap();
+                let want: Vec<u8> = pieces.concat();
+                assert_eq!(
+                    std::fs::read(&path).unwrap(),
+                    want,
+                    "case {i} direct={direct}"
+                );
+                let m = std::fs::metadata(&path).unwrap();
+                assert!(
+                    m.blocks() * 512 < 2 * SEGMENT as u64 + 3 * ALIGN as u64,
+                    "case {i}: {} bytes allocated for {}",
+                    m.blocks() * 512,
+                    m.len()
+                );
+            }
+        }
+        assert!(all_zero(&zeros));
+        let mut late = zeros.clone();
+        late[3 * SEGMENT + 17] = 1;
+        assert!(!all_zero(&late));
     }
 
     #[test]
