@@ -9,6 +9,7 @@
 //! holder can verify a chunk without being able to read it.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -67,14 +68,31 @@ impl fmt::Debug for ChunkRef {
     }
 }
 
-/// The per-share key that chunk keys are derived under.
+/// The per-share key that chunk keys are derived under, and the last
+/// chunk of zeros it sealed ([`ChunkKeyer::seal_in_place`]).
 #[derive(Clone)]
-pub struct ChunkKeyer(Key);
+pub struct ChunkKeyer(Key, Arc<Mutex<Option<ZeroSeal>>>);
+
+/// A chunk of zeros as sealed: a run of zeros (a sparse file, a disk
+/// image) is cut into equal chunks of zeros, each the same chunk, so its
+/// key and id are known without hashing it again.
+#[derive(Clone, Copy)]
+struct ZeroSeal {
+    r: ChunkRef,
+    tag: [u8; TAG_LEN],
+}
+
+/// Chunks of zeros at least this long are remembered (shorter ones are
+/// rare: a file's end, a short file).
+const ZERO_SEAL_MIN: usize = 64 << 10;
 
 impl ChunkKeyer {
     /// Derives the chunk keyer of a share from the share secret.
     pub fn new(share_key: &Key) -> Self {
-        ChunkKeyer(share_key.derive("caravan 2026 chunk key v1"))
+        ChunkKeyer(
+            share_key.derive("caravan 2026 chunk key v1"),
+            Arc::default(),
+        )
     }
 
     /// The convergent key of one plaintext chunk.
@@ -114,7 +132,37 @@ impl ChunkKeyer {
     /// Like [`ChunkKeyer::chunk_ref_in_place`], and also returns the AEAD
     /// tag: the buffer followed by the tag is the sealed chunk as served
     /// (its BLAKE3 hash is the chunk id), so a publisher can keep it.
+    ///
+    /// A chunk of zeros like the last one sealed (same length) is only
+    /// encrypted: its key and id are the remembered ones (the same
+    /// plaintext under the same keyer), checked by the tag encryption
+    /// gives, which is the remembered one too.
     pub fn seal_in_place(&self, buf: &mut [u8]) -> Result<(ChunkRef, [u8; TAG_LEN])> {
+        let zeros = buf.len() >= ZERO_SEAL_MIN && crate::util::all_zero(buf);
+        let known = match zeros {
+            true => self.1.lock().ok().and_then(|z| *z),
+            false => None,
+        };
+        if let Some(z) = known.filter(|z| z.r.len as usize == buf.len()) {
+            let tag = Key(z.r.key).seal_detached([0; 12], CHUNK_AAD, buf)?;
+            if tag == z.tag {
+                return Ok((z.r, tag));
+            }
+            // Not reachable for zeros; seal it afresh from the plaintext
+            // (which was all zeros).
+            buf.fill(0);
+        }
+        let sealed = self.seal_fresh(buf)?;
+        if zeros && let Ok(mut z) = self.1.lock() {
+            *z = Some(ZeroSeal {
+                r: sealed.0,
+                tag: sealed.1,
+            });
+        }
+        Ok(sealed)
+    }
+
+    fn seal_fresh(&self, buf: &mut [u8]) -> Result<(ChunkRef, [u8; TAG_LEN])> {
         let key = self.key_for(buf);
         let len = u32::try_from(buf.len()).map_err(|_| Error::Crypto("chunk larger than 4 GiB"))?;
         let tag = Key(key).seal_detached([0; 12], CHUNK_AAD, buf)?;
@@ -362,6 +410,32 @@ pub(crate) mod tests {
         }
         out.truncate(n);
         out
+    }
+
+    #[test]
+    fn a_chunk_of_zeros_sealed_again_is_the_same_chunk() {
+        let keyer = ChunkKeyer::new(&Key([5; 32]));
+        for len in [ZERO_SEAL_MIN, 2 << 20, 2 << 20, 700_000, 2 << 20] {
+            let mut remembered = vec![0u8; len];
+            let (r, tag) = keyer.seal_in_place(&mut remembered).unwrap();
+            // The same, from a keyer that never saw zeros.
+            let mut fresh = vec![0u8; len];
+            let want = ChunkKeyer::new(&Key([5; 32]))
+                .seal_in_place(&mut fresh)
+                .unwrap();
+            assert_eq!((r, tag), want);
+            assert_eq!(remembered, fresh);
+            remembered.extend_from_slice(&tag);
+            assert_eq!(open(&r, remembered).unwrap(), vec![0u8; len]);
+        }
+        // Not zeros (a last byte set): sealed as ever.
+        let mut other = vec![0u8; 2 << 20];
+        other[(2 << 20) - 1] = 1;
+        let (r, tag) = keyer.seal_in_place(&mut other).unwrap();
+        other.extend_from_slice(&tag);
+        let mut plain = vec![0u8; 2 << 20];
+        plain[(2 << 20) - 1] = 1;
+        assert_eq!(open(&r, other).unwrap(), plain);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Small helpers every layer uses: the clock, hex text, and numbers from
-//! the environment. One place each, so every record, path and URL spells
+//! Small helpers every layer uses: the clock, hex text, numbers from
+//! the environment, and whether bytes are all zeros. One place each, so every record, path and URL spells
 //! time and bytes the same way, and every `CARAVAN_*` knob is read alike.
 
 /// A positive whole number from the environment variable `name` (tuning
@@ -64,4 +64,14 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
         out[i] = (hi * 16 + lo) as u8;
     }
     Some(out)
+}
+
+/// Whether `bytes` are all zeros (a run of a sparse file or disk image),
+/// checked 4 KiB at a time (each block's bytes or-ed together, which
+/// vectorizes) and stopping at the first block that holds anything else:
+/// other data pays for one block.
+pub fn all_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(4096)
+        .all(|b| b.iter().fold(0u8, |acc, x| acc | x) == 0)
 }

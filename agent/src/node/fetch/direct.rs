@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::pool::FreeList;
+use crate::util::all_zero;
 
 /// Block alignment for direct I/O: the page size, a multiple of every
 /// logical block size in use (512 or 4096).
@@ -153,14 +154,6 @@ fn open_for_writing(path: &Path, offset: u64, direct: bool) -> io::Result<(File,
         }
     }
     Ok((open(0)?, false))
-}
-
-/// Whether `bytes` are all zeros; stops at the first 4 KiB block that is
-/// not (each block's bytes are or-ed together, which vectorizes).
-fn all_zero(bytes: &[u8]) -> bool {
-    bytes
-        .chunks(ALIGN)
-        .all(|b| b.iter().fold(0u8, |acc, x| acc | x) == 0)
 }
 
 fn is_einval(e: &io::Error) -> bool {
