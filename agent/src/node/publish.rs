@@ -547,8 +547,6 @@ impl Agent {
     }
 }
 
-/// Reads `len` bytes of a local file at `offset` into `buf` (an empty
-/// block; fewer bytes when the file is shorter: the caller checks).
 /// Adds a block's chunk references to a file's: the first block's list is
 /// taken as it is (exactly sized), since a growing `Vec` starts at room for
 /// four, and most files of a big tree are one chunk: 100,000 of them held
@@ -561,12 +559,18 @@ fn append(refs: &mut Vec<ChunkRef>, block: Vec<ChunkRef>) {
     }
 }
 
+/// Reads shorter than this look for holes no more: a small file is one
+/// read, not three more system calls.
+const HOLES_FROM: usize = 1 << 20;
+
+/// Reads `len` bytes of a local file at `offset` into `buf` (an empty
+/// block; fewer bytes when the file is shorter: the caller checks).
 ///
 /// The holes of a sparse file are not read: the buffer is zeroed there
 /// (`SEEK_DATA` / `SEEK_HOLE` find them), instead of the kernel zeroing
 /// page-cache pages for them and copying those out, which was most of the
 /// cost of publishing a disk image. A filesystem that cannot tell is read
-/// as before.
+/// as before; so is a read under [`HOLES_FROM`].
 fn read_block(
     path: &std::path::Path,
     offset: u64,
@@ -576,6 +580,11 @@ fn read_block(
     use rustix::fs::{SeekFrom as Whence, seek};
     use std::io::{Read, Seek, SeekFrom};
     let mut f = std::fs::File::open(path)?;
+    if len < HOLES_FROM {
+        f.seek(SeekFrom::Start(offset))?;
+        f.take(len as u64).read_to_end(&mut buf)?;
+        return Ok(buf);
+    }
     // Nothing past the end (a file that shrank comes back short: the
     // caller checks the length).
     let end = (offset + len as u64).min(f.metadata()?.len());
