@@ -570,7 +570,8 @@ const HOLES_FROM: usize = 1 << 20;
 /// (`SEEK_DATA` / `SEEK_HOLE` find them), instead of the kernel zeroing
 /// page-cache pages for them and copying those out, which was most of the
 /// cost of publishing a disk image. A filesystem that cannot tell is read
-/// as before; so is a read under [`HOLES_FROM`].
+/// as before; so is a read under [`HOLES_FROM`], and a file that has as
+/// many blocks as bytes.
 fn read_block(
     path: &std::path::Path,
     offset: u64,
@@ -579,15 +580,22 @@ fn read_block(
 ) -> std::io::Result<Vec<u8>> {
     use rustix::fs::{SeekFrom as Whence, seek};
     use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::MetadataExt;
     let mut f = std::fs::File::open(path)?;
-    if len < HOLES_FROM {
+    // Only a file with fewer blocks than bytes can have holes: others are
+    // read at once (no hole search, which some filesystems answer slowly).
+    let meta = match len < HOLES_FROM {
+        true => None,
+        false => Some(f.metadata()?).filter(|m| m.blocks().saturating_mul(512) < m.len()),
+    };
+    let Some(meta) = meta else {
         f.seek(SeekFrom::Start(offset))?;
         f.take(len as u64).read_to_end(&mut buf)?;
         return Ok(buf);
-    }
+    };
     // Nothing past the end (a file that shrank comes back short: the
     // caller checks the length).
-    let end = (offset + len as u64).min(f.metadata()?.len());
+    let end = (offset + len as u64).min(meta.len());
     let mut at = offset;
     while at < end {
         let data = match seek(&f, Whence::Data(at)) {
