@@ -265,9 +265,17 @@ pub fn check_tree<'a>(what: &str, entries: impl Iterator<Item = (&'a str, bool)>
     Ok(())
 }
 
+/// The longest name (one path component) a share carries, in bytes: what
+/// Linux filesystems (`NAME_MAX`) and most others hold. An object store
+/// takes longer ones (a key's segments are not names there), so a
+/// publisher on one leaves them out, rather than every recipient on a disk
+/// failing on them halfway through its fetch.
+pub const MAX_NAME_BYTES: usize = 255;
+
 /// Checks a manifest path: relative, `/`-separated, no `.`/`..`/empty parts,
-/// no backslashes, NULs or other control characters (names a terminal or a
-/// log would act on), not inside the agent's state prefix.
+/// no part longer than [`MAX_NAME_BYTES`], no backslashes, NULs or other
+/// control characters (names a terminal or a log would act on), not inside
+/// the agent's state prefix.
 pub fn check_path(p: &str) -> Result<()> {
     let bad = |why: &str| {
         Err(Error::Record(format!(
@@ -286,6 +294,9 @@ pub fn check_path(p: &str) -> Result<()> {
     for part in p.split('/') {
         if part.is_empty() || part == "." || part == ".." {
             return bad("empty, `.` or `..` component");
+        }
+        if part.len() > MAX_NAME_BYTES {
+            return bad("a name longer than 255 bytes");
         }
     }
     if p == ".caravan" || p.starts_with(".caravan/") {
@@ -377,10 +388,19 @@ mod tests {
             "a\\b",
             ".caravan/x",
             "a/",
+            &"n".repeat(MAX_NAME_BYTES + 1),
+            &format!("a/{}/b", "é".repeat(128)),
         ] {
             assert!(check_path(p).is_err(), "{p:?} accepted");
         }
-        for p in ["a", "a/b/c", "naïve/日本語.txt", ".hidden", "..x"] {
+        for p in [
+            "a",
+            "a/b/c",
+            "naïve/日本語.txt",
+            ".hidden",
+            "..x",
+            &"n".repeat(MAX_NAME_BYTES),
+        ] {
             check_path(p).unwrap();
         }
     }

@@ -52,7 +52,7 @@ pub enum SkipReason {
     /// Its name is not valid UTF-8 (shares carry UTF-8 paths).
     NotUtf8,
     /// Its path cannot be written safely everywhere (a backslash, an empty,
-    /// `.` or `..` component, too long).
+    /// `.` or `..` component, a name over 255 bytes, too long).
     UnsafeName,
     /// Neither a regular file nor a folder (a FIFO, socket or device).
     NotRegular,
@@ -78,7 +78,7 @@ impl SkipReason {
         match self {
             SkipReason::NotUtf8 => "its name is not valid UTF-8",
             SkipReason::UnsafeName => {
-                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, or too long)"
+                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, a name over 255 bytes, or too long)"
             }
             SkipReason::NotRegular => "not a regular file or folder (a FIFO, socket or device)",
             SkipReason::LinkOutside => "a symbolic link leading outside the published folder",
@@ -538,5 +538,40 @@ mod tests {
             .map(|f| (f.0.as_str(), true))
             .chain(l.dirs.iter().map(|d| (d.0.as_str(), false)));
         crate::manifest::check_tree("walk", paths).unwrap();
+    }
+
+    /// An object store's key may hold a segment no disk can name (over 255
+    /// bytes): left out and named, not a share every recipient on a disk
+    /// fails on halfway.
+    #[tokio::test]
+    async fn names_longer_than_a_disk_holds_are_left_out_of_an_object_store_walk() {
+        let op = crate::store::open(&crate::config::StorageConfig {
+            scheme: "memory".into(),
+            options: Default::default(),
+            credentials: None,
+        })
+        .unwrap();
+        let long = "n".repeat(crate::manifest::MAX_NAME_BYTES + 1);
+        let longest = "m".repeat(crate::manifest::MAX_NAME_BYTES);
+        for k in [
+            format!("t/{long}.txt"),
+            format!("t/{long}/x"),
+            format!("t/{longest}"),
+            "t/ok".to_string(),
+        ] {
+            op.write(&k, b"x".to_vec()).await.unwrap();
+        }
+        let agent = Agent::for_test(op, None).await;
+        let l = agent.walk("t").await.unwrap();
+        let files: Vec<_> = l.files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(files, [longest.as_str(), "ok"]);
+        let left = reasons(&l);
+        assert!(
+            !left.is_empty()
+                && left
+                    .iter()
+                    .all(|(p, r)| p.starts_with(&long) && *r == SkipReason::UnsafeName),
+            "{left:?}"
+        );
     }
 }

@@ -338,6 +338,11 @@ impl Agent {
             Some(manifest.total_chunks()),
             already,
         )?;
+        self.check_fits(
+            &ticket.share_id,
+            &dest,
+            manifest.entries.iter().map(|e| e.path.as_str()),
+        )?;
         let repeats = Repeats::of_whole(|| manifest.files().flat_map(|(_, _, c)| c));
         let job = self.new_job(
             swarm,
@@ -665,6 +670,14 @@ impl Agent {
             .map(|p| p.manifest.total_bytes())
             .unwrap_or(0);
         self.check_room(&ticket.share_id, total, None, already)?;
+        self.check_fits(
+            &ticket.share_id,
+            &dest,
+            files
+                .iter()
+                .map(|f| f.0.as_str())
+                .chain(feed.listing.dirs.iter().map(|d| d.0.as_str())),
+        )?;
         let job = self.new_job(
             swarm.clone(),
             ChunkKeyer::new(&key),
@@ -852,6 +865,23 @@ impl Agent {
         }
     }
 
+    /// Refuses a share holding a path longer than this storage can write
+    /// under `dest`, before anything is written, rather than failing on it
+    /// halfway through the fetch (and on every retry). Names are bounded
+    /// for every storage by [`crate::manifest::check_path`]; whole paths
+    /// differ: a local disk's path (`PATH_MAX`) includes the storage's root
+    /// folder, an object store's key (1,024 bytes on S3, GCS and Azure Blob)
+    /// its root prefix. Other services are left to answer for themselves.
+    fn check_fits<'p>(
+        &self,
+        id: &ShareId,
+        dest: &str,
+        paths: impl Iterator<Item = &'p str>,
+    ) -> Result<()> {
+        let info = self.op.info();
+        check_fits(info.scheme(), &info.root(), id, dest, paths)
+    }
+
     /// Gives files and directories the permission bits the publisher had,
     /// where the storage is a local filesystem (object stores have none),
     /// without setuid, setgid, sticky or world-writable bits (`& 0o775`),
@@ -968,6 +998,33 @@ impl Agent {
     }
 }
 
+/// [`Agent::check_fits`] for a storage of `scheme` whose root is `root`.
+fn check_fits<'p>(
+    scheme: &str,
+    root: &str,
+    id: &ShareId,
+    dest: &str,
+    paths: impl Iterator<Item = &'p str>,
+) -> Result<()> {
+    let (prefix, max) = match scheme {
+        "fs" => (root.len(), 4095),
+        "s3" | "gcs" | "azblob" => (root.trim_start_matches('/').len(), 1024),
+        _ => return Ok(()),
+    };
+    let Some(longest) = paths.max_by_key(|p| p.len()) else {
+        return Ok(());
+    };
+    let len = prefix + dest.len() + longest.len();
+    if len > max {
+        return Err(Error::Refused(format!(
+            "share {id} holds {dest}{longest}, a path of {len} bytes with the storage's root; \
+             this storage ({scheme}) holds at most {max}: fetch it to a shorter destination or \
+             other storage (nothing was written)"
+        )));
+    }
+    Ok(())
+}
+
 /// The folders a manifest lists.
 fn manifest_dirs(m: &Manifest) -> impl Iterator<Item = &str> {
     m.entries.iter().filter_map(|e| match e.kind {
@@ -998,4 +1055,73 @@ fn reshape(prev: &HeldShare, next: &Manifest) -> tree::Reshape {
         &new_files,
         manifest_dirs(next),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share() -> ShareId {
+        ShareId([7; 32])
+    }
+
+    /// A key of an object store holds 1,024 bytes with the storage's root
+    /// prefix; a longer one is refused before anything is written, naming
+    /// the path. Other services answer for themselves.
+    #[test]
+    fn paths_longer_than_an_object_store_key_are_refused_before_writing() {
+        let fits = "a".repeat(1024 - "prefix/".len() - "dest/".len());
+        let over = format!("{fits}b");
+        for scheme in ["s3", "gcs", "azblob"] {
+            check_fits(
+                scheme,
+                "/prefix/",
+                &share(),
+                "dest/",
+                ["x", &fits].into_iter(),
+            )
+            .unwrap();
+            let e = check_fits(
+                scheme,
+                "/prefix/",
+                &share(),
+                "dest/",
+                ["x", &over].into_iter(),
+            )
+            .unwrap_err();
+            assert!(matches!(e, Error::Refused(_)), "{e}");
+            assert!(e.to_string().contains("1025 bytes"), "{e}");
+        }
+        check_fits(
+            "webdav",
+            "/",
+            &share(),
+            "dest/",
+            [over.as_str()].into_iter(),
+        )
+        .unwrap();
+    }
+
+    /// On a local disk the whole path, the storage's folder included, is
+    /// what the kernel takes (`PATH_MAX`).
+    #[tokio::test]
+    async fn paths_longer_than_a_disk_takes_are_refused_before_writing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let op = crate::store::open(&crate::config::StorageConfig {
+            scheme: "fs".into(),
+            options: [("root".to_string(), tmp.path().display().to_string())].into(),
+            credentials: None,
+        })
+        .unwrap();
+        let agent = Agent::for_test(op, Some(tmp.path().to_path_buf())).await;
+        let deep = format!("{}/{}", vec!["d".repeat(200); 20].join("/"), "f".repeat(70));
+        crate::manifest::check_path(&deep).unwrap();
+        let e = agent
+            .check_fits(&share(), "dest/", [deep.as_str()].into_iter())
+            .unwrap_err();
+        assert!(matches!(e, Error::Refused(_)), "{e}");
+        agent
+            .check_fits(&share(), "dest/", ["a/b.txt"].into_iter())
+            .unwrap();
+    }
 }
