@@ -294,6 +294,15 @@ fn start_big_fetch(
     (alice, bob, src, share)
 }
 
+/// The ticket of the fetch the agent saved to resume (it has one running).
+fn pending_ticket(agent: &TestAgent) -> String {
+    let dir = agent.data().join(".caravan/fetches");
+    let saved = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(saved.path()).unwrap()).unwrap();
+    v["ticket"].as_str().unwrap().to_string()
+}
+
 /// The first fetch in the agent's `status --json`.
 fn first_fetch(agent: &TestAgent) -> serde_json::Value {
     let st: serde_json::Value =
@@ -363,6 +372,64 @@ fn killed_fetcher_resumes_without_refetching() {
     assert!(refetched < total);
     assert_same_tree(&src, &bob.data().join("got"));
     assert_eq!(after["share_id"].as_str().unwrap(), share);
+}
+
+/// Guarantee: a share is fetched by one fetch at a time. A second
+/// `fetch` of a running share into the same destination joins it (how one
+/// watches a `--detach`ed fetch) and ends with it; into another
+/// destination it is refused with exit code 3 until the first ends. (Two
+/// fetches of one share at once used to write the same part files: a copy
+/// reported done could hold another fetch's half-written bytes.)
+#[test]
+fn a_second_fetch_of_a_running_share_joins_it_or_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (alice, bob, src, _share) = start_big_fetch(tmp.path(), 17, |src| {
+        make_tree(&src.join("small"), 10, 100_000)
+    });
+    wait_partly_fetched(&bob, 10);
+    // The publisher frozen, the fetch cannot end while the others ask.
+    let pid = alice.child.as_ref().unwrap().id().to_string();
+    let signal = |s: &str| {
+        let st = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
+    let t = first_fetch(&bob);
+    assert_eq!(t["state"], "transferring", "{t}");
+    let tickets = pending_ticket(&bob);
+    let other = cli(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets,
+        "--dest",
+        "elsewhere",
+        "--json",
+    ]);
+    signal("-CONT");
+    assert_eq!(
+        other.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&other.stderr).contains("is being fetched into"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    assert!(!bob.data().join("elsewhere").exists());
+    // Joined: ends when the running fetch ends, with its result.
+    let joined = fetch(&bob, &tickets, "got", &[]);
+    assert_eq!(joined["state"], "done", "{joined}");
+    assert_same_tree(&src, &bob.data().join("got"));
+    // Once it has ended, the other destination is fetched as usual.
+    let again = fetch(&bob, &tickets, "elsewhere", &[]);
+    assert_eq!(again["state"], "done", "{again}");
+    assert_same_tree(&src, &bob.data().join("elsewhere"));
 }
 
 /// Guarantee: what unfinished fetches leave in the state does not stay

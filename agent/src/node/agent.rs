@@ -63,6 +63,8 @@ pub struct Agent {
     /// (the operator's scale-to-zero decision reads it).
     pub activity: Activity,
     pub(crate) fetches: Mutex<HashMap<ShareId, Arc<FetchProgress>>>,
+    /// One fetch of a share at a time (see [`Agent::fetch_turn`]).
+    pub(crate) fetch_turns: Mutex<HashMap<ShareId, Arc<tokio::sync::Mutex<()>>>>,
     /// The agent's trust state (engine, repositories), when installed;
     /// without it only explicitly named recipients are served.
     pub(crate) trust: RwLock<Option<Arc<AgentTrust>>>,
@@ -111,6 +113,7 @@ impl Agent {
             metrics,
             activity: Activity::new(),
             fetches: Mutex::new(HashMap::new()),
+            fetch_turns: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
             presented: Mutex::new(HashMap::new()),
             live: Arc::default(),

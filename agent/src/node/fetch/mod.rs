@@ -92,19 +92,46 @@ impl Agent {
             )));
         }
         let dest = state::user_folder(&self.opts.state_prefix, &req.dest)?;
+        // A share is fetched by one fetch at a time: its part files and its
+        // saved request are the share's. Asked again for the same
+        // destination while it runs (`fetch --detach`, then `fetch` to
+        // watch it), the running one is joined; for another destination,
+        // refused until it ends.
+        let progress = {
+            let mut m = self
+                .fetches
+                .lock()
+                .map_err(|_| Error::Protocol("fetch table poisoned".into()))?;
+            if let Some(running) = m.get(&ticket.share_id).filter(|p| p.running()) {
+                if running.dest == dest {
+                    return Ok(running.clone());
+                }
+                return Err(Error::Rejected(format!(
+                    "share {} is being fetched into {:?} now; fetch it into {dest:?} once that \
+                     has ended (`caravan-agent status` shows it)",
+                    ticket.share_id, running.dest
+                )));
+            }
+            let progress = Arc::new(FetchProgress::new(ticket.share_id, dest));
+            m.insert(ticket.share_id, progress.clone());
+            progress
+        };
         let path = self.pending_path(&ticket.share_id);
         let record = leftovers::PendingFetch {
             request: req.clone(),
             since: Some(since),
         };
-        let json = serde_json::to_vec(&record).map_err(|e| Error::Config(e.to_string()))?;
-        self.op
-            .write(&path, json)
-            .await
-            .context(|| format!("saving {path}"))?;
-        let progress = Arc::new(FetchProgress::new(ticket.share_id, dest));
-        if let Ok(mut m) = self.fetches.lock() {
-            m.insert(ticket.share_id, progress.clone());
+        let saved = match serde_json::to_vec(&record) {
+            Ok(json) => self
+                .op
+                .write(&path, json)
+                .await
+                .context(|| format!("saving {path}")),
+            Err(e) => Err(Error::Config(e.to_string())),
+        };
+        if let Err(e) = saved {
+            progress.set_state(FetchState::Failed, Some(e.to_string()));
+            return Err(e);
         }
         let agent = self.clone();
         let p = progress.clone();
@@ -150,6 +177,25 @@ impl Agent {
         Ok(self.sweep_fetches(true).await?.resumed)
     }
 
+    /// Waits until no other fetch of share `id` runs in this agent and
+    /// holds the turn until the guard is dropped. Two fetches of one share
+    /// (a subscription's and a command's, or two commands) would write the
+    /// same part files and the same saved request: interleaved, a file
+    /// could be moved into place from another fetch's half-written part.
+    async fn fetch_turn(&self, id: &ShareId) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = {
+            let mut m = self
+                .fetch_turns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Turns nobody holds or waits for go, so the table stays as
+            // small as the fetches running.
+            m.retain(|_, t| Arc::strong_count(t) > 1);
+            m.entry(*id).or_default().clone()
+        };
+        turn.lock_owned().await
+    }
+
     fn pending_path(&self, id: &ShareId) -> String {
         state::fetch_file(&self.opts.state_prefix, id)
     }
@@ -183,6 +229,7 @@ impl Agent {
     ) -> Result<()> {
         let ticket = ticket.clone();
         let dest = state::user_folder(&self.opts.state_prefix, dest)?;
+        let _turn = self.fetch_turn(&ticket.share_id).await;
         // A ticket for "agents the publisher trusts" carries no key: the
         // publisher releases it after checking our chain (see `present_proof`).
         let key = if ticket.wrapped_key.is_empty() {

@@ -142,6 +142,13 @@ impl FetchProgress {
         }
     }
 
+    /// Whether it is still running (neither done nor failed).
+    pub(crate) fn running(&self) -> bool {
+        self.state
+            .lock()
+            .is_ok_and(|g| matches!(g.0, FetchState::Starting | FetchState::Transferring))
+    }
+
     /// A consistent-enough copy for reporting.
     pub fn snapshot(&self) -> ProgressSnapshot {
         let (state, error) = self
