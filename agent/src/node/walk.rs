@@ -81,7 +81,9 @@ impl SkipReason {
                 "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, a name over 255 bytes, or too long)"
             }
             SkipReason::NotRegular => "not a regular file or folder (a FIFO, socket or device)",
-            SkipReason::LinkOutside => "a symbolic link leading outside the published folder",
+            SkipReason::LinkOutside => {
+                "a symbolic link leading outside the published folder (or into the agent's state)"
+            }
             SkipReason::LinkBroken => "a symbolic link leading nowhere (dangling or looping)",
             SkipReason::LinkToFolder => {
                 "a symbolic link to a folder (links to folders are not followed)"
@@ -299,6 +301,14 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
             "{path:?} is (or passes through) a symbolic link leading outside the agent's storage"
         )));
     }
+    // The agent's state (wrapped share keys, tickets, part files) is never
+    // published, whatever path or link leads there.
+    let state_real = storage.join(state.trim_end_matches('/'));
+    if real.starts_with(&state_real) {
+        return Err(Error::Rejected(format!(
+            "{path:?} leads into the agent's state folder {state:?}, which is never published"
+        )));
+    }
     let meta = if own.file_type().is_symlink() {
         std::fs::metadata(&target).context(|| format!("publishing {path:?}"))?
     } else {
@@ -340,7 +350,12 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
             };
             let rel = format!("{prefix}{name}");
             let full = format!("{root}{rel}");
-            if full.starts_with(state) || format!("{full}/") == state {
+            // The state folder by its name, or where it really is (the
+            // published folder may be a link to the storage's root).
+            if full.starts_with(state)
+                || format!("{full}/") == state
+                || inside.join(&rel) == state_real
+            {
                 continue;
             }
             if check_path(&rel).is_err() {
@@ -356,7 +371,7 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
                     out.skipped.add(rel, SkipReason::LinkBroken);
                     continue;
                 };
-                if !real.starts_with(&inside) {
+                if !real.starts_with(&inside) || real.starts_with(&state_real) {
                     out.skipped.add(rel, SkipReason::LinkOutside);
                     continue;
                 }
@@ -484,6 +499,52 @@ mod tests {
         }
         let e = walk_local(&root, "missing", ".caravan/").unwrap_err();
         assert!(matches!(e, Error::NotFound(_)), "{e}");
+    }
+
+    /// The agent's state (wrapped share keys, tickets) is never published,
+    /// whatever link leads there: a link to it or into it refused, a link
+    /// to a file in it left out, a link to the storage's root walked
+    /// without it.
+    #[test]
+    fn no_link_leads_a_publish_into_the_state_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("storage");
+        std::fs::create_dir_all(root.join(".caravan/shares")).unwrap();
+        std::fs::write(root.join(".caravan/shares/share.json"), b"wrapped key").unwrap();
+        std::fs::create_dir_all(root.join("t")).unwrap();
+        std::fs::write(root.join("t/a"), b"a").unwrap();
+        std::os::unix::fs::symlink(".caravan", root.join("statelink")).unwrap();
+        std::os::unix::fs::symlink(".", root.join("all")).unwrap();
+        std::os::unix::fs::symlink("../.caravan/shares/share.json", root.join("t/key")).unwrap();
+        for path in [
+            "statelink",
+            "statelink/shares",
+            "statelink/shares/share.json",
+        ] {
+            let e = walk_local(&root, path, ".caravan/").unwrap_err();
+            assert!(e.is_bad_input(), "{path}: {e}");
+            assert!(e.to_string().contains("state folder"), "{path}: {e}");
+        }
+        let whole = walk_local(&root, "", ".caravan/").unwrap();
+        assert_eq!(
+            reasons(&whole)[..1],
+            [("all".to_string(), SkipReason::LinkToFolder)]
+        );
+        assert!(whole.files.iter().all(|f| !f.0.contains("share.json")));
+        let t = walk_local(&root, "t", ".caravan/").unwrap();
+        assert_eq!(reasons(&t), [("key".to_string(), SkipReason::LinkOutside)]);
+        let through = walk_local(&root, "all", ".caravan/").unwrap();
+        assert!(
+            through.files.iter().all(|f| !f.0.contains(".caravan")),
+            "{:?}",
+            through.files
+        );
+        assert!(
+            through.dirs.iter().all(|d| !d.0.contains(".caravan")),
+            "{:?}",
+            through.dirs
+        );
+        assert!(through.files.iter().any(|f| f.0 == "t/a"));
     }
 
     #[test]
