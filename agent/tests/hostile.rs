@@ -1449,6 +1449,40 @@ fn publish_and_fetch_paths_cannot_leave_the_storage_or_enter_the_state() {
         assert_eq!(out.status.code(), Some(3), "fetch --dest {dest:?}: {out:?}");
     }
     assert!(!bob.dir.join("x").exists() && !tmp.path().join("y").exists());
+    // Links in the recipient's storage are not followed: not as the
+    // destination (or a folder on its way), nor as a folder of the share.
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, bob.data().join("outlink")).unwrap();
+    std::os::unix::fs::symlink(".caravan", bob.data().join("statelink")).unwrap();
+    for dest in ["outlink", "outlink/deeper", "statelink/fetches"] {
+        let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", dest]);
+        assert_eq!(out.status.code(), Some(3), "fetch --dest {dest:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("is a symbolic link"), "{err}");
+    }
+    std::fs::create_dir_all(alice.data().join("nested/sub")).unwrap();
+    std::fs::write(alice.data().join("nested/sub/x.txt"), b"from alice").unwrap();
+    let (_, nested) = publish(&alice, "nested", &[&bob.id], &[]);
+    std::fs::create_dir_all(bob.data().join("links")).unwrap();
+    std::os::unix::fs::symlink(&outside, bob.data().join("links/sub")).unwrap();
+    let out = cli(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &nested[0],
+        "--dest",
+        "links",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("links/sub is a symbolic link"),
+        "{out:?}"
+    );
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "written outside"
+    );
     let v = fetch(&bob, &tickets[0], "./got//", &[]);
     assert_eq!(v["state"], "done", "{v}");
     assert_same_tree(&alice.data().join("t"), &bob.data().join("got"));

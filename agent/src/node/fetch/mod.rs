@@ -92,6 +92,9 @@ impl Agent {
             )));
         }
         let dest = state::user_folder(&self.opts.state_prefix, &req.dest)?;
+        if let Some(root) = &self.opts.fs_root {
+            tree::check_dest(root, &dest)?;
+        }
         // A share is fetched by one fetch at a time: its part files and its
         // saved request are the share's. Asked again for the same
         // destination while it runs (`fetch --detach`, then `fetch` to
@@ -531,10 +534,12 @@ impl Agent {
         Ok(())
     }
 
-    /// Before a new version is written over the previous one on a local
-    /// disk: removes the previous version's files where folders go and its
-    /// folders where files go (`tree.rs`); refused, with nothing written,
-    /// if such a folder holds files that are not the share's.
+    /// Before a version is written on a local disk: refuses, with nothing
+    /// written, a destination whose folders pass through a link or meet a
+    /// file that is not the share's (`tree::check_folders`); then, over the
+    /// previous version, removes its files where folders go and its folders
+    /// where files go (`tree.rs`), refused if such a folder holds files
+    /// that are not the share's.
     async fn make_room<'a>(
         &self,
         dest: &str,
@@ -543,22 +548,45 @@ impl Agent {
         files: impl Iterator<Item = &'a str>,
         dirs: impl Iterator<Item = &'a str>,
     ) -> Result<()> {
-        let (Some(root), Some(prev)) =
-            (self.opts.fs_root.clone(), written_over(previous, dest, seq))
-        else {
+        let Some(root) = self.opts.fs_root.clone() else {
             return Ok(());
         };
-        let old_files: Vec<&str> = prev.manifest.files().map(|f| f.0).collect();
+        // Files of the previous version here: replaced or removed by this
+        // fetch, so a folder may take the place of one.
+        let here = previous.filter(|p| p.root == dest);
+        let old_files: Vec<&str> = here
+            .map(|p| p.manifest.files().map(|f| f.0).collect())
+            .unwrap_or_default();
         let new_files: Vec<&str> = files.collect();
-        let reshape =
-            tree::Reshape::between(&old_files, manifest_dirs(&prev.manifest), &new_files, dirs);
-        if reshape.before_is_empty() {
-            return Ok(());
-        }
+        let new_dirs: Vec<&str> = dirs.collect();
+        let reshape = written_over(previous, dest, seq).map(|prev| {
+            tree::Reshape::between(
+                &old_files,
+                manifest_dirs(&prev.manifest),
+                &new_files,
+                new_dirs.iter().copied(),
+            )
+        });
+        let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+        let (old_files, new_files, new_dirs) =
+            (owned(&old_files), owned(&new_files), owned(&new_dirs));
         let dest = dest.to_string();
-        tokio::task::spawn_blocking(move || reshape.make_room(&root, &dest, seq))
-            .await
-            .map_err(|e| Error::Protocol(format!("making room task: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let old: HashSet<&str> = old_files.iter().map(String::as_str).collect();
+            tree::check_folders(
+                &root,
+                &dest,
+                new_files.iter().map(String::as_str),
+                new_dirs.iter().map(String::as_str),
+                &old,
+            )?;
+            match reshape.filter(|r| !r.before_is_empty()) {
+                Some(r) => r.make_room(&root, &dest, seq),
+                None => Ok(()),
+            }
+        })
+        .await
+        .map_err(|e| Error::Protocol(format!("making room task: {e}")))?
     }
 
     /// The version of a share this agent fetched before, if any.

@@ -156,6 +156,123 @@ impl Reshape {
     }
 }
 
+/// Refuses (before a fetch starts) a destination `dest` (a storage path
+/// ending in `/`) whose folders, from the storage's root down, include a
+/// symbolic link or a file; `true` when it exists (so what is under it
+/// is worth looking at).
+pub(crate) fn check_dest(root: &Path, dest: &str) -> Result<bool> {
+    let mut walked = String::new();
+    for part in dest.split('/').filter(|p| !p.is_empty()) {
+        walked.push_str(part);
+        match kind(root, &walked)? {
+            None => return Ok(false),
+            Some(m) if m.file_type().is_symlink() => return refuse(&walked, "a symbolic link"),
+            Some(m) if !m.is_dir() => return refuse(&walked, "a file, not a folder"),
+            Some(_) => {}
+        }
+        walked.push('/');
+    }
+    Ok(true)
+}
+
+/// What is at storage path `p`, links not followed; `None` if nothing (or
+/// a file where a folder on the way should be).
+fn kind(root: &Path, p: &str) -> Result<Option<std::fs::Metadata>> {
+    let at = confined(root, p).context(|| p.to_string())?;
+    match std::fs::symlink_metadata(&at) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotADirectory => Ok(None),
+        Err(e) => Err(e).context(|| p.to_string()),
+    }
+}
+
+fn refuse<T>(p: &str, what: &str) -> Result<T> {
+    Err(Error::Rejected(format!(
+        "{p} is {what}: a fetch writes only in folders of the storage, never through a link \
+         or over a file that is not the share's; move it away or fetch elsewhere (nothing was \
+         written)"
+    )))
+}
+
+/// Before a fetch writes on a local disk: refuses (nothing written) when a
+/// write or a removal would pass through a symbolic link or meet a file
+/// where a folder must be. `dest` (a storage path ending in `/`) and every
+/// folder under it that the new version's entries (`files`, `dirs`) or the
+/// previous version's files there (`old_files`) lie in are looked at with
+/// `symlink_metadata`, links never followed.
+///
+/// Why: the storage is a folder the recipient's own user may change. A
+/// link where the destination or one of the share's folders goes would
+/// make the fetch write (and a later version remove) files wherever it
+/// leads, outside the storage or into the agent's state. A file of the
+/// recipient's where the share has a folder would fail the fetch halfway
+/// (a file of the previous version is removed by [`Reshape::make_room`]).
+///
+/// Cost: one `lstat` per folder whose parent exists (none under a missing
+/// folder), each folder once however many paths lie in it.
+pub(crate) fn check_folders<'a>(
+    root: &Path,
+    dest: &str,
+    files: impl Iterator<Item = &'a str>,
+    dirs: impl Iterator<Item = &'a str>,
+    old_files: &HashSet<&'a str>,
+) -> Result<()> {
+    if !check_dest(root, dest)? {
+        return Ok(());
+    }
+    // Folders under it: `true` where the new version needs a folder.
+    let mut folders: std::collections::BTreeMap<&str, bool> = Default::default();
+    let mut add = |p: &'a str, itself: bool, needed: bool| {
+        let mut end = if itself { Some(p.len()) } else { p.rfind('/') };
+        while let Some(e) = end {
+            let f = &p[..e];
+            match folders.get_mut(f) {
+                // In already, and so are its parents (each folder is
+                // marked needed at most once: linear in the paths).
+                Some(n) if *n || !needed => break,
+                Some(n) => *n = true,
+                None => {
+                    folders.insert(f, needed);
+                }
+            }
+            end = f.rfind('/');
+        }
+    };
+    for d in dirs {
+        add(d, true, true);
+    }
+    for f in files {
+        add(f, false, true);
+    }
+    for f in old_files {
+        add(f, false, false);
+    }
+    // Sorted, a folder comes before everything under it.
+    let mut missing: HashSet<&str> = HashSet::new();
+    for (f, needed) in folders {
+        if f.rfind('/').is_some_and(|e| missing.contains(&f[..e])) {
+            missing.insert(f);
+            continue;
+        }
+        let p = format!("{dest}{f}");
+        match kind(root, &p)? {
+            None => {
+                missing.insert(f);
+            }
+            Some(m) if m.file_type().is_symlink() => return refuse(&p, "a symbolic link"),
+            Some(m) if m.is_dir() => {}
+            Some(_) if needed && !old_files.contains(f) => {
+                return refuse(&p, "a file that is not the share's, where it has a folder");
+            }
+            Some(_) => {
+                missing.insert(f);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn remove_file(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -268,5 +385,74 @@ mod tests {
                 .iter()
                 .all(|(_, held)| held.len() == 1)
         );
+    }
+
+    /// Guarantee: a fetch never writes or removes through a link the
+    /// recipient's storage holds, nor over a file of its own where the
+    /// share has a folder; refused before anything is written.
+    #[test]
+    fn folders_on_the_way_are_never_links_or_strangers_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("storage");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("d/sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("outlink")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d/linked")).unwrap();
+        std::fs::write(root.join("afile"), b"mine").unwrap();
+        std::fs::write(root.join("d/mine"), b"mine").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d/filelink")).unwrap();
+        let none = HashSet::new();
+        let check = |dest: &str, files: &[&str], dirs: &[&str], old: &HashSet<&str>| {
+            check_folders(
+                &root,
+                dest,
+                files.iter().copied(),
+                dirs.iter().copied(),
+                old,
+            )
+        };
+        let refused = |r: Result<()>, says: &str| {
+            let e = r.unwrap_err();
+            assert!(e.is_bad_input() && e.to_string().contains(says), "{e}");
+        };
+        // The destination itself, or a folder on its way.
+        refused(
+            check("outlink/", &["a"], &[], &none),
+            "outlink is a symbolic link",
+        );
+        refused(check("outlink/x/", &["a"], &[], &none), "a symbolic link");
+        refused(check("afile/", &["a"], &[], &none), "afile is a file");
+        // A folder of the share, or of the previous version's files.
+        refused(
+            check("d/", &["linked/x"], &[], &none),
+            "d/linked is a symbolic link",
+        );
+        refused(
+            check("d/", &["a"], &["linked"], &none),
+            "d/linked is a symbolic link",
+        );
+        let old: HashSet<&str> = ["linked/old"].into();
+        refused(
+            check("d/", &["a"], &[], &old),
+            "d/linked is a symbolic link",
+        );
+        // A file of the recipient's where the share has a folder.
+        refused(check("d/", &["mine/x"], &[], &none), "not the share's");
+        // ... but the previous version's file there is replaced.
+        let old: HashSet<&str> = ["mine"].into();
+        check("d/", &["mine/x"], &[], &old).unwrap();
+        // A link where a file goes is replaced, not followed; missing
+        // folders (and everything under them) are fine.
+        check(
+            "d/",
+            &["filelink", "sub/a", "new/deep/er/b"],
+            &["sub", "new"],
+            &none,
+        )
+        .unwrap();
+        check("fresh/", &["a/b/c"], &["a"], &none).unwrap();
+        check("", &["d/sub/a"], &["d", "d/sub"], &none).unwrap();
+        assert!(std::fs::read_dir(&outside).unwrap().next().is_none());
     }
 }
