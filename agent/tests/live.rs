@@ -252,6 +252,37 @@ fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
     );
     assert!(said.contains("changed size"), "{said}");
     assert!(!bob.data().join("got2/big.bin").exists());
+
+    // Replaced by another file of the same size under its name (a save by
+    // rename) while the pass reads it: the pass keeps reading the file it
+    // opened, so the share holds exactly that one, not a mix of both.
+    std::fs::remove_file(&gate).unwrap();
+    std::fs::write(src.join("big.bin"), &data).unwrap();
+    let before = bob.metric("caravan_chunks_received_total");
+    let (mut publishing, mut out, first) = start_publish(&alice, "edit", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let fetching = start_fetch(&bob, &ticket, "got3");
+    wait_for("the first verified chunk of the third share", || {
+        bob.metric("caravan_chunks_received_total") > before
+    });
+    let mut other = data.clone();
+    fill_pseudo_random(&mut other, 12);
+    std::fs::write(src.join("next.tmp"), &other).unwrap();
+    std::fs::rename(src.join("next.tmp"), src.join("big.bin")).unwrap();
+    std::fs::write(&gate, b"go").unwrap();
+    let mut last = String::new();
+    out.read_line(&mut last).unwrap();
+    assert!(publishing.wait().unwrap().success());
+    let done = fetching.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(
+        std::fs::read(bob.data().join("got3/big.bin")).unwrap() == data,
+        "the fetched file is the one the pass opened"
+    );
 }
 
 #[test]

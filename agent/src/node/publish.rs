@@ -450,6 +450,10 @@ impl Agent {
         let mut sealing: Option<Sealing> = None;
         let mut remote = crate::store::Sequential::new(&self.op, path, 0, size).whole_object();
         let mut carried: Option<Vec<u8>> = None;
+        // A local file is opened once: every block comes from the same
+        // file, even if another takes its name meanwhile (an editor's or a
+        // download's save by rename), instead of a mix of both.
+        let mut local: Option<Arc<std::fs::File>> = None;
         while pos < size {
             let end = (pos + READ_BLOCK).min(size);
             let eof = end == size;
@@ -462,19 +466,27 @@ impl Agent {
                     let want = (end - pos) as usize;
                     let shown = path.to_string();
                     let buf = out.blocks.get();
-                    tokio::task::spawn_blocking(move || {
-                        let block = read_block(&full, pos, want, buf)
+                    let file = local.clone();
+                    let (block, cuts, file) = tokio::task::spawn_blocking(move || {
+                        let file = match file {
+                            Some(f) => f,
+                            None => Arc::new(
+                                std::fs::File::open(&full)
+                                    .context(|| format!("opening {shown}"))?,
+                            ),
+                        };
+                        let block = read_block(&file, pos, want, buf)
                             .context(|| format!("reading {shown}"))?;
                         if block.len() != want {
-                            return Err(Error::Config(format!(
-                                "{shown} changed size while being published"
-                            )));
+                            return Err(changed_size(&shown));
                         }
                         let cuts = chunk::cut_lengths(&block, eof);
-                        Ok((block, cuts))
+                        Ok((block, cuts, file))
                     })
                     .await
-                    .map_err(|e| Error::Protocol(format!("chunking task: {e}")))??
+                    .map_err(|e| Error::Protocol(format!("chunking task: {e}")))??;
+                    local = Some(file);
+                    (block, cuts)
                 }
                 None => {
                     let mut block = carried.take().unwrap_or_else(|| out.blocks.get());
@@ -485,9 +497,7 @@ impl Agent {
                         .await
                         .context(|| format!("reading {path}"))?;
                     if block.len() != want {
-                        return Err(Error::Config(format!(
-                            "{path} changed size while being published"
-                        )));
+                        return Err(changed_size(path));
                     }
                     tokio::task::spawn_blocking(move || {
                         let cuts = chunk::cut_lengths(&block, eof);
@@ -559,12 +569,23 @@ fn append(refs: &mut Vec<ChunkRef>, block: Vec<ChunkRef>) {
     }
 }
 
+/// A file that became shorter than its listing while its pass read it (it
+/// was being written): the publish fails, naming it, rather than publish
+/// bytes it no longer has.
+fn changed_size(path: &str) -> Error {
+    Error::Rejected(format!(
+        "{path} changed size while being published (was it still being written?): publish \
+         again once it is complete"
+    ))
+}
+
 /// Reads shorter than this look for holes no more: a small file is one
 /// read, not three more system calls.
 const HOLES_FROM: usize = 1 << 20;
 
-/// Reads `len` bytes of a local file at `offset` into `buf` (an empty
-/// block; fewer bytes when the file is shorter: the caller checks).
+/// Reads `len` bytes of the open local file `f` at `offset` into `buf`
+/// (an empty block; fewer bytes when the file is shorter: the caller
+/// checks).
 ///
 /// The holes of a sparse file are not read: the buffer is zeroed there
 /// (`SEEK_DATA` / `SEEK_HOLE` find them), instead of the kernel zeroing
@@ -573,7 +594,7 @@ const HOLES_FROM: usize = 1 << 20;
 /// as before; so is a read under [`HOLES_FROM`], and a file that has as
 /// many blocks as bytes.
 fn read_block(
-    path: &std::path::Path,
+    mut f: &std::fs::File,
     offset: u64,
     len: usize,
     mut buf: Vec<u8>,
@@ -581,7 +602,6 @@ fn read_block(
     use rustix::fs::{SeekFrom as Whence, seek};
     use std::io::{Read, Seek, SeekFrom};
     use std::os::unix::fs::MetadataExt;
-    let mut f = std::fs::File::open(path)?;
     // Only a file with fewer blocks than bytes can have holes: others are
     // read at once (no hole search, which some filesystems answer slowly).
     let meta = match len < HOLES_FROM {
@@ -598,7 +618,7 @@ fn read_block(
     let end = (offset + len as u64).min(meta.len());
     let mut at = offset;
     while at < end {
-        let data = match seek(&f, Whence::Data(at)) {
+        let data = match seek(f, Whence::Data(at)) {
             Ok(d) => d.min(end),
             // No data from here on: a hole to the end of the file.
             Err(rustix::io::Errno::NXIO) => end,
@@ -609,7 +629,7 @@ fn read_block(
             at = data;
             continue;
         }
-        let Ok(hole) = seek(&f, Whence::Hole(at)) else {
+        let Ok(hole) = seek(f, Whence::Hole(at)) else {
             break;
         };
         let stop = hole.min(end);
@@ -788,7 +808,8 @@ mod tests {
                 (n, 10),
                 (n + 5, 10),
             ] {
-                let got = read_block(p, offset, len, Vec::new()).unwrap();
+                let f = std::fs::File::open(p).unwrap();
+                let got = read_block(&f, offset, len, Vec::new()).unwrap();
                 let from = offset.min(n) as usize;
                 let to = (offset + len as u64).min(n) as usize;
                 assert_eq!(
