@@ -1150,6 +1150,13 @@ fn publisher_cannot_set_setuid_or_world_writable_modes() {
     set(&src.join("suid.sh"), 0o6777);
     set(&src.join("open.txt"), 0o666);
     set(&src.join("open-dir"), 0o1777);
+    // Closed to everyone (this test runs as root, which still reads them):
+    // stays closed to group and others, open to the agent's own user only.
+    std::fs::create_dir_all(src.join("closed-dir")).unwrap();
+    std::fs::write(src.join("closed-dir/y"), b"y").unwrap();
+    std::fs::write(src.join("closed.txt"), b"z").unwrap();
+    set(&src.join("closed.txt"), 0o000);
+    set(&src.join("closed-dir"), 0o000);
     alice.start();
     bob.start();
     let (_, tickets) = publish(&alice, "m", &[&bob.id], &[]);
@@ -1164,6 +1171,8 @@ fn publisher_cannot_set_setuid_or_world_writable_modes() {
     assert_eq!(mode("m/suid.sh"), 0o775);
     assert_eq!(mode("m/open.txt"), 0o664);
     assert_eq!(mode("m/open-dir"), 0o775);
+    assert_eq!(mode("m/closed.txt"), 0o400);
+    assert_eq!(mode("m/closed-dir"), 0o700);
 }
 
 /// An agent runs as an ordinary user (the operator's pods run as uid

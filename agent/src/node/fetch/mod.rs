@@ -971,10 +971,10 @@ impl Agent {
         if let Some(root) = &self.opts.fs_root {
             use std::os::unix::fs::PermissionsExt;
             for e in &manifest.entries {
+                // Mode 0 is a file closed to everyone (object stores list
+                // 0o644/0o755), not "unknown": it stays closed but to the
+                // agent's user.
                 let path = root.join(format!("{dest}{}", e.path));
-                if e.mode == 0 {
-                    continue;
-                }
                 let mode = match e.kind {
                     EntryKind::Dir => (e.mode & 0o775) | 0o700,
                     EntryKind::File { .. } => (e.mode & 0o775) | 0o400,
