@@ -25,8 +25,8 @@ use crate::util::hex;
 /// `.` and empty components dropped, a trailing `/` kept. Refused (bad
 /// input, nothing touched) when it would leave the storage (a `..`
 /// component: on a local disk that is the agent's own folder, its key
-/// and admin token), holds a control character, or lies inside the
-/// agent's state folder `prefix`.
+/// and admin token), holds a control character or a name no disk holds
+/// (over 255 bytes), or lies inside the agent's state folder `prefix`.
 pub fn user_path(prefix: &str, path: &str) -> Result<String> {
     let p = path.trim();
     let refuse = |why: &str| Err(Error::Rejected(format!("the path {p:?} {why}")));
@@ -38,6 +38,9 @@ pub fn user_path(prefix: &str, path: &str) -> Result<String> {
         match c {
             "" | "." => {}
             ".." => return refuse("leaves the agent's storage (`..`)"),
+            c if c.len() > crate::manifest::MAX_NAME_BYTES => {
+                return refuse("holds a name longer than 255 bytes");
+            }
             c => parts.push(c),
         }
     }
@@ -200,6 +203,7 @@ mod tests {
         assert_eq!(ok("/photos/a.jpg"), "photos/a.jpg");
         assert_eq!(ok("x/.caravan"), "x/.caravan");
         assert_eq!(ok(".caravanx"), ".caravanx");
+        assert_eq!(ok(&"n".repeat(255)), "n".repeat(255));
         assert_eq!(user_folder(".caravan/", "./in//box").unwrap(), "in/box/");
         assert_eq!(user_folder(".caravan/", "/").unwrap(), "");
         for bad in [
@@ -214,6 +218,7 @@ mod tests {
             "/.caravan/",
             "a\nb",
             "a\0b",
+            &format!("a/{}/b", "n".repeat(256)),
         ] {
             let e = user_path(".caravan/", bad).unwrap_err();
             assert!(e.is_bad_input(), "{bad:?}: {e}");
