@@ -523,6 +523,37 @@ fn fetch_survives_its_only_peer_restarting() {
     );
 }
 
+/// A fetch whose only peer is gone for good fails (exit code 5) saying so
+/// and how to go on, not with the last socket error alone; the same fetch
+/// later carries on from its verified chunks.
+#[test]
+fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut alice, bob, src, _share) = start_big_fetch(tmp.path(), 19, |_| {});
+    wait_partly_fetched(&bob, 10);
+    let ticket = pending_ticket(&bob);
+    alice.kill9();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let failed = loop {
+        let f = first_fetch(&bob);
+        if f["state"] == "failed" {
+            break f;
+        }
+        assert_ne!(f["state"], "done", "{f}");
+        assert!(Instant::now() < deadline, "the fetch never gave up: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("went away") && said.contains("fetch the same ticket again"),
+        "{said}"
+    );
+    alice.start();
+    let done = fetch(&bob, &ticket, "got", &[]);
+    assert_eq!(done["state"], "done", "{done}");
+    assert_same_tree(&src, &bob.data().join("got"));
+}
+
 #[test]
 fn corrupt_peer_is_detected_and_honest_peer_completes() {
     let tmp = tempfile::tempdir().unwrap();

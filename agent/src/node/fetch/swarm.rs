@@ -298,7 +298,23 @@ impl Swarm {
                 }
             }
         }
-        Err(last.unwrap_or_else(|| Error::Protocol(format!("no usable peer has chunk {}", r.id))))
+        match last {
+            // Every connection closed and none came back: say so, and how
+            // to go on, rather than the last socket error alone.
+            Some(e) if lost && !matches!(e, Error::CorruptChunk { .. }) => {
+                Err(Error::Protocol(format!(
+                    "chunk {}: every peer holding the share went away and none came back after \
+                     {REVIVALS} rounds of redialling (last: {e}); fetch the same ticket again \
+                     to continue, verified chunks are kept",
+                    r.id
+                )))
+            }
+            Some(e) => Err(e),
+            None => Err(Error::Protocol(format!(
+                "no usable peer has chunk {}",
+                r.id
+            ))),
+        }
     }
 
     /// Asks the bucket for a chunk when it is the better source: always
