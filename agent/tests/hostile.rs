@@ -1452,6 +1452,25 @@ fn publish_and_fetch_paths_cannot_leave_the_storage_or_enter_the_state() {
             "{err}"
         );
     }
+    // The same refusals with `--json` (whose answer streams: the share id
+    // goes out before the walk fails), and a link leading into the state.
+    std::os::unix::fs::symlink(".caravan", alice.data().join("statelink")).unwrap();
+    for path in ["missing", "statelink", "statelink/shares", ".caravan"] {
+        let out = cli(&[
+            "publish",
+            "--config",
+            alice.cfg(),
+            path,
+            "--to",
+            &bob.id,
+            "--json",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "publish --json {path:?}: {out:?}"
+        );
+    }
     let (_, tickets) = publish(&alice, "t", &[&bob.id], &[]);
     for dest in ["../x", "got/../../y", ".caravan/z", "./.caravan"] {
         let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", dest]);

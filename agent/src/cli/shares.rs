@@ -58,7 +58,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 client
                     .post_lines(&path, &req, |line| {
                         if let Ok(e) = serde_json::from_slice::<api::ApiError>(line) {
-                            failed = Some(e.error);
+                            failed = Some(e);
                             return Ok(());
                         }
                         let v: serde_json::Value = serde_json::from_slice(line)?;
@@ -76,7 +76,12 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                         None => e,
                     })?;
                 if let Some(e) = failed {
-                    return Err(anyhow!("the daemon failed: {e}"));
+                    // The request's fault (a path that cannot be published):
+                    // exit code 3, as without `--json`.
+                    if e.status.is_some_and(|s| (400..500).contains(&s)) {
+                        return Err(Exit::Config(anyhow!("{}", e.error)).into());
+                    }
+                    return Err(anyhow!("the daemon failed: {}", e.error));
                 }
                 return Ok(());
             }

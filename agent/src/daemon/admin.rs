@@ -61,7 +61,14 @@ impl From<Error> for ApiFailure {
 
 impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
-        (self.0, Json(ApiError { error: self.1 })).into_response()
+        (
+            self.0,
+            Json(ApiError {
+                error: self.1,
+                status: None,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -304,11 +311,16 @@ async fn publish_streamed(
                 agent.activity.touch(api::activity::PUBLISH);
                 serde_json::to_vec(&p)
             }
-            Ok(Err(e)) => serde_json::to_vec(&ApiError {
-                error: e.to_string(),
-            }),
+            Ok(Err(e)) => {
+                let ApiFailure(status, error) = e.into();
+                serde_json::to_vec(&ApiError {
+                    error,
+                    status: Some(status.as_u16()),
+                })
+            }
             Err(e) => serde_json::to_vec(&ApiError {
                 error: e.to_string(),
+                status: Some(StatusCode::INTERNAL_SERVER_ERROR.as_u16()),
             }),
         };
         Ok::<_, std::io::Error>(line(out))

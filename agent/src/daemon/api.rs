@@ -125,6 +125,10 @@ pub struct TicketResponse {
 pub struct ApiError {
     /// What went wrong.
     pub error: String,
+    /// In a streamed answer, whose HTTP status went out before the error
+    /// was known: the status it would have had (4xx: the request's fault).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
 }
 
 /// Answer of `POST /v1/trust/revocations`.

@@ -153,7 +153,9 @@ impl Agent {
             let meta = match self.op.stat(path).await {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
-                    return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
+                    return Err(Error::NotFound(format!(
+                        "nothing to publish at {path:?} in the agent's storage (paths are taken from the storage's root)"
+                    )));
                 }
                 Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
             };
@@ -284,7 +286,9 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
     let own = match own {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::NotFound(format!("nothing to publish at {path:?}")));
+            return Err(Error::NotFound(format!(
+                "nothing to publish at {path:?} in the agent's storage (paths are taken from the storage's root)"
+            )));
         }
         Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
     };
