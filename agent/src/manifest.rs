@@ -428,7 +428,17 @@ mod tests {
         let mut chars: Vec<char> = text.chars().collect();
         let i = chars.len() / 2;
         chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
-        assert!(Ticket::parse(&chars.into_iter().collect::<String>()).is_err());
+        let flipped: String = chars.into_iter().collect();
+        // Damaged or cut short when copied: said so, as bad input.
+        for bad in [
+            flipped.as_str(),
+            &text[..text.len() - 7],
+            &text[..TICKET_PREFIX.len() + 3],
+        ] {
+            let e = Ticket::parse(bad).unwrap_err();
+            assert!(e.is_bad_input(), "{e}");
+            assert!(e.to_string().contains("damaged or cut short"), "{e}");
+        }
     }
 
     #[test]

@@ -160,11 +160,22 @@ impl Ticket {
             .trim()
             .strip_prefix(TICKET_PREFIX)
             .ok_or_else(|| Error::parse("ticket", format!("must start with `{TICKET_PREFIX}`")))?;
+        // Damaged text (a character changed, the end cut off when copied)
+        // is said as such, with the detail after.
+        let damaged = |e: &dyn std::fmt::Display| {
+            Error::parse(
+                "ticket",
+                format!(
+                    "damaged or cut short ({e}): copy it whole, from `{TICKET_PREFIX}` to its \
+                     last character"
+                ),
+            )
+        };
         let bytes = BASE64URL_NOPAD
             .decode(body.as_bytes())
-            .map_err(|e| Error::parse("ticket", e))?;
-        let rec = SignedRecord::from_bytes(&bytes)?;
-        let t: Ticket = rec.open()?;
+            .map_err(|e| damaged(&e))?;
+        let rec = SignedRecord::from_bytes(&bytes).map_err(|e| damaged(&e))?;
+        let t: Ticket = rec.open().map_err(|e| damaged(&e))?;
         if rec.signer != t.publisher {
             return Err(Error::Record(
                 "ticket is not signed by its publisher".into(),
