@@ -554,6 +554,43 @@ fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: two shares fetched into one folder never write over each
+/// other's files (a version of one dropping the file would remove the
+/// other's): the second is refused before it writes, naming the file;
+/// shares with no file in common share a folder.
+#[test]
+fn shares_fetched_into_one_folder_never_write_over_each_other() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    for (dir, own) in [("one", "a.txt"), ("two", "b.txt"), ("three", "c.txt")] {
+        let d = alice.data().join(dir);
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join(own), dir.as_bytes()).unwrap();
+        if dir != "three" {
+            std::fs::write(d.join("sub/common.txt"), dir.as_bytes()).unwrap();
+        }
+    }
+    alice.start();
+    bob.start();
+    let (_, one) = publish(&alice, "one", &[&bob.id], &[]);
+    let (_, two) = publish(&alice, "two", &[&bob.id], &[]);
+    let (_, three) = publish(&alice, "three", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &one[0], "d", &[])["state"], "done");
+    let out = cli(&["fetch", "--config", bob.cfg(), &two[0], "--dest", "d"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(said.contains("d/sub/common.txt, a file of share"), "{said}");
+    assert!(!bob.data().join("d/b.txt").exists(), "nothing written");
+    assert_eq!(
+        std::fs::read(bob.data().join("d/sub/common.txt")).unwrap(),
+        b"one"
+    );
+    assert_eq!(fetch(&bob, &three[0], "d", &[])["state"], "done");
+    assert_eq!(fetch(&bob, &two[0], "d2", &[])["state"], "done");
+    assert_same_tree(&alice.data().join("two"), &bob.data().join("d2"));
+}
+
 #[test]
 fn corrupt_peer_is_detected_and_honest_peer_completes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -393,6 +393,7 @@ impl Agent {
             &dest,
             manifest.entries.iter().map(|e| e.path.as_str()),
         )?;
+        self.check_no_other_share(&ticket.share_id, &dest, manifest.files().map(|f| f.0))?;
         let repeats = Repeats::of_whole(|| manifest.files().flat_map(|(_, _, c)| c));
         let job = self.new_job(
             swarm,
@@ -753,6 +754,7 @@ impl Agent {
                 .map(|f| f.0.as_str())
                 .chain(feed.listing.dirs.iter().map(|d| d.0.as_str())),
         )?;
+        self.check_no_other_share(&ticket.share_id, &dest, files.iter().map(|f| f.0.as_str()))?;
         let job = self.new_job(
             swarm.clone(),
             ChunkKeyer::new(&key),
@@ -955,6 +957,49 @@ impl Agent {
     ) -> Result<()> {
         let info = self.op.info();
         check_fits(info.scheme(), &info.root(), id, dest, paths)
+    }
+
+    /// Refuses a share that would write a file where another share fetched
+    /// into this storage keeps one (two shares fetched into one folder with
+    /// a file in common), before anything is written. Either would
+    /// overwrite the other's file at each version, and a version of one that
+    /// dropped it would remove the other's. Shares with no file in common
+    /// share a folder freely; shares this agent publishes are not looked
+    /// at (fetching into a folder one republishes is the user's choice).
+    fn check_no_other_share<'p>(
+        &self,
+        id: &ShareId,
+        dest: &str,
+        paths: impl Iterator<Item = &'p str>,
+    ) -> Result<()> {
+        let others: Vec<Arc<HeldShare>> = match self.shares.read() {
+            Ok(m) => m
+                .values()
+                .filter(|s| s.id != *id && s.role == Role::Fetched)
+                .filter(|s| s.root.starts_with(dest) || dest.starts_with(s.root.as_str()))
+                .cloned()
+                .collect(),
+            Err(_) => return Ok(()),
+        };
+        if others.is_empty() {
+            return Ok(());
+        }
+        let mine: HashSet<String> = paths.map(|p| format!("{dest}{p}")).collect();
+        for other in others {
+            if let Some(p) = other
+                .manifest
+                .files()
+                .map(|(p, _, _)| format!("{}{p}", other.root))
+                .find(|p| mine.contains(p))
+            {
+                return Err(Error::Rejected(format!(
+                    "share {id} would write {p}, a file of share {} fetched into {:?}: fetch \
+                     it into another folder (nothing was written)",
+                    other.id, other.root
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Gives files and directories the permission bits the publisher had,
