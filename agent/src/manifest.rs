@@ -273,7 +273,8 @@ pub fn check_tree<'a>(what: &str, entries: impl Iterator<Item = (&'a str, bool)>
 pub const MAX_NAME_BYTES: usize = 255;
 
 /// Checks a manifest path: relative, `/`-separated, no `.`/`..`/empty parts,
-/// no part longer than [`MAX_NAME_BYTES`], no backslashes, NULs or other
+/// no part longer than [`MAX_NAME_BYTES`] or beginning or ending with
+/// whitespace (object stores' clients trim it), no backslashes, NULs or other
 /// control characters (names a terminal or a log would act on), not inside
 /// the agent's state prefix.
 pub fn check_path(p: &str) -> Result<()> {
@@ -297,6 +298,11 @@ pub fn check_path(p: &str) -> Result<()> {
         }
         if part.len() > MAX_NAME_BYTES {
             return bad("a name longer than 255 bytes");
+        }
+        // Object-store clients (OpenDAL) trim whitespace off a whole path:
+        // `f ` or `f\u{a0}` would read or write the object `f`.
+        if part.trim() != part {
+            return bad("a name beginning or ending with whitespace");
         }
     }
     if p == ".caravan" || p.starts_with(".caravan/") {
@@ -390,6 +396,10 @@ mod tests {
             "a/",
             &"n".repeat(MAX_NAME_BYTES + 1),
             &format!("a/{}/b", "é".repeat(128)),
+            "f ",
+            "a/f\u{a0}",
+            " lead",
+            "dir\t/x",
         ] {
             assert!(check_path(p).is_err(), "{p:?} accepted");
         }
@@ -399,6 +409,7 @@ mod tests {
             "naïve/日本語.txt",
             ".hidden",
             "..x",
+            "a b/c d.txt",
             &"n".repeat(MAX_NAME_BYTES),
         ] {
             check_path(p).unwrap();

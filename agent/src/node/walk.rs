@@ -52,7 +52,8 @@ pub enum SkipReason {
     /// Its name is not valid UTF-8 (shares carry UTF-8 paths).
     NotUtf8,
     /// Its path cannot be written safely everywhere (a backslash, an empty,
-    /// `.` or `..` component, a name over 255 bytes, too long).
+    /// `.` or `..` component, a name over 255 bytes or beginning or ending
+    /// with whitespace, too long).
     UnsafeName,
     /// Neither a regular file nor a folder (a FIFO, socket or device).
     NotRegular,
@@ -78,7 +79,7 @@ impl SkipReason {
         match self {
             SkipReason::NotUtf8 => "its name is not valid UTF-8",
             SkipReason::UnsafeName => {
-                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, a name over 255 bytes, or too long)"
+                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, a name over 255 bytes or beginning or ending with whitespace, or too long)"
             }
             SkipReason::NotRegular => "not a regular file or folder (a FIFO, socket or device)",
             SkipReason::LinkOutside => {
@@ -433,6 +434,7 @@ mod tests {
         std::fs::write(t.join("a.txt"), b"a").unwrap();
         std::fs::write(t.join("sub/deeper/b"), b"bb").unwrap();
         std::fs::write(t.join("back\\slash"), b"x").unwrap();
+        std::fs::write(t.join("trailing "), b"x").unwrap();
         std::fs::write(t.join(std::ffi::OsStr::from_bytes(b"\xff-latin1")), b"x").unwrap();
         std::fs::write(root.join("outside"), b"secret").unwrap();
         std::os::unix::fs::symlink("a.txt", t.join("link-in")).unwrap();
@@ -462,10 +464,11 @@ mod tests {
                 ("loop2".into(), SkipReason::LinkBroken),
                 ("self".into(), SkipReason::LinkToFolder),
                 ("sock".into(), SkipReason::NotRegular),
+                ("trailing ".into(), SkipReason::UnsafeName),
                 ("\u{fffd}-latin1".into(), SkipReason::NotUtf8),
             ]
         );
-        assert_eq!(l.skipped.total, 9);
+        assert_eq!(l.skipped.total, 10);
 
         // The whole storage: the state folder is not part of it.
         let all = walk_local(root, "", ".caravan/").unwrap();
