@@ -666,12 +666,48 @@ fn s3_storage_end_to_end() {
                 .await
                 .unwrap();
         }
+        // A folder with a marker and one held only by the keys under it.
+        op.create_dir("reports/old/").await.unwrap();
+        op.write("reports/old/sub/x.txt", b"x".to_vec())
+            .await
+            .unwrap();
+        op.write("reports/implicit/deep/y.txt", b"y".to_vec())
+            .await
+            .unwrap();
     });
     alice.start();
     bob.start();
-    let (_, tickets) = publish(&alice, "reports", &[&bob.id], &[]);
+    let (share, tickets) = publish(&alice, "reports", &[&bob.id], &[]);
     let done = fetch(&bob, &tickets[0], "inbox", &[]);
     assert_eq!(done["state"], "done");
+    // A new version without those folders: nothing of them is left in the
+    // recipient's bucket, not even a folder marker.
+    rt.block_on(async {
+        let op = caravan_agent::store::open(&alice_cfg.storage).unwrap();
+        op.delete_with("reports/old/")
+            .recursive(true)
+            .await
+            .unwrap();
+        op.delete_with("reports/implicit/")
+            .recursive(true)
+            .await
+            .unwrap();
+    });
+    let (_, tickets) = publish(&alice, "reports", &[&bob.id], &["--share", &share]);
+    assert_eq!(fetch(&bob, &tickets[0], "inbox", &[])["state"], "done");
+    rt.block_on(async {
+        let op = caravan_agent::store::open(&bob_cfg.storage).unwrap();
+        let left: Vec<String> = op
+            .list_with("inbox/")
+            .recursive(true)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.path().to_string())
+            .filter(|p| p.starts_with("inbox/old") || p.starts_with("inbox/implicit"))
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    });
     rt.block_on(async {
         let op = caravan_agent::store::open(&bob_cfg.storage).unwrap();
         for e in walk_files(&local) {

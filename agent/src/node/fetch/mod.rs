@@ -493,11 +493,26 @@ impl Agent {
                         .context(|| format!("removing {path}"))?;
                 }
             }
-            // And its folders, those left empty.
+            // And its folders, those left empty. An object store has no
+            // folders, only the marker objects (`dir/`) a fetch wrote for
+            // the ones listed: those of dropped folders, and of folders
+            // that are files now, go (a marker holds nothing, and whatever
+            // else lies under its prefix stays).
             if let Some(root) = self.opts.fs_root.clone() {
                 let dest = dest.to_string();
                 let _ =
                     tokio::task::spawn_blocking(move || reshape.drop_folders(&root, &dest)).await;
+            } else {
+                let gone = reshape
+                    .dropped_folders
+                    .iter()
+                    .chain(reshape.folders_to_files.iter().map(|f| &f.0));
+                for d in gone {
+                    let marker = format!("{dest}{d}/");
+                    if let Err(e) = self.op.delete(&marker).await {
+                        tracing::warn!(path = %marker, error = %e, "could not remove a dropped folder's marker");
+                    }
+                }
             }
         }
         // Tags of the chunks received now and of those an earlier version

@@ -89,9 +89,26 @@ impl Reshape {
                 )
             })
             .collect();
-        let mut dropped: Vec<&str> = old_dirs
-            .iter()
-            .copied()
+        // Every folder of the previous version: those it listed, and those
+        // that held its files without being listed (a publisher on an
+        // object store lists keys, not folders); each parent walked up to
+        // once (linear in the paths).
+        let mut old_folders: HashSet<&str> = HashSet::new();
+        for p in old_dirs.iter().copied().chain(old_sorted.iter().copied()) {
+            let mut end = if old_dirs.contains(p) {
+                Some(p.len())
+            } else {
+                p.rfind('/')
+            };
+            while let Some(e) = end {
+                if !old_folders.insert(&p[..e]) {
+                    break;
+                }
+                end = p[..e].rfind('/');
+            }
+        }
+        let mut dropped: Vec<&str> = old_folders
+            .into_iter()
             .filter(|d| !is_new_folder(d) && !new_set.contains(d))
             .collect();
         // Deepest first: a folder is empty only once those below are gone.
@@ -327,6 +344,10 @@ mod tests {
         // `d` is a file now (not dropped as a folder); `d/e` goes first.
         assert_eq!(r.dropped_folders, ["d/e", "empty"]);
         assert!(between((&["a/b"], &[]), (&["a/b", "c"], &[])).before_is_empty());
+        // Folders the previous version held files in without listing them
+        // (an object store's keys) are dropped too, deepest first.
+        let r = between((&["i/a/b/f", "i/g", "k/h"], &[]), (&["i/g", "k/h2"], &[]));
+        assert_eq!(r.dropped_folders, ["i/a/b", "i/a"]);
     }
 
     #[test]
