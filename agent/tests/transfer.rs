@@ -554,6 +554,70 @@ fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: a fetch into S3 that fails halfway through a multipart
+/// upload aborts it: no parts stay in the bucket, unseen and billed.
+#[test]
+fn a_failed_fetch_into_s3_leaves_no_multipart_upload_behind() {
+    let Ok(endpoint) = std::env::var("CARAVAN_TEST_S3_ENDPOINT") else {
+        eprintln!("SKIP: CARAVAN_TEST_S3_ENDPOINT is not set (tests/s3/moto.sh start sets it up)");
+        return;
+    };
+    let bucket = std::env::var("CARAVAN_TEST_S3_BUCKET").unwrap_or_else(|_| "caravan-test".into());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let prefix = format!("mpu-{}", now_ms());
+    let creds = bob.dir.join("s3.env");
+    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
+    bob.set_storage(&format!(
+        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nroot = \"/{prefix}/\"\n",
+        creds.display()
+    ));
+    bob.env
+        .push(("CARAVAN_STREAMED_PUT_MAX_BYTES".into(), "0".into()));
+    let src = alice.data().join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 96 << 20];
+    fill_pseudo_random(&mut data, 23);
+    std::fs::write(src.join("b.bin"), &data).unwrap();
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "big", &[&bob.id], &[]);
+    cli_ok(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "got",
+        "--detach",
+    ]);
+    wait_partly_fetched(&bob, 30);
+    alice.kill9();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while first_fetch(&bob)["state"] != "failed" {
+        assert!(Instant::now() < deadline, "the fetch never gave up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The abort runs when the upload is dropped: give it a moment.
+    let uploads = || {
+        http_get(
+            endpoint.trim_start_matches("http://"),
+            &format!("/{bucket}?uploads&prefix={prefix}/"),
+        )
+        .unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while uploads().contains("<UploadId>") {
+        assert!(
+            Instant::now() < deadline,
+            "an upload was left: {}",
+            uploads()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Guarantee: two shares fetched into one folder never write over each
 /// other's files (a version of one dropping the file would remove the
 /// other's): the second is refused before it writes, naming the file;

@@ -370,7 +370,7 @@ impl Drop for Recycled {
 /// storage without a local root), or a plain file on a local filesystem,
 /// written without a per-file fsync (one sync pass covers the whole fetch).
 enum Sink {
-    Dal(opendal::Writer),
+    Dal(Upload),
     Put(StreamedPut),
     Local(LocalFile),
 }
@@ -390,7 +390,11 @@ impl Sink {
                 } else {
                     bytes::Bytes::from_owner(Recycled(plain))
                 };
-                w.write(bytes).await.context(|| format!("writing {path}"))
+                w.0.as_mut()
+                    .ok_or_else(|| Error::Protocol(format!("{path}: upload already ended")))?
+                    .write(bytes)
+                    .await
+                    .context(|| format!("writing {path}"))
             }
             Sink::Put(p) => p
                 .write(bytes::Bytes::from_owner(Recycled(piece.into_plain()?)))
@@ -429,9 +433,33 @@ impl Sink {
     async fn close(self, path: &str) -> Result<Option<Closing>> {
         let what = || format!("finishing {path}");
         match self {
-            Sink::Dal(mut w) => w.close().await.map(|_| None).context(what),
+            Sink::Dal(mut w) => match w.0.take() {
+                Some(mut u) => u.close().await.map(|_| None).context(what),
+                None => Ok(None),
+            },
             Sink::Put(p) => p.close().await.map(|()| None).context(what),
             Sink::Local(f) => f.closing().await.map(Some).context(what),
+        }
+    }
+}
+
+/// An object store's upload of one file (OpenDAL's writer: a multipart
+/// upload for a big file). One dropped before it was closed (the fetch
+/// failed, a peer went away, the fetch was given up) is aborted, so a
+/// multipart upload's parts do not stay in the bucket, unseen and billed,
+/// until a lifecycle rule removes them.
+struct Upload(Option<opendal::Writer>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(mut w) = self.0.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                if let Err(e) = w.abort().await {
+                    tracing::debug!(error = %e, "aborting an unfinished upload");
+                }
+            });
         }
     }
 }
@@ -635,11 +663,11 @@ impl Job {
                     // OpenDAL gathers exactly `size` bytes, then sends them at once.
                     w = w.chunk(usize::try_from(size.max(1)).unwrap_or(usize::MAX));
                 }
-                Sink::Dal(
+                Sink::Dal(Upload(Some(
                     w.append(self.append && start > 0)
                         .await
                         .context(|| format!("opening {write_path}"))?,
-                )
+                )))
             }
         };
         let mut offsets = Vec::with_capacity(chunks.len());
