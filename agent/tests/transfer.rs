@@ -554,6 +554,32 @@ fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// A bucket that does not exist is a configuration error said at once
+/// (exit code 3), not minutes of retries with the ports bound and silent.
+#[test]
+fn a_missing_bucket_is_a_configuration_error_at_once() {
+    let Ok(endpoint) = std::env::var("CARAVAN_TEST_S3_ENDPOINT") else {
+        eprintln!("SKIP: CARAVAN_TEST_S3_ENDPOINT is not set (tests/s3/moto.sh start sets it up)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestAgent::init(&tmp.path().join("a"));
+    let creds = a.dir.join("s3.env");
+    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
+    a.set_storage(&format!(
+        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"no-such-bucket-{}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n",
+        creds.display(),
+        now_ms()
+    ));
+    let out = cli(&["run", "--config", a.cfg()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(
+        said.contains("the storage refuses this configuration"),
+        "{said}"
+    );
+}
+
 /// Guarantee: a fetch into S3 that fails halfway through a multipart
 /// upload aborts it: no parts stay in the bucket, unseen and billed.
 #[test]

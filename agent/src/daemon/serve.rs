@@ -128,6 +128,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let mut delay = std::time::Duration::from_millis(200);
     let mut attempt = 0;
     while let Err(e) = store::probe(&op).await {
+        // A storage that answers "no" (no such bucket, bad credentials) will
+        // not change its mind: said at once as a configuration error (exit
+        // code 3), not after minutes of retries.
+        if let Error::Storage { source, .. } = &e
+            && matches!(
+                source.kind(),
+                opendal::ErrorKind::ConfigInvalid | opendal::ErrorKind::PermissionDenied
+            )
+        {
+            return Err(Error::Config(format!(
+                "the storage refuses this configuration: {e} (check the bucket, its \
+                 credentials and the endpoint in [storage])"
+            )));
+        }
         attempt += 1;
         tracing::warn!(error = %e, attempt, "storage not reachable yet");
         if attempt >= 30 {
