@@ -580,6 +580,49 @@ fn a_missing_bucket_is_a_configuration_error_at_once() {
     );
 }
 
+/// A daemon waiting for its storage (unreachable at start) answers its
+/// health checks meanwhile: `/livez` ok (a liveness probe does not kill
+/// it), `/readyz` "starting".
+#[test]
+fn a_daemon_waiting_for_its_storage_answers_health_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestAgent::init(&tmp.path().join("a"));
+    let creds = a.dir.join("s3.env");
+    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
+    a.set_storage(&format!(
+        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\n",
+        creds.display(),
+        free_port()
+    ));
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config", a.cfg()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let live = loop {
+        if let Ok(r) = http_get(&a.metrics_addr, "/livez")
+            && !r.is_empty()
+        {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no answer on /livez");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ready = http_get(&a.metrics_addr, "/readyz").unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        live.starts_with("HTTP/1.1 200") || live.starts_with("HTTP/1.0 200"),
+        "{live}"
+    );
+    assert!(
+        ready.contains(" 503 ") && ready.contains("starting"),
+        "{ready}"
+    );
+}
+
 /// Guarantee: a fetch into S3 that fails halfway through a multipart
 /// upload aborts it: no parts stay in the bucket, unseen and billed.
 #[test]

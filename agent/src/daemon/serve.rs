@@ -20,13 +20,21 @@ use crate::node::{Agent, AgentOptions, AgentTrust, tuning};
 use crate::{store, wire};
 
 /// `/metrics`, `/livez` and `/readyz`.
-pub fn metrics_router(agent: Arc<Agent>, ready: Arc<AtomicBool>) -> Router {
+///
+/// Served from the start, before the agent is open (`agent` is set then):
+/// while the daemon waits for its storage, `/livez` answers and `/readyz`
+/// says "starting" (a liveness probe does not kill a pod that waits for a
+/// bucket), and `/metrics` is empty.
+pub fn metrics_router(
+    agent: Arc<std::sync::OnceLock<Arc<Agent>>>,
+    ready: Arc<AtomicBool>,
+) -> Router {
     Router::new()
         .route(
             "/metrics",
             get(move || {
-                let a = agent.clone();
-                async move { a.metrics.render() }
+                let a = agent.get().cloned();
+                async move { a.map(|a| a.metrics.render()).unwrap_or_default() }
             }),
         )
         .route("/livez", get(|| async { "ok" }))
@@ -107,14 +115,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
 
     let peer_listener = bind(&cfg.listen, "peer listener").await?;
     let admin_listener = bind(&cfg.admin_listen, "admin API").await?;
-    // Bound now with the others, though served only once the agent is open:
-    // a port taken is reported at once, and no connection this daemon opens
-    // while it starts (to its storage, its repositories) can be given the
-    // port as its local one in between.
+    // Bound now with the others: a port taken is reported at once, and no
+    // connection this daemon opens while it starts (to its storage, its
+    // repositories) can be given the port as its local one in between.
     let metrics_listener = match cfg.metrics_listen.is_empty() {
         true => None,
         false => Some(bind(&cfg.metrics_listen, "metrics endpoint").await?),
     };
+    // Health answers from now on; metrics once the agent is open.
+    let opened: Arc<std::sync::OnceLock<Arc<Agent>>> = Arc::default();
+    if let Some(l) = metrics_listener {
+        let r = metrics_router(opened.clone(), ready.clone());
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(CappedListener::new(l, HttpLimits::from_env()), r)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await;
+        });
+    }
     let peer_addr: SocketAddr = peer_listener
         .local_addr()
         .context(|| "peer address".into())?;
@@ -224,15 +242,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             .with_graceful_shutdown(sd.cancelled_owned())
             .await;
     });
-    if let Some(l) = metrics_listener {
-        let r = metrics_router(agent.clone(), ready.clone());
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(CappedListener::new(l, HttpLimits::from_env()), r)
-                .with_graceful_shutdown(sd.cancelled_owned())
-                .await;
-        });
-    }
+    let _ = opened.set(agent.clone());
     let resumed = agent.resume_fetches().await?;
     ready.store(true, Ordering::SeqCst);
     tracing::info!(
