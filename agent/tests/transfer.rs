@@ -554,6 +554,17 @@ fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with
+/// credentials in a file as a deployment would have them.
+fn use_s3(a: &TestAgent, endpoint: &str, bucket: &str, root: &str) {
+    let creds = a.dir.join("s3.env");
+    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
+    a.set_storage(&format!(
+        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nroot = \"/{root}/\"\n",
+        creds.display()
+    ));
+}
+
 /// A bucket that does not exist is a configuration error said at once
 /// (exit code 3), not minutes of retries with the ports bound and silent.
 #[test]
@@ -564,13 +575,7 @@ fn a_missing_bucket_is_a_configuration_error_at_once() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let a = TestAgent::init(&tmp.path().join("a"));
-    let creds = a.dir.join("s3.env");
-    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
-    a.set_storage(&format!(
-        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"no-such-bucket-{}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n",
-        creds.display(),
-        now_ms()
-    ));
+    use_s3(&a, &endpoint, &format!("no-such-bucket-{}", now_ms()), "a");
     let out = cli(&["run", "--config", a.cfg()]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{said}");
@@ -587,13 +592,7 @@ fn a_missing_bucket_is_a_configuration_error_at_once() {
 fn a_daemon_waiting_for_its_storage_answers_health_checks() {
     let tmp = tempfile::tempdir().unwrap();
     let a = TestAgent::init(&tmp.path().join("a"));
-    let creds = a.dir.join("s3.env");
-    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
-    a.set_storage(&format!(
-        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\n",
-        creds.display(),
-        free_port()
-    ));
+    use_s3(&a, &format!("http://127.0.0.1:{}", free_port()), "b", "a");
     let mut child = std::process::Command::new(BIN)
         .args(["run", "--config", a.cfg()])
         .stdout(std::process::Stdio::null())
@@ -636,12 +635,7 @@ fn a_failed_fetch_into_s3_leaves_no_multipart_upload_behind() {
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
     let mut bob = TestAgent::init(&tmp.path().join("bob"));
     let prefix = format!("mpu-{}", now_ms());
-    let creds = bob.dir.join("s3.env");
-    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
-    bob.set_storage(&format!(
-        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nroot = \"/{prefix}/\"\n",
-        creds.display()
-    ));
+    use_s3(&bob, &endpoint, &bucket, &prefix);
     bob.env
         .push(("CARAVAN_STREAMED_PUT_MAX_BYTES".into(), "0".into()));
     let src = alice.data().join("big");
@@ -773,12 +767,7 @@ fn s3_storage_end_to_end() {
     let mut bob = TestAgent::init(&tmp.path().join("bob"));
     let run = now_ms();
     for (a, name) in [(&alice, "alice"), (&bob, "bob")] {
-        let creds = a.dir.join("s3.env");
-        std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
-        a.set_storage(&format!(
-            "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nroot = \"/{name}-{run}/\"\n",
-            creds.display()
-        ));
+        use_s3(a, &endpoint, &bucket, &format!("{name}-{run}"));
     }
     // put alice's files into her bucket prefix through the CLI-less path: OpenDAL directly
     let local = tmp.path().join("src");
