@@ -434,7 +434,14 @@ impl Sink {
         let what = || format!("finishing {path}");
         match self {
             Sink::Dal(mut w) => match w.0.take() {
-                Some(mut u) => u.close().await.map(|_| None).context(what),
+                Some(mut u) => match u.close().await {
+                    Ok(_) => Ok(None),
+                    // Not completed: its parts go too (as a dropped one's).
+                    Err(e) => {
+                        let _ = u.abort().await;
+                        Err(e).context(what)
+                    }
+                },
                 None => Ok(None),
             },
             Sink::Put(p) => p.close().await.map(|()| None).context(what),
@@ -445,7 +452,8 @@ impl Sink {
 
 /// An object store's upload of one file (OpenDAL's writer: a multipart
 /// upload for a big file). One dropped before it was closed (the fetch
-/// failed, a peer went away, the fetch was given up) is aborted, so a
+/// failed, a peer went away, the fetch was given up), or whose completion
+/// failed, is aborted, so a
 /// multipart upload's parts do not stay in the bucket, unseen and billed,
 /// until a lifecycle rule removes them.
 struct Upload(Option<opendal::Writer>);
