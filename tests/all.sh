@@ -45,6 +45,9 @@ fi
 say "formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The agent's light part alone, as the operator uses it (in the workspace
+# build the operator's crate gets the agent's default `node` feature too).
+cargo clippy -p caravan-agent --no-default-features --lib --quiet -- -D warnings
 SUMMARY+=("fmt + clippy: clean")
 
 say "storage servers on loopback: S3 (moto; s3s-fs, which checks signatures), Azure Blob (Azurite), GCS (fake-gcs-server), WebDAV (rclone)"

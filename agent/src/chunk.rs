@@ -222,6 +222,7 @@ pub struct Sealed {
 
 impl Sealed {
     /// Ciphertext whose hash was computed on exactly these bytes.
+    #[cfg(feature = "node")]
     pub(crate) fn hashed(bytes: Vec<u8>, hash: blake3::Hash) -> Self {
         Sealed {
             bytes,
@@ -331,6 +332,7 @@ impl Verified {
     /// A copy, for a chunk a share lists more than once
     /// (`node/fetch/repeats.rs`): still exactly the bytes that hashed to
     /// the id.
+    #[cfg(feature = "node")]
     pub(crate) fn duplicate(&self) -> Verified {
         Verified {
             r: self.r,
@@ -358,6 +360,7 @@ pub fn open(r: &ChunkRef, ciphertext: impl Into<Sealed>) -> Result<Vec<u8>> {
     verify(r, ciphertext)?.open()
 }
 
+#[cfg(feature = "node")]
 /// The complete chunks at the start of `block`, as zero-copy slices. Unless
 /// `eof`, the last cut is dropped when it may be an artefact of where the
 /// block ends (it did not reach [`MAX_CUT`]): the caller reads the next block
@@ -373,6 +376,7 @@ pub fn cut_block(block: &bytes::Bytes, eof: bool) -> Vec<bytes::Bytes> {
         .collect()
 }
 
+#[cfg(feature = "node")]
 /// The lengths of the complete chunks at the start of `block`, by the same
 /// rule as [`cut_block`].
 pub fn cut_lengths(block: &[u8], eof: bool) -> Vec<usize> {
@@ -385,6 +389,7 @@ pub fn cut_lengths(block: &[u8], eof: bool) -> Vec<usize> {
         .collect()
 }
 
+#[cfg(feature = "node")]
 /// Cut points of a whole in-memory buffer (offset, length).
 pub fn cut_points(data: &[u8]) -> Vec<(usize, usize)> {
     static CUTTER: std::sync::OnceLock<crate::cdc::Cutter> = std::sync::OnceLock::new();

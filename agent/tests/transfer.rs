@@ -587,7 +587,8 @@ fn a_missing_bucket_is_a_configuration_error_at_once() {
 
 /// A daemon waiting for its storage (unreachable at start) answers its
 /// health checks meanwhile: `/livez` ok (a liveness probe does not kill
-/// it), `/readyz` "starting".
+/// it), `/readyz` "starting"; its admin API says "starting" and what it
+/// waits for to a caller with the token, and nothing to one without.
 #[test]
 fn a_daemon_waiting_for_its_storage_answers_health_checks() {
     let tmp = tempfile::tempdir().unwrap();
@@ -610,8 +611,33 @@ fn a_daemon_waiting_for_its_storage_answers_health_checks() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let ready = http_get(&a.metrics_addr, "/readyz").unwrap_or_default();
+    // The admin API answers too, at once: "starting", and why (exit code 4,
+    // as for a daemon not running), instead of a connection nobody answers.
+    let started = Instant::now();
+    let status = cli(&["status", "--config", a.cfg()]);
+    let status_secs = started.elapsed().as_secs_f64();
+    // Without the token, nothing of it (the storage's error names its
+    // endpoint).
+    let admin = std::fs::read_to_string(&a.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("admin_listen = \""))
+        .map(|l| l.trim_end_matches('"').to_string())
+        .unwrap();
+    let stranger = http_get(&admin, "/v1/status").unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("is not ready: the agent is starting: waiting for its storage"),
+        "{err}"
+    );
+    assert!(status_secs < 30.0, "status took {status_secs} s");
+    assert!(
+        stranger.contains(" 401 ") && !stranger.contains("storage"),
+        "{stranger}"
+    );
     assert!(
         live.starts_with("HTTP/1.1 200") || live.starts_with("HTTP/1.0 200"),
         "{live}"

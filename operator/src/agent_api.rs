@@ -214,6 +214,9 @@ pub fn check(code: u16, body: &[u8]) -> Result<(), CallError> {
     let message = bounded(message.trim());
     if (400..500).contains(&code) {
         Err(CallError::Refused { code, message })
+    } else if code == 503 {
+        // The agent is starting (waiting for its storage): not there yet.
+        Err(CallError::Unreachable(message))
     } else {
         Err(CallError::Agent(format!("HTTP {code}: {message}")))
     }
@@ -302,6 +305,15 @@ mod tests {
             })
         );
         assert!(matches!(check(502, b"gateway"), Err(CallError::Agent(m)) if m.contains("502")));
+        assert_eq!(
+            check(
+                503,
+                br#"{"error":"the agent is starting: waiting for its storage"}"#
+            ),
+            Err(CallError::Unreachable(
+                "the agent is starting: waiting for its storage".into()
+            ))
+        );
     }
 
     #[test]

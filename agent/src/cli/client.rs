@@ -53,6 +53,14 @@ impl Admin {
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
         Err(if status.is_client_error() {
             Exit::Config(anyhow!("{msg}")).into()
+        } else if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            // Starting (waiting for its storage): not there yet, like a
+            // daemon not running, and said why.
+            Exit::Unreachable(anyhow!(
+                "the agent daemon at {} is not ready: {msg}",
+                self.base
+            ))
+            .into()
         } else {
             anyhow!("the daemon failed: {msg}")
         })

@@ -83,12 +83,17 @@ struct AdminState {
 pub const MAX_BODY: usize = 256 * 1024;
 
 fn check_token(state: &AdminState, headers: &HeaderMap) -> std::result::Result<(), ApiFailure> {
+    check_bearer(&state.token, headers)
+}
+
+/// Compares the bearer token in constant time.
+fn check_bearer(token: &str, headers: &HeaderMap) -> std::result::Result<(), ApiFailure> {
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let want = state.token.as_bytes();
+    let want = token.as_bytes();
     let ok = given.len() == want.len()
         && given
             .bytes()
@@ -102,6 +107,72 @@ fn check_token(state: &AdminState, headers: &HeaderMap) -> std::result::Result<(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token".into(),
         ))
+    }
+}
+
+/// The admin API from the moment its port is bound, before the agent is
+/// open: until [`AdminGate::open`], a caller with the token gets `503` and
+/// what the daemon waits for (its storage, with the last error), at once,
+/// instead of a connection nobody answers (`caravan-agent status` hung for
+/// as long as the storage was unreachable); then every request goes to the
+/// admin router.
+#[derive(Clone)]
+pub struct AdminGate {
+    token: Arc<String>,
+    open: Arc<std::sync::OnceLock<Router>>,
+    waiting: Arc<std::sync::Mutex<String>>,
+}
+
+impl AdminGate {
+    /// A gate answering "starting" to callers with `token`.
+    pub fn new(token: String) -> AdminGate {
+        AdminGate {
+            token: Arc::new(token),
+            open: Arc::default(),
+            waiting: Arc::new(std::sync::Mutex::new(
+                "waiting for its storage to answer".into(),
+            )),
+        }
+    }
+
+    /// What the daemon waits for now (said to callers with the token).
+    pub fn waiting(&self, what: String) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = what;
+        }
+    }
+
+    /// From now on every request goes to `router`.
+    pub fn open(&self, router: Router) {
+        let _ = self.open.set(router);
+    }
+
+    /// The router to serve on the admin port.
+    pub fn router(&self) -> Router {
+        let gate = self.clone();
+        Router::new().fallback(move |req: axum::extract::Request| {
+            let gate = gate.clone();
+            async move { gate.answer(req).await }
+        })
+    }
+
+    async fn answer(&self, req: axum::extract::Request) -> Response {
+        use tower::ServiceExt;
+        if let Some(r) = self.open.get() {
+            return match r.clone().oneshot(req).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            };
+        }
+        if let Err(e) = check_bearer(&self.token, req.headers()) {
+            return e.into_response();
+        }
+        let what = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
+        ApiFailure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent is starting: {what}"),
+        )
+        .into_response()
     }
 }
 

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::conn_limits::{CappedListener, HttpLimits};
-use crate::daemon::admin::admin_router_with;
+use crate::daemon::admin::{AdminGate, admin_router_with};
 use crate::error::{Context, Error, Result};
 use crate::identity::SecretKey;
 use crate::node::{Agent, AgentOptions, AgentTrust, tuning};
@@ -122,7 +122,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         true => None,
         false => Some(bind(&cfg.metrics_listen, "metrics endpoint").await?),
     };
-    // Health answers from now on; metrics once the agent is open.
+    // The admin API answers from now on ("starting" until the agent is
+    // open), health too; metrics once the agent is open.
+    let gate = AdminGate::new(token.clone());
+    {
+        let router = gate.router();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            // Caps, but no idle cut: a publish is answered when its pass ends.
+            let limits = HttpLimits {
+                idle: None,
+                ..HttpLimits::from_env()
+            };
+            let capped = CappedListener::new(admin_listener, limits);
+            let _ = axum::serve(capped, router)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await;
+        });
+    }
     let opened: Arc<std::sync::OnceLock<Arc<Agent>>> = Arc::default();
     if let Some(l) = metrics_listener {
         let r = metrics_router(opened.clone(), ready.clone());
@@ -162,6 +179,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         }
         attempt += 1;
         tracing::warn!(error = %e, attempt, "storage not reachable yet");
+        gate.waiting(format!(
+            "waiting for its storage, not reachable yet (attempt {attempt} of 30): {e}"
+        ));
         if attempt >= 30 {
             return Err(e);
         }
@@ -171,6 +191,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         }
         delay = (delay * 2).min(std::time::Duration::from_secs(10));
     }
+    gate.waiting("loading its state from the storage".into());
     let fs_root = (cfg.storage.scheme == "fs")
         .then(|| {
             cfg.storage
@@ -229,19 +250,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         shutdown.clone(),
     ));
     let declared = crate::node::Declarations::open(agent.clone(), shutdown.clone()).await?;
-    let admin = admin_router_with(agent.clone(), token, Some(declared));
-    let sd = shutdown.clone();
-    tokio::spawn(async move {
-        // Caps, but no idle cut: a publish is answered when its pass ends.
-        let limits = HttpLimits {
-            idle: None,
-            ..HttpLimits::from_env()
-        };
-        let capped = CappedListener::new(admin_listener, limits);
-        let _ = axum::serve(capped, admin)
-            .with_graceful_shutdown(sd.cancelled_owned())
-            .await;
-    });
+    gate.open(admin_router_with(agent.clone(), token, Some(declared)));
     let _ = opened.set(agent.clone());
     let resumed = agent.resume_fetches().await?;
     ready.store(true, Ordering::SeqCst);
