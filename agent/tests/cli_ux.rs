@@ -173,3 +173,32 @@ fn help_documents_config_and_completions_are_printed() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("caravan-agent"));
     }
 }
+
+/// Guarantee: output into a pipe whose reader went away (`… | head -1`)
+/// ends the command quietly with exit code 0, never a panic and a
+/// backtrace.
+#[test]
+fn a_closed_pipe_on_stdout_is_not_a_panic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a");
+    let made = run(tmp.path(), &[], &["init", "--dir", dir.to_str().unwrap()]);
+    assert!(made.status.success(), "{}", stderr(&made));
+    let cfg = dir.join("agent.toml");
+    for args in [
+        vec!["id", "--config", cfg.to_str().unwrap()],
+        vec!["completion", "bash"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .env("HOME", tmp.path())
+            .args(&args)
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -3,6 +3,17 @@
 //! 0 success, 1 failure, 2 bad usage, 3 bad configuration or input,
 //! 4 daemon unreachable, 5 transfer or verification failed.
 
+/// `println!` for the commands' standard output. A reader that went away
+/// (`caravan-agent publish --json | head -1`) ends the command quietly with
+/// exit code 0, as `cat` or ripgrep do, instead of a panic and a backtrace;
+/// the daemon's side of the work goes on (a publish's pass runs on its own
+/// task).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::print_line(format_args!($($arg)*))
+    };
+}
+
 mod args;
 mod client;
 mod demo;
@@ -22,6 +33,24 @@ use exit::Exit;
 use setup::{init, keygen, load_config, run, wait_for_signal};
 
 use caravan_agent::daemon;
+
+/// Writes one line to standard output (see [`out!`]).
+pub(crate) fn print_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    let written = o
+        .write_fmt(args)
+        .and_then(|()| o.write_all(b"\n"))
+        .and_then(|()| o.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1)
+        }
+    }
+}
 
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -143,7 +172,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
                 (_, Some(k)) => daemon::read_identity(&k)?,
                 _ => bail!("give --config or --identity"),
             };
-            println!("{}", key.agent_id());
+            out!("{}", key.agent_id());
             Ok(())
         }
         Command::Run { config } => run(&config).await,

@@ -21,7 +21,7 @@ pub(crate) fn keygen(out: &std::path::Path, force: bool) -> Result<()> {
     }
     let key = SecretKey::generate()?;
     write_private(out, key.to_text().as_bytes())?;
-    println!("{}", key.agent_id());
+    out!("{}", key.agent_id());
     Ok(())
 }
 
@@ -76,7 +76,7 @@ pub(crate) fn init(
     };
     cfg.validate().map_err(|e| Exit::Config(anyhow!(e)))?;
     std::fs::write(dir.join("agent.toml"), cfg.to_toml()?).with_context(|| "writing agent.toml")?;
-    println!("{}", key.agent_id());
+    out!("{}", key.agent_id());
     eprintln!(
         "agent created in {}: run it with `caravan-agent run --config {}`",
         dir.display(),

@@ -65,9 +65,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                         if started.is_none() {
                             started = v["share_id"].as_str().map(String::from);
                         }
-                        println!("{}", serde_json::to_string(&v)?);
-                        use std::io::Write as _;
-                        std::io::stdout().flush()?;
+                        out!("{}", serde_json::to_string(&v)?);
                         Ok(())
                     })
                     .await
@@ -95,9 +93,9 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             })?;
             spinner.finish_and_clear();
             if json {
-                println!("{}", serde_json::to_string_pretty(&res)?);
+                out!("{}", serde_json::to_string_pretty(&res)?);
             } else {
-                println!(
+                out!(
                     "published share {} version {}: {} files, {}, {} chunks in {:.2}s",
                     res.share_id,
                     res.seq,
@@ -107,19 +105,19 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     res.seconds
                 );
                 if res.skipped.total > 0 {
-                    println!(
+                    out!(
                         "left out {} entries (a share carries regular files and folders with UTF-8 names):",
                         res.skipped.total
                     );
                     for s in &res.skipped.first {
-                        println!("  {:?}: {}", s.path, s.reason.says());
+                        out!("  {:?}: {}", s.path, s.reason.says());
                     }
                     if res.skipped.total > res.skipped.first.len() as u64 {
-                        println!("  … the agent's log names every one");
+                        out!("  … the agent's log names every one");
                     }
                 }
                 if let Some(seed) = &res.seed {
-                    println!(
+                    out!(
                         "seeded offline: {} chunks staged, {} already there, {} URLs valid until unix {} (record in {} repositories)",
                         seed.staged,
                         seed.reused,
@@ -129,7 +127,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     );
                 }
                 for (who, ticket) in &res.tickets {
-                    println!("\nticket for {who}:\n{ticket}");
+                    out!("\nticket for {who}:\n{ticket}");
                 }
             }
             Ok(())
@@ -153,9 +151,9 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     "recipient": to.to_string(),
                     "ticket": res.ticket,
                 });
-                println!("{v}");
+                out!("{v}");
             } else {
-                println!("{}", res.ticket);
+                out!("{}", res.ticket);
             }
             Ok(())
         }
@@ -181,9 +179,10 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 )
                 .await?;
             if detach {
-                println!(
+                out!(
                     "fetching share {} into {:?} in the background",
-                    started.share_id, started.dest
+                    started.share_id,
+                    started.dest
                 );
                 return Ok(());
             }
@@ -209,7 +208,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     None => json || t0.elapsed() >= every,
                 };
                 if json && due && !finished {
-                    println!("{}", tagged("status", &s)?);
+                    out!("{}", tagged("status", &s)?);
                     last_report = Some(std::time::Instant::now());
                 } else if plain && due && !finished {
                     eprintln!("{}", progress_line(&s, t0.elapsed().as_secs_f64()));
@@ -223,7 +222,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             };
             bar.finish_and_clear();
             if json {
-                println!("{}", tagged("summary", &last)?);
+                out!("{}", tagged("summary", &last)?);
             }
             if last.state == FetchState::Failed {
                 return Err(Exit::Transfer(anyhow!(
@@ -233,7 +232,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 .into());
             }
             if !json {
-                println!(
+                out!(
                     "fetched share {} version {} into {:?}: {} files, {} ({} chunks downloaded, {} reused locally) in {:.2}s, {}",
                     last.share_id,
                     last.seq,
@@ -251,20 +250,29 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
         Command::Status { config, json } => {
             let s: Status = Admin::from_config(&config)?.get(api::STATUS).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                out!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("agent {} (caravan {})", s.agent_id, s.version);
-                println!("advertised at: {}", s.advertise.join(", "));
+                out!("agent {} (caravan {})", s.agent_id, s.version);
+                out!("advertised at: {}", s.advertise.join(", "));
                 for sh in &s.shares {
-                    println!(
+                    out!(
                         "  {:?} {} v{}: {} files, {} bytes in {:?}",
-                        sh.role, sh.share_id, sh.seq, sh.files, sh.bytes, sh.root
+                        sh.role,
+                        sh.share_id,
+                        sh.seq,
+                        sh.files,
+                        sh.bytes,
+                        sh.root
                     );
                 }
                 for f in &s.fetches {
-                    println!(
+                    out!(
                         "  fetch {} -> {:?}: {:?} {}/{} bytes",
-                        f.share_id, f.dest, f.state, f.bytes_done, f.bytes_total
+                        f.share_id,
+                        f.dest,
+                        f.state,
+                        f.bytes_done,
+                        f.bytes_total
                     );
                 }
             }
@@ -279,12 +287,12 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 .get(&api::share_peers(&share.to_string()))
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&peers)?);
+                out!("{}", serde_json::to_string_pretty(&peers)?);
             } else if peers.is_empty() {
-                println!("no repository knows a peer holding share {share}");
+                out!("no repository knows a peer holding share {share}");
             } else {
                 for p in &peers {
-                    println!("{}  {}", p.agent_id, p.addresses.join(", "));
+                    out!("{}  {}", p.agent_id, p.addresses.join(", "));
                 }
             }
             Ok(())

@@ -32,9 +32,9 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 )
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&g)?);
+                out!("{}", serde_json::to_string_pretty(&g)?);
             } else {
-                println!(
+                out!(
                     "granted {} depth {} until {} (grant {}); published to {}",
                     g.subject,
                     g.depth,
@@ -65,10 +65,10 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 )
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                out!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 for id in &r.revoked {
-                    println!("revoked grant {id}");
+                    out!("revoked grant {id}");
                 }
             }
             Ok(())
@@ -76,11 +76,11 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
         TrustCommand::List { config, json } => {
             let l: TrustListing = Admin::from_config(&config)?.get(api::TRUST).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&l)?);
+                out!("{}", serde_json::to_string_pretty(&l)?);
             } else {
-                println!("grants issued by {}:", l.agent_id);
+                out!("grants issued by {}:", l.agent_id);
                 for g in &l.issued {
-                    println!(
+                    out!(
                         "  {} -> {} depth {}{}{} (grant {})",
                         g.issuer.short(),
                         g.subject,
@@ -93,7 +93,7 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                         g.grant_id
                     );
                 }
-                println!("\ntrust tree:\n{}", l.tree);
+                out!("\ntrust tree:\n{}", l.tree);
             }
             Ok(())
         }
@@ -106,14 +106,14 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 .get(&api::trust_why(&agent.to_string()))
                 .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&w)?);
+                out!("{}", serde_json::to_string_pretty(&w)?);
             } else if w.trusted {
-                println!("trusted through {} grant(s):", w.chain.len());
+                out!("trusted through {} grant(s):", w.chain.len());
                 for hop in &w.chain {
-                    println!("  {hop}");
+                    out!("  {hop}");
                 }
             } else {
-                println!(
+                out!(
                     "not trusted: {}",
                     w.reason.clone().unwrap_or_else(|| "no chain".into())
                 );

@@ -30,31 +30,31 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 .await
                 .map_err(|e| Exit::Transfer(anyhow!(e)))?;
             if json {
-                println!("{}", serde_json::to_string(&r)?);
+                out!("{}", serde_json::to_string(&r)?);
             } else {
                 for (name, id) in &r.agents {
-                    println!("{name:>5} = {id}");
+                    out!("{name:>5} = {id}");
                 }
-                println!(
+                out!(
                     "\ntrust tree of alice (depth 3) before the revocation:\n{}",
                     r.tree_before
                 );
-                println!("after alice revoked alice→bob:\n{}", r.tree_after);
-                println!("refused: {}", r.pruned.join(", "));
+                out!("after alice revoked alice→bob:\n{}", r.tree_after);
+                out!("refused: {}", r.pruned.join(", "));
                 for line in &r.refusals {
-                    println!("  {line}");
+                    out!("  {line}");
                 }
-                println!(
+                out!(
                     "still fetching version {}: {}",
                     r.second_version,
                     r.kept.join(", ")
                 );
-                println!(
+                out!(
                     "version {} uses a fresh share key: {}",
                     r.second_version,
                     if r.fresh_key { "yes" } else { "NO" }
                 );
-                println!(
+                out!(
                     "first refusal {:.3}s after the revocation; every fetched byte verified: {}",
                     r.revocation_seconds,
                     if r.verified { "yes" } else { "NO" }
@@ -187,18 +187,18 @@ async fn run_offline(
     })?;
     bar.finish_and_clear();
     if json {
-        println!("{}", serde_json::to_string(&r)?);
+        out!("{}", serde_json::to_string(&r)?);
     } else {
-        println!("publisher {} (stopped before the fetch)", r.publisher);
-        println!("recipient {}", r.recipient);
-        println!(
+        out!("publisher {} (stopped before the fetch)", r.publisher);
+        out!("recipient {}", r.recipient);
+        out!(
             "published {} files ({}, {} chunks staged in the bucket) in {:.2}s",
             r.files,
             crate::cli::human::bytes(r.bytes),
             r.chunks,
             r.publish_seconds
         );
-        println!(
+        out!(
             "fetched from presigned URLs in {:.2}s = {}; publisher running: {}; live peers: {}; every byte verified: {}",
             r.seconds,
             crate::cli::human::rate(r.bytes, r.seconds),
@@ -220,12 +220,12 @@ async fn run_offline(
 
 pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(r)?);
+        out!("{}", serde_json::to_string(r)?);
         return Ok(());
     }
-    println!("publisher {}", r.publisher);
-    println!("recipient {}", r.recipient);
-    println!(
+    out!("publisher {}", r.publisher);
+    out!("recipient {}", r.recipient);
+    out!(
         "published {} {} ({}, {} chunks): the pass took {:.2}s, the fetch following it",
         r.files,
         if r.files == 1 { "file" } else { "files" },
@@ -235,7 +235,7 @@ pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
     );
     // One rate, one unit: end to end (publish start to the last file in
     // place), in MiB/s.
-    println!(
+    out!(
         "end to end {:.2}s = {}; {} on the wire; every byte verified: {}",
         r.seconds,
         crate::cli::human::rate(r.bytes, r.seconds),
@@ -246,13 +246,13 @@ pub(crate) fn print_demo(r: &DemoReport, json: bool) -> Result<()> {
         // Per GiB only where the payload, not the set-up, is the cost.
         let gib = r.bytes as f64 / (1u64 << 30) as f64;
         if r.bytes >= 64 << 20 {
-            println!("CPU, both agents: {cpu:.2} s ({:.2} s per GiB)", cpu / gib);
+            out!("CPU, both agents: {cpu:.2} s ({:.2} s per GiB)", cpu / gib);
         } else {
-            println!("CPU, both agents: {cpu:.2} s");
+            out!("CPU, both agents: {cpu:.2} s");
         }
     }
     if let Some(k) = &r.kept_in {
-        println!("storages kept in {k}");
+        out!("storages kept in {k}");
     }
     Ok(())
 }
