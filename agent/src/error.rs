@@ -37,6 +37,11 @@ pub enum Error {
     /// The peer protocol was violated or a peer answered with an error.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// No peer holding a share could be reached (or every one went away):
+    /// said with the addresses tried and how to go on, not as a protocol
+    /// fault. A transfer failure (CLI exit code 5), retried by a later fetch.
+    #[error("{0}")]
+    Unreachable(String),
     /// The thing asked for does not exist (or the asker may not know it does).
     #[error("not found: {0}")]
     NotFound(String),

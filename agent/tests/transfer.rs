@@ -554,6 +554,37 @@ fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// A fetch whose publisher is down at first contact fails at once (exit
+/// code 5) naming the address tried and how to go on, not as a "protocol
+/// error"; the same ticket fetches fine once the publisher is back.
+#[test]
+fn a_fetch_whose_publisher_is_down_says_so_and_works_once_it_is_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"hello").unwrap();
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    alice.kill9();
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "got"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(
+        said.contains("no peer reachable")
+            && said.contains(&alice.peer_addr)
+            && said.contains("fetch the same ticket again")
+            && !said.contains("protocol error"),
+        "{said}"
+    );
+    alice.start();
+    let done = fetch(&bob, &tickets[0], "got", &[]);
+    assert_eq!(done["state"], "done", "{done}");
+    assert_same_tree(&src, &bob.data().join("got"));
+}
+
 /// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with
 /// credentials in a file as a deployment would have them.
 fn use_s3(a: &TestAgent, endpoint: &str, bucket: &str, root: &str) {

@@ -189,6 +189,7 @@ pub fn reason_of(e: &Error, had_version: bool) -> &'static str {
         Error::Rejected(_) => reasons::INVALID_SPEC,
         // "no peer reachable … Connection refused" is a closed port (a
         // publisher that stopped or sleeps), not a refusal by the publisher.
+        Error::Unreachable(_) => reasons::PUBLISHER_UNREACHABLE,
         _ if text.contains("no peer reachable") || text.contains("not reachable") => {
             reasons::PUBLISHER_UNREACHABLE
         }
@@ -872,8 +873,9 @@ mod tests {
 
     #[test]
     fn a_closed_port_is_unreachable_not_revoked() {
-        let closed = Error::Protocol(
-            "no peer reachable for share x (10.0.0.1:7400: Connection refused (os error 111))"
+        let closed = Error::Unreachable(
+            "no peer reachable for share x (10.0.0.1:7400: Connection refused (os error 111)): \
+             its publisher and any other holder are offline"
                 .into(),
         );
         assert_eq!(reason_of(&closed, true), reasons::PUBLISHER_UNREACHABLE);

@@ -90,8 +90,10 @@ impl Swarm {
         }
         if conns.is_empty() && seed.is_none() {
             errors.dedup();
-            return Err(Error::Protocol(format!(
-                "no peer reachable for share {share}{}",
+            return Err(Error::Unreachable(format!(
+                "no peer reachable for share {share}{}: its publisher and any other \
+                 holder are offline or cannot be reached from here; fetch the same \
+                 ticket again once one is up",
                 if errors.is_empty() {
                     String::new()
                 } else {
@@ -302,7 +304,7 @@ impl Swarm {
             // Every connection closed and none came back: say so, and how
             // to go on, rather than the last socket error alone.
             Some(e) if lost && !matches!(e, Error::CorruptChunk { .. }) => {
-                Err(Error::Protocol(format!(
+                Err(Error::Unreachable(format!(
                     "chunk {}: every peer holding the share went away and none came back after \
                      {REVIVALS} rounds of redialling (last: {e}); fetch the same ticket again \
                      to continue, verified chunks are kept",
