@@ -79,16 +79,58 @@ fn merged_options(cfg: &StorageConfig) -> Result<BTreeMap<String, String>> {
     Ok(options)
 }
 
-/// Opens a local folder as storage (`fs` rooted at `root`): the demo's
-/// agents and tests.
+/// Opens a local folder as storage (`fs` rooted at `root`, the state in
+/// `.caravan/`): the demo's agents and tests.
 pub fn open_local(root: &Path) -> Result<Operator> {
     let mut options = BTreeMap::new();
     options.insert("root".to_string(), root.display().to_string());
-    open(&StorageConfig {
-        scheme: "fs".into(),
-        options,
-        credentials: None,
-    })
+    open_agent_storage(
+        &StorageConfig {
+            scheme: "fs".into(),
+            options,
+            credentials: None,
+        },
+        crate::config::DEFAULT_STATE_PREFIX,
+    )
+}
+
+/// The folder, under the agent's state, where `fs` writes go before they
+/// are renamed into place.
+const ATOMIC_WRITE_DIR: &str = "tmp";
+
+/// Opens an agent's storage, its state under `state_prefix`.
+///
+/// On `fs` storage every write through the operator (the agent's state:
+/// manifests, share records, fetch and publish records, grants) goes to a
+/// temporary file in `<state_prefix>tmp/`, is synced, and is renamed over
+/// its target (OpenDAL's `atomic_write_dir`). A full disk or a crash in the
+/// middle of a write leaves the previous version whole: written in place,
+/// a new version's manifest that did not fit left the old one truncated
+/// and the share lost for good at the next start. Object stores put an
+/// object whole or not at all. A fetch's files are written by
+/// `node::fetch` itself (part file, sync, rename). What an interrupted
+/// write left in that folder is removed here: the agent opens its storage
+/// once, before anything writes.
+pub fn open_agent_storage(cfg: &StorageConfig, state_prefix: &str) -> Result<Operator> {
+    let mut cfg = cfg.clone();
+    if cfg.scheme == "fs"
+        && !cfg.options.contains_key("atomic_write_dir")
+        && let Some(root) = cfg.options.get("root").cloned()
+    {
+        let dir = Path::new(&root)
+            .join(state_prefix.trim_matches('/'))
+            .join(ATOMIC_WRITE_DIR);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        cfg.options
+            .insert("atomic_write_dir".into(), dir.display().to_string());
+    }
+    open(&cfg)
 }
 
 /// Opens the user's storage. Options named in the config are merged with the

@@ -585,6 +585,135 @@ fn a_fetch_whose_publisher_is_down_says_so_and_works_once_it_is_up() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// A small tmpfs, unmounted when dropped (the tests run as root in CI).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        if !rustix::process::geteuid().is_root() {
+            return None;
+        }
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(at.to_path_buf()))
+    }
+
+    /// Fills it up to `leave` free bytes.
+    fn fill(&self, leave: u64) -> std::path::PathBuf {
+        let st = rustix::fs::statvfs(&self.0).unwrap();
+        let free = st.f_bavail * st.f_frsize;
+        let filler = self.0.join("filler");
+        let f = std::fs::File::create(&filler).unwrap();
+        f.set_len(free.saturating_sub(leave)).unwrap();
+        // tmpfs allocates on write, not on set_len.
+        let mut f = std::io::BufWriter::new(f);
+        let block = vec![1u8; 1 << 16];
+        let mut left = free.saturating_sub(leave);
+        use std::io::Write;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            if f.write_all(&block[..n]).is_err() {
+                break;
+            }
+            left -= n as u64;
+        }
+        let _ = f.flush();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Guarantee: a new version whose state does not fit on a full disk
+/// fails, and the share stays whole: its previous manifest is never
+/// overwritten in place (before, it was left truncated, and the share, its
+/// key and every ticket handed out were lost at the next start), and the
+/// daemon, logging to that disk, carries on. Needs root for a small
+/// tmpfs: skipped otherwise.
+#[test]
+fn a_version_that_does_not_fit_on_a_full_disk_loses_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&tmp.path().join("small"), "64m") else {
+        eprintln!("SKIP: needs root to mount a small tmpfs");
+        return;
+    };
+    let mut alice = TestAgent::init(&disk.0.join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    // Many small files: a manifest of a few hundred KiB.
+    for i in 0..3000 {
+        let dir = src.join(format!("folder-{:03}", i / 100));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("file-with-a-long-name-{i:05}.txt")), b"x").unwrap();
+    }
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "got", &[])["state"], "done");
+    // A bigger new version (written in place, its manifest would not even
+    // fit in the old one's blocks).
+    std::fs::write(src.join("folder-000/file-with-a-long-name-00000.txt"), b"y").unwrap();
+    for i in 3000..4500 {
+        let dir = src.join(format!("folder-{:03}", i / 100));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("file-with-a-long-name-{i:05}.txt")), b"x").unwrap();
+    }
+    // Room for small records, not for the new manifest.
+    let filler = disk.fill(48 << 10);
+    let out = cli(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "docs",
+        "--share",
+        &share,
+        "--to",
+        &bob.id,
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the new version fit: {said}");
+    // Its log (on the same full disk) loses lines, never the task that
+    // logs: before, a log line that could not be written panicked it.
+    assert!(
+        said.contains("No space left") && !said.contains("panicked"),
+        "{said}"
+    );
+    std::fs::remove_file(filler).unwrap();
+    alice.kill9();
+    alice.start();
+    // The share is still there: fetched by its old ticket, published again.
+    let again = fetch(&bob, &tickets[0], "got", &[]);
+    assert_eq!(again["state"], "done", "{again}");
+    cli_ok(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "docs",
+        "--share",
+        &share,
+        "--to",
+        &bob.id,
+    ]);
+    assert_eq!(fetch(&bob, &tickets[0], "got", &[])["state"], "done");
+    assert_same_tree(&src, &bob.data().join("got"));
+    let left = std::fs::read_dir(alice.data().join(".caravan/tmp")).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "temporary files left behind");
+    alice.kill9();
+    bob.kill9();
+    drop(disk);
+}
+
 /// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with
 /// credentials in a file as a deployment would have them.
 fn use_s3(a: &TestAgent, endpoint: &str, bucket: &str, root: &str) {

@@ -174,6 +174,9 @@ fn init_tracing(format: &str) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A line that cannot be written is dropped; reporting it with
+        // `eprintln!` would panic the task that logged.
+        .log_internal_errors(false)
         .with_ansi(ansi);
     if format == "json" {
         builder.json().init();

@@ -14,6 +14,15 @@ macro_rules! out {
     };
 }
 
+/// `eprintln!` that never panics: standard error on a full disk or a
+/// closed pipe loses the line, not the command.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod args;
 mod client;
 mod demo;
@@ -46,7 +55,7 @@ pub(crate) fn print_line(args: std::fmt::Arguments<'_>) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
         Err(e) => {
-            eprintln!("error: cannot write to standard output: {e}");
+            say!("error: cannot write to standard output: {e}");
             std::process::exit(1)
         }
     }
@@ -70,7 +79,7 @@ pub fn main() -> ExitCode {
                     "message": e.to_string().lines().next().unwrap_or_default()
                         .trim_start_matches("error: ").to_string(),
                 });
-                eprintln!("{v}");
+                say!("{v}");
             } else {
                 let _ = e.print();
             }
@@ -92,7 +101,7 @@ pub fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            say!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
@@ -119,9 +128,9 @@ pub fn main() -> ExitCode {
                     "code": code,
                     "message": format!("{e:#}"),
                 });
-                eprintln!("{v}");
+                say!("{v}");
             } else {
-                eprintln!("error: {e:#}");
+                say!("error: {e:#}");
             }
             ExitCode::from(code)
         }
@@ -139,6 +148,11 @@ fn init_logging(format: LogFormat, default_level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (standard error on a full
+        // disk) is dropped: by default the subscriber reports that with
+        // `eprintln!` to the same standard error, which panics, and took
+        // down whatever task was logging (a publish's pass).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Json => builder.json().init(),

@@ -77,7 +77,7 @@ pub(crate) fn init(
     cfg.validate().map_err(|e| Exit::Config(anyhow!(e)))?;
     std::fs::write(dir.join("agent.toml"), cfg.to_toml()?).with_context(|| "writing agent.toml")?;
     out!("{}", key.agent_id());
-    eprintln!(
+    say!(
         "agent created in {}: run it with `caravan-agent run --config {}`",
         dir.display(),
         dir.join("agent.toml").display()

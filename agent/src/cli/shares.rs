@@ -211,7 +211,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     out!("{}", tagged("status", &s)?);
                     last_report = Some(std::time::Instant::now());
                 } else if plain && due && !finished {
-                    eprintln!("{}", progress_line(&s, t0.elapsed().as_secs_f64()));
+                    say!("{}", progress_line(&s, t0.elapsed().as_secs_f64()));
                     last_report = Some(std::time::Instant::now());
                 }
                 if finished {

@@ -103,7 +103,7 @@ async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let key = read_identity(&cfg.identity_file)?;
     let token = read_token(&cfg.admin_token_file)?;
-    let op = store::open(&cfg.storage)?;
+    let op = store::open_agent_storage(&cfg.storage, &cfg.state_prefix)?;
     let ready = Arc::new(AtomicBool::new(false));
     // aws-lc seeds its random generator on first use, from a CPU-jitter
     // entropy source that takes about 25 ms of CPU: done now, in the

@@ -24,7 +24,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             ..
         } => {
             if !json {
-                eprintln!("starting two repositories and five agents on loopback…");
+                say!("starting two repositories and five agents on loopback…");
             }
             let r = scenarios::run_trust(keep)
                 .await
@@ -90,7 +90,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             let bar = bytes_bar(json);
             let b2 = bar.clone();
             if !json {
-                eprintln!(
+                say!(
                     "generating {files} file(s), {size} bytes, and starting two agents on loopback…"
                 );
             }
@@ -160,7 +160,7 @@ async fn run_offline(
         secret_key: env_or("CARAVAN_DEMO_S3_SECRET_KEY", "testing"),
     };
     if !json {
-        eprintln!(
+        say!(
             "generating {files} file(s), {size} bytes, uploading them to {} and publishing with offline seeding…",
             opts.endpoint
         );
