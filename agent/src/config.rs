@@ -80,6 +80,25 @@ fn default_admin_listen() -> String {
 fn default_metrics_listen() -> String {
     format!("127.0.0.1:{DEFAULT_METRICS_PORT}")
 }
+/// A TOML error by its position and reason, never quoting the file: a
+/// key file or an admin token given as `--config` by mistake would be
+/// printed (and logged, and put in `--json` output) otherwise.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let at = e
+        .span()
+        .map(|span| {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!(" at line {line}, column {column}")
+        })
+        .unwrap_or_default();
+    format!(
+        "not a valid agent configuration (TOML){at}: {}",
+        e.message().trim_end()
+    )
+}
+
 fn default_state_prefix() -> String {
     DEFAULT_STATE_PREFIX.to_string()
 }
@@ -118,7 +137,8 @@ impl AgentConfig {
 
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Self> {
-        let cfg: AgentConfig = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let cfg: AgentConfig =
+            toml::from_str(text).map_err(|e| Error::Config(toml_error(text, &e)))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -172,6 +192,21 @@ pub fn check_scheme(scheme: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guarantee: a key file or an admin token given as the config by
+    /// mistake is never quoted in the error (it is printed, logged and put
+    /// in `--json` output).
+    #[test]
+    fn a_secret_given_as_config_is_never_quoted() {
+        for secret in [
+            "caravan-secret-key-v1:SECRETSECRETSECRETSECRET\n",
+            "tokentokentokentokentoken0123456789\n",
+        ] {
+            let e = AgentConfig::parse(secret).unwrap_err().to_string();
+            assert!(!e.contains("SECRET") && !e.contains("tokentoken"), "{e}");
+            assert!(e.contains("line 1, column"), "{e}");
+        }
+    }
 
     const BASE: &str =
         "identity_file = \"k\"\nadmin_token_file = \"t\"\n[storage]\nscheme = \"fs\"\n";

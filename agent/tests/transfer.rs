@@ -585,6 +585,38 @@ fn a_fetch_whose_publisher_is_down_says_so_and_works_once_it_is_up() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: a command never waits for ever on a daemon that took its
+/// connection and says nothing (a stopped or stuck process): exit code 4
+/// and "did not answer" after `CARAVAN_ADMIN_TIMEOUT_SECS` (default 60).
+#[test]
+fn a_stuck_daemon_gets_exit_code_4_not_a_wait_for_ever() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = TestAgent::init(&tmp.path().join("a"));
+    a.start();
+    let pid = a.child.as_ref().unwrap().id().to_string();
+    let signal = |s: &str| {
+        let st = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--config", a.cfg()])
+        .env("CARAVAN_ADMIN_TIMEOUT_SECS", "2")
+        .output()
+        .unwrap();
+    let waited = started.elapsed();
+    signal("-CONT");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{said}");
+    assert!(said.contains("did not answer in time"), "{said}");
+    assert!(waited < Duration::from_secs(30), "waited {waited:?}");
+    a.kill9();
+}
+
 /// A small tmpfs, unmounted when dropped (the tests run as root in CI).
 struct SmallDisk(std::path::PathBuf);
 

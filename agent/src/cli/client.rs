@@ -10,6 +10,20 @@ use caravan_agent::daemon::{self, api};
 use crate::cli::exit::Exit;
 use crate::cli::setup::load_config;
 
+/// How long a question answered from the daemon's memory may take
+/// (`CARAVAN_ADMIN_TIMEOUT_SECS`, default 60).
+fn quick() -> Duration {
+    Duration::from_secs(
+        std::env::var("CARAVAN_ADMIN_TIMEOUT_SECS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(60),
+    )
+}
+/// How long a request doing bounded work may take.
+const WORK: Duration = Duration::from_secs(300);
+
 /// A client of the local daemon's admin API.
 pub(crate) struct Admin {
     base: String,
@@ -37,12 +51,11 @@ impl Admin {
     /// Sends a request with the admin token and returns a successful
     /// answer; an unreachable daemon and a refusal get their exit codes.
     async fn start(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
-            Exit::Unreachable(anyhow!(
-                "cannot reach the agent daemon at {} ({e}); is `caravan-agent run` running?",
-                self.base
-            ))
-        })?;
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -66,6 +79,25 @@ impl Admin {
         })
     }
 
+    /// A daemon that cannot be reached, or that took a connection and
+    /// then said nothing within the request's time (a stopped or stuck
+    /// process): exit code 4, never a wait for ever.
+    fn unreachable(&self, e: reqwest::Error) -> anyhow::Error {
+        if e.is_timeout() {
+            Exit::Unreachable(anyhow!(
+                "the agent daemon at {} did not answer in time ({e}); is it stuck?",
+                self.base
+            ))
+            .into()
+        } else {
+            Exit::Unreachable(anyhow!(
+                "cannot reach the agent daemon at {} ({e}); is `caravan-agent run` running?",
+                self.base
+            ))
+            .into()
+        }
+    }
+
     async fn send<T: serde::de::DeserializeOwned>(
         &self,
         req: reqwest::RequestBuilder,
@@ -75,13 +107,19 @@ impl Admin {
             .await?
             .bytes()
             .await
-            .context("reading the daemon's answer")?;
+            .map_err(|e| self.unreachable(e))?;
         serde_json::from_slice(&body).context("decoding the daemon's answer")
     }
 
+    /// A question the daemon answers from memory (status, a fetch's
+    /// progress, trust): [`quick`] to answer.
     pub(crate) async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.http.get(format!("{}{path}", self.base)))
-            .await
+        self.send(
+            self.http
+                .get(format!("{}{path}", self.base))
+                .timeout(quick()),
+        )
+        .await
     }
 
     /// Posts and hands each line of a JSON-lines answer to `each` as it
@@ -109,7 +147,26 @@ impl Admin {
         Ok(())
     }
 
+    /// A request the daemon answers after some work of bounded length (a
+    /// ticket, a grant sent to the repositories, a fetch started):
+    /// [`WORK`] to answer.
     pub(crate) async fn post<B: serde::Serialize, T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .json(body)
+                .timeout(WORK),
+        )
+        .await
+    }
+
+    /// A request answered when its work ends (a publish's whole pass):
+    /// the client's long limit only.
+    pub(crate) async fn post_until_done<B: serde::Serialize, T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         body: &B,

@@ -84,13 +84,16 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 return Ok(());
             }
             let spinner = spinner("publishing (chunking, hashing, encrypting)…", json);
-            let res: Published = client.post(api::SHARES, &req).await.map_err(|e| {
-                if format!("{e:#}").contains("reading the daemon's answer") {
-                    e.context(interrupted("it"))
-                } else {
-                    e
-                }
-            })?;
+            let res: Published = client
+                .post_until_done(api::SHARES, &req)
+                .await
+                .map_err(|e| {
+                    if format!("{e:#}").contains("reading the daemon's answer") {
+                        e.context(interrupted("it"))
+                    } else {
+                        e
+                    }
+                })?;
             spinner.finish_and_clear();
             if json {
                 out!("{}", serde_json::to_string_pretty(&res)?);
