@@ -554,6 +554,49 @@ fn a_fetch_whose_peers_never_come_back_says_so_and_resumes_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: a fetch the daemon resumes at start while its publisher is
+/// still down (both machines rebooted, the recipient up first) is tried
+/// again until the publisher is back, and completes on its own, fetching
+/// only what was missing; before, it failed at once and stayed failed.
+#[test]
+fn a_resumed_fetch_waits_for_a_publisher_that_comes_back_later() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut alice, mut bob, src, _share) = start_big_fetch(tmp.path(), 29, |_| {});
+    let had = wait_partly_fetched(&bob, 10);
+    alice.kill9();
+    bob.kill9();
+    bob.env
+        .push(("CARAVAN_FETCH_RETRY_SECS".into(), "1".into()));
+    bob.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let f = first_fetch(&bob);
+        let said = f["error"].as_str().unwrap_or_default().to_string();
+        if f["state"] == "failed" && said.contains("tries again") {
+            assert!(said.contains("no peer reachable"), "{said}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retry announced: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    alice.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let f = first_fetch(&bob);
+        if f["state"] == "done" {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "never resumed: {f}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        done["chunks_fetched"].as_u64().unwrap() + had
+            <= done["chunks_total"].as_u64().unwrap() + 16,
+        "verified chunks fetched again: {done} (had {had})"
+    );
+    assert_same_tree(&src, &bob.data().join("got"));
+}
+
 /// A fetch whose publisher is down at first contact fails at once (exit
 /// code 5) naming the address tried and how to go on, not as a "protocol
 /// error"; the same ticket fetches fine once the publisher is back.

@@ -141,6 +141,13 @@ pub fn fetch_give_up_after() -> Duration {
     env_secs("CARAVAN_FETCH_GIVE_UP_SECS").unwrap_or(Duration::from_secs(7 * 86_400))
 }
 
+/// How long a fetch the daemon resumed waits before trying again when no
+/// peer could be reached (`CARAVAN_FETCH_RETRY_SECS`, default 15; it
+/// doubles at each attempt, up to 5 minutes).
+pub fn fetch_retry_first() -> Duration {
+    env_secs("CARAVAN_FETCH_RETRY_SECS").unwrap_or(Duration::from_secs(15))
+}
+
 /// How often a running daemon sweeps unfinished fetches
 /// (`CARAVAN_FETCH_SWEEP_SECS`, default a day).
 pub fn fetch_sweep_interval() -> Duration {

@@ -69,7 +69,7 @@ impl Agent {
     }
 
     /// True while a fetch of `id` runs in this process.
-    fn fetch_running(&self, id: &ShareId) -> bool {
+    pub(super) fn fetch_running(&self, id: &ShareId) -> bool {
         self.fetches.lock().is_ok_and(|m| {
             m.get(id).is_some_and(|p| {
                 matches!(
@@ -152,7 +152,7 @@ impl Agent {
                 // One record that cannot start (a destination no longer
                 // valid, a storage error) does not keep the others, or the
                 // daemon, from starting.
-                match self.start_fetch_since(p.request, since).await {
+                match self.start_fetch_since(p.request, since, Some(1)).await {
                     Ok(_) => out.resumed += 1,
                     Err(e) => {
                         self.metrics.error("fetch");

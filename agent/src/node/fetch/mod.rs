@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures::stream::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
@@ -68,19 +69,35 @@ enum Live {
     Finished,
 }
 
+/// How long a resumed fetch that reached no peer waits before its
+/// attempt `attempt` (1, 2, …): 15 s, doubling, at most 5 minutes.
+fn retry_wait(attempt: u32) -> Duration {
+    let first = tuning::fetch_retry_first();
+    first
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
+        .min(Duration::from_secs(300).max(first))
+}
+
 impl Agent {
     /// Starts a fetch in the background and returns its progress handle.
     /// The request is persisted first, so a restarted agent resumes it.
     pub async fn start_fetch(self: &Arc<Self>, req: FetchRequest) -> Result<Arc<FetchProgress>> {
-        self.start_fetch_since(req, crate::util::unix_now()).await
+        self.start_fetch_since(req, crate::util::unix_now(), None)
+            .await
     }
 
     /// [`Agent::start_fetch`] of a fetch first asked for at `since` (unix
-    /// seconds): a resumed one keeps its age (see `leftovers`).
+    /// seconds): a resumed one keeps its age (see `leftovers`). `retry` is
+    /// the attempt number of a fetch the daemon resumed on its own: when
+    /// no peer can be reached (the publisher not back yet after a reboot),
+    /// it is tried again later ([`Agent::retry_later`]) instead of staying
+    /// failed until someone runs `fetch` again; a command's fetch fails at
+    /// once and says so.
     pub(crate) async fn start_fetch_since(
         self: &Arc<Self>,
         req: FetchRequest,
         since: u64,
+        retry: Option<u32>,
     ) -> Result<Arc<FetchProgress>> {
         let ticket = Ticket::parse(&req.ticket)?;
         // A keyless ticket carries no secret: whoever the publisher trusts
@@ -140,7 +157,7 @@ impl Agent {
         let p = progress.clone();
         tokio::spawn(async move {
             agent.metrics.fetches_active.inc();
-            let result = agent.clone().run_fetch(req, p.clone()).await;
+            let result = agent.clone().run_fetch(req.clone(), p.clone()).await;
             agent.metrics.fetches_active.dec();
             if let Err(e) = result {
                 agent.metrics.error("fetch");
@@ -151,10 +168,49 @@ impl Agent {
                 if matches!(e, Error::Refused(_) | Error::Record(_) | Error::Crypto(_)) {
                     agent.forget_fetch(&p.share_id).await;
                 }
-                p.set_state(FetchState::Failed, Some(e.to_string()));
+                let mut said = e.to_string();
+                if let (Some(attempt), Error::Unreachable(_)) = (retry, &e) {
+                    let wait = retry_wait(attempt);
+                    said = format!("{said} (the daemon tries again in {} s)", wait.as_secs());
+                    agent.retry_later(req, since, attempt + 1, wait);
+                }
+                p.set_state(FetchState::Failed, Some(said));
             }
         });
         Ok(progress)
+    }
+
+    /// Starts a resumed fetch again after `wait`, unless by then another
+    /// fetch of the share runs (a command's: it reports for itself), its
+    /// request is gone (done, or forgotten), or it is older than the
+    /// give-up time (`leftovers`).
+    fn retry_later(self: &Arc<Self>, req: FetchRequest, since: u64, attempt: u32, wait: Duration) {
+        let agent = self.clone();
+        // Boxed: this future starts the fetch that may call this again.
+        let again: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(
+            async move {
+                tokio::time::sleep(wait).await;
+                let Ok(ticket) = Ticket::parse(&req.ticket) else {
+                    return;
+                };
+                let age = crate::util::unix_now().saturating_sub(since);
+                if agent.fetch_running(&ticket.share_id)
+                    || age > tuning::fetch_give_up_after().as_secs()
+                    || !agent
+                        .op
+                        .exists(&agent.pending_path(&ticket.share_id))
+                        .await
+                        .unwrap_or(false)
+                {
+                    return;
+                }
+                tracing::info!(share = %ticket.share_id, attempt, "trying an unreachable fetch again");
+                if let Err(e) = agent.start_fetch_since(req, since, Some(attempt)).await {
+                    tracing::warn!(share = %ticket.share_id, error = %e, "cannot start the fetch again; it stays for the next start");
+                }
+            },
+        );
+        tokio::spawn(again);
     }
 
     /// Fetches and waits for the result.
