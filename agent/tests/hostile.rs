@@ -579,7 +579,8 @@ fn recorded_chunk_tags_serve_exact_chunks_and_damaged_tags_fall_back_to_the_hash
 
 /// A publisher's small signed manifest repeating one real chunk declares
 /// 1 TiB. The fetcher refuses it before writing (declared size over the
-/// limit and the free space), forgets the fetch (no re-dial on restart),
+/// whole disk's size: it can never fit), forgets the fetch (no re-dial on
+/// restart),
 /// and its disk use does not grow.
 #[test]
 fn manifest_declaring_a_terabyte_is_refused_before_writing_and_not_retried() {

@@ -789,6 +789,82 @@ fn a_version_that_does_not_fit_on_a_full_disk_loses_nothing() {
     drop(disk);
 }
 
+/// Guarantee: a fetch cut off by a full disk goes on once there is room
+/// for what is missing: the space check counts what it already holds
+/// (part files, files in place), and running out of space keeps the fetch
+/// and its verified chunks. Before, the resumed fetch asked for room for
+/// the whole share, and the refusal deleted its request and part files.
+/// Needs root for a small tmpfs: skipped otherwise.
+#[test]
+fn a_fetch_cut_off_by_a_full_disk_resumes_with_room_for_the_rest_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&tmp.path().join("small"), "256m") else {
+        eprintln!("SKIP: needs root to mount a small tmpfs");
+        return;
+    };
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&disk.0.join("bob"));
+    let src = alice.data().join("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 160 << 20];
+    fill_pseudo_random(&mut data, 31);
+    std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
+    drop(data);
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "payload", &[&bob.id], &[]);
+    cli_ok(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "got",
+        "--detach",
+    ]);
+    wait_partly_fetched(&bob, 20);
+    bob.kill9();
+    let held = dir_bytes(&bob.data().join(".caravan/partial"));
+    assert!(held > 0, "nothing held");
+    let missing = (160u64 << 20).saturating_sub(held);
+    // Room for what is missing (and the state), not for the whole share.
+    let filler = disk.fill(missing + (6 << 20));
+    bob.start();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let f = first_fetch(&bob);
+        if f["state"] == "done" {
+            break f;
+        }
+        assert_ne!(f["state"], "failed", "{f}");
+        assert!(Instant::now() < deadline, "never finished: {f}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done["state"], "done");
+    std::fs::remove_file(filler).unwrap();
+    assert_same_tree(&src, &bob.data().join("got"));
+    alice.kill9();
+    bob.kill9();
+    drop(disk);
+}
+
+/// Bytes of the files under `root`.
+fn dir_bytes(root: &std::path::Path) -> u64 {
+    let mut n = 0;
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dirs.push(e.path());
+            } else {
+                n += m.len();
+            }
+        }
+    }
+    n
+}
+
 /// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with
 /// credentials in a file as a deployment would have them.
 fn use_s3(a: &TestAgent, endpoint: &str, bucket: &str, root: &str) {

@@ -438,11 +438,18 @@ impl Agent {
             .filter(|p| p.root == dest)
             .map(|p| p.manifest.total_bytes())
             .unwrap_or(0);
+        let held = self
+            .held_bytes(
+                &ticket.share_id,
+                &dest,
+                manifest.files().map(|f| (f.0, f.1)),
+            )
+            .await;
         self.check_room(
             &ticket.share_id,
             manifest.total_bytes(),
             Some(manifest.total_chunks()),
-            already,
+            already.max(held),
         )?;
         self.check_fits(
             &ticket.share_id,
@@ -816,7 +823,14 @@ impl Agent {
             .filter(|p| p.root == dest)
             .map(|p| p.manifest.total_bytes())
             .unwrap_or(0);
-        self.check_room(&ticket.share_id, total, None, already)?;
+        let held = self
+            .held_bytes(
+                &ticket.share_id,
+                &dest,
+                files.iter().map(|f| (f.0.as_str(), f.1)),
+            )
+            .await;
+        self.check_room(&ticket.share_id, total, None, already.max(held))?;
         self.check_fits(
             &ticket.share_id,
             &dest,
@@ -978,9 +992,58 @@ impl Agent {
         }
     }
 
-    /// Refuses a share whose declared size is over the limit or, on a local
-    /// filesystem, over the free space (less what an earlier version at the
-    /// same destination holds), before anything is written.
+    /// On a local disk, the bytes of a share this agent already holds for
+    /// a fetch into `dest`: its half-written part files, and its files
+    /// already in place at their size (an interrupted fetch moved them
+    /// there). They are reused or freed, so they count against the space
+    /// a fetch needs: a resumed fetch of a share that filled the disk
+    /// needs room for what is missing only, not for the whole share.
+    async fn held_bytes<'f>(
+        &self,
+        id: &ShareId,
+        dest: &str,
+        files: impl Iterator<Item = (&'f str, u64)>,
+    ) -> u64 {
+        let Some(root) = self.opts.fs_root.clone() else {
+            return 0;
+        };
+        let partial = root.join(state::partial_dir(&self.opts.state_prefix, id));
+        let dest = root.join(dest);
+        let files: Vec<(String, u64)> = files.map(|(p, n)| (p.to_string(), n)).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut held = 0u64;
+            let mut dirs = vec![partial];
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    match e.file_type() {
+                        Ok(t) if t.is_dir() => dirs.push(e.path()),
+                        Ok(t) if t.is_file() => {
+                            held += e.metadata().map(|m| m.len()).unwrap_or(0);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for (path, size) in files {
+                if size > 0
+                    && std::fs::symlink_metadata(dest.join(&path))
+                        .is_ok_and(|m| m.is_file() && m.len() == size)
+                {
+                    held += size;
+                }
+            }
+            held
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Refuses a share whose declared size is over the limit (for cause:
+    /// forgotten) or, on a local filesystem, needs more than the free
+    /// space (less what this agent already holds of it at the same
+    /// destination), before anything more is written. Out of space is not
+    /// the share's fault: the fetch and what it verified are kept, to go on
+    /// once there is room.
     fn check_room(
         &self,
         id: &ShareId,
@@ -989,27 +1052,47 @@ impl Agent {
         already: u64,
     ) -> Result<()> {
         let limit = tuning::max_share_bytes();
-        let over = if declared > limit {
-            Some(format!(
-                "the limit of {limit} bytes (CARAVAN_MAX_SHARE_BYTES)"
-            ))
-        } else {
-            self.opts
-                .fs_root
-                .as_ref()
-                .and_then(|root| rustix::fs::statvfs(root.as_path()).ok())
-                .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-                .filter(|free| declared.saturating_sub(already) > *free)
-                .map(|free| format!("the free space limit of {free} bytes"))
+        let in_chunks = chunks
+            .map(|n| format!(" in {n} chunks"))
+            .unwrap_or_default();
+        if declared > limit {
+            return Err(Error::Refused(format!(
+                "share {id} declares {declared} bytes{in_chunks}, over the limit of {limit} \
+                 bytes (CARAVAN_MAX_SHARE_BYTES); nothing was written"
+            )));
+        }
+        let needed = declared.saturating_sub(already);
+        let Some(disk) = self
+            .opts
+            .fs_root
+            .as_ref()
+            .and_then(|root| rustix::fs::statvfs(root.as_path()).ok())
+        else {
+            return Ok(());
         };
-        match over {
-            Some(why) => Err(Error::Refused(format!(
-                "share {id} declares {declared} bytes{}, over {why}; nothing was written",
-                chunks
-                    .map(|n| format!(" in {n} chunks"))
-                    .unwrap_or_default()
-            ))),
-            None => Ok(()),
+        let (free, size) = (
+            disk.f_bavail.saturating_mul(disk.f_frsize),
+            disk.f_blocks.saturating_mul(disk.f_frsize),
+        );
+        if needed > size {
+            // Never fits, whatever is freed: refused for cause, like a share
+            // over the limit.
+            return Err(Error::Refused(format!(
+                "share {id} declares {declared} bytes{in_chunks}, over the limit of this \
+                 disk's whole size ({size} bytes); nothing was written"
+            )));
+        }
+        match free {
+            free if needed > free => Err(Error::Io {
+                context: format!(
+                    "fetching share {id}: it declares {declared} bytes{in_chunks}, of which \
+                     {needed} are not held here yet, over the {free} bytes free; nothing more \
+                     was written, and what was verified is kept: free some space and fetch it \
+                     again"
+                ),
+                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+            }),
+            _ => Ok(()),
         }
     }
 
