@@ -1055,6 +1055,68 @@ fn shares_fetched_into_one_folder_never_write_over_each_other() {
     assert_same_tree(&alice.data().join("two"), &bob.data().join("d2"));
 }
 
+/// Guarantee: a fetch never writes over a file of the recipient's own (a
+/// file at one of the share's paths that no earlier version of the share
+/// put there): refused before anything is written, naming it (exit code
+/// 5). A file already exactly the share's is kept, and a later version
+/// replaces the files the share itself put there.
+#[test]
+fn a_fetch_never_writes_over_the_recipients_own_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("d");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("readme.txt"), b"v1 from alice").unwrap();
+    std::fs::write(src.join("same.txt"), b"the same bytes").unwrap();
+    alice.start();
+    bob.start();
+    let mine = bob.data().join("d");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("readme.txt"), b"BOB'S OWN readme").unwrap();
+    std::fs::write(mine.join("same.txt"), b"the same bytes").unwrap();
+    let (share, tickets) = publish(&alice, "d", &[&bob.id], &[]);
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "d"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(said.contains("d/readme.txt, a file of your own"), "{said}");
+    assert_eq!(
+        std::fs::read(mine.join("readme.txt")).unwrap(),
+        b"BOB'S OWN readme"
+    );
+    // Moved away, the fetch goes through; the identical file was no
+    // obstacle.
+    std::fs::rename(mine.join("readme.txt"), bob.data().join("mine.txt")).unwrap();
+    assert_eq!(fetch(&bob, &tickets[0], "d", &[])["state"], "done");
+    assert_same_tree(&src, &mine);
+    // A new version adding a file where bob keeps one of his own: refused;
+    // the share's own files are replaced freely.
+    std::fs::write(src.join("readme.txt"), b"v2 from alice").unwrap();
+    std::fs::write(src.join("notes.txt"), b"alice's notes").unwrap();
+    std::fs::write(mine.join("notes.txt"), b"BOB'S OWN notes").unwrap();
+    cli_ok(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "d",
+        "--share",
+        &share,
+        "--to",
+        &bob.id,
+    ]);
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "d"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(said.contains("d/notes.txt, a file of your own"), "{said}");
+    assert_eq!(
+        std::fs::read(mine.join("notes.txt")).unwrap(),
+        b"BOB'S OWN notes"
+    );
+    std::fs::remove_file(mine.join("notes.txt")).unwrap();
+    assert_eq!(fetch(&bob, &tickets[0], "d", &[])["state"], "done");
+    assert_same_tree(&src, &mine);
+}
+
 #[test]
 fn corrupt_peer_is_detected_and_honest_peer_completes() {
     let tmp = tempfile::tempdir().unwrap();

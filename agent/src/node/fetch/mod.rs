@@ -69,6 +69,15 @@ enum Live {
     Finished,
 }
 
+/// The files the previous version of a share put at `dest` (none when it
+/// was fetched elsewhere).
+fn files_here<'p>(previous: Option<&'p HeldShare>, dest: &str) -> HashSet<&'p str> {
+    previous
+        .filter(|p| p.root == dest)
+        .map(|p| p.manifest.files().map(|f| f.0).collect())
+        .unwrap_or_default()
+}
+
 /// How long a resumed fetch that reached no peer waits before its
 /// attempt `attempt` (1, 2, …): 15 s, doubling, at most 5 minutes.
 fn retry_wait(attempt: u32) -> Duration {
@@ -469,6 +478,15 @@ impl Agent {
             manifest.files().map(|(p, s, _)| (p, s)),
             Arc::new(repeats),
         )?;
+        job.check_own_files(
+            &ticket.share_id,
+            &files_here(previous.as_deref(), &dest),
+            &manifest
+                .files()
+                .map(|(p, s, c)| (p, s, Some(c)))
+                .collect::<Vec<_>>(),
+        )
+        .await?;
         self.make_room(
             &dest,
             previous.as_deref(),
@@ -851,6 +869,16 @@ impl Agent {
             files.iter().map(|f| (f.0.as_str(), f.1)),
             feed.repeats.clone(),
         )?;
+        // The pass has not listed every chunk yet: sizes only.
+        job.check_own_files(
+            &ticket.share_id,
+            &files_here(previous.as_deref(), &dest),
+            &files
+                .iter()
+                .map(|f| (f.0.as_str(), f.1, None))
+                .collect::<Vec<_>>(),
+        )
+        .await?;
         self.make_room(
             &dest,
             previous.as_deref(),

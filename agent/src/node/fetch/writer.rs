@@ -999,27 +999,120 @@ impl Job {
         Ok(true)
     }
 
+    /// Refuses, before anything is written, a share that would replace a
+    /// file of the recipient's own: a file at one of the share's paths
+    /// that `ours` (the previous version's files at this destination) does
+    /// not list and that is not already exactly the share's file (same
+    /// size and, where `chunks` are known, every chunk verified in place:
+    /// an interrupted fetch's files, put there by this share). Writing over
+    /// it, as `cp` would, loses what the recipient had there. On object
+    /// storage the check uses the destination's one listing and is left
+    /// out when the listing is too long to keep.
+    pub(crate) async fn check_own_files(
+        &self,
+        id: &crate::manifest::ShareId,
+        ours: &HashSet<&str>,
+        files: &[(&str, u64, Option<&[ChunkRef]>)],
+    ) -> Result<()> {
+        let present: Vec<(usize, u64)> = match &self.agent.opts.fs_root {
+            Some(root) => {
+                let root = root.clone();
+                let paths: Vec<(usize, String)> = files
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| !ours.contains(f.0))
+                    .map(|(i, f)| (i, format!("{}{}", self.dest, f.0)))
+                    .collect();
+                tokio::task::spawn_blocking(move || {
+                    paths
+                        .into_iter()
+                        .filter_map(|(i, p)| {
+                            let m =
+                                std::fs::symlink_metadata(local::confined(&root, &p).ok()?).ok()?;
+                            m.is_file().then_some((i, m.len()))
+                        })
+                        .collect()
+                })
+                .await
+                .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?
+            }
+            None => {
+                // The destination's one listing, shared with the writes.
+                let Some(listed) = self.listing().await else {
+                    return Ok(());
+                };
+                let found: Vec<(usize, u64)> = files
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| !ours.contains(f.0))
+                    .filter_map(|(i, f)| {
+                        listed
+                            .get(&format!("{}{}", self.dest, f.0))
+                            .map(|n| (i, *n))
+                    })
+                    .collect();
+                let mut out = Vec::with_capacity(found.len());
+                for (i, n) in found {
+                    // A listing may leave sizes out (0): asked alone then.
+                    let n = match n {
+                        0 => self
+                            .existing_size(&format!("{}{}", self.dest, files[i].0))
+                            .await
+                            .unwrap_or(0),
+                        n => n,
+                    };
+                    out.push((i, n));
+                }
+                out
+            }
+        };
+        for (i, have) in present {
+            let (path, size, chunks) = files[i];
+            let full = format!("{}{path}", self.dest);
+            let same = have == size
+                && match chunks {
+                    Some(c) => self.verify_in_place(&full, c).await?,
+                    None => true,
+                };
+            if !same {
+                return Err(Error::Rejected(format!(
+                    "share {id} would replace {full}, a file of your own (not one an earlier \
+                     version of this share put there): move it away, or fetch into another \
+                     folder; nothing was written"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// The size of the file at `path` in the destination, if there is one.
+    /// Object storage: the destination's files and sizes, listed once per
+    /// fetch (none when there are more than [`LISTED_MAX`]).
+    async fn listing(&self) -> Option<&HashMap<String, u64>> {
+        let op = &self.agent.op;
+        self.listed
+            .get_or_init(|| async {
+                let mut l = op.lister_with(&self.dest).recursive(true).await.ok()?;
+                let mut out = HashMap::new();
+                while let Some(e) = l.try_next().await.ok()? {
+                    if out.len() >= LISTED_MAX {
+                        return None;
+                    }
+                    if e.metadata().is_file() {
+                        out.insert(e.path().to_string(), e.metadata().content_length());
+                    }
+                }
+                Some(out)
+            })
+            .await
+            .as_ref()
+    }
+
     async fn existing_size(&self, path: &str) -> Option<u64> {
         let op = &self.agent.op;
         if self.agent.opts.fs_root.is_none() {
-            let listed = self
-                .listed
-                .get_or_init(|| async {
-                    let mut l = op.lister_with(&self.dest).recursive(true).await.ok()?;
-                    let mut out = HashMap::new();
-                    while let Some(e) = l.try_next().await.ok()? {
-                        if out.len() >= LISTED_MAX {
-                            return None;
-                        }
-                        if e.metadata().is_file() {
-                            out.insert(e.path().to_string(), e.metadata().content_length());
-                        }
-                    }
-                    Some(out)
-                })
-                .await;
-            match listed.as_ref().map(|l| l.get(path)) {
+            let listed = self.listing().await;
+            match listed.map(|l| l.get(path)) {
                 Some(None) => return None,
                 // A listing may leave sizes out (0): asked alone then.
                 Some(Some(n)) if *n > 0 => return Some(*n),
