@@ -597,6 +597,59 @@ fn a_resumed_fetch_waits_for_a_publisher_that_comes_back_later() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// A fetch of a version the publisher replaced meanwhile (its daemon
+/// serves the newest only) fails saying so and how to go on, not "not
+/// found: chunk …"; the same ticket then fetches the new version.
+#[test]
+fn a_fetch_overtaken_by_a_new_version_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (alice, bob, src, share) = start_big_fetch(tmp.path(), 37, |_| {});
+    wait_partly_fetched(&bob, 5);
+    let ticket = pending_ticket(&bob);
+    // The recipient frozen while the publisher replaces every byte.
+    let pid = bob.child.as_ref().unwrap().id().to_string();
+    let signal = |s: &str| {
+        let st = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
+    let mut data = vec![0u8; 160 << 20];
+    fill_pseudo_random(&mut data, 38);
+    std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
+    drop(data);
+    cli_ok(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "payload",
+        "--share",
+        &share,
+        "--to",
+        &bob.id,
+    ]);
+    signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ended = loop {
+        let f = first_fetch(&bob);
+        if f["state"] == "failed" || f["state"] == "done" {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "never ended: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(ended["state"], "failed", "{ended}");
+    let said = ended["error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("newer one") && said.contains("fetch the same ticket again"),
+        "{said}"
+    );
+    assert_eq!(fetch(&bob, &ticket, "got", &[])["state"], "done");
+    assert_same_tree(&src, &bob.data().join("got"));
+}
+
 /// A fetch whose publisher is down at first contact fails at once (exit
 /// code 5) naming the address tried and how to go on, not as a "protocol
 /// error"; the same ticket fetches fine once the publisher is back.

@@ -311,6 +311,13 @@ impl Swarm {
                     r.id
                 )))
             }
+            // Every peer answered "not found": the version being fetched is
+            // no longer served, as when the publisher published a newer one
+            // meanwhile (its daemon serves the newest version only).
+            Some(Error::NotFound(m)) => Err(Error::NotFound(format!(
+                "{m}: no peer serves this version of the share any more; the publisher \
+                 has probably published a newer one: fetch the same ticket again to get it"
+            ))),
             Some(e) => Err(e),
             None => Err(Error::Protocol(format!(
                 "no usable peer has chunk {}",
