@@ -106,8 +106,18 @@ fn default_state_prefix() -> String {
 /// A listen address is `ip:port`, `[ipv6]:port` or `host:port` (the name is
 /// resolved when the daemon binds, e.g. `localhost:7400`).
 fn check_listen(name: &str, addr: &str) -> Result<()> {
-    if addr.parse::<std::net::SocketAddr>().is_ok() {
+    if is_host_port(addr) {
         return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{name} = {addr:?} is not host:port (e.g. 0.0.0.0:7400, [::]:7400 or localhost:7400)"
+    )))
+}
+
+/// `ip:port`, `[ipv6]:port` or `host:port` (a peer's or a listen address).
+pub fn is_host_port(addr: &str) -> bool {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return true;
     }
     let valid_host = |h: &str| {
         !h.is_empty()
@@ -115,12 +125,7 @@ fn check_listen(name: &str, addr: &str) -> Result<()> {
             && h.chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
     };
-    match addr.rsplit_once(':') {
-        Some((host, port)) if valid_host(host) && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(Error::Config(format!(
-            "{name} = {addr:?} is not host:port (e.g. 0.0.0.0:7400, [::]:7400 or localhost:7400)"
-        ))),
-    }
+    matches!(addr.rsplit_once(':'), Some((host, port)) if valid_host(host) && port.parse::<u16>().is_ok())
 }
 
 impl AgentConfig {

@@ -63,6 +63,10 @@ fn config_defaults_to_caravan_config_then_the_home_path() {
     let status = run(home, &[], &["status"]);
     // The daemon is not running: "unreachable" (4), not "no configuration" (3).
     assert_eq!(status.status.code(), Some(4), "{}", stderr(&status));
+    // `id` takes the default path too.
+    let id = run(home, &[], &["id"]);
+    assert!(id.status.success(), "{}", stderr(&id));
+    assert!(String::from_utf8_lossy(&id.stdout).starts_with("cv1-"));
 }
 
 #[test]

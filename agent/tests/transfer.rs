@@ -664,6 +664,22 @@ fn a_fetch_whose_publisher_is_down_says_so_and_works_once_it_is_up() {
     alice.start();
     bob.start();
     let (_, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    // A malformed peer address is bad input, said at once (exit code 3).
+    for bad in ["notaport", "127.0.0.1:99999"] {
+        let out = cli(&[
+            "fetch",
+            "--config",
+            bob.cfg(),
+            &tickets[0],
+            "--dest",
+            "got",
+            "--peer",
+            bad,
+        ]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{said}");
+        assert!(said.contains("is not host:port"), "{said}");
+    }
     alice.kill9();
     let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "got"]);
     let said = String::from_utf8_lossy(&out.stderr);

@@ -91,8 +91,7 @@ pub(crate) enum Command {
     ///
     /// Interrupted fetches resume on start. Stops cleanly on SIGINT/SIGTERM.
     Run {
-        /// Agent configuration file (TOML).
-        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// Agent configuration file, TOML (default: $CARAVAN_CONFIG, else
         /// ~/.config/caravan/agent.toml).
         #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
         config: PathBuf,
@@ -172,7 +171,8 @@ pub(crate) enum Command {
         /// Start the fetch and return at once.
         #[arg(long)]
         detach: bool,
-        /// Print the final progress as JSON.
+        /// Print JSON lines: a `status` line every second while it runs
+        /// (one only with --detach), then a `summary` line.
         #[arg(long)]
         json: bool,
     },
@@ -347,9 +347,10 @@ pub(crate) fn parse_duration(s: &str) -> std::result::Result<u64, String> {
 }
 
 #[derive(clap::Args, Debug)]
-#[group(required = true, multiple = false)]
+#[group(required = false, multiple = false)]
 pub(crate) struct ConfigOrKey {
-    /// Agent configuration file (or $CARAVAN_CONFIG).
+    /// Agent configuration file (default: $CARAVAN_CONFIG, else
+    /// ~/.config/caravan/agent.toml).
     #[arg(long, short, env = "CARAVAN_CONFIG")]
     pub(crate) config: Option<PathBuf>,
     /// Secret key file.

@@ -34,7 +34,7 @@ mod trust;
 
 use std::process::ExitCode;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use clap::Parser;
 
 use args::{Cli, Command, LogFormat};
@@ -184,7 +184,10 @@ async fn dispatch(cmd: Command) -> Result<()> {
             let key = match (target.config, target.identity) {
                 (Some(c), _) => daemon::read_identity(&load_config(&c)?.identity_file)?,
                 (_, Some(k)) => daemon::read_identity(&k)?,
-                _ => bail!("give --config or --identity"),
+                // As every other command: the default config path.
+                (None, None) => daemon::read_identity(
+                    &load_config(&args::default_config_path())?.identity_file,
+                )?,
             };
             out!("{}", key.agent_id());
             Ok(())

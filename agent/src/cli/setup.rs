@@ -82,6 +82,18 @@ pub(crate) fn init(
         dir.display(),
         dir.join("agent.toml").display()
     );
+    if cfg
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_unspecified())
+    {
+        say!(
+            "note: it listens on every address ({}), so it cannot tell peers which one \
+             reaches it: set `advertise = [\"HOST:PORT\"]` in agent.toml, or its tickets \
+             carry no address",
+            cfg.listen
+        );
+    }
     Ok(())
 }
 

@@ -182,11 +182,15 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 )
                 .await?;
             if detach {
-                out!(
-                    "fetching share {} into {:?} in the background",
-                    started.share_id,
-                    started.dest
-                );
+                if json {
+                    out!("{}", tagged("status", &started)?);
+                } else {
+                    out!(
+                        "fetching share {} into {:?} in the background",
+                        started.share_id,
+                        started.dest
+                    );
+                }
                 return Ok(());
             }
             let bar = bytes_bar(json);

@@ -251,6 +251,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     ));
     let declared = crate::node::Declarations::open(agent.clone(), shutdown.clone()).await?;
     gate.open(admin_router_with(agent.clone(), token, Some(declared)));
+    if agent.advertise().is_empty() {
+        tracing::warn!(
+            listen = %peer_addr,
+            "this agent advertises no address (it listens on every address): its \
+             tickets and announcements carry none, so peers find it only through \
+             `--peer`; set `advertise` in the config"
+        );
+    }
     let _ = opened.set(agent.clone());
     let resumed = agent.resume_fetches().await?;
     ready.store(true, Ordering::SeqCst);

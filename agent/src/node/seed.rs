@@ -70,7 +70,8 @@ pub struct SeedReport {
     pub repositories: Vec<String>,
 }
 
-/// Parses a duration such as `90s`, `30m`, `12h`, `7d` (plain seconds too).
+/// Parses a duration such as `90s`, `30m`, `12h`, `7d`, `1w` (plain
+/// seconds too), as every duration of the command line takes.
 pub fn parse_validity(s: &str) -> std::result::Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
@@ -78,12 +79,13 @@ pub fn parse_validity(s: &str) -> std::result::Result<u64, String> {
         Some((i, 'm')) => (&s[..i], 60),
         Some((i, 'h')) => (&s[..i], 3600),
         Some((i, 'd')) => (&s[..i], 86400),
+        Some((i, 'w')) => (&s[..i], 7 * 86400),
         _ => (s, 1),
     };
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 12h, 7d)"))?;
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 30m, 12h, 7d, 1w)"))?;
     let secs = n.saturating_mul(mult);
     if !(MIN_URL_VALIDITY_SECS..=MAX_URL_VALIDITY_SECS).contains(&secs) {
         return Err(format!(
@@ -508,6 +510,7 @@ mod tests {
     #[test]
     fn validity_parses_units_and_bounds() {
         assert_eq!(parse_validity("7d").unwrap(), 7 * 86400);
+        assert_eq!(parse_validity("1w").unwrap(), 7 * 86400);
         assert_eq!(parse_validity("90s").unwrap(), 90);
         assert_eq!(parse_validity("30m").unwrap(), 1800);
         assert_eq!(parse_validity("3600").unwrap(), 3600);

@@ -121,6 +121,13 @@ impl Agent {
         if let Some(root) = &self.opts.fs_root {
             tree::check_dest(root, &dest)?;
         }
+        // A malformed peer address is the request's fault, said now, not
+        // a failed dial saved and retried at every start.
+        if let Some(bad) = req.peers.iter().find(|p| !crate::config::is_host_port(p)) {
+            return Err(Error::Rejected(format!(
+                "peer {bad:?} is not host:port (e.g. 10.0.0.5:7400 or peer.example:7400)"
+            )));
+        }
         // A share is fetched by one fetch at a time: its part files and its
         // saved request are the share's. Asked again for the same
         // destination while it runs (`fetch --detach`, then `fetch` to
