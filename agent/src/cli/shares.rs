@@ -96,7 +96,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 })?;
             spinner.finish_and_clear();
             if json {
-                out!("{}", serde_json::to_string_pretty(&res)?);
+                out!("{}", serde_json::to_string(&res)?);
             } else {
                 out!(
                     "published share {} version {}: {} files, {}, {} chunks in {:.2}s",
@@ -257,7 +257,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
         Command::Status { config, json } => {
             let s: Status = Admin::from_config(&config)?.get(api::STATUS).await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&s)?);
+                out!("{}", serde_json::to_string(&s)?);
             } else {
                 out!("agent {} (caravan {})", s.agent_id, s.version);
                 out!("advertised at: {}", s.advertise.join(", "));
@@ -294,7 +294,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 .get(&api::share_peers(&share.to_string()))
                 .await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&peers)?);
+                out!("{}", serde_json::to_string(&peers)?);
             } else if peers.is_empty() {
                 out!("no repository knows a peer holding share {share}");
             } else {
