@@ -729,6 +729,59 @@ fn a_stuck_daemon_gets_exit_code_4_not_a_wait_for_ever() {
     a.kill9();
 }
 
+/// Guarantee: one storage, one daemon. A second daemon on the same local
+/// storage (a copied config with other ports) exits at once with code 3,
+/// naming the first; before, both resumed the same fetches and failed.
+#[test]
+fn a_second_daemon_on_the_same_storage_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = TestAgent::init(&tmp.path().join("a"));
+    a.start();
+    let mut text = std::fs::read_to_string(&a.config).unwrap();
+    for key in ["listen", "admin_listen", "metrics_listen"] {
+        let old = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+            .map(|l| l.trim_end_matches('"').to_string())
+            .unwrap();
+        text = text.replace(&old, &format!("127.0.0.1:{}", free_port()));
+    }
+    let copy = tmp.path().join("copy.toml");
+    std::fs::write(&copy, text).unwrap();
+    let mut second = std::process::Command::new(BIN)
+        .args(["run", "--config", copy.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(st) = second.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            panic!("the second daemon kept running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut said = String::new();
+    use std::io::Read;
+    second
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut said)
+        .unwrap();
+    assert_eq!(code, Some(3), "{said}");
+    let pid = a.child.as_ref().unwrap().id().to_string();
+    assert!(
+        said.contains("already runs") && said.contains(&pid),
+        "{said}"
+    );
+    a.kill9();
+}
+
 /// A small tmpfs, unmounted when dropped (the tests run as root in CI).
 struct SmallDisk(std::path::PathBuf);
 

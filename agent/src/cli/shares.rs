@@ -121,11 +121,11 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 }
                 if let Some(seed) = &res.seed {
                     out!(
-                        "seeded offline: {} chunks staged, {} already there, {} URLs valid until unix {} (record in {} repositories)",
+                        "seeded offline: {} chunks staged, {} already there, {} URLs valid until {} (record in {} repositories)",
                         seed.staged,
                         seed.reused,
                         seed.urls,
-                        seed.expires_at,
+                        human::date(seed.expires_at),
                         seed.repositories.len()
                     );
                 }
@@ -263,23 +263,27 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 out!("advertised at: {}", s.advertise.join(", "));
                 for sh in &s.shares {
                     out!(
-                        "  {:?} {} v{}: {} files, {} bytes in {:?}",
+                        "  {:?} {} v{}: {} files, {} in {:?}",
                         sh.role,
                         sh.share_id,
                         sh.seq,
                         sh.files,
-                        sh.bytes,
+                        human::bytes(sh.bytes),
                         sh.root
                     );
                 }
                 for f in &s.fetches {
                     out!(
-                        "  fetch {} -> {:?}: {:?} {}/{} bytes",
+                        "  fetch {} -> {:?}: {:?} {} of {}{}",
                         f.share_id,
                         f.dest,
                         f.state,
-                        f.bytes_done,
-                        f.bytes_total
+                        human::bytes(f.bytes_done),
+                        human::bytes(f.bytes_total),
+                        f.error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
                     );
                 }
             }

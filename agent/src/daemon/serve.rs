@@ -99,6 +99,48 @@ async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
         .context(|| format!("binding the {what} on {addr}"))
 }
 
+/// Takes the storage for this daemon alone (an exclusive `flock` on
+/// `<state>/daemon.lock`, released by the kernel when the process ends,
+/// however it ends). Two daemons on one storage (a copied config with
+/// other ports) would resume the same fetches and write the same part
+/// files: both failed, moving files the other had already moved.
+/// A lock file that cannot be opened (a state folder another user made)
+/// is said in the log, not fatal: the daemon runs unguarded, as before.
+fn lock_storage(root: &std::path::Path, state_prefix: &str) -> Result<Option<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let dir = root.join(state_prefix.trim_matches('/'));
+    let path = dir.join("daemon.lock");
+    let opened = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+    });
+    let mut f = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot open the daemon's lock file; not guarding against a second daemon on this storage");
+            return Ok(None);
+        }
+    };
+    if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut holder = String::new();
+        let _ = f.read_to_string(&mut holder);
+        return Err(Error::Config(format!(
+            "another caravan-agent daemon (pid {}) already runs on the storage at {}: one \
+             storage, one daemon",
+            holder.trim(),
+            root.display()
+        )));
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(Some(f))
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let key = read_identity(&cfg.identity_file)?;
@@ -200,6 +242,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                 .map(std::path::PathBuf::from)
         })
         .flatten();
+    // Held until the process ends.
+    let _lock = match &fs_root {
+        Some(root) => lock_storage(root, &cfg.state_prefix)?,
+        None => None,
+    };
     let agent = Agent::open(
         key,
         op,
