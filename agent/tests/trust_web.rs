@@ -15,6 +15,7 @@ use caravan_agent::daemon::read_identity;
 use caravan_agent::identity::{AgentId, SecretKey};
 use caravan_agent::manifest::{ShareId, Ticket};
 use caravan_agent::record::SignedRecord;
+use caravan_agent::repository::RepositoryClient;
 use caravan_agent::trust::TrustGrant;
 use caravan_agent::util::unix_now;
 use caravan_agent::wire::client::PeerConn;
@@ -28,20 +29,32 @@ struct RepoProcess {
 
 impl RepoProcess {
     fn start(dir: &Path) -> RepoProcess {
-        let port = free_port();
-        let log = std::fs::File::create(dir.join(format!("repo-{port}.log"))).unwrap();
+        Self::start_with(dir, free_port(), &["--storage-scheme", "memory"])
+    }
+
+    /// A repository on `port` keeping its records in `root` (fs), so a
+    /// restart on the same port finds them again.
+    fn start_fs(dir: &Path, port: u16, root: &Path) -> RepoProcess {
+        let opt = format!("root={}", root.display());
+        Self::start_with(
+            dir,
+            port,
+            &["--storage-scheme", "fs", "--storage-option", &opt],
+        )
+    }
+
+    fn start_with(dir: &Path, port: u16, storage: &[&str]) -> RepoProcess {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("repo-{port}.log")))
+            .unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["repository", "--listen", &listen];
+        args.extend_from_slice(storage);
+        args.extend_from_slice(&["--rate-per-second", "10000", "--rate-burst", "10000"]);
         let child = Command::new(BIN)
-            .args([
-                "repository",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--storage-scheme",
-                "memory",
-                "--rate-per-second",
-                "10000",
-                "--rate-burst",
-                "10000",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -382,6 +395,135 @@ fn forged_repository_is_refused() {
     assert_eq!(peers.trim(), "[]");
     let why = cli(&["trust", "why", "--config", dave.cfg(), &alice.id]);
     assert_eq!(why.status.code(), Some(1));
+}
+
+/// Revocations and grants the repository at `url` holds, by `issuer`.
+fn repository_view(url: &str, issuer: &str) -> (Vec<String>, Vec<String>) {
+    let issuer: AgentId = issuer.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = RepositoryClient::new(&[url.to_string()]).unwrap();
+        let revoked = c
+            .sync_revocations()
+            .await
+            .map(|v| {
+                v.into_iter()
+                    .filter(|(r, _)| r.issuer == issuer)
+                    .map(|(r, _)| r.grant_id.to_hex())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let grants = c
+            .grants_by_issuer(&issuer)
+            .await
+            .map(|v| v.into_iter().map(|(g, _)| g.id().to_hex()).collect())
+            .unwrap_or_default();
+        (revoked, grants)
+    })
+}
+
+/// Guarantee: a revocation and a grant made while every repository is
+/// down are in effect locally at once, the CLI says they will be published
+/// when a repository answers (revoke exits 0), they survive a daemon
+/// restart (the outbox is in the agent's state), and the trust sync
+/// publishes them within a bounded time once the repository is back.
+#[test]
+fn trust_records_made_while_the_repository_is_down_are_published_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let port = free_port();
+    let root = base.join("repo-data");
+    std::fs::create_dir_all(&root).unwrap();
+    let repo = RepoProcess::start_fs(base, port, &root);
+    let url = repo.url.clone();
+    let mut e = agent(base, "e", &[&url]);
+    let f = SecretKey::generate().unwrap().agent_id().to_string();
+    let g = SecretKey::generate().unwrap().agent_id().to_string();
+
+    let out = cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &f,
+        "--depth",
+        "0",
+        "--expires",
+        "1d",
+        "--json",
+    ]);
+    let granted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let f_grant = granted["grant_id"].as_str().unwrap().to_string();
+    assert_eq!(granted["published_to"], serde_json::json!([url]));
+
+    // The repository goes down (its records stay on disk).
+    drop(repo);
+    let out = cli(&["trust", "revoke", "--config", e.cfg(), &f]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("revoked grant {f_grant}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("saved, and it will be published when it answers"),
+        "{stdout}"
+    );
+    let out = cli(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &g,
+        "--depth",
+        "0",
+        "--expires",
+        "1d",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in effect on this agent")
+            && stderr.contains("will be published when a repository answers"),
+        "{stderr}"
+    );
+    let list = cli_ok(&["trust", "list", "--config", e.cfg(), "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let g_grant = l["issued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["subject"] == g.as_str())
+        .map(|x| x["grant_id"].as_str().unwrap().to_string())
+        .unwrap();
+
+    // The daemon restarts while the repository is still down: the outbox
+    // is read back from its state.
+    e.kill9();
+    e.start();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let repo = RepoProcess::start_fs(base, port, &root);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (revoked, grants) = repository_view(&repo.url, &e.id);
+        if revoked.contains(&f_grant) && grants.contains(&g_grant) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not published after the repository came back: revoked {revoked:?}, grants {grants:?}\n{}",
+            e.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Nothing is left waiting: the outbox is empty.
+    let outbox = e.data().join(".caravan/trust/outbox");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&outbox).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(Instant::now() < deadline, "outbox not emptied");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -465,7 +465,8 @@ async fn api_trust_list(
 /// signs a grant with this agent's key, keeps it and publishes it to every
 /// configured repository; answers a [`GrantInfo`] (`published_to` lists the
 /// repositories that stored it). 400 on a malformed request (e.g. a grant
-/// to itself), 502 when repositories are configured and none took it.
+/// to itself), 502 when repositories are configured and none took it (the grant is in effect on this agent, and one that could
+/// not be reached gets it from the outbox at a later trust sync).
 async fn api_trust_grant(
     State(s): State<AdminState>,
     h: HeaderMap,
@@ -487,9 +488,7 @@ async fn api_trust_revoke(
 ) -> std::result::Result<Json<RevokeResponse>, ApiFailure> {
     check_token(&s, &h)?;
     let w = trust(&s)?;
-    Ok(Json(RevokeResponse {
-        revoked: w.revoke(&req).await?,
-    }))
+    Ok(Json(w.revoke(&req).await?))
 }
 
 /// `GET /v1/trust/why/{agent}`.

@@ -6,7 +6,11 @@
 //!
 //! State lives under `<state_prefix>trust/records/` (one signed record per
 //! file), so a restarted agent keeps its grants, revocations and what it
-//! learned even while every repository is down.
+//! learned even while every repository is down. Grants and revocations this
+//! agent signed that a configured repository has not taken yet wait in
+//! `<state_prefix>trust/outbox/` (one JSON file per record, naming the
+//! repositories still to reach); every trust sync sends them again until
+//! each repository took them or refused them for cause.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +25,7 @@ use crate::identity::{AgentId, SecretKey};
 use crate::manifest::ShareId;
 use crate::node::state;
 use crate::record::{Kind, SignedRecord};
-use crate::repository::RepositoryClient;
+use crate::repository::{Outcome, PublishReport, RepositoryClient};
 use crate::trust::engine::MAX_PRESENTED_GRANTS;
 use crate::trust::{
     Announcement, GrantId, Revocation, TrustEngine, TrustGrant, render_tree, share_locator,
@@ -62,6 +66,30 @@ pub struct GrantRequest {
     /// What the trust is for (None: everything).
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+/// Answer of `POST /v1/trust/revocations`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// Revoked grant ids (hex).
+    pub revoked: Vec<String>,
+    /// Repositories that stored every revocation (or already held it).
+    #[serde(default)]
+    pub published_to: Vec<String>,
+    /// Repositories that could not be reached: the revocations are saved
+    /// and sent again on every trust sync until they take them.
+    #[serde(default)]
+    pub pending: Vec<String>,
+}
+
+/// A record this agent signed that some repositories have not taken yet
+/// (a file of `<state>/trust/outbox/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    /// The signed record.
+    record: Vec<u8>,
+    /// Repositories still to reach.
+    repositories: Vec<String>,
 }
 
 /// Body of `POST /v1/trust/revocations`: `{"subject": "<agent id>"}` revokes
@@ -137,6 +165,15 @@ pub struct AgentTrust {
     last_revocation: AtomicU64,
     /// Locators last announced (re-announce when they change).
     announced: Mutex<(Vec<[u8; 32]>, u64)>,
+    /// Every grant this agent signed, superseded ones included (the engine
+    /// keeps only the newest per subject): revoking a subject revokes each.
+    own_grants: Mutex<BTreeMap<GrantId, SignedRecord>>,
+    /// Records not yet taken by every repository, by file name stem
+    /// (mirrors `<state>/trust/outbox/`); the lock also serialises sending.
+    outbox: tokio::sync::Mutex<BTreeMap<String, Pending>>,
+    /// Outbox records a repository refused for cause (dropped), not yet
+    /// counted in the metrics (see [`AgentTrust::take_dropped`]).
+    dropped: AtomicU64,
 }
 
 impl std::fmt::Debug for AgentTrust {
@@ -172,6 +209,9 @@ impl AgentTrust {
             prefix: state_prefix.to_string(),
             last_revocation: AtomicU64::new(0),
             announced: Mutex::new((Vec::new(), 0)),
+            own_grants: Mutex::new(BTreeMap::new()),
+            outbox: tokio::sync::Mutex::new(BTreeMap::new()),
+            dropped: AtomicU64::new(0),
         };
         t.load().await?;
         Ok(Arc::new(t))
@@ -189,8 +229,208 @@ impl AgentTrust {
         .await?;
         for (_, rec) in records {
             self.absorb(&rec);
+            self.remember_own(&rec);
+        }
+        let pending = state::read_each(
+            &self.op,
+            &state::trust_outbox_dir(&self.prefix),
+            ".json",
+            "unpublished trust record",
+            |b: &[u8]| serde_json::from_slice::<Pending>(b),
+        )
+        .await?;
+        let mut outbox = self.outbox.lock().await;
+        for (path, p) in pending {
+            let key = path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches(".json")
+                .to_string();
+            outbox.insert(key, p);
         }
         Ok(())
+    }
+
+    /// Keeps `rec` among this agent's own grants when it is one.
+    fn remember_own(&self, rec: &SignedRecord) {
+        if rec.kind == Kind::TrustGrant
+            && rec.signer == self.me
+            && let Ok(g) = TrustGrant::from_record(rec)
+            && let Ok(mut own) = self.own_grants.lock()
+        {
+            own.insert(g.id(), rec.clone());
+        }
+    }
+
+    fn outbox_file(&self, key: &str) -> String {
+        format!("{}{key}.json", state::trust_outbox_dir(&self.prefix))
+    }
+
+    async fn save_pending(&self, key: &str, p: &Pending) -> Result<()> {
+        let path = self.outbox_file(key);
+        let json = serde_json::to_vec(p).map_err(|e| Error::Config(format!("{path}: {e}")))?;
+        self.op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
+    }
+
+    /// Queues `rec` for every configured repository (persisted first, so a
+    /// crash or restart keeps it); returns its outbox key.
+    async fn enqueue(&self, rec: &SignedRecord) -> Result<Option<String>> {
+        let Some(r) = &self.repos else {
+            return Ok(None);
+        };
+        let bytes = rec.to_bytes();
+        let key = blake3::hash(&bytes).to_hex().to_string();
+        let p = Pending {
+            record: bytes,
+            repositories: r.urls().to_vec(),
+        };
+        self.save_pending(&key, &p).await?;
+        self.outbox.lock().await.insert(key.clone(), p);
+        Ok(Some(key))
+    }
+
+    /// Records in the outbox (not yet taken by every repository).
+    pub async fn unpublished(&self) -> usize {
+        self.outbox.lock().await.len()
+    }
+
+    /// Outbox records dropped since the last call because a repository
+    /// refused them for cause (for `caravan_errors_total{kind="trust_record_refused"}`).
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
+    /// Sends the outbox records `keys` (all of them when None; grants
+    /// before revocations, as a repository takes a revocation only of a
+    /// grant it holds) to the repositories that have not taken them.
+    /// A repository that took one (or holds it or something newer) is done
+    /// with it; one that refused it for cause (4xx) is dropped from it with
+    /// a warning; one that is unreachable or busy stays, for the next sync,
+    /// and is skipped for the rest of this pass. Returns, per record sent,
+    /// what happened at each repository.
+    async fn send_outbox(&self, keys: Option<&[String]>) -> BTreeMap<String, PublishReport> {
+        let mut reports = BTreeMap::new();
+        let Some(r) = &self.repos else {
+            return reports;
+        };
+        let mut outbox = self.outbox.lock().await;
+        let mut order: Vec<(u8, u64, String, SignedRecord)> = Vec::new();
+        let mut broken = Vec::new();
+        for (key, p) in outbox.iter() {
+            if keys.is_some_and(|k| !k.contains(key)) {
+                continue;
+            }
+            let Ok(rec) = SignedRecord::from_bytes(&p.record) else {
+                broken.push(key.clone());
+                continue;
+            };
+            let (rank, seq) = match rec.kind {
+                Kind::TrustGrant => (0, TrustGrant::from_record(&rec).map_or(0, |g| g.seq)),
+                _ => (1, Revocation::from_record(&rec).map_or(0, |v| v.seq)),
+            };
+            order.push((rank, seq, key.clone(), rec));
+        }
+        order.sort_by_key(|a| (a.0, a.1));
+        for key in broken {
+            tracing::warn!(key, "dropping an unreadable record from the trust outbox");
+            outbox.remove(&key);
+            self.delete_pending(&key).await;
+        }
+        let mut down: HashSet<String> = HashSet::new();
+        for (_, _, key, rec) in order {
+            let Some(p) = outbox.get(&key).cloned() else {
+                continue;
+            };
+            let mut report = PublishReport::default();
+            let mut remaining = Vec::new();
+            for url in &p.repositories {
+                if !r.urls().contains(url) {
+                    // No longer configured.
+                    continue;
+                }
+                if down.contains(url) {
+                    remaining.push(url.clone());
+                    report
+                        .unreachable
+                        .push((url.clone(), "unreachable earlier in this pass".into()));
+                    continue;
+                }
+                let mut o = r.publish_to(url, &rec).await;
+                // A revocation of a grant the repository never stored (it
+                // was down when the grant was made, and the grant's own
+                // outbox entry is gone): send the grant, then again.
+                if matches!(&o, Outcome::Refused(b) if b.contains("\"unknown_grant\""))
+                    && let Ok(v) = Revocation::from_record(&rec)
+                    && let Some(g) = self
+                        .own_grants
+                        .lock()
+                        .ok()
+                        .and_then(|own| own.get(&v.grant_id).cloned())
+                {
+                    let _ = r.publish_to(url, &g).await;
+                    o = r.publish_to(url, &rec).await;
+                }
+                match o {
+                    Outcome::Accepted | Outcome::Stale(_) => report.accepted.push(url.clone()),
+                    Outcome::Refused(body) => {
+                        tracing::warn!(
+                            repository = %url,
+                            kind = rec.kind.tag(),
+                            refusal = %body,
+                            "a repository refused a trust record this agent signed; it will not be sent there again"
+                        );
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        report.refused.push((url.clone(), body));
+                    }
+                    Outcome::Unreachable(e) => {
+                        down.insert(url.clone());
+                        remaining.push(url.clone());
+                        report.unreachable.push((url.clone(), e));
+                    }
+                }
+            }
+            if remaining.is_empty() {
+                outbox.remove(&key);
+                self.delete_pending(&key).await;
+            } else if remaining != p.repositories {
+                let np = Pending {
+                    record: p.record.clone(),
+                    repositories: remaining,
+                };
+                if let Err(e) = self.save_pending(&key, &np).await {
+                    tracing::warn!(error = %e, "could not update the trust outbox");
+                }
+                outbox.insert(key.clone(), np);
+            }
+            reports.insert(key, report);
+        }
+        reports
+    }
+
+    async fn delete_pending(&self, key: &str) {
+        let path = self.outbox_file(key);
+        if let Err(e) = self.op.delete(&path).await {
+            tracing::warn!(error = %e, %path, "could not remove a sent record from the trust outbox");
+        }
+    }
+
+    /// Sends every record still in the outbox (each trust sync calls it);
+    /// returns how many records are still waiting for a repository.
+    pub async fn publish_pending(&self) -> usize {
+        let reports = self.send_outbox(None).await;
+        let sent = reports.values().filter(|r| !r.accepted.is_empty()).count();
+        if sent > 0 {
+            tracing::info!(
+                sent,
+                "published trust records that were waiting for a repository"
+            );
+        }
+        self.outbox.lock().await.len()
     }
 
     /// Adds a verified grant or revocation to the engine; true when new.
@@ -272,6 +512,10 @@ impl AgentTrust {
     }
 
     /// Signs a grant, keeps it, and publishes it to every repository.
+    ///
+    /// A repository that cannot be reached gets the grant later (it waits
+    /// in the outbox); when none took it, the answer is [`Error::Protocol`]
+    /// saying so, while the grant is in effect on this agent.
     pub async fn grant(&self, req: &GrantRequest) -> Result<GrantInfo> {
         let now = unix_now();
         let g = TrustGrant {
@@ -289,16 +533,44 @@ impl AgentTrust {
             e.add_grant_record(&rec).map_err(Error::from)?;
         }
         self.persist(&rec).await?;
+        self.remember_own(&rec);
         let mut info = self.info(&g);
-        if let Some(r) = &self.repos {
-            info.published_to = r.publish(&rec).await?.accepted;
+        if let Some(key) = self.enqueue(&rec).await? {
+            let report = self
+                .send_outbox(Some(std::slice::from_ref(&key)))
+                .await
+                .remove(&key)
+                .unwrap_or_default();
+            if report.accepted.is_empty() {
+                let waiting = !report.unreachable.is_empty();
+                return Err(Error::Protocol(format!(
+                    "grant {} to {} is signed, saved and in effect on this agent, but no repository took it \
+                     (refused: {:?}; unreachable: {:?}){}",
+                    g.id(),
+                    g.subject,
+                    report.refused,
+                    report
+                        .unreachable
+                        .iter()
+                        .map(|(u, _)| u.as_str())
+                        .collect::<Vec<_>>(),
+                    if waiting {
+                        "; it is saved and will be published when a repository answers"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            info.published_to = report.accepted;
         }
         Ok(info)
     }
 
     /// Signs revocations of this agent's grants (to a subject, or one grant
-    /// id), applies them at once, and publishes them. Returns the revoked ids.
-    pub async fn revoke(&self, req: &RevokeRequest) -> Result<Vec<String>> {
+    /// id), applies them at once, and publishes them. A repository
+    /// that cannot be reached gets them later: they wait in the outbox,
+    /// and every trust sync sends them again.
+    pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse> {
         let issued = self.issued();
         let targets: Vec<GrantId> = match (&req.subject, &req.grant_id) {
             (Some(s), None) => issued
@@ -326,7 +598,8 @@ impl AgentTrust {
                 "this agent issued no grant to that agent".into(),
             ));
         }
-        let mut out = Vec::new();
+        let mut out = RevokeResponse::default();
+        let mut keys = Vec::new();
         for (i, grant_id) in targets.into_iter().enumerate() {
             let rev = Revocation {
                 issuer: self.me,
@@ -338,29 +611,38 @@ impl AgentTrust {
             self.absorb(&rec);
             self.last_revocation.store(unix_now(), Ordering::Relaxed);
             self.persist(&rec).await?;
-            if let Some(r) = &self.repos {
-                // Repositories take revocations only of grants they hold:
-                // (re)publish the grant first, in case it never reached them
-                // (a repository that has it answers that it is not newer).
-                let grant = self
-                    .engine
-                    .read()
-                    .ok()
-                    .and_then(|e| e.grant(&grant_id).and_then(|(_, rec)| rec.cloned()));
-                if let Some(g) = grant {
-                    let _ = r.publish(&g).await;
-                }
-                if let Err(e) = r.publish(&rec).await {
-                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+            if let Some(key) = self.enqueue(&rec).await? {
+                keys.push(key);
+            }
+            out.revoked.push(grant_id.to_hex());
+        }
+        if let Some(r) = &self.repos {
+            let reports = self.send_outbox(Some(&keys)).await;
+            // A repository counts as done when it took every revocation.
+            for url in r.urls() {
+                let all = reports.values().all(|rep| rep.accepted.contains(url));
+                if all && !reports.is_empty() {
+                    out.published_to.push(url.clone());
+                } else if reports
+                    .values()
+                    .any(|rep| rep.unreachable.iter().any(|(u, _)| u == url))
+                {
+                    out.pending.push(url.clone());
                 }
             }
-            out.push(grant_id.to_hex());
+            if out.published_to.is_empty() {
+                tracing::warn!(
+                    pending = ?out.pending,
+                    "revocation in effect on this agent, but no repository took it yet; it is saved and will be published when one answers"
+                );
+            }
         }
         Ok(out)
     }
 
     /// Revokes one grant this agent issued, by id (hex): signs the
-    /// revocation, applies it, publishes it. Returns whether a repository
+    /// revocation, applies it, publishes it (a repository that cannot be
+    /// reached gets it later, from the outbox). Returns whether a repository
     /// stored it (true without repositories). A grant already revoked is
     /// revoked again (revocations are idempotent records).
     pub async fn revoke_one(&self, grant_id: &str) -> Result<bool> {
@@ -375,15 +657,13 @@ impl AgentTrust {
         self.absorb(&rec);
         self.last_revocation.store(unix_now(), Ordering::Relaxed);
         self.persist(&rec).await?;
-        match &self.repos {
+        match self.enqueue(&rec).await? {
             None => Ok(true),
-            Some(r) => match r.publish(&rec).await {
-                Ok(res) => Ok(!res.accepted.is_empty()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
-                    Ok(false)
-                }
-            },
+            Some(key) => Ok(self
+                .send_outbox(Some(std::slice::from_ref(&key)))
+                .await
+                .get(&key)
+                .is_some_and(|r| !r.accepted.is_empty())),
         }
     }
 
@@ -792,6 +1072,7 @@ mod tests {
             })
             .await
             .unwrap()
+            .revoked
             .len(),
             1
         );
