@@ -526,6 +526,77 @@ fn trust_records_made_while_the_repository_is_down_are_published_when_it_returns
     }
 }
 
+/// Guarantee: `trust grant` refuses, before anything is signed, a validity
+/// beyond what repositories accept (400d), of 0, or a depth beyond 8, with
+/// exit 3 and a message naming the limit; `--help` states the limits; and
+/// the grant in effect stays the published one. Revoking the agent then
+/// revokes every grant it was given, the superseded one too.
+#[test]
+fn grant_limits_are_checked_before_signing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = agent(tmp.path(), "e", &[]);
+    let f = SecretKey::generate().unwrap().agent_id().to_string();
+    cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &f,
+        "--depth",
+        "0",
+        "--expires",
+        "30d",
+    ]);
+    for (flag, value, says) in [
+        ("--expires", "400d", "366 days"),
+        ("--expires", "0", "at least 1 second"),
+        ("--expires", "99999999999999999999", "not a duration"),
+        ("--depth", "9", "at most 8"),
+    ] {
+        let mut args = vec!["trust", "grant", "--config", e.cfg(), &f, flag, value];
+        if flag != "--depth" {
+            args.extend_from_slice(&["--depth", "0"]);
+        }
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+    }
+    let list = cli_ok(&["trust", "list", "--config", e.cfg(), "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let issued = l["issued"].as_array().unwrap();
+    assert_eq!(issued.len(), 1, "{list}");
+    assert!(issued[0]["not_after"].as_u64().unwrap() <= unix_now() + 30 * 86400);
+    let help = cli_ok(&["trust", "grant", "--help"])
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("366 days") && help.contains("at most 8"),
+        "{help}"
+    );
+    assert!(help.contains("s, m, h, d or w"), "{help}");
+    // A second grant supersedes the first; revoking the agent revokes both
+    // (the first, kept by the subject, would otherwise still be valid).
+    cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &f,
+        "--depth",
+        "0",
+        "--expires",
+        "20d",
+    ]);
+    let out = cli_ok(&["trust", "revoke", "--config", e.cfg(), &f]);
+    assert_eq!(out.matches("revoked grant").count(), 2, "{out}");
+    assert!(
+        out.contains(issued[0]["grant_id"].as_str().unwrap()),
+        "{out}"
+    );
+}
+
 #[test]
 fn demo_trust_scenario_json() {
     let out = cli_ok(&["demo", "--scenario", "trust", "--json"]);

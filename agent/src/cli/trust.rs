@@ -26,6 +26,8 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 expires_secs: expires,
                 scope,
             };
+            // The daemon checks it again (400); refused here, nothing is sent.
+            req.check()?;
             let g: GrantInfo = Admin::from_config(&config)?
                 .post(api::TRUST_GRANTS, &req)
                 .await?;

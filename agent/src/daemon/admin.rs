@@ -464,8 +464,10 @@ async fn api_trust_list(
 /// (`{"subject": "<agent id>", "depth": N, "expires_secs": S?, "scope": "…"?}`):
 /// signs a grant with this agent's key, keeps it and publishes it to every
 /// configured repository; answers a [`GrantInfo`] (`published_to` lists the
-/// repositories that stored it). 400 on a malformed request (e.g. a grant
-/// to itself), 502 when repositories are configured and none took it (the grant is in effect on this agent, and one that could
+/// repositories that stored it). 400 on a request refused before signing
+/// ([`GrantRequest::check`]: validity 0 or beyond 366 days, depth beyond 8,
+/// a bad scope; a grant to itself), 502 when repositories are configured and
+/// none took it (the grant is in effect on this agent, and one that could
 /// not be reached gets it from the outbox at a later trust sync).
 async fn api_trust_grant(
     State(s): State<AdminState>,

@@ -710,9 +710,7 @@ impl Declarations {
             .trust()
             .ok_or_else(|| Error::Config("the trust state is not loaded".into()))?;
         let subject: AgentId = spec.subject.parse()?;
-        if spec.depth > 8 {
-            return Err(Error::Rejected("depth must be 0–8".into()));
-        }
+        crate::trust::check_grant_depth(spec.depth).map_err(Error::Rejected)?;
         let path = self.grant_file(key);
         let old: Option<SavedGrant> = match self.agent.op.read(&path).await {
             Ok(b) => serde_json::from_slice(&b.to_vec()).ok(),

@@ -28,13 +28,14 @@ use crate::record::{Kind, SignedRecord};
 use crate::repository::{Outcome, PublishReport, RepositoryClient};
 use crate::trust::engine::MAX_PRESENTED_GRANTS;
 use crate::trust::{
-    Announcement, GrantId, Revocation, TrustEngine, TrustGrant, render_tree, share_locator,
+    Announcement, GrantId, MAX_GRANT_DEPTH, Revocation, TrustEngine, TrustGrant, check_grant_depth,
+    check_grant_scope, check_grant_validity_secs, render_tree, share_locator,
 };
 use crate::util::{unix_millis, unix_now};
 
 /// Hops searched when an agent looks for its own chain to a publisher (the
 /// publisher then applies the share's real depth).
-pub const SEARCH_HOPS: u8 = 8;
+pub const SEARCH_HOPS: u8 = MAX_GRANT_DEPTH;
 /// Most agents one trust search visits.
 pub const SEARCH_AGENTS: usize = 256;
 /// Revocations of grants this agent does not know, kept in memory at most
@@ -66,6 +67,22 @@ pub struct GrantRequest {
     /// What the trust is for (None: everything).
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+impl GrantRequest {
+    /// Refuses, before anything is signed, a request the repositories would
+    /// refuse for its content or that could never be used: a validity of 0
+    /// or beyond [`crate::trust::MAX_GRANT_VALIDITY_SECS`] (366 days), a
+    /// depth beyond [`MAX_GRANT_DEPTH`], an empty or oversized scope. The
+    /// admin API answers 400 and the CLI exits 3 with the message, which
+    /// names the limit. Returns the validity in seconds.
+    pub fn check(&self) -> Result<u64> {
+        let secs = self.expires_secs.unwrap_or(DEFAULT_GRANT_SECS);
+        check_grant_validity_secs(secs).map_err(Error::Rejected)?;
+        check_grant_depth(self.depth).map_err(Error::Rejected)?;
+        check_grant_scope(self.scope.as_deref()).map_err(Error::Rejected)?;
+        Ok(secs)
+    }
 }
 
 /// Answer of `POST /v1/trust/revocations`.
@@ -261,6 +278,21 @@ impl AgentTrust {
         {
             own.insert(g.id(), rec.clone());
         }
+    }
+
+    /// Every grant this agent signed (superseded ones too), oldest first.
+    fn own_grants(&self) -> Vec<(TrustGrant, SignedRecord)> {
+        let mut out: Vec<(TrustGrant, SignedRecord)> = self
+            .own_grants
+            .lock()
+            .map(|own| {
+                own.values()
+                    .filter_map(|r| TrustGrant::from_record(r).ok().map(|g| (g, r.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|(g, _)| g.seq);
+        out
     }
 
     fn outbox_file(&self, key: &str) -> String {
@@ -513,10 +545,17 @@ impl AgentTrust {
 
     /// Signs a grant, keeps it, and publishes it to every repository.
     ///
+    /// Refused before signing ([`Error::Rejected`]): a request
+    /// [`GrantRequest::check`] refuses, and a grant to this agent itself.
+    ///
     /// A repository that cannot be reached gets the grant later (it waits
     /// in the outbox); when none took it, the answer is [`Error::Protocol`]
     /// saying so, while the grant is in effect on this agent.
     pub async fn grant(&self, req: &GrantRequest) -> Result<GrantInfo> {
+        let secs = req.check()?;
+        if req.subject == self.me {
+            return Err(Error::Rejected("an agent cannot vouch for itself".into()));
+        }
         let now = unix_now();
         let g = TrustGrant {
             issuer: self.me,
@@ -524,8 +563,14 @@ impl AgentTrust {
             depth: req.depth,
             scope: req.scope.clone(),
             not_before: now,
-            not_after: now + req.expires_secs.unwrap_or(DEFAULT_GRANT_SECS).max(1),
-            seq: unix_millis(),
+            not_after: now.saturating_add(secs),
+            // Newer than every grant this agent signed, even two within a
+            // millisecond (a grant replaces only an older one).
+            seq: unix_millis().max(
+                self.own_grants()
+                    .last()
+                    .map_or(0, |(g, _)| g.seq.saturating_add(1)),
+            ),
         };
         g.check_well_formed().map_err(Error::from)?;
         let rec = SignedRecord::seal(&self.key, &g)?;
@@ -566,21 +611,22 @@ impl AgentTrust {
         Ok(info)
     }
 
-    /// Signs revocations of this agent's grants (to a subject, or one grant
-    /// id), applies them at once, and publishes them. A repository
+    /// Signs revocations of this agent's grants (to a subject: every grant
+    /// it ever issued to it, superseded and scoped ones included; or one
+    /// grant id), applies them at once, and publishes them. A repository
     /// that cannot be reached gets them later: they wait in the outbox,
     /// and every trust sync sends them again.
     pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse> {
-        let issued = self.issued();
+        let own = self.own_grants();
         let targets: Vec<GrantId> = match (&req.subject, &req.grant_id) {
-            (Some(s), None) => issued
+            (Some(s), None) => own
                 .iter()
-                .filter(|g| g.subject == *s)
-                .map(|g| g.id())
+                .filter(|(g, _)| g.subject == *s)
+                .map(|(g, _)| g.id())
                 .collect(),
             (None, Some(id)) => {
                 let id = GrantId::from_hex(id)?;
-                if !issued.iter().any(|g| g.id() == id) {
+                if !own.iter().any(|(g, _)| g.id() == id) {
                     return Err(Error::NotFound(format!(
                         "this agent issued no grant with id {id}"
                     )));
@@ -1092,6 +1138,106 @@ mod tests {
         assert!(l.issued.iter().any(|g| g.subject == bob && g.revoked));
         assert!(l.trusted.contains_key(&carol.to_string()));
         assert!(!l.trusted.contains_key(&bob.to_string()));
+    }
+
+    fn req(subject: AgentId, expires_secs: Option<u64>) -> GrantRequest {
+        GrantRequest {
+            subject,
+            depth: 0,
+            expires_secs,
+            scope: None,
+        }
+    }
+
+    /// Guarantee: a grant request every repository would refuse for its
+    /// content (validity 0, beyond 366 days, or overflowing; depth beyond
+    /// 8; an empty scope) is refused as bad input before anything is
+    /// signed, so no unpublishable grant becomes active or replaces one.
+    #[tokio::test]
+    async fn grant_requests_beyond_the_limits_are_refused_before_signing() {
+        let key = SecretKey::generate().unwrap();
+        let web = AgentTrust::open(&key, memory(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let f = SecretKey::generate().unwrap().agent_id();
+        web.grant(&req(f, Some(30 * 86400))).await.unwrap();
+        let mut bad = vec![
+            req(f, Some(400 * 86400)),
+            req(f, Some(0)),
+            req(f, Some(u64::MAX)),
+            req(f, Some(crate::trust::MAX_GRANT_VALIDITY_SECS + 1)),
+        ];
+        let mut deep = req(f, None);
+        deep.depth = MAX_GRANT_DEPTH + 1;
+        bad.push(deep);
+        let mut empty = req(f, None);
+        empty.scope = Some(String::new());
+        bad.push(empty);
+        for r in bad {
+            let e = web.grant(&r).await.unwrap_err();
+            assert!(
+                matches!(e, Error::Rejected(_)) && e.is_bad_input(),
+                "{r:?}: {e}"
+            );
+        }
+        let e = web.grant(&req(f, Some(400 * 86400))).await.unwrap_err();
+        assert!(e.to_string().contains("366 days"), "{e}");
+        // Only the first grant was ever signed, and it is the one in effect.
+        let l = web.listing();
+        assert_eq!(l.issued.len(), 1);
+        assert!(l.issued[0].not_after <= unix_now() + 30 * 86400);
+        assert_eq!(web.own_grants().len(), 1);
+        // The largest validity accepted is exactly the repositories' limit.
+        web.grant(&req(f, Some(crate::trust::MAX_GRANT_VALIDITY_SECS)))
+            .await
+            .unwrap();
+    }
+
+    /// Guarantee: revoking an agent revokes every grant this agent ever
+    /// issued to it, the superseded ones too (across a restart), so the
+    /// subject cannot present an older grant it kept.
+    #[tokio::test]
+    async fn revoking_a_subject_revokes_its_superseded_grants_too() {
+        let op = memory();
+        let key = SecretKey::generate().unwrap();
+        let me = key.agent_id();
+        let web = AgentTrust::open(&key, op.clone(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let f = SecretKey::generate().unwrap().agent_id();
+        let first = web.grant(&req(f, Some(30 * 86400))).await.unwrap();
+        let second = web.grant(&req(f, Some(20 * 86400))).await.unwrap();
+        assert_ne!(first.grant_id, second.grant_id);
+        let old = web
+            .own_grants()
+            .into_iter()
+            .find(|(g, _)| g.id().to_hex() == first.grant_id)
+            .unwrap()
+            .1;
+        // Before: the older grant, presented, is a valid chain.
+        assert!(web.trusts(&me, &f, 1, std::slice::from_ref(&old)));
+        // After a restart (the engine keeps only the newest grant per subject).
+        let web = AgentTrust::open(&key, op.clone(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let r = web
+            .revoke(&RevokeRequest {
+                subject: Some(f),
+                grant_id: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.revoked.len(), 2, "{r:?}");
+        assert!(r.revoked.contains(&first.grant_id));
+        assert!(!web.trusts(&me, &f, 1, &[]));
+        assert!(!web.trusts(&me, &f, 1, std::slice::from_ref(&old)));
+        // A superseded grant can be revoked by id, too.
+        web.revoke(&RevokeRequest {
+            subject: None,
+            grant_id: Some(first.grant_id.clone()),
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test]
