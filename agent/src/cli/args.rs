@@ -263,9 +263,10 @@ pub(crate) enum TrustCommand {
     /// Limits (checked before anything is signed; exit 3 when exceeded):
     /// --expires from 1 second to 366 days (repositories refuse a longer
     /// validity), --depth at most 8, --scope 1 to 128 bytes. A grant
-    /// replaces this agent's earlier grant to the same agent. A repository
-    /// that cannot be reached gets the grant later: it is saved and sent
-    /// again on every trust sync.
+    /// replaces this agent's earlier grant to the same agent; one with a
+    /// different scope than the grant in effect is refused (revoke that
+    /// first). A repository that cannot be reached gets the grant later:
+    /// it is saved and sent again on every trust sync.
     ///
     /// Example: `caravan-agent trust grant cv1-… --depth 1 --expires 30d -c agent.toml`
     Grant {

@@ -466,7 +466,8 @@ async fn api_trust_list(
 /// configured repository; answers a [`GrantInfo`] (`published_to` lists the
 /// repositories that stored it). 400 on a request refused before signing
 /// ([`GrantRequest::check`]: validity 0 or beyond 366 days, depth beyond 8,
-/// a bad scope; a grant to itself), 502 when repositories are configured and
+/// a bad scope; a grant to itself; a scope other than that of the grant to
+/// the same subject in effect), 502 when repositories are configured and
 /// none took it (the grant is in effect on this agent, and one that could
 /// not be reached gets it from the outbox at a later trust sync).
 async fn api_trust_grant(

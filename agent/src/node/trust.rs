@@ -546,7 +546,10 @@ impl AgentTrust {
     /// Signs a grant, keeps it, and publishes it to every repository.
     ///
     /// Refused before signing ([`Error::Rejected`]): a request
-    /// [`GrantRequest::check`] refuses, and a grant to this agent itself.
+    /// [`GrantRequest::check`] refuses, a grant to this agent itself, and a
+    /// grant whose scope differs from the one of this agent's grant to the
+    /// same subject still in effect (one grant per issuer and subject is
+    /// kept, here and in the repositories, so it would replace it).
     ///
     /// A repository that cannot be reached gets the grant later (it waits
     /// in the outbox); when none took it, the answer is [`Error::Protocol`]
@@ -557,6 +560,30 @@ impl AgentTrust {
             return Err(Error::Rejected("an agent cannot vouch for itself".into()));
         }
         let now = unix_now();
+        if let Some(other) = self.issued().into_iter().find(|g| {
+            g.subject == req.subject
+                && g.scope != req.scope
+                && g.is_active(now)
+                && !self.engine.read().is_ok_and(|e| e.is_revoked(&g.id()))
+        }) {
+            let name = |s: &Option<String>| {
+                s.as_ref()
+                    .map_or("no scope (general trust)".to_string(), |s| {
+                        format!("scope {s:?}")
+                    })
+            };
+            return Err(Error::Rejected(format!(
+                "this agent's grant {} to {} with {} is in effect, and a grant with {} would replace it \
+                 (one grant per issuer and subject is kept; shares carry no scope, so only a grant without \
+                 scope lets an agent fetch): revoke it first (`trust revoke --grant-id {}`), or grant with {}",
+                other.id(),
+                req.subject,
+                name(&other.scope),
+                name(&req.scope),
+                other.id(),
+                name(&other.scope),
+            )));
+        }
         let g = TrustGrant {
             issuer: self.me,
             subject: req.subject,
@@ -798,15 +825,52 @@ impl AgentTrust {
             },
             None => {
                 let all = e.grant_records();
-                let naming = all
+                let naming: Vec<TrustGrant> = all
                     .iter()
-                    .filter(|r| TrustGrant::from_record(r).is_ok_and(|g| g.subject == *who))
-                    .count();
-                let reason = if naming == 0 {
+                    .filter_map(|r| TrustGrant::from_record(r).ok())
+                    .filter(|g| g.subject == *who)
+                    .collect();
+                // What is wrong with each grant naming `who` itself, so that
+                // an unrelated revocation elsewhere is not blamed.
+                let faults: Vec<String> = naming
+                    .iter()
+                    .filter_map(|g| {
+                        let by = g.issuer.short();
+                        if e.is_revoked(&g.id()) {
+                            Some(format!("the grant by {by} is revoked"))
+                        } else if !g.is_active(now) {
+                            Some(format!(
+                                "the grant by {by} is not in effect (valid {}..{}, now {now})",
+                                g.not_before, g.not_after
+                            ))
+                        } else {
+                            g.scope.as_ref().map(|sc| {
+                                format!(
+                                    "the grant by {by} is scoped to {sc:?}, and shares carry no scope, \
+                                     so it gives no general trust"
+                                )
+                            })
+                        }
+                    })
+                    .collect();
+                let reason = if naming.is_empty() {
                     format!("no grant naming {who} is known (locally or in the repositories)")
+                } else if faults.len() == naming.len() {
+                    format!(
+                        "{} grant(s) name {who}, none usable: {}",
+                        naming.len(),
+                        faults.join("; ")
+                    )
                 } else {
-                    let presented: Vec<SignedRecord> =
-                        all.into_iter().take(MAX_PRESENTED_GRANTS).collect();
+                    // Revoked grants are left out: they are not the reason
+                    // when a usable grant names `who`.
+                    let presented: Vec<SignedRecord> = all
+                        .into_iter()
+                        .filter(|r| {
+                            TrustGrant::from_record(r).is_ok_and(|g| !e.is_revoked(&g.id()))
+                        })
+                        .take(MAX_PRESENTED_GRANTS)
+                        .collect();
                     match crate::trust::verify_chain(
                         &self.me,
                         who,
@@ -819,8 +883,9 @@ impl AgentTrust {
                         Ok(_) => "a chain exists only through grants this agent cannot present"
                             .to_string(),
                         Err(inv) => format!(
-                            "{naming} grant(s) name {who}, but no valid chain: {inv} \
-                             (expired, revoked, beyond a hop's depth, or not linked to this agent)"
+                            "{} grant(s) name {who}, but no valid chain: {inv} \
+                             (expired, revoked, beyond a hop's depth, or not linked to this agent)",
+                            naming.len()
                         ),
                     }
                 };
@@ -1238,6 +1303,54 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    /// Guarantee: a scoped grant never silently replaces this agent's
+    /// general (unscoped) grant to the same subject — it is refused as bad
+    /// input and the subject stays trusted — and `why` explains a subject
+    /// named only by a scoped grant by its scope, not by an unrelated
+    /// revocation.
+    #[tokio::test]
+    async fn a_scoped_grant_does_not_replace_the_general_one() {
+        let key = SecretKey::generate().unwrap();
+        let me = key.agent_id();
+        let web = AgentTrust::open(&key, memory(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let (f, g) = (
+            SecretKey::generate().unwrap().agent_id(),
+            SecretKey::generate().unwrap().agent_id(),
+        );
+        web.grant(&req(f, Some(86400))).await.unwrap();
+        let mut scoped = req(f, Some(86400));
+        scoped.scope = Some("photos".into());
+        let e = web.grant(&scoped).await.unwrap_err();
+        assert!(matches!(e, Error::Rejected(_)), "{e}");
+        assert!(e.to_string().contains("revoke it first"), "{e}");
+        assert!(web.trusts(&me, &f, 1, &[]));
+        assert!(web.why(&f).await.trusted);
+        // Once the general grant is revoked, a scoped one may be issued.
+        web.revoke(&RevokeRequest {
+            subject: Some(f),
+            grant_id: None,
+        })
+        .await
+        .unwrap();
+        web.grant(&scoped).await.unwrap();
+        // `why` for an agent with only a scoped grant, after an unrelated
+        // revocation (of g's grant): the scope is the reason.
+        web.grant(&req(g, Some(86400))).await.unwrap();
+        web.revoke(&RevokeRequest {
+            subject: Some(g),
+            grant_id: None,
+        })
+        .await
+        .unwrap();
+        let why = web.why(&f).await;
+        assert!(!why.trusted);
+        let reason = why.reason.unwrap();
+        assert!(reason.contains("scoped to \"photos\""), "{reason}");
+        assert!(!reason.contains("revoked"), "{reason}");
     }
 
     #[tokio::test]
