@@ -73,6 +73,9 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 if !r.published_to.is_empty() {
                     out!("published to {}", r.published_to.join(", "));
                 }
+                for refusal in &r.refused {
+                    out!("refused (not retried): {refusal}");
+                }
                 if !r.pending.is_empty() {
                     out!(
                         "{} in effect on this agent; not yet published to {} (unreachable): \

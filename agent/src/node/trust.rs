@@ -90,13 +90,17 @@ impl GrantRequest {
 pub struct RevokeResponse {
     /// Revoked grant ids (hex).
     pub revoked: Vec<String>,
-    /// Repositories that stored every revocation (or already held it).
+    /// Repositories that stored a revocation (or already held it).
     #[serde(default)]
     pub published_to: Vec<String>,
-    /// Repositories that could not be reached: the revocations are saved
-    /// and sent again on every trust sync until they take them.
+    /// Repositories that could not be reached (for some revocation): it is
+    /// saved and sent again on every trust sync until they take it.
     #[serde(default)]
     pub pending: Vec<String>,
+    /// Refusals for cause, as "repository: JSON error body" (e.g. a
+    /// revocation of a grant a repository never stored); not retried.
+    #[serde(default)]
+    pub refused: Vec<String>,
 }
 
 /// A record this agent signed that some repositories have not taken yet
@@ -691,16 +695,20 @@ impl AgentTrust {
         }
         if let Some(r) = &self.repos {
             let reports = self.send_outbox(Some(&keys)).await;
-            // A repository counts as done when it took every revocation.
             for url in r.urls() {
-                let all = reports.values().all(|rep| rep.accepted.contains(url));
-                if all && !reports.is_empty() {
+                if reports.values().any(|rep| rep.accepted.contains(url)) {
                     out.published_to.push(url.clone());
-                } else if reports
+                }
+                if reports
                     .values()
                     .any(|rep| rep.unreachable.iter().any(|(u, _)| u == url))
                 {
                     out.pending.push(url.clone());
+                }
+            }
+            for rep in reports.values() {
+                for (u, body) in &rep.refused {
+                    out.refused.push(format!("{u}: {body}"));
                 }
             }
             if out.published_to.is_empty() {
@@ -1351,6 +1359,58 @@ mod tests {
         let reason = why.reason.unwrap();
         assert!(reason.contains("scoped to \"photos\""), "{reason}");
         assert!(!reason.contains("revoked"), "{reason}");
+    }
+
+    /// A repository that answers every POST with `status`, counting them.
+    async fn answering(status: u16) -> (String, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::Relaxed);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    "{\"error\":\"far_future\",\"detail\":\"test\"}",
+                )
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, hits)
+    }
+
+    /// Guarantee: the outbox retries a repository that is failing (5xx)
+    /// on every sync, and drops a record a repository refused for cause
+    /// (4xx) at once, counted for the metrics, never sending it there again.
+    #[tokio::test]
+    async fn the_outbox_retries_failures_but_not_refusals() {
+        let op = memory();
+        let key = SecretKey::generate().unwrap();
+        let (refusing, refused_hits) = answering(422).await;
+        let (failing, failed_hits) = answering(503).await;
+        let web = AgentTrust::open(&key, op.clone(), ".caravan/", &[refusing, failing.clone()])
+            .await
+            .unwrap();
+        let f = SecretKey::generate().unwrap().agent_id();
+        let e = web.grant(&req(f, Some(86400))).await.unwrap_err();
+        assert!(e.to_string().contains("will be published"), "{e}");
+        assert_eq!(web.take_dropped(), 1);
+        assert_eq!(web.unpublished().await, 1);
+        for _ in 0..3 {
+            assert_eq!(web.publish_pending().await, 1);
+        }
+        assert_eq!(refused_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(failed_hits.load(Ordering::Relaxed), 4);
+        // The queue survives a restart, for the failing repository only.
+        let again = AgentTrust::open(&key, op.clone(), ".caravan/", &[failing])
+            .await
+            .unwrap();
+        assert_eq!(again.unpublished().await, 1);
+        let p = again.outbox.lock().await.values().next().cloned().unwrap();
+        assert_eq!(p.repositories.len(), 1);
+        assert_eq!(again.take_dropped(), 0);
     }
 
     #[tokio::test]
