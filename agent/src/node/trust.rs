@@ -559,6 +559,29 @@ impl AgentTrust {
     /// in the outbox); when none took it, the answer is [`Error::Protocol`]
     /// saying so, while the grant is in effect on this agent.
     pub async fn grant(&self, req: &GrantRequest) -> Result<GrantInfo> {
+        self.sign_grant(req, false).await
+    }
+
+    /// Like [`Self::grant`], but a grant that no repository could be
+    /// reached for is no error: it waits in the outbox and `published_to`
+    /// is empty (see [`Self::is_unpublished`]). Declared grants use it, so
+    /// a retried declaration does not sign one grant per attempt.
+    pub async fn grant_queued(&self, req: &GrantRequest) -> Result<GrantInfo> {
+        self.sign_grant(req, true).await
+    }
+
+    /// True while the grant `grant_id` (hex) waits in the outbox for a
+    /// repository.
+    pub async fn is_unpublished(&self, grant_id: &str) -> bool {
+        self.outbox.lock().await.values().any(|p| {
+            SignedRecord::from_bytes(&p.record)
+                .ok()
+                .and_then(|r| TrustGrant::from_record(&r).ok())
+                .is_some_and(|g| g.id().to_hex() == grant_id)
+        })
+    }
+
+    async fn sign_grant(&self, req: &GrantRequest, queued_is_ok: bool) -> Result<GrantInfo> {
         let secs = req.check()?;
         if req.subject == self.me {
             return Err(Error::Rejected("an agent cannot vouch for itself".into()));
@@ -617,8 +640,8 @@ impl AgentTrust {
                 .await
                 .remove(&key)
                 .unwrap_or_default();
-            if report.accepted.is_empty() {
-                let waiting = !report.unreachable.is_empty();
+            let waiting = !report.unreachable.is_empty();
+            if report.accepted.is_empty() && !(queued_is_ok && waiting) {
                 return Err(Error::Protocol(format!(
                     "grant {} to {} is signed, saved and in effect on this agent, but no repository took it \
                      (refused: {:?}; unreachable: {:?}){}",
