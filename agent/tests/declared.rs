@@ -317,3 +317,43 @@ fn declared_shares_and_grants_converge_follow_and_prune() {
         "{st}"
     );
 }
+
+/// Guarantee: a declared grant made while no repository answers is signed
+/// once (a retried PUT does not sign another), reported as not yet
+/// published, sent by the outbox once the repository is up, and a DELETE
+/// revokes it — no grant signed for the declaration is left unrevoked.
+#[test]
+fn a_declared_grant_made_while_the_repository_is_down_is_signed_once_and_revoked() {
+    let base = tempfile::tempdir().unwrap();
+    // Nothing listens there yet.
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let alice = agent(base.path(), "alice", &url);
+    let bob = caravan_agent::identity::SecretKey::generate()
+        .unwrap()
+        .agent_id()
+        .to_string();
+    let g = json!({"subject": bob, "depth": 0});
+    let (code, g1) = admin(&alice, "PUT", "/v1/declared/grants/g-down", Some(&g));
+    assert_eq!(code, 200, "{g1}");
+    assert_eq!(g1["published"], false, "{g1}");
+    let (code, g2) = admin(&alice, "PUT", "/v1/declared/grants/g-down", Some(&g));
+    assert_eq!(code, 200, "{g2}");
+    assert_eq!(g1["grant_id"], g2["grant_id"], "signed once: {g2}");
+    let list = cli_ok(&["trust", "list", "--config", alice.cfg(), "--json"]);
+    let l: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(l["issued"].as_array().unwrap().len(), 1, "{list}");
+    let (code, r) = admin(&alice, "DELETE", "/v1/declared/grants/g-down", None);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["revoked"][0], g1["grant_id"], "{r}");
+    let list = cli_ok(&["trust", "list", "--config", alice.cfg(), "--json"]);
+    let l: Value = serde_json::from_str(&list).unwrap();
+    assert!(
+        l["issued"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|x| x["revoked"] == true),
+        "{list}"
+    );
+}

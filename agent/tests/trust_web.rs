@@ -15,6 +15,7 @@ use caravan_agent::daemon::read_identity;
 use caravan_agent::identity::{AgentId, SecretKey};
 use caravan_agent::manifest::{ShareId, Ticket};
 use caravan_agent::record::SignedRecord;
+use caravan_agent::repository::RepositoryClient;
 use caravan_agent::trust::TrustGrant;
 use caravan_agent::util::unix_now;
 use caravan_agent::wire::client::PeerConn;
@@ -28,20 +29,32 @@ struct RepoProcess {
 
 impl RepoProcess {
     fn start(dir: &Path) -> RepoProcess {
-        let port = free_port();
-        let log = std::fs::File::create(dir.join(format!("repo-{port}.log"))).unwrap();
+        Self::start_with(dir, free_port(), &["--storage-scheme", "memory"])
+    }
+
+    /// A repository on `port` keeping its records in `root` (fs), so a
+    /// restart on the same port finds them again.
+    fn start_fs(dir: &Path, port: u16, root: &Path) -> RepoProcess {
+        let opt = format!("root={}", root.display());
+        Self::start_with(
+            dir,
+            port,
+            &["--storage-scheme", "fs", "--storage-option", &opt],
+        )
+    }
+
+    fn start_with(dir: &Path, port: u16, storage: &[&str]) -> RepoProcess {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("repo-{port}.log")))
+            .unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["repository", "--listen", &listen];
+        args.extend_from_slice(storage);
+        args.extend_from_slice(&["--rate-per-second", "10000", "--rate-burst", "10000"]);
         let child = Command::new(BIN)
-            .args([
-                "repository",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--storage-scheme",
-                "memory",
-                "--rate-per-second",
-                "10000",
-                "--rate-burst",
-                "10000",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -382,6 +395,207 @@ fn forged_repository_is_refused() {
     assert_eq!(peers.trim(), "[]");
     let why = cli(&["trust", "why", "--config", dave.cfg(), &alice.id]);
     assert_eq!(why.status.code(), Some(1));
+}
+
+/// Revocations and grants the repository at `url` holds, by `issuer`.
+fn repository_view(url: &str, issuer: &str) -> (Vec<String>, Vec<String>) {
+    let issuer: AgentId = issuer.parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = RepositoryClient::new(&[url.to_string()]).unwrap();
+        let revoked = c
+            .sync_revocations()
+            .await
+            .map(|v| {
+                v.into_iter()
+                    .filter(|(r, _)| r.issuer == issuer)
+                    .map(|(r, _)| r.grant_id.to_hex())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let grants = c
+            .grants_by_issuer(&issuer)
+            .await
+            .map(|v| v.into_iter().map(|(g, _)| g.id().to_hex()).collect())
+            .unwrap_or_default();
+        (revoked, grants)
+    })
+}
+
+/// Guarantee: a revocation and a grant made while every repository is
+/// down are in effect locally at once, the CLI says they will be published
+/// when a repository answers (revoke exits 0), they survive a daemon
+/// restart (the outbox is in the agent's state), and the trust sync
+/// publishes them within a bounded time once the repository is back.
+#[test]
+fn trust_records_made_while_the_repository_is_down_are_published_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    let port = free_port();
+    let root = base.join("repo-data");
+    std::fs::create_dir_all(&root).unwrap();
+    let repo = RepoProcess::start_fs(base, port, &root);
+    let url = repo.url.clone();
+    let mut e = agent(base, "e", &[&url]);
+    let f = SecretKey::generate().unwrap().agent_id().to_string();
+    let g = SecretKey::generate().unwrap().agent_id().to_string();
+
+    let out = cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &f,
+        "--depth",
+        "0",
+        "--expires",
+        "1d",
+        "--json",
+    ]);
+    let granted: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let f_grant = granted["grant_id"].as_str().unwrap().to_string();
+    assert_eq!(granted["published_to"], serde_json::json!([url]));
+
+    // The repository goes down (its records stay on disk).
+    drop(repo);
+    let out = cli(&["trust", "revoke", "--config", e.cfg(), &f]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(&format!("revoked grant {f_grant}")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("saved, and it will be published when it answers"),
+        "{stdout}"
+    );
+    let out = cli(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &g,
+        "--depth",
+        "0",
+        "--expires",
+        "1d",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in effect on this agent")
+            && stderr.contains("will be published when a repository answers")
+            && !stderr.contains("the daemon failed"),
+        "{stderr}"
+    );
+    let list = cli_ok(&["trust", "list", "--config", e.cfg(), "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let g_grant = l["issued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["subject"] == g.as_str())
+        .map(|x| x["grant_id"].as_str().unwrap().to_string())
+        .unwrap();
+
+    // The daemon restarts while the repository is still down: the outbox
+    // is read back from its state.
+    e.kill9();
+    e.start();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let repo = RepoProcess::start_fs(base, port, &root);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (revoked, grants) = repository_view(&repo.url, &e.id);
+        if revoked.contains(&f_grant) && grants.contains(&g_grant) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not published after the repository came back: revoked {revoked:?}, grants {grants:?}\n{}",
+            e.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Nothing is left waiting: the outbox is empty.
+    let outbox = e.data().join(".caravan/trust/outbox");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&outbox).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(Instant::now() < deadline, "outbox not emptied");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Guarantee: `trust grant` refuses, before anything is signed, a validity
+/// beyond what repositories accept (400d), of 0, or a depth beyond 8, with
+/// exit 3 and a message naming the limit; `--help` states the limits; and
+/// the grant in effect stays the published one. Revoking the agent then
+/// revokes every grant it was given, the superseded one too.
+#[test]
+fn grant_limits_are_checked_before_signing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let e = agent(tmp.path(), "e", &[]);
+    let f = SecretKey::generate().unwrap().agent_id().to_string();
+    cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &f,
+        "--depth",
+        "0",
+        "--expires",
+        "30d",
+    ]);
+    for (flag, value, says) in [
+        ("--expires", "400d", "366 days"),
+        ("--expires", "0", "at least 1 second"),
+        ("--expires", "99999999999999999999", "not a duration"),
+        ("--depth", "9", "at most 8"),
+    ] {
+        let mut args = vec!["trust", "grant", "--config", e.cfg(), &f, flag, value];
+        if flag != "--depth" {
+            args.extend_from_slice(&["--depth", "0"]);
+        }
+        let out = cli(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(3), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(says), "{flag} {value}: {stderr}");
+    }
+    let list = cli_ok(&["trust", "list", "--config", e.cfg(), "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let issued = l["issued"].as_array().unwrap();
+    assert_eq!(issued.len(), 1, "{list}");
+    assert!(issued[0]["not_after"].as_u64().unwrap() <= unix_now() + 30 * 86400);
+    let help = cli_ok(&["trust", "grant", "--help"])
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        help.contains("366 days") && help.contains("at most 8"),
+        "{help}"
+    );
+    assert!(help.contains("s, m, h, d or w"), "{help}");
+    // A second grant supersedes the first; revoking the agent revokes both
+    // (the first, kept by the subject, would otherwise still be valid).
+    cli_ok(&[
+        "trust",
+        "grant",
+        "--config",
+        e.cfg(),
+        &f,
+        "--depth",
+        "0",
+        "--expires",
+        "20d",
+    ]);
+    let out = cli_ok(&["trust", "revoke", "--config", e.cfg(), &f]);
+    assert_eq!(out.matches("revoked grant").count(), 2, "{out}");
+    assert!(
+        out.contains(issued[0]["grant_id"].as_str().unwrap()),
+        "{out}"
+    );
 }
 
 #[test]

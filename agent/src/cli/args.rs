@@ -260,6 +260,14 @@ pub(crate) enum Scenario {
 pub(crate) enum TrustCommand {
     /// Vouch for an agent: sign a grant and publish it.
     ///
+    /// Limits (checked before anything is signed; exit 3 when exceeded):
+    /// --expires from 1 second to 366 days (repositories refuse a longer
+    /// validity), --depth at most 8, --scope 1 to 128 bytes. A grant
+    /// replaces this agent's earlier grant to the same agent; one with a
+    /// different scope than the grant in effect is refused (revoke that
+    /// first). A repository that cannot be reached gets the grant later:
+    /// it is saved and sent again on every trust sync.
+    ///
     /// Example: `caravan-agent trust grant cv1-… --depth 1 --expires 30d -c agent.toml`
     Grant {
         /// Agent configuration file (default: $CARAVAN_CONFIG, else
@@ -268,13 +276,15 @@ pub(crate) enum TrustCommand {
         config: PathBuf,
         /// The agent to trust.
         agent: AgentId,
-        /// How many further hops it may vouch (0: trusted, cannot vouch).
-        #[arg(long)]
+        /// How many further hops it may vouch (0: trusted, cannot vouch; at most 8).
+        #[arg(long, value_parser = parse_grant_depth)]
         depth: u8,
-        /// Validity from now: seconds, or with a suffix s, m, h, d (default 365d).
-        #[arg(long, value_parser = parse_duration)]
+        /// Validity from now: seconds, or a number with a unit s, m, h, d or w
+        /// (e.g. 3600, 90m, 12h, 30d, 2w); from 1 s to 366d (default 365d).
+        #[arg(long, value_parser = parse_grant_validity)]
         expires: Option<u64>,
-        /// Limit the grant to one scope.
+        /// Limit the grant to one scope (1 to 128 bytes). Shares carry no
+        /// scope, so a scoped grant does not let the agent fetch them.
         #[arg(long)]
         scope: Option<String>,
         /// Print the result as JSON.
@@ -329,8 +339,30 @@ pub(crate) enum TrustCommand {
     },
 }
 
-pub(crate) fn parse_duration(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
+/// `trust grant --expires`: a duration (0 allowed here, so that the
+/// message names the limit), then the limits repositories apply.
+pub(crate) fn parse_grant_validity(s: &str) -> std::result::Result<u64, String> {
+    let secs = split_duration(s.trim())
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 3600, 90m, 12h, 30d, 1w)"))?;
+    caravan_agent::trust::check_grant_validity_secs(secs)?;
+    Ok(secs)
+}
+
+/// `trust grant --depth`: a number of hops, at most the deepest searched.
+pub(crate) fn parse_grant_depth(s: &str) -> std::result::Result<u8, String> {
+    let d: u8 = s.trim().parse().map_err(|_| {
+        format!(
+            "{s:?} is not a depth (0 to {})",
+            caravan_agent::trust::MAX_GRANT_DEPTH
+        )
+    })?;
+    caravan_agent::trust::check_grant_depth(d)?;
+    Ok(d)
+}
+
+/// A number with an optional unit s, m, h, d or w, in seconds (None when
+/// malformed or overflowing).
+fn split_duration(s: &str) -> Option<u64> {
     let (num, mult) = match s.chars().last() {
         Some('s') => (&s[..s.len() - 1], 1),
         Some('m') => (&s[..s.len() - 1], 60),
@@ -339,11 +371,7 @@ pub(crate) fn parse_duration(s: &str) -> std::result::Result<u64, String> {
         Some('w') => (&s[..s.len() - 1], 7 * 86400),
         _ => (s, 1),
     };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 3600, 90m, 12h, 30d, 1w)"))
+    num.parse::<u64>().ok().and_then(|n| n.checked_mul(mult))
 }
 
 #[derive(clap::Args, Debug)]
@@ -434,11 +462,11 @@ mod tests {
 
     #[test]
     fn durations_take_weeks() {
-        assert_eq!(parse_duration("1w"), Ok(7 * 86_400));
-        assert_eq!(parse_duration("30d"), Ok(30 * 86_400));
-        assert_eq!(parse_duration("90m"), Ok(5400));
-        assert!(parse_duration("1y").is_err());
-        assert!(parse_duration("0").is_err());
+        assert_eq!(parse_grant_validity("1w"), Ok(7 * 86_400));
+        assert_eq!(parse_grant_validity("30d"), Ok(30 * 86_400));
+        assert_eq!(parse_grant_validity("90m"), Ok(5400));
+        assert!(parse_grant_validity("1y").is_err());
+        assert!(parse_grant_validity("0").is_err());
     }
 
     #[test]

@@ -74,6 +74,10 @@ impl Admin {
                 self.base
             ))
             .into()
+        } else if status == reqwest::StatusCode::BAD_GATEWAY {
+            // The daemon did its part; a repository behind it did not (a
+            // grant no repository took): the message says what holds.
+            anyhow!("{msg}")
         } else {
             anyhow!("the daemon failed: {msg}")
         })

@@ -20,16 +20,16 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
             scope,
             json,
         } => {
+            let req = GrantRequest {
+                subject: agent,
+                depth,
+                expires_secs: expires,
+                scope,
+            };
+            // The daemon checks it again (400); refused here, nothing is sent.
+            req.check()?;
             let g: GrantInfo = Admin::from_config(&config)?
-                .post(
-                    api::TRUST_GRANTS,
-                    &GrantRequest {
-                        subject: agent,
-                        depth,
-                        expires_secs: expires,
-                        scope,
-                    },
-                )
+                .post(api::TRUST_GRANTS, &req)
                 .await?;
             if json {
                 out!("{}", serde_json::to_string_pretty(&g)?);
@@ -69,6 +69,25 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
             } else {
                 for id in &r.revoked {
                     out!("revoked grant {id}");
+                }
+                if !r.published_to.is_empty() {
+                    out!("published to {}", r.published_to.join(", "));
+                }
+                for refusal in &r.refused {
+                    out!("refused (not retried): {refusal}");
+                }
+                if !r.pending.is_empty() {
+                    out!(
+                        "{} in effect on this agent; not yet published to {} (unreachable): \
+                         saved, and it will be published when {} answers",
+                        if r.revoked.len() == 1 {
+                            "the revocation is"
+                        } else {
+                            "the revocations are"
+                        },
+                        r.pending.join(", "),
+                        if r.pending.len() == 1 { "it" } else { "each" }
+                    );
                 }
             }
             Ok(())

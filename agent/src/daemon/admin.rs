@@ -464,8 +464,12 @@ async fn api_trust_list(
 /// (`{"subject": "<agent id>", "depth": N, "expires_secs": S?, "scope": "…"?}`):
 /// signs a grant with this agent's key, keeps it and publishes it to every
 /// configured repository; answers a [`GrantInfo`] (`published_to` lists the
-/// repositories that stored it). 400 on a malformed request (e.g. a grant
-/// to itself), 502 when repositories are configured and none took it.
+/// repositories that stored it). 400 on a request refused before signing
+/// ([`GrantRequest::check`]: validity 0 or beyond 366 days, depth beyond 8,
+/// a bad scope; a grant to itself; a scope other than that of the grant to
+/// the same subject in effect), 502 when repositories are configured and
+/// none took it (the grant is in effect on this agent, and one that could
+/// not be reached gets it from the outbox at a later trust sync).
 async fn api_trust_grant(
     State(s): State<AdminState>,
     h: HeaderMap,
@@ -487,9 +491,7 @@ async fn api_trust_revoke(
 ) -> std::result::Result<Json<RevokeResponse>, ApiFailure> {
     check_token(&s, &h)?;
     let w = trust(&s)?;
-    Ok(Json(RevokeResponse {
-        revoked: w.revoke(&req).await?,
-    }))
+    Ok(Json(w.revoke(&req).await?))
 }
 
 /// `GET /v1/trust/why/{agent}`.

@@ -12,7 +12,9 @@ pub use crate::node::publish::PublishStarted;
 #[cfg(feature = "node")]
 pub use crate::node::share::Role;
 #[cfg(feature = "node")]
-pub use crate::node::trust::{GrantInfo, GrantRequest, RevokeRequest, TrustListing, WhyAnswer};
+pub use crate::node::trust::{
+    GrantInfo, GrantRequest, RevokeRequest, RevokeResponse, TrustListing, WhyAnswer,
+};
 #[cfg(feature = "node")]
 pub use crate::node::{FetchRequest, FetchState, ProgressSnapshot, PublishRequest, Published};
 
@@ -129,13 +131,6 @@ pub struct ApiError {
     /// was known: the status it would have had (4xx: the request's fault).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-}
-
-/// Answer of `POST /v1/trust/revocations`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RevokeResponse {
-    /// Revoked grant ids (hex).
-    pub revoked: Vec<String>,
 }
 
 /// One peer in `GET /v1/shares/{id}/peers`.

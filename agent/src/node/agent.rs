@@ -146,6 +146,11 @@ impl Agent {
         let Some(trust) = self.trust() else { return };
         loop {
             trust.refresh().await;
+            // Grants and revocations made while a repository was down.
+            trust.publish_pending().await;
+            for _ in 0..trust.take_dropped() {
+                self.metrics.error("trust_record_refused");
+            }
             let shares: Vec<ShareId> = self.held_shares().iter().map(|s| s.id).collect();
             trust.announce(self.advertise(), &shares).await;
             tokio::select! {

@@ -52,6 +52,31 @@ struct SavedShare {
     fingerprint: Option<String>,
 }
 
+/// Revokes every grant the agent issued to the subject of `saved` (older
+/// ones it superseded too: one grant per issuer and subject is in effect,
+/// and a superseded one must not stay valid for whoever kept it). Returns
+/// whether a repository took a revocation (true without repositories).
+async fn revoke_every_grant(
+    trust: &crate::node::trust::AgentTrust,
+    saved: &SavedGrant,
+) -> Result<bool> {
+    let Ok(subject) = saved.spec.subject.parse::<AgentId>() else {
+        return trust.revoke_one(&saved.grant_id).await;
+    };
+    match trust
+        .revoke(&crate::node::trust::RevokeRequest {
+            subject: Some(subject),
+            grant_id: None,
+        })
+        .await
+    {
+        Ok(r) => Ok(!r.published_to.is_empty() || trust.repositories().is_none()),
+        // Its record is not in this agent's state (any more): by id.
+        Err(Error::NotFound(_)) => trust.revoke_one(&saved.grant_id).await,
+        Err(e) => Err(e),
+    }
+}
+
 /// What is persisted per declared grant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SavedGrant {
@@ -710,9 +735,7 @@ impl Declarations {
             .trust()
             .ok_or_else(|| Error::Config("the trust state is not loaded".into()))?;
         let subject: AgentId = spec.subject.parse()?;
-        if spec.depth > 8 {
-            return Err(Error::Rejected("depth must be 0–8".into()));
-        }
+        crate::trust::check_grant_depth(spec.depth).map_err(Error::Rejected)?;
         let path = self.grant_file(key);
         let old: Option<SavedGrant> = match self.agent.op.read(&path).await {
             Ok(b) => serde_json::from_slice(&b.to_vec()).ok(),
@@ -723,17 +746,32 @@ impl Declarations {
             && o.spec == spec
             && !o.revoked
         {
-            return Ok(self.grant_status(o, &spec));
+            let mut o = o.clone();
+            // Signed while no repository answered: the outbox has sent it since.
+            if !o.published && !trust.is_unpublished(&o.grant_id).await {
+                o.published = true;
+                let json =
+                    serde_json::to_vec_pretty(&o).map_err(|e| Error::Config(e.to_string()))?;
+                self.agent
+                    .op
+                    .write(&path, json)
+                    .await
+                    .context(|| format!("saving {path}"))?;
+            }
+            return Ok(self.grant_status(&o, &spec));
         }
         if let Some(o) = &old
             && !o.revoked
         {
-            trust.revoke_one(&o.grant_id).await?;
+            revoke_every_grant(&trust, o).await?;
         }
         let now = crate::util::unix_now();
         let expires_secs = spec.not_after.map(|n| n.saturating_sub(now).max(1));
+        // A grant no repository could be reached for is saved as not yet
+        // published (the outbox sends it): a retried PUT must not sign
+        // another one, which a DELETE would then not know of.
         let info = trust
-            .grant(&GrantRequest {
+            .grant_queued(&GrantRequest {
                 subject,
                 depth: spec.depth,
                 expires_secs,
@@ -795,7 +833,7 @@ impl Declarations {
             .ok_or_else(|| Error::Config("the trust state is not loaded".into()))?;
         if !saved.revoked || !saved.revocation_published {
             self.agent.activity.touch(activity::DECLARED);
-            let published = trust.revoke_one(&saved.grant_id).await?;
+            let published = revoke_every_grant(&trust, &saved).await?;
             saved.revoked = true;
             saved.revocation_published = published;
         }

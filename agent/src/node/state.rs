@@ -114,6 +114,12 @@ pub fn trust_records_dir(prefix: &str) -> String {
     format!("{prefix}trust/records/")
 }
 
+/// `<prefix>trust/outbox/`: grants and revocations this agent signed that
+/// some configured repository has not taken yet (one JSON file each).
+pub fn trust_outbox_dir(prefix: &str) -> String {
+    format!("{prefix}trust/outbox/")
+}
+
 /// `<prefix>trust/peers/<share hex>.json`: the peers of a share learned last.
 pub fn trust_peers_file(prefix: &str, share: &[u8; 32]) -> String {
     format!("{prefix}trust/peers/{}.json", hex(share))

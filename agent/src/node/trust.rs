@@ -6,7 +6,11 @@
 //!
 //! State lives under `<state_prefix>trust/records/` (one signed record per
 //! file), so a restarted agent keeps its grants, revocations and what it
-//! learned even while every repository is down.
+//! learned even while every repository is down. Grants and revocations this
+//! agent signed that a configured repository has not taken yet wait in
+//! `<state_prefix>trust/outbox/` (one JSON file per record, naming the
+//! repositories still to reach); every trust sync sends them again until
+//! each repository took them or refused them for cause.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,16 +25,17 @@ use crate::identity::{AgentId, SecretKey};
 use crate::manifest::ShareId;
 use crate::node::state;
 use crate::record::{Kind, SignedRecord};
-use crate::repository::RepositoryClient;
+use crate::repository::{Outcome, PublishReport, RepositoryClient};
 use crate::trust::engine::MAX_PRESENTED_GRANTS;
 use crate::trust::{
-    Announcement, GrantId, Revocation, TrustEngine, TrustGrant, render_tree, share_locator,
+    Announcement, GrantId, MAX_GRANT_DEPTH, Revocation, TrustEngine, TrustGrant, check_grant_depth,
+    check_grant_scope, check_grant_validity_secs, render_tree, share_locator,
 };
 use crate::util::{unix_millis, unix_now};
 
 /// Hops searched when an agent looks for its own chain to a publisher (the
 /// publisher then applies the share's real depth).
-pub const SEARCH_HOPS: u8 = 8;
+pub const SEARCH_HOPS: u8 = MAX_GRANT_DEPTH;
 /// Most agents one trust search visits.
 pub const SEARCH_AGENTS: usize = 256;
 /// Revocations of grants this agent does not know, kept in memory at most
@@ -62,6 +67,50 @@ pub struct GrantRequest {
     /// What the trust is for (None: everything).
     #[serde(default)]
     pub scope: Option<String>,
+}
+
+impl GrantRequest {
+    /// Refuses, before anything is signed, a request the repositories would
+    /// refuse for its content or that could never be used: a validity of 0
+    /// or beyond [`crate::trust::MAX_GRANT_VALIDITY_SECS`] (366 days), a
+    /// depth beyond [`MAX_GRANT_DEPTH`], an empty or oversized scope. The
+    /// admin API answers 400 and the CLI exits 3 with the message, which
+    /// names the limit. Returns the validity in seconds.
+    pub fn check(&self) -> Result<u64> {
+        let secs = self.expires_secs.unwrap_or(DEFAULT_GRANT_SECS);
+        check_grant_validity_secs(secs).map_err(Error::Rejected)?;
+        check_grant_depth(self.depth).map_err(Error::Rejected)?;
+        check_grant_scope(self.scope.as_deref()).map_err(Error::Rejected)?;
+        Ok(secs)
+    }
+}
+
+/// Answer of `POST /v1/trust/revocations`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    /// Revoked grant ids (hex).
+    pub revoked: Vec<String>,
+    /// Repositories that stored a revocation (or already held it).
+    #[serde(default)]
+    pub published_to: Vec<String>,
+    /// Repositories that could not be reached (for some revocation): it is
+    /// saved and sent again on every trust sync until they take it.
+    #[serde(default)]
+    pub pending: Vec<String>,
+    /// Refusals for cause, as "repository: JSON error body" (e.g. a
+    /// revocation of a grant a repository never stored); not retried.
+    #[serde(default)]
+    pub refused: Vec<String>,
+}
+
+/// A record this agent signed that some repositories have not taken yet
+/// (a file of `<state>/trust/outbox/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    /// The signed record.
+    record: Vec<u8>,
+    /// Repositories still to reach.
+    repositories: Vec<String>,
 }
 
 /// Body of `POST /v1/trust/revocations`: `{"subject": "<agent id>"}` revokes
@@ -137,6 +186,15 @@ pub struct AgentTrust {
     last_revocation: AtomicU64,
     /// Locators last announced (re-announce when they change).
     announced: Mutex<(Vec<[u8; 32]>, u64)>,
+    /// Every grant this agent signed, superseded ones included (the engine
+    /// keeps only the newest per subject): revoking a subject revokes each.
+    own_grants: Mutex<BTreeMap<GrantId, SignedRecord>>,
+    /// Records not yet taken by every repository, by file name stem
+    /// (mirrors `<state>/trust/outbox/`); the lock also serialises sending.
+    outbox: tokio::sync::Mutex<BTreeMap<String, Pending>>,
+    /// Outbox records a repository refused for cause (dropped), not yet
+    /// counted in the metrics (see [`AgentTrust::take_dropped`]).
+    dropped: AtomicU64,
 }
 
 impl std::fmt::Debug for AgentTrust {
@@ -172,6 +230,9 @@ impl AgentTrust {
             prefix: state_prefix.to_string(),
             last_revocation: AtomicU64::new(0),
             announced: Mutex::new((Vec::new(), 0)),
+            own_grants: Mutex::new(BTreeMap::new()),
+            outbox: tokio::sync::Mutex::new(BTreeMap::new()),
+            dropped: AtomicU64::new(0),
         };
         t.load().await?;
         Ok(Arc::new(t))
@@ -189,8 +250,223 @@ impl AgentTrust {
         .await?;
         for (_, rec) in records {
             self.absorb(&rec);
+            self.remember_own(&rec);
+        }
+        let pending = state::read_each(
+            &self.op,
+            &state::trust_outbox_dir(&self.prefix),
+            ".json",
+            "unpublished trust record",
+            |b: &[u8]| serde_json::from_slice::<Pending>(b),
+        )
+        .await?;
+        let mut outbox = self.outbox.lock().await;
+        for (path, p) in pending {
+            let key = path
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches(".json")
+                .to_string();
+            outbox.insert(key, p);
         }
         Ok(())
+    }
+
+    /// Keeps `rec` among this agent's own grants when it is one.
+    fn remember_own(&self, rec: &SignedRecord) {
+        if rec.kind == Kind::TrustGrant
+            && rec.signer == self.me
+            && let Ok(g) = TrustGrant::from_record(rec)
+            && let Ok(mut own) = self.own_grants.lock()
+        {
+            own.insert(g.id(), rec.clone());
+        }
+    }
+
+    /// Every grant this agent signed (superseded ones too), oldest first.
+    fn own_grants(&self) -> Vec<(TrustGrant, SignedRecord)> {
+        let mut out: Vec<(TrustGrant, SignedRecord)> = self
+            .own_grants
+            .lock()
+            .map(|own| {
+                own.values()
+                    .filter_map(|r| TrustGrant::from_record(r).ok().map(|g| (g, r.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|(g, _)| g.seq);
+        out
+    }
+
+    fn outbox_file(&self, key: &str) -> String {
+        format!("{}{key}.json", state::trust_outbox_dir(&self.prefix))
+    }
+
+    async fn save_pending(&self, key: &str, p: &Pending) -> Result<()> {
+        let path = self.outbox_file(key);
+        let json = serde_json::to_vec(p).map_err(|e| Error::Config(format!("{path}: {e}")))?;
+        self.op
+            .write(&path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
+    }
+
+    /// Queues `rec` for every configured repository (persisted first, so a
+    /// crash or restart keeps it); returns its outbox key.
+    async fn enqueue(&self, rec: &SignedRecord) -> Result<Option<String>> {
+        let Some(r) = &self.repos else {
+            return Ok(None);
+        };
+        let bytes = rec.to_bytes();
+        let key = blake3::hash(&bytes).to_hex().to_string();
+        let p = Pending {
+            record: bytes,
+            repositories: r.urls().to_vec(),
+        };
+        self.save_pending(&key, &p).await?;
+        self.outbox.lock().await.insert(key.clone(), p);
+        Ok(Some(key))
+    }
+
+    /// Records in the outbox (not yet taken by every repository).
+    pub async fn unpublished(&self) -> usize {
+        self.outbox.lock().await.len()
+    }
+
+    /// Outbox records dropped since the last call because a repository
+    /// refused them for cause (for `caravan_errors_total{kind="trust_record_refused"}`).
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+
+    /// Sends the outbox records `keys` (all of them when None; grants
+    /// before revocations, as a repository takes a revocation only of a
+    /// grant it holds) to the repositories that have not taken them.
+    /// A repository that took one (or holds it or something newer) is done
+    /// with it; one that refused it for cause (4xx) is dropped from it with
+    /// a warning; one that is unreachable or busy stays, for the next sync,
+    /// and is skipped for the rest of this pass. Returns, per record sent,
+    /// what happened at each repository.
+    async fn send_outbox(&self, keys: Option<&[String]>) -> BTreeMap<String, PublishReport> {
+        let mut reports = BTreeMap::new();
+        let Some(r) = &self.repos else {
+            return reports;
+        };
+        let mut outbox = self.outbox.lock().await;
+        let mut order: Vec<(u8, u64, String, SignedRecord)> = Vec::new();
+        let mut broken = Vec::new();
+        for (key, p) in outbox.iter() {
+            if keys.is_some_and(|k| !k.contains(key)) {
+                continue;
+            }
+            let Ok(rec) = SignedRecord::from_bytes(&p.record) else {
+                broken.push(key.clone());
+                continue;
+            };
+            let (rank, seq) = match rec.kind {
+                Kind::TrustGrant => (0, TrustGrant::from_record(&rec).map_or(0, |g| g.seq)),
+                _ => (1, Revocation::from_record(&rec).map_or(0, |v| v.seq)),
+            };
+            order.push((rank, seq, key.clone(), rec));
+        }
+        order.sort_by_key(|a| (a.0, a.1));
+        for key in broken {
+            tracing::warn!(key, "dropping an unreadable record from the trust outbox");
+            outbox.remove(&key);
+            self.delete_pending(&key).await;
+        }
+        let mut down: HashSet<String> = HashSet::new();
+        for (_, _, key, rec) in order {
+            let Some(p) = outbox.get(&key).cloned() else {
+                continue;
+            };
+            let mut report = PublishReport::default();
+            let mut remaining = Vec::new();
+            for url in &p.repositories {
+                if !r.urls().contains(url) {
+                    // No longer configured.
+                    continue;
+                }
+                if down.contains(url) {
+                    remaining.push(url.clone());
+                    report
+                        .unreachable
+                        .push((url.clone(), "unreachable earlier in this pass".into()));
+                    continue;
+                }
+                let mut o = r.publish_to(url, &rec).await;
+                // A revocation of a grant the repository never stored (it
+                // was down when the grant was made, and the grant's own
+                // outbox entry is gone): send the grant, then again.
+                if matches!(&o, Outcome::Refused(b) if b.contains("\"unknown_grant\""))
+                    && let Ok(v) = Revocation::from_record(&rec)
+                    && let Some(g) = self
+                        .own_grants
+                        .lock()
+                        .ok()
+                        .and_then(|own| own.get(&v.grant_id).cloned())
+                {
+                    let _ = r.publish_to(url, &g).await;
+                    o = r.publish_to(url, &rec).await;
+                }
+                match o {
+                    Outcome::Accepted | Outcome::Stale(_) => report.accepted.push(url.clone()),
+                    Outcome::Refused(body) => {
+                        tracing::warn!(
+                            repository = %url,
+                            kind = rec.kind.tag(),
+                            refusal = %body,
+                            "a repository refused a trust record this agent signed; it will not be sent there again"
+                        );
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        report.refused.push((url.clone(), body));
+                    }
+                    Outcome::Unreachable(e) => {
+                        down.insert(url.clone());
+                        remaining.push(url.clone());
+                        report.unreachable.push((url.clone(), e));
+                    }
+                }
+            }
+            if remaining.is_empty() {
+                outbox.remove(&key);
+                self.delete_pending(&key).await;
+            } else if remaining != p.repositories {
+                let np = Pending {
+                    record: p.record.clone(),
+                    repositories: remaining,
+                };
+                if let Err(e) = self.save_pending(&key, &np).await {
+                    tracing::warn!(error = %e, "could not update the trust outbox");
+                }
+                outbox.insert(key.clone(), np);
+            }
+            reports.insert(key, report);
+        }
+        reports
+    }
+
+    async fn delete_pending(&self, key: &str) {
+        let path = self.outbox_file(key);
+        if let Err(e) = self.op.delete(&path).await {
+            tracing::warn!(error = %e, %path, "could not remove a sent record from the trust outbox");
+        }
+    }
+
+    /// Sends every record still in the outbox (each trust sync calls it);
+    /// returns how many records are still waiting for a repository.
+    pub async fn publish_pending(&self) -> usize {
+        let reports = self.send_outbox(None).await;
+        let sent = reports.values().filter(|r| !r.accepted.is_empty()).count();
+        if sent > 0 {
+            tracing::info!(
+                sent,
+                "published trust records that were waiting for a repository"
+            );
+        }
+        self.outbox.lock().await.len()
     }
 
     /// Adds a verified grant or revocation to the engine; true when new.
@@ -272,16 +548,83 @@ impl AgentTrust {
     }
 
     /// Signs a grant, keeps it, and publishes it to every repository.
+    ///
+    /// Refused before signing ([`Error::Rejected`]): a request
+    /// [`GrantRequest::check`] refuses, a grant to this agent itself, and a
+    /// grant whose scope differs from the one of this agent's grant to the
+    /// same subject still in effect (one grant per issuer and subject is
+    /// kept, here and in the repositories, so it would replace it).
+    ///
+    /// A repository that cannot be reached gets the grant later (it waits
+    /// in the outbox); when none took it, the answer is [`Error::Protocol`]
+    /// saying so, while the grant is in effect on this agent.
     pub async fn grant(&self, req: &GrantRequest) -> Result<GrantInfo> {
+        self.sign_grant(req, false).await
+    }
+
+    /// Like [`Self::grant`], but a grant that no repository could be
+    /// reached for is no error: it waits in the outbox and `published_to`
+    /// is empty (see [`Self::is_unpublished`]). Declared grants use it, so
+    /// a retried declaration does not sign one grant per attempt.
+    pub async fn grant_queued(&self, req: &GrantRequest) -> Result<GrantInfo> {
+        self.sign_grant(req, true).await
+    }
+
+    /// True while the grant `grant_id` (hex) waits in the outbox for a
+    /// repository.
+    pub async fn is_unpublished(&self, grant_id: &str) -> bool {
+        self.outbox.lock().await.values().any(|p| {
+            SignedRecord::from_bytes(&p.record)
+                .ok()
+                .and_then(|r| TrustGrant::from_record(&r).ok())
+                .is_some_and(|g| g.id().to_hex() == grant_id)
+        })
+    }
+
+    async fn sign_grant(&self, req: &GrantRequest, queued_is_ok: bool) -> Result<GrantInfo> {
+        let secs = req.check()?;
+        if req.subject == self.me {
+            return Err(Error::Rejected("an agent cannot vouch for itself".into()));
+        }
         let now = unix_now();
+        if let Some(other) = self.issued().into_iter().find(|g| {
+            g.subject == req.subject
+                && g.scope != req.scope
+                && g.is_active(now)
+                && !self.engine.read().is_ok_and(|e| e.is_revoked(&g.id()))
+        }) {
+            let name = |s: &Option<String>| {
+                s.as_ref()
+                    .map_or("no scope (general trust)".to_string(), |s| {
+                        format!("scope {s:?}")
+                    })
+            };
+            return Err(Error::Rejected(format!(
+                "this agent's grant {} to {} with {} is in effect, and a grant with {} would replace it \
+                 (one grant per issuer and subject is kept; shares carry no scope, so only a grant without \
+                 scope lets an agent fetch): revoke it first (`trust revoke --grant-id {}`), or grant with {}",
+                other.id(),
+                req.subject,
+                name(&other.scope),
+                name(&req.scope),
+                other.id(),
+                name(&other.scope),
+            )));
+        }
         let g = TrustGrant {
             issuer: self.me,
             subject: req.subject,
             depth: req.depth,
             scope: req.scope.clone(),
             not_before: now,
-            not_after: now + req.expires_secs.unwrap_or(DEFAULT_GRANT_SECS).max(1),
-            seq: unix_millis(),
+            not_after: now.saturating_add(secs),
+            // Newer than every grant this agent signed, even two within a
+            // millisecond (a grant replaces only an older one).
+            seq: unix_millis().max(
+                self.own_grants()
+                    .last()
+                    .map_or(0, |(g, _)| g.seq.saturating_add(1)),
+            ),
         };
         g.check_well_formed().map_err(Error::from)?;
         let rec = SignedRecord::seal(&self.key, &g)?;
@@ -289,26 +632,55 @@ impl AgentTrust {
             e.add_grant_record(&rec).map_err(Error::from)?;
         }
         self.persist(&rec).await?;
+        self.remember_own(&rec);
         let mut info = self.info(&g);
-        if let Some(r) = &self.repos {
-            info.published_to = r.publish(&rec).await?.accepted;
+        if let Some(key) = self.enqueue(&rec).await? {
+            let report = self
+                .send_outbox(Some(std::slice::from_ref(&key)))
+                .await
+                .remove(&key)
+                .unwrap_or_default();
+            let waiting = !report.unreachable.is_empty();
+            if report.accepted.is_empty() && !(queued_is_ok && waiting) {
+                return Err(Error::Protocol(format!(
+                    "grant {} to {} is signed, saved and in effect on this agent, but no repository took it \
+                     (refused: {:?}; unreachable: {:?}){}",
+                    g.id(),
+                    g.subject,
+                    report.refused,
+                    report
+                        .unreachable
+                        .iter()
+                        .map(|(u, _)| u.as_str())
+                        .collect::<Vec<_>>(),
+                    if waiting {
+                        "; it is saved and will be published when a repository answers"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            info.published_to = report.accepted;
         }
         Ok(info)
     }
 
-    /// Signs revocations of this agent's grants (to a subject, or one grant
-    /// id), applies them at once, and publishes them. Returns the revoked ids.
-    pub async fn revoke(&self, req: &RevokeRequest) -> Result<Vec<String>> {
-        let issued = self.issued();
+    /// Signs revocations of this agent's grants (to a subject: every grant
+    /// it ever issued to it, superseded and scoped ones included; or one
+    /// grant id), applies them at once, and publishes them. A repository
+    /// that cannot be reached gets them later: they wait in the outbox,
+    /// and every trust sync sends them again.
+    pub async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeResponse> {
+        let own = self.own_grants();
         let targets: Vec<GrantId> = match (&req.subject, &req.grant_id) {
-            (Some(s), None) => issued
+            (Some(s), None) => own
                 .iter()
-                .filter(|g| g.subject == *s)
-                .map(|g| g.id())
+                .filter(|(g, _)| g.subject == *s)
+                .map(|(g, _)| g.id())
                 .collect(),
             (None, Some(id)) => {
                 let id = GrantId::from_hex(id)?;
-                if !issued.iter().any(|g| g.id() == id) {
+                if !own.iter().any(|(g, _)| g.id() == id) {
                     return Err(Error::NotFound(format!(
                         "this agent issued no grant with id {id}"
                     )));
@@ -326,7 +698,8 @@ impl AgentTrust {
                 "this agent issued no grant to that agent".into(),
             ));
         }
-        let mut out = Vec::new();
+        let mut out = RevokeResponse::default();
+        let mut keys = Vec::new();
         for (i, grant_id) in targets.into_iter().enumerate() {
             let rev = Revocation {
                 issuer: self.me,
@@ -338,29 +711,42 @@ impl AgentTrust {
             self.absorb(&rec);
             self.last_revocation.store(unix_now(), Ordering::Relaxed);
             self.persist(&rec).await?;
-            if let Some(r) = &self.repos {
-                // Repositories take revocations only of grants they hold:
-                // (re)publish the grant first, in case it never reached them
-                // (a repository that has it answers that it is not newer).
-                let grant = self
-                    .engine
-                    .read()
-                    .ok()
-                    .and_then(|e| e.grant(&grant_id).and_then(|(_, rec)| rec.cloned()));
-                if let Some(g) = grant {
-                    let _ = r.publish(&g).await;
+            if let Some(key) = self.enqueue(&rec).await? {
+                keys.push(key);
+            }
+            out.revoked.push(grant_id.to_hex());
+        }
+        if let Some(r) = &self.repos {
+            let reports = self.send_outbox(Some(&keys)).await;
+            for url in r.urls() {
+                if reports.values().any(|rep| rep.accepted.contains(url)) {
+                    out.published_to.push(url.clone());
                 }
-                if let Err(e) = r.publish(&rec).await {
-                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
+                if reports
+                    .values()
+                    .any(|rep| rep.unreachable.iter().any(|(u, _)| u == url))
+                {
+                    out.pending.push(url.clone());
                 }
             }
-            out.push(grant_id.to_hex());
+            for rep in reports.values() {
+                for (u, body) in &rep.refused {
+                    out.refused.push(format!("{u}: {body}"));
+                }
+            }
+            if out.published_to.is_empty() {
+                tracing::warn!(
+                    pending = ?out.pending,
+                    "revocation in effect on this agent, but no repository took it yet; it is saved and will be published when one answers"
+                );
+            }
         }
         Ok(out)
     }
 
     /// Revokes one grant this agent issued, by id (hex): signs the
-    /// revocation, applies it, publishes it. Returns whether a repository
+    /// revocation, applies it, publishes it (a repository that cannot be
+    /// reached gets it later, from the outbox). Returns whether a repository
     /// stored it (true without repositories). A grant already revoked is
     /// revoked again (revocations are idempotent records).
     pub async fn revoke_one(&self, grant_id: &str) -> Result<bool> {
@@ -375,15 +761,13 @@ impl AgentTrust {
         self.absorb(&rec);
         self.last_revocation.store(unix_now(), Ordering::Relaxed);
         self.persist(&rec).await?;
-        match &self.repos {
+        match self.enqueue(&rec).await? {
             None => Ok(true),
-            Some(r) => match r.publish(&rec).await {
-                Ok(res) => Ok(!res.accepted.is_empty()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "revocation applied locally but no repository took it yet");
-                    Ok(false)
-                }
-            },
+            Some(key) => Ok(self
+                .send_outbox(Some(std::slice::from_ref(&key)))
+                .await
+                .get(&key)
+                .is_some_and(|r| !r.accepted.is_empty())),
         }
     }
 
@@ -472,15 +856,52 @@ impl AgentTrust {
             },
             None => {
                 let all = e.grant_records();
-                let naming = all
+                let naming: Vec<TrustGrant> = all
                     .iter()
-                    .filter(|r| TrustGrant::from_record(r).is_ok_and(|g| g.subject == *who))
-                    .count();
-                let reason = if naming == 0 {
+                    .filter_map(|r| TrustGrant::from_record(r).ok())
+                    .filter(|g| g.subject == *who)
+                    .collect();
+                // What is wrong with each grant naming `who` itself, so that
+                // an unrelated revocation elsewhere is not blamed.
+                let faults: Vec<String> = naming
+                    .iter()
+                    .filter_map(|g| {
+                        let by = g.issuer.short();
+                        if e.is_revoked(&g.id()) {
+                            Some(format!("the grant by {by} is revoked"))
+                        } else if !g.is_active(now) {
+                            Some(format!(
+                                "the grant by {by} is not in effect (valid {}..{}, now {now})",
+                                g.not_before, g.not_after
+                            ))
+                        } else {
+                            g.scope.as_ref().map(|sc| {
+                                format!(
+                                    "the grant by {by} is scoped to {sc:?}, and shares carry no scope, \
+                                     so it gives no general trust"
+                                )
+                            })
+                        }
+                    })
+                    .collect();
+                let reason = if naming.is_empty() {
                     format!("no grant naming {who} is known (locally or in the repositories)")
+                } else if faults.len() == naming.len() {
+                    format!(
+                        "{} grant(s) name {who}, none usable: {}",
+                        naming.len(),
+                        faults.join("; ")
+                    )
                 } else {
-                    let presented: Vec<SignedRecord> =
-                        all.into_iter().take(MAX_PRESENTED_GRANTS).collect();
+                    // Revoked grants are left out: they are not the reason
+                    // when a usable grant names `who`.
+                    let presented: Vec<SignedRecord> = all
+                        .into_iter()
+                        .filter(|r| {
+                            TrustGrant::from_record(r).is_ok_and(|g| !e.is_revoked(&g.id()))
+                        })
+                        .take(MAX_PRESENTED_GRANTS)
+                        .collect();
                     match crate::trust::verify_chain(
                         &self.me,
                         who,
@@ -493,8 +914,9 @@ impl AgentTrust {
                         Ok(_) => "a chain exists only through grants this agent cannot present"
                             .to_string(),
                         Err(inv) => format!(
-                            "{naming} grant(s) name {who}, but no valid chain: {inv} \
-                             (expired, revoked, beyond a hop's depth, or not linked to this agent)"
+                            "{} grant(s) name {who}, but no valid chain: {inv} \
+                             (expired, revoked, beyond a hop's depth, or not linked to this agent)",
+                            naming.len()
                         ),
                     }
                 };
@@ -792,6 +1214,7 @@ mod tests {
             })
             .await
             .unwrap()
+            .revoked
             .len(),
             1
         );
@@ -811,6 +1234,206 @@ mod tests {
         assert!(l.issued.iter().any(|g| g.subject == bob && g.revoked));
         assert!(l.trusted.contains_key(&carol.to_string()));
         assert!(!l.trusted.contains_key(&bob.to_string()));
+    }
+
+    fn req(subject: AgentId, expires_secs: Option<u64>) -> GrantRequest {
+        GrantRequest {
+            subject,
+            depth: 0,
+            expires_secs,
+            scope: None,
+        }
+    }
+
+    /// Guarantee: a grant request every repository would refuse for its
+    /// content (validity 0, beyond 366 days, or overflowing; depth beyond
+    /// 8; an empty scope) is refused as bad input before anything is
+    /// signed, so no unpublishable grant becomes active or replaces one.
+    #[tokio::test]
+    async fn grant_requests_beyond_the_limits_are_refused_before_signing() {
+        let key = SecretKey::generate().unwrap();
+        let web = AgentTrust::open(&key, memory(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let f = SecretKey::generate().unwrap().agent_id();
+        web.grant(&req(f, Some(30 * 86400))).await.unwrap();
+        let mut bad = vec![
+            req(f, Some(400 * 86400)),
+            req(f, Some(0)),
+            req(f, Some(u64::MAX)),
+            req(f, Some(crate::trust::MAX_GRANT_VALIDITY_SECS + 1)),
+        ];
+        let mut deep = req(f, None);
+        deep.depth = MAX_GRANT_DEPTH + 1;
+        bad.push(deep);
+        let mut empty = req(f, None);
+        empty.scope = Some(String::new());
+        bad.push(empty);
+        for r in bad {
+            let e = web.grant(&r).await.unwrap_err();
+            assert!(
+                matches!(e, Error::Rejected(_)) && e.is_bad_input(),
+                "{r:?}: {e}"
+            );
+        }
+        let e = web.grant(&req(f, Some(400 * 86400))).await.unwrap_err();
+        assert!(e.to_string().contains("366 days"), "{e}");
+        // Only the first grant was ever signed, and it is the one in effect.
+        let l = web.listing();
+        assert_eq!(l.issued.len(), 1);
+        assert!(l.issued[0].not_after <= unix_now() + 30 * 86400);
+        assert_eq!(web.own_grants().len(), 1);
+        // The largest validity accepted is exactly the repositories' limit.
+        web.grant(&req(f, Some(crate::trust::MAX_GRANT_VALIDITY_SECS)))
+            .await
+            .unwrap();
+    }
+
+    /// Guarantee: revoking an agent revokes every grant this agent ever
+    /// issued to it, the superseded ones too (across a restart), so the
+    /// subject cannot present an older grant it kept.
+    #[tokio::test]
+    async fn revoking_a_subject_revokes_its_superseded_grants_too() {
+        let op = memory();
+        let key = SecretKey::generate().unwrap();
+        let me = key.agent_id();
+        let web = AgentTrust::open(&key, op.clone(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let f = SecretKey::generate().unwrap().agent_id();
+        let first = web.grant(&req(f, Some(30 * 86400))).await.unwrap();
+        let second = web.grant(&req(f, Some(20 * 86400))).await.unwrap();
+        assert_ne!(first.grant_id, second.grant_id);
+        let old = web
+            .own_grants()
+            .into_iter()
+            .find(|(g, _)| g.id().to_hex() == first.grant_id)
+            .unwrap()
+            .1;
+        // Before: the older grant, presented, is a valid chain.
+        assert!(web.trusts(&me, &f, 1, std::slice::from_ref(&old)));
+        // After a restart (the engine keeps only the newest grant per subject).
+        let web = AgentTrust::open(&key, op.clone(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let r = web
+            .revoke(&RevokeRequest {
+                subject: Some(f),
+                grant_id: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(r.revoked.len(), 2, "{r:?}");
+        assert!(r.revoked.contains(&first.grant_id));
+        assert!(!web.trusts(&me, &f, 1, &[]));
+        assert!(!web.trusts(&me, &f, 1, std::slice::from_ref(&old)));
+        // A superseded grant can be revoked by id, too.
+        web.revoke(&RevokeRequest {
+            subject: None,
+            grant_id: Some(first.grant_id.clone()),
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Guarantee: a scoped grant never silently replaces this agent's
+    /// general (unscoped) grant to the same subject — it is refused as bad
+    /// input and the subject stays trusted — and `why` explains a subject
+    /// named only by a scoped grant by its scope, not by an unrelated
+    /// revocation.
+    #[tokio::test]
+    async fn a_scoped_grant_does_not_replace_the_general_one() {
+        let key = SecretKey::generate().unwrap();
+        let me = key.agent_id();
+        let web = AgentTrust::open(&key, memory(), ".caravan/", &[])
+            .await
+            .unwrap();
+        let (f, g) = (
+            SecretKey::generate().unwrap().agent_id(),
+            SecretKey::generate().unwrap().agent_id(),
+        );
+        web.grant(&req(f, Some(86400))).await.unwrap();
+        let mut scoped = req(f, Some(86400));
+        scoped.scope = Some("photos".into());
+        let e = web.grant(&scoped).await.unwrap_err();
+        assert!(matches!(e, Error::Rejected(_)), "{e}");
+        assert!(e.to_string().contains("revoke it first"), "{e}");
+        assert!(web.trusts(&me, &f, 1, &[]));
+        assert!(web.why(&f).await.trusted);
+        // Once the general grant is revoked, a scoped one may be issued.
+        web.revoke(&RevokeRequest {
+            subject: Some(f),
+            grant_id: None,
+        })
+        .await
+        .unwrap();
+        web.grant(&scoped).await.unwrap();
+        // `why` for an agent with only a scoped grant, after an unrelated
+        // revocation (of g's grant): the scope is the reason.
+        web.grant(&req(g, Some(86400))).await.unwrap();
+        web.revoke(&RevokeRequest {
+            subject: Some(g),
+            grant_id: None,
+        })
+        .await
+        .unwrap();
+        let why = web.why(&f).await;
+        assert!(!why.trusted);
+        let reason = why.reason.unwrap();
+        assert!(reason.contains("scoped to \"photos\""), "{reason}");
+        assert!(!reason.contains("revoked"), "{reason}");
+    }
+
+    /// A repository that answers every POST with `status`, counting them.
+    async fn answering(status: u16) -> (String, Arc<AtomicU64>) {
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let app = axum::Router::new().fallback(move || {
+            let h = h.clone();
+            async move {
+                h.fetch_add(1, Ordering::Relaxed);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    "{\"error\":\"far_future\",\"detail\":\"test\"}",
+                )
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, hits)
+    }
+
+    /// Guarantee: the outbox retries a repository that is failing (5xx)
+    /// on every sync, and drops a record a repository refused for cause
+    /// (4xx) at once, counted for the metrics, never sending it there again.
+    #[tokio::test]
+    async fn the_outbox_retries_failures_but_not_refusals() {
+        let op = memory();
+        let key = SecretKey::generate().unwrap();
+        let (refusing, refused_hits) = answering(422).await;
+        let (failing, failed_hits) = answering(503).await;
+        let web = AgentTrust::open(&key, op.clone(), ".caravan/", &[refusing, failing.clone()])
+            .await
+            .unwrap();
+        let f = SecretKey::generate().unwrap().agent_id();
+        let e = web.grant(&req(f, Some(86400))).await.unwrap_err();
+        assert!(e.to_string().contains("will be published"), "{e}");
+        assert_eq!(web.take_dropped(), 1);
+        assert_eq!(web.unpublished().await, 1);
+        for _ in 0..3 {
+            assert_eq!(web.publish_pending().await, 1);
+        }
+        assert_eq!(refused_hits.load(Ordering::Relaxed), 1);
+        assert_eq!(failed_hits.load(Ordering::Relaxed), 4);
+        // The queue survives a restart, for the failing repository only.
+        let again = AgentTrust::open(&key, op.clone(), ".caravan/", &[failing])
+            .await
+            .unwrap();
+        assert_eq!(again.unpublished().await, 1);
+        let p = again.outbox.lock().await.values().next().cloned().unwrap();
+        assert_eq!(p.repositories.len(), 1);
+        assert_eq!(again.take_dropped(), 0);
     }
 
     #[tokio::test]

@@ -43,6 +43,21 @@ pub struct PublishReport {
     pub unreachable: Vec<(String, String)>,
 }
 
+/// What one repository did with a published record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored.
+    Accepted,
+    /// Refused as not newer than what it holds: it has this record or a
+    /// newer one for the same key (the JSON error body).
+    Stale(String),
+    /// Refused for cause (4xx: expired, too far ahead, unknown grant…),
+    /// with the JSON error body. Sending it again will not help.
+    Refused(String),
+    /// Not reached, or busy or failing (timeout, 429, 5xx): try again later.
+    Unreachable(String),
+}
+
 #[derive(Default)]
 struct Cache {
     answers: HashMap<(usize, String), Vec<Vec<u8>>>,
@@ -109,41 +124,58 @@ impl RepositoryClient {
         &self.urls
     }
 
+    /// Publishes a record to one repository (`url`, one of [`Self::urls`]).
+    pub async fn publish_to(&self, url: &str, rec: &SignedRecord) -> Outcome {
+        let r = self
+            .http
+            .post(format!("{url}/v1/records"))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(rec.to_bytes())
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => Outcome::Accepted,
+            Ok(resp) => {
+                let status = resp.status();
+                let text = read_limited(resp)
+                    .await
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
+                // Busy (rate limit, timeout) or failing (5xx): try again later.
+                if status.is_server_error()
+                    || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    || status == reqwest::StatusCode::REQUEST_TIMEOUT
+                {
+                    tracing::warn!(repository = %url, %status, body = %text, "repository could not take a record now");
+                    return Outcome::Unreachable(format!("HTTP {status}: {text}"));
+                }
+                if text.contains("\"stale\"") {
+                    return Outcome::Stale(text);
+                }
+                tracing::warn!(repository = %url, %status, body = %text, "repository refused a record");
+                Outcome::Refused(text)
+            }
+            Err(e) => {
+                tracing::warn!(repository = %url, error = %e, "repository unreachable");
+                Outcome::Unreachable(e.to_string())
+            }
+        }
+    }
+
     /// Publishes a record to every repository. Succeeds when at least one
     /// stored it (or already had it or something newer: a `stale` refusal
     /// still means the repository holds the information).
     pub async fn publish(&self, rec: &SignedRecord) -> Result<PublishReport> {
-        let bytes = rec.to_bytes();
-        let sends = self.urls.iter().map(|u| {
-            let body = bytes.clone();
-            async move {
-                let r = self
-                    .http
-                    .post(format!("{u}/v1/records"))
-                    .header(CONTENT_TYPE, "application/octet-stream")
-                    .body(body)
-                    .send()
-                    .await;
-                (u.clone(), r)
-            }
+        let sends = self.urls.iter().map(|u| async move {
+            let o = self.publish_to(u, rec).await;
+            (u.clone(), o)
         });
         let mut report = PublishReport::default();
-        for (u, r) in futures::future::join_all(sends).await {
-            match r {
-                Ok(resp) if resp.status().is_success() => report.accepted.push(u),
-                Ok(resp) => {
-                    let status = resp.status();
-                    let text = read_limited(resp)
-                        .await
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .unwrap_or_default();
-                    tracing::warn!(repository = %u, %status, body = %text, "repository refused a record");
-                    report.refused.push((u, text));
-                }
-                Err(e) => {
-                    tracing::warn!(repository = %u, error = %e, "repository unreachable");
-                    report.unreachable.push((u, e.to_string()));
-                }
+        for (u, o) in futures::future::join_all(sends).await {
+            match o {
+                Outcome::Accepted => report.accepted.push(u),
+                Outcome::Stale(body) | Outcome::Refused(body) => report.refused.push((u, body)),
+                Outcome::Unreachable(e) => report.unreachable.push((u, e)),
             }
         }
         let stale_everywhere_ok = report

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 pub mod client;
 pub mod server;
 
-pub use client::{PublishReport, RepositoryClient};
+pub use client::{Outcome, PublishReport, RepositoryClient};
 pub use server::{Receipt, Repository, RepositoryConfig, serve, serve_with};
 
 /// Content type of a framed list of records.

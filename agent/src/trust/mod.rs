@@ -8,6 +8,8 @@ pub mod seed;
 
 pub use engine::{Chain, GrantRef, RevocationSet, TrustEngine, render_tree, verify_chain};
 pub use records::{
-    Announcement, GrantId, Invalid, Reason, Revocation, TrustGrant, decode_record, share_locator,
+    Announcement, GrantId, Invalid, MAX_GRANT_DEPTH, MAX_GRANT_VALIDITY_SECS, Reason, Revocation,
+    TrustGrant, check_grant_depth, check_grant_scope, check_grant_validity_secs, decode_record,
+    share_locator,
 };
 pub use seed::{SeedIndex, SeedRecord};

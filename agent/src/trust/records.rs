@@ -19,6 +19,10 @@ use crate::util::{hex, parse_hex32};
 /// Longest validity we accept for a grant (from now): one year. A longer
 /// claim would outlive any sensible key rotation and is refused outright.
 pub const MAX_GRANT_VALIDITY_SECS: u64 = 366 * 24 * 3600;
+/// Deepest a grant may let its subject vouch further (hops). Agents search
+/// chains of at most this many grants, so a deeper grant would promise what
+/// no check ever grants.
+pub const MAX_GRANT_DEPTH: u8 = 8;
 /// Longest an announcement may claim to stay current (from now). Agents
 /// re-announce long before this; a stale address book is worse than none.
 pub const MAX_ANNOUNCEMENT_TTL_SECS: u64 = 31 * 24 * 3600;
@@ -36,6 +40,49 @@ pub const MAX_LOCATORS: usize = 1024;
 
 const GRANT_ID_CONTEXT: &str = "caravan 2026 trust grant id v1";
 const SHARE_LOCATOR_CONTEXT: &str = "caravan 2026 share locator v1";
+
+/// Checks the validity an agent is asked to sign a grant for (seconds from
+/// now) against what every repository accepts: at least one second, at
+/// most [`MAX_GRANT_VALIDITY_SECS`] (366 days). The error names the limit.
+pub fn check_grant_validity_secs(secs: u64) -> Result<(), String> {
+    if secs == 0 {
+        return Err(
+            "a grant must be valid for at least 1 second (expires 0 is an empty window)".into(),
+        );
+    }
+    if secs > MAX_GRANT_VALIDITY_SECS {
+        return Err(format!(
+            "a grant may be valid for at most {} days ({MAX_GRANT_VALIDITY_SECS} s): repositories \
+             refuse a longer one as far_future; asked for {secs} s (~{} days)",
+            MAX_GRANT_VALIDITY_SECS / 86400,
+            secs / 86400
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a grant's depth against [`MAX_GRANT_DEPTH`]. The error names the limit.
+pub fn check_grant_depth(depth: u8) -> Result<(), String> {
+    if depth > MAX_GRANT_DEPTH {
+        return Err(format!(
+            "a grant's depth may be at most {MAX_GRANT_DEPTH} (chains are searched {MAX_GRANT_DEPTH} hops deep); asked for {depth}"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a grant's scope: 1..=[`MAX_SCOPE_LEN`] bytes. The error names the limit.
+pub fn check_grant_scope(scope: Option<&str>) -> Result<(), String> {
+    if let Some(s) = scope
+        && (s.is_empty() || s.len() > MAX_SCOPE_LEN)
+    {
+        return Err(format!(
+            "a grant's scope must be 1..={MAX_SCOPE_LEN} bytes, got {}",
+            s.len()
+        ));
+    }
+    Ok(())
+}
 
 // Wire layout of a SignedRecord (see crate::record): magic(3) version(1)
 // kind(1) signer(32) body length(4), body, signature(64).
