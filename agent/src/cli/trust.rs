@@ -32,7 +32,7 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 .post(api::TRUST_GRANTS, &req)
                 .await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&g)?);
+                out!("{}", serde_json::to_string(&g)?);
             } else {
                 out!(
                     "granted {} depth {} until {} (grant {}); published to {}",
@@ -65,7 +65,7 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 )
                 .await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&r)?);
+                out!("{}", serde_json::to_string(&r)?);
             } else {
                 for id in &r.revoked {
                     out!("revoked grant {id}");
@@ -95,7 +95,7 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
         TrustCommand::List { config, json } => {
             let l: TrustListing = Admin::from_config(&config)?.get(api::TRUST).await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&l)?);
+                out!("{}", serde_json::to_string(&l)?);
             } else {
                 out!("grants issued by {}:", l.agent_id);
                 for g in &l.issued {
@@ -125,7 +125,7 @@ pub(crate) async fn command(action: TrustCommand) -> Result<()> {
                 .get(&api::trust_why(&agent.to_string()))
                 .await?;
             if json {
-                out!("{}", serde_json::to_string_pretty(&w)?);
+                out!("{}", serde_json::to_string(&w)?);
             } else if w.trusted {
                 out!("trusted through {} grant(s):", w.chain.len());
                 for hop in &w.chain {
