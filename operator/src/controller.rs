@@ -617,7 +617,7 @@ pub fn sleepers_for_share(agents: &[Arc<Agent>], s: &Share) -> Vec<ObjectRef<Age
         .iter()
         .filter(|a| a.spec.scale_to_zero.is_some())
         .filter(|a| {
-            (a.namespace() == ns && a.name_any() == s.spec.agent)
+            (a.namespace() == ns && a.name_any() == s.holder())
                 || publisher.is_some()
                     && a.status.as_ref().and_then(|st| st.agent_id.as_ref()) == publisher.as_ref()
         })
@@ -702,7 +702,7 @@ pub async fn run(
                 .filter(|a| {
                     a.spec.scale_to_zero.is_some()
                         && a.namespace() == ns
-                        && a.name_any() == g.spec.issuer
+                        && a.name_any() == g.holder()
                 })
                 .map(|a| ObjectRef::from_obj(a.as_ref()))
                 .collect::<Vec<_>>()

@@ -187,11 +187,9 @@ pub fn agent_config(
                 secret_namespace: ns.to_string(),
             });
         }
-        if sr.name.is_empty() {
-            return Err(InputError::InvalidSpec(
-                "spec.storage.secretRef.name is empty".into(),
-            ));
-        }
+        // The name goes into the API path of the Secret's GET.
+        crate::names::check_object_name("spec.storage.secretRef.name", &sr.name)
+            .map_err(InputError::InvalidSpec)?;
     }
     caravan_agent::config::check_scheme(&storage.scheme)
         .map_err(|e| InputError::UnknownStorageScheme(strip_config_prefix(&e.to_string())))?;

@@ -51,8 +51,8 @@ fn every_rule_compiles() {
         assert!(errors.is_empty(), "{}: {errors:?}", crd.spec.names.kind);
     }
     assert_eq!(
-        total, 7,
-        "rules: agent name, repositories, fs root, idleAfter; share mode, subscribe source; grant immutability"
+        total, 8,
+        "rules: agent name, repositories, fs root, idleAfter; share mode, share agent immutability, subscribe source; grant immutability"
     );
 }
 
@@ -205,4 +205,50 @@ fn subscribe_names_the_share_one_way_and_cel_agrees_with_the_operator() {
         let sub = parsed.subscribe.as_ref().unwrap();
         assert_eq!(plan::ticket_source(sub).is_ok(), ok, "operator on {src}");
     }
+}
+
+#[test]
+fn agent_and_issuer_are_immutable_in_cel_and_in_the_operator() {
+    use caravan_operator::crd::{Share, ShareStatus, TrustGrant, TrustGrantStatus};
+    use caravan_operator::{grants, shares};
+    let v = Validator::new();
+    // Share: spec.agent.
+    let s = schema(&crd::Share::crd());
+    let share = |agent: &str| {
+        json!({"apiVersion":"caravan.dev/v1alpha1","kind":"Share","metadata":{"name":"s"},
+               "spec":{"agent":agent,"publish":{"path":"p","recipients":{"trustedWithinDepth":1}}}})
+    };
+    assert!(v.validate(&s, &share("bob"), Some(&share("bob"))).is_ok());
+    assert!(v.validate(&s, &share("bob2"), Some(&share("bob"))).is_err());
+    let mut moved: Share = serde_json::from_value(share("bob2")).unwrap();
+    moved.status = Some(ShareStatus {
+        agent: Some("bob".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        shares::plan::check_holder(&moved).unwrap_err().reason(),
+        "InvalidSpec"
+    );
+    moved.spec.agent = "bob".into();
+    shares::plan::check_holder(&moved).unwrap();
+
+    // TrustGrant: spec.issuer.
+    let s = schema(&crd::TrustGrant::crd());
+    let subject = caravan_agent::identity::SecretKey::from_seed([1; 32])
+        .agent_id()
+        .to_string();
+    let grant = |issuer: &str| {
+        json!({"apiVersion":"caravan.dev/v1alpha1","kind":"TrustGrant","metadata":{"name":"g"},
+               "spec":{"issuer":issuer,"subject":subject,"depth":1}})
+    };
+    assert!(v.validate(&s, &grant("bob2"), Some(&grant("bob"))).is_err());
+    let mut moved: TrustGrant = serde_json::from_value(grant("bob2")).unwrap();
+    moved.status = Some(TrustGrantStatus {
+        issuer: Some("bob".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        grants::plan::check_holder(&moved).unwrap_err().reason(),
+        "InvalidSpec"
+    );
 }

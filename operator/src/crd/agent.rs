@@ -269,7 +269,7 @@ pub struct StorageSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretReference {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub name: String,
     /// Namespace of the Secret. Only the Agent's own namespace is allowed
     /// (tenants never share Secrets); leave it empty.

@@ -82,10 +82,15 @@ use serde::{Deserialize, Serialize};
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.publish) != has(self.subscribe)",
     "message": "set exactly one of publish or subscribe"
+}, {
+    "rule": "self.agent == oldSelf.agent",
+    "message": "agent is immutable: the Agent holds the share; create a new Share for another Agent instead"
 }]))]
 pub struct ShareSpec {
     /// Name of the Agent (in this namespace) that publishes or subscribes.
-    #[schemars(length(min = 1, max = 253))]
+    /// Immutable: to move a share to another Agent, delete this Share and
+    /// create one for the other Agent.
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub agent: String,
     /// Publish a folder of the Agent's storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,7 +189,7 @@ pub struct SubscribeSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub name: String,
     /// Key in the Secret's data.
     #[schemars(length(min = 1, max = 253))]
@@ -219,6 +224,11 @@ pub struct RecipientTicket {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ShareStatus {
+    /// The Agent that holds the share's declaration: recorded before the
+    /// operator first declares it, so delete always stops the share on the
+    /// Agent that serves or follows it, whatever `spec.agent` says later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     /// Public id of the share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_id: Option<String>,
@@ -272,4 +282,16 @@ pub struct ShareStatus {
     /// The `.metadata.generation` the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl Share {
+    /// The Agent that holds (or will hold) this share's declaration:
+    /// `status.agent` once recorded, else `spec.agent`. Delete, wake-ups and
+    /// watches follow this name, never a later edit of `spec.agent`.
+    pub fn holder(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.agent.as_deref())
+            .unwrap_or(&self.spec.agent)
+    }
 }

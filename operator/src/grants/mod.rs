@@ -99,8 +99,12 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = g.uid().ok_or(Error::MissingField("metadata.uid"))?;
 
-    // 1. Validate (pure).
-    let decl = match plan::declared(&g.spec, now_secs(ctx)) {
+    // 1. Validate (pure): also the issuer's name, before it goes into any
+    // API path, and that it is still the issuer holding the grant.
+    let decl = match plan::declared(&g.spec, now_secs(ctx)).and_then(|d| {
+        plan::check_holder(g)?;
+        Ok(d)
+    }) {
         Ok(d) => d,
         Err(e) => return bad_input(g, ctx, &e).await,
     };
@@ -134,7 +138,14 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
-    // 4. Sign (once) and publish.
+    // 4. Sign (once) and publish; the issuer is recorded first.
+    let recorded;
+    let g = if g.status.as_ref().and_then(|s| s.issuer.as_ref()).is_none() {
+        recorded = record_holder(g, ctx).await?;
+        &recorded
+    } else {
+        g
+    };
     let answer = ctx.agents.put_grant(&endpoint, &uid, &decl).await;
     ctx.metrics
         .agent_calls
@@ -174,6 +185,36 @@ async fn bad_input(g: &TrustGrant, ctx: &Context, e: &GrantInputError) -> Result
         reason = e.reason(), "trust grant input needs fixing: {e}");
     update_status(g, ctx, &Observation::BadInput(e)).await?;
     Ok(Action::requeue(BAD_INPUT_REQUEUE))
+}
+
+/// Writes `status.issuer` (the Agent about to hold the grant) before the
+/// first `PUT`, so a later edit of `spec.issuer` can never make the operator
+/// forget which Agent must revoke it. Returns the grant with that status.
+async fn record_holder(g: &TrustGrant, ctx: &Context) -> Result<TrustGrant, Error> {
+    let mut g = g.clone();
+    let mut st = g.status.clone().unwrap_or_default();
+    st.issuer = Some(g.spec.issuer.clone());
+    let ns = g
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let patch = json!({
+        "apiVersion": TrustGrant::api_version(&()),
+        "kind": TrustGrant::kind(&()),
+        "status": st,
+    });
+    Api::<TrustGrant>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &g.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["trustgrant"])
+        .inc();
+    g.status = Some(st);
+    Ok(g)
 }
 
 async fn update_status(
@@ -223,7 +264,13 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = g.uid().ok_or(Error::MissingField("metadata.uid"))?;
-    let issuer = match agentref::agent(&ctx.client, &ns, &g.spec.issuer).await? {
+    // The Agent that signed it, whatever spec.issuer says now.
+    let holder = g.holder();
+    if crate::names::check_object_name("spec.issuer", holder).is_err() {
+        // Never a valid name, so never asked to sign: nothing to revoke.
+        return Ok(Action::await_change());
+    }
+    let issuer = match agentref::agent(&ctx.client, &ns, holder).await? {
         Some(a) => a,
         None => {
             if g.status.as_ref().is_some_and(|s| s.grant_id.is_some()) {
@@ -232,8 +279,7 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
                     true,
                     "IssuerGone",
                     format!(
-                        "issuer Agent {} is gone and its key with it: the grant cannot be revoked and stays valid until it expires",
-                        g.spec.issuer
+                        "issuer Agent {holder} is gone and its key with it: the grant cannot be revoked and stays valid until it expires",
                     ),
                 )
                 .await;
@@ -298,7 +344,7 @@ pub async fn run(
         store
             .state()
             .into_iter()
-            .filter(|g| g.namespace() == ns && g.spec.issuer == name)
+            .filter(|g| g.namespace() == ns && (g.holder() == name || g.spec.issuer == name))
             .map(|g| ObjectRef::from_obj(g.as_ref()))
             .collect::<Vec<_>>()
     })

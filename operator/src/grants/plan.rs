@@ -47,9 +47,8 @@ impl GrantInputError {
 /// Checks the spec (no API call) and builds the declared grant. `now` is
 /// unix seconds.
 pub fn declared(spec: &TrustGrantSpec, now: u64) -> Result<DeclaredGrant, GrantInputError> {
-    if spec.issuer.is_empty() {
-        return Err(GrantInputError::InvalidSpec("spec.issuer is empty".into()));
-    }
+    crate::names::check_object_name("spec.issuer", &spec.issuer)
+        .map_err(GrantInputError::InvalidSpec)?;
     let subject: AgentId = spec.subject.parse().map_err(|e| {
         GrantInputError::InvalidSubject(format!(
             "spec.subject {:?} is not an agent id (cv1-… with a valid checksum): {e}",
@@ -99,6 +98,31 @@ pub fn settled(g: &crate::crd::TrustGrant) -> bool {
                 .iter()
                 .any(|c| c.type_ == crate::status::READY && c.status == "True")
     })
+}
+
+/// Refuses a change of `spec.issuer` once an issuer holds the grant.
+///
+/// Why refuse rather than move the grant to the new issuer: a move needs
+/// the old issuer to sign and publish a revocation first, and the operator
+/// would have to remember every former issuer until each revocation is
+/// published (an issuer edited twice while the first is asleep or down
+/// leaves two). Refusing keeps exactly one holder, recorded in
+/// `status.issuer` before the first `PUT`, whose grant stays managed and is
+/// revoked on delete: no edit of the spec can ever orphan a signed grant.
+/// It is also what the CRD's CEL rule does on Kubernetes ≥ 1.25, so every
+/// cluster behaves alike.
+pub fn check_holder(g: &crate::crd::TrustGrant) -> Result<(), GrantInputError> {
+    let holder = g.holder();
+    if holder != g.spec.issuer {
+        return Err(GrantInputError::InvalidSpec(format!(
+            "spec.issuer cannot change from {holder:?} to {:?}: Agent {holder} signed this \
+             grant and still vouches for the subject. Set spec.issuer back to {holder:?}, or \
+             delete this TrustGrant ({holder} then publishes the revocation) and create a new \
+             one for the other issuer",
+            bounded(&g.spec.issuer)
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a grant from an agent to itself.

@@ -105,8 +105,12 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
     let name = share.name_any();
     let generation = share.metadata.generation;
 
-    // 1. Validate (pure).
-    let mode = match plan::check_spec(&share.spec) {
+    // 1. Validate (pure): also the names that go into API paths, and that
+    // spec.agent is still the Agent holding the share.
+    let mode = match plan::check_spec(&share.spec).and_then(|m| {
+        plan::check_holder(share)?;
+        Ok(m)
+    }) {
         Ok(m) => m,
         Err(e) => return bad_input(share, ctx, None, &e).await,
     };
@@ -164,6 +168,18 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
     let decl = match plan::declared(&share.spec, ticket, generation.unwrap_or(0)) {
         Ok(d) => d,
         Err(e) => return bad_input(share, ctx, Some(mode), &e).await,
+    };
+    let recorded;
+    let share = if share
+        .status
+        .as_ref()
+        .and_then(|s| s.agent.as_ref())
+        .is_none()
+    {
+        recorded = record_holder(share, ctx).await?;
+        &recorded
+    } else {
+        share
     };
     let answer = ctx.agents.put_share(&endpoint, &name, &decl).await;
     ctx.metrics
@@ -296,6 +312,36 @@ async fn bad_input(
     Ok(Action::requeue(BAD_INPUT_REQUEUE))
 }
 
+/// Writes `status.agent` (the Agent about to hold the share) before the
+/// first `PUT`, so a later edit of `spec.agent` can never make the operator
+/// forget which Agent must stop it. Returns the Share with that status.
+async fn record_holder(share: &Share, ctx: &Context) -> Result<Share, Error> {
+    let mut share = share.clone();
+    let mut st = share.status.clone().unwrap_or_default();
+    st.agent = Some(share.spec.agent.clone());
+    let ns = share
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let patch = json!({
+        "apiVersion": Share::api_version(&()),
+        "kind": Share::kind(&()),
+        "status": st,
+    });
+    Api::<Share>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &share.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["share"])
+        .inc();
+    share.status = Some(st);
+    Ok(share)
+}
+
 /// Computes the status, patches it only when it changed, publishes Events.
 async fn update_status(
     share: &Share,
@@ -351,7 +397,13 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = share.name_any();
-    let Some(agent) = agentref::agent(&ctx.client, &ns, &share.spec.agent).await? else {
+    // The Agent that holds the share, whatever spec.agent says now.
+    let holder = share.holder();
+    if crate::names::check_object_name("spec.agent", holder).is_err() {
+        // Never a valid name, so never declared anywhere: nothing to stop.
+        return Ok(Action::await_change());
+    }
+    let Some(agent) = agentref::agent(&ctx.client, &ns, holder).await? else {
         tracing::info!(share = %name, namespace = %ns, "Agent gone; nothing to stop");
         return Ok(Action::await_change());
     };
@@ -368,8 +420,7 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
                 false,
                 "Stopped",
                 format!(
-                    "Agent {} stopped {} the share",
-                    share.spec.agent,
+                    "Agent {holder} stopped {} the share",
                     if share.spec.publish.is_some() {
                         "serving"
                     } else {
@@ -410,7 +461,7 @@ pub async fn run(
         store
             .state()
             .into_iter()
-            .filter(|s| s.namespace() == ns && s.spec.agent == name)
+            .filter(|s| s.namespace() == ns && (s.holder() == name || s.spec.agent == name))
             .map(|s| ObjectRef::from_obj(s.as_ref()))
             .collect::<Vec<_>>()
     })

@@ -134,9 +134,8 @@ pub enum TicketSource {
 
 /// Checks everything that needs no API call. Returns the mode.
 pub fn check_spec(spec: &ShareSpec) -> Result<Mode, ShareInputError> {
-    if spec.agent.is_empty() {
-        return Err(ShareInputError::InvalidSpec("spec.agent is empty".into()));
-    }
+    crate::names::check_object_name("spec.agent", &spec.agent)
+        .map_err(ShareInputError::InvalidSpec)?;
     match (&spec.publish, &spec.subscribe) {
         (Some(_), Some(_)) | (None, None) => Err(ShareInputError::InvalidSpec(
             "set exactly one of spec.publish or spec.subscribe".into(),
@@ -191,6 +190,8 @@ pub fn ticket_source(s: &SubscribeSpec) -> Result<TicketSource, ShareInputError>
         return Ok(TicketSource::Inline(t.clone()));
     }
     if let Some(r) = &s.ticket_secret_ref {
+        crate::names::check_object_name("spec.subscribe.ticketSecretRef.name", &r.name)
+            .map_err(ShareInputError::InvalidSpec)?;
         return Ok(TicketSource::Secret {
             name: r.name.clone(),
             key: r.key.clone(),
@@ -277,6 +278,35 @@ pub fn settled(share: &crate::crd::Share) -> bool {
         st.observed_generation == share.metadata.generation
             && matches!(st.phase, Some(SharePhase::Ready | SharePhase::Degraded))
     })
+}
+
+/// Refuses a change of `spec.agent` once an Agent holds the share.
+///
+/// Why refuse rather than move the share: a move must first stop the share
+/// on the old Agent (a `DELETE` it has to answer), and the operator would
+/// have to remember every former Agent until each one did (an Agent edited
+/// twice while the first is asleep or down leaves two). Refusing keeps
+/// exactly one holder, recorded in `status.agent` before the first `PUT`:
+/// it keeps serving or following the share as declared, its status is never
+/// mixed with another Agent's, and deleting the Share stops it there. No
+/// edit of the spec can leave an Agent serving a share nobody manages. The
+/// CRD's CEL rule refuses the same edit on Kubernetes ≥ 1.25.
+pub fn check_holder(share: &crate::crd::Share) -> Result<(), ShareInputError> {
+    let holder = share.holder();
+    if holder != share.spec.agent {
+        return Err(ShareInputError::InvalidSpec(format!(
+            "spec.agent cannot change from {holder:?} to {:?}: Agent {holder} holds this share \
+             and keeps {} it. Set spec.agent back to {holder:?}, or delete this Share ({holder} \
+             then stops it) and create a new one for the other Agent",
+            bounded(&share.spec.agent),
+            if share.spec.publish.is_some() {
+                "serving"
+            } else {
+                "following"
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// What the reconciler found, reduced to what status depends on.

@@ -143,7 +143,7 @@ pub fn cluster_work(
     let in_ns = |o: &Option<String>| o.as_deref() == Some(ns);
     let mine: Vec<&Share> = shares
         .iter()
-        .filter(|s| in_ns(&s.metadata.namespace) && s.spec.agent == name)
+        .filter(|s| in_ns(&s.metadata.namespace) && s.holder() == name)
         .collect();
     for s in &mine {
         if let Some((reason, why)) = share_needs_agent(s) {
@@ -155,7 +155,7 @@ pub fn cluster_work(
     }
     for g in grants
         .iter()
-        .filter(|g| in_ns(&g.metadata.namespace) && g.spec.issuer == name)
+        .filter(|g| in_ns(&g.metadata.namespace) && g.holder() == name)
     {
         if let Some((reason, why)) = grant_needs_issuer(g) {
             return work(reason, format!("TrustGrant {} {why}", g.name_any()));
