@@ -179,21 +179,26 @@ pub fn cluster_work(
             if share_needs_agent(s).is_none() || up_to_date(s, shares) {
                 continue;
             }
-            let seeded = match share_id.as_deref() {
-                Some(id) => my_publish
-                    .iter()
-                    .any(|(p, pid)| *pid == Some(id) && offline(p)),
-                // Unknown share: only when everything this agent publishes
-                // is offline-seeded can the bucket serve it for sure.
-                None => !my_publish.is_empty() && my_publish.iter().all(|(p, _)| offline(p)),
+            // Only a subscription to one of this Agent's own publish Shares
+            // (by the share id its status reports) wakes it: any tenant can
+            // write a subscribe Share naming any agent id and a made-up (or
+            // unknown) share id, and must not keep another tenant's agent
+            // awake with it.
+            let Some(id) = share_id.as_deref() else {
+                continue;
             };
-            if !seeded {
+            let needed = my_publish
+                .iter()
+                .any(|(p, pid)| *pid == Some(id) && !offline(p));
+            if needed {
+                // The subscriber may be another tenant's: its namespace and
+                // name are not this tenant's business (status, Events).
                 return work(
                     reasons::FETCH_NEEDS_PUBLISHER,
                     format!(
-                        "Share {}/{} fetches from this agent, which has no offline seeding for it",
-                        s.namespace().unwrap_or_default(),
-                        s.name_any()
+                        "a subscriber in the cluster fetches share {} from this agent, \
+                         which has no offline seeding for it",
+                        crate::agent_api::bounded(id)
                     ),
                 );
             }
@@ -407,7 +412,14 @@ mod tests {
         let fetching = subscribe("t-b", "from-alice", "bob", &alice);
         let (reason, message) = w(&[photos.clone(), fetching.clone()]).unwrap();
         assert_eq!(reason, reasons::FETCH_NEEDS_PUBLISHER);
-        assert!(message.contains("t-b/from-alice"), "{message}");
+        assert!(
+            message.contains("a subscriber in the cluster") && message.contains("sh-1"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("t-b") && !message.contains("from-alice"),
+            "another tenant's namespace and Share name stay private: {message}"
+        );
         // Synced: nothing needed.
         let synced = settled(fetching.clone(), "sh-1", 1);
         assert_eq!(w(&[photos.clone(), synced.clone()]), None);
@@ -453,6 +465,32 @@ mod tests {
             cluster_work("t-a", "alice", None, &[photos, fetching], &[]),
             None
         );
+    }
+
+    #[test]
+    fn only_a_subscription_to_one_of_its_own_shares_wakes_an_agent() {
+        let alice = id(1);
+        let w = |shares: &[Share]| {
+            cluster_work("t-a", "alice", Some(&alice), shares, &[]).map(|w| w.reason)
+        };
+        let photos = settled(publish("t-a", "photos", "alice", false), "sh-1", 1);
+        // Another tenant names alice as publisher with a made-up share id, on
+        // an Agent that never runs (so the Share never settles): alice sleeps.
+        let mut made_up = subscribe("t-f", "keep-awake", "unschedulable", &alice);
+        made_up.spec.subscribe.as_mut().unwrap().share_id = Some("sh-made-up".into());
+        assert_eq!(w(&[photos.clone(), made_up.clone()]), None);
+        // ... also when alice publishes nothing at all.
+        assert_eq!(w(std::slice::from_ref(&made_up)), None);
+        // An unknown share id (a ticket that does not parse): no wake-up.
+        let mut unknown = made_up.clone();
+        unknown.spec.subscribe.as_mut().unwrap().share_id = None;
+        assert_eq!(w(&[photos.clone(), unknown]), None);
+        // A publish Share without a share id yet cannot be the one asked for.
+        let fresh = publish("t-a", "photos", "alice", false);
+        let fetching = subscribe("t-f", "from-alice", "frank", &alice);
+        assert_eq!(w(&[fresh, fetching.clone()]), Some(reasons::SHARE_CHANGED));
+        // The share alice does publish: woken.
+        assert_eq!(w(&[photos, fetching]), Some(reasons::FETCH_NEEDS_PUBLISHER));
     }
 
     #[test]
