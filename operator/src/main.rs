@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use caravan_operator::agent_api::HttpAgentApi;
+use caravan_operator::agent_api::{CircuitBreaker, HttpAgentApi};
 use caravan_operator::config::{OperatorConfig, default_agent_resources};
 use caravan_operator::controller::{self, Context, RunOptions};
 use caravan_operator::crd::agent::{LogFormat, SchedulingSpec};
@@ -330,18 +330,21 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             instance: Some(identity.clone()),
         },
     );
-    let agent_api = HttpAgentApi::new().context("cannot build the agent API client")?;
+    // One client and one circuit breaker for every controller: an agent
+    // that stops answering costs one timed-out call per minute, whichever
+    // controller asks.
+    let agent_api = Arc::new(CircuitBreaker::new(
+        HttpAgentApi::new().context("cannot build the agent API client")?,
+    ));
     let declared_ctx = Arc::new(declared::Context::new(
         client.clone(),
-        Arc::new(agent_api),
+        agent_api.clone(),
         recorder.clone(),
         metrics.clone(),
     ));
     let ctx = Arc::new(
-        Context::new(client.clone(), cfg, recorder, metrics.clone()).with_agent_api(
-            Arc::new(HttpAgentApi::new().context("cannot build the agent API client")?),
-            args.watch_namespace.clone(),
-        ),
+        Context::new(client.clone(), cfg, recorder, metrics.clone())
+            .with_agent_api(agent_api, args.watch_namespace.clone()),
     );
     let opts = RunOptions {
         concurrency: args.concurrency.max(1),

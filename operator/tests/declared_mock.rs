@@ -1291,3 +1291,55 @@ async fn names_that_are_not_object_names_never_reach_an_api_path() {
     api.done().await;
     assert_eq!(condition(&status, "Degraded")["reason"], "InvalidSpec");
 }
+
+#[tokio::test]
+async fn an_unreachable_agent_is_asked_less_and_less_often() {
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let mut share = publish_share();
+    share.status = Some(caravan_operator::crd::ShareStatus {
+        agent: Some("alice".into()),
+        ..Default::default()
+    });
+    let share = share;
+    let mut requeues = Vec::new();
+    for answer in [
+        Err(CallError::Unreachable("timed out".into())),
+        Err(CallError::Unreachable("timed out".into())),
+        Err(CallError::Unreachable("timed out".into())),
+        Err(CallError::Unreachable("timed out".into())),
+        Ok(published_report()),
+        Err(CallError::Unreachable("timed out".into())),
+    ] {
+        fake.shares.lock().unwrap().push_back(answer);
+        // The same Context (and its per-object memory) throughout, as in
+        // the controller.
+        let task = tokio::spawn(run_share(share.clone(), ctx.clone()));
+        expect_ready_agent(&mut api, "alice", &id(1)).await;
+        expect_status(
+            &mut api,
+            "shares",
+            "photos",
+            serde_json::to_value(&share).unwrap(),
+        )
+        .await;
+        // An Event (the recorder patches a repeated one: either is fine).
+        let (req, send) = api.0.next_request().await.unwrap();
+        assert!(req.uri().path().contains("/events"), "{}", req.uri());
+        respond(send, 200, &json!({}));
+        requeues.push(task.await.unwrap().unwrap());
+    }
+    api.done().await;
+    let secs = |n: u64| Action::requeue(Duration::from_secs(n));
+    assert_eq!(
+        requeues,
+        [
+            secs(5),
+            secs(10),
+            secs(20),
+            secs(40),
+            Action::requeue(shares::READY_REQUEUE),
+            secs(5)
+        ]
+    );
+}

@@ -157,10 +157,14 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         Err(CallError::Refused { message, .. }) => {
             (Observation::AgentRefused(message), BAD_INPUT_REQUEUE)
         }
-        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => {
-            (Observation::AgentUnreachable(m), WAIT_REQUEUE)
-        }
+        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => (
+            Observation::AgentUnreachable(m),
+            ctx.unreachable_requeue(&key(g)),
+        ),
     };
+    if !matches!(answer, Err(CallError::Unreachable(_) | CallError::Agent(_))) {
+        ctx.agent_answered(&key(g));
+    }
 
     // 5. Status.
     update_status(g, ctx, &obs).await?;

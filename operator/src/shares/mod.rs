@@ -219,10 +219,14 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         Err(CallError::Refused { message, .. }) => {
             (Observation::AgentRefused(message), DEGRADED_REQUEUE)
         }
-        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => {
-            (Observation::AgentUnreachable(m), WAIT_REQUEUE)
-        }
+        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => (
+            Observation::AgentUnreachable(m),
+            ctx.unreachable_requeue(&key(share)),
+        ),
     };
+    if !matches!(answer, Err(CallError::Unreachable(_) | CallError::Agent(_))) {
+        ctx.agent_answered(&key(share));
+    }
     let before = share.status.as_ref().and_then(|s| s.version);
     let new = update_status(share, ctx, Some(mode), &obs).await?;
     if let Some(v) = new.version
