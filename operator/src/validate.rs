@@ -191,6 +191,9 @@ pub fn agent_config(
         crate::names::check_object_name("spec.storage.secretRef.name", &sr.name)
             .map_err(InputError::InvalidSpec)?;
     }
+    // Fields copied into the children: refused here, not half-way through
+    // applying them.
+    crate::podspec::check(spec).map_err(InputError::InvalidSpec)?;
     caravan_agent::config::check_scheme(&storage.scheme)
         .map_err(|e| InputError::UnknownStorageScheme(strip_config_prefix(&e.to_string())))?;
 
