@@ -140,6 +140,60 @@ fn check_toleration(i: usize, t: &Toleration) -> Result<(), String> {
     Ok(())
 }
 
+/// The provider's allow-list: a priority class or toleration the tenant set
+/// that the provider did not list is refused (`spec.scheduling` only; the
+/// chart's defaults are the provider's own).
+pub fn check_tenant_scheduling(
+    spec: &AgentSpec,
+    allowed: &crate::config::TenantScheduling,
+) -> Result<(), String> {
+    let Some(s) = &spec.scheduling else {
+        return Ok(());
+    };
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    if let Some(p) = s.priority_class_name.as_deref().filter(|p| !p.is_empty())
+        && !allowed.priority_class_names.iter().any(|a| a == p)
+    {
+        return Err(format!(
+            "spec.scheduling.priorityClassName {p:?} is not one the provider allows tenants \
+             to use (allowed: {}; chart value agent.tenantScheduling.priorityClassNames); \
+             remove it to get the provider's default",
+            list(&allowed.priority_class_names)
+        ));
+    }
+    for (i, t) in s.tolerations.iter().flatten().enumerate() {
+        if !allowed.tolerations.iter().any(|a| same_toleration(a, t)) {
+            let shown = serde_json::to_string(t).unwrap_or_default();
+            return Err(format!(
+                "spec.scheduling.tolerations[{i}] {shown} is not one the provider allows \
+                 tenants to use (chart value agent.tenantScheduling.tolerations lists {}); \
+                 remove it to get the provider's default",
+                allowed.tolerations.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn same_toleration(a: &Toleration, b: &Toleration) -> bool {
+    let s = |o: &Option<String>| o.clone().unwrap_or_default();
+    let op = |o: &Option<String>| match o.as_deref() {
+        None | Some("") => "Equal".to_string(),
+        Some(x) => x.to_string(),
+    };
+    s(&a.key) == s(&b.key)
+        && op(&a.operator) == op(&b.operator)
+        && s(&a.value) == s(&b.value)
+        && s(&a.effect) == s(&b.effect)
+        && a.toleration_seconds == b.toleration_seconds
+}
+
 /// Every check of this module on an Agent's spec.
 pub fn check(spec: &AgentSpec) -> Result<(), String> {
     if let Some(r) = &spec.resources {
@@ -192,6 +246,45 @@ pub fn check(spec: &AgentSpec) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn tenants_get_only_the_priority_classes_and_tolerations_the_provider_lists() {
+        use crate::config::TenantScheduling;
+        use crate::crd::agent::SchedulingSpec;
+        let mut spec = crate::testutil::fs_agent("a", "t").spec;
+        let none = TenantScheduling::default();
+        check_tenant_scheduling(&spec, &none).unwrap();
+        spec.scheduling = Some(SchedulingSpec {
+            priority_class_name: Some("system-node-critical".into()),
+            ..Default::default()
+        });
+        let e = check_tenant_scheduling(&spec, &none).unwrap_err();
+        assert!(
+            e.contains("system-node-critical") && e.contains("allowed: none"),
+            "{e}"
+        );
+        let listed = TenantScheduling {
+            priority_class_names: vec!["tenant-high".into()],
+            tolerations: vec![Toleration {
+                key: Some("caravan.dev/agents".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
+        };
+        assert!(check_tenant_scheduling(&spec, &listed).is_err());
+        spec.scheduling.as_mut().unwrap().priority_class_name = Some("tenant-high".into());
+        check_tenant_scheduling(&spec, &listed).unwrap();
+        // Tolerate everything: refused unless listed exactly.
+        spec.scheduling.as_mut().unwrap().tolerations = Some(vec![Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        }]);
+        let e = check_tenant_scheduling(&spec, &listed).unwrap_err();
+        assert!(e.contains("tolerations[0]"), "{e}");
+        spec.scheduling.as_mut().unwrap().tolerations = Some(listed.tolerations.clone());
+        check_tenant_scheduling(&spec, &listed).unwrap();
+    }
 
     #[test]
     fn quantities_parse_like_kubernetes() {
