@@ -251,6 +251,13 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
                 if let Err(e) =
                     validate::check_credentials(&agent.spec.storage.options, &sr.name, &keys)
                         .and_then(|()| {
+                            validate::check_secret_location_keys(
+                                &agent.spec.storage.scheme,
+                                &sr.name,
+                                &keys,
+                            )
+                        })
+                        .and_then(|()| {
                             validate::check_node_credentials(
                                 &agent.spec.storage.scheme,
                                 &keys,

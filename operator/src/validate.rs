@@ -371,6 +371,24 @@ pub fn check_credentials(
     Ok(())
 }
 
+/// Options the operator checks in the spec and must therefore never come
+/// from the credentials Secret (whose values it does not check, and which
+/// the agent reads over the spec's): with scheme `fs`, `root` (the spec's
+/// is held to `/data`; a Secret's `root: /` published the whole pod).
+pub fn check_secret_location_keys(
+    scheme: &str,
+    secret_name: &str,
+    keys: &BTreeSet<String>,
+) -> Result<(), InputError> {
+    if scheme == "fs" && keys.contains("root") {
+        return Err(InputError::InvalidOptions(format!(
+            "Secret {secret_name} key \"root\": with scheme fs the root is not a credential; \
+             set it in spec.storage.options.root (/data or below)"
+        )));
+    }
+    Ok(())
+}
+
 fn strip_config_prefix(s: &str) -> String {
     s.strip_prefix("configuration error: ")
         .unwrap_or(s)
@@ -562,6 +580,14 @@ mod tests {
     fn credentials_keys_are_checked_against_options() {
         let opts = BTreeMap::from([("bucket".to_string(), "b".to_string())]);
         let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            check_secret_location_keys("fs", "s", &keys(&["root"]))
+                .unwrap_err()
+                .reason(),
+            "InvalidOptions",
+            "an fs root from the Secret would escape the /data check"
+        );
+        check_secret_location_keys("s3", "s", &keys(&["root", "secret_access_key"])).unwrap();
         assert!(
             check_credentials(&opts, "s", &keys(&["access_key_id", "secret_access_key"])).is_ok()
         );
