@@ -994,6 +994,18 @@ async fn a_settled_share_of_a_sleeping_agent_keeps_its_status() {
 
 #[tokio::test]
 async fn a_subscription_whose_publisher_sleeps_stays_ready() {
+    for (publisher_ns, named) in [
+        (NS, "the publisher, Agent alice, is scaled to zero"),
+        (
+            "tenant-z",
+            "the publisher, an Agent of another tenant of this cluster, is scaled to zero",
+        ),
+    ] {
+        publisher_asleep_case(publisher_ns, named).await;
+    }
+}
+
+async fn publisher_asleep_case(publisher_ns: &str, named: &str) {
     let publisher = SecretKey::from_seed([1; 32]);
     let bob = SecretKey::from_seed([2; 32]).agent_id();
     let key = caravan_agent::crypto::Key::random().unwrap();
@@ -1021,14 +1033,16 @@ async fn a_subscription_whose_publisher_sleeps_stays_ready() {
         serde_json::to_value(&share).unwrap(),
     )
     .await;
+    let mut alice = sleeping_agent_json("alice", &id(1));
+    alice["metadata"]["namespace"] = json!(publisher_ns);
     // The publisher is looked up among the cluster's Agents: asleep.
     let list = api.expect("GET", "/apis/caravan.dev/v1alpha1/agents").await;
     respond(
         list.send,
         200,
         &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
-                "items":[agent_json("bob", &bob.to_string(), true),
-                         sleeping_agent_json("alice", &id(1))]}),
+        "items":[agent_json("bob", &bob.to_string(), true),
+                 alice]}),
     );
     let status = expect_status(
         &mut api,
@@ -1047,10 +1061,7 @@ async fn a_subscription_whose_publisher_sleeps_stays_ready() {
     let ready = condition(&status, "Ready");
     assert_eq!(ready["reason"], "PublisherAsleep");
     assert!(
-        ready["message"]
-            .as_str()
-            .unwrap()
-            .contains("tenant-a/alice"),
+        ready["message"].as_str().unwrap().contains(named),
         "{ready}"
     );
     assert_eq!(condition(&status, "Degraded")["status"], "False");

@@ -197,7 +197,7 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
                 && r.reason.as_deref() == Some(reasons::PUBLISHER_UNREACHABLE) =>
         {
             match r.publisher.as_deref() {
-                Some(p) => sleeping_publisher(ctx, p).await?,
+                Some(p) => sleeping_publisher(ctx, &ns, p).await?,
                 None => None,
             }
         }
@@ -248,10 +248,12 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(requeue))
 }
 
-/// `namespace/name` of the Agent of this cluster with agent id `id`, when
-/// it is asleep (scaled to zero). One `LIST` of Agents, made only for a
-/// subscription that could not reach its publisher.
-async fn sleeping_publisher(ctx: &Context, id: &str) -> Result<Option<String>, Error> {
+/// How to name the Agent of this cluster with agent id `id`, when it is
+/// asleep (scaled to zero): `Agent NAME` when it is in namespace `ns` (the
+/// subscriber's own), else "an Agent of another tenant" (another tenant's
+/// namespace and names are not the subscriber's business). One `LIST` of
+/// Agents, made only for a subscription that could not reach its publisher.
+async fn sleeping_publisher(ctx: &Context, ns: &str, id: &str) -> Result<Option<String>, Error> {
     let agents = Api::<Agent>::all(ctx.client.clone())
         .list(&Default::default())
         .await?;
@@ -263,7 +265,13 @@ async fn sleeping_publisher(ctx: &Context, id: &str) -> Result<Option<String>, E
                 s.agent_id.as_deref() == Some(id) && s.phase == Some(AgentPhase::Sleeping)
             })
         })
-        .map(|a| format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any())))
+        .map(|a| {
+            if a.namespace().as_deref() == Some(ns) {
+                format!("Agent {}", a.name_any())
+            } else {
+                "an Agent of another tenant of this cluster".to_string()
+            }
+        }))
 }
 
 fn call_label<T>(r: &Result<T, CallError>) -> &'static str {

@@ -451,7 +451,7 @@ pub fn compute(
             Summary::Ready,
             "PublisherAsleep".to_string(),
             format!(
-                "holding version {}: the publisher, Agent {who}, is scaled to zero and \
+                "holding version {}: the publisher, {who}, is scaled to zero and \
                  published nothing newer; it is woken when a fetch needs it",
                 r.version
             ),
@@ -719,13 +719,15 @@ mod tests {
             None,
             Some(1),
             Some(Mode::Subscribe),
-            &Observation::PublisherAsleep(&f, "tenant-a/alice"),
+            &Observation::PublisherAsleep(&f, "Agent alice"),
             t(0),
         );
         assert_eq!(s.phase, Some(SharePhase::Ready));
         let c = cond(&s, "Ready");
         assert_eq!(c.reason, "PublisherAsleep");
-        assert!(c.message.contains("version 2") && c.message.contains("tenant-a/alice"));
+        assert!(
+            c.message.contains("version 2") && c.message.contains("the publisher, Agent alice,")
+        );
         assert_eq!(cond(&s, "Degraded").status, "False");
     }
 

@@ -219,13 +219,17 @@ pub fn cluster_work(
                 })
         });
         if let Some(p) = newer {
+            // The publisher's Share is named only when it is this tenant's.
+            let publisher = if p.namespace().as_deref() == Some(ns) {
+                format!("its publisher's Share {}", p.name_any())
+            } else {
+                "its publisher".to_string()
+            };
             return work(
                 reasons::NEW_VERSION,
                 format!(
-                    "Share {} holds version {held}; its publisher's Share {}/{} has version {}",
+                    "Share {} holds version {held}; {publisher} has version {}",
                     s.name_any(),
-                    p.namespace().unwrap_or_default(),
-                    p.name_any(),
                     p.status
                         .as_ref()
                         .and_then(|ps| ps.version)
@@ -501,6 +505,11 @@ mod tests {
         let w = cluster_work("t-b", "bob", Some(&id(2)), &[follows.clone(), at_v2], &[]).unwrap();
         assert_eq!(w.reason, reasons::NEW_VERSION);
         assert!(w.message.contains("version 2"), "{}", w.message);
+        assert!(
+            !w.message.contains("t-a") && !w.message.contains("photos"),
+            "another tenant's Share stays private: {}",
+            w.message
+        );
         let at_v1 = settled(publish("t-a", "photos", "alice", true), "sh-1", 1);
         assert_eq!(
             cluster_work("t-b", "bob", Some(&id(2)), &[follows, at_v1], &[]),
