@@ -1354,3 +1354,94 @@ async fn an_unreachable_agent_is_asked_less_and_less_often() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_grant_signed_before_holders_were_recorded_is_revoked_by_its_signer() {
+    // Signed by alice (id 1) under an older operator (no status.issuer);
+    // spec.issuer was edited to bob (id 3) meanwhile.
+    let legacy = || {
+        let mut g = grant(id(2));
+        g.spec.issuer = "bob".into();
+        g.status = Some(caravan_operator::crd::TrustGrantStatus {
+            grant_id: Some("ab12".into()),
+            issuer_id: Some(id(1)),
+            published: true,
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        g
+    };
+    // Apply: bob is not the signer; refused, bob never asked, not recorded.
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let g = legacy();
+    let task = tokio::spawn(run_grant(g.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/bob"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("bob", &id(3), true));
+    let status = expect_status(
+        &mut api,
+        "trustgrants",
+        "trust-bob",
+        serde_json::to_value(&g).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert!(fake.calls().is_empty());
+    assert!(status.get("issuer").is_none(), "{status}");
+    let msg = condition(&status, "Degraded")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("is not the Agent that signed"), "{msg}");
+
+    // Delete: the signer is found by its id and revokes.
+    fake.revocations
+        .lock()
+        .unwrap()
+        .push_back(Ok(RevocationStatus {
+            revoked: vec!["ab12".into()],
+            published: true,
+        }));
+    let mut g = legacy();
+    g.metadata.deletion_timestamp = Some(Time(fixed_now()));
+    let (ctx, mut api) = context(fake.clone());
+    let task = tokio::spawn(run_grant(g.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/bob"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("bob", &id(3), true));
+    let list = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents"),
+        )
+        .await;
+    respond(
+        list.send,
+        200,
+        &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
+                "items":[agent_json("alice", &id(1), true), agent_json("bob", &id(3), true)]}),
+    );
+    expect_endpoint(&mut api, "alice").await;
+    expect_event(&mut api, "Revoked", "Normal").await;
+    let p = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/trustgrants/trust-bob"),
+        )
+        .await;
+    respond(p.send, 200, &serde_json::to_value(&g).unwrap());
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(fake.calls(), ["DELETE grant uid-obj"]);
+}

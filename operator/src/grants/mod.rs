@@ -115,7 +115,8 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         return bad_input(g, ctx, &e).await;
     };
     if let Some(id) = issuer.status.as_ref().and_then(|s| s.agent_id.as_deref())
-        && let Err(e) = plan::check_not_self(&decl.subject, id)
+        && let Err(e) =
+            plan::check_not_self(&decl.subject, id).and_then(|()| plan::check_signer(g, id))
     {
         return bad_input(g, ctx, &e).await;
     }
@@ -274,7 +275,15 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         // Never a valid name, so never asked to sign: nothing to revoke.
         return Ok(Action::await_change());
     }
-    let issuer = match agentref::agent(&ctx.client, &ns, holder).await? {
+    let named = agentref::agent(&ctx.client, &ns, holder).await?;
+    let issuer = match plan::unrecorded_signer(g) {
+        // A grant signed before the holder was recorded (an older
+        // operator), whose spec.issuer is not the Agent that signed it:
+        // that Agent, found by its id, revokes it.
+        Some(id) if agent_id(named.as_ref()) != Some(id) => signer_by_id(ctx, &ns, id).await?,
+        _ => named,
+    };
+    let issuer = match issuer {
         Some(a) => a,
         None => {
             if g.status.as_ref().is_some_and(|s| s.grant_id.is_some()) {
@@ -320,6 +329,23 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
             "{m}; the revocation is published once the issuer is Ready"
         ))),
     }
+}
+
+fn agent_id(a: Option<&Agent>) -> Option<&str> {
+    a.and_then(|a| a.status.as_ref())
+        .and_then(|s| s.agent_id.as_deref())
+}
+
+/// The Agent of namespace `ns` whose agent id is `id` (one `LIST`).
+async fn signer_by_id(ctx: &Context, ns: &str, id: &str) -> Result<Option<Agent>, Error> {
+    let agents = Api::<Agent>::namespaced(ctx.client.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    Ok(agents
+        .items
+        .into_iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .find(|a| agent_id(Some(a)) == Some(id)))
 }
 
 /// Runs the TrustGrant controller until `shutdown` resolves; grants are also

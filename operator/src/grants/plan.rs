@@ -125,6 +125,30 @@ pub fn check_holder(g: &crate::crd::TrustGrant) -> Result<(), GrantInputError> {
     Ok(())
 }
 
+/// The agent id that signed a grant whose holder was never recorded (signed
+/// by an operator before `status.issuer` existed): `status.issuerId`.
+pub fn unrecorded_signer(g: &crate::crd::TrustGrant) -> Option<&str> {
+    g.status
+        .as_ref()
+        .filter(|s| s.issuer.is_none())
+        .and_then(|s| s.issuer_id.as_deref())
+}
+
+/// For such a grant, refuses a `spec.issuer` whose agent id (`issuer_id`)
+/// is not the signer's, so the wrong Agent is never recorded as holder.
+pub fn check_signer(g: &crate::crd::TrustGrant, issuer_id: &str) -> Result<(), GrantInputError> {
+    match unrecorded_signer(g) {
+        Some(signer) if signer != issuer_id => Err(GrantInputError::InvalidSpec(format!(
+            "spec.issuer {:?} (agent id {issuer_id}) is not the Agent that signed this grant \
+             (agent id {}): set spec.issuer back to that Agent, or delete this TrustGrant \
+             (the signer then publishes the revocation) and create a new one",
+            bounded(&g.spec.issuer),
+            bounded(signer)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses a grant from an agent to itself.
 pub fn check_not_self(subject: &str, issuer_id: &str) -> Result<(), GrantInputError> {
     if subject == issuer_id {
