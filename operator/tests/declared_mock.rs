@@ -1445,3 +1445,85 @@ async fn a_grant_signed_before_holders_were_recorded_is_revoked_by_its_signer() 
     api.done().await;
     assert_eq!(fake.calls(), ["DELETE grant uid-obj"]);
 }
+
+#[tokio::test]
+async fn a_share_published_before_holders_were_recorded_is_stopped_by_its_publisher() {
+    // Published by alice (id 1) under an older operator (no status.agent);
+    // spec.agent was edited to dave (id 3) meanwhile.
+    let legacy = || {
+        let mut s = publish_share();
+        s.spec.agent = "dave".into();
+        s.status = Some(caravan_operator::crd::ShareStatus {
+            publisher: Some(id(1)),
+            share_id: Some(ShareId([5; 32]).to_string()),
+            version: Some(2),
+            phase: Some(caravan_operator::crd::SharePhase::Ready),
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        s
+    };
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let s = legacy();
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/dave"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("dave", &id(3), true));
+    let status = expect_status(
+        &mut api,
+        "shares",
+        "photos",
+        serde_json::to_value(&s).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert!(fake.calls().is_empty(), "dave is never asked to publish");
+    assert!(status.get("agent").is_none(), "{status}");
+
+    let mut s = legacy();
+    s.metadata.deletion_timestamp = Some(Time(fixed_now()));
+    let (ctx, mut api) = context(fake.clone());
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/dave"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("dave", &id(3), true));
+    let list = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents"),
+        )
+        .await;
+    respond(
+        list.send,
+        200,
+        &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
+                "items":[agent_json("alice", &id(1), true), agent_json("dave", &id(3), true)]}),
+    );
+    expect_endpoint(&mut api, "alice").await;
+    expect_event(&mut api, "Stopped", "Normal").await;
+    let p = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/shares/photos"),
+        )
+        .await;
+    respond(p.send, 200, &serde_json::to_value(&s).unwrap());
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(
+        fake.calls(),
+        ["DELETE share photos"],
+        "on alice, the publisher"
+    );
+}

@@ -121,6 +121,11 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         return bad_input(share, ctx, Some(mode), &e).await;
     };
     let my_id = agent.status.as_ref().and_then(|s| s.agent_id.clone());
+    if let Some(id) = &my_id
+        && let Err(e) = plan::check_publisher(share, id)
+    {
+        return bad_input(share, ctx, Some(mode), &e).await;
+    }
 
     // 3. The ticket, when subscribing with one.
     let mut ticket = None;
@@ -415,7 +420,15 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
         // Never a valid name, so never declared anywhere: nothing to stop.
         return Ok(Action::await_change());
     }
-    let Some(agent) = agentref::agent(&ctx.client, &ns, holder).await? else {
+    let named = agentref::agent(&ctx.client, &ns, holder).await?;
+    let agent = match plan::unrecorded_publisher(share) {
+        // Published before the holder was recorded (an older operator),
+        // and spec.agent is not the Agent that publishes it: that Agent,
+        // found by its id, stops it.
+        Some(id) if agent_id(named.as_ref()) != Some(id) => publisher_by_id(ctx, &ns, id).await?,
+        _ => named,
+    };
+    let Some(agent) = agent else {
         tracing::info!(share = %name, namespace = %ns, "Agent gone; nothing to stop");
         return Ok(Action::await_change());
     };
@@ -432,7 +445,8 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
                 false,
                 "Stopped",
                 format!(
-                    "Agent {holder} stopped {} the share",
+                    "Agent {} stopped {} the share",
+                    agent.name_any(),
                     if share.spec.publish.is_some() {
                         "serving"
                     } else {
@@ -448,6 +462,23 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
             "{m}; the share is released once the Agent is Ready (or deleted)"
         ))),
     }
+}
+
+fn agent_id(a: Option<&Agent>) -> Option<&str> {
+    a.and_then(|a| a.status.as_ref())
+        .and_then(|s| s.agent_id.as_deref())
+}
+
+/// The Agent of namespace `ns` whose agent id is `id` (one `LIST`).
+async fn publisher_by_id(ctx: &Context, ns: &str, id: &str) -> Result<Option<Agent>, Error> {
+    let agents = Api::<Agent>::namespaced(ctx.client.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    Ok(agents
+        .items
+        .into_iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .find(|a| agent_id(Some(a)) == Some(id)))
 }
 
 /// Runs the Share controller until `shutdown` resolves. Shares are also

@@ -309,6 +309,32 @@ pub fn check_holder(share: &crate::crd::Share) -> Result<(), ShareInputError> {
     Ok(())
 }
 
+/// The agent id publishing a publish Share whose holder was never recorded
+/// (declared by an operator before `status.agent` existed):
+/// `status.publisher`, which for a publish Share is its own agent's id.
+pub fn unrecorded_publisher(share: &crate::crd::Share) -> Option<&str> {
+    share
+        .status
+        .as_ref()
+        .filter(|s| s.agent.is_none() && share.spec.publish.is_some())
+        .and_then(|s| s.publisher.as_deref())
+}
+
+/// For such a Share, refuses a `spec.agent` whose agent id (`agent_id`) is
+/// not the publisher's, so the wrong Agent is never recorded as holder.
+pub fn check_publisher(share: &crate::crd::Share, agent_id: &str) -> Result<(), ShareInputError> {
+    match unrecorded_publisher(share) {
+        Some(p) if p != agent_id => Err(ShareInputError::InvalidSpec(format!(
+            "spec.agent {:?} (agent id {agent_id}) is not the Agent that publishes this share \
+             (agent id {}): set spec.agent back to that Agent, or delete this Share (that \
+             Agent then stops serving it) and create a new one",
+            bounded(&share.spec.agent),
+            bounded(p)
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// What the reconciler found, reduced to what status depends on.
 #[derive(Clone, Debug)]
 pub enum Observation<'a> {
