@@ -179,6 +179,16 @@ pub fn cluster_work(
             if share_needs_agent(s).is_none() || up_to_date(s, shares) {
                 continue;
             }
+            // A subscriber whose own Agent has not taken the declaration
+            // (no status yet, or Pending: not Ready, unschedulable, asleep)
+            // cannot fetch anything: waking the publisher for it would only
+            // let a Share that never runs keep it awake.
+            if s.status
+                .as_ref()
+                .is_none_or(|st| matches!(st.phase, None | Some(SharePhase::Pending)))
+            {
+                continue;
+            }
             // Only a subscription to one of this Agent's own publish Shares
             // (by the share id its status reports) wakes it: any tenant can
             // write a subscribe Share naming any agent id and a made-up (or
@@ -311,6 +321,16 @@ mod tests {
         s
     }
 
+    /// Its Agent took the declaration and is fetching.
+    fn fetching_now(mut s: Share) -> Share {
+        s.status = Some(ShareStatus {
+            phase: Some(SharePhase::Progressing),
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        s
+    }
+
     fn grant(ns: &str, issuer: &str) -> TrustGrant {
         let mut g = TrustGrant::new(
             "g",
@@ -413,7 +433,7 @@ mod tests {
             cluster_work("t-a", "alice", Some(&alice), shares, &[]).map(|w| (w.reason, w.message))
         };
         let photos = settled(publish("t-a", "photos", "alice", false), "sh-1", 1);
-        let fetching = subscribe("t-b", "from-alice", "bob", &alice);
+        let fetching = fetching_now(subscribe("t-b", "from-alice", "bob", &alice));
         let (reason, message) = w(&[photos.clone(), fetching.clone()]).unwrap();
         assert_eq!(reason, reasons::FETCH_NEEDS_PUBLISHER);
         assert!(
@@ -478,9 +498,9 @@ mod tests {
             cluster_work("t-a", "alice", Some(&alice), shares, &[]).map(|w| w.reason)
         };
         let photos = settled(publish("t-a", "photos", "alice", false), "sh-1", 1);
-        // Another tenant names alice as publisher with a made-up share id, on
-        // an Agent that never runs (so the Share never settles): alice sleeps.
-        let mut made_up = subscribe("t-f", "keep-awake", "unschedulable", &alice);
+        // Another tenant names alice as publisher with a made-up share id
+        // (its Agent fetching, so the Share never settles): alice sleeps.
+        let mut made_up = fetching_now(subscribe("t-f", "keep-awake", "frank", &alice));
         made_up.spec.subscribe.as_mut().unwrap().share_id = Some("sh-made-up".into());
         assert_eq!(w(&[photos.clone(), made_up.clone()]), None);
         // ... also when alice publishes nothing at all.
@@ -491,9 +511,16 @@ mod tests {
         assert_eq!(w(&[photos.clone(), unknown]), None);
         // A publish Share without a share id yet cannot be the one asked for.
         let fresh = publish("t-a", "photos", "alice", false);
-        let fetching = subscribe("t-f", "from-alice", "frank", &alice);
+        let fetching = fetching_now(subscribe("t-f", "from-alice", "frank", &alice));
         assert_eq!(w(&[fresh, fetching.clone()]), Some(reasons::SHARE_CHANGED));
-        // The share alice does publish: woken.
+        // The right share id, but on an Agent that never takes it (not
+        // Ready, unschedulable): it cannot fetch, alice sleeps on.
+        let never_runs = subscribe("t-f", "from-alice", "unschedulable", &alice);
+        assert_eq!(w(&[photos.clone(), never_runs.clone()]), None);
+        let mut pending = fetching_now(never_runs);
+        pending.status.as_mut().unwrap().phase = Some(SharePhase::Pending);
+        assert_eq!(w(&[photos.clone(), pending]), None);
+        // The share alice does publish, fetched by a running Agent: woken.
         assert_eq!(w(&[photos, fetching]), Some(reasons::FETCH_NEEDS_PUBLISHER));
     }
 
