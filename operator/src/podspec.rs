@@ -219,13 +219,13 @@ pub fn check(spec: &AgentSpec) -> Result<(), String> {
             crate::names::check_object_name("spec.scheduling.priorityClassName", p)?;
         }
     }
-    if let Some(q) = spec
-        .storage
-        .data_volume
-        .as_ref()
-        .and_then(|d| d.size_limit.as_ref())
-    {
-        non_negative("spec.storage.dataVolume.sizeLimit", q)?;
+    if let Some(d) = &spec.storage.data_volume {
+        if let Some(q) = &d.size_limit {
+            non_negative("spec.storage.dataVolume.sizeLimit", q)?;
+        }
+        if let Some(c) = &d.claim_name {
+            crate::names::check_object_name("spec.storage.dataVolume.claimName", c)?;
+        }
     }
     let annotations = &spec.exposure.service_annotations;
     for k in annotations.keys() {
@@ -350,6 +350,14 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.contains("sizeLimit"), "{e}");
+        let e = with(&|s| {
+            s.storage.data_volume = Some(DataVolumeSpec {
+                claim_name: Some("Data_PVC".into()),
+                size_limit: None,
+            })
+        })
+        .unwrap_err();
+        assert!(e.contains("claimName"), "{e}");
         let e = with(&|s| {
             s.exposure.service_annotations = BTreeMap::from([("no spaces/ok".into(), "v".into())])
         })
