@@ -295,7 +295,8 @@ impl AgentApi for HttpAgentApi {
 pub const BREAKER_OPEN: Duration = Duration::from_secs(60);
 
 /// Per-agent fairness: an [`AgentApi`] that bounds every call by a timeout
-/// and, after a call to an agent (keyed by its endpoint) timed out, answers
+/// and, after a call to an agent (keyed by its endpoint) timed out (or took
+/// more than half the timeout, though its answer is still used), answers
 /// every call to that agent `Unreachable` at once for [`BREAKER_OPEN`] ("not
 /// asked: …"), without a request. Then one call goes through as a probe
 /// (the others keep failing fast while it runs); an answer closes the
@@ -317,8 +318,10 @@ pub struct CircuitBreaker<A> {
 struct Tripped {
     /// Calls fail fast until then.
     until: tokio::time::Instant,
-    /// When the call that timed out was made (for the message).
+    /// When the call that tripped it was made (for the message).
     at: k8s_openapi::jiff::Timestamp,
+    /// Whether that call got no answer at all (else: a late one).
+    no_answer: bool,
 }
 
 impl<A: AgentApi> CircuitBreaker<A> {
@@ -350,16 +353,31 @@ impl<A: AgentApi> CircuitBreaker<A> {
             return Ok(());
         };
         if now < tripped.until {
-            return Err(CallError::Unreachable(format!(
-                "not asked: it did not answer within {} s at {} (asked again {} s later)",
-                self.timeout.as_secs(),
-                tripped.at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                self.open_for.as_secs()
-            )));
+            let at = tripped.at.strftime("%Y-%m-%dT%H:%M:%SZ");
+            return Err(CallError::Unreachable(if tripped.no_answer {
+                format!(
+                    "not asked: it did not answer within {} s at {at} (asked again {} s later)",
+                    self.timeout.as_secs(),
+                    self.open_for.as_secs()
+                )
+            } else {
+                format!(
+                    "not asked: it took more than {} s to answer at {at} (asked again {} s later)",
+                    self.slow().as_secs(),
+                    self.open_for.as_secs()
+                )
+            }));
         }
         // The probe: the others keep failing fast while it runs.
         tripped.until = now + self.timeout + self.open_for;
         Ok(())
+    }
+
+    /// A call taking this long (half the timeout) also trips the breaker:
+    /// admin calls are quick (the agent converges in the background), so an
+    /// agent this slow holds workers the other tenants need.
+    fn slow(&self) -> Duration {
+        self.timeout / 2
     }
 
     async fn guarded<T>(
@@ -377,16 +395,18 @@ impl<A: AgentApi> CircuitBreaker<A> {
                 self.timeout.as_secs()
             ))),
         };
-        let timed_out = matches!(r, Err(CallError::Unreachable(_)))
-            && started.elapsed() >= self.timeout.mul_f32(0.9);
-        if timed_out {
-            tracing::warn!(agent = %ep.base, open_for = ?self.open_for,
-                "agent admin API did not answer in time; calls to it fail fast for a while");
+        let took = started.elapsed();
+        let no_answer =
+            matches!(r, Err(CallError::Unreachable(_))) && took >= self.timeout.mul_f32(0.9);
+        if no_answer || took >= self.slow() {
+            tracing::warn!(agent = %ep.base, open_for = ?self.open_for, took = ?took, no_answer,
+                "agent admin API too slow; calls to it fail fast for a while");
             self.table().insert(
                 ep.base.clone(),
                 Tripped {
                     until: tokio::time::Instant::now() + self.open_for,
                     at,
+                    no_answer,
                 },
             );
         } else {
@@ -590,10 +610,10 @@ mod tests {
 
         // After the window, one probe goes; calls meanwhile still fail fast.
         tokio::time::sleep(open_for).await;
-        *sleepy.delay.lock().unwrap() = Duration::from_millis(100);
+        *sleepy.delay.lock().unwrap() = Duration::from_millis(60);
         let probe = b.put_share(&slow, "probe", &decl);
         let other = async {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
             b.put_share(&slow, "other", &decl).await
         };
         let (p, o) = tokio::join!(probe, other);
@@ -603,6 +623,18 @@ mod tests {
         // It answered: closed again, calls go through.
         b.put_share(&slow, "s1", &decl).await.unwrap();
         assert_eq!(sleepy.made("http://slow:7401"), 3);
+
+        // An answer later than half the timeout is used, but trips it too.
+        *sleepy.delay.lock().unwrap() = Duration::from_millis(150);
+        b.put_share(&slow, "late", &decl).await.unwrap();
+        let Err(CallError::Unreachable(m)) = b.put_share(&slow, "next", &decl).await else {
+            panic!("expected a fast failure after a late answer");
+        };
+        assert!(
+            m.starts_with("not asked: it took more than 0 s to answer at "),
+            "{m}"
+        );
+        assert_eq!(sleepy.made("http://slow:7401"), 4);
     }
 
     #[test]
