@@ -82,14 +82,12 @@ use serde::{Deserialize, Serialize};
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "has(self.publish) != has(self.subscribe)",
     "message": "set exactly one of publish or subscribe"
-}, {
-    "rule": "self.agent == oldSelf.agent",
-    "message": "agent is immutable: the Agent holds the share; create a new Share for another Agent instead"
 }]))]
 pub struct ShareSpec {
     /// Name of the Agent (in this namespace) that publishes or subscribes.
-    /// Immutable: to move a share to another Agent, delete this Share and
-    /// create one for the other Agent.
+    /// Fixed once the Agent has taken the share (`status.agent`): to move a
+    /// share to another Agent, delete this Share and create one for the
+    /// other Agent. Until then (e.g. a misspelt name) it may be corrected.
     #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub agent: String,
     /// Publish a folder of the Agent's storage.

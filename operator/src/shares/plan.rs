@@ -289,8 +289,12 @@ pub fn settled(share: &crate::crd::Share) -> bool {
 /// exactly one holder, recorded in `status.agent` before the first `PUT`:
 /// it keeps serving or following the share as declared, its status is never
 /// mixed with another Agent's, and deleting the Share stops it there. No
-/// edit of the spec can leave an Agent serving a share nobody manages. The
-/// CRD's CEL rule refuses the same edit on Kubernetes ≥ 1.25.
+/// edit of the spec can leave an Agent serving a share nobody manages.
+///
+/// There is deliberately no CEL rule for it: one cannot see whether an Agent
+/// holds the share yet, so it would also refuse correcting a misspelt
+/// `spec.agent` that nothing was declared on; this check behaves the same
+/// on every Kubernetes version.
 pub fn check_holder(share: &crate::crd::Share) -> Result<(), ShareInputError> {
     let holder = share.holder();
     if holder != share.spec.agent {
