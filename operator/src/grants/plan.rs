@@ -109,8 +109,9 @@ pub fn settled(g: &crate::crd::TrustGrant) -> bool {
 /// leaves two). Refusing keeps exactly one holder, recorded in
 /// `status.issuer` before the first `PUT`, whose grant stays managed and is
 /// revoked on delete: no edit of the spec can ever orphan a signed grant.
-/// It is also what the CRD's CEL rule does on Kubernetes ≥ 1.25, so every
-/// cluster behaves alike.
+/// On Kubernetes ≥ 1.25 the CRD's CEL rule refuses every edit of
+/// `spec.issuer` at the API server already (also before anything was
+/// signed); below 1.25 this check is what keeps the grant with its signer.
 pub fn check_holder(g: &crate::crd::TrustGrant) -> Result<(), GrantInputError> {
     let holder = g.holder();
     if holder != g.spec.issuer {
