@@ -4,15 +4,19 @@
 //!
 //! Per reconcile, in this order (the mocked-API tests pin it down):
 //! 0. the finalizer `caravan.dev/revoke` is added first (JSON patch);
-//! 1. validate the spec (no API calls);
+//! 1. validate the spec (no API calls): `spec.issuer` is an object name and
+//!    still the Agent recorded in `status.issuer` ([`plan::check_holder`]
+//!    says why an edit is refused rather than followed);
 //! 2. `GET` the issuer Agent; refuse a grant to the issuer itself;
 //! 3. `GET` its identity Secret (admin token), `LIST` its pods (admin address);
-//! 4. `PUT /v1/declared/grants/{uid}` on the issuer's agent: it signs once per
-//!    key and spec (a retry returns the same grant; a changed depth, scope or
-//!    expiry revokes the old grant and signs a new one) and publishes;
+//! 4. the first time, `status.issuer` is written (the holder, before the agent
+//!    signs anything); then `PUT /v1/declared/grants/{uid}` on the issuer's
+//!    agent: it signs once per key and spec (a retry returns the same grant;
+//!    a changed subject, depth, scope or expiry revokes the old grant and
+//!    signs a new one) and publishes;
 //! 5. status (only when changed) and one Event per transition.
 //!
-//! On delete: `DELETE /v1/declared/grants/{uid}` (the agent signs and
+//! On delete: `DELETE /v1/declared/grants/{uid}` on the holder (it signs and
 //! publishes the revocation; repeating it is harmless) until the answer says
 //! a repository stored the revocation; then the finalizer goes. An issuer
 //! Agent that is gone cannot sign anything: the finalizer is released with a

@@ -4,18 +4,22 @@
 //!
 //! Per reconcile, in this order (the mocked-API tests pin it down):
 //! 0. the finalizer `caravan.dev/share` is added first (JSON patch);
-//! 1. validate the spec (no API calls);
+//! 1. validate the spec (no API calls): the names that go into API paths
+//!    are object names, and `spec.agent` is still the Agent recorded in
+//!    `status.agent` (the holder; [`plan::check_holder`] says why an edit is
+//!    refused rather than followed);
 //! 2. `GET` the Agent named by `spec.agent` (same namespace);
 //! 3. subscribe with `ticketSecretRef`: `GET` that Secret; check the ticket
 //!    (signature, recipient = the Agent's id) without any call;
 //! 4. `GET` the Agent's identity Secret (admin token) and `LIST` its pods
 //!    (the ready pod's IP is where the admin API answers);
-//! 5. `PUT /v1/declared/shares/{name}` on the agent with the whole spec; the
-//!    answer is the agent's status of that share;
+//! 5. the first time, `status.agent` is written (the holder, before the agent
+//!    hears of the share); then `PUT /v1/declared/shares/{name}` on the agent
+//!    with the whole spec; the answer is the agent's status of that share;
 //! 6. status (server-side apply on `/status`, only when it changed) and one
 //!    Event per transition.
 //!
-//! On delete: `DELETE /v1/declared/shares/{name}` on the agent (it stops
+//! On delete: `DELETE /v1/declared/shares/{name}` on the holder's agent (it stops
 //! serving or following; files in storage stay), then the finalizer goes.
 //! An Agent that is gone releases its Shares at once; one that is not Ready
 //! holds the finalizer until it is (or is deleted).
