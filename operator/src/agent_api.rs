@@ -290,6 +290,171 @@ impl AgentApi for HttpAgentApi {
     }
 }
 
+/// How long calls to an agent that did not answer within the call timeout
+/// are answered "unreachable" at once, without a request.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(60);
+
+/// Per-agent fairness: an [`AgentApi`] that bounds every call by a timeout
+/// and, after a call to an agent (keyed by its endpoint) timed out (or took
+/// more than half the timeout, though its answer is still used), answers
+/// every call to that agent `Unreachable` at once for [`BREAKER_OPEN`] ("not
+/// asked: …"), without a request. Then one call goes through as a probe
+/// (the others keep failing fast while it runs); an answer closes the
+/// breaker, another timeout opens it again.
+///
+/// Without it, a tenant whose agent takes the whole timeout for every call
+/// holds a worker of the (shared, bounded) Share or TrustGrant controller
+/// for 10 s per object; with a hundred such objects every worker waits on
+/// that agent and nobody else's Share is reconciled. With it, that agent
+/// costs one slow call per minute.
+pub struct CircuitBreaker<A> {
+    inner: A,
+    timeout: Duration,
+    open_for: Duration,
+    open: std::sync::Mutex<std::collections::HashMap<String, Tripped>>,
+}
+
+#[derive(Clone)]
+struct Tripped {
+    /// Calls fail fast until then.
+    until: tokio::time::Instant,
+    /// When the call that tripped it was made (for the message).
+    at: k8s_openapi::jiff::Timestamp,
+    /// Whether that call got no answer at all (else: a late one).
+    no_answer: bool,
+}
+
+impl<A: AgentApi> CircuitBreaker<A> {
+    /// Wraps `inner` with the production timeout and open time.
+    pub fn new(inner: A) -> Self {
+        Self::with_times(inner, CALL_TIMEOUT, BREAKER_OPEN)
+    }
+
+    /// Wraps `inner`; a call taking `timeout` trips the breaker for `open_for`.
+    pub fn with_times(inner: A, timeout: Duration, open_for: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            open_for,
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Tripped>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Err` when the breaker for `base` is open; otherwise this call may go
+    /// (as the probe, when the breaker was open: it stays open meanwhile).
+    fn admit(&self, base: &str) -> Result<(), CallError> {
+        let now = tokio::time::Instant::now();
+        let mut t = self.table();
+        let Some(tripped) = t.get_mut(base) else {
+            return Ok(());
+        };
+        if now < tripped.until {
+            let at = tripped.at.strftime("%Y-%m-%dT%H:%M:%SZ");
+            return Err(CallError::Unreachable(if tripped.no_answer {
+                format!(
+                    "not asked: it did not answer within {} s at {at} (asked again {} s later)",
+                    self.timeout.as_secs(),
+                    self.open_for.as_secs()
+                )
+            } else {
+                format!(
+                    "not asked: it took more than {} s to answer at {at} (asked again {} s later)",
+                    self.slow().as_secs(),
+                    self.open_for.as_secs()
+                )
+            }));
+        }
+        // The probe: the others keep failing fast while it runs.
+        tripped.until = now + self.timeout + self.open_for;
+        Ok(())
+    }
+
+    /// A call taking this long (half the timeout) also trips the breaker:
+    /// admin calls are quick (the agent converges in the background), so an
+    /// agent this slow holds workers the other tenants need.
+    fn slow(&self) -> Duration {
+        self.timeout / 2
+    }
+
+    async fn guarded<T>(
+        &self,
+        ep: &AgentEndpoint,
+        call: BoxFuture<'_, Result<T, CallError>>,
+    ) -> Result<T, CallError> {
+        self.admit(&ep.base)?;
+        let started = tokio::time::Instant::now();
+        let at = k8s_openapi::jiff::Timestamp::now();
+        let r = match tokio::time::timeout(self.timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(CallError::Unreachable(format!(
+                "no answer within {} s",
+                self.timeout.as_secs()
+            ))),
+        };
+        let took = started.elapsed();
+        let no_answer =
+            matches!(r, Err(CallError::Unreachable(_))) && took >= self.timeout.mul_f32(0.9);
+        if no_answer || took >= self.slow() {
+            tracing::warn!(agent = %ep.base, open_for = ?self.open_for, took = ?took, no_answer,
+                "agent admin API too slow; calls to it fail fast for a while");
+            self.table().insert(
+                ep.base.clone(),
+                Tripped {
+                    until: tokio::time::Instant::now() + self.open_for,
+                    at,
+                    no_answer,
+                },
+            );
+        } else {
+            self.table().remove(&ep.base);
+        }
+        r
+    }
+}
+
+impl<A: AgentApi> AgentApi for CircuitBreaker<A> {
+    fn put_share<'a>(
+        &'a self,
+        ep: &'a AgentEndpoint,
+        name: &'a str,
+        share: &'a DeclaredShare,
+    ) -> BoxFuture<'a, Result<DeclaredShareStatus, CallError>> {
+        Box::pin(self.guarded(ep, self.inner.put_share(ep, name, share)))
+    }
+    fn delete_share<'a>(
+        &'a self,
+        ep: &'a AgentEndpoint,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), CallError>> {
+        Box::pin(self.guarded(ep, self.inner.delete_share(ep, name)))
+    }
+    fn put_grant<'a>(
+        &'a self,
+        ep: &'a AgentEndpoint,
+        key: &'a str,
+        grant: &'a DeclaredGrant,
+    ) -> BoxFuture<'a, Result<DeclaredGrantStatus, CallError>> {
+        Box::pin(self.guarded(ep, self.inner.put_grant(ep, key, grant)))
+    }
+    fn delete_grant<'a>(
+        &'a self,
+        ep: &'a AgentEndpoint,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<RevocationStatus, CallError>> {
+        Box::pin(self.guarded(ep, self.inner.delete_grant(ep, key)))
+    }
+    fn activity<'a>(
+        &'a self,
+        ep: &'a AgentEndpoint,
+    ) -> BoxFuture<'a, Result<ActivityReport, CallError>> {
+        Box::pin(self.guarded(ep, self.inner.activity(ep)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +502,139 @@ mod tests {
             serde_json::from_str(r#"{"name":"n","generation":2,"state":"progressing"}"#).unwrap();
         assert_eq!(s.state, DeclaredState::Progressing);
         assert_eq!(s.version, 0);
+    }
+
+    /// An agent API where `slow` agents take `delay` for every call; counts
+    /// the requests that were actually made, per agent.
+    struct Sleepy {
+        delay: std::sync::Mutex<Duration>,
+        made: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Sleepy {
+        fn made(&self, base: &str) -> usize {
+            self.made
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|b| *b == base)
+                .count()
+        }
+    }
+
+    impl AgentApi for std::sync::Arc<Sleepy> {
+        fn put_share<'a>(
+            &'a self,
+            ep: &'a AgentEndpoint,
+            name: &'a str,
+            _share: &'a DeclaredShare,
+        ) -> BoxFuture<'a, Result<DeclaredShareStatus, CallError>> {
+            Box::pin(async move {
+                self.made.lock().unwrap().push(ep.base.clone());
+                if ep.base.contains("slow") {
+                    let d = *self.delay.lock().unwrap();
+                    tokio::time::sleep(d).await;
+                }
+                Ok(DeclaredShareStatus {
+                    name: name.into(),
+                    ..serde_json::from_str(r#"{"name":"","generation":1,"state":"ready"}"#).unwrap()
+                })
+            })
+        }
+        fn delete_share<'a>(
+            &'a self,
+            _ep: &'a AgentEndpoint,
+            _name: &'a str,
+        ) -> BoxFuture<'a, Result<(), CallError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn put_grant<'a>(
+            &'a self,
+            _ep: &'a AgentEndpoint,
+            _key: &'a str,
+            _grant: &'a DeclaredGrant,
+        ) -> BoxFuture<'a, Result<DeclaredGrantStatus, CallError>> {
+            Box::pin(async { Err(CallError::Agent("unused".into())) })
+        }
+        fn delete_grant<'a>(
+            &'a self,
+            _ep: &'a AgentEndpoint,
+            _key: &'a str,
+        ) -> BoxFuture<'a, Result<RevocationStatus, CallError>> {
+            Box::pin(async { Err(CallError::Agent("unused".into())) })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_does_not_answer_costs_one_timeout_per_window() {
+        let sleepy = std::sync::Arc::new(Sleepy {
+            delay: std::sync::Mutex::new(Duration::from_secs(3600)),
+            made: Default::default(),
+        });
+        let timeout = Duration::from_millis(200);
+        let open_for = Duration::from_millis(600);
+        let b = CircuitBreaker::with_times(sleepy.clone(), timeout, open_for);
+        let ep = |base: &str| AgentEndpoint {
+            base: base.into(),
+            token: "t".into(),
+        };
+        let (slow, fast) = (ep("http://slow:7401"), ep("http://fast:7401"));
+        let decl: DeclaredShare = serde_json::from_str(
+            r#"{"generation":1,"publish":{"path":"p","recipients":[],"rescan_secs":60}}"#,
+        )
+        .unwrap();
+
+        // The first call waits the whole timeout, then trips the breaker.
+        let t0 = tokio::time::Instant::now();
+        let r = b.put_share(&slow, "s0", &decl).await;
+        assert!(matches!(r, Err(CallError::Unreachable(_))), "{r:?}");
+        assert!(t0.elapsed() >= timeout);
+
+        // A hundred more calls (a tenant's hundred Shares) fail at once,
+        // without a request, saying why; the other agent is not affected.
+        let t1 = tokio::time::Instant::now();
+        for i in 0..100 {
+            let Err(CallError::Unreachable(m)) = b.put_share(&slow, &format!("s{i}"), &decl).await
+            else {
+                panic!("expected a fast failure");
+            };
+            assert!(
+                m.starts_with("not asked: it did not answer within 0 s at "),
+                "{m}"
+            );
+            b.put_share(&fast, "f", &decl).await.unwrap();
+        }
+        assert!(t1.elapsed() < timeout, "no call waited: {:?}", t1.elapsed());
+        assert_eq!(sleepy.made("http://slow:7401"), 1, "one request only");
+        assert_eq!(sleepy.made("http://fast:7401"), 100);
+
+        // After the window, one probe goes; calls meanwhile still fail fast.
+        tokio::time::sleep(open_for).await;
+        *sleepy.delay.lock().unwrap() = Duration::from_millis(60);
+        let probe = b.put_share(&slow, "probe", &decl);
+        let other = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            b.put_share(&slow, "other", &decl).await
+        };
+        let (p, o) = tokio::join!(probe, other);
+        p.unwrap();
+        assert!(matches!(o, Err(CallError::Unreachable(m)) if m.starts_with("not asked")));
+        assert_eq!(sleepy.made("http://slow:7401"), 2);
+        // It answered: closed again, calls go through.
+        b.put_share(&slow, "s1", &decl).await.unwrap();
+        assert_eq!(sleepy.made("http://slow:7401"), 3);
+
+        // An answer later than half the timeout is used, but trips it too.
+        *sleepy.delay.lock().unwrap() = Duration::from_millis(150);
+        b.put_share(&slow, "late", &decl).await.unwrap();
+        let Err(CallError::Unreachable(m)) = b.put_share(&slow, "next", &decl).await else {
+            panic!("expected a fast failure after a late answer");
+        };
+        assert!(
+            m.starts_with("not asked: it took more than 0 s to answer at "),
+            "{m}"
+        );
+        assert_eq!(sleepy.made("http://slow:7401"), 4);
     }
 
     #[test]

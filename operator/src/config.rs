@@ -43,6 +43,25 @@ pub struct OperatorConfig {
     /// the agents' metrics port through the NetworkPolicy, e.g. Prometheus'.
     /// Empty: none.
     pub metrics_namespace_labels: BTreeMap<String, String>,
+    /// What tenants may set in their Agent's `spec.scheduling` that reaches
+    /// other tenants (see [`TenantScheduling`]). Default: nothing.
+    pub tenant_scheduling: TenantScheduling,
+}
+
+/// The provider's allow-list of scheduling settings an Agent (a tenant) may
+/// set itself. A priority class preempts other tenants' pods and the
+/// provider's own (`system-node-critical` evicts almost anything), and a
+/// toleration (`operator: Exists`) lands the agent on nodes whose taints
+/// keep tenants off; so by default a tenant may set neither, and the
+/// chart's `agent.scheduling` defaults (the provider's) are not limited.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct TenantScheduling {
+    /// `spec.scheduling.priorityClassName` values tenants may use.
+    pub priority_class_names: Vec<String>,
+    /// Tolerations tenants may list in `spec.scheduling.tolerations`; each
+    /// of a tenant's must equal one of these (key, operator, value, effect,
+    /// tolerationSeconds).
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
 }
 
 /// Egress of agent pods. Pods of the cluster (other agents, the repository)
@@ -102,6 +121,7 @@ impl Default for OperatorConfig {
             default_scheduling: SchedulingSpec::default(),
             image_pull_secrets: Vec::new(),
             metrics_namespace_labels: BTreeMap::new(),
+            tenant_scheduling: TenantScheduling::default(),
         }
     }
 }

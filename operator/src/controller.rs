@@ -251,6 +251,13 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
                 if let Err(e) =
                     validate::check_credentials(&agent.spec.storage.options, &sr.name, &keys)
                         .and_then(|()| {
+                            validate::check_secret_location_keys(
+                                &agent.spec.storage.scheme,
+                                &sr.name,
+                                &keys,
+                            )
+                        })
+                        .and_then(|()| {
                             validate::check_node_credentials(
                                 &agent.spec.storage.scheme,
                                 &keys,
@@ -316,13 +323,17 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
     // local one, dial the IP); then the config, so a new pod starts with it.
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let client = ctx.client.clone();
-    let svc = Api::<Service>::namespaced(client.clone(), &ns)
+    let svc = match Api::<Service>::namespaced(client.clone(), &ns)
         .patch(
             &names.workload,
             &pp,
             &Patch::Apply(&children::service(&input)),
         )
-        .await?;
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return child_refused(agent, ctx, "Service", &names.workload, e).await,
+    };
     let addresses =
         children::advertise_addresses(&svc, &names.endpoint(&ns), &agent.spec.exposure.advertise);
     let mut config = config;
@@ -332,14 +343,17 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         config_toml: &config_toml,
         ..input
     };
-    Api::<ConfigMap>::namespaced(client.clone(), &ns)
+    if let Err(e) = Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .patch(
             &names.config,
             &pp,
             &Patch::Apply(&children::config_map(&input)),
         )
-        .await?;
-    let dep = Api::<Deployment>::namespaced(client.clone(), &ns)
+        .await
+    {
+        return child_refused(agent, ctx, "ConfigMap", &names.config, e).await;
+    }
+    let dep = match Api::<Deployment>::namespaced(client.clone(), &ns)
         .patch(
             &names.workload,
             &pp,
@@ -348,14 +362,21 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
                 sleep.as_ref().map_or(1, Decision::replicas),
             )),
         )
-        .await?;
-    Api::<NetworkPolicy>::namespaced(client, &ns)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => return child_refused(agent, ctx, "Deployment", &names.workload, e).await,
+    };
+    if let Err(e) = Api::<NetworkPolicy>::namespaced(client, &ns)
         .patch(
             &names.workload,
             &pp,
             &Patch::Apply(&children::network_policy(&input)),
         )
-        .await?;
+        .await
+    {
+        return child_refused(agent, ctx, "NetworkPolicy", &names.workload, e).await;
+    }
 
     // 5. Status.
     let obs = match &sleep {
@@ -523,6 +544,38 @@ async fn create_identity(
     }
 }
 
+/// The input error for a child the API server refused as invalid (`422
+/// Invalid`, or `400 BadRequest`): what the operator built from the spec
+/// does not validate, so the spec is at fault (a field `podspec` does not
+/// check yet). Any other error is transient.
+pub fn refused_child(kind: &str, name: &str, e: &kube::Error) -> Option<InputError> {
+    match e {
+        kube::Error::Api(s) if s.code == 422 || s.code == 400 => {
+            Some(InputError::InvalidSpec(format!(
+                "the API server refused the {kind} {name} built from this spec: {}",
+                crate::agent_api::bounded(&s.message)
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Reports a refused child like bad input (`InvalidSpec`, Ready false, a
+/// Warning Event, the next look after [`RESYNC`] or an edit); any other
+/// error goes to the backoff.
+async fn child_refused(
+    agent: &Agent,
+    ctx: &Context,
+    kind: &str,
+    name: &str,
+    e: kube::Error,
+) -> Result<Outcome, Error> {
+    match refused_child(kind, name, &e) {
+        Some(input) => report_input(agent, ctx, &input, RESYNC).await,
+        None => Err(e.into()),
+    }
+}
+
 async fn report_input(
     agent: &Agent,
     ctx: &Context,
@@ -617,7 +670,7 @@ pub fn sleepers_for_share(agents: &[Arc<Agent>], s: &Share) -> Vec<ObjectRef<Age
         .iter()
         .filter(|a| a.spec.scale_to_zero.is_some())
         .filter(|a| {
-            (a.namespace() == ns && a.name_any() == s.spec.agent)
+            (a.namespace() == ns && a.name_any() == s.holder())
                 || publisher.is_some()
                     && a.status.as_ref().and_then(|st| st.agent_id.as_ref()) == publisher.as_ref()
         })
@@ -702,7 +755,7 @@ pub async fn run(
                 .filter(|a| {
                     a.spec.scale_to_zero.is_some()
                         && a.namespace() == ns
-                        && a.name_any() == g.spec.issuer
+                        && a.name_any() == g.holder()
                 })
                 .map(|a| ObjectRef::from_obj(a.as_ref()))
                 .collect::<Vec<_>>()

@@ -66,6 +66,22 @@ impl Context {
             .remove(key);
     }
 
+    /// Requeue after the agent of object `key` did not answer: 5 s, then
+    /// doubling per consecutive time up to 5 minutes, so objects of an agent
+    /// that never answers do not come back every 5 s (each such call may
+    /// hold a worker for the whole call timeout).
+    pub fn unreachable_requeue(&self, key: &str) -> Duration {
+        let n = self.record_failure(format!("unreachable:{key}"));
+        let exp = n.saturating_sub(1).min(6);
+        Duration::from_secs((5u64 << exp).min(300))
+    }
+
+    /// The agent of object `key` answered: the next unreachable requeue
+    /// starts at 5 s again.
+    pub fn agent_answered(&self, key: &str) {
+        self.reset_failures(&format!("unreachable:{key}"));
+    }
+
     /// Runs one reconcile of `controller` (`share`, `trustgrant`) for the
     /// object `key`: records its duration and result, and forgets the
     /// object's failures when it succeeded.

@@ -19,6 +19,7 @@ pub mod http;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod podspec;
 pub mod shares;
 pub mod sleep;
 pub mod status;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
-use caravan_operator::agent_api::HttpAgentApi;
-use caravan_operator::config::{OperatorConfig, default_agent_resources};
+use caravan_operator::agent_api::{CircuitBreaker, HttpAgentApi};
+use caravan_operator::config::{OperatorConfig, TenantScheduling, default_agent_resources};
 use caravan_operator::controller::{self, Context, RunOptions};
 use caravan_operator::crd::agent::{LogFormat, SchedulingSpec};
 use caravan_operator::http::{self, Health};
@@ -69,6 +69,14 @@ struct RunArgs {
     /// tolerations, affinity, topologySpreadConstraints, priorityClassName.
     #[arg(long, env = "CARAVAN_AGENT_SCHEDULING")]
     agent_scheduling: Option<String>,
+    /// Priority classes tenants may set in spec.scheduling.priorityClassName
+    /// (comma-separated). Empty (the default): none.
+    #[arg(long, env = "CARAVAN_TENANT_PRIORITY_CLASSES", value_delimiter = ',')]
+    tenant_priority_classes: Vec<String>,
+    /// Tolerations tenants may set in spec.scheduling.tolerations, as a JSON
+    /// list of Tolerations. Empty (the default): none.
+    #[arg(long, env = "CARAVAN_TENANT_TOLERATIONS")]
+    tenant_tolerations: Option<String>,
     /// Secrets used to pull the agent image (comma-separated names; each
     /// must exist in the tenant's namespace).
     #[arg(long, env = "CARAVAN_AGENT_IMAGE_PULL_SECRETS", value_delimiter = ',')]
@@ -228,6 +236,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             .context("--agent-scheduling is not JSON with nodeSelector, tolerations, affinity, topologySpreadConstraints, priorityClassName")?,
         _ => SchedulingSpec::default(),
     };
+    let tenant_scheduling = TenantScheduling {
+        priority_class_names: args
+            .tenant_priority_classes
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        tolerations: match &args.tenant_tolerations {
+            Some(json) if !json.trim().is_empty() => serde_json::from_str(json)
+                .context("--tenant-tolerations is not a JSON list of Tolerations")?,
+            _ => Vec::new(),
+        },
+    };
     let mut metrics_namespace_labels = std::collections::BTreeMap::new();
     for kv in args
         .metrics_namespace_labels
@@ -258,6 +280,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             _ => LogFormat::Text,
         },
         default_scheduling,
+        tenant_scheduling,
         image_pull_secrets: args
             .agent_image_pull_secrets
             .iter()
@@ -330,18 +353,21 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             instance: Some(identity.clone()),
         },
     );
-    let agent_api = HttpAgentApi::new().context("cannot build the agent API client")?;
+    // One client and one circuit breaker for every controller: an agent
+    // that stops answering costs one timed-out call per minute, whichever
+    // controller asks.
+    let agent_api = Arc::new(CircuitBreaker::new(
+        HttpAgentApi::new().context("cannot build the agent API client")?,
+    ));
     let declared_ctx = Arc::new(declared::Context::new(
         client.clone(),
-        Arc::new(agent_api),
+        agent_api.clone(),
         recorder.clone(),
         metrics.clone(),
     ));
     let ctx = Arc::new(
-        Context::new(client.clone(), cfg, recorder, metrics.clone()).with_agent_api(
-            Arc::new(HttpAgentApi::new().context("cannot build the agent API client")?),
-            args.watch_namespace.clone(),
-        ),
+        Context::new(client.clone(), cfg, recorder, metrics.clone())
+            .with_agent_api(agent_api, args.watch_namespace.clone()),
     );
     let opts = RunOptions {
         concurrency: args.concurrency.max(1),

@@ -71,3 +71,69 @@ pub fn labels(agent: &str) -> BTreeMap<String, String> {
 pub fn managed_selector() -> String {
     format!("app.kubernetes.io/managed-by={MANAGED_BY}")
 }
+
+/// Schema pattern of a Kubernetes object name (DNS-1123 subdomain) for CRD
+/// fields that name another object: the API server rejects anything else at
+/// apply, and [`check_object_name`] repeats the check for objects stored
+/// before the pattern existed.
+pub const OBJECT_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+
+/// Longest object name (DNS-1123 subdomain).
+pub const MAX_OBJECT_NAME: usize = 253;
+
+/// Checks that `value` of `field` is a valid Kubernetes object name (a
+/// DNS-1123 subdomain: at most 253 characters of `a-z`, `0-9`, `-` and `.`,
+/// each dot-separated part starting and ending with a letter or digit).
+/// Such names go into API request paths (`…/agents/{name}`), so this runs
+/// before any API call: `x/y`, `bob?x=1` or `..` would otherwise address
+/// another resource, or another object, than the one named.
+pub fn check_object_name(field: &str, value: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if value.is_empty() || value.len() > MAX_OBJECT_NAME || !value.split('.').all(label_ok) {
+        let shown: String = value.chars().take(80).collect();
+        return Err(format!(
+            "{field} {shown:?} is not a Kubernetes object name: use at most \
+             {MAX_OBJECT_NAME} lowercase letters, digits, '-' and '.', starting and \
+             ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_are_dns_subdomains() {
+        for ok in ["bob", "bob-2", "a.b", "0", &"a".repeat(253)] {
+            check_object_name("spec.agent", ok).unwrap();
+        }
+        for bad in [
+            "",
+            "x/y",
+            "bob?x=1",
+            "..",
+            "a..b",
+            ".a",
+            "a.",
+            "-a",
+            "a-",
+            "Bob",
+            "a b",
+            "a%2Fb",
+            "a\u{e9}",
+            &"a".repeat(254),
+        ] {
+            let e = check_object_name("spec.agent", bad).unwrap_err();
+            assert!(e.starts_with("spec.agent"), "{e}");
+        }
+    }
+}

@@ -187,12 +187,15 @@ pub fn agent_config(
                 secret_namespace: ns.to_string(),
             });
         }
-        if sr.name.is_empty() {
-            return Err(InputError::InvalidSpec(
-                "spec.storage.secretRef.name is empty".into(),
-            ));
-        }
+        // The name goes into the API path of the Secret's GET.
+        crate::names::check_object_name("spec.storage.secretRef.name", &sr.name)
+            .map_err(InputError::InvalidSpec)?;
     }
+    // Fields copied into the children: refused here, not half-way through
+    // applying them.
+    crate::podspec::check(spec).map_err(InputError::InvalidSpec)?;
+    crate::podspec::check_tenant_scheduling(spec, &cfg.tenant_scheduling)
+        .map_err(InputError::InvalidSpec)?;
     caravan_agent::config::check_scheme(&storage.scheme)
         .map_err(|e| InputError::UnknownStorageScheme(strip_config_prefix(&e.to_string())))?;
 
@@ -364,6 +367,24 @@ pub fn check_credentials(
                 "option {k:?} is given both in spec.storage.options and in Secret {secret_name}; keep one"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Options the operator checks in the spec and must therefore never come
+/// from the credentials Secret (whose values it does not check, and which
+/// the agent reads over the spec's): with scheme `fs`, `root` (the spec's
+/// is held to `/data`; a Secret's `root: /` published the whole pod).
+pub fn check_secret_location_keys(
+    scheme: &str,
+    secret_name: &str,
+    keys: &BTreeSet<String>,
+) -> Result<(), InputError> {
+    if scheme == "fs" && keys.contains("root") {
+        return Err(InputError::InvalidOptions(format!(
+            "Secret {secret_name} key \"root\": with scheme fs the root is not a credential; \
+             set it in spec.storage.options.root (/data or below)"
+        )));
     }
     Ok(())
 }
@@ -559,6 +580,14 @@ mod tests {
     fn credentials_keys_are_checked_against_options() {
         let opts = BTreeMap::from([("bucket".to_string(), "b".to_string())]);
         let keys = |ks: &[&str]| ks.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(
+            check_secret_location_keys("fs", "s", &keys(&["root"]))
+                .unwrap_err()
+                .reason(),
+            "InvalidOptions",
+            "an fs root from the Secret would escape the /data check"
+        );
+        check_secret_location_keys("s3", "s", &keys(&["root", "secret_access_key"])).unwrap();
         assert!(
             check_credentials(&opts, "s", &keys(&["access_key_id", "secret_access_key"])).is_ok()
         );

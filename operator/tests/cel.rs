@@ -206,3 +206,52 @@ fn subscribe_names_the_share_one_way_and_cel_agrees_with_the_operator() {
         assert_eq!(plan::ticket_source(sub).is_ok(), ok, "operator on {src}");
     }
 }
+
+#[test]
+fn issuer_is_immutable_in_cel_and_the_operator_and_agent_once_held() {
+    use caravan_operator::crd::{Share, ShareStatus, TrustGrant, TrustGrantStatus};
+    use caravan_operator::{grants, shares};
+    let v = Validator::new();
+    // Share: spec.agent.
+    let s = schema(&crd::Share::crd());
+    let share = |agent: &str| {
+        json!({"apiVersion":"caravan.dev/v1alpha1","kind":"Share","metadata":{"name":"s"},
+               "spec":{"agent":agent,"publish":{"path":"p","recipients":{"trustedWithinDepth":1}}}})
+    };
+    // No CEL rule (it could not tell whether an Agent holds the share yet,
+    // and would refuse correcting a misspelt name): the operator decides.
+    assert!(v.validate(&s, &share("bob2"), Some(&share("bob"))).is_ok());
+    let mut moved: Share = serde_json::from_value(share("bob2")).unwrap();
+    // Nothing declared yet (e.g. a misspelt Agent): may be corrected.
+    shares::plan::check_holder(&moved).unwrap();
+    moved.status = Some(ShareStatus {
+        agent: Some("bob".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        shares::plan::check_holder(&moved).unwrap_err().reason(),
+        "InvalidSpec"
+    );
+    moved.spec.agent = "bob".into();
+    shares::plan::check_holder(&moved).unwrap();
+
+    // TrustGrant: spec.issuer.
+    let s = schema(&crd::TrustGrant::crd());
+    let subject = caravan_agent::identity::SecretKey::from_seed([1; 32])
+        .agent_id()
+        .to_string();
+    let grant = |issuer: &str| {
+        json!({"apiVersion":"caravan.dev/v1alpha1","kind":"TrustGrant","metadata":{"name":"g"},
+               "spec":{"issuer":issuer,"subject":subject,"depth":1}})
+    };
+    assert!(v.validate(&s, &grant("bob2"), Some(&grant("bob"))).is_err());
+    let mut moved: TrustGrant = serde_json::from_value(grant("bob2")).unwrap();
+    moved.status = Some(TrustGrantStatus {
+        issuer: Some("bob".into()),
+        ..Default::default()
+    });
+    assert_eq!(
+        grants::plan::check_holder(&moved).unwrap_err().reason(),
+        "InvalidSpec"
+    );
+}

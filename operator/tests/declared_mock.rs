@@ -261,6 +261,34 @@ async fn expect_event(api: &mut ApiServer, reason: &str, type_: &str) {
     respond(ev.send, 200, &b);
 }
 
+/// The status patch that records which Agent holds the share or grant,
+/// before the first call to that Agent (`field`: `agent` or `issuer`).
+async fn expect_holder(
+    api: &mut ApiServer,
+    fake: &FakeAgent,
+    plural: &str,
+    name: &str,
+    field: &str,
+    agent: &str,
+    whole: Value,
+) {
+    let st = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/{plural}/{name}/status"),
+        )
+        .await;
+    assert_eq!(st.body["status"][field], agent, "{}", st.body);
+    assert!(
+        fake.calls().is_empty(),
+        "recorded before the agent is asked: {:?}",
+        fake.calls()
+    );
+    let mut whole = whole;
+    whole["status"] = st.body["status"].clone();
+    respond(st.send, 200, &whole);
+}
+
 fn condition<'a>(status: &'a Value, ty: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -381,6 +409,16 @@ async fn publish_declares_on_the_agent_and_reports_tickets() {
     let share = publish_share();
     let task = tokio::spawn(run_share(share.clone(), ctx.clone()));
     expect_ready_agent(&mut api, "alice", &id(1)).await;
+    expect_holder(
+        &mut api,
+        &fake,
+        "shares",
+        "photos",
+        "agent",
+        "alice",
+        serde_json::to_value(&share).unwrap(),
+    )
+    .await;
     let status = expect_status(
         &mut api,
         "shares",
@@ -401,6 +439,7 @@ async fn publish_declares_on_the_agent_and_reports_tickets() {
         ("photos", 15, Some(2))
     );
     assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["agent"], "alice", "the holder stays recorded");
     assert_eq!(status["version"], 1);
     assert_eq!(status["tickets"][0]["agentId"], id(4));
     assert_eq!(status["keylessTicket"], "caravan-ticket-v1:y");
@@ -584,7 +623,11 @@ async fn agent_failures_become_conditions_with_the_agent_reason() {
         .unwrap()
         .push_back(Err(CallError::Unreachable("connection refused".into())));
     let (ctx, mut api) = context(fake.clone());
-    let share = publish_share();
+    let mut share = publish_share();
+    share.status = Some(caravan_operator::crd::ShareStatus {
+        agent: Some("alice".into()),
+        ..Default::default()
+    });
     let task = tokio::spawn(run_share(share.clone(), ctx.clone()));
     expect_ready_agent(&mut api, "alice", &id(1)).await;
     let status = expect_status(
@@ -721,6 +764,16 @@ async fn a_grant_is_signed_once_per_uid_and_published() {
     let g = grant(id(2));
     let task = tokio::spawn(run_grant(g.clone(), ctx));
     expect_ready_agent(&mut api, "alice", &id(1)).await;
+    expect_holder(
+        &mut api,
+        &fake,
+        "trustgrants",
+        "trust-bob",
+        "issuer",
+        "alice",
+        serde_json::to_value(&g).unwrap(),
+    )
+    .await;
     let status = expect_status(
         &mut api,
         "trustgrants",
@@ -735,6 +788,7 @@ async fn a_grant_is_signed_once_per_uid_and_published() {
     assert_eq!(status["grantId"], "ab12");
     assert_eq!(status["published"], true);
     assert_eq!(status["issuerId"], id(1));
+    assert_eq!(status["issuer"], "alice", "the holder stays recorded");
 }
 
 #[tokio::test]
@@ -940,6 +994,18 @@ async fn a_settled_share_of_a_sleeping_agent_keeps_its_status() {
 
 #[tokio::test]
 async fn a_subscription_whose_publisher_sleeps_stays_ready() {
+    for (publisher_ns, named) in [
+        (NS, "the publisher, Agent alice, is scaled to zero"),
+        (
+            "tenant-z",
+            "the publisher, an Agent of another tenant of this cluster, is scaled to zero",
+        ),
+    ] {
+        publisher_asleep_case(publisher_ns, named).await;
+    }
+}
+
+async fn publisher_asleep_case(publisher_ns: &str, named: &str) {
     let publisher = SecretKey::from_seed([1; 32]);
     let bob = SecretKey::from_seed([2; 32]).agent_id();
     let key = caravan_agent::crypto::Key::random().unwrap();
@@ -957,14 +1023,26 @@ async fn a_subscription_whose_publisher_sleeps_stays_ready() {
     let share = subscribe_share(ticket);
     let task = tokio::spawn(run_share(share.clone(), ctx));
     expect_ready_agent(&mut api, "bob", &bob.to_string()).await;
+    expect_holder(
+        &mut api,
+        &fake,
+        "shares",
+        "from-alice",
+        "agent",
+        "bob",
+        serde_json::to_value(&share).unwrap(),
+    )
+    .await;
+    let mut alice = sleeping_agent_json("alice", &id(1));
+    alice["metadata"]["namespace"] = json!(publisher_ns);
     // The publisher is looked up among the cluster's Agents: asleep.
     let list = api.expect("GET", "/apis/caravan.dev/v1alpha1/agents").await;
     respond(
         list.send,
         200,
         &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
-                "items":[agent_json("bob", &bob.to_string(), true),
-                         sleeping_agent_json("alice", &id(1))]}),
+        "items":[agent_json("bob", &bob.to_string(), true),
+                 alice]}),
     );
     let status = expect_status(
         &mut api,
@@ -983,11 +1061,469 @@ async fn a_subscription_whose_publisher_sleeps_stays_ready() {
     let ready = condition(&status, "Ready");
     assert_eq!(ready["reason"], "PublisherAsleep");
     assert!(
-        ready["message"]
-            .as_str()
-            .unwrap()
-            .contains("tenant-a/alice"),
+        ready["message"].as_str().unwrap().contains(named),
         "{ready}"
     );
     assert_eq!(condition(&status, "Degraded")["status"], "False");
+}
+
+/// A grant whose issuer holds it, with `spec.issuer` edited to another Agent
+/// (no CEL below Kubernetes 1.25).
+fn grant_moved_to(issuer: &str) -> TrustGrant {
+    let mut g = grant(id(2));
+    g.spec.issuer = issuer.into();
+    g.metadata.generation = Some(2);
+    g.status = Some(caravan_operator::crd::TrustGrantStatus {
+        issuer: Some("alice".into()),
+        grant_id: Some("ab12".into()),
+        issuer_id: Some(id(1)),
+        published: true,
+        observed_generation: Some(1),
+        ..Default::default()
+    });
+    g
+}
+
+#[tokio::test]
+async fn an_issuer_change_is_refused_and_delete_revokes_on_the_original_issuer() {
+    // The edit: refused before any read, the original grant stays managed.
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let g = grant_moved_to("bob");
+    let task = tokio::spawn(run_grant(g.clone(), ctx));
+    let status = expect_status(
+        &mut api,
+        "trustgrants",
+        "trust-bob",
+        serde_json::to_value(&g).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(grants::BAD_INPUT_REQUEUE)
+    );
+    api.done().await;
+    assert!(fake.calls().is_empty(), "bob is never asked to sign");
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(
+        msg.contains("spec.issuer cannot change") && msg.contains("alice"),
+        "{msg}"
+    );
+    assert_eq!(status["issuer"], "alice");
+    assert_eq!(
+        status["grantId"], "ab12",
+        "alice's grant is still described"
+    );
+
+    // Delete: alice (the holder), not bob, signs and publishes the revocation.
+    fake.revocations
+        .lock()
+        .unwrap()
+        .push_back(Ok(RevocationStatus {
+            revoked: vec!["ab12".into()],
+            published: true,
+        }));
+    let mut g = grant_moved_to("bob");
+    g.metadata.deletion_timestamp = Some(Time(fixed_now()));
+    let (ctx, mut api) = context(fake.clone());
+    let task = tokio::spawn(run_grant(g.clone(), ctx));
+    expect_ready_agent(&mut api, "alice", &id(1)).await;
+    expect_event(&mut api, "Revoked", "Normal").await;
+    let p = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/trustgrants/trust-bob"),
+        )
+        .await;
+    respond(p.send, 200, &serde_json::to_value(&g).unwrap());
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(fake.calls(), ["DELETE grant uid-obj"]);
+}
+
+fn share_moved_to(agent: &str) -> Share {
+    let mut s = publish_share();
+    s.spec.agent = agent.into();
+    s.metadata.generation = Some(2);
+    s.status = Some(caravan_operator::crd::ShareStatus {
+        agent: Some("alice".into()),
+        share_id: Some(ShareId([5; 32]).to_string()),
+        version: Some(3),
+        bytes_total: Some(100),
+        phase: Some(caravan_operator::crd::SharePhase::Ready),
+        observed_generation: Some(1),
+        ..Default::default()
+    });
+    s
+}
+
+#[tokio::test]
+async fn an_agent_change_is_refused_and_delete_stops_the_share_on_the_holder() {
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let s = share_moved_to("alice2");
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    let status = expect_status(
+        &mut api,
+        "shares",
+        "photos",
+        serde_json::to_value(&s).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    assert_eq!(
+        task.await.unwrap().unwrap(),
+        Action::requeue(shares::BAD_INPUT_REQUEUE)
+    );
+    api.done().await;
+    assert!(fake.calls().is_empty(), "alice2 is never asked to publish");
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    let msg = degraded["message"].as_str().unwrap();
+    assert!(
+        msg.contains("spec.agent cannot change") && msg.contains("alice"),
+        "{msg}"
+    );
+    // The status still describes alice's share, and only it.
+    assert_eq!(status["agent"], "alice");
+    assert_eq!(status["version"], 3);
+
+    let mut s = share_moved_to("alice2");
+    s.metadata.deletion_timestamp = Some(Time(fixed_now()));
+    let (ctx, mut api) = context(fake.clone());
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    expect_ready_agent(&mut api, "alice", &id(1)).await;
+    expect_event(&mut api, "Stopped", "Normal").await;
+    let p = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/shares/photos"),
+        )
+        .await;
+    respond(p.send, 200, &serde_json::to_value(&s).unwrap());
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(
+        fake.calls(),
+        ["DELETE share photos"],
+        "on alice, the holder"
+    );
+}
+
+#[tokio::test]
+async fn names_that_are_not_object_names_never_reach_an_api_path() {
+    for bad in ["x/y", "bob?x=1", "..", "a/../b"] {
+        // Share: InvalidSpec without a single read.
+        let fake = Arc::new(FakeAgent::default());
+        let (ctx, mut api) = context(fake.clone());
+        let mut s = publish_share();
+        s.spec.agent = bad.into();
+        let task = tokio::spawn(run_share(s.clone(), ctx));
+        let status = expect_status(
+            &mut api,
+            "shares",
+            "photos",
+            serde_json::to_value(&s).unwrap(),
+        )
+        .await;
+        expect_event(&mut api, "InvalidSpec", "Warning").await;
+        task.await.unwrap().unwrap();
+        api.done().await;
+        assert_eq!(condition(&status, "Degraded")["reason"], "InvalidSpec");
+        assert!(status.get("agent").is_none(), "never recorded: {status}");
+
+        // Its delete releases the finalizer at once: nothing was declared.
+        s.metadata.deletion_timestamp = Some(Time(fixed_now()));
+        let (ctx, mut api) = context(fake.clone());
+        let task = tokio::spawn(run_share(s.clone(), ctx));
+        let p = api
+            .expect(
+                "PATCH",
+                &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/shares/photos"),
+            )
+            .await;
+        respond(p.send, 200, &serde_json::to_value(&s).unwrap());
+        task.await.unwrap().unwrap();
+        api.done().await;
+
+        // TrustGrant: the same.
+        let mut g = grant(id(2));
+        g.spec.issuer = bad.into();
+        let (ctx, mut api) = context(fake.clone());
+        let task = tokio::spawn(run_grant(g.clone(), ctx));
+        let status = expect_status(
+            &mut api,
+            "trustgrants",
+            "trust-bob",
+            serde_json::to_value(&g).unwrap(),
+        )
+        .await;
+        expect_event(&mut api, "InvalidSpec", "Warning").await;
+        task.await.unwrap().unwrap();
+        api.done().await;
+        assert_eq!(condition(&status, "Degraded")["reason"], "InvalidSpec");
+        g.metadata.deletion_timestamp = Some(Time(fixed_now()));
+        let (ctx, mut api) = context(fake.clone());
+        let task = tokio::spawn(run_grant(g.clone(), ctx));
+        let p = api
+            .expect(
+                "PATCH",
+                &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/trustgrants/trust-bob"),
+            )
+            .await;
+        respond(p.send, 200, &serde_json::to_value(&g).unwrap());
+        task.await.unwrap().unwrap();
+        api.done().await;
+        assert!(fake.calls().is_empty(), "{bad}");
+    }
+    // A ticket Secret name is an API path too.
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let mut s = subscribe_share("unused".into());
+    let sub = s.spec.subscribe.as_mut().unwrap();
+    sub.ticket = None;
+    sub.ticket_secret_ref = Some(caravan_operator::crd::share::SecretKeyRef {
+        name: "../../other-ns/secrets/x".into(),
+        key: "ticket".into(),
+    });
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    let status = expect_status(
+        &mut api,
+        "shares",
+        "from-alice",
+        serde_json::to_value(&s).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(condition(&status, "Degraded")["reason"], "InvalidSpec");
+}
+
+#[tokio::test]
+async fn an_unreachable_agent_is_asked_less_and_less_often() {
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let mut share = publish_share();
+    share.status = Some(caravan_operator::crd::ShareStatus {
+        agent: Some("alice".into()),
+        ..Default::default()
+    });
+    let share = share;
+    let mut requeues = Vec::new();
+    for answer in [
+        Err(CallError::Unreachable("timed out".into())),
+        Err(CallError::Unreachable("timed out".into())),
+        Err(CallError::Unreachable("timed out".into())),
+        Err(CallError::Unreachable("timed out".into())),
+        Ok(published_report()),
+        Err(CallError::Unreachable("timed out".into())),
+    ] {
+        fake.shares.lock().unwrap().push_back(answer);
+        // The same Context (and its per-object memory) throughout, as in
+        // the controller.
+        let task = tokio::spawn(run_share(share.clone(), ctx.clone()));
+        expect_ready_agent(&mut api, "alice", &id(1)).await;
+        expect_status(
+            &mut api,
+            "shares",
+            "photos",
+            serde_json::to_value(&share).unwrap(),
+        )
+        .await;
+        // An Event (the recorder patches a repeated one: either is fine).
+        let (req, send) = api.0.next_request().await.unwrap();
+        assert!(req.uri().path().contains("/events"), "{}", req.uri());
+        respond(send, 200, &json!({}));
+        requeues.push(task.await.unwrap().unwrap());
+    }
+    api.done().await;
+    let secs = |n: u64| Action::requeue(Duration::from_secs(n));
+    assert_eq!(
+        requeues,
+        [
+            secs(5),
+            secs(10),
+            secs(20),
+            secs(40),
+            Action::requeue(shares::READY_REQUEUE),
+            secs(5)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_grant_signed_before_holders_were_recorded_is_revoked_by_its_signer() {
+    // Signed by alice (id 1) under an older operator (no status.issuer);
+    // spec.issuer was edited to bob (id 3) meanwhile.
+    let legacy = || {
+        let mut g = grant(id(2));
+        g.spec.issuer = "bob".into();
+        g.status = Some(caravan_operator::crd::TrustGrantStatus {
+            grant_id: Some("ab12".into()),
+            issuer_id: Some(id(1)),
+            published: true,
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        g
+    };
+    // Apply: bob is not the signer; refused, bob never asked, not recorded.
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let g = legacy();
+    let task = tokio::spawn(run_grant(g.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/bob"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("bob", &id(3), true));
+    let status = expect_status(
+        &mut api,
+        "trustgrants",
+        "trust-bob",
+        serde_json::to_value(&g).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert!(fake.calls().is_empty());
+    assert!(status.get("issuer").is_none(), "{status}");
+    let msg = condition(&status, "Degraded")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("is not the Agent that signed"), "{msg}");
+
+    // Delete: the signer is found by its id and revokes.
+    fake.revocations
+        .lock()
+        .unwrap()
+        .push_back(Ok(RevocationStatus {
+            revoked: vec!["ab12".into()],
+            published: true,
+        }));
+    let mut g = legacy();
+    g.metadata.deletion_timestamp = Some(Time(fixed_now()));
+    let (ctx, mut api) = context(fake.clone());
+    let task = tokio::spawn(run_grant(g.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/bob"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("bob", &id(3), true));
+    let list = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents"),
+        )
+        .await;
+    respond(
+        list.send,
+        200,
+        &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
+                "items":[agent_json("alice", &id(1), true), agent_json("bob", &id(3), true)]}),
+    );
+    expect_endpoint(&mut api, "alice").await;
+    expect_event(&mut api, "Revoked", "Normal").await;
+    let p = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/trustgrants/trust-bob"),
+        )
+        .await;
+    respond(p.send, 200, &serde_json::to_value(&g).unwrap());
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(fake.calls(), ["DELETE grant uid-obj"]);
+}
+
+#[tokio::test]
+async fn a_share_published_before_holders_were_recorded_is_stopped_by_its_publisher() {
+    // Published by alice (id 1) under an older operator (no status.agent);
+    // spec.agent was edited to dave (id 3) meanwhile.
+    let legacy = || {
+        let mut s = publish_share();
+        s.spec.agent = "dave".into();
+        s.status = Some(caravan_operator::crd::ShareStatus {
+            publisher: Some(id(1)),
+            share_id: Some(ShareId([5; 32]).to_string()),
+            version: Some(2),
+            phase: Some(caravan_operator::crd::SharePhase::Ready),
+            observed_generation: Some(1),
+            ..Default::default()
+        });
+        s
+    };
+    let fake = Arc::new(FakeAgent::default());
+    let (ctx, mut api) = context(fake.clone());
+    let s = legacy();
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/dave"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("dave", &id(3), true));
+    let status = expect_status(
+        &mut api,
+        "shares",
+        "photos",
+        serde_json::to_value(&s).unwrap(),
+    )
+    .await;
+    expect_event(&mut api, "InvalidSpec", "Warning").await;
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert!(fake.calls().is_empty(), "dave is never asked to publish");
+    assert!(status.get("agent").is_none(), "{status}");
+
+    let mut s = legacy();
+    s.metadata.deletion_timestamp = Some(Time(fixed_now()));
+    let (ctx, mut api) = context(fake.clone());
+    let task = tokio::spawn(run_share(s.clone(), ctx));
+    let a = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents/dave"),
+        )
+        .await;
+    respond(a.send, 200, &agent_json("dave", &id(3), true));
+    let list = api
+        .expect(
+            "GET",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/agents"),
+        )
+        .await;
+    respond(
+        list.send,
+        200,
+        &json!({"apiVersion":"caravan.dev/v1alpha1","kind":"AgentList","metadata":{},
+                "items":[agent_json("alice", &id(1), true), agent_json("dave", &id(3), true)]}),
+    );
+    expect_endpoint(&mut api, "alice").await;
+    expect_event(&mut api, "Stopped", "Normal").await;
+    let p = api
+        .expect(
+            "PATCH",
+            &format!("/apis/caravan.dev/v1alpha1/namespaces/{NS}/shares/photos"),
+        )
+        .await;
+    respond(p.send, 200, &serde_json::to_value(&s).unwrap());
+    task.await.unwrap().unwrap();
+    api.done().await;
+    assert_eq!(
+        fake.calls(),
+        ["DELETE share photos"],
+        "on alice, the publisher"
+    );
 }

@@ -580,3 +580,137 @@ async fn api_errors_are_returned_and_backed_off() {
     drop(ctx);
     api.done().await;
 }
+
+#[tokio::test]
+async fn pod_fields_the_api_server_would_refuse_are_refused_before_anything_is_applied() {
+    use caravan_operator::crd::agent::{DataVolumeSpec, SchedulingSpec};
+    use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    fn q(s: &str) -> Quantity {
+        Quantity(s.into())
+    }
+    type Edit = Box<dyn Fn(&mut Agent)>;
+    let cases: Vec<Edit> = vec![
+        Box::new(|a| {
+            a.spec.resources = Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([("cpu".into(), q("-1"))])),
+                ..Default::default()
+            })
+        }),
+        Box::new(|a| {
+            a.spec.resources = Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([("memory".into(), q("2Gi"))])),
+                limits: Some(BTreeMap::from([("memory".into(), q("1Gi"))])),
+                ..Default::default()
+            })
+        }),
+        Box::new(|a| {
+            a.spec.scheduling = Some(SchedulingSpec {
+                tolerations: Some(vec![Toleration {
+                    operator: Some("Maybe".into()),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            })
+        }),
+        Box::new(|a| {
+            a.spec.scheduling = Some(SchedulingSpec {
+                node_selector: Some(BTreeMap::from([("bad key".into(), "x".into())])),
+                ..Default::default()
+            })
+        }),
+        Box::new(|a| {
+            a.spec.storage.data_volume = Some(DataVolumeSpec {
+                claim_name: None,
+                size_limit: Some(q("-5Mi")),
+            })
+        }),
+        Box::new(|a| {
+            a.spec.exposure.service_annotations = BTreeMap::from([("a b".into(), "x".into())])
+        }),
+    ];
+    for edit in cases {
+        // A Ready agent edited into the mistake: Ready turns False with the
+        // reason, a Warning Event, and not one child is applied.
+        let key = SecretKey::from_seed([3; 32]);
+        let mut agent = fs_agent("carol", "tenant-a");
+        agent.status = Some(ready_status(&agent, &key.agent_id().to_string()));
+        edit(&mut agent);
+        let (ctx, mut api) = context();
+        let task = spawn(agent, ctx.clone());
+        let status = expect_status(&mut api, "tenant-a", "carol").await;
+        assert_eq!(condition(&status, "Ready")["status"], "False");
+        assert_eq!(condition(&status, "Ready")["reason"], "InvalidSpec");
+        assert!(
+            condition(&status, "Degraded")["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("spec."),
+            "{status}"
+        );
+        expect_event(&mut api, "tenant-a", "InvalidSpec", "Warning").await;
+        assert!(matches!(task.await.unwrap().unwrap(), Outcome::BadInput(_)));
+        drop(ctx);
+        api.done().await;
+    }
+}
+
+#[tokio::test]
+async fn a_child_the_api_server_refuses_is_the_specs_fault_not_a_retry_loop() {
+    let (ctx, mut api) = context();
+    let key = SecretKey::from_seed([3; 32]);
+    let mut agent = fs_agent("carol", "tenant-a");
+    agent.status = Some(ready_status(&agent, &key.agent_id().to_string()));
+    let task = spawn(agent.clone(), ctx.clone());
+    let idg = api
+        .expect(
+            "GET",
+            "/api/v1/namespaces/tenant-a/secrets/caravan-carol-identity",
+        )
+        .await;
+    respond(idg.send, 200, &identity_secret(&agent, &key));
+    let svc = api
+        .expect(
+            "PATCH",
+            "/api/v1/namespaces/tenant-a/services/caravan-carol",
+        )
+        .await;
+    let mut answered = svc.body.clone();
+    answered["spec"]["clusterIP"] = json!("10.233.0.44");
+    respond(svc.send, 200, &answered);
+    api.expect(
+        "PATCH",
+        "/api/v1/namespaces/tenant-a/configmaps/caravan-carol-config",
+    )
+    .await
+    .echo();
+    let dep = api
+        .expect(
+            "PATCH",
+            "/apis/apps/v1/namespaces/tenant-a/deployments/caravan-carol",
+        )
+        .await;
+    respond(
+        dep.send,
+        422,
+        &json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Invalid","code":422,
+                "message":"Deployment.apps \"caravan-carol\" is invalid: spec.template.spec.containers[0].resources.requests: Invalid value: \"2\": must be less than or equal to cpu limit"}),
+    );
+    // No NetworkPolicy: the status says why, with the API's message.
+    let status = expect_status(&mut api, "tenant-a", "carol").await;
+    let ready = condition(&status, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    let msg = ready["message"].as_str().unwrap();
+    assert!(
+        msg.contains("refused the Deployment caravan-carol") && msg.contains("cpu limit"),
+        "{msg}"
+    );
+    expect_event(&mut api, "tenant-a", "InvalidSpec", "Warning").await;
+    assert!(matches!(
+        task.await.unwrap().unwrap(),
+        Outcome::BadInput(d) if d == controller::RESYNC
+    ));
+    drop(ctx);
+    api.done().await;
+}

@@ -157,7 +157,8 @@ def case_defaults() -> None:
     check("no PodDisruptionBudget with one replica",
           lambda: not kget("poddisruptionbudgets", ns)["items"])
     check("defaults add no agent scheduling, pull secrets or Prometheus selector", lambda: not (
-        {"CARAVAN_AGENT_SCHEDULING", "CARAVAN_AGENT_IMAGE_PULL_SECRETS", "CARAVAN_METRICS_NAMESPACE_LABELS"}
+        {"CARAVAN_AGENT_SCHEDULING", "CARAVAN_AGENT_IMAGE_PULL_SECRETS", "CARAVAN_METRICS_NAMESPACE_LABELS",
+         "CARAVAN_TENANT_PRIORITY_CLASSES", "CARAVAN_TENANT_TOLERATIONS"}
         & set(env_of(dep))) and "imagePullSecrets" not in pod and "priorityClassName" not in pod)
     check("no monitors and no dashboard by default", lambda: not [
         o for o in kget("configmaps", ns)["items"] if o["metadata"]["name"].endswith("-dashboard")])
@@ -181,6 +182,10 @@ def case_provider() -> None:
                                                "whenUnsatisfiable": "ScheduleAnyway",
                                                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "caravan-agent"}}}],
                 "priorityClassName": "tenant-agents",
+            },
+            "tenantScheduling": {
+                "priorityClassNames": ["tenant-high", "tenant-low"],
+                "tolerations": [{"key": "caravan.dev/agents", "operator": "Exists", "effect": "NoSchedule"}],
             },
         },
         "repository": {
@@ -218,8 +223,12 @@ def case_provider() -> None:
         assert env["CARAVAN_AGENT_IMAGE_PULL_SECRETS"] == "regcred"
         assert env["CARAVAN_AGENT_LOG_FORMAT"] == "json"
         assert env["CARAVAN_METRICS_NAMESPACE_LABELS"] == "kubernetes.io/metadata.name=monitoring"
+        assert env["CARAVAN_TENANT_PRIORITY_CLASSES"] == "tenant-high,tenant-low"
+        assert json.loads(env["CARAVAN_TENANT_TOLERATIONS"]) == [
+            {"key": "caravan.dev/agents", "operator": "Exists", "effect": "NoSchedule"}]
 
-    check("agent scheduling, pull secrets, log format and Prometheus namespace reach the operator", agent_defaults)
+    check("agent scheduling, tenant allow-list, pull secrets, log format and Prometheus namespace reach the operator",
+          agent_defaults)
     repo = kget("deployment", ns, "prov-caravan-repository")
     rc = repo["spec"]["template"]["spec"]["containers"][0]
 

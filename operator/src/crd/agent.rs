@@ -269,7 +269,7 @@ pub struct StorageSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretReference {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub name: String,
     /// Namespace of the Secret. Only the Agent's own namespace is allowed
     /// (tenants never share Secrets); leave it empty.
@@ -284,6 +284,7 @@ pub struct DataVolumeSpec {
     /// An existing PersistentVolumeClaim in this namespace to mount at /data.
     /// When empty, an emptyDir is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub claim_name: Option<String>,
     /// Size limit of the emptyDir (ignored with `claimName`), e.g. `1Gi`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -85,7 +85,10 @@ use serde::{Deserialize, Serialize};
 }]))]
 pub struct ShareSpec {
     /// Name of the Agent (in this namespace) that publishes or subscribes.
-    #[schemars(length(min = 1, max = 253))]
+    /// Fixed once the Agent has taken the share (`status.agent`): to move a
+    /// share to another Agent, delete this Share and create one for the
+    /// other Agent. Until then (e.g. a misspelt name) it may be corrected.
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub agent: String,
     /// Publish a folder of the Agent's storage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,7 +187,7 @@ pub struct SubscribeSpec {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub name: String,
     /// Key in the Secret's data.
     #[schemars(length(min = 1, max = 253))]
@@ -219,6 +222,11 @@ pub struct RecipientTicket {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ShareStatus {
+    /// The Agent that holds the share's declaration: recorded before the
+    /// operator first declares it, so delete always stops the share on the
+    /// Agent that serves or follows it, whatever `spec.agent` says later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     /// Public id of the share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share_id: Option<String>,
@@ -272,4 +280,16 @@ pub struct ShareStatus {
     /// The `.metadata.generation` the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl Share {
+    /// The Agent that holds (or will hold) this share's declaration:
+    /// `status.agent` once recorded, else `spec.agent`. Delete, wake-ups and
+    /// watches follow this name, never a later edit of `spec.agent`.
+    pub fn holder(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.agent.as_deref())
+            .unwrap_or(&self.spec.agent)
+    }
 }

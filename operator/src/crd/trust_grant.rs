@@ -47,7 +47,8 @@ use serde::{Deserialize, Serialize};
 }]))]
 pub struct TrustGrantSpec {
     /// Name of the issuing Agent in this namespace; its key signs the grant.
-    #[schemars(length(min = 1, max = 253))]
+    /// Immutable (like `subject`).
+    #[schemars(length(min = 1, max = 253), regex(pattern = crate::names::OBJECT_NAME_PATTERN))]
     pub issuer: String,
     /// Agent id (`cv1-…`) of the agent being trusted.
     #[schemars(regex(pattern = r"^cv1(-[a-z2-7]{8}){7}$"))]
@@ -73,6 +74,11 @@ fn default_scope() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrustGrantStatus {
+    /// The issuer Agent that holds (signed) the grant: recorded before the
+    /// operator first declares it, so the revocation on delete is always
+    /// signed by that Agent, whatever `spec.issuer` says later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
     /// Id of the signed grant record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant_id: Option<String>,
@@ -92,4 +98,17 @@ pub struct TrustGrantStatus {
     /// The `.metadata.generation` the operator last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl TrustGrant {
+    /// The issuer Agent that holds (or will hold) this grant:
+    /// `status.issuer` once recorded, else `spec.issuer`. The revocation on
+    /// delete and wake-ups follow this name, never a later edit of
+    /// `spec.issuer`.
+    pub fn holder(&self) -> &str {
+        self.status
+            .as_ref()
+            .and_then(|s| s.issuer.as_deref())
+            .unwrap_or(&self.spec.issuer)
+    }
 }

@@ -4,15 +4,19 @@
 //!
 //! Per reconcile, in this order (the mocked-API tests pin it down):
 //! 0. the finalizer `caravan.dev/revoke` is added first (JSON patch);
-//! 1. validate the spec (no API calls);
+//! 1. validate the spec (no API calls): `spec.issuer` is an object name and
+//!    still the Agent recorded in `status.issuer` ([`plan::check_holder`]
+//!    says why an edit is refused rather than followed);
 //! 2. `GET` the issuer Agent; refuse a grant to the issuer itself;
 //! 3. `GET` its identity Secret (admin token), `LIST` its pods (admin address);
-//! 4. `PUT /v1/declared/grants/{uid}` on the issuer's agent: it signs once per
-//!    key and spec (a retry returns the same grant; a changed depth, scope or
-//!    expiry revokes the old grant and signs a new one) and publishes;
+//! 4. the first time, `status.issuer` is written (the holder, before the agent
+//!    signs anything); then `PUT /v1/declared/grants/{uid}` on the issuer's
+//!    agent: it signs once per key and spec (a retry returns the same grant;
+//!    a changed subject, depth, scope or expiry revokes the old grant and
+//!    signs a new one) and publishes;
 //! 5. status (only when changed) and one Event per transition.
 //!
-//! On delete: `DELETE /v1/declared/grants/{uid}` (the agent signs and
+//! On delete: `DELETE /v1/declared/grants/{uid}` on the holder (it signs and
 //! publishes the revocation; repeating it is harmless) until the answer says
 //! a repository stored the revocation; then the finalizer goes. An issuer
 //! Agent that is gone cannot sign anything: the finalizer is released with a
@@ -99,8 +103,12 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = g.uid().ok_or(Error::MissingField("metadata.uid"))?;
 
-    // 1. Validate (pure).
-    let decl = match plan::declared(&g.spec, now_secs(ctx)) {
+    // 1. Validate (pure): also the issuer's name, before it goes into any
+    // API path, and that it is still the issuer holding the grant.
+    let decl = match plan::declared(&g.spec, now_secs(ctx)).and_then(|d| {
+        plan::check_holder(g)?;
+        Ok(d)
+    }) {
         Ok(d) => d,
         Err(e) => return bad_input(g, ctx, &e).await,
     };
@@ -111,7 +119,8 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         return bad_input(g, ctx, &e).await;
     };
     if let Some(id) = issuer.status.as_ref().and_then(|s| s.agent_id.as_deref())
-        && let Err(e) = plan::check_not_self(&decl.subject, id)
+        && let Err(e) =
+            plan::check_not_self(&decl.subject, id).and_then(|()| plan::check_signer(g, id))
     {
         return bad_input(g, ctx, &e).await;
     }
@@ -134,7 +143,14 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         }
     };
 
-    // 4. Sign (once) and publish.
+    // 4. Sign (once) and publish; the issuer is recorded first.
+    let recorded;
+    let g = if g.status.as_ref().and_then(|s| s.issuer.as_ref()).is_none() {
+        recorded = record_holder(g, ctx).await?;
+        &recorded
+    } else {
+        g
+    };
     let answer = ctx.agents.put_grant(&endpoint, &uid, &decl).await;
     ctx.metrics
         .agent_calls
@@ -146,10 +162,14 @@ pub async fn apply(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         Err(CallError::Refused { message, .. }) => {
             (Observation::AgentRefused(message), BAD_INPUT_REQUEUE)
         }
-        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => {
-            (Observation::AgentUnreachable(m), WAIT_REQUEUE)
-        }
+        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => (
+            Observation::AgentUnreachable(m),
+            ctx.unreachable_requeue(&key(g)),
+        ),
     };
+    if !matches!(answer, Err(CallError::Unreachable(_) | CallError::Agent(_))) {
+        ctx.agent_answered(&key(g));
+    }
 
     // 5. Status.
     update_status(g, ctx, &obs).await?;
@@ -174,6 +194,36 @@ async fn bad_input(g: &TrustGrant, ctx: &Context, e: &GrantInputError) -> Result
         reason = e.reason(), "trust grant input needs fixing: {e}");
     update_status(g, ctx, &Observation::BadInput(e)).await?;
     Ok(Action::requeue(BAD_INPUT_REQUEUE))
+}
+
+/// Writes `status.issuer` (the Agent about to hold the grant) before the
+/// first `PUT`, so a later edit of `spec.issuer` can never make the operator
+/// forget which Agent must revoke it. Returns the grant with that status.
+async fn record_holder(g: &TrustGrant, ctx: &Context) -> Result<TrustGrant, Error> {
+    let mut g = g.clone();
+    let mut st = g.status.clone().unwrap_or_default();
+    st.issuer = Some(g.spec.issuer.clone());
+    let ns = g
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let patch = json!({
+        "apiVersion": TrustGrant::api_version(&()),
+        "kind": TrustGrant::kind(&()),
+        "status": st,
+    });
+    Api::<TrustGrant>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &g.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["trustgrant"])
+        .inc();
+    g.status = Some(st);
+    Ok(g)
 }
 
 async fn update_status(
@@ -223,7 +273,21 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let uid = g.uid().ok_or(Error::MissingField("metadata.uid"))?;
-    let issuer = match agentref::agent(&ctx.client, &ns, &g.spec.issuer).await? {
+    // The Agent that signed it, whatever spec.issuer says now.
+    let holder = g.holder();
+    if crate::names::check_object_name("spec.issuer", holder).is_err() {
+        // Never a valid name, so never asked to sign: nothing to revoke.
+        return Ok(Action::await_change());
+    }
+    let named = agentref::agent(&ctx.client, &ns, holder).await?;
+    let issuer = match plan::unrecorded_signer(g) {
+        // A grant signed before the holder was recorded (an older
+        // operator), whose spec.issuer is not the Agent that signed it:
+        // that Agent, found by its id, revokes it.
+        Some(id) if agent_id(named.as_ref()) != Some(id) => signer_by_id(ctx, &ns, id).await?,
+        _ => named,
+    };
+    let issuer = match issuer {
         Some(a) => a,
         None => {
             if g.status.as_ref().is_some_and(|s| s.grant_id.is_some()) {
@@ -232,8 +296,7 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
                     true,
                     "IssuerGone",
                     format!(
-                        "issuer Agent {} is gone and its key with it: the grant cannot be revoked and stays valid until it expires",
-                        g.spec.issuer
+                        "issuer Agent {holder} is gone and its key with it: the grant cannot be revoked and stays valid until it expires",
                     ),
                 )
                 .await;
@@ -272,6 +335,23 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
     }
 }
 
+fn agent_id(a: Option<&Agent>) -> Option<&str> {
+    a.and_then(|a| a.status.as_ref())
+        .and_then(|s| s.agent_id.as_deref())
+}
+
+/// The Agent of namespace `ns` whose agent id is `id` (one `LIST`).
+async fn signer_by_id(ctx: &Context, ns: &str, id: &str) -> Result<Option<Agent>, Error> {
+    let agents = Api::<Agent>::namespaced(ctx.client.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    Ok(agents
+        .items
+        .into_iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .find(|a| agent_id(Some(a)) == Some(id)))
+}
+
 /// Runs the TrustGrant controller until `shutdown` resolves; grants are also
 /// reconciled when their issuer Agent changes.
 pub async fn run(
@@ -298,7 +378,7 @@ pub async fn run(
         store
             .state()
             .into_iter()
-            .filter(|g| g.namespace() == ns && g.spec.issuer == name)
+            .filter(|g| g.namespace() == ns && (g.holder() == name || g.spec.issuer == name))
             .map(|g| ObjectRef::from_obj(g.as_ref()))
             .collect::<Vec<_>>()
     })

@@ -47,9 +47,8 @@ impl GrantInputError {
 /// Checks the spec (no API call) and builds the declared grant. `now` is
 /// unix seconds.
 pub fn declared(spec: &TrustGrantSpec, now: u64) -> Result<DeclaredGrant, GrantInputError> {
-    if spec.issuer.is_empty() {
-        return Err(GrantInputError::InvalidSpec("spec.issuer is empty".into()));
-    }
+    crate::names::check_object_name("spec.issuer", &spec.issuer)
+        .map_err(GrantInputError::InvalidSpec)?;
     let subject: AgentId = spec.subject.parse().map_err(|e| {
         GrantInputError::InvalidSubject(format!(
             "spec.subject {:?} is not an agent id (cv1-… with a valid checksum): {e}",
@@ -99,6 +98,56 @@ pub fn settled(g: &crate::crd::TrustGrant) -> bool {
                 .iter()
                 .any(|c| c.type_ == crate::status::READY && c.status == "True")
     })
+}
+
+/// Refuses a change of `spec.issuer` once an issuer holds the grant.
+///
+/// Why refuse rather than move the grant to the new issuer: a move needs
+/// the old issuer to sign and publish a revocation first, and the operator
+/// would have to remember every former issuer until each revocation is
+/// published (an issuer edited twice while the first is asleep or down
+/// leaves two). Refusing keeps exactly one holder, recorded in
+/// `status.issuer` before the first `PUT`, whose grant stays managed and is
+/// revoked on delete: no edit of the spec can ever orphan a signed grant.
+/// On Kubernetes ≥ 1.25 the CRD's CEL rule refuses every edit of
+/// `spec.issuer` at the API server already (also before anything was
+/// signed); below 1.25 this check is what keeps the grant with its signer.
+pub fn check_holder(g: &crate::crd::TrustGrant) -> Result<(), GrantInputError> {
+    let holder = g.holder();
+    if holder != g.spec.issuer {
+        return Err(GrantInputError::InvalidSpec(format!(
+            "spec.issuer cannot change from {holder:?} to {:?}: Agent {holder} signed this \
+             grant and still vouches for the subject. Set spec.issuer back to {holder:?}, or \
+             delete this TrustGrant ({holder} then publishes the revocation) and create a new \
+             one for the other issuer",
+            bounded(&g.spec.issuer)
+        )));
+    }
+    Ok(())
+}
+
+/// The agent id that signed a grant whose holder was never recorded (signed
+/// by an operator before `status.issuer` existed): `status.issuerId`.
+pub fn unrecorded_signer(g: &crate::crd::TrustGrant) -> Option<&str> {
+    g.status
+        .as_ref()
+        .filter(|s| s.issuer.is_none())
+        .and_then(|s| s.issuer_id.as_deref())
+}
+
+/// For such a grant, refuses a `spec.issuer` whose agent id (`issuer_id`)
+/// is not the signer's, so the wrong Agent is never recorded as holder.
+pub fn check_signer(g: &crate::crd::TrustGrant, issuer_id: &str) -> Result<(), GrantInputError> {
+    match unrecorded_signer(g) {
+        Some(signer) if signer != issuer_id => Err(GrantInputError::InvalidSpec(format!(
+            "spec.issuer {:?} (agent id {issuer_id}) is not the Agent that signed this grant \
+             (agent id {}): set spec.issuer back to that Agent, or delete this TrustGrant \
+             (the signer then publishes the revocation) and create a new one",
+            bounded(&g.spec.issuer),
+            bounded(signer)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a grant from an agent to itself.

@@ -4,18 +4,22 @@
 //!
 //! Per reconcile, in this order (the mocked-API tests pin it down):
 //! 0. the finalizer `caravan.dev/share` is added first (JSON patch);
-//! 1. validate the spec (no API calls);
+//! 1. validate the spec (no API calls): the names that go into API paths
+//!    are object names, and `spec.agent` is still the Agent recorded in
+//!    `status.agent` (the holder; [`plan::check_holder`] says why an edit is
+//!    refused rather than followed);
 //! 2. `GET` the Agent named by `spec.agent` (same namespace);
 //! 3. subscribe with `ticketSecretRef`: `GET` that Secret; check the ticket
 //!    (signature, recipient = the Agent's id) without any call;
 //! 4. `GET` the Agent's identity Secret (admin token) and `LIST` its pods
 //!    (the ready pod's IP is where the admin API answers);
-//! 5. `PUT /v1/declared/shares/{name}` on the agent with the whole spec; the
-//!    answer is the agent's status of that share;
+//! 5. the first time, `status.agent` is written (the holder, before the agent
+//!    hears of the share); then `PUT /v1/declared/shares/{name}` on the agent
+//!    with the whole spec; the answer is the agent's status of that share;
 //! 6. status (server-side apply on `/status`, only when it changed) and one
 //!    Event per transition.
 //!
-//! On delete: `DELETE /v1/declared/shares/{name}` on the agent (it stops
+//! On delete: `DELETE /v1/declared/shares/{name}` on the holder's agent (it stops
 //! serving or following; files in storage stay), then the finalizer goes.
 //! An Agent that is gone releases its Shares at once; one that is not Ready
 //! holds the finalizer until it is (or is deleted).
@@ -105,8 +109,12 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
     let name = share.name_any();
     let generation = share.metadata.generation;
 
-    // 1. Validate (pure).
-    let mode = match plan::check_spec(&share.spec) {
+    // 1. Validate (pure): also the names that go into API paths, and that
+    // spec.agent is still the Agent holding the share.
+    let mode = match plan::check_spec(&share.spec).and_then(|m| {
+        plan::check_holder(share)?;
+        Ok(m)
+    }) {
         Ok(m) => m,
         Err(e) => return bad_input(share, ctx, None, &e).await,
     };
@@ -117,6 +125,11 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         return bad_input(share, ctx, Some(mode), &e).await;
     };
     let my_id = agent.status.as_ref().and_then(|s| s.agent_id.clone());
+    if let Some(id) = &my_id
+        && let Err(e) = plan::check_publisher(share, id)
+    {
+        return bad_input(share, ctx, Some(mode), &e).await;
+    }
 
     // 3. The ticket, when subscribing with one.
     let mut ticket = None;
@@ -165,6 +178,18 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         Ok(d) => d,
         Err(e) => return bad_input(share, ctx, Some(mode), &e).await,
     };
+    let recorded;
+    let share = if share
+        .status
+        .as_ref()
+        .and_then(|s| s.agent.as_ref())
+        .is_none()
+    {
+        recorded = record_holder(share, ctx).await?;
+        &recorded
+    } else {
+        share
+    };
     let answer = ctx.agents.put_share(&endpoint, &name, &decl).await;
     ctx.metrics
         .agent_calls
@@ -181,7 +206,7 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
                 && r.reason.as_deref() == Some(reasons::PUBLISHER_UNREACHABLE) =>
         {
             match r.publisher.as_deref() {
-                Some(p) => sleeping_publisher(ctx, p).await?,
+                Some(p) => sleeping_publisher(ctx, &ns, p).await?,
                 None => None,
             }
         }
@@ -203,10 +228,14 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
         Err(CallError::Refused { message, .. }) => {
             (Observation::AgentRefused(message), DEGRADED_REQUEUE)
         }
-        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => {
-            (Observation::AgentUnreachable(m), WAIT_REQUEUE)
-        }
+        Err(CallError::Unreachable(m)) | Err(CallError::Agent(m)) => (
+            Observation::AgentUnreachable(m),
+            ctx.unreachable_requeue(&key(share)),
+        ),
     };
+    if !matches!(answer, Err(CallError::Unreachable(_) | CallError::Agent(_))) {
+        ctx.agent_answered(&key(share));
+    }
     let before = share.status.as_ref().and_then(|s| s.version);
     let new = update_status(share, ctx, Some(mode), &obs).await?;
     if let Some(v) = new.version
@@ -228,10 +257,12 @@ pub async fn apply(share: &Share, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(requeue))
 }
 
-/// `namespace/name` of the Agent of this cluster with agent id `id`, when
-/// it is asleep (scaled to zero). One `LIST` of Agents, made only for a
-/// subscription that could not reach its publisher.
-async fn sleeping_publisher(ctx: &Context, id: &str) -> Result<Option<String>, Error> {
+/// How to name the Agent of this cluster with agent id `id`, when it is
+/// asleep (scaled to zero): `Agent NAME` when it is in namespace `ns` (the
+/// subscriber's own), else "an Agent of another tenant" (another tenant's
+/// namespace and names are not the subscriber's business). One `LIST` of
+/// Agents, made only for a subscription that could not reach its publisher.
+async fn sleeping_publisher(ctx: &Context, ns: &str, id: &str) -> Result<Option<String>, Error> {
     let agents = Api::<Agent>::all(ctx.client.clone())
         .list(&Default::default())
         .await?;
@@ -243,7 +274,13 @@ async fn sleeping_publisher(ctx: &Context, id: &str) -> Result<Option<String>, E
                 s.agent_id.as_deref() == Some(id) && s.phase == Some(AgentPhase::Sleeping)
             })
         })
-        .map(|a| format!("{}/{}", a.namespace().unwrap_or_default(), a.name_any())))
+        .map(|a| {
+            if a.namespace().as_deref() == Some(ns) {
+                format!("Agent {}", a.name_any())
+            } else {
+                "an Agent of another tenant of this cluster".to_string()
+            }
+        }))
 }
 
 fn call_label<T>(r: &Result<T, CallError>) -> &'static str {
@@ -294,6 +331,36 @@ async fn bad_input(
         reason = e.reason(), "share input needs fixing: {e}");
     update_status(share, ctx, mode, &Observation::BadInput(e)).await?;
     Ok(Action::requeue(BAD_INPUT_REQUEUE))
+}
+
+/// Writes `status.agent` (the Agent about to hold the share) before the
+/// first `PUT`, so a later edit of `spec.agent` can never make the operator
+/// forget which Agent must stop it. Returns the Share with that status.
+async fn record_holder(share: &Share, ctx: &Context) -> Result<Share, Error> {
+    let mut share = share.clone();
+    let mut st = share.status.clone().unwrap_or_default();
+    st.agent = Some(share.spec.agent.clone());
+    let ns = share
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let patch = json!({
+        "apiVersion": Share::api_version(&()),
+        "kind": Share::kind(&()),
+        "status": st,
+    });
+    Api::<Share>::namespaced(ctx.client.clone(), &ns)
+        .patch_status(
+            &share.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    ctx.metrics
+        .status_patches
+        .with_label_values(&["share"])
+        .inc();
+    share.status = Some(st);
+    Ok(share)
 }
 
 /// Computes the status, patches it only when it changed, publishes Events.
@@ -351,7 +418,21 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let name = share.name_any();
-    let Some(agent) = agentref::agent(&ctx.client, &ns, &share.spec.agent).await? else {
+    // The Agent that holds the share, whatever spec.agent says now.
+    let holder = share.holder();
+    if crate::names::check_object_name("spec.agent", holder).is_err() {
+        // Never a valid name, so never declared anywhere: nothing to stop.
+        return Ok(Action::await_change());
+    }
+    let named = agentref::agent(&ctx.client, &ns, holder).await?;
+    let agent = match plan::unrecorded_publisher(share) {
+        // Published before the holder was recorded (an older operator),
+        // and spec.agent is not the Agent that publishes it: that Agent,
+        // found by its id, stops it.
+        Some(id) if agent_id(named.as_ref()) != Some(id) => publisher_by_id(ctx, &ns, id).await?,
+        _ => named,
+    };
+    let Some(agent) = agent else {
         tracing::info!(share = %name, namespace = %ns, "Agent gone; nothing to stop");
         return Ok(Action::await_change());
     };
@@ -369,7 +450,7 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
                 "Stopped",
                 format!(
                     "Agent {} stopped {} the share",
-                    share.spec.agent,
+                    agent.name_any(),
                     if share.spec.publish.is_some() {
                         "serving"
                     } else {
@@ -385,6 +466,23 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
             "{m}; the share is released once the Agent is Ready (or deleted)"
         ))),
     }
+}
+
+fn agent_id(a: Option<&Agent>) -> Option<&str> {
+    a.and_then(|a| a.status.as_ref())
+        .and_then(|s| s.agent_id.as_deref())
+}
+
+/// The Agent of namespace `ns` whose agent id is `id` (one `LIST`).
+async fn publisher_by_id(ctx: &Context, ns: &str, id: &str) -> Result<Option<Agent>, Error> {
+    let agents = Api::<Agent>::namespaced(ctx.client.clone(), ns)
+        .list(&Default::default())
+        .await?;
+    Ok(agents
+        .items
+        .into_iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .find(|a| agent_id(Some(a)) == Some(id)))
 }
 
 /// Runs the Share controller until `shutdown` resolves. Shares are also
@@ -410,7 +508,7 @@ pub async fn run(
         store
             .state()
             .into_iter()
-            .filter(|s| s.namespace() == ns && s.spec.agent == name)
+            .filter(|s| s.namespace() == ns && (s.holder() == name || s.spec.agent == name))
             .map(|s| ObjectRef::from_obj(s.as_ref()))
             .collect::<Vec<_>>()
     })

@@ -134,9 +134,8 @@ pub enum TicketSource {
 
 /// Checks everything that needs no API call. Returns the mode.
 pub fn check_spec(spec: &ShareSpec) -> Result<Mode, ShareInputError> {
-    if spec.agent.is_empty() {
-        return Err(ShareInputError::InvalidSpec("spec.agent is empty".into()));
-    }
+    crate::names::check_object_name("spec.agent", &spec.agent)
+        .map_err(ShareInputError::InvalidSpec)?;
     match (&spec.publish, &spec.subscribe) {
         (Some(_), Some(_)) | (None, None) => Err(ShareInputError::InvalidSpec(
             "set exactly one of spec.publish or spec.subscribe".into(),
@@ -191,6 +190,8 @@ pub fn ticket_source(s: &SubscribeSpec) -> Result<TicketSource, ShareInputError>
         return Ok(TicketSource::Inline(t.clone()));
     }
     if let Some(r) = &s.ticket_secret_ref {
+        crate::names::check_object_name("spec.subscribe.ticketSecretRef.name", &r.name)
+            .map_err(ShareInputError::InvalidSpec)?;
         return Ok(TicketSource::Secret {
             name: r.name.clone(),
             key: r.key.clone(),
@@ -277,6 +278,65 @@ pub fn settled(share: &crate::crd::Share) -> bool {
         st.observed_generation == share.metadata.generation
             && matches!(st.phase, Some(SharePhase::Ready | SharePhase::Degraded))
     })
+}
+
+/// Refuses a change of `spec.agent` once an Agent holds the share.
+///
+/// Why refuse rather than move the share: a move must first stop the share
+/// on the old Agent (a `DELETE` it has to answer), and the operator would
+/// have to remember every former Agent until each one did (an Agent edited
+/// twice while the first is asleep or down leaves two). Refusing keeps
+/// exactly one holder, recorded in `status.agent` before the first `PUT`:
+/// it keeps serving or following the share as declared, its status is never
+/// mixed with another Agent's, and deleting the Share stops it there. No
+/// edit of the spec can leave an Agent serving a share nobody manages.
+///
+/// There is deliberately no CEL rule for it: one cannot see whether an Agent
+/// holds the share yet, so it would also refuse correcting a misspelt
+/// `spec.agent` that nothing was declared on; this check behaves the same
+/// on every Kubernetes version.
+pub fn check_holder(share: &crate::crd::Share) -> Result<(), ShareInputError> {
+    let holder = share.holder();
+    if holder != share.spec.agent {
+        return Err(ShareInputError::InvalidSpec(format!(
+            "spec.agent cannot change from {holder:?} to {:?}: Agent {holder} holds this share \
+             and keeps {} it. Set spec.agent back to {holder:?}, or delete this Share ({holder} \
+             then stops it) and create a new one for the other Agent",
+            bounded(&share.spec.agent),
+            if share.spec.publish.is_some() {
+                "serving"
+            } else {
+                "following"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// The agent id publishing a publish Share whose holder was never recorded
+/// (declared by an operator before `status.agent` existed):
+/// `status.publisher`, which for a publish Share is its own agent's id.
+pub fn unrecorded_publisher(share: &crate::crd::Share) -> Option<&str> {
+    share
+        .status
+        .as_ref()
+        .filter(|s| s.agent.is_none() && share.spec.publish.is_some())
+        .and_then(|s| s.publisher.as_deref())
+}
+
+/// For such a Share, refuses a `spec.agent` whose agent id (`agent_id`) is
+/// not the publisher's, so the wrong Agent is never recorded as holder.
+pub fn check_publisher(share: &crate::crd::Share, agent_id: &str) -> Result<(), ShareInputError> {
+    match unrecorded_publisher(share) {
+        Some(p) if p != agent_id => Err(ShareInputError::InvalidSpec(format!(
+            "spec.agent {:?} (agent id {agent_id}) is not the Agent that publishes this share \
+             (agent id {}): set spec.agent back to that Agent, or delete this Share (that \
+             Agent then stops serving it) and create a new one",
+            bounded(&share.spec.agent),
+            bounded(p)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// What the reconciler found, reduced to what status depends on.
@@ -421,7 +481,7 @@ pub fn compute(
             Summary::Ready,
             "PublisherAsleep".to_string(),
             format!(
-                "holding version {}: the publisher, Agent {who}, is scaled to zero and \
+                "holding version {}: the publisher, {who}, is scaled to zero and \
                  published nothing newer; it is woken when a fetch needs it",
                 r.version
             ),
@@ -689,13 +749,15 @@ mod tests {
             None,
             Some(1),
             Some(Mode::Subscribe),
-            &Observation::PublisherAsleep(&f, "tenant-a/alice"),
+            &Observation::PublisherAsleep(&f, "Agent alice"),
             t(0),
         );
         assert_eq!(s.phase, Some(SharePhase::Ready));
         let c = cond(&s, "Ready");
         assert_eq!(c.reason, "PublisherAsleep");
-        assert!(c.message.contains("version 2") && c.message.contains("tenant-a/alice"));
+        assert!(
+            c.message.contains("version 2") && c.message.contains("the publisher, Agent alice,")
+        );
         assert_eq!(cond(&s, "Degraded").status, "False");
     }
 

@@ -143,7 +143,7 @@ pub fn cluster_work(
     let in_ns = |o: &Option<String>| o.as_deref() == Some(ns);
     let mine: Vec<&Share> = shares
         .iter()
-        .filter(|s| in_ns(&s.metadata.namespace) && s.spec.agent == name)
+        .filter(|s| in_ns(&s.metadata.namespace) && s.holder() == name)
         .collect();
     for s in &mine {
         if let Some((reason, why)) = share_needs_agent(s) {
@@ -155,7 +155,7 @@ pub fn cluster_work(
     }
     for g in grants
         .iter()
-        .filter(|g| in_ns(&g.metadata.namespace) && g.spec.issuer == name)
+        .filter(|g| in_ns(&g.metadata.namespace) && g.holder() == name)
     {
         if let Some((reason, why)) = grant_needs_issuer(g) {
             return work(reason, format!("TrustGrant {} {why}", g.name_any()));
@@ -179,21 +179,36 @@ pub fn cluster_work(
             if share_needs_agent(s).is_none() || up_to_date(s, shares) {
                 continue;
             }
-            let seeded = match share_id.as_deref() {
-                Some(id) => my_publish
-                    .iter()
-                    .any(|(p, pid)| *pid == Some(id) && offline(p)),
-                // Unknown share: only when everything this agent publishes
-                // is offline-seeded can the bucket serve it for sure.
-                None => !my_publish.is_empty() && my_publish.iter().all(|(p, _)| offline(p)),
+            // A subscriber whose own Agent has not taken the declaration
+            // (no status yet, or Pending: not Ready, unschedulable, asleep)
+            // cannot fetch anything: waking the publisher for it would only
+            // let a Share that never runs keep it awake.
+            if s.status
+                .as_ref()
+                .is_none_or(|st| matches!(st.phase, None | Some(SharePhase::Pending)))
+            {
+                continue;
+            }
+            // Only a subscription to one of this Agent's own publish Shares
+            // (by the share id its status reports) wakes it: any tenant can
+            // write a subscribe Share naming any agent id and a made-up (or
+            // unknown) share id, and must not keep another tenant's agent
+            // awake with it.
+            let Some(id) = share_id.as_deref() else {
+                continue;
             };
-            if !seeded {
+            let needed = my_publish
+                .iter()
+                .any(|(p, pid)| *pid == Some(id) && !offline(p));
+            if needed {
+                // The subscriber may be another tenant's: its namespace and
+                // name are not this tenant's business (status, Events).
                 return work(
                     reasons::FETCH_NEEDS_PUBLISHER,
                     format!(
-                        "Share {}/{} fetches from this agent, which has no offline seeding for it",
-                        s.namespace().unwrap_or_default(),
-                        s.name_any()
+                        "a subscriber in the cluster fetches share {} from this agent, \
+                         which has no offline seeding for it",
+                        crate::agent_api::bounded(id)
                     ),
                 );
             }
@@ -214,13 +229,17 @@ pub fn cluster_work(
                 })
         });
         if let Some(p) = newer {
+            // The publisher's Share is named only when it is this tenant's.
+            let publisher = if p.namespace().as_deref() == Some(ns) {
+                format!("its publisher's Share {}", p.name_any())
+            } else {
+                "its publisher".to_string()
+            };
             return work(
                 reasons::NEW_VERSION,
                 format!(
-                    "Share {} holds version {held}; its publisher's Share {}/{} has version {}",
+                    "Share {} holds version {held}; {publisher} has version {}",
                     s.name_any(),
-                    p.namespace().unwrap_or_default(),
-                    p.name_any(),
                     p.status
                         .as_ref()
                         .and_then(|ps| ps.version)
@@ -298,6 +317,16 @@ mod tests {
             publisher: Some(publisher.into()),
             destination: "in".into(),
             poll_interval: "30s".into(),
+        });
+        s
+    }
+
+    /// Its Agent took the declaration and is fetching.
+    fn fetching_now(mut s: Share) -> Share {
+        s.status = Some(ShareStatus {
+            phase: Some(SharePhase::Progressing),
+            observed_generation: Some(1),
+            ..Default::default()
         });
         s
     }
@@ -404,10 +433,17 @@ mod tests {
             cluster_work("t-a", "alice", Some(&alice), shares, &[]).map(|w| (w.reason, w.message))
         };
         let photos = settled(publish("t-a", "photos", "alice", false), "sh-1", 1);
-        let fetching = subscribe("t-b", "from-alice", "bob", &alice);
+        let fetching = fetching_now(subscribe("t-b", "from-alice", "bob", &alice));
         let (reason, message) = w(&[photos.clone(), fetching.clone()]).unwrap();
         assert_eq!(reason, reasons::FETCH_NEEDS_PUBLISHER);
-        assert!(message.contains("t-b/from-alice"), "{message}");
+        assert!(
+            message.contains("a subscriber in the cluster") && message.contains("sh-1"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("t-b") && !message.contains("from-alice"),
+            "another tenant's namespace and Share name stay private: {message}"
+        );
         // Synced: nothing needed.
         let synced = settled(fetching.clone(), "sh-1", 1);
         assert_eq!(w(&[photos.clone(), synced.clone()]), None);
@@ -456,6 +492,39 @@ mod tests {
     }
 
     #[test]
+    fn only_a_subscription_to_one_of_its_own_shares_wakes_an_agent() {
+        let alice = id(1);
+        let w = |shares: &[Share]| {
+            cluster_work("t-a", "alice", Some(&alice), shares, &[]).map(|w| w.reason)
+        };
+        let photos = settled(publish("t-a", "photos", "alice", false), "sh-1", 1);
+        // Another tenant names alice as publisher with a made-up share id
+        // (its Agent fetching, so the Share never settles): alice sleeps.
+        let mut made_up = fetching_now(subscribe("t-f", "keep-awake", "frank", &alice));
+        made_up.spec.subscribe.as_mut().unwrap().share_id = Some("sh-made-up".into());
+        assert_eq!(w(&[photos.clone(), made_up.clone()]), None);
+        // ... also when alice publishes nothing at all.
+        assert_eq!(w(std::slice::from_ref(&made_up)), None);
+        // An unknown share id (a ticket that does not parse): no wake-up.
+        let mut unknown = made_up.clone();
+        unknown.spec.subscribe.as_mut().unwrap().share_id = None;
+        assert_eq!(w(&[photos.clone(), unknown]), None);
+        // A publish Share without a share id yet cannot be the one asked for.
+        let fresh = publish("t-a", "photos", "alice", false);
+        let fetching = fetching_now(subscribe("t-f", "from-alice", "frank", &alice));
+        assert_eq!(w(&[fresh, fetching.clone()]), Some(reasons::SHARE_CHANGED));
+        // The right share id, but on an Agent that never takes it (not
+        // Ready, unschedulable): it cannot fetch, alice sleeps on.
+        let never_runs = subscribe("t-f", "from-alice", "unschedulable", &alice);
+        assert_eq!(w(&[photos.clone(), never_runs.clone()]), None);
+        let mut pending = fetching_now(never_runs);
+        pending.status.as_mut().unwrap().phase = Some(SharePhase::Pending);
+        assert_eq!(w(&[photos.clone(), pending]), None);
+        // The share alice does publish, fetched by a running Agent: woken.
+        assert_eq!(w(&[photos, fetching]), Some(reasons::FETCH_NEEDS_PUBLISHER));
+    }
+
+    #[test]
     fn a_newer_version_in_the_cluster_wakes_a_subscriber() {
         let alice = id(1);
         let follows = settled(subscribe("t-b", "from-alice", "bob", &alice), "sh-1", 1);
@@ -463,6 +532,11 @@ mod tests {
         let w = cluster_work("t-b", "bob", Some(&id(2)), &[follows.clone(), at_v2], &[]).unwrap();
         assert_eq!(w.reason, reasons::NEW_VERSION);
         assert!(w.message.contains("version 2"), "{}", w.message);
+        assert!(
+            !w.message.contains("t-a") && !w.message.contains("photos"),
+            "another tenant's Share stays private: {}",
+            w.message
+        );
         let at_v1 = settled(publish("t-a", "photos", "alice", true), "sh-1", 1);
         assert_eq!(
             cluster_work("t-b", "bob", Some(&id(2)), &[follows, at_v1], &[]),
