@@ -150,25 +150,6 @@ fn fetch_bounded(a: &TestAgent, ticket: &str, dest: &str, peers: &[&str]) -> (Op
     }
 }
 
-fn dir_bytes(root: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let m = e.metadata().unwrap();
-            if m.is_dir() {
-                stack.push(e.path());
-            } else {
-                total += m.len();
-            }
-        }
-    }
-    total
-}
-
 fn count_files(root: &Path) -> usize {
     let mut n = 0;
     let mut stack = vec![root.to_path_buf()];

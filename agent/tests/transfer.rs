@@ -388,15 +388,7 @@ fn a_second_fetch_of_a_running_share_joins_it_or_is_refused() {
     });
     wait_partly_fetched(&bob, 10);
     // The publisher frozen, the fetch cannot end while the others ask.
-    let pid = alice.child.as_ref().unwrap().id().to_string();
-    let signal = |s: &str| {
-        let st = std::process::Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    signal("-STOP");
+    alice.signal("-STOP");
     let t = first_fetch(&bob);
     assert_eq!(t["state"], "transferring", "{t}");
     let tickets = pending_ticket(&bob);
@@ -409,7 +401,7 @@ fn a_second_fetch_of_a_running_share_joins_it_or_is_refused() {
         "elsewhere",
         "--json",
     ]);
-    signal("-CONT");
+    alice.signal("-CONT");
     assert_eq!(
         other.status.code(),
         Some(3),
@@ -607,15 +599,7 @@ fn a_fetch_overtaken_by_a_new_version_says_so() {
     wait_partly_fetched(&bob, 5);
     let ticket = pending_ticket(&bob);
     // The recipient frozen while the publisher replaces every byte.
-    let pid = bob.child.as_ref().unwrap().id().to_string();
-    let signal = |s: &str| {
-        let st = std::process::Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    signal("-STOP");
+    bob.signal("-STOP");
     let mut data = vec![0u8; 160 << 20];
     fill_pseudo_random(&mut data, 38);
     std::fs::write(src.join("one-big-file.bin"), &data).unwrap();
@@ -630,7 +614,7 @@ fn a_fetch_overtaken_by_a_new_version_says_so() {
         "--to",
         &bob.id,
     ]);
-    signal("-CONT");
+    bob.signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(120);
     let ended = loop {
         let f = first_fetch(&bob);
@@ -705,15 +689,7 @@ fn a_stuck_daemon_gets_exit_code_4_not_a_wait_for_ever() {
     let tmp = tempfile::tempdir().unwrap();
     let mut a = TestAgent::init(&tmp.path().join("a"));
     a.start();
-    let pid = a.child.as_ref().unwrap().id().to_string();
-    let signal = |s: &str| {
-        let st = std::process::Command::new("kill")
-            .args([s, &pid])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
-    signal("-STOP");
+    a.signal("-STOP");
     let started = Instant::now();
     let out = std::process::Command::new(BIN)
         .args(["status", "--config", a.cfg()])
@@ -721,7 +697,7 @@ fn a_stuck_daemon_gets_exit_code_4_not_a_wait_for_ever() {
         .output()
         .unwrap();
     let waited = started.elapsed();
-    signal("-CONT");
+    a.signal("-CONT");
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{said}");
     assert!(said.contains("did not answer in time"), "{said}");
@@ -968,23 +944,6 @@ fn a_fetch_cut_off_by_a_full_disk_resumes_with_room_for_the_rest_only() {
     alice.kill9();
     bob.kill9();
     drop(disk);
-}
-
-/// Bytes of the files under `root`.
-fn dir_bytes(root: &std::path::Path) -> u64 {
-    let mut n = 0;
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let m = e.metadata().unwrap();
-            if m.is_dir() {
-                dirs.push(e.path());
-            } else {
-                n += m.len();
-            }
-        }
-    }
-    n
 }
 
 /// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with

@@ -275,6 +275,18 @@ impl TestAgent {
         }
     }
 
+    /// Sends the daemon a signal by its pid (`-STOP`, `-CONT`, …).
+    pub fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("a running daemon")
+            .id()
+            .to_string();
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    }
+
     /// SIGKILL, no clean-up at all.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -462,4 +474,24 @@ pub fn trees_equal(a: &Path, b: &Path) -> bool {
         && fa
             .iter()
             .all(|r| std::fs::read(a.join(r)).unwrap() == std::fs::read(b.join(r)).unwrap())
+}
+
+/// Bytes of the files under `root`.
+pub fn dir_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
 }
