@@ -50,6 +50,37 @@ impl Context {
         }
     }
 
+    /// Server-side-applies `status` to the status of `obj` (a Share or a
+    /// TrustGrant) as the operator's field manager, and counts the patch
+    /// under `kind`.
+    pub async fn apply_status<K, S>(&self, obj: &K, status: &S, kind: &str) -> Result<(), Error>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        S: serde::Serialize,
+    {
+        use kube::ResourceExt;
+        let ns = obj
+            .namespace()
+            .ok_or(Error::MissingField("metadata.namespace"))?;
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        kube::Api::<K>::namespaced(self.client.clone(), &ns)
+            .patch_status(
+                &obj.name_any(),
+                &kube::api::PatchParams::apply(crate::config::FIELD_MANAGER).force(),
+                &kube::api::Patch::Apply(&patch),
+            )
+            .await?;
+        self.metrics.status_patches.with_label_values(&[kind]).inc();
+        Ok(())
+    }
+
     /// Counts one more consecutive failure of `key`; returns the count.
     pub fn record_failure(&self, key: String) -> u32 {
         let mut m = self.failures.lock().unwrap_or_else(|p| p.into_inner());

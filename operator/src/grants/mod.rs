@@ -28,18 +28,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::agent_api::CallError;
 use crate::agentref::{self, Lookup};
 use crate::conditions;
-use crate::config::FIELD_MANAGER;
 use crate::crd::{Agent, TrustGrant, TrustGrantStatus};
 use crate::declared::{Context, Error, RunOptions};
 use plan::{GrantInputError, Observation};
@@ -203,25 +201,7 @@ async fn record_holder(g: &TrustGrant, ctx: &Context) -> Result<TrustGrant, Erro
     let mut g = g.clone();
     let mut st = g.status.clone().unwrap_or_default();
     st.issuer = Some(g.spec.issuer.clone());
-    let ns = g
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let patch = json!({
-        "apiVersion": TrustGrant::api_version(&()),
-        "kind": TrustGrant::kind(&()),
-        "status": st,
-    });
-    Api::<TrustGrant>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &g.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    ctx.metrics
-        .status_patches
-        .with_label_values(&["trustgrant"])
-        .inc();
+    ctx.apply_status(&g, &st, "trustgrant").await?;
     g.status = Some(st);
     Ok(g)
 }
@@ -235,25 +215,7 @@ async fn update_status(
     if g.status.as_ref() == Some(&new) {
         return Ok(new);
     }
-    let ns = g
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let patch = json!({
-        "apiVersion": TrustGrant::api_version(&()),
-        "kind": TrustGrant::kind(&()),
-        "status": new,
-    });
-    Api::<TrustGrant>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &g.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    ctx.metrics
-        .status_patches
-        .with_label_values(&["trustgrant"])
-        .inc();
+    ctx.apply_status(g, &new, "trustgrant").await?;
     let old = g
         .status
         .as_ref()

@@ -31,18 +31,16 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 
 use crate::agent_api::{CallError, DeclaredState, reasons};
 use crate::agentref::{self, Lookup};
 use crate::conditions;
-use crate::config::FIELD_MANAGER;
 use crate::crd::{Agent, AgentPhase, Share, ShareStatus};
 use crate::declared::{Context, Error, RunOptions};
 use plan::{Mode, Observation, ShareInputError, TicketSource};
@@ -340,25 +338,7 @@ async fn record_holder(share: &Share, ctx: &Context) -> Result<Share, Error> {
     let mut share = share.clone();
     let mut st = share.status.clone().unwrap_or_default();
     st.agent = Some(share.spec.agent.clone());
-    let ns = share
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let patch = json!({
-        "apiVersion": Share::api_version(&()),
-        "kind": Share::kind(&()),
-        "status": st,
-    });
-    Api::<Share>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &share.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    ctx.metrics
-        .status_patches
-        .with_label_values(&["share"])
-        .inc();
+    ctx.apply_status(&share, &st, "share").await?;
     share.status = Some(st);
     Ok(share)
 }
@@ -380,25 +360,7 @@ async fn update_status(
     if share.status.as_ref() == Some(&new) {
         return Ok(new);
     }
-    let ns = share
-        .namespace()
-        .ok_or(Error::MissingField("metadata.namespace"))?;
-    let patch = json!({
-        "apiVersion": Share::api_version(&()),
-        "kind": Share::kind(&()),
-        "status": new,
-    });
-    Api::<Share>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &share.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await?;
-    ctx.metrics
-        .status_patches
-        .with_label_values(&["share"])
-        .inc();
+    ctx.apply_status(share, &new, "share").await?;
     let old = share
         .status
         .as_ref()
