@@ -39,6 +39,30 @@ pub async fn agent(client: &Client, ns: &str, name: &str) -> Result<Option<Agent
     Ok(a.filter(|a| a.metadata.deletion_timestamp.is_none()))
 }
 
+/// The agent id an Agent reports in its status, once it has one.
+pub fn agent_id(a: Option<&Agent>) -> Option<&str> {
+    a.and_then(|a| a.status.as_ref())
+        .and_then(|s| s.agent_id.as_deref())
+}
+
+/// The Agent of namespace `ns` (not being deleted) whose agent id is `id`
+/// (one `LIST`): the holder of a Share or TrustGrant declared before its
+/// holder was recorded in status.
+pub async fn agent_by_id(
+    client: &Client,
+    ns: &str,
+    id: &str,
+) -> Result<Option<Agent>, kube::Error> {
+    let agents = Api::<Agent>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await?;
+    Ok(agents
+        .items
+        .into_iter()
+        .filter(|a| a.metadata.deletion_timestamp.is_none())
+        .find(|a| agent_id(Some(a)) == Some(id)))
+}
+
 /// The rest of the lookup for an Agent already read.
 pub async fn endpoint(client: &Client, agent: &Agent) -> Result<Lookup, kube::Error> {
     let ns = agent.namespace().unwrap_or_default();

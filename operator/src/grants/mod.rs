@@ -246,7 +246,9 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
         // A grant signed before the holder was recorded (an older
         // operator), whose spec.issuer is not the Agent that signed it:
         // that Agent, found by its id, revokes it.
-        Some(id) if agent_id(named.as_ref()) != Some(id) => signer_by_id(ctx, &ns, id).await?,
+        Some(id) if agentref::agent_id(named.as_ref()) != Some(id) => {
+            agentref::agent_by_id(&ctx.client, &ns, id).await?
+        }
         _ => named,
     };
     let issuer = match issuer {
@@ -295,23 +297,6 @@ pub async fn cleanup(g: &TrustGrant, ctx: &Context) -> Result<Action, Error> {
             "{m}; the revocation is published once the issuer is Ready"
         ))),
     }
-}
-
-fn agent_id(a: Option<&Agent>) -> Option<&str> {
-    a.and_then(|a| a.status.as_ref())
-        .and_then(|s| s.agent_id.as_deref())
-}
-
-/// The Agent of namespace `ns` whose agent id is `id` (one `LIST`).
-async fn signer_by_id(ctx: &Context, ns: &str, id: &str) -> Result<Option<Agent>, Error> {
-    let agents = Api::<Agent>::namespaced(ctx.client.clone(), ns)
-        .list(&Default::default())
-        .await?;
-    Ok(agents
-        .items
-        .into_iter()
-        .filter(|a| a.metadata.deletion_timestamp.is_none())
-        .find(|a| agent_id(Some(a)) == Some(id)))
 }
 
 /// Runs the TrustGrant controller until `shutdown` resolves; grants are also

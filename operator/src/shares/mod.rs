@@ -391,7 +391,9 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
         // Published before the holder was recorded (an older operator),
         // and spec.agent is not the Agent that publishes it: that Agent,
         // found by its id, stops it.
-        Some(id) if agent_id(named.as_ref()) != Some(id) => publisher_by_id(ctx, &ns, id).await?,
+        Some(id) if agentref::agent_id(named.as_ref()) != Some(id) => {
+            agentref::agent_by_id(&ctx.client, &ns, id).await?
+        }
         _ => named,
     };
     let Some(agent) = agent else {
@@ -428,23 +430,6 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
             "{m}; the share is released once the Agent is Ready (or deleted)"
         ))),
     }
-}
-
-fn agent_id(a: Option<&Agent>) -> Option<&str> {
-    a.and_then(|a| a.status.as_ref())
-        .and_then(|s| s.agent_id.as_deref())
-}
-
-/// The Agent of namespace `ns` whose agent id is `id` (one `LIST`).
-async fn publisher_by_id(ctx: &Context, ns: &str, id: &str) -> Result<Option<Agent>, Error> {
-    let agents = Api::<Agent>::namespaced(ctx.client.clone(), ns)
-        .list(&Default::default())
-        .await?;
-    Ok(agents
-        .items
-        .into_iter()
-        .filter(|a| a.metadata.deletion_timestamp.is_none())
-        .find(|a| agent_id(Some(a)) == Some(id)))
 }
 
 /// Runs the Share controller until `shutdown` resolves. Shares are also
