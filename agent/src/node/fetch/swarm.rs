@@ -303,10 +303,13 @@ impl Swarm {
         match last {
             // Every connection closed and none came back: say so, and how
             // to go on, rather than the last socket error alone.
-            Some(e) if lost && !matches!(e, Error::CorruptChunk { .. }) => {
+            // The same when this chunk never got to ask anyone because
+            // every connection had already closed (`last` is `None`).
+            e if lost && !matches!(e, Some(Error::CorruptChunk { .. })) => {
+                let last = e.map(|e| format!(" (last: {e})")).unwrap_or_default();
                 Err(Error::Unreachable(format!(
                     "chunk {}: every peer holding the share went away and none came back after \
-                     {REVIVALS} rounds of redialling (last: {e}); fetch the same ticket again \
+                     {REVIVALS} rounds of redialling{last}; fetch the same ticket again \
                      to continue, verified chunks are kept",
                     r.id
                 )))
