@@ -1411,6 +1411,63 @@ fn admin_token_is_checked_before_the_body_is_parsed() {
     }
 }
 
+/// Every failure of the admin API, a body axum cannot read included
+/// (wrong content type 415, not JSON 400, a wrong field 422, too large
+/// 413) and an unknown route or method, is the one `{"error": …}` object
+/// clients parse; it was axum's plain text.
+#[test]
+fn admin_api_failures_are_all_json_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.start();
+    let admin = config_value(&alice, "admin_listen");
+    let token = std::fs::read_to_string(config_value(&alice, "admin_token_file")).unwrap();
+    let auth = format!("Authorization: Bearer {}", token.trim());
+    let json = "Content-Type: application/json";
+    let big = vec![b' '; 300 * 1024];
+    for (method, path, headers, body, want) in [
+        ("POST", "/v1/shares", vec![auth.as_str()], &b"{}"[..], 415),
+        (
+            "POST",
+            "/v1/shares",
+            vec![auth.as_str(), json],
+            &b"{not json"[..],
+            400,
+        ),
+        (
+            "POST",
+            "/v1/fetches",
+            vec![auth.as_str(), json],
+            &br#"{"ticket": 7}"#[..],
+            422,
+        ),
+        (
+            "POST",
+            "/v1/shares",
+            vec![auth.as_str(), json],
+            &big[..],
+            413,
+        ),
+        (
+            "GET",
+            "/v1/nothing-here",
+            vec![auth.as_str()],
+            &b""[..],
+            404,
+        ),
+        ("DELETE", "/v1/status", vec![auth.as_str()], &b""[..], 405),
+    ] {
+        let (status, text) = http(&admin, method, path, &headers, body);
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        assert!(
+            v["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{method} {path}: {v}"
+        );
+    }
+}
+
 /// Guarantee: what to publish and where to fetch to stay inside the
 /// agent's storage and out of its state folder, refused as bad input
 /// before anything is read or written. On a local disk the storage's

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -70,6 +70,36 @@ impl IntoResponse for ApiFailure {
         )
             .into_response()
     }
+}
+
+/// A JSON request body. One that cannot be read (not JSON, a missing or
+/// wrong field, a wrong content type, over [`MAX_BODY`]) gets axum's
+/// status (400, 422, 415, 413) with the same `{"error": …}` object as
+/// every other failure, not axum's plain-text answer: clients parse one
+/// shape.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: Request, state: &S) -> std::result::Result<Self, ApiFailure> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(ApiFailure(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// What an unknown route or method gets: the `{"error": …}` object.
+async fn no_route() -> ApiFailure {
+    ApiFailure(StatusCode::NOT_FOUND, "no such admin API route".into())
+}
+
+async fn no_method() -> ApiFailure {
+    ApiFailure(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this admin API route does not take that method".into(),
+    )
 }
 
 #[derive(Clone)]
@@ -216,6 +246,8 @@ pub fn admin_router_with(
         .route(api::TRUST_REVOCATIONS, post(api_trust_revoke))
         .route(api::TRUST_WHY, get(api_trust_why))
         .route(api::SHARE_PEERS, get(api_share_peers))
+        .fallback(no_route)
+        .method_not_allowed_fallback(no_method)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -245,7 +277,7 @@ async fn api_declared_put(
     State(s): State<AdminState>,
     h: HeaderMap,
     UrlPath(name): UrlPath<String>,
-    Json(req): Json<api::DeclaredShare>,
+    Body(req): Body<api::DeclaredShare>,
 ) -> std::result::Result<Json<api::DeclaredShareStatus>, ApiFailure> {
     check_token(&s, &h)?;
     Ok(Json(declared(&s)?.put_share(&name, req).await?))
@@ -277,7 +309,7 @@ async fn api_grant_put(
     State(s): State<AdminState>,
     h: HeaderMap,
     UrlPath(key): UrlPath<String>,
-    Json(req): Json<api::DeclaredGrant>,
+    Body(req): Body<api::DeclaredGrant>,
 ) -> std::result::Result<Json<api::DeclaredGrantStatus>, ApiFailure> {
     check_token(&s, &h)?;
     Ok(Json(declared(&s)?.put_grant(&key, req).await?))
@@ -331,7 +363,7 @@ async fn api_publish(
     State(s): State<AdminState>,
     h: HeaderMap,
     axum::extract::RawQuery(query): axum::extract::RawQuery,
-    Json(req): Json<PublishRequest>,
+    Body(req): Body<PublishRequest>,
 ) -> std::result::Result<Response, ApiFailure> {
     check_token(&s, &h)?;
     if query.as_deref() == Some(api::STREAM_QUERY) {
@@ -409,7 +441,7 @@ async fn api_ticket(
     State(s): State<AdminState>,
     h: HeaderMap,
     UrlPath(id): UrlPath<String>,
-    Json(req): Json<TicketRequest>,
+    Body(req): Body<TicketRequest>,
 ) -> std::result::Result<Json<TicketResponse>, ApiFailure> {
     check_token(&s, &h)?;
     let id: ShareId = id.parse()?;
@@ -421,7 +453,7 @@ async fn api_ticket(
 async fn api_fetch(
     State(s): State<AdminState>,
     h: HeaderMap,
-    Json(req): Json<FetchRequest>,
+    Body(req): Body<FetchRequest>,
 ) -> std::result::Result<Json<ProgressSnapshot>, ApiFailure> {
     check_token(&s, &h)?;
     s.agent.activity.touch(api::activity::FETCH);
@@ -473,7 +505,7 @@ async fn api_trust_list(
 async fn api_trust_grant(
     State(s): State<AdminState>,
     h: HeaderMap,
-    Json(req): Json<GrantRequest>,
+    Body(req): Body<GrantRequest>,
 ) -> std::result::Result<Json<GrantInfo>, ApiFailure> {
     check_token(&s, &h)?;
     let w = trust(&s)?;
@@ -487,7 +519,7 @@ async fn api_trust_grant(
 async fn api_trust_revoke(
     State(s): State<AdminState>,
     h: HeaderMap,
-    Json(req): Json<RevokeRequest>,
+    Body(req): Body<RevokeRequest>,
 ) -> std::result::Result<Json<RevokeResponse>, ApiFailure> {
     check_token(&s, &h)?;
     let w = trust(&s)?;
