@@ -35,6 +35,24 @@ impl Access {
     pub fn names(&self, who: &AgentId) -> bool {
         self.agents.contains(who)
     }
+
+    /// What `next` takes away from this access: the agents named here and
+    /// not there, and whether it trusts fewer hops (or none). Anyone it
+    /// takes away still holds this version's key.
+    pub fn narrowed_by(&self, next: &Access) -> (Vec<AgentId>, bool) {
+        let removed = self
+            .agents
+            .iter()
+            .filter(|a| !next.names(a))
+            .copied()
+            .collect();
+        let fewer_hops = match (self.trust_depth, next.trust_depth) {
+            (Some(was), Some(now)) => now < was,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        (removed, fewer_hops)
+    }
 }
 
 /// One entry of a manifest.

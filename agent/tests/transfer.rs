@@ -203,6 +203,81 @@ fn new_version_sends_only_changed_chunks() {
     assert_same_tree(&src, &bob.data().join("big"));
 }
 
+/// Guarantee: a new version that drops a named recipient says so
+/// (`removed`) and gets a fresh share key by itself, so the dropped agent,
+/// which keeps the old key, cannot open anything of it; the recipients who
+/// stay reuse their verified files in place (nothing travels again for
+/// the key alone). The same recipients again: the key is kept. Before, the
+/// recipient was dropped silently and the key kept unless `--rotate-key`.
+#[test]
+fn a_version_that_drops_a_recipient_says_so_and_rotates_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let mut carol = TestAgent::init(&tmp.path().join("carol"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 6 << 20];
+    fill_pseudo_random(&mut data, 77);
+    std::fs::write(src.join("a.bin"), &data).unwrap();
+    alice.start();
+    bob.start();
+    carol.start();
+    let (share, tickets) = publish(&alice, "docs", &[&bob.id, &carol.id], &[]);
+    fetch(&bob, &tickets[0], "docs", &[]);
+    fetch(&carol, &tickets[1], "docs", &[]);
+
+    let publish_json = |to: &[&str]| {
+        let mut args = vec!["publish", "--config", alice.cfg(), "docs", "--json"];
+        for r in to {
+            args.extend(["--to", r]);
+        }
+        args.extend(["--share", &share]);
+        last_json(&cli_ok(&args))
+    };
+    let v2 = publish_json(&[&bob.id]);
+    assert_eq!(v2["removed"], serde_json::json!([carol.id]), "{v2}");
+    assert_eq!(v2["key_rotated"], true, "{v2}");
+    let got = fetch(&bob, &tickets[0], "docs", &[]);
+    assert_eq!(got["seq"], 2, "{got}");
+    assert_eq!(got["chunks_fetched"], 0, "files in place are reused: {got}");
+    assert_same_tree(&src, &bob.data().join("docs"));
+    // Carol keeps version 1 and gets nothing newer.
+    let out = cli(&[
+        "fetch",
+        "--config",
+        carol.cfg(),
+        &tickets[1],
+        "--dest",
+        "docs",
+        "--json",
+    ]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let v3 = publish_json(&[&bob.id]);
+    assert_eq!(v3["removed"], serde_json::json!([]), "{v3}");
+    assert_eq!(v3["key_rotated"], false, "{v3}");
+    // The human output names who was dropped.
+    let out = cli_ok(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "docs",
+        "--share",
+        &share,
+        "--to",
+        &carol.id,
+    ]);
+    assert!(
+        out.contains("no longer a recipient") && out.contains(&bob.id),
+        "{out}"
+    );
+}
+
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
 /// on the recipient, and every file still matches the source. Zeros are

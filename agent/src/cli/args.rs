@@ -108,7 +108,9 @@ pub(crate) enum Command {
         config: PathBuf,
         /// Directory or file in the agent's storage ("" or "." for everything).
         path: String,
-        /// Recipient agent id (repeat for several).
+        /// Recipient agent id (repeat for several). With --share: every
+        /// recipient of the new version; one left out gets nothing newer,
+        /// and the version gets a fresh share key.
         #[arg(long = "to", value_name = "AGENT_ID")]
         to: Vec<AgentId>,
         /// Also allow every agent this agent trusts within N hops.
@@ -117,7 +119,8 @@ pub(crate) enum Command {
         /// Publish a new version of this share.
         #[arg(long, value_name = "SHARE_ID")]
         share: Option<ShareId>,
-        /// Use a fresh share key for this version (after removing someone).
+        /// Use a fresh share key for this version (automatic when it drops a
+        /// recipient, trusts fewer hops, or follows a revocation).
         #[arg(long, requires = "share")]
         rotate_key: bool,
         /// Also seed it offline: stage the sealed chunks in this agent's own

@@ -119,6 +119,15 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                         out!("  … the agent's log names every one");
                     }
                 }
+                if !res.removed.is_empty() {
+                    out!(
+                        "no longer a recipient from this version on (--to names every recipient): {}",
+                        res.removed.join(", ")
+                    );
+                }
+                if res.key_rotated {
+                    out!("this version has a fresh share key: whoever lost access cannot open it");
+                }
                 if let Some(seed) = &res.seed {
                     out!(
                         "seeded offline: {} chunks staged, {} already there, {} URLs valid until {} (record in {} repositories)",

@@ -39,6 +39,8 @@ pub struct PublishRequest {
     #[serde(default)]
     pub share_id: Option<ShareId>,
     /// Use a fresh share key for this version (after revoking someone).
+    /// A version that removes a named recipient or trusts fewer hops gets
+    /// one anyway.
     #[serde(default)]
     pub rotate_key: bool,
     /// Seed this version offline from the agent's own bucket (presigned
@@ -75,6 +77,14 @@ pub struct Published {
     /// outside, names that are not UTF-8…), and why.
     #[serde(default)]
     pub skipped: Skipped,
+    /// Recipients the previous version named and this one does not (`--to`
+    /// lists every recipient of the version; these get nothing newer).
+    #[serde(default)]
+    pub removed: Vec<String>,
+    /// Whether this version has a fresh share key (asked for, after a
+    /// revocation, or because it removed someone).
+    #[serde(default)]
+    pub key_rotated: bool,
 }
 
 /// What a publish hands out before its pass: enough for recipients to start
@@ -117,6 +127,10 @@ pub(crate) struct NewVersion {
     pub(crate) key: Key,
     /// The checked path in the agent's storage ([`crate::node::state::user_path`]).
     pub(crate) path: String,
+    /// Named recipients of the previous version this one drops.
+    pub(crate) removed: Vec<AgentId>,
+    /// Whether `key` is fresh for this version (not the previous one's).
+    pub(crate) key_rotated: bool,
 }
 
 impl Agent {
@@ -148,7 +162,7 @@ impl Agent {
     /// fresh one when asked or after a revocation).
     pub(crate) fn new_version(&self, req: &PublishRequest) -> Result<NewVersion> {
         let path = crate::node::state::user_path(&self.opts.state_prefix, &req.path)?;
-        let (share_id, seq, key) = match req.share_id {
+        let (share_id, seq, key, removed, key_rotated) = match req.share_id {
             Some(id) => {
                 // Said early (a first version being resumed is not a
                 // share yet); `go_live` checks it again under the lock.
@@ -169,14 +183,19 @@ impl Agent {
                     && self
                         .trust()
                         .is_some_and(|w| w.last_revocation() >= old.manifest.created_at);
-                let key = if req.rotate_key || pruned_since {
+                // Whoever this version takes away still holds the key of
+                // the last one: with it, whatever of the new version it got
+                // hold of (an offline-seeding URL, a copy) would open.
+                let (removed, fewer_hops) = old.manifest.access.narrowed_by(&req.access);
+                let rotate = req.rotate_key || pruned_since || fewer_hops || !removed.is_empty();
+                let key = if rotate {
                     Key::random()?
                 } else {
                     old.key.clone()
                 };
-                (id, old.seq() + 1, key)
+                (id, old.seq() + 1, key, removed, rotate)
             }
-            None => (ShareId::random()?, 1, Key::random()?),
+            None => (ShareId::random()?, 1, Key::random()?, Vec::new(), false),
         };
         for a in &req.access.agents {
             if *a == self.id {
@@ -190,6 +209,8 @@ impl Agent {
             seq,
             key,
             path,
+            removed,
+            key_rotated,
         })
     }
 
@@ -290,6 +311,8 @@ impl Agent {
             seconds: started.elapsed().as_secs_f64(),
             seed,
             skipped,
+            removed: v.removed.iter().map(|a| a.to_string()).collect(),
+            key_rotated: v.key_rotated,
         })
     }
 

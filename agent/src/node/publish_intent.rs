@@ -142,11 +142,15 @@ impl Agent {
                 &self.opts.state_prefix,
                 &intent.request.path,
             ) {
+                // The key was picked when the pass began; what it
+                // removed was reported then.
                 Ok(path) => NewVersion {
                     share_id: id,
                     seq: intent.seq,
                     key,
                     path,
+                    removed: Vec::new(),
+                    key_rotated: false,
                 },
                 Err(e) => {
                     tracing::warn!(share = %id, error = %e, "dropping a publish record with a bad path");
