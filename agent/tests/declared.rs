@@ -357,3 +357,53 @@ fn a_declared_grant_made_while_the_repository_is_down_is_signed_once_and_revoked
         "{list}"
     );
 }
+
+/// Guarantee: a declared share may have any Kubernetes object name, the
+/// longest (253 characters) included: it is kept under a file name a disk
+/// can hold (cut, with a hash of the name) and found again after a
+/// restart. Before, that name failed with "File name too long", which the
+/// operator reported as the agent being unreachable.
+#[test]
+fn a_declared_share_with_the_longest_object_name_survives_a_restart() {
+    let base = tempfile::tempdir().unwrap();
+    let dir = base.path().join("alice");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut alice = TestAgent::init(&dir);
+    alice.start();
+    make_tree(&alice.data().join("photos"), 2, 10_000);
+    let long = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+    assert_eq!(long.len(), 253);
+    let spec = json!({"generation": 1, "publish": {"path": "photos",
+        "recipients": [TestAgent::init(&base.path().join("bob")).id], "rescan_secs": 3600}});
+    let mut ids = Vec::new();
+    for name in [long.as_str(), "short"] {
+        let (code, v) = admin(
+            &alice,
+            "PUT",
+            &format!("/v1/declared/shares/{name}"),
+            Some(&spec),
+        );
+        assert_eq!(code, 200, "{name}: {v}");
+        let v = wait_share(&alice, name, "published", |v| v["state"] == "ready");
+        ids.push(v["share_id"].clone());
+    }
+    alice.kill9();
+    alice.start();
+    for (name, id) in [long.as_str(), "short"].iter().zip(&ids) {
+        let v = wait_share(&alice, name, "kept", |v| v["state"] == "ready");
+        assert_eq!(&v["share_id"], id, "{name}: {v}");
+    }
+    let (code, _) = admin(
+        &alice,
+        "DELETE",
+        &format!("/v1/declared/shares/{long}"),
+        None,
+    );
+    assert_eq!(code, 204);
+    let (code, _) = admin(&alice, "GET", &format!("/v1/declared/shares/{long}"), None);
+    assert_eq!(code, 404);
+    let left = std::fs::read_dir(alice.data().join(".caravan/declared/shares"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 1, "the long name's file is gone, short's stays");
+}

@@ -45,6 +45,10 @@ pub const MAX_NAME: usize = 253;
 /// What is persisted per declared share.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SavedShare {
+    /// The share's name, for a file named after its hash
+    /// ([`Declarations::share_file`]); `None` in files saved before.
+    #[serde(default)]
+    name: Option<String>,
     spec: DeclaredShare,
     #[serde(default)]
     share_id: Option<String>,
@@ -250,14 +254,20 @@ impl Declarations {
             })
             .await?;
         for (path, s) in saved {
-            let name = path
-                .rsplit('/')
-                .next()
-                .and_then(|f| f.strip_suffix(".json"))
-                .unwrap_or_default()
-                .to_string();
-            if check_name("name", &name).is_ok() {
+            let name = match &s.name {
+                Some(n) => n.clone(),
+                None => path
+                    .rsplit('/')
+                    .next()
+                    .and_then(|f| f.strip_suffix(".json"))
+                    .unwrap_or_default()
+                    .to_string(),
+            };
+            // A file is taken only under the name it was saved for.
+            if check_name("name", &name).is_ok() && d.share_file(&name) == path {
                 d.start(name, s);
+            } else {
+                tracing::warn!(%path, "ignoring a declared share file that does not match its name");
             }
         }
         Ok(d)
@@ -267,8 +277,19 @@ impl Declarations {
         format!("{}declared/shares/", self.agent.opts.state_prefix)
     }
 
+    /// `<name>.json`; a name too long for a file name with that suffix (a
+    /// Kubernetes object name may have 253 characters, a disk names 255
+    /// bytes) is cut and followed by `_` (never in a name, so no name can
+    /// take another's file) and a hash of the whole name.
     fn share_file(&self, name: &str) -> String {
-        format!("{}{name}.json", self.shares_dir())
+        const FILE_NAME_MAX: usize = 255 - ".json".len();
+        if name.len() <= FILE_NAME_MAX {
+            return format!("{}{name}.json", self.shares_dir());
+        }
+        let hash = blake3::hash(name.as_bytes()).to_hex();
+        // `name` is ASCII (check_name), so any byte index is a boundary.
+        let head = name.get(..160).unwrap_or(name);
+        format!("{}{head}_{}.json", self.shares_dir(), &hash[..32])
     }
 
     fn grant_file(&self, key: &str) -> String {
@@ -359,6 +380,7 @@ impl Declarations {
                 })
         });
         let saved = SavedShare {
+            name: Some(name.to_string()),
             spec,
             share_id: keep_id,
             fingerprint: keep_fp,
