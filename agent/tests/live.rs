@@ -416,3 +416,44 @@ fn a_publisher_killed_during_its_pass_resumes_it_and_its_recipient_follows_again
         serde_json::from_str(&cli_ok(&["status", "--config", alice.cfg(), "--json"])).unwrap();
     assert!(shares.to_string().contains(&share), "{shares}");
 }
+
+/// Guarantee: a file saved over by rename with one of another size after
+/// the folder was listed, before its pass opened it, fails the publish
+/// naming it (exit 3) and the recipient following the pass fails too,
+/// writing nothing of it; before, the pass read the new file for the
+/// listed size only and published its start as the whole file, a file
+/// that never existed, with exit 0.
+#[test]
+fn a_file_saved_over_after_the_listing_is_never_published_torn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
+    let src = alice.data().join("many");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..12 {
+        std::fs::write(src.join(format!("f{i:02}")), format!("old {i}\n")).unwrap();
+    }
+    alice.start();
+    bob.start();
+    let (mut publishing, _out, first) = start_publish(&alice, "many", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let fetching = start_fetch(&bob, &ticket, "got");
+    // A verified chunk: the pass listed the folder and holds at the gate
+    // with its first files open; the last one is not opened yet.
+    wait_for("the first verified chunk", || {
+        bob.metric("caravan_chunks_received_total") >= 1.0
+    });
+    std::fs::write(src.join("next.tmp"), b"NEW, LONGER CONTENT 11\n").unwrap();
+    std::fs::rename(src.join("next.tmp"), src.join("f11")).unwrap();
+    std::fs::write(&gate, b"go").unwrap();
+    let published = publishing.wait().unwrap();
+    assert_eq!(published.code(), Some(3), "the publish must fail");
+    let done = fetching.wait_with_output().unwrap();
+    assert!(!done.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(said.contains("f11") && said.contains("replaced"), "{said}");
+    assert!(!bob.data().join("got/f11").exists());
+}

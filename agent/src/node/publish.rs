@@ -493,10 +493,24 @@ impl Agent {
                     let (block, cuts, file) = tokio::task::spawn_blocking(move || {
                         let file = match file {
                             Some(f) => f,
-                            None => Arc::new(
-                                std::fs::File::open(&full)
-                                    .context(|| format!("opening {shown}"))?,
-                            ),
+                            None => {
+                                let f = match std::fs::File::open(&full) {
+                                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                        return Err(changed_size(&shown));
+                                    }
+                                    r => r.context(|| format!("opening {shown}"))?,
+                                };
+                                // The file now at this name must be the
+                                // one listed: another saved over it by
+                                // rename since then would be read for its
+                                // listed size only, its start published
+                                // as the whole (longer) file.
+                                let now = f.metadata().context(|| format!("stat {shown}"))?;
+                                if now.len() != size {
+                                    return Err(changed_size(&shown));
+                                }
+                                Arc::new(f)
+                            }
                         };
                         let block = read_block(&file, pos, want, buf)
                             .context(|| format!("reading {shown}"))?;
@@ -592,13 +606,15 @@ fn append(refs: &mut Vec<ChunkRef>, block: Vec<ChunkRef>) {
     }
 }
 
-/// A file that became shorter than its listing while its pass read it (it
-/// was being written): the publish fails, naming it, rather than publish
-/// bytes it no longer has.
+/// A file whose size is not its listing's when its pass reads it (it was
+/// being written, saved over by rename, or removed): the publish fails,
+/// naming it, rather than publish bytes it no longer has or a mix of two
+/// files. (Recipients may follow the pass from the listing, so the file
+/// cannot be left out or re-sized at this point.)
 fn changed_size(path: &str) -> Error {
     Error::Rejected(format!(
-        "{path} changed size while being published (was it still being written?): publish \
-         again once it is complete"
+        "{path} changed size or was replaced or removed while being published (was it still \
+         being written?): publish again once it is complete"
     ))
 }
 

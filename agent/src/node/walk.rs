@@ -71,6 +71,10 @@ pub enum SkipReason {
     /// owner: an agent runs as an ordinary user). Left out and named
     /// instead of failing the whole publish halfway through its pass.
     Unreadable,
+    /// Gone between the folder's listing and its `stat` (a temporary file
+    /// of a program at work): left out, as `rsync` does, instead of failing
+    /// the publish of a live folder.
+    Vanished,
 }
 
 impl SkipReason {
@@ -91,6 +95,7 @@ impl SkipReason {
             }
             SkipReason::UnderAFile => "inside a path that is also a file (`a` and `a/b`)",
             SkipReason::Unreadable => "the agent may not read it (permission denied)",
+            SkipReason::Vanished => "it was removed while the folder was being listed",
         }
     }
 }
@@ -257,6 +262,11 @@ fn mode_bits(meta: &std::fs::Metadata) -> u32 {
     if meta.is_dir() { 0o755 } else { 0o644 }
 }
 
+/// Whether an i/o error says the entry is no longer there.
+fn gone(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::NotFound
+}
+
 /// Whether the agent may read a file (or list and enter a folder) at
 /// `path`: said by the bits alone when it owns it (or is root), else by
 /// asking the kernel (groups, ACLs), so the common case costs no syscall.
@@ -342,8 +352,16 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
     let mut todo: Vec<(PathBuf, String)> = vec![(target, String::new())];
     while let Some((dir, prefix)) = todo.pop() {
         let shown = format!("{root}{prefix}");
-        let entries =
-            std::fs::read_dir(&dir).context(|| format!("reading the folder {shown:?}"))?;
+        let entries = match std::fs::read_dir(&dir) {
+            // A sub-folder removed since its parent was read.
+            Err(e) if gone(&e) && !prefix.is_empty() => {
+                let rel = prefix.trim_end_matches('/');
+                out.dirs.retain(|(p, _)| p != rel);
+                out.skipped.add(rel.to_string(), SkipReason::Vanished);
+                continue;
+            }
+            r => r.context(|| format!("reading the folder {shown:?}"))?,
+        };
         for entry in entries {
             let entry = entry.context(|| format!("reading the folder {shown:?}"))?;
             let name = entry.file_name();
@@ -380,14 +398,26 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
                     out.skipped.add(rel, SkipReason::LinkOutside);
                     continue;
                 }
-                let meta = std::fs::metadata(&at).context(|| format!("stat {full:?}"))?;
+                let meta = match std::fs::metadata(&at) {
+                    Err(e) if gone(&e) => {
+                        out.skipped.add(rel, SkipReason::Vanished);
+                        continue;
+                    }
+                    r => r.context(|| format!("stat {full:?}"))?,
+                };
                 if meta.is_dir() {
                     out.skipped.add(rel, SkipReason::LinkToFolder);
                     continue;
                 }
                 meta
             } else {
-                entry.metadata().context(|| format!("stat {full:?}"))?
+                match entry.metadata() {
+                    Err(e) if gone(&e) => {
+                        out.skipped.add(rel, SkipReason::Vanished);
+                        continue;
+                    }
+                    r => r.context(|| format!("stat {full:?}"))?,
+                }
             };
             if (meta.is_dir() || meta.is_file()) && !readable(&at, &meta) {
                 out.skipped.add(rel, SkipReason::Unreadable);
