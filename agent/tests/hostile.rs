@@ -1468,6 +1468,59 @@ fn admin_api_failures_are_all_json_errors() {
     }
 }
 
+/// Guarantee: a publisher cannot write into a recipient's state folder
+/// whatever `state_prefix` the recipient chose: a share holding `st/…`
+/// fetched where `st/` is the state folder is refused before anything is
+/// written; the manifest check alone knew only the default `.caravan`.
+#[test]
+fn a_share_cannot_land_in_a_custom_state_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut carol = TestAgent::init(&tmp.path().join("carol"));
+    let cfg = std::fs::read_to_string(&carol.config).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .map(|l| match l.starts_with("state_prefix") {
+            true => "state_prefix = \"st/\"\n".to_string(),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    assert!(cfg.contains("\"st/\""));
+    std::fs::write(&carol.config, cfg).unwrap();
+    let src = alice.data().join("evil");
+    std::fs::create_dir_all(src.join("st/trust/peers")).unwrap();
+    std::fs::write(src.join("normal.txt"), b"fine").unwrap();
+    std::fs::write(src.join("st/evil.txt"), b"planted").unwrap();
+    std::fs::write(src.join("st/trust/peers/x.json"), b"{}").unwrap();
+    alice.start();
+    carol.start();
+    let (_, tickets) = publish(&alice, "evil", &[&carol.id], &[]);
+    for dest in ["", ".", "/"] {
+        let out = cli(&[
+            "fetch",
+            "--config",
+            carol.cfg(),
+            &tickets[0],
+            "--dest",
+            dest,
+            "--json",
+        ]);
+        assert_eq!(out.status.code(), Some(5), "fetch --dest {dest:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("state folder"), "{err}");
+    }
+    assert!(!carol.data().join("st/evil.txt").exists());
+    assert!(!carol.data().join("st/trust/peers/x.json").exists());
+    assert!(
+        !carol.data().join("normal.txt").exists(),
+        "nothing was written"
+    );
+    // Anywhere else it is an ordinary folder.
+    let got = fetch(&carol, &tickets[0], "got", &[]);
+    assert_eq!(got["state"], "done", "{got}");
+    assert_same_tree(&src, &carol.data().join("got"));
+}
+
 /// Guarantee: what to publish and where to fetch to stay inside the
 /// agent's storage and out of its state folder, refused as bad input
 /// before anything is read or written. On a local disk the storage's

@@ -1138,12 +1138,19 @@ impl Agent {
     /// differ: a local disk's path (`PATH_MAX`) includes the storage's root
     /// folder, an object store's key (1,024 bytes on S3, GCS and Azure Blob)
     /// its root prefix. Other services are left to answer for themselves.
+    ///
+    /// Also refuses a share with a path inside this agent's state folder
+    /// under `dest` (a `state_prefix` of `st/` and a share holding
+    /// `st/trust/…` fetched into the root): `manifest::check_path` knows
+    /// only the default `.caravan`, and a hostile publisher must not write
+    /// the recipient's state.
     fn check_fits<'p>(
         &self,
         id: &ShareId,
         dest: &str,
-        paths: impl Iterator<Item = &'p str>,
+        paths: impl Iterator<Item = &'p str> + Clone,
     ) -> Result<()> {
+        check_outside_state(&self.opts.state_prefix, id, dest, paths.clone())?;
         let info = self.op.info();
         check_fits(info.scheme(), &info.root(), id, dest, paths)
     }
@@ -1304,6 +1311,29 @@ impl Agent {
                 Error::NotFound("the publisher is not reachable to release the share key".into())
             }
         })
+    }
+}
+
+/// Refuses paths that `dest` + path puts inside the state folder
+/// `prefix` (`dest` is a checked folder: `""` or ending in `/`, itself
+/// outside the state folder).
+fn check_outside_state<'p>(
+    prefix: &str,
+    id: &ShareId,
+    dest: &str,
+    mut paths: impl Iterator<Item = &'p str>,
+) -> Result<()> {
+    let state = prefix.trim_end_matches('/');
+    let Some(inside) = state.strip_prefix(dest).filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    match paths.find(|p| *p == inside || p.strip_prefix(inside).is_some_and(|r| r.starts_with('/')))
+    {
+        Some(p) => Err(Error::Refused(format!(
+            "share {id} holds {p:?}, which would land in this agent's state folder {prefix:?} \
+             under {dest:?}: fetch it to another folder (nothing was written)"
+        ))),
+        None => Ok(()),
     }
 }
 
