@@ -196,7 +196,21 @@ fn open_with_timeout(cfg: &StorageConfig, timeout: std::time::Duration) -> Resul
                 .with_io_timeout(timeout),
         ),
     };
-    Ok(op.layer(opendal::layers::RetryLayer::new().with_max_times(4)))
+    Ok(op.layer(retry()))
+}
+
+/// Temporary storage failures (a refused connection, a 503, a timeout)
+/// are tried again 6 times, after 1, 2, 4, 8, 16 and 32 s (with jitter, so
+/// many agents do not come back at once): an outage of up to about 30 s
+/// is ridden out, in the middle of a multipart upload too. With the 4
+/// attempts before (after 1, 2, 4 and 8 s), an S3 outage of 8 to 15 s
+/// during an upload failed the fetch.
+fn retry() -> opendal::layers::RetryLayer {
+    opendal::layers::RetryLayer::new()
+        .with_max_times(6)
+        .with_min_delay(std::time::Duration::from_secs(1))
+        .with_max_delay(std::time::Duration::from_secs(32))
+        .with_jitter()
 }
 
 /// How long one storage request, or one read or write of its body, may
