@@ -130,6 +130,24 @@ impl Reshape {
     /// refused if anything else is left in one). Blocking.
     pub(crate) fn make_room(&self, root: &Path, dest: &str, seq: u64) -> Result<()> {
         let at = |p: &str| confined(root, &format!("{dest}{p}")).context(|| format!("{dest}{p}"));
+        // Every folder to replace is looked at before anything is removed:
+        // one holding a file that is not the previous version's refuses
+        // the fetch with the previous version's files all still there
+        // (they were removed first, and the user's edits to them with it).
+        for (f, held) in &self.folders_to_files {
+            let path = at(f)?;
+            if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            let held: HashSet<&str> = held.iter().map(String::as_str).collect();
+            if let Some(stranger) = first_stranger(&path, f, &held)? {
+                return Err(Error::Rejected(format!(
+                    "version {seq} makes {dest}{f} a file, and the folder there holds \
+                     {dest}{stranger}, which is not the share's: move it away and fetch again \
+                     (nothing was written)"
+                )));
+            }
+        }
         for p in &self.files_to_folders {
             let path = at(p)?;
             match std::fs::symlink_metadata(&path) {
@@ -302,6 +320,26 @@ fn remove_file(path: &Path) -> Result<()> {
 /// Removes the folder at `path` and the folders in it that hold no files;
 /// `false` if any holds something that is not a folder (a file, a link:
 /// links are never followed), which stays with the folders above it.
+/// The first entry under folder `path` (storage path `rel` under the
+/// destination) that is neither a folder nor one of the `held` files
+/// (paths under the destination), links not followed.
+fn first_stranger(path: &Path, rel: &str, held: &HashSet<&str>) -> Result<Option<String>> {
+    let shown = || path.display().to_string();
+    for entry in std::fs::read_dir(path).context(shown)? {
+        let entry = entry.context(shown)?;
+        let name = entry.file_name();
+        let here = format!("{rel}/{}", name.to_string_lossy());
+        if entry.file_type().context(shown)?.is_dir() {
+            if let Some(s) = first_stranger(&entry.path(), &here, held)? {
+                return Ok(Some(s));
+            }
+        } else if name.to_str().is_none() || !held.contains(here.as_str()) {
+            return Ok(Some(here));
+        }
+    }
+    Ok(None)
+}
+
 fn remove_empty_folders(path: &Path) -> Result<bool> {
     let shown = || path.display().to_string();
     let mut empty = true;
@@ -372,11 +410,14 @@ mod tests {
         std::fs::write(root.join("dst/d/e/b"), b"old").unwrap();
         std::fs::write(root.join("dst/d/mine.txt"), b"the user's").unwrap();
         let e = r.make_room(root, "dst/", 2).unwrap_err();
-        assert!(e.to_string().contains("dst/d"), "{e}");
+        assert!(e.to_string().contains("dst/d/mine.txt"), "{e}");
         assert_eq!(
             std::fs::read(root.join("dst/d/mine.txt")).unwrap(),
             b"the user's"
         );
+        // Refused before anything went: the previous version's file (and
+        // any edit of it) is still there.
+        assert_eq!(std::fs::read(root.join("dst/d/e/b")).unwrap(), b"old");
 
         std::fs::create_dir_all(root.join("dst/gone/deeper")).unwrap();
         std::fs::create_dir_all(root.join("dst/kept")).unwrap();
