@@ -1401,7 +1401,19 @@ fn a_fetch_never_writes_over_the_recipients_own_files() {
         std::fs::read(mine.join("notes.txt")).unwrap(),
         b"BOB'S OWN notes"
     );
+    // A folder of Bob's where the share has a file (empty or not): refused
+    // up front too; it failed halfway ("Is a directory") after other files
+    // were written.
     std::fs::remove_file(mine.join("notes.txt")).unwrap();
+    for mess in ["notes.txt", "notes.txt/sub"] {
+        std::fs::create_dir_all(mine.join(mess)).unwrap();
+        let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "d"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{said}");
+        assert!(said.contains("d/notes.txt, where you have a folder"), "{said}");
+        assert!(mine.join(mess).is_dir());
+    }
+    std::fs::remove_dir_all(mine.join("notes.txt")).unwrap();
     assert_eq!(fetch(&bob, &tickets[0], "d", &[])["state"], "done");
     assert_same_tree(&src, &mine);
 }

@@ -1017,24 +1017,51 @@ impl Job {
         let present: Vec<(usize, u64)> = match &self.agent.opts.fs_root {
             Some(root) => {
                 let root = root.clone();
-                let paths: Vec<(usize, String)> = files
+                let paths: Vec<(usize, String, bool)> = files
                     .iter()
                     .enumerate()
-                    .filter(|(_, f)| !ours.contains(f.0))
-                    .map(|(i, f)| (i, format!("{}{}", self.dest, f.0)))
+                    .map(|(i, f)| (i, format!("{}{}", self.dest, f.0), ours.contains(f.0)))
                     .collect();
-                tokio::task::spawn_blocking(move || {
-                    paths
-                        .into_iter()
-                        .filter_map(|(i, p)| {
-                            let m =
-                                std::fs::symlink_metadata(local::confined(&root, &p).ok()?).ok()?;
-                            m.is_file().then_some((i, m.len()))
-                        })
-                        .collect()
-                })
-                .await
-                .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?
+                let (present, folders): (Vec<(usize, u64)>, Vec<usize>) =
+                    tokio::task::spawn_blocking(move || {
+                        let mut present = Vec::new();
+                        let mut folders = Vec::new();
+                        for (i, p, ours) in paths {
+                            let Ok(at) = local::confined(&root, &p) else {
+                                continue;
+                            };
+                            match std::fs::symlink_metadata(at) {
+                                Ok(m) if m.is_dir() => folders.push(i),
+                                Ok(m) if m.is_file() && !ours => present.push((i, m.len())),
+                                _ => {}
+                            }
+                        }
+                        (present, folders)
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?;
+                // A folder where the share has a file: the previous
+                // version's folder (its files in it) is the version's to
+                // replace (`tree::Reshape`); any other is the recipient's,
+                // which the move into place would fail on halfway.
+                if !folders.is_empty() {
+                    let ours: std::collections::BTreeSet<&str> = ours.iter().copied().collect();
+                    for i in folders {
+                        let under = format!("{}/", files[i].0);
+                        let previous = ours
+                            .range(under.as_str()..)
+                            .next()
+                            .is_some_and(|p| p.starts_with(&under));
+                        if !previous {
+                            return Err(Error::Rejected(format!(
+                                "share {id} has the file {}{}, where you have a folder: move \
+                                 it away, or fetch into another folder; nothing was written",
+                                self.dest, files[i].0
+                            )));
+                        }
+                    }
+                }
+                present
             }
             None => {
                 // The destination's one listing, shared with the writes.
