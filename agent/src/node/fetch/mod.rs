@@ -420,8 +420,20 @@ impl Agent {
                     ticket.share_id
                 )));
             }
-            // Already holding exactly this version here: nothing to fetch.
-            if held.role == Role::Fetched && held.root == dest && held.seq() >= seq {
+            // Already holding exactly this version here, every file in
+            // place at its size: nothing to fetch (its request, if a
+            // restart left one, is done). A file missing or of another size
+            // (removed or edited by hand) is fetched again below, the rest
+            // verified in place and reused.
+            if held.role == Role::Fetched
+                && held.root == dest
+                && held.seq() >= seq
+                && self.in_place(&held).await
+            {
+                let pending = self.pending_path(&ticket.share_id);
+                if let Err(e) = self.op.delete(&pending).await {
+                    tracing::warn!(path = %pending, error = %e, "cannot remove the fetch's pending state");
+                }
                 progress.seq.store(held.seq(), Ordering::Relaxed);
                 let total = held.manifest.total_bytes();
                 let chunks = held.manifest.total_chunks();
@@ -691,6 +703,29 @@ impl Agent {
         })
         .await
         .map_err(|e| Error::Protocol(format!("making room task: {e}")))?
+    }
+
+    /// Whether every file of `held` is at its place at its size (on a
+    /// local disk; elsewhere assumed: a HEAD per file costs a request).
+    async fn in_place(&self, held: &HeldShare) -> bool {
+        let Some(root) = self.opts.fs_root.clone() else {
+            return true;
+        };
+        let files: Vec<(String, u64)> = held
+            .manifest
+            .files()
+            .map(|(p, size, _)| (format!("{}{p}", held.root), size))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            files.iter().all(|(p, size)| {
+                local::confined(&root, p)
+                    .ok()
+                    .and_then(|at| std::fs::symlink_metadata(at).ok())
+                    .is_some_and(|m| m.is_file() && m.len() == *size)
+            })
+        })
+        .await
+        .unwrap_or(false)
     }
 
     /// The version of a share this agent fetched before, if any.
