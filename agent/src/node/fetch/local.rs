@@ -151,16 +151,8 @@ impl Listing {
 /// (`Job::sync_written`).
 pub(crate) fn place(root: &Path, part: &str, dest: &str) -> io::Result<PathBuf> {
     let (from, to) = (confined(root, part)?, confined(root, dest)?);
-    let with_path =
-        |e: io::Error, p: &Path| io::Error::new(e.kind(), format!("{}: {e}", p.display()));
-    if let Err(e) = std::fs::rename(&from, &to) {
-        let parent = to.parent().filter(|_| e.kind() == io::ErrorKind::NotFound);
-        let Some(parent) = parent else {
-            return Err(with_path(e, &to));
-        };
-        std::fs::create_dir_all(parent).map_err(|e| with_path(e, parent))?;
-        std::fs::rename(&from, &to).map_err(|e| with_path(e, &to))?;
-    }
+    super::beneath::rename_into(root, &from, dest)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", to.display())))?;
     Ok(to)
 }
 

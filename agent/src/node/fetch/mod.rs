@@ -30,6 +30,7 @@ use crate::node::share::{HeldShare, Role};
 use crate::node::{state, tuning};
 use crate::record::SignedRecord;
 
+mod beneath;
 mod direct;
 pub mod leftovers;
 pub mod live;
@@ -514,15 +515,7 @@ impl Agent {
             manifest_dirs(&manifest),
         )
         .await?;
-        for e in &manifest.entries {
-            if matches!(e.kind, EntryKind::Dir) {
-                let p = format!("{dest}{}/", e.path);
-                self.op
-                    .create_dir(&p)
-                    .await
-                    .context(|| format!("creating {p}"))?;
-            }
-        }
+        self.make_folders(&dest, manifest_dirs(&manifest)).await?;
         let files: Vec<(usize, String, u64, Vec<ChunkRef>)> = manifest
             .files()
             .enumerate()
@@ -584,13 +577,27 @@ impl Agent {
                         .map(String::as_str),
                 );
             }
-            for (p, _, _) in prev.manifest.files() {
-                if !now.contains(p) {
-                    let path = format!("{dest}{p}");
-                    self.op
-                        .delete(&path)
-                        .await
-                        .context(|| format!("removing {path}"))?;
+            let gone: Vec<String> = prev
+                .manifest
+                .files()
+                .filter(|(p, _, _)| !now.contains(p))
+                .map(|(p, _, _)| format!("{dest}{p}"))
+                .collect();
+            match self.opts.fs_root.clone() {
+                // Never through a link swapped in meanwhile (`beneath`).
+                Some(root) => tokio::task::spawn_blocking(move || {
+                    beneath::remove_files(&root, gone.iter().map(String::as_str))
+                })
+                .await
+                .map_err(|e| Error::Protocol(format!("removing task: {e}")))?
+                .context(|| "removing the files the new version dropped".to_string())?,
+                None => {
+                    for path in gone {
+                        self.op
+                            .delete(&path)
+                            .await
+                            .context(|| format!("removing {path}"))?;
+                    }
                 }
             }
             // And its folders, those left empty. An object store has no
@@ -929,13 +936,8 @@ impl Agent {
             feed.listing.dirs.iter().map(|d| d.0.as_str()),
         )
         .await?;
-        for (d, _) in &feed.listing.dirs {
-            let p = format!("{dest}{d}/");
-            self.op
-                .create_dir(&p)
-                .await
-                .context(|| format!("creating {p}"))?;
-        }
+        self.make_folders(&dest, feed.listing.dirs.iter().map(|(d, _)| d.as_str()))
+            .await?;
         let list: Vec<(usize, String, u64)> = files
             .iter()
             .enumerate()
@@ -1243,23 +1245,54 @@ impl Agent {
     /// the next version; files are replaced by rename, never written in
     /// place). A failure is logged, never fatal: the bytes are what matter.
     fn apply_modes(&self, dest: &str, manifest: &Manifest) {
-        #[cfg(unix)]
         if let Some(root) = &self.opts.fs_root {
-            use std::os::unix::fs::PermissionsExt;
-            for e in &manifest.entries {
-                // Mode 0 is a file closed to everyone (object stores list
-                // 0o644/0o755), not "unknown": it stays closed but to the
-                // agent's user.
-                let path = root.join(format!("{dest}{}", e.path));
-                let mode = match e.kind {
-                    EntryKind::Dir => (e.mode & 0o775) | 0o700,
-                    EntryKind::File { .. } => (e.mode & 0o775) | 0o400,
-                };
-                if let Err(err) =
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-                {
-                    tracing::warn!(path = %path.display(), error = %err, "could not set file mode");
+            let modes: Vec<(String, u32)> = manifest
+                .entries
+                .iter()
+                .map(|e| {
+                    // Mode 0 is a file closed to everyone (object stores
+                    // list 0o644/0o755), not "unknown": it stays closed but
+                    // to the agent's user.
+                    let mode = match e.kind {
+                        EntryKind::Dir => (e.mode & 0o775) | 0o700,
+                        EntryKind::File { .. } => (e.mode & 0o775) | 0o400,
+                    };
+                    (format!("{dest}{}", e.path), mode)
+                })
+                .collect();
+            let failed = beneath::set_modes(root, modes.iter().map(|(p, m)| (p.as_str(), *m)));
+            for (path, err) in failed {
+                tracing::warn!(%path, error = %err, "could not set file mode");
+            }
+        }
+    }
+
+    /// Makes the share's folders under `dest` (empty ones included); on a
+    /// local disk never through a link (`beneath`).
+    async fn make_folders<'d>(
+        &self,
+        dest: &str,
+        dirs: impl Iterator<Item = &'d str>,
+    ) -> Result<()> {
+        let paths: Vec<String> = dirs.map(|d| format!("{dest}{d}/")).collect();
+        match self.opts.fs_root.clone() {
+            Some(root) => tokio::task::spawn_blocking(move || {
+                paths.iter().try_for_each(|p| {
+                    beneath::make_folder(&root, p)
+                        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {p}: {e}")))
+                })
+            })
+            .await
+            .map_err(|e| Error::Protocol(format!("folders task: {e}")))?
+            .context(|| "creating the share's folders".to_string()),
+            None => {
+                for p in paths {
+                    self.op
+                        .create_dir(&p)
+                        .await
+                        .context(|| format!("creating {p}"))?;
                 }
+                Ok(())
             }
         }
     }
