@@ -70,7 +70,8 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     })
                     .await
                     .map_err(|e| match &started {
-                        Some(id) => e.context(interrupted(id)),
+                        // The daemon went away: exit code 4, as `fetch`.
+                        Some(id) => Exit::Unreachable(e.context(interrupted(id))).into(),
                         None => e,
                     })?;
                 if let Some(e) = failed {
@@ -89,7 +90,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 .await
                 .map_err(|e| {
                     if format!("{e:#}").contains("reading the daemon's answer") {
-                        e.context(interrupted("it"))
+                        Exit::Unreachable(e.context(interrupted("it"))).into()
                     } else {
                         e
                     }
