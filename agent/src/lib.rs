@@ -53,6 +53,8 @@ pub mod manifest;
 #[cfg(feature = "node")]
 pub mod node;
 pub mod pool;
+#[cfg(feature = "process-metrics")]
+pub mod process_metrics;
 pub mod record;
 #[cfg(feature = "node")]
 pub mod repository;

@@ -12,6 +12,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("error", 0),
     ("util", 0),
     ("pool", 0),
+    ("process_metrics", 0),
     ("crypto", 1),
     ("conn_limits", 1),
     ("identity", 2),

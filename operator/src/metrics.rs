@@ -79,9 +79,7 @@ impl Metrics {
         registry.register(Box::new(agents.clone()))?;
         // caravan_operator_process_{resident_memory_bytes,cpu_seconds_total,open_fds,…}
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(caravan_agent::process_metrics::Process::for_self()))?;
         Ok(Self {
             registry,
             reconciles,

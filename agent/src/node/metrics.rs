@@ -94,9 +94,7 @@ impl Metrics {
         registry.register(Box::new(fetch_throughput.clone()))?;
         // RSS, CPU seconds, open and max file descriptors, start time (Linux).
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::for_self(),
-        ))?;
+        registry.register(Box::new(crate::process_metrics::Process::for_self()))?;
         Ok(Metrics {
             bytes_sent: counter("bytes_sent_total", "Chunk bytes served to peers")?,
             bytes_received: counter("bytes_received_total", "Chunk bytes received from peers")?,

@@ -184,9 +184,7 @@ impl Metrics {
         // process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds…
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
+            .register(Box::new(crate::process_metrics::Process::for_self()))
             .map_err(m)?;
         registry.register(Box::new(rejected.clone())).map_err(m)?;
         registry.register(Box::new(lookups.clone())).map_err(m)?;
