@@ -195,8 +195,8 @@ pub(crate) enum Command {
         /// Total payload size in bytes (suffixes K, M, G accepted: 1G = 2^30).
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         size: u64,
-        /// Number of files the payload is split into.
-        #[arg(long, default_value_t = 16)]
+        /// Number of files the payload is split into (1 to 1,000,000).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         files: u64,
         /// Keep both agents' storage in this directory.
         #[arg(long)]
