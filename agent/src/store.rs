@@ -410,6 +410,31 @@ impl<'a> Sequential<'a> {
     }
 }
 
+impl Sequential<'_> {
+    /// After everything up to `end` was read: whether the object ends
+    /// there. A whole-object stream of an object saved over by a longer
+    /// one since it was listed goes on; its start must not pass for the
+    /// whole. No request: the open stream's end is looked at (a stream
+    /// asked for a range ends at `end` whatever the object holds).
+    pub async fn ends_here(&mut self) -> std::result::Result<bool, opendal::Error> {
+        use bytes::Buf;
+        use futures::TryStreamExt;
+        if self.at < self.end || self.pending.has_remaining() {
+            return Ok(self.at >= self.end && !self.pending.has_remaining());
+        }
+        match &mut self.stream {
+            None => Ok(true),
+            Some(s) => loop {
+                match s.try_next().await? {
+                    None => return Ok(true),
+                    Some(b) if b.has_remaining() => return Ok(false),
+                    Some(_) => {}
+                }
+            },
+        }
+    }
+}
+
 /// Checks that storage answers at all, so a dead bucket is reported at start.
 pub async fn probe(op: &Operator) -> Result<()> {
     first_entry(op, "")
@@ -607,6 +632,24 @@ mod tests {
     /// A stream that fails with a temporary error is opened again where it
     /// stopped (the bytes come out once each, in order), at most three
     /// times; a fourth failure, or a permanent one, is returned.
+    /// A whole-object read of an object longer than listed (saved over by
+    /// a longer one) says it does not end at the listed size; one of the
+    /// listed size does.
+    #[tokio::test]
+    async fn a_whole_object_longer_than_listed_does_not_end_there() {
+        let op = Operator::new(opendal::services::Memory::default()).unwrap();
+        op.write("f", vec![7u8; 10_000]).await.unwrap();
+        for (listed, ends) in [(10_000, true), (6_000, false)] {
+            let mut r = Sequential::new(&op, "f", 0, listed).whole_object();
+            let mut b = Vec::new();
+            assert_eq!(
+                r.read_into(&mut b, listed as usize).await.unwrap(),
+                listed as usize
+            );
+            assert_eq!(r.ends_here().await.unwrap(), ends, "listed {listed}");
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_stream_is_opened_again_where_it_stopped() {
         use futures::StreamExt;

@@ -567,6 +567,17 @@ impl Agent {
         if let Some(h) = sealing.take() {
             append(&mut refs, self.sealed_block(join(h).await?, out).await);
         }
+        // An object saved over by a longer one since the listing: its
+        // start is not the file (a local file is checked when opened).
+        if self.opts.fs_root.is_none()
+            && size > 0
+            && !remote
+                .ends_here()
+                .await
+                .context(|| format!("reading {path}"))?
+        {
+            return Err(changed_size(path));
+        }
         Ok(refs)
     }
 
