@@ -375,8 +375,11 @@ fn a_declared_share_with_the_longest_object_name_survives_a_restart() {
     assert_eq!(long.len(), 253);
     let spec = json!({"generation": 1, "publish": {"path": "photos",
         "recipients": [TestAgent::init(&base.path().join("bob")).id], "rescan_secs": 3600}});
+    // 242 characters: the file name alone fitted, not OpenDAL's
+    // temporary file's (9 bytes longer).
+    let middle = "m".repeat(242);
     let mut ids = Vec::new();
-    for name in [long.as_str(), "short"] {
+    for name in [long.as_str(), "short", middle.as_str()] {
         let (code, v) = admin(
             &alice,
             "PUT",
@@ -388,11 +391,28 @@ fn a_declared_share_with_the_longest_object_name_survives_a_restart() {
         ids.push(v["share_id"].clone());
     }
     alice.kill9();
+    // A 242-character name saved by an older agent, as `<name>.json` with
+    // no name inside: found, and moved to the name's file.
+    let dir = alice.data().join(".caravan/declared/shares");
+    let hashed = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("mmm"))
+        .unwrap();
+    let mut saved: Value = serde_json::from_slice(&std::fs::read(&hashed).unwrap()).unwrap();
+    saved.as_object_mut().unwrap().remove("name");
+    std::fs::remove_file(&hashed).unwrap();
+    let plain = dir.join(format!("{middle}.json"));
+    std::fs::write(&plain, saved.to_string()).unwrap();
     alice.start();
-    for (name, id) in [long.as_str(), "short"].iter().zip(&ids) {
+    for (name, id) in [long.as_str(), "short", middle.as_str()].iter().zip(&ids) {
         let v = wait_share(&alice, name, "kept", |v| v["state"] == "ready");
         assert_eq!(&v["share_id"], id, "{name}: {v}");
     }
+    assert!(
+        !plain.exists() && hashed.exists(),
+        "moved to the name's file"
+    );
     let (code, _) = admin(
         &alice,
         "DELETE",
@@ -405,5 +425,5 @@ fn a_declared_share_with_the_longest_object_name_survives_a_restart() {
     let left = std::fs::read_dir(alice.data().join(".caravan/declared/shares"))
         .unwrap()
         .count();
-    assert_eq!(left, 1, "the long name's file is gone, short's stays");
+    assert_eq!(left, 2, "the long name's file is gone, the others stay");
 }

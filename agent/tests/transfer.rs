@@ -1654,6 +1654,7 @@ fn files_turned_into_folders_and_back_reach_the_recipient() {
     write("d/e/b", "b in d/e");
     write("keep/k", "kept");
     std::fs::create_dir_all(src.join("empty/deeper")).unwrap();
+    std::fs::create_dir_all(src.join("hollow/inner")).unwrap();
     alice.start();
     bob.start();
     let (share, tickets) = publish(&alice, "t", &[&bob.id], &[]);
@@ -1676,7 +1677,14 @@ fn files_turned_into_folders_and_back_reach_the_recipient() {
     std::fs::remove_dir_all(src.join("d")).unwrap();
     write("d", "d is a file");
     std::fs::remove_dir_all(src.join("empty")).unwrap();
+    // A folder of the share holding only (empty) folders becomes a file.
+    std::fs::remove_dir_all(src.join("hollow")).unwrap();
+    write("hollow", "hollow is a file");
     version(2);
+    assert_eq!(
+        std::fs::read_to_string(got.join("hollow")).unwrap(),
+        "hollow is a file"
+    );
     assert_eq!(
         std::fs::read_to_string(got.join("x/y")).unwrap(),
         "y in the folder x"

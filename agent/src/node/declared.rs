@@ -263,8 +263,22 @@ impl Declarations {
                     .unwrap_or_default()
                     .to_string(),
             };
-            // A file is taken only under the name it was saved for.
-            if check_name("name", &name).is_ok() && d.share_file(&name) == path {
+            // A file is taken only under the name it was saved for (or
+            // its plain `<name>.json`, where names up to 241 characters
+            // were kept before: moved to the name's file now).
+            let file = d.share_file(&name);
+            let plain = format!("{}{name}.json", d.shares_dir());
+            if check_name("name", &name).is_ok() && (file == path || plain == path) {
+                let mut s = s;
+                s.name = Some(name.clone());
+                if file != path {
+                    d.save_share(&name, &s).await?;
+                    d.agent
+                        .op
+                        .delete(&path)
+                        .await
+                        .context(|| format!("removing {path}"))?;
+                }
                 d.start(name, s);
             } else {
                 tracing::warn!(%path, "ignoring a declared share file that does not match its name");
@@ -279,10 +293,11 @@ impl Declarations {
 
     /// `<name>.json`; a name too long for a file name with that suffix (a
     /// Kubernetes object name may have 253 characters, a disk names 255
-    /// bytes) is cut and followed by `_` (never in a name, so no name can
-    /// take another's file) and a hash of the whole name.
+    /// bytes, and OpenDAL writes through a temporary `<file>.<8 chars>`:
+    /// 246 was the most) is cut and followed by `_` (never in a name, so
+    /// no name can take another's file) and a hash of the whole name.
     fn share_file(&self, name: &str) -> String {
-        const FILE_NAME_MAX: usize = 255 - ".json".len();
+        const FILE_NAME_MAX: usize = 200;
         if name.len() <= FILE_NAME_MAX {
             return format!("{}{name}.json", self.shares_dir());
         }

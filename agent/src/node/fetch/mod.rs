@@ -79,6 +79,15 @@ fn files_here<'p>(previous: Option<&'p HeldShare>, dest: &str) -> HashSet<&'p st
         .unwrap_or_default()
 }
 
+/// The folders the previous version listed at this destination (a
+/// version may turn one, emptied or not, into a file: `tree::Reshape`).
+fn folders_here<'p>(previous: Option<&'p HeldShare>, dest: &str) -> HashSet<&'p str> {
+    previous
+        .filter(|p| p.root == dest)
+        .map(|p| manifest_dirs(&p.manifest).collect())
+        .unwrap_or_default()
+}
+
 /// How long a resumed fetch that reached no peer waits before its
 /// attempt `attempt` (1, 2, …): 15 s, doubling, at most 5 minutes.
 fn retry_wait(attempt: u32) -> Duration {
@@ -501,6 +510,7 @@ impl Agent {
         job.check_own_files(
             &ticket.share_id,
             &files_here(previous.as_deref(), &dest),
+            &folders_here(previous.as_deref(), &dest),
             &manifest
                 .files()
                 .map(|(p, s, c)| (p, s, Some(c)))
@@ -922,6 +932,7 @@ impl Agent {
         job.check_own_files(
             &ticket.share_id,
             &files_here(previous.as_deref(), &dest),
+            &folders_here(previous.as_deref(), &dest),
             &files
                 .iter()
                 .map(|f| (f.0.as_str(), f.1, None))

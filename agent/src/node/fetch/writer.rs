@@ -1012,6 +1012,7 @@ impl Job {
         &self,
         id: &crate::manifest::ShareId,
         ours: &HashSet<&str>,
+        our_folders: &HashSet<&str>,
         files: &[(&str, u64, Option<&[ChunkRef]>)],
     ) -> Result<()> {
         let present: Vec<(usize, u64)> = match &self.agent.opts.fs_root {
@@ -1041,17 +1042,20 @@ impl Job {
                     .await
                     .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?;
                 // A folder where the share has a file: the previous
-                // version's folder (its files in it) is the version's to
-                // replace (`tree::Reshape`); any other is the recipient's,
-                // which the move into place would fail on halfway.
+                // version's folder (listed, or its files in it) is the
+                // version's to replace (`tree::Reshape`, which refuses one
+                // holding files of the recipient's); any other is the
+                // recipient's, which the move into place would fail on
+                // halfway.
                 if !folders.is_empty() {
                     let ours: std::collections::BTreeSet<&str> = ours.iter().copied().collect();
                     for i in folders {
                         let under = format!("{}/", files[i].0);
-                        let previous = ours
-                            .range(under.as_str()..)
-                            .next()
-                            .is_some_and(|p| p.starts_with(&under));
+                        let previous = our_folders.contains(files[i].0)
+                            || ours
+                                .range(under.as_str()..)
+                                .next()
+                                .is_some_and(|p| p.starts_with(&under));
                         if !previous {
                             return Err(Error::Rejected(format!(
                                 "share {id} has the file {}{}, where you have a folder: move \
