@@ -168,12 +168,29 @@ impl AgentConfig {
                 )));
             }
         }
-        if self.state_prefix.is_empty() || self.state_prefix.starts_with('/') {
-            return Err(Error::Config(
-                "state_prefix must be a relative path like `.caravan/`".into(),
-            ));
-        }
+        check_state_prefix(&self.state_prefix)
+    }
+}
+
+/// Refuses a `state_prefix` that is not a plain relative folder (`.caravan/`,
+/// `a/b`): every check that keeps a share's files and the user's paths out
+/// of the state compares plain paths with it, so `./st/`, `a//b/` or
+/// `a/./b/` would name the state folder in a form they do not recognise
+/// (a share writing `st/…` into `./st/` got through).
+pub fn check_state_prefix(prefix: &str) -> Result<()> {
+    let body = prefix.strip_suffix('/').unwrap_or(prefix);
+    let plain = !body.is_empty()
+        && !body.starts_with('/')
+        && body
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != ".." && !p.chars().any(char::is_control));
+    if plain {
         Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "state_prefix {prefix:?} must be a plain relative folder like `.caravan/` (no \
+             leading `/`, no empty, `.` or `..` parts)"
+        )))
     }
 }
 
@@ -197,6 +214,20 @@ pub fn check_scheme(scheme: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only plain relative folders are state prefixes: every other form
+    /// of one is refused, so the checks comparing paths with it hold.
+    #[test]
+    fn state_prefixes_are_plain_relative_folders() {
+        for ok in [".caravan/", ".caravan", "st/", "a/b/", "a/b"] {
+            check_state_prefix(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in [
+            "", "/", "/st/", "./st/", "a//b/", "a/./b/", "x/../st/", "st//", "..",
+        ] {
+            assert!(check_state_prefix(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 
     /// Guarantee: a key file or an admin token given as the config by
     /// mistake is never quoted in the error (it is printed, logged and put

@@ -91,6 +91,7 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// Opens an agent on its storage and loads the shares it held before.
     pub async fn open(key: SecretKey, op: Operator, mut opts: AgentOptions) -> Result<Arc<Agent>> {
+        crate::config::check_state_prefix(&opts.state_prefix)?;
         if !opts.state_prefix.ends_with('/') {
             opts.state_prefix.push('/');
         }
