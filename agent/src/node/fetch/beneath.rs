@@ -29,6 +29,14 @@ fn split(rel: &str) -> (&str, &str) {
     }
 }
 
+/// Whether a folder on the way is not there (missing, or a file now).
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
 /// A link met on the way, said as such (the kernel says `ELOOP` or `EXDEV`).
 fn link_on_the_way(rel: &str) -> io::Error {
     io::Error::other(format!(
@@ -44,7 +52,7 @@ mod imp {
 
     use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
 
-    use super::{link_on_the_way, split};
+    use super::{gone, link_on_the_way, split};
 
     const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
 
@@ -118,11 +126,31 @@ mod imp {
         pub(super) fn remove_file(&self, rel: &str) -> io::Result<()> {
             let (dir, name) = split(rel);
             let at = match self.folder(dir, false) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if gone(&e) => return Ok(()),
                 r => r?,
             };
             match rustix::fs::unlinkat(&at, name, AtFlags::empty()) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+
+        /// Removes the folder `rel` if it is empty: `Ok(false)` when it
+        /// holds something (or is not there).
+        pub(super) fn remove_empty_dir(&self, rel: &str) -> io::Result<bool> {
+            let (dir, name) = split(rel);
+            let at = match self.folder(dir, false) {
+                Err(e) if gone(&e) => return Ok(false),
+                r => r?,
+            };
+            match rustix::fs::unlinkat(&at, name, AtFlags::REMOVEDIR) {
+                Ok(()) => Ok(true),
+                Err(
+                    rustix::io::Errno::NOENT
+                    | rustix::io::Errno::NOTEMPTY
+                    | rustix::io::Errno::EXIST
+                    | rustix::io::Errno::NOTDIR,
+                ) => Ok(false),
                 Err(e) => Err(e.into()),
             }
         }
@@ -170,6 +198,9 @@ mod imp {
         pub(super) fn set_mode(&self, _: &str, _: u32) -> io::Result<()> {
             Err(io::ErrorKind::Unsupported.into())
         }
+        pub(super) fn remove_empty_dir(&self, _: &str) -> io::Result<bool> {
+            Err(io::ErrorKind::Unsupported.into())
+        }
     }
 }
 
@@ -215,6 +246,39 @@ pub(crate) fn remove_files<'a>(root: &Path, rels: impl Iterator<Item = &'a str>)
         done.map_err(|e| io::Error::new(e.kind(), format!("removing {rel}: {e}")))?;
     }
     Ok(())
+}
+
+/// Removes the folders `rels` under `root` that are empty, in order (the
+/// deepest first, for a folder to be empty once those below are gone);
+/// returns those removed. A folder holding anything stays.
+pub(crate) fn remove_empty_dirs<'a>(
+    root: &Path,
+    rels: impl Iterator<Item = &'a str>,
+) -> io::Result<Vec<String>> {
+    let r = imp::Root::open(root)?;
+    let mut removed = Vec::new();
+    let mut failed = None;
+    for rel in rels {
+        let done = match &r {
+            Some(r) => r.remove_empty_dir(rel),
+            None => super::local::confined(root, rel).map(|at| {
+                std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
+                    && std::fs::remove_dir(&at).is_ok()
+            }),
+        };
+        // One that cannot go (a link on its way) does not keep the others.
+        match done {
+            Ok(true) => removed.push(rel.to_string()),
+            Ok(false) => {}
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
 }
 
 /// Sets modes (storage path, mode) under `root`; returns the failures.
@@ -315,5 +379,18 @@ mod tests {
         assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep");
         remove_files(&root, ["dst/a/b/new.txt", "dst/missing"].into_iter()).unwrap();
         assert!(!root.join("dst/a/b/new.txt").exists());
+        // Folders: emptied ones go, deepest first; one through a link never.
+        std::fs::create_dir_all(outside.join("gone/deeper")).unwrap();
+        let err = remove_empty_dirs(&root, ["dst/sub/gone/deeper", "dst/sub/gone"].into_iter());
+        assert!(err.is_err());
+        assert!(outside.join("gone/deeper").is_dir());
+        std::fs::write(root.join("dst/empty/kept.txt"), b"x").unwrap();
+        let removed = remove_empty_dirs(
+            &root,
+            ["dst/a/b", "dst/a", "dst/empty/inner", "dst/empty"].into_iter(),
+        )
+        .unwrap();
+        assert_eq!(removed, ["dst/a/b", "dst/a", "dst/empty/inner"]);
+        assert!(root.join("dst/empty/kept.txt").exists());
     }
 }

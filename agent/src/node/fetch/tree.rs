@@ -23,6 +23,7 @@ use std::io;
 use std::path::Path;
 
 use crate::error::{Context, Error, Result};
+use crate::node::fetch::beneath;
 use crate::node::fetch::local::confined;
 
 /// The changes of shape between two versions, as paths under the
@@ -148,10 +149,15 @@ impl Reshape {
                 )));
             }
         }
+        // Removals go through `beneath`: never through a link swapped in
+        // since the folders were checked.
+        let remove = |rel: String| {
+            beneath::remove_files(root, std::iter::once(rel.as_str())).context(|| rel.clone())
+        };
         for p in &self.files_to_folders {
             let path = at(p)?;
             match std::fs::symlink_metadata(&path) {
-                Ok(m) if !m.is_dir() => remove_file(&path)?,
+                Ok(m) if !m.is_dir() => remove(format!("{dest}{p}"))?,
                 _ => {}
             }
         }
@@ -163,10 +169,10 @@ impl Reshape {
             for h in held {
                 let file = at(h)?;
                 if std::fs::symlink_metadata(&file).is_ok_and(|m| !m.is_dir()) {
-                    remove_file(&file)?;
+                    remove(format!("{dest}{h}"))?;
                 }
             }
-            if !remove_empty_folders(&path)? {
+            if !remove_empty_folders(root, &path, &format!("{dest}{f}"))? {
                 return Err(Error::Rejected(format!(
                     "version {seq} makes {dest}{f} a file, and the folder there holds files that \
                      are not the share's: move them away and fetch again (nothing was written)"
@@ -180,14 +186,13 @@ impl Reshape {
     /// left empty (a folder holding anything else stays). Blocking; never
     /// fails the fetch.
     pub(crate) fn drop_folders(&self, root: &Path, dest: &str) {
-        for d in &self.dropped_folders {
-            let Ok(path) = confined(root, &format!("{dest}{d}")) else {
-                continue;
-            };
-            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
-                let _ = std::fs::remove_dir(&path);
-            }
-        }
+        let rels: Vec<String> = self
+            .dropped_folders
+            .iter()
+            .map(|d| format!("{dest}{d}"))
+            .collect();
+        // Never through a link swapped in during the fetch (`beneath`).
+        let _ = beneath::remove_empty_dirs(root, rels.iter().map(String::as_str));
     }
 }
 
@@ -308,18 +313,6 @@ pub(crate) fn check_folders<'a>(
     Ok(())
 }
 
-fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(e).context(|| format!("removing {}", path.display()))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Removes the folder at `path` and the folders in it that hold no files;
-/// `false` if any holds something that is not a folder (a file, a link:
-/// links are never followed), which stays with the folders above it.
 /// The first entry under folder `path` (storage path `rel` under the
 /// destination) that is neither a folder nor one of the `held` files
 /// (paths under the destination), links not followed.
@@ -340,21 +333,32 @@ fn first_stranger(path: &Path, rel: &str, held: &HashSet<&str>) -> Result<Option
     Ok(None)
 }
 
-fn remove_empty_folders(path: &Path) -> Result<bool> {
+/// Removes the folder at `path` (storage path `rel`) and the folders in
+/// it that hold no files, through `beneath`; `false` if any holds
+/// something that is not a folder (a file, a link: links are never
+/// followed), which stays with the folders above it.
+fn remove_empty_folders(root: &Path, path: &Path, rel: &str) -> Result<bool> {
+    let mut folders = Vec::new();
+    folders_below(path, rel, &mut folders)?;
+    let removed = beneath::remove_empty_dirs(root, folders.iter().map(String::as_str))
+        .context(|| rel.to_string())?;
+    Ok(removed.last().is_some_and(|r| r == rel))
+}
+
+/// The folders under `path` (storage path `rel`) and itself, deepest
+/// first; links are not entered.
+fn folders_below(path: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
     let shown = || path.display().to_string();
-    let mut empty = true;
     for entry in std::fs::read_dir(path).context(shown)? {
         let entry = entry.context(shown)?;
         if entry.file_type().context(shown)?.is_dir() {
-            empty &= remove_empty_folders(&entry.path())?;
-        } else {
-            empty = false;
+            let name = entry.file_name();
+            let here = format!("{rel}/{}", name.to_string_lossy());
+            folders_below(&entry.path(), &here, out)?;
         }
     }
-    if empty {
-        std::fs::remove_dir(path).context(|| format!("removing {}", path.display()))?;
-    }
-    Ok(empty)
+    out.push(rel.to_string());
+    Ok(())
 }
 
 #[cfg(test)]
