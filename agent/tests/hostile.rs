@@ -1413,8 +1413,9 @@ fn admin_token_is_checked_before_the_body_is_parsed() {
 
 /// Every failure of the admin API, a body axum cannot read included
 /// (wrong content type 415, not JSON 400, a wrong field 422, too large
-/// 413) and an unknown route or method, is the one `{"error": …}` object
-/// clients parse; it was axum's plain text.
+/// 413), a path segment that is not UTF-8 (400) and an unknown route or
+/// method, is the one `{"error": …}` object clients parse; it was axum's
+/// plain text.
 #[test]
 fn admin_api_failures_are_all_json_errors() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1456,6 +1457,14 @@ fn admin_api_failures_are_all_json_errors() {
             404,
         ),
         ("DELETE", "/v1/status", vec![auth.as_str()], &b""[..], 405),
+        ("GET", "/v1/fetches/%FF", vec![auth.as_str()], &b""[..], 400),
+        (
+            "GET",
+            "/v1/trust/why/%FF%FE",
+            vec![auth.as_str()],
+            &b""[..],
+            400,
+        ),
     ] {
         let (status, text) = http(&admin, method, path, &headers, body);
         assert_eq!(status, want, "{method} {path}: {text}");

@@ -274,7 +274,7 @@ fn a_version_that_drops_a_recipient_says_so_and_rotates_the_key() {
         &carol.id,
     ]);
     assert!(
-        out.contains("no longer a recipient") && out.contains(&bob.id),
+        out.contains("no longer named as a recipient") && out.contains(&bob.id),
         "{out}"
     );
 }

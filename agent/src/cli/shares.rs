@@ -121,8 +121,13 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     }
                 }
                 if !res.removed.is_empty() {
+                    let unless = match req.access.trust_depth {
+                        Some(n) => format!(" (unless this agent trusts it within {n} hops)"),
+                        None => String::new(),
+                    };
                     out!(
-                        "no longer a recipient from this version on (--to names every recipient): {}",
+                        "no longer named as a recipient from this version on{unless} (--to names \
+                         every recipient): {}",
                         res.removed.join(", ")
                     );
                 }

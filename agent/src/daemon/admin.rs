@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::extract::{Path as UrlPath, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -85,6 +86,25 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> 
     async fn from_request(req: Request, state: &S) -> std::result::Result<Self, ApiFailure> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
+            Err(r) => Err(ApiFailure(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// A segment of the request's path (a share id, a name). One that cannot
+/// be read (not UTF-8 once decoded) gets 400 with the `{"error": …}`
+/// object, as every other failure.
+struct Segment(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Segment {
+    type Rejection = ApiFailure;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &S,
+    ) -> std::result::Result<Self, ApiFailure> {
+        match UrlPath::<String>::from_request_parts(parts, state).await {
+            Ok(UrlPath(v)) => Ok(Segment(v)),
             Err(r) => Err(ApiFailure(r.status(), r.body_text())),
         }
     }
@@ -276,7 +296,7 @@ async fn api_declared_list(
 async fn api_declared_put(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
+    Segment(name): Segment,
     Body(req): Body<api::DeclaredShare>,
 ) -> std::result::Result<Json<api::DeclaredShareStatus>, ApiFailure> {
     check_token(&s, &h)?;
@@ -286,7 +306,7 @@ async fn api_declared_put(
 async fn api_declared_get(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
+    Segment(name): Segment,
 ) -> std::result::Result<Json<api::DeclaredShareStatus>, ApiFailure> {
     check_token(&s, &h)?;
     declared(&s)?
@@ -298,7 +318,7 @@ async fn api_declared_get(
 async fn api_declared_delete(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(name): UrlPath<String>,
+    Segment(name): Segment,
 ) -> std::result::Result<StatusCode, ApiFailure> {
     check_token(&s, &h)?;
     declared(&s)?.delete_share(&name).await?;
@@ -308,7 +328,7 @@ async fn api_declared_delete(
 async fn api_grant_put(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(key): UrlPath<String>,
+    Segment(key): Segment,
     Body(req): Body<api::DeclaredGrant>,
 ) -> std::result::Result<Json<api::DeclaredGrantStatus>, ApiFailure> {
     check_token(&s, &h)?;
@@ -318,7 +338,7 @@ async fn api_grant_put(
 async fn api_grant_delete(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(key): UrlPath<String>,
+    Segment(key): Segment,
 ) -> std::result::Result<Json<api::RevocationStatus>, ApiFailure> {
     check_token(&s, &h)?;
     Ok(Json(declared(&s)?.delete_grant(&key).await?))
@@ -440,7 +460,7 @@ async fn publish_streamed(
 async fn api_ticket(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(id): UrlPath<String>,
+    Segment(id): Segment,
     Body(req): Body<TicketRequest>,
 ) -> std::result::Result<Json<TicketResponse>, ApiFailure> {
     check_token(&s, &h)?;
@@ -463,7 +483,7 @@ async fn api_fetch(
 async fn api_fetch_status(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(id): UrlPath<String>,
+    Segment(id): Segment,
 ) -> std::result::Result<Json<ProgressSnapshot>, ApiFailure> {
     check_token(&s, &h)?;
     let id: ShareId = id.parse()?;
@@ -530,7 +550,7 @@ async fn api_trust_revoke(
 async fn api_trust_why(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(agent): UrlPath<String>,
+    Segment(agent): Segment,
 ) -> std::result::Result<Json<WhyAnswer>, ApiFailure> {
     check_token(&s, &h)?;
     let who: AgentId = agent.parse()?;
@@ -541,7 +561,7 @@ async fn api_trust_why(
 async fn api_share_peers(
     State(s): State<AdminState>,
     h: HeaderMap,
-    UrlPath(id): UrlPath<String>,
+    Segment(id): Segment,
 ) -> std::result::Result<Json<Vec<PeerInfo>>, ApiFailure> {
     check_token(&s, &h)?;
     let id: ShareId = id.parse()?;

@@ -78,7 +78,8 @@ pub struct Published {
     #[serde(default)]
     pub skipped: Skipped,
     /// Recipients the previous version named and this one does not (`--to`
-    /// lists every recipient of the version; these get nothing newer).
+    /// lists every recipient of the version; these get nothing newer
+    /// unless the version's trust depth reaches them).
     #[serde(default)]
     pub removed: Vec<String>,
     /// Whether this version has a fresh share key (asked for, after a

@@ -77,7 +77,13 @@ mod imp {
                 RESOLVE,
             ) {
                 Ok(_) => Ok(Some(Root(fd))),
-                Err(rustix::io::Errno::NOSYS | rustix::io::Errno::PERM) => Ok(None),
+                Err(e @ (rustix::io::Errno::NOSYS | rustix::io::Errno::PERM)) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::warn!(error = %e, "openat2 is not available (Linux before 5.6, or a seccomp profile refuses it): a fetch's writes are checked for links before, not at each call");
+                    });
+                    Ok(None)
+                }
                 Err(e) => Err(e.into()),
             }
         }

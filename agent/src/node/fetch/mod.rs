@@ -1272,8 +1272,16 @@ impl Agent {
                 })
                 .collect();
             let failed = beneath::set_modes(root, modes.iter().map(|(p, m)| (p.as_str(), *m)));
-            for (path, err) in failed {
+            // The first few named, the rest counted (a folder moved aside
+            // meanwhile fails thousands the same way).
+            for (path, err) in failed.iter().take(5) {
                 tracing::warn!(%path, error = %err, "could not set file mode");
+            }
+            if failed.len() > 5 {
+                tracing::warn!(
+                    more = failed.len() - 5,
+                    "could not set the mode of more files"
+                );
             }
         }
     }
