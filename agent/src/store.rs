@@ -136,11 +136,16 @@ pub fn open_agent_storage(cfg: &StorageConfig, state_prefix: &str) -> Result<Ope
 /// Opens the user's storage. Options named in the config are merged with the
 /// secret ones (credentials file, then environment), which win.
 pub fn open(cfg: &StorageConfig) -> Result<Operator> {
-    open_with_timeout(cfg, timeout())
+    open_with_timeout(cfg, timeout(), RETRIES)
 }
 
-/// [`open`] with requests bounded by `timeout` instead of [`timeout()`].
-fn open_with_timeout(cfg: &StorageConfig, timeout: std::time::Duration) -> Result<Operator> {
+/// [`open`] with requests bounded by `timeout` instead of [`timeout()`],
+/// a temporary failure tried again `retries` times.
+fn open_with_timeout(
+    cfg: &StorageConfig,
+    timeout: std::time::Duration,
+    retries: usize,
+) -> Result<Operator> {
     check_scheme(&cfg.scheme)?;
     opendal::install_default();
     let options = merged_options(cfg)?;
@@ -196,8 +201,11 @@ fn open_with_timeout(cfg: &StorageConfig, timeout: std::time::Duration) -> Resul
                 .with_io_timeout(timeout),
         ),
     };
-    Ok(op.layer(retry()))
+    Ok(op.layer(retry(retries)))
 }
+
+/// How many times a temporary storage failure is tried again ([`retry`]).
+const RETRIES: usize = 6;
 
 /// Temporary storage failures (a refused connection, a 503, a timeout)
 /// are tried again 6 times, after 1, 2, 4, 8, 16 and 32 s (with jitter, so
@@ -205,9 +213,9 @@ fn open_with_timeout(cfg: &StorageConfig, timeout: std::time::Duration) -> Resul
 /// is ridden out, in the middle of a multipart upload too. With the 4
 /// attempts before (after 1, 2, 4 and 8 s), an S3 outage of 8 to 15 s
 /// during an upload failed the fetch.
-fn retry() -> opendal::layers::RetryLayer {
+fn retry(times: usize) -> opendal::layers::RetryLayer {
     opendal::layers::RetryLayer::new()
-        .with_max_times(6)
+        .with_max_times(times)
         .with_min_delay(std::time::Duration::from_secs(1))
         .with_max_delay(std::time::Duration::from_secs(32))
         .with_jitter()
@@ -435,6 +443,13 @@ impl Sequential<'_> {
     }
 }
 
+/// The storage of `cfg` for [`probe`] alone: no retries (a caller that
+/// probes until the storage answers has its own schedule, and says after
+/// each attempt what it waits for, instead of after a minute of retries).
+pub fn open_for_probe(cfg: &StorageConfig) -> Result<Operator> {
+    open_with_timeout(cfg, timeout(), 0)
+}
+
 /// Checks that storage answers at all, so a dead bucket is reported at start.
 pub async fn probe(op: &Operator) -> Result<()> {
     first_entry(op, "")
@@ -501,7 +516,8 @@ mod tests {
                 ("secret_access_key", "s"),
             ],
         );
-        let op = open_with_timeout(&c, std::time::Duration::from_millis(300)).unwrap();
+        // Two retries (1 and 2 s): the timeout is what is tested here.
+        let op = open_with_timeout(&c, std::time::Duration::from_millis(300), 2).unwrap();
         let started = std::time::Instant::now();
         let e = tokio::time::timeout(std::time::Duration::from_secs(60), op.stat("x"))
             .await

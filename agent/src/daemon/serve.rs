@@ -141,6 +141,11 @@ fn lock_storage(root: &std::path::Path, state_prefix: &str) -> Result<Option<std
     Ok(Some(f))
 }
 
+/// How long a starting daemon waits for its storage to answer before it
+/// exits with the last error (a pod is then restarted): each probe is one
+/// request, tried every 0.2 s doubling to 10 s.
+const STORAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let key = read_identity(&cfg.identity_file)?;
@@ -204,7 +209,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // report not-ready and retry with backoff rather than crash-looping.
     let mut delay = std::time::Duration::from_millis(200);
     let mut attempt = 0;
-    while let Err(e) = store::probe(&op).await {
+    let probing = store::open_for_probe(&cfg.storage)?;
+    let waiting_since = std::time::Instant::now();
+    while let Err(e) = store::probe(&probing).await {
         // A storage that answers "no" (no such bucket, bad credentials) will
         // not change its mind: said at once as a configuration error (exit
         // code 3), not after minutes of retries.
@@ -222,9 +229,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         attempt += 1;
         tracing::warn!(error = %e, attempt, "storage not reachable yet");
         gate.waiting(format!(
-            "waiting for its storage, not reachable yet (attempt {attempt} of 30): {e}"
+            "waiting for its storage, not reachable yet (attempt {attempt}, for up to \
+             {} min): {e}",
+            STORAGE_WAIT.as_secs() / 60
         ));
-        if attempt >= 30 {
+        if waiting_since.elapsed() >= STORAGE_WAIT {
             return Err(e);
         }
         tokio::select! {
