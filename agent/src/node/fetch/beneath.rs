@@ -63,11 +63,19 @@ mod imp {
         /// `None` when `openat2` is not available here (then the caller
         /// falls back to path-based calls).
         pub(super) fn open(root: &Path) -> io::Result<Option<Root>> {
+            // Whether `openat2` works here, learned once per process.
+            static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+            if WORKS.get() == Some(&false) {
+                return Ok(None);
+            }
             let fd = rustix::fs::open(
                 root,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
+            if WORKS.get() == Some(&true) {
+                return Ok(Some(Root(fd)));
+            }
             // Probe once: the root itself, relative to itself.
             match rustix::fs::openat2(
                 &fd,
@@ -76,12 +84,14 @@ mod imp {
                 Mode::empty(),
                 RESOLVE,
             ) {
-                Ok(_) => Ok(Some(Root(fd))),
+                Ok(_) => {
+                    let _ = WORKS.set(true);
+                    Ok(Some(Root(fd)))
+                }
                 Err(e @ (rustix::io::Errno::NOSYS | rustix::io::Errno::PERM)) => {
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    SAID.call_once(|| {
+                    if WORKS.set(false).is_ok() {
                         tracing::warn!(error = %e, "openat2 is not available (Linux before 5.6, or a seccomp profile refuses it): a fetch's writes are checked for links before, not at each call");
-                    });
+                    }
                     Ok(None)
                 }
                 Err(e) => Err(e.into()),
