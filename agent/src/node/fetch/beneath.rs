@@ -18,7 +18,25 @@
 //! refuses it, another OS) the path-based calls are used as before.
 
 use std::io;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
+
+/// `root` joined with a storage path, refused if the path could leave it.
+pub(crate) fn confined(root: &Path, path: &str) -> io::Result<PathBuf> {
+    let trimmed = path.trim_end_matches('/');
+    let escapes = Path::new(trimmed).components().any(|c| {
+        matches!(
+            c,
+            Component::ParentDir | Component::RootDir | Component::Prefix(_)
+        )
+    });
+    if escapes {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{path}: escapes the storage root"),
+        ));
+    }
+    Ok(root.join(trimmed))
+}
 
 /// The folder part and the name of a storage path (`a/b/c` → `a/b`, `c`).
 fn split(rel: &str) -> (&str, &str) {
@@ -226,7 +244,7 @@ pub(crate) fn rename_into(root: &Path, from: &Path, to: &str) -> io::Result<()> 
     match imp::Root::open(root)? {
         Some(r) => r.rename_into(from, to),
         None => {
-            let to = super::local::confined(root, to)?;
+            let to = confined(root, to)?;
             if let Err(e) = std::fs::rename(from, &to) {
                 let parent = to.parent().filter(|_| e.kind() == io::ErrorKind::NotFound);
                 let Some(parent) = parent else {
@@ -244,7 +262,7 @@ pub(crate) fn rename_into(root: &Path, from: &Path, to: &str) -> io::Result<()> 
 pub(crate) fn make_folder(root: &Path, rel: &str) -> io::Result<()> {
     match imp::Root::open(root)? {
         Some(r) => r.make_folder(rel),
-        None => std::fs::create_dir_all(super::local::confined(root, rel)?),
+        None => std::fs::create_dir_all(confined(root, rel)?),
     }
 }
 
@@ -254,7 +272,7 @@ pub(crate) fn remove_files<'a>(root: &Path, rels: impl Iterator<Item = &'a str>)
     for rel in rels {
         let done = match &r {
             Some(r) => r.remove_file(rel),
-            None => match std::fs::remove_file(super::local::confined(root, rel)?) {
+            None => match std::fs::remove_file(confined(root, rel)?) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
                 r => r,
             },
@@ -277,7 +295,7 @@ pub(crate) fn remove_empty_dirs<'a>(
     for rel in rels {
         let done = match &r {
             Some(r) => r.remove_empty_dir(rel),
-            None => super::local::confined(root, rel).map(|at| {
+            None => confined(root, rel).map(|at| {
                 std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir())
                     && std::fs::remove_dir(&at).is_ok()
             }),
@@ -322,7 +340,7 @@ pub(crate) fn set_modes<'a>(
 #[cfg(unix)]
 fn set_mode_by_path(root: &Path, rel: &str, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let path = super::local::confined(root, rel)?;
+    let path = confined(root, rel)?;
     if std::fs::symlink_metadata(&path)?.file_type().is_symlink() {
         return Err(link_on_the_way(rel));
     }

@@ -20,25 +20,9 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
-/// `root` joined with a storage path, refused if the path could leave it.
-pub(crate) fn confined(root: &Path, path: &str) -> io::Result<PathBuf> {
-    let trimmed = path.trim_end_matches('/');
-    let escapes = Path::new(trimmed).components().any(|c| {
-        matches!(
-            c,
-            Component::ParentDir | Component::RootDir | Component::Prefix(_)
-        )
-    });
-    if escapes {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{path}: escapes the storage root"),
-        ));
-    }
-    Ok(root.join(trimmed))
-}
+pub(crate) use super::beneath::confined;
 
 /// The size of a regular file, `None` if nothing is there (or something
 /// that is not a file: a fetched file never replaces a directory silently,
