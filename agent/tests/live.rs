@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use caravan_agent::identity::SecretKey;
@@ -18,34 +18,6 @@ use common::*;
 
 fn key_of(a: &TestAgent) -> SecretKey {
     SecretKey::from_text(&std::fs::read_to_string(a.dir.join("identity.key")).unwrap()).unwrap()
-}
-
-/// `publish --json` in the background; returns the child, its output, and
-/// the first line (share id and tickets, printed before the pass).
-fn start_publish(
-    alice: &TestAgent,
-    path: &str,
-    to: &str,
-) -> (Child, BufReader<ChildStdout>, serde_json::Value) {
-    let mut child = Command::new(BIN)
-        .args([
-            "publish",
-            "--config",
-            alice.cfg(),
-            path,
-            "--to",
-            to,
-            "--json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let first: serde_json::Value = serde_json::from_str(&line).unwrap();
-    (child, out, first)
 }
 
 fn start_fetch(bob: &TestAgent, ticket: &str, dest: &str) -> Child {

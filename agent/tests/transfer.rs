@@ -1057,8 +1057,18 @@ fn a_fetch_cut_off_by_a_full_disk_resumes_with_room_for_the_rest_only() {
 /// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with
 /// credentials in a file as a deployment would have them.
 fn use_s3(a: &TestAgent, endpoint: &str, bucket: &str, root: &str) {
+    use_s3_with(a, endpoint, bucket, root, ("testing", "testing"));
+}
+
+/// [`use_s3`] with these access keys (a server that checks signatures).
+fn use_s3_with(a: &TestAgent, endpoint: &str, bucket: &str, root: &str, keys: (&str, &str)) {
     let creds = a.dir.join("s3.env");
-    std::fs::write(&creds, "access_key_id=testing\nsecret_access_key=testing\n").unwrap();
+    let (access, secret) = keys;
+    std::fs::write(
+        &creds,
+        format!("access_key_id={access}\nsecret_access_key={secret}\n"),
+    )
+    .unwrap();
     a.set_storage(&format!(
         "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nroot = \"/{root}/\"\n",
         creds.display()
@@ -1259,16 +1269,8 @@ fn an_s3_outage_during_a_multipart_upload_is_ridden_out() {
         gate.to_str().unwrap().into(),
     ));
     let mut bob = TestAgent::init(&tmp.path().join("bob"));
-    let creds = bob.dir.join("s3.env");
-    std::fs::write(
-        &creds,
-        format!("access_key_id={access}\nsecret_access_key={secret}\n"),
-    )
-    .unwrap();
-    bob.set_storage(&format!(
-        "[storage]\nscheme = \"s3\"\ncredentials = \"{}\"\n\n[storage.options]\nbucket = \"outage\"\nendpoint = \"http://127.0.0.1:{port}\"\nregion = \"us-east-1\"\nroot = \"/bob/\"\n",
-        creds.display()
-    ));
+    let endpoint = format!("http://127.0.0.1:{port}");
+    use_s3_with(&bob, &endpoint, "outage", "bob", (&access, &secret));
     bob.env
         .push(("CARAVAN_STREAMED_PUT_MAX_BYTES".into(), "0".into()));
     let src = alice.data().join("big");
@@ -1280,27 +1282,7 @@ fn an_s3_outage_during_a_multipart_upload_is_ridden_out() {
     bob.start();
     // The pass holds after its first block: Bob receives it and sends the
     // first part; the rest comes while the server is down.
-    let mut publishing = std::process::Command::new(BIN)
-        .args([
-            "publish",
-            "--config",
-            alice.cfg(),
-            "big",
-            "--to",
-            &bob.id,
-            "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(publishing.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let (mut publishing, _out, first) = start_publish(&alice, "big", &bob.id);
     let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
     cli_ok(&[
         "fetch",

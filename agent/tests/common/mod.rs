@@ -369,6 +369,38 @@ pub fn publish(
     (v["share_id"].as_str().unwrap().to_string(), tickets)
 }
 
+/// `publish --json` in the background; returns the child, its output, and
+/// the first line (share id and tickets, printed before the pass).
+pub fn start_publish(
+    alice: &TestAgent,
+    path: &str,
+    to: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+    serde_json::Value,
+) {
+    let mut child = Command::new(BIN)
+        .args([
+            "publish",
+            "--config",
+            alice.cfg(),
+            path,
+            "--to",
+            to,
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let first: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (child, out, first)
+}
+
 /// Fetches and returns the final progress JSON.
 pub fn fetch(agent: &TestAgent, ticket: &str, dest: &str, peers: &[&str]) -> serde_json::Value {
     let mut args = vec![
