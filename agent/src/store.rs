@@ -285,6 +285,8 @@ pub struct Sequential<'a> {
     /// `end` is the object's length: a read from its start asks for the
     /// whole object, without a range ([`Sequential::whole_object`]).
     whole: bool,
+    /// The ETag every request must match ([`Sequential::pinned`]).
+    if_match: Option<String>,
 }
 
 /// The pieces of one streamed read, as they arrive.
@@ -295,6 +297,7 @@ type Opener<'a> = Box<
     dyn FnMut(
             std::ops::Range<u64>,
             bool,
+            Option<String>,
         )
             -> futures::future::BoxFuture<'a, std::result::Result<Pieces, opendal::Error>>
         + Send
@@ -302,15 +305,20 @@ type Opener<'a> = Box<
 >;
 
 /// Opens a streamed read of `range` of `path`, or of the whole object
-/// (no `Range` header) when `whole`.
+/// (no `Range` header) when `whole`; only of the object whose ETag is
+/// `if_match`, when given.
 async fn open_stream(
     op: &Operator,
     path: &str,
     range: std::ops::Range<u64>,
     whole: bool,
+    if_match: Option<String>,
 ) -> std::result::Result<Pieces, opendal::Error> {
     use futures::StreamExt;
-    let reader = op.reader_with(path).await?;
+    let reader = match &if_match {
+        Some(etag) => op.reader_with(path).if_match(etag).await?,
+        None => op.reader_with(path).await?,
+    };
     Ok(match whole {
         true => reader.into_stream(..).await?.boxed(),
         false => reader.into_stream(range).await?.boxed(),
@@ -326,7 +334,9 @@ impl<'a> Sequential<'a> {
         Sequential::with_opener(
             start,
             end,
-            Box::new(move |range, whole| Box::pin(open_stream(op, path, range, whole))),
+            Box::new(move |range, whole, if_match| {
+                Box::pin(open_stream(op, path, range, whole, if_match))
+            }),
         )
     }
 
@@ -336,9 +346,9 @@ impl<'a> Sequential<'a> {
         Sequential::with_opener(
             start,
             end,
-            Box::new(move |range, whole| {
+            Box::new(move |range, whole, if_match| {
                 let (op, path) = (op.clone(), path.clone());
-                Box::pin(async move { open_stream(&op, &path, range, whole).await })
+                Box::pin(async move { open_stream(&op, &path, range, whole, if_match).await })
             }),
         )
     }
@@ -350,6 +360,17 @@ impl<'a> Sequential<'a> {
     /// opened again after an error, or from further in, asks for its range.
     pub fn whole_object(mut self) -> Self {
         self.whole = true;
+        self
+    }
+
+    /// Reads only the object whose ETag is `etag` (the one listed), when
+    /// given: each request carries it (`If-Match`), so a stream opened
+    /// again after a network error cannot go on with another object saved
+    /// over the name meanwhile (its start and the other's end would pass
+    /// for one file), and an object replaced since the listing fails at
+    /// once. The server answers 412: OpenDAL's `ConditionNotMatch`.
+    pub fn pinned(mut self, etag: Option<String>) -> Self {
+        self.if_match = etag;
         self
     }
 
@@ -367,6 +388,7 @@ impl<'a> Sequential<'a> {
             pending: opendal::Buffer::new(),
             reopened: 0,
             whole: false,
+            if_match: None,
         }
     }
 
@@ -398,8 +420,9 @@ impl<'a> Sequential<'a> {
                 Some(s) => s,
                 None => {
                     let whole = self.whole && self.at == 0;
+                    let if_match = self.if_match.clone();
                     self.stream
-                        .insert((self.open)(self.at..self.end, whole).await?)
+                        .insert((self.open)(self.at..self.end, whole, if_match).await?)
                 }
             };
             match stream.try_next().await {
@@ -667,6 +690,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pinned_stream_asks_for_its_etag_each_time_it_is_opened() {
+        use futures::StreamExt;
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        let open = Box::new(
+            move |range: std::ops::Range<u64>, whole: bool, if_match: Option<String>| {
+                seen.lock().unwrap().push((range.start, whole, if_match));
+                // 1,000 bytes from where asked, then a temporary failure.
+                let n = (range.end - range.start).min(1000) as usize;
+                let mut items = vec![Ok(opendal::Buffer::from(vec![1u8; n]))];
+                if range.start + (n as u64) < range.end {
+                    items.push(Err(opendal::Error::new(
+                        opendal::ErrorKind::Unexpected,
+                        "reset",
+                    )
+                    .set_temporary()));
+                }
+                Box::pin(async move { Ok(futures::stream::iter(items).boxed()) })
+                    as futures::future::BoxFuture<'static, _>
+            },
+        ) as Opener<'static>;
+        let mut r = Sequential::with_opener(0, 2500, open)
+            .whole_object()
+            .pinned(Some("\"e1\"".into()));
+        let mut b = Vec::new();
+        assert_eq!(r.read_into(&mut b, 2500).await.unwrap(), 2500);
+        let e1 = Some("\"e1\"".to_string());
+        assert_eq!(
+            *asked.lock().unwrap(),
+            [
+                (0, true, e1.clone()),
+                (1000, false, e1.clone()),
+                (2000, false, e1)
+            ]
+        );
+    }
+
+    #[tokio::test]
     async fn a_failed_stream_is_opened_again_where_it_stopped() {
         use futures::StreamExt;
         let data = std::sync::Arc::new(crate::chunk::tests::pseudo_random(100_000, 6));
@@ -674,24 +735,26 @@ mod tests {
         // pieces of 3,000, then fails (temporary unless `permanent`).
         let opener = |opens: std::sync::Arc<std::sync::atomic::AtomicU32>, permanent: bool| {
             let data = data.clone();
-            Box::new(move |range: std::ops::Range<u64>, _whole: bool| {
-                opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let data = data.clone();
-                Box::pin(async move {
-                    let from = range.start as usize;
-                    let to = (from + 10_000).min(range.end as usize);
-                    let mut items: Vec<std::result::Result<opendal::Buffer, opendal::Error>> = data
-                        [from..to]
-                        .chunks(3000)
-                        .map(|c| Ok(opendal::Buffer::from(c.to_vec())))
-                        .collect();
-                    if to < range.end as usize {
-                        let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "reset");
-                        items.push(Err(if permanent { e } else { e.set_temporary() }));
-                    }
-                    Ok(futures::stream::iter(items).boxed())
-                }) as futures::future::BoxFuture<'static, _>
-            }) as Opener<'static>
+            Box::new(
+                move |range: std::ops::Range<u64>, _whole: bool, _if_match: Option<String>| {
+                    opens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let data = data.clone();
+                    Box::pin(async move {
+                        let from = range.start as usize;
+                        let to = (from + 10_000).min(range.end as usize);
+                        let mut items: Vec<std::result::Result<opendal::Buffer, opendal::Error>> =
+                            data[from..to]
+                                .chunks(3000)
+                                .map(|c| Ok(opendal::Buffer::from(c.to_vec())))
+                                .collect();
+                        if to < range.end as usize {
+                            let e = opendal::Error::new(opendal::ErrorKind::Unexpected, "reset");
+                            items.push(Err(if permanent { e } else { e.set_temporary() }));
+                        }
+                        Ok(futures::stream::iter(items).boxed())
+                    }) as futures::future::BoxFuture<'static, _>
+                },
+            ) as Opener<'static>
         };
         let opens = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let mut r = Sequential::with_opener(60_000, 100_000, opener(opens.clone(), false));

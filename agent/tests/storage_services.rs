@@ -497,3 +497,71 @@ fn webdav_refuses_a_file_over_the_one_shot_limit() {
         );
     });
 }
+
+/// A publish from a bucket reads the object it listed and no other: every
+/// read carries the listed ETag (`If-Match`), so an object saved over since
+/// the listing — or between a stream that failed and the stream opened
+/// again where it stopped — is refused by the server (412) instead of its
+/// bytes passing for the listed file's, or joining them. (A server whose
+/// listings carry no ETag, as s3s-fs's, is read unpinned.)
+fn reads_only_the_listed_object(scheme: &str, service: Option<Service>, script: &str) {
+    let Some(service) = service else {
+        eprintln!(
+            "SKIP {scheme}_reads_only_the_listed_object: its server is not configured (`eval \"$(bash {script} start PORT)\"`)"
+        );
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let alice = TestAgent::init(&tmp.path().join("alice"));
+    configure(&alice, "s3", &service.alice);
+    let cfg = caravan_agent::config::AgentConfig::load(&alice.config).unwrap();
+    let op = caravan_agent::store::open(&cfg.storage).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use futures::TryStreamExt;
+        let len = 300_000usize;
+        let (mut first, mut second) = (vec![0u8; len], vec![0u8; len]);
+        fill_pseudo_random(&mut first, 1);
+        fill_pseudo_random(&mut second, 2);
+        op.write("pin/f", first.clone()).await.unwrap();
+        assert!(op.info().capability().read_with_if_match);
+        // The ETag as a publish's listing gets it.
+        let listed: Vec<opendal::Entry> = op
+            .lister_with("pin/")
+            .recursive(true)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let etag = listed
+            .iter()
+            .find(|e| e.path() == "pin/f")
+            .and_then(|e| e.metadata().etag().map(str::to_string))
+            .unwrap_or_else(|| panic!("{scheme}: no ETag in the listing"));
+        let read = |etag: String| {
+            let op = op.clone();
+            async move {
+                let mut r = caravan_agent::store::Sequential::new(&op, "pin/f", 0, len as u64)
+                    .whole_object()
+                    .pinned(Some(etag));
+                let mut buf = Vec::new();
+                r.read_into(&mut buf, len).await.map(|_| buf)
+            }
+        };
+        assert_eq!(read(etag.clone()).await.unwrap(), first);
+        // Saved over by an object of the same size.
+        op.write("pin/f", second).await.unwrap();
+        let e = read(etag).await.unwrap_err();
+        assert_eq!(
+            e.kind(),
+            opendal::ErrorKind::ConditionNotMatch,
+            "{scheme}: {e}"
+        );
+    });
+}
+
+#[test]
+fn s3_reads_only_the_listed_object() {
+    reads_only_the_listed_object("s3", s3(), "tests/s3/moto.sh");
+}

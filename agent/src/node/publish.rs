@@ -336,6 +336,7 @@ impl Agent {
             files,
             dirs,
             skipped,
+            etags,
         } = self.walk(path).await?;
         live.set_listing(
             &root,
@@ -359,6 +360,7 @@ impl Agent {
                     let keyer = keyer.clone();
                     let progress = progress.clone();
                     let full = format!("{root}{rel}");
+                    let etag = etags.get(&rel).cloned();
                     async move {
                         let out = FileOut {
                             live,
@@ -366,7 +368,7 @@ impl Agent {
                             blocks: blocks_ref,
                         };
                         let chunks = self
-                            .chunk_file(&full, size, &keyer, &progress, &out)
+                            .chunk_file(&full, (size, etag), &keyer, &progress, &out)
                             .await?;
                         Ok::<_, Error>((rel, size, mode, chunks))
                     }
@@ -464,7 +466,7 @@ impl Agent {
     async fn chunk_file(
         &self,
         path: &str,
-        size: u64,
+        (size, etag): (u64, Option<String>),
         keyer: &ChunkKeyer,
         progress: &PublishProgress,
         out: &FileOut<'_>,
@@ -472,7 +474,9 @@ impl Agent {
         let mut refs = Vec::new();
         let mut pos = 0u64;
         let mut sealing: Option<Sealing> = None;
-        let mut remote = crate::store::Sequential::new(&self.op, path, 0, size).whole_object();
+        let mut remote = crate::store::Sequential::new(&self.op, path, 0, size)
+            .whole_object()
+            .pinned(etag);
         let mut carried: Option<Vec<u8>> = None;
         // A local file is opened once: every block comes from the same
         // file, even if another takes its name meanwhile (an editor's or a
@@ -530,10 +534,13 @@ impl Agent {
                     let mut block = carried.take().unwrap_or_else(|| out.blocks.get());
                     let want = (end - pos) as usize;
                     let more = want.saturating_sub(block.len());
-                    remote
-                        .read_into(&mut block, more)
-                        .await
-                        .context(|| format!("reading {path}"))?;
+                    match remote.read_into(&mut block, more).await {
+                        // Saved over since the listing (`Sequential::pinned`).
+                        Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => {
+                            return Err(changed_size(path));
+                        }
+                        r => r.context(|| format!("reading {path}"))?,
+                    };
                     if block.len() != want {
                         return Err(changed_size(path));
                     }

@@ -17,7 +17,7 @@
 //! a link published by its own path); a link to a folder is left out (a
 //! link to an ancestor would be an endless tree).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use futures::TryStreamExt;
@@ -43,6 +43,10 @@ pub struct Listing {
     pub dirs: Vec<(String, u32)>,
     /// What was left out.
     pub skipped: Skipped,
+    /// The ETag each file of an object store was listed with, where the
+    /// store gives one and honours `If-Match` on reads: its publish reads
+    /// that object only (`store::Sequential::pinned`).
+    pub etags: HashMap<String, String>,
 }
 
 /// Why an entry was left out of a share.
@@ -155,6 +159,7 @@ impl Agent {
                 .await
                 .context(|| format!("listing {path}/"))?
                 .is_some();
+        let pinnable = self.op.info().capability().read_with_if_match;
         if !is_dir {
             let meta = match self.op.stat(path).await {
                 Ok(meta) => meta,
@@ -166,9 +171,14 @@ impl Agent {
                 Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
             };
             let (root, name) = split_file(path);
+            let etags = match (pinnable, meta.etag()) {
+                (true, Some(etag)) => HashMap::from([(name.clone(), etag.to_string())]),
+                _ => HashMap::new(),
+            };
             return Ok(Listing {
                 root,
                 files: vec![(name, meta.content_length(), 0o644)],
+                etags,
                 ..Listing::default()
             });
         }
@@ -206,15 +216,21 @@ impl Agent {
             if entry.metadata().is_dir() {
                 out.dirs.push((rel, 0o755));
             } else {
-                let size = match entry.metadata().content_length() {
-                    0 => self
-                        .op
-                        .stat(&full)
-                        .await
-                        .context(|| format!("stat {full}"))?
-                        .content_length(),
-                    n => n,
+                let listed = entry.metadata();
+                let (size, etag) = match listed.content_length() {
+                    0 => {
+                        let meta = self
+                            .op
+                            .stat(&full)
+                            .await
+                            .context(|| format!("stat {full}"))?;
+                        (meta.content_length(), meta.etag().map(str::to_string))
+                    }
+                    n => (n, listed.etag().map(str::to_string)),
                 };
+                if let (true, Some(etag)) = (pinnable, etag) {
+                    out.etags.insert(rel.clone(), etag);
+                }
                 out.files.push((rel, size, 0o644));
             }
         }
