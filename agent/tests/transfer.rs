@@ -298,7 +298,20 @@ fn fetching_a_held_version_again_repairs_the_copy() {
         || std::fs::read_dir(bob.data().join(".caravan/fetches")).map_or(0, |d| d.count());
     let again = fetch(&bob, &tickets[0], "r", &[]);
     assert_eq!(again["chunks_fetched"], 0, "{again}");
+    // Nothing changed: nothing read again either.
+    assert_eq!(again["chunks_reused"], 0, "{again}");
     assert_eq!(pending(), 0, "a request was left behind");
+    // Edited by hand at the same size: found (its ctime is newer than
+    // the version's) and put right.
+    let edited = bob.data().join("r/d2/sub/файл-2.bin");
+    let mut bytes = std::fs::read(&edited).unwrap();
+    bytes[150_000] ^= 0xff;
+    std::fs::write(&edited, &bytes).unwrap();
+    let put_right = fetch(&bob, &tickets[0], "r", &[]);
+    assert_eq!(put_right["chunks_fetched"], 1, "{put_right}");
+    assert_same_tree(&src, &bob.data().join("r"));
+    let again = fetch(&bob, &tickets[0], "r", &[]);
+    assert_eq!(again["chunks_reused"], 0, "{again}");
     std::fs::remove_file(bob.data().join("r/d0/sub/файл-0.bin")).unwrap();
     std::fs::write(bob.data().join("r/d1/sub/файл-1.bin"), b"edited by hand").unwrap();
     let repaired = fetch(&bob, &tickets[0], "r", &[]);

@@ -722,23 +722,39 @@ impl Agent {
         .map_err(|e| Error::Protocol(format!("making room task: {e}")))?
     }
 
-    /// Whether every file of `held` is at its place at its size (on a
-    /// local disk; elsewhere assumed: a HEAD per file costs a request).
+    /// Whether every file of `held` is at its place at its size and
+    /// unchanged since the version was installed (on a local disk;
+    /// elsewhere assumed: a HEAD per file costs a request). Unchanged: its
+    /// `ctime` (which no one can set back, unlike `mtime`) is not later
+    /// than the held manifest's save, the fetch's last step; so a file
+    /// edited by hand at the same size is looked at too. When one is not,
+    /// the fetch goes the whole way: every file verified in place, what
+    /// does not match fetched again.
     async fn in_place(&self, held: &HeldShare) -> bool {
         let Some(root) = self.opts.fs_root.clone() else {
             return true;
         };
+        let saved = format!(
+            "{}manifest",
+            state::share_dir(&self.opts.state_prefix, &held.id)
+        );
         let files: Vec<(String, u64)> = held
             .manifest
             .files()
             .map(|(p, size, _)| (format!("{}{p}", held.root), size))
             .collect();
         tokio::task::spawn_blocking(move || {
-            files.iter().all(|(p, size)| {
+            let meta = |p: &str| {
                 local::confined(&root, p)
                     .ok()
                     .and_then(|at| std::fs::symlink_metadata(at).ok())
-                    .is_some_and(|m| m.is_file() && m.len() == *size)
+            };
+            let Some(saved) = meta(&saved) else {
+                return false;
+            };
+            files.iter().all(|(p, size)| {
+                meta(p)
+                    .is_some_and(|m| m.is_file() && m.len() == *size && !changed_since(&m, &saved))
             })
         })
         .await
@@ -1449,6 +1465,19 @@ fn check_fits<'p>(
         )));
     }
     Ok(())
+}
+
+/// Whether a file's inode changed (written, truncated, its mode set)
+/// after `saved` was last written: both stamps come from the same clock.
+#[cfg(unix)]
+fn changed_since(file: &std::fs::Metadata, saved: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    (file.ctime(), file.ctime_nsec()) > (saved.mtime(), saved.mtime_nsec())
+}
+
+#[cfg(not(unix))]
+fn changed_since(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    false
 }
 
 /// The folders a manifest lists.
