@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use caravan_agent::identity::SecretKey;
@@ -1171,6 +1171,106 @@ fn a_daemon_waiting_for_its_storage_answers_health_checks() {
     );
 }
 
+/// An s3s-fs server of a test's own (on a port and folder of its own, so
+/// it can be stopped and started again), from the binary
+/// `tests/s3/s3s.sh` installed.
+struct S3sFs {
+    bin: PathBuf,
+    access: String,
+    secret: String,
+}
+
+impl S3sFs {
+    fn configured() -> Option<S3sFs> {
+        let data = std::env::var("CARAVAN_TEST_S3S_DATA").ok()?;
+        let access = std::env::var("CARAVAN_TEST_S3S_ACCESS_KEY").ok()?;
+        let secret = std::env::var("CARAVAN_TEST_S3S_SECRET_KEY").ok()?;
+        // tests/s3/s3s.sh keeps the binary next to its servers' folders.
+        let bin = Path::new(&data)
+            .parent()
+            .and_then(Path::parent)
+            .map(|c| c.join("s3s-fs/bin/s3s-fs"))
+            .filter(|b| b.exists())
+            .expect("the s3s-fs binary next to CARAVAN_TEST_S3S_DATA");
+        Some(S3sFs {
+            bin,
+            access,
+            secret,
+        })
+    }
+
+    /// Serves the buckets (folders) of `store` on `port`, once it accepts.
+    fn serve(&self, store: &Path, port: u16) -> std::process::Child {
+        let child = std::process::Command::new(&self.bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &self.access, "--secret-key", &self.secret])
+            .arg(store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child
+    }
+}
+
+/// A command run while the daemon is still starting (here: waiting for
+/// its storage, which comes up a moment later) waits for it, a few
+/// seconds, instead of failing at once: `caravan-agent run &` then
+/// `caravan-agent publish` works.
+#[test]
+fn a_command_run_while_the_daemon_starts_waits_for_it() {
+    let Some(s3s) = S3sFs::configured() else {
+        eprintln!("SKIP: CARAVAN_TEST_S3S_* is not set (tests/s3/s3s.sh start sets it up)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let store = tmp.path().join("s3");
+    std::fs::create_dir_all(store.join("later")).unwrap();
+    let port = free_port();
+    let a = TestAgent::init(&tmp.path().join("a"));
+    use_s3_with(
+        &a,
+        &format!("http://127.0.0.1:{port}"),
+        "later",
+        "a",
+        (&s3s.access, &s3s.secret),
+    );
+    let mut daemon = std::process::Command::new(BIN)
+        .args(["run", "--config", a.cfg()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(&a.metrics_addr, "/livez").map_or(true, |r| r.is_empty()) {
+        assert!(Instant::now() < deadline, "no answer on /livez");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = std::process::Command::new(BIN)
+        .args(["status", "--config", a.cfg(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut server = s3s.serve(&store, port);
+    let out = status.wait_with_output().unwrap();
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Guarantee: a fetch into S3 that fails halfway through a multipart
 /// upload aborts it: no parts stay in the bucket, unseen and billed.
 #[test]
@@ -1239,41 +1339,16 @@ fn a_failed_fetch_into_s3_leaves_no_multipart_upload_behind() {
 /// stopped and started again on the same data.
 #[test]
 fn an_s3_outage_during_a_multipart_upload_is_ridden_out() {
-    let (Ok(data), Ok(access), Ok(secret)) = (
-        std::env::var("CARAVAN_TEST_S3S_DATA"),
-        std::env::var("CARAVAN_TEST_S3S_ACCESS_KEY"),
-        std::env::var("CARAVAN_TEST_S3S_SECRET_KEY"),
-    ) else {
+    let Some(s3s) = S3sFs::configured() else {
         eprintln!("SKIP: CARAVAN_TEST_S3S_* is not set (tests/s3/s3s.sh start sets it up)");
         return;
     };
-    // tests/s3/s3s.sh keeps the binary next to its servers' folders.
-    let bin = Path::new(&data)
-        .parent()
-        .and_then(Path::parent)
-        .map(|c| c.join("s3s-fs/bin/s3s-fs"))
-        .filter(|b| b.exists())
-        .expect("the s3s-fs binary next to CARAVAN_TEST_S3S_DATA");
+    let (access, secret) = (s3s.access.as_str(), s3s.secret.as_str());
     let tmp = tempfile::tempdir().unwrap();
     let store = tmp.path().join("s3");
     std::fs::create_dir_all(store.join("outage")).unwrap();
     let port = free_port();
-    let serve = || {
-        let child = std::process::Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &access, "--secret-key", &secret])
-            .arg(&store)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        child
-    };
+    let serve = || s3s.serve(&store, port);
     let mut server = serve();
     let gate = tmp.path().join("gate");
     let mut alice = TestAgent::init(&tmp.path().join("alice"));
@@ -1283,7 +1358,7 @@ fn an_s3_outage_during_a_multipart_upload_is_ridden_out() {
     ));
     let mut bob = TestAgent::init(&tmp.path().join("bob"));
     let endpoint = format!("http://127.0.0.1:{port}");
-    use_s3_with(&bob, &endpoint, "outage", "bob", (&access, &secret));
+    use_s3_with(&bob, &endpoint, "outage", "bob", (access, secret));
     bob.env
         .push(("CARAVAN_STREAMED_PUT_MAX_BYTES".into(), "0".into()));
     let src = alice.data().join("big");

@@ -31,6 +31,11 @@ pub(crate) struct Admin {
     http: reqwest::Client,
 }
 
+/// How long a command waits for a daemon that says it is starting.
+const STARTING_WAIT: Duration = Duration::from_secs(10);
+/// How often it asks meanwhile.
+const STARTING_POLL: Duration = Duration::from_millis(200);
+
 impl Admin {
     pub(crate) fn from_config(path: &Path) -> Result<Admin> {
         let cfg = load_config(path)?;
@@ -50,21 +55,45 @@ impl Admin {
 
     /// Sends a request with the admin token and returns a successful
     /// answer; an unreachable daemon and a refusal get their exit codes.
+    /// A daemon still starting (its first look at its storage, loading
+    /// its state: a command typed right after `run`) is asked again for up
+    /// to [`STARTING_WAIT`]; one that still is then is reported, with
+    /// what it waits for.
     async fn start(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
+        let deadline = tokio::time::Instant::now() + STARTING_WAIT;
+        let mut req = req;
+        loop {
+            let again = req.try_clone();
+            let resp = req
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let status = resp.status();
+            if status.is_success() {
+                return Ok(resp);
+            }
+            let body = resp.bytes().await.context("reading the daemon's answer")?;
+            let msg = serde_json::from_slice::<api::ApiError>(&body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            match again {
+                Some(next)
+                    if status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+                        && msg.starts_with(daemon::admin::STARTING)
+                        && tokio::time::Instant::now() + STARTING_POLL < deadline =>
+                {
+                    tokio::time::sleep(STARTING_POLL).await;
+                    req = next;
+                }
+                _ => return Err(self.failure(status, msg)),
+            }
         }
-        let body = resp.bytes().await.context("reading the daemon's answer")?;
-        let msg = serde_json::from_slice::<api::ApiError>(&body)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        Err(if status.is_client_error() {
+    }
+
+    /// The error, and its exit code, for a daemon's answer `status`.
+    fn failure(&self, status: reqwest::StatusCode, msg: String) -> anyhow::Error {
+        if status.is_client_error() {
             Exit::Config(anyhow!("{msg}")).into()
         } else if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             // Starting (waiting for its storage): not there yet, like a
@@ -80,7 +109,7 @@ impl Admin {
             anyhow!("{msg}")
         } else {
             anyhow!("the daemon failed: {msg}")
-        })
+        }
     }
 
     /// A daemon that cannot be reached, or that took a connection and

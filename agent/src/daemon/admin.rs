@@ -160,6 +160,10 @@ fn check_bearer(token: &str, headers: &HeaderMap) -> std::result::Result<(), Api
     }
 }
 
+/// How every answer of a starting daemon's admin API begins (a command
+/// run right after `run` waits while it sees this).
+pub const STARTING: &str = "the agent is starting";
+
 /// The admin API from the moment its port is bound, before the agent is
 /// open: until [`AdminGate::open`], a caller with the token gets `503` and
 /// what the daemon waits for (its storage, with the last error), at once,
@@ -220,7 +224,7 @@ impl AdminGate {
         let what = self.waiting.lock().map(|w| w.clone()).unwrap_or_default();
         ApiFailure(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("the agent is starting: {what}"),
+            format!("{STARTING}: {what}"),
         )
         .into_response()
     }
