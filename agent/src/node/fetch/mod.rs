@@ -1169,30 +1169,23 @@ impl Agent {
         else {
             return Ok(());
         };
-        let (free, size) = (
-            disk.f_bavail.saturating_mul(disk.f_frsize),
-            disk.f_blocks.saturating_mul(disk.f_frsize),
-        );
-        if needed > size {
-            // Never fits, whatever is freed: refused for cause, like a share
-            // over the limit.
-            return Err(Error::Refused(format!(
-                "share {id} declares {declared} bytes{in_chunks}, over the limit of this \
-                 disk's whole size ({size} bytes); nothing was written"
-            )));
-        }
-        match free {
-            free if needed > free => Err(Error::Io {
-                context: format!(
-                    "fetching share {id}: it declares {declared} bytes{in_chunks}, of which \
-                     {needed} are not held here yet, over the {free} bytes free; nothing more \
-                     was written, and what was verified is kept: free some space and fetch it \
-                     again"
-                ),
-                source: std::io::Error::from(std::io::ErrorKind::StorageFull),
-            }),
-            _ => Ok(()),
-        }
+        // What the other fetches running here have still to write: the
+        // space each found free is theirs until they write it.
+        let promised: u64 = self
+            .all_fetches()
+            .iter()
+            .filter(|p| p.share_id != *id)
+            .map(|p| p.still_to_write())
+            .sum();
+        check_free(
+            id,
+            (declared, &in_chunks, needed),
+            (
+                disk.f_bavail.saturating_mul(disk.f_frsize),
+                disk.f_blocks.saturating_mul(disk.f_frsize),
+            ),
+            promised,
+        )
     }
 
     /// Refuses a share holding a path longer than this storage can write
@@ -1440,6 +1433,42 @@ fn check_outside_state<'p>(
     }
 }
 
+/// [`Agent::check_room`] against a disk of `size` bytes with `free` free,
+/// `promised` of them to other fetches running: refuses a share that needs
+/// more than the disk's whole size for cause, and one that needs more than
+/// what is free and not promised as out of space (kept, to go on later).
+fn check_free(
+    id: &ShareId,
+    (declared, in_chunks, needed): (u64, &str, u64),
+    (free, size): (u64, u64),
+    promised: u64,
+) -> Result<()> {
+    if needed > size {
+        // Never fits, whatever is freed: refused for cause, like a share
+        // over the limit.
+        return Err(Error::Refused(format!(
+            "share {id} declares {declared} bytes{in_chunks}, over the limit of this \
+             disk's whole size ({size} bytes); nothing was written"
+        )));
+    }
+    let room = free.saturating_sub(promised);
+    if needed <= room {
+        return Ok(());
+    }
+    let others = match promised {
+        0 => String::new(),
+        p => format!(" ({p} of them still to be written by other fetches running)"),
+    };
+    Err(Error::Io {
+        context: format!(
+            "fetching share {id}: it declares {declared} bytes{in_chunks}, of which {needed} \
+             are not held here yet, over the {free} bytes free{others}; nothing more was \
+             written, and what was verified is kept: free some space and fetch it again"
+        ),
+        source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+    })
+}
+
 /// [`Agent::check_fits`] for a storage of `scheme` whose root is `root`.
 fn check_fits<'p>(
     scheme: &str,
@@ -1518,6 +1547,44 @@ mod tests {
 
     fn share() -> ShareId {
         ShareId([7; 32])
+    }
+
+    /// Free space counted on by the fetches running is theirs: a second
+    /// fetch that fits in what is free, but not in what the first has
+    /// still to write, is refused as out of space (kept, to go on later),
+    /// saying why; one larger than the whole disk is refused for cause.
+    #[test]
+    fn the_space_other_fetches_still_need_is_not_counted_free() {
+        let id = share();
+        let fits = |needed, promised| check_free(&id, (needed, "", needed), (1000, 5000), promised);
+        assert!(fits(900, 0).is_ok());
+        assert!(fits(900, 100).is_ok());
+        let e = fits(900, 101).unwrap_err();
+        assert!(
+            matches!(&e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .contains("101 of them still to be written by other fetches"),
+            "{e}"
+        );
+        assert!(fits(1001, 0).is_err());
+        assert!(matches!(fits(5001, 0), Err(Error::Refused(_))));
+    }
+
+    /// Only a fetch that is transferring holds space: what it has not
+    /// written yet.
+    #[test]
+    fn a_fetch_holds_what_it_has_still_to_write_while_it_transfers() {
+        let p = progress::FetchProgress::new(share(), "d/".into());
+        p.bytes_total.store(1000, Ordering::Relaxed);
+        p.bytes_done.store(300, Ordering::Relaxed);
+        assert_eq!(p.still_to_write(), 0, "not started");
+        p.set_state(FetchState::Transferring, None);
+        assert_eq!(p.still_to_write(), 700);
+        p.set_state(FetchState::Failed, Some("gone".into()));
+        assert_eq!(p.still_to_write(), 0);
     }
 
     /// A key of an object store holds 1,024 bytes with the storage's root

@@ -87,6 +87,22 @@ pub struct ProgressSnapshot {
 }
 
 impl FetchProgress {
+    /// Bytes this fetch has still to write while it transfers (none
+    /// otherwise): the free space it counted on is spoken for.
+    pub(crate) fn still_to_write(&self) -> u64 {
+        let transferring = self
+            .state
+            .lock()
+            .is_ok_and(|s| s.0 == FetchState::Transferring);
+        match transferring {
+            true => self
+                .bytes_total
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.bytes_done.load(Ordering::Relaxed)),
+            false => 0,
+        }
+    }
+
     /// Forgets what was counted done, before a new pass over the same
     /// destination (following a live share again, or its signed manifest
     /// after all) counts again what is in place. Bytes and chunks received
