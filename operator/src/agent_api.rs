@@ -140,6 +140,10 @@ impl HttpAgentApi {
     /// A client with connect and request timeouts.
     pub fn new() -> Result<Self, CallError> {
         let http = reqwest::Client::builder()
+            // An agent's admin API never redirects: a pod that answers
+            // with one (an impostor wearing the agent's label) must not
+            // send the operator, with the agent's token, anywhere else.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(3))
             .timeout(CALL_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(30))
@@ -635,6 +639,41 @@ mod tests {
             "{m}"
         );
         assert_eq!(sleepy.made("http://slow:7401"), 4);
+    }
+
+    /// A redirect from an "agent" is an answer like any other failure,
+    /// never followed: the place it names gets no request (and so never
+    /// the agent's token).
+    #[tokio::test]
+    async fn a_redirect_is_never_followed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let there = elsewhere.local_addr().unwrap();
+        let agent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let here = agent.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = agent.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{there}/steal\r\n\
+                     Content-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = c.write_all(answer.as_bytes()).await;
+            }
+        });
+        let api = HttpAgentApi::new().unwrap();
+        let ep = AgentEndpoint {
+            base: format!("http://{here}"),
+            token: "sekrit".into(),
+        };
+        let (code, _) = api
+            .call(reqwest::Method::GET, &ep, "/v1/status".into(), None)
+            .await
+            .unwrap();
+        assert_eq!(code, 307);
+        let followed = tokio::time::timeout(Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(followed.is_err(), "the redirect was followed");
     }
 
     #[test]
