@@ -46,6 +46,33 @@ pub struct OperatorConfig {
     /// What tenants may set in their Agent's `spec.scheduling` that reaches
     /// other tenants (see [`TenantScheduling`]). Default: nothing.
     pub tenant_scheduling: TenantScheduling,
+    /// What tenants may set in their Agent's `spec.exposure` (see
+    /// [`TenantExposure`]). Default: a ClusterIP Service, no annotations.
+    pub tenant_exposure: TenantExposure,
+}
+
+/// The provider's allow-list of Service settings an Agent (a tenant) may
+/// set itself. A NodePort opens a port on every node and uses up the
+/// cluster's range; a LoadBalancer costs money and gets a public address;
+/// an annotation steers controllers the provider runs (a load balancer's
+/// address, an IP shared with another Service, an external-dns name). So
+/// by default a tenant gets a ClusterIP Service and sets no annotation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TenantExposure {
+    /// `spec.exposure.serviceType` values tenants may use.
+    pub service_types: Vec<crate::crd::agent::ServiceType>,
+    /// Prefixes a key of `spec.exposure.serviceAnnotations` must start with
+    /// (e.g. `service.beta.kubernetes.io/aws-load-balancer-`). Empty: none.
+    pub annotation_prefixes: Vec<String>,
+}
+
+impl Default for TenantExposure {
+    fn default() -> Self {
+        TenantExposure {
+            service_types: vec![crate::crd::agent::ServiceType::ClusterIP],
+            annotation_prefixes: Vec::new(),
+        }
+    }
 }
 
 /// The provider's allow-list of scheduling settings an Agent (a tenant) may
@@ -122,6 +149,7 @@ impl Default for OperatorConfig {
             image_pull_secrets: Vec::new(),
             metrics_namespace_labels: BTreeMap::new(),
             tenant_scheduling: TenantScheduling::default(),
+            tenant_exposure: TenantExposure::default(),
         }
     }
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use caravan_operator::agent_api::{CircuitBreaker, HttpAgentApi};
-use caravan_operator::config::{OperatorConfig, TenantScheduling, default_agent_resources};
+use caravan_operator::config::{
+    OperatorConfig, TenantExposure, TenantScheduling, default_agent_resources,
+};
 use caravan_operator::controller::{self, Context, RunOptions};
 use caravan_operator::crd::agent::{LogFormat, SchedulingSpec};
 use caravan_operator::http::{self, Health};
@@ -77,6 +79,23 @@ struct RunArgs {
     /// list of Tolerations. Empty (the default): none.
     #[arg(long, env = "CARAVAN_TENANT_TOLERATIONS")]
     tenant_tolerations: Option<String>,
+    /// Service types tenants may set in spec.exposure.serviceType
+    /// (comma-separated: ClusterIP, NodePort, LoadBalancer).
+    #[arg(
+        long,
+        env = "CARAVAN_TENANT_SERVICE_TYPES",
+        value_delimiter = ',',
+        default_value = "ClusterIP"
+    )]
+    tenant_service_types: Vec<String>,
+    /// Prefixes a key of spec.exposure.serviceAnnotations must start with
+    /// (comma-separated). Empty (the default): tenants set no annotation.
+    #[arg(
+        long,
+        env = "CARAVAN_TENANT_SERVICE_ANNOTATION_PREFIXES",
+        value_delimiter = ','
+    )]
+    tenant_service_annotation_prefixes: Vec<String>,
     /// Secrets used to pull the agent image (comma-separated names; each
     /// must exist in the tenant's namespace).
     #[arg(long, env = "CARAVAN_AGENT_IMAGE_PULL_SECRETS", value_delimiter = ',')]
@@ -250,6 +269,30 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             _ => Vec::new(),
         },
     };
+    let tenant_exposure = TenantExposure {
+        service_types: args
+            .tenant_service_types
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                serde_json::from_value(serde_json::Value::String(s.to_string())).with_context(
+                    || {
+                        format!(
+                            "--tenant-service-types: {s:?} is not ClusterIP, NodePort or LoadBalancer"
+                        )
+                    },
+                )
+            })
+            .collect::<anyhow::Result<_>>()?,
+        annotation_prefixes: args
+            .tenant_service_annotation_prefixes
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+    };
     let mut metrics_namespace_labels = std::collections::BTreeMap::new();
     for kv in args
         .metrics_namespace_labels
@@ -281,6 +324,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         },
         default_scheduling,
         tenant_scheduling,
+        tenant_exposure,
         image_pull_secrets: args
             .agent_image_pull_secrets
             .iter()

@@ -181,6 +181,42 @@ pub fn check_tenant_scheduling(
     Ok(())
 }
 
+/// Refuses a Service type or annotation the provider does not let tenants
+/// set (chart values `agent.tenantExposure.*`).
+pub fn check_tenant_exposure(
+    spec: &AgentSpec,
+    allowed: &crate::config::TenantExposure,
+) -> Result<(), String> {
+    let t = spec.exposure.service_type;
+    if !allowed.service_types.contains(&t) {
+        let list: Vec<&str> = allowed.service_types.iter().map(|t| t.as_str()).collect();
+        return Err(format!(
+            "spec.exposure.serviceType {} is not one the provider allows tenants to use \
+             (allowed: {}; chart value agent.tenantExposure.serviceTypes)",
+            t.as_str(),
+            list.join(", ")
+        ));
+    }
+    for k in spec.exposure.service_annotations.keys() {
+        if !allowed
+            .annotation_prefixes
+            .iter()
+            .any(|p| !p.is_empty() && k.starts_with(p.as_str()))
+        {
+            let list = match allowed.annotation_prefixes.is_empty() {
+                true => "none".to_string(),
+                false => allowed.annotation_prefixes.join(", "),
+            };
+            return Err(format!(
+                "spec.exposure.serviceAnnotations key {k:?} is not one the provider lets \
+                 tenants set (allowed prefixes: {list}; chart value \
+                 agent.tenantExposure.serviceAnnotationPrefixes)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn same_toleration(a: &Toleration, b: &Toleration) -> bool {
     let s = |o: &Option<String>| o.clone().unwrap_or_default();
     let op = |o: &Option<String>| match o.as_deref() {
@@ -246,6 +282,41 @@ pub fn check(spec: &AgentSpec) -> Result<(), String> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    /// By default a tenant gets a ClusterIP Service and no annotations; a
+    /// NodePort, a LoadBalancer or an annotation only where the provider
+    /// lists it.
+    #[test]
+    fn tenants_get_only_the_service_types_and_annotations_the_provider_lists() {
+        use crate::config::TenantExposure;
+        use crate::crd::agent::ServiceType;
+        let mut spec = crate::testutil::fs_agent("a", "t").spec;
+        let default = TenantExposure::default();
+        check_tenant_exposure(&spec, &default).unwrap();
+        spec.exposure.service_type = ServiceType::LoadBalancer;
+        let e = check_tenant_exposure(&spec, &default).unwrap_err();
+        assert!(
+            e.contains("LoadBalancer") && e.contains("allowed: ClusterIP"),
+            "{e}"
+        );
+        let lb = TenantExposure {
+            service_types: vec![ServiceType::ClusterIP, ServiceType::LoadBalancer],
+            annotation_prefixes: vec!["service.beta.kubernetes.io/aws-load-balancer-".into()],
+        };
+        check_tenant_exposure(&spec, &lb).unwrap();
+        spec.exposure.service_annotations = BTreeMap::from([(
+            "service.beta.kubernetes.io/aws-load-balancer-internal".into(),
+            "true".into(),
+        )]);
+        check_tenant_exposure(&spec, &lb).unwrap();
+        assert!(check_tenant_exposure(&spec, &default).is_err());
+        spec.exposure.service_annotations = BTreeMap::from([(
+            "metallb.universe.tf/loadBalancerIPs".into(),
+            "10.0.0.7".into(),
+        )]);
+        let e = check_tenant_exposure(&spec, &lb).unwrap_err();
+        assert!(e.contains("metallb.universe.tf/loadBalancerIPs"), "{e}");
+    }
 
     #[test]
     fn tenants_get_only_the_priority_classes_and_tolerations_the_provider_lists() {

@@ -196,6 +196,8 @@ pub fn agent_config(
     crate::podspec::check(spec).map_err(InputError::InvalidSpec)?;
     crate::podspec::check_tenant_scheduling(spec, &cfg.tenant_scheduling)
         .map_err(InputError::InvalidSpec)?;
+    crate::podspec::check_tenant_exposure(spec, &cfg.tenant_exposure)
+        .map_err(InputError::InvalidSpec)?;
     caravan_agent::config::check_scheme(&storage.scheme)
         .map_err(|e| InputError::UnknownStorageScheme(strip_config_prefix(&e.to_string())))?;
 

@@ -160,6 +160,9 @@ def case_defaults() -> None:
         {"CARAVAN_AGENT_SCHEDULING", "CARAVAN_AGENT_IMAGE_PULL_SECRETS", "CARAVAN_METRICS_NAMESPACE_LABELS",
          "CARAVAN_TENANT_PRIORITY_CLASSES", "CARAVAN_TENANT_TOLERATIONS"}
         & set(env_of(dep))) and "imagePullSecrets" not in pod and "priorityClassName" not in pod)
+    check("tenants get ClusterIP Services and no annotations by default", lambda: (
+        env_of(dep)["CARAVAN_TENANT_SERVICE_TYPES"] == "ClusterIP"
+        and "CARAVAN_TENANT_SERVICE_ANNOTATION_PREFIXES" not in env_of(dep)))
     check("no monitors and no dashboard by default", lambda: not [
         o for o in kget("configmaps", ns)["items"] if o["metadata"]["name"].endswith("-dashboard")])
 
@@ -186,6 +189,10 @@ def case_provider() -> None:
             "tenantScheduling": {
                 "priorityClassNames": ["tenant-high", "tenant-low"],
                 "tolerations": [{"key": "caravan.dev/agents", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+            "tenantExposure": {
+                "serviceTypes": ["ClusterIP", "LoadBalancer"],
+                "serviceAnnotationPrefixes": ["service.beta.kubernetes.io/aws-load-balancer-"],
             },
         },
         "repository": {
@@ -226,6 +233,9 @@ def case_provider() -> None:
         assert env["CARAVAN_TENANT_PRIORITY_CLASSES"] == "tenant-high,tenant-low"
         assert json.loads(env["CARAVAN_TENANT_TOLERATIONS"]) == [
             {"key": "caravan.dev/agents", "operator": "Exists", "effect": "NoSchedule"}]
+        assert env["CARAVAN_TENANT_SERVICE_TYPES"] == "ClusterIP,LoadBalancer"
+        assert env["CARAVAN_TENANT_SERVICE_ANNOTATION_PREFIXES"] == \
+            "service.beta.kubernetes.io/aws-load-balancer-"
 
     check("agent scheduling, tenant allow-list, pull secrets, log format and Prometheus namespace reach the operator",
           agent_defaults)
