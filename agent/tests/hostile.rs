@@ -392,6 +392,93 @@ fn replayed_or_forked_manifest_is_refused_and_nothing_is_deleted() {
     );
 }
 
+/// Guarantee: one share id has one publisher on a recipient. Share ids
+/// are no secret (repositories and tickets carry them) and anyone can sign
+/// a manifest with any id: Mallory's "version 1000" of Alice's share, with
+/// a ticket of her own for Bob, is refused before anything changes, so it
+/// neither replaces Alice's share (locking her real versions out as
+/// "older") nor writes over its files; Alice's next version still comes.
+/// The same on the publisher: Alice is not talked into fetching a stranger's
+/// version of her own share.
+#[test]
+fn a_stranger_cannot_take_over_a_share_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("contract.txt"), b"the real contract").unwrap();
+    alice.start();
+    bob.start();
+    let rt = rt();
+    let (share, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "docs", &[])["state"], "done");
+
+    let share_id: ShareId = share.parse().unwrap();
+    let mallory_key = SecretKey::generate().unwrap();
+    let mallory_share_key = Key::random().unwrap();
+    let keyer = ChunkKeyer::new(&mallory_share_key);
+    let (r, sealed) = keyer.seal(b"mallory was here").unwrap();
+    let forged = Manifest {
+        share_id,
+        seq: 1000,
+        created_at: unix_now(),
+        access: Access {
+            agents: vec![bob.id.parse().unwrap(), alice.id.parse().unwrap()],
+            trust_depth: None,
+        },
+        entries: vec![Entry {
+            path: "contract.txt".into(),
+            mode: 0o644,
+            kind: EntryKind::File {
+                size: 16,
+                chunks: vec![r],
+            },
+        }],
+    };
+    let mallory = Arc::new(Hostile::default());
+    *mallory.manifest.lock().unwrap() = Some(
+        forged
+            .seal(&mallory_key, &mallory_share_key)
+            .unwrap()
+            .to_bytes(),
+    );
+    mallory.chunks.lock().unwrap().insert(r.id, sealed);
+    let addr = serve_hostile(&rt, &mallory_key, mallory.clone());
+    for (victim, dest) in [(&bob, "docs"), (&bob, "elsewhere"), (&alice, "from-m")] {
+        let ticket = Ticket::issue(
+            &mallory_key,
+            share_id,
+            victim.id.parse().unwrap(),
+            &mallory_share_key,
+            vec![addr.clone()],
+            vec![],
+        )
+        .unwrap();
+        let (code, err) = fetch_bounded(victim, &ticket, dest, &[]);
+        assert_eq!(code, Some(3), "a stranger's version was taken: {err}");
+        assert!(err.contains("one share id has one publisher"), "{err}");
+    }
+    assert_eq!(
+        mallory.chunk_calls.load(Ordering::SeqCst),
+        0,
+        "nothing was fetched"
+    );
+    assert_eq!(
+        std::fs::read(bob.data().join("docs/contract.txt")).unwrap(),
+        b"the real contract"
+    );
+    // Alice's own versions still reach Bob, and she still publishes them.
+    std::fs::write(src.join("contract.txt"), b"the real contract, v2").unwrap();
+    publish(&alice, "docs", &[&bob.id], &["--share", &share]);
+    let v2 = fetch(&bob, &tickets[0], "docs", &[]);
+    assert_eq!(v2["seq"], 2, "{v2}");
+    assert_eq!(
+        std::fs::read(bob.data().join("docs/contract.txt")).unwrap(),
+        b"the real contract, v2"
+    );
+}
+
 // ------------------------------------------------- 2. stale chunk ids
 
 /// After a file is edited in place (same size, not republished), asking for

@@ -275,6 +275,21 @@ fn check_listing(l: &LiveListing) -> Result<()> {
             .map(|f| (f.0.as_str(), true))
             .chain(l.dirs.iter().map(|d| (d.0.as_str(), false))),
     )?;
+    // The sizes are the publisher's word, unsigned until the manifest: no
+    // more than a manifest can hold in all, added without wrapping (sizes
+    // adding up to 2^64 + 1,000 passed as 1,000 bytes, under every
+    // free-space check, and filled the disk).
+    let most = MAX_MANIFEST_CHUNKS * MAX_CHUNK as u64;
+    let total = l
+        .files
+        .iter()
+        .try_fold(0u64, |sum, f| sum.checked_add(f.1).filter(|t| *t <= most));
+    if total.is_none() {
+        return Err(Error::Record(format!(
+            "the live listing's file sizes add up to more than any share holds \
+             ({most} bytes)"
+        )));
+    }
     Ok(())
 }
 
@@ -295,5 +310,44 @@ impl ChunkSource<'_> {
             ChunkSource::Fixed(c) => Ok((c.get(have..).unwrap_or_default().to_vec(), true)),
             ChunkSource::Live(feed, file) => feed.more(*file, have, wait).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(sizes: &[u64]) -> LiveListing {
+        LiveListing {
+            files: sizes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("f{i}"), *s, 0o644))
+                .collect(),
+            dirs: Vec::new(),
+        }
+    }
+
+    /// A live listing's sizes (the publisher's unsigned word) cannot wrap
+    /// around to a small total that passes the free-space checks, nor add
+    /// up to more than any share holds.
+    #[test]
+    fn listed_sizes_that_wrap_or_exceed_any_share_are_refused() {
+        check_listing(&listing(&[209_715_200, 0, 5])).unwrap();
+        let wraps = listing(&[
+            209_715_200,
+            9_223_372_036_854_775_807,
+            9_223_372_036_645_061_609,
+        ]);
+        let e = check_listing(&wraps).unwrap_err();
+        assert!(matches!(e, Error::Record(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("add up to more than any share holds"),
+            "{e}"
+        );
+        let most = MAX_MANIFEST_CHUNKS * MAX_CHUNK as u64;
+        check_listing(&listing(&[most])).unwrap();
+        assert!(check_listing(&listing(&[most, 1])).is_err());
     }
 }

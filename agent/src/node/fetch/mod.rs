@@ -127,6 +127,7 @@ impl Agent {
                 ticket.recipient, self.id
             )));
         }
+        self.check_same_publisher(&ticket).await?;
         let dest = state::user_folder(&self.opts.state_prefix, &req.dest)?;
         if let Some(root) = &self.opts.fs_root {
             tree::check_dest(root, &dest)?;
@@ -281,6 +282,41 @@ impl Agent {
         turn.lock_owned().await
     }
 
+    /// Refuses a ticket for a share this agent already has from another
+    /// publisher: held (fetched, or published by this agent), being
+    /// published, or an earlier fetch of it pending. A share id is no
+    /// secret (repositories and tickets carry it) and anyone may sign a
+    /// manifest with any id, so without this a stranger's "version 1000"
+    /// of someone's share would replace it here, lock its real versions
+    /// out as "older", or overwrite its files; one share id, one publisher.
+    async fn check_same_publisher(&self, ticket: &Ticket) -> Result<()> {
+        let id = &ticket.share_id;
+        let mut known = self.share(id).map(|s| s.publisher);
+        if known.is_none() {
+            known = self
+                .live
+                .read()
+                .ok()
+                .and_then(|m| m.get(id).map(|l| l.publisher));
+        }
+        if known.is_none()
+            && let Ok(saved) = self.op.read(&self.pending_path(id)).await
+            && let Ok(p) = serde_json::from_slice::<leftovers::PendingFetch>(&saved.to_vec())
+            && let Ok(t) = Ticket::parse(&p.request.ticket)
+        {
+            known = Some(t.publisher);
+        }
+        match known {
+            Some(p) if p != ticket.publisher => Err(Error::Rejected(format!(
+                "share {id} here is {}; this ticket is signed by {}, another agent: refused, \
+                 nothing was changed (one share id has one publisher)",
+                describe(&p, &self.id),
+                ticket.publisher
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn pending_path(&self, id: &ShareId) -> String {
         state::fetch_file(&self.opts.state_prefix, id)
     }
@@ -415,6 +451,15 @@ impl Agent {
         // Versions only move forward: a replayed (older) or forked (same
         // version, other bytes) manifest is refused before anything changes.
         if let Some(held) = self.share(&ticket.share_id) {
+            if held.publisher != ticket.publisher {
+                return Err(Error::Rejected(format!(
+                    "share {} here is {}; this manifest is signed by {}, another agent: \
+                     refused, nothing was changed (one share id has one publisher)",
+                    ticket.share_id,
+                    describe(&held.publisher, &self.id),
+                    ticket.publisher
+                )));
+            }
             if seq < held.seq() {
                 return Err(Error::Refused(format!(
                     "version {seq} of share {} is older than version {} already held \
@@ -902,7 +947,8 @@ impl Agent {
     ) -> Result<()> {
         let seq = feed.seq;
         let files = &feed.listing.files;
-        let total: u64 = files.iter().map(|f| f.1).sum();
+        // Bounded when the listing was taken (`live::check_listing`).
+        let total: u64 = files.iter().fold(0u64, |t, f| t.saturating_add(f.1));
         tracing::info!(share = %ticket.share_id, seq, files = files.len(), bytes = total, "fetching while the publisher's pass runs");
         progress.seq.store(seq, Ordering::Relaxed);
         progress.bytes_total.store(total, Ordering::Relaxed);
@@ -1507,6 +1553,14 @@ fn changed_since(file: &std::fs::Metadata, saved: &std::fs::Metadata) -> bool {
 #[cfg(not(unix))]
 fn changed_since(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
     false
+}
+
+/// The publisher of a share as a refusal names it.
+fn describe(agent: &AgentId, me: &AgentId) -> String {
+    match agent == me {
+        true => format!("published by this agent ({agent})"),
+        false => format!("published by {agent}"),
+    }
 }
 
 /// The folders a manifest lists.
