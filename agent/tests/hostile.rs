@@ -479,6 +479,54 @@ fn a_stranger_cannot_take_over_a_share_id() {
     );
 }
 
+/// Guarantee: addresses that accept and never answer (anyone may announce
+/// any address for a share) do not hold a fetch up: once a peer answers,
+/// the dials still out get a second more, and the fetch goes. Sixteen such
+/// addresses held it 40 s (a TLS deadline per dial, 8 at a time).
+#[test]
+fn silent_addresses_do_not_hold_a_fetch_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"hello").unwrap();
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    // Sixteen listeners that accept and say nothing, kept open.
+    let silent: Vec<std::net::TcpListener> = (0..16)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<String> = silent
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    for l in &silent {
+        let l = l.try_clone().unwrap();
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                held.lock().unwrap().push(c);
+            }
+        });
+    }
+    let peers: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let (code, err) = fetch_bounded(&bob, &tickets[0], "docs", &peers);
+    let took = started.elapsed();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        std::fs::read(bob.data().join("docs/a.txt")).unwrap(),
+        b"hello"
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "silent addresses held the fetch up for {took:?}"
+    );
+}
+
 // ------------------------------------------------- 2. stale chunk ids
 
 /// After a file is edited in place (same size, not republished), asking for

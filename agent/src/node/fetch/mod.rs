@@ -90,6 +90,10 @@ fn folders_here<'p>(previous: Option<&'p HeldShare>, dest: &str) -> HashSet<&'p 
 
 /// How long a resumed fetch that reached no peer waits before its
 /// attempt `attempt` (1, 2, …): 15 s, doubling, at most 5 minutes.
+/// Addresses announced by holders other than the publisher dialled per
+/// fetch, at most.
+const MAX_ANNOUNCED: usize = 32;
+
 fn retry_wait(attempt: u32) -> Duration {
     let first = tuning::fetch_retry_first();
     first
@@ -358,20 +362,36 @@ impl Agent {
         } else {
             Some(self.key.unwrap_key(&ticket.wrapped_key)?)
         };
+        // Who is dialled, most trusted first: the ticket's addresses (the
+        // publisher's), `--peer`, the publisher's own announcement (which
+        // no sybil can crowd out); then at most `MAX_ANNOUNCED` addresses
+        // other holders announced. Anyone may announce any address for a
+        // share: silent ones must not hold the fetch up (`Swarm::connect`
+        // goes once one peer answers), nor be dialled by the thousand.
         let mut addrs = ticket.addresses.clone();
         addrs.extend(peers.iter().cloned());
+        let mut announced = Vec::new();
         if let Some(web) = self.trust() {
+            addrs.extend(web.addresses_of(&ticket.publisher).await);
             // Peers from every repository (union, verified); a repository
             // that is down answers from the client's cache or is skipped.
             match web.peers_for(&ticket.share_id.0).await {
-                Ok(found) => addrs.extend(found.into_iter().flat_map(|(_, a)| a)),
+                Ok(found) => announced.extend(found.into_iter().flat_map(|(_, a)| a)),
                 Err(e) => tracing::warn!(error = %e, "no repository answered; using known peers"),
             }
-            // The publisher's own announcement, which no sybil can crowd out.
-            addrs.extend(web.addresses_of(&ticket.publisher).await);
         }
-        addrs.sort();
-        addrs.dedup();
+        let mut seen = HashSet::new();
+        addrs.retain(|a| seen.insert(a.clone()));
+        announced.retain(|a| seen.insert(a.clone()));
+        if announced.len() > MAX_ANNOUNCED {
+            tracing::info!(
+                announced = announced.len(),
+                dialled = MAX_ANNOUNCED,
+                "more holders announced than are dialled"
+            );
+            announced.truncate(MAX_ANNOUNCED);
+        }
+        addrs.extend(announced);
         // A keyless ticket (trusted agents, declared subscriptions) of a
         // share already held: its key opens the offline seed of the same
         // key's versions while the publisher sleeps (a rotated key does not).

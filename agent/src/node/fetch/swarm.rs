@@ -26,6 +26,9 @@ use crate::node::metrics::Metrics;
 use crate::node::tuning;
 use crate::wire::client::PeerConn;
 
+/// How long the dials still out wait once one peer answered.
+const SETTLE: Duration = Duration::from_secs(1);
+
 /// Corrupt chunks after which a peer is no longer asked.
 const BAN_AFTER: u32 = 8;
 
@@ -71,10 +74,28 @@ impl Swarm {
                 }
             })
             .collect();
-        let results: Vec<(String, Result<PeerConn>)> = futures::stream::iter(attempts)
-            .buffer_unordered(8)
-            .collect()
-            .await;
+        // Dialled in order, 8 at a time; once one peer has answered, the
+        // dials still out get `SETTLE` more, and the fetch goes with what
+        // answered: an address that accepts and says nothing (announced by
+        // anyone) costs a TLS deadline per dial, 40 s for 16 of them.
+        let mut dials = futures::stream::iter(attempts).buffer_unordered(8);
+        let mut results: Vec<(String, Result<PeerConn>)> = Vec::new();
+        let mut settle: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let next = match settle.as_mut() {
+                None => dials.next().await,
+                Some(until) => tokio::select! {
+                    r = dials.next() => r,
+                    _ = until => break,
+                },
+            };
+            let Some((addr, r)) = next else { break };
+            if settle.is_none() && r.as_ref().is_ok_and(|c| c.peer != agent.id) {
+                settle = Some(Box::pin(tokio::time::sleep(SETTLE)));
+            }
+            results.push((addr, r));
+        }
+        drop(dials);
         let mut conns = Vec::new();
         let mut errors = Vec::new();
         for (addr, r) in results {
