@@ -324,6 +324,32 @@ fn fetching_a_held_version_again_repairs_the_copy() {
     assert_eq!(pending(), 0);
 }
 
+/// A publish asking for offline seeding from storage that cannot presign
+/// URLs (a local disk) is refused before its pass: exit 3, saying why,
+/// and nothing published (it used to publish the version, then fail).
+#[test]
+fn offline_seeding_from_storage_that_cannot_presign_publishes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let bob = TestAgent::init(&tmp.path().join("bob"));
+    make_tree(&alice.data().join("photos"), 2, 1000);
+    alice.start();
+    let out = cli(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "photos",
+        "--to",
+        &bob.id,
+        "--offline-seeding",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("presigns URLs"), "{err}");
+    let shares = std::fs::read_dir(alice.data().join(".caravan/shares")).map_or(0, |d| d.count());
+    assert_eq!(shares, 0, "a share was published");
+}
+
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
 /// on the recipient, and every file still matches the source. Zeros are

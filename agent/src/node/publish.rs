@@ -152,6 +152,9 @@ impl Agent {
         progress: Option<Arc<PublishProgress>>,
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
+        if req.offline_seeding {
+            self.check_presigns().await?;
+        }
         let v = self.new_version(&req)?;
         let live = self.go_live(&req, &v)?;
         self.publish_version(&req, &v, live, progress, started_tx)

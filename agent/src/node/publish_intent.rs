@@ -56,6 +56,9 @@ impl Agent {
         req: PublishRequest,
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
+        if req.offline_seeding {
+            self.check_presigns().await?;
+        }
         let v = self.new_version(&req)?;
         let intent = PublishIntent {
             request: req.clone(),

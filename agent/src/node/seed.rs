@@ -429,6 +429,19 @@ impl Agent {
         Ok(())
     }
 
+    /// Whether this storage gives presigned URLs with its credentials: a
+    /// trial signature (local, no request), asked before a publish with
+    /// offline seeding starts, so one that cannot is refused with nothing
+    /// published (it was said after the pass, the version published).
+    pub(crate) async fn check_presigns(&self) -> Result<()> {
+        self.presign(
+            &format!("{}seed/can-presign", self.opts.state_prefix),
+            Duration::from_secs(60),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// A GET URL for `path` that a stranger can use until `validity` ends,
     /// or a configuration error that says why this storage cannot give one.
     async fn presign(&self, path: &str, validity: Duration) -> Result<String> {
