@@ -29,6 +29,8 @@ pub(crate) struct Admin {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// The folder a local-disk (`fs`) storage is rooted at.
+    fs_root: Option<std::path::PathBuf>,
 }
 
 /// How long a command waits for a daemon that says it is starting.
@@ -46,11 +48,34 @@ impl Admin {
             .timeout(Duration::from_secs(3600))
             .build()
             .context("building the HTTP client")?;
+        let fs_root = (cfg.storage.scheme == "fs")
+            .then(|| {
+                cfg.storage
+                    .options
+                    .get("root")
+                    .map(std::path::PathBuf::from)
+            })
+            .flatten();
         Ok(Admin {
             base: format!("http://{addr}"),
             token,
             http,
+            fs_root,
         })
+    }
+
+    /// A path the user typed, as the daemon takes it (relative to the
+    /// storage's root). On a local disk an absolute path inside the
+    /// storage's folder is made relative to it (`/srv/caravan/photos` →
+    /// `photos`), and one outside it is refused, saying where paths are
+    /// taken from: its leading `/` used to be dropped, so `/tmp/x` meant
+    /// `<root>/tmp/x`. Elsewhere (object stores) a leading `/` is the
+    /// root, as in OpenDAL.
+    pub(crate) fn storage_path(&self, typed: &str) -> Result<String> {
+        let Some(root) = &self.fs_root else {
+            return Ok(typed.to_string());
+        };
+        inside_root(root, typed).map_err(|e| Exit::Config(e).into())
     }
 
     /// Sends a request with the admin token and returns a successful
@@ -206,5 +231,56 @@ impl Admin {
     ) -> Result<T> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(body))
             .await
+    }
+}
+
+/// [`Admin::storage_path`] on a local disk rooted at `root`.
+fn inside_root(root: &Path, typed: &str) -> std::result::Result<String, anyhow::Error> {
+    let t = typed.trim();
+    if !t.starts_with('/') || t == "/" {
+        return Ok(t.to_string());
+    }
+    let folder = t.ends_with('/');
+    let roots = [Some(root.to_path_buf()), std::fs::canonicalize(root).ok()];
+    for r in roots.iter().flatten() {
+        if let Ok(rest) = Path::new(t).strip_prefix(r) {
+            let mut rel = rest.to_string_lossy().into_owned();
+            if folder && !rel.is_empty() {
+                rel.push('/');
+            }
+            return Ok(rel);
+        }
+    }
+    Err(anyhow!(
+        "{t} is not inside the agent's storage ({}): paths are taken from the storage's \
+         root, e.g. `photos` for {}/photos",
+        root.display(),
+        root.display()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a local disk, absolute paths inside the storage's folder become
+    /// relative to it; outside it they are refused, naming the folder.
+    #[test]
+    fn absolute_paths_on_a_local_disk_are_taken_inside_the_storage_or_refused() {
+        let root = Path::new("/srv/caravan/data");
+        assert_eq!(inside_root(root, "photos").unwrap(), "photos");
+        assert_eq!(inside_root(root, "/").unwrap(), "/");
+        assert_eq!(
+            inside_root(root, "/srv/caravan/data/photos").unwrap(),
+            "photos"
+        );
+        assert_eq!(inside_root(root, "/srv/caravan/data/in/").unwrap(), "in/");
+        assert_eq!(inside_root(root, "/srv/caravan/data").unwrap(), "");
+        let e = inside_root(root, "/tmp/x").unwrap_err().to_string();
+        assert!(
+            e.contains("not inside the agent's storage (/srv/caravan/data)"),
+            "{e}"
+        );
+        assert!(inside_root(root, "/srv/caravan/database").is_err());
     }
 }

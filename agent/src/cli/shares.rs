@@ -38,7 +38,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             }
             let client = Admin::from_config(&config)?;
             let req = PublishRequest {
-                path,
+                path: client.storage_path(&path)?,
                 access: Access {
                     agents: to,
                     trust_depth,
@@ -191,7 +191,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     api::FETCHES,
                     &FetchRequest {
                         ticket,
-                        dest,
+                        dest: client.storage_path(&dest)?,
                         peers,
                     },
                 )
