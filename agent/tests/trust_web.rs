@@ -490,13 +490,24 @@ fn trust_records_made_while_the_repository_is_down_are_published_when_it_returns
     );
     let list = cli_ok(&["trust", "list", "--config", e.cfg(), "--json"]);
     let l: serde_json::Value = serde_json::from_str(&list).unwrap();
-    let g_grant = l["issued"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["subject"] == g.as_str())
-        .map(|x| x["grant_id"].as_str().unwrap().to_string())
-        .unwrap();
+    let listed = |l: &serde_json::Value, who: &str| {
+        l["issued"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["subject"] == who)
+            .cloned()
+            .unwrap()
+    };
+    let g_grant = listed(&l, &g)["grant_id"].as_str().unwrap().to_string();
+    // The listing says where each grant is: f's at the repository, g's
+    // waiting for it.
+    assert_eq!(
+        listed(&l, &f)["published_to"],
+        serde_json::json!([url]),
+        "{l}"
+    );
+    assert_eq!(listed(&l, &g)["published_to"], serde_json::json!([]), "{l}");
 
     // The daemon restarts while the repository is still down: the outbox
     // is read back from its state.
@@ -525,6 +536,13 @@ fn trust_records_made_while_the_repository_is_down_are_published_when_it_returns
         assert!(Instant::now() < deadline, "outbox not emptied");
         std::thread::sleep(Duration::from_millis(200));
     }
+    let list = cli_ok(&["trust", "list", "--config", e.cfg(), "--json"]);
+    let l: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(
+        listed(&l, &g)["published_to"],
+        serde_json::json!([url]),
+        "{l}"
+    );
 }
 
 /// Guarantee: `trust grant` refuses, before anything is signed, a validity

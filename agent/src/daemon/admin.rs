@@ -513,7 +513,7 @@ async fn api_trust_list(
     h: HeaderMap,
 ) -> std::result::Result<Json<TrustListing>, ApiFailure> {
     check_token(&s, &h)?;
-    Ok(Json(trust(&s)?.listing()))
+    Ok(Json(trust(&s)?.listing().await))
 }
 
 /// `POST /v1/trust/grants` with a [`GrantRequest`]

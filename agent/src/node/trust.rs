@@ -12,7 +12,7 @@
 //! repositories still to reach); every trust sync sends them again until
 //! each repository took them or refused them for cause.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -144,7 +144,8 @@ pub struct GrantInfo {
     pub not_after: u64,
     /// Revoked as far as this agent knows.
     pub revoked: bool,
-    /// Repositories that stored it (only right after issuing).
+    /// Repositories that stored it (in a listing: the configured ones its
+    /// record no longer waits for in the outbox).
     #[serde(default)]
     pub published_to: Vec<String>,
 }
@@ -797,16 +798,49 @@ impl AgentTrust {
     }
 
     /// What `trust list` shows.
-    pub fn listing(&self) -> TrustListing {
+    ///
+    /// Each grant's `published_to`: the configured repositories but those
+    /// its record still waits for in the outbox.
+    pub async fn listing(&self) -> TrustListing {
         let now = unix_now();
         let set = self
             .engine
             .read()
             .map(|e| e.trusted_set(&self.me, SEARCH_HOPS, now))
             .unwrap_or_default();
+        let mut waiting: HashMap<String, Vec<String>> = HashMap::new();
+        for p in self.outbox.lock().await.values() {
+            if let Ok(rec) = SignedRecord::from_bytes(&p.record)
+                && let Ok(g) = TrustGrant::from_record(&rec)
+            {
+                waiting
+                    .entry(g.id().to_hex())
+                    .or_default()
+                    .extend(p.repositories.iter().cloned());
+            }
+        }
+        let repos: Vec<String> = self
+            .repos
+            .as_ref()
+            .map(|r| r.urls().to_vec())
+            .unwrap_or_default();
+        let issued = self
+            .issued()
+            .iter()
+            .map(|g| {
+                let mut info = self.info(g);
+                let pending = waiting.get(&info.grant_id);
+                info.published_to = repos
+                    .iter()
+                    .filter(|u| !pending.is_some_and(|p| p.contains(u)))
+                    .cloned()
+                    .collect();
+                info
+            })
+            .collect();
         TrustListing {
             agent_id: self.me,
-            issued: self.issued().iter().map(|g| self.info(g)).collect(),
+            issued,
             trusted: set.iter().map(|(k, c)| (k.to_string(), c.len())).collect(),
             tree: render_tree(&self.me, &set),
         }
@@ -1229,7 +1263,7 @@ mod tests {
         let again = AgentTrust::open(&alice_key, op.clone(), ".caravan/", &[])
             .await
             .unwrap();
-        let l = again.listing();
+        let l = again.listing().await;
         assert_eq!(l.issued.len(), 2);
         assert!(l.issued.iter().any(|g| g.subject == bob && g.revoked));
         assert!(l.trusted.contains_key(&carol.to_string()));
@@ -1279,7 +1313,7 @@ mod tests {
         let e = web.grant(&req(f, Some(400 * 86400))).await.unwrap_err();
         assert!(e.to_string().contains("366 days"), "{e}");
         // Only the first grant was ever signed, and it is the one in effect.
-        let l = web.listing();
+        let l = web.listing().await;
         assert_eq!(l.issued.len(), 1);
         assert!(l.issued[0].not_after <= unix_now() + 30 * 86400);
         assert_eq!(web.own_grants().len(), 1);
