@@ -585,6 +585,15 @@ fn edited_files_are_never_served_under_an_old_chunk_id() {
         ],
         sent_before
     );
+    // A fetch that needs it says what will help: a new version from the
+    // publisher (fetching again alone fails the same way).
+    let (code, err) = fetch_bounded(&bob, &tickets[0], "again", &[]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(
+        err.contains("changed since it was published")
+            && err.contains(&format!("must publish a new version of the share (`caravan-agent publish PATH --share {share}`)")),
+        "{err}"
+    );
 }
 
 /// Serving checks a chunk by the AEAD tag the publish pass recorded

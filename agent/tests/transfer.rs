@@ -350,6 +350,60 @@ fn offline_seeding_from_storage_that_cannot_presign_publishes_nothing() {
     assert_eq!(shares, 0, "a share was published");
 }
 
+/// A second `run` of a config whose daemon runs says so once, with what
+/// to do, as a configuration error (exit 3): it was exit 1 and
+/// "Address already in use (os error 98): Address already in use (os
+/// error 98)".
+#[test]
+fn running_a_config_twice_says_the_port_is_taken() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = TestAgent::init(&tmp.path().join("a"));
+    a.start();
+    let out = cli(&["run", "--config", a.cfg()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("is taken") || err.contains("already"), "{err}");
+    assert!(err.matches("os error").count() <= 1, "said twice: {err}");
+}
+
+/// `run &` then a command at once works: the command asks again while the
+/// daemon has not bound its ports yet (it was "cannot reach the agent
+/// daemon", exit 4, five times out of five).
+#[test]
+fn a_command_right_after_run_waits_for_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestAgent::init(&tmp.path().join("a"));
+    for _ in 0..3 {
+        // The command even a little before the daemon: it asks again.
+        let status = std::process::Command::new(BIN)
+            .args(["status", "--config", a.cfg()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut daemon = std::process::Command::new(BIN)
+            .args(["run", "--config", a.cfg()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = status.wait_with_output().unwrap();
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // With no daemon, refused quickly, as before.
+    let started = Instant::now();
+    let out = cli(&["status", "--config", a.cfg()]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
 /// on the recipient, and every file still matches the source. Zeros are

@@ -31,12 +31,18 @@ pub(crate) struct Admin {
     http: reqwest::Client,
     /// The folder a local-disk (`fs`) storage is rooted at.
     fs_root: Option<std::path::PathBuf>,
+    /// The lock its daemon holds while it runs (local disk only).
+    lock: Option<std::path::PathBuf>,
 }
 
 /// How long a command waits for a daemon that says it is starting.
 const STARTING_WAIT: Duration = Duration::from_secs(10);
 /// How often it asks meanwhile.
 const STARTING_POLL: Duration = Duration::from_millis(200);
+/// How long a refused connection is tried again before the daemon is
+/// said not to run: a process just started has not bound its ports yet
+/// (nor, for a moment, taken its storage's lock).
+const NOT_LISTENING_GRACE: Duration = Duration::from_millis(500);
 
 impl Admin {
     pub(crate) fn from_config(path: &Path) -> Result<Admin> {
@@ -56,11 +62,15 @@ impl Admin {
                     .map(std::path::PathBuf::from)
             })
             .flatten();
+        let lock = fs_root
+            .as_ref()
+            .map(|r| daemon::lock_path(r, &cfg.state_prefix));
         Ok(Admin {
             base: format!("http://{addr}"),
             token,
             http,
             fs_root,
+            lock,
         })
     }
 
@@ -85,15 +95,35 @@ impl Admin {
     /// to [`STARTING_WAIT`]; one that still is then is reported, with
     /// what it waits for.
     async fn start(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let deadline = tokio::time::Instant::now() + STARTING_WAIT;
+        let first_try = tokio::time::Instant::now();
+        let deadline = first_try + STARTING_WAIT;
         let mut req = req;
         loop {
             let again = req.try_clone();
-            let resp = req
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .map_err(|e| self.unreachable(e))?;
+            let resp = match req.bearer_auth(&self.token).send().await {
+                Ok(r) => r,
+                // Not listening yet: a daemon just started (`run &` then
+                // a command) binds its ports in a moment. Asked again for
+                // half a second, and for as long as `STARTING_WAIT` while
+                // its storage's lock is held (it is starting); with no
+                // daemon, refused after the half second.
+                Err(e)
+                    if e.is_connect()
+                        && (tokio::time::Instant::now() < first_try + NOT_LISTENING_GRACE
+                            || (self.lock.as_deref().is_some_and(daemon::lock_held)
+                                && tokio::time::Instant::now() + STARTING_POLL < deadline)) =>
+                {
+                    match again {
+                        Some(next) => {
+                            tokio::time::sleep(STARTING_POLL).await;
+                            req = next;
+                            continue;
+                        }
+                        None => return Err(self.unreachable(e)),
+                    }
+                }
+                Err(e) => return Err(self.unreachable(e)),
+            };
             let status = resp.status();
             if status.is_success() {
                 return Ok(resp);

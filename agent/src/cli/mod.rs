@@ -126,15 +126,33 @@ pub fn main() -> ExitCode {
                 let v = serde_json::json!({
                     "message_type": "exit_error",
                     "code": code,
-                    "message": format!("{e:#}"),
+                    "message": message(&e),
                 });
                 say!("{v}");
             } else {
-                say!("error: {e:#}");
+                say!("error: {}", message(&e));
             }
             ExitCode::from(code)
         }
     }
+}
+
+/// An error and its causes, each said once: the library's errors already
+/// end with their source (`i/o error while binding …: Address already in
+/// use`), which anyhow's `{:#}` would append again.
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if out.contains(&said) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&said);
+    }
+    out
 }
 
 /// Whether the command line asked for `--json` output.

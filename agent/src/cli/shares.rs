@@ -253,7 +253,19 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 ))
                 .into());
             }
-            if !json {
+            if !json && last.chunks_total > 0 && last.chunks_fetched == 0 && last.chunks_reused == 0
+            {
+                // Held already, every file in place: nothing moved, so no
+                // rate (it was a nonsense 13,000 MiB/s).
+                out!(
+                    "share {} version {} is already in {:?}: {} files, {}, every file in place",
+                    last.share_id,
+                    last.seq,
+                    last.dest,
+                    last.files_total,
+                    human::bytes(last.bytes_total),
+                );
+            } else if !json {
                 out!(
                     "fetched share {} version {} into {:?}: {} files, {} ({} chunks downloaded, {} reused locally) in {:.2}s, {}",
                     last.share_id,

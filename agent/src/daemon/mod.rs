@@ -10,4 +10,4 @@ mod serve;
 #[cfg(feature = "node")]
 pub use admin::{admin_router, admin_router_with, status};
 #[cfg(feature = "node")]
-pub use serve::{metrics_router, read_identity, read_token, run};
+pub use serve::{lock_held, lock_path, metrics_router, read_identity, read_token, run};

@@ -94,9 +94,14 @@ pub fn read_token(path: &std::path::Path) -> Result<String> {
 }
 
 async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .context(|| format!("binding the {what} on {addr}"))
+    match TcpListener::bind(addr).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Error::Config(format!(
+            "the {what} address {addr} is taken (by a daemon already running with this \
+             config? `caravan-agent status` says; or another program): stop it, or set \
+             another port in the config"
+        ))),
+        r => r.context(|| format!("binding the {what} on {addr}")),
+    }
 }
 
 /// Takes the storage for this daemon alone (an exclusive `flock` on
@@ -108,8 +113,8 @@ async fn bind(addr: &str, what: &str) -> Result<TcpListener> {
 /// is said in the log, not fatal: the daemon runs unguarded, as before.
 fn lock_storage(root: &std::path::Path, state_prefix: &str) -> Result<Option<std::fs::File>> {
     use std::io::{Read, Seek, Write};
-    let dir = root.join(state_prefix.trim_matches('/'));
-    let path = dir.join("daemon.lock");
+    let path = lock_path(root, state_prefix);
+    let dir = path.parent().unwrap_or(root).to_path_buf();
     let opened = std::fs::create_dir_all(&dir).and_then(|()| {
         std::fs::OpenOptions::new()
             .read(true)
@@ -141,6 +146,21 @@ fn lock_storage(root: &std::path::Path, state_prefix: &str) -> Result<Option<std
     Ok(Some(f))
 }
 
+/// `<root>/<state>/daemon.lock`: the lock a daemon holds on its local
+/// storage for as long as it runs ([`lock_storage`]).
+pub fn lock_path(root: &std::path::Path, state_prefix: &str) -> std::path::PathBuf {
+    root.join(state_prefix.trim_matches('/'))
+        .join("daemon.lock")
+}
+
+/// Whether a daemon holds the lock at `path` now (one is running, maybe
+/// still starting): the lock cannot be shared.
+pub fn lock_held(path: &std::path::Path) -> bool {
+    std::fs::File::open(path).is_ok_and(|f| {
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+    })
+}
+
 /// How long a starting daemon waits for its storage to answer before it
 /// exits with the last error (a pod is then restarted): each probe is one
 /// request, tried every 0.2 s doubling to 10 s.
@@ -160,6 +180,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         aws_lc_rs::rand::fill(&mut seed)
     });
 
+    let fs_root = (cfg.storage.scheme == "fs")
+        .then(|| {
+            cfg.storage
+                .options
+                .get("root")
+                .map(std::path::PathBuf::from)
+        })
+        .flatten();
+    // Held until the process ends; taken first, so a second daemon on the
+    // same storage is told so (with the first one's pid), and a command
+    // run right after `run` sees a daemon starting before its ports are
+    // bound (`cli::client`).
+    let _lock = match &fs_root {
+        Some(root) => lock_storage(root, &cfg.state_prefix)?,
+        None => None,
+    };
     let peer_listener = bind(&cfg.listen, "peer listener").await?;
     let admin_listener = bind(&cfg.admin_listen, "admin API").await?;
     // Bound now with the others: a port taken is reported at once, and no
@@ -243,19 +279,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         delay = (delay * 2).min(std::time::Duration::from_secs(10));
     }
     gate.waiting("loading its state from the storage".into());
-    let fs_root = (cfg.storage.scheme == "fs")
-        .then(|| {
-            cfg.storage
-                .options
-                .get("root")
-                .map(std::path::PathBuf::from)
-        })
-        .flatten();
-    // Held until the process ends.
-    let _lock = match &fs_root {
-        Some(root) => lock_storage(root, &cfg.state_prefix)?,
-        None => None,
-    };
     let agent = Agent::open(
         key,
         op,

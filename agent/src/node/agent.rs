@@ -467,7 +467,8 @@ impl Service for Agent {
             };
             if hash != id.0 {
                 return Err(Error::NotFound(format!(
-                    "chunk {id}: {source} changed since it was published"
+                    "chunk {id}: {source} changed since it was published (edited in place, \
+                     not published again)"
                 )));
             }
             if corrupt && let Some(b) = ct.first_mut() {

@@ -338,6 +338,17 @@ impl Swarm {
             // Every peer answered "not found": the version being fetched is
             // no longer served, as when the publisher published a newer one
             // meanwhile (its daemon serves the newest version only).
+            // Or the publisher's file was edited in place without a new
+            // version: fetching again fails the same way until it
+            // publishes one, so that is what is said.
+            Some(Error::NotFound(m)) if m.contains("changed since it was published") => {
+                Err(Error::NotFound(format!(
+                    "{m}: the publisher's copy no longer holds this version; it must publish \
+                     a new version of the share (`caravan-agent publish PATH --share {}`), \
+                     then fetch the same ticket again (verified chunks are kept)",
+                    self.share
+                )))
+            }
             Some(Error::NotFound(m)) => Err(Error::NotFound(format!(
                 "{m}: no peer serves this version of the share any more; the publisher \
                  has probably published a newer one: fetch the same ticket again to get it"
