@@ -404,6 +404,54 @@ fn a_command_right_after_run_waits_for_the_daemon() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// A new version from another folder than the last one (a mistyped path)
+/// is refused, naming both, before anything is published: it would have
+/// turned every recipient's copy into that folder. `--new-path` says it
+/// is meant.
+#[test]
+fn a_version_from_another_folder_needs_new_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    make_tree(&alice.data().join("photos"), 2, 1000);
+    make_tree(&alice.data().join("docs"), 1, 500);
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "photos", &[&bob.id], &[]);
+    fetch(&bob, &tickets[0], "got", &[]);
+    let out = cli(&[
+        "publish",
+        "--config",
+        alice.cfg(),
+        "docs",
+        "--to",
+        &bob.id,
+        "--share",
+        &share,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("photos/") && err.contains("--new-path"),
+        "{err}"
+    );
+    // The share is as it was: the same version reaches Bob, nothing removed.
+    let again = fetch(&bob, &tickets[0], "got", &[]);
+    assert_eq!(again["seq"], 1, "{again}");
+    assert_same_tree(&alice.data().join("photos"), &bob.data().join("got"));
+    // The same folder needs nothing; another, the flag.
+    publish(&alice, "photos", &[&bob.id], &["--share", &share]);
+    publish(
+        &alice,
+        "docs",
+        &[&bob.id],
+        &["--share", &share, "--new-path"],
+    );
+    let moved = fetch(&bob, &tickets[0], "got", &[]);
+    assert_eq!(moved["seq"], 3, "{moved}");
+    assert_same_tree(&alice.data().join("docs"), &bob.data().join("got"));
+}
+
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
 /// on the recipient, and every file still matches the source. Zeros are

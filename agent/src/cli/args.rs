@@ -123,6 +123,12 @@ pub(crate) enum Command {
         /// recipient, trusts fewer hops, or follows a revocation).
         #[arg(long, requires = "share")]
         rotate_key: bool,
+        /// The new version comes from another folder than the last one
+        /// (every recipient's copy becomes what is there, files not there
+        /// removed): without it such a version is refused, as a mistyped
+        /// path would wipe their copies.
+        #[arg(long, requires = "share")]
+        new_path: bool,
         /// Also seed it offline: stage the sealed chunks in this agent's own
         /// bucket (s3 with access keys, gcs with a service-account key,
         /// azblob with the account key) and publish presigned URLs through

@@ -26,6 +26,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             trust_depth,
             share,
             rotate_key,
+            new_path,
             offline_seeding,
             url_validity,
             json,
@@ -47,6 +48,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 rotate_key,
                 offline_seeding,
                 url_validity_secs: url_validity,
+                new_path,
             };
             if json {
                 // One line with the share id and tickets as soon as they

@@ -603,6 +603,9 @@ impl Declarations {
                     rotate_key: false,
                     offline_seeding: p.offline_seeding,
                     url_validity_secs: None,
+                    // The declared path is the spec's: a changed one is
+                    // meant (the Share was edited).
+                    new_path: true,
                 };
                 let published = agent.publish(req, None).await?;
                 agent.activity.touch(activity::PUBLISH);

@@ -51,6 +51,11 @@ pub struct PublishRequest {
     /// Validity of each presigned URL (seconds; default 7 days).
     #[serde(default)]
     pub url_validity_secs: Option<u64>,
+    /// A new version of `share_id` may come from another folder than the
+    /// last one (every recipient's copy becomes what is there): without
+    /// it such a version is refused, as a mistyped path would wipe them.
+    #[serde(default)]
+    pub new_path: bool,
 }
 
 /// What publishing produced.
@@ -105,6 +110,19 @@ pub struct PublishStarted {
 pub struct PublishProgress {
     /// Plaintext bytes processed.
     pub bytes: AtomicU64,
+}
+
+/// Whether a publish of `path` can be the next version of a share whose
+/// last version was listed under `root` (a folder, or a file's folder):
+/// the same folder; or, when the last version was one file (`one_file`),
+/// a file in that folder (a single-file share's next file).
+fn same_source(root: &str, path: &str, one_file: bool) -> bool {
+    let folder = crate::node::state::as_folder(path.trim_end_matches('/'));
+    let parent = match path.trim_end_matches('/').rsplit_once('/') {
+        Some((dir, _)) => format!("{dir}/"),
+        None => String::new(),
+    };
+    root == folder || (one_file && root == parent)
 }
 
 /// The refusal of a publish while version `running` of share `id` is
@@ -179,6 +197,19 @@ impl Agent {
                     .ok_or_else(|| {
                         Error::NotFound(format!("share {id} is not published by this agent"))
                     })?;
+                let one_file = old.manifest.entries.len() == 1 && old.manifest.files().count() == 1;
+                if !req.new_path && !same_source(&old.root, &path, one_file) {
+                    return Err(Error::Rejected(format!(
+                        "share {id} was published from {:?}; this version would publish \
+                         {path:?} instead, and every recipient's copy would become that (files \
+                         not there removed): if that is what you want, add --new-path",
+                        if old.root.is_empty() {
+                            "/"
+                        } else {
+                            old.root.as_str()
+                        }
+                    )));
+                }
                 // A trust-depth share rotates its key by itself when a
                 // revocation was issued or learned since the last version:
                 // whoever was pruned must not read the next one with the key
@@ -838,6 +869,22 @@ async fn join(h: Sealing) -> Result<Vec<Sealed>> {
 mod tests {
     use super::*;
     use crate::identity::SecretKey;
+
+    /// The next version of a share comes from the same folder as the last
+    /// (or, for a single file, a file in that folder), unless said.
+    #[test]
+    fn a_next_version_comes_from_the_same_folder() {
+        assert!(same_source("photos/", "photos", false));
+        assert!(same_source("photos/", "photos/", false));
+        assert!(same_source("", "", false));
+        assert!(same_source("photos/", "photos/c.txt", true));
+        assert!(same_source("", "c.txt", true));
+        assert!(!same_source("photos/", "photos/sub", false));
+        assert!(!same_source("photos/", "docs", false));
+        assert!(!same_source("photos/", "docs", true));
+        assert!(!same_source("", "docs", false));
+        assert!(!same_source("a/photos/", "b/photos", false));
+    }
 
     /// Blocks of a sparse file read the same bytes as a plain read, holes
     /// and all, wherever they start and end.
