@@ -452,6 +452,48 @@ fn a_version_from_another_folder_needs_new_path() {
     assert_same_tree(&alice.data().join("docs"), &bob.data().join("got"));
 }
 
+/// `cancel` stops an unfinished fetch for good (a publisher gone, one
+/// that refuses this agent): its request and half-written files go, and
+/// it is not resumed at the next start; a second `cancel` says there is
+/// nothing to cancel.
+#[test]
+fn cancel_stops_an_unfinished_fetch_for_good() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    make_tree(&alice.data().join("r"), 2, 1000);
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "r", &[&bob.id], &[]);
+    alice.kill9();
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "r"]);
+    assert!(
+        matches!(out.status.code(), Some(4 | 5)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetches = bob.data().join(".caravan/fetches");
+    let pending = || std::fs::read_dir(&fetches).map_or(0, |d| d.count());
+    assert_eq!(pending(), 1, "the fetch waits to be tried again");
+    let out = cli(&["cancel", "--config", bob.cfg(), &share, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(said["cancelled"], true);
+    assert_eq!(pending(), 0);
+    bob.kill9();
+    bob.start();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pending(), 0, "a cancelled fetch came back");
+    let out = cli(&["cancel", "--config", bob.cfg(), &share]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("no unfinished fetch"), "{err}");
+}
+
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
 /// on the recipient, and every file still matches the source. Zeros are

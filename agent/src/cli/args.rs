@@ -185,6 +185,23 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop an unfinished fetch for good: one that failed or waits to be
+    /// tried again (a publisher that refuses this agent, one gone for
+    /// good). Its request and half-written files are removed, and it is no
+    /// longer resumed at each start; files it already put in place stay.
+    ///
+    /// Example: caravan-agent cancel sh1-…   (the share id `status` shows)
+    Cancel {
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
+        config: PathBuf,
+        /// The share id of the fetch.
+        share: ShareId,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the running daemon holds and is fetching.
     Status {
         /// Agent configuration file (default: $CARAVAN_CONFIG, else

@@ -210,6 +210,16 @@ impl Admin {
         .await
     }
 
+    /// Deletes `path` (a quick answer, like [`Admin::get`]).
+    pub(crate) async fn delete<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(
+            self.http
+                .delete(format!("{}{path}", self.base))
+                .timeout(quick()),
+        )
+        .await
+    }
+
     /// Posts and hands each line of a JSON-lines answer to `each` as it
     /// arrives (an error answer is reported like [`Admin::post`]'s).
     pub(crate) async fn post_lines<B: serde::Serialize>(

@@ -215,6 +215,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         | Command::Ticket { .. }
         | Command::Fetch { .. }
         | Command::Status { .. }
+        | Command::Cancel { .. }
         | Command::Peers { .. }) => shares::command(cmd).await,
         cmd @ Command::Demo { .. } => demo::command(cmd).await,
         Command::Trust { action } => trust::command(action).await,

@@ -283,6 +283,21 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Cancel {
+            config,
+            share,
+            json,
+        } => {
+            let answer: serde_json::Value = Admin::from_config(&config)?
+                .delete(&api::fetch(&share.to_string()))
+                .await?;
+            if json {
+                out!("{answer}");
+            } else {
+                out!("cancelled the fetch of share {share}: it will not be resumed");
+            }
+            Ok(())
+        }
         Command::Status { config, json } => {
             let s: Status = Admin::from_config(&config)?.get(api::STATUS).await?;
             if json {

@@ -264,7 +264,7 @@ pub fn admin_router_with(
         .route(api::SHARES, post(api_publish))
         .route(api::SHARE_TICKETS, post(api_ticket))
         .route(api::FETCHES, post(api_fetch))
-        .route(api::FETCH, get(api_fetch_status))
+        .route(api::FETCH, get(api_fetch_status).delete(api_fetch_cancel))
         .route(api::TRUST, get(api_trust_list))
         .route(api::TRUST_GRANTS, post(api_trust_grant))
         .route(api::TRUST_REVOCATIONS, post(api_trust_revoke))
@@ -482,6 +482,19 @@ async fn api_fetch(
     check_token(&s, &h)?;
     s.agent.activity.touch(api::activity::FETCH);
     Ok(Json(s.agent.start_fetch(req).await?.snapshot()))
+}
+
+async fn api_fetch_cancel(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Segment(id): Segment,
+) -> std::result::Result<Json<serde_json::Value>, ApiFailure> {
+    check_token(&s, &h)?;
+    let id: ShareId = id.parse()?;
+    s.agent.cancel_fetch(&id).await?;
+    Ok(Json(
+        serde_json::json!({ "share_id": id.to_string(), "cancelled": true }),
+    ))
 }
 
 async fn api_fetch_status(

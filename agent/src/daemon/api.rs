@@ -32,7 +32,8 @@ pub const SHARE_TICKETS: &str = "/v1/shares/{id}/tickets";
 pub const SHARE_PEERS: &str = "/v1/shares/{id}/peers";
 /// `POST` a [`FetchRequest`]: [`ProgressSnapshot`].
 pub const FETCHES: &str = "/v1/fetches";
-/// `GET`: [`ProgressSnapshot`] of one fetch.
+/// `GET`: a fetch's [`ProgressSnapshot`]; `DELETE`: cancels an unfinished
+/// fetch that is not running (`{"share_id", "cancelled": true}`).
 pub const FETCH: &str = "/v1/fetches/{id}";
 /// `GET`: [`TrustListing`].
 pub const TRUST: &str = "/v1/trust";

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::manifest::{ShareId, Ticket};
 use crate::node::agent::Agent;
 use crate::node::fetch::FetchRequest;
@@ -66,6 +66,32 @@ impl Agent {
         if let Err(e) = self.op.delete_with(&partial).recursive(true).await {
             tracing::warn!(%partial, error = %e, "could not remove a fetch's half-written files");
         }
+    }
+
+    /// Cancels the unfinished fetch of `id` that is not running now (one
+    /// that failed, or waits to be tried again): its request and its
+    /// half-written files go, and it is not resumed or retried. Files it
+    /// already put in place stay. A running one is refused: it ends by
+    /// itself (or with the daemon).
+    pub async fn cancel_fetch(&self, id: &ShareId) -> Result<()> {
+        if self.fetch_running(id) {
+            return Err(Error::Rejected(format!(
+                "share {id} is being fetched now: cancel it once that attempt ends \
+                 (`caravan-agent status` shows it), or stop the daemon and cancel it then"
+            )));
+        }
+        let pending = state::fetch_file(&self.opts.state_prefix, id);
+        if !self.op.exists(&pending).await.unwrap_or(false) {
+            return Err(Error::NotFound(format!(
+                "no unfinished fetch of share {id} here"
+            )));
+        }
+        self.forget_fetch(id).await;
+        if let Ok(mut m) = self.fetches.lock() {
+            m.remove(id);
+        }
+        tracing::info!(share = %id, "fetch cancelled");
+        Ok(())
     }
 
     /// True while a fetch of `id` runs in this process.
