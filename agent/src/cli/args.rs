@@ -144,7 +144,12 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Make a ticket for one more recipient of a share this agent publishes.
+    /// Make a ticket again for a recipient of a share this agent publishes.
+    ///
+    /// The recipient must be one the share allows: named with --to when it
+    /// was published, or, for a --trust-depth share, an agent this one
+    /// trusts within that depth. To add a recipient to a --to share,
+    /// publish a new version naming it (publish PATH --share ID --to …).
     Ticket {
         /// Agent configuration file (default: $CARAVAN_CONFIG, else
         /// ~/.config/caravan/agent.toml).
