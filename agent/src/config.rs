@@ -71,6 +71,16 @@ pub struct StorageConfig {
     pub credentials: Option<PathBuf>,
 }
 
+impl StorageConfig {
+    /// The folder a local-disk (`fs`) storage is rooted at; `None` for any
+    /// other service.
+    pub fn fs_root(&self) -> Option<PathBuf> {
+        (self.scheme == "fs")
+            .then(|| self.options.get("root").map(PathBuf::from))
+            .flatten()
+    }
+}
+
 fn default_listen() -> String {
     format!("0.0.0.0:{DEFAULT_PEER_PORT}")
 }

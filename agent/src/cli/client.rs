@@ -54,14 +54,7 @@ impl Admin {
             .timeout(Duration::from_secs(3600))
             .build()
             .context("building the HTTP client")?;
-        let fs_root = (cfg.storage.scheme == "fs")
-            .then(|| {
-                cfg.storage
-                    .options
-                    .get("root")
-                    .map(std::path::PathBuf::from)
-            })
-            .flatten();
+        let fs_root = cfg.storage.fs_root();
         let lock = fs_root
             .as_ref()
             .map(|r| daemon::lock_path(r, &cfg.state_prefix));

@@ -180,14 +180,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         aws_lc_rs::rand::fill(&mut seed)
     });
 
-    let fs_root = (cfg.storage.scheme == "fs")
-        .then(|| {
-            cfg.storage
-                .options
-                .get("root")
-                .map(std::path::PathBuf::from)
-        })
-        .flatten();
+    let fs_root = cfg.storage.fs_root();
     // Held until the process ends; taken first, so a second daemon on the
     // same storage is told so (with the first one's pid), and a command
     // run right after `run` sees a daemon starting before its ports are
