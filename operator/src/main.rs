@@ -244,6 +244,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// A comma-separated flag's values, trimmed, empty ones left out.
+fn listed(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let default_resources = match &args.agent_resources {
         Some(json) if !json.trim().is_empty() => serde_json::from_str(json)
@@ -256,13 +266,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         _ => SchedulingSpec::default(),
     };
     let tenant_scheduling = TenantScheduling {
-        priority_class_names: args
-            .tenant_priority_classes
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
+        priority_class_names: listed(&args.tenant_priority_classes),
         tolerations: match &args.tenant_tolerations {
             Some(json) if !json.trim().is_empty() => serde_json::from_str(json)
                 .context("--tenant-tolerations is not a JSON list of Tolerations")?,
@@ -270,28 +274,23 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         },
     };
     let tenant_exposure = TenantExposure {
-        service_types: args
-            .tenant_service_types
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                serde_json::from_value(serde_json::Value::String(s.to_string())).with_context(
-                    || {
-                        format!(
-                            "--tenant-service-types: {s:?} is not ClusterIP, NodePort or LoadBalancer"
-                        )
-                    },
-                )
-            })
-            .collect::<anyhow::Result<_>>()?,
-        annotation_prefixes: args
-            .tenant_service_annotation_prefixes
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
+        // None listed is the default (ClusterIP), not "no Service at all".
+        service_types: match listed(&args.tenant_service_types) {
+            l if l.is_empty() => TenantExposure::default().service_types,
+            l => l
+                .into_iter()
+                .map(|s| {
+                    serde_json::from_value(serde_json::Value::String(s.clone())).with_context(
+                        || {
+                            format!(
+                                "--tenant-service-types: {s:?} is not ClusterIP, NodePort or LoadBalancer"
+                            )
+                        },
+                    )
+                })
+                .collect::<anyhow::Result<_>>()?,
+        },
+        annotation_prefixes: listed(&args.tenant_service_annotation_prefixes),
     };
     let mut metrics_namespace_labels = std::collections::BTreeMap::new();
     for kv in args
@@ -325,13 +324,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         default_scheduling,
         tenant_scheduling,
         tenant_exposure,
-        image_pull_secrets: args
-            .agent_image_pull_secrets
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect(),
+        image_pull_secrets: listed(&args.agent_image_pull_secrets),
         metrics_namespace_labels,
     };
     let identity = args
