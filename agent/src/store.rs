@@ -61,6 +61,7 @@ pub fn read_credentials(path: &Path) -> Result<BTreeMap<String, String>> {
 /// Secret options from `CARAVAN_STORAGE_<OPTION>` environment variables.
 fn env_credentials() -> BTreeMap<String, String> {
     std::env::vars()
+        .filter(|(k, _)| k != TIMEOUT_ENV)
         .filter_map(|(k, v)| {
             k.strip_prefix("CARAVAN_STORAGE_")
                 .map(|o| (o.to_ascii_lowercase(), v))
@@ -81,9 +82,86 @@ fn merged_options(cfg: &StorageConfig) -> Result<BTreeMap<String, String>> {
         options.extend(read_credentials(path)?);
     }
     options.extend(env_credentials());
+    check_option_names(cfg, &options)?;
     options.extend(cfg.options.clone());
     check_pinned_credentials(&cfg.scheme, &options)?;
     Ok(options)
+}
+
+/// The names among `keys` that `scheme`'s OpenDAL service does not know.
+/// OpenDAL ignores such an option without a word, so a mistyped name
+/// would leave the agent on a default: an `endpiont` on AWS instead of
+/// the user's server, a provider's misspelt `disable_ec2_metadata` pin on
+/// the node's credentials. Asked of the service's own config type (with
+/// its aliases), one option at a time, so a bad value of a known option
+/// is left for OpenDAL to report.
+pub fn unknown_options<'a>(
+    scheme: &str,
+    options: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Vec<String> {
+    options
+        .into_iter()
+        .filter(|(k, v)| !known_option(scheme, k, v))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+fn known_option(scheme: &str, key: &str, value: &str) -> bool {
+    use opendal::services::{
+        AzblobConfig, DropboxConfig, FsConfig, GcsConfig, GdriveConfig, OnedriveConfig, S3Config,
+        WebdavConfig,
+    };
+    fn known<T: serde::de::DeserializeOwned>(key: &str, value: &str) -> bool {
+        let map = std::collections::HashMap::from([(key.to_string(), value.to_string())]);
+        let mut ignored = false;
+        let _: std::result::Result<T, _> =
+            serde_ignored::deserialize(opendal::raw::ConfigDeserializer::new(map), |_| {
+                ignored = true
+            });
+        !ignored
+    }
+    match scheme {
+        "s3" => known::<S3Config>(key, value),
+        "gcs" => known::<GcsConfig>(key, value),
+        "azblob" => known::<AzblobConfig>(key, value),
+        "gdrive" => known::<GdriveConfig>(key, value),
+        "dropbox" => known::<DropboxConfig>(key, value),
+        "onedrive" => known::<OnedriveConfig>(key, value),
+        "webdav" => known::<WebdavConfig>(key, value),
+        "fs" => known::<FsConfig>(key, value),
+        "memory" => known::<opendal::services::MemoryConfig>(key, value),
+        _ => true,
+    }
+}
+
+/// Refuses options in the config file that the storage service would
+/// ignore ([`unknown_options`]), naming them. Secret options (a mounted
+/// Secret may hold keys meant for something else) are only warned about.
+fn check_option_names(cfg: &StorageConfig, secret: &BTreeMap<String, String>) -> Result<()> {
+    let unknown = unknown_options(&cfg.scheme, &cfg.options);
+    if !unknown.is_empty() {
+        return Err(Error::Config(format!(
+            "{} storage has no option{} named {}: check the spelling in [storage.options] \
+             (OpenDAL would ignore {})",
+            cfg.scheme,
+            if unknown.len() == 1 { "" } else { "s" },
+            unknown
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            if unknown.len() == 1 { "it" } else { "them" },
+        )));
+    }
+    let ignored = unknown_options(
+        &cfg.scheme,
+        secret.iter().filter(|(k, _)| !cfg.options.contains_key(*k)),
+    );
+    if !ignored.is_empty() {
+        tracing::warn!(scheme = %cfg.scheme, options = ?ignored,
+            "storage credentials hold options this storage does not know; they are ignored");
+    }
+    Ok(())
 }
 
 /// With the instance-metadata service pinned off (`disable_vm_metadata`,
@@ -259,11 +337,14 @@ fn retry(times: usize) -> opendal::layers::RetryLayer {
         .with_jitter()
 }
 
+/// The environment variable [`timeout`] reads (not a storage option).
+const TIMEOUT_ENV: &str = "CARAVAN_STORAGE_TIMEOUT_SECS";
+
 /// How long one storage request, or one read or write of its body, may
 /// take (`CARAVAN_STORAGE_TIMEOUT_SECS`, default 120: generous for a
 /// multipart upload's completion, bounded for a server that stalls).
 pub fn timeout() -> std::time::Duration {
-    let secs = std::env::var("CARAVAN_STORAGE_TIMEOUT_SECS")
+    let secs = std::env::var(TIMEOUT_ENV)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&s| s > 0)
@@ -585,6 +666,62 @@ mod tests {
         assert_eq!(o["bucket"], "b");
     }
 
+    /// An option the service does not know is refused, named, before the
+    /// storage is opened: OpenDAL would ignore it, so a misspelt pin
+    /// (`disable_ec2_metdata`) would leave the node's credentials in reach.
+    /// Aliases and every option the operator pins are known; a bad value
+    /// of a known option is left to OpenDAL; a Secret's extra keys are
+    /// only warned about.
+    #[test]
+    fn an_option_the_storage_does_not_know_is_refused_by_name() {
+        let c = cfg(
+            "s3",
+            &[
+                ("bucket", "b"),
+                ("disable_ec2_metdata", "true"),
+                ("endpiont", "http://x"),
+            ],
+        );
+        let e = merged_options(&c).unwrap_err().to_string();
+        assert!(
+            e.contains("`disable_ec2_metdata`, `endpiont`") && e.contains("s3 storage"),
+            "{e}"
+        );
+        for (scheme, pins) in [
+            ("s3", &["disable_ec2_metadata", "disable_config_load"][..]),
+            ("gcs", &["disable_vm_metadata", "disable_config_load"][..]),
+        ] {
+            let o: BTreeMap<String, String> = pins
+                .iter()
+                .map(|k| (k.to_string(), "true".into()))
+                .collect();
+            assert!(unknown_options(scheme, &o).is_empty(), "{scheme}");
+        }
+        let known = [
+            ("s3", "aws_region", "us-east-1"),
+            ("s3", "enable_virtual_host_style", "not-a-bool"),
+            ("fs", "atomic_write_dir", "/x"),
+            ("azblob", "account_key", "k"),
+            ("webdav", "endpoint", "http://x"),
+            ("gcs", "credential", "c"),
+            ("memory", "root", "/"),
+        ];
+        for (scheme, k, v) in known {
+            let o = BTreeMap::from([(k.to_string(), v.to_string())]);
+            assert!(unknown_options(scheme, &o).is_empty(), "{scheme} {k}");
+        }
+        let o = BTreeMap::from([("bucket".to_string(), "b".to_string())]);
+        assert_eq!(unknown_options("azblob", &o), ["bucket"]);
+        // A Secret's key the storage does not use is not an error.
+        let tmp = tempfile::tempdir().unwrap();
+        let creds = tmp.path().join("secret");
+        std::fs::create_dir_all(&creds).unwrap();
+        std::fs::write(creds.join("note"), "for the other tool").unwrap();
+        let mut c = cfg("s3", &[("bucket", "b")]);
+        c.credentials = Some(creds);
+        assert!(merged_options(&c).is_ok());
+    }
+
     /// With the metadata service pinned off, a GCS credential that would
     /// fetch a token from a URL of its own (`external_account`) is refused
     /// before anything is asked; a service account key is taken, and
@@ -708,7 +845,7 @@ mod tests {
         for (scheme, key) in [("s3", "bucket"), ("gcs", "bucket"), ("azblob", "container")] {
             let cfg = StorageConfig {
                 scheme: scheme.into(),
-                options: BTreeMap::from([("region".to_string(), "eu-west-1".to_string())]),
+                options: BTreeMap::from([("endpoint".to_string(), "http://x".to_string())]),
                 credentials: None,
             };
             match open(&cfg) {
