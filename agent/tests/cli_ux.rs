@@ -161,6 +161,17 @@ fn json_turns_errors_into_exit_error_objects() {
         assert_eq!(v["code"], 3);
         assert!(!v["message"].as_str().unwrap().is_empty());
     }
+    // A usage mistake under --json: JSON as well, exit code 2; --help is
+    // still help.
+    let out = run(home, &[], &["status", "--bogus", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(stderr(&out).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    assert_eq!(v["code"], 2);
+    assert!(v["message"].as_str().unwrap().contains("--bogus"), "{v}");
+    let out = run(home, &[], &["status", "--help", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
 }
 
 #[test]

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 use caravan_agent::identity::SecretKey;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
@@ -41,7 +41,7 @@ use crate::children::{self, BuildInput};
 use crate::config::{FIELD_MANAGER, OperatorConfig, paths};
 use crate::crd::{Agent, AgentStatus, ScaleToZeroSpec, Share, TrustGrant};
 use crate::metrics::Metrics;
-use crate::names::{self, ChildNames};
+use crate::names::{self, AGENT_LABEL, ChildNames};
 use crate::sleep::{self, Decision};
 use crate::status::{self, Observation};
 use crate::validate::{self, InputError};
@@ -378,9 +378,17 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         return child_refused(agent, ctx, "NetworkPolicy", &names.workload, e).await;
     }
 
-    // 5. Status.
-    let obs = match &sleep {
-        Some(d) if !d.awake => Observation::Sleeping(&d.message),
+    // 5. Status. While the rollout waits, the newest pod says whether it
+    // is only slow or will not come up (a crash loop, an image that
+    // cannot be pulled): then the Agent is Degraded with the reason.
+    let trouble = match (&sleep, status::rollout(&dep)) {
+        (Some(d), _) if !d.awake => None,
+        (_, status::Rollout::InProgress(_)) => pod_trouble(ctx, &ns, &name).await,
+        _ => None,
+    };
+    let obs = match (&sleep, &trouble) {
+        (Some(d), _) if !d.awake => Observation::Sleeping(&d.message),
+        (_, Some(why)) => Observation::Crashing(why),
         _ => Observation::Applied(&dep),
     };
     let mut resync = match status::rollout(&dep) {
@@ -415,6 +423,23 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
     }
     update_status(agent, ctx, new).await?;
     Ok(Outcome::Healthy(resync))
+}
+
+/// [`status::pod_trouble`] of the Agent's pods (a label-selected `LIST`);
+/// `None` when they cannot be listed (the status then says "rolling out",
+/// as before, and the next reconcile looks again).
+async fn pod_trouble(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+    let lp = ListParams::default().labels(&format!("{AGENT_LABEL}={name}"));
+    match Api::<Pod>::namespaced(ctx.client.clone(), ns)
+        .list(&lp)
+        .await
+    {
+        Ok(pods) => status::pod_trouble(&pods.items),
+        Err(e) => {
+            tracing::debug!(%ns, %name, error = %e, "cannot list the agent's pods");
+            None
+        }
+    }
 }
 
 /// Gathers the inputs of the scale-to-zero decision: `LIST` Shares (the

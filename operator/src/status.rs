@@ -3,6 +3,7 @@
 //! combination is a unit test.
 
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -25,6 +26,9 @@ pub enum Observation<'a> {
     /// Children applied with zero replicas (`spec.scaleToZero`): the agent
     /// sleeps; the text says why.
     Sleeping(&'a str),
+    /// Children applied, but the agent's container keeps exiting or cannot
+    /// start; the text says why ([`pod_trouble`]).
+    Crashing(&'a str),
 }
 
 /// Rollout state of the agent Deployment.
@@ -83,6 +87,99 @@ pub fn rollout(dep: &Deployment) -> Rollout {
         return Rollout::InProgress("waiting for the agent pod to become ready".into());
     }
     Rollout::Ready
+}
+
+/// Waiting reasons of a container that will not start without a change.
+const CANNOT_START: &[&str] = &[
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// Longest excerpt of a container's last words put in a condition.
+const TROUBLE_MAX: usize = 512;
+
+/// Why the agent's pods do not come up, from their container statuses,
+/// newest pod first: a container that keeps exiting (how often, its exit
+/// code, and the last line it wrote: the pod's termination message falls
+/// back to its log, whose last line is the agent's `error: …`, say a
+/// misspelt storage option), or one that cannot start (image not pulled,
+/// config not mountable). Only the newest pod counts (in a rollout the
+/// old one's past is not what the agent does now). `None` while
+/// containers start or run normally: a slow start is not trouble.
+pub fn pod_trouble(pods: &[Pod]) -> Option<String> {
+    let mut live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    live.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
+    let s = live.first()?.status.as_ref()?;
+    s.init_container_statuses
+        .iter()
+        .flatten()
+        .chain(s.container_statuses.iter().flatten())
+        .find_map(container_trouble)
+}
+
+fn container_trouble(c: &ContainerStatus) -> Option<String> {
+    let state = c.state.as_ref();
+    if let Some(w) = state.and_then(|s| s.waiting.as_ref())
+        && let Some(reason) = w.reason.as_deref().filter(|r| CANNOT_START.contains(r))
+    {
+        return Some(format!(
+            "container {} cannot start: {reason}: {}",
+            c.name,
+            excerpt(w.message.as_deref().unwrap_or(""))
+        ));
+    }
+    let running_ready = state.is_some_and(|s| s.running.is_some()) && c.ready;
+    let last = c.last_state.as_ref().and_then(|s| s.terminated.as_ref())?;
+    if c.restart_count == 0 || running_ready || last.exit_code == 0 {
+        return None;
+    }
+    let times = match c.restart_count {
+        1 => "once".to_string(),
+        n => format!("{n} times"),
+    };
+    let reason = last.reason.as_deref().unwrap_or("Error");
+    let hint = if reason == "OOMKilled" {
+        ": out of memory; raise spec.resources.limits.memory".to_string()
+    } else {
+        match last
+            .message
+            .as_deref()
+            .map(excerpt)
+            .filter(|m| !m.is_empty())
+        {
+            Some(m) => format!(": {m}"),
+            None => String::new(),
+        }
+    };
+    Some(format!(
+        "container {} exited {times}, last with code {} ({reason}){hint}",
+        c.name, last.exit_code
+    ))
+}
+
+/// The last non-empty line of a container's message, without the
+/// agent's `error: ` prefix, at most [`TROUBLE_MAX`] bytes.
+fn excerpt(message: &str) -> String {
+    let line = message
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    let mut end = line.len().min(TROUBLE_MAX);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = if end < line.len() { "…" } else { "" };
+    format!("{}{more}", &line[..end])
 }
 
 fn cond(
@@ -192,6 +289,18 @@ pub fn compute(
                 cond(DEGRADED, true, &reason, message, g, &now),
             ),
         },
+        Observation::Crashing(why) => (
+            cond(READY, false, "AgentCrashing", why.to_string(), g, &now),
+            cond(
+                PROGRESSING,
+                false,
+                "AgentCrashing",
+                "the pod is restarted by the kubelet; fix the cause (see Degraded)".into(),
+                g,
+                &now,
+            ),
+            cond(DEGRADED, true, "AgentCrashing", why.to_string(), g, &now),
+        ),
         Observation::Sleeping(why) => (
             cond(
                 READY,
@@ -437,6 +546,119 @@ mod tests {
         assert_eq!(get(&s, READY).reason, "UnknownStorageScheme");
         assert_eq!(s.agent_id.as_deref(), Some("cv1-x"));
         assert_eq!(s.endpoint.as_deref(), Some("e"));
+    }
+
+    fn pod(created: i64, c: ContainerStatus) -> Pod {
+        use k8s_openapi::api::core::v1::PodStatus;
+        Pod {
+            metadata: ObjectMeta {
+                creation_timestamp: Some(Time(t(created))),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                container_statuses: Some(vec![c]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn crashed(restarts: i32, code: i32, reason: &str, message: &str) -> ContainerStatus {
+        use k8s_openapi::api::core::v1::{
+            ContainerState, ContainerStateTerminated, ContainerStateWaiting,
+        };
+        ContainerStatus {
+            name: "agent".into(),
+            restart_count: restarts,
+            state: Some(ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some("CrashLoopBackOff".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            last_state: Some(ContainerState {
+                terminated: Some(ContainerStateTerminated {
+                    exit_code: code,
+                    reason: Some(reason.into()),
+                    message: Some(message.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A container that keeps exiting is named with its exit code and
+    /// the last line it wrote (the agent's `error: …`); one that cannot
+    /// start with the kubelet's reason; a running one, or a first start,
+    /// is no trouble. The newest pod speaks.
+    #[test]
+    fn pod_trouble_says_why_the_agent_does_not_come_up() {
+        let log = "2026-12-06T18:00:00Z INFO starting\nerror: s3 storage has no option named `endpiont`\n";
+        let m = pod_trouble(&[pod(0, crashed(3, 3, "Error", log))]).unwrap();
+        assert_eq!(
+            m,
+            "container agent exited 3 times, last with code 3 (Error): s3 storage has no option named `endpiont`"
+        );
+        let m = pod_trouble(&[pod(0, crashed(1, 137, "OOMKilled", ""))]).unwrap();
+        assert!(
+            m.contains("once") && m.contains("spec.resources.limits.memory"),
+            "{m}"
+        );
+        let long = "é".repeat(1000);
+        let m = pod_trouble(&[pod(0, crashed(2, 1, "Error", &long))]).unwrap();
+        assert!(
+            m.ends_with('…') && m.len() < TROUBLE_MAX + 100,
+            "{}",
+            m.len()
+        );
+
+        let mut pull = ContainerStatus {
+            name: "agent".into(),
+            ..Default::default()
+        };
+        pull.state = Some(k8s_openapi::api::core::v1::ContainerState {
+            waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+                reason: Some("ImagePullBackOff".into()),
+                message: Some("Back-off pulling image \"caravan/agent:nope\"".into()),
+            }),
+            ..Default::default()
+        });
+        let m = pod_trouble(&[pod(0, pull.clone())]).unwrap();
+        assert!(
+            m.contains("cannot start: ImagePullBackOff") && m.contains("agent:nope"),
+            "{m}"
+        );
+
+        // Starting for the first time, or running ready after a restart.
+        let mut starting = pull.clone();
+        starting
+            .state
+            .as_mut()
+            .unwrap()
+            .waiting
+            .as_mut()
+            .unwrap()
+            .reason = Some("ContainerCreating".into());
+        assert_eq!(pod_trouble(&[pod(0, starting.clone())]), None);
+        let mut recovered = crashed(1, 1, "Error", "error: gone");
+        recovered.state = Some(k8s_openapi::api::core::v1::ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        });
+        recovered.ready = true;
+        assert_eq!(pod_trouble(&[pod(0, recovered)]), None);
+        // The new pod of a rollout is starting; the old one's crashes are
+        // not what the agent does now.
+        let old = pod(0, crashed(5, 1, "Error", "error: old"));
+        assert_eq!(pod_trouble(&[old.clone(), pod(10, starting)]), None);
+        // Crashing is Degraded with the reason, not Ready.
+        let st = compute(None, Some(1), None, None, &Observation::Crashing(&m), t(0));
+        assert_eq!(st.phase, Some(AgentPhase::Degraded));
+        assert_eq!(get(&st, DEGRADED).reason, "AgentCrashing");
+        assert_eq!(get(&st, READY).status, "False");
     }
 
     #[test]

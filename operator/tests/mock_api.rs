@@ -195,6 +195,22 @@ async fn expect_children(api: &mut ApiServer, ns: &str, name: &str, ready: bool)
         .await
         .echo(),
     );
+    if !ready {
+        // Rolling out: the newest pod is asked whether it is only slow.
+        let pods = api
+            .expect("GET", &format!("/api/v1/namespaces/{ns}/pods"))
+            .await;
+        assert!(
+            pods.query.contains("caravan.dev%2Fagent%3D") && pods.query.contains(name),
+            "{}",
+            pods.query
+        );
+        respond(
+            pods.send,
+            200,
+            &json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": []}),
+        );
+    }
     out
 }
 

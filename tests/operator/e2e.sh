@@ -195,6 +195,20 @@ spec:
 YAML
 check "role_arn (node credentials) → Degraded/InvalidOptions" wait_for 60 "node-role InvalidOptions" agent_reason "$BAD_NS" node-role InvalidOptions
 kc -n "$BAD_NS" delete agent node-role --wait=false >/dev/null
+# A misspelt option passes the operator's checks (it may be any OpenDAL
+# option) but the agent refuses to start on it: its crash loop is reported
+# with the agent's own words, not as a rollout that never ends.
+kc -n "$BAD_NS" apply -f - >/dev/null <<'YAML'
+apiVersion: caravan.dev/v1alpha1
+kind: Agent
+metadata: {name: misspelt-option}
+spec:
+  storage: {scheme: fs, options: {root: /data, atomic_write_dri: /data/.tmp}}
+YAML
+degraded_message() { jp -n "$1" get agent "$2" -o jsonpath='{.status.conditions[?(@.type=="Degraded")].message}'; }
+crash_named() { agent_reason "$BAD_NS" misspelt-option AgentCrashing && degraded_message "$BAD_NS" misspelt-option | grep -q 'no option named `atomic_write_dri`'; }
+check "misspelt storage option → Degraded/AgentCrashing naming it" wait_for 150 "misspelt-option AgentCrashing" crash_named
+check "Warning Event AgentCrashing" wait_for 30 "event AgentCrashing" has_event "$BAD_NS" AgentCrashing
 check "agent pods' egress excludes the metadata service, admin ports only from operator pods" \
   python3 - "$(kubectl -n tenant-alice get networkpolicy -l caravan.dev/agent=alice -o json)" <<'PY'
 import json, sys
@@ -210,7 +224,8 @@ kc -n "$BAD_NS" create secret generic not-there-yet --from-literal=atomic_write_
 kc -n "$BAD_NS" patch agent unknown-scheme --type merge -p '{"spec":{"storage":{"scheme":"fs"}}}' >/dev/null
 kc -n "$BAD_NS" patch agent other-namespace --type json -p '[{"op":"remove","path":"/spec/storage/secretRef/namespace"},{"op":"replace","path":"/spec/storage/secretRef/name","value":"not-there-yet"}]' >/dev/null
 kc -n "$BAD_NS" patch agent malformed-options --type merge -p '{"spec":{"storage":{"scheme":"fs","options":{"bucket":null,"secret_access_key":null}}}}' >/dev/null
-for a in missing-secret other-namespace unknown-scheme malformed-options; do
+kc -n "$BAD_NS" patch agent misspelt-option --type merge -p '{"spec":{"storage":{"options":{"atomic_write_dri":null}}}}' >/dev/null
+for a in missing-secret other-namespace unknown-scheme malformed-options misspelt-option; do
   check "$a heals to Ready" wait_for 180 "$a Ready" agent_ready "$BAD_NS" "$a"
 done
 # Events are written just after the status that causes them: wait (bounded).

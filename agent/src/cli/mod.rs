@@ -73,17 +73,26 @@ pub fn main() -> ExitCode {
             ) =>
         {
             if json_output() {
-                let v = serde_json::json!({
-                    "message_type": "exit_error",
-                    "code": 3,
-                    "message": e.to_string().lines().next().unwrap_or_default()
-                        .trim_start_matches("error: ").to_string(),
-                });
-                say!("{v}");
+                say!("{}", usage_error_json(&e, 3));
             } else {
                 let _ = e.print();
             }
             return ExitCode::from(3);
+        }
+        // Other usage mistakes (an unknown flag, a missing argument) are
+        // JSON too under --json, exit code 2; help and version are not
+        // errors.
+        Err(e)
+            if json_output()
+                && !matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp
+                        | clap::error::ErrorKind::DisplayVersion
+                        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ) =>
+        {
+            say!("{}", usage_error_json(&e, 2));
+            return ExitCode::from(2);
         }
         Err(e) => e.exit(),
     };
@@ -153,6 +162,17 @@ fn message(e: &anyhow::Error) -> String {
         out.push_str(&said);
     }
     out
+}
+
+/// A usage error as `--json` prints it: its first line, without clap's
+/// `error: `.
+fn usage_error_json(e: &clap::Error, code: u8) -> serde_json::Value {
+    serde_json::json!({
+        "message_type": "exit_error",
+        "code": code,
+        "message": e.to_string().lines().next().unwrap_or_default()
+            .trim_start_matches("error: ").to_string(),
+    })
 }
 
 /// Whether the command line asked for `--json` output.
