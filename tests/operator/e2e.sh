@@ -233,6 +233,32 @@ check "Recovered Event" wait_for 30 "a Recovered Event" has_event "$BAD_NS" Reco
 restarts=$(operator_restarts)
 check "operator never restarted (no crash loop; restarts=$restarts)" test "$restarts" == 0
 
+# ------------------------------------------------------------------ per-tenant caps
+# The examples' ResourceQuota counts the tenant's Caravan objects, and a
+# quota refuses one more than it allows before the operator ever sees it.
+agents_counted() { [[ "$(jp -n tenant-alice get resourcequota caravan-objects -o jsonpath='{.status.used.count/agents\.caravan\.dev}')" == 1 ]]; }
+check "the example tenant quota counts Agents (alice: 1)" wait_for 60 "quota used" agents_counted
+kc -n "$BAD_NS" create quota no-grants --hard=count/trustgrants.caravan.dev=0 >/dev/null
+quota_counted() { [[ -n "$(jp -n "$BAD_NS" get resourcequota no-grants -o jsonpath='{.status.hard}')" ]]; }
+grant_refused() {
+  local out
+  wait_for 30 "quota no-grants counted" quota_counted || return 1
+  local subject
+  subject=$(jp -n tenant-bob get agent bob -o jsonpath='{.status.agentId}')
+  if out=$(kc -n "$BAD_NS" create -f - 2>&1 <<YAML
+apiVersion: caravan.dev/v1alpha1
+kind: TrustGrant
+metadata: {name: over-quota}
+spec: {issuer: missing-secret, subject: "$subject", depth: 0}
+YAML
+  ); then
+    log "created despite the quota: $out"
+    return 1
+  fi
+  grep -q "exceeded quota" <<<"$out" || { log "refused for another reason: $out"; return 1; }
+}
+check "a quota of 0 TrustGrants refuses one (exceeded quota)" grant_refused
+
 # ------------------------------------------------------------------ restart mid-way
 log "restart: 6 Agents applied, operator leader killed mid-way"
 kc create namespace "$RESTART_NS" >/dev/null
