@@ -69,6 +69,13 @@ pub struct StorageConfig {
     /// Kubernetes Secret) or a file of `key=value` lines. Never on the command line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<PathBuf>,
+    /// For `fs`: the most bytes the root may hold, when that is less than
+    /// its filesystem's free space says (a Kubernetes emptyDir's
+    /// `sizeLimit`, past which the kubelet evicts the pod). A fetch that
+    /// would go over it is refused before anything is written, like one
+    /// over the disk's free space. The operator sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<u64>,
 }
 
 impl StorageConfig {

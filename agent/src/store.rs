@@ -205,6 +205,7 @@ pub fn open_local(root: &Path) -> Result<Operator> {
             scheme: "fs".into(),
             options,
             credentials: None,
+            size_limit: None,
         },
         crate::config::DEFAULT_STATE_PREFIX,
     )
@@ -632,6 +633,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             credentials: None,
+            size_limit: None,
         }
     }
 
@@ -847,6 +849,7 @@ mod tests {
                 scheme: scheme.into(),
                 options: BTreeMap::from([("endpoint".to_string(), "http://x".to_string())]),
                 credentials: None,
+                size_limit: None,
             };
             match open(&cfg) {
                 Err(Error::Config(msg)) => {

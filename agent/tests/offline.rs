@@ -79,6 +79,7 @@ fn storage_config(scheme: &str, pairs: &[(&str, &str)]) -> StorageConfig {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         credentials: None,
+        size_limit: None,
     }
 }
 
@@ -187,6 +188,7 @@ async fn agent_on(
             advertise: vec![addr.to_string()],
             repositories: vec![repo.to_string()],
             fs_root: fs_root.map(Path::to_path_buf),
+            size_limit: None,
             corrupt_chunks: false,
             azblob_signer,
         },
@@ -210,6 +212,7 @@ fn fs_op(root: &Path) -> Operator {
         scheme: "fs".into(),
         options,
         credentials: None,
+        size_limit: None,
     })
     .unwrap()
 }

@@ -1237,6 +1237,62 @@ fn a_fetch_cut_off_by_a_full_disk_resumes_with_room_for_the_rest_only() {
     drop(disk);
 }
 
+/// Guarantee: with `size_limit` (the operator sets it from an emptyDir's
+/// `sizeLimit`, past which the kubelet evicts the pod), a fetch that would
+/// take the storage's folder over it is refused before anything is written,
+/// whatever the filesystem has free, and what it holds counts; raised, the
+/// same fetch goes through.
+#[test]
+fn a_fetch_over_the_storages_size_limit_is_refused_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let mut data = vec![0u8; 4 << 20];
+    fill_pseudo_random(&mut data, 7);
+    std::fs::write(src.join("four-mib.bin"), &data).unwrap();
+    // Bob's own files already take 3 MiB of his 6 MiB.
+    std::fs::write(bob.data().join("his-own.bin"), vec![1u8; 3 << 20]).unwrap();
+    let cfg_path = bob.cfg().to_string();
+    let config = std::fs::read_to_string(&cfg_path).unwrap();
+    let limited = |limit: u64| {
+        let c = config.replace(
+            "scheme = \"fs\"\n",
+            &format!("scheme = \"fs\"\nsize_limit = {limit}\n"),
+        );
+        assert_ne!(c, config, "no [storage] scheme line in {config}");
+        std::fs::write(&cfg_path, c).unwrap();
+    };
+    limited(6 << 20);
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "payload", &[&bob.id], &[]);
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "got"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "fetched over the limit: {said}");
+    assert!(said.contains("bytes free"), "{said}");
+    assert!(!bob.data().join("got").exists(), "written: {said}");
+    // Over the whole limit: refused for cause.
+    limited(2 << 20);
+    bob.kill9();
+    bob.start();
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "got"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(
+        said.contains("whole size of this storage (2097152 bytes"),
+        "{said}"
+    );
+    limited(64 << 20);
+    bob.kill9();
+    bob.start();
+    assert_eq!(fetch(&bob, &tickets[0], "got", &[])["state"], "done");
+    assert_same_tree(&src, &bob.data().join("got"));
+    alice.kill9();
+    bob.kill9();
+}
+
 /// Puts `a` on S3 (`bucket` at `endpoint`, keys under `root`), with
 /// credentials in a file as a deployment would have them.
 fn use_s3(a: &TestAgent, endpoint: &str, bucket: &str, root: &str) {

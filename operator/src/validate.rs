@@ -332,6 +332,7 @@ pub fn agent_config(
                 .secret_ref
                 .as_ref()
                 .map(|_| PathBuf::from(paths::CREDENTIALS_DIR)),
+            size_limit: empty_dir_limit(spec),
         },
     };
     config.validate().map_err(|e| {
@@ -371,6 +372,19 @@ pub fn check_credentials(
         }
     }
     Ok(())
+}
+
+/// The `sizeLimit` of an `fs` Agent's emptyDir, in bytes: past it the
+/// kubelet evicts the pod, and a fetch that went over would start again
+/// and be evicted again, so the agent refuses it up front (its filesystem's
+/// free space says nothing of the limit). A claim is its own filesystem.
+fn empty_dir_limit(spec: &AgentSpec) -> Option<u64> {
+    let dv = spec.storage.data_volume.as_ref()?;
+    if spec.storage.scheme != "fs" || dv.claim_name.is_some() {
+        return None;
+    }
+    let bytes = crate::podspec::quantity_value(&dv.size_limit.as_ref()?.0)?;
+    (bytes >= 1.0).then_some(bytes as u64)
 }
 
 /// Options the operator checks in the spec and must therefore never come
@@ -524,6 +538,42 @@ mod tests {
             assert_eq!(e.reason(), "InvalidOptions", "{k}");
             assert!(e.to_string().contains(want), "{k}: {e}");
         }
+    }
+
+    /// An emptyDir's sizeLimit reaches the agent's config (it refuses a
+    /// fetch that would go over it, rather than being evicted); a claim,
+    /// or no limit, gives none.
+    #[test]
+    fn an_empty_dirs_size_limit_reaches_the_agent() {
+        use crate::crd::agent::DataVolumeSpec;
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let with = |claim: Option<&str>, limit: Option<&str>| {
+            let mut a = fs_agent("alice", "t");
+            a.spec.storage.data_volume = Some(DataVolumeSpec {
+                claim_name: claim.map(str::to_string),
+                size_limit: limit.map(|l| Quantity(l.into())),
+            });
+            agent_config("alice", "t", &a.spec, &cfg())
+                .unwrap()
+                .storage
+                .size_limit
+        };
+        assert_eq!(with(None, Some("1Gi")), Some(1 << 30));
+        assert_eq!(with(None, Some("1.5G")), Some(1_500_000_000));
+        assert_eq!(with(None, None), None);
+        assert_eq!(with(Some("photos"), Some("1Gi")), None);
+        let toml = {
+            let mut a = fs_agent("alice", "t");
+            a.spec.storage.data_volume = Some(DataVolumeSpec {
+                claim_name: None,
+                size_limit: Some(Quantity("256Mi".into())),
+            });
+            agent_config("alice", "t", &a.spec, &cfg())
+                .unwrap()
+                .to_toml()
+                .unwrap()
+        };
+        assert!(toml.contains("size_limit = 268435456"), "{toml}");
     }
 
     #[test]

@@ -72,6 +72,7 @@ pub(crate) fn init(
             scheme: "fs".into(),
             options,
             credentials: None,
+            size_limit: None,
         },
     };
     cfg.validate().map_err(|e| Exit::Config(anyhow!(e)))?;

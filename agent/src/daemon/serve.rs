@@ -279,6 +279,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             state_prefix: cfg.state_prefix.clone(),
             advertise,
             repositories: cfg.repositories.clone(),
+            size_limit: fs_root.as_ref().and(cfg.storage.size_limit),
             fs_root,
             corrupt_chunks: tuning::fault_corrupt_chunks(),
             azblob_signer: store::sas::AzblobSigner::from_config(&cfg.storage)?,

@@ -42,6 +42,9 @@ pub struct AgentOptions {
     pub repositories: Vec<String>,
     /// For `fs` storage: the root directory, to read real file modes.
     pub fs_root: Option<PathBuf>,
+    /// For `fs` storage: the most bytes `fs_root` may hold, below what its
+    /// filesystem says ([`crate::config::StorageConfig::size_limit`]).
+    pub size_limit: Option<u64>,
     /// Test-only fault injection: serve corrupted chunks.
     pub corrupt_chunks: bool,
     /// For azblob storage with an account key: signs the read-only URLs of
@@ -597,6 +600,7 @@ impl Agent {
             advertise: vec![],
             repositories: vec![],
             fs_root,
+            size_limit: None,
             corrupt_chunks: false,
             azblob_signer: None,
         };

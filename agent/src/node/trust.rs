@@ -1203,6 +1203,7 @@ mod tests {
             scheme: "memory".into(),
             options: Default::default(),
             credentials: None,
+            size_limit: None,
         })
         .unwrap()
     }

@@ -627,6 +627,7 @@ mod tests {
             scheme: "memory".into(),
             options: Default::default(),
             credentials: None,
+            size_limit: None,
         })
         .unwrap();
         for k in ["t/a", "t/a/b", "t/a/c/d", "t/e/f", "t/e", "t/g/h"] {
@@ -663,6 +664,7 @@ mod tests {
             scheme: "memory".into(),
             options: Default::default(),
             credentials: None,
+            size_limit: None,
         })
         .unwrap();
         let long = "n".repeat(crate::manifest::MAX_NAME_BYTES + 1);

@@ -177,6 +177,7 @@ impl RepositoryArgs {
             scheme: self.storage_scheme.clone(),
             options,
             credentials: self.storage_credentials.clone(),
+            size_limit: None,
         })
     }
 }

@@ -147,6 +147,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             credentials: None,
+            size_limit: None,
         }
     }
 

@@ -238,6 +238,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             credentials: None,
+            size_limit: None,
         })
         .unwrap()
     }

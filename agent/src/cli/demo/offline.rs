@@ -126,6 +126,7 @@ pub async fn run(
         scheme: "s3".into(),
         options,
         credentials: None,
+        size_limit: None,
     })?;
     store::probe(&op).await.map_err(|e| {
         Error::Config(format!(
@@ -170,6 +171,7 @@ pub async fn run(
             advertise: vec![pub_addr.to_string()],
             repositories: vec![repo_url.clone()],
             fs_root: None,
+            size_limit: None,
             corrupt_chunks: false,
             azblob_signer: None,
         },

@@ -206,6 +206,7 @@ pub async fn local_agent(
             advertise: vec![addr.to_string()],
             repositories,
             fs_root: Some(root.to_path_buf()),
+            size_limit: None,
             corrupt_chunks: false,
             azblob_signer: None,
         },
@@ -372,6 +373,7 @@ pub async fn local_repository(stop: &CancellationToken) -> Result<String> {
         scheme: "memory".into(),
         options: Default::default(),
         credentials: None,
+        size_limit: None,
     })?;
     // Every demo agent shares 127.0.0.1: lift the per-IP rate limit.
     let cfg = caravan_agent::repository::RepositoryConfig {

@@ -553,7 +553,8 @@ impl Agent {
             manifest.total_bytes(),
             Some(manifest.total_chunks()),
             already.max(held),
-        )?;
+        )
+        .await?;
         self.check_fits(
             &ticket.share_id,
             &dest,
@@ -989,7 +990,8 @@ impl Agent {
                 files.iter().map(|f| (f.0.as_str(), f.1)),
             )
             .await;
-        self.check_room(&ticket.share_id, total, None, already.max(held))?;
+        self.check_room(&ticket.share_id, total, None, already.max(held))
+            .await?;
         self.check_fits(
             &ticket.share_id,
             &dest,
@@ -1209,7 +1211,7 @@ impl Agent {
     /// destination), before anything more is written. Out of space is not
     /// the share's fault: the fetch and what it verified are kept, to go on
     /// once there is room.
-    fn check_room(
+    async fn check_room(
         &self,
         id: &ShareId,
         declared: u64,
@@ -1227,14 +1229,26 @@ impl Agent {
             )));
         }
         let needed = declared.saturating_sub(already);
-        let Some(disk) = self
-            .opts
-            .fs_root
-            .as_ref()
-            .and_then(|root| rustix::fs::statvfs(root.as_path()).ok())
-        else {
+        let Some(root) = self.opts.fs_root.clone() else {
             return Ok(());
         };
+        let Ok(disk) = rustix::fs::statvfs(root.as_path()) else {
+            return Ok(());
+        };
+        let (mut free, mut size) = (
+            disk.f_bavail.saturating_mul(disk.f_frsize),
+            disk.f_blocks.saturating_mul(disk.f_frsize),
+        );
+        // A volume smaller than its filesystem (an emptyDir with a
+        // sizeLimit: the kubelet evicts the pod past it, and the fetch
+        // would start over and be evicted again): what it has left.
+        if let Some(limit) = self.opts.size_limit {
+            let used = tokio::task::spawn_blocking(move || crate::util::allocated_bytes(&root))
+                .await
+                .unwrap_or(limit);
+            free = free.min(limit.saturating_sub(used));
+            size = size.min(limit);
+        }
         // What the other fetches running here have still to write: the
         // space each found free is theirs until they write it.
         let promised: u64 = self
@@ -1243,15 +1257,7 @@ impl Agent {
             .filter(|p| p.share_id != *id)
             .map(|p| p.still_to_write())
             .sum();
-        check_free(
-            id,
-            (declared, &in_chunks, needed),
-            (
-                disk.f_bavail.saturating_mul(disk.f_frsize),
-                disk.f_blocks.saturating_mul(disk.f_frsize),
-            ),
-            promised,
-        )
+        check_free(id, (declared, &in_chunks, needed), (free, size), promised)
     }
 
     /// Refuses a share holding a path longer than this storage can write
@@ -1513,8 +1519,8 @@ fn check_free(
         // Never fits, whatever is freed: refused for cause, like a share
         // over the limit.
         return Err(Error::Refused(format!(
-            "share {id} declares {declared} bytes{in_chunks}, over the limit of this \
-             disk's whole size ({size} bytes); nothing was written"
+            "share {id} declares {declared} bytes{in_chunks}, over the whole size of this \
+             storage ({size} bytes: its disk's, or its size_limit); nothing was written"
         )));
     }
     let room = free.saturating_sub(promised);
@@ -1707,6 +1713,7 @@ mod tests {
             scheme: "fs".into(),
             options: [("root".to_string(), tmp.path().display().to_string())].into(),
             credentials: None,
+            size_limit: None,
         })
         .unwrap();
         let agent = Agent::for_test(op, Some(tmp.path().to_path_buf())).await;
