@@ -398,6 +398,35 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
         "{scheme}: v1 {} chunks, v2 fetched {fetched} of {total}",
         v1["chunks_total"]
     );
+
+    // Version 3 changes the tree's shape: a file becomes a folder and a
+    // folder a file. Servers that keep objects as files (s3s-fs, the
+    // WebDAV server) cannot hold `x` beside `x/y`: the recipient removes
+    // the previous version's objects in the way before it writes.
+    tree.files.remove("a/also-empty");
+    tree.files.insert(
+        "a/also-empty/now-a-folder.txt".to_string(),
+        b"a folder now".to_vec(),
+    );
+    tree.files.remove("a/b/c/deep.txt");
+    tree.files
+        .insert("a/b/c".to_string(), b"a file where a folder was".to_vec());
+    rt.block_on(async {
+        alice_op.delete("reports/a/also-empty").await.unwrap();
+        alice_op.delete("reports/a/b/c/deep.txt").await.unwrap();
+        let _ = alice_op.delete("reports/a/b/c/").await;
+        for rel in ["a/also-empty/now-a-folder.txt", "a/b/c"] {
+            alice_op
+                .write(&format!("reports/{rel}"), tree.files[rel].clone())
+                .await
+                .unwrap_or_else(|e| panic!("{scheme}: writing {rel}: {e}"));
+        }
+    });
+    publish(&alice, "reports", &[&bob.id], &["--share", &share]);
+    let v3 = fetch(&bob, &tickets[0], "inbox", &[]);
+    assert_eq!(v3["state"], "done", "{scheme}: {v3}");
+    assert_eq!(v3["seq"], 3, "{scheme}: {v3}");
+    rt.block_on(assert_holds(scheme, &bob_op, "inbox/", &tree));
 }
 
 /// `op` holds exactly `tree` under `dir`: every file with the same bytes,

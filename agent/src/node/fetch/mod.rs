@@ -639,20 +639,18 @@ impl Agent {
         // Files the previous version had and this one dropped go away too.
         if let Some(prev) = written_over(previous, dest, seq) {
             let reshape = reshape(prev, &manifest);
-            // On a local disk, a dropped file where the new version has a
-            // folder, or under a folder that is a file now, is gone already
-            // (`make_room`): what is at its path now is the new version's.
+            // A dropped file where the new version has a folder, or under
+            // a folder that is a file now, is gone already (`make_room`):
+            // what is at its path now is the new version's.
             let mut now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
-            if self.opts.fs_root.is_some() {
-                now.extend(reshape.files_to_folders.iter().map(String::as_str));
-                now.extend(
-                    reshape
-                        .folders_to_files
-                        .iter()
-                        .flat_map(|f| f.1.iter())
-                        .map(String::as_str),
-                );
-            }
+            now.extend(reshape.files_to_folders.iter().map(String::as_str));
+            now.extend(
+                reshape
+                    .folders_to_files
+                    .iter()
+                    .flat_map(|f| f.1.iter())
+                    .map(String::as_str),
+            );
             let gone: Vec<String> = prev
                 .manifest
                 .files()
@@ -678,19 +676,16 @@ impl Agent {
             }
             // And its folders, those left empty. An object store has no
             // folders, only the marker objects (`dir/`) a fetch wrote for
-            // the ones listed: those of dropped folders, and of folders
-            // that are files now, go (a marker holds nothing, and whatever
-            // else lies under its prefix stays).
+            // the ones listed: those of dropped folders go (a marker holds
+            // nothing, and whatever else lies under its prefix stays);
+            // those of folders that are files now went before the fetch
+            // wrote (`make_room`).
             if let Some(root) = self.opts.fs_root.clone() {
                 let dest = dest.to_string();
                 let _ =
                     tokio::task::spawn_blocking(move || reshape.drop_folders(&root, &dest)).await;
             } else {
-                let gone = reshape
-                    .dropped_folders
-                    .iter()
-                    .chain(reshape.folders_to_files.iter().map(|f| &f.0));
-                for d in gone {
+                for d in &reshape.dropped_folders {
                     let marker = format!("{dest}{d}/");
                     if let Err(e) = self.op.delete(&marker).await {
                         tracing::warn!(path = %marker, error = %e, "could not remove a dropped folder's marker");
@@ -747,9 +742,6 @@ impl Agent {
         files: impl Iterator<Item = &'a str>,
         dirs: impl Iterator<Item = &'a str>,
     ) -> Result<()> {
-        let Some(root) = self.opts.fs_root.clone() else {
-            return Ok(());
-        };
         // Files of the previous version here: replaced or removed by this
         // fetch, so a folder may take the place of one.
         let here = previous.filter(|p| p.root == dest);
@@ -766,6 +758,12 @@ impl Agent {
                 new_dirs.iter().copied(),
             )
         });
+        let Some(root) = self.opts.fs_root.clone() else {
+            return match reshape.filter(|r| !r.before_is_empty()) {
+                Some(r) => self.make_room_in_objects(dest, &r).await,
+                None => Ok(()),
+            };
+        };
         let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
         let (old_files, new_files, new_dirs) =
             (owned(&old_files), owned(&new_files), owned(&new_dirs));
@@ -786,6 +784,34 @@ impl Agent {
         })
         .await
         .map_err(|e| Error::Protocol(format!("making room task: {e}")))?
+    }
+
+    /// [`Agent::make_room`] on an object store. Keys `x` and `x/y` coexist
+    /// on most (S3, GCS, Azure), but not on those that keep objects as
+    /// files (s3s-fs, MinIO, WebDAV): there writing `x/y` over the previous
+    /// version's file `x`, or `x` over its `x/…`, fails, on every resume.
+    /// So before anything is written, the previous version's objects in
+    /// the way go: its files where folders go, its files under (and the
+    /// marker of) folders where files go. Only the share's own objects; a
+    /// delete of one already gone is no error, so a resumed fetch does the
+    /// rest.
+    async fn make_room_in_objects(&self, dest: &str, r: &tree::Reshape) -> Result<()> {
+        let mut in_the_way: Vec<String> = r
+            .files_to_folders
+            .iter()
+            .map(|f| format!("{dest}{f}"))
+            .collect();
+        for (d, held) in &r.folders_to_files {
+            in_the_way.extend(held.iter().map(|h| format!("{dest}{h}")));
+            in_the_way.push(format!("{dest}{d}/"));
+        }
+        for path in in_the_way {
+            self.op
+                .delete(&path)
+                .await
+                .context(|| format!("removing {path}, in the new version's way"))?;
+        }
+        Ok(())
     }
 
     /// Whether every file of `held` is at its place at its size and

@@ -13,10 +13,12 @@
 //! emptied: the fetch is refused, naming it). After the fetch, folders the
 //! new version dropped are removed when empty, as its dropped files are.
 //!
-//! Object stores need none of this: keys `x` and `x/y` can coexist there,
-//! and a folder is only a prefix. Every step looks at what is really on
-//! disk (`symlink_metadata`, links never followed), so a resumed fetch that
-//! already did part of it does the rest.
+//! Every step looks at what is really on disk (`symlink_metadata`, links
+//! never followed), so a resumed fetch that already did part of it does
+//! the rest. On object stores keys `x` and `x/y` coexist on most, not on
+//! those that keep objects as files (s3s-fs, MinIO, WebDAV): there the
+//! previous version's objects in the way are deleted before the fetch
+//! writes (`Agent::make_room_in_objects`, from the same [`Reshape`]).
 
 use std::collections::HashSet;
 use std::io;
