@@ -87,7 +87,7 @@ impl SkipReason {
         match self {
             SkipReason::NotUtf8 => "its name is not valid UTF-8",
             SkipReason::UnsafeName => {
-                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, a name over 255 bytes or beginning or ending with whitespace, or too long)"
+                "its path cannot be written safely (backslash, control character, empty, `.` or `..` component, a name over 255 bytes or beginning or ending with whitespace, too long, or a `.caravan` folder at the share's top, where a recipient keeps its agent's state)"
             }
             SkipReason::NotRegular => "not a regular file or folder (a FIFO, socket or device)",
             SkipReason::LinkOutside => {
@@ -124,7 +124,9 @@ pub struct Skipped {
 
 impl Skipped {
     fn add(&mut self, path: String, reason: SkipReason) {
-        tracing::warn!(path = %path, reason = reason.says(), "not published");
+        // Debug: a name may hold a newline or an escape sequence, which
+        // would forge or garble a text log line.
+        tracing::warn!(path = ?path, reason = reason.says(), "not published");
         self.total += 1;
         if self.first.len() < SKIPPED_SHOWN {
             self.first.push(SkippedEntry { path, reason });

@@ -266,7 +266,10 @@ pub(crate) fn make_folder(root: &Path, rel: &str) -> io::Result<()> {
     }
 }
 
-/// Removes the files `rels` under `root` (missing ones are fine).
+/// Removes the files `rels` under `root` (missing ones are fine). Where
+/// the user put a folder of their own in a file's place (or a file in
+/// place of a folder on its path), that is not the share's to remove: it
+/// stays, with a warning, rather than failing every retry of the fetch.
 pub(crate) fn remove_files<'a>(root: &Path, rels: impl Iterator<Item = &'a str>) -> io::Result<()> {
     let r = imp::Root::open(root)?;
     for rel in rels {
@@ -277,7 +280,18 @@ pub(crate) fn remove_files<'a>(root: &Path, rels: impl Iterator<Item = &'a str>)
                 r => r,
             },
         };
-        done.map_err(|e| io::Error::new(e.kind(), format!("removing {rel}: {e}")))?;
+        match done {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::IsADirectory | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                tracing::warn!(path = ?rel, error = %e,
+                    "a file the new version dropped is no longer a file here (something of the user's own took its place): left as it is");
+            }
+            done => done.map_err(|e| io::Error::new(e.kind(), format!("removing {rel}: {e}")))?,
+        }
     }
     Ok(())
 }
@@ -355,6 +369,23 @@ fn set_mode_by_path(_: &Path, _: &str, _: u32) -> io::Result<()> {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    /// A dropped file whose place the user took with a folder of their
+    /// own (or whose folder they turned into a file) is left, not an error
+    /// that fails every retry; the other dropped files still go.
+    #[test]
+    fn a_dropped_file_replaced_by_the_users_own_folder_is_left() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir_all(root.join("d/p")).unwrap();
+        std::fs::write(root.join("d/p/mine"), b"mine").unwrap();
+        std::fs::write(root.join("d/q"), b"a file where a folder was").unwrap();
+        std::fs::write(root.join("d/gone"), b"the share's").unwrap();
+        remove_files(root, ["d/p", "d/q/x", "d/gone"].into_iter()).unwrap();
+        assert_eq!(std::fs::read(root.join("d/p/mine")).unwrap(), b"mine");
+        assert!(root.join("d/q").is_file());
+        assert!(!root.join("d/gone").exists());
+    }
 
     /// A link swapped in anywhere on the way is never followed: not to
     /// move a file into place, make a folder, remove a file or set a mode;
