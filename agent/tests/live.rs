@@ -255,6 +255,33 @@ fn a_file_changed_while_published_ends_in_the_final_data_or_a_clear_error() {
         std::fs::read(bob.data().join("got3/big.bin")).unwrap() == data,
         "the fetched file is the one the pass opened"
     );
+
+    // Grown under the pass (a log being written): its listed start is not
+    // the file; the publish fails naming it, as for a shrunk one, rather
+    // than publish the file cut short with exit code 0.
+    std::fs::remove_file(&gate).unwrap();
+    std::fs::write(src.join("big.bin"), &data).unwrap();
+    let before = bob.metric("caravan_chunks_received_total");
+    let (mut publishing, _out, first) = start_publish(&alice, "edit", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let fetching = start_fetch(&bob, &ticket, "got4");
+    wait_for("the first verified chunk of the fourth share", || {
+        bob.metric("caravan_chunks_received_total") > before
+    });
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(src.join("big.bin"))
+            .unwrap();
+        f.write_all(&[7u8; 1 << 20]).unwrap();
+    }
+    std::fs::write(&gate, b"go").unwrap();
+    let published = publishing.wait().unwrap();
+    assert_eq!(published.code(), Some(3), "a grown file was published");
+    let done = fetching.wait_with_output().unwrap();
+    assert!(!done.status.success());
+    assert!(!bob.data().join("got4/big.bin").exists());
 }
 
 #[test]

@@ -608,3 +608,96 @@ fn azblob_reads_only_the_listed_object() {
 fn webdav_reads_only_the_listed_object() {
     reads_only_the_listed_object("webdav", webdav(), "tests/storage/webdav.sh");
 }
+
+/// An object removed after the listing, before the pass reads it, fails
+/// the publish naming it with exit code 3 ("publish again"), like one
+/// saved over, not exit 1 with the server's raw answer.
+#[test]
+fn s3_an_object_removed_during_the_pass_fails_the_publish_by_name() {
+    let Some(service) = s3() else {
+        eprintln!("SKIP s3_an_object_removed_during_the_pass…: moto is not configured");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    alice.env.push((
+        "CARAVAN_FAULT_PUBLISH_GATE".into(),
+        gate.to_str().unwrap().into(),
+    ));
+    // One file at a time: the gate holds the pass before the last is opened.
+    alice.env.push(("CARAVAN_PUBLISH_FILES".into(), "1".into()));
+    let bob = TestAgent::init(&tmp.path().join("bob"));
+    configure(&alice, service.scheme, &service.alice);
+    let cfg = caravan_agent::config::AgentConfig::load(&alice.config).unwrap();
+    let op = caravan_agent::store::open(&cfg.storage).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for i in 0..6 {
+            op.write(&format!("gone/f{i}"), format!("file {i}\n").into_bytes())
+                .await
+                .unwrap();
+        }
+    });
+    alice.start();
+    // The pass lists the folder, seals the first file's block and holds
+    // at the gate; the last file is not opened yet.
+    // `--json` says the share and its tickets once the folder is listed.
+    let mut publishing = std::process::Command::new(BIN)
+        .args([
+            "publish",
+            "--config",
+            alice.cfg(),
+            "gone",
+            "--to",
+            &bob.id,
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(publishing.stdout.as_mut().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert!(first.contains("share_id"), "{first}");
+    // The tickets come before the listing: wait for the pass to begin.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !agent_logs(&alice).contains("the publish pass begins") {
+        assert!(std::time::Instant::now() < deadline, "the pass never began");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    rt.block_on(async { op.delete("gone/f5").await.unwrap() });
+    std::fs::write(&gate, b"go").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while publishing.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the publish never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = publishing.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("f5") && said.contains("removed"), "{said}");
+    alice.kill9();
+}
+
+/// Everything `a`'s daemons logged.
+fn agent_logs(a: &TestAgent) -> String {
+    std::fs::read_dir(&a.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("agent-")
+        })
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect()
+}

@@ -372,6 +372,8 @@ impl Agent {
             skipped,
             etags,
         } = self.walk(path).await?;
+        tracing::info!(share = %share_id, seq, files = files.len(), folders = dirs.len(),
+            bytes = files.iter().map(|f| f.1).sum::<u64>(), "listed; the publish pass begins");
         live.set_listing(
             &root,
             LiveListing {
@@ -569,8 +571,15 @@ impl Agent {
                     let want = (end - pos) as usize;
                     let more = want.saturating_sub(block.len());
                     match remote.read_into(&mut block, more).await {
-                        // Saved over since the listing (`Sequential::pinned`).
-                        Err(e) if e.kind() == opendal::ErrorKind::ConditionNotMatch => {
+                        // Saved over since the listing (`Sequential::pinned`),
+                        // or removed.
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                opendal::ErrorKind::ConditionNotMatch
+                                    | opendal::ErrorKind::NotFound
+                            ) =>
+                        {
                             return Err(changed_size(path));
                         }
                         r => r.context(|| format!("reading {path}"))?,
@@ -606,19 +615,31 @@ impl Agent {
             }
             sealing = Some(seal(keyer.clone(), out.blocks.clone(), pieces));
         }
+        // Checked before the last block is listed: a recipient following
+        // the pass places the file once all its chunks are listed.
+        // An object saved over by a longer one since the listing: its
+        // start is not the file.
+        if self.opts.fs_root.is_none() && size > 0 {
+            match remote.ends_here().await {
+                Ok(true) => {}
+                Ok(false) => return Err(changed_size(path)),
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => {
+                    return Err(changed_size(path));
+                }
+                Err(e) => return Err(e).context(|| format!("reading {path}")),
+            }
+        }
+        // A local file that grew while its pass read it (a log being
+        // written): its published start is not the file either. One that
+        // shrank was caught by a short read.
+        if let Some(f) = &local {
+            let now = f.metadata().map(|m| m.len()).unwrap_or(size);
+            if now != size {
+                return Err(changed_size(path));
+            }
+        }
         if let Some(h) = sealing.take() {
             append(&mut refs, self.sealed_block(join(h).await?, out).await);
-        }
-        // An object saved over by a longer one since the listing: its
-        // start is not the file (a local file is checked when opened).
-        if self.opts.fs_root.is_none()
-            && size > 0
-            && !remote
-                .ends_here()
-                .await
-                .context(|| format!("reading {path}"))?
-        {
-            return Err(changed_size(path));
         }
         Ok(refs)
     }
