@@ -665,7 +665,42 @@ fn killed_fetcher_resumes_without_refetching() {
     assert_eq!(after["share_id"].as_str().unwrap(), share);
 }
 
-/// Guarantee: a share is fetched by one fetch at a time. A second
+/// Guarantee: files an interrupted fetch already moved into place are the
+/// share's, not the user's: when the fetch goes on with a newer version,
+/// such a file the new version changed is replaced and one it dropped is
+/// removed. (They were "a file of your own" before, and the fetch was
+/// refused on every retry.)
+#[test]
+fn files_an_interrupted_fetch_placed_are_the_shares_for_the_next_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (alice, mut bob, src, share) = start_big_fetch(tmp.path(), 23, |src| {
+        let d = src.join("small");
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..4 {
+            std::fs::write(d.join(format!("s{i}")), format!("v1 of s{i}\n").repeat(500)).unwrap();
+        }
+    });
+    let got = bob.data().join("got");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(0..4).all(|i| got.join(format!("small/s{i}")).exists()) {
+        assert!(Instant::now() < deadline, "the small files never arrived");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    bob.kill9();
+    assert!(
+        !got.join("one-big-file.bin").exists(),
+        "the fetch ended before it could be interrupted"
+    );
+    std::fs::write(src.join("small/s0"), b"v2 of s0\n").unwrap();
+    std::fs::remove_file(src.join("small/s1")).unwrap();
+    publish(&alice, "payload", &[&bob.id], &["--share", &share]);
+    bob.start();
+    let done = wait_fetched(&bob);
+    assert_eq!(done["seq"], 2, "{done}");
+    assert_same_tree(&src, &got);
+}
+
+/// Guarantee: a share is fetched by one fetch at a time. A second/// Guarantee: a share is fetched by one fetch at a time. A second
 /// `fetch` of a running share into the same destination joins it (how one
 /// watches a `--detach`ed fetch) and ends with it; into another
 /// destination it is refused with exit code 3 until the first ends. (Two

@@ -104,6 +104,14 @@ pub fn partial_dir(prefix: &str, id: &ShareId) -> String {
     format!("{prefix}partial/{}/", id.hex())
 }
 
+/// `<prefix>partial/<id>/placed`: the files (storage paths, one a line) an
+/// unfinished fetch of `id` moved into place on a local disk, whatever the
+/// version: the share's, not the user's, when a later version comes to
+/// replace or drop them (`Job::placed_log`). Goes with the partial folder.
+pub fn placed_log(prefix: &str, id: &ShareId) -> String {
+    format!("{prefix}partial/{}/placed", id.hex())
+}
+
 /// `<prefix>partial/<id>/<seq>/`: files of one manifest version being fetched.
 pub fn partial_seq_dir(prefix: &str, id: &ShareId, seq: u64) -> String {
     format!("{prefix}partial/{}/{seq}/", id.hex())

@@ -128,6 +128,37 @@ impl Listing {
     }
 }
 
+/// Notes that the fetch is about to move a file to `dest` (appended to
+/// `log`, made with its folder when missing). Before the move: a crash
+/// between the two notes a file not placed, which is harmless (a file the
+/// user has at that path was refused before the fetch began, or is the
+/// share's own).
+pub(crate) fn note_placed(log: &Path, dest: &str) -> io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = log.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    f.write_all(format!("{dest}\n").as_bytes())
+}
+
+/// The paths under `dest` (relative to it) that `log` notes as placed;
+/// none when there is no log.
+pub(crate) fn read_placed(log: &Path, dest: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix(dest))
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
 /// Moves a complete (and synced) part file to its destination, creating
 /// the destination's directories when missing. Blocking: called on the
 /// blocking pool right after the file's last write and sync, in the same

@@ -573,9 +573,12 @@ impl Agent {
             manifest.files().map(|(p, s, _)| (p, s)),
             Arc::new(repeats),
         )?;
+        let placed = self.placed_here(&ticket.share_id, &dest).await;
+        let mut ours = files_here(previous.as_deref(), &dest);
+        ours.extend(placed.iter().map(String::as_str));
         job.check_own_files(
             &ticket.share_id,
-            &files_here(previous.as_deref(), &dest),
+            &ours,
             &folders_here(previous.as_deref(), &dest),
             &manifest
                 .files()
@@ -693,6 +696,28 @@ impl Agent {
                 }
             }
         }
+        // Files an unfinished earlier fetch of this share put here (an
+        // older version's) that this version does not have: the share's,
+        // so they go like its dropped files.
+        let placed = self.placed_here(&ticket.share_id, dest).await;
+        if let Some(root) = self.opts.fs_root.clone()
+            && !placed.is_empty()
+        {
+            let now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
+            let gone: Vec<String> = placed
+                .iter()
+                .filter(|p| !now.contains(p.as_str()))
+                .map(|p| format!("{dest}{p}"))
+                .collect();
+            tokio::task::spawn_blocking(move || {
+                beneath::remove_files(&root, gone.iter().map(String::as_str))
+            })
+            .await
+            .map_err(|e| Error::Protocol(format!("removing task: {e}")))?
+            .context(|| {
+                "removing the files an unfinished earlier version put in place".to_string()
+            })?;
+        }
         // Tags of the chunks received now and of those an earlier version
         // held (reused chunks were not received again).
         let mut tags = job
@@ -726,6 +751,20 @@ impl Agent {
         self.metrics.fetch_done(s.bytes_total, s.seconds);
         tracing::info!(share = %ticket.share_id, seq, bytes = s.bytes_total, fetched = s.chunks_fetched, reused = s.chunks_reused, seconds = s.seconds, "fetch complete");
         Ok(())
+    }
+
+    /// The files (relative to `dest`) an unfinished fetch of `id` put in
+    /// place there, of whatever version ([`state::placed_log`]; local disk
+    /// only): the share's, not the user's.
+    async fn placed_here(&self, id: &ShareId, dest: &str) -> Vec<String> {
+        let Some(root) = &self.opts.fs_root else {
+            return Vec::new();
+        };
+        let log = root.join(state::placed_log(&self.opts.state_prefix, id));
+        let dest = dest.to_string();
+        tokio::task::spawn_blocking(move || local::read_placed(&log, &dest))
+            .await
+            .unwrap_or_default()
     }
 
     /// Before a version is written on a local disk: refuses, with nothing
@@ -916,6 +955,11 @@ impl Agent {
             local,
             repeats,
             partial: state::partial_seq_dir(&self.opts.state_prefix, share, seq),
+            placed_log: self
+                .opts
+                .fs_root
+                .as_ref()
+                .map(|root| root.join(state::placed_log(&self.opts.state_prefix, share))),
             append,
             one_shot,
             part_uploads: writer::part_uploads(big_files),
@@ -1039,9 +1083,12 @@ impl Agent {
             feed.repeats.clone(),
         )?;
         // The pass has not listed every chunk yet: sizes only.
+        let placed = self.placed_here(&ticket.share_id, &dest).await;
+        let mut ours = files_here(previous.as_deref(), &dest);
+        ours.extend(placed.iter().map(String::as_str));
         job.check_own_files(
             &ticket.share_id,
-            &files_here(previous.as_deref(), &dest),
+            &ours,
             &folders_here(previous.as_deref(), &dest),
             &files
                 .iter()

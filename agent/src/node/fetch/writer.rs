@@ -83,6 +83,9 @@ pub(crate) struct Job {
     /// Chunks listed more than once: fetched once, copied for the rest.
     pub(crate) repeats: Arc<Repeats>,
     pub(crate) partial: String,
+    /// On a local disk: where each file moved into place is noted first
+    /// ([`crate::node::state::placed_log`]).
+    pub(crate) placed_log: Option<PathBuf>,
     pub(crate) append: bool,
     /// Storage that takes a whole file in one request (no multipart, no
     /// append): each file is gathered in memory and sent on close. The
@@ -824,12 +827,17 @@ impl Job {
                 self.unsynced_small.store(true, Ordering::Relaxed);
             }
             let pool = self.buffers.clone();
+            let placed_log = self.placed_log.clone();
             let h = tokio::spawn(async move {
                 let _slots = (write_slot, sync_slot);
                 let buf = tokio::task::spawn_blocking(move || {
                     let buf = closing
                         .complete_with(!small)
                         .context(|| format!("finishing {write_path}"))?;
+                    if let Some(log) = &placed_log {
+                        local::note_placed(log, &final_path)
+                            .context(|| format!("noting {final_path} as placed"))?;
+                    }
                     local::place(&root, &write_path, &final_path)
                         .context(|| format!("moving {write_path} to {final_path}"))?;
                     Ok::<_, Error>(buf)
