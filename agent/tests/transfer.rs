@@ -700,6 +700,39 @@ fn files_an_interrupted_fetch_placed_are_the_shares_for_the_next_version() {
     assert_same_tree(&src, &got);
 }
 
+/// Guarantee: a file of the user's own that appears at one of the share's
+/// paths while the fetch runs (after its start-up check) is never replaced:
+/// the move into place fails, naming it, and the file keeps the user's
+/// bytes. (A plain rename replaced it silently.)
+#[test]
+fn a_file_of_the_users_own_that_appears_during_a_fetch_is_never_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_alice, bob, _src, _share) = start_big_fetch(tmp.path(), 29, |_| {});
+    wait_partly_fetched(&bob, 10);
+    let mine = bob.data().join("got/one-big-file.bin");
+    std::fs::create_dir_all(mine.parent().unwrap()).unwrap();
+    std::fs::write(&mine, b"MY NOTES").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let failed = loop {
+        let f = first_fetch(&bob);
+        assert_ne!(
+            f["state"], "done",
+            "the fetch replaced the user's file: {f}"
+        );
+        if f["state"] == "failed" {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "the fetch never ended: {f}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("one-big-file.bin") && said.contains("appeared"),
+        "{failed}"
+    );
+    assert_eq!(std::fs::read(&mine).unwrap(), b"MY NOTES");
+}
+
 /// Guarantee: a share is fetched by one fetch at a time. A second/// Guarantee: a share is fetched by one fetch at a time. A second
 /// `fetch` of a running share into the same destination joins it (how one
 /// watches a `--detach`ed fetch) and ends with it; into another

@@ -144,11 +144,29 @@ mod imp {
         }
 
         /// Moves `from` (an absolute path: a part file of the agent's
-        /// state) to `to` (a storage path), making its folders.
-        pub(super) fn rename_into(&self, from: &Path, to: &str) -> io::Result<()> {
+        /// state) to `to` (a storage path), making its folders; over a
+        /// file there only when `replace` (see [`super::rename_into`]).
+        pub(super) fn rename_into(&self, from: &Path, to: &str, replace: bool) -> io::Result<()> {
+            use rustix::fs::{RenameFlags, renameat, renameat_with, statat};
+            use rustix::io::Errno;
             let (dir, name) = split(to);
             let at = self.folder(dir, true)?;
-            rustix::fs::renameat(rustix::fs::CWD, from, &at, name).map_err(Into::into)
+            let cwd = rustix::fs::CWD;
+            if replace {
+                return renameat(cwd, from, &at, name).map_err(Into::into);
+            }
+            match renameat_with(cwd, from, &at, name, RenameFlags::NOREPLACE) {
+                Err(Errno::EXIST) => Err(super::appeared()),
+                // A filesystem without RENAME_NOREPLACE: look, then move.
+                Err(Errno::INVAL | Errno::NOSYS) => {
+                    match statat(&at, name, AtFlags::SYMLINK_NOFOLLOW) {
+                        Ok(_) => Err(super::appeared()),
+                        Err(Errno::NOENT) => renameat(cwd, from, &at, name).map_err(Into::into),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                r => r.map_err(Into::into),
+            }
         }
 
         /// Makes folder `rel` (and its parents).
@@ -220,7 +238,7 @@ mod imp {
         pub(super) fn open(_: &Path) -> io::Result<Option<Root>> {
             Ok(None)
         }
-        pub(super) fn rename_into(&self, _: &Path, _: &str) -> io::Result<()> {
+        pub(super) fn rename_into(&self, _: &Path, _: &str, _: bool) -> io::Result<()> {
             Err(io::ErrorKind::Unsupported.into())
         }
         pub(super) fn make_folder(&self, _: &str) -> io::Result<()> {
@@ -239,12 +257,19 @@ mod imp {
 }
 
 /// Moves the part file `from` (absolute) to storage path `to` under `root`,
-/// making its folders; nothing on the way to `to` is followed.
-pub(crate) fn rename_into(root: &Path, from: &Path, to: &str) -> io::Result<()> {
+/// making its folders; nothing on the way to `to` is followed. A file
+/// already at `to` is replaced only when `replace` (the share's own: the
+/// previous version's, or one an unfinished fetch of it placed); any other
+/// appeared there while the fetch ran, the user's, and is left as it is
+/// (`RENAME_NOREPLACE`): the move fails, naming it.
+pub(crate) fn rename_into(root: &Path, from: &Path, to: &str, replace: bool) -> io::Result<()> {
     match imp::Root::open(root)? {
-        Some(r) => r.rename_into(from, to),
+        Some(r) => r.rename_into(from, to, replace),
         None => {
             let to = confined(root, to)?;
+            if !replace && std::fs::symlink_metadata(&to).is_ok() {
+                return Err(appeared());
+            }
             if let Err(e) = std::fs::rename(from, &to) {
                 let parent = to.parent().filter(|_| e.kind() == io::ErrorKind::NotFound);
                 let Some(parent) = parent else {
@@ -264,6 +289,16 @@ pub(crate) fn make_folder(root: &Path, rel: &str) -> io::Result<()> {
         Some(r) => r.make_folder(rel),
         None => std::fs::create_dir_all(confined(root, rel)?),
     }
+}
+
+/// A file at a path a fetch was about to move a new file to, where there
+/// was none when it began.
+fn appeared() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "a file appeared there while the fetch ran (one of your own?): it is left as it is; \
+         move it away and fetch again",
+    )
 }
 
 /// Removes the files `rels` under `root` (missing ones are fine). Where
@@ -404,7 +439,7 @@ mod tests {
         let part = tmp.path().join("part");
         std::fs::write(&part, b"fetched").unwrap();
 
-        let e = rename_into(&root, &part, "dst/sub/new.txt").unwrap_err();
+        let e = rename_into(&root, &part, "dst/sub/new.txt", false).unwrap_err();
         assert!(e.to_string().contains("symbolic link"), "{e}");
         assert!(!outside.join("new.txt").exists());
         assert!(make_folder(&root, "dst/sub/deeper").is_err());
@@ -424,7 +459,7 @@ mod tests {
             .mode();
         assert_ne!(mode & 0o777, 0o777);
 
-        rename_into(&root, &part, "dst/a/b/new.txt").unwrap();
+        rename_into(&root, &part, "dst/a/b/new.txt", false).unwrap();
         assert_eq!(
             std::fs::read(root.join("dst/a/b/new.txt")).unwrap(),
             b"fetched"
@@ -439,7 +474,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         // A link as the last component is itself replaced or removed.
         std::fs::write(&part, b"again").unwrap();
-        rename_into(&root, &part, "dst/file").unwrap();
+        rename_into(&root, &part, "dst/file", true).unwrap();
         assert_eq!(std::fs::read(root.join("dst/file")).unwrap(), b"again");
         assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"keep");
         remove_files(&root, ["dst/a/b/new.txt", "dst/missing"].into_iter()).unwrap();

@@ -164,9 +164,9 @@ pub(crate) fn read_placed(log: &Path, dest: &str) -> Vec<String> {
 /// blocking pool right after the file's last write and sync, in the same
 /// hop. Its directory entry is synced later with the others
 /// (`Job::sync_written`).
-pub(crate) fn place(root: &Path, part: &str, dest: &str) -> io::Result<PathBuf> {
+pub(crate) fn place(root: &Path, part: &str, dest: &str, replace: bool) -> io::Result<PathBuf> {
     let (from, to) = (confined(root, part)?, confined(root, dest)?);
-    super::beneath::rename_into(root, &from, dest)
+    super::beneath::rename_into(root, &from, dest, replace)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", to.display())))?;
     Ok(to)
 }
@@ -200,7 +200,7 @@ mod tests {
                 .unwrap(),
             (None, Some(5))
         );
-        let placed = place(root, ".caravan/partial/7", "dst/x/y.txt").unwrap();
+        let placed = place(root, ".caravan/partial/7", "dst/x/y.txt", false).unwrap();
         assert_eq!(placed, root.join("dst/x/y.txt"));
         assert_eq!(std::fs::read(&placed).unwrap(), b"hello");
         assert_eq!(
@@ -247,7 +247,16 @@ mod tests {
             sizes(root, "dst/d", ".caravan/partial/8").await.unwrap().0,
             None
         );
-        let e = place(root, ".caravan/partial/8", "dst/d").unwrap_err();
+        let e = place(root, ".caravan/partial/8", "dst/d", true).unwrap_err();
         assert!(e.to_string().contains("dst/d"), "{e}");
+        // A file that appeared where there was none is never replaced;
+        // the share's own (`replace`) is.
+        std::fs::write(root.join("dst/mine"), b"my notes").unwrap();
+        let e = place(root, ".caravan/partial/8", "dst/mine", false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert!(e.to_string().contains("dst/mine"), "{e}");
+        assert_eq!(std::fs::read(root.join("dst/mine")).unwrap(), b"my notes");
+        place(root, ".caravan/partial/8", "dst/mine", true).unwrap();
+        assert_eq!(std::fs::read(root.join("dst/mine")).unwrap(), b"x");
     }
 }

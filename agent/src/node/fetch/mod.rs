@@ -960,6 +960,7 @@ impl Agent {
                 .fs_root
                 .as_ref()
                 .map(|root| root.join(state::placed_log(&self.opts.state_prefix, share))),
+            may_replace: Default::default(),
             append,
             one_shot,
             part_uploads: writer::part_uploads(big_files),

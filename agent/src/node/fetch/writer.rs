@@ -86,6 +86,12 @@ pub(crate) struct Job {
     /// On a local disk: where each file moved into place is noted first
     /// ([`crate::node::state::placed_log`]).
     pub(crate) placed_log: Option<PathBuf>,
+    /// On a local disk: the destination paths (storage paths) holding a
+    /// file when the fetch began that it may move a new file over: the
+    /// share's own, or the same bytes ([`Job::check_own_files`]). At any
+    /// other path a file that appears meanwhile is the user's, never
+    /// replaced ([`local::place`]).
+    pub(crate) may_replace: Mutex<HashSet<String>>,
     pub(crate) append: bool,
     /// Storage that takes a whole file in one request (no multipart, no
     /// append): each file is gathered in memory and sent on close. The
@@ -828,6 +834,11 @@ impl Job {
             }
             let pool = self.buffers.clone();
             let placed_log = self.placed_log.clone();
+            let replace = self
+                .may_replace
+                .lock()
+                .map(|m| m.contains(&final_path))
+                .unwrap_or(false);
             let h = tokio::spawn(async move {
                 let _slots = (write_slot, sync_slot);
                 let buf = tokio::task::spawn_blocking(move || {
@@ -838,7 +849,7 @@ impl Job {
                         local::note_placed(log, &final_path)
                             .context(|| format!("noting {final_path} as placed"))?;
                     }
-                    local::place(&root, &write_path, &final_path)
+                    local::place(&root, &write_path, &final_path, replace)
                         .context(|| format!("moving {write_path} to {final_path}"))?;
                     Ok::<_, Error>(buf)
                 })
@@ -1031,10 +1042,11 @@ impl Job {
                     .enumerate()
                     .map(|(i, f)| (i, format!("{}{}", self.dest, f.0), ours.contains(f.0)))
                     .collect();
-                let (present, folders): (Vec<(usize, u64)>, Vec<usize>) =
+                let (present, folders, here): (Vec<(usize, u64)>, Vec<usize>, Vec<String>) =
                     tokio::task::spawn_blocking(move || {
                         let mut present = Vec::new();
                         let mut folders = Vec::new();
+                        let mut here = Vec::new();
                         for (i, p, ours) in paths {
                             let Ok(at) = local::confined(&root, &p) else {
                                 continue;
@@ -1042,13 +1054,17 @@ impl Job {
                             match std::fs::symlink_metadata(at) {
                                 Ok(m) if m.is_dir() => folders.push(i),
                                 Ok(m) if m.is_file() && !ours => present.push((i, m.len())),
+                                Ok(_) if ours => here.push(p),
                                 _ => {}
                             }
                         }
-                        (present, folders)
+                        (present, folders, here)
                     })
                     .await
                     .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?;
+                if let Ok(mut m) = self.may_replace.lock() {
+                    m.extend(here);
+                }
                 // A folder where the share has a file: the previous
                 // version's folder (listed, or its files in it) is the
                 // version's to replace (`tree::Reshape`, which refuses one
@@ -1119,6 +1135,9 @@ impl Job {
                      version of this share put there): move it away, or fetch into another \
                      folder; nothing was written"
                 )));
+            }
+            if let Ok(mut m) = self.may_replace.lock() {
+                m.insert(full);
             }
         }
         Ok(())
