@@ -494,6 +494,28 @@ fn cancel_stops_an_unfinished_fetch_for_good() {
     assert!(err.contains("no unfinished fetch"), "{err}");
 }
 
+/// `cancel` of a fetch that is running stops it where it is: nothing more
+/// is written, its request and part files go, and it is not resumed at
+/// the next start. (It was refused, telling the user to stop the daemon,
+/// which resumed the fetch at once when started again.)
+#[test]
+fn cancel_stops_a_running_fetch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_alice, mut bob, _src, share) = start_big_fetch(tmp.path(), 31, |_| {});
+    wait_partly_fetched(&bob, 10);
+    cli_ok(&["cancel", "--config", bob.cfg(), &share]);
+    let f = first_fetch(&bob);
+    assert!(f.is_null(), "still listed: {f}");
+    let fetches = bob.data().join(".caravan/fetches");
+    let pending = || std::fs::read_dir(&fetches).map_or(0, |d| d.count());
+    assert_eq!(pending(), 0);
+    bob.kill9();
+    bob.start();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pending(), 0, "a cancelled fetch came back");
+    assert!(!bob.data().join("got/one-big-file.bin").exists());
+}
+
 /// A share that lists chunks many times (a sparse file, copies of one file
 /// in several folders) sends each distinct chunk once: repeats are copied
 /// on the recipient, and every file still matches the source. Zeros are

@@ -190,10 +190,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Stop an unfinished fetch for good: one that failed or waits to be
-    /// tried again (a publisher that refuses this agent, one gone for
-    /// good). Its request and half-written files are removed, and it is no
-    /// longer resumed at each start; files it already put in place stay.
+    /// Stop an unfinished fetch for good: one running now (stopped where it
+    /// is), one that failed or one that waits to be tried again (a
+    /// publisher that refuses this agent, one gone for good). Its request
+    /// and half-written files are removed, and it is no longer resumed at
+    /// each start; files it already put in place stay.
     ///
     /// Example: caravan-agent cancel sh1-…   (the share id `status` shows)
     Cancel {

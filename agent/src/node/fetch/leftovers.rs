@@ -21,6 +21,7 @@
 //!   starts the clock again (and reuses nothing: its files are gone).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,9 @@ pub struct Swept {
     pub orphans: usize,
 }
 
+/// How long `cancel` waits for a running fetch to stop.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
 impl Agent {
     /// Forgets a fetch: its request and its half-written files.
     pub(crate) async fn forget_fetch(&self, id: &ShareId) {
@@ -68,17 +72,31 @@ impl Agent {
         }
     }
 
-    /// Cancels the unfinished fetch of `id` that is not running now (one
-    /// that failed, or waits to be tried again): its request and its
-    /// half-written files go, and it is not resumed or retried. Files it
-    /// already put in place stay. A running one is refused: it ends by
-    /// itself (or with the daemon).
+    /// Cancels the unfinished fetch of `id`: a running attempt is stopped
+    /// where it is (and waited for, up to [`CANCEL_WAIT`]), then its
+    /// request and its half-written files go, and it is not resumed or
+    /// retried. Files it already put in place stay. (A write already on
+    /// its way to a part file may land after the folder went: the sweep of
+    /// orphaned half-written files removes it.)
     pub async fn cancel_fetch(&self, id: &ShareId) -> Result<()> {
-        if self.fetch_running(id) {
-            return Err(Error::Rejected(format!(
-                "share {id} is being fetched now: cancel it once that attempt ends \
-                 (`caravan-agent status` shows it), or stop the daemon and cancel it then"
-            )));
+        let running = self
+            .fetches
+            .lock()
+            .ok()
+            .and_then(|m| m.get(id).cloned())
+            .filter(|_| self.fetch_running(id));
+        if let Some(p) = running {
+            p.cancel.cancel();
+            let deadline = tokio::time::Instant::now() + CANCEL_WAIT;
+            while self.fetch_running(id) {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(Error::Protocol(format!(
+                        "the fetch of share {id} did not stop within {} s; try again",
+                        CANCEL_WAIT.as_secs()
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         let pending = state::fetch_file(&self.opts.state_prefix, id);
         if !self.op.exists(&pending).await.unwrap_or(false) {

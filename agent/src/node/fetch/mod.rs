@@ -188,8 +188,17 @@ impl Agent {
         let p = progress.clone();
         tokio::spawn(async move {
             agent.metrics.fetches_active.inc();
-            let result = agent.clone().run_fetch(req.clone(), p.clone()).await;
+            // A cancel drops the attempt where it is (`cancel_fetch`
+            // forgets its state once it has stopped).
+            let result = tokio::select! {
+                r = agent.clone().run_fetch(req.clone(), p.clone()) => r,
+                () = p.cancel.cancelled() => Err(Error::Rejected("cancelled".into())),
+            };
             agent.metrics.fetches_active.dec();
+            if p.cancel.is_cancelled() {
+                p.set_state(FetchState::Failed, Some("cancelled".into()));
+                return;
+            }
             if let Err(e) = result {
                 agent.metrics.error("fetch");
                 tracing::error!(share = %p.share_id, error = %e, "fetch failed");

@@ -44,6 +44,8 @@ pub struct FetchProgress {
     pub(crate) peers: Mutex<Vec<String>>,
     pub(crate) finished_secs: Mutex<Option<f64>>,
     pub(crate) first_byte_secs: std::sync::OnceLock<f64>,
+    /// Ends this attempt at once (`caravan-agent cancel`).
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 /// A copy of [`FetchProgress`] for the admin API and the CLI.
@@ -137,6 +139,7 @@ impl FetchProgress {
             peers: Mutex::new(Vec::new()),
             finished_secs: Mutex::new(None),
             first_byte_secs: std::sync::OnceLock::new(),
+            cancel: tokio_util::sync::CancellationToken::new(),
         }
     }
 
