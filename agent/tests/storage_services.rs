@@ -701,3 +701,38 @@ fn agent_logs(a: &TestAgent) -> String {
         .map(|p| std::fs::read_to_string(p).unwrap_or_default())
         .collect()
 }
+
+/// A key that is a file and a prefix too (`a` and `a/b`, which S3 allows):
+/// publishing it by name publishes the file, as a walk of its folder keeps
+/// the file and leaves out what is under it; before, the keys under it
+/// were published in its place.
+#[test]
+fn s3_a_key_that_is_a_file_and_a_prefix_publishes_the_file() {
+    let Some(service) = s3() else {
+        eprintln!("SKIP s3_a_key_that_is_a_file_and_a_prefix…: moto is not configured");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    configure(&alice, service.scheme, &service.alice);
+    let cfg = caravan_agent::config::AgentConfig::load(&alice.config).unwrap();
+    let op = caravan_agent::store::open(&cfg.storage).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        op.write("both/a", b"I am a file".to_vec()).await.unwrap();
+        op.write("both/a/b", b"I am under a file".to_vec())
+            .await
+            .unwrap();
+    });
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "both/a", &[&bob.id], &[]);
+    let got = fetch(&bob, &tickets[0], "got", &[]);
+    assert_eq!(got["state"], "done", "{got}");
+    assert_eq!(got["files_total"], 1, "{got}");
+    let file = bob.data().join("got/a");
+    assert_eq!(std::fs::read(&file).unwrap(), b"I am a file");
+    alice.kill9();
+    bob.kill9();
+}

@@ -155,12 +155,28 @@ impl Agent {
         // of such a prefix is not only a wasted request: some servers answer
         // it with 500 (s3s-fs), which the retry layer retries for seconds
         // before the publish fails.
-        let is_dir = path.is_empty()
+        let mut is_dir = path.is_empty()
             || path.ends_with('/')
             || crate::store::first_entry(&self.op, &format!("{path}/"))
                 .await
                 .context(|| format!("listing {path}/"))?
                 .is_some();
+        // A key that is a file and a prefix too (`a` and `a/b`): the file
+        // is what a walk of its folder keeps (what is under it is left
+        // out, `UnderAFile`), so publishing it by name publishes the file,
+        // not the keys under it. Asked with a LIST of the key as a prefix
+        // (its first entry is the key itself when it is an object), not a
+        // HEAD (see above); a service that cannot list so keeps the folder.
+        if is_dir && !path.is_empty() && !path.ends_with('/') {
+            // Keys sort with the key itself first: one entry is enough.
+            let first = crate::store::first_entry(&self.op, path)
+                .await
+                .ok()
+                .flatten();
+            if first.is_some_and(|e| e.path() == path && e.metadata().is_file()) {
+                is_dir = false;
+            }
+        }
         let pinnable = self.op.info().capability().read_with_if_match;
         if !is_dir {
             let meta = match self.op.stat(path).await {
