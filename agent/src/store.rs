@@ -310,15 +310,21 @@ fn open_with_timeout(
     // endpoint) would hold a request for ever: each request and each read
     // or write of a body gets `timeout` (a timed-out one is temporary, so
     // it is retried like any other). The local disk is left alone.
+    // Nor are a local disk's errors tried again: OpenDAL marks every one
+    // but a few as temporary, so a full disk, a read-only one or a file
+    // where a folder goes was tried 6 times over a minute before it was
+    // said.
     let op = match cfg.scheme.as_str() {
         "fs" | "memory" => op,
-        _ => op.layer(
-            opendal::layers::TimeoutLayer::new()
-                .with_timeout(timeout)
-                .with_io_timeout(timeout),
-        ),
+        _ => op
+            .layer(
+                opendal::layers::TimeoutLayer::new()
+                    .with_timeout(timeout)
+                    .with_io_timeout(timeout),
+            )
+            .layer(retry(retries)),
     };
-    Ok(op.layer(retry(retries)))
+    Ok(op)
 }
 
 /// How many times a temporary storage failure is tried again ([`retry`]).

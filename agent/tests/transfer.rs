@@ -755,6 +755,32 @@ fn a_file_of_the_users_own_that_appears_during_a_fetch_is_never_replaced() {
     assert_eq!(std::fs::read(&mine).unwrap(), b"MY NOTES");
 }
 
+/// A fetch the daemon cannot even start because its storage refuses to
+/// save the fetch's state (read-only credentials, an outage; here a file
+/// where the state folder goes) is a failed transfer, exit code 5 with the
+/// storage's reason, not exit 1.
+#[test]
+fn a_fetch_whose_state_cannot_be_saved_exits_5() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    make_tree(&alice.data().join("r"), 2, 1000);
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "r", &[&bob.id], &[]);
+    let fetches = bob.data().join(".caravan/fetches");
+    let _ = std::fs::remove_dir_all(&fetches);
+    std::fs::write(&fetches, b"not a folder").unwrap();
+    let out = cli(&["fetch", "--config", bob.cfg(), &tickets[0], "--dest", "r"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(said.contains("saving"), "{said}");
+    std::fs::remove_file(&fetches).unwrap();
+    assert_eq!(fetch(&bob, &tickets[0], "r", &[])["state"], "done");
+    alice.kill9();
+    bob.kill9();
+}
+
 /// Guarantee: a share is fetched by one fetch at a time. A second/// Guarantee: a share is fetched by one fetch at a time. A second
 /// `fetch` of a running share into the same destination joins it (how one
 /// watches a `--detach`ed fetch) and ends with it; into another
@@ -1422,6 +1448,27 @@ fn a_missing_bucket_is_a_configuration_error_at_once() {
         said.contains("the storage refuses this configuration"),
         "{said}"
     );
+}
+
+/// S3 storage with no credentials anywhere, and the instance-metadata
+/// service switched off (as the operator pins it): said at once as such,
+/// exit code 3, not ten minutes of "storage not reachable yet".
+#[test]
+fn s3_storage_without_any_credentials_says_so_at_once() {
+    let Ok(endpoint) = std::env::var("CARAVAN_TEST_S3_ENDPOINT") else {
+        eprintln!("SKIP: CARAVAN_TEST_S3_ENDPOINT is not set (tests/s3/moto.sh start sets it up)");
+        return;
+    };
+    let bucket = std::env::var("CARAVAN_TEST_S3_BUCKET").unwrap_or_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let a = TestAgent::init(&tmp.path().join("a"));
+    a.set_storage(&format!(
+        "[storage]\nscheme = \"s3\"\n\n[storage.options]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\nroot = \"/nocreds/\"\ndisable_ec2_metadata = \"true\"\ndisable_config_load = \"true\"\n"
+    ));
+    let out = cli(&["run", "--config", a.cfg()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("no credentials found"), "{said}");
 }
 
 /// A daemon waiting for its storage (unreachable at start) answers its

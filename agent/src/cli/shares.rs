@@ -197,7 +197,15 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                         peers,
                     },
                 )
-                .await?;
+                .await
+                // The daemon could not start it (its storage refused to
+                // save the fetch's state: read-only credentials, an
+                // outage): a failed transfer, exit code 5, like one that
+                // fails later.
+                .map_err(|e| match e.downcast_ref::<Exit>() {
+                    Some(_) => e,
+                    None => Exit::Transfer(e).into(),
+                })?;
             if detach {
                 if json {
                     out!("{}", tagged("status", &started)?);

@@ -255,6 +255,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
                  credentials and the endpoint in [storage])"
             )));
         }
+        // No credentials at all (none in the config, the credentials file
+        // or the environment): said as such. Only an instance role could
+        // still bring some; with the metadata service switched off nothing
+        // can, so that is a configuration error at once.
+        let e = match no_credentials(&cfg.storage, &e) {
+            Some(said) if metadata_off(&cfg.storage) => return Err(Error::Config(said)),
+            Some(said) => Error::Config(said),
+            None => e,
+        };
         attempt += 1;
         tracing::warn!(error = %e, attempt, "storage not reachable yet");
         gate.waiting(format!(
@@ -368,4 +377,28 @@ async fn run_seed_refresh(agent: Arc<crate::node::Agent>, shutdown: Cancellation
             _ = tokio::time::sleep(every) => {}
         }
     }
+}
+
+/// The words for a storage probe that failed for want of any credentials
+/// (OpenDAL's signer found none to load), if that is why.
+fn no_credentials(storage: &crate::config::StorageConfig, e: &Error) -> Option<String> {
+    let said = e.to_string();
+    if !said.contains("failed to load signing credential") {
+        return None;
+    }
+    Some(format!(
+        "no credentials found for the {} storage: give them in the credentials file \
+         ([storage] credentials, e.g. access_key_id and secret_access_key for s3) or as \
+         CARAVAN_STORAGE_<OPTION> variables; only an instance role could provide them \
+         otherwise ({said})",
+        storage.scheme
+    ))
+}
+
+/// Whether the config switches the instance-metadata service off (so no
+/// instance role can bring credentials).
+fn metadata_off(storage: &crate::config::StorageConfig) -> bool {
+    ["disable_ec2_metadata", "disable_vm_metadata"]
+        .iter()
+        .any(|k| storage.options.get(*k).is_some_and(|v| v == "true"))
 }
