@@ -781,6 +781,34 @@ fn a_fetch_whose_state_cannot_be_saved_exits_5() {
     bob.kill9();
 }
 
+/// Guarantee: chunks an interrupted fetch verified are not fetched again
+/// when a new version comes between two attempts: the older attempt's
+/// part files are read back (each chunk verified) for the chunks the new
+/// version still has. Before, the fetch of the new version started over.
+#[test]
+fn a_new_version_between_two_attempts_keeps_the_verified_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (alice, mut bob, src, share) = start_big_fetch(tmp.path(), 37, |src| {
+        make_tree(&src.join("small"), 4, 10_000)
+    });
+    let done_at_kill = wait_partly_fetched(&bob, 40);
+    bob.kill9();
+    let edited = walk_files(&src.join("small"))[0].clone();
+    std::fs::write(&edited, b"changed in v2").unwrap();
+    publish(&alice, "payload", &[&bob.id], &["--share", &share]);
+    bob.start();
+    let after = wait_fetched(&bob);
+    assert_eq!(after["seq"], 2, "{after}");
+    let total = after["chunks_total"].as_u64().unwrap();
+    let fetched = after["chunks_fetched"].as_u64().unwrap();
+    eprintln!("killed at {done_at_kill}/{total}; the new version fetched {fetched}");
+    assert!(
+        fetched + done_at_kill <= total + 2 * 16,
+        "fetched {fetched} of {total} chunks, {done_at_kill} were verified before"
+    );
+    assert_same_tree(&src, &bob.data().join("got"));
+}
+
 /// Guarantee: a share is fetched by one fetch at a time. A second/// Guarantee: a share is fetched by one fetch at a time. A second
 /// `fetch` of a running share into the same destination joins it (how one
 /// watches a `--detach`ed fetch) and ends with it; into another

@@ -571,11 +571,15 @@ impl Agent {
         )?;
         self.check_no_other_share(&ticket.share_id, &dest, manifest.files().map(|f| f.0))?;
         let repeats = Repeats::of_whole(|| manifest.files().flat_map(|(_, _, c)| c));
+        let older = self
+            .older_parts(&ticket.share_id, seq, manifest.files().map(|f| f.2))
+            .await;
         let job = self.new_job(
             swarm,
             keyer,
             &dest,
             previous.as_deref(),
+            older,
             &ticket.share_id,
             seq,
             &progress,
@@ -901,6 +905,59 @@ impl Agent {
         .unwrap_or(false)
     }
 
+    /// Where chunks of this version may lie in the part files an
+    /// interrupted fetch of an older version left (`partial/<id>/<older
+    /// seq>/<file index>`), so they are read back rather than fetched again
+    /// when a new version comes between two attempts: file `i`'s chunks at
+    /// their offsets in the older attempt's part file `i`, those within its
+    /// size. Only candidates: each is verified when read (`Job::chunk`),
+    /// so a file that moved to another index costs a read, never a wrong
+    /// byte. Local disk only (part files elsewhere are not appended to).
+    async fn older_parts<'c>(
+        &self,
+        id: &ShareId,
+        seq: u64,
+        files: impl Iterator<Item = &'c [ChunkRef]>,
+    ) -> Vec<([u8; 32], String, u64)> {
+        let Some(root) = self.opts.fs_root.clone() else {
+            return Vec::new();
+        };
+        let files: Vec<Vec<ChunkRef>> = files.map(<[ChunkRef]>::to_vec).collect();
+        let prefix = self.opts.state_prefix.clone();
+        let id = *id;
+        tokio::task::spawn_blocking(move || {
+            let dir = state::partial_dir(&prefix, &id);
+            let Ok(seqs) = std::fs::read_dir(root.join(&dir)) else {
+                return Vec::new();
+            };
+            let mut out = Vec::new();
+            for e in seqs.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.parse::<u64>().ok().is_none_or(|s| s >= seq) {
+                    continue;
+                }
+                for (i, chunks) in files.iter().enumerate() {
+                    let part = format!("{dir}{name}/{i}");
+                    let Ok(m) = std::fs::symlink_metadata(root.join(&part)) else {
+                        continue;
+                    };
+                    let mut off = 0u64;
+                    for c in chunks {
+                        let end = off + u64::from(c.len);
+                        if !m.is_file() || end > m.len() {
+                            break;
+                        }
+                        out.push((c.key, part.clone(), off));
+                        off = end;
+                    }
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// The version of a share this agent fetched before, if any.
     fn previous_version(&self, id: &ShareId) -> Option<Arc<HeldShare>> {
         self.share(id).filter(|s| s.role == Role::Fetched)
@@ -916,6 +973,7 @@ impl Agent {
         keyer: ChunkKeyer,
         dest: &str,
         previous: Option<&HeldShare>,
+        older: Vec<([u8; 32], String, u64)>,
         share: &ShareId,
         seq: u64,
         progress: &Arc<FetchProgress>,
@@ -933,6 +991,9 @@ impl Agent {
                     off += c.len as u64;
                 }
             }
+        }
+        for (key, part, off) in older {
+            local.entry(key).or_insert((part, off));
         }
         let cap = self.op.info().capability();
         let append = cap.write_can_append && cap.rename;
@@ -1086,6 +1147,7 @@ impl Agent {
             ChunkKeyer::new(&key),
             &dest,
             previous.as_deref(),
+            Vec::new(),
             &ticket.share_id,
             seq,
             &progress,
