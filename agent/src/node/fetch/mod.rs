@@ -1031,6 +1031,7 @@ impl Agent {
                 .as_ref()
                 .map(|root| root.join(state::placed_log(&self.opts.state_prefix, share))),
             may_replace: Default::default(),
+            verified: Default::default(),
             append,
             one_shot,
             part_uploads: writer::part_uploads(big_files),
