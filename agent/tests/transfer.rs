@@ -293,13 +293,15 @@ fn fetching_a_held_version_again_repairs_the_copy() {
     alice.start();
     bob.start();
     let (_, tickets) = publish(&alice, "r", &[&bob.id], &[]);
-    fetch(&bob, &tickets[0], "r", &[]);
+    let first = fetch(&bob, &tickets[0], "r", &[]);
+    assert_eq!(first["already_in_place"], false, "{first}");
     let pending =
         || std::fs::read_dir(bob.data().join(".caravan/fetches")).map_or(0, |d| d.count());
     let again = fetch(&bob, &tickets[0], "r", &[]);
     assert_eq!(again["chunks_fetched"], 0, "{again}");
-    // Nothing changed: nothing read again either.
+    // Nothing changed: nothing read again either, and it says so.
     assert_eq!(again["chunks_reused"], 0, "{again}");
+    assert_eq!(again["already_in_place"], true, "{again}");
     assert_eq!(pending(), 0, "a request was left behind");
     // Edited by hand at the same size: found (its ctime is newer than
     // the version's) and put right.
@@ -309,6 +311,7 @@ fn fetching_a_held_version_again_repairs_the_copy() {
     std::fs::write(&edited, &bytes).unwrap();
     let put_right = fetch(&bob, &tickets[0], "r", &[]);
     assert_eq!(put_right["chunks_fetched"], 1, "{put_right}");
+    assert_eq!(put_right["already_in_place"], false, "{put_right}");
     assert_same_tree(&src, &bob.data().join("r"));
     let again = fetch(&bob, &tickets[0], "r", &[]);
     assert_eq!(again["chunks_reused"], 0, "{again}");

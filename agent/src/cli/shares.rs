@@ -263,8 +263,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 ))
                 .into());
             }
-            if !json && last.chunks_total > 0 && last.chunks_fetched == 0 && last.chunks_reused == 0
-            {
+            if !json && last.already_in_place {
                 // Held already, every file in place: nothing moved, so no
                 // rate (it was a nonsense 13,000 MiB/s).
                 out!(

@@ -519,6 +519,7 @@ impl Agent {
                     tracing::warn!(path = %pending, error = %e, "cannot remove the fetch's pending state");
                 }
                 progress.seq.store(held.seq(), Ordering::Relaxed);
+                progress.already_in_place.store(true, Ordering::Relaxed);
                 let total = held.manifest.total_bytes();
                 let chunks = held.manifest.total_chunks();
                 let files = held.manifest.files().count() as u64;

@@ -46,6 +46,8 @@ pub struct FetchProgress {
     pub(crate) first_byte_secs: std::sync::OnceLock<f64>,
     /// Ends this attempt at once (`caravan-agent cancel`).
     pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// See [`ProgressSnapshot::already_in_place`].
+    pub(crate) already_in_place: std::sync::atomic::AtomicBool,
 }
 
 /// A copy of [`FetchProgress`] for the admin API and the CLI.
@@ -86,6 +88,10 @@ pub struct ProgressSnapshot {
     /// Seconds from the start until the first verified chunk was written.
     #[serde(default)]
     pub first_byte_seconds: Option<f64>,
+    /// The version was held here already, every file in place: nothing
+    /// was written.
+    #[serde(default)]
+    pub already_in_place: bool,
 }
 
 impl FetchProgress {
@@ -140,6 +146,7 @@ impl FetchProgress {
             finished_secs: Mutex::new(None),
             first_byte_secs: std::sync::OnceLock::new(),
             cancel: tokio_util::sync::CancellationToken::new(),
+            already_in_place: Default::default(),
         }
     }
 
@@ -199,6 +206,7 @@ impl FetchProgress {
                 .and_then(|f| *f)
                 .unwrap_or_else(|| self.started.elapsed().as_secs_f64()),
             first_byte_seconds: self.first_byte_secs.get().copied(),
+            already_in_place: self.already_in_place.load(Ordering::Relaxed),
         }
     }
 }
