@@ -812,6 +812,34 @@ fn a_new_version_between_two_attempts_keeps_the_verified_chunks() {
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// A version with no files at all leaves no earlier version's chunk tags
+/// behind: they no longer fit the share, and each start warned it was
+/// ignoring them, on both sides.
+#[test]
+fn an_emptied_share_leaves_no_stale_chunk_tags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("e");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("only.txt"), b"one file").unwrap();
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "e", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "e", &[])["state"], "done");
+    std::fs::remove_file(src.join("only.txt")).unwrap();
+    publish(&alice, "e", &[&bob.id], &["--share", &share]);
+    assert_eq!(fetch(&bob, &tickets[0], "e", &[])["seq"], 2);
+    for a in [&mut alice, &mut bob] {
+        a.kill9();
+        a.start();
+        cli_ok(&["status", "--config", a.cfg()]);
+        let log = a.log_tail();
+        assert!(!log.contains("ignoring the chunk tags file"), "{log}");
+        a.kill9();
+    }
+}
+
 /// Guarantee: a share is fetched by one fetch at a time. A second/// Guarantee: a share is fetched by one fetch at a time. A second
 /// `fetch` of a running share into the same destination joins it (how one
 /// watches a `--detach`ed fetch) and ends with it; into another

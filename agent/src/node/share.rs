@@ -156,10 +156,15 @@ pub async fn save(op: &Operator, prefix: &str, me: &SecretKey, s: &HeldShare) ->
         .await
         .context(|| format!("saving manifest of {}", s.id))?;
     let tags = encode_tags(s);
+    let tags_path = format!("{dir}{TAGS_FILE}");
     if !tags.is_empty() {
-        op.write(&format!("{dir}{TAGS_FILE}"), tags)
+        op.write(&tags_path, tags)
             .await
             .context(|| format!("saving chunk tags of {}", s.id))?;
+    } else if let Err(e) = op.delete(&tags_path).await {
+        // An earlier version's tags would not fit this one (a share
+        // emptied of its files): refused, with a warning, at each start.
+        tracing::warn!(path = %tags_path, error = %e, "could not remove an earlier version's chunk tags");
     }
     op.write(&format!("{dir}share.json"), json)
         .await
