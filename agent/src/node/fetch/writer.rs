@@ -493,10 +493,17 @@ impl Drop for Upload {
 fn sync_filesystems(dirs: &[PathBuf]) -> std::io::Result<()> {
     use std::os::unix::fs::MetadataExt;
     let mut done = HashSet::new();
+    let named = |d: &PathBuf, e: std::io::Error| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound => " (removed or moved while the fetch ran?)",
+            _ => "",
+        };
+        std::io::Error::new(e.kind(), format!("{}: {e}{hint}", d.display()))
+    };
     for d in dirs {
-        let dir = std::fs::File::open(d)?;
-        if done.insert(dir.metadata()?.dev()) {
-            rustix::fs::syncfs(&dir)?;
+        let dir = std::fs::File::open(d).map_err(|e| named(d, e))?;
+        if done.insert(dir.metadata().map_err(|e| named(d, e))?.dev()) {
+            rustix::fs::syncfs(&dir).map_err(|e| named(d, e.into()))?;
         }
     }
     Ok(())
@@ -505,9 +512,10 @@ fn sync_filesystems(dirs: &[PathBuf]) -> std::io::Result<()> {
 /// Syncs a file's data, or a directory (its entries), on the blocking pool.
 async fn sync_path(path: PathBuf, dir: bool) -> Result<()> {
     tokio::task::spawn_blocking(move || {
-        let f = std::fs::File::open(&path)?;
-        if dir { f.sync_all() } else { f.sync_data() }
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        let named =
+            |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+        let f = std::fs::File::open(&path).map_err(named)?;
+        if dir { f.sync_all() } else { f.sync_data() }.map_err(named)
     })
     .await
     .map_err(|e| Error::Protocol(format!("sync task: {e}")))?
@@ -1266,6 +1274,20 @@ mod tests {
     /// Parts sent at once per file: four for one or two big files, fewer
     /// as more are written, never none; with at most [`MULTIPART_FILES`]
     /// written at once, the parts in flight stay within the budget.
+    /// A folder gone by the time it is synced (the user removed or moved
+    /// the destination meanwhile) is named in the error.
+    #[test]
+    fn a_folder_gone_before_its_sync_is_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gone = tmp.path().join("dest/sub");
+        sync_filesystems(&[tmp.path().to_path_buf()]).unwrap();
+        let e = sync_filesystems(std::slice::from_ref(&gone)).unwrap_err();
+        assert!(
+            e.to_string().contains("dest/sub") && e.to_string().contains("removed"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn part_uploads_shrink_as_big_files_grow() {
         assert_eq!(part_uploads(0), 4);
