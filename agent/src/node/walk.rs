@@ -475,6 +475,38 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+
+    /// A name a publish leaves out is logged escaped: a newline in it
+    /// cannot start a forged log line.
+    #[test]
+    fn a_skipped_name_cannot_forge_a_log_line() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            Skipped::default().add(
+                "x\n2026-01-01T00:00:00Z  INFO forged".into(),
+                SkipReason::UnsafeName,
+            );
+        });
+        let logged = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+        assert!(logged.contains("x\\n2026"), "{logged}");
+    }
     use std::os::unix::ffi::OsStrExt;
 
     fn reasons(l: &Listing) -> Vec<(String, SkipReason)> {
