@@ -411,11 +411,21 @@ fn run(scheme: &str, service: Option<Service>, script: &str) {
     tree.files.remove("a/b/c/deep.txt");
     tree.files
         .insert("a/b/c".to_string(), b"a file where a folder was".to_vec());
+    // A folder holding a folder becomes a file too.
+    tree.files.remove("фото/зима 2024/снег.bin");
+    tree.files
+        .insert("фото".to_string(), b"two folders deep before".to_vec());
     rt.block_on(async {
         alice_op.delete("reports/a/also-empty").await.unwrap();
         alice_op.delete("reports/a/b/c/deep.txt").await.unwrap();
         let _ = alice_op.delete("reports/a/b/c/").await;
-        for rel in ["a/also-empty/now-a-folder.txt", "a/b/c"] {
+        alice_op
+            .delete("reports/фото/зима 2024/снег.bin")
+            .await
+            .unwrap();
+        let _ = alice_op.delete("reports/фото/зима 2024/").await;
+        let _ = alice_op.delete("reports/фото/").await;
+        for rel in ["a/also-empty/now-a-folder.txt", "a/b/c", "фото"] {
             alice_op
                 .write(&format!("reports/{rel}"), tree.files[rel].clone())
                 .await

@@ -94,6 +94,10 @@ fn folders_here<'p>(previous: Option<&'p HeldShare>, dest: &str) -> HashSet<&'p 
 /// fetch, at most.
 const MAX_ANNOUNCED: usize = 32;
 
+/// Most objects a fetch into object storage lists under its destination
+/// to see what a change of the tree's shape must remove first.
+const OBJECTS_LISTED_MAX: usize = 64 << 10;
+
 fn retry_wait(attempt: u32) -> Duration {
     let first = tuning::fetch_retry_first();
     first
@@ -849,20 +853,80 @@ impl Agent {
     /// delete of one already gone is no error, so a resumed fetch does the
     /// rest.
     async fn make_room_in_objects(&self, dest: &str, r: &tree::Reshape) -> Result<()> {
-        let mut in_the_way: Vec<String> = r
+        // What is there now, as files: an earlier attempt may have done
+        // part of this already (`x` deleted and `x/in` written), and a
+        // delete of `x` where the server now has a folder `x` fails (500,
+        // retried for a minute and a half on s3s-fs). Unknown (too many
+        // to list, or the listing failed): every delete is tried.
+        let there: Option<HashSet<String>> = async {
+            use futures::TryStreamExt;
+            let mut l = self.op.lister_with(dest).recursive(true).await.ok()?;
+            let mut out = HashSet::new();
+            while let Some(e) = l.try_next().await.ok()? {
+                if out.len() >= OBJECTS_LISTED_MAX {
+                    return None;
+                }
+                if e.metadata().is_file() {
+                    out.insert(e.path().to_string());
+                }
+            }
+            Some(out)
+        }
+        .await;
+        let is_there = |p: &str| there.as_ref().is_none_or(|t| t.contains(p));
+        let mut files: Vec<String> = r
             .files_to_folders
             .iter()
             .map(|f| format!("{dest}{f}"))
+            .filter(|p| is_there(p))
             .collect();
+        // Then the folders where files go: the previous version's files in
+        // them, then every folder below (deepest first) and the folder
+        // itself as markers, which is what removes an emptied directory on
+        // servers that keep objects as files. Not once the new file is
+        // written (a marker delete of a file fails there).
+        let mut markers: Vec<String> = Vec::new();
         for (d, held) in &r.folders_to_files {
-            in_the_way.extend(held.iter().map(|h| format!("{dest}{h}")));
-            in_the_way.push(format!("{dest}{d}/"));
+            let file = format!("{dest}{d}");
+            if there.as_ref().is_some_and(|t| t.contains(&file)) {
+                continue;
+            }
+            files.extend(
+                held.iter()
+                    .map(|h| format!("{dest}{h}"))
+                    .filter(|p| is_there(p)),
+            );
+            let mut below: Vec<String> = held
+                .iter()
+                .flat_map(|h| {
+                    let mut up = Vec::new();
+                    let mut at = h.as_str();
+                    while let Some(i) = at.rfind('/') {
+                        at = &at[..i];
+                        if at.len() <= d.len() {
+                            break;
+                        }
+                        up.push(format!("{dest}{at}/"));
+                    }
+                    up
+                })
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            below.sort_by_key(|m| std::cmp::Reverse(m.matches('/').count()));
+            markers.extend(below);
+            markers.push(format!("{file}/"));
         }
-        for path in in_the_way {
+        for path in files {
             self.op
                 .delete(&path)
                 .await
                 .context(|| format!("removing {path}, in the new version's way"))?;
+        }
+        for marker in markers {
+            if let Err(e) = self.op.delete(&marker).await {
+                tracing::warn!(path = %marker, error = %e, "could not remove a folder in the new version's way");
+            }
         }
         Ok(())
     }
