@@ -1457,12 +1457,7 @@ fn refusals_leave_no_existence_oracle_in_metrics_or_logs() {
         labels(&snapshots[1]),
         "{snapshots:?}"
     );
-    let logs: String = std::fs::read_dir(&alice.dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .collect();
+    let logs = alice.logs();
     let noisy = logs
         .lines()
         .filter(|l| l.contains("INFO") && (l.contains("refused") || l.contains("unauthorized")))

@@ -47,24 +47,6 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// The log of the agent's latest start.
-fn newest_log(a: &TestAgent) -> String {
-    let mut logs: Vec<_> = std::fs::read_dir(&a.dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("agent-")
-        })
-        .collect();
-    logs.sort();
-    logs.last()
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .unwrap_or_default()
-}
-
 /// A publisher whose pass holds after each sealed block until `gate`
 /// exists, and a recipient.
 fn gated_pair(dir: &Path) -> (std::path::PathBuf, TestAgent, TestAgent) {
@@ -322,7 +304,8 @@ fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_
     // Restarted, the fetch resumes on its own, still following the pass.
     bob.start();
     wait_for("the resumed fetch to follow the pass", || {
-        newest_log(&bob).contains("fetching while the publisher's pass runs")
+        bob.newest_log()
+            .contains("fetching while the publisher's pass runs")
     });
     std::fs::write(&gate, b"go").unwrap();
     assert!(publishing.wait().unwrap().success());
@@ -388,7 +371,7 @@ fn a_publisher_killed_during_its_pass_resumes_it_and_its_recipient_follows_again
     // tickets); the recipient, still fetching, dials it again and follows.
     alice.start();
     wait_for("the resumed pass", || {
-        newest_log(&alice).contains("resuming a publish")
+        alice.newest_log().contains("resuming a publish")
     });
     std::fs::write(&gate, b"go").unwrap();
     let done = fetching.wait_with_output().unwrap();
@@ -397,7 +380,7 @@ fn a_publisher_killed_during_its_pass_resumes_it_and_its_recipient_follows_again
         done.status.success(),
         "{said}{}\nrecipient's log:\n{}",
         String::from_utf8_lossy(&done.stderr),
-        newest_log(&bob)
+        bob.newest_log()
     );
     let summary: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
     assert_eq!(summary["share_id"], share.as_str());

@@ -676,7 +676,7 @@ fn s3_an_object_removed_during_the_pass_fails_the_publish_by_name() {
     assert!(first.contains("share_id"), "{first}");
     // The tickets come before the listing: wait for the pass to begin.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !agent_logs(&alice).contains("the publish pass begins") {
+    while !alice.logs().contains("the publish pass begins") {
         assert!(std::time::Instant::now() < deadline, "the pass never began");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -695,21 +695,6 @@ fn s3_an_object_removed_during_the_pass_fails_the_publish_by_name() {
     assert_eq!(out.status.code(), Some(3), "{said}");
     assert!(said.contains("f5") && said.contains("removed"), "{said}");
     alice.kill9();
-}
-
-/// Everything `a`'s daemons logged.
-fn agent_logs(a: &TestAgent) -> String {
-    std::fs::read_dir(&a.dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("agent-")
-        })
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .collect()
 }
 
 /// A key that is a file and a prefix too (`a` and `a/b`, which S3 allows):

@@ -728,7 +728,8 @@ fn files_an_interrupted_fetch_placed_are_the_shares_for_the_next_version() {
 /// Guarantee: a file of the user's own that appears at one of the share's
 /// paths while the fetch runs (after its start-up check) is never replaced:
 /// the move into place fails, naming it, and the file keeps the user's
-/// bytes. (A plain rename replaced it silently.)
+/// bytes, and the file is not counted as done. (A plain rename replaced
+/// it silently.)
 #[test]
 fn a_file_of_the_users_own_that_appears_during_a_fetch_is_never_replaced() {
     let tmp = tempfile::tempdir().unwrap();
@@ -756,6 +757,9 @@ fn a_file_of_the_users_own_that_appears_during_a_fetch_is_never_replaced() {
         "{failed}"
     );
     assert_eq!(std::fs::read(&mine).unwrap(), b"MY NOTES");
+    // The refused file is not counted as done.
+    assert_eq!(failed["files_done"], 0, "{failed}");
+    assert_eq!(failed["files_total"], 1, "{failed}");
 }
 
 /// A fetch the daemon cannot even start because its storage refuses to
@@ -968,12 +972,7 @@ fn fetch_survives_its_only_peer_restarting() {
         "asked again for more than the chunks in flight: {fetched} of {total}"
     );
     assert_same_tree(&src, &bob.data().join("got"));
-    let logs: String = std::fs::read_dir(&bob.dir)
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().contains("agent-"))
-        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
-        .collect();
+    let logs = bob.logs();
     assert!(
         logs.contains("reconnected to a lost peer"),
         "{}",

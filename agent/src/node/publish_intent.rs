@@ -17,6 +17,7 @@
 //! share key only wrapped for the agent itself, like a held share's state.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,22 @@ use crate::util::unix_now;
 /// Starts of a recorded publish (the first included) after which it is
 /// dropped instead of resumed again.
 pub const MAX_RESUMPTIONS: u32 = 3;
+
+/// Waits before each further try to remove a finished publish's record
+/// the storage refused to remove: about an hour in all.
+#[cfg(not(test))]
+const FORGET_RETRY_WAITS: &[Duration] = &[
+    Duration::from_secs(10),
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(300),
+    Duration::from_secs(600),
+    Duration::from_secs(900),
+    Duration::from_secs(1200),
+];
+#[cfg(test)]
+const FORGET_RETRY_WAITS: &[Duration] = &[Duration::from_millis(50); 40];
 
 /// `<prefix>publishes/<share hex>.json`: one publish whose pass is running.
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,7 +94,7 @@ impl Agent {
             return Err(e);
         }
         let out = self.publish_version(&req, &v, live, None, started_tx).await;
-        self.forget_publish(&v.share_id).await;
+        self.forget_publish(&v.share_id, &intent.wrapped_key).await;
         out
     }
 
@@ -91,12 +108,43 @@ impl Agent {
         Ok(())
     }
 
-    /// Drops the record of a publish whose pass ended (either way).
-    async fn forget_publish(&self, id: &ShareId) {
+    /// Drops the record of a publish whose pass ended (either way). When
+    /// the storage refuses (the outage that failed the publish, often),
+    /// the removal is tried again in the background for a while: a record
+    /// left behind would have the next start resume a publish its user was
+    /// told had failed. Only that record (`wrapped_key`, fresh randomness
+    /// at each publish, tells it): a later publish's record written
+    /// meanwhile under the same name stays.
+    async fn forget_publish(&self, id: &ShareId, wrapped_key: &str) {
         let path = state::publish_file(&self.opts.state_prefix, id);
-        if let Err(e) = self.op.delete(&path).await {
-            tracing::warn!(%path, error = %e, "could not drop a finished publish's record");
-        }
+        let Err(e) = self.op.delete(&path).await else {
+            return;
+        };
+        tracing::warn!(%path, error = %e, "could not drop a finished publish's record; trying again in the background");
+        let op = self.op.clone();
+        let wrapped_key = wrapped_key.to_string();
+        tokio::spawn(async move {
+            for wait in FORGET_RETRY_WAITS {
+                tokio::time::sleep(*wait).await;
+                match op.read(&path).await {
+                    Ok(b) => {
+                        let ours = serde_json::from_slice::<PublishIntent>(&b.to_vec())
+                            .map(|i| i.wrapped_key == wrapped_key)
+                            .unwrap_or(true);
+                        if !ours {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == opendal::ErrorKind::NotFound => return,
+                    Err(_) => continue,
+                }
+                if op.delete(&path).await.is_ok() {
+                    tracing::info!(%path, "dropped a finished publish's record");
+                    return;
+                }
+            }
+            tracing::warn!(%path, "could not drop a finished publish's record: the next start resumes that publish");
+        });
     }
 
     /// Resumes, in the background, every publish whose pass a stopped
@@ -119,14 +167,14 @@ impl Agent {
             }
             if self.share(&id).is_some_and(|s| s.seq() >= intent.seq) {
                 // Its manifest was installed; only the record's removal was lost.
-                self.forget_publish(&id).await;
+                self.forget_publish(&id, &intent.wrapped_key).await;
                 continue;
             }
             if intent.resumed + 1 >= MAX_RESUMPTIONS {
                 self.metrics.error("publish_given_up");
                 tracing::warn!(share = %id, seq = intent.seq, path = %intent.request.path, starts = intent.resumed + 1,
                     "a publish interrupted at every start is not resumed again; publish it anew");
-                self.forget_publish(&id).await;
+                self.forget_publish(&id, &intent.wrapped_key).await;
                 continue;
             }
             let key = match data_encoding::BASE64
@@ -137,7 +185,7 @@ impl Agent {
                 Ok(k) => k,
                 Err(e) => {
                     tracing::warn!(share = %id, error = %e, "dropping a publish record whose key does not open");
-                    self.forget_publish(&id).await;
+                    self.forget_publish(&id, &intent.wrapped_key).await;
                     continue;
                 }
             };
@@ -157,7 +205,7 @@ impl Agent {
                 },
                 Err(e) => {
                     tracing::warn!(share = %id, error = %e, "dropping a publish record with a bad path");
-                    self.forget_publish(&id).await;
+                    self.forget_publish(&id, &intent.wrapped_key).await;
                     continue;
                 }
             };
@@ -173,6 +221,7 @@ impl Agent {
             };
             tracing::info!(share = %id, seq = v.seq, path = %req.path, "resuming a publish a stopped daemon left unfinished");
             let agent = self.clone();
+            let wrapped_key = intent.wrapped_key;
             tokio::spawn(async move {
                 match agent.publish_version(&req, &v, live, None, None).await {
                     Ok(p) => {
@@ -183,7 +232,7 @@ impl Agent {
                         tracing::error!(share = %id, error = %e, "resumed publish failed");
                     }
                 }
-                agent.forget_publish(&id).await;
+                agent.forget_publish(&id, &wrapped_key).await;
             });
             resumed += 1;
         }
@@ -270,6 +319,51 @@ mod tests {
             "a finished publish's record is dropped"
         );
         assert!(agent.share(&tired).is_none() && agent.share(&bad).is_none());
+    }
+
+    /// A finished publish's record the storage refused to remove is
+    /// removed by a later try (else the next start would resume a publish
+    /// its user was told had failed); a later publish's record written
+    /// meanwhile under the same name is left alone.
+    #[tokio::test]
+    async fn a_record_the_storage_would_not_drop_goes_later_and_only_it() {
+        let (_tmp, agent) = agent_with_docs().await;
+        let (id, file) = write_intent(&agent, "docs", 0).await;
+        let bytes = std::fs::read(&file).unwrap();
+        let wrapped = serde_json::from_slice::<PublishIntent>(&bytes)
+            .unwrap()
+            .wrapped_key;
+        let refuse = || {
+            std::fs::remove_file(&file).unwrap();
+            std::fs::create_dir_all(file.join("in-the-way")).unwrap();
+        };
+        let heal = || {
+            std::fs::remove_dir_all(&file).unwrap();
+            std::fs::write(&file, &bytes).unwrap();
+        };
+
+        // Another publish's removal, refused, then the record back: left.
+        refuse();
+        agent.forget_publish(&id, "another publish's key").await;
+        assert!(file.is_dir(), "the storage was to refuse the removal");
+        heal();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert!(file.is_file(), "a later publish's record was removed");
+
+        // Its own removal, refused, then possible: done by a later try.
+        refuse();
+        agent.forget_publish(&id, &wrapped).await;
+        heal();
+        for _ in 0..300 {
+            if !file.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            !file.exists(),
+            "the record stayed: the next start would resume it"
+        );
     }
 
     /// Two publishes of one share racing: exactly one runs, the other is

@@ -163,12 +163,7 @@ impl TestAgent {
     /// agent in the meantime would answer for that one). On a first start
     /// whose ports were taken, retries on fresh ports.
     pub fn start(&mut self) {
-        let first = !self.dir.read_dir().unwrap().any(|e| {
-            e.unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("agent-")
-        });
+        let first = self.log_files().is_empty();
         // Ports are picked free but bound later by the daemon: another
         // test's process may take one in between, so a first start moves to
         // fresh ports and tries again (each failed start's error is kept).
@@ -187,9 +182,8 @@ impl TestAgent {
         panic!("agent did not start:\n{}", failures.join("\n---\n"));
     }
 
-    /// The end of the newest agent log (the temporary folder is gone by
-    /// the time anyone reads a failed test's output).
-    pub fn log_tail(&self) -> String {
+    /// The daemon's log files, one per start, oldest first.
+    pub fn log_files(&self) -> Vec<PathBuf> {
         let mut logs: Vec<PathBuf> = self
             .dir
             .read_dir()
@@ -201,6 +195,29 @@ impl TestAgent {
             })
             .collect();
         logs.sort();
+        logs
+    }
+
+    /// Everything the daemon logged, every start.
+    pub fn logs(&self) -> String {
+        self.log_files()
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
+    /// What the daemon logged since its last start.
+    pub fn newest_log(&self) -> String {
+        self.log_files()
+            .last()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// The end of the newest agent log (the temporary folder is gone by
+    /// the time anyone reads a failed test's output).
+    pub fn log_tail(&self) -> String {
+        let logs = self.log_files();
         let Some(newest) = logs.last() else {
             return format!("no agent log in {}", self.dir.display());
         };

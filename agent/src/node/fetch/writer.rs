@@ -853,6 +853,7 @@ impl Job {
             }
             let pool = self.buffers.clone();
             let placed_log = self.placed_log.clone();
+            let progress = self.progress.clone();
             let replace = self
                 .may_replace
                 .lock()
@@ -877,11 +878,15 @@ impl Job {
                 if let Some(buf) = buf {
                     pool.put(buf);
                 }
+                // Counted once in place: a move refused (a file of the
+                // user's own appeared there) leaves it not done.
+                progress.files_done.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             });
             if let Ok(mut s) = self.syncing.lock() {
                 s.push(h);
             }
+            return Ok(());
         } else if self.append {
             op.rename(&write_path, &final_path)
                 .await
