@@ -178,6 +178,11 @@ impl AgentConfig {
         if !self.metrics_listen.is_empty() {
             check_listen("metrics_listen", &self.metrics_listen)?;
         }
+        check_distinct(&[
+            ("listen", &self.listen),
+            ("admin_listen", &self.admin_listen),
+            ("metrics_listen", &self.metrics_listen),
+        ])?;
         for r in &self.repositories {
             if !(r.starts_with("http://") || r.starts_with("https://")) {
                 return Err(Error::Config(format!(
@@ -187,6 +192,35 @@ impl AgentConfig {
         }
         check_state_prefix(&self.state_prefix)
     }
+}
+
+/// Refuses two listeners on one port (the second would fail to bind at
+/// start with "taken", as if another daemon held it): the same address,
+/// or the same port where one listens on every address. Port 0 (any free
+/// port) and an empty (off) listener never clash.
+fn check_distinct(listeners: &[(&str, &String)]) -> Result<()> {
+    use std::net::SocketAddr;
+    for (i, (a, x)) in listeners.iter().enumerate() {
+        for (b, y) in &listeners[i + 1..] {
+            if x.is_empty() || y.is_empty() {
+                continue;
+            }
+            let clash = match (x.parse::<SocketAddr>(), y.parse::<SocketAddr>()) {
+                (Ok(p), Ok(q)) => {
+                    p.port() != 0
+                        && p.port() == q.port()
+                        && (p.ip() == q.ip() || p.ip().is_unspecified() || q.ip().is_unspecified())
+                }
+                _ => x == y,
+            };
+            if clash {
+                return Err(Error::Config(format!(
+                    "{a} ({x}) and {b} ({y}) would listen on the same port: give each its own"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a `state_prefix` that is not a plain relative folder (`.caravan/`,
@@ -243,6 +277,33 @@ mod tests {
             "", "/", "/st/", "./st/", "a//b/", "a/./b/", "x/../st/", "st//", "..",
         ] {
             assert!(check_state_prefix(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// Two listeners on one port are refused by name, before a start
+    /// that would say the port is taken; any free port (0) and an empty
+    /// (off) listener never clash.
+    #[test]
+    fn two_listeners_on_one_port_are_refused() {
+        let s = |v: &str| v.to_string();
+        let check = |l: &str, a: &str, m: &str| {
+            check_distinct(&[
+                ("listen", &s(l)),
+                ("admin_listen", &s(a)),
+                ("metrics_listen", &s(m)),
+            ])
+        };
+        assert!(check("127.0.0.1:7400", "127.0.0.1:7401", "127.0.0.1:9400").is_ok());
+        assert!(check("127.0.0.1:0", "127.0.0.1:0", "").is_ok());
+        assert!(check("127.0.0.1:7400", "127.0.0.2:7400", "").is_ok());
+        for (l, a, m) in [
+            ("127.0.0.1:7400", "127.0.0.1:7400", ""),
+            ("0.0.0.0:7400", "127.0.0.1:7401", "127.0.0.1:7400"),
+            ("[::]:7400", "127.0.0.1:7400", ""),
+            ("localhost:7400", "127.0.0.1:7401", "localhost:7400"),
+        ] {
+            let e = check(l, a, m).unwrap_err().to_string();
+            assert!(e.contains("same port"), "{l} {a} {m}: {e}");
         }
     }
 

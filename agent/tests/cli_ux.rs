@@ -48,6 +48,25 @@ fn config_defaults_to_caravan_config_then_the_home_path() {
     assert!(id_env.status.success(), "{}", stderr(&id_env));
     let id_flag = run(home, &[], &["id", "--config", cfg.to_str().unwrap()]);
     assert_eq!(id_env.stdout, id_flag.stdout);
+    // A key file named on the command line wins over CARAVAN_CONFIG (it
+    // was refused as a conflict with a --config never typed).
+    let other = home.join("other");
+    let init = run(home, &[], &["init", "--dir", other.to_str().unwrap()]);
+    assert!(init.status.success(), "{}", stderr(&init));
+    let key = other.join("identity.key");
+    let by_key = run(
+        home,
+        &[("CARAVAN_CONFIG", cfg.to_str().unwrap())],
+        &["id", "--identity", key.to_str().unwrap()],
+    );
+    assert!(by_key.status.success(), "{}", stderr(&by_key));
+    let other_id = run(
+        home,
+        &[],
+        &["id", "--config", other.join("agent.toml").to_str().unwrap()],
+    );
+    assert_eq!(by_key.stdout, other_id.stdout);
+    assert_ne!(by_key.stdout, id_env.stdout);
 
     // …and so is the default path.
     let init = run(
@@ -67,6 +86,32 @@ fn config_defaults_to_caravan_config_then_the_home_path() {
     let id = run(home, &[], &["id"]);
     assert!(id.status.success(), "{}", stderr(&id));
     assert!(String::from_utf8_lossy(&id.stdout).starts_with("cv1-"));
+}
+
+/// `init` checks its addresses before it writes anything: a mistyped
+/// one, or two listeners on one port, leave no half-made agent behind.
+#[test]
+fn init_refuses_bad_addresses_before_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let home = tmp.path();
+    let dir = home.join("a");
+    let d = dir.to_str().unwrap();
+    for args in [
+        vec!["init", "--dir", d, "--listen", "not an address"],
+        vec![
+            "init",
+            "--dir",
+            d,
+            "--listen",
+            "127.0.0.1:7400",
+            "--admin",
+            "127.0.0.1:7400",
+        ],
+    ] {
+        let out = run(home, &[], &args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", stderr(&out));
+        assert!(!dir.exists(), "{args:?} left {}", dir.display());
+    }
 }
 
 #[test]
@@ -169,6 +214,12 @@ fn json_turns_errors_into_exit_error_objects() {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
     assert_eq!(v["code"], 2);
     assert!(v["message"].as_str().unwrap().contains("--bogus"), "{v}");
+    // What is missing is named, not only "were not provided:".
+    let out = run(home, &[], &["fetch", "--dest", "x", "--json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(stderr(&out).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", stderr(&out)));
+    assert!(v["message"].as_str().unwrap().contains("<TICKET>"), "{v}");
     let out = run(home, &[], &["status", "--help", "--json"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));

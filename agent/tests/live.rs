@@ -324,6 +324,47 @@ fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: a plain `publish` (no `--json`) whose daemon stops during
+/// the pass says so (exit code 4, "resumes publishing" with the share id)
+/// and still prints the tickets, which stay valid: the user is not left
+/// without the share a restarted daemon finishes (it was "cannot reach the
+/// agent daemon", and nothing else).
+#[test]
+fn a_plain_publish_cut_off_by_its_daemon_still_gives_the_share_and_tickets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_gate, mut alice, bob) = gated_pair(tmp.path());
+    big_file(&alice.data().join("cut"), "big.bin", 40, 19);
+    alice.start();
+    let publishing = Command::new(BIN)
+        .args(["publish", "--config", alice.cfg(), "cut", "--to", &bob.id])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let records = alice.data().join(".caravan/publishes");
+    wait_for("the publish's record", || {
+        std::fs::read_dir(&records).is_ok_and(|mut d| d.next().is_some())
+    });
+    // The share id and tickets go out right after the record, before the
+    // pass (held at its gate until the kill).
+    std::thread::sleep(Duration::from_secs(1));
+    alice.kill9();
+    let out = publishing.wait_with_output().unwrap();
+    let (said, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(4), "{said}{err}");
+    assert!(
+        err.contains("resumes publishing share sh1-") && err.contains("version 1"),
+        "{err}"
+    );
+    assert!(
+        said.contains(&format!("ticket for {}", bob.id)) && said.contains("caravan-ticket-v1:"),
+        "{said}"
+    );
+}
+
 #[test]
 fn a_publisher_killed_during_its_pass_resumes_it_and_its_recipient_follows_again() {
     let tmp = tempfile::tempdir().unwrap();

@@ -686,6 +686,9 @@ fn killed_fetcher_resumes_without_refetching() {
         "re-downloaded verified chunks: {refetched} fetched after restart, {done_at_kill} were done"
     );
     assert!(refetched < total);
+    // What was not fetched again was found locally, and says so.
+    let reused = after["chunks_reused"].as_u64().unwrap();
+    assert_eq!(refetched + reused, total, "{after}");
     assert_same_tree(&src, &bob.data().join("got"));
     assert_eq!(after["share_id"].as_str().unwrap(), share);
 }
@@ -693,8 +696,9 @@ fn killed_fetcher_resumes_without_refetching() {
 /// Guarantee: files an interrupted fetch already moved into place are the
 /// share's, not the user's: when the fetch goes on with a newer version,
 /// such a file the new version changed is replaced and one it dropped is
-/// removed. (They were "a file of your own" before, and the fetch was
-/// refused on every retry.)
+/// removed; so are the folders it made that the new version does not
+/// have, once empty. (They were "a file of your own" before, and the fetch
+/// was refused on every retry; the folders stayed.)
 #[test]
 fn files_an_interrupted_fetch_placed_are_the_shares_for_the_next_version() {
     let tmp = tempfile::tempdir().unwrap();
@@ -704,6 +708,10 @@ fn files_an_interrupted_fetch_placed_are_the_shares_for_the_next_version() {
         for i in 0..4 {
             std::fs::write(d.join(format!("s{i}")), format!("v1 of s{i}\n").repeat(500)).unwrap();
         }
+        std::fs::create_dir_all(src.join("gone/deeper")).unwrap();
+        std::fs::write(src.join("gone/g"), "dropped in v2\n".repeat(500)).unwrap();
+        std::fs::create_dir_all(src.join("hollow")).unwrap();
+        std::fs::create_dir_all(src.join("mine")).unwrap();
     });
     let got = bob.data().join("got");
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -718,10 +726,20 @@ fn files_an_interrupted_fetch_placed_are_the_shares_for_the_next_version() {
     );
     std::fs::write(src.join("small/s0"), b"v2 of s0\n").unwrap();
     std::fs::remove_file(src.join("small/s1")).unwrap();
+    for d in ["gone", "hollow", "mine"] {
+        std::fs::remove_dir_all(src.join(d)).unwrap();
+    }
+    // A file of the user's own in one of them keeps it.
+    std::fs::write(got.join("mine/notes"), b"MINE").unwrap();
     publish(&alice, "payload", &[&bob.id], &["--share", &share]);
     bob.start();
     let done = wait_fetched(&bob);
     assert_eq!(done["seq"], 2, "{done}");
+    for d in ["gone", "hollow"] {
+        assert!(!got.join(d).exists(), "{d} stayed");
+    }
+    assert_eq!(std::fs::read(got.join("mine/notes")).unwrap(), b"MINE");
+    std::fs::remove_dir_all(got.join("mine")).unwrap();
     assert_same_tree(&src, &got);
 }
 
@@ -2129,6 +2147,24 @@ fn symlinks_outside_the_published_folder_are_not_followed() {
 /// the recipient's own files is never emptied to make room: that fetch is
 /// refused (exit 5, as any failed fetch), naming it, with the files left
 /// as they were; once they are moved away the same fetch goes through.
+/// An empty share fetched is an empty folder at the destination (it was
+/// "0 files" and nothing there).
+#[test]
+fn an_empty_share_fetched_is_an_empty_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    std::fs::create_dir_all(alice.data().join("nothing")).unwrap();
+    alice.start();
+    bob.start();
+    let (_share, tickets) = publish(&alice, "nothing", &[&bob.id], &[]);
+    let done = fetch(&bob, &tickets[0], "emp", &[]);
+    assert_eq!(done["state"], "done", "{done}");
+    let got = bob.data().join("emp");
+    assert!(got.is_dir(), "no folder at the destination");
+    assert_eq!(std::fs::read_dir(&got).unwrap().count(), 0);
+}
+
 #[test]
 fn files_turned_into_folders_and_back_reach_the_recipient() {
     let tmp = tempfile::tempdir().unwrap();

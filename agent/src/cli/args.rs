@@ -411,7 +411,10 @@ fn split_duration(s: &str) -> Option<u64> {
 pub(crate) struct ConfigOrKey {
     /// Agent configuration file (default: $CARAVAN_CONFIG, else
     /// ~/.config/caravan/agent.toml).
-    #[arg(long, short, env = "CARAVAN_CONFIG")]
+    // Not `env = …`: clap counts a value from the environment as typed,
+    // so `--identity` would conflict with a CARAVAN_CONFIG the user never
+    // typed. The variable is read where neither is given.
+    #[arg(long, short)]
     pub(crate) config: Option<PathBuf>,
     /// Secret key file.
     #[arg(long)]

@@ -254,17 +254,6 @@ impl Admin {
         )
         .await
     }
-
-    /// A request answered when its work ends (a publish's whole pass):
-    /// the client's long limit only.
-    pub(crate) async fn post_until_done<B: serde::Serialize, T: serde::de::DeserializeOwned>(
-        &self,
-        path: &str,
-        body: &B,
-    ) -> Result<T> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(body))
-            .await
-    }
 }
 
 /// [`Admin::storage_path`] on a local disk rooted at `root`.

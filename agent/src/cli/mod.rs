@@ -164,14 +164,21 @@ fn message(e: &anyhow::Error) -> String {
     out
 }
 
-/// A usage error as `--json` prints it: its first line, without clap's
-/// `error: `.
+/// A usage error as `--json` prints it: clap's message on one line (what
+/// it names included, such as the missing arguments), without its
+/// `error: ` and the usage and help lines that follow.
 fn usage_error_json(e: &clap::Error, code: u8) -> serde_json::Value {
+    let text = e.to_string();
+    let said: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:"))
+        .filter(|l| !l.is_empty())
+        .collect();
     serde_json::json!({
         "message_type": "exit_error",
         "code": code,
-        "message": e.to_string().lines().next().unwrap_or_default()
-            .trim_start_matches("error: ").to_string(),
+        "message": said.join(" ").trim_start_matches("error: ").to_string(),
     })
 }
 
@@ -222,10 +229,15 @@ async fn dispatch(cmd: Command) -> Result<()> {
             let key = match (target.config, target.identity) {
                 (Some(c), _) => daemon::read_identity(&load_config(&c)?.identity_file)?,
                 (_, Some(k)) => daemon::read_identity(&k)?,
-                // As every other command: the default config path.
-                (None, None) => daemon::read_identity(
-                    &load_config(&args::default_config_path())?.identity_file,
-                )?,
+                // As every other command: $CARAVAN_CONFIG, else the
+                // default config path.
+                (None, None) => {
+                    let config = std::env::var_os("CARAVAN_CONFIG")
+                        .filter(|v| !v.is_empty())
+                        .map(std::path::PathBuf::from)
+                        .unwrap_or_else(args::default_config_path);
+                    daemon::read_identity(&load_config(&config)?.identity_file)?
+                }
             };
             out!("{}", key.agent_id());
             Ok(())

@@ -48,6 +48,32 @@ pub(crate) fn init(
     if dir.join("agent.toml").exists() {
         return Err(Exit::Config(anyhow!("{} already holds an agent", dir.display())).into());
     }
+    let config_in = |dir: &Path| {
+        let mut options = std::collections::BTreeMap::new();
+        options.insert("root".into(), dir.join("data").display().to_string());
+        AgentConfig {
+            identity_file: dir.join("identity.key"),
+            admin_token_file: dir.join("admin.token"),
+            listen: listen.clone(),
+            admin_listen: admin.clone(),
+            metrics_listen: metrics.clone(),
+            advertise: vec![],
+            repositories: vec![],
+            state_prefix: caravan_agent::config::DEFAULT_STATE_PREFIX.into(),
+            sync_interval_secs: None,
+            storage: StorageConfig {
+                scheme: "fs".into(),
+                options,
+                credentials: None,
+                size_limit: None,
+            },
+        }
+    };
+    // Checked before anything is written: a mistyped address leaves no
+    // half-made agent behind.
+    config_in(dir)
+        .validate()
+        .map_err(|e| Exit::Config(anyhow!(e)))?;
     std::fs::create_dir_all(dir.join("data"))
         .with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir).with_context(|| format!("resolving {}", dir.display()))?;
@@ -56,26 +82,7 @@ pub(crate) fn init(
     let token: [u8; 24] = caravan_agent::crypto::random_bytes()?;
     let token: String = token.iter().map(|b| format!("{b:02x}")).collect();
     write_private(&dir.join("admin.token"), format!("{token}\n").as_bytes())?;
-    let mut options = std::collections::BTreeMap::new();
-    options.insert("root".into(), dir.join("data").display().to_string());
-    let cfg = AgentConfig {
-        identity_file: dir.join("identity.key"),
-        admin_token_file: dir.join("admin.token"),
-        listen,
-        admin_listen: admin,
-        metrics_listen: metrics,
-        advertise: vec![],
-        repositories: vec![],
-        state_prefix: caravan_agent::config::DEFAULT_STATE_PREFIX.into(),
-        sync_interval_secs: None,
-        storage: StorageConfig {
-            scheme: "fs".into(),
-            options,
-            credentials: None,
-            size_limit: None,
-        },
-    };
-    cfg.validate().map_err(|e| Exit::Config(anyhow!(e)))?;
+    let cfg = config_in(&dir);
     std::fs::write(dir.join("agent.toml"), cfg.to_toml()?).with_context(|| "writing agent.toml")?;
     out!("{}", key.agent_id());
     say!(

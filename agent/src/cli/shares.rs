@@ -10,7 +10,7 @@ use caravan_agent::daemon::api;
 use caravan_agent::daemon::api::{PeerInfo, Status, TicketRequest, TicketResponse};
 use caravan_agent::manifest::Access;
 use caravan_agent::node::{FetchRequest, FetchState, ProgressSnapshot};
-use caravan_agent::node::{PublishRequest, Published};
+use caravan_agent::node::{PublishRequest, PublishStarted, Published};
 
 use crate::cli::args::Command;
 use crate::cli::client::Admin;
@@ -50,57 +50,71 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 url_validity_secs: url_validity,
                 new_path,
             };
-            if json {
-                // One line with the share id and tickets as soon as they
-                // exist (a script may start `fetch` at once: recipients
-                // follow the running pass), then the summary line.
-                let path = format!("{}?{}", api::SHARES, api::STREAM_QUERY);
-                let mut failed = None;
-                let mut started = None;
-                client
-                    .post_lines(&path, &req, |line| {
-                        if let Ok(e) = serde_json::from_slice::<api::ApiError>(line) {
-                            failed = Some(e);
-                            return Ok(());
-                        }
-                        let v: serde_json::Value = serde_json::from_slice(line)?;
-                        if started.is_none() {
-                            started = v["share_id"].as_str().map(String::from);
-                        }
-                        out!("{}", serde_json::to_string(&v)?);
-                        Ok(())
-                    })
-                    .await
-                    .map_err(|e| match &started {
-                        // The daemon went away: exit code 4, as `fetch`.
-                        Some(id) => Exit::Unreachable(e.context(interrupted(id))).into(),
-                        None => e,
-                    })?;
-                if let Some(e) = failed {
-                    // The request's fault (a path that cannot be published):
-                    // exit code 3, as without `--json`.
-                    if e.status.is_some_and(|s| (400..500).contains(&s)) {
-                        return Err(Exit::Config(anyhow!("{}", e.error)).into());
+            // The daemon answers in lines: the share id and tickets as
+            // soon as they exist (a script may start `fetch` at once:
+            // recipients follow the running pass), then the summary.
+            // `--json` prints both lines; otherwise a spinner runs until
+            // the summary, and a daemon that stops meanwhile still leaves
+            // the user the share id and the tickets (the pass resumes when
+            // it starts again).
+            let spinner = spinner("publishing (chunking, hashing, encrypting)…", json);
+            let path = format!("{}?{}", api::SHARES, api::STREAM_QUERY);
+            let mut failed = None;
+            let mut started: Option<PublishStarted> = None;
+            let mut summary: Option<Published> = None;
+            let streamed = client
+                .post_lines(&path, &req, |line| {
+                    if let Ok(e) = serde_json::from_slice::<api::ApiError>(line) {
+                        failed = Some(e);
+                        return Ok(());
                     }
-                    return Err(anyhow!("the daemon failed: {}", e.error));
+                    let v: serde_json::Value = serde_json::from_slice(line)?;
+                    if json {
+                        out!("{}", serde_json::to_string(&v)?);
+                    }
+                    match started {
+                        None => started = Some(serde_json::from_value(v)?),
+                        Some(_) => summary = Some(serde_json::from_value(v)?),
+                    }
+                    Ok(())
+                })
+                .await;
+            spinner.finish_and_clear();
+            if let Err(e) = streamed {
+                return Err(match &started {
+                    // The daemon went away: exit code 4, as `fetch`.
+                    Some(s) => {
+                        if !json {
+                            for (who, ticket) in &s.tickets {
+                                out!("\nticket for {who}:\n{ticket}");
+                            }
+                        }
+                        Exit::Unreachable(e.context(interrupted(&format!(
+                            "share {} version {}",
+                            s.share_id, s.seq
+                        ))))
+                        .into()
+                    }
+                    None => e,
+                });
+            }
+            if let Some(e) = failed {
+                // The request's fault (a path that cannot be published):
+                // exit code 3.
+                if e.status.is_some_and(|s| (400..500).contains(&s)) {
+                    return Err(Exit::Config(anyhow!("{}", e.error)).into());
                 }
+                return Err(anyhow!("the daemon failed: {}", e.error));
+            }
+            let Some(res) = summary else {
+                return Err(anyhow!(
+                    "the daemon's answer ended before the publish's summary"
+                ));
+            };
+            if json {
                 return Ok(());
             }
-            let spinner = spinner("publishing (chunking, hashing, encrypting)…", json);
-            let res: Published = client
-                .post_until_done(api::SHARES, &req)
-                .await
-                .map_err(|e| {
-                    if format!("{e:#}").contains("reading the daemon's answer") {
-                        Exit::Unreachable(e.context(interrupted("it"))).into()
-                    } else {
-                        e
-                    }
-                })?;
-            spinner.finish_and_clear();
-            if json {
-                out!("{}", serde_json::to_string(&res)?);
-            } else {
+            {
                 out!(
                     "published share {} version {}: {} files, {}, {} chunks in {:.2}s",
                     res.share_id,
@@ -275,8 +289,14 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     human::bytes(last.bytes_total),
                 );
             } else if !json {
+                // The rate is of what came from peers in this attempt: a
+                // resumed or repaired copy moved less than the whole share.
+                let rate = match last.bytes_received {
+                    0 => String::new(),
+                    n => format!(", {} from peers", human::rate(n, last.seconds)),
+                };
                 out!(
-                    "fetched share {} version {} into {:?}: {} files, {} ({} chunks downloaded, {} reused locally) in {:.2}s, {}",
+                    "fetched share {} version {} into {:?}: {} files, {} ({} chunks downloaded, {} reused locally) in {:.2}s{rate}",
                     last.share_id,
                     last.seq,
                     last.dest,
@@ -285,7 +305,6 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     last.chunks_fetched,
                     last.chunks_reused,
                     last.seconds,
-                    human::rate(last.bytes_total, last.seconds)
                 );
             }
             Ok(())

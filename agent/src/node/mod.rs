@@ -26,7 +26,7 @@ pub use declared::Declarations;
 pub use fetch::FetchRequest;
 pub use fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
 pub use metrics::Metrics;
-pub use publish::{PublishRequest, Published};
+pub use publish::{PublishRequest, PublishStarted, Published};
 pub use seed::{SeedPolicy, SeedReport};
 pub use share::{HeldShare, Role};
 pub use trust::AgentTrust;

@@ -58,6 +58,16 @@ pub struct PublishRequest {
     pub new_path: bool,
 }
 
+impl PublishRequest {
+    /// The request with each recipient named once (`--to B --to B` gave
+    /// B two tickets), in the order given.
+    pub fn without_repeats(mut self) -> PublishRequest {
+        let mut seen = std::collections::HashSet::new();
+        self.access.agents.retain(|a| seen.insert(*a));
+        self
+    }
+}
+
 /// What publishing produced.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Published {
@@ -170,6 +180,7 @@ impl Agent {
         progress: Option<Arc<PublishProgress>>,
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
+        let req = req.without_repeats();
         if req.offline_seeding {
             self.check_presigns().await?;
         }

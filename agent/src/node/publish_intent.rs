@@ -73,6 +73,7 @@ impl Agent {
         req: PublishRequest,
         started_tx: Option<tokio::sync::oneshot::Sender<PublishStarted>>,
     ) -> Result<Published> {
+        let req = req.without_repeats();
         if req.offline_seeding {
             self.check_presigns().await?;
         }
@@ -364,6 +365,30 @@ mod tests {
             !file.exists(),
             "the record stayed: the next start would resume it"
         );
+    }
+
+    /// A recipient named twice gets one ticket (it got two).
+    #[tokio::test]
+    async fn a_recipient_named_twice_gets_one_ticket() {
+        let (_tmp, agent) = agent_with_docs().await;
+        let bob = crate::identity::SecretKey::generate().unwrap().agent_id();
+        let carol = crate::identity::SecretKey::generate().unwrap().agent_id();
+        let out = agent
+            .publish_resumable(
+                PublishRequest {
+                    path: "docs".into(),
+                    access: crate::manifest::Access {
+                        agents: vec![bob, carol, bob],
+                        trust_depth: None,
+                    },
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let to: Vec<&str> = out.tickets.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(to, [bob.to_string(), carol.to_string()]);
     }
 
     /// Two publishes of one share racing: exactly one runs, the other is

@@ -134,6 +134,11 @@ impl Listing {
 /// user has at that path was refused before the fetch began, or is the
 /// share's own).
 pub(crate) fn note_placed(log: &Path, dest: &str) -> io::Result<()> {
+    note_placed_all(log, &[dest])
+}
+
+/// [`note_placed`] for several paths at once (folders end in `/`).
+pub(crate) fn note_placed_all(log: &Path, paths: &[&str]) -> io::Result<()> {
     use std::io::Write;
     if let Some(dir) = log.parent() {
         std::fs::create_dir_all(dir)?;
@@ -142,11 +147,12 @@ pub(crate) fn note_placed(log: &Path, dest: &str) -> io::Result<()> {
         .create(true)
         .append(true)
         .open(log)?;
-    f.write_all(format!("{dest}\n").as_bytes())
+    let lines: String = paths.iter().map(|p| format!("{p}\n")).collect();
+    f.write_all(lines.as_bytes())
 }
 
-/// The paths under `dest` (relative to it) that `log` notes as placed;
-/// none when there is no log.
+/// The paths under `dest` (relative to it) that `log` notes as placed,
+/// folders ending in `/`; none when there is no log.
 pub(crate) fn read_placed(log: &Path, dest: &str) -> Vec<String> {
     std::fs::read_to_string(log)
         .unwrap_or_default()

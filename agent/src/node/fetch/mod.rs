@@ -215,7 +215,16 @@ impl Agent {
                 let mut said = e.to_string();
                 if let (Some(attempt), Error::Unreachable(_)) = (retry, &e) {
                     let wait = retry_wait(attempt);
-                    said = format!("{said} (the daemon tries again in {} s)", wait.as_secs());
+                    // A time, not only "in N s": `status` shows this
+                    // message for as long as the wait lasts.
+                    let at = crate::util::unix_now() + wait.as_secs();
+                    said = format!(
+                        "{said} (the daemon tries again in {} s, at {:02}:{:02}:{:02} UTC)",
+                        wait.as_secs(),
+                        at % 86_400 / 3600,
+                        at % 3600 / 60,
+                        at % 60
+                    );
                     agent.retry_later(req, since, attempt + 1, wait);
                 }
                 p.set_state(FetchState::Failed, Some(said));
@@ -593,7 +602,12 @@ impl Agent {
         )?;
         let placed = self.placed_here(&ticket.share_id, &dest).await;
         let mut ours = files_here(previous.as_deref(), &dest);
-        ours.extend(placed.iter().map(String::as_str));
+        ours.extend(
+            placed
+                .iter()
+                .filter(|p| !p.ends_with('/'))
+                .map(String::as_str),
+        );
         job.check_own_files(
             &ticket.share_id,
             &ours,
@@ -612,7 +626,16 @@ impl Agent {
             manifest_dirs(&manifest),
         )
         .await?;
-        self.make_folders(&dest, manifest_dirs(&manifest)).await?;
+        // The destination itself too, so an empty share fetched is an
+        // empty folder there (not nothing); on object storage, where a
+        // marker costs a request, only then.
+        let whole = (self.opts.fs_root.is_some() || manifest.entries.is_empty()).then_some("");
+        self.make_folders(
+            &ticket.share_id,
+            &dest,
+            whole.into_iter().chain(manifest_dirs(&manifest)),
+        )
+        .await?;
         let files: Vec<(usize, String, u64, Vec<ChunkRef>)> = manifest
             .files()
             .enumerate()
@@ -717,18 +740,38 @@ impl Agent {
         // Files an unfinished earlier fetch of this share put here (an
         // older version's) that this version does not have: the share's,
         // so they go like its dropped files.
+        // And the folders it made that this version does not have, once
+        // empty (deepest first; what the user put in one keeps it).
         let placed = self.placed_here(&ticket.share_id, dest).await;
         if let Some(root) = self.opts.fs_root.clone()
             && !placed.is_empty()
         {
             let now: HashSet<&str> = manifest.files().map(|(p, _, _)| p).collect();
-            let gone: Vec<String> = placed
+            let (folders, files): (Vec<&String>, Vec<&String>) =
+                placed.iter().partition(|p| p.ends_with('/'));
+            let gone: Vec<String> = files
                 .iter()
                 .filter(|p| !now.contains(p.as_str()))
                 .map(|p| format!("{dest}{p}"))
                 .collect();
+            let kept: HashSet<&str> = manifest
+                .entries
+                .iter()
+                .flat_map(|e| {
+                    std::iter::successors(Some(e.path.as_str()), |p| p.rfind('/').map(|i| &p[..i]))
+                })
+                .collect();
+            let mut empty: Vec<String> = folders
+                .iter()
+                .map(|f| f.trim_end_matches('/'))
+                .filter(|f| !f.is_empty() && !kept.contains(f))
+                .map(|f| format!("{dest}{f}"))
+                .collect();
+            empty.sort_by_key(|f| std::cmp::Reverse(f.matches('/').count()));
             tokio::task::spawn_blocking(move || {
-                beneath::remove_files(&root, gone.iter().map(String::as_str))
+                beneath::remove_files(&root, gone.iter().map(String::as_str))?;
+                let _ = beneath::remove_empty_dirs(&root, empty.iter().map(String::as_str));
+                Ok::<_, std::io::Error>(())
             })
             .await
             .map_err(|e| Error::Protocol(format!("removing task: {e}")))?
@@ -1223,7 +1266,12 @@ impl Agent {
         // The pass has not listed every chunk yet: sizes only.
         let placed = self.placed_here(&ticket.share_id, &dest).await;
         let mut ours = files_here(previous.as_deref(), &dest);
-        ours.extend(placed.iter().map(String::as_str));
+        ours.extend(
+            placed
+                .iter()
+                .filter(|p| !p.ends_with('/'))
+                .map(String::as_str),
+        );
         job.check_own_files(
             &ticket.share_id,
             &ours,
@@ -1242,8 +1290,12 @@ impl Agent {
             feed.listing.dirs.iter().map(|d| d.0.as_str()),
         )
         .await?;
-        self.make_folders(&dest, feed.listing.dirs.iter().map(|(d, _)| d.as_str()))
-            .await?;
+        self.make_folders(
+            &ticket.share_id,
+            &dest,
+            feed.listing.dirs.iter().map(|(d, _)| d.as_str()),
+        )
+        .await?;
         let list: Vec<(usize, String, u64)> = files
             .iter()
             .enumerate()
@@ -1579,20 +1631,46 @@ impl Agent {
     }
 
     /// Makes the share's folders under `dest` (empty ones included); on a
-    /// local disk never through a link (`beneath`).
+    /// local disk never through a link (`beneath`), and those it makes are
+    /// noted as placed first ([`state::placed_log`]), so that if this
+    /// fetch does not finish, the version that follows removes those it
+    /// does not have, as it removes the files this one placed.
     async fn make_folders<'d>(
         &self,
+        id: &ShareId,
         dest: &str,
         dirs: impl Iterator<Item = &'d str>,
     ) -> Result<()> {
-        let paths: Vec<String> = dirs.map(|d| format!("{dest}{d}/")).collect();
-        match self.opts.fs_root.clone() {
-            Some(root) => tokio::task::spawn_blocking(move || {
-                paths.iter().try_for_each(|p| {
-                    beneath::make_folder(&root, p)
-                        .map_err(|e| std::io::Error::new(e.kind(), format!("creating {p}: {e}")))
-                })
+        // "" is the destination itself (none when it is the root).
+        let paths: Vec<String> = dirs
+            .map(|d| match d {
+                "" => dest.to_string(),
+                d => format!("{dest}{d}/"),
             })
+            .filter(|p| !p.is_empty())
+            .collect();
+        match self.opts.fs_root.clone() {
+            Some(root) => {
+                let log = root.join(state::placed_log(&self.opts.state_prefix, id));
+                tokio::task::spawn_blocking(move || {
+                    let new: Vec<&str> = paths
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|p| {
+                            local::confined(&root, p)
+                                .is_ok_and(|at| std::fs::symlink_metadata(at).is_err())
+                        })
+                        .collect();
+                    if !new.is_empty() {
+                        local::note_placed_all(&log, &new)?;
+                    }
+                    paths.iter().try_for_each(|p| {
+                        beneath::make_folder(&root, p).map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("creating {p}: {e}"))
+                        })
+                    })
+                })
+            }
             .await
             .map_err(|e| Error::Protocol(format!("folders task: {e}")))?
             .context(|| "creating the share's folders".to_string()),

@@ -713,9 +713,15 @@ impl Job {
             off += c.len as u64;
         }
         if start > 0 {
+            // Verified in the part file an earlier attempt left: found
+            // locally, not downloaded.
             self.progress
                 .chunks_done
                 .fetch_add(start as u64, Ordering::Relaxed);
+            self.progress
+                .chunks_reused
+                .fetch_add(start as u64, Ordering::Relaxed);
+            self.agent.metrics.chunks_reused.inc_by(start as u64);
             let resumed: u64 = chunks[..start].iter().map(|c| c.len as u64).sum();
             self.progress
                 .bytes_done
