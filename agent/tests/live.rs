@@ -324,6 +324,34 @@ fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: a fetch following a publish pass never replaces a file of
+/// the recipient's own, even one of the same size as the share's (the
+/// pass's listing is not signed and its chunks are not all known, so it
+/// cannot be checked): refused, exit 5, the file as it was. (A hostile
+/// publisher's listing overwrote such a file, then had it removed.)
+#[test]
+fn a_live_fetch_never_replaces_a_same_size_file_of_the_users_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
+    let src = alice.data().join("live");
+    big_file(&src, "big.bin", 40, 23);
+    std::fs::write(src.join("notes.txt"), b"share's text").unwrap();
+    let mine = bob.data().join("got/notes.txt");
+    std::fs::create_dir_all(mine.parent().unwrap()).unwrap();
+    std::fs::write(&mine, b"MY OWN NOTES").unwrap();
+    alice.start();
+    bob.start();
+    let (mut publishing, _out, first) = start_publish(&alice, "live", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let out = start_fetch(&bob, &ticket, "got").wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("a file of your own"), "{err}");
+    assert_eq!(std::fs::read(&mine).unwrap(), b"MY OWN NOTES");
+    std::fs::write(&gate, b"go").unwrap();
+    assert!(publishing.wait().unwrap().success());
+}
+
 /// Guarantee: a plain `publish` (no `--json`) whose daemon stops during
 /// the pass says so (exit code 4, "resumes publishing" with the share id)
 /// and still prints the tickets, which stay valid: the user is not left

@@ -1159,10 +1159,15 @@ impl Job {
             .map(|(i, have)| async move {
                 let (path, size, chunks) = files[i];
                 let full = format!("{}{path}", self.dest);
+                // Without its chunk list (a publish pass being followed,
+                // its listing not signed) a file of the same size cannot be
+                // told from the share's: it is the user's, so never
+                // replaced (nor, once the signed manifest leaves it out,
+                // removed). A fetch after the pass verifies it instead.
                 let same = have == size
                     && match chunks {
                         Some(c) => self.verify_in_place(&full, c).await?,
-                        None => true,
+                        None => false,
                     };
                 Ok::<_, Error>((full, same, chunks.is_some()))
             })
