@@ -22,6 +22,30 @@ pub fn env_secs(name: &str) -> Option<std::time::Duration> {
         .and_then(|v| std::time::Duration::try_from_secs_f64(v).ok())
 }
 
+/// Text a remote party sent (a peer's refusal, a repository's error
+/// body), made safe to print and log: decoded lossily, control characters
+/// escaped (no terminal escape sequence, no forged log line), and cut to
+/// [`PEER_TEXT_MAX`] characters.
+pub fn peer_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for (n, c) in text.chars().enumerate() {
+        if n == PEER_TEXT_MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Characters of a remote party's text kept by [`peer_text`].
+pub const PEER_TEXT_MAX: usize = 300;
+
 /// Seconds since the Unix epoch (0 if the clock is before 1970), the time
 /// base of every validity window.
 pub fn unix_now() -> u64 {
@@ -98,4 +122,23 @@ pub fn allocated_bytes(root: &std::path::Path) -> u64 {
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guarantee: a remote party's text cannot drive the terminal or
+    /// forge a log line, and is bounded.
+    #[test]
+    fn a_peers_text_is_printable_and_bounded() {
+        let said = peer_text(b"\x1b[2J\x1b]0;PWNED\x07\nERROR fake log line\r");
+        assert!(!said.chars().any(char::is_control), "{said:?}");
+        assert!(
+            said.contains("\\u{1b}[2J") && said.contains("\\nERROR"),
+            "{said}"
+        );
+        assert_eq!(peer_text(&[b'a'; 5000]).chars().count(), PEER_TEXT_MAX + 1);
+        assert_eq!(peer_text("ok: ünïcode".as_bytes()), "ok: ünïcode");
+    }
 }

@@ -343,7 +343,9 @@ fn a_live_fetch_never_replaces_a_same_size_file_of_the_users_own() {
     bob.start();
     let (mut publishing, _out, first) = start_publish(&alice, "live", &bob.id);
     let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
-    let out = start_fetch(&bob, &ticket, "got").wait_with_output().unwrap();
+    let out = start_fetch(&bob, &ticket, "got")
+        .wait_with_output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("a file of your own"), "{err}");

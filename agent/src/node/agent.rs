@@ -31,6 +31,12 @@ type Proof = Arc<Vec<SignedRecord>>;
 /// memory is cleared and peers simply present their proof again.
 pub const MAX_REMEMBERED_PROOFS: usize = 1024;
 
+/// Proofs (whole, as sent) whose signatures were checked, remembered at
+/// most; past it the memory is cleared. A proof sent again, as every
+/// subscriber's poll does and as a flood of GetKey requests would, costs
+/// a hash rather than up to 64 signature checks.
+pub const MAX_CHECKED_PROOFS: usize = 256;
+
 /// Settings of an agent that are not its key or storage.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
@@ -76,6 +82,9 @@ pub struct Agent {
     /// against the current engine on every one of them (a revocation then
     /// cuts the peer off at once).
     presented: Mutex<HashMap<(ShareId, AgentId), Proof>>,
+    /// Proofs whose signatures were checked, by the hash of their bytes
+    /// (see [`MAX_CHECKED_PROOFS`]).
+    checked_proofs: Mutex<HashMap<[u8; 32], Proof>>,
     /// Shares whose publish pass is running (or ended less than
     /// [`crate::node::live::LIVE_LINGER`] ago): recipients may start on them.
     pub(crate) live: Arc<RwLock<HashMap<ShareId, Arc<LiveShare>>>>,
@@ -120,10 +129,43 @@ impl Agent {
             fetch_turns: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
             presented: Mutex::new(HashMap::new()),
+            checked_proofs: Mutex::new(HashMap::new()),
             live: Arc::default(),
             sealed: Arc::default(),
             readahead,
         }))
+    }
+
+    /// The records of `proof` whose signatures hold (those that do not
+    /// are left out), checked once per distinct proof.
+    fn checked(&self, proof: &[Vec<u8>]) -> Proof {
+        let mut h = blake3::Hasher::new();
+        for b in proof {
+            h.update(&(b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        let digest: [u8; 32] = h.finalize().into();
+        if let Some(p) = self
+            .checked_proofs
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&digest).cloned())
+        {
+            return p;
+        }
+        let p: Proof = Arc::new(
+            proof
+                .iter()
+                .filter_map(|b| SignedRecord::from_bytes(b).ok())
+                .collect(),
+        );
+        if let Ok(mut m) = self.checked_proofs.lock() {
+            if m.len() >= MAX_CHECKED_PROOFS {
+                m.clear();
+            }
+            m.insert(digest, p.clone());
+        }
+        p
     }
 
     /// Installs the agent's trust state: it decides trust-depth shares, and
@@ -526,11 +568,9 @@ impl Service for Agent {
         let unknown = || Error::NotFound("unknown share".into());
         // The proof (already bounded in size and count by the wire layer) is
         // verified before the share is looked up: the same work whether the
-        // share exists or not.
-        let proof: Vec<SignedRecord> = proof
-            .iter()
-            .filter_map(|b| SignedRecord::from_bytes(b).ok())
-            .collect();
+        // share exists or not. Once per distinct proof: the same bytes sent
+        // again are looked up by their hash.
+        let proof = self.checked(&proof);
         let Some(s) = self.share(&share) else {
             return Err(self.refused(&peer));
         };
@@ -543,7 +583,7 @@ impl Service for Agent {
             if m.len() >= MAX_REMEMBERED_PROOFS {
                 m.clear();
             }
-            m.insert((share, peer), Arc::new(proof));
+            m.insert((share, peer), proof);
         }
         if s.role != Role::Published {
             return Err(unknown());
@@ -607,5 +647,38 @@ impl Agent {
         Agent::open(key, op, opts)
             .await
             .expect("an agent over the test storage")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proof's signatures are checked once: the same bytes again get the
+    /// remembered result (a flood of one proof costs hashes, not signature
+    /// checks), and a record whose signature fails is left out either way.
+    #[tokio::test]
+    async fn a_proof_sent_again_is_not_checked_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let op = crate::store::open_local(tmp.path()).unwrap();
+        let agent = Agent::for_test(op, Some(tmp.path().to_path_buf())).await;
+        let signer = SecretKey::generate().unwrap();
+        let rel = KeyRelease {
+            share_id: ShareId::random().unwrap(),
+            recipient: agent.id,
+            seq: 1,
+            wrapped_key: vec![7; 80],
+        };
+        let good = SignedRecord::seal(&signer, &rel).unwrap().to_bytes();
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        let proof = vec![good, bad];
+        let first = agent.checked(&proof);
+        assert_eq!(first.len(), 1);
+        let again = agent.checked(&proof);
+        assert!(Arc::ptr_eq(&first, &again), "checked a second time");
+        let other = agent.checked(&proof[..1]);
+        assert!(!Arc::ptr_eq(&first, &other));
     }
 }

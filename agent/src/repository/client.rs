@@ -139,7 +139,7 @@ impl RepositoryClient {
                 let status = resp.status();
                 let text = read_limited(resp)
                     .await
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .map(|b| crate::util::peer_text(&b))
                     .unwrap_or_default();
                 // Busy (rate limit, timeout) or failing (5xx): try again later.
                 if status.is_server_error()

@@ -164,12 +164,13 @@ impl PeerConn {
                 if let Some((w, _, _)) = waiter {
                     let r = match h.header.typ {
                         FrameType::Ok => Ok(body),
-                        FrameType::NotFound => Err(Error::NotFound(
-                            String::from_utf8_lossy(&body.payload).into(),
-                        )),
+                        // The peer's words, never raw (it may be hostile).
+                        FrameType::NotFound => {
+                            Err(Error::NotFound(crate::util::peer_text(&body.payload)))
+                        }
                         FrameType::Failed => Err(Error::Protocol(format!(
                             "peer refused: {}",
-                            String::from_utf8_lossy(&body.payload)
+                            crate::util::peer_text(&body.payload)
                         ))),
                         other => Err(Error::Protocol(format!("unexpected {other:?} frame"))),
                     };
