@@ -1755,3 +1755,48 @@ fn publish_and_fetch_paths_cannot_leave_the_storage_or_enter_the_state() {
     assert_eq!(v["state"], "done", "{v}");
     assert_same_tree(&alice.data().join("t"), &bob.data().join("got"));
 }
+
+/// Guarantee: a connection to a peer that never closes its side is closed
+/// whole when it is dropped. (Its reading task waited for the peer with no
+/// deadline, holding the socket: two leaked per failed fetch of a silent
+/// peer's share, and with announced addresses up to 64.) The peer keeps
+/// sending a frame header one byte at a time: a socket still held takes
+/// them, a closed one answers with a reset.
+#[test]
+fn a_dropped_connection_to_a_peer_that_never_closes_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let tls = caravan_agent::wire::tls::server_config(&SecretKey::generate().unwrap()).unwrap();
+        let peer = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await.unwrap();
+            let (mut s, _, _) = caravan_agent::wire::channel::server_switch(tls).await.unwrap();
+            // Until the client's side is shut (its writer ended).
+            let mut buf = [0u8; 4096];
+            while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            for sent in 0..20 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let wrote = s.write_all(&[0]).await.and(s.flush().await);
+                if wrote.is_err() {
+                    return Some(sent);
+                }
+            }
+            None
+        });
+        let conn = PeerConn::connect(&addr, &SecretKey::generate().unwrap(), None)
+            .await
+            .unwrap();
+        drop(conn);
+        let refused_after = tokio::time::timeout(Duration::from_secs(30), peer)
+            .await
+            .expect("the peer's side never ended")
+            .unwrap();
+        assert!(
+            refused_after.is_some(),
+            "the dropped connection still took the peer's bytes: its socket leaked"
+        );
+    });
+}

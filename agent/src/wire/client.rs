@@ -35,6 +35,16 @@ pub struct PeerConn {
     next_id: AtomicU32,
     in_flight: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// The task reading answers: stopped when the connection is dropped,
+    /// with its half of the socket (it otherwise waited, with no deadline,
+    /// for a peer that never closes: a socket leaked per connection).
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for PeerConn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl std::fmt::Debug for PeerConn {
@@ -126,7 +136,7 @@ impl PeerConn {
 
         let p = pending.clone();
         let c = closed.clone();
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut rd = BufReader::with_capacity(64 << 10, rd);
             let why = loop {
                 let h = match opener.read_header(&mut rd).await {
@@ -192,6 +202,7 @@ impl PeerConn {
             next_id: AtomicU32::new(1),
             in_flight: AtomicUsize::new(0),
             closed,
+            reader: reader.abort_handle(),
         })
     }
 
