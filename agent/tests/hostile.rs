@@ -1772,8 +1772,13 @@ fn a_dropped_connection_to_a_peer_that_never_closes_is_closed() {
         let tls = caravan_agent::wire::tls::server_config(&SecretKey::generate().unwrap()).unwrap();
         let peer = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let tls = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await.unwrap();
-            let (mut s, _, _) = caravan_agent::wire::channel::server_switch(tls).await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(tls)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let (mut s, _, _) = caravan_agent::wire::channel::server_switch(tls)
+                .await
+                .unwrap();
             // Until the client's side is shut (its writer ended).
             let mut buf = [0u8; 4096];
             while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}

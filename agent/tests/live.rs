@@ -324,6 +324,30 @@ fn a_fetcher_killed_while_following_a_live_share_resumes_from_its_verified_part_
     assert_same_tree(&src, &bob.data().join("got"));
 }
 
+/// Guarantee: a publish pass that stops listing anything new (held, or a
+/// publisher answering "running, nothing new" for ever) does not hold its
+/// follower for ever: past `CARAVAN_LIVE_STALL_SECS` the fetch fails (exit
+/// 5) saying the pass stalled.
+#[test]
+fn a_stalled_publish_pass_does_not_hold_its_follower_for_ever() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (gate, mut alice, mut bob) = gated_pair(tmp.path());
+    bob.env.push(("CARAVAN_LIVE_STALL_SECS".into(), "3".into()));
+    big_file(&alice.data().join("held"), "big.bin", 40, 29);
+    alice.start();
+    bob.start();
+    let (mut publishing, _out, first) = start_publish(&alice, "held", &bob.id);
+    let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
+    let out = start_fetch(&bob, &ticket, "got")
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("stalled"), "{err}");
+    std::fs::write(&gate, b"go").unwrap();
+    assert!(publishing.wait().unwrap().success());
+}
+
 /// Guarantee: a fetch following a publish pass never replaces a file of
 /// the recipient's own, even one of the same size as the share's (the
 /// pass's listing is not signed and its chunks are not all known, so it

@@ -74,6 +74,15 @@ pub fn streamed_put_max_bytes() -> u64 {
         .unwrap_or(200 << 20)
 }
 
+/// How long a fetch following a publish pass waits for the pass to list
+/// something new (its file list, a file's next chunks) before it gives the
+/// pass up as stalled (`CARAVAN_LIVE_STALL_SECS`, default 600): a
+/// publisher answering "running, nothing new" for ever would hold the
+/// fetch for ever.
+pub fn live_stall() -> Duration {
+    env_secs("CARAVAN_LIVE_STALL_SECS").unwrap_or(Duration::from_secs(600))
+}
+
 /// Fetched files smaller than this (`CARAVAN_SMALL_FILE_BYTES`, default
 /// 256 KiB) are written on a local filesystem through the page cache with
 /// no sync of their own; one `syncfs` before the fetch is done makes them

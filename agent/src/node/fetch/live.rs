@@ -75,12 +75,23 @@ impl LiveFeed {
         feed.apply(first)?;
         let f = feed.clone();
         tokio::spawn(async move {
+            let stall = crate::node::tuning::live_stall();
+            let mut moved = std::time::Instant::now();
             loop {
                 let from = match f.state.lock() {
                     Ok(s) if s.end == FeedEnd::Running => s.cursor,
                     _ => break,
                 };
+                if moved.elapsed() > stall {
+                    f.set_end(FeedEnd::Failed(format!(
+                        "the publisher's pass listed nothing new for {} s: given up as stalled \
+                         (fetch again once it has published)",
+                        stall.as_secs()
+                    )));
+                    break;
+                }
                 // Position n + 1: the log from entry n on, without the listing.
+                let asked = std::time::Instant::now();
                 let r = match conn.live(&share, from + 1).await {
                     Ok(b) => LiveAnswer::from_bytes(&b).and_then(|a| f.apply(a)),
                     // No longer live (it ended a while ago): the manifest decides.
@@ -98,6 +109,15 @@ impl LiveFeed {
                         FeedEnd::Failed(why)
                     });
                     break;
+                }
+                let now = f.state.lock().map(|s| s.cursor).unwrap_or(from);
+                if now != from {
+                    moved = std::time::Instant::now();
+                } else {
+                    // An honest publisher holds an ask open until there is
+                    // news (`LIVE_POLL`); one that answers "nothing new" at
+                    // once is asked at most once a second.
+                    pace(asked).await;
                 }
             }
         });
@@ -310,6 +330,15 @@ impl ChunkSource<'_> {
             ChunkSource::Fixed(c) => Ok((c.get(have..).unwrap_or_default().to_vec(), true)),
             ChunkSource::Live(feed, file) => feed.more(*file, have, wait).await,
         }
+    }
+}
+
+/// Waits out the rest of a second since `asked`: the pace of asks to a
+/// publisher whose answers bring nothing new.
+pub(crate) async fn pace(asked: std::time::Instant) {
+    let gap = std::time::Duration::from_secs(1);
+    if let Some(rest) = gap.checked_sub(asked.elapsed()) {
+        tokio::time::sleep(rest).await;
     }
 }
 

@@ -1170,7 +1170,10 @@ impl Agent {
             };
         };
         let held = self.share(&ticket.share_id).map(|s| s.seq()).unwrap_or(0);
+        let since = std::time::Instant::now();
+        let stall = tuning::live_stall();
         loop {
+            let asked = std::time::Instant::now();
             let bytes = match conn.live(&ticket.share_id, 0).await {
                 Ok(b) => b,
                 Err(_) if conn.is_closed() => return Live::Lost,
@@ -1189,8 +1192,17 @@ impl Agent {
             {
                 return Live::Finished;
             }
-            // The walk is still going: ask again (each ask waits a while).
+            // The walk is still going: ask again (each ask waits a while;
+            // a publisher that answers at once is asked once a second),
+            // for as long as a pass may take to list nothing; then the
+            // manifest decides.
             if a.listing.is_none() {
+                if since.elapsed() > stall {
+                    tracing::warn!(share = %ticket.share_id, seconds = stall.as_secs(),
+                        "the publisher's pass listed no files in time; fetching the manifest");
+                    return Live::Finished;
+                }
+                live::pace(asked).await;
                 continue;
             }
             return match LiveFeed::start(conn.clone(), ticket.share_id, a) {
