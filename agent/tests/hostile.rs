@@ -527,6 +527,64 @@ fn silent_addresses_do_not_hold_a_fetch_up() {
     );
 }
 
+/// Guarantee: peers that complete the handshake and then never answer
+/// (anyone may announce a share at a repository) do not hold a fetch up:
+/// every peer is asked for the manifest at once, and chunks go to peers
+/// that have answered first. (Asked one after another, each such peer cost
+/// a minute for the manifest and up to a minute per chunk: four held a
+/// fetch of a 6-byte share for over ten minutes.)
+#[test]
+fn peers_that_never_answer_do_not_hold_a_fetch_up() {
+    use tokio::io::AsyncReadExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a.txt"), b"hello").unwrap();
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    let rt = rt();
+    let addrs: Vec<String> = (0..4)
+        .map(|_| {
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let tls =
+                caravan_agent::wire::tls::server_config(&SecretKey::generate().unwrap()).unwrap();
+            rt.spawn(async move {
+                while let Ok((tcp, _)) = listener.accept().await {
+                    let tls = tls.clone();
+                    tokio::spawn(async move {
+                        let Ok(s) = tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await else {
+                            return;
+                        };
+                        let Ok((mut s, _, _)) =
+                            caravan_agent::wire::channel::server_switch(s).await
+                        else {
+                            return;
+                        };
+                        // Takes every request, answers none.
+                        let mut buf = [0u8; 4096];
+                        while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                    });
+                }
+            });
+            addr
+        })
+        .collect();
+    let peers: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    // Bounded at 120 s: four silent peers asked in turn took 240 s.
+    let (code, err) = fetch_bounded(&bob, &tickets[0], "docs", &peers);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        std::fs::read(bob.data().join("docs/a.txt")).unwrap(),
+        b"hello"
+    );
+}
+
 // ------------------------------------------------- 2. stale chunk ids
 
 /// After a file is edited in place (same size, not republished), asking for

@@ -35,6 +35,10 @@ pub struct PeerConn {
     next_id: AtomicU32,
     in_flight: AtomicUsize,
     closed: Arc<AtomicBool>,
+    /// Set when a request went unanswered for its whole time limit.
+    stalled: AtomicBool,
+    /// Set once the peer answered a request (whatever the answer).
+    answered: Arc<AtomicBool>,
     /// The task reading answers: stopped when the connection is dropped,
     /// with its half of the socket (it otherwise waited, with no deadline,
     /// for a peer that never closes: a socket leaked per connection).
@@ -136,6 +140,8 @@ impl PeerConn {
 
         let p = pending.clone();
         let c = closed.clone();
+        let answered = Arc::new(AtomicBool::new(false));
+        let a = answered.clone();
         let reader = tokio::spawn(async move {
             let mut rd = BufReader::with_capacity(64 << 10, rd);
             let why = loop {
@@ -171,6 +177,7 @@ impl PeerConn {
                     Ok(mut m) => m.remove(&h.header.id),
                     Err(_) => break "state poisoned".to_string(),
                 };
+                a.store(true, Ordering::Relaxed);
                 if let Some((w, _, _)) = waiter {
                     let r = match h.header.typ {
                         FrameType::Ok => Ok(body),
@@ -202,6 +209,8 @@ impl PeerConn {
             next_id: AtomicU32::new(1),
             in_flight: AtomicUsize::new(0),
             closed,
+            stalled: AtomicBool::new(false),
+            answered,
             reader: reader.abort_handle(),
         })
     }
@@ -209,6 +218,17 @@ impl PeerConn {
     /// True once the connection has failed or closed.
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    /// True once the peer has answered a request (so it is not one that
+    /// takes requests and never answers).
+    pub fn answered(&self) -> bool {
+        self.answered.load(Ordering::Relaxed)
+    }
+
+    /// True once a request went unanswered for its whole time limit.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Requests currently waiting for an answer (used to pick the least busy connection).
@@ -230,8 +250,17 @@ impl PeerConn {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        // Counted out when the request ends, also when the asker stops
+        // waiting (the future dropped).
+        struct InFlight<'a>(&'a AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let res = async {
+        let _in_flight = InFlight(&self.in_flight);
+        async {
             self.tx
                 .send((Frame { typ, id, payload }, tx))
                 .await
@@ -239,15 +268,16 @@ impl PeerConn {
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err(Error::Protocol("connection closed".into())),
-                Err(_) => Err(Error::Protocol(format!(
-                    "{typ:?} to {} timed out",
-                    self.addr
-                ))),
+                Err(_) => {
+                    self.stalled.store(true, Ordering::Relaxed);
+                    Err(Error::Protocol(format!(
+                        "{typ:?} to {} timed out",
+                        self.addr
+                    )))
+                }
             }
         }
-        .await;
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        res
+        .await
     }
 
     /// Fetches the newest manifest record newer than `have_seq`.

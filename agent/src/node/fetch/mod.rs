@@ -98,6 +98,14 @@ const MAX_ANNOUNCED: usize = 32;
 /// to see what a change of the tree's shape must remove first.
 const OBJECTS_LISTED_MAX: usize = 64 << 10;
 
+/// Peers asked for the manifest at once (a swarm holds at most a few
+/// dozen).
+const MANIFEST_ASKS_AT_ONCE: usize = 32;
+
+/// How long the other peers' manifests are waited for once the
+/// publisher's has come.
+const MANIFEST_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn retry_wait(attempt: u32) -> Duration {
     let first = tuning::fetch_retry_first();
     first
@@ -1376,8 +1384,30 @@ impl Agent {
                 Err(e) => errors.push(format!("bucket: {e}")),
             }
         }
-        for conn in swarm.distinct() {
-            let bytes = match conn.manifest(&ticket.share_id, 0).await {
+        // Every peer is asked at once: one after another, peers that take
+        // the connection and never answer (anyone may announce a share)
+        // held the fetch for a minute each. Once the publisher has given
+        // its manifest, the others get a short grace only (only the
+        // publisher makes versions).
+        let share = ticket.share_id;
+        let mut asks = futures::stream::iter(swarm.distinct().into_iter().map(|conn| async move {
+            let r = conn.manifest(&share, 0).await;
+            (conn, r)
+        }))
+        .buffer_unordered(MANIFEST_ASKS_AT_ONCE);
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let next = match grace.as_mut() {
+                Some(g) => tokio::select! {
+                    n = asks.next() => n,
+                    _ = g => break,
+                },
+                None => asks.next().await,
+            };
+            let Some((conn, answer)) = next else {
+                break;
+            };
+            let bytes = match answer {
                 Ok(b) => b,
                 Err(e) => {
                     errors.push(format!("{}: {e}", conn.addr));
@@ -1388,6 +1418,9 @@ impl Agent {
                 Ok((_, mr)) if mr.share_id == ticket.share_id => {
                     if best.as_ref().is_none_or(|(_, b)| mr.seq > b.seq) {
                         best = Some((bytes, mr));
+                    }
+                    if conn.peer == ticket.publisher && grace.is_none() {
+                        grace = Some(Box::pin(tokio::time::sleep(MANIFEST_GRACE)));
                     }
                 }
                 Ok(_) => errors.push(format!("{}: manifest for another share", conn.addr)),

@@ -237,10 +237,18 @@ impl Swarm {
     }
 
     fn pick(&self, avoid: &HashSet<AgentId>) -> Option<Arc<PeerConn>> {
-        self.conns()
+        let conns = self.conns();
+        // Peers that have answered something (on any of their connections)
+        // first: one that takes requests and never answers is asked last.
+        let answered: HashSet<AgentId> = conns
+            .iter()
+            .filter(|c| c.answered())
+            .map(|c| c.peer)
+            .collect();
+        conns
             .into_iter()
             .filter(|c| !c.is_closed() && !avoid.contains(&c.peer) && !self.banned(&c.peer))
-            .min_by_key(|c| c.in_flight())
+            .min_by_key(|c| (!answered.contains(&c.peer), c.in_flight()))
     }
 
     /// Gets one chunk, verified (not yet opened: the writer decrypts it
@@ -315,6 +323,15 @@ impl Swarm {
                     lost |= conn.is_closed();
                     self.metrics.error("peer_request");
                     self.metrics.peer_error(&conn.peer.short(), "request");
+                    // A request left unanswered for its whole time limit
+                    // is a heavy strike: a peer that takes requests and
+                    // never answers (anyone may announce a share) is out
+                    // after two, rather than costing every chunk a minute.
+                    if conn.stalled()
+                        && let Ok(mut s) = self.strikes.lock()
+                    {
+                        *s.entry(conn.peer).or_default() += BAN_AFTER / 2;
+                    }
                     tracing::debug!(peer = %conn.peer.short(), error = %e, "chunk request failed; asking another peer");
                     avoid.insert(conn.peer);
                     last = Some(e);
