@@ -31,11 +31,11 @@ type Proof = Arc<Vec<SignedRecord>>;
 /// memory is cleared and peers simply present their proof again.
 pub const MAX_REMEMBERED_PROOFS: usize = 1024;
 
-/// Proofs (whole, as sent) whose signatures were checked, remembered at
-/// most; past it the memory is cleared. A proof sent again, as every
+/// Records whose signatures were checked (valid or not), remembered at
+/// most; past it the memory is cleared. A record sent again, as every
 /// subscriber's poll does and as a flood of GetKey requests would, costs
-/// a hash rather than up to 64 signature checks.
-pub const MAX_CHECKED_PROOFS: usize = 256;
+/// a hash rather than a signature check.
+pub const MAX_CHECKED_RECORDS: usize = 4096;
 
 /// Settings of an agent that are not its key or storage.
 #[derive(Debug, Clone, Default)]
@@ -82,9 +82,12 @@ pub struct Agent {
     /// against the current engine on every one of them (a revocation then
     /// cuts the peer off at once).
     presented: Mutex<HashMap<(ShareId, AgentId), Proof>>,
-    /// Proofs whose signatures were checked, by the hash of their bytes
-    /// (see [`MAX_CHECKED_PROOFS`]).
-    checked_proofs: Mutex<HashMap<[u8; 32], Proof>>,
+    /// Records whose signatures were checked, by the hash of their bytes
+    /// (see [`MAX_CHECKED_RECORDS`]): the record, or `None` if it failed.
+    checked_records: Mutex<HashMap<[u8; 32], Option<SignedRecord>>>,
+    /// Signature checks made by [`Agent::checked`] (tests count them).
+    #[cfg(test)]
+    records_checked: std::sync::atomic::AtomicU64,
     /// Shares whose publish pass is running (or ended less than
     /// [`crate::node::live::LIVE_LINGER`] ago): recipients may start on them.
     pub(crate) live: Arc<RwLock<HashMap<ShareId, Arc<LiveShare>>>>,
@@ -129,7 +132,9 @@ impl Agent {
             fetch_turns: Mutex::new(HashMap::new()),
             trust: RwLock::new(None),
             presented: Mutex::new(HashMap::new()),
-            checked_proofs: Mutex::new(HashMap::new()),
+            checked_records: Mutex::new(HashMap::new()),
+            #[cfg(test)]
+            records_checked: Default::default(),
             live: Arc::default(),
             sealed: Arc::default(),
             readahead,
@@ -137,35 +142,42 @@ impl Agent {
     }
 
     /// The records of `proof` whose signatures hold (those that do not
-    /// are left out), checked once per distinct proof.
+    /// are left out, and so is a record repeated within it), each checked
+    /// once: a record seen before, valid or not, is looked up by the hash
+    /// of its bytes. So a proof made of one signed record many times, or
+    /// sent again and again, costs hashes, not signature checks.
     fn checked(&self, proof: &[Vec<u8>]) -> Proof {
-        let mut h = blake3::Hasher::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
         for b in proof {
-            h.update(&(b.len() as u64).to_le_bytes());
-            h.update(b);
-        }
-        let digest: [u8; 32] = h.finalize().into();
-        if let Some(p) = self
-            .checked_proofs
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&digest).cloned())
-        {
-            return p;
-        }
-        let p: Proof = Arc::new(
-            proof
-                .iter()
-                .filter_map(|b| SignedRecord::from_bytes(b).ok())
-                .collect(),
-        );
-        if let Ok(mut m) = self.checked_proofs.lock() {
-            if m.len() >= MAX_CHECKED_PROOFS {
-                m.clear();
+            let digest: [u8; 32] = blake3::hash(b).into();
+            if !seen.insert(digest) {
+                continue;
             }
-            m.insert(digest, p.clone());
+            let known = self
+                .checked_records
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&digest).cloned());
+            let rec = match known {
+                Some(r) => r,
+                None => {
+                    #[cfg(test)]
+                    self.records_checked
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let r = SignedRecord::from_bytes(b).ok();
+                    if let Ok(mut m) = self.checked_records.lock() {
+                        if m.len() >= MAX_CHECKED_RECORDS {
+                            m.clear();
+                        }
+                        m.insert(digest, r.clone());
+                    }
+                    r
+                }
+            };
+            out.extend(rec);
         }
-        p
+        Arc::new(out)
     }
 
     /// Installs the agent's trust state: it decides trust-depth shares, and
@@ -654,11 +666,12 @@ impl Agent {
 mod tests {
     use super::*;
 
-    /// A proof's signatures are checked once: the same bytes again get the
-    /// remembered result (a flood of one proof costs hashes, not signature
-    /// checks), and a record whose signature fails is left out either way.
+    /// A record's signature is checked once: the same record again (in
+    /// the same proof or another) gets the remembered result, so a flood
+    /// of proofs made of one signed record costs hashes, not signature
+    /// checks; a record whose signature fails is left out either way.
     #[tokio::test]
-    async fn a_proof_sent_again_is_not_checked_again() {
+    async fn a_record_sent_again_is_not_checked_again() {
         let tmp = tempfile::tempdir().unwrap();
         let op = crate::store::open_local(tmp.path()).unwrap();
         let agent = Agent::for_test(op, Some(tmp.path().to_path_buf())).await;
@@ -673,12 +686,22 @@ mod tests {
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        let proof = vec![good, bad];
-        let first = agent.checked(&proof);
-        assert_eq!(first.len(), 1);
-        let again = agent.checked(&proof);
-        assert!(Arc::ptr_eq(&first, &again), "checked a second time");
-        let other = agent.checked(&proof[..1]);
-        assert!(!Arc::ptr_eq(&first, &other));
+        let checks = || {
+            agent
+                .records_checked
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        // One record 63 times, and one forged: two checks, one record.
+        let mut proof = vec![good.clone(); 63];
+        proof.push(bad.clone());
+        assert_eq!(agent.checked(&proof).len(), 1);
+        assert_eq!(checks(), 2);
+        // Sent again, with something new in front: one check more.
+        for i in 0..10u8 {
+            let mut again = vec![vec![i; 32]];
+            again.extend(proof.iter().cloned());
+            assert_eq!(agent.checked(&again).len(), 1);
+        }
+        assert_eq!(checks(), 12);
     }
 }

@@ -196,7 +196,13 @@ impl LiveFeed {
                         );
                     }
                 }
-                LiveEnd::Failed(m) => s.end = FeedEnd::Failed(format!("the publish failed: {m}")),
+                // The publisher's words, never raw (it may be hostile).
+                LiveEnd::Failed(m) => {
+                    s.end = FeedEnd::Failed(format!(
+                        "the publish failed: {}",
+                        crate::util::peer_text(m.as_bytes())
+                    ))
+                }
             }
         }
         self.news.send_modify(|n| *n += 1);
