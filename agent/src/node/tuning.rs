@@ -83,6 +83,17 @@ pub fn live_stall() -> Duration {
     env_secs("CARAVAN_LIVE_STALL_SECS").unwrap_or(Duration::from_secs(600))
 }
 
+/// How long a chunk request waits for its peer before the chunk is asked
+/// of another peer that has answered (`CARAVAN_SLOW_ANSWER_SECS`, default
+/// 20). Only when there is such a peer: the only source is waited for as
+/// long as a request may take. A peer so slow is struck (out after two):
+/// anyone may announce a share, and a holder answering each chunk just
+/// inside the request's limit held a fetch from an honest publisher for
+/// tens of minutes.
+pub fn slow_answer() -> Duration {
+    env_secs("CARAVAN_SLOW_ANSWER_SECS").unwrap_or(Duration::from_secs(20))
+}
+
 /// Fetched files smaller than this (`CARAVAN_SMALL_FILE_BYTES`, default
 /// 256 KiB) are written on a local filesystem through the page cache with
 /// no sync of their own; one `syncfs` before the fetch is done makes them

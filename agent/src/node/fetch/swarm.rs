@@ -251,6 +251,18 @@ impl Swarm {
             .min_by_key(|c| (!answered.contains(&c.peer), c.in_flight()))
     }
 
+    /// Whether a peer other than `peer` (and those in `avoid`) that has
+    /// answered something could be asked instead.
+    fn another_answering(&self, peer: &AgentId, avoid: &HashSet<AgentId>) -> bool {
+        self.conns().iter().any(|c| {
+            c.peer != *peer
+                && c.answered()
+                && !c.is_closed()
+                && !avoid.contains(&c.peer)
+                && !self.banned(&c.peer)
+        })
+    }
+
     /// Gets one chunk, verified (not yet opened: the writer decrypts it
     /// where it goes), trying other peers when one fails or lies.
     pub(crate) async fn get(&self, r: ChunkRef) -> Result<Verified> {
@@ -295,7 +307,32 @@ impl Swarm {
                 asks = 0;
                 continue;
             };
-            match conn.chunk(&self.share, &r.id).await {
+            // Waited for as long as a request may take only when no other
+            // peer that answers could be asked instead (`slow_answer`).
+            let asked = conn.chunk(&self.share, &r.id);
+            let answer = if self.another_answering(&conn.peer, &avoid) {
+                match tokio::time::timeout(tuning::slow_answer(), asked).await {
+                    Ok(a) => a,
+                    Err(_) => {
+                        self.metrics.peer_error(&conn.peer.short(), "slow");
+                        tracing::debug!(peer = %conn.peer.short(), "chunk answer too slow; asking another peer");
+                        if let Ok(mut s) = self.strikes.lock() {
+                            *s.entry(conn.peer).or_default() += BAN_AFTER / 2;
+                        }
+                        avoid.insert(conn.peer);
+                        last = Some(Error::Protocol(format!(
+                            "chunk {}: {} answered slower than {} s",
+                            r.id,
+                            conn.peer.short(),
+                            tuning::slow_answer().as_secs()
+                        )));
+                        continue;
+                    }
+                }
+            } else {
+                asked.await
+            };
+            match answer {
                 Ok(ct) => {
                     let n = ct.len() as u64;
                     self.metrics.bytes_received.inc_by(n);
