@@ -183,7 +183,33 @@ impl AgentConfig {
             ("admin_listen", &self.admin_listen),
             ("metrics_listen", &self.metrics_listen),
         ])?;
+        if self.advertise.len() > MAX_ADDRESSES {
+            return Err(Error::Config(format!(
+                "advertise lists {} addresses: at most {MAX_ADDRESSES} (tickets and \
+                 announcements carry no more)",
+                self.advertise.len()
+            )));
+        }
+        for a in &self.advertise {
+            if a.len() > MAX_ADDRESS_LEN || !is_host_port(a) {
+                return Err(Error::Config(format!(
+                    "advertise address {a:?} is not host:port of at most {MAX_ADDRESS_LEN} bytes"
+                )));
+            }
+        }
+        if self.repositories.len() > MAX_REPOSITORIES {
+            return Err(Error::Config(format!(
+                "{} repositories: at most {MAX_REPOSITORIES}",
+                self.repositories.len()
+            )));
+        }
         for r in &self.repositories {
+            if r.len() > MAX_ADDRESS_LEN {
+                return Err(Error::Config(format!(
+                    "repository URL of {} bytes: at most {MAX_ADDRESS_LEN}",
+                    r.len()
+                )));
+            }
             if !(r.starts_with("http://") || r.starts_with("https://")) {
                 return Err(Error::Config(format!(
                     "repository {r:?} must be an http(s) URL"
@@ -194,22 +220,33 @@ impl AgentConfig {
     }
 }
 
+/// Most peer addresses a ticket (or an agent's announcement) may list: a
+/// fetch dials each (a silent one costs its connect and handshake limits),
+/// so a ticket of a thousand silent addresses would hold a fetch for
+/// hours. An agent advertises at most this many.
+pub const MAX_ADDRESSES: usize = 16;
+/// Most repository URLs a ticket may list (each is asked for the share's
+/// offline seed) and an agent may use.
+pub const MAX_REPOSITORIES: usize = 16;
+/// Longest address or repository URL, in bytes.
+pub const MAX_ADDRESS_LEN: usize = 256;
+
 /// Refuses two listeners on one port (the second would fail to bind at
 /// start with "taken", as if another daemon held it): the same address,
-/// or the same port where one listens on every address. Port 0 (any free
-/// port) and an empty (off) listener never clash.
+/// or the same port where one listens on every address. `localhost` is
+/// every loopback address (it is how a user writes 127.0.0.1 or ::1);
+/// other host names are compared as written, since resolving them would
+/// touch the network. Port 0 (any free port) and an empty (off) listener
+/// never clash.
 fn check_distinct(listeners: &[(&str, &String)]) -> Result<()> {
-    use std::net::SocketAddr;
     for (i, (a, x)) in listeners.iter().enumerate() {
         for (b, y) in &listeners[i + 1..] {
             if x.is_empty() || y.is_empty() {
                 continue;
             }
-            let clash = match (x.parse::<SocketAddr>(), y.parse::<SocketAddr>()) {
-                (Ok(p), Ok(q)) => {
-                    p.port() != 0
-                        && p.port() == q.port()
-                        && (p.ip() == q.ip() || p.ip().is_unspecified() || q.ip().is_unspecified())
+            let clash = match (listen_parts(x), listen_parts(y)) {
+                (Some((p, port_p)), Some((q, port_q))) => {
+                    port_p != 0 && port_p == port_q && same_host(&p, &q)
                 }
                 _ => x == y,
             };
@@ -221,6 +258,38 @@ fn check_distinct(listeners: &[(&str, &String)]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A listener's host and port, the host an address when it is one.
+enum ListenHost {
+    Ip(std::net::IpAddr),
+    Name(String),
+}
+
+fn listen_parts(v: &str) -> Option<(ListenHost, u16)> {
+    if let Ok(a) = v.parse::<std::net::SocketAddr>() {
+        return Some((ListenHost::Ip(a.ip()), a.port()));
+    }
+    let (host, port) = v.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    Some((ListenHost::Name(host.to_ascii_lowercase()), port))
+}
+
+/// Whether two listeners' hosts may bind the same address: equal, one of
+/// them every address, or `localhost` and a loopback address.
+fn same_host(p: &ListenHost, q: &ListenHost) -> bool {
+    let loopback_name = |n: &str| n == "localhost" || n.ends_with(".localhost");
+    match (p, q) {
+        (ListenHost::Ip(p), ListenHost::Ip(q)) => {
+            p == q || p.is_unspecified() || q.is_unspecified()
+        }
+        (ListenHost::Ip(ip), ListenHost::Name(n)) | (ListenHost::Name(n), ListenHost::Ip(ip)) => {
+            ip.is_unspecified() || (ip.is_loopback() && loopback_name(n))
+        }
+        (ListenHost::Name(p), ListenHost::Name(q)) => {
+            p == q || (loopback_name(p) && loopback_name(q))
+        }
+    }
 }
 
 /// Refuses a `state_prefix` that is not a plain relative folder (`.caravan/`,
@@ -280,6 +349,36 @@ mod tests {
         }
     }
 
+    /// An agent advertises no more addresses, and uses no more
+    /// repositories, than its tickets may carry (they would be refused by
+    /// every recipient).
+    #[test]
+    fn too_many_addresses_or_repositories_are_refused() {
+        let mut c = AgentConfig::parse(BASE).unwrap();
+        c.advertise = (0..MAX_ADDRESSES)
+            .map(|i| format!("10.0.0.{i}:7400"))
+            .collect();
+        c.repositories = (0..MAX_REPOSITORIES)
+            .map(|i| format!("http://r{i}:7500"))
+            .collect();
+        c.validate().unwrap();
+        c.advertise.push("10.0.1.1:7400".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("advertise lists 17 addresses"), "{e}");
+        c.advertise.pop();
+        c.advertise[0] = "not an address".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("not host:port")
+        );
+        c.advertise.clear();
+        c.repositories.push("http://r99:7500".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("17 repositories"), "{e}");
+    }
+
     /// Two listeners on one port are refused by name, before a start
     /// that would say the port is taken; any free port (0) and an empty
     /// (off) listener never clash.
@@ -296,11 +395,17 @@ mod tests {
         assert!(check("127.0.0.1:7400", "127.0.0.1:7401", "127.0.0.1:9400").is_ok());
         assert!(check("127.0.0.1:0", "127.0.0.1:0", "").is_ok());
         assert!(check("127.0.0.1:7400", "127.0.0.2:7400", "").is_ok());
+        assert!(check("localhost:7400", "10.0.0.1:7400", "").is_ok());
+        assert!(check("localhost:7400", "localhost:7401", "").is_ok());
         for (l, a, m) in [
             ("127.0.0.1:7400", "127.0.0.1:7400", ""),
             ("0.0.0.0:7400", "127.0.0.1:7401", "127.0.0.1:7400"),
             ("[::]:7400", "127.0.0.1:7400", ""),
             ("localhost:7400", "127.0.0.1:7401", "localhost:7400"),
+            ("localhost:7400", "127.0.0.1:7400", ""),
+            ("LOCALHOST:7400", "[::1]:7400", ""),
+            ("0.0.0.0:7400", "example.internal:7400", ""),
+            ("example.internal:7400", "EXAMPLE.internal:7400", ""),
         ] {
             let e = check(l, a, m).unwrap_err().to_string();
             assert!(e.contains("same port"), "{l} {a} {m}: {e}");

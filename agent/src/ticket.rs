@@ -12,6 +12,7 @@ use std::str::FromStr;
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use serde::{Deserialize, Serialize};
 
+use crate::config::{MAX_ADDRESS_LEN, MAX_ADDRESSES, MAX_REPOSITORIES};
 use crate::crypto::{Key, random_bytes};
 use crate::error::{Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
@@ -154,6 +155,29 @@ impl Ticket {
         ))
     }
 
+    /// Refuses a ticket listing more places to look than an agent gives
+    /// out ([`MAX_ADDRESSES`], [`MAX_REPOSITORIES`], [`MAX_ADDRESS_LEN`]):
+    /// each is contacted, so a hostile publisher's ticket of a thousand
+    /// silent addresses would hold the fetch for hours before it failed.
+    fn check_bounds(&self) -> Result<()> {
+        let too_long = |v: &[String]| v.iter().any(|a| a.is_empty() || a.len() > MAX_ADDRESS_LEN);
+        if self.addresses.len() > MAX_ADDRESSES || too_long(&self.addresses) {
+            return Err(Error::Record(format!(
+                "ticket lists {} peer addresses (at most {MAX_ADDRESSES}, each 1 to \
+                 {MAX_ADDRESS_LEN} bytes): not one an agent makes",
+                self.addresses.len()
+            )));
+        }
+        if self.repositories.len() > MAX_REPOSITORIES || too_long(&self.repositories) {
+            return Err(Error::Record(format!(
+                "ticket lists {} repositories (at most {MAX_REPOSITORIES}, each 1 to \
+                 {MAX_ADDRESS_LEN} bytes): not one an agent makes",
+                self.repositories.len()
+            )));
+        }
+        Ok(())
+    }
+
     /// Parses and verifies a ticket's text form.
     pub fn parse(text: &str) -> Result<Ticket> {
         let body = text
@@ -181,6 +205,45 @@ impl Ticket {
                 "ticket is not signed by its publisher".into(),
             ));
         }
+        t.check_bounds()?;
         Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Guarantee: a ticket listing more places to look than an agent
+    /// gives out is refused when parsed, before anything is dialled (a
+    /// hostile publisher's ticket of silent addresses would otherwise hold
+    /// the fetch for their connect limits, 8 at a time).
+    #[test]
+    fn a_ticket_with_too_many_places_to_look_is_refused() {
+        let publisher = SecretKey::generate().unwrap();
+        let recipient = SecretKey::generate().unwrap().agent_id();
+        let key = Key(random_bytes().unwrap());
+        let share = ShareId::random().unwrap();
+        let make = |addresses: Vec<String>, repositories: Vec<String>| {
+            Ticket::issue(&publisher, share, recipient, &key, addresses, repositories).unwrap()
+        };
+        let addrs = |n: usize| {
+            (0..n)
+                .map(|i| format!("10.0.0.{i}:7400"))
+                .collect::<Vec<_>>()
+        };
+        let repos = |n: usize| {
+            (0..n)
+                .map(|i| format!("http://r{i}:7500"))
+                .collect::<Vec<_>>()
+        };
+        let t = Ticket::parse(&make(addrs(MAX_ADDRESSES), repos(MAX_REPOSITORIES))).unwrap();
+        assert_eq!(t.addresses.len(), MAX_ADDRESSES);
+        let e = Ticket::parse(&make(addrs(MAX_ADDRESSES + 1), vec![])).unwrap_err();
+        assert!(e.to_string().contains("17 peer addresses"), "{e}");
+        let e = Ticket::parse(&make(vec![], repos(MAX_REPOSITORIES + 1))).unwrap_err();
+        assert!(e.to_string().contains("17 repositories"), "{e}");
+        let long = format!("{}:7400", "h".repeat(MAX_ADDRESS_LEN));
+        assert!(Ticket::parse(&make(vec![long], vec![])).is_err());
     }
 }

@@ -426,6 +426,11 @@ pub fn service(input: &BuildInput<'_>) -> Service {
 /// cluster), then the tenant's own `spec.exposure.advertise` entries. For a
 /// NodePort Service, list a node address with the node port in
 /// `spec.exposure.advertise` (the operator does not read Nodes).
+/// The most addresses [`advertise_addresses`] puts before the tenant's: the
+/// ClusterIP, the DNS name and up to two LoadBalancer ingress entries
+/// (validation leaves the tenant the rest of an agent's limit).
+pub const OPERATOR_ADDRESSES: usize = 4;
+
 pub fn advertise_addresses(svc: &Service, dns_endpoint: &str, extra: &[String]) -> Vec<String> {
     let port = DEFAULT_PEER_PORT;
     let mut out = Vec::new();
@@ -452,6 +457,7 @@ pub fn advertise_addresses(svc: &Service, dns_endpoint: &str, extra: &[String]) 
         .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
+        .take(OPERATOR_ADDRESSES - 2)
     {
         if let Some(h) = ing.ip.as_deref().or(ing.hostname.as_deref()) {
             out.push(host(h));

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use caravan_agent::config::{AgentConfig, StorageConfig};
 
+use crate::children::OPERATOR_ADDRESSES;
 use crate::config::{OperatorConfig, paths};
 use crate::crd::AgentSpec;
 use crate::names::{ChildNames, MAX_AGENT_NAME};
@@ -262,12 +263,26 @@ pub fn agent_config(
             )));
         }
     }
+    // The operator puts up to four addresses of its own first (the
+    // Service's ClusterIP and DNS name, a LoadBalancer's ingress): the
+    // rest of an agent's limit is the tenant's.
+    let room = caravan_agent::config::MAX_ADDRESSES - OPERATOR_ADDRESSES;
+    if spec.exposure.advertise.len() > room {
+        return Err(InputError::InvalidSpec(format!(
+            "spec.exposure.advertise lists {} addresses: at most {room} (an agent \
+             advertises {} in all, {OPERATOR_ADDRESSES} of them the Service's)",
+            spec.exposure.advertise.len(),
+            caravan_agent::config::MAX_ADDRESSES
+        )));
+    }
     for a in &spec.exposure.advertise {
-        if a.rsplit_once(':')
-            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        if a.len() > caravan_agent::config::MAX_ADDRESS_LEN
+            || a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
         {
             return Err(InputError::InvalidSpec(format!(
-                "spec.exposure.advertise entry {a:?} is not host:port"
+                "spec.exposure.advertise entry {a:?} is not host:port (at most {} bytes)",
+                caravan_agent::config::MAX_ADDRESS_LEN
             )));
         }
     }
@@ -512,6 +527,31 @@ mod tests {
         // Naming its own namespace explicitly is fine.
         a.spec.storage.secret_ref.as_mut().unwrap().namespace = Some("tenant-b".into());
         assert!(agent_config("bob", "tenant-b", &a.spec, &cfg()).is_ok());
+    }
+
+    /// Guarantee: an Agent cannot be given more addresses to advertise
+    /// than tickets and announcements carry (the agent would refuse its
+    /// config and crash-loop); the operator's own come first and fit.
+    #[test]
+    fn too_many_addresses_to_advertise_are_refused_by_name() {
+        let mut a = fs_agent("alice", "t");
+        let room = caravan_agent::config::MAX_ADDRESSES - OPERATOR_ADDRESSES;
+        a.spec.exposure.advertise = (0..room).map(|i| format!("203.0.113.{i}:7400")).collect();
+        assert!(agent_config("alice", "t", &a.spec, &cfg()).is_ok());
+        a.spec.exposure.advertise.push("203.0.113.200:7400".into());
+        let e = agent_config("alice", "t", &a.spec, &cfg()).unwrap_err();
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(
+            e.to_string().contains("spec.exposure.advertise lists 13"),
+            "{e}"
+        );
+        a.spec.exposure.advertise = vec![format!("{}:7400", "h".repeat(300))];
+        let e = agent_config("alice", "t", &a.spec, &cfg()).unwrap_err();
+        assert!(e.to_string().contains("at most 256 bytes"), "{e}");
+        let mut a = fs_agent("alice", "t");
+        a.spec.repositories = (0..17).map(|i| format!("http://repo{i}:7500")).collect();
+        let e = agent_config("alice", "t", &a.spec, &cfg()).unwrap_err();
+        assert!(e.to_string().contains("17 repositories: at most 16"), "{e}");
     }
 
     #[test]

@@ -140,7 +140,10 @@ pub(crate) enum Command {
         /// the running daemon renews them before they expire.
         #[arg(long, value_name = "DURATION", requires = "offline_seeding", value_parser = caravan_agent::node::seed::parse_validity)]
         url_validity: Option<u64>,
-        /// Print the result as JSON.
+        /// Print two JSON lines: the share id, version and tickets as soon
+        /// as they exist (recipients may start `fetch` from them while the
+        /// pass runs), then the result (files, bytes, chunks, seconds,
+        /// what was left out).
         #[arg(long)]
         json: bool,
     },
@@ -185,8 +188,9 @@ pub(crate) enum Command {
         /// Start the fetch and return at once.
         #[arg(long)]
         detach: bool,
-        /// Print JSON lines: a `status` line every second while it runs
-        /// (one only with --detach), then a `summary` line.
+        /// Print JSON lines: a `status` line every second while it runs,
+        /// then a `summary` line; with --detach, only the first `status`
+        /// line (follow it with `status --json`).
         #[arg(long)]
         json: bool,
     },

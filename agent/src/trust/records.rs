@@ -30,10 +30,9 @@ pub const MAX_ANNOUNCEMENT_TTL_SECS: u64 = 31 * 24 * 3600;
 pub const MAX_CLOCK_SKEW_SECS: u64 = 300;
 /// Longest scope string of a grant, in bytes.
 pub const MAX_SCOPE_LEN: usize = 128;
-/// Most addresses one announcement may list.
-pub const MAX_ADDRESSES: usize = 16;
-/// Longest address (a URL or host:port), in bytes.
-pub const MAX_ADDRESS_LEN: usize = 256;
+/// Most addresses one announcement may list, and the longest one: the
+/// same limits as a ticket's and an agent's own (`config`).
+pub use crate::config::{MAX_ADDRESS_LEN, MAX_ADDRESSES};
 /// Most share locators one announcement may list (keeps it under the
 /// 64 KiB announcement body limit with room to spare).
 pub const MAX_LOCATORS: usize = 1024;
