@@ -162,9 +162,14 @@ impl Manifest {
 
     /// Encrypts and signs this manifest.
     pub fn seal(&self, publisher: &SecretKey, share_key: &Key) -> Result<SignedRecord> {
-        let plain = postcard::to_stdvec(self).map_err(|e| Error::Record(e.to_string()))?;
+        // Sized once, with room for the tag the sealing appends (a growing
+        // buffer held up to twice the manifest, and both buffers at once
+        // while it grew).
+        let size = postcard::experimental::serialized_size(self)
+            .map_err(|e| Error::Record(e.to_string()))?;
+        let mut buf = Vec::with_capacity(size + crate::crypto::TAG_LEN);
+        buf = postcard::to_extend(self, buf).map_err(|e| Error::Record(e.to_string()))?;
         let nonce: [u8; 12] = random_bytes()?;
-        let mut buf = plain;
         manifest_key(share_key).seal(nonce, &manifest_aad(&self.share_id, self.seq), &mut buf)?;
         SignedRecord::seal_owned(
             publisher,
@@ -221,12 +226,19 @@ impl Record for ManifestRecord {
 impl ManifestRecord {
     /// Decrypts and validates; the caller has checked the signer.
     pub fn open(&self, share_key: &Key) -> Result<Manifest> {
+        self.clone().into_manifest(share_key)
+    }
+
+    /// [`ManifestRecord::open`], decrypting in place: a big manifest is not
+    /// held twice (a fetch's peak memory is at its start, with the
+    /// manifest's record, plaintext and decoded entries all in memory).
+    pub fn into_manifest(self, share_key: &Key) -> Result<Manifest> {
         if self.key_check != key_check(share_key) {
             return Err(Error::Crypto(
                 "manifest is encrypted under a different share key",
             ));
         }
-        let mut buf = self.ciphertext.clone();
+        let mut buf = self.ciphertext;
         manifest_key(share_key).open(
             self.nonce,
             &manifest_aad(&self.share_id, self.seq),

@@ -204,7 +204,7 @@ async fn load_one(op: &Operator, dir: &str, me: &SecretKey) -> Result<HeldShare>
         .context(|| format!("reading {dir}manifest"))?
         .to_vec();
     let (_, mr): (_, ManifestRecord) = SignedRecord::open_from(&record, Some(&publisher))?;
-    let manifest = mr.open(&key)?;
+    let manifest = mr.into_manifest(&key)?;
     let held = HeldShare::new(publisher, key, meta.role, meta.root, manifest, record);
     // The tags only speed serving up: without them (an older agent's
     // state, a damaged file) every chunk served is hashed instead.
