@@ -124,6 +124,47 @@ pub fn allocated_bytes(root: &std::path::Path) -> u64 {
     total
 }
 
+/// Opens a local file for reading without waiting on it: `O_NONBLOCK`, so
+/// a FIFO put where a file was (by the user, or by anyone who can write
+/// the folder) does not block the open until a writer comes, holding a
+/// blocking thread, a fetch and the daemon's shutdown for ever. Reads
+/// and syncs of a regular file or a folder are not affected by the flag.
+#[cfg(feature = "node")]
+pub fn open_no_wait(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+}
+
+/// Opens a local file for reading if it is a regular file (checked on the
+/// opened descriptor, so a swap after any earlier look is caught), without
+/// waiting on it ([`open_no_wait`]). Anything else (a FIFO, a device, a
+/// socket, a folder) is refused with `InvalidInput`, naming its type.
+#[cfg(feature = "node")]
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    let f = open_no_wait(path)?;
+    let t = f.metadata()?.file_type();
+    if t.is_file() {
+        return Ok(f);
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let what = if t.is_dir() {
+        "a folder"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    };
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!("{} is {what}, not a regular file", path.display()),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +181,31 @@ mod tests {
         );
         assert_eq!(peer_text(&[b'a'; 5000]).chars().count(), PEER_TEXT_MAX + 1);
         assert_eq!(peer_text("ok: ünïcode".as_bytes()), "ok: ünïcode");
+    }
+
+    /// Guarantee: a FIFO where a file is expected is refused at once,
+    /// never waited on (a blocked open held a fetch, `cancel` and the
+    /// daemon's shutdown until something wrote to the pipe).
+    #[cfg(feature = "node")]
+    #[test]
+    fn a_fifo_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let e = super::open_regular(&fifo).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("FIFO"), "{e}");
+        assert!(super::open_no_wait(&fifo).is_ok());
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(super::open_regular(&file).is_ok());
+        assert!(super::open_regular(dir.path()).is_err());
     }
 }

@@ -112,49 +112,6 @@ fn serve_hostile(rt: &tokio::runtime::Runtime, key: &SecretKey, svc: Arc<Hostile
     addr
 }
 
-/// Runs `fetch` with a bound on its duration (an attack that is not refused
-/// would otherwise run for hours); returns exit code and stderr.
-fn fetch_bounded(a: &TestAgent, ticket: &str, dest: &str, peers: &[&str]) -> (Option<i32>, String) {
-    let mut args = vec![
-        "fetch",
-        "--config",
-        a.cfg(),
-        ticket,
-        "--dest",
-        dest,
-        "--json",
-    ];
-    for p in peers {
-        args.push("--peer");
-        args.push(p);
-    }
-    let mut child = Command::new(BIN)
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return (None, "fetch still running after 120 s (killed)".into());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn count_files(root: &Path) -> usize {
     let mut n = 0;
     let mut stack = vec![root.to_path_buf()];

@@ -503,6 +503,30 @@ fn a_publisher_killed_during_its_pass_resumes_it_and_its_recipient_follows_again
 /// that never existed, with exit 0.
 #[test]
 fn a_file_saved_over_after_the_listing_is_never_published_torn() {
+    replaced_after_the_listing(|f| {
+        let tmp = f.with_file_name("next.tmp");
+        std::fs::write(&tmp, b"NEW, LONGER CONTENT 11\n").unwrap();
+        std::fs::rename(&tmp, f).unwrap();
+    });
+}
+
+/// Guarantee: a FIFO put where a listed file was fails the pass at once,
+/// naming the file (exit 3): the pass never waits on it (the open blocked
+/// until something wrote to the pipe, holding the publish and its
+/// recipient).
+#[test]
+fn a_fifo_swapped_in_after_the_listing_fails_the_pass_at_once() {
+    replaced_after_the_listing(|f| {
+        std::fs::remove_file(f).unwrap();
+        let ok = Command::new("mkfifo").arg(f).status().unwrap().success();
+        assert!(ok);
+    });
+}
+
+/// The pass of 12 files held at its gate with its first files open, the
+/// last one replaced by `swap`: the publish fails naming it (exit 3), the
+/// recipient following the pass too, writing nothing of it.
+fn replaced_after_the_listing(swap: impl FnOnce(&Path)) {
     let tmp = tempfile::tempdir().unwrap();
     let (gate, mut alice, mut bob) = gated_pair(tmp.path());
     let src = alice.data().join("many");
@@ -514,17 +538,22 @@ fn a_file_saved_over_after_the_listing_is_never_published_torn() {
     bob.start();
     let (mut publishing, _out, first) = start_publish(&alice, "many", &bob.id);
     let ticket = first["tickets"][0][1].as_str().unwrap().to_string();
-    let fetching = start_fetch(&bob, &ticket, "got");
+    let mut fetching = start_fetch(&bob, &ticket, "got");
     // A verified chunk: the pass listed the folder and holds at the gate
     // with its first files open; the last one is not opened yet.
     wait_for("the first verified chunk", || {
         bob.metric("caravan_chunks_received_total") >= 1.0
     });
-    std::fs::write(src.join("next.tmp"), b"NEW, LONGER CONTENT 11\n").unwrap();
-    std::fs::rename(src.join("next.tmp"), src.join("f11")).unwrap();
+    swap(&src.join("f11"));
     std::fs::write(&gate, b"go").unwrap();
+    wait_for("the publish to end", || {
+        publishing.try_wait().unwrap().is_some()
+    });
     let published = publishing.wait().unwrap();
     assert_eq!(published.code(), Some(3), "the publish must fail");
+    wait_for("the fetch to end", || {
+        fetching.try_wait().unwrap().is_some()
+    });
     let done = fetching.wait_with_output().unwrap();
     assert!(!done.status.success());
     let said = format!(

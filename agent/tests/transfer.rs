@@ -780,6 +780,69 @@ fn a_file_of_the_users_own_that_appears_during_a_fetch_is_never_replaced() {
     assert_eq!(failed["files_total"], 1, "{failed}");
 }
 
+fn mkfifo(p: &Path) {
+    let ok = std::process::Command::new("mkfifo")
+        .arg(p)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfifo {}", p.display());
+}
+
+/// Guarantee: a link, a FIFO or another special file of the recipient's at
+/// a share's file path is refused before anything is written, naming it
+/// (it was found only when its turn came, after other files were placed);
+/// a FIFO the user put at a path of a share fetched before is never waited
+/// on (the open blocked the fetch, `cancel` and the daemon's shutdown until
+/// something wrote to the pipe): the fetch completes and the file is the
+/// share's again. Nothing is ever written through a link.
+#[test]
+fn special_files_at_a_shares_paths_are_refused_or_replaced_never_waited_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    let src = alice.data().join("docs");
+    std::fs::create_dir_all(&src).unwrap();
+    for (n, body) in [("a.txt", "first"), ("b.txt", "second"), ("c.txt", "third")] {
+        std::fs::write(src.join(n), body).unwrap();
+    }
+    alice.start();
+    bob.start();
+    let (_, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    let outside = tmp.path().join("precious");
+    std::fs::write(&outside, b"precious").unwrap();
+    let link_dest = bob.data().join("sl");
+    std::fs::create_dir_all(&link_dest).unwrap();
+    std::os::unix::fs::symlink(&outside, link_dest.join("c.txt")).unwrap();
+    let fifo_dest = bob.data().join("ff");
+    std::fs::create_dir_all(&fifo_dest).unwrap();
+    mkfifo(&fifo_dest.join("b.txt"));
+    for (dest, what) in [("sl", "a symbolic link"), ("ff", "a FIFO")] {
+        let (code, err) = fetch_bounded(&bob, &tickets[0], dest, &[]);
+        assert_eq!(code, Some(5), "{dest}: {err}");
+        assert!(
+            err.contains(what) && err.contains("nothing was written"),
+            "{err}"
+        );
+        assert!(
+            !bob.data().join(dest).join("a.txt").exists(),
+            "{dest}: written"
+        );
+    }
+    assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+    // A FIFO where a fetched file was: the same version fetched again
+    // completes (bounded: the open used to wait for ever).
+    assert_eq!(fetch(&bob, &tickets[0], "ok", &[])["state"], "done");
+    let placed = bob.data().join("ok/a.txt");
+    std::fs::remove_file(&placed).unwrap();
+    mkfifo(&placed);
+    let (code, err) = fetch_bounded(&bob, &tickets[0], "ok", &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(std::fs::read(&placed).unwrap(), b"first");
+    alice.kill9();
+    bob.kill9();
+}
+
 /// A fetch the daemon cannot even start because its storage refuses to
 /// save the fetch's state (read-only credentials, an outage; here a file
 /// where the state folder goes) is a failed transfer, exit code 5 with the

@@ -633,7 +633,9 @@ impl Service for Agent {
 /// length check reports it).
 fn read_range(path: &std::path::Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
+    // A FIFO put where a published file was is refused, not waited on
+    // (each request held a blocking thread for ever).
+    let mut f = crate::util::open_regular(path)?;
     f.seek(SeekFrom::Start(offset))?;
     let mut buf = crate::wire::channel::chunk_buffer(len + crate::crypto::TAG_LEN);
     f.take(len as u64).read_to_end(&mut buf)?;

@@ -546,8 +546,16 @@ impl Agent {
                         let file = match file {
                             Some(f) => f,
                             None => {
-                                let f = match std::fs::File::open(&full) {
-                                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                // Not waited on: a FIFO swapped in since
+                                // the listing held the pass for ever.
+                                let f = match crate::util::open_regular(&full) {
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::NotFound
+                                                | std::io::ErrorKind::InvalidInput
+                                        ) =>
+                                    {
                                         return Err(changed_size(&shown));
                                     }
                                     r => r.context(|| format!("opening {shown}"))?,

@@ -544,3 +544,53 @@ pub fn dir_bytes(root: &Path) -> u64 {
     }
     total
 }
+
+/// Runs `fetch` with a bound on its duration (an attack that is not refused
+/// would otherwise run for hours, a hang would hold the test run); returns
+/// exit code and stderr.
+pub fn fetch_bounded(
+    a: &TestAgent,
+    ticket: &str,
+    dest: &str,
+    peers: &[&str],
+) -> (Option<i32>, String) {
+    let mut args = vec![
+        "fetch",
+        "--config",
+        a.cfg(),
+        ticket,
+        "--dest",
+        dest,
+        "--json",
+    ];
+    for p in peers {
+        args.push("--peer");
+        args.push(p);
+    }
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            use std::io::Read;
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            return (status.code(), err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, "fetch still running after 120 s (killed)".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -501,7 +501,7 @@ fn sync_filesystems(dirs: &[PathBuf]) -> std::io::Result<()> {
         std::io::Error::new(e.kind(), format!("{}: {e}{hint}", d.display()))
     };
     for d in dirs {
-        let dir = std::fs::File::open(d).map_err(|e| named(d, e))?;
+        let dir = crate::util::open_no_wait(d).map_err(|e| named(d, e))?;
         if done.insert(dir.metadata().map_err(|e| named(d, e))?.dev()) {
             rustix::fs::syncfs(&dir).map_err(|e| named(d, e.into()))?;
         }
@@ -514,7 +514,7 @@ async fn sync_path(path: PathBuf, dir: bool) -> Result<()> {
     tokio::task::spawn_blocking(move || {
         let named =
             |e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-        let f = std::fs::File::open(&path).map_err(named)?;
+        let f = crate::util::open_no_wait(&path).map_err(named)?;
         if dir { f.sync_all() } else { f.sync_data() }.map_err(named)
     })
     .await
@@ -1072,11 +1072,18 @@ impl Job {
                     .enumerate()
                     .map(|(i, f)| (i, format!("{}{}", self.dest, f.0), ours.contains(f.0)))
                     .collect();
-                let (present, folders, here): (Vec<(usize, u64)>, Vec<usize>, Vec<String>) =
+                type Found = (
+                    Vec<(usize, u64)>,
+                    Vec<usize>,
+                    Vec<String>,
+                    Option<(String, &'static str)>,
+                );
+                let (present, folders, here, other): Found =
                     tokio::task::spawn_blocking(move || {
                         let mut present = Vec::new();
                         let mut folders = Vec::new();
                         let mut here = Vec::new();
+                        let mut other = None;
                         for (i, p, ours) in paths {
                             let Ok(at) = local::confined(&root, &p) else {
                                 continue;
@@ -1085,13 +1092,24 @@ impl Job {
                                 Ok(m) if m.is_dir() => folders.push(i),
                                 Ok(m) if m.is_file() && !ours => present.push((i, m.len())),
                                 Ok(_) if ours => here.push(p),
+                                // A link, a FIFO, a socket or a device of the
+                                // recipient's: refused now, like a file of
+                                // theirs, not found half way through the writes.
+                                Ok(m) if other.is_none() => other = Some((p, kind_of(&m))),
                                 _ => {}
                             }
                         }
-                        (present, folders, here)
+                        (present, folders, here, other)
                     })
                     .await
                     .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?;
+                if let Some((p, what)) = other {
+                    return Err(Error::Rejected(format!(
+                        "share {id} would replace {p}, {what} of your own (not one an earlier \
+                         version of this share put there): move it away, or fetch into another \
+                         folder; nothing was written"
+                    )));
+                }
                 if let Ok(mut m) = self.may_replace.lock() {
                     m.extend(here);
                 }
@@ -1233,6 +1251,24 @@ impl Job {
     }
 
     async fn read_local(&self, path: &str, offset: u64, c: &ChunkRef) -> Option<Vec<u8>> {
+        let keyer = self.keyer.clone();
+        let c = *c;
+        // On a local disk, only a regular file is read, and never waited
+        // on: a FIFO at a path of the share's (put there by the user)
+        // blocked the read, the fetch, `cancel` and the daemon's shutdown.
+        if let Some(root) = &self.agent.opts.fs_root {
+            let at = local::confined(root, path).ok()?;
+            return tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let f = crate::util::open_regular(&at).ok()?;
+                let mut buf = vec![0u8; c.len as usize];
+                f.read_exact_at(&mut buf, offset).ok()?;
+                keyer.matches(&c, &buf).then_some(buf)
+            })
+            .await
+            .ok()
+            .flatten();
+        }
         let buf = self
             .agent
             .op
@@ -1241,8 +1277,6 @@ impl Job {
             .await
             .ok()?
             .to_vec();
-        let keyer = self.keyer.clone();
-        let c = *c;
         tokio::task::spawn_blocking(move || keyer.matches(&c, &buf).then_some(buf))
             .await
             .ok()
@@ -1281,6 +1315,22 @@ pub(crate) fn one_shot_refusal(path: &str, size: u64, max: u64) -> Error {
         "{path} is {size} bytes; this storage takes a file in one request, held in memory, \
          and the limit is {max} bytes (CARAVAN_ONE_SHOT_MAX_BYTES)"
     ))
+}
+
+/// What a destination entry that is neither a file nor a folder is, for
+/// a refusal.
+fn kind_of(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device"
+    }
 }
 
 #[cfg(test)]
