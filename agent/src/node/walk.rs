@@ -363,6 +363,14 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
     } else {
         own
     };
+    // The published path itself unreadable: refused (exit 3) as an entry
+    // inside a folder is left out for it, not an i/o error (exit 1) later.
+    if (meta.is_dir() || meta.is_file()) && !readable(&target, &meta) {
+        return Err(Error::Rejected(format!(
+            "{path:?}: {} (its permission bits, its owner, or a folder on the way)",
+            SkipReason::Unreadable.says()
+        )));
+    }
     if meta.is_file() && !path.is_empty() {
         let (root, name) = split_file(path.trim_end_matches('/'));
         return Ok(Listing {

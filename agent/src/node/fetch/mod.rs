@@ -1603,6 +1603,9 @@ impl Agent {
         paths: impl Iterator<Item = &'p str> + Clone,
     ) -> Result<()> {
         check_outside_state(&self.opts.state_prefix, id, dest, paths.clone())?;
+        if let Some(root) = &self.opts.fs_root {
+            check_same_filesystem(root, &self.opts.state_prefix, id, dest)?;
+        }
         let info = self.op.info();
         check_fits(info.scheme(), &info.root(), id, dest, paths)
     }
@@ -1891,6 +1894,37 @@ fn check_free(
 }
 
 /// [`Agent::check_fits`] for a storage of `scheme` whose root is `root`.
+/// Refuses a destination on another filesystem than the agent's state
+/// folder (a mount point inside the storage), before anything is fetched:
+/// fetched files are written under the state folder and moved into place,
+/// and a move cannot cross filesystems (the whole share was downloaded,
+/// then every move failed with "Invalid cross-device link", at every
+/// attempt). Where either is missing, the nearest folder above it counts.
+fn check_same_filesystem(
+    root: &std::path::Path,
+    state: &str,
+    id: &ShareId,
+    dest: &str,
+) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let device = |p: &std::path::Path| {
+        p.ancestors()
+            .find_map(|a| std::fs::metadata(a).ok())
+            .map(|m| m.dev())
+    };
+    let at = local::confined(root, dest).map_err(|e| Error::Rejected(e.to_string()))?;
+    let state_at = root.join(state.trim_end_matches('/'));
+    match (device(&state_at), device(&at)) {
+        (Some(s), Some(d)) if s != d => Err(Error::Rejected(format!(
+            "share {id} cannot be fetched into {dest:?}: it is on another filesystem than the \
+             agent's state folder {state:?} (a mount point inside the storage), and fetched \
+             files are moved into place from there; fetch into a folder on the storage's own \
+             filesystem, or make the mount the agent's storage (nothing was written)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn check_fits<'p>(
     scheme: &str,
     root: &str,
@@ -2000,6 +2034,27 @@ mod tests {
         );
         assert!(fits(1001, 0).is_err());
         assert!(matches!(fits(5001, 0), Err(Error::Refused(_))));
+    }
+
+    /// Guarantee: a destination on another filesystem than the agent's
+    /// state (a mount point inside the storage) is refused before anything
+    /// is fetched, saying why (the whole share was downloaded, then every
+    /// move into place failed with EXDEV). Here the storage is `/`, its
+    /// state under /tmp, and /proc another filesystem.
+    #[test]
+    fn a_destination_on_another_filesystem_is_refused_before_fetching() {
+        use std::os::unix::fs::MetadataExt;
+        let root = std::path::Path::new("/");
+        let dev = |p: &str| std::fs::metadata(p).unwrap().dev();
+        assert_ne!(dev("/proc"), dev("/tmp"), "the test needs /proc apart");
+        let e = check_same_filesystem(root, "tmp/caravan-state/", &share(), "proc/caravan-dest/")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("another filesystem") && e.contains("nothing was written"),
+            "{e}"
+        );
+        assert!(check_same_filesystem(root, "tmp/caravan-state/", &share(), "tmp/dest/").is_ok());
     }
 
     /// Only a fetch that is transferring holds space: what it has not
