@@ -843,6 +843,37 @@ fn special_files_at_a_shares_paths_are_refused_or_replaced_never_waited_on() {
     bob.kill9();
 }
 
+/// An interrupted fetch that cannot resume at the next start (its
+/// destination became a link meanwhile) is shown by `status` as failed,
+/// with the reason (it was only in the log), and `cancel` drops it.
+#[test]
+fn an_interrupted_fetch_that_cannot_resume_is_shown_failed_and_can_be_cancelled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_alice, mut bob, _src, share) = start_big_fetch(tmp.path(), 37, |_| {});
+    wait_partly_fetched(&bob, 10);
+    bob.kill9();
+    let got = bob.data().join("got");
+    let _ = std::fs::remove_dir_all(&got);
+    std::os::unix::fs::symlink(tmp.path(), &got).unwrap();
+    bob.start();
+    let f = first_fetch(&bob);
+    assert_eq!(f["state"], "failed", "{f}");
+    assert_eq!(f["share_id"], share.as_str(), "{f}");
+    let said = f["error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("cannot resume") && said.contains("cancel"),
+        "{f}"
+    );
+    cli_ok(&["cancel", "--config", bob.cfg(), &share]);
+    assert!(
+        std::fs::read_dir(bob.data().join(".caravan/fetches"))
+            .map(|d| d.count() == 0)
+            .unwrap_or(true),
+        "the request stays"
+    );
+    bob.kill9();
+}
+
 /// A fetch the daemon cannot even start because its storage refuses to
 /// save the fetch's state (read-only credentials, an outage; here a file
 /// where the state folder goes) is a failed transfer, exit code 5 with the

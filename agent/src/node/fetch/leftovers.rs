@@ -196,11 +196,25 @@ impl Agent {
                 // One record that cannot start (a destination no longer
                 // valid, a storage error) does not keep the others, or the
                 // daemon, from starting.
+                let dest = p.request.dest.clone();
                 match self.start_fetch_since(p.request, since, Some(1)).await {
                     Ok(_) => out.resumed += 1,
                     Err(e) => {
                         self.metrics.error("fetch");
                         tracing::warn!(%path, error = %e, "cannot resume an interrupted fetch; it stays for the next start");
+                        // Shown by `status` as failed, with the reason
+                        // (it was only in the log), and `cancel` drops it.
+                        let shown = crate::node::fetch::progress::FetchProgress::new(id, dest);
+                        shown.set_state(
+                            FetchState::Failed,
+                            Some(format!(
+                                "cannot resume this interrupted fetch: {e}; it is tried again at \
+                                 the next start (`caravan-agent cancel {id}` drops it)"
+                            )),
+                        );
+                        if let Ok(mut m) = self.fetches.lock() {
+                            m.entry(id).or_insert_with(|| Arc::new(shown));
+                        }
                     }
                 }
             }
