@@ -29,8 +29,77 @@ pub const AGENT_ID_PATTERN: &str = r"^cv1(-[a-z2-7]{8}){7}$";
 
 /// Every CRD this operator serves, in the order `crdgen` writes them.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![agent_crd(), Share::crd(), TrustGrant::crd()]
+    let mut crds = vec![agent_crd(), Share::crd(), TrustGrant::crd()];
+    for crd in &mut crds {
+        for v in &mut crd.spec.versions {
+            if let Some(schema) = v
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                bound_to_rust_types(schema);
+            }
+        }
+    }
+    crds
 }
+
+/// Gives every number and time in a schema the range its Rust type holds,
+/// so the API server refuses a value the operator could not read.
+///
+/// Why: the API server takes any integer for `format: int32` and any year
+/// for `format: date-time`, and the operator reads each kind's objects as
+/// one list: a single tenant's Agent with `maxSkew: 99999999999` (or a
+/// TrustGrant expiring in the year 9999, past what the time type holds)
+/// made every list of that kind fail, and after a restart the operator
+/// managed no tenant's Agents (or grants, revocations included) until the
+/// object was deleted. Years are bounded to 2999.
+pub fn bound_to_rust_types(
+    s: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    };
+    let range = match s.format.as_deref() {
+        Some("int8") => Some((i8::MIN as f64, i8::MAX as f64)),
+        Some("int16") => Some((i16::MIN as f64, i16::MAX as f64)),
+        Some("int32") => Some((i32::MIN as f64, i32::MAX as f64)),
+        Some("uint8") => Some((0.0, u8::MAX as f64)),
+        Some("uint16") => Some((0.0, u16::MAX as f64)),
+        Some("uint32") => Some((0.0, u32::MAX as f64)),
+        _ => None,
+    };
+    if let (Some((lo, hi)), Some("integer")) = (range, s.type_.as_deref()) {
+        s.minimum = Some(s.minimum.map_or(lo, |m| m.max(lo)));
+        s.maximum = Some(s.maximum.map_or(hi, |m| m.min(hi)));
+    }
+    if s.format.as_deref() == Some("date-time") && s.pattern.is_none() {
+        s.pattern = Some(DATE_TIME_PATTERN.into());
+    }
+    let children = s
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(s.all_of.iter_mut().flatten())
+        .chain(s.any_of.iter_mut().flatten())
+        .chain(s.one_of.iter_mut().flatten())
+        .chain(s.not.as_deref_mut());
+    for c in children {
+        bound_to_rust_types(c);
+    }
+    match s.items.as_mut() {
+        Some(JSONSchemaPropsOrArray::Schema(i)) => bound_to_rust_types(i),
+        Some(JSONSchemaPropsOrArray::Schemas(v)) => v.iter_mut().for_each(bound_to_rust_types),
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(a)) = s.additional_properties.as_mut() {
+        bound_to_rust_types(a);
+    }
+}
+
+/// An RFC 3339 time from the years 0000 to 2999 (the time type holds up
+/// to 9999-12-30; a grant or a sleep is never meant past 2999).
+pub const DATE_TIME_PATTERN: &str = r"^[0-2][0-9]{3}-";
 
 /// The Agent CRD plus a root-level rule on the name: children are called
 /// `caravan-<name>` and a Service name is a DNS label of at most 63 characters.
@@ -81,6 +150,61 @@ pub(crate) fn conditions_schema(generator: &mut schemars::SchemaGenerator) -> sc
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every bounded number or time in `v` (a rendered schema), as (path,
+    /// format, minimum, maximum or pattern).
+    fn bounded(v: &serde_json::Value, path: &str, out: &mut Vec<(String, String, serde_json::Value)>) {
+        if let Some(f) = v.get("format").and_then(|f| f.as_str()) {
+            let bound = match f {
+                "date-time" => v.get("pattern").cloned().unwrap_or_default(),
+                _ => serde_json::json!([v.get("minimum"), v.get("maximum")]),
+            };
+            out.push((path.to_string(), f.to_string(), bound));
+        }
+        if let Some(o) = v.as_object() {
+            for (k, c) in o {
+                bounded(c, &format!("{path}.{k}"), out);
+            }
+        }
+        if let Some(a) = v.as_array() {
+            for c in a {
+                bounded(c, path, out);
+            }
+        }
+    }
+
+    /// Guarantee: the API server refuses any number or time in a Caravan
+    /// resource that the operator could not read into its Rust types (one
+    /// such object made every list of its kind fail, so the operator
+    /// managed no tenant's resources of that kind after a restart).
+    #[test]
+    fn every_number_and_time_is_bounded_to_what_the_operator_reads() {
+        let mut found = Vec::new();
+        for crd in all() {
+            bounded(&serde_json::to_value(&crd).unwrap(), crd.spec.names.kind.as_str(), &mut found);
+        }
+        let int32 = serde_json::json!([i32::MIN as f64, i32::MAX as f64]);
+        for (path, format, bound) in &found {
+            match format.as_str() {
+                "int32" => assert_eq!(bound, &int32, "{path}"),
+                "date-time" => assert_eq!(bound, DATE_TIME_PATTERN, "{path}"),
+                "uint8" | "uint16" | "uint32" => {
+                    assert!(bound[0].as_f64() == Some(0.0) && bound[1].is_number(), "{path}")
+                }
+                _ => {}
+            }
+        }
+        assert!(found.iter().any(|(p, _, _)| p.contains("maxSkew")), "{found:?}");
+        // The largest time the pattern lets through is one the operator reads.
+        let grant: TrustGrantSpec = serde_json::from_value(serde_json::json!({
+            "issuer": "alice",
+            "subject": "cv1-aaaaaaaa-aaaaaaaa-aaaaaaaa-aaaaaaaa-aaaaaaaa-aaaaaaaa-aaaaaaaa",
+            "expires": "2999-12-31T23:59:59Z"
+        }))
+        .unwrap();
+        assert!(grant.expires.is_some());
+        assert!(!"9999-12-31T23:59:59Z".starts_with(|c: char| ('0'..='2').contains(&c)));
+    }
 
     #[test]
     fn crds_have_status_short_names_and_columns() {
