@@ -153,7 +153,11 @@ mod tests {
 
     /// Every bounded number or time in `v` (a rendered schema), as (path,
     /// format, minimum, maximum or pattern).
-    fn bounded(v: &serde_json::Value, path: &str, out: &mut Vec<(String, String, serde_json::Value)>) {
+    fn bounded(
+        v: &serde_json::Value,
+        path: &str,
+        out: &mut Vec<(String, String, serde_json::Value)>,
+    ) {
         if let Some(f) = v.get("format").and_then(|f| f.as_str()) {
             let bound = match f {
                 "date-time" => v.get("pattern").cloned().unwrap_or_default(),
@@ -181,7 +185,11 @@ mod tests {
     fn every_number_and_time_is_bounded_to_what_the_operator_reads() {
         let mut found = Vec::new();
         for crd in all() {
-            bounded(&serde_json::to_value(&crd).unwrap(), crd.spec.names.kind.as_str(), &mut found);
+            bounded(
+                &serde_json::to_value(&crd).unwrap(),
+                crd.spec.names.kind.as_str(),
+                &mut found,
+            );
         }
         let int32 = serde_json::json!([i32::MIN as f64, i32::MAX as f64]);
         for (path, format, bound) in &found {
@@ -189,12 +197,18 @@ mod tests {
                 "int32" => assert_eq!(bound, &int32, "{path}"),
                 "date-time" => assert_eq!(bound, DATE_TIME_PATTERN, "{path}"),
                 "uint8" | "uint16" | "uint32" => {
-                    assert!(bound[0].as_f64() == Some(0.0) && bound[1].is_number(), "{path}")
+                    assert!(
+                        bound[0].as_f64() == Some(0.0) && bound[1].is_number(),
+                        "{path}"
+                    )
                 }
                 _ => {}
             }
         }
-        assert!(found.iter().any(|(p, _, _)| p.contains("maxSkew")), "{found:?}");
+        assert!(
+            found.iter().any(|(p, _, _)| p.contains("maxSkew")),
+            "{found:?}"
+        );
         // The largest time the pattern lets through is one the operator reads.
         let grant: TrustGrantSpec = serde_json::from_value(serde_json::json!({
             "issuer": "alice",

@@ -426,6 +426,13 @@ pub async fn cleanup(share: &Share, ctx: &Context) -> Result<Action, Error> {
             Ok(Action::await_change())
         }
         Lookup::Missing => Ok(Action::await_change()),
+        // Never declared on any Agent (a declaration records its Agent in
+        // the status, and none is recorded): nothing to stop, so the
+        // deletion does not wait for an Agent that may never be Ready.
+        Lookup::NotReady(_) | Lookup::Sleeping(_) if !plan::ever_declared(share) => {
+            tracing::info!(share = %name, namespace = %ns, "never declared; nothing to stop");
+            Ok(Action::await_change())
+        }
         Lookup::NotReady(m) | Lookup::Sleeping(m) => Err(Error::CleanupPending(format!(
             "{m}; the share is released once the Agent is Ready (or deleted)"
         ))),

@@ -313,6 +313,16 @@ pub fn check_holder(share: &crate::crd::Share) -> Result<(), ShareInputError> {
     Ok(())
 }
 
+/// Whether the Share may have been declared on an Agent: its holder is
+/// recorded before the first declaration (`status.agent`), and a Share an
+/// older operator declared shows a share id, publisher or version. One
+/// with none of them was never declared: deleting it has nothing to stop.
+pub fn ever_declared(share: &crate::crd::Share) -> bool {
+    share.status.as_ref().is_some_and(|s| {
+        s.agent.is_some() || s.share_id.is_some() || s.publisher.is_some() || s.version.is_some()
+    })
+}
+
 /// The agent id publishing a publish Share whose holder was never recorded
 /// (declared by an operator before `status.agent` existed):
 /// `status.publisher`, which for a publish Share is its own agent's id.
@@ -409,7 +419,14 @@ pub fn compute(
         ),
         Observation::AgentRefused(m) => (Summary::Degraded, "AgentRefused".to_string(), bounded(m)),
         Observation::Reported(r) | Observation::PublisherAsleep(r, _) => {
-            st.share_id = r.share_id.clone().map(|s| bounded(&s)).or(st.share_id);
+            // Another share now (the spec names another, or the Share
+            // turned from publishing to subscribing): the version held was
+            // the other share's, not this one's.
+            let reported = r.share_id.clone().map(|s| bounded(&s));
+            if reported.is_some() && reported != st.share_id {
+                st.version = None;
+            }
+            st.share_id = reported.or(st.share_id);
             st.publisher = r.publisher.clone().map(|s| bounded(&s)).or(st.publisher);
             if r.version > 0 {
                 st.version = Some(r.version);
@@ -693,6 +710,31 @@ mod tests {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
     }
 
+    /// A Share with no holder recorded and nothing reported was never
+    /// declared: its deletion does not wait for its Agent (it hung in
+    /// Terminating while the Agent was never Ready).
+    #[test]
+    fn a_share_never_declared_has_nothing_to_stop() {
+        let mut share = crate::crd::Share::new(
+            "p2",
+            serde_json::from_value(serde_json::json!({
+                "agent": "down",
+                "publish": {"path": "docs", "recipients": {"trustedWithinDepth": 1}}
+            }))
+            .unwrap(),
+        );
+        assert!(!ever_declared(&share));
+        share.status = Some(ShareStatus::default());
+        assert!(!ever_declared(&share));
+        share.status.as_mut().unwrap().agent = Some("down".into());
+        assert!(ever_declared(&share));
+        share.status = Some(ShareStatus {
+            version: Some(1),
+            ..Default::default()
+        });
+        assert!(ever_declared(&share));
+    }
+
     #[test]
     fn status_follows_the_agent_report() {
         let r = reported(DeclaredState::Ready);
@@ -729,6 +771,19 @@ mod tests {
         assert_eq!(d.phase, Some(SharePhase::Degraded));
         assert_eq!(cond(&d, "Degraded").reason, "TrustRevoked");
         assert_eq!(d.version, Some(2), "the version held stays visible");
+        // Another share (the spec now names another): not its version.
+        let mut other = reported(DeclaredState::Failed);
+        other.share_id = Some("sh1-other".into());
+        other.version = 0;
+        let o = compute(
+            Some(&d),
+            Some(2),
+            Some(Mode::Subscribe),
+            &Observation::Reported(&other),
+            t(11),
+        );
+        assert_eq!(o.share_id.as_deref(), Some("sh1-other"));
+        assert_eq!(o.version, None, "another share's version was kept");
 
         f.reason = Some("<script>".into());
         let d = compute(
