@@ -141,6 +141,16 @@ fn declared_shares_and_grants_converge_follow_and_prune() {
     assert_eq!(g1["published"], true, "{g1}");
     let (_, g2) = admin(&alice, "PUT", "/v1/declared/grants/g-1", Some(&g));
     assert_eq!(g1["grant_id"], g2["grant_id"], "idempotent grant");
+    // A second declared grant to the same agent is refused, naming the
+    // first (one grant per issuer and subject is in effect: it replaced
+    // the first, and deleting either revoked both); deleting the refused
+    // one revokes nothing.
+    let (code, dup) = admin(&alice, "PUT", "/v1/declared/grants/g-dup", Some(&g));
+    assert_eq!(code, 400, "{dup}");
+    assert!(dup.to_string().contains("g-1"), "{dup}");
+    let (code, r) = admin(&alice, "DELETE", "/v1/declared/grants/g-dup", None);
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["revoked"], json!([]), "{r}");
 
     // Publish to trusted agents and to dave explicitly; declared twice.
     let spec = json!({"generation": 1, "publish": {"path": "photos", "recipients": [dave.id],

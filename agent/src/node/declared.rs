@@ -800,6 +800,30 @@ impl Declarations {
             }
             return Ok(self.grant_status(&o, &spec));
         }
+        // One grant per issuer and subject is in effect (signing a second
+        // replaces the first): a second declared grant for the same subject
+        // is refused, naming the one in effect. Before, both showed as
+        // published, and deleting either revoked the other's grant too.
+        let dir = format!("{}declared/grants/", self.agent.opts.state_prefix);
+        let others =
+            crate::node::state::read_each(&self.agent.op, &dir, ".json", "declared grant", |b| {
+                serde_json::from_slice::<SavedGrant>(b)
+            })
+            .await?;
+        if let Some((other, _)) = others
+            .iter()
+            .find(|(p, g)| *p != path && !g.revoked && g.spec.subject == spec.subject)
+        {
+            let other = other
+                .strip_prefix(&dir)
+                .and_then(|n| n.strip_suffix(".json"))
+                .unwrap_or(other);
+            return Err(Error::Rejected(format!(
+                "another declared grant ({other}) already trusts agent {}: an issuer has one \
+                 grant per subject in effect; change that one, or delete it first",
+                spec.subject
+            )));
+        }
         if let Some(o) = &old
             && !o.revoked
         {

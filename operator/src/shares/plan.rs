@@ -394,6 +394,12 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Degraded reasons that say the publisher refused this subscriber.
+const REFUSALS: &[&str] = &[
+    caravan_agent::declare::reasons::NOT_A_RECIPIENT,
+    caravan_agent::declare::reasons::TRUST_REVOKED,
+];
+
 /// The whole desired status.
 pub fn compute(
     previous: Option<&ShareStatus>,
@@ -504,6 +510,35 @@ pub fn compute(
             ),
         ),
         _ => (summary, reason, message),
+    };
+    // A subscription the publisher refused stays refused while the
+    // publisher cannot be reached (asleep, scaled to zero): "unreachable"
+    // is a reason to wake the publisher, and a subscriber the publisher
+    // refuses (any tenant may name any share) woke it again and again,
+    // every half minute, for nothing. Cleared by any answer of the
+    // publisher (a fetch, another refusal) or a change of the Share.
+    let refused_before = prev_conds.iter().find(|c| {
+        c.type_ == crate::status::DEGRADED
+            && c.status == "True"
+            && REFUSALS.contains(&c.reason.as_str())
+    });
+    let (reason, message) = match refused_before {
+        Some(c)
+            if summary == Summary::Degraded
+                && reason == caravan_agent::declare::reasons::PUBLISHER_UNREACHABLE
+                && previous.is_some_and(|p| p.observed_generation == generation) =>
+        {
+            let first = c
+                .message
+                .split(" (the publisher was unreachable")
+                .next()
+                .unwrap_or("");
+            (
+                c.reason.clone(),
+                format!("{first} (the publisher was unreachable at the last try)"),
+            )
+        }
+        _ => (reason, message),
     };
     st.conditions = conditions::triple(prev_conds, summary, &reason, &message, generation, now);
     st.phase = Some(match (summary, obs) {
@@ -771,6 +806,56 @@ mod tests {
         assert_eq!(d.phase, Some(SharePhase::Degraded));
         assert_eq!(cond(&d, "Degraded").reason, "TrustRevoked");
         assert_eq!(d.version, Some(2), "the version held stays visible");
+        // Refused by the publisher, then the publisher unreachable
+        // (asleep): still refused (an unreachable publisher is woken for
+        // its subscribers, and a refused one woke it every half minute).
+        let mut refused = reported(DeclaredState::Failed);
+        refused.reason = Some("NotARecipient".into());
+        refused.message = Some("not a recipient".into());
+        let r1 = compute(
+            Some(&d),
+            Some(1),
+            Some(Mode::Subscribe),
+            &Observation::Reported(&refused),
+            t(12),
+        );
+        let mut gone = reported(DeclaredState::Failed);
+        gone.reason = Some("PublisherUnreachable".into());
+        gone.message = Some("offline".into());
+        let r2 = compute(
+            Some(&r1),
+            Some(1),
+            Some(Mode::Subscribe),
+            &Observation::Reported(&gone),
+            t(13),
+        );
+        assert_eq!(cond(&r2, "Degraded").reason, "NotARecipient", "{r2:?}");
+        assert!(
+            cond(&r2, "Degraded")
+                .message
+                .starts_with("not a recipient (the publisher was unreachable")
+        );
+        let r3 = compute(
+            Some(&r2),
+            Some(1),
+            Some(Mode::Subscribe),
+            &Observation::Reported(&gone),
+            t(14),
+        );
+        assert_eq!(
+            cond(&r3, "Degraded").message,
+            cond(&r2, "Degraded").message,
+            "no growing message"
+        );
+        // A changed Share starts afresh.
+        let r4 = compute(
+            Some(&r2),
+            Some(2),
+            Some(Mode::Subscribe),
+            &Observation::Reported(&gone),
+            t(15),
+        );
+        assert_eq!(cond(&r4, "Degraded").reason, "PublisherUnreachable");
         // Another share (the spec now names another): not its version.
         let mut other = reported(DeclaredState::Failed);
         other.share_id = Some("sh1-other".into());
