@@ -57,7 +57,10 @@ pub struct TrustGrantSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 8))]
     pub depth: u8,
-    /// What the grant covers; `all` or a share id.
+    /// What the grant covers. `all` (the default) lets the subject fetch
+    /// every share published for agents trusted within some depth. Any
+    /// other value is signed as given and lets the subject fetch nothing:
+    /// shares carry no scope (a scope is for other uses of the trust web).
     #[serde(default = "default_scope")]
     #[schemars(length(min = 1, max = 128))]
     pub scope: String,

@@ -66,7 +66,7 @@ pub fn declared(spec: &TrustGrantSpec, now: u64) -> Result<DeclaredGrant, GrantI
             .any(|c| c.is_control() || c.is_whitespace())
     {
         return Err(GrantInputError::InvalidSpec(
-            "spec.scope must be `all` or a share id (1–128 characters, no spaces)".into(),
+            "spec.scope must be `all` or a scope name (1–128 characters, no spaces; only `all` lets the subject fetch shares)".into(),
         ));
     }
     let not_after = match &spec.expires {
