@@ -808,7 +808,7 @@ fn special_files_at_a_shares_paths_are_refused_or_replaced_never_waited_on() {
     }
     alice.start();
     bob.start();
-    let (_, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
+    let (share, tickets) = publish(&alice, "docs", &[&bob.id], &[]);
     let outside = tmp.path().join("precious");
     std::fs::write(&outside, b"precious").unwrap();
     let link_dest = bob.data().join("sl");
@@ -830,6 +830,11 @@ fn special_files_at_a_shares_paths_are_refused_or_replaced_never_waited_on() {
         );
     }
     assert_eq!(std::fs::read(&outside).unwrap(), b"precious");
+    // The refused fetch is listed as failed until cancelled (`cancel`
+    // said "no unfinished fetch" while `status` listed it).
+    assert_eq!(first_fetch(&bob)["state"], "failed");
+    cli_ok(&["cancel", "--config", bob.cfg(), &share]);
+    assert!(first_fetch(&bob).is_null(), "{}", first_fetch(&bob));
     // A FIFO where a fetched file was: the same version fetched again
     // completes (bounded: the open used to wait for ever).
     assert_eq!(fetch(&bob, &tickets[0], "ok", &[])["state"], "done");

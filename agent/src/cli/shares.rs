@@ -295,6 +295,13 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     0 => String::new(),
                     n => format!(", {} from peers", human::rate(n, last.seconds)),
                 };
+                // A chunk downloaded while following a publish pass and
+                // then verified again from its part file (the pass was cut
+                // off, the signed manifest followed) is one download, not
+                // also a reuse: the two never add up past the share.
+                let reused = last
+                    .chunks_reused
+                    .min(last.chunks_total.saturating_sub(last.chunks_fetched));
                 out!(
                     "fetched share {} version {} into {:?}: {} files, {} ({} chunks downloaded, {} reused locally) in {:.2}s{rate}",
                     last.share_id,
@@ -303,7 +310,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     last.files_total,
                     human::bytes(last.bytes_total),
                     last.chunks_fetched,
-                    last.chunks_reused,
+                    reused,
                     last.seconds,
                 );
             }

@@ -100,6 +100,19 @@ impl Agent {
         }
         let pending = state::fetch_file(&self.opts.state_prefix, id);
         if !self.op.exists(&pending).await.unwrap_or(false) {
+            // A failed fetch with no request kept (refused for cause: too
+            // big for the storage, a file of the user's in the way) is
+            // still listed by `status`: cancelling it clears that entry.
+            let failed = self.fetches.lock().ok().and_then(|mut m| {
+                m.get(id)
+                    .is_some_and(|p| p.snapshot().state == FetchState::Failed)
+                    .then(|| m.remove(id))
+                    .flatten()
+            });
+            if failed.is_some() {
+                tracing::info!(share = %id, "failed fetch cleared");
+                return Ok(());
+            }
             return Err(Error::NotFound(format!(
                 "no unfinished fetch of share {id} here"
             )));
