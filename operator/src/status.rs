@@ -117,6 +117,22 @@ pub fn pod_trouble(pods: &[Pod]) -> Option<String> {
         .collect();
     live.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
     let s = live.first()?.status.as_ref()?;
+    // A pod that cannot be scheduled for a volume claim that does not exist
+    // (`spec.storage.dataVolume.claimName`) waits for ever: said, where the
+    // Agent only showed "waiting for the agent pod to become ready". Other
+    // unschedulable pods (room on the nodes) may be helped by an autoscaler.
+    if let Some(c) = s.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled"
+            && c.status == "False"
+            && c.message
+                .as_deref()
+                .is_some_and(|m| m.contains("persistentvolumeclaim"))
+    }) {
+        return Some(format!(
+            "the agent pod cannot be scheduled: {}",
+            excerpt(c.message.as_deref().unwrap_or(""))
+        ));
+    }
     s.init_container_statuses
         .iter()
         .flatten()
@@ -643,6 +659,23 @@ mod tests {
             .unwrap()
             .reason = Some("ContainerCreating".into());
         assert_eq!(pod_trouble(&[pod(0, starting.clone())]), None);
+        // A claim that does not exist: the pod is never scheduled.
+        let mut unscheduled = pod(0, starting.clone());
+        unscheduled.status.as_mut().unwrap().conditions =
+            Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some(
+                    "0/1 nodes are available: 1 persistentvolumeclaim \"nope\" not found.".into(),
+                ),
+                ..Default::default()
+            }]);
+        let m = pod_trouble(&[unscheduled]).unwrap();
+        assert!(
+            m.contains("cannot be scheduled") && m.contains("\"nope\" not found"),
+            "{m}"
+        );
         let mut recovered = crashed(1, 1, "Error", "error: gone");
         recovered.state = Some(k8s_openapi::api::core::v1::ContainerState {
             running: Some(Default::default()),
