@@ -445,7 +445,7 @@ impl Agent {
             entries,
         };
         manifest.validate()?;
-        let record = manifest.seal(&self.key, key)?.to_bytes();
+        let record = manifest.seal(&self.key, key)?.into_bytes();
         let files_n = manifest.files().count() as u64;
         let bytes = manifest.total_bytes();
         let chunks = manifest.total_chunks();

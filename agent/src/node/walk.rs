@@ -335,6 +335,14 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
                 "nothing to publish at {path:?} in the agent's storage (paths are taken from the storage's root)"
             )));
         }
+        // A folder on the way the agent may not enter: refused (exit 3)
+        // like the path itself unreadable, not an i/o error (exit 1).
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Error::Rejected(format!(
+                "{path:?}: {} (its permission bits, its owner, or a folder on the way)",
+                SkipReason::Unreadable.says()
+            )));
+        }
         Err(e) => return Err(e).context(|| format!("publishing {path:?}")),
     };
     // The published path may be a link, or pass through one: followed only

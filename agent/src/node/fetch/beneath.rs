@@ -365,9 +365,9 @@ pub(crate) fn remove_empty_dirs<'a>(
 }
 
 /// Sets modes (storage path, mode) under `root`; returns the failures.
-pub(crate) fn set_modes<'a>(
+pub(crate) fn set_modes<P: AsRef<str>>(
     root: &Path,
-    modes: impl Iterator<Item = (&'a str, u32)>,
+    modes: impl Iterator<Item = (P, u32)>,
 ) -> Vec<(String, io::Error)> {
     let r = match imp::Root::open(root) {
         Ok(r) => r,
@@ -375,6 +375,7 @@ pub(crate) fn set_modes<'a>(
     };
     let mut failed = Vec::new();
     for (rel, mode) in modes {
+        let rel = rel.as_ref();
         let done = match &r {
             Some(r) => r.set_mode(rel, mode),
             None => set_mode_by_path(root, rel, mode),

@@ -137,23 +137,56 @@ impl Shared {
 
 /// Opens `path` for writing (truncated when `offset` is 0), with
 /// `O_DIRECT` when `direct` and the filesystem accepts it; tells which.
+///
+/// Only a regular file is written: the open neither follows a link nor
+/// waits on a FIFO (`O_NOFOLLOW | O_NONBLOCK`), and what it opened is
+/// checked. Part files live in the agent's state folder, but anyone who
+/// can write the storage can put a link there (the resumed fetch wrote
+/// through it, outside the storage) or a FIFO (the open blocked the
+/// fetch, `cancel` and the daemon's shutdown). A file started afresh
+/// (`offset` 0) replaces such an entry; one resumed refuses it.
 fn open_for_writing(path: &Path, offset: u64, direct: bool) -> io::Result<(File, bool)> {
-    let open = |flags: i32| {
+    match open_regular_for_writing(path, offset, direct) {
+        Err(e) if offset == 0 && not_a_regular_file(&e) => {
+            std::fs::remove_file(path)?;
+            open_regular_for_writing(path, offset, direct)
+        }
+        r => r,
+    }
+}
+
+fn open_regular_for_writing(path: &Path, offset: u64, direct: bool) -> io::Result<(File, bool)> {
+    use rustix::fs::OFlags;
+    let open = |flags: OFlags| {
         OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(offset == 0)
-            .custom_flags(flags)
+            .custom_flags((flags | OFlags::NOFOLLOW | OFlags::NONBLOCK).bits() as i32)
             .open(path)
     };
-    if direct {
-        match open(rustix::fs::OFlags::DIRECT.bits() as i32) {
-            Ok(f) => return Ok((f, true)),
-            Err(e) if is_einval(&e) => {}
-            Err(e) => return Err(e),
-        }
+    let (file, direct) = match direct.then(|| open(OFlags::DIRECT)) {
+        Some(Ok(f)) => (f, true),
+        Some(Err(e)) if !is_einval(&e) => return Err(e),
+        _ => (open(OFlags::empty())?, false),
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ));
     }
-    Ok((open(0)?, false))
+    Ok((file, direct))
+}
+
+/// A link (`ELOOP` under `O_NOFOLLOW`), a FIFO without a reader (`ENXIO`
+/// under `O_NONBLOCK`), or anything else not a regular file.
+fn not_a_regular_file(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    e.kind() == io::ErrorKind::InvalidInput
+        || [Errno::LOOP, Errno::NXIO]
+            .iter()
+            .any(|n| e.raw_os_error() == Some(n.raw_os_error()))
 }
 
 fn is_einval(e: &io::Error) -> bool {
@@ -464,6 +497,45 @@ mod tests {
         (0..n)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
             .collect()
+    }
+
+    /// Guarantee: a part file is never written through a link nor waited
+    /// on as a FIFO (anyone who can write the storage can put either in
+    /// the state folder): started afresh, the entry is replaced by a
+    /// regular file and the link's target is untouched; resumed, it is
+    /// refused. (A resumed fetch wrote 130 MiB through such a link, outside
+    /// the storage; a FIFO hung it, `cancel` and the daemon's shutdown.)
+    #[test]
+    fn a_part_file_is_never_written_through_a_link_or_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, b"keep me").unwrap();
+        let part = dir.path().join("part");
+        std::os::unix::fs::symlink(&outside, &part).unwrap();
+        assert!(
+            open_for_writing(&part, 4096, true).is_err(),
+            "a resume through a link"
+        );
+        let (f, _) = open_for_writing(&part, 0, true).unwrap();
+        drop(f);
+        assert!(std::fs::symlink_metadata(&part).unwrap().is_file());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+        std::fs::remove_file(&part).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &part,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(
+            open_for_writing(&part, 4096, false).is_err(),
+            "a resume of a FIFO"
+        );
+        let (f, _) = open_for_writing(&part, 0, false).unwrap();
+        drop(f);
+        assert!(std::fs::symlink_metadata(&part).unwrap().is_file());
     }
 
     #[test]

@@ -1604,7 +1604,10 @@ impl Agent {
     ) -> Result<()> {
         check_outside_state(&self.opts.state_prefix, id, dest, paths.clone())?;
         if let Some(root) = &self.opts.fs_root {
-            check_same_filesystem(root, &self.opts.state_prefix, id, dest)?;
+            let dirs = paths
+                .clone()
+                .filter_map(|p| p.rsplit_once('/').map(|(d, _)| d));
+            check_same_filesystem(root, &self.opts.state_prefix, id, dest, dirs)?;
         }
         let info = self.op.info();
         check_fits(info.scheme(), &info.root(), id, dest, paths)
@@ -1664,21 +1667,19 @@ impl Agent {
     /// place). A failure is logged, never fatal: the bytes are what matter.
     fn apply_modes(&self, dest: &str, manifest: &Manifest) {
         if let Some(root) = &self.opts.fs_root {
-            let modes: Vec<(String, u32)> = manifest
-                .entries
-                .iter()
-                .map(|e| {
-                    // Mode 0 is a file closed to everyone (object stores
-                    // list 0o644/0o755), not "unknown": it stays closed but
-                    // to the agent's user.
-                    let mode = match e.kind {
-                        EntryKind::Dir => (e.mode & 0o775) | 0o700,
-                        EntryKind::File { .. } => (e.mode & 0o775) | 0o400,
-                    };
-                    (format!("{dest}{}", e.path), mode)
-                })
-                .collect();
-            let failed = beneath::set_modes(root, modes.iter().map(|(p, m)| (p.as_str(), *m)));
+            // One path at a time (a list of every path, made up front,
+            // was part of a many-file recipient's peak).
+            let modes = manifest.entries.iter().map(|e| {
+                // Mode 0 is a file closed to everyone (object stores list
+                // 0o644/0o755), not "unknown": it stays closed but to the
+                // agent's user.
+                let mode = match e.kind {
+                    EntryKind::Dir => (e.mode & 0o775) | 0o700,
+                    EntryKind::File { .. } => (e.mode & 0o775) | 0o400,
+                };
+                (format!("{dest}{}", e.path), mode)
+            });
+            let failed = beneath::set_modes(root, modes);
             // The first few named, the rest counted (a folder moved aside
             // meanwhile fails thousands the same way).
             for (path, err) in failed.iter().take(5) {
@@ -1894,35 +1895,71 @@ fn check_free(
 }
 
 /// [`Agent::check_fits`] for a storage of `scheme` whose root is `root`.
-/// Refuses a destination on another filesystem than the agent's state
-/// folder (a mount point inside the storage), before anything is fetched:
-/// fetched files are written under the state folder and moved into place,
-/// and a move cannot cross filesystems (the whole share was downloaded,
-/// then every move failed with "Invalid cross-device link", at every
-/// attempt). Where either is missing, the nearest folder above it counts.
-fn check_same_filesystem(
+/// Refuses a destination on another mount than the agent's state folder
+/// (a mount point inside the storage, at the destination or at one of the
+/// share's folders already there), before anything is fetched: fetched
+/// files are written under the state folder and moved into place, and a
+/// move cannot cross mounts, even two of one filesystem (a bind mount).
+/// The whole share was downloaded, then every move failed with "Invalid
+/// cross-device link", at every attempt. Where a path is missing, the
+/// nearest folder above it counts; mounts are told apart by their mount id
+/// (Linux 5.8), else by their device.
+fn check_same_filesystem<'d>(
     root: &std::path::Path,
     state: &str,
     id: &ShareId,
     dest: &str,
+    dirs: impl Iterator<Item = &'d str>,
 ) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let device = |p: &std::path::Path| {
-        p.ancestors()
-            .find_map(|a| std::fs::metadata(a).ok())
-            .map(|m| m.dev())
+    let mount = |p: &std::path::Path| -> Option<(u64, u64)> {
+        let m = std::fs::metadata(p).ok()?;
+        let mnt = rustix::fs::statx(
+            rustix::fs::CWD,
+            p,
+            rustix::fs::AtFlags::empty(),
+            rustix::fs::StatxFlags::MNT_ID,
+        )
+        .ok()
+        .filter(|x| x.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0)
+        .map_or(0, |x| x.stx_mnt_id);
+        Some((m.dev(), mnt))
+    };
+    let nearest = |p: &std::path::Path| p.ancestors().find_map(&mount);
+    let state_at = root.join(state.trim_end_matches('/'));
+    let Some(home) = nearest(&state_at) else {
+        return Ok(());
+    };
+    let refuse = |at: &str| {
+        Error::Rejected(format!(
+            "share {id} cannot be fetched into {dest:?}: {at:?} is on another filesystem or \
+             mount than the agent's state folder {state:?} (a mount point inside the \
+             storage), and fetched files are moved into place from there; fetch into a \
+             folder on the storage's own mount, or make the mount the agent's storage \
+             (nothing was written)"
+        ))
     };
     let at = local::confined(root, dest).map_err(|e| Error::Rejected(e.to_string()))?;
-    let state_at = root.join(state.trim_end_matches('/'));
-    match (device(&state_at), device(&at)) {
-        (Some(s), Some(d)) if s != d => Err(Error::Rejected(format!(
-            "share {id} cannot be fetched into {dest:?}: it is on another filesystem than the \
-             agent's state folder {state:?} (a mount point inside the storage), and fetched \
-             files are moved into place from there; fetch into a folder on the storage's own \
-             filesystem, or make the mount the agent's storage (nothing was written)"
-        ))),
-        _ => Ok(()),
+    if nearest(&at).is_some_and(|m| m != home) {
+        return Err(refuse(dest));
     }
+    // Each folder once (the paths come sorted: a folder's files are
+    // together), a new one by the nearest folder above it.
+    let mut last = None;
+    for d in dirs {
+        if last == Some(d) {
+            continue;
+        }
+        last = Some(d);
+        let rel = format!("{dest}{d}");
+        let Ok(p) = local::confined(root, &rel) else {
+            continue;
+        };
+        if nearest(&p).is_some_and(|m| m != home) {
+            return Err(refuse(&rel));
+        }
+    }
+    Ok(())
 }
 
 fn check_fits<'p>(
@@ -2047,14 +2084,24 @@ mod tests {
         let root = std::path::Path::new("/");
         let dev = |p: &str| std::fs::metadata(p).unwrap().dev();
         assert_ne!(dev("/proc"), dev("/tmp"), "the test needs /proc apart");
-        let e = check_same_filesystem(root, "tmp/caravan-state/", &share(), "proc/caravan-dest/")
+        let none = || std::iter::empty();
+        let e = check_same_filesystem(root, "tmp/caravan-state/", &share(), "proc/x/", none())
             .unwrap_err()
             .to_string();
         assert!(
             e.contains("another filesystem") && e.contains("nothing was written"),
             "{e}"
         );
-        assert!(check_same_filesystem(root, "tmp/caravan-state/", &share(), "tmp/dest/").is_ok());
+        assert!(
+            check_same_filesystem(root, "tmp/caravan-state/", &share(), "tmp/d/", none()).is_ok()
+        );
+        // A mount at one of the share's folders already in the destination
+        // (the storage `/`, the destination its top, the share's folder `proc`).
+        let dirs = ["proc"].into_iter();
+        let e = check_same_filesystem(root, "tmp/caravan-state/", &share(), "", dirs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"proc\""), "{e}");
     }
 
     /// Only a fetch that is transferring holds space: what it has not
