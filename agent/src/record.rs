@@ -101,13 +101,13 @@ pub struct SignedRecord {
 /// place, and the start then cut off (see [`SignedRecord::seal_owned`]).
 /// A manifest of 100,000 files is 17 MB: each copy less is that much
 /// less at the peak of a publish or a fetch.
-fn signing_prefix(kind: Kind, signer: &AgentId, body_len: usize) -> Vec<u8> {
-    // Room for the body, and for the wire form's header and signature
-    // ([`SignedRecord::into_bytes`] turns the body into it in place): the
-    // buffer never grows, so it is never copied nor held twice.
-    const PREFIX_MAX: usize = 128;
-    let mut m = Vec::with_capacity(PREFIX_MAX + body_len + HEADER_LEN + SIG_LEN);
-    m.extend_from_slice(b"caravan signed record\0");
+fn signing_prefix(kind: Kind, signer: &AgentId, body_len: usize, spare: usize) -> Vec<u8> {
+    const START: &[u8] = b"caravan signed record\0";
+    let prefix = START.len() + kind.tag().len() + 2 + signer.0.len() + 8;
+    // Room for the body and `spare` bytes more: the buffer never grows, so
+    // it is never copied nor held twice.
+    let mut m = Vec::with_capacity(prefix + body_len + spare);
+    m.extend_from_slice(START);
     m.extend_from_slice(kind.tag().as_bytes());
     m.push(0);
     m.push(FORMAT_VERSION);
@@ -118,7 +118,7 @@ fn signing_prefix(kind: Kind, signer: &AgentId, body_len: usize) -> Vec<u8> {
 
 /// The signed message of a body (prefix and body in one buffer).
 fn signing_message(kind: Kind, signer: &AgentId, body: &[u8]) -> Vec<u8> {
-    let mut m = signing_prefix(kind, signer, body.len());
+    let mut m = signing_prefix(kind, signer, body.len(), 0);
     m.extend_from_slice(body);
     m
 }
@@ -180,7 +180,10 @@ impl SignedRecord {
                 T::KIND.max_body()
             )));
         }
-        let prefix = signing_prefix(T::KIND, &key.agent_id(), n);
+        // Room for the signature too: with the prefix cut off, the body's
+        // buffer holds the wire form's header and signature
+        // ([`SignedRecord::into_bytes`] makes it in place).
+        let prefix = signing_prefix(T::KIND, &key.agent_id(), n, SIG_LEN);
         let start = prefix.len();
         let message =
             postcard::to_extend(value, prefix).map_err(|e| Error::Record(e.to_string()))?;
@@ -266,6 +269,11 @@ impl SignedRecord {
         let mut body = signing_message(kind, &signer, &bytes[HEADER_LEN..HEADER_LEN + len]);
         signer.verify(&body, &signature)?;
         body.drain(..body.len() - len);
+        // A small record is kept exactly sized (a repository holds many);
+        // a big one (a manifest) is not copied again for the slack.
+        if len < 64 << 10 {
+            body.shrink_to_fit();
+        }
         Ok(SignedRecord {
             kind,
             signer,
@@ -355,10 +363,13 @@ mod tests {
                 s: "x".repeat(n),
             };
             let rec = SignedRecord::seal(&key, &v).unwrap();
+            // Room for the wire form in the body's own buffer.
+            assert!(rec.body.capacity() >= rec.body.len() + HEADER_LEN + SIG_LEN);
             let wire = rec.to_bytes();
             assert_eq!(rec.clone().into_bytes(), wire);
             let back = SignedRecord::from_bytes(&wire).unwrap();
             assert_eq!(back, rec);
+            assert_eq!(back.body.capacity(), back.body.len(), "kept exactly sized");
             assert_eq!(back.open::<Demo>().unwrap(), v);
             assert_eq!(
                 SignedRecord::seal_owned(&key, v).unwrap().into_bytes(),
