@@ -149,20 +149,32 @@ pub fn open_regular(path: &std::path::Path) -> std::io::Result<std::fs::File> {
     if t.is_file() {
         return Ok(f);
     }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {}, not a regular file",
+            path.display(),
+            file_type_said(t)
+        ),
+    ))
+}
+
+/// A file type in words, for refusals ("a FIFO (named pipe)").
+pub fn file_type_said(t: std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
-    let what = if t.is_dir() {
+    if t.is_file() {
+        "a file"
+    } else if t.is_dir() {
         "a folder"
+    } else if t.is_symlink() {
+        "a symbolic link"
     } else if t.is_fifo() {
         "a FIFO (named pipe)"
     } else if t.is_socket() {
         "a socket"
     } else {
         "a device"
-    };
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidInput,
-        format!("{} is {what}, not a regular file", path.display()),
-    ))
+    }
 }
 
 #[cfg(test)]

@@ -1095,7 +1095,9 @@ impl Job {
                                 // A link, a FIFO, a socket or a device of the
                                 // recipient's: refused now, like a file of
                                 // theirs, not found half way through the writes.
-                                Ok(m) if other.is_none() => other = Some((p, kind_of(&m))),
+                                Ok(m) if other.is_none() => {
+                                    other = Some((p, crate::util::file_type_said(m.file_type())))
+                                }
                                 _ => {}
                             }
                         }
@@ -1315,22 +1317,6 @@ pub(crate) fn one_shot_refusal(path: &str, size: u64, max: u64) -> Error {
         "{path} is {size} bytes; this storage takes a file in one request, held in memory, \
          and the limit is {max} bytes (CARAVAN_ONE_SHOT_MAX_BYTES)"
     ))
-}
-
-/// What a destination entry that is neither a file nor a folder is, for
-/// a refusal.
-fn kind_of(m: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let t = m.file_type();
-    if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO (named pipe)"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a device"
-    }
 }
 
 #[cfg(test)]
