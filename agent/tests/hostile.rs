@@ -59,7 +59,7 @@ fn rt() -> tokio::runtime::Runtime {
 /// counts the connections it gets.
 #[derive(Default)]
 struct Hostile {
-    manifest: Mutex<Option<Vec<u8>>>,
+    manifest: Mutex<Option<bytes::Bytes>>,
     chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
     /// Answer every chunk request with this many bytes (oversize frames).
     huge_chunk: Option<usize>,
@@ -71,7 +71,7 @@ struct Hostile {
 }
 
 impl Service for Hostile {
-    async fn manifest(&self, _peer: AgentId, _share: ShareId, _have: u64) -> Result<Vec<u8>> {
+    async fn manifest(&self, _peer: AgentId, _share: ShareId, _have: u64) -> Result<bytes::Bytes> {
         let m = self.manifest.lock().unwrap().clone();
         m.ok_or_else(|| Error::NotFound("unknown share".into()))
     }
@@ -310,7 +310,7 @@ fn replayed_or_forked_manifest_is_refused_and_nothing_is_deleted() {
 
     // Mallory replays version 1.
     let mallory = Arc::new(Hostile::default());
-    *mallory.manifest.lock().unwrap() = Some(v1);
+    *mallory.manifest.lock().unwrap() = Some(v1.into());
     let addr = serve_hostile(&rt, &SecretKey::generate().unwrap(), mallory.clone());
     let (code, err) = fetch_bounded(&bob, &tickets[0], "docs", &[&addr]);
     assert_ne!(code, Some(0), "an older manifest was accepted");
@@ -343,7 +343,8 @@ fn replayed_or_forked_manifest_is_refused_and_nothing_is_deleted() {
             },
         }],
     };
-    *mallory.manifest.lock().unwrap() = Some(fork.seal(&alice_key, &share_key).unwrap().to_bytes());
+    *mallory.manifest.lock().unwrap() =
+        Some(fork.seal(&alice_key, &share_key).unwrap().to_bytes().into());
     let (code, err) = fetch_bounded(&bob, &tickets[0], "docs", &[&addr]);
     assert_ne!(code, Some(0), "a forked manifest was accepted");
     assert!(err.contains("fork"), "unclear refusal: {err}");
@@ -403,7 +404,8 @@ fn a_stranger_cannot_take_over_a_share_id() {
         forged
             .seal(&mallory_key, &mallory_share_key)
             .unwrap()
-            .to_bytes(),
+            .to_bytes()
+            .into(),
     );
     mallory.chunks.lock().unwrap().insert(r.id, sealed);
     let addr = serve_hostile(&rt, &mallory_key, mallory.clone());
@@ -577,7 +579,7 @@ fn a_holder_answering_just_in_time_does_not_slow_a_fetch_down() {
         chunk_delay: Some(Duration::from_secs(50)),
         ..Default::default()
     });
-    *slow.manifest.lock().unwrap() = Some(record);
+    *slow.manifest.lock().unwrap() = Some(record.into());
     rt.block_on(async {
         let c = PeerConn::connect(&alice.peer_addr, &key_of(&bob), None)
             .await
@@ -811,7 +813,7 @@ fn manifest_declaring_a_terabyte_is_refused_before_writing_and_not_retried() {
         }],
     };
     let h = Arc::new(Hostile::default());
-    *h.manifest.lock().unwrap() = Some(m.seal(&evil, &share_key).unwrap().to_bytes());
+    *h.manifest.lock().unwrap() = Some(m.seal(&evil, &share_key).unwrap().to_bytes().into());
     h.chunks.lock().unwrap().insert(r.id, ct);
     let addr = serve_hostile(&rt, &evil, h.clone());
     let ticket = Ticket::issue(
@@ -1149,6 +1151,100 @@ fn a_peer_that_reads_no_answers_gets_at_most_32_prepared() {
     );
     eprintln!("{calls} answers prepared for a peer reading none of 200 asked");
     drop(tcp);
+}
+
+/// Guarantee: a peer holding the newest version of a share is told
+/// "nothing newer" (an empty answer) instead of being sent the manifest
+/// again: a subscriber's poll of a big share moves no manifest. A stranger
+/// asking the same way is refused as before (no oracle), and a peer
+/// behind gets the record.
+#[test]
+fn a_peer_holding_the_newest_version_is_not_sent_it_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    make_tree(&alice.data().join("s"), 2, 1000);
+    alice.start();
+    let bob = SecretKey::generate().unwrap();
+    let (_, tickets) = publish(&alice, "s", &[&bob.agent_id().to_string()], &[]);
+    let rt = rt();
+    let (rec, m, _) = open_manifest(&rt, &alice, &bob, &tickets[0]);
+    let t = Ticket::parse(&tickets[0]).unwrap();
+    rt.block_on(async {
+        let c = PeerConn::connect(&alice.peer_addr, &bob, None)
+            .await
+            .unwrap();
+        assert!(c.manifest(&t.share_id, m.seq).await.unwrap().is_empty());
+        assert!(c.manifest(&t.share_id, m.seq + 5).await.unwrap().is_empty());
+        assert_eq!(c.manifest(&t.share_id, m.seq - 1).await.unwrap(), rec);
+        let stranger = PeerConn::connect(&alice.peer_addr, &SecretKey::generate().unwrap(), None)
+            .await
+            .unwrap();
+        let e = stranger.manifest(&t.share_id, m.seq).await.unwrap_err();
+        assert!(e.to_string().contains("unknown share"), "{e}");
+    });
+}
+
+/// Resident memory of this process, in bytes.
+fn own_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// Guarantee: a peer asking for a big manifest on every request turn of
+/// many connections, reading none of the answers, makes the server hold
+/// at most `MANIFESTS_PER_PEER` (2) copies of it: each answer is sealed
+/// from a copy of the record, made only with one of the peer's turns.
+/// Before, every request made its copy at once: 16 connections of 32
+/// requests for an 8 MiB record held 4 GiB (and one copy per connection,
+/// 128 MiB, without the turns).
+#[test]
+fn a_peer_asking_for_a_manifest_on_every_turn_gets_few_copies_made() {
+    use tokio::io::AsyncWriteExt;
+    let rt = rt();
+    let svc = Arc::new(Hostile::default());
+    *svc.manifest.lock().unwrap() = Some(vec![7u8; 8 << 20].into());
+    let addr = serve_hostile(&rt, &SecretKey::generate().unwrap(), svc);
+    let asker = SecretKey::generate().unwrap();
+    let before = own_rss();
+    let mut conns = Vec::new();
+    for _ in 0..16 {
+        let (mut tcp, mut sealer) = channel_connect(&rt, &addr, &asker);
+        rt.block_on(async {
+            for id in 1..=32u32 {
+                let mut p = ShareId::random().unwrap().0.to_vec();
+                p.extend_from_slice(&0u64.to_be_bytes());
+                let f = caravan_agent::wire::channel::Outgoing {
+                    typ: FrameType::GetManifest,
+                    id,
+                    payload: p.into(),
+                    raw_hash: None,
+                };
+                sealer.write(&mut tcp, f).await.unwrap();
+            }
+            tcp.flush().await.unwrap();
+        });
+        conns.push(tcp);
+    }
+    rt.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
+    let grown = own_rss().saturating_sub(before);
+    eprintln!(
+        "{} MiB more resident with 512 manifest answers of 8 MiB unread",
+        grown >> 20
+    );
+    // Two copies of 8 MiB, what the kernel's socket buffers took of
+    // them, and the runtime's own.
+    assert!(
+        grown < 80 << 20,
+        "{} MiB more resident: more than a few copies of the manifest",
+        grown >> 20
+    );
+    drop(conns);
 }
 
 /// True once the server has closed `s` (EOF or error), waiting up to `secs`.

@@ -88,10 +88,23 @@ impl LiveAnswer {
     }
 }
 
+/// One chunk sealed by the pass: its file (an index into the listing),
+/// reference, offset in the file and AEAD tag.
+struct Sealed {
+    file: u32,
+    chunk: ChunkRef,
+    offset: u64,
+    tag: [u8; TAG_LEN],
+}
+
 struct LiveState {
     listing: Option<LiveListing>,
-    log: Vec<(u32, ChunkRef)>,
-    index: HashMap<ChunkId, ChunkLocation>,
+    /// Every chunk sealed, in the order sealed.
+    log: Vec<Sealed>,
+    /// Each distinct chunk's first place in the log: paths stay in the
+    /// listing alone (an index of [`ChunkLocation`]s held a path per
+    /// chunk: about 100 MiB for 250,000 small files).
+    index: HashMap<ChunkId, u32>,
     /// Next plaintext offset of each file (for the index).
     offsets: Vec<u64>,
     end: LiveEnd,
@@ -186,28 +199,26 @@ impl LiveShare {
 
     /// Chunks of file `file` sealed, in file order, with their AEAD tags.
     pub fn add_chunks(&self, file: usize, refs: &[(ChunkRef, [u8; TAG_LEN])]) {
-        let root = self.root.get().cloned().unwrap_or_default();
         if let Ok(mut s) = self.state.lock() {
-            let Some((path, file_len)) = s
-                .listing
-                .as_ref()
-                .and_then(|l| l.files.get(file))
-                .map(|f| (format!("{root}{}", f.0), f.1))
-            else {
+            let s = &mut *s;
+            if s.listing.as_ref().is_none_or(|l| file >= l.files.len()) {
                 return;
-            };
+            }
             let Ok(idx) = u32::try_from(file) else { return };
             for (r, tag) in refs {
+                // At most 2^22 chunks a share (`MAX_MANIFEST_CHUNKS`).
+                let Ok(at) = u32::try_from(s.log.len()) else {
+                    return;
+                };
                 let offset = s.offsets[file];
                 s.offsets[file] += r.len as u64;
-                s.index.entry(r.id).or_insert_with(|| ChunkLocation {
-                    path: path.clone(),
-                    offset,
-                    file_len,
+                s.index.entry(r.id).or_insert(at);
+                s.log.push(Sealed {
+                    file: idx,
                     chunk: *r,
-                    tag: Some(*tag),
+                    offset,
+                    tag: *tag,
                 });
-                s.log.push((idx, *r));
             }
         }
         self.changed();
@@ -218,30 +229,43 @@ impl LiveShare {
         self.state.lock().is_ok_and(|s| s.end == LiveEnd::Running)
     }
 
-    /// The pass ended.
+    /// The pass ended. A pass that is done installed its share before it
+    /// ended, which locates its chunks from then on: its index (a hash
+    /// table of every chunk) is freed at once, at the publisher's peak
+    /// (the new share's own index built, its manifest served); only the
+    /// log stays, for recipients still reading it ([`LIVE_LINGER`]). A
+    /// failed pass's chunks stay located while it lingers: a recipient
+    /// following it goes on until it reads why the pass failed.
     pub fn end(&self, end: LiveEnd) {
         if let Ok(mut s) = self.state.lock() {
+            if end == LiveEnd::Done {
+                s.index = HashMap::new();
+                s.offsets = Vec::new();
+            }
             s.end = end;
         }
         self.changed();
     }
 
-    /// The AEAD tags of the chunks sealed so far, by chunk id.
-    pub fn tags(&self) -> HashMap<ChunkId, [u8; TAG_LEN]> {
-        self.state
-            .lock()
-            .map(|s| {
-                s.index
-                    .iter()
-                    .filter_map(|(id, l)| l.tag.map(|t| (*id, t)))
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// The AEAD tag of a chunk sealed so far.
+    pub fn tag(&self, id: &ChunkId) -> Option<[u8; TAG_LEN]> {
+        let s = self.state.lock().ok()?;
+        let at = *s.index.get(id)?;
+        s.log.get(at as usize).map(|c| c.tag)
     }
 
     /// Where a chunk sealed so far lives.
     pub fn locate(&self, id: &ChunkId) -> Option<ChunkLocation> {
-        self.state.lock().ok()?.index.get(id).cloned()
+        let s = self.state.lock().ok()?;
+        let c = s.log.get(*s.index.get(id)? as usize)?;
+        let (path, file_len, _) = s.listing.as_ref()?.files.get(c.file as usize)?;
+        Some(ChunkLocation {
+            path: format!("{}{path}", self.root.get().map_or("", |r| r.as_str())),
+            offset: c.offset,
+            file_len: *file_len,
+            chunk: c.chunk,
+            tag: Some(c.tag),
+        })
     }
 
     fn answer_now(&self, at: u64) -> Option<LiveAnswer> {
@@ -258,7 +282,10 @@ impl LiveShare {
             key_check: self.key_check,
             listing: if listing { s.listing.clone() } else { None },
             from: start as u64,
-            chunks: s.log[start..end].to_vec(),
+            chunks: s.log[start..end]
+                .iter()
+                .map(|c| (c.file, c.chunk))
+                .collect(),
             end: s.end.clone(),
         })
     }
@@ -507,7 +534,7 @@ mod tests {
             .collect();
         live.add_chunks(0, &many);
         // The tags are kept by chunk id (for serving after the pass).
-        assert_eq!(live.tags().get(&r(7, 1).id), Some(&[7; TAG_LEN]));
+        assert_eq!(live.tag(&r(7, 1).id), Some([7; TAG_LEN]));
         let a = live.answer(1, Duration::from_millis(10)).await;
         assert_eq!((a.from, a.chunks.len()), (0, MAX_LIVE_CHUNKS));
         let a = live

@@ -457,7 +457,7 @@ impl Agent {
             manifest,
             record,
         )
-        .with_tags(&live.tags());
+        .with_tags(|id| live.tag(id));
         self.install_share(held).await?;
         Ok((files_n, bytes, chunks, skipped))
     }
@@ -677,7 +677,11 @@ impl Agent {
             }
         }
         out.live.add_chunks(out.index, &tagged);
-        let refs: Vec<ChunkRef> = tagged.into_iter().map(|(r, _)| r).collect();
+        // A new, exactly sized list: collected from `tagged`, it reused that
+        // buffer, sized for a tag per reference too (18 MiB instead of 13
+        // for 250,000 one-chunk files).
+        let mut refs = Vec::with_capacity(tagged.len());
+        refs.extend(tagged.iter().map(|(r, _)| *r));
         if let Some(gate) = crate::node::tuning::fault_publish_gate() {
             while !gate.exists() {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;

@@ -11,7 +11,7 @@ use crate::chunk::{ChunkId, ChunkRef};
 use crate::crypto::{Key, TAG_LEN};
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
-use crate::manifest::{Manifest, ManifestRecord, ShareId};
+use crate::manifest::{EntryKind, Manifest, ManifestRecord, ShareId};
 use crate::node::state;
 use crate::record::SignedRecord;
 
@@ -40,6 +40,20 @@ pub struct ChunkLocation {
     pub tag: Option<[u8; TAG_LEN]>,
 }
 
+/// Where one chunk of a held share is, in the manifest's terms: its file
+/// (an index into the entries), its place in that file's chunk list, its
+/// offset, and its tag when known. Paths and chunk references stay in the
+/// manifest alone: an index of [`ChunkLocation`]s held a path and a chunk
+/// reference per chunk again, about 200 bytes a chunk in a hash table
+/// twice the chunks' size (250,000 files of 4 KiB: about 100 MiB).
+#[derive(Debug, Clone, Copy)]
+struct Spot {
+    entry: u32,
+    chunk: u32,
+    offset: u64,
+    tag: Option<[u8; TAG_LEN]>,
+}
+
 /// One share held, at its newest version.
 #[derive(Debug)]
 pub struct HeldShare {
@@ -55,9 +69,12 @@ pub struct HeldShare {
     pub root: String,
     /// The decrypted manifest.
     pub manifest: Manifest,
-    /// The signed manifest record as received or produced.
-    pub record: Vec<u8>,
-    index: HashMap<ChunkId, ChunkLocation>,
+    /// The signed manifest record as received or produced; shared, not
+    /// copied, by whatever saves or serves it.
+    pub record: bytes::Bytes,
+    /// Each distinct chunk id once (its first place in the manifest),
+    /// sorted by id: 72 bytes a chunk, found by binary search.
+    index: Vec<(ChunkId, Spot)>,
 }
 
 impl HeldShare {
@@ -68,22 +85,46 @@ impl HeldShare {
         role: Role,
         root: String,
         manifest: Manifest,
-        record: Vec<u8>,
+        record: impl Into<bytes::Bytes>,
     ) -> Self {
-        let mut index = HashMap::new();
-        for (path, file_len, chunks) in manifest.files() {
+        let mut index =
+            Vec::with_capacity(usize::try_from(manifest.total_chunks()).unwrap_or_default());
+        for (entry, e) in manifest.entries.iter().enumerate() {
+            let EntryKind::File { chunks, .. } = &e.kind else {
+                continue;
+            };
+            // Within the limits `Manifest::validate` enforces (2^20
+            // entries, 2^22 chunks), both fit.
+            let Ok(entry) = u32::try_from(entry) else {
+                break;
+            };
             let mut offset = 0u64;
-            for c in chunks {
-                index.entry(c.id).or_insert_with(|| ChunkLocation {
-                    path: format!("{root}{path}"),
-                    offset,
-                    file_len,
-                    chunk: *c,
-                    tag: None,
-                });
+            for (chunk, c) in chunks.iter().enumerate() {
+                let Ok(chunk) = u32::try_from(chunk) else {
+                    break;
+                };
+                index.push((
+                    c.id,
+                    Spot {
+                        entry,
+                        chunk,
+                        offset,
+                        tag: None,
+                    },
+                ));
                 offset += c.len as u64;
             }
         }
+        // The first place of a chunk in manifest order wins: places are
+        // unique, so sorting by (id, place) and keeping the first of each
+        // id is that.
+        index.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then(a.1.entry.cmp(&b.1.entry))
+                .then(a.1.chunk.cmp(&b.1.chunk))
+        });
+        index.dedup_by(|later, first| later.0 == first.0);
+        index.shrink_to_fit();
         HeldShare {
             id: manifest.share_id,
             publisher,
@@ -91,22 +132,23 @@ impl HeldShare {
             role,
             root,
             manifest,
-            record,
+            record: record.into(),
             index,
         }
     }
 
     /// Records the AEAD tags of chunks (the publish pass saw each one
-    /// sealed). Serving a chunk then verifies it by comparing the tag of
-    /// its fresh encryption with this one instead of hashing the whole
-    /// ciphertext again (a fifth of a serving publisher's CPU). Sound
-    /// because the chunk id is the hash of ciphertext and tag, so a tag
-    /// kept by id is never stale; see docs/security.md ("Verify on serve").
-    /// Tags of chunks that are not in this share are ignored.
-    pub fn with_tags(mut self, tags: &HashMap<ChunkId, [u8; TAG_LEN]>) -> Self {
-        for (id, loc) in self.index.iter_mut() {
-            if let Some(t) = tags.get(id) {
-                loc.tag = Some(*t);
+    /// sealed), as `tag_of` knows them. Serving a chunk then verifies it
+    /// by comparing the tag of its fresh encryption with this one instead
+    /// of hashing the whole ciphertext again (a fifth of a serving
+    /// publisher's CPU). Sound because the chunk id is the hash of
+    /// ciphertext and tag, so a tag kept by id is never stale; see
+    /// docs/security.md ("Verify on serve"). Tags of chunks that are not in
+    /// this share are never asked for.
+    pub fn with_tags(mut self, tag_of: impl Fn(&ChunkId) -> Option<[u8; TAG_LEN]>) -> Self {
+        for (id, spot) in self.index.iter_mut() {
+            if let Some(t) = tag_of(id) {
+                spot.tag = Some(t);
             }
         }
         self
@@ -116,12 +158,38 @@ impl HeldShare {
     pub fn tags(&self) -> impl Iterator<Item = (&ChunkId, &[u8; TAG_LEN])> {
         self.index
             .iter()
-            .filter_map(|(id, l)| l.tag.as_ref().map(|t| (id, t)))
+            .filter_map(|(id, s)| s.tag.as_ref().map(|t| (id, t)))
+    }
+
+    /// The tag of a chunk of this share, when known.
+    pub fn tag(&self, id: &ChunkId) -> Option<[u8; TAG_LEN]> {
+        self.spot(id).and_then(|s| s.tag)
+    }
+
+    /// How many distinct chunks the share has.
+    pub fn distinct_chunks(&self) -> usize {
+        self.index.len()
+    }
+
+    fn spot(&self, id: &ChunkId) -> Option<&Spot> {
+        let at = self.index.binary_search_by(|(k, _)| k.cmp(id)).ok()?;
+        self.index.get(at).map(|(_, s)| s)
     }
 
     /// Where a chunk of this share is stored, if it is one of ours.
-    pub fn locate(&self, id: &ChunkId) -> Option<&ChunkLocation> {
-        self.index.get(id)
+    pub fn locate(&self, id: &ChunkId) -> Option<ChunkLocation> {
+        let spot = self.spot(id)?;
+        let e = self.manifest.entries.get(spot.entry as usize)?;
+        let EntryKind::File { size, chunks } = &e.kind else {
+            return None;
+        };
+        Some(ChunkLocation {
+            path: format!("{}{}", self.root, e.path),
+            offset: spot.offset,
+            file_len: *size,
+            chunk: *chunks.get(spot.chunk as usize)?,
+            tag: spot.tag,
+        })
     }
 
     /// The current version.
@@ -202,20 +270,20 @@ async fn load_one(op: &Operator, dir: &str, me: &SecretKey) -> Result<HeldShare>
         .read(&format!("{dir}manifest"))
         .await
         .context(|| format!("reading {dir}manifest"))?
-        .to_vec();
+        .to_bytes();
     let (_, mr): (_, ManifestRecord) = SignedRecord::open_from(&record, Some(&publisher))?;
     let manifest = mr.into_manifest(&key)?;
     let held = HeldShare::new(publisher, key, meta.role, meta.root, manifest, record);
     // The tags only speed serving up: without them (an older agent's
     // state, a damaged file) every chunk served is hashed instead.
     let tags = match op.read(&format!("{dir}{TAGS_FILE}")).await {
-        Ok(b) => decode_tags(&b.to_vec(), held.index.len()).unwrap_or_else(|e| {
+        Ok(b) => decode_tags(&b.to_vec(), held.distinct_chunks()).unwrap_or_else(|e| {
             tracing::warn!(path = %dir, error = %e, "ignoring the chunk tags file");
             HashMap::new()
         }),
         Err(_) => HashMap::new(),
     };
-    Ok(held.with_tags(&tags))
+    Ok(held.with_tags(|id| tags.get(id).copied()))
 }
 
 /// `<share dir>/tags`: the AEAD tags of a share's chunks, records of a
@@ -224,7 +292,7 @@ const TAGS_FILE: &str = "tags";
 const TAG_RECORD: usize = 32 + TAG_LEN;
 
 fn encode_tags(s: &HeldShare) -> Vec<u8> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(s.distinct_chunks() * TAG_RECORD);
     for (id, tag) in s.tags() {
         out.extend_from_slice(&id.0);
         out.extend_from_slice(tag);

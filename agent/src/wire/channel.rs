@@ -180,6 +180,10 @@ pub enum Body {
     /// slice of the block it was sealed in, then its tag. Sent as it
     /// lies: never copied into a buffer of its own.
     Sealed(bytes::Bytes, [u8; TAG_LEN]),
+    /// Bytes shared with their holder (a held share's manifest record):
+    /// copied only when the frame is sealed, by the connection's writer,
+    /// one frame at a time. An answer waiting for its turn holds no copy.
+    Shared(bytes::Bytes),
 }
 
 impl Body {
@@ -188,6 +192,7 @@ impl Body {
         match self {
             Body::Owned(v) => v.len(),
             Body::Sealed(b, t) => b.len() + t.len(),
+            Body::Shared(b) => b.len(),
         }
     }
 
@@ -196,10 +201,16 @@ impl Body {
         self.len() == 0
     }
 
-    /// The bytes in one buffer (a copy for a sealed chunk).
+    /// The bytes in one buffer (a copy for a sealed chunk or shared bytes;
+    /// with room for the tag a sealed frame appends).
     pub fn into_vec(self) -> Vec<u8> {
         match self {
             Body::Owned(v) => v,
+            Body::Shared(b) => {
+                let mut v = Vec::with_capacity(b.len() + TAG_LEN);
+                v.extend_from_slice(&b);
+                v
+            }
             Body::Sealed(b, t) => {
                 let mut v = Vec::with_capacity(b.len() + t.len());
                 v.extend_from_slice(&b);
@@ -261,6 +272,7 @@ impl Sealer {
                 let mac = self.0.mac(&plain, &hash);
                 match &f.payload {
                     Body::Owned(v) => w.write_all(v).await,
+                    Body::Shared(b) => w.write_all(b).await,
                     Body::Sealed(b, t) => match w.write_all(b).await {
                         Ok(()) => w.write_all(t).await,
                         e => e,

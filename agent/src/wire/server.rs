@@ -23,15 +23,52 @@ use crate::manifest::ShareId;
 /// Requests a connection may have in progress at once.
 const PER_CONNECTION_CONCURRENCY: usize = 32;
 
+/// Manifest answers one peer may have being sealed and written at once,
+/// over all its connections. Sealing a frame takes a copy of its body, and
+/// a manifest record may be up to [`super::MAX_MANIFEST_RESPONSE`] bytes
+/// (tens of MiB for a share of many files): an authorized peer asking for
+/// it on every request turn of every connection it may open (32 x 64) held
+/// that many copies in this agent. Answers wait for a turn, holding no copy
+/// ([`Body::Shared`]); only the asker's own connections wait.
+pub const MANIFESTS_PER_PEER: usize = 2;
+
+/// The turns of each connected peer to seal a manifest answer
+/// ([`MANIFESTS_PER_PEER`]), dropped with the peer's last connection.
+#[derive(Default)]
+struct ManifestTurns(Mutex<std::collections::HashMap<AgentId, Arc<Semaphore>>>);
+
+impl ManifestTurns {
+    fn of(&self, peer: AgentId) -> Arc<Semaphore> {
+        match self.0.lock() {
+            Ok(mut m) => m
+                .entry(peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(MANIFESTS_PER_PEER)))
+                .clone(),
+            Err(_) => Arc::new(Semaphore::new(MANIFESTS_PER_PEER)),
+        }
+    }
+
+    fn done(&self, peer: AgentId, turns: Arc<Semaphore>) {
+        drop(turns);
+        if let Ok(mut m) = self.0.lock()
+            && m.get(&peer).is_some_and(|t| Arc::strong_count(t) == 1)
+        {
+            m.remove(&peer);
+        }
+    }
+}
+
 /// What a server does with each request. `peer` is the authenticated caller.
 pub trait Service: Send + Sync + 'static {
-    /// The newest manifest record of a share newer than `have_seq`.
+    /// The newest manifest record of a share if it is newer than
+    /// `have_seq`; empty when it is not (the asker holds it already).
+    /// Shared, not copied: see [`MANIFESTS_PER_PEER`].
     fn manifest(
         &self,
         peer: AgentId,
         share: ShareId,
         have_seq: u64,
-    ) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    ) -> impl Future<Output = Result<bytes::Bytes>> + Send;
     /// The ciphertext of one chunk.
     fn chunk(
         &self,
@@ -230,7 +267,7 @@ impl Drop for HandshakeGuard {
 async fn handle<S: Service>(svc: &S, peer: AgentId, f: Frame) -> Result<(Body, Option<[u8; 32]>)> {
     match parse_request(f.typ, &f.payload)? {
         Request::Ping => Ok((Vec::new().into(), None)),
-        Request::Manifest(s, have) => Ok((svc.manifest(peer, s, have).await?.into(), None)),
+        Request::Manifest(s, have) => Ok((Body::Shared(svc.manifest(peer, s, have).await?), None)),
         Request::Chunk(s, c) => svc
             .chunk_hashed(peer, s, c)
             .await
@@ -264,6 +301,7 @@ pub async fn serve_with<S: Service>(
     let per_ip: Arc<Counter<IpAddr>> = Counter::new(limits.max_conns_per_ip);
     let per_peer: Arc<Counter<AgentId>> = Counter::new(limits.max_conns_per_peer);
     let handshakes: Arc<Mutex<Handshakes>> = Arc::default();
+    let manifest_turns: Arc<ManifestTurns> = Arc::default();
     let limits = Arc::new(limits);
     loop {
         let (tcp, addr) = tokio::select! {
@@ -312,6 +350,7 @@ pub async fn serve_with<S: Service>(
         let shutdown = shutdown.clone();
         let per_peer = per_peer.clone();
         let limits = limits.clone();
+        let manifest_turns = manifest_turns.clone();
         tokio::spawn(async move {
             let accepted = tokio::select! {
                 _ = evicted.cancelled() => {
@@ -355,9 +394,13 @@ pub async fn serve_with<S: Service>(
             };
             svc.peer_connected(peer, true);
             debug!(%addr, peer = %peer.short(), "peer connected");
-            if let Err(e) = connection(stream, peer, svc.clone(), shutdown, &limits).await {
+            let turns = manifest_turns.of(peer);
+            if let Err(e) =
+                connection(stream, peer, svc.clone(), shutdown, &limits, turns.clone()).await
+            {
                 debug!(%addr, peer = %peer.short(), error = %e, "peer connection ended");
             }
+            manifest_turns.done(peer, turns);
             svc.peer_connected(peer, false);
         });
     }
@@ -369,6 +412,7 @@ async fn connection<S: Service>(
     svc: Arc<S>,
     shutdown: CancellationToken,
     limits: &Limits,
+    manifest_turns: Arc<Semaphore>,
 ) -> Result<()> {
     let (tcp, mut sealer, mut opener) = channel::server_switch(stream).await?;
     let (rd, wr) = tcp.into_split();
@@ -382,9 +426,17 @@ async fn connection<S: Service>(
         mpsc::channel::<(Outgoing, Option<OwnedSemaphorePermit>)>(PER_CONNECTION_CONCURRENCY);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);
+        // A shared body (a manifest) is copied to be sealed: only with
+        // one of the peer's turns, held until it is written.
+        let turn = async |f: &Outgoing| match f.payload {
+            Body::Shared(_) => manifest_turns.clone().acquire_owned().await.ok(),
+            _ => None,
+        };
         while let Some((f, _turn)) = rx.recv().await {
+            let _copy = turn(&f).await;
             sealer.write(&mut w, f).await?;
             while let Ok((f, _turn)) = rx.try_recv() {
+                let _copy = turn(&f).await;
                 sealer.write(&mut w, f).await?;
             }
             w.flush()

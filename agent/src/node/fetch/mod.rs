@@ -478,9 +478,70 @@ impl Agent {
                 progress.recount();
             }
         }
-        let (record, manifest, key) = self.newest_manifest(&swarm, &ticket, key).await?;
+        // The version held here, if any: peers are asked only for a newer
+        // one (a subscriber's poll then moves no manifest).
+        let here = self
+            .share(&ticket.share_id)
+            .filter(|h| h.role == Role::Fetched && h.root == dest);
+        let have = here.as_ref().map_or(0, |h| h.seq());
+        let (record, manifest, key) = match self.newest_manifest(&swarm, &ticket, key, have).await?
+        {
+            Some(newest) => newest,
+            None => {
+                // Nobody has a version newer than the one held here.
+                let Some(held) = here else {
+                    return Err(Error::Protocol(
+                        "peers answered \"nothing newer\" to a fetch of a share not held".into(),
+                    ));
+                };
+                if self.done_in_place(&ticket, &dest, &held, &progress).await {
+                    return Ok(());
+                }
+                // Files of it missing or changed here: that version again.
+                let (_, mr) = SignedRecord::open_from::<ManifestRecord>(
+                    &held.record,
+                    Some(&ticket.publisher),
+                )?;
+                let manifest = mr.into_manifest(&held.key)?;
+                (held.record.to_vec(), manifest, held.key.clone())
+            }
+        };
         self.fetch_manifest(&ticket, dest, swarm, record, manifest, key, progress)
             .await
+    }
+
+    /// When exactly `held` (this version or a newer one than `seq`) is in
+    /// place at `dest`, every file at its size: the fetch is done (its
+    /// request, if a restart left one, too), and says so in `progress`. A
+    /// file missing or of another size (removed or edited by hand) is
+    /// fetched again by the caller, the rest verified in place and reused.
+    async fn done_in_place(
+        &self,
+        ticket: &Ticket,
+        dest: &str,
+        held: &HeldShare,
+        progress: &FetchProgress,
+    ) -> bool {
+        if held.role != Role::Fetched || held.root != dest || !self.in_place(held).await {
+            return false;
+        }
+        let pending = self.pending_path(&ticket.share_id);
+        if let Err(e) = self.op.delete(&pending).await {
+            tracing::warn!(path = %pending, error = %e, "cannot remove the fetch's pending state");
+        }
+        progress.seq.store(held.seq(), Ordering::Relaxed);
+        progress.already_in_place.store(true, Ordering::Relaxed);
+        let total = held.manifest.total_bytes();
+        let chunks = held.manifest.total_chunks();
+        let files = held.manifest.files().count() as u64;
+        progress.bytes_total.store(total, Ordering::Relaxed);
+        progress.bytes_done.store(total, Ordering::Relaxed);
+        progress.chunks_total.store(chunks, Ordering::Relaxed);
+        progress.chunks_done.store(chunks, Ordering::Relaxed);
+        progress.files_total.store(files, Ordering::Relaxed);
+        progress.files_done.store(files, Ordering::Relaxed);
+        progress.set_state(FetchState::Done, None);
+        true
     }
 
     /// Fetches one signed version of a share into `dest` (the manifest was
@@ -525,32 +586,8 @@ impl Agent {
                     ticket.share_id
                 )));
             }
-            // Already holding exactly this version here, every file in
-            // place at its size: nothing to fetch (its request, if a
-            // restart left one, is done). A file missing or of another size
-            // (removed or edited by hand) is fetched again below, the rest
-            // verified in place and reused.
-            if held.role == Role::Fetched
-                && held.root == dest
-                && held.seq() >= seq
-                && self.in_place(&held).await
-            {
-                let pending = self.pending_path(&ticket.share_id);
-                if let Err(e) = self.op.delete(&pending).await {
-                    tracing::warn!(path = %pending, error = %e, "cannot remove the fetch's pending state");
-                }
-                progress.seq.store(held.seq(), Ordering::Relaxed);
-                progress.already_in_place.store(true, Ordering::Relaxed);
-                let total = held.manifest.total_bytes();
-                let chunks = held.manifest.total_chunks();
-                let files = held.manifest.files().count() as u64;
-                progress.bytes_total.store(total, Ordering::Relaxed);
-                progress.bytes_done.store(total, Ordering::Relaxed);
-                progress.chunks_total.store(chunks, Ordering::Relaxed);
-                progress.chunks_done.store(chunks, Ordering::Relaxed);
-                progress.files_total.store(files, Ordering::Relaxed);
-                progress.files_done.store(files, Ordering::Relaxed);
-                progress.set_state(FetchState::Done, None);
+            // Already holding exactly this version here: nothing to fetch.
+            if held.seq() >= seq && self.done_in_place(ticket, &dest, &held, &progress).await {
                 return Ok(());
             }
         }
@@ -804,16 +841,11 @@ impl Agent {
         }
         // Tags of the chunks received now and of those an earlier version
         // held (reused chunks were not received again).
-        let mut tags = job
+        let tags = job
             .tags
             .lock()
             .map(|mut t| std::mem::take(&mut *t))
             .unwrap_or_default();
-        if let Some(prev) = previous {
-            for (id, t) in prev.tags() {
-                tags.entry(*id).or_insert(*t);
-            }
-        }
         let held = HeldShare::new(
             ticket.publisher,
             key,
@@ -822,7 +854,11 @@ impl Agent {
             manifest,
             record,
         )
-        .with_tags(&tags);
+        .with_tags(|id| {
+            tags.get(id)
+                .copied()
+                .or_else(|| previous.and_then(|p| p.tag(id)))
+        });
         self.install_share(held).await?;
         let partial_root = state::partial_dir(&self.opts.state_prefix, &ticket.share_id);
         let _ = self.op.delete_with(&partial_root).recursive(true).await;
@@ -1053,20 +1089,39 @@ impl Agent {
         let Some(root) = self.opts.fs_root.clone() else {
             return Vec::new();
         };
+        let dir = state::partial_dir(&self.opts.state_prefix, id);
+        let older = move |name: &std::ffi::OsStr| {
+            name.to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+                .is_some_and(|s| s < seq)
+        };
+        // Most fetches have no older attempt: the chunk lists are copied
+        // (for the blocking task) only when there is one (250,000 files:
+        // 30 MiB at the start of the fetch, its peak).
+        let any = {
+            let (root, dir) = (root.clone(), dir.clone());
+            tokio::task::spawn_blocking(move || {
+                std::fs::read_dir(root.join(&dir))
+                    .map(|seqs| seqs.flatten().any(|e| older(&e.file_name())))
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if !any {
+            return Vec::new();
+        }
         let files: Vec<Vec<ChunkRef>> = files.map(<[ChunkRef]>::to_vec).collect();
-        let prefix = self.opts.state_prefix.clone();
-        let id = *id;
         tokio::task::spawn_blocking(move || {
-            let dir = state::partial_dir(&prefix, &id);
             let Ok(seqs) = std::fs::read_dir(root.join(&dir)) else {
                 return Vec::new();
             };
             let mut out = Vec::new();
             for e in seqs.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if name.parse::<u64>().ok().is_none_or(|s| s >= seq) {
+                if !older(&e.file_name()) {
                     continue;
                 }
+                let name = e.file_name().to_string_lossy().to_string();
                 for (i, chunks) in files.iter().enumerate() {
                     let part = format!("{dir}{name}/{i}");
                     let Ok(m) = std::fs::symlink_metadata(root.join(&part)) else {
@@ -1347,7 +1402,10 @@ impl Agent {
             .await?;
         feed.ended().await?;
         // The signed manifest decides: it must list exactly what was written.
-        let (record, manifest, key) = self.newest_manifest(&swarm, ticket, Some(key)).await?;
+        let (record, manifest, key) = self
+            .newest_manifest(&swarm, ticket, Some(key), 0)
+            .await?
+            .ok_or_else(|| Error::Protocol("no peer gave the manifest".into()))?;
         let listed = feed.chunks();
         let same = manifest.seq == seq
             && manifest.files().count() == files.len()
@@ -1381,13 +1439,17 @@ impl Agent {
 
     /// Asks every peer for the manifest and keeps the newest one that the
     /// publisher signed; fetches a fresh key when the share key was rotated.
+    /// With `have` (a version held, else 0), peers answer only with a newer
+    /// one; `None` when every answer was "nothing newer".
     async fn newest_manifest(
         &self,
         swarm: &Swarm,
         ticket: &Ticket,
         key: Option<Key>,
-    ) -> Result<(Vec<u8>, Manifest, Key)> {
+        have: u64,
+    ) -> Result<Option<(Vec<u8>, Manifest, Key)>> {
         let mut best: Option<(Vec<u8>, ManifestRecord)> = None;
+        let mut not_newer = false;
         let mut errors = Vec::new();
         // The manifest in the publisher's bucket (offline seeding) counts
         // like one more peer's: verified the same way, the newest wins.
@@ -1406,7 +1468,7 @@ impl Agent {
         // publisher makes versions).
         let share = ticket.share_id;
         let mut asks = futures::stream::iter(swarm.distinct().into_iter().map(|conn| async move {
-            let r = conn.manifest(&share, 0).await;
+            let r = conn.manifest(&share, have).await;
             (conn, r)
         }))
         .buffer_unordered(MANIFEST_ASKS_AT_ONCE);
@@ -1429,6 +1491,13 @@ impl Agent {
                     continue;
                 }
             };
+            if bytes.is_empty() && have > 0 {
+                not_newer = true;
+                if conn.peer == ticket.publisher && grace.is_none() {
+                    grace = Some(Box::pin(tokio::time::sleep(MANIFEST_GRACE)));
+                }
+                continue;
+            }
             match SignedRecord::open_from::<ManifestRecord>(&bytes, Some(&ticket.publisher)) {
                 Ok((_, mr)) if mr.share_id == ticket.share_id => {
                     if best.as_ref().is_none_or(|(_, b)| mr.seq > b.seq) {
@@ -1445,6 +1514,9 @@ impl Agent {
                 }
             }
         }
+        if best.is_none() && not_newer {
+            return Ok(None);
+        }
         let (bytes, mr) = best.ok_or_else(|| {
             Error::NotFound(format!(
                 "no peer would give the manifest of share {} ({})",
@@ -1457,7 +1529,7 @@ impl Agent {
             _ => self.request_key(swarm, ticket).await?,
         };
         let manifest = mr.into_manifest(&key)?;
-        Ok((bytes, manifest, key))
+        Ok(Some((bytes, manifest, key)))
     }
 
     /// The publisher's bucket as a source, when the share is seeded offline
