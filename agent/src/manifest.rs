@@ -114,8 +114,36 @@ impl Manifest {
         })
     }
 
-    /// Rejects paths that could escape the destination, and sizes that do
-    /// not add up, before anything is written.
+    /// Whether `path` is a file of this manifest (entries are sorted by
+    /// path: [`Manifest::validate`]).
+    pub fn lists_file(&self, path: &str) -> bool {
+        self.entries
+            .binary_search_by(|e| e.path.as_str().cmp(path))
+            .is_ok_and(|i| matches!(self.entries[i].kind, EntryKind::File { .. }))
+    }
+
+    /// Whether `folder` is an entry of this manifest or holds one.
+    pub fn lists_or_holds(&self, folder: &str) -> bool {
+        if self
+            .entries
+            .binary_search_by(|e| e.path.as_str().cmp(folder))
+            .is_ok()
+        {
+            return true;
+        }
+        // Every path under `folder/` sorts at or after `folder/`, together.
+        let under = format!("{folder}/");
+        let at = self
+            .entries
+            .partition_point(|e| e.path.as_str() < under.as_str());
+        self.entries
+            .get(at)
+            .is_some_and(|e| e.path.starts_with(under.as_str()))
+    }
+
+    /// Rejects paths that could escape the destination, entries out of
+    /// order (a publisher sorts them by path; lookups rely on it), and
+    /// sizes that do not add up, before anything is written.
     pub fn validate(&self) -> Result<()> {
         if self.entries.len() > MAX_MANIFEST_ENTRIES {
             return Err(Error::Record(format!(
@@ -135,6 +163,12 @@ impl Manifest {
                 .iter()
                 .map(|e| (e.path.as_str(), matches!(e.kind, EntryKind::File { .. }))),
         )?;
+        if let Some(w) = self.entries.windows(2).find(|w| w[0].path >= w[1].path) {
+            return Err(Error::Record(format!(
+                "manifest lists {:?} after {:?}: entries are sorted by path",
+                w[1].path, w[0].path
+            )));
+        }
         for e in &self.entries {
             if let EntryKind::File { size, chunks } = &e.kind {
                 if let Some(c) = chunks
@@ -410,6 +444,42 @@ mod tests {
         assert_eq!(signer, k.agent_id());
         assert_eq!(mr.open(&key).unwrap(), m);
         assert!(mr.open(&Key::random().unwrap()).is_err());
+    }
+
+    /// Entries out of order are refused (lookups by path rely on the
+    /// order); files and the folders holding entries are found.
+    #[test]
+    fn entries_are_sorted_and_looked_up_by_path() {
+        let key = Key::random().unwrap();
+        let mut m = sample(ShareId::random().unwrap(), &ChunkKeyer::new(&key));
+        m.validate().unwrap();
+        assert!(m.lists_file("empty.txt") && m.lists_file("naïve/日本語.txt"));
+        assert!(!m.lists_file("dir/empty") && !m.lists_file("dir") && !m.lists_file("zz"));
+        assert!(m.lists_or_holds("dir") && m.lists_or_holds("dir/empty"));
+        assert!(m.lists_or_holds("naïve") && !m.lists_or_holds("nai"));
+        assert!(!m.lists_or_holds("di") && !m.lists_or_holds("empty"));
+        // A sibling sorting between "a" and "a/…" ("a-b": '-' < '/').
+        m.entries.insert(
+            0,
+            Entry {
+                path: "a-b".into(),
+                mode: 0o644,
+                kind: EntryKind::Dir,
+            },
+        );
+        m.entries.insert(
+            1,
+            Entry {
+                path: "a/c".into(),
+                mode: 0o644,
+                kind: EntryKind::Dir,
+            },
+        );
+        m.validate().unwrap();
+        assert!(m.lists_or_holds("a") && !m.lists_or_holds("a/c/d"));
+        m.entries.swap(0, 1);
+        let e = m.validate().unwrap_err();
+        assert!(e.to_string().contains("sorted by path"), "{e}");
     }
 
     #[test]

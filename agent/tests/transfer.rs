@@ -1950,7 +1950,8 @@ fn an_s3_outage_during_a_multipart_upload_is_ridden_out() {
 /// Guarantee: two shares fetched into one folder never write over each
 /// other's files (a version of one dropping the file would remove the
 /// other's): the second is refused before it writes, naming the file;
-/// shares with no file in common share a folder.
+/// shares with no file in common share a folder. Files of a share that
+/// were removed by hand hold no place.
 #[test]
 fn shares_fetched_into_one_folder_never_write_over_each_other() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1982,6 +1983,18 @@ fn shares_fetched_into_one_folder_never_write_over_each_other() {
     assert_eq!(fetch(&bob, &three[0], "d", &[])["state"], "done");
     assert_eq!(fetch(&bob, &two[0], "d2", &[])["state"], "done");
     assert_same_tree(&alice.data().join("two"), &bob.data().join("d2"));
+    // The folder deleted by hand: the files of "one" are gone, so they
+    // keep nothing, and "two" may be fetched there (before, it was refused
+    // for as long as the agent held "one"). Then "one" is the share whose
+    // file is in the way.
+    std::fs::remove_dir_all(bob.data().join("d")).unwrap();
+    assert_eq!(fetch(&bob, &two[0], "d", &[])["state"], "done");
+    assert_same_tree(&alice.data().join("two"), &bob.data().join("d"));
+    let out = cli(&["fetch", "--config", bob.cfg(), &one[0], "--dest", "d"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{said}");
+    assert!(said.contains("d/sub/common.txt, a file of share"), "{said}");
+    assert_same_tree(&alice.data().join("two"), &bob.data().join("d"));
 }
 
 /// Guarantee: a fetch never writes over a file of the recipient's own (a

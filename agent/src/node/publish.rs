@@ -401,7 +401,10 @@ impl Agent {
             2 * at_once + crate::node::tuning::sealed_cache_bytes() / block.max(1) as usize + 2,
         ));
         let blocks_ref = &blocks.0;
-        let chunked: Vec<(String, u64, u32, Vec<ChunkRef>)> =
+        // Each file's entry as its chunks are sealed (a list of results
+        // turned into entries at the end held both lists at the pass's end:
+        // 16 MiB more for 250,000 files, at the publisher's peak).
+        let mut entries: Vec<Entry> =
             futures::stream::iter(files.into_iter().enumerate())
                 .map(|(i, (rel, size, mode))| {
                     let keyer = keyer.clone();
@@ -417,26 +420,22 @@ impl Agent {
                         let chunks = self
                             .chunk_file(&full, (size, etag), &keyer, &progress, &out)
                             .await?;
-                        Ok::<_, Error>((rel, size, mode, chunks))
+                        Ok::<_, Error>(Entry {
+                            path: rel,
+                            mode,
+                            kind: EntryKind::File { size, chunks },
+                        })
                     }
                 })
                 .buffered(at_once)
                 .try_collect()
                 .await?;
-        let mut entries: Vec<Entry> = dirs
-            .into_iter()
-            .map(|(p, mode)| Entry {
-                path: p,
-                mode,
-                kind: EntryKind::Dir,
-            })
-            .collect();
-        entries.extend(chunked.into_iter().map(|(p, size, mode, chunks)| Entry {
+        entries.extend(dirs.into_iter().map(|(p, mode)| Entry {
             path: p,
             mode,
-            kind: EntryKind::File { size, chunks },
+            kind: EntryKind::Dir,
         }));
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         let manifest = Manifest {
             share_id,
             seq,

@@ -141,9 +141,11 @@ pub(crate) struct Job {
     /// stores bill and serve slowly); `None` inside when the listing failed
     /// or was too long, and each file is asked about alone.
     pub(crate) listed: tokio::sync::OnceCell<Option<HashMap<String, u64>>>,
-    /// The AEAD tags of the chunks received (at most one per chunk of the
-    /// manifest), kept with the share so serving them on is cheap.
-    pub(crate) tags: Mutex<HashMap<ChunkId, [u8; TAG_LEN]>>,
+    /// The AEAD tags of the chunks received (one per chunk received, so at
+    /// most the manifest's), kept with the share so serving them on is
+    /// cheap: a list, sorted once at the end (a hash table of them took
+    /// twice the memory).
+    pub(crate) tags: Mutex<Vec<(ChunkId, [u8; TAG_LEN])>>,
     /// A local disk: the destination's files and the part files, listed
     /// once (`None` inside when too long or unreadable: a stat per file).
     pub(crate) local_listing: tokio::sync::OnceCell<Option<local::Listing>>,
@@ -1305,7 +1307,14 @@ impl Job {
             return Ok(Piece::Sealed(v));
         }
         if let Ok(mut t) = self.tags.lock() {
-            t.insert(c.id, v.tag());
+            // A chunk received again (a file retried) is listed again:
+            // duplicates go before the list grows, so it stays within
+            // twice the chunks received.
+            if t.len() == t.capacity() && t.len() >= 1024 {
+                t.sort_unstable_by_key(|t| t.0);
+                t.dedup_by_key(|t| t.0);
+            }
+            t.push((c.id, v.tag()));
         }
         Ok(Piece::Sealed(v))
     }
