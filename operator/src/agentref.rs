@@ -124,6 +124,26 @@ pub async fn ready_pod_ip(
     Ok(pod_ip(&pods.items))
 }
 
+/// The IP of the Agent's newest pod when it runs but is not ready (an
+/// agent waiting for its storage answers on its admin port meanwhile).
+pub fn waiting_pod_ip(pods: &[Pod]) -> Option<String> {
+    let mut live: Vec<&Pod> = pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    live.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
+    let s = live.first()?.status.as_ref()?;
+    let ready = s
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "True");
+    (s.phase.as_deref() == Some("Running") && !ready)
+        .then(|| s.pod_ip.clone())
+        .flatten()
+        .filter(|ip| !ip.is_empty())
+}
+
 /// The admin token stored in an identity Secret.
 pub fn admin_token(secret: &Secret) -> Option<String> {
     secret
@@ -201,6 +221,31 @@ mod tests {
             ]),
             Some("10.0.0.2".into())
         );
+    }
+
+    /// Only the newest pod is asked why it is not ready, and only while it
+    /// runs and is not ready.
+    #[test]
+    fn only_a_running_pod_not_ready_is_asked_why() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        let at = |p: Pod, secs: i64| {
+            let mut p = p;
+            p.metadata.creation_timestamp = Some(Time(
+                k8s_openapi::jiff::Timestamp::from_second(secs).unwrap(),
+            ));
+            p
+        };
+        assert_eq!(waiting_pod_ip(&[]), None);
+        assert_eq!(waiting_pod_ip(&[pod("Pending", false, "10.0.0.1")]), None);
+        assert_eq!(waiting_pod_ip(&[pod("Running", true, "10.0.0.1")]), None);
+        assert_eq!(waiting_pod_ip(&[pod("Running", false, "")]), None);
+        assert_eq!(
+            waiting_pod_ip(&[pod("Running", false, "10.0.0.1")]),
+            Some("10.0.0.1".into())
+        );
+        let old = at(pod("Running", false, "10.0.0.1"), 10);
+        let new = at(pod("Pending", false, "10.0.0.2"), 20);
+        assert_eq!(waiting_pod_ip(&[old, new]), None);
     }
 
     #[test]

@@ -314,7 +314,9 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
     // 3b. Scale to zero: should the pod run? (Only with spec.scaleToZero,
     // so Agents without it make exactly the calls they always made.)
     let sleep = match &agent.spec.scale_to_zero {
-        Some(stz) => Some(plan_sleep(agent, ctx, &ns, &name, &agent_id, admin_token, stz).await?),
+        Some(stz) => {
+            Some(plan_sleep(agent, ctx, &ns, &name, &agent_id, admin_token.clone(), stz).await?)
+        }
         None => None,
     };
 
@@ -380,15 +382,20 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
 
     // 5. Status. While the rollout waits, the newest pod says whether it
     // is only slow or will not come up (a crash loop, an image that
-    // cannot be pulled): then the Agent is Degraded with the reason.
-    let trouble = match (&sleep, status::rollout(&dep)) {
-        (Some(d), _) if !d.awake => None,
-        (_, status::Rollout::InProgress(_)) => pod_trouble(ctx, &ns, &name).await,
-        _ => None,
+    // cannot be pulled): then the Agent is Degraded with the reason. A pod
+    // that runs but is not ready is asked why (its admin API answers while
+    // the agent waits for its storage, with the storage's last error).
+    let (trouble, storage) = match (&sleep, status::rollout(&dep)) {
+        (Some(d), _) if !d.awake => (None, None),
+        (_, status::Rollout::InProgress(_)) => {
+            pod_state(ctx, &ns, &name, admin_token.as_deref()).await
+        }
+        _ => (None, None),
     };
-    let obs = match (&sleep, &trouble) {
-        (Some(d), _) if !d.awake => Observation::Sleeping(&d.message),
-        (_, Some(why)) => Observation::Crashing(why),
+    let obs = match (&sleep, &trouble, &storage) {
+        (Some(d), _, _) if !d.awake => Observation::Sleeping(&d.message),
+        (_, Some(why), _) => Observation::Crashing(why),
+        (_, None, Some(why)) => Observation::StorageUnreachable(why),
         _ => Observation::Applied(&dep),
     };
     let mut resync = match status::rollout(&dep) {
@@ -425,20 +432,59 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
     Ok(Outcome::Healthy(resync))
 }
 
-/// [`status::pod_trouble`] of the Agent's pods (a label-selected `LIST`);
-/// `None` when they cannot be listed (the status then says "rolling out",
-/// as before, and the next reconcile looks again).
-async fn pod_trouble(ctx: &Context, ns: &str, name: &str) -> Option<String> {
+/// [`status::pod_trouble`] of the Agent's pods (a label-selected `LIST`),
+/// and else, when the newest pod runs but is not ready, what its agent
+/// waits for if that is its storage ([`storage_wait`]). Neither when the
+/// pods cannot be listed (the status then says "rolling out", as before,
+/// and the next reconcile looks again).
+async fn pod_state(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    token: Option<&str>,
+) -> (Option<String>, Option<String>) {
     let lp = ListParams::default().labels(&format!("{AGENT_LABEL}={name}"));
-    match Api::<Pod>::namespaced(ctx.client.clone(), ns)
+    let pods = match Api::<Pod>::namespaced(ctx.client.clone(), ns)
         .list(&lp)
         .await
     {
-        Ok(pods) => status::pod_trouble(&pods.items),
+        Ok(pods) => pods.items,
         Err(e) => {
             tracing::debug!(%ns, %name, error = %e, "cannot list the agent's pods");
-            None
+            return (None, None);
         }
+    };
+    if let Some(t) = status::pod_trouble(&pods) {
+        return (Some(t), None);
+    }
+    let (Some(ip), Some(token), Some(api)) =
+        (agentref::waiting_pod_ip(&pods), token, ctx.agents.as_ref())
+    else {
+        return (None, None);
+    };
+    let ep = AgentEndpoint {
+        base: agentref::admin_base(&ip),
+        token: token.to_string(),
+    };
+    let answer = api.activity(&ep).await;
+    ctx.metrics
+        .agent_calls
+        .with_label_values(&["activity", if answer.is_ok() { "ok" } else { "error" }])
+        .inc();
+    (None, storage_wait(answer.err()))
+}
+
+/// What a starting agent said it waits for, when that is storage that does
+/// not answer (the agent's admin API says so with 503 until its storage
+/// answers, then exits after 10 minutes); `None` for any other answer
+/// (starting normally, loading its state, not reached at all).
+pub fn storage_wait(err: Option<crate::agent_api::CallError>) -> Option<String> {
+    match err {
+        Some(crate::agent_api::CallError::Unreachable(m)) if m.contains("not reachable") => {
+            let m = m.strip_prefix("the agent is starting: ").unwrap_or(&m);
+            Some(format!("the agent is {m}"))
+        }
+        _ => None,
     }
 }
 

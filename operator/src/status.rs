@@ -29,6 +29,10 @@ pub enum Observation<'a> {
     /// Children applied, but the agent's container keeps exiting or cannot
     /// start; the text says why ([`pod_trouble`]).
     Crashing(&'a str),
+    /// Children applied; the agent runs but waits for storage that does
+    /// not answer (its own words, with the storage's last error). It keeps
+    /// trying for 10 minutes, then exits (and [`Observation::Crashing`]).
+    StorageUnreachable(&'a str),
 }
 
 /// Rollout state of the agent Deployment.
@@ -316,6 +320,26 @@ pub fn compute(
                 &now,
             ),
             cond(DEGRADED, true, "AgentCrashing", why.to_string(), g, &now),
+        ),
+        Observation::StorageUnreachable(why) => (
+            cond(READY, false, "StorageUnreachable", why.to_string(), g, &now),
+            cond(
+                PROGRESSING,
+                true,
+                "StorageUnreachable",
+                "the agent retries its storage; fix the endpoint or the network (see Degraded)"
+                    .into(),
+                g,
+                &now,
+            ),
+            cond(
+                DEGRADED,
+                true,
+                "StorageUnreachable",
+                why.to_string(),
+                g,
+                &now,
+            ),
         ),
         Observation::Sleeping(why) => (
             cond(
@@ -691,6 +715,43 @@ mod tests {
         let st = compute(None, Some(1), None, None, &Observation::Crashing(&m), t(0));
         assert_eq!(st.phase, Some(AgentPhase::Degraded));
         assert_eq!(get(&st, DEGRADED).reason, "AgentCrashing");
+        assert_eq!(get(&st, READY).status, "False");
+    }
+
+    /// An agent waiting for storage that does not answer is Degraded with
+    /// its own words (the storage's error), still Progressing: it retries.
+    /// Before, the Agent said "waiting for the agent pod to become ready"
+    /// for the 10 minutes the agent retried.
+    #[test]
+    fn an_agent_waiting_for_its_storage_says_why() {
+        use crate::agent_api::CallError;
+        let said = "the agent is starting: waiting for its storage, not reachable yet \
+                    (attempt 4, for up to 10 min): connection refused";
+        let why =
+            crate::controller::storage_wait(Some(CallError::Unreachable(said.into()))).unwrap();
+        assert!(why.starts_with("the agent is waiting for its storage, not reachable yet"));
+        assert!(why.ends_with("connection refused"), "{why}");
+        for other in [
+            Some(CallError::Unreachable(
+                "the agent is starting: loading its state from the storage".into(),
+            )),
+            Some(CallError::Agent("HTTP 500: boom".into())),
+            None,
+        ] {
+            assert_eq!(crate::controller::storage_wait(other), None);
+        }
+        let st = compute(
+            None,
+            Some(1),
+            None,
+            None,
+            &Observation::StorageUnreachable(&why),
+            t(0),
+        );
+        assert_eq!(st.phase, Some(AgentPhase::Degraded));
+        assert_eq!(get(&st, DEGRADED).reason, "StorageUnreachable");
+        assert!(get(&st, DEGRADED).message.contains("connection refused"));
+        assert_eq!(get(&st, PROGRESSING).status, "True");
         assert_eq!(get(&st, READY).status, "False");
     }
 

@@ -209,6 +209,28 @@ degraded_message() { jp -n "$1" get agent "$2" -o jsonpath='{.status.conditions[
 crash_named() { agent_reason "$BAD_NS" misspelt-option AgentCrashing && degraded_message "$BAD_NS" misspelt-option | grep -q 'no option named `atomic_write_dri`'; }
 check "misspelt storage option → Degraded/AgentCrashing naming it" wait_for 150 "misspelt-option AgentCrashing" crash_named
 check "Warning Event AgentCrashing" wait_for 30 "event AgentCrashing" has_event "$BAD_NS" AgentCrashing
+# Storage that does not answer (a wrong endpoint): the agent retries it for
+# 10 minutes, then exits. Meanwhile the Agent says so with the agent's own
+# words (the storage's error), not "waiting for the agent pod".
+kc -n "$BAD_NS" apply -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: Secret
+metadata: {name: unreachable-s3}
+stringData: {access_key_id: k, secret_access_key: s}
+---
+apiVersion: caravan.dev/v1alpha1
+kind: Agent
+metadata: {name: unreachable-storage}
+spec:
+  storage:
+    scheme: s3
+    options: {bucket: b, region: us-east-1, endpoint: "http://127.0.0.1:9"}
+    secretRef: {name: unreachable-s3}
+YAML
+unreachable_said() { agent_reason "$BAD_NS" unreachable-storage StorageUnreachable && degraded_message "$BAD_NS" unreachable-storage | grep -q 'waiting for its storage, not reachable'; }
+check "storage that does not answer → Degraded/StorageUnreachable in the agent's words" wait_for 180 "unreachable-storage StorageUnreachable" unreachable_said
+check "Warning Event StorageUnreachable" wait_for 30 "event StorageUnreachable" has_event "$BAD_NS" StorageUnreachable
+log "unreachable storage: $(degraded_message "$BAD_NS" unreachable-storage | cut -c1-300)"
 check "agent pods' egress excludes the metadata service, admin ports only from operator pods" \
   python3 - "$(kubectl -n tenant-alice get networkpolicy -l caravan.dev/agent=alice -o json)" <<'PY'
 import json, sys

@@ -404,32 +404,31 @@ impl Agent {
         // Each file's entry as its chunks are sealed (a list of results
         // turned into entries at the end held both lists at the pass's end:
         // 16 MiB more for 250,000 files, at the publisher's peak).
-        let mut entries: Vec<Entry> =
-            futures::stream::iter(files.into_iter().enumerate())
-                .map(|(i, (rel, size, mode))| {
-                    let keyer = keyer.clone();
-                    let progress = progress.clone();
-                    let full = format!("{root}{rel}");
-                    let etag = etags.get(&rel).cloned();
-                    async move {
-                        let out = FileOut {
-                            live,
-                            index: i,
-                            blocks: blocks_ref,
-                        };
-                        let chunks = self
-                            .chunk_file(&full, (size, etag), &keyer, &progress, &out)
-                            .await?;
-                        Ok::<_, Error>(Entry {
-                            path: rel,
-                            mode,
-                            kind: EntryKind::File { size, chunks },
-                        })
-                    }
-                })
-                .buffered(at_once)
-                .try_collect()
-                .await?;
+        let mut entries: Vec<Entry> = futures::stream::iter(files.into_iter().enumerate())
+            .map(|(i, (rel, size, mode))| {
+                let keyer = keyer.clone();
+                let progress = progress.clone();
+                let full = format!("{root}{rel}");
+                let etag = etags.get(&rel).cloned();
+                async move {
+                    let out = FileOut {
+                        live,
+                        index: i,
+                        blocks: blocks_ref,
+                    };
+                    let chunks = self
+                        .chunk_file(&full, (size, etag), &keyer, &progress, &out)
+                        .await?;
+                    Ok::<_, Error>(Entry {
+                        path: rel,
+                        mode,
+                        kind: EntryKind::File { size, chunks },
+                    })
+                }
+            })
+            .buffered(at_once)
+            .try_collect()
+            .await?;
         entries.extend(dirs.into_iter().map(|(p, mode)| Entry {
             path: p,
             mode,
