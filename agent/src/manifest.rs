@@ -194,27 +194,32 @@ impl Manifest {
         Ok(())
     }
 
-    /// Encrypts and signs this manifest.
+    /// Encrypts and signs this manifest: encoded once, straight into the
+    /// signed record's buffer (sized once), and encrypted there.
     pub fn seal(&self, publisher: &SecretKey, share_key: &Key) -> Result<SignedRecord> {
-        // Sized once, with room for the tag the sealing appends (a growing
-        // buffer held up to twice the manifest, and both buffers at once
-        // while it grew).
         let size = postcard::experimental::serialized_size(self)
             .map_err(|e| Error::Record(e.to_string()))?;
-        let mut buf = Vec::with_capacity(size + crate::crypto::TAG_LEN);
-        buf = postcard::to_extend(self, buf).map_err(|e| Error::Record(e.to_string()))?;
         let nonce: [u8; 12] = random_bytes()?;
-        manifest_key(share_key).seal(nonce, &manifest_aad(&self.share_id, self.seq), &mut buf)?;
-        SignedRecord::seal_owned(
-            publisher,
-            ManifestRecord {
-                share_id: self.share_id,
-                seq: self.seq,
-                key_check: key_check(share_key),
+        let head = ManifestRecord {
+            share_id: self.share_id,
+            seq: self.seq,
+            key_check: key_check(share_key),
+            nonce,
+            ciphertext: Vec::new(),
+        };
+        let tail = size + crate::crypto::TAG_LEN;
+        SignedRecord::seal_with_tail(publisher, &head, tail, |buf| {
+            let at = buf.len();
+            *buf = postcard::to_extend(self, std::mem::take(buf))
+                .map_err(|e| Error::Record(e.to_string()))?;
+            let tag = manifest_key(share_key).seal_detached(
                 nonce,
-                ciphertext: buf,
-            },
-        )
+                &manifest_aad(&self.share_id, self.seq),
+                &mut buf[at..],
+            )?;
+            buf.extend_from_slice(&tag);
+            Ok(())
+        })
     }
 }
 
@@ -480,6 +485,41 @@ mod tests {
         m.entries.swap(0, 1);
         let e = m.validate().unwrap_err();
         assert!(e.to_string().contains("sorted by path"), "{e}");
+    }
+
+    /// A record sealed with its last field written in place is the record
+    /// sealed whole, byte for byte (lengths of one to three varint bytes);
+    /// a tail of another length than announced is refused.
+    #[test]
+    fn a_record_sealed_with_its_tail_in_place_is_the_same_record() {
+        let k = SecretKey::generate().unwrap();
+        for n in [0usize, 5, 127, 128, 300, 20_000] {
+            let ct: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let head = ManifestRecord {
+                share_id: ShareId([9; 32]),
+                seq: 300,
+                key_check: [1; 8],
+                nonce: [2; 12],
+                ciphertext: Vec::new(),
+            };
+            let whole = ManifestRecord {
+                ciphertext: ct.clone(),
+                ..head.clone()
+            };
+            let a = SignedRecord::seal(&k, &whole).unwrap().to_bytes();
+            let b = SignedRecord::seal_with_tail(&k, &head, n, |buf| {
+                buf.extend_from_slice(&ct);
+                Ok(())
+            })
+            .unwrap()
+            .to_bytes();
+            assert_eq!(a, b, "{n} bytes");
+            let short = SignedRecord::seal_with_tail(&k, &head, n + 1, |buf| {
+                buf.extend_from_slice(&ct);
+                Ok(())
+            });
+            assert!(short.is_err());
+        }
     }
 
     #[test]

@@ -158,6 +158,51 @@ impl SignedRecord {
         Ok(Self::sign_message::<T>(key, message, start))
     }
 
+    /// Signs a record whose last field is a byte string (`Vec<u8>`) of
+    /// `tail_len` bytes that `fill` appends to the encoding, in place:
+    /// `head` is the record with that field empty. A big manifest is then
+    /// encrypted where it is signed, not built as a record of its own and
+    /// copied into the signed message (at the end of a publish pass of
+    /// 250,000 files, 26 MB more at the publisher's peak). The result is
+    /// the same record as [`SignedRecord::seal`] of the whole value.
+    pub fn seal_with_tail<T: Record>(
+        key: &SecretKey,
+        head: &T,
+        tail_len: usize,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    ) -> Result<Self> {
+        let empty = postcard::to_stdvec(head).map_err(|e| Error::Record(e.to_string()))?;
+        let Some((&0, head_bytes)) = empty.split_last() else {
+            return Err(Error::Record(
+                "a record sealed with a tail must end with an empty byte string".into(),
+            ));
+        };
+        // A byte string is its length (a varint, as any integer) and its bytes.
+        let len =
+            postcard::to_stdvec(&(tail_len as u64)).map_err(|e| Error::Record(e.to_string()))?;
+        let n = head_bytes.len() + len.len() + tail_len;
+        if n > T::KIND.max_body() {
+            return Err(Error::Record(format!(
+                "{} of {n} bytes exceeds the {} byte limit",
+                T::KIND.tag(),
+                T::KIND.max_body()
+            )));
+        }
+        let mut message = signing_prefix(T::KIND, &key.agent_id(), n, SIG_LEN);
+        let start = message.len();
+        message.extend_from_slice(head_bytes);
+        message.extend_from_slice(&len);
+        let at = message.len();
+        fill(&mut message)?;
+        if message.len() - at != tail_len {
+            return Err(Error::Record(format!(
+                "a record's tail of {} bytes where {tail_len} were announced",
+                message.len() - at
+            )));
+        }
+        Ok(Self::sign_message::<T>(key, message, start))
+    }
+
     /// Signs `value` with `key`, dropping it once encoded: a big record
     /// (a manifest of 100,000 files is 17 MB) is not held twice while the
     /// signature is computed.

@@ -231,16 +231,18 @@ impl LiveShare {
 
     /// The pass ended. A pass that is done installed its share before it
     /// ended, which locates its chunks from then on: its index (a hash
-    /// table of every chunk) is freed at once, at the publisher's peak
-    /// (the new share's own index built, its manifest served); only the
-    /// log stays, for recipients still reading it ([`LIVE_LINGER`]). A
-    /// failed pass's chunks stay located while it lingers: a recipient
-    /// following it goes on until it reads why the pass failed.
+    /// table of every chunk) and its listing are freed at once (a
+    /// recipient that asks from the start now is told the pass is done,
+    /// and takes the manifest); only the log stays, for recipients still
+    /// reading it ([`LIVE_LINGER`]). A failed pass's chunks stay located
+    /// while it lingers: a recipient following it goes on until it reads
+    /// why the pass failed.
     pub fn end(&self, end: LiveEnd) {
         if let Ok(mut s) = self.state.lock() {
             if end == LiveEnd::Done {
                 s.index = HashMap::new();
                 s.offsets = Vec::new();
+                s.listing = None;
             }
             s.end = end;
         }
