@@ -15,11 +15,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_caravan-agent");
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = std::process::id().wrapping_mul(2_654_435_761)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+    // One seed per process: ports then step through all 12,000 before one
+    // repeats (7,919 is prime to 12,000). A seed read from the clock at
+    // each call gave two calls the same port now and then (an agent
+    // initialised with its peer and metrics ports equal).
+    static SEED: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+    });
     for _ in 0..2000 {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7_919)) % 12_000) as u16;
