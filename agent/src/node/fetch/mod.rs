@@ -510,11 +510,11 @@ impl Agent {
             .await
     }
 
-    /// When exactly `held` (this version or a newer one than `seq`) is in
-    /// place at `dest`, every file at its size: the fetch is done (its
-    /// request, if a restart left one, too), and says so in `progress`. A
-    /// file missing or of another size (removed or edited by hand) is
-    /// fetched again by the caller, the rest verified in place and reused.
+    /// When the version `held` (fetched here) is in place at `dest`, every
+    /// file at its size: the fetch is done (its request, if a restart left
+    /// one, too), and says so in `progress`. Otherwise (a file missing or of
+    /// another size: removed or edited by hand) the caller fetches it again,
+    /// the rest verified in place and reused.
     async fn done_in_place(
         &self,
         ticket: &Ticket,
