@@ -127,12 +127,7 @@ pub async fn ready_pod_ip(
 /// The IP of the Agent's newest pod when it runs but is not ready (an
 /// agent waiting for its storage answers on its admin port meanwhile).
 pub fn waiting_pod_ip(pods: &[Pod]) -> Option<String> {
-    let mut live: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
-    live.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
-    let s = live.first()?.status.as_ref()?;
+    let s = crate::status::newest_pod(pods)?.status.as_ref()?;
     let ready = s
         .conditions
         .iter()

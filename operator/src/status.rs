@@ -115,12 +115,7 @@ const TROUBLE_MAX: usize = 512;
 /// old one's past is not what the agent does now). `None` while
 /// containers start or run normally: a slow start is not trouble.
 pub fn pod_trouble(pods: &[Pod]) -> Option<String> {
-    let mut live: Vec<&Pod> = pods
-        .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect();
-    live.sort_by_key(|p| std::cmp::Reverse(p.metadata.creation_timestamp.clone()));
-    let s = live.first()?.status.as_ref()?;
+    let s = newest_pod(pods)?.status.as_ref()?;
     // A pod that cannot be scheduled for a volume claim that does not exist
     // (`spec.storage.dataVolume.claimName`) waits for ever: said, where the
     // Agent only showed "waiting for the agent pod to become ready". Other
@@ -142,6 +137,14 @@ pub fn pod_trouble(pods: &[Pod]) -> Option<String> {
         .flatten()
         .chain(s.container_statuses.iter().flatten())
         .find_map(container_trouble)
+}
+
+/// The newest of the Agent's pods not being deleted: in a rollout, the one
+/// that says what the agent does now.
+pub fn newest_pod(pods: &[Pod]) -> Option<&Pod> {
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .max_by_key(|p| p.metadata.creation_timestamp.clone())
 }
 
 fn container_trouble(c: &ContainerStatus) -> Option<String> {
