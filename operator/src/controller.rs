@@ -17,6 +17,7 @@
 //! tenant's Secrets): an Agent waiting for its credentials Secret is
 //! re-checked every [`SECRET_RECHECK`].
 
+use caravan_agent::daemon::api::{STARTING, WAITING_FOR_STORAGE};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -480,8 +481,11 @@ async fn pod_state(
 /// (starting normally, loading its state, not reached at all).
 pub fn storage_wait(err: Option<crate::agent_api::CallError>) -> Option<String> {
     match err {
-        Some(crate::agent_api::CallError::Unreachable(m)) if m.contains("not reachable") => {
-            let m = m.strip_prefix("the agent is starting: ").unwrap_or(&m);
+        Some(crate::agent_api::CallError::Unreachable(m)) if m.contains(WAITING_FOR_STORAGE) => {
+            let m = m
+                .strip_prefix(STARTING)
+                .and_then(|m| m.strip_prefix(": "))
+                .unwrap_or(&m);
             Some(format!("the agent is {m}"))
         }
         _ => None,

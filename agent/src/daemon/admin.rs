@@ -160,9 +160,7 @@ fn check_bearer(token: &str, headers: &HeaderMap) -> std::result::Result<(), Api
     }
 }
 
-/// How every answer of a starting daemon's admin API begins (a command
-/// run right after `run` waits while it sees this).
-pub const STARTING: &str = "the agent is starting";
+pub use super::api::{STARTING, WAITING_FOR_STORAGE};
 
 /// The admin API from the moment its port is bound, before the agent is
 /// open: until [`AdminGate::open`], a caller with the token gets `503` and

@@ -150,3 +150,11 @@ pub use crate::declare::{
     DeclaredShare, DeclaredShareStatus, DeclaredState, DeclaredSubscribe, RecipientTicket,
     RevocationStatus, activity, reasons,
 };
+
+/// How every answer of a starting daemon's admin API begins (a command
+/// run right after `run` waits while it sees this).
+pub const STARTING: &str = "the agent is starting";
+/// What a starting agent waits for while its storage does not answer, in
+/// its 503 answers (after [`STARTING`]); the operator reports it as the
+/// Agent's `StorageUnreachable`.
+pub const WAITING_FOR_STORAGE: &str = "waiting for its storage, not reachable yet";

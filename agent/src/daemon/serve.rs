@@ -267,8 +267,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         attempt += 1;
         tracing::warn!(error = %e, attempt, "storage not reachable yet");
         gate.waiting(format!(
-            "waiting for its storage, not reachable yet (attempt {attempt}, for up to \
+            "{} (attempt {attempt}, for up to \
              {} min): {e}",
+            crate::daemon::admin::WAITING_FOR_STORAGE,
             STORAGE_WAIT.as_secs() / 60
         ));
         if waiting_since.elapsed() >= STORAGE_WAIT {
