@@ -650,7 +650,7 @@ impl Job {
                 // small file, the one blocking call that also syncs and
                 // moves it); a resumed one is opened now, at its offset.
                 let file = if from == 0 {
-                    DirectFile::create(full, direct, &pool)
+                    DirectFile::create(full, direct, size, &pool)
                 } else {
                     tokio::task::spawn_blocking(move || {
                         DirectFile::open(&full, from, direct, &pool)
