@@ -60,6 +60,8 @@ fn rt() -> tokio::runtime::Runtime {
 #[derive(Default)]
 struct Hostile {
     manifest: Mutex<Option<bytes::Bytes>>,
+    /// The answer to every live request (none: not a live share).
+    live: Mutex<Option<bytes::Bytes>>,
     chunks: Mutex<HashMap<ChunkId, Vec<u8>>>,
     /// Answer every chunk request with this many bytes (oversize frames).
     huge_chunk: Option<usize>,
@@ -88,6 +90,10 @@ impl Service for Hostile {
     }
     async fn key(&self, _peer: AgentId, _share: ShareId, _proof: Vec<Vec<u8>>) -> Result<Vec<u8>> {
         Err(Error::NotFound("unknown share".into()))
+    }
+    async fn live(&self, _peer: AgentId, _share: ShareId, _from: u64) -> Result<bytes::Bytes> {
+        let l = self.live.lock().unwrap().clone();
+        l.ok_or_else(|| Error::NotFound("unknown share".into()))
     }
     fn peer_connected(&self, _peer: AgentId, connected: bool) {
         if connected {
@@ -1205,10 +1211,28 @@ fn own_rss() -> u64 {
 /// 128 MiB, without the turns).
 #[test]
 fn a_peer_asking_for_a_manifest_on_every_turn_gets_few_copies_made() {
+    few_copies_of_an_answer_asked_on_every_turn(FrameType::GetManifest);
+}
+
+/// Guarantee: the same for a running publish pass's file list (a live
+/// answer from position 0, up to tens of MiB for a pass of many files):
+/// it is shared with the manifests' turns. Before, every ask encoded a copy
+/// of the listing (`node::live` now encodes it once:
+/// `live::tests::every_ask_for_the_listing_shares_one_encoding`).
+#[test]
+fn a_peer_asking_for_a_live_listing_on_every_turn_gets_few_copies_made() {
+    few_copies_of_an_answer_asked_on_every_turn(FrameType::GetLive);
+}
+
+fn few_copies_of_an_answer_asked_on_every_turn(typ: FrameType) {
     use tokio::io::AsyncWriteExt;
     let rt = rt();
     let svc = Arc::new(Hostile::default());
-    *svc.manifest.lock().unwrap() = Some(vec![7u8; 8 << 20].into());
+    let answer: bytes::Bytes = vec![7u8; 8 << 20].into();
+    match typ {
+        FrameType::GetLive => *svc.live.lock().unwrap() = Some(answer),
+        _ => *svc.manifest.lock().unwrap() = Some(answer),
+    }
     let addr = serve_hostile(&rt, &SecretKey::generate().unwrap(), svc);
     let asker = SecretKey::generate().unwrap();
     let before = own_rss();
@@ -1220,7 +1244,7 @@ fn a_peer_asking_for_a_manifest_on_every_turn_gets_few_copies_made() {
                 let mut p = ShareId::random().unwrap().0.to_vec();
                 p.extend_from_slice(&0u64.to_be_bytes());
                 let f = caravan_agent::wire::channel::Outgoing {
-                    typ: FrameType::GetManifest,
+                    typ,
                     id,
                     payload: p.into(),
                     raw_hash: None,
@@ -1234,14 +1258,14 @@ fn a_peer_asking_for_a_manifest_on_every_turn_gets_few_copies_made() {
     rt.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
     let grown = own_rss().saturating_sub(before);
     eprintln!(
-        "{} MiB more resident with 512 manifest answers of 8 MiB unread",
+        "{} MiB more resident with 512 {typ:?} answers of 8 MiB unread",
         grown >> 20
     );
     // Two copies of 8 MiB, what the kernel's socket buffers took of
     // them, and the runtime's own.
     assert!(
         grown < 80 << 20,
-        "{} MiB more resident: more than a few copies of the manifest",
+        "{} MiB more resident: more than a few copies of the {typ:?} answer",
         grown >> 20
     );
     drop(conns);

@@ -616,14 +616,14 @@ impl Service for Agent {
         Ok(SignedRecord::seal(&self.key, &rel)?.to_bytes())
     }
 
-    async fn live(&self, peer: AgentId, share: ShareId, from: u64) -> Result<Vec<u8>> {
+    async fn live(&self, peer: AgentId, share: ShareId, from: u64) -> Result<bytes::Bytes> {
         // Authorized first (the same answer as an unknown share), then at
         // most [`crate::node::live::MAX_LIVE_CHUNKS`] entries after a wait
         // of at most [`LIVE_POLL`].
         let Some(live) = self.authorized_live(&peer, &share) else {
             return Err(self.refused(&peer));
         };
-        live.answer(from, LIVE_POLL).await.to_bytes()
+        live.answer(from, LIVE_POLL).await
     }
 
     fn peer_connected(&self, _peer: AgentId, connected: bool) {

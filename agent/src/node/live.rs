@@ -11,7 +11,7 @@
 //! right behind the pass costs no second read, encryption and hash.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -97,14 +97,36 @@ struct Sealed {
     tag: [u8; TAG_LEN],
 }
 
+/// The borrowed form of a [`LiveAnswer`], encoded the same (postcard): an
+/// answer is encoded without copying the listing first.
+#[derive(Serialize)]
+struct LiveAnswerRef<'a> {
+    seq: u64,
+    key_check: [u8; 8],
+    listing: Option<&'a LiveListing>,
+    from: u64,
+    chunks: &'a [(u32, ChunkRef)],
+    end: &'a LiveEnd,
+}
+
 struct LiveState {
-    listing: Option<LiveListing>,
+    /// Shared with the pass, which reads its files from it.
+    listing: Option<Arc<LiveListing>>,
+    /// The answer to position 0 (the listing, no chunks), encoded once
+    /// and shared by every asker until the pass ends: the listing of a
+    /// pass of 250,000 files is about 10 MB encoded, and an authorized
+    /// peer asking for it on every request turn of every connection had
+    /// a copy made each time (the wire layer shares it too:
+    /// `wire::server::MANIFESTS_PER_PEER`).
+    listed: Option<bytes::Bytes>,
     /// Every chunk sealed, in the order sealed.
     log: Vec<Sealed>,
-    /// Each distinct chunk's first place in the log: paths stay in the
-    /// listing alone (an index of [`ChunkLocation`]s held a path per
-    /// chunk: about 100 MiB for 250,000 small files).
-    index: HashMap<ChunkId, u32>,
+    /// Each distinct chunk's first place in the log, keyed by the id in
+    /// that log entry: paths stay in the listing alone (an index of
+    /// [`ChunkLocation`]s held a path per chunk: about 100 MiB for 250,000
+    /// small files), ids in the log alone (a map of id to position held
+    /// 40 bytes a slot, 21 MiB for 250,000 chunks; this table 5).
+    index: hashbrown::HashTable<u32>,
     /// Next plaintext offset of each file (for the index).
     offsets: Vec<u64>,
     end: LiveEnd,
@@ -157,8 +179,9 @@ impl LiveShare {
             root: std::sync::OnceLock::new(),
             state: Mutex::new(LiveState {
                 listing: None,
+                listed: None,
                 log: Vec::new(),
-                index: HashMap::new(),
+                index: hashbrown::HashTable::new(),
                 offsets: Vec::new(),
                 end: LiveEnd::Running,
             }),
@@ -187,12 +210,17 @@ impl LiveShare {
         self.news.send_modify(|n| *n += 1);
     }
 
-    /// The walk is done: its files and directories.
-    pub fn set_listing(&self, root: &str, listing: LiveListing) {
+    /// The walk is done: its files and directories (shared with the pass,
+    /// which reads its files from it: the pass held a copy of 250,000
+    /// paths beside this one).
+    pub fn set_listing(&self, root: &str, listing: Arc<LiveListing>) {
         let _ = self.root.set(root.to_string());
         if let Ok(mut s) = self.state.lock() {
             s.offsets = vec![0; listing.files.len()];
+            // At least a chunk a file (small files: exactly).
+            s.log.reserve(listing.files.len());
             s.listing = Some(listing);
+            s.listed = None;
         }
         self.changed();
     }
@@ -212,7 +240,14 @@ impl LiveShare {
                 };
                 let offset = s.offsets[file];
                 s.offsets[file] += r.len as u64;
-                s.index.entry(r.id).or_insert(at);
+                let LiveState { index, log, .. } = s;
+                if let hashbrown::hash_table::Entry::Vacant(v) = index.entry(
+                    id_hash(&r.id),
+                    |&p| log.get(p as usize).is_some_and(|c| c.chunk.id == r.id),
+                    |&p| log.get(p as usize).map_or(0, |c| id_hash(&c.chunk.id)),
+                ) {
+                    v.insert(at);
+                }
                 s.log.push(Sealed {
                     file: idx,
                     chunk: *r,
@@ -239,8 +274,9 @@ impl LiveShare {
     /// why the pass failed.
     pub fn end(&self, end: LiveEnd) {
         if let Ok(mut s) = self.state.lock() {
+            s.listed = None;
             if end == LiveEnd::Done {
-                s.index = HashMap::new();
+                s.index = hashbrown::HashTable::new();
                 s.offsets = Vec::new();
                 s.listing = None;
             }
@@ -252,14 +288,13 @@ impl LiveShare {
     /// The AEAD tag of a chunk sealed so far.
     pub fn tag(&self, id: &ChunkId) -> Option<[u8; TAG_LEN]> {
         let s = self.state.lock().ok()?;
-        let at = *s.index.get(id)?;
-        s.log.get(at as usize).map(|c| c.tag)
+        s.sealed(id).map(|c| c.tag)
     }
 
     /// Where a chunk sealed so far lives.
     pub fn locate(&self, id: &ChunkId) -> Option<ChunkLocation> {
         let s = self.state.lock().ok()?;
-        let c = s.log.get(*s.index.get(id)? as usize)?;
+        let c = s.sealed(id)?;
         let (path, file_len, _) = s.listing.as_ref()?.files.get(c.file as usize)?;
         Some(ChunkLocation {
             path: format!("{}{path}", self.root.get().map_or("", |r| r.as_str())),
@@ -270,33 +305,63 @@ impl LiveShare {
         })
     }
 
-    fn answer_now(&self, at: u64) -> Option<LiveAnswer> {
-        let s = self.state.lock().ok()?;
-        let (listing, from) = match at.checked_sub(1) {
-            None => (true, 0),
-            Some(from) => (false, from),
+    fn encode(&self, a: &LiveAnswerRef<'_>) -> Result<bytes::Bytes> {
+        postcard::to_stdvec(a)
+            .map(bytes::Bytes::from)
+            .map_err(|e| Error::Protocol(format!("live answer: {e}")))
+    }
+
+    /// The answer to `at` if there is news: at 0 the listing (shared, see
+    /// [`LiveState::listed`]), else up to [`MAX_LIVE_CHUNKS`] entries of the
+    /// log from position `at - 1`.
+    fn answer_now(&self, at: u64) -> Option<Result<bytes::Bytes>> {
+        let mut s = self.state.lock().ok()?;
+        let Some(from) = at.checked_sub(1) else {
+            if let Some(b) = &s.listed {
+                return Some(Ok(b.clone()));
+            }
+            if s.listing.is_none() && s.end == LiveEnd::Running {
+                return None;
+            }
+            let b = self.encode(&LiveAnswerRef {
+                seq: self.seq,
+                key_check: self.key_check,
+                listing: s.listing.as_deref(),
+                from: 0,
+                chunks: &[],
+                end: &s.end,
+            });
+            if let Ok(b) = &b
+                && s.end == LiveEnd::Running
+            {
+                s.listed = Some(b.clone());
+            }
+            return Some(b);
         };
         let start = usize::try_from(from).unwrap_or(usize::MAX).min(s.log.len());
         let end = (start + MAX_LIVE_CHUNKS).min(s.log.len());
-        let news = end > start || s.end != LiveEnd::Running || (listing && s.listing.is_some());
-        news.then(|| LiveAnswer {
+        if end == start && s.end == LiveEnd::Running {
+            return None;
+        }
+        let chunks: Vec<(u32, ChunkRef)> = s.log[start..end]
+            .iter()
+            .map(|c| (c.file, c.chunk))
+            .collect();
+        Some(self.encode(&LiveAnswerRef {
             seq: self.seq,
             key_check: self.key_check,
-            listing: if listing { s.listing.clone() } else { None },
+            listing: None,
             from: start as u64,
-            chunks: s.log[start..end]
-                .iter()
-                .map(|c| (c.file, c.chunk))
-                .collect(),
-            end: s.end.clone(),
-        })
+            chunks: &chunks,
+            end: &s.end,
+        }))
     }
 
-    /// What was sealed so far, waiting up to `wait` for news when there is
-    /// none yet (a long poll of bounded length). `at` 0 asks for the
-    /// listing and the log from its start; `at` n + 1 for the log from
-    /// entry n on (the asker has the listing).
-    pub async fn answer(&self, at: u64, wait: Duration) -> LiveAnswer {
+    /// What was sealed so far, encoded, waiting up to `wait` for news when
+    /// there is none yet (a long poll of bounded length). `at` 0 asks for
+    /// the listing (with no chunks: the same bytes for every asker); `at`
+    /// n + 1 for the log from entry n on (the asker has the listing).
+    pub async fn answer(&self, at: u64, wait: Duration) -> Result<bytes::Bytes> {
         self.followed
             .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut rx = self.news.subscribe();
@@ -318,14 +383,32 @@ impl LiveShare {
             .lock()
             .map(|s| s.end.clone())
             .unwrap_or(LiveEnd::Running);
-        LiveAnswer {
+        self.encode(&LiveAnswerRef {
             seq: self.seq,
             key_check: self.key_check,
             listing: None,
             from: at.saturating_sub(1),
-            chunks: Vec::new(),
-            end,
-        }
+            chunks: &[],
+            end: &end,
+        })
+    }
+}
+
+/// A chunk id's hash for the live index: the id is a BLAKE3 hash already.
+fn id_hash(id: &ChunkId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    u64::from_le_bytes(b)
+}
+
+impl LiveState {
+    /// The log entry where chunk `id` was first sealed.
+    fn sealed(&self, id: &ChunkId) -> Option<&Sealed> {
+        let log = &self.log;
+        let at = *self.index.find(id_hash(id), |&p| {
+            log.get(p as usize).is_some_and(|c| c.chunk.id == *id)
+        })?;
+        log.get(at as usize)
     }
 }
 
@@ -512,45 +595,93 @@ mod tests {
         }
     }
 
+    async fn ask(live: &LiveShare, at: u64, wait: Duration) -> LiveAnswer {
+        LiveAnswer::from_bytes(&live.answer(at, wait).await.unwrap()).unwrap()
+    }
+
     #[tokio::test]
     async fn live_answers_list_first_then_the_log_and_are_capped() {
         let id = ShareId([2; 32]);
         let live = LiveShare::new(id, 3, AgentId([0; 32]), Access::default(), [1; 8]);
         // Nothing yet: the long poll ends empty.
-        let a = live.answer(0, Duration::from_millis(10)).await;
+        let a = ask(&live, 0, Duration::from_millis(10)).await;
         assert!(a.listing.is_none() && a.chunks.is_empty() && a.end == LiveEnd::Running);
         live.set_listing(
             "root/",
-            LiveListing {
+            Arc::new(LiveListing {
                 files: vec![("a".into(), 10, 0o644)],
                 dirs: vec![],
-            },
+            }),
         );
-        let a = live.answer(0, Duration::from_millis(10)).await;
+        let a = ask(&live, 0, Duration::from_millis(10)).await;
         assert_eq!(a.listing.unwrap().files.len(), 1);
         // Position 1 (listing known, log from 0): waits for news.
-        let a = live.answer(1, Duration::from_millis(10)).await;
+        let a = ask(&live, 1, Duration::from_millis(10)).await;
         assert!(a.listing.is_none() && a.chunks.is_empty());
         let many: Vec<(ChunkRef, [u8; TAG_LEN])> = (0..MAX_LIVE_CHUNKS + 5)
             .map(|i| (r(i as u8, 1), [i as u8; TAG_LEN]))
             .collect();
         live.add_chunks(0, &many);
-        // The tags are kept by chunk id (for serving after the pass).
+        // The tags are kept by chunk id (for serving after the pass); a
+        // chunk sealed again keeps its first place.
         assert_eq!(live.tag(&r(7, 1).id), Some([7; TAG_LEN]));
-        let a = live.answer(1, Duration::from_millis(10)).await;
+        assert_eq!(live.tag(&r(255, 1).id), Some([255; TAG_LEN]));
+        let mut unknown = [9u8; 32];
+        unknown[31] = 0;
+        assert_eq!(live.tag(&ChunkId(unknown)), None);
+        let a = ask(&live, 1, Duration::from_millis(10)).await;
         assert_eq!((a.from, a.chunks.len()), (0, MAX_LIVE_CHUNKS));
-        let a = live
-            .answer(1 + MAX_LIVE_CHUNKS as u64, Duration::ZERO)
-            .await;
+        let a = ask(&live, 1 + MAX_LIVE_CHUNKS as u64, Duration::ZERO).await;
         assert_eq!((a.from, a.chunks.len()), (MAX_LIVE_CHUNKS as u64, 5));
+        // The listing's answer carries no chunks: the log is asked for apart.
+        let a = ask(&live, 0, Duration::ZERO).await;
+        assert!(a.listing.is_some() && a.chunks.is_empty());
         assert_eq!(live.locate(&ChunkId([1; 32])).unwrap().path, "root/a");
         live.end(LiveEnd::Done);
-        let a = live
-            .answer(1 + many.len() as u64, Duration::from_secs(5))
-            .await;
-        assert_eq!(a.end, LiveEnd::Done);
-        let b = LiveAnswer::from_bytes(&a.to_bytes().unwrap()).unwrap();
-        assert_eq!(b.seq, 3);
+        let a = ask(&live, 1 + many.len() as u64, Duration::from_secs(5)).await;
+        assert_eq!((a.end, a.seq), (LiveEnd::Done, 3));
+        // Done: no listing, no index.
+        let a = ask(&live, 0, Duration::ZERO).await;
+        assert!(a.listing.is_none() && a.end == LiveEnd::Done);
+        assert_eq!(live.tag(&r(7, 1).id), None);
+    }
+
+    /// Guarantee: every ask for a running pass's file list is answered with
+    /// the same bytes, encoded once (not a copy of the listing per ask:
+    /// the wire layer then copies a shared answer only with one of the
+    /// asker's few turns), and an ended pass's answer says so.
+    #[tokio::test]
+    async fn every_ask_for_the_listing_shares_one_encoding() {
+        let live = LiveShare::new(
+            ShareId([3; 32]),
+            1,
+            AgentId([0; 32]),
+            Access::default(),
+            [1; 8],
+        );
+        live.set_listing(
+            "",
+            Arc::new(LiveListing {
+                files: (0..1000).map(|i| (format!("f{i:04}"), 10, 0o644)).collect(),
+                dirs: vec![],
+            }),
+        );
+        let a = live.answer(0, Duration::ZERO).await.unwrap();
+        let b = live.answer(0, Duration::ZERO).await.unwrap();
+        assert_eq!(a.as_ptr(), b.as_ptr(), "one encoding, shared");
+        assert_eq!(
+            LiveAnswer::from_bytes(&a)
+                .unwrap()
+                .listing
+                .unwrap()
+                .files
+                .len(),
+            1000
+        );
+        live.end(LiveEnd::Failed("disk gone".into()));
+        let c = LiveAnswer::from_bytes(&live.answer(0, Duration::ZERO).await.unwrap()).unwrap();
+        assert_eq!(c.end, LiveEnd::Failed("disk gone".into()));
+        assert!(c.listing.is_some());
     }
 
     #[test]

@@ -385,16 +385,17 @@ impl Agent {
         } = self.walk(path).await?;
         tracing::info!(share = %share_id, seq, files = files.len(), folders = dirs.len(),
             bytes = files.iter().map(|f| f.1).sum::<u64>(), "listed; the publish pass begins");
-        live.set_listing(
-            &root,
-            LiveListing {
-                files: files.clone(),
-                dirs: dirs.clone(),
-            },
-        );
+        let listing = Arc::new(LiveListing { files, dirs });
+        live.set_listing(&root, listing.clone());
         let keyer = ChunkKeyer::new(key);
         let progress = progress.unwrap_or_default();
-        let block = files.iter().map(|f| f.1).max().unwrap_or(0).min(READ_BLOCK);
+        let block = listing
+            .files
+            .iter()
+            .map(|f| f.1)
+            .max()
+            .unwrap_or(0)
+            .min(READ_BLOCK);
         let at_once = crate::node::tuning::publish_files(self.opts.fs_root.is_some(), block);
         let blocks = PassBlocks(BlockPool::new(
             block as usize,
@@ -404,8 +405,11 @@ impl Agent {
         // Each file's entry as its chunks are sealed (a list of results
         // turned into entries at the end held both lists at the pass's end:
         // 16 MiB more for 250,000 files, at the publisher's peak).
-        let mut entries: Vec<Entry> = futures::stream::iter(files.into_iter().enumerate())
-            .map(|(i, (rel, size, mode))| {
+        // By index: a stream of borrowed items is not `Send` for every
+        // lifetime the spawned publish needs.
+        let mut entries: Vec<Entry> = futures::stream::iter(0..listing.files.len())
+            .map(|i| {
+                let (rel, size, mode) = listing.files[i].clone();
                 let keyer = keyer.clone();
                 let progress = progress.clone();
                 let full = format!("{root}{rel}");
@@ -429,11 +433,12 @@ impl Agent {
             .buffered(at_once)
             .try_collect()
             .await?;
-        entries.extend(dirs.into_iter().map(|(p, mode)| Entry {
-            path: p,
-            mode,
+        entries.extend(listing.dirs.iter().map(|(p, mode)| Entry {
+            path: p.clone(),
+            mode: *mode,
             kind: EntryKind::Dir,
         }));
+        drop(listing);
         entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         let manifest = Manifest {
             share_id,

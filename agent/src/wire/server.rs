@@ -23,13 +23,14 @@ use crate::manifest::ShareId;
 /// Requests a connection may have in progress at once.
 const PER_CONNECTION_CONCURRENCY: usize = 32;
 
-/// Manifest answers one peer may have being sealed and written at once,
-/// over all its connections. Sealing a frame takes a copy of its body, and
-/// a manifest record may be up to [`super::MAX_MANIFEST_RESPONSE`] bytes
-/// (tens of MiB for a share of many files): an authorized peer asking for
-/// it on every request turn of every connection it may open (32 x 64) held
-/// that many copies in this agent. Answers wait for a turn, holding no copy
-/// ([`Body::Shared`]); only the asker's own connections wait.
+/// Manifest and live answers one peer may have being sealed and written at
+/// once, over all its connections. Sealing a frame takes a copy of its
+/// body, and a manifest record or a live pass's file list may be up to
+/// [`super::MAX_MANIFEST_RESPONSE`] bytes (tens of MiB for a share of many
+/// files): an authorized peer asking for it on every request turn of every
+/// connection it may open (32 x 64) held that many copies in this agent.
+/// Answers wait for a turn, holding no copy ([`Body::Shared`]); only the
+/// asker's own connections wait.
 pub const MANIFESTS_PER_PEER: usize = 2;
 
 /// The turns of each connected peer to seal a manifest answer
@@ -100,14 +101,16 @@ pub trait Service: Send + Sync + 'static {
         proof: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<Vec<u8>>> + Send;
     /// What a running publish pass of a share sealed from position `from`
-    /// of its chunk log on (a long poll of bounded length). Only the
-    /// publisher answers; the default knows no live share.
+    /// of its chunk log on (a long poll of bounded length); from 0, its
+    /// file list. Shared, not copied, as a manifest is: see
+    /// [`MANIFESTS_PER_PEER`]. Only the publisher answers; the default
+    /// knows no live share.
     fn live(
         &self,
         _peer: AgentId,
         _share: ShareId,
         _from: u64,
-    ) -> impl Future<Output = Result<Vec<u8>>> + Send {
+    ) -> impl Future<Output = Result<bytes::Bytes>> + Send {
         async { Err(Error::NotFound("unknown share".into())) }
     }
     /// A chunk request read off a connection, called in the order the peer
@@ -273,7 +276,7 @@ async fn handle<S: Service>(svc: &S, peer: AgentId, f: Frame) -> Result<(Body, O
             .await
             .map(|(ct, h)| (ct, Some(h))),
         Request::Key(s, proof) => Ok((svc.key(peer, s, proof).await?.into(), None)),
-        Request::Live(s, from) => Ok((svc.live(peer, s, from).await?.into(), None)),
+        Request::Live(s, from) => Ok((Body::Shared(svc.live(peer, s, from).await?), None)),
     }
 }
 
@@ -426,7 +429,7 @@ async fn connection<S: Service>(
         mpsc::channel::<(Outgoing, Option<OwnedSemaphorePermit>)>(PER_CONNECTION_CONCURRENCY);
     let writer = tokio::spawn(async move {
         let mut w = BufWriter::with_capacity(256 << 10, wr);
-        // A shared body (a manifest) is copied to be sealed: only with
+        // A shared body (a manifest, a live answer) is copied to be sealed: only with
         // one of the peer's turns, held until it is written.
         let turn = async |f: &Outgoing| match f.payload {
             Body::Shared(_) => manifest_turns.clone().acquire_owned().await.ok(),
