@@ -175,6 +175,10 @@ pub(crate) fn staging_kept() -> usize {
 /// while the network does and the final sync finds little to do.
 const WRITEBACK_EVERY: u64 = 64 << 20;
 
+/// Destination paths looked at per blocking call when a fetch checks what
+/// is already there (`Job::check_own_files`).
+const STAT_BATCH: usize = 4096;
+
 /// Segment writes one file keeps going at once.
 const WRITES_PER_FILE: usize = 3;
 
@@ -1068,24 +1072,28 @@ impl Job {
     ) -> Result<()> {
         let present: Vec<(usize, u64)> = match &self.agent.opts.fs_root {
             Some(root) => {
-                let root = root.clone();
-                let paths: Vec<(usize, String, bool)> = files
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| (i, format!("{}{}", self.dest, f.0), ours.contains(f.0)))
-                    .collect();
                 type Found = (
                     Vec<(usize, u64)>,
                     Vec<usize>,
                     Vec<String>,
                     Option<(String, &'static str)>,
                 );
-                let (present, folders, here, other): Found =
-                    tokio::task::spawn_blocking(move || {
-                        let mut present = Vec::new();
-                        let mut folders = Vec::new();
-                        let mut here = Vec::new();
-                        let mut other = None;
+                let (mut present, mut folders, mut here, mut other): Found = Default::default();
+                // A batch of paths at a time: all at once, a tree of 250,000
+                // files held 18 MiB of them at the start of its fetch.
+                for (b, batch) in files.chunks(STAT_BATCH).enumerate() {
+                    let root = root.clone();
+                    let paths: Vec<(usize, String, bool)> = batch
+                        .iter()
+                        .enumerate()
+                        .map(|(j, f)| {
+                            let i = b * STAT_BATCH + j;
+                            (i, format!("{}{}", self.dest, f.0), ours.contains(f.0))
+                        })
+                        .collect();
+                    let found: Found = tokio::task::spawn_blocking(move || {
+                        let mut found: Found = Default::default();
+                        let (present, folders, here, other) = &mut found;
                         for (i, p, ours) in paths {
                             let Ok(at) = local::confined(&root, &p) else {
                                 continue;
@@ -1098,15 +1106,25 @@ impl Job {
                                 // recipient's: refused now, like a file of
                                 // theirs, not found half way through the writes.
                                 Ok(m) if other.is_none() => {
-                                    other = Some((p, crate::util::file_type_said(m.file_type())))
+                                    *other = Some((p, crate::util::file_type_said(m.file_type())))
                                 }
                                 _ => {}
                             }
                         }
-                        (present, folders, here, other)
+                        found
                     })
                     .await
                     .map_err(|e| Error::Protocol(format!("checking the destination: {e}")))?;
+                    present.extend(found.0);
+                    folders.extend(found.1);
+                    here.extend(found.2);
+                    if other.is_none() {
+                        other = found.3;
+                    }
+                    if other.is_some() {
+                        break;
+                    }
+                }
                 if let Some((p, what)) = other {
                     return Err(Error::Rejected(format!(
                         "share {id} would replace {p}, {what} of your own (not one an earlier \
