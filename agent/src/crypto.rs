@@ -84,6 +84,22 @@ impl Key {
             .map_err(|_| Error::Crypto("authentication tag mismatch"))
     }
 
+    /// Decrypts `buf` (ciphertext followed by tag) in place; returns the
+    /// plaintext's length (the tag's bytes after it are left as they are,
+    /// or unspecified on an error).
+    pub fn open_in_slice(
+        &self,
+        nonce: [u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> Result<usize> {
+        Ok(self
+            .aead()?
+            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), buf)
+            .map_err(|_| Error::Crypto("authentication tag mismatch"))?
+            .len())
+    }
+
     /// Decrypts `buf` (ciphertext followed by tag) in place and truncates the tag.
     pub fn open(&self, nonce: [u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>) -> Result<()> {
         let len = self

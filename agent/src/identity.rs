@@ -37,6 +37,18 @@ impl AgentId {
         Ok(())
     }
 
+    /// [`AgentId::verify`] of a message given in parts (a signed record's
+    /// prefix and its body where it lies, not copied together). The same
+    /// check: `verify_strict` only adds small-order refusals to `verify`'s
+    /// equation, so "strict, or else plain" is plain `verify`, which this is
+    /// over the concatenated parts.
+    pub fn verify_parts(&self, parts: &[&[u8]], sig: &[u8; 64]) -> Result<()> {
+        use ed25519_dalek::ed25519::signature::MultipartVerifier;
+        self.verifying_key()?
+            .multipart_verify(parts, &Signature::from_bytes(sig))
+            .map_err(|_| Error::Record("signature does not verify".into()))
+    }
+
     /// A short, human-friendly prefix for logs (never used for authorization).
     pub fn short(&self) -> String {
         self.to_string().chars().take(12).collect()

@@ -116,11 +116,38 @@ fn signing_prefix(kind: Kind, signer: &AgentId, body_len: usize, spare: usize) -
     m
 }
 
-/// The signed message of a body (prefix and body in one buffer).
-fn signing_message(kind: Kind, signer: &AgentId, body: &[u8]) -> Vec<u8> {
-    let mut m = signing_prefix(kind, signer, body.len(), 0);
-    m.extend_from_slice(body);
-    m
+/// Decodes a record's body as `T`, checking that it is a `want` record and
+/// canonically encoded (re-encoded, it is the same bytes).
+fn decode_canonical<'a, T: Serialize + serde::Deserialize<'a>>(
+    want: Kind,
+    kind: Kind,
+    body: &'a [u8],
+) -> Result<T> {
+    if kind != want {
+        return Err(Error::Record(format!(
+            "expected a {} record, got a {}",
+            want.tag(),
+            kind.tag()
+        )));
+    }
+    let value: T = postcard::from_bytes(body)
+        .map_err(|e| Error::Record(format!("malformed {} body: {e}", kind.tag())))?;
+    let same = postcard::serialize_with_flavor(
+        &value,
+        SameAs {
+            expected: body,
+            pos: 0,
+            same: true,
+        },
+    )
+    .map_err(|e| Error::Record(e.to_string()))?;
+    if !same {
+        return Err(Error::Record(format!(
+            "{} body is not canonically encoded",
+            kind.tag()
+        )));
+    }
+    Ok(value)
 }
 
 /// A postcard output that compares what is written with the bytes
@@ -279,6 +306,25 @@ impl SignedRecord {
 
     /// Decodes and verifies a record. There is no way to get an unverified one.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let (kind, signer, body, signature) = Self::verified(bytes)?;
+        let mut body = body.to_vec();
+        // A small record is kept exactly sized (a repository holds many).
+        if body.len() < 64 << 10 {
+            body.shrink_to_fit();
+        }
+        Ok(SignedRecord {
+            kind,
+            signer,
+            body,
+            signature,
+        })
+    }
+
+    /// Checks a record's form and signature where it lies: its kind,
+    /// signer, body (borrowed from `bytes`) and signature. The signed
+    /// message is verified in two parts, its prefix and the body in place:
+    /// a record of tens of MiB (a manifest) is not copied to be verified.
+    fn verified(bytes: &[u8]) -> Result<(Kind, AgentId, &[u8], [u8; 64])> {
         if bytes.len() < HEADER_LEN + SIG_LEN {
             return Err(Error::Record(format!("{} bytes is too short", bytes.len())));
         }
@@ -310,50 +356,36 @@ impl SignedRecord {
         }
         let mut signature = [0u8; 64];
         signature.copy_from_slice(&bytes[HEADER_LEN + len..]);
-        // One copy of the body: into the message verified, then kept.
-        let mut body = signing_message(kind, &signer, &bytes[HEADER_LEN..HEADER_LEN + len]);
-        signer.verify(&body, &signature)?;
-        body.drain(..body.len() - len);
-        // A small record is kept exactly sized (a repository holds many);
-        // a big one (a manifest) is not copied again for the slack.
-        if len < 64 << 10 {
-            body.shrink_to_fit();
+        let body = &bytes[HEADER_LEN..HEADER_LEN + len];
+        let prefix = signing_prefix(kind, &signer, len, 0);
+        signer.verify_parts(&[&prefix, body], &signature)?;
+        Ok((kind, signer, body, signature))
+    }
+
+    /// [`SignedRecord::open_from`] decoding a `want` record straight from
+    /// `bytes`, the record not copied: a value that borrows from it (a
+    /// manifest record's ciphertext) stays where it lies.
+    pub fn open_borrowed<'a, T: Serialize + serde::Deserialize<'a>>(
+        bytes: &'a [u8],
+        want: Kind,
+        expected_signer: Option<&AgentId>,
+    ) -> Result<(AgentId, T)> {
+        let (kind, signer, body, _) = Self::verified(bytes)?;
+        if let Some(want) = expected_signer
+            && *want != signer
+        {
+            return Err(Error::Record(format!(
+                "signed by {} but expected {}",
+                signer.short(),
+                want.short()
+            )));
         }
-        Ok(SignedRecord {
-            kind,
-            signer,
-            body,
-            signature,
-        })
+        Ok((signer, decode_canonical(want, kind, body)?))
     }
 
     /// Decodes the body as `T`, checking the kind and canonical encoding.
     pub fn open<T: Record>(&self) -> Result<T> {
-        if self.kind != T::KIND {
-            return Err(Error::Record(format!(
-                "expected a {} record, got a {}",
-                T::KIND.tag(),
-                self.kind.tag()
-            )));
-        }
-        let value: T = postcard::from_bytes(&self.body)
-            .map_err(|e| Error::Record(format!("malformed {} body: {e}", self.kind.tag())))?;
-        let same = postcard::serialize_with_flavor(
-            &value,
-            SameAs {
-                expected: &self.body,
-                pos: 0,
-                same: true,
-            },
-        )
-        .map_err(|e| Error::Record(e.to_string()))?;
-        if !same {
-            return Err(Error::Record(format!(
-                "{} body is not canonically encoded",
-                self.kind.tag()
-            )));
-        }
-        Ok(value)
+        decode_canonical(T::KIND, self.kind, &self.body)
     }
 
     /// Decodes, verifies, checks the signer and opens in one step.

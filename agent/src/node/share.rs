@@ -11,9 +11,8 @@ use crate::chunk::{ChunkId, ChunkRef};
 use crate::crypto::{Key, TAG_LEN};
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
-use crate::manifest::{EntryKind, Manifest, ManifestRecord, ShareId};
+use crate::manifest::{EntryKind, Manifest, ManifestHead, ShareId};
 use crate::node::state;
-use crate::record::SignedRecord;
 
 /// Why this agent holds a share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,14 +265,21 @@ async fn load_one(op: &Operator, dir: &str, me: &SecretKey) -> Result<HeldShare>
         .decode(meta.wrapped_key.as_bytes())
         .map_err(|e| Error::parse("wrapped key", e))?;
     let key = me.unwrap_key(&wrapped)?;
-    let record = op
+    let mut record = op
         .read(&format!("{dir}manifest"))
         .await
         .context(|| format!("reading {dir}manifest"))?
-        .to_bytes();
-    let (_, mr): (_, ManifestRecord) = SignedRecord::open_from(&record, Some(&publisher))?;
-    let manifest = mr.into_manifest(&key)?;
-    let held = HeldShare::new(publisher, key, meta.role, meta.root, manifest, record);
+        .to_vec();
+    let head = ManifestHead::open(&record, Some(&publisher))?;
+    let manifest = head.manifest_in(&mut record, &key)?;
+    let held = HeldShare::new(
+        publisher,
+        key,
+        meta.role,
+        meta.root,
+        manifest,
+        bytes::Bytes::from(record),
+    );
     // The tags only speed serving up: without them (an older agent's
     // state, a damaged file) every chunk served is hashed instead.
     let tags = match op.read(&format!("{dir}{TAGS_FILE}")).await {

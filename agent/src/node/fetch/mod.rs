@@ -17,7 +17,7 @@ use crate::chunk::{ChunkKeyer, ChunkRef};
 use crate::crypto::Key;
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
-use crate::manifest::{EntryKind, KeyRelease, Manifest, ManifestRecord, ShareId, Ticket};
+use crate::manifest::{EntryKind, KeyRelease, Manifest, ManifestHead, ShareId, Ticket};
 use crate::node::agent::Agent;
 use crate::node::fetch::live::{ChunkSource, LiveFeed};
 use crate::node::fetch::progress::{FetchProgress, FetchState, ProgressSnapshot};
@@ -498,12 +498,10 @@ impl Agent {
                     return Ok(());
                 }
                 // Files of it missing or changed here: that version again.
-                let (_, mr) = SignedRecord::open_from::<ManifestRecord>(
-                    &held.record,
-                    Some(&ticket.publisher),
-                )?;
-                let manifest = mr.into_manifest(&held.key)?;
-                (held.record.to_vec(), manifest, held.key.clone())
+                let mut record = held.record.to_vec();
+                let head = ManifestHead::open(&record, Some(&ticket.publisher))?;
+                let manifest = head.manifest_in(&mut record, &held.key)?;
+                (record, manifest, held.key.clone())
             }
         };
         self.fetch_manifest(&ticket, dest, swarm, record, manifest, key, progress)
@@ -1482,15 +1480,15 @@ impl Agent {
         key: Option<Key>,
         have: u64,
     ) -> Result<Option<(Vec<u8>, Manifest, Key)>> {
-        let mut best: Option<(Vec<u8>, ManifestRecord)> = None;
+        let mut best: Option<(Vec<u8>, ManifestHead)> = None;
         let mut not_newer = false;
         let mut errors = Vec::new();
         // The manifest in the publisher's bucket (offline seeding) counts
         // like one more peer's: verified the same way, the newest wins.
         if let Some(seed) = &swarm.seed {
             let (bytes, _) = seed.manifest().await;
-            match SignedRecord::open_from::<ManifestRecord>(&bytes, Some(&ticket.publisher)) {
-                Ok((_, mr)) if mr.share_id == ticket.share_id => best = Some((bytes, mr)),
+            match ManifestHead::open(&bytes, Some(&ticket.publisher)) {
+                Ok(mr) if mr.share_id == ticket.share_id => best = Some((bytes, mr)),
                 Ok(_) => errors.push("bucket: manifest for another share".into()),
                 Err(e) => errors.push(format!("bucket: {e}")),
             }
@@ -1532,8 +1530,8 @@ impl Agent {
                 }
                 continue;
             }
-            match SignedRecord::open_from::<ManifestRecord>(&bytes, Some(&ticket.publisher)) {
-                Ok((_, mr)) if mr.share_id == ticket.share_id => {
+            match ManifestHead::open(&bytes, Some(&ticket.publisher)) {
+                Ok(mr) if mr.share_id == ticket.share_id => {
                     if best.as_ref().is_none_or(|(_, b)| mr.seq > b.seq) {
                         best = Some((bytes, mr));
                     }
@@ -1551,7 +1549,7 @@ impl Agent {
         if best.is_none() && not_newer {
             return Ok(None);
         }
-        let (bytes, mr) = best.ok_or_else(|| {
+        let (mut bytes, mr) = best.ok_or_else(|| {
             Error::NotFound(format!(
                 "no peer would give the manifest of share {} ({})",
                 ticket.share_id,
@@ -1562,7 +1560,7 @@ impl Agent {
             Some(k) if mr.key_check == crate::manifest::key_check(&k) => k,
             _ => self.request_key(swarm, ticket).await?,
         };
-        let manifest = mr.into_manifest(&key)?;
+        let manifest = mr.manifest_in(&mut bytes, &key)?;
         Ok(Some((bytes, manifest, key)))
     }
 
