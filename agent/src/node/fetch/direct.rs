@@ -54,6 +54,9 @@ pub(crate) const SEGMENT: usize = 2 << 20;
 /// with the unaligned tail of the previous one ([`DirectFile::stage_with`]).
 const CAPACITY: usize = SEGMENT + ALIGN;
 
+/// The largest file staged in a buffer of its own size ([`Pool::get_for`]).
+const SMALL_STAGE: usize = 256 << 10;
+
 /// An aligned buffer of `cap` bytes ([`CAPACITY`], or less for a small
 /// file: [`Pool::get_for`]): storage over-allocated by [`ALIGN`], the
 /// aligned region found with `align_offset` (no unsafe code).
@@ -93,13 +96,15 @@ impl Pool {
     }
 
     /// A staging buffer for a new file of `size` bytes: one just big enough
-    /// (whole blocks) for a file smaller than a segment, else a full one.
-    /// A tree of small files written 16 at a time held a full buffer each,
-    /// 2 MiB for 4 KiB of data: 60 MiB of a recipient's peak with 250,000
-    /// files, most of it zeroed by the allocator for reuse.
+    /// (whole blocks) for a file of up to [`SMALL_STAGE`] bytes, else a
+    /// full one from the pool. A tree of small files written 16 at a time
+    /// held a full buffer each, 2 MiB for 4 KiB of data: 60 MiB of a
+    /// recipient's peak with 250,000 files, most of it zeroed by the
+    /// allocator for reuse. (Bigger files keep the pool's buffers: a fresh
+    /// one per file is zeroed or faulted in whole.)
     fn get_for(&self, size: u64) -> Aligned {
         match usize::try_from(size) {
-            Ok(n) if n < SEGMENT => Aligned::new(n.next_multiple_of(ALIGN).max(ALIGN)),
+            Ok(n) if n <= SMALL_STAGE => Aligned::new(n.next_multiple_of(ALIGN).max(ALIGN)),
             _ => self.get(),
         }
     }
@@ -699,7 +704,8 @@ mod tests {
         let pool = Pool::new(4);
         assert_eq!(pool.get_for(5000).cap, 2 * ALIGN);
         assert_eq!(pool.get_for(0).cap, ALIGN);
-        assert_eq!(pool.get_for(SEGMENT as u64).cap, CAPACITY);
+        assert_eq!(pool.get_for(SMALL_STAGE as u64).cap, SMALL_STAGE);
+        assert_eq!(pool.get_for(SMALL_STAGE as u64 + 1).cap, CAPACITY);
         let dir = tempfile::tempdir().unwrap();
         let data = pattern(3 * SEGMENT, 5);
         for (i, (said, len)) in [
