@@ -121,6 +121,10 @@ struct LiveState {
     listed: Option<bytes::Bytes>,
     /// Every chunk sealed, in the order sealed.
     log: Vec<Sealed>,
+    /// A recipient was given the listing, and so may be reading the log:
+    /// else the log goes with the pass (96 bytes a chunk, 24 MiB for
+    /// 250,000, held through [`LIVE_LINGER`] beside the manifest served).
+    listed_to_someone: bool,
     /// Each distinct chunk's first place in the log, keyed by the id in
     /// that log entry: paths stay in the listing alone (an index of
     /// [`ChunkLocation`]s held a path per chunk: about 100 MiB for 250,000
@@ -181,6 +185,7 @@ impl LiveShare {
                 listing: None,
                 listed: None,
                 log: Vec::new(),
+                listed_to_someone: false,
                 index: hashbrown::HashTable::new(),
                 offsets: Vec::new(),
                 end: LiveEnd::Running,
@@ -269,7 +274,7 @@ impl LiveShare {
     /// table of every chunk) and its listing are freed at once (a
     /// recipient that asks from the start now is told the pass is done,
     /// and takes the manifest); only the log stays, for recipients still
-    /// reading it ([`LIVE_LINGER`]). A failed pass's chunks stay located
+    /// reading it ([`LIVE_LINGER`]), if any was given the listing. A failed pass's chunks stay located
     /// while it lingers: a recipient following it goes on until it reads
     /// why the pass failed.
     pub fn end(&self, end: LiveEnd) {
@@ -279,6 +284,9 @@ impl LiveShare {
                 s.index = hashbrown::HashTable::new();
                 s.offsets = Vec::new();
                 s.listing = None;
+                if !s.listed_to_someone {
+                    s.log = Vec::new();
+                }
             }
             s.end = end;
         }
@@ -317,6 +325,9 @@ impl LiveShare {
     fn answer_now(&self, at: u64) -> Option<Result<bytes::Bytes>> {
         let mut s = self.state.lock().ok()?;
         let Some(from) = at.checked_sub(1) else {
+            if s.listing.is_some() {
+                s.listed_to_someone = true;
+            }
             if let Some(b) = &s.listed {
                 return Some(Ok(b.clone()));
             }
@@ -644,6 +655,41 @@ mod tests {
         let a = ask(&live, 0, Duration::ZERO).await;
         assert!(a.listing.is_none() && a.end == LiveEnd::Done);
         assert_eq!(live.tag(&r(7, 1).id), None);
+    }
+
+    /// A pass nobody was given the listing of frees its log when done (a
+    /// recipient asking now is told it is done, and takes the manifest); a
+    /// pass someone follows keeps it for them while it lingers.
+    #[tokio::test]
+    async fn a_done_pass_keeps_its_log_only_for_those_given_its_listing() {
+        for given in [false, true] {
+            let live = LiveShare::new(
+                ShareId([4; 32]),
+                1,
+                AgentId([0; 32]),
+                Access::default(),
+                [1; 8],
+            );
+            live.set_listing(
+                "",
+                Arc::new(LiveListing {
+                    files: vec![("a".into(), 3, 0o644)],
+                    dirs: vec![],
+                }),
+            );
+            if given {
+                assert!(ask(&live, 0, Duration::ZERO).await.listing.is_some());
+            }
+            live.add_chunks(0, &[(r(1, 3), [1; TAG_LEN])]);
+            live.end(LiveEnd::Done);
+            let a = ask(&live, 1, Duration::ZERO).await;
+            assert_eq!(a.end, LiveEnd::Done);
+            assert_eq!(
+                a.chunks.len(),
+                usize::from(given),
+                "given the listing: {given}"
+            );
+        }
     }
 
     /// Guarantee: every ask for a running pass's file list is answered with
