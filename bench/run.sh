@@ -222,7 +222,7 @@ run_caravan() { # set run [storage-config-hook]
     local hwm_a hwm_b after=()
     hwm_a=$(kib_of "$PID_A" VmHWM); hwm_b=$(kib_of "$PID_B" VmHWM)
     # Round 1: what both daemons hold once idle again (AFTER_SECS after
-    # the fetch; the allocator returns freed buffers about 10 s after use).
+    # the fetch; the allocator returns freed buffers 250 ms after use).
     if [ "$run" = 1 ] && [ "${AFTER_SECS:-20}" != 0 ]; then
         sleep "${AFTER_SECS:-20}"
         after=("after_a=$(kib_of "$PID_A" VmRSS)" "after_b=$(kib_of "$PID_B" VmRSS)")

@@ -7,9 +7,10 @@ mod cli;
 /// transfer's chunk buffers (up to about 100 MiB at its peak) are freed
 /// afterwards, but glibc's heaps kept 30–60 MiB of them resident for as long
 /// as the daemon ran (an agent idle after fetching 1,000 files sat at
-/// 53 MiB); jemalloc's background thread returns freed pages to the OS about
-/// 10 s after they were last used (the same daemon idles at 24 MiB) and
-/// reuses them until then, so back-to-back transfers keep their pages.
+/// 53 MiB); jemalloc's background thread returns freed pages to the OS
+/// once unused for a while (250 ms: `.cargo/config.toml` says why; the
+/// same daemon idles at 22 MiB) and reuses them until then, so a
+/// transfer's pooled buffers keep their pages.
 #[cfg(all(unix, not(target_env = "musl")))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
