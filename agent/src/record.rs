@@ -116,6 +116,18 @@ fn signing_prefix(kind: Kind, signer: &AgentId, body_len: usize, spare: usize) -
     m
 }
 
+/// Refuses a record signed by anyone but `expected` (when given).
+fn check_signer(signer: &AgentId, expected: Option<&AgentId>) -> Result<()> {
+    match expected {
+        Some(want) if want != signer => Err(Error::Record(format!(
+            "signed by {} but expected {}",
+            signer.short(),
+            want.short()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Decodes a record's body as `T`, checking that it is a `want` record and
 /// canonically encoded (re-encoded, it is the same bytes).
 fn decode_canonical<'a, T: Serialize + serde::Deserialize<'a>>(
@@ -371,15 +383,7 @@ impl SignedRecord {
         expected_signer: Option<&AgentId>,
     ) -> Result<(AgentId, T)> {
         let (kind, signer, body, _) = Self::verified(bytes)?;
-        if let Some(want) = expected_signer
-            && *want != signer
-        {
-            return Err(Error::Record(format!(
-                "signed by {} but expected {}",
-                signer.short(),
-                want.short()
-            )));
-        }
+        check_signer(&signer, expected_signer)?;
         Ok((signer, decode_canonical(want, kind, body)?))
     }
 
@@ -394,15 +398,7 @@ impl SignedRecord {
         expected_signer: Option<&AgentId>,
     ) -> Result<(AgentId, T)> {
         let rec = Self::from_bytes(bytes)?;
-        if let Some(want) = expected_signer
-            && *want != rec.signer
-        {
-            return Err(Error::Record(format!(
-                "signed by {} but expected {}",
-                rec.signer.short(),
-                want.short()
-            )));
-        }
+        check_signer(&rec.signer, expected_signer)?;
         Ok((rec.signer, rec.open()?))
     }
 

@@ -151,21 +151,6 @@ pub(crate) fn note_placed_all(log: &Path, paths: &[&str]) -> io::Result<()> {
     f.write_all(lines.as_bytes())
 }
 
-/// The paths under `dest` (relative to it) that `log` notes as placed,
-/// folders ending in `/`; none when there is no log.
-pub(crate) fn read_placed(log: &Path, dest: &str) -> Vec<String> {
-    let mut placed: Vec<String> = std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.strip_prefix(dest))
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect();
-    placed.sort_unstable();
-    placed.dedup();
-    placed
-}
-
 /// Moves a complete (and synced) part file to its destination, creating
 /// the destination's directories when missing. Blocking: called on the
 /// blocking pool right after the file's last write and sync, in the same

@@ -872,9 +872,10 @@ impl Agent {
         Ok(())
     }
 
-    /// [`Agent::placed_here`] without the paths `kept` keeps, read a line
-    /// at a time (the log of a fetch that placed 250,000 files is 11 MB,
-    /// and was held whole, with a string per line, at the fetch's peak).
+    /// [`Agent::placed_here`] without the paths `kept` keeps (folders end
+    /// in `/`), sorted, read a line at a time (the log of a fetch that
+    /// placed 250,000 files is 11 MB, and was held whole, with a string per
+    /// line, at the fetch's peak).
     async fn placed_here_but(
         &self,
         id: &ShareId,
@@ -908,14 +909,7 @@ impl Agent {
     /// place there, of whatever version ([`state::placed_log`]; local disk
     /// only): the share's, not the user's.
     async fn placed_here(&self, id: &ShareId, dest: &str) -> Vec<String> {
-        let Some(root) = &self.opts.fs_root else {
-            return Vec::new();
-        };
-        let log = root.join(state::placed_log(&self.opts.state_prefix, id));
-        let dest = dest.to_string();
-        tokio::task::spawn_blocking(move || local::read_placed(&log, &dest))
-            .await
-            .unwrap_or_default()
+        self.placed_here_but(id, dest, |_| false).await
     }
 
     /// Before a version is written on a local disk: refuses, with nothing
