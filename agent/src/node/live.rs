@@ -77,11 +77,6 @@ pub struct LiveAnswer {
 }
 
 impl LiveAnswer {
-    /// Encodes for the wire.
-    pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        postcard::to_stdvec(self).map_err(|e| Error::Protocol(format!("live answer: {e}")))
-    }
-
     /// Decodes (network input: the size was bounded by the wire layer).
     pub fn from_bytes(b: &[u8]) -> Result<Self> {
         postcard::from_bytes(b).map_err(|e| Error::Protocol(format!("live answer: {e}")))
@@ -606,6 +601,25 @@ mod tests {
         }
     }
 
+    /// A running pass (version 1) that has listed `files`.
+    fn listed(files: Vec<(String, u64, u32)>) -> LiveShare {
+        let live = LiveShare::new(
+            ShareId([3; 32]),
+            1,
+            AgentId([0; 32]),
+            Access::default(),
+            [1; 8],
+        );
+        live.set_listing(
+            "",
+            Arc::new(LiveListing {
+                files,
+                dirs: vec![],
+            }),
+        );
+        live
+    }
+
     async fn ask(live: &LiveShare, at: u64, wait: Duration) -> LiveAnswer {
         LiveAnswer::from_bytes(&live.answer(at, wait).await.unwrap()).unwrap()
     }
@@ -663,20 +677,7 @@ mod tests {
     #[tokio::test]
     async fn a_done_pass_keeps_its_log_only_for_those_given_its_listing() {
         for given in [false, true] {
-            let live = LiveShare::new(
-                ShareId([4; 32]),
-                1,
-                AgentId([0; 32]),
-                Access::default(),
-                [1; 8],
-            );
-            live.set_listing(
-                "",
-                Arc::new(LiveListing {
-                    files: vec![("a".into(), 3, 0o644)],
-                    dirs: vec![],
-                }),
-            );
+            let live = listed(vec![("a".into(), 3, 0o644)]);
             if given {
                 assert!(ask(&live, 0, Duration::ZERO).await.listing.is_some());
             }
@@ -698,20 +699,7 @@ mod tests {
     /// asker's few turns), and an ended pass's answer says so.
     #[tokio::test]
     async fn every_ask_for_the_listing_shares_one_encoding() {
-        let live = LiveShare::new(
-            ShareId([3; 32]),
-            1,
-            AgentId([0; 32]),
-            Access::default(),
-            [1; 8],
-        );
-        live.set_listing(
-            "",
-            Arc::new(LiveListing {
-                files: (0..1000).map(|i| (format!("f{i:04}"), 10, 0o644)).collect(),
-                dirs: vec![],
-            }),
-        );
+        let live = listed((0..1000).map(|i| (format!("f{i:04}"), 10, 0o644)).collect());
         let a = live.answer(0, Duration::ZERO).await.unwrap();
         let b = live.answer(0, Duration::ZERO).await.unwrap();
         assert_eq!(a.as_ptr(), b.as_ptr(), "one encoding, shared");
