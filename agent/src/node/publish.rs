@@ -402,43 +402,61 @@ impl Agent {
             2 * at_once + crate::node::tuning::sealed_cache_bytes() / block.max(1) as usize + 2,
         ));
         let blocks_ref = &blocks.0;
-        // Each file's entry as its chunks are sealed (a list of results
-        // turned into entries at the end held both lists at the pass's end:
-        // 16 MiB more for 250,000 files, at the publisher's peak).
-        // By index: a stream of borrowed items is not `Send` for every
-        // lifetime the spawned publish needs.
-        let mut entries: Vec<Entry> = futures::stream::iter(0..listing.files.len())
+        // Each file's chunk list as its blocks are sealed (by index: a
+        // stream of borrowed items is not `Send` for every lifetime the
+        // spawned publish needs); paths join them at the end.
+        let lists: Vec<Vec<ChunkRef>> = futures::stream::iter(0..listing.files.len())
             .map(|i| {
-                let (rel, size, mode) = listing.files[i].clone();
+                let (rel, size, _) = &listing.files[i];
                 let keyer = keyer.clone();
                 let progress = progress.clone();
                 let full = format!("{root}{rel}");
-                let etag = etags.get(&rel).cloned();
+                let etag = etags.get(rel).cloned();
+                let size = *size;
                 async move {
                     let out = FileOut {
                         live,
                         index: i,
                         blocks: blocks_ref,
                     };
-                    let chunks = self
-                        .chunk_file(&full, (size, etag), &keyer, &progress, &out)
-                        .await?;
-                    Ok::<_, Error>(Entry {
-                        path: rel,
-                        mode,
-                        kind: EntryKind::File { size, chunks },
-                    })
+                    self.chunk_file(&full, (size, etag), &keyer, &progress, &out)
+                        .await
                 }
             })
             .buffered(at_once)
             .try_collect()
             .await?;
-        entries.extend(listing.dirs.iter().map(|(p, mode)| Entry {
-            path: p.clone(),
-            mode: *mode,
+        // Every chunk is sealed: the read blocks go now, not once the
+        // manifest is installed, and so do the chunks kept for a recipient
+        // that is not taking them now. It is the pass's peak: a publish
+        // whose recipient fetches afterwards held 32 MiB of blocks beside
+        // the manifest, its record and its index. A recipient coming later
+        // reads them from storage as from any finished share.
+        drop(blocks);
+        if !self.sealed.followed() {
+            self.sealed.clear_share(&share_id);
+        }
+        // The paths move into the entries when the live share let go of
+        // the listing (nobody was given it), else they are copied.
+        let unread = live.let_go();
+        let LiveListing { files, dirs } =
+            Arc::try_unwrap(listing).unwrap_or_else(|shared| (*shared).clone());
+        let mut entries = Vec::with_capacity(files.len() + dirs.len());
+        entries.extend(
+            files
+                .into_iter()
+                .zip(lists)
+                .map(|((path, size, mode), chunks)| Entry {
+                    path,
+                    mode,
+                    kind: EntryKind::File { size, chunks },
+                }),
+        );
+        entries.extend(dirs.into_iter().map(|(path, mode)| Entry {
+            path,
+            mode,
             kind: EntryKind::Dir,
         }));
-        drop(listing);
         entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         let manifest = Manifest {
             share_id,
@@ -448,19 +466,25 @@ impl Agent {
             entries,
         };
         manifest.validate()?;
-        let record = manifest.seal(&self.key, key)?.into_bytes();
         let files_n = manifest.files().count() as u64;
         let bytes = manifest.total_bytes();
         let chunks = manifest.total_chunks();
-        let held = HeldShare::new(
+        // The index takes the tags from the log, which then goes before
+        // the record is made: the three never live at once.
+        let mut held = HeldShare::new(
             self.id,
             key.clone(),
             Role::Published,
             root,
             manifest,
-            record,
-        )
-        .with_tags(|id| live.tag(id));
+            bytes::Bytes::new(),
+        );
+        held = match &unread {
+            Some(u) => held.with_tags(|id| u.tag(id)),
+            None => held.with_tags(|id| live.tag(id)),
+        };
+        drop(unread);
+        held.record = held.manifest.seal(&self.key, key)?.into_bytes().into();
         self.install_share(held).await?;
         Ok((files_n, bytes, chunks, skipped))
     }
