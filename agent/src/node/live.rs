@@ -36,6 +36,16 @@ pub const LIVE_LINGER: Duration = Duration::from_secs(60);
 const ROOM_WAIT: Duration = Duration::from_millis(500);
 /// How long after a chunk was taken a recipient counts as following the pass.
 const FOLLOWING: Duration = Duration::from_millis(500);
+/// How long from its first sealed block a pass whose recipient is
+/// expected (its ticket went out before the pass) keeps its sealed chunks
+/// for it before the recipient takes any: time to connect and ask. Past
+/// it, with no recipient taking, the pass keeps none (a recipient fetching
+/// after the pass held the cache's 32 MiB through the whole pass).
+const EXPECTED_WITHIN: Duration = if cfg!(test) {
+    Duration::from_millis(300)
+} else {
+    Duration::from_secs(2)
+};
 /// How long a finished share's sealed chunks stay cached.
 pub const SEALED_LINGER: Duration = Duration::from_secs(30);
 
@@ -152,6 +162,11 @@ pub struct LiveShare {
     /// (`SealedCache`); until then they are not (a publish nobody
     /// follows kept 32 MiB of them for nothing).
     followed: std::sync::atomic::AtomicBool,
+    /// When the pass sealed its first block (the start of
+    /// [`EXPECTED_WITHIN`]).
+    first_block: std::sync::OnceLock<Instant>,
+    /// Some of the pass's sealed chunks are in the cache.
+    kept: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LiveShare {
@@ -187,7 +202,30 @@ impl LiveShare {
             }),
             news: tokio::sync::watch::Sender::new(0),
             followed: std::sync::atomic::AtomicBool::new(false),
+            first_block: std::sync::OnceLock::new(),
+            kept: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the pass's next sealed block is worth keeping in `cache`
+    /// for a recipient: one asked for the log, or was expected ([`Self::expect_follower`]),
+    /// and is taking chunks now (`cache.followed()`) or may still come
+    /// ([`EXPECTED_WITHIN`] of the first block). When not, the chunks kept
+    /// so far go, once.
+    pub fn keep_sealed(&self, cache: &SealedCache) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.followed() {
+            return false;
+        }
+        let since = self.first_block.get_or_init(Instant::now).elapsed();
+        if cache.followed() || since < EXPECTED_WITHIN {
+            self.kept.store(true, Relaxed);
+            return true;
+        }
+        if self.kept.swap(false, Relaxed) {
+            cache.clear_share(&self.id);
+        }
+        false
     }
 
     /// A recipient is expected to follow this pass (it was published to
@@ -809,6 +847,25 @@ mod tests {
         let c = LiveAnswer::from_bytes(&live.answer(0, Duration::ZERO).await.unwrap()).unwrap();
         assert_eq!(c.end, LiveEnd::Failed("disk gone".into()));
         assert!(c.listing.is_some());
+    }
+
+    /// Guarantee: a pass keeps sealed chunks only for a recipient that
+    /// asked or was expected, and past [`EXPECTED_WITHIN`] of its first
+    /// block only while one is taking; what it kept for nobody goes.
+    #[test]
+    fn an_expected_recipient_that_never_takes_gets_nothing_kept_past_its_time() {
+        let cache = SealedCache::new(1 << 20);
+        let live = listed(vec![("a".into(), 3, 0o644)]);
+        assert!(!live.keep_sealed(&cache), "nobody expected");
+        live.expect_follower();
+        assert!(live.keep_sealed(&cache), "expected: kept at first");
+        cache.insert(live.id, ChunkId([1; 32]), Body::Owned(vec![0; 100]));
+        std::thread::sleep(EXPECTED_WITHIN + Duration::from_millis(50));
+        assert!(!live.keep_sealed(&cache), "nobody came");
+        assert_eq!(cache.bytes(), 0, "what was kept for nobody went");
+        // A recipient asking (a miss counts) makes it worth keeping again.
+        assert!(cache.take(&live.id, &ChunkId([9; 32])).is_none());
+        assert!(live.keep_sealed(&cache));
     }
 
     #[test]

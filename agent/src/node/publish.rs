@@ -399,7 +399,8 @@ impl Agent {
         let at_once = crate::node::tuning::publish_files(self.opts.fs_root.is_some(), block);
         let blocks = PassBlocks(BlockPool::new(
             block as usize,
-            2 * at_once + crate::node::tuning::sealed_cache_bytes() / block.max(1) as usize + 2,
+            2 * at_once + 2,
+            crate::node::tuning::sealed_cache_bytes() / block.max(1) as usize,
         ));
         let blocks_ref = &blocks.0;
         // Each file's chunk list as its blocks are sealed (by index: a
@@ -696,7 +697,9 @@ impl Agent {
     async fn sealed_block(&self, block: Vec<Sealed>, out: &FileOut<'_>) -> Vec<ChunkRef> {
         let tagged: Vec<(ChunkRef, [u8; TAG_LEN])> =
             block.iter().map(|(r, tag, _)| (*r, *tag)).collect();
-        if out.live.followed() {
+        let keep = out.live.keep_sealed(&self.sealed);
+        out.blocks.for_cache(keep);
+        if keep {
             let bytes: usize = block.iter().map(|(_, _, ct)| ct.len()).sum();
             self.sealed.wait_for_room(bytes).await;
             for (r, _, ct) in block {
@@ -831,14 +834,39 @@ struct BlockPool {
     free: FreeList<Vec<u8>>,
     /// The size every block is allocated with (the largest a read asks).
     capacity: usize,
+    /// Free blocks kept for the reads alone, and for the cache besides.
+    reads: usize,
+    cache: usize,
+    /// Whether blocks are kept for the cache too.
+    caching: std::sync::atomic::AtomicBool,
 }
 
 impl BlockPool {
-    fn new(capacity: usize, keep: usize) -> Arc<BlockPool> {
+    fn new(capacity: usize, reads: usize, cache: usize) -> Arc<BlockPool> {
         Arc::new(BlockPool {
-            free: FreeList::new(keep),
+            free: FreeList::new(reads + cache),
             capacity,
+            reads,
+            cache,
+            caching: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Sizes the pool for a pass whose sealed chunks go to the cache
+    /// (`on`) or not. Off, the cache's worth of free blocks goes at once:
+    /// a pass whose recipient never came kept the 32 MiB of blocks the
+    /// cache had given back to the end of the pass.
+    fn for_cache(&self, on: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.caching.swap(on, Relaxed) == on {
+            return;
+        }
+        if on {
+            self.free.set_keep(self.reads + self.cache);
+        } else {
+            self.free.set_keep(self.reads);
+            self.free.clear();
+        }
     }
 
     /// An empty block with room for `capacity` bytes.

@@ -54,25 +54,7 @@ impl LiveFeed {
         share: ShareId,
         first: LiveAnswer,
     ) -> Result<Arc<LiveFeed>> {
-        let listing = first
-            .listing
-            .clone()
-            .ok_or_else(|| Error::Protocol("live answer without the file list".into()))?;
-        check_listing(&listing)?;
-        let n = listing.files.len();
-        let feed = Arc::new(LiveFeed {
-            seq: first.seq,
-            listing,
-            state: Mutex::new(FeedState {
-                chunks: vec![Vec::new(); n],
-                bytes: vec![0; n],
-                cursor: 0,
-                end: FeedEnd::Running,
-            }),
-            news: tokio::sync::watch::Sender::new(0),
-            repeats: Arc::default(),
-        });
-        feed.apply(first)?;
+        let feed = Self::from_first(first)?;
         let f = feed.clone();
         tokio::spawn(async move {
             let stall = crate::node::tuning::live_stall();
@@ -121,6 +103,30 @@ impl LiveFeed {
                 }
             }
         });
+        Ok(feed)
+    }
+
+    /// A feed of the publisher's first answer, its listing checked.
+    fn from_first(mut first: LiveAnswer) -> Result<Arc<LiveFeed>> {
+        let listing = first
+            .listing
+            .take()
+            .ok_or_else(|| Error::Protocol("live answer without the file list".into()))?;
+        check_listing(&listing)?;
+        let n = listing.files.len();
+        let feed = Arc::new(LiveFeed {
+            seq: first.seq,
+            listing,
+            state: Mutex::new(FeedState {
+                chunks: vec![Vec::new(); n],
+                bytes: vec![0; n],
+                cursor: 0,
+                end: FeedEnd::Running,
+            }),
+            news: tokio::sync::watch::Sender::new(0),
+            repeats: Arc::default(),
+        });
+        feed.apply(first)?;
         Ok(feed)
     }
 
@@ -276,12 +282,28 @@ impl LiveFeed {
             .is_ok_and(|s| matches!(s.end, FeedEnd::Lost(_)))
     }
 
-    /// The chunk lists as listed (complete once [`LiveFeed::ended`]).
-    pub(crate) fn chunks(&self) -> Vec<Vec<ChunkRef>> {
-        self.state
-            .lock()
-            .map(|s| s.chunks.clone())
-            .unwrap_or_default()
+    /// Whether `files` (a signed manifest's: path, size, chunks) are
+    /// exactly the files listed, in order, with the chunks listed for
+    /// each (complete once [`LiveFeed::ended`]). Compared in place: a copy
+    /// of every chunk list was 26 MB for 250,000 files, at the
+    /// recipient's peak.
+    pub(crate) fn lists_exactly<'a>(
+        &self,
+        mut files: impl Iterator<Item = (&'a str, u64, &'a [ChunkRef])>,
+    ) -> bool {
+        let Ok(s) = self.state.lock() else {
+            return false;
+        };
+        self.listing
+            .files
+            .iter()
+            .zip(&s.chunks)
+            .all(|((lp, ls, _), lc)| {
+                files
+                    .next()
+                    .is_some_and(|(p, size, c)| p == lp && size == *ls && c == &lc[..])
+            })
+            && files.next().is_none()
     }
 }
 
@@ -360,6 +382,43 @@ mod tests {
                 .map(|(i, s)| (format!("f{i}"), *s, 0o644))
                 .collect(),
             dirs: Vec::new(),
+        }
+    }
+
+    fn r(n: u8, len: u32) -> ChunkRef {
+        ChunkRef {
+            id: crate::chunk::ChunkId([n; 32]),
+            key: [n; 32],
+            len,
+        }
+    }
+
+    /// The signed manifest must list exactly the files followed, in order,
+    /// with the same sizes and chunks: compared in place, any difference
+    /// (a chunk, a path, a size, a file more or fewer) says no.
+    #[test]
+    fn a_manifest_matches_the_feed_only_when_it_lists_exactly_its_chunks() {
+        let first = LiveAnswer {
+            seq: 1,
+            key_check: [0; 8],
+            listing: Some(listing(&[3, 5])),
+            from: 0,
+            chunks: vec![(0, r(1, 3)), (1, r(2, 2)), (1, r(3, 3))],
+            end: LiveEnd::Running,
+        };
+        let feed = LiveFeed::from_first(first).unwrap();
+        let (a, b) = ([r(1, 3)], [r(2, 2), r(3, 3)]);
+        let same: Vec<(&str, u64, &[ChunkRef])> = vec![("f0", 3, &a), ("f1", 5, &b)];
+        assert!(feed.lists_exactly(same.iter().copied()));
+        let other = [r(2, 2), r(4, 3)];
+        for bad in [
+            vec![("f0", 3, &a[..]), ("f1", 5, &other[..])],
+            vec![("f0", 3, &a[..]), ("g1", 5, &b[..])],
+            vec![("f0", 4, &a[..]), ("f1", 5, &b[..])],
+            vec![("f0", 3, &a[..])],
+            vec![("f0", 3, &a[..]), ("f1", 5, &b[..]), ("f2", 0, &[][..])],
+        ] {
+            assert!(!feed.lists_exactly(bad.iter().copied()), "{bad:?}");
         }
     }
 
