@@ -138,6 +138,9 @@ struct LiveState {
     index: hashbrown::HashTable<u32>,
     /// Next plaintext offset of each file (for the index).
     offsets: Vec<u64>,
+    /// Every chunk is sealed ([`LiveShare::let_go`]): the listing is given
+    /// to no one more.
+    sealed_all: bool,
     end: LiveEnd,
 }
 
@@ -198,6 +201,7 @@ impl LiveShare {
                 listed_to_someone: false,
                 index: hashbrown::HashTable::new(),
                 offsets: Vec::new(),
+                sealed_all: false,
                 end: LiveEnd::Running,
             }),
             news: tokio::sync::watch::Sender::new(0),
@@ -335,13 +339,21 @@ impl LiveShare {
     /// ends, an ask from the start is answered as during the walk (nothing
     /// listed yet), then with the end: the asker takes the manifest.
     /// `None` when someone has the listing: both stay for it.
+    ///
+    /// Either way no one is given the listing from now on, and its shared
+    /// encoding goes (10 MB for 250,000 files): a recipient asking from the
+    /// start this late takes the manifest, soon signed.
     pub fn let_go(&self) -> Option<Unread> {
         let mut s = self.state.lock().ok()?;
-        if s.listed_to_someone || s.end != LiveEnd::Running || s.listing.is_none() {
+        if s.end != LiveEnd::Running || s.listing.is_none() {
+            return None;
+        }
+        s.listed = None;
+        s.sealed_all = true;
+        if s.listed_to_someone {
             return None;
         }
         s.listing = None;
-        s.listed = None;
         s.offsets = Vec::new();
         Some(Unread {
             log: std::mem::take(&mut s.log),
@@ -381,6 +393,9 @@ impl LiveShare {
     fn answer_now(&self, at: u64) -> Option<Result<bytes::Bytes>> {
         let mut s = self.state.lock().ok()?;
         let Some(from) = at.checked_sub(1) else {
+            if s.sealed_all && s.end == LiveEnd::Running {
+                return None;
+            }
             if s.listing.is_some() {
                 s.listed_to_someone = true;
             }
@@ -780,7 +795,8 @@ mod tests {
     /// lets go of its listing and log: the pass holds the only listing
     /// (its paths move into the manifest) and the tags, and an ask from
     /// the start is answered as during the walk (nothing listed), then
-    /// with the end. A pass someone was given the listing keeps both.
+    /// with the end. A pass someone was given the listing keeps both for
+    /// them, but gives the listing to no one more.
     #[tokio::test]
     async fn a_sealed_pass_nobody_follows_lets_go_of_its_listing_and_log() {
         for given in [false, true] {
@@ -816,6 +832,9 @@ mod tests {
                     assert_eq!(Arc::strong_count(&listing), 2);
                     assert_eq!(live.tag(&id), Some([1; TAG_LEN]));
                     assert_eq!(ask(&live, 1, Duration::ZERO).await.chunks.len(), 1);
+                    // Given to no one more: a late asker takes the manifest.
+                    let a = ask(&live, 0, Duration::ZERO).await;
+                    assert!(a.listing.is_none() && a.end == LiveEnd::Running);
                 }
             }
             live.end(LiveEnd::Done);

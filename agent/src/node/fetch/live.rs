@@ -173,7 +173,19 @@ impl LiveFeed {
                     )));
                 }
                 s.bytes[i] += r.len as u64;
-                s.chunks[i].push(*r);
+                // Exactly sized once a file is listed whole: a growing
+                // list starts with room for four (272 bytes), and most
+                // files of a big tree are one chunk: 80 MB of lists for
+                // 250,000 small files, 17 when sized.
+                let whole = s.bytes[i] == size;
+                let list = &mut s.chunks[i];
+                if whole && list.is_empty() {
+                    list.reserve_exact(1);
+                }
+                list.push(*r);
+                if whole {
+                    list.shrink_to_fit();
+                }
             }
             self.repeats.listed(a.chunks.iter().map(|(_, r)| r));
             s.cursor += a.chunks.len() as u64;
