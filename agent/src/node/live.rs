@@ -213,16 +213,19 @@ impl LiveShare {
 
     /// Whether the pass's next sealed block is worth keeping in `cache`
     /// for a recipient: one asked for the log, or was expected ([`Self::expect_follower`]),
-    /// and is taking chunks now (`cache.followed()`) or may still come
-    /// ([`EXPECTED_WITHIN`] of the first block). When not, the chunks kept
-    /// so far go, once.
+    /// and took one within [`EXPECTED_WITHIN`] or may still come (that
+    /// long from the first block). When not, the chunks kept so far go,
+    /// once.
     pub fn keep_sealed(&self, cache: &SealedCache) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         if !self.followed() {
             return false;
         }
+        // Within the same 2 s of a take, not `FOLLOWING`: a recipient
+        // that keeps up with a slower pass (an object store's) waits for
+        // each block, and its blocks would go between two takes.
         let since = self.first_block.get_or_init(Instant::now).elapsed();
-        if cache.followed() || since < EXPECTED_WITHIN {
+        if cache.taken_within(EXPECTED_WITHIN) || since < EXPECTED_WITHIN {
             self.kept.store(true, Relaxed);
             return true;
         }
@@ -600,6 +603,14 @@ impl SealedCache {
         self.inner
             .lock()
             .is_ok_and(|c| c.last_take.is_some_and(|t| t.elapsed() < FOLLOWING))
+    }
+
+    /// Whether a recipient took a chunk (or missed one, or was expected)
+    /// within `d`.
+    pub fn taken_within(&self, d: Duration) -> bool {
+        self.inner
+            .lock()
+            .is_ok_and(|c| c.last_take.is_some_and(|t| t.elapsed() < d))
     }
 
     /// When a chunk was last taken (or a take expected).

@@ -434,7 +434,7 @@ impl Agent {
         // the manifest, its record and its index. A recipient coming later
         // reads them from storage as from any finished share.
         drop(blocks);
-        if !self.sealed.followed() {
+        if !live.keep_sealed(&self.sealed) {
             self.sealed.clear_share(&share_id);
         }
         // The paths move into the entries when the live share let go of
