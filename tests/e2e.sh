@@ -25,7 +25,24 @@ run() { # NAME SCRIPT
         passed+=("$name ($((SECONDS - t0))s)")
     else
         failed+=("$name")
+        diagnose "$name"
     fi
+}
+# After a failed suite: what the node and the pods say, in a few bounded
+# lines, so a failure in CI (whose daemon logs stay on its machine) shows
+# whether the cluster itself was unwell (disk or memory pressure, pods not
+# scheduled or not pulling) or the suite's own subject failed.
+diagnose() { # SUITE
+    {
+        printf '[e2e] --- cluster state after %s failed ---\n' "$1"
+        df -Ph "$ROOT" /tmp "${CARAVAN_CLUSTER_STATE:-/var/lib/caravan-cluster}" 2>/dev/null | awk '!seen[$0]++'
+        kubectl get nodes -o 'jsonpath={range .items[*]}{.metadata.name}:{range .status.conditions[*]} {.type}={.status}{end}{"\n"}{end}' 2>&1
+        kubectl describe nodes 2>/dev/null | grep -A3 -i '^Taints' | head -4
+        echo "pods not Running or not Ready:"
+        kubectl get pods -A --no-headers 2>&1 | awk '$4 != "Running" || split($3, r, "/") && r[1] != r[2]' | head -20
+        echo "last Warning events:"
+        kubectl get events -A --field-selector type=Warning --sort-by=.lastTimestamp 2>&1 | tail -15 | cut -c1-300
+    } >&2
 }
 if [[ -n "${CARAVAN_SCRAPE_OUT:-}" ]]; then
     stop_file=$(mktemp -u /tmp/caravan-scrape-stop.XXXXXX)
