@@ -263,11 +263,14 @@ resolvConf: /etc/resolv.conf
 maxPods: 60
 imageGCHighThresholdPercent: 100   # images are imported, never pulled: never GC them
 imageGCLowThresholdPercent: 99
+# Absolute floors, not shares of the disk: 1% of a 252 GB root is 2.5 GB,
+# more than a test run needs left free; a run on a nearly full disk must
+# not lose its pods to DiskPressure half way through the suites.
 evictionHard:
   memory.available: "50Mi"
-  nodefs.available: "1%"
+  nodefs.available: "512Mi"
   nodefs.inodesFree: "1%"
-  imagefs.available: "1%"
+  imagefs.available: "512Mi"
 serializeImagePulls: false
 KCONF
 start kubelet "$K8S_BIN/kubelet" \
