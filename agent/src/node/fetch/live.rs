@@ -42,6 +42,9 @@ pub(crate) struct LiveFeed {
     pub(crate) listing: LiveListing,
     state: Mutex<FeedState>,
     news: tokio::sync::watch::Sender<u64>,
+    /// Set when following ended because the connection closed
+    /// ([`LiveFeed::lost_flag`]).
+    lost: Arc<std::sync::atomic::AtomicBool>,
     /// The listed chunks counted, so repeats are fetched once.
     pub(crate) repeats: Arc<Repeats>,
 }
@@ -124,6 +127,7 @@ impl LiveFeed {
                 end: FeedEnd::Running,
             }),
             news: tokio::sync::watch::Sender::new(0),
+            lost: Arc::default(),
             repeats: Arc::default(),
         });
         feed.apply(first)?;
@@ -134,6 +138,9 @@ impl LiveFeed {
         if let Ok(mut s) = self.state.lock()
             && s.end == FeedEnd::Running
         {
+            if matches!(end, FeedEnd::Lost(_)) {
+                self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             s.end = end;
         }
         self.news.send_modify(|n| *n += 1);
@@ -287,11 +294,12 @@ impl LiveFeed {
     }
 
     /// Whether following ended because the connection to the publisher
-    /// closed (not because of anything it said).
-    pub(crate) fn lost(&self) -> bool {
-        self.state
-            .lock()
-            .is_ok_and(|s| matches!(s.end, FeedEnd::Lost(_)))
+    /// closed (not because of anything it said), readable after the feed
+    /// is gone: the fetch drops the feed (its listing and chunk lists)
+    /// before it takes the signed manifest, and its caller asks this on a
+    /// failure, to follow the pass again.
+    pub(crate) fn lost_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.lost.clone()
     }
 
     /// A digest of the files listed, in order, with the chunks listed
@@ -455,6 +463,35 @@ mod tests {
             vec![("f0f", 3, &a[..]), ("1", 5, &b[..])],
         ] {
             assert_ne!(followed, files_digest(bad.iter().copied()), "{bad:?}");
+        }
+    }
+
+    /// Whether following was lost (the connection closed) stays known
+    /// once the feed is gone (the fetch drops it before it takes the
+    /// manifest), and only a lost connection sets it: a publisher's
+    /// failure or a clean end do not make the fetch follow again.
+    #[test]
+    fn a_lost_feed_is_known_after_the_feed_is_gone() {
+        let first = || LiveAnswer {
+            seq: 1,
+            key_check: [0; 8],
+            listing: Some(listing(&[3])),
+            from: 0,
+            chunks: Vec::new(),
+            end: LiveEnd::Running,
+        };
+        let feed = LiveFeed::from_first(first()).unwrap();
+        let lost = feed.lost_flag();
+        feed.set_end(FeedEnd::Lost("connection closed".into()));
+        feed.set_end(FeedEnd::Failed("later words do not count".into()));
+        drop(feed);
+        assert!(lost.load(std::sync::atomic::Ordering::Relaxed));
+        for end in [FeedEnd::Failed("the publish failed".into()), FeedEnd::Ended] {
+            let feed = LiveFeed::from_first(first()).unwrap();
+            let lost = feed.lost_flag();
+            feed.set_end(end);
+            drop(feed);
+            assert!(!lost.load(std::sync::atomic::Ordering::Relaxed));
         }
     }
 

@@ -451,18 +451,21 @@ impl Agent {
                         None
                     }
                     Live::Following(feed) => {
+                        // Not the feed itself: it goes before the manifest
+                        // is taken (`fetch_live`).
+                        let lost = feed.lost_flag();
                         let r = self
                             .fetch_live(
                                 &ticket,
                                 dest.clone(),
                                 swarm.clone(),
                                 k.clone(),
-                                feed.clone(),
+                                feed,
                                 progress.clone(),
                             )
                             .await;
                         match r {
-                            Err(e) if feed.lost() => Some(e),
+                            Err(e) if lost.load(Ordering::Relaxed) => Some(e),
                             r => return r,
                         }
                     }
