@@ -280,9 +280,23 @@ impl Agent {
         Ok(())
     }
 
-    pub(crate) async fn install_share(&self, s: HeldShare) -> Result<Arc<HeldShare>> {
-        share::save(&self.op, &self.opts.state_prefix, &self.key, &s).await?;
-        let s = Arc::new(s);
+    pub(crate) async fn install_share(&self, s: Arc<HeldShare>) -> Result<Arc<HeldShare>> {
+        self.install_share_with(s, share::TagsFile::Write).await
+    }
+
+    /// [`Agent::install_share`], its tags file already written or not.
+    pub(crate) async fn install_share_with(
+        &self,
+        s: Arc<HeldShare>,
+        tags: share::TagsFile,
+    ) -> Result<Arc<HeldShare>> {
+        if s.record().is_empty() {
+            return Err(Error::Protocol(format!(
+                "share {} has no signed record to install",
+                s.id
+            )));
+        }
+        share::save(&self.op, &self.opts.state_prefix, &self.key, &s, tags).await?;
         if let Ok(mut m) = self.shares.write() {
             m.insert(s.id, s.clone());
             self.metrics.shares_held.set(m.len() as i64);
@@ -458,7 +472,7 @@ impl Service for Agent {
         if have_seq > 0 && s.seq() <= have_seq {
             return Ok(bytes::Bytes::new());
         }
-        Ok(s.record.clone())
+        Ok(s.record())
     }
 
     fn chunk_asked(&self, peer: AgentId, share: ShareId, id: ChunkId) {

@@ -20,8 +20,8 @@ use crate::chunk::{ChunkId, ChunkRef};
 use crate::crypto::TAG_LEN;
 use crate::error::{Error, Result};
 use crate::identity::AgentId;
-use crate::manifest::{Access, ShareId};
-use crate::node::share::ChunkLocation;
+use crate::manifest::{Access, EntryKind, ShareId};
+use crate::node::share::{ChunkLocation, HeldShare};
 use crate::wire::channel::Body;
 
 /// Chunk references in one live answer at most (about 1.2 MiB encoded).
@@ -141,7 +141,83 @@ struct LiveState {
     /// Every chunk is sealed ([`LiveShare::let_go`]): the listing is given
     /// to no one more.
     sealed_all: bool,
+    /// The share the pass built, not yet signed nor installed
+    /// ([`LiveShare::hand_over`]): chunks are located through it.
+    successor: Option<Arc<HeldShare>>,
+    /// The log once handed over: each entry's file and place in that
+    /// file's chunk list, its chunk reference read from the successor's
+    /// manifest (8 bytes an entry where [`Sealed`] takes 96).
+    handed: Option<HandedLog>,
     end: LiveEnd,
+}
+
+/// The log of a pass that built its share ([`LiveShare::hand_over`]).
+struct HandedLog {
+    /// The share built, whose manifest holds the chunk references.
+    held: Arc<HeldShare>,
+    /// The manifest entry of each file of the listing.
+    entries: Vec<u32>,
+    /// (file, place in its chunk list), in the order sealed.
+    log: Vec<(u32, u32)>,
+}
+
+impl HandedLog {
+    /// The log of `log` over `held`'s manifest, whose files must be the
+    /// listing's (`listing`), in order; `None` when they are not.
+    fn new(log: &[Sealed], listing: &LiveListing, held: &Arc<HeldShare>) -> Option<HandedLog> {
+        let entries: Vec<u32> = held
+            .manifest
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e.kind, EntryKind::File { .. }))
+            .map(|(i, _)| u32::try_from(i).ok())
+            .collect::<Option<_>>()?;
+        let same = entries.len() == listing.files.len()
+            && entries
+                .iter()
+                .zip(&listing.files)
+                .all(|(&e, f)| held.manifest.entries[e as usize].path == f.0);
+        if !same {
+            return None;
+        }
+        let mut next = vec![0u32; entries.len()];
+        let mut out = Vec::with_capacity(log.len());
+        for c in log {
+            let n = next.get_mut(c.file as usize)?;
+            out.push((c.file, *n));
+            *n += 1;
+        }
+        let handed = HandedLog {
+            held: held.clone(),
+            entries,
+            log: out,
+        };
+        // Every entry must read back as the chunk it was.
+        log.iter()
+            .enumerate()
+            .all(|(i, c)| handed.chunk(i) == Some(c.chunk))
+            .then_some(handed)
+    }
+
+    /// The `i`-th entry of the log: (file, chunk).
+    fn entry(&self, i: usize) -> Option<(u32, ChunkRef)> {
+        let &(file, _) = self.log.get(i)?;
+        Some((file, self.chunk(i)?))
+    }
+
+    fn chunk(&self, i: usize) -> Option<ChunkRef> {
+        let &(file, nth) = self.log.get(i)?;
+        let e = self
+            .held
+            .manifest
+            .entries
+            .get(*self.entries.get(file as usize)? as usize)?;
+        match &e.kind {
+            EntryKind::File { chunks, .. } => chunks.get(nth as usize).copied(),
+            EntryKind::Dir => None,
+        }
+    }
 }
 
 /// A share whose publish pass is running (or just ended).
@@ -202,6 +278,8 @@ impl LiveShare {
                 index: hashbrown::HashTable::new(),
                 offsets: Vec::new(),
                 sealed_all: false,
+                successor: None,
+                handed: None,
                 end: LiveEnd::Running,
             }),
             news: tokio::sync::watch::Sender::new(0),
@@ -324,8 +402,10 @@ impl LiveShare {
                 s.index = hashbrown::HashTable::new();
                 s.offsets = Vec::new();
                 s.listing = None;
+                s.successor = None;
                 if !s.listed_to_someone {
                     s.log = Vec::new();
+                    s.handed = None;
                 }
             }
             s.end = end;
@@ -364,15 +444,48 @@ impl LiveShare {
         })
     }
 
+    /// The pass built its share (`held`: manifest, index and tags, not
+    /// yet signed): chunks are located through it from now on, and the
+    /// live share lets go of its listing and index (for 250,000 files,
+    /// 18 MB of paths and 5 of index, held until the share was installed,
+    /// beside the manifest being signed, its record and its index: the
+    /// peak of a pass a recipient follows). The log stays for recipients
+    /// still reading it, but as each entry's file and place in its chunk
+    /// list (2 MB where it took 25): the chunk references are the
+    /// manifest's.
+    pub fn hand_over(&self, held: &Arc<HeldShare>) {
+        if let Ok(mut s) = self.state.lock() {
+            s.successor = Some(held.clone());
+            if !s.log.is_empty()
+                && let Some(listing) = &s.listing
+                && let Some(h) = HandedLog::new(&s.log, listing, held)
+            {
+                s.handed = Some(h);
+                s.log = Vec::new();
+            }
+            s.listing = None;
+            s.listed = None;
+            s.sealed_all = true;
+            s.index = hashbrown::HashTable::new();
+            s.offsets = Vec::new();
+        }
+    }
+
     /// The AEAD tag of a chunk sealed so far.
     pub fn tag(&self, id: &ChunkId) -> Option<[u8; TAG_LEN]> {
         let s = self.state.lock().ok()?;
+        if let Some(h) = &s.successor {
+            return h.tag(id);
+        }
         s.sealed(id).map(|c| c.tag)
     }
 
     /// Where a chunk sealed so far lives.
     pub fn locate(&self, id: &ChunkId) -> Option<ChunkLocation> {
         let s = self.state.lock().ok()?;
+        if let Some(h) = &s.successor {
+            return h.locate(id);
+        }
         let c = s.sealed(id)?;
         let (path, file_len, _) = s.listing.as_ref()?.files.get(c.file as usize)?;
         Some(ChunkLocation {
@@ -423,15 +536,23 @@ impl LiveShare {
             }
             return Some(b);
         };
-        let start = usize::try_from(from).unwrap_or(usize::MAX).min(s.log.len());
-        let end = (start + MAX_LIVE_CHUNKS).min(s.log.len());
+        let len = match &s.handed {
+            Some(h) => h.log.len(),
+            None => s.log.len(),
+        };
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(len);
+        let end = (start + MAX_LIVE_CHUNKS).min(len);
         if end == start && s.end == LiveEnd::Running {
             return None;
         }
-        let chunks: Vec<(u32, ChunkRef)> = s.log[start..end]
-            .iter()
-            .map(|c| (c.file, c.chunk))
-            .collect();
+        // A handed-over log reads back whole (`HandedLog::new` checked it).
+        let chunks: Vec<(u32, ChunkRef)> = match &s.handed {
+            Some(h) => (start..end).filter_map(|i| h.entry(i)).collect(),
+            None => s.log[start..end]
+                .iter()
+                .map(|c| (c.file, c.chunk))
+                .collect(),
+        };
         Some(self.encode(&LiveAnswerRef {
             seq: self.seq,
             key_check: self.key_check,
@@ -527,12 +648,23 @@ struct CacheInner {
 }
 
 /// Sealed chunks (ciphertext || tag) the publish pass produced, kept until
-/// served once or evicted (oldest first) to stay within a byte budget.
+/// served once or evicted (oldest first) to stay within a byte budget and
+/// a number of chunks.
 pub struct SealedCache {
     inner: Mutex<CacheInner>,
     room: tokio::sync::Notify,
     max: usize,
+    /// At most this many chunks ([`CACHE_CHUNK_BYTES`]).
+    max_chunks: usize,
 }
+
+/// The cache holds at most one chunk per this many bytes of its budget
+/// (2,048 for 32 MiB). A small chunk costs more than its bytes (its read
+/// block's size class, a map slot, its place in the order): a pass of
+/// 250,000 files of 4 KiB kept 8,000 of them, 28 MB for 24 MiB of data,
+/// through the pass and beside the manifest being built. A lead of 2,048
+/// chunks still keeps any follower busy.
+pub const CACHE_CHUNK_BYTES: usize = 16 << 10;
 
 impl std::fmt::Debug for SealedCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -558,6 +690,7 @@ impl SealedCache {
             }),
             room: tokio::sync::Notify::new(),
             max,
+            max_chunks: (max / CACHE_CHUNK_BYTES).max(64),
         }
     }
 
@@ -566,16 +699,16 @@ impl SealedCache {
         self.inner.lock().map(|c| c.bytes).unwrap_or(0)
     }
 
-    /// Waits (bounded) until `need` bytes fit while a recipient is taking
-    /// chunks: the pass then runs at the pace of the recipients that
-    /// follow it, and they are served from memory.
-    pub async fn wait_for_room(&self, need: usize) {
+    /// Waits (bounded) until `need` bytes in `chunks` chunks fit while a
+    /// recipient is taking chunks: the pass then runs at the pace of the
+    /// recipients that follow it, and they are served from memory.
+    pub async fn wait_for_room(&self, need: usize, chunks: usize) {
         let deadline = tokio::time::Instant::now() + ROOM_WAIT;
         loop {
             let notified = self.room.notified();
             let wait = match self.inner.lock() {
                 Ok(c) => {
-                    c.bytes + need > self.max
+                    (c.bytes + need > self.max || c.map.len() + chunks > self.max_chunks)
                         && c.last_take.is_some_and(|t| t.elapsed() < FOLLOWING)
                 }
                 Err(_) => false,
@@ -625,7 +758,7 @@ impl SealedCache {
             return;
         }
         let Ok(mut c) = self.inner.lock() else { return };
-        while c.bytes + sealed.len() > self.max {
+        while c.bytes + sealed.len() > self.max || c.map.len() >= self.max_chunks {
             let Some(k) = c.order.pop_front() else { break };
             if let Some(v) = c.map.remove(&k) {
                 c.bytes -= v.len();
@@ -802,6 +935,96 @@ mod tests {
         }
     }
 
+    /// Once the pass has built its share, chunks are located through it:
+    /// the listing and index go (an ask from the start no longer gets the
+    /// listing), the log stays for the follower reading it, and a failed
+    /// install still locates while the pass lingers.
+    #[tokio::test]
+    async fn a_pass_that_built_its_share_locates_through_it_and_keeps_only_its_log() {
+        use crate::manifest::{Entry, EntryKind, Manifest};
+        let live = listed(vec![("a".into(), 3, 0o644)]);
+        assert!(ask(&live, 0, Duration::ZERO).await.listing.is_some());
+        live.add_chunks(0, &[(r(1, 3), [1; TAG_LEN])]);
+        let held = Arc::new(
+            crate::node::share::HeldShare::new(
+                AgentId([0; 32]),
+                crate::crypto::Key::random().unwrap(),
+                crate::node::share::Role::Published,
+                "new-root/".into(),
+                Manifest {
+                    share_id: ShareId([3; 32]),
+                    seq: 1,
+                    created_at: 0,
+                    access: Access::default(),
+                    entries: vec![Entry {
+                        path: "a".into(),
+                        mode: 0o644,
+                        kind: EntryKind::File {
+                            size: 3,
+                            chunks: vec![r(1, 3)],
+                        },
+                    }],
+                },
+                bytes::Bytes::new(),
+            )
+            .with_tags(|id| live.tag(id)),
+        );
+        live.hand_over(&held);
+        let at = live.locate(&r(1, 3).id).unwrap();
+        assert_eq!(
+            (at.path.as_str(), at.offset, at.tag),
+            ("new-root/a", 0, Some([1; TAG_LEN]))
+        );
+        assert_eq!(live.tag(&r(1, 3).id), Some([1; TAG_LEN]));
+        {
+            let s = live.state.lock().unwrap();
+            assert!(s.listing.is_none() && s.index.is_empty() && s.offsets.is_empty());
+            assert!(
+                s.log.is_empty(),
+                "the log's chunk references are the manifest's"
+            );
+            assert_eq!(s.handed.as_ref().unwrap().log, vec![(0, 0)]);
+        }
+        let a = ask(&live, 0, Duration::ZERO).await;
+        assert!(a.listing.is_none(), "no listing once handed over");
+        let a = ask(&live, 1, Duration::ZERO).await;
+        assert_eq!(
+            a.chunks,
+            vec![(0, r(1, 3))],
+            "the follower still reads the log"
+        );
+        live.end(LiveEnd::Failed("saving failed".into()));
+        assert!(
+            live.locate(&r(1, 3).id).is_some(),
+            "a failed pass still locates"
+        );
+        let a = ask(&live, 1, Duration::ZERO).await;
+        assert_eq!(a.chunks, vec![(0, r(1, 3))]);
+        assert!(matches!(a.end, LiveEnd::Failed(_)));
+
+        // Done: the installed share locates; the log is still read.
+        let live = listed(vec![("a".into(), 3, 0o644)]);
+        assert!(ask(&live, 0, Duration::ZERO).await.listing.is_some());
+        live.add_chunks(0, &[(r(1, 3), [1; TAG_LEN])]);
+        live.hand_over(&held);
+        live.end(LiveEnd::Done);
+        assert!(
+            live.locate(&r(1, 3).id).is_none(),
+            "done: the installed share serves"
+        );
+        let a = ask(&live, 1, Duration::ZERO).await;
+        assert_eq!((a.chunks, a.end), (vec![(0, r(1, 3))], LiveEnd::Done));
+
+        // A share whose files are not the listing's: the log stays whole.
+        let live = listed(vec![("b".into(), 3, 0o644)]);
+        assert!(ask(&live, 0, Duration::ZERO).await.listing.is_some());
+        live.add_chunks(0, &[(r(1, 3), [1; TAG_LEN])]);
+        live.hand_over(&held);
+        assert_eq!(live.state.lock().unwrap().log.len(), 1);
+        let a = ask(&live, 1, Duration::ZERO).await;
+        assert_eq!(a.chunks, vec![(0, r(1, 3))]);
+    }
+
     /// Once every chunk is sealed, a pass nobody was given the listing of
     /// lets go of its listing and log: the pass holds the only listing
     /// (its paths move into the manifest) and the tags, and an ask from
@@ -914,6 +1137,26 @@ mod tests {
         assert_eq!(c.bytes(), 0);
     }
 
+    #[test]
+    fn cache_holds_a_bounded_number_of_small_chunks() {
+        let c = SealedCache::new(128 * CACHE_CHUNK_BYTES);
+        let s = ShareId([1; 32]);
+        for i in 0..1000u32 {
+            let mut id = [0u8; 32];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            c.insert(s, ChunkId(id), vec![0; 100].into());
+        }
+        assert_eq!(
+            c.bytes(),
+            128 * 100,
+            "128 chunks at most, the oldest evicted"
+        );
+        let mut newest = [0u8; 32];
+        newest[..4].copy_from_slice(&999u32.to_le_bytes());
+        assert!(c.take(&s, &ChunkId(newest)).is_some());
+        assert!(c.take(&s, &ChunkId([0; 32])).is_none());
+    }
+
     /// `Agent::linger` drops a finished pass's chunks at once unless a
     /// recipient follows it right now.
     #[test]
@@ -937,12 +1180,12 @@ mod tests {
         c.insert(s, ChunkId([1; 32]), vec![0; 100].into());
         // Nobody has taken anything: no wait.
         let t = tokio::time::Instant::now();
-        c.wait_for_room(50).await;
+        c.wait_for_room(50, 1).await;
         assert_eq!(t.elapsed(), Duration::ZERO);
         // A recipient is expected: the pass waits, but only ROOM_WAIT.
         c.expect_take();
         let t = tokio::time::Instant::now();
-        c.wait_for_room(50).await;
+        c.wait_for_room(50, 1).await;
         assert_eq!(t.elapsed(), ROOM_WAIT);
     }
 

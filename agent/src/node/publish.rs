@@ -400,7 +400,8 @@ impl Agent {
         let blocks = PassBlocks(BlockPool::new(
             block as usize,
             2 * at_once + 2,
-            crate::node::tuning::sealed_cache_bytes() / block.max(1) as usize,
+            crate::node::tuning::sealed_cache_bytes()
+                / (block as usize).max(crate::node::live::CACHE_CHUNK_BYTES),
         ));
         let blocks_ref = &blocks.0;
         // Each file's chunk list as its blocks are sealed (by index: a
@@ -470,9 +471,9 @@ impl Agent {
         let files_n = manifest.files().count() as u64;
         let bytes = manifest.total_bytes();
         let chunks = manifest.total_chunks();
-        // The index takes the tags from the log, which then goes before
-        // the record is made: the three never live at once.
-        let mut held = HeldShare::new(
+        // The index takes the tags from the log, which (nobody following)
+        // then goes before the record is made: the three never live at once.
+        let held = HeldShare::new(
             self.id,
             key.clone(),
             Role::Published,
@@ -480,13 +481,20 @@ impl Agent {
             manifest,
             bytes::Bytes::new(),
         );
-        held = match &unread {
+        let held = Arc::new(match &unread {
             Some(u) => held.with_tags(|id| u.tag(id)),
             None => held.with_tags(|id| live.tag(id)),
-        };
+        });
         drop(unread);
-        held.record = held.manifest.seal(&self.key, key)?.into_bytes().into();
-        self.install_share(held).await?;
+        // A recipient following the pass is served through the share from
+        // now on; the live share's listing goes before the record comes.
+        live.hand_over(&held);
+        // The tags go to storage before the record is made: their
+        // encoding (12 MB for 250,000 chunks) is never held beside it.
+        crate::node::share::save_tags(&self.op, &self.opts.state_prefix, &held).await?;
+        held.set_record(held.manifest.seal(&self.key, key)?.into_bytes().into())?;
+        self.install_share_with(held, crate::node::share::TagsFile::Written)
+            .await?;
         Ok((files_n, bytes, chunks, skipped))
     }
 
@@ -701,7 +709,7 @@ impl Agent {
         out.blocks.for_cache(keep);
         if keep {
             let bytes: usize = block.iter().map(|(_, _, ct)| ct.len()).sum();
-            self.sealed.wait_for_room(bytes).await;
+            self.sealed.wait_for_room(bytes, block.len()).await;
             for (r, _, ct) in block {
                 self.sealed.insert(out.live.id, r.id, ct);
             }

@@ -39,18 +39,43 @@ pub struct ChunkLocation {
     pub tag: Option<[u8; TAG_LEN]>,
 }
 
-/// Where one chunk of a held share is, in the manifest's terms: its file
-/// (an index into the entries), its place in that file's chunk list, its
-/// offset, and its tag when known. Paths and chunk references stay in the
-/// manifest alone: an index of [`ChunkLocation`]s held a path and a chunk
-/// reference per chunk again, about 200 bytes a chunk in a hash table
-/// twice the chunks' size (250,000 files of 4 KiB: about 100 MiB).
+/// Where one chunk of a held share is, in the manifest's terms: the
+/// first 8 bytes of its id (the index is searched by them), its file (an
+/// index into the entries), its place in that file's chunk list, its
+/// offset, and its tag when known. The whole id, paths and chunk
+/// references stay in the manifest alone: an index of [`ChunkLocation`]s
+/// held a path and a chunk reference per chunk again (250,000 files of
+/// 4 KiB: about 100 MiB), and one keyed by the whole id 80 bytes a chunk
+/// (21 MB); this is 40.
 #[derive(Debug, Clone, Copy)]
 struct Spot {
+    prefix: u64,
     entry: u32,
+    /// The place in the file's chunk list; [`TAGGED`] set when `tag` is known.
     chunk: u32,
     offset: u64,
-    tag: Option<[u8; TAG_LEN]>,
+    tag: [u8; TAG_LEN],
+}
+
+/// The bit of [`Spot::chunk`] that says its tag is known (a file has at
+/// most 2^22 chunks: `MAX_MANIFEST_CHUNKS`).
+const TAGGED: u32 = 1 << 31;
+
+impl Spot {
+    fn place(&self) -> (u32, u32) {
+        (self.entry, self.chunk & !TAGGED)
+    }
+
+    fn tag(&self) -> Option<[u8; TAG_LEN]> {
+        (self.chunk & TAGGED != 0).then_some(self.tag)
+    }
+}
+
+/// The first 8 bytes of an id, as the index orders them.
+fn prefix(id: &ChunkId) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&id.0[..8]);
+    u64::from_be_bytes(b)
 }
 
 /// One share held, at its newest version.
@@ -69,11 +94,15 @@ pub struct HeldShare {
     /// The decrypted manifest.
     pub manifest: Manifest,
     /// The signed manifest record as received or produced; shared, not
-    /// copied, by whatever saves or serves it.
-    pub record: bytes::Bytes,
+    /// copied, by whatever saves or serves it. Set once: a publish pass
+    /// builds the share (manifest and index) before it signs, so its live
+    /// share can locate chunks through it while the record is made
+    /// ([`crate::node::live::LiveShare::hand_over`]).
+    record: std::sync::OnceLock<bytes::Bytes>,
     /// Each distinct chunk id once (its first place in the manifest),
-    /// sorted by id: 72 bytes a chunk, found by binary search.
-    index: Vec<(ChunkId, Spot)>,
+    /// sorted by id: found by binary search on the prefix, the whole id
+    /// read from the manifest.
+    index: Vec<Spot>,
 }
 
 impl HeldShare {
@@ -102,38 +131,60 @@ impl HeldShare {
                 let Ok(chunk) = u32::try_from(chunk) else {
                     break;
                 };
-                index.push((
-                    c.id,
-                    Spot {
-                        entry,
-                        chunk,
-                        offset,
-                        tag: None,
-                    },
-                ));
+                if chunk & TAGGED != 0 {
+                    break;
+                }
+                index.push(Spot {
+                    prefix: prefix(&c.id),
+                    entry,
+                    chunk,
+                    offset,
+                    tag: [0; TAG_LEN],
+                });
                 offset += c.len as u64;
             }
         }
         // The first place of a chunk in manifest order wins: places are
         // unique, so sorting by (id, place) and keeping the first of each
-        // id is that.
+        // id is that. The whole id is read only when prefixes are equal.
+        let id_at = |s: &Spot| chunk_at(&manifest, s.place()).map(|c| c.id);
         index.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then(a.1.entry.cmp(&b.1.entry))
-                .then(a.1.chunk.cmp(&b.1.chunk))
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| id_at(a).cmp(&id_at(b)))
+                .then(a.place().cmp(&b.place()))
         });
-        index.dedup_by(|later, first| later.0 == first.0);
+        index.dedup_by(|later, first| later.prefix == first.prefix && id_at(later) == id_at(first));
         index.shrink_to_fit();
-        HeldShare {
+        let record: bytes::Bytes = record.into();
+        let held = HeldShare {
             id: manifest.share_id,
             publisher,
             key,
             role,
             root,
             manifest,
-            record: record.into(),
+            record: std::sync::OnceLock::new(),
             index,
+        };
+        if !record.is_empty() {
+            let _ = held.record.set(record);
         }
+        held
+    }
+
+    /// The signed manifest record (empty until [`HeldShare::set_record`]
+    /// for a share built before it was signed).
+    pub fn record(&self) -> bytes::Bytes {
+        self.record.get().cloned().unwrap_or_default()
+    }
+
+    /// Sets the signed record of a share built without one; refused when
+    /// it has one.
+    pub fn set_record(&self, record: bytes::Bytes) -> Result<()> {
+        self.record
+            .set(record)
+            .map_err(|_| Error::Protocol(format!("share {} already has its record", self.id)))
     }
 
     /// Records the AEAD tags of chunks (the publish pass saw each one
@@ -145,24 +196,29 @@ impl HeldShare {
     /// docs/security.md ("Verify on serve"). Tags of chunks that are not in
     /// this share are never asked for.
     pub fn with_tags(mut self, tag_of: impl Fn(&ChunkId) -> Option<[u8; TAG_LEN]>) -> Self {
-        for (id, spot) in self.index.iter_mut() {
-            if let Some(t) = tag_of(id) {
-                spot.tag = Some(t);
+        let manifest = &self.manifest;
+        for spot in self.index.iter_mut() {
+            if let Some(c) = chunk_at(manifest, spot.place())
+                && let Some(t) = tag_of(&c.id)
+            {
+                spot.tag = t;
+                spot.chunk |= TAGGED;
             }
         }
         self
     }
 
     /// The tags known, by chunk id.
-    pub fn tags(&self) -> impl Iterator<Item = (&ChunkId, &[u8; TAG_LEN])> {
-        self.index
-            .iter()
-            .filter_map(|(id, s)| s.tag.as_ref().map(|t| (id, t)))
+    pub fn tags(&self) -> impl Iterator<Item = (&ChunkId, [u8; TAG_LEN])> {
+        self.index.iter().filter_map(|s| {
+            let tag = s.tag()?;
+            chunk_at(&self.manifest, s.place()).map(|c| (&c.id, tag))
+        })
     }
 
     /// The tag of a chunk of this share, when known.
     pub fn tag(&self, id: &ChunkId) -> Option<[u8; TAG_LEN]> {
-        self.spot(id).and_then(|s| s.tag)
+        self.spot(id).and_then(|(s, _)| s.tag())
     }
 
     /// How many distinct chunks the share has.
@@ -170,30 +226,47 @@ impl HeldShare {
         self.index.len()
     }
 
-    fn spot(&self, id: &ChunkId) -> Option<&Spot> {
-        let at = self.index.binary_search_by(|(k, _)| k.cmp(id)).ok()?;
-        self.index.get(at).map(|(_, s)| s)
+    /// The spot of a chunk and its reference in the manifest.
+    fn spot(&self, id: &ChunkId) -> Option<(&Spot, &ChunkRef)> {
+        let p = prefix(id);
+        let first = self.index.partition_point(|s| s.prefix < p);
+        self.index[first..]
+            .iter()
+            .take_while(|s| s.prefix == p)
+            .find_map(|s| {
+                chunk_at(&self.manifest, s.place())
+                    .filter(|c| c.id == *id)
+                    .map(|c| (s, c))
+            })
     }
 
     /// Where a chunk of this share is stored, if it is one of ours.
     pub fn locate(&self, id: &ChunkId) -> Option<ChunkLocation> {
-        let spot = self.spot(id)?;
+        let (spot, chunk) = self.spot(id)?;
         let e = self.manifest.entries.get(spot.entry as usize)?;
-        let EntryKind::File { size, chunks } = &e.kind else {
+        let EntryKind::File { size, .. } = &e.kind else {
             return None;
         };
         Some(ChunkLocation {
             path: format!("{}{}", self.root, e.path),
             offset: spot.offset,
             file_len: *size,
-            chunk: *chunks.get(spot.chunk as usize)?,
-            tag: spot.tag,
+            chunk: *chunk,
+            tag: spot.tag(),
         })
     }
 
     /// The current version.
     pub fn seq(&self) -> u64 {
         self.manifest.seq
+    }
+}
+
+/// The chunk at (entry, place in its file's list) of a manifest.
+fn chunk_at(m: &Manifest, (entry, chunk): (u32, u32)) -> Option<&ChunkRef> {
+    match &m.entries.get(entry as usize)?.kind {
+        EntryKind::File { chunks, .. } => chunks.get(chunk as usize),
+        EntryKind::Dir => None,
     }
 }
 
@@ -208,8 +281,25 @@ struct ShareState {
     wrapped_key: String,
 }
 
-/// Persists a held share (manifest record + metadata).
-pub async fn save(op: &Operator, prefix: &str, me: &SecretKey, s: &HeldShare) -> Result<()> {
+/// Whether [`save`] writes the share's tags file too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagsFile {
+    /// Write it (with the record).
+    Write,
+    /// Already written by [`save_tags`] (a publish pass, before it signed:
+    /// the tags of 250,000 chunks are 12 MB encoded, the record 25).
+    Written,
+}
+
+/// Persists a held share (manifest record + metadata, and its tags file
+/// unless `tags` says it is written).
+pub async fn save(
+    op: &Operator,
+    prefix: &str,
+    me: &SecretKey,
+    s: &HeldShare,
+    tags: TagsFile,
+) -> Result<()> {
     let dir = state::share_dir(prefix, &s.id);
     let meta = ShareState {
         share_id: s.id.to_string(),
@@ -219,11 +309,26 @@ pub async fn save(op: &Operator, prefix: &str, me: &SecretKey, s: &HeldShare) ->
         wrapped_key: data_encoding::BASE64.encode(&wrap_key(&me.agent_id(), &s.key)?),
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Config(e.to_string()))?;
-    op.write(&format!("{dir}manifest"), s.record.clone())
+    op.write(&format!("{dir}manifest"), s.record())
         .await
         .context(|| format!("saving manifest of {}", s.id))?;
+    if tags == TagsFile::Write {
+        save_tags(op, prefix, s).await?;
+    }
+    op.write(&format!("{dir}share.json"), json)
+        .await
+        .context(|| format!("saving state of {}", s.id))?;
+    Ok(())
+}
+
+/// Writes the share's tags file (or removes an earlier version's when
+/// it has none). Written before its manifest is safe: a tag is kept by
+/// chunk id, never stale, and the tags of chunks not in the share held
+/// are never asked for ([`HeldShare::with_tags`]); a file with more
+/// records than that share's chunks is ignored at load.
+pub async fn save_tags(op: &Operator, prefix: &str, s: &HeldShare) -> Result<()> {
     let tags = encode_tags(s);
-    let tags_path = format!("{dir}{TAGS_FILE}");
+    let tags_path = format!("{}{TAGS_FILE}", state::share_dir(prefix, &s.id));
     if !tags.is_empty() {
         op.write(&tags_path, tags)
             .await
@@ -233,9 +338,6 @@ pub async fn save(op: &Operator, prefix: &str, me: &SecretKey, s: &HeldShare) ->
         // emptied of its files): refused, with a warning, at each start.
         tracing::warn!(path = %tags_path, error = %e, "could not remove an earlier version's chunk tags");
     }
-    op.write(&format!("{dir}share.json"), json)
-        .await
-        .context(|| format!("saving state of {}", s.id))?;
     Ok(())
 }
 
@@ -301,7 +403,7 @@ fn encode_tags(s: &HeldShare) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.distinct_chunks() * TAG_RECORD);
     for (id, tag) in s.tags() {
         out.extend_from_slice(&id.0);
-        out.extend_from_slice(tag);
+        out.extend_from_slice(&tag);
     }
     out
 }
@@ -335,6 +437,82 @@ fn decode_tags(b: &[u8], chunks: usize) -> Result<HashMap<ChunkId, [u8; TAG_LEN]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn r(id: [u8; 32], len: u32) -> ChunkRef {
+        ChunkRef {
+            id: ChunkId(id),
+            key: [7; 32],
+            len,
+        }
+    }
+
+    fn id(first: u8, last: u8) -> [u8; 32] {
+        let mut b = [first; 32];
+        b[31] = last;
+        b
+    }
+
+    #[test]
+    fn the_index_finds_each_chunk_at_its_first_place_even_when_ids_share_a_prefix() {
+        use crate::manifest::{Access, Entry};
+        // `x` and `y` differ only in their last byte: the same 8-byte prefix.
+        let (x, y, z) = (id(1, 1), id(1, 2), id(9, 0));
+        let file = |path: &str, chunks: Vec<ChunkRef>| Entry {
+            path: path.into(),
+            mode: 0o644,
+            kind: EntryKind::File {
+                size: chunks.iter().map(|c| c.len as u64).sum(),
+                chunks,
+            },
+        };
+        let manifest = Manifest {
+            share_id: ShareId::random().unwrap(),
+            seq: 1,
+            created_at: 0,
+            access: Access::default(),
+            entries: vec![
+                file("a", vec![r(z, 10), r(y, 20), r(x, 30)]),
+                Entry {
+                    path: "b".into(),
+                    mode: 0o755,
+                    kind: EntryKind::Dir,
+                },
+                file("b/c", vec![r(x, 30), r(z, 10)]),
+            ],
+        };
+        let held = HeldShare::new(
+            AgentId([3; 32]),
+            Key::random().unwrap(),
+            Role::Published,
+            "root/".into(),
+            manifest,
+            bytes::Bytes::new(),
+        );
+        assert_eq!(held.distinct_chunks(), 3);
+        let at = |i: [u8; 32]| {
+            let l = held.locate(&ChunkId(i)).unwrap();
+            (l.path, l.offset, l.chunk.id, l.file_len)
+        };
+        assert_eq!(at(z), ("root/a".into(), 0, ChunkId(z), 60));
+        assert_eq!(at(y), ("root/a".into(), 10, ChunkId(y), 60));
+        assert_eq!(at(x), ("root/a".into(), 30, ChunkId(x), 60));
+        assert!(
+            held.locate(&ChunkId(id(1, 3))).is_none(),
+            "same prefix, other id"
+        );
+        assert!(held.locate(&ChunkId(id(0, 0))).is_none());
+        assert!(held.locate(&ChunkId(id(255, 255))).is_none());
+
+        let held = held.with_tags(|c| (c.0 == y).then_some([5; TAG_LEN]));
+        assert_eq!(held.tag(&ChunkId(y)), Some([5; TAG_LEN]));
+        assert_eq!(held.tag(&ChunkId(x)), None);
+        assert_eq!(held.locate(&ChunkId(y)).unwrap().tag, Some([5; TAG_LEN]));
+        assert_eq!(held.locate(&ChunkId(y)).unwrap().offset, 10);
+        let tags: Vec<_> = held.tags().map(|(c, t)| (*c, t)).collect();
+        assert_eq!(tags, vec![(ChunkId(y), [5; TAG_LEN])]);
+        let back = decode_tags(&encode_tags(&held), held.distinct_chunks()).unwrap();
+        assert_eq!(back.get(&ChunkId(y)), Some(&[5; TAG_LEN]));
+    }
 
     #[test]
     fn tags_files_are_whole_records_no_more_than_the_chunks() {

@@ -501,7 +501,7 @@ impl Agent {
                     return Ok(());
                 }
                 // Files of it missing or changed here: that version again.
-                let mut record = held.record.to_vec();
+                let mut record = held.record().to_vec();
                 let head = ManifestHead::open(&record, Some(&ticket.publisher))?;
                 let manifest = head.manifest_in(&mut record, &held.key)?;
                 (record, manifest, held.key.clone())
@@ -580,7 +580,7 @@ impl Agent {
                     held.seq()
                 )));
             }
-            if seq == held.seq() && record != held.record {
+            if seq == held.seq() && record != held.record() {
                 return Err(Error::Refused(format!(
                     "a forked manifest: version {seq} of share {} differs from the version {seq} \
                      already held; nothing was changed",
@@ -861,7 +861,7 @@ impl Agent {
         )
         .with_tags(|id| tag_of(id).or_else(|| previous.and_then(|p| p.tag(id))));
         drop(tags);
-        self.install_share(held).await?;
+        self.install_share(Arc::new(held)).await?;
         let partial_root = state::partial_dir(&self.opts.state_prefix, &ticket.share_id);
         let _ = self.op.delete_with(&partial_root).recursive(true).await;
         let pending = self.pending_path(&ticket.share_id);
