@@ -36,6 +36,17 @@ const CHUNK_AAD: &[u8] = b"caravan chunk v1";
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ChunkId(pub [u8; 32]);
 
+impl ChunkId {
+    /// The id's first 8 bytes as a number, in the ids' order: a hash
+    /// already (BLAKE3), so it keys tables of chunks and orders indexes
+    /// searched by it.
+    pub fn prefix(&self) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&self.0[..8]);
+        u64::from_be_bytes(b)
+    }
+}
+
 impl fmt::Display for ChunkId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for b in &self.0[..8] {

@@ -365,9 +365,9 @@ impl LiveShare {
                 s.offsets[file] += r.len as u64;
                 let LiveState { index, log, .. } = s;
                 if let hashbrown::hash_table::Entry::Vacant(v) = index.entry(
-                    id_hash(&r.id),
+                    r.id.prefix(),
                     |&p| log.get(p as usize).is_some_and(|c| c.chunk.id == r.id),
-                    |&p| log.get(p as usize).map_or(0, |c| id_hash(&c.chunk.id)),
+                    |&p| log.get(p as usize).map_or(0, |c| c.chunk.id.prefix()),
                 ) {
                     v.insert(at);
                 }
@@ -600,13 +600,6 @@ impl LiveShare {
     }
 }
 
-/// A chunk id's hash for the live index: the id is a BLAKE3 hash already.
-fn id_hash(id: &ChunkId) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&id.0[..8]);
-    u64::from_le_bytes(b)
-}
-
 impl LiveState {
     /// The log entry where chunk `id` was first sealed.
     fn sealed(&self, id: &ChunkId) -> Option<&Sealed> {
@@ -620,7 +613,7 @@ fn first_sealed<'a>(
     index: &hashbrown::HashTable<u32>,
     id: &ChunkId,
 ) -> Option<&'a Sealed> {
-    let at = *index.find(id_hash(id), |&p| {
+    let at = *index.find(id.prefix(), |&p| {
         log.get(p as usize).is_some_and(|c| c.chunk.id == *id)
     })?;
     log.get(at as usize)

@@ -71,13 +71,6 @@ impl Spot {
     }
 }
 
-/// The first 8 bytes of an id, as the index orders them.
-fn prefix(id: &ChunkId) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&id.0[..8]);
-    u64::from_be_bytes(b)
-}
-
 /// One share held, at its newest version.
 #[derive(Debug)]
 pub struct HeldShare {
@@ -135,7 +128,7 @@ impl HeldShare {
                     break;
                 }
                 index.push(Spot {
-                    prefix: prefix(&c.id),
+                    prefix: c.id.prefix(),
                     entry,
                     chunk,
                     offset,
@@ -228,7 +221,7 @@ impl HeldShare {
 
     /// The spot of a chunk and its reference in the manifest.
     fn spot(&self, id: &ChunkId) -> Option<(&Spot, &ChunkRef)> {
-        let p = prefix(id);
+        let p = id.prefix();
         let first = self.index.partition_point(|s| s.prefix < p);
         self.index[first..]
             .iter()
