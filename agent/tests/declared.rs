@@ -423,6 +423,12 @@ fn a_declared_share_with_the_longest_object_name_survives_a_restart() {
         !plain.exists() && hashed.exists(),
         "moved to the name's file"
     );
+    // `forget` leaves a declared share to its declaration, which would
+    // publish it again: refused, naming it.
+    let out = cli(&["forget", "--config", alice.cfg(), ids[1].as_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("declared as \"short\""), "{err}");
     let (code, _) = admin(
         &alice,
         "DELETE",

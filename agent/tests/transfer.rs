@@ -497,6 +497,88 @@ fn cancel_stops_an_unfinished_fetch_for_good() {
     assert!(err.contains("no unfinished fetch"), "{err}");
 }
 
+/// `forget` stops serving a share, fetched or published: the agent no
+/// longer answers for it and its state goes, the files stay. Refused for a
+/// share not held and while a fetch of it is unfinished.
+#[test]
+fn forget_stops_serving_a_share_and_keeps_its_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut alice = TestAgent::init(&tmp.path().join("alice"));
+    let mut bob = TestAgent::init(&tmp.path().join("bob"));
+    make_tree(&alice.data().join("r"), 3, 20_000);
+    alice.start();
+    bob.start();
+    let (share, tickets) = publish(&alice, "r", &[&bob.id], &[]);
+    assert_eq!(fetch(&bob, &tickets[0], "r", &[])["state"], "done");
+    let held = |a: &TestAgent| {
+        std::fs::read_dir(a.data().join(".caravan/shares")).map_or(0, |d| d.count())
+    };
+    assert_eq!((held(&alice), held(&bob)), (1, 1));
+
+    let forget = |a: &TestAgent| cli(&["forget", "--config", a.cfg(), &share, "--json"]);
+    let out = forget(&bob);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let said: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (said["role"].as_str(), said["seq"].as_u64()),
+        (Some("fetched"), Some(1))
+    );
+    assert_eq!(held(&bob), 0, "its state went");
+    assert_same_tree(&alice.data().join("r"), &bob.data().join("r"));
+    let status: serde_json::Value =
+        serde_json::from_str(&cli_ok(&["status", "--config", bob.cfg(), "--json"])).unwrap();
+    assert_eq!(status["shares"], serde_json::json!([]), "{status}");
+    let out = forget(&bob);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("no share"), "{}", stderr_of(&out));
+
+    let out = cli(&["forget", "--config", alice.cfg(), &share]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("Published") && said.contains("files stay"),
+        "{said}"
+    );
+    assert_eq!(held(&alice), 0);
+    // The publisher answers for it as for a share that never existed.
+    let out = cli(&[
+        "fetch",
+        "--config",
+        bob.cfg(),
+        &tickets[0],
+        "--dest",
+        "again",
+    ]);
+    assert!(!out.status.success(), "a forgotten share was served");
+    assert!(
+        stderr_of(&out).contains("unknown share"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(!bob.data().join("again/d0").exists());
+    assert!(
+        alice.data().join("r/d0").is_dir(),
+        "the publisher's files stay"
+    );
+    // That fetch waits to be tried again: `forget` leaves it to `cancel`.
+    assert_eq!(
+        bob.data()
+            .join(".caravan/fetches")
+            .read_dir()
+            .unwrap()
+            .count(),
+        1
+    );
+    let out = forget(&bob);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("cancel"), "{}", stderr_of(&out));
+    cli_ok(&["cancel", "--config", bob.cfg(), &share]);
+}
+
+fn stderr_of(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 /// `cancel` of a fetch that is running stops it where it is: nothing more
 /// is written, its request and part files go, and it is not resumed at
 /// the next start. (It was refused, telling the user to stop the daemon,

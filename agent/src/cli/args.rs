@@ -212,6 +212,28 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop holding a share, published or fetched: it is no longer served
+    /// to anyone or announced, and its record, index, tags and offline
+    /// seed go. Its files stay in storage, as the user's own (a later
+    /// fetch of the share into the same folder will not replace them
+    /// unless they are exactly the share's). Recipients of a share you
+    /// published keep what they fetched, and may go on seeding it to each
+    /// other. Refused while the share's publish pass runs, while a fetch
+    /// of it is unfinished (cancel it first), and for a declared share
+    /// (a Kubernetes Share: delete it instead).
+    ///
+    /// Example: caravan-agent forget sh1-…   (the share id `status` shows)
+    Forget {
+        /// Agent configuration file (default: $CARAVAN_CONFIG, else
+        /// ~/.config/caravan/agent.toml).
+        #[arg(long, short, env = "CARAVAN_CONFIG", default_value_os_t = default_config_path())]
+        config: PathBuf,
+        /// The share id.
+        share: ShareId,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the running daemon holds and is fetching.
     Status {
         /// Agent configuration file (default: $CARAVAN_CONFIG, else

@@ -248,6 +248,7 @@ async fn dispatch(cmd: Command) -> Result<()> {
         | Command::Fetch { .. }
         | Command::Status { .. }
         | Command::Cancel { .. }
+        | Command::Forget { .. }
         | Command::Peers { .. }) => shares::command(cmd).await,
         cmd @ Command::Demo { .. } => demo::command(cmd).await,
         Command::Trust { action } => trust::command(action).await,

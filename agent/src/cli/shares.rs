@@ -331,6 +331,31 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Forget {
+            config,
+            share,
+            json,
+        } => {
+            let done: api::Forgotten = Admin::from_config(&config)?
+                .delete(&api::share(&share.to_string()))
+                .await?;
+            if json {
+                out!("{}", serde_json::to_string(&done)?);
+            } else {
+                let seeded = if done.was_seeded {
+                    ", its offline seed removed"
+                } else {
+                    ""
+                };
+                out!(
+                    "forgot share {} ({:?}, version {}): no longer served{seeded}; its files stay in storage",
+                    done.share_id,
+                    done.role,
+                    done.seq
+                );
+            }
+            Ok(())
+        }
         Command::Status { config, json } => {
             let s: Status = Admin::from_config(&config)?.get(api::STATUS).await?;
             if json {

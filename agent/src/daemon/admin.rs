@@ -8,7 +8,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use futures::StreamExt;
 
@@ -260,6 +260,7 @@ pub fn admin_router_with(
         .route(api::STATUS, get(api_status))
         .route(api::ACTIVITY, get(api_activity))
         .route(api::SHARES, post(api_publish))
+        .route(api::SHARE, delete(api_forget))
         .route(api::SHARE_TICKETS, post(api_ticket))
         .route(api::FETCHES, post(api_fetch))
         .route(api::FETCH, get(api_fetch_status).delete(api_fetch_cancel))
@@ -480,6 +481,28 @@ async fn api_fetch(
     check_token(&s, &h)?;
     s.agent.activity.touch(api::activity::FETCH);
     Ok(Json(s.agent.start_fetch(req).await?.snapshot()))
+}
+
+async fn api_forget(
+    State(s): State<AdminState>,
+    h: HeaderMap,
+    Segment(id): Segment,
+) -> std::result::Result<Json<api::Forgotten>, ApiFailure> {
+    check_token(&s, &h)?;
+    let id: ShareId = id.parse()?;
+    if let Some(d) = &s.declared
+        && let Some(name) = d
+            .list_shares()
+            .into_iter()
+            .find(|d| d.share_id.as_deref() == Some(id.to_string().as_str()))
+            .map(|d| d.name)
+    {
+        return Err(Error::Rejected(format!(
+            "share {id} is declared as {name:?} (a Kubernetes Share or a declaration of the operator): delete the declaration to stop it, or it would be published or fetched again"
+        ))
+        .into());
+    }
+    Ok(Json(s.agent.forget(&id).await?))
 }
 
 async fn api_fetch_cancel(

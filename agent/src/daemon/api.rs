@@ -16,7 +16,9 @@ pub use crate::node::trust::{
     GrantInfo, GrantRequest, RevokeRequest, RevokeResponse, TrustListing, WhyAnswer,
 };
 #[cfg(feature = "node")]
-pub use crate::node::{FetchRequest, FetchState, ProgressSnapshot, PublishRequest, Published};
+pub use crate::node::{
+    FetchRequest, FetchState, Forgotten, ProgressSnapshot, PublishRequest, Published,
+};
 
 /// `GET`: [`Status`].
 pub const STATUS: &str = "/v1/status";
@@ -26,6 +28,9 @@ pub const STATUS: &str = "/v1/status";
 pub const SHARES: &str = "/v1/shares";
 /// Query of [`SHARES`] asking for the answer in JSON lines.
 pub const STREAM_QUERY: &str = "stream=1";
+/// `DELETE`: forgets a held share, published or fetched: it is no
+/// longer served, its state goes, its files stay ([`Forgotten`]).
+pub const SHARE: &str = "/v1/shares/{id}";
 /// `POST` a [`TicketRequest`]: [`TicketResponse`].
 pub const SHARE_TICKETS: &str = "/v1/shares/{id}/tickets";
 /// `GET`: the [`PeerInfo`]s the repositories name for a share.
@@ -52,6 +57,11 @@ pub const DECLARED_SHARES: &str = "/v1/declared/shares";
 pub const DECLARED_GRANTS: &str = "/v1/declared/grants";
 /// `GET`: [`ActivityReport`], polled by the operator for scale to zero.
 pub const ACTIVITY: &str = "/v1/activity";
+
+/// [`SHARE`] for one share.
+pub fn share(share: &str) -> String {
+    SHARE.replace("{id}", share)
+}
 
 /// [`SHARE_TICKETS`] for one share.
 pub fn share_tickets(share: &str) -> String {

@@ -126,7 +126,7 @@ impl Agent {
     }
 
     /// True while a fetch of `id` runs in this process.
-    pub(super) fn fetch_running(&self, id: &ShareId) -> bool {
+    pub(crate) fn fetch_running(&self, id: &ShareId) -> bool {
         self.fetches.lock().is_ok_and(|m| {
             m.get(id).is_some_and(|p| {
                 matches!(
