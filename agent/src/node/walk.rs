@@ -324,6 +324,11 @@ fn readable(_: &Path, _: &std::fs::Metadata) -> bool {
     true
 }
 
+/// The longest path the kernel takes, its closing NUL included (Linux's
+/// `PATH_MAX`): an entry whose path on the disk is this long or longer
+/// cannot be opened by its path.
+pub(crate) const PATH_MAX: usize = 4096;
+
 /// The walk of a local folder (or file) `path` under `fs_root`.
 fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
     let target = fs_root.join(path.trim_end_matches('/'));
@@ -435,10 +440,18 @@ fn walk_local(fs_root: &Path, path: &str, state: &str) -> Result<Listing> {
                 out.skipped.add(rel, SkipReason::UnsafeName);
                 continue;
             }
+            let at = entry.path();
+            // Deeper than this disk's paths reach: its own path could be
+            // neither read nor listed (the kernel refuses it), and failing
+            // the publish on it would leave the user no way to publish the
+            // rest.
+            if at.as_os_str().len() >= PATH_MAX {
+                out.skipped.add(rel, SkipReason::UnsafeName);
+                continue;
+            }
             let kind = entry
                 .file_type()
                 .context(|| format!("reading the type of {full:?}"))?;
-            let at = entry.path();
             let meta = if kind.is_symlink() {
                 let Ok(real) = std::fs::canonicalize(&at) else {
                     out.skipped.add(rel, SkipReason::LinkBroken);
@@ -724,6 +737,48 @@ mod tests {
     /// An object store's key may hold a segment no disk can name (over 255
     /// bytes): left out and named, not a share every recipient on a disk
     /// fails on halfway.
+    /// A tree deeper than the disk's paths reach (made with paths relative
+    /// to each folder, as a program that changes directory can) is
+    /// published down to where its paths still open: the first entry too
+    /// deep is left out as an unsafe name, not a failed publish.
+    #[test]
+    fn folders_deeper_than_the_disks_paths_are_left_out() {
+        use rustix::fs::{Mode, OFlags};
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::create_dir(root.join("deep")).unwrap();
+        std::fs::write(root.join("deep/top"), b"t").unwrap();
+        let mut dir = rustix::fs::open(
+            root.join("deep"),
+            OFlags::DIRECTORY | OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        let name = "d".repeat(200);
+        for _ in 0..(PATH_MAX / 201 + 2) {
+            rustix::fs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            dir = rustix::fs::openat(
+                &dir,
+                name.as_str(),
+                OFlags::DIRECTORY | OFlags::RDONLY,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        let l = walk_local(root, "deep", ".caravan/").unwrap();
+        assert_eq!(l.files.len(), 1, "{:?}", l.files);
+        let skipped = reasons(&l);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(skipped[0].1, SkipReason::UnsafeName);
+        let too_deep = root.join("deep").join(&skipped[0].0);
+        assert!(too_deep.as_os_str().len() >= PATH_MAX);
+        assert!(
+            l.dirs
+                .iter()
+                .all(|d| root.join("deep").join(&d.0).as_os_str().len() < PATH_MAX)
+        );
+    }
+
     #[tokio::test]
     async fn names_longer_than_a_disk_holds_are_left_out_of_an_object_store_walk() {
         let op = crate::store::open(&crate::config::StorageConfig {
