@@ -33,6 +33,7 @@ use crate::manifest::{Access, ShareId, Ticket};
 use crate::node::activity::Schedule;
 use crate::node::agent::Agent;
 use crate::node::fetch::progress::{FetchProgress, FetchState};
+use crate::node::grant_renewal::DECLARED_GRANT_SECS;
 use crate::node::publish::PublishRequest;
 use crate::node::share::Role;
 use crate::node::trust::GrantRequest;
@@ -83,13 +84,13 @@ async fn revoke_every_grant(
 
 /// What is persisted per declared grant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct SavedGrant {
-    spec: DeclaredGrant,
-    grant_id: String,
-    not_after: u64,
-    published: bool,
+pub(crate) struct SavedGrant {
+    pub(crate) spec: DeclaredGrant,
+    pub(crate) grant_id: String,
+    pub(crate) not_after: u64,
+    pub(crate) published: bool,
     #[serde(default)]
-    revoked: bool,
+    pub(crate) revoked: bool,
     #[serde(default)]
     revocation_published: bool,
 }
@@ -105,10 +106,14 @@ struct Running {
 
 /// The declared shares and grants of one agent.
 pub struct Declarations {
-    agent: Arc<Agent>,
+    pub(crate) agent: Arc<Agent>,
     shares: Mutex<HashMap<String, Arc<Running>>>,
-    grants: tokio::sync::Mutex<()>,
-    shutdown: CancellationToken,
+    /// Held while a declared grant is signed, revoked or renewed.
+    pub(crate) grants: tokio::sync::Mutex<()>,
+    /// When the first declared grant is due for renewal (unix seconds;
+    /// `grant_renewal.rs`).
+    pub(crate) next_renewal: Mutex<Option<u64>>,
+    pub(crate) shutdown: CancellationToken,
 }
 
 fn check_name(what: &str, name: &str) -> Result<()> {
@@ -245,6 +250,7 @@ impl Declarations {
             agent,
             shares: Mutex::new(HashMap::new()),
             grants: tokio::sync::Mutex::new(()),
+            next_renewal: Mutex::new(None),
             shutdown,
         });
         let dir = d.shares_dir();
@@ -284,6 +290,7 @@ impl Declarations {
                 tracing::warn!(%path, "ignoring a declared share file that does not match its name");
             }
         }
+        tokio::spawn(d.clone().run_grant_renewal());
         Ok(d)
     }
 
@@ -307,8 +314,12 @@ impl Declarations {
         format!("{}{head}_{}.json", self.shares_dir(), &hash[..32])
     }
 
-    fn grant_file(&self, key: &str) -> String {
-        format!("{}declared/grants/{key}.json", self.agent.opts.state_prefix)
+    pub(crate) fn grant_file(&self, key: &str) -> String {
+        format!("{}{key}.json", self.grants_dir())
+    }
+
+    pub(crate) fn grants_dir(&self) -> String {
+        format!("{}declared/grants/", self.agent.opts.state_prefix)
     }
 
     async fn save_share(&self, name: &str, s: &SavedShare) -> Result<()> {
@@ -481,6 +492,9 @@ impl Declarations {
             if let Some(at) = run.next_run.lock().ok().and_then(|n| *n) {
                 out.due(at, format!("rescan of share {name}"));
             }
+        }
+        if let Some(at) = self.next_renewal.lock().ok().and_then(|n| *n) {
+            out.due(at, "renewal of declared trust grants".to_string());
         }
         out.pending.sort();
         out
@@ -804,7 +818,7 @@ impl Declarations {
         // replaces the first): a second declared grant for the same subject
         // is refused, naming the one in effect. Before, both showed as
         // published, and deleting either revoked the other's grant too.
-        let dir = format!("{}declared/grants/", self.agent.opts.state_prefix);
+        let dir = self.grants_dir();
         let others =
             crate::node::state::read_each(&self.agent.op, &dir, ".json", "declared grant", |b| {
                 serde_json::from_slice::<SavedGrant>(b)
@@ -830,7 +844,12 @@ impl Declarations {
             revoke_every_grant(&trust, o).await?;
         }
         let now = crate::util::unix_now();
-        let expires_secs = spec.not_after.map(|n| n.saturating_sub(now).max(1));
+        // No expiry declared: signed for a month and renewed while declared
+        // (`grant_renewal.rs`).
+        let expires_secs = Some(
+            spec.not_after
+                .map_or(DECLARED_GRANT_SECS, |n| n.saturating_sub(now).max(1)),
+        );
         // A grant no repository could be reached for is saved as not yet
         // published (the outbox sends it): a retried PUT must not sign
         // another one, which a DELETE would then not know of.
@@ -857,6 +876,7 @@ impl Declarations {
             .await
             .context(|| format!("saving {path}"))?;
         self.agent.activity.touch(activity::DECLARED);
+        self.note_renewal(&saved);
         let mut st = self.grant_status(&saved, &spec);
         st.published_to = info.published_to;
         Ok(st)

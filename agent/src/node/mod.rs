@@ -10,6 +10,7 @@ pub mod agent;
 pub mod declared;
 pub mod fetch;
 pub mod forget;
+pub mod grant_renewal;
 pub mod live;
 pub mod metrics;
 pub mod publish;

@@ -64,7 +64,11 @@ pub struct TrustGrantSpec {
     #[serde(default = "default_scope")]
     #[schemars(length(min = 1, max = 128))]
     pub scope: String,
-    /// When the grant stops being valid (RFC 3339). No expiry when omitted.
+    /// When the grant stops being valid (RFC 3339). When omitted the grant
+    /// stays in effect while this TrustGrant exists: the issuer signs it
+    /// for 30 days and again every 15, so a grant whose issuer is gone
+    /// without revoking it (deleted with its namespace) lapses within 30
+    /// days.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<Time>,
 }
