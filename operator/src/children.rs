@@ -84,11 +84,26 @@ pub fn owner_reference(agent: &Agent) -> Option<OwnerReference> {
     agent.controller_owner_ref(&())
 }
 
+/// Annotation of a kept identity Secret (`spec.keepIdentity`): the uid of
+/// the Agent that created it, so a later Agent of the name knows it took up
+/// an identity it did not make.
+pub const KEPT_FOR_UID: &str = "caravan.dev/created-for-agent-uid";
+
 /// The identity Secret, built once when the agent is first seen. Immutable:
 /// the key must never change under a running agent's id.
 pub fn identity_secret(input: &BuildInput<'_>, identity_text: &str, admin_token: &str) -> Secret {
+    let mut metadata = input.meta(input.names().identity);
+    // Not garbage-collected with the Agent: taken up by the next Agent of
+    // the name (`spec.keepIdentity`).
+    if input.agent.spec.keep_identity {
+        metadata.owner_references = None;
+        metadata.annotations = Some(BTreeMap::from([(
+            KEPT_FOR_UID.to_string(),
+            input.agent.metadata.uid.clone().unwrap_or_default(),
+        )]));
+    }
     Secret {
-        metadata: input.meta(input.names().identity),
+        metadata,
         immutable: Some(true),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([
@@ -731,6 +746,18 @@ mod tests {
         let data = s.data.unwrap();
         assert_eq!(data["identity.key"].0, b"caravan-secret-key-v1:abc\n");
         assert_eq!(data["admin.token"].0, b"00ff");
+        assert!(s.metadata.annotations.is_none());
+        // Kept: no owner (not garbage-collected with the Agent), and the
+        // uid of the Agent it was made for.
+        let mut keeper = fs_agent("alice", "tenant-a");
+        keeper.spec.keep_identity = true;
+        let kept = build(&keeper, |i| identity_secret(i, "k", "t"));
+        assert_eq!(kept.metadata.owner_references, None);
+        assert_eq!(
+            kept.metadata.annotations.unwrap()[KEPT_FOR_UID],
+            "uid-alice"
+        );
+        assert_eq!(kept.immutable, Some(true));
     }
 
     #[test]

@@ -293,7 +293,38 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
                 return Ok(Outcome::Healthy(SHORT_RESYNC));
             }
             match identity_of(&s) {
-                Ok(id) => id,
+                Ok(id) => {
+                    // A kept identity (`spec.keepIdentity`) taken up by a
+                    // new Agent of its name: said once, when this Agent
+                    // first gets an id, so nobody is surprised by it.
+                    let made_for = s
+                        .metadata
+                        .annotations
+                        .as_ref()
+                        .and_then(|a| a.get(children::KEPT_FOR_UID));
+                    let fresh = agent.status.as_ref().is_none_or(|st| st.agent_id.is_none());
+                    if fresh
+                        && s.metadata
+                            .owner_references
+                            .as_ref()
+                            .is_none_or(Vec::is_empty)
+                        && made_for.is_some_and(|uid| Some(uid) != agent.metadata.uid.as_ref())
+                    {
+                        tracing::info!(agent = %name, namespace = %ns, agent_id = %id, "took up a kept identity");
+                        publish(
+                            ctx,
+                            agent,
+                            false,
+                            "IdentityReused",
+                            format!(
+                                "took up the identity {id} kept from an earlier Agent of this name (Secret {}); delete that Secret to start afresh",
+                                names.identity
+                            ),
+                        )
+                        .await;
+                    }
+                    id
+                }
                 Err(reason) => {
                     let obs = Observation::IdentityCorrupt {
                         secret: &names.identity,

@@ -29,6 +29,7 @@ pub fn s3_agent(name: &str, ns: &str) -> Agent {
             log_format: None,
             scheduling: None,
             scale_to_zero: None,
+            keep_identity: false,
         },
     );
     a.metadata.namespace = Some(ns.into());

@@ -322,6 +322,28 @@ no_dupes() {
 check "exactly one of each child, one ReplicaSet, six distinct ids" no_dupes
 check "a new leader took over" bash -c "[[ \$(kubectl -n $SYS_NS get lease caravan-operator -o jsonpath='{.spec.holderIdentity}') != '$leader' ]]"
 
+# ------------------------------------------------------------------ kept identity
+# spec.keepIdentity: the identity Secret has no owner, outlives its Agent,
+# and an Agent of the same name created later takes it up (same id, an
+# IdentityReused Event).
+keeper() {
+  printf 'apiVersion: caravan.dev/v1alpha1\nkind: Agent\nmetadata: {name: keeper}\nspec:\n  keepIdentity: true\n  storage: {scheme: fs, secretRef: {name: storage}}\n' |
+    kc -n "$RESTART_NS" apply -f - >/dev/null
+}
+keeper
+check "an Agent keeping its identity gets Ready" wait_for 180 "keeper Ready" agent_ready "$RESTART_NS" keeper
+kept_id=$(jp -n "$RESTART_NS" get agent keeper -o jsonpath='{.status.agentId}')
+kc -n "$RESTART_NS" delete agent keeper --wait=true --timeout=60s >/dev/null
+keeper_gone() { [[ $(kc -n "$RESTART_NS" get deployments -l caravan.dev/agent=keeper --no-headers 2>/dev/null | wc -l) == 0 ]]; }
+check "its other children are collected" wait_for 120 "keeper GC" keeper_gone
+check "its identity Secret stays, owned by nobody" \
+  bash -c "[[ \$(kubectl -n $RESTART_NS get secret caravan-keeper-identity -o jsonpath='{.metadata.ownerReferences}') == '' ]]"
+keeper
+check "an Agent of the same name created again gets Ready" wait_for 180 "keeper Ready again" agent_ready "$RESTART_NS" keeper
+check "with the same agent id ($kept_id)" \
+  bash -c "[[ -n '$kept_id' && \$(kubectl -n $RESTART_NS get agent keeper -o jsonpath='{.status.agentId}') == '$kept_id' ]]"
+check "and an IdentityReused Event" has_event "$RESTART_NS" IdentityReused
+
 # ------------------------------------------------------------------ delete → GC
 log "deleting Agent bob: every child must be garbage-collected"
 kc -n tenant-bob delete agent bob --wait=true --timeout=60s >/dev/null

@@ -125,6 +125,19 @@ pub struct AgentSpec {
     /// is offline-seeded). Omitted: the agent always runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale_to_zero: Option<ScaleToZeroSpec>,
+
+    /// Keep the agent's identity (its key, so its agent id) when this Agent
+    /// is deleted: the identity Secret is created without an owner
+    /// reference, so it is not garbage-collected, and an Agent of the same
+    /// name created later in this namespace takes it up (an
+    /// `IdentityReused` Event says so): the same agent id, so its grants'
+    /// issuer, its subscribers' publisher and, with the same storage, its
+    /// shares stay. Read when the identity is created; later edits change
+    /// nothing (add or remove the Secret's owner reference by hand). Delete
+    /// the Secret `caravan-NAME-identity` to start afresh. Omitted: the
+    /// identity goes with the Agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_identity: bool,
 }
 
 /// When an idle agent is scaled to zero.
