@@ -33,10 +33,9 @@ use crate::manifest::{Access, ShareId, Ticket};
 use crate::node::activity::Schedule;
 use crate::node::agent::Agent;
 use crate::node::fetch::progress::{FetchProgress, FetchState};
-use crate::node::grant_renewal::DECLARED_GRANT_SECS;
 use crate::node::publish::PublishRequest;
 use crate::node::share::Role;
-use crate::node::trust::GrantRequest;
+use crate::node::trust::{DECLARED_GRANT_SECS, GrantRequest};
 
 /// Declared shares per agent, at most.
 pub const MAX_DECLARED: usize = 4096;

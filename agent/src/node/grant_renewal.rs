@@ -24,11 +24,9 @@ use std::time::Duration;
 use crate::error::{Context, Error, Result};
 use crate::identity::AgentId;
 use crate::node::declared::{Declarations, SavedGrant};
-use crate::node::trust::GrantRequest;
+use crate::node::trust::{DECLARED_GRANT_SECS, GrantRequest};
 use crate::util::unix_now;
 
-/// Validity of a declared grant without an expiry (30 days).
-pub const DECLARED_GRANT_SECS: u64 = 30 * 86_400;
 /// Such a grant is signed again once less than this remains (15 days):
 /// half its validity, so an agent asleep or down for two weeks still
 /// renews in time.

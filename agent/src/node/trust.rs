@@ -43,6 +43,9 @@ pub const SEARCH_AGENTS: usize = 256;
 pub const MAX_UNKNOWN_REVOCATIONS: usize = 100_000;
 /// Default validity of a grant issued without `expires_secs` (one year).
 pub const DEFAULT_GRANT_SECS: u64 = 365 * 24 * 3600;
+/// Validity of a declared grant without an expiry (30 days): signed again
+/// while it is declared (`node/grant_renewal.rs`).
+pub const DECLARED_GRANT_SECS: u64 = 30 * 86_400;
 /// Lifetime of an announcement; it is renewed at half of it.
 pub const ANNOUNCE_TTL_SECS: u64 = 600;
 
