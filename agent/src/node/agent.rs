@@ -290,7 +290,7 @@ impl Agent {
         s: Arc<HeldShare>,
         tags: share::TagsFile,
     ) -> Result<Arc<HeldShare>> {
-        if s.record().is_empty() {
+        if !s.has_record() {
             return Err(Error::Protocol(format!(
                 "share {} has no signed record to install",
                 s.id
@@ -472,7 +472,7 @@ impl Service for Agent {
         if have_seq > 0 && s.seq() <= have_seq {
             return Ok(bytes::Bytes::new());
         }
-        Ok(s.record())
+        s.record(&self.op, &self.opts.state_prefix).await
     }
 
     fn chunk_asked(&self, peer: AgentId, share: ShareId, id: ChunkId) {

@@ -15,6 +15,7 @@ pub mod live;
 pub mod metrics;
 pub mod publish;
 pub mod publish_intent;
+mod record_hold;
 pub mod seed;
 pub mod share;
 pub mod state;

@@ -375,7 +375,7 @@ impl Agent {
         let index = SeedIndex {
             share_id: s.id,
             manifest_seq: s.seq(),
-            manifest: s.record().to_vec(),
+            manifest: s.record(&self.op, prefix).await?.to_vec(),
             urls,
         };
         let bytes = index.to_bytes()?;

@@ -12,6 +12,7 @@ use crate::crypto::{Key, TAG_LEN};
 use crate::error::{Context, Error, Result};
 use crate::identity::{AgentId, SecretKey, wrap_key};
 use crate::manifest::{EntryKind, Manifest, ManifestHead, ShareId};
+use crate::node::record_hold::RecordHold;
 use crate::node::state;
 
 /// Why this agent holds a share.
@@ -87,11 +88,12 @@ pub struct HeldShare {
     /// The decrypted manifest.
     pub manifest: Manifest,
     /// The signed manifest record as received or produced; shared, not
-    /// copied, by whatever saves or serves it. Set once: a publish pass
+    /// copied, by whatever saves or serves it, and a large one let go of
+    /// once saved ([`RecordHold`]). Set once: a publish pass
     /// builds the share (manifest and index) before it signs, so its live
     /// share can locate chunks through it while the record is made
     /// ([`crate::node::live::LiveShare::hand_over`]).
-    record: std::sync::OnceLock<bytes::Bytes>,
+    record: RecordHold,
     /// Each distinct chunk id once (its first place in the manifest),
     /// sorted by id: found by binary search on the prefix, the whole id
     /// read from the manifest.
@@ -149,35 +151,46 @@ impl HeldShare {
         });
         index.dedup_by(|later, first| later.prefix == first.prefix && id_at(later) == id_at(first));
         index.shrink_to_fit();
-        let record: bytes::Bytes = record.into();
-        let held = HeldShare {
+        HeldShare {
             id: manifest.share_id,
             publisher,
             key,
             role,
             root,
             manifest,
-            record: std::sync::OnceLock::new(),
+            record: RecordHold::new(record.into()),
             index,
-        };
-        if !record.is_empty() {
-            let _ = held.record.set(record);
         }
-        held
     }
 
     /// The signed manifest record (empty until [`HeldShare::set_record`]
-    /// for a share built before it was signed).
-    pub fn record(&self) -> bytes::Bytes {
-        self.record.get().cloned().unwrap_or_default()
+    /// for a share built before it was signed), read back from the share's
+    /// state under `prefix` in `op` when it is not kept in memory.
+    pub async fn record(&self, op: &Operator, prefix: &str) -> Result<bytes::Bytes> {
+        self.record.get(op, &record_path(prefix, &self.id)).await
+    }
+
+    /// Whether the share has its signed record.
+    pub fn has_record(&self) -> bool {
+        self.record.is_set()
+    }
+
+    /// Whether `record` is exactly this share's signed record.
+    pub fn record_is(&self, record: &[u8]) -> bool {
+        self.record.is(record)
     }
 
     /// Sets the signed record of a share built without one; refused when
     /// it has one.
     pub fn set_record(&self, record: bytes::Bytes) -> Result<()> {
-        self.record
-            .set(record)
-            .map_err(|_| Error::Protocol(format!("share {} already has its record", self.id)))
+        if self.record.set(record) {
+            Ok(())
+        } else {
+            Err(Error::Protocol(format!(
+                "share {} already has its record",
+                self.id
+            )))
+        }
     }
 
     /// Records the AEAD tags of chunks (the publish pass saw each one
@@ -302,7 +315,13 @@ pub async fn save(
         wrapped_key: data_encoding::BASE64.encode(&wrap_key(&me.agent_id(), &s.key)?),
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Config(e.to_string()))?;
-    op.write(&format!("{dir}manifest"), s.record())
+    let record = s.record.in_memory().ok_or_else(|| {
+        Error::Protocol(format!(
+            "share {} has no signed record in memory to save",
+            s.id
+        ))
+    })?;
+    op.write(&record_path(prefix, &s.id), record)
         .await
         .context(|| format!("saving manifest of {}", s.id))?;
     if tags == TagsFile::Write {
@@ -311,8 +330,17 @@ pub async fn save(
     op.write(&format!("{dir}share.json"), json)
         .await
         .context(|| format!("saving state of {}", s.id))?;
+    s.record.saved();
     Ok(())
 }
+
+/// `<share dir>manifest`: the share's signed manifest record.
+fn record_path(prefix: &str, id: &ShareId) -> String {
+    format!("{}{RECORD_FILE}", state::share_dir(prefix, id))
+}
+
+/// The name of a share's signed manifest record in its state folder.
+const RECORD_FILE: &str = "manifest";
 
 /// Writes the share's tags file (or removes an earlier version's when
 /// it has none). Written before its manifest is safe: a tag is kept by
@@ -361,9 +389,9 @@ async fn load_one(op: &Operator, dir: &str, me: &SecretKey) -> Result<HeldShare>
         .map_err(|e| Error::parse("wrapped key", e))?;
     let key = me.unwrap_key(&wrapped)?;
     let mut record = op
-        .read(&format!("{dir}manifest"))
+        .read(&format!("{dir}{RECORD_FILE}"))
         .await
-        .context(|| format!("reading {dir}manifest"))?
+        .context(|| format!("reading {dir}{RECORD_FILE}"))?
         .to_vec();
     let head = ManifestHead::open(&record, Some(&publisher))?;
     let manifest = head.manifest_in(&mut record, &key)?;
@@ -384,7 +412,10 @@ async fn load_one(op: &Operator, dir: &str, me: &SecretKey) -> Result<HeldShare>
         }),
         Err(_) => HashMap::new(),
     };
-    Ok(held.with_tags(|id| tags.get(id).copied()))
+    let held = held.with_tags(|id| tags.get(id).copied());
+    // Read from its state: a large record is read back from there.
+    held.record.saved();
+    Ok(held)
 }
 
 /// `<share dir>/tags`: the AEAD tags of a share's chunks, records of a

@@ -501,7 +501,10 @@ impl Agent {
                     return Ok(());
                 }
                 // Files of it missing or changed here: that version again.
-                let mut record = held.record().to_vec();
+                let mut record = held
+                    .record(&self.op, &self.opts.state_prefix)
+                    .await?
+                    .to_vec();
                 let head = ManifestHead::open(&record, Some(&ticket.publisher))?;
                 let manifest = head.manifest_in(&mut record, &held.key)?;
                 (record, manifest, held.key.clone())
@@ -580,7 +583,7 @@ impl Agent {
                     held.seq()
                 )));
             }
-            if seq == held.seq() && record != held.record() {
+            if seq == held.seq() && !held.record_is(&record) {
                 return Err(Error::Refused(format!(
                     "a forked manifest: version {seq} of share {} differs from the version {seq} \
                      already held; nothing was changed",
