@@ -16,7 +16,7 @@
 //! Refused, so that nothing half-forgotten is left behind: a share whose
 //! publish pass is running (its tickets are out, followers are reading
 //! it), one with an unfinished fetch (`cancel` decides about its
-//! half-written files), and one an unrelated declaration converges (a
+//! half-written files), and one a declaration converges (a
 //! Kubernetes Share: deleting the declaration is what stops it, or it
 //! would publish or fetch it again; the admin API checks that).
 
