@@ -164,18 +164,13 @@ mod tests {
             SecretKey::generate().unwrap().agent_id(),
         );
         let now = unix_now();
-        let open = d
-            .put_grant(
-                "bob",
-                DeclaredGrant {
-                    subject: bob.to_string(),
-                    depth: 1,
-                    scope: None,
-                    not_after: None,
-                },
-            )
-            .await
-            .unwrap();
+        let to_bob = DeclaredGrant {
+            subject: bob.to_string(),
+            depth: 1,
+            scope: None,
+            not_after: None,
+        };
+        let open = d.put_grant("bob", to_bob.clone()).await.unwrap();
         assert!(
             (now + DECLARED_GRANT_SECS..=now + DECLARED_GRANT_SECS + 60).contains(&open.not_after)
         );
@@ -209,18 +204,7 @@ mod tests {
         assert_eq!(to(carol)[0].not_after, fixed_end, "its own expiry is kept");
         // The saved grant follows: the same spec PUT again answers the new
         // grant, and deleting it revokes the renewed one.
-        let again = d
-            .put_grant(
-                "bob",
-                DeclaredGrant {
-                    subject: bob.to_string(),
-                    depth: 1,
-                    scope: None,
-                    not_after: None,
-                },
-            )
-            .await
-            .unwrap();
+        let again = d.put_grant("bob", to_bob).await.unwrap();
         assert_eq!(again.grant_id, bobs[0].grant_id);
         d.delete_grant("bob").await.unwrap();
         assert!(!trust.trusts(&agent.id, &bob, 1, &[]));
