@@ -575,10 +575,6 @@ fn forget_stops_serving_a_share_and_keeps_its_files() {
     cli_ok(&["cancel", "--config", bob.cfg(), &share]);
 }
 
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// `cancel` of a fetch that is running stops it where it is: nothing more
 /// is written, its request and part files go, and it is not resumed at
 /// the next start. (It was refused, telling the user to stop the daemon,

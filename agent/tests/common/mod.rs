@@ -56,9 +56,14 @@ pub fn cli_ok(args: &[&str]) -> String {
         out.status.success(),
         "caravan-agent {args:?} failed ({:?}):\n{}",
         out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
+        stderr_of(&out)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// What a finished CLI run said on stderr.
+pub fn stderr_of(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 /// One agent: a directory made by `caravan-agent init` and, when running, its process.
