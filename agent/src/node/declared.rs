@@ -321,6 +321,17 @@ impl Declarations {
         format!("{}declared/grants/", self.agent.opts.state_prefix)
     }
 
+    /// Writes a declared grant's saved state at `path`.
+    pub(crate) async fn save_grant(&self, path: &str, g: &SavedGrant) -> Result<()> {
+        let json = serde_json::to_vec_pretty(g).map_err(|e| Error::Config(e.to_string()))?;
+        self.agent
+            .op
+            .write(path, json)
+            .await
+            .context(|| format!("saving {path}"))?;
+        Ok(())
+    }
+
     async fn save_share(&self, name: &str, s: &SavedShare) -> Result<()> {
         let json = serde_json::to_vec_pretty(s).map_err(|e| Error::Config(e.to_string()))?;
         let path = self.share_file(name);
@@ -803,13 +814,7 @@ impl Declarations {
             // Signed while no repository answered: the outbox has sent it since.
             if !o.published && !trust.is_unpublished(&o.grant_id).await {
                 o.published = true;
-                let json =
-                    serde_json::to_vec_pretty(&o).map_err(|e| Error::Config(e.to_string()))?;
-                self.agent
-                    .op
-                    .write(&path, json)
-                    .await
-                    .context(|| format!("saving {path}"))?;
+                self.save_grant(&path, &o).await?;
             }
             return Ok(self.grant_status(&o, &spec));
         }
@@ -868,12 +873,7 @@ impl Declarations {
             revoked: false,
             revocation_published: false,
         };
-        let json = serde_json::to_vec_pretty(&saved).map_err(|e| Error::Config(e.to_string()))?;
-        self.agent
-            .op
-            .write(&path, json)
-            .await
-            .context(|| format!("saving {path}"))?;
+        self.save_grant(&path, &saved).await?;
         self.agent.activity.touch(activity::DECLARED);
         self.note_renewal(&saved);
         let mut st = self.grant_status(&saved, &spec);
@@ -927,13 +927,7 @@ impl Declarations {
                 .await
                 .context(|| format!("removing {path}"))?;
         } else {
-            let json =
-                serde_json::to_vec_pretty(&saved).map_err(|e| Error::Config(e.to_string()))?;
-            self.agent
-                .op
-                .write(&path, json)
-                .await
-                .context(|| format!("saving {path}"))?;
+            self.save_grant(&path, &saved).await?;
         }
         Ok(RevocationStatus {
             revoked: vec![saved.grant_id],

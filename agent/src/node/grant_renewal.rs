@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Context, Error, Result};
+use crate::error::Result;
 use crate::identity::AgentId;
 use crate::node::declared::{Declarations, SavedGrant};
 use crate::node::trust::{DECLARED_GRANT_SECS, GrantRequest};
@@ -85,12 +85,7 @@ impl Declarations {
             g.grant_id = info.grant_id;
             g.not_after = info.not_after;
             g.published = !info.published_to.is_empty() || trust.repositories().is_none();
-            let json = serde_json::to_vec_pretty(&g).map_err(|e| Error::Config(e.to_string()))?;
-            self.agent
-                .op
-                .write(&path, json)
-                .await
-                .context(|| format!("saving {path}"))?;
+            self.save_grant(&path, &g).await?;
             renewed += 1;
             if let Some(due) = due_at(&g) {
                 next = Some(next.map_or(due, |n| n.min(due)));
