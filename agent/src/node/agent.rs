@@ -296,12 +296,37 @@ impl Agent {
                 s.id
             )));
         }
-        share::save(&self.op, &self.opts.state_prefix, &self.key, &s, tags).await?;
+        if let Err(e) = share::save(&self.op, &self.opts.state_prefix, &self.key, &s, tags).await {
+            self.reload_share(&s.id).await;
+            return Err(e);
+        }
         if let Ok(mut m) = self.shares.write() {
             m.insert(s.id, s.clone());
             self.metrics.shares_held.set(m.len() as i64);
         }
         Ok(s)
+    }
+
+    /// Loads a held share again from its state, as a restart would, after
+    /// a save of a newer version failed part-way: its manifest record may
+    /// be the newer one on storage while what is held is the older, whose
+    /// large record is read back from there (and would be refused as not
+    /// the share's). What is held then follows the storage; when it cannot
+    /// be read, the older share stays.
+    async fn reload_share(&self, id: &ShareId) {
+        if self.share(id).is_none() {
+            return;
+        }
+        match share::load(&self.op, &self.opts.state_prefix, &self.key, id).await {
+            Ok(s) => {
+                if let Ok(mut m) = self.shares.write() {
+                    m.insert(*id, Arc::new(s));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(share = %id, error = %e, "cannot load the share's state again after a failed save")
+            }
+        }
     }
 
     /// May `peer` have anything of this share? The answer for a stranger is
@@ -688,6 +713,68 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A save of a newer version that wrote its manifest record but not
+    /// the rest leaves the agent holding what its storage says (as a
+    /// restart would), not an older share whose large record, read back
+    /// from storage, is refused as not the share's.
+    #[tokio::test]
+    async fn a_failed_save_over_a_large_record_leaves_what_the_storage_holds() {
+        use crate::chunk::ChunkRef;
+        use crate::crypto::Key;
+        use crate::manifest::{Entry, EntryKind, Manifest};
+        let tmp = tempfile::tempdir().unwrap();
+        let op = crate::store::open_local(tmp.path()).unwrap();
+        let agent = Agent::for_test(op.clone(), Some(tmp.path().to_path_buf())).await;
+        let key = Key::random().unwrap();
+        let share_id = ShareId::random().unwrap();
+        // 15,000 files of one chunk each: a record over 1 MiB.
+        let version = |seq: u64| {
+            let entries = (0..15_000u32)
+                .map(|i| Entry {
+                    path: format!("f{i:05}"),
+                    mode: 0o644,
+                    kind: EntryKind::File {
+                        size: 10,
+                        chunks: vec![ChunkRef {
+                            id: ChunkId([seq as u8; 32]),
+                            key: [i as u8; 32],
+                            len: 10,
+                        }],
+                    },
+                })
+                .collect();
+            let m = Manifest {
+                share_id,
+                seq,
+                created_at: 0,
+                access: Access::default(),
+                entries,
+            };
+            let record = bytes::Bytes::from(m.seal(&agent.key, &key).unwrap().into_bytes());
+            assert!(record.len() > crate::node::record_hold::IN_MEMORY_MAX);
+            (m, record)
+        };
+        let (m1, r1) = version(1);
+        let v1 = HeldShare::new(agent.id, key.clone(), Role::Published, "".into(), m1, r1);
+        agent.install_share(Arc::new(v1)).await.unwrap();
+        let prefix = agent.opts.state_prefix.clone();
+        // Version 2's record lands; its save fails after it.
+        let (_, r2) = version(2);
+        let dir = crate::node::state::share_dir(&prefix, &share_id);
+        op.write(&format!("{dir}manifest"), r2.clone())
+            .await
+            .unwrap();
+        let held = agent.share(&share_id).unwrap();
+        assert!(
+            held.record(&op, &prefix).await.is_err(),
+            "the older share's record is not on storage any more"
+        );
+        agent.reload_share(&share_id).await;
+        let held = agent.share(&share_id).unwrap();
+        assert_eq!(held.seq(), 2);
+        assert_eq!(held.record(&op, &prefix).await.unwrap(), r2);
+    }
 
     /// A record's signature is checked once: the same record again (in
     /// the same proof or another) gets the remembered result, so a flood

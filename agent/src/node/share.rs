@@ -376,6 +376,11 @@ pub async fn load_all(op: &Operator, prefix: &str, me: &SecretKey) -> Result<Vec
     Ok(out)
 }
 
+/// Loads one held share from its state, as [`load_all`] does at a start.
+pub async fn load(op: &Operator, prefix: &str, me: &SecretKey, id: &ShareId) -> Result<HeldShare> {
+    load_one(op, &state::share_dir(prefix, id), me).await
+}
+
 async fn load_one(op: &Operator, dir: &str, me: &SecretKey) -> Result<HeldShare> {
     let meta = op
         .read(&format!("{dir}share.json"))
