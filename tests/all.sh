@@ -80,6 +80,7 @@ SUMMARY+=("storage servers: s3 (moto, s3s-fs), azblob, gcs, webdav up in $(($(da
 say "workspace tests (unit, property, multi-process over loopback, storage services, CRD drift)"
 cargo nextest run --workspace --no-fail-fast --failure-output final 2>&1 | tee target/nextest.log
 SUMMARY+=("workspace: $(grep -E '^ +Summary' target/nextest.log | tail -1 | sed 's/^ *//' || true)")
+while IFS= read -r line; do SUMMARY+=("  $line"); done < <(grep -E '^ +(FAIL|TIMEOUT|SIGSEGV|SIGABRT) ' target/nextest.log | sort -u | head -12 || true)
 
 say "fuzzing smoke run (every target, bounded time; fuzz/README.md)"
 if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -95,6 +96,9 @@ else
     say "Kubernetes end to end (cluster up, images, tests, cluster down)"
     bash .ci/cluster.sh run -- bash tests/e2e.sh 2>&1 | tee target/e2e.log
     SUMMARY+=("kubernetes e2e: $(grep -E '^E2E SUMMARY' target/e2e.log | tail -1 || true)")
+    # The checks that failed and the waits that timed out, by name: the
+    # summary is what a CI log's tail shows.
+    while IFS= read -r line; do SUMMARY+=("  $line"); done < <(grep -E '\] FAIL |timed out after' target/e2e.log | head -12 || true)
 fi
 
 say "cluster scripts elevate only when needed"

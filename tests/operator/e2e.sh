@@ -61,6 +61,13 @@ children_count() { # NS AGENT — objects labelled for the agent, of every child
   kc -n "$1" get deployments,configmaps,services,networkpolicies,secrets \
     -l "caravan.dev/agent=$2" --no-headers 2>/dev/null | grep -c . || true
 }
+# A pod of the agent Running and Ready, not being deleted (`kubectl wait -l`
+# would wait for every pod the label matches, one being replaced too).
+pod_ready() { # NS AGENT
+  kc -n "$1" get pods -l "caravan.dev/agent=$2" --field-selector=status.phase=Running \
+    -o jsonpath='{range .items[*]}{.metadata.deletionTimestamp}|{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' |
+    grep -qx '|True'
+}
 operator_restarts() {
   kc -n "$SYS_NS" get pods -l app.kubernetes.io/name=caravan-operator \
     -o jsonpath='{range .items[*]}{.status.containerStatuses[0].restartCount}{"\n"}{end}' | awk '{s+=$1} END {print s+0}'
@@ -97,8 +104,7 @@ log "applying examples/tenant-alice.yaml and examples/tenant-bob.yaml"
 kc apply -f "$ROOT/examples/tenant-alice.yaml" -f "$ROOT/examples/tenant-bob.yaml" >/dev/null
 for t in alice bob; do
   check "agent $t Ready" wait_for 240 "agent $t Ready" agent_ready "tenant-$t" "$t"
-  check "agent $t pod Running and Ready" \
-    kc -n "tenant-$t" wait pod -l "caravan.dev/agent=$t" --for=condition=Ready --timeout=60s
+  check "agent $t pod Running and Ready" wait_for 60 "agent $t pod Ready" pod_ready "tenant-$t" "$t"
   id=$(jp -n "tenant-$t" get agent "$t" -o jsonpath='{.status.agentId}')
   log "agent $t id: $id endpoint: $(jp -n "tenant-$t" get agent "$t" -o jsonpath='{.status.endpoint}')"
   check "agent $t reports a cv1 id" bash -c "[[ '$id' =~ ^cv1(-[a-z2-7]{8}){7}$ ]]"
