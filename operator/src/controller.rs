@@ -53,6 +53,16 @@ pub const SECRET_RECHECK: Duration = Duration::from_secs(10);
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Resync while the pod rolls out or another Agent's identity is collected.
 pub const SHORT_RESYNC: Duration = Duration::from_secs(5);
+/// For this long after its Deployment last made progress, an Agent rolling
+/// out is looked at every [`SHORT_RESYNC`]: a pod that crashes (a misspelt
+/// storage option) or waits for storage that does not answer does so
+/// within seconds of starting, and is reported then, not up to a minute
+/// later. After it, every [`ROLLOUT_RESYNC`], so many Agents rolling out at
+/// once (an operator upgrade) are not each polled every few seconds until
+/// their progress deadline.
+pub const ROLLOUT_WATCH: Duration = Duration::from_secs(120);
+/// Resync of an Agent rolling out, crashing or waiting for its storage.
+pub const ROLLOUT_RESYNC: Duration = Duration::from_secs(60);
 
 /// What a reconcile can fail with (transient: retried with backoff).
 #[derive(Debug, thiserror::Error)]
@@ -430,9 +440,15 @@ pub async fn reconcile_agent(agent: &Agent, ctx: &Context) -> Result<Outcome, Er
         (_, None, Some(why)) => Observation::StorageUnreachable(why),
         _ => Observation::Applied(&dep),
     };
+    let young = || status::since_progress(&dep, (ctx.clock)()).is_none_or(|d| d < ROLLOUT_WATCH);
     let mut resync = match status::rollout(&dep) {
         status::Rollout::Ready => RESYNC,
-        _ => RESYNC.min(Duration::from_secs(60)),
+        // The watches see the Deployment, not its pods: a pod that crashes
+        // or waits for its storage is looked for, soon after it starts.
+        status::Rollout::InProgress(_) if trouble.is_none() && storage.is_none() && young() => {
+            SHORT_RESYNC
+        }
+        _ => ROLLOUT_RESYNC,
     };
     if let Some(d) = &sleep {
         // Asleep, the (empty) rollout says nothing: wake when work is due.

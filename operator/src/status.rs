@@ -2,6 +2,8 @@
 //! and of the Events that mark transitions. Kept free of I/O so every
 //! combination is a unit test.
 
+use std::time::Duration;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -91,6 +93,23 @@ pub fn rollout(dep: &Deployment) -> Rollout {
         return Rollout::InProgress("waiting for the agent pod to become ready".into());
     }
     Rollout::Ready
+}
+
+/// How long ago the Deployment last made progress (the update time of its
+/// `Progressing` condition); `None` when it does not say yet (it was just
+/// made, or its controller has not looked at it).
+pub fn since_progress(dep: &Deployment, now: Timestamp) -> Option<Duration> {
+    let c = dep
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Progressing")?;
+    let at = c.last_update_time.as_ref()?.0;
+    Some(Duration::from_secs(
+        now.as_second().saturating_sub(at.as_second()).max(0) as u64,
+    ))
 }
 
 /// Waiting reasons of a container that will not start without a change.
@@ -501,6 +520,24 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn progress_is_dated_by_the_progressing_condition() {
+        let mut d = dep(1, 1, 0, 0);
+        assert_eq!(since_progress(&d, t(100)), None, "not said yet");
+        d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+            type_: "Progressing".into(),
+            status: "True".into(),
+            last_update_time: Some(Time(t(40))),
+            ..Default::default()
+        }]);
+        assert_eq!(since_progress(&d, t(100)), Some(Duration::from_secs(60)));
+        assert_eq!(
+            since_progress(&d, t(10)),
+            Some(Duration::ZERO),
+            "a clock behind the API server's"
+        );
     }
 
     fn get<'a>(s: &'a AgentStatus, ty: &str) -> &'a Condition {

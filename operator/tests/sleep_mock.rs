@@ -479,9 +479,10 @@ async fn a_changed_share_wakes_a_sleeping_agent_without_asking_it() {
     let ev = expect_event(&mut api, "WokenUp").await;
     assert_eq!(ev["note"], "ShareChanged: Share photos changed");
 
+    // Looked at again soon: the pod rolling out is watched for a crash.
     let outcome = task.await.unwrap().unwrap();
     assert!(
-        matches!(outcome, Outcome::Healthy(d) if d == sleep::BUSY_POLL),
+        matches!(outcome, Outcome::Healthy(d) if d == controller::SHORT_RESYNC.min(sleep::BUSY_POLL)),
         "{outcome:?}"
     );
     assert!(fake.asked.lock().unwrap().is_empty());
