@@ -536,7 +536,7 @@ fn forget_stops_serving_a_share_and_keeps_its_files() {
     assert!(out.status.success(), "{}", stderr_of(&out));
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        said.contains("Published") && said.contains("files stay"),
+        said.contains("(published, version 1)") && said.contains("files stay"),
         "{said}"
     );
     assert_eq!(held(&alice), 0);

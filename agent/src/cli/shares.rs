@@ -348,7 +348,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                     ""
                 };
                 out!(
-                    "forgot share {} ({:?}, version {}): no longer served{seeded}; its files stay in storage",
+                    "forgot share {} ({}, version {}): no longer served{seeded}; its files stay in storage",
                     done.share_id,
                     done.role,
                     done.seq
@@ -365,7 +365,7 @@ pub(crate) async fn command(cmd: Command) -> Result<()> {
                 out!("advertised at: {}", s.advertise.join(", "));
                 for sh in &s.shares {
                     out!(
-                        "  {:?} {} v{}: {} files, {} in {:?}",
+                        "  {} {} v{}: {} files, {} in {:?}",
                         sh.role,
                         sh.share_id,
                         sh.seq,

@@ -25,6 +25,16 @@ pub enum Role {
     Fetched,
 }
 
+/// As the command line says it ("published", "fetched": the JSON's words).
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Published => "published",
+            Role::Fetched => "fetched",
+        })
+    }
+}
+
 /// Where one chunk's plaintext lives in our storage.
 #[derive(Debug, Clone)]
 pub struct ChunkLocation {
