@@ -204,6 +204,7 @@ kc -n "$BAD_NS" delete agent node-role --wait=false >/dev/null
 # A misspelt option passes the operator's checks (it may be any OpenDAL
 # option) but the agent refuses to start on it: its crash loop is reported
 # with the agent's own words, not as a rollout that never ends.
+t0=$SECONDS
 kc -n "$BAD_NS" apply -f - >/dev/null <<'YAML'
 apiVersion: caravan.dev/v1alpha1
 kind: Agent
@@ -214,10 +215,12 @@ YAML
 degraded_message() { jp -n "$1" get agent "$2" -o jsonpath='{.status.conditions[?(@.type=="Degraded")].message}'; }
 crash_named() { agent_reason "$BAD_NS" misspelt-option AgentCrashing && degraded_message "$BAD_NS" misspelt-option | grep -q 'no option named `atomic_write_dri`'; }
 check "misspelt storage option → Degraded/AgentCrashing naming it" wait_for 150 "misspelt-option AgentCrashing" crash_named
+log "the crash loop was reported $((SECONDS - t0)) s after the Agent was applied"
 check "Warning Event AgentCrashing" wait_for 30 "event AgentCrashing" has_event "$BAD_NS" AgentCrashing
 # Storage that does not answer (a wrong endpoint): the agent retries it for
 # 10 minutes, then exits. Meanwhile the Agent says so with the agent's own
 # words (the storage's error), not "waiting for the agent pod".
+t0=$SECONDS
 kc -n "$BAD_NS" apply -f - >/dev/null <<'YAML'
 apiVersion: v1
 kind: Secret
@@ -235,6 +238,7 @@ spec:
 YAML
 unreachable_said() { agent_reason "$BAD_NS" unreachable-storage StorageUnreachable && degraded_message "$BAD_NS" unreachable-storage | grep -q 'waiting for its storage, not reachable'; }
 check "storage that does not answer → Degraded/StorageUnreachable in the agent's words" wait_for 180 "unreachable-storage StorageUnreachable" unreachable_said
+log "storage that does not answer was reported $((SECONDS - t0)) s after the Agent was applied"
 check "Warning Event StorageUnreachable" wait_for 30 "event StorageUnreachable" has_event "$BAD_NS" StorageUnreachable
 log "unreachable storage: $(degraded_message "$BAD_NS" unreachable-storage | cut -c1-300)"
 check "agent pods' egress excludes the metadata service, admin ports only from operator pods" \
